@@ -1,0 +1,1 @@
+"""resserve.train: MNIST, the residual model family, training, evaluation (needs the [train] extra)."""

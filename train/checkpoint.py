@@ -1,0 +1,99 @@
+"""Checkpoints: tensors + model config + metrics, read back without running any pickled code.
+
+A checkpoint is a plain dict written by ``torch.save`` and read by
+``torch.load(weights_only=True)``, whose unpickler admits only tensors and primitive
+containers. Anything else (a truncated file, another program's file, a pickled callable) is
+refused with a one-line ``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from resserve.serve.errors import ResserveError
+from resserve.train.models import ConfigError, ModelConfig, ResNet, build_model
+
+FORMAT = "resserve-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ResserveError):
+    """A file that cannot be used as a resserve checkpoint."""
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict = field(default_factory=dict)
+
+    def build(self) -> ResNet:
+        """The network with these weights, in eval mode."""
+        model = build_model(self.config)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"weights do not fit the {self.config.arch} config: {first}") from exc
+        return model.eval()
+
+
+def save_checkpoint(path: Path, model: nn.Module, config: ModelConfig, metrics: dict) -> Path:
+    """Write atomically, so an interrupted save never leaves a half checkpoint at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "metrics": metrics,
+    }
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".pt.tmp", delete=False) as tmp:
+        torch.save(payload, tmp)
+    os.replace(tmp.name, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read and validate a checkpoint; refuses anything that is not one, in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} carries pickled objects other than tensors; refused "
+                              "(a resserve checkpoint holds only tensors, numbers and strings)") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is truncated or not a PyTorch file") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a resserve checkpoint")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {payload.get('format_version')}, "
+                              f"this resserve reads {FORMAT_VERSION}")
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+    except (ConfigError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{path} has an invalid model config: {exc}") from exc
+    return Checkpoint(config, payload["state_dict"], payload.get("metrics", {}))
+
+
+SHIPPED_MODEL = Path(__file__).parent / "weights" / "resnet-mnist.pt"
+
+
+def resolve_model_path(path: Path | None) -> Path:
+    """The given checkpoint, or the shipped lecture ResNet when none is given."""
+    if path is None:
+        if not SHIPPED_MODEL.is_file():
+            raise CheckpointError(f"the shipped model is missing from this install ({SHIPPED_MODEL})")
+        return SHIPPED_MODEL
+    return Path(path)

