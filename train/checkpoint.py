@@ -71,8 +71,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} carries pickled objects other than tensors; refused "
-                              "(a resserve checkpoint holds only tensors, numbers and strings)") from exc
+        if "GLOBAL" in str(exc):  # weights_only stopped a class or callable it would have imported
+            raise CheckpointError(f"{path} carries pickled objects other than tensors; refused "
+                                  "(a resserve checkpoint holds only tensors, numbers and strings)") from exc
+        raise CheckpointError(f"{path} is truncated or not a PyTorch file") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is truncated or not a PyTorch file") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -5,6 +5,8 @@ torch and the training modules are imported inside the commands.
 """
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -94,7 +96,9 @@ def train(
                                seed=seed, device=device, precision=precision,
                                validation_size=validation_size, train_limit=train_limit)
     train_config.validate()
-    run_training(model_config, train_config, load_mnist(data_dir, log=_log), out, log=_log, show_progress=not quiet)
+    command = shlex.join(["resserve", *sys.argv[1:]])
+    run_training(model_config, train_config, load_mnist(data_dir, log=_log), out, log=_log,
+                 show_progress=not quiet, command=command)
 
 
 def _parse_widths(text: str) -> tuple[int, ...]:

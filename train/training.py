@@ -24,6 +24,7 @@ from torch import nn
 from resserve.serve.errors import ResserveError
 from resserve.train.checkpoint import save_checkpoint
 from resserve.train.data import MNIST, Split
+from resserve.train.model_card import card_path, render_model_card
 from resserve.train.models import ModelConfig, build_model, count_parameters
 
 
@@ -77,6 +78,14 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def library_versions() -> dict[str, str]:
+    """Plain strings (torch.__version__ is a class the safe checkpoint loader refuses)."""
+    import torchvision
+
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "numpy": np.__version__}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,8 +208,11 @@ def _progress(enabled: bool) -> Progress:
 
 
 def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
-          log=print, show_progress: bool = True) -> dict:
-    """Train, keep the epoch with the best validation accuracy, test it, save it; returns metrics."""
+          log=print, show_progress: bool = True, command: str | None = None) -> dict:
+    """Train, keep the epoch with the best validation accuracy, test it, save it; returns metrics.
+
+    Writes ``out`` (checkpoint), ``out.metrics.json`` and a model card ``out.card.md``.
+    """
     cfg.validate()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -246,7 +258,10 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     test = evaluate(model, mnist.test, device)
     metrics = {
         "arch": model_config.arch,
+        "model_config": model_config.to_dict(),
         "params": count_parameters(model),
+        "command": command,
+        "train_images": len(train_split),
         "best_epoch": best[1],
         "val_accuracy": history[best[1] - 1]["val_accuracy"],
         "test_accuracy": test.accuracy,
@@ -256,11 +271,12 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
         "device": str(device),
         "precision": precision,
         "train_config": asdict(cfg),
-        "versions": {"torch": torch.__version__},
+        "versions": library_versions(),
         "history": history,
     }
     log(f"test accuracy {test.accuracy:.4f} (epoch {best[1]}, best on validation); saved {out}")
     save_checkpoint(out, model.cpu(), model_config, metrics)
     Path(out).with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    card_path(out).write_text(render_model_card(metrics))
     return metrics
 

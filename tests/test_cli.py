@@ -1,0 +1,100 @@
+"""The `resserve` command as a user meets it: help everywhere, one-line errors, torch-free start."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import RESSERVE, run_cli
+
+COMMANDS = [[], ["data"], ["train"], ["eval"], ["bench"], ["bench", "train"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")
+def test_every_command_explains_itself(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage: resserve" in result.stdout
+    assert len(result.stdout.splitlines()) > 5
+
+
+def test_root_help_lists_the_commands():
+    out = run_cli("--help").stdout
+    for name in ("data", "train", "eval", "bench"):
+        assert name in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--kernel-size", "4"], "kernel size must be a positive odd number"),
+    (["train", "--widths", "16,x"], "--widths takes comma-separated integers"),
+    (["train", "--blocks", "-2"], "number of blocks must be >= 0"),
+    (["train", "--arch", "vgg"], "unknown architecture"),
+    (["train", "--device", "tpu"], "device must be auto, cpu or cuda"),
+    (["eval", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),
+    (["bench", "train", "--steps", "0"], "--steps and --batch-size must be >= 1"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(args, message):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: {message}" if message.startswith("no checkpoint") else lines[0]]
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_line(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a zip file at all")
+    result = run_cli("eval", str(junk))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {junk} is truncated or not a PyTorch file"
+
+
+def test_data_reports_source_and_counts(mnist):
+    result = run_cli("data", "--json", "--data-dir", str(mnist.path.parent))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["source"].startswith("cache (from ")
+    assert (report["train"], report["validation"], report["test"]) == (55_000, 5_000, 10_000)
+
+
+def test_shipped_model_reaches_the_accuracy_target(mnist):
+    result = run_cli("eval", "--json", "--data-dir", str(mnist.path.parent))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["params"] == 117_802
+    assert report["test_accuracy"] >= 0.995
+    assert len(report["per_class_accuracy"]) == 10
+    assert sum(map(sum, report["confusion_matrix"])) == 10_000
+
+
+def test_train_writes_a_checkpoint_that_eval_reads(mnist, tmp_path):
+    out = tmp_path / "tiny.pt"
+    trained = run_cli("train", "--blocks", "1", "--channels", "4", "--epochs", "1", "--train-limit", "256",
+                      "--validation-size", "256", "--out", str(out), "--quiet", "--data-dir", str(mnist.path.parent))
+    assert trained.returncode == 0, trained.stderr
+    assert "test accuracy" in trained.stderr
+    evaluated = run_cli("eval", str(out), "--json", "--data-dir", str(mnist.path.parent))
+    report = json.loads(evaluated.stdout)
+    written = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert report["test_accuracy"] == pytest.approx(written["test_accuracy"], abs=1e-6)
+
+
+TORCH_BLOCKED = (
+    "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None;"
+    "sys.argv = ['resserve', *sys.argv[1:]];"
+    "from resserve.serve.cli import main; main()"
+)
+
+
+def test_resserve_starts_without_torch():
+    result = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: resserve" in result.stdout
+
+
+def test_a_training_command_without_torch_names_the_extra_in_one_line():
+    result = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, "train"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: this command needs the training extra: pip install 'resserve[train]'"

@@ -1,0 +1,70 @@
+"""Checkpoints round-trip, and anything that is not one is refused without running code."""
+
+import os
+
+import pytest
+import torch
+
+from resserve.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from resserve.train.models import ModelConfig, build_model
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    config = ModelConfig(arch="preact", blocks=2, widths=(8, 16), shortcut="B", survival_prob=0.9)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    path = save_checkpoint(tmp_path / "small.pt", model, config, {"test_accuracy": 0.5})
+    return path, model, config
+
+
+def test_round_trip_rebuilds_the_same_network_from_the_file_alone(small_checkpoint):
+    path, model, config = small_checkpoint
+    loaded = load_checkpoint(path)
+    assert loaded.config == config
+    assert loaded.metrics == {"test_accuracy": 0.5}
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.build()(x), model(x))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_checkpoint_carrying_a_pickled_callable_is_refused(tmp_path, small_checkpoint):
+    path = tmp_path / "evil.pt"
+    payload = torch.load(small_checkpoint[0], weights_only=True)
+    payload["metrics"] = {"hook": _Exploit()}
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="pickled objects other than tensors"):
+        load_checkpoint(path)
+
+
+def test_a_truncated_checkpoint_is_refused(tmp_path, small_checkpoint):
+    path = tmp_path / "cut.pt"
+    path.write_bytes(small_checkpoint[0].read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(path)
+
+
+def test_a_plain_state_dict_is_not_a_resserve_checkpoint(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(build_model(ModelConfig(blocks=1)).state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a resserve checkpoint"):
+        load_checkpoint(path)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, small_checkpoint):
+    payload = torch.load(small_checkpoint[0], weights_only=True)
+    payload["config"]["blocks"] = 3
+    path = tmp_path / "mismatch.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(path).build()
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nope.pt")

@@ -1,0 +1,49 @@
+"""A short real training run lowers the loss; augmentation and batching behave."""
+
+import json
+
+import torch
+
+from resserve.train.checkpoint import load_checkpoint
+from resserve.train.models import ModelConfig, build_model, count_parameters
+from resserve.train.training import TrainConfig, evaluate, random_shift, train
+
+
+def test_short_training_on_a_real_mnist_subset_lowers_the_loss_and_writes_its_metrics(mnist, tmp_path):
+    config = ModelConfig(blocks=2, widths=(8,))
+    out = tmp_path / "tiny.pt"
+    metrics = train(config, TrainConfig(epochs=2, train_limit=3000, validation_size=1000, batch_size=64, seed=1),
+                    mnist, out, log=lambda _: None, show_progress=False)
+    first, last = metrics["history"][0], metrics["history"][-1]
+    assert last["train_loss"] < first["train_loss"]
+    assert last["train_loss"] < 2.0  # chance level is ln(10) = 2.30
+    assert 0.2 < metrics["test_accuracy"] <= 1.0  # twice chance after ~100 steps of a 9x9-receptive-field net
+    assert metrics["params"] == count_parameters(build_model(config))
+    written = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert written["test_accuracy"] == metrics["test_accuracy"]
+    card = out.with_suffix(".card.md").read_text()
+    assert f"**test accuracy** | {metrics['test_accuracy']:.4f}" in card
+    assert "seed 1" in card and "2 epochs" in card
+    # the checkpoint holds the selected epoch: evaluating it again gives the reported accuracy
+    again = evaluate(load_checkpoint(out).build(), mnist.test)
+    assert abs(again.accuracy - metrics["test_accuracy"]) < 1e-6
+
+
+def test_same_seed_gives_the_same_weights(mnist, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        train(ModelConfig(blocks=1, widths=(4,)), TrainConfig(epochs=1, train_limit=512, validation_size=256,
+                                                              seed=7, precision="fp32"),
+              mnist, tmp_path / f"{name}.pt", log=lambda _: None, show_progress=False)
+        runs.append(load_checkpoint(tmp_path / f"{name}.pt").state_dict)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_random_shift_moves_each_image_by_at_most_the_shift():
+    image = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    image[0, 14, 14] = 255
+    shifted = random_shift(image.repeat(200, 1, 1), 2, torch.Generator().manual_seed(0))
+    ys, xs = torch.nonzero(shifted, as_tuple=True)[1:]
+    assert len(ys) == 200  # the ink survives every shift
+    assert ys.min() >= 12 and ys.max() <= 16 and xs.min() >= 12 and xs.max() <= 16
+    assert len(set(zip(ys.tolist(), xs.tolist()))) > 10  # and the shifts vary
