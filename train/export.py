@@ -1,0 +1,325 @@
+"""``resserve export``: a checkpoint becomes a verified model package.
+
+    checkpoint --fold BN, resolve stochastic depth, drop blocks--> inference network
+        --torch.onnx.export (dynamo) / torch.jit.trace--> artifacts
+        --run on real MNIST against the eager, unfolded network--> parity figures
+        --[int8: quantize, keep if it loses <= 0.1 points]--> manifest.json
+        --rename--> the package directory (atomic: a failed export leaves nothing behind)
+
+The package contract: input ``input`` float32 [N,1,28,28] in [0,1], white ink on black;
+outputs ``logits`` and ``probabilities`` float32 [N,10]; normalization is inside the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from resserve.serve.backends import OnnxRuntimeBackend, TorchScriptBackend, batched_infer
+from resserve.serve.errors import ResserveError
+from resserve.serve.package import MANIFEST, PACKAGE_FORMAT, PACKAGE_FORMAT_VERSION, sha256_of
+from resserve.serve.timing import images_per_second, median_seconds
+from resserve.train.checkpoint import load_checkpoint
+from resserve.train.data import MNIST, Split
+from resserve.train.fold import choose_blocks_to_drop, drop_blocks, fold_for_inference
+from resserve.train.models import MNIST_MEAN, MNIST_STD, ResNet, count_parameters
+from resserve.train.training import evaluate, library_versions, predict_logits
+
+FORMATS = ("onnx", "torchscript")
+ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+INT8_FILE = "model.int8.onnx"
+FP32_TOLERANCE = 1e-4  # largest |logit difference| allowed between an fp32 artifact and eager
+INT8_MAX_LOSS = 0.001  # an int8 artifact may lose at most 0.1 accuracy points
+DEFAULT_OPSET = 18
+CALIBRATION_IMAGES = 512
+
+
+class ExportError(ResserveError):
+    """An export that cannot be done or failed its verification."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    formats: tuple[str, ...] = FORMATS
+    opset: int = DEFAULT_OPSET
+    drop_blocks: int = 0
+    quantize: str | None = None  # None | "int8"
+    name: str | None = None  # default: the checkpoint's file stem
+    version: str = "1"
+
+    def validate(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ExportError(f"unknown format {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}")
+        if self.quantize not in (None, "int8"):
+            raise ExportError(f"--quantize supports int8 only, got {self.quantize!r}")
+        if self.quantize and "onnx" not in self.formats:
+            raise ExportError("--quantize int8 quantizes the ONNX artifact: include onnx in --format")
+        if self.drop_blocks < 0:
+            raise ExportError(f"--drop-blocks must be >= 0, got {self.drop_blocks}")
+        if not 7 <= self.opset <= 23:
+            raise ExportError(f"--opset {self.opset} is outside what this exporter supports (7-23)")
+
+
+class InferenceModel(nn.Module):
+    """The exported graph: [N,1,28,28] in [0,1] -> (logits [N,10], probabilities [N,10])."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: A002 - the graph's input name
+        logits = self.network(input)
+        return logits, torch.softmax(logits, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing artifacts
+
+
+def write_onnx(model: InferenceModel, path: Path, opset: int) -> None:
+    import onnx
+
+    example = torch.rand(2, 1, 28, 28)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                    input_names=["input"], output_names=["logits", "probabilities"],
+                                    dynamic_shapes={"input": {0: batch}}, verbose=False)
+        program.save(str(path))
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph, full_check=True)
+    leftovers = {n.op_type for n in graph.graph.node} & {"BatchNormalization", "Dropout", "RandomUniform",
+                                                         "RandomUniformLike", "Bernoulli", "RandomNormal"}
+    if leftovers:
+        raise ExportError(f"the ONNX graph still holds {', '.join(sorted(leftovers))}")
+
+
+def write_torchscript(model: InferenceModel, path: Path) -> None:
+    # torch.jit is deprecated in PyTorch 2.14 but users asked for the format: keep its warnings quiet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, torch.rand(2, 1, 28, 28), check_trace=False)
+        traced.save(str(path))
+
+
+def _backend_for(path: Path, format: str):
+    return OnnxRuntimeBackend(path) if format == "onnx" else TorchScriptBackend(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification
+
+
+def as_input(split: Split) -> np.ndarray:
+    """uint8 [N,28,28] -> the package's float32 [N,1,28,28] in [0,1]."""
+    return split.images[:, None].astype(np.float32) / 255.0
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """The eager, unfolded network's logits on real test images: what every artifact must match."""
+
+    images: np.ndarray  # float32 [N,1,28,28]
+    labels: np.ndarray  # int64 [N]
+    reference_logits: np.ndarray  # float32 [N,10]
+
+    @classmethod
+    def for_network(cls, network: nn.Module, split: Split) -> "Verifier":
+        return cls(as_input(split), split.labels, predict_logits(network, split.images).numpy())
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.reference_logits.argmax(1) == self.labels).mean())
+
+    def check(self, backend) -> dict:
+        logits = batched_infer(backend, self.images)["logits"]
+        return {
+            "max_abs_logit_diff": float(np.abs(logits - self.reference_logits).max()),
+            "test_accuracy": float((logits.argmax(1) == self.labels).mean()),
+            "prediction_agreement": float((logits.argmax(1) == self.reference_logits.argmax(1)).mean()),
+        }
+
+
+def _require_fp32_parity(format: str, parity: dict, verifier: Verifier) -> None:
+    if parity["max_abs_logit_diff"] > FP32_TOLERANCE or parity["test_accuracy"] != verifier.accuracy:
+        raise ExportError(
+            f"{format} artifact does not match the eager model: max |logit diff| "
+            f"{parity['max_abs_logit_diff']:.2e} (allowed {FP32_TOLERANCE:.0e}), test accuracy "
+            f"{parity['test_accuracy']:.4f} vs {verifier.accuracy:.4f}")
+
+
+def _artifact_entry(path: Path, format: str, precision: str, parity: dict) -> dict:
+    return {"file": path.name, "format": format, "precision": precision,
+            "sha256": sha256_of(path), "bytes": path.stat().st_size, **parity}
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+
+
+def _drop_blocks(network: ResNet, count: int, validation: Split, test: Split, log: Callable[[str], None]
+                 ) -> tuple[ResNet, dict | None]:
+    """Drop ``count`` blocks; report accuracy before/after and the eager latency gain."""
+    if count == 0:
+        return network, None
+    folded = fold_for_inference(network)
+    log(f"choosing {count} blocks to drop ...")
+    indices, method = choose_blocks_to_drop(
+        folded, count, lambda candidate: evaluate(candidate, validation).accuracy,
+        on_block=lambda i, acc: log(f"  without block {i}: validation accuracy {acc:.4f}"))
+    pruned = drop_blocks(network, indices)
+    batch = torch.rand(64, 1, 28, 28)
+    folded_pruned = fold_for_inference(pruned)
+    with torch.inference_mode():
+        seconds_before = median_seconds(lambda: folded(batch), repeats=10)
+        seconds_after = median_seconds(lambda: folded_pruned(batch), repeats=10)
+    report = {
+        "indices": indices, "method": method,
+        "before": {"validation_accuracy": evaluate(network, validation).accuracy,
+                   "test_accuracy": evaluate(network, test).accuracy},
+        "after": {"validation_accuracy": evaluate(pruned, validation).accuracy,
+                  "test_accuracy": evaluate(pruned, test).accuracy},
+        "eager_batch64_latency_ms": {"before": round(seconds_before * 1e3, 2), "after": round(seconds_after * 1e3, 2)},
+    }
+    log(f"dropping blocks {indices} ({method}): test accuracy {report['before']['test_accuracy']:.4f} -> "
+        f"{report['after']['test_accuracy']:.4f}, batch-64 latency {seconds_before * 1e3:.1f} -> {seconds_after * 1e3:.1f} ms")
+    return pruned, report
+
+
+def _int8(staging: Path, fp32_onnx: Path, verifier: Verifier, calibration: Split, log) -> dict:
+    """Quantize, measure accuracy and throughput against fp32; keep the file only if it qualifies."""
+    from resserve.train.quantize import quantize_int8
+
+    path = quantize_int8(fp32_onnx, staging / INT8_FILE, as_input(calibration.head(CALIBRATION_IMAGES)))
+    int8_backend, fp32_backend = OnnxRuntimeBackend(path), OnnxRuntimeBackend(fp32_onnx)
+    parity = verifier.check(int8_backend)
+    batch = verifier.images[:64]
+    speed = {name: images_per_second(lambda b=backend: b.infer(batch), 64)
+             for name, backend in (("int8", int8_backend), ("fp32", fp32_backend))}
+    loss = verifier.accuracy - parity["test_accuracy"]
+    entry = {**_artifact_entry(path, "onnx", "int8", parity),
+             "kept": loss <= INT8_MAX_LOSS, "accuracy_loss": loss,
+             "calibration_images": CALIBRATION_IMAGES,
+             "batch64_images_per_second": {k: round(v, 1) for k, v in speed.items()}}
+    log(f"int8: test accuracy {parity['test_accuracy']:.4f} (fp32 {verifier.accuracy:.4f}), "
+        f"{speed['int8']:.0f} vs {speed['fp32']:.0f} images/s at batch 64: "
+        + ("kept" if entry["kept"] else f"dropped (loses more than {INT8_MAX_LOSS * 100:.1f} points)"))
+    if not entry["kept"]:
+        path.unlink()
+    return entry
+
+
+def _check_destination(out: Path) -> None:
+    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not a model package; refusing to overwrite it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create {out.parent}: {exc.strerror}") from exc
+    if not os.access(out.parent, os.W_OK):
+        raise ExportError(f"cannot write to {out.parent}: permission denied")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Swap the finished package in with renames: readers see the old or the new, never half."""
+    staging.chmod(0o755)
+    if out.exists():
+        retired = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, retired)
+        os.rename(staging, out)
+        shutil.rmtree(retired)
+    else:
+        os.rename(staging, out)
+
+
+WRITERS = {"onnx": lambda model, path, opts: write_onnx(model, path, opts.opset),
+           "torchscript": lambda model, path, opts: write_torchscript(model, path)}
+
+
+def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: MNIST,
+                   log: Callable[[str], None] = print) -> dict:
+    """Export ``checkpoint`` to the package directory ``out``; returns the manifest."""
+    options.validate()
+    source = load_checkpoint(checkpoint)
+    _check_destination(out)
+    network = source.build()
+    train_split, validation = mnist.train_validation()
+    network, dropped = _drop_blocks(network, options.drop_blocks, validation, mnist.test, log)
+    folded = InferenceModel(fold_for_inference(network)).eval()
+    verifier = Verifier.for_network(network, mnist.test)
+
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write to {out.parent}: {exc.strerror}") from exc
+    try:
+        artifacts = []
+        for format in options.formats:
+            path = staging / ARTIFACT_FILES[format]
+            WRITERS[format](folded, path, options)
+            parity = verifier.check(_backend_for(path, format))
+            _require_fp32_parity(format, parity, verifier)
+            log(f"{format}: max |logit diff| {parity['max_abs_logit_diff']:.1e}, "
+                f"test accuracy {parity['test_accuracy']:.4f} (eager {verifier.accuracy:.4f})")
+            artifacts.append(_artifact_entry(path, format, "fp32", parity))
+        int8 = _int8(staging, staging / ARTIFACT_FILES["onnx"], verifier, train_split, log) if options.quantize else None
+        if int8 and int8["kept"]:
+            artifacts.append({k: int8[k] for k in artifacts[0]})
+        manifest = _manifest(options, checkpoint, source, network, folded, artifacts, int8, dropped,
+                             evaluate(network, validation).accuracy, verifier)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _manifest(options: ExportOptions, checkpoint: Path, source, network: ResNet, folded: nn.Module,
+              artifacts: list[dict], int8: dict | None, dropped: dict | None,
+              validation_accuracy: float, verifier: Verifier) -> dict:
+    import onnx
+    import onnxruntime
+
+    return {
+        "format": PACKAGE_FORMAT,
+        "format_version": PACKAGE_FORMAT_VERSION,
+        "name": options.name or checkpoint.stem,
+        "version": options.version,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint)},
+        "model": {"arch": source.config.arch, "config": source.config.to_dict(),
+                  "params": count_parameters(network), "params_after_folding": count_parameters(folded)},
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
+        "preprocessing": {
+            "layout": "NCHW", "range": [0.0, 1.0], "polarity": "white ink on black (MNIST)",
+            "normalization": f"inside the graph: (x - {MNIST_MEAN}) / {MNIST_STD}",
+        },
+        "labels": [str(digit) for digit in range(10)],
+        "artifacts": artifacts,
+        "accuracy": {"validation": validation_accuracy, "test": verifier.accuracy,
+                     "test_images": len(verifier.labels)},
+        "parity": {"reference": "eager, unfolded PyTorch network in fp32 on the MNIST test set",
+                   "fp32_tolerance": FP32_TOLERANCE},
+        "int8": int8,
+        "dropped_blocks": dropped,
+        "versions": {**library_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "opset": options.opset},
+    }
