@@ -8,6 +8,7 @@ classes, so what export verified is what gets served.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,9 @@ class TorchScriptBackend:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         try:
-            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+            with warnings.catch_warnings():  # torch.jit is deprecated in 2.14; the format is what users asked for
+                warnings.simplefilter("ignore", FutureWarning)
+                self.module = torch.jit.load(str(path), map_location=self.device).eval()
         except RuntimeError as exc:
             raise BackendError(f"torch cannot load {path}: {str(exc).splitlines()[0]}") from exc
 

@@ -1,19 +1,31 @@
-"""``resserve bench train``: training throughput of the lecture ResNet, fast path against naive.
+"""In-process benchmarks of the train side.
 
-Both configurations run the same model, optimizer, loss and real MNIST batches in the same
-process, one after the other; only the memory format and the autocast precision differ.
+``resserve bench train``: training throughput of the lecture ResNet, our fast path against a
+naive loop; both run the same model, optimizer, loss and real MNIST batches in one process, one
+after the other; only the memory format and the autocast precision differ.
+
+``resserve bench model``: batch-1 latency and batch-64/256 throughput of one network run
+eagerly (unfolded and folded), as TorchScript, and through ONNX Runtime fp32 and int8.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from resserve.serve.backends import OnnxRuntimeBackend, TorchScriptBackend, usable_cpus
+from resserve.serve.package import ModelPackage
+from resserve.serve.timing import images_per_second, median_seconds
+from resserve.train.checkpoint import load_checkpoint
 from resserve.train.data import MNIST
+from resserve.train.fold import fold_for_inference
 from resserve.train.models import build_model, lecture_config
-from resserve.train.training import batches, cpu_has_fast_bf16, to_input
+from resserve.train.training import batches, cpu_has_fast_bf16, library_versions, to_input
 
 
 def _images_per_second(mnist: MNIST, steps: int, warmup: int, batch_size: int,
@@ -69,3 +81,69 @@ def print_training_benchmark(results: dict) -> None:
     console = Console()
     console.print(table)
     console.print(f"speedup: {results['speedup']:.2f}x")
+
+
+# ----------------------------------------------------------------------------------------------
+# resserve bench model: one network, every way of running it in-process
+
+
+def _torch_runner(module: torch.nn.Module):
+    def run(batch: np.ndarray) -> None:
+        with torch.inference_mode():
+            module(torch.from_numpy(batch))
+    return run
+
+
+def model_runners(checkpoint: Path | None, package: ModelPackage) -> dict[str, Callable[[np.ndarray], object]]:
+    """Name -> run(batch) for eager unfolded/folded (when the checkpoint is at hand) and each artifact."""
+    runners: dict[str, Callable[[np.ndarray], object]] = {}
+    if checkpoint is not None:
+        network = load_checkpoint(checkpoint).build()
+        runners["eager, unfolded (PyTorch)"] = _torch_runner(network)
+        runners["eager, BN folded (PyTorch)"] = _torch_runner(fold_for_inference(network))
+    labels = {("torchscript", "fp32"): "TorchScript fp32", ("onnx", "fp32"): "ONNX Runtime fp32",
+              ("onnx", "int8"): "ONNX Runtime int8"}
+    for artifact in package.artifacts:
+        path = package.verified_path(artifact)
+        backend = OnnxRuntimeBackend(path) if artifact.format == "onnx" else TorchScriptBackend(path)
+        runners[labels[(artifact.format, artifact.precision)]] = backend.infer
+    return runners
+
+
+def benchmark_model(runners: dict[str, Callable[[np.ndarray], object]], images: np.ndarray,
+                    batch_sizes: tuple[int, ...] = (64, 256), seconds: float = 2.0) -> dict:
+    """Batch-1 latency and throughput at each batch size, for every runner, in this one process."""
+    rows = []
+    for name, run in runners.items():
+        one = images[:1]
+        row = {"config": name, "batch1_latency_ms": round(median_seconds(lambda: run(one), repeats=100) * 1e3, 3)}
+        for size in batch_sizes:
+            batch = np.ascontiguousarray(np.resize(images, (size, *images.shape[1:])))
+            row[f"batch{size}_images_per_second"] = round(images_per_second(lambda: run(batch), size, seconds), 1)
+        rows.append(row)
+    by_name = {row["config"]: row for row in rows}
+    ratios = {}
+    onnx_fp32, eager = by_name.get("ONNX Runtime fp32"), by_name.get("eager, unfolded (PyTorch)")
+    if onnx_fp32 and eager:
+        ratios["onnx_fp32_over_eager_unfolded_batch64"] = round(
+            onnx_fp32["batch64_images_per_second"] / eager["batch64_images_per_second"], 2)
+    if onnx_fp32 and "ONNX Runtime int8" in by_name:
+        ratios["int8_over_onnx_fp32_batch64"] = round(
+            by_name["ONNX Runtime int8"]["batch64_images_per_second"] / onnx_fp32["batch64_images_per_second"], 2)
+    return {"rows": rows, "ratios": ratios, "threads": {"torch": torch.get_num_threads(), "onnxruntime": usable_cpus()},
+            "versions": library_versions()}
+
+
+def print_model_benchmark(results: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sizes = [key for key in results["rows"][0] if key.endswith("_images_per_second")]
+    table = Table("configuration", "batch 1 latency (ms)",
+                  *(f"batch {key[5:].split('_')[0]} images/s" for key in sizes), title=title)
+    for row in results["rows"]:
+        table.add_row(row["config"], f"{row['batch1_latency_ms']:.3f}", *(f"{row[key]:.0f}" for key in sizes))
+    console = Console()
+    console.print(table)
+    for name, value in results["ratios"].items():
+        console.print(f"{name}: {value:.2f}x")

@@ -197,10 +197,10 @@ def export(
     from resserve.train.export import ExportOptions, export_package
     from resserve.train.triton import write_triton_repository
 
-    path = resolve_model_path(model)
     options = ExportOptions(formats=tuple(f.strip() for f in format.split(",") if f.strip()), opset=opset,
                             drop_blocks=drop_blocks, quantize=quantize, name=name, version=version)
     options.validate()
+    path = resolve_model_path(model)
     destination = out or Path(name or path.stem)
     manifest = export_package(path, destination, options, load_mnist(data_dir, log=_log), log=_log)
     if triton_repo:
@@ -211,6 +211,42 @@ def export(
         typer.echo(f"wrote {destination}: " + ", ".join(a["file"] for a in manifest["artifacts"]) + ", manifest.json")
 
 
+def bench_model(
+    model: Annotated[Optional[Path], typer.Argument(
+        help="A model package directory, or a checkpoint (exported to a temporary package with int8) "
+        "[default: the shipped checkpoint and package].", show_default=False)] = None,
+    seconds: Annotated[float, typer.Option(help="Timed seconds per throughput cell.")] = 2.0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Latency (batch 1) and throughput (batch 64, 256) of one network: eager, folded, TorchScript, ONNX Runtime fp32/int8."""
+    require_train_extra()
+    import tempfile
+
+    from resserve.serve.package import SHIPPED_PACKAGE, load_package
+    from resserve.train.bench import benchmark_model, model_runners, print_model_benchmark
+    from resserve.train.checkpoint import resolve_model_path
+    from resserve.train.data import load_mnist
+    from resserve.train.export import ExportOptions, as_input, export_package
+
+    mnist = load_mnist(data_dir, log=_log)
+    with tempfile.TemporaryDirectory(prefix="resserve-bench-") as tmp:
+        if model is not None and model.is_dir():
+            checkpoint, package = None, load_package(model)
+        elif model is None:
+            checkpoint, package = resolve_model_path(None), load_package(SHIPPED_PACKAGE)
+        else:
+            checkpoint = resolve_model_path(model)
+            _log(f"exporting {checkpoint} to a temporary package ...")
+            export_package(checkpoint, Path(tmp) / checkpoint.stem, ExportOptions(quantize="int8"), mnist, log=_log)
+            package = load_package(Path(tmp) / checkpoint.stem)
+        results = benchmark_model(model_runners(checkpoint, package), as_input(mnist.test.head(512)), seconds=seconds)
+    results["model"] = package.name
+    print_model_benchmark(results, title=f"In-process inference, {package.name}")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add these commands to the root CLI."""
     app.command("data")(data)
@@ -218,3 +254,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("eval")(evaluate)
     app.command("export")(export)
     bench_app.command("train")(bench_train)
+    bench_app.command("model")(bench_model)

@@ -1,0 +1,221 @@
+"""resserve export: folding keeps the function, artifacts match the eager network on real MNIST,
+the manifest tells the truth, and a failed export leaves nothing behind."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from google.protobuf import text_format
+from torch import nn
+from torchvision.ops import StochasticDepth
+from tritonclient.grpc import model_config_pb2
+
+from conftest import run_cli
+from resserve.serve.backends import OnnxRuntimeBackend, TorchScriptBackend
+from resserve.serve.package import PackageError, load_package, sha256_of
+from resserve.train import export as export_module
+from resserve.train.checkpoint import save_checkpoint
+from resserve.train.export import ExportError, ExportOptions, export_package
+from resserve.train.fold import ChannelAffine, DropBlocksError, choose_blocks_to_drop, fold_for_inference
+from resserve.train.models import ARCHITECTURES, ModelConfig, build_model
+from resserve.train.triton import write_triton_repository
+
+
+def _with_trained_looking_statistics(model: nn.Module) -> nn.Module:
+    """Random BN statistics and affine parameters, so folding has real work to do."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model.eval()
+
+
+CONFIGS = {
+    "resnet": ModelConfig(blocks=3, widths=(8,)),
+    "plain": ModelConfig(arch="plain", blocks=3, widths=(8,)),
+    "preact-sd-B": ModelConfig(arch="preact", blocks=2, widths=(8, 16), shortcut="B", survival_prob=0.5),
+    "resnet-sd-A": ModelConfig(blocks=2, widths=(8, 16), shortcut="A", survival_prob=0.5),
+    "highway": ModelConfig(arch="highway", blocks=2, widths=(8, 16), shortcut="B"),
+    "crelu": ModelConfig(arch="crelu", blocks=2, widths=(8,)),
+}
+assert {c.arch for c in CONFIGS.values()} == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_folding_removes_batchnorm_and_stochastic_depth_and_keeps_the_function(name):
+    torch.manual_seed(0)
+    model = _with_trained_looking_statistics(build_model(CONFIGS[name]))
+    folded = fold_for_inference(model)
+    assert not any(isinstance(m, (nn.BatchNorm2d, StochasticDepth)) for m in folded.modules())
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_preactivation_bn_before_a_relu_becomes_a_channel_affine():
+    folded = fold_for_inference(_with_trained_looking_statistics(build_model(CONFIGS["preact-sd-B"])))
+    assert isinstance(folded.resblocks[0].bn1, ChannelAffine)
+    assert isinstance(folded.final_bn, ChannelAffine)
+
+
+def test_stochastic_depth_models_drop_their_least_likely_blocks_first():
+    model = build_model(ModelConfig(blocks=4, widths=(8,), survival_prob=0.5))
+    indices, method = choose_blocks_to_drop(model, 2, accuracy_of=lambda m: pytest.fail("no lesion needed"))
+    assert indices == [2, 3] and method == "lowest survival probability"
+
+
+def test_lesion_study_drops_the_block_whose_removal_costs_least():
+    model = build_model(ModelConfig(blocks=3, widths=(8,)))
+    # block 1 is the one whose removal hurts least in this scoring
+    scores = iter([0.5, 0.9, 0.7])
+    indices, method = choose_blocks_to_drop(model, 1, accuracy_of=lambda m: next(scores))
+    assert indices == [1] and "lesion" in method
+
+
+def test_only_shape_keeping_blocks_of_residual_networks_can_be_dropped():
+    staged = build_model(ModelConfig(blocks=2, widths=(8, 16)))  # block 2 downsamples
+    with pytest.raises(DropBlocksError, match="more than the 3 droppable blocks"):
+        choose_blocks_to_drop(staged, 4, accuracy_of=lambda m: 0.0)
+    with pytest.raises(DropBlocksError, match="more than the 0 droppable"):
+        choose_blocks_to_drop(build_model(ModelConfig(arch="plain", blocks=2, widths=(8,))), 1, lambda m: 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# A full export of a small network, shared by the tests below
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, mnist):
+    root = tmp_path_factory.mktemp("export")
+    config = ModelConfig(blocks=3, widths=(8,))
+    torch.manual_seed(0)
+    model = _with_trained_looking_statistics(build_model(config))
+    checkpoint = save_checkpoint(root / "small.pt", model, config, {})
+    manifest = export_package(checkpoint, root / "pkg", ExportOptions(drop_blocks=1, quantize="int8"), mnist,
+                              log=lambda _: None)
+    return root, checkpoint, manifest, model
+
+
+def test_package_holds_verified_onnx_and_torchscript_artifacts(exported):
+    root, checkpoint, manifest, _ = exported
+    package = load_package(root / "pkg")
+    assert {(a.format, a.precision) for a in package.artifacts} >= {("onnx", "fp32"), ("torchscript", "fp32")}
+    for entry in manifest["artifacts"]:
+        if entry["precision"] == "fp32":
+            assert entry["max_abs_logit_diff"] <= 1e-4
+            assert entry["test_accuracy"] == manifest["accuracy"]["test"]
+        assert sha256_of(root / "pkg" / entry["file"]) == entry["sha256"]
+    assert manifest["source_checkpoint"]["sha256"] == sha256_of(checkpoint)
+    assert manifest["accuracy"]["test_images"] == 10_000
+    for key in ("name", "version", "created", "model", "inputs", "outputs", "preprocessing", "labels", "versions"):
+        assert key in manifest
+    assert manifest["versions"]["opset"] == 18
+    assert [o["name"] for o in manifest["outputs"]] == ["logits", "probabilities"]
+    assert not list(root.glob(".pkg.*"))  # no staging directory left behind
+
+
+def test_onnx_graph_has_no_batchnorm_and_a_dynamic_batch(exported):
+    root, _, manifest, _ = exported
+    graph = onnx.load(str(root / "pkg" / "model.onnx"))
+    assert "BatchNormalization" not in {n.op_type for n in graph.graph.node}
+    backend = OnnxRuntimeBackend(root / "pkg" / "model.onnx")
+    for batch in (1, 7, 64, 513):
+        out = backend.infer(np.random.rand(batch, 1, 28, 28).astype(np.float32))
+        assert out["logits"].shape == (batch, 10)
+        assert np.allclose(out["probabilities"].sum(1), 1.0, atol=1e-5)
+
+
+def test_artifacts_match_the_eager_model_with_dropped_blocks(exported):
+    root, _, manifest, model = exported
+    dropped = manifest["dropped_blocks"]
+    assert len(dropped["indices"]) == 1 and "lesion" in dropped["method"]
+    for key in ("before", "after"):
+        assert 0.0 <= dropped[key]["test_accuracy"] <= 1.0
+    from resserve.train.fold import drop_blocks
+
+    reference = drop_blocks(model, dropped["indices"])
+    x = np.random.default_rng(0).random((9, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    for backend in (OnnxRuntimeBackend(root / "pkg" / "model.onnx"), TorchScriptBackend(root / "pkg" / "model.ts")):
+        assert np.abs(backend.infer(x)["logits"] - expected).max() <= 1e-4
+
+
+def test_int8_results_are_recorded_whether_or_not_it_is_kept(exported):
+    root, _, manifest, _ = exported
+    int8 = manifest["int8"]
+    assert int8["accuracy_loss"] == pytest.approx(manifest["accuracy"]["test"] - int8["test_accuracy"])
+    assert set(int8["batch64_images_per_second"]) == {"int8", "fp32"}
+    assert (root / "pkg" / "model.int8.onnx").exists() == int8["kept"]
+    assert any(a["precision"] == "int8" for a in manifest["artifacts"]) == int8["kept"]
+
+
+def test_an_artifact_whose_sha256_does_not_match_is_refused(exported, tmp_path):
+    import shutil
+
+    root = exported[0]
+    copy = tmp_path / "pkg"
+    shutil.copytree(root / "pkg", copy)
+    with open(copy / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    package = load_package(copy)
+    with pytest.raises(PackageError, match="refusing to load it"):
+        package.verified_path(package.find("onnx"))
+
+
+def test_triton_repository_config_parses_as_a_triton_model_config(exported, tmp_path):
+    model_dir = write_triton_repository(load_package(exported[0] / "pkg"), tmp_path / "repo")
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.platform == "onnxruntime_onnx"
+    assert config.name == "small"  # the checkpoint's file stem
+    assert [i.name for i in config.input] == ["input"] and list(config.input[0].dims) == [1, 28, 28]
+    assert [o.name for o in config.output] == ["logits", "probabilities"]
+    assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (exported[0] / "pkg" / "model.onnx").read_bytes()
+
+
+def test_a_failed_verification_writes_nothing(exported, tmp_path, monkeypatch, mnist):
+    monkeypatch.setattr(export_module, "FP32_TOLERANCE", -1.0)  # no artifact can pass
+    with pytest.raises(ExportError, match="does not match the eager model"):
+        export_package(exported[1], tmp_path / "pkg", ExportOptions(formats=("onnx",)), mnist, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reexport_replaces_a_package_in_place(exported, tmp_path, mnist):
+    out = tmp_path / "pkg"
+    export_package(exported[1], out, ExportOptions(formats=("onnx",)), mnist, log=lambda _: None)
+    first = json.loads((out / "manifest.json").read_text())
+    export_package(exported[1], out, ExportOptions(formats=("onnx",), version="2"), mnist, log=lambda _: None)
+    assert json.loads((out / "manifest.json").read_text())["version"] == "2" != first["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "/nonexistent.pt"], "error: no checkpoint at /nonexistent.pt"),
+    (["export", "--format", "tflite"], "error: unknown format tflite; choose from onnx, torchscript"),
+    (["export", "--quantize", "int4"], "error: --quantize supports int8 only, got 'int4'"),
+    (["export", "--drop-blocks", "26"], "error: --drop-blocks 26 is more than the 25 droppable blocks"),
+])
+def test_export_bad_input_is_one_line(args, message, tmp_path):
+    result = run_cli(*args, "--out", str(tmp_path / "pkg"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert len(result.stderr.strip().splitlines()) <= 2  # at most a progress line before it
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_export_refuses_an_unwritable_destination_and_a_non_checkpoint(tmp_path, exported):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli("export", str(exported[1]), "--out", str(blocker / "pkg"))
+    assert result.returncode == 1 and result.stderr.strip() == f"error: cannot create {blocker}: File exists"
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x80\x02}q\x00.")  # a pickle of an empty dict: readable, but no checkpoint
+    result = run_cli("export", str(junk), "--out", str(tmp_path / "pkg"))
+    assert result.returncode == 1 and "is not a resserve checkpoint" in result.stderr
