@@ -23,17 +23,42 @@ class BackendError(ResserveError):
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (cgroup/affinity aware where the OS tells)."""
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def onnxruntime_providers(device: str) -> list[str]:
+    """Execution providers for ``device`` (cpu | cuda | auto), CUDA first where asked for."""
+    import onnxruntime as ort
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise BackendError(f"device must be cpu, cuda or auto, got {device!r}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        if device == "cuda":
+            raise BackendError("--device cuda: this ONNX Runtime has no CUDA execution provider "
+                               "(install the gpu extra, onnxruntime-gpu, on a machine with an NVIDIA driver)")
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 class OnnxRuntimeBackend:
-    """One ONNX Runtime session; ``providers`` picks CPU or CUDA execution."""
+    """One ONNX Runtime session on ``device`` (cpu | cuda | auto: CUDA where there is one)."""
 
-    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -41,10 +66,15 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = threads or usable_cpus()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # warnings and above only; errors surface as exceptions
+        requested = onnxruntime_providers(device)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=requested)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        active = self.session.get_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in active:
+            raise BackendError(f"--device cuda: ONNX Runtime could not start CUDA for {path.name} (active: {active})")
+        self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -56,6 +86,8 @@ class OnnxRuntimeBackend:
 class TorchScriptBackend:
     """A TorchScript module on the CPU (or CUDA); needs torch, which serving does not require."""
 
+    name = "torchscript"
+
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None) -> None:
         try:
             import torch
@@ -64,11 +96,13 @@ class TorchScriptBackend:
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device(device)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendError("--device cuda: torch sees no CUDA device")
+        self.device = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
         try:
             with warnings.catch_warnings():  # torch.jit is deprecated in 2.14; the format is what users asked for
                 warnings.simplefilter("ignore", FutureWarning)
-                self.module = torch.jit.load(str(path), map_location=self.device).eval()
+                self.module = torch.jit.load(str(path), map_location=torch.device(self.device)).eval()
         except RuntimeError as exc:
             raise BackendError(f"torch cannot load {path}: {str(exc).splitlines()[0]}") from exc
 
@@ -82,3 +116,12 @@ def batched_infer(backend, images: np.ndarray, batch_size: int = 1000) -> dict[s
     """Run float32 images [N,1,28,28] through ``backend`` in chunks; outputs concatenated."""
     chunks = [backend.infer(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+
+def open_backend(path: Path, format: str, device: str = "cpu", threads: int | None = None):
+    """The backend for an artifact of ``format`` (onnx | torchscript)."""
+    if format == "onnx":
+        return OnnxRuntimeBackend(path, device, threads)
+    if format == "torchscript":
+        return TorchScriptBackend(path, device, threads)
+    raise BackendError(f"no backend for artifact format {format!r}")

@@ -1,14 +1,19 @@
-"""The root ``resserve`` command.
+"""The root ``resserve`` command, and the serving commands: serve, classify, health.
 
 It starts without torch: the training commands live in ``resserve.train.cli``, which imports
 torch only inside the commands, and are added only where the train package is installed.
 """
 
+import json
 import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
+from resserve.serve.settings import DEFAULT_METRICS_PORT, DEFAULT_PORT, ServerSettings
 
 app = typer.Typer(
     name="resserve",
@@ -17,11 +22,131 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 bench_app = typer.Typer(help="Benchmarks: print a table (and JSON) against a baseline measured in the same run.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+def _env(name: str) -> str:
+    return f"RESSERVE_{name}"
+
+
+@app.command()
+def serve(
+    packages: Annotated[Optional[list[Path]], typer.Argument(
+        help="Model package directories (from `resserve export`) [default: the shipped model].",
+        show_default=False, envvar=_env("PACKAGES"))] = None,
+    host: Annotated[str, typer.Option(envvar=_env("HOST"), help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(envvar=_env("PORT"), help="gRPC port (Triton's default).")] = DEFAULT_PORT,
+    metrics_port: Annotated[int, typer.Option(envvar=_env("METRICS_PORT"),
+                                              help="Prometheus /metrics port; 0 disables.")] = DEFAULT_METRICS_PORT,
+    max_batch_size: Annotated[int, typer.Option(envvar=_env("MAX_BATCH_SIZE"),
+                                                help="Most images the batcher runs at once.")] = BatchingConfig.max_batch_size,
+    max_queue_delay_us: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_DELAY_US"),
+        help="Longest wait for batch-mates after the first queued request, microseconds.")] = BatchingConfig.max_queue_delay_us,
+    max_queue_size: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_SIZE"),
+        help="Requests that may wait per model; beyond it: UNAVAILABLE (retryable).")] = BatchingConfig.max_queue_size,
+    device: Annotated[str, typer.Option(envvar=_env("DEVICE"),
+        help="cpu | cuda | auto (CUDA where ONNX Runtime has it, else CPU).")] = "cpu",
+    backend: Annotated[str, typer.Option(envvar=_env("BACKEND"), help="onnxruntime | torchscript (needs torch).")] = "onnxruntime",
+    threads: Annotated[Optional[int], typer.Option(envvar=_env("THREADS"),
+        help="Inference threads [default: the CPUs this process may use].", show_default=False)] = None,
+    max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"))] = 1024,
+    max_message_bytes: Annotated[int, typer.Option(envvar=_env("MAX_MESSAGE_BYTES"),
+        help="Largest request; bigger ones get RESOURCE_EXHAUSTED.")] = 4 * 1024 * 1024,
+    drain_seconds: Annotated[float, typer.Option(envvar=_env("DRAIN_SECONDS"),
+        help="After SIGTERM: keep serving, not ready, this long.")] = 5.0,
+    grace_seconds: Annotated[float, typer.Option(envvar=_env("GRACE_SECONDS"),
+        help="Then: time in-flight requests get to finish.")] = 10.0,
+    max_connection_age: Annotated[Optional[float], typer.Option(envvar=_env("MAX_CONNECTION_AGE"),
+        help="Seconds before a client connection is recycled, so clients re-resolve.", show_default=False)] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CERT"), help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_KEY"), help="Server private key (PEM).")] = None,
+    tls_client_ca: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CLIENT_CA"),
+        help="Require client certificates signed by this CA (mutual TLS).")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(envvar=_env("TOKEN_FILE"),
+        help="Bearer tokens, one per line; clients must send one (health is exempt).")] = None,
+) -> None:
+    """Serve digit classification over gRPC: resserve.v1.DigitClassifier and KServe v2 / Triton.
+
+    Health: grpc.health.v1 with service "resserve.liveness" (process up) and
+    "resserve.readiness" (models loaded and not draining). Stop with SIGTERM: not ready, drain,
+    grace for in-flight requests, exit 0.
+    """
+    from resserve.serve.server import run_server
+
+    settings = ServerSettings(
+        packages=tuple(packages or ()), host=host, port=port, metrics_port=metrics_port,
+        batching=BatchingConfig(max_batch_size, max_queue_delay_us, max_queue_size), device=device,
+        backend=backend, threads=threads, max_images_per_request=max_images_per_request,
+        max_message_bytes=max_message_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
+        max_connection_age_seconds=max_connection_age, tls_cert=tls_cert, tls_key=tls_key,
+        tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file))
+    settings.validate()
+    run_server(settings)
+
+
+def _read_tokens(path: Optional[Path]) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    try:
+        tokens = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    except OSError as exc:
+        raise ResserveError(f"cannot read token file {path}: {exc.strerror}") from exc
+    if not tokens:
+        raise ResserveError(f"token file {path} holds no token")
+    return tokens
+
+
+Server = Annotated[str, typer.Option("--server", envvar=_env("SERVER"), help="host:port of a resserve server.")]
+TlsCa = Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CA"), help="CA certificate: connect with TLS.")]
+Token = Annotated[Optional[str], typer.Option(envvar=_env("TOKEN"), help="Bearer token.")]
+
+
+@app.command()
+def classify(
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...): photos and drawings work.")],
+    server: Server = "localhost:8001",
+    model: Annotated[str, typer.Option(help="Model name [default: the server's default].")] = "",
+    tls_ca: TlsCa = None,
+    token: Token = None,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {file, digit, confidence}.")] = False,
+) -> None:
+    """Classify handwritten digit images with a running server."""
+    from resserve.serve.client import DigitClient
+
+    blobs = []
+    for path in images:
+        try:
+            blobs.append(path.read_bytes())
+        except OSError as exc:
+            raise ResserveError(f"cannot read {path}: {exc.strerror}") from exc
+    with DigitClient(server, tls_ca, token) as client:
+        results = client.classify(blobs, model)
+    rows = [{"file": str(p), "digit": r.digit, "confidence": round(r.confidence, 6)} for p, r in zip(images, results)]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for row in rows:
+        typer.echo(f"{row['file']}: {row['digit']} ({row['confidence']:.1%})")
+
+
+@app.command()
+def health(
+    server: Server = "localhost:8001",
+    service: Annotated[str, typer.Option(help='Health service name: "" (server), resserve.liveness, resserve.readiness.')] = "",
+    tls_ca: TlsCa = None,
+) -> None:
+    """Ask a server's grpc.health.v1 service; exit 0 only when SERVING."""
+    from resserve.serve.client import DigitClient
+
+    with DigitClient(server, tls_ca, timeout=5.0) as client:
+        status = client.health(service)
+    typer.echo(status)
+    if status != "SERVING":
+        raise typer.Exit(1)
 
 
 def _add_training_commands() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resserve.serve.backends import OnnxRuntimeBackend, TorchScriptBackend, usable_cpus
+from resserve.serve.backends import open_backend, usable_cpus
 from resserve.serve.package import ModelPackage
 from resserve.serve.timing import images_per_second, median_seconds
 from resserve.train.checkpoint import load_checkpoint
@@ -105,8 +105,7 @@ def model_runners(checkpoint: Path | None, package: ModelPackage) -> dict[str, C
               ("onnx", "int8"): "ONNX Runtime int8"}
     for artifact in package.artifacts:
         path = package.verified_path(artifact)
-        backend = OnnxRuntimeBackend(path) if artifact.format == "onnx" else TorchScriptBackend(path)
-        runners[labels[(artifact.format, artifact.precision)]] = backend.infer
+        runners[labels[(artifact.format, artifact.precision)]] = open_backend(path, artifact.format).infer
     return runners
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from resserve.serve.backends import OnnxRuntimeBackend, TorchScriptBackend, batched_infer
+from resserve.serve.backends import OnnxRuntimeBackend, batched_infer, open_backend
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import MANIFEST, PACKAGE_FORMAT, PACKAGE_FORMAT_VERSION, sha256_of
 from resserve.serve.timing import images_per_second, median_seconds
@@ -115,10 +115,6 @@ def write_torchscript(model: InferenceModel, path: Path) -> None:
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, torch.rand(2, 1, 28, 28), check_trace=False)
         traced.save(str(path))
-
-
-def _backend_for(path: Path, format: str):
-    return OnnxRuntimeBackend(path) if format == "onnx" else TorchScriptBackend(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +268,7 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
         for format in options.formats:
             path = staging / ARTIFACT_FILES[format]
             WRITERS[format](folded, path, options)
-            parity = verifier.check(_backend_for(path, format))
+            parity = verifier.check(open_backend(path, format))
             _require_fp32_parity(format, parity, verifier)
             log(f"{format}: max |logit diff| {parity['max_abs_logit_diff']:.1e}, "
                 f"test accuracy {parity['test_accuracy']:.4f} (eager {verifier.accuracy:.4f})")

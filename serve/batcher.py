@@ -1,0 +1,165 @@
+"""The dynamic batcher: one per loaded model, shared by both APIs.
+
+Requests wait in a bounded queue. The batcher takes the oldest request, waits at most
+``max_queue_delay`` for more, and runs up to ``max_batch_size`` images at once in an executor
+thread, so the event loop keeps accepting while a batch computes. Then it splits the outputs
+back to the requests, in order.
+
+- A full queue rejects at once (``QueueFull`` -> UNAVAILABLE); the queue never grows unbounded.
+- A request whose deadline passed before its batch runs is answered ``DeadlineExpired``
+  without computing; a cancelled request is skipped and never disturbs its batch-mates.
+- An exception during inference fails that batch's requests only; the batcher keeps running.
+- A request with more images than ``max_batch_size`` runs alone, in chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from resserve.serve.errors import DeadlineExpired, QueueFull, ShuttingDown
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass
+class BatchStats:
+    """What one batch looked like, for the metrics."""
+
+    size: int
+    queue_seconds: list[float]
+    infer_seconds: float
+
+
+@dataclass
+class _Pending:
+    inputs: np.ndarray  # float32 [n,1,28,28]
+    future: asyncio.Future
+    deadline: float | None  # time.monotonic() value, or None for no deadline
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def size(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500
+    max_queue_size: int = 256  # requests
+
+
+class DynamicBatcher:
+    def __init__(self, infer: Callable[[np.ndarray], Outputs], config: BatchingConfig, executor: Executor,
+                 on_batch: Callable[[BatchStats], None] = lambda stats: None) -> None:
+        self._infer = infer
+        self.config = config
+        self._executor = executor
+        self._on_batch = on_batch
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
+
+    async def submit(self, inputs: np.ndarray, deadline: float | None = None) -> Outputs:
+        """Queue ``inputs`` [n,1,28,28] and wait for their outputs ({name: [n,...]})."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        if len(self._queue) >= self.config.max_queue_size:
+            raise QueueFull(f"queue full ({self.config.max_queue_size} requests waiting); retry later")
+        pending = _Pending(inputs, asyncio.get_running_loop().create_future(), deadline)
+        self._queue.append(pending)
+        self._arrived.set()
+        return await pending.future  # cancelling the caller cancels the future: _take skips it
+
+    async def close(self) -> None:
+        """Stop taking requests, finish what is queued, then stop the loop."""
+        self._closed = True
+        while self._queue:
+            await asyncio.sleep(0.001)
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # ------------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch:
+                await self._execute(batch)
+
+    async def _wait_for_arrival(self, timeout: float | None) -> bool:
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _next_batch(self) -> list[_Pending]:
+        while not self._queue:
+            await self._wait_for_arrival(None)
+        window_closes = self._queue[0].enqueued + self.config.max_queue_delay_us / 1e6
+        while sum(p.size for p in self._queue) < self.config.max_batch_size:
+            remaining = window_closes - time.monotonic()
+            if remaining <= 0 or not await self._wait_for_arrival(remaining):
+                break
+        return self._take()
+
+    def _take(self) -> list[_Pending]:
+        """Up to max_batch_size images of live requests, oldest first; expired ones answered."""
+        batch, images, now = [], 0, time.monotonic()
+        while self._queue:
+            pending = self._queue[0]
+            if pending.future.done():  # cancelled by its client
+                self._queue.popleft()
+                continue
+            if pending.deadline is not None and pending.deadline <= now:
+                self._queue.popleft()
+                pending.future.set_exception(DeadlineExpired("deadline exceeded while queued; not computed"))
+                continue
+            if batch and images + pending.size > self.config.max_batch_size:
+                break
+            batch.append(self._queue.popleft())
+            images += pending.size
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer_chunked, inputs)
+        except Exception as exc:  # noqa: BLE001 - fails this batch only; the loop goes on
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        finished = time.monotonic()
+        offset = 0
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_result({k: v[offset:offset + pending.size] for k, v in outputs.items()})
+            offset += pending.size
+        self._on_batch(BatchStats(len(inputs), [started - p.enqueued for p in batch], finished - started))
+
+    def _infer_chunked(self, inputs: np.ndarray) -> Outputs:
+        limit = self.config.max_batch_size
+        if len(inputs) <= limit:
+            return self._infer(inputs)
+        chunks = [self._infer(inputs[i:i + limit]) for i in range(0, len(inputs), limit)]
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}

@@ -1,0 +1,31 @@
+"""Prometheus metrics of the server, on their own registry (served on the metrics port)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("resserve_requests", "Requests answered, by API, model and gRPC status code.",
+                                ["api", "model", "code"], registry=r)
+        self.latency = Histogram("resserve_request_latency_seconds", "Time from request to response.",
+                                 ["api", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("resserve_queue_seconds", "Time a request waited for its batch.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_time = Histogram("resserve_inference_seconds", "Time one batch took to compute.",
+                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("resserve_batch_size", "Images per batch formed by the dynamic batcher.",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("resserve_queue_depth", "Requests waiting in a model's queue.", ["model"], registry=r)
+        self.model_info = Gauge("resserve_model_info", "Loaded models and how they run (value 1).",
+                                ["model", "version", "backend", "device"], registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        """Expose /metrics over HTTP on ``port`` (a daemon thread)."""
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,84 @@
+"""Any image -> an MNIST-style 28x28 input, the way the MNIST digits themselves were made.
+
+MNIST digits are white on black, size-normalized to fit a 20x20 box keeping their aspect
+ratio, and centred by centre of mass in a 28x28 field. ``to_mnist`` does the same to a photo or
+a drawing: grayscale; invert when the background is light; crop to the ink's bounding box;
+scale the longer side to 20 px; paste so the ink's centre of mass lands at the centre.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from resserve.serve.errors import InvalidInput
+
+MAX_PIXELS = 16_000_000  # decompression-bomb cap: about a 4000x4000 photo
+INK_THRESHOLD = 0.25  # fraction of the darkest-to-brightest range that counts as ink
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Encoded bytes -> grayscale float32 [H,W] in [0,1]; refuses non-images and oversized ones."""
+    if not data:
+        raise InvalidInput("empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # read from the header, before decoding any pixel
+            if width * height > MAX_PIXELS:
+                raise InvalidInput(f"image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS:,} pixels")
+            gray = image.convert("L")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, SyntaxError) as exc:
+        raise InvalidInput(f"bytes are not an image Pillow can read ({type(exc).__name__})") from None
+    return np.asarray(gray, dtype=np.float32) / 255.0
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+    """Grayscale [H,W] in [0,1] -> float32 [28,28] in [0,1], white ink on black, centred."""
+    if _border(gray).mean() > 0.5:  # light background: make the ink white
+        gray = 1.0 - gray
+    gray = np.clip(gray - np.median(_border(gray)), 0.0, None)  # background to 0
+    peak = gray.max()
+    if peak <= 0:
+        return np.zeros((28, 28), dtype=np.float32)  # a blank image stays blank
+    gray = gray / peak
+    rows, cols = np.nonzero(gray > INK_THRESHOLD)
+    crop = gray[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    scale = 20.0 / max(crop.shape)
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    small = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize(size, Image.LANCZOS),
+                       dtype=np.float32) / 255.0
+    return _paste_centred(small)
+
+
+def _border(gray: np.ndarray) -> np.ndarray:
+    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+
+
+def _paste_centred(digit: np.ndarray) -> np.ndarray:
+    """Place ``digit`` (at most 20x20) in 28x28 so its centre of mass is at the centre."""
+    canvas = np.zeros((28, 28), dtype=np.float32)
+    total = digit.sum()
+    ys, xs = np.indices(digit.shape)
+    cy, cx = ((ys * digit).sum() / total, (xs * digit).sum() / total) if total > 0 else (digit.shape[0] / 2, digit.shape[1] / 2)
+    top = int(np.clip(round(14 - cy), 0, 28 - digit.shape[0]))
+    left = int(np.clip(round(14 - cx), 0, 28 - digit.shape[1]))
+    canvas[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
+    return canvas
+
+
+def encoded_to_input(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> the model input row float32 [1,28,28]."""
+    return to_mnist(decode(data))[None]
+
+
+def raw_to_input(data: bytes) -> np.ndarray:
+    """784 raw uint8 bytes (MNIST layout) -> float32 [1,28,28] in [0,1]."""
+    if len(data) != 784:
+        raise InvalidInput(f"raw_28x28 must be 784 bytes (28x28 uint8), got {len(data)}")
+    return (np.frombuffer(data, dtype=np.uint8).astype(np.float32) / 255.0).reshape(1, 28, 28)

@@ -1,0 +1,89 @@
+"""The models a server holds: each a verified package, a warmed-up backend and its batcher."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from resserve.serve.backends import open_backend
+from resserve.serve.batcher import BatchStats, DynamicBatcher
+from resserve.serve.errors import ModelNotFound, ResserveError
+from resserve.serve.metrics import Metrics
+from resserve.serve.package import ModelPackage, load_package
+from resserve.serve.settings import ServerSettings
+
+log = logging.getLogger("resserve.serve")
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+ARTIFACT_FORMAT = {"onnxruntime": "onnx", "torchscript": "torchscript"}
+
+
+@dataclass
+class ServedModel:
+    package: ModelPackage
+    backend: object  # OnnxRuntimeBackend | TorchScriptBackend
+    batcher: DynamicBatcher
+
+    @property
+    def name(self) -> str:
+        return self.package.name
+
+    @property
+    def version(self) -> str:
+        return self.package.version
+
+    @property
+    def platform(self) -> str:
+        return PLATFORMS[self.backend.name]
+
+
+class ModelRepository:
+    def __init__(self, models: list[ServedModel]) -> None:
+        self.models = {m.name: m for m in models}
+        self.default = models[0].name
+
+    def get(self, name: str = "", version: str = "") -> ServedModel:
+        """The model called ``name`` ('' for the default) at ``version`` ('' for the current one)."""
+        model = self.models.get(name or self.default)
+        if model is None:
+            raise ModelNotFound(f"unknown model {name!r}; this server has {', '.join(sorted(self.models))}")
+        if version and version != model.version:
+            raise ModelNotFound(f"model {model.name!r} has version {model.version}, not {version!r}")
+        return model
+
+
+def _load_one(package: ModelPackage, settings: ServerSettings, executor: Executor, metrics: Metrics) -> ServedModel:
+    artifact = package.find(ARTIFACT_FORMAT[settings.backend], "fp32")
+    path = package.verified_path(artifact)  # a sha256 mismatch refuses to start
+    started = time.monotonic()
+    backend = open_backend(path, artifact.format, settings.device, settings.threads)
+    warm = np.zeros((settings.batching.max_batch_size, 1, 28, 28), dtype=np.float32)
+    backend.infer(warm[:1])
+    backend.infer(warm)
+    name = package.name
+
+    def record(stats: BatchStats) -> None:
+        metrics.batch_size.labels(name).observe(stats.size)
+        metrics.inference_time.labels(name).observe(stats.infer_seconds)
+        for seconds in stats.queue_seconds:
+            metrics.queue_time.labels(name).observe(seconds)
+
+    batcher = DynamicBatcher(backend.infer, settings.batching, executor, on_batch=record)
+    metrics.queue_depth.labels(name).set_function(lambda: batcher.queue_depth)
+    metrics.model_info.labels(name, package.version, backend.name, backend.device).set(1)
+    log.info("loaded model %s version %s: %s on %s (%s), warmed up in %.2f s", name, package.version,
+             artifact.file, backend.name, backend.device, time.monotonic() - started)
+    return ServedModel(package, backend, batcher)
+
+
+def load_repository(settings: ServerSettings, executor: Executor, metrics: Metrics) -> ModelRepository:
+    packages = [load_package(p) for p in settings.packages] or [load_package()]
+    names = [p.name for p in packages]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ResserveError(f"two packages are called {', '.join(duplicates)}; export one with --name")
+    return ModelRepository([_load_one(p, settings, executor, metrics) for p in packages])

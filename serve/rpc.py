@@ -1,0 +1,66 @@
+"""What every RPC handler shares: the server's state, deadlines, and the error/metrics wrapper."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from resserve.serve.errors import ShuttingDown, to_status
+from resserve.serve.metrics import Metrics
+from resserve.serve.repository import ModelRepository
+from resserve.serve.settings import ServerSettings
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    metrics: Metrics = field(default_factory=Metrics)
+    repository: ModelRepository | None = None  # None while models load
+    ready: bool = False  # every model loaded and warmed, and not draining
+
+    def models(self) -> ModelRepository:
+        if self.repository is None:
+            raise ShuttingDown("models are still loading; retry shortly")
+        return self.repository
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline on the time.monotonic() clock, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def rpc(api: str, model_of: Callable[[object], str]):
+    """Wrap a servicer method: typed errors become their status codes, and every answer is counted.
+
+    This is the one place where exceptions meet gRPC: the client gets a status code and a
+    message written for it; unexpected errors are logged and answered INTERNAL, generically.
+    """
+
+    def decorate(method):
+        @functools.wraps(method)
+        async def handler(self, request, context: grpc.aio.ServicerContext):
+            state: ServerState = self.state
+            model = model_of(request) or (state.repository.default if state.repository else "")
+            started = time.monotonic()
+            code = grpc.StatusCode.OK
+            try:
+                return await method(self, request, context)
+            except asyncio.CancelledError:  # the client went away; its batch-mates carry on
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status below
+                code, message = to_status(exc)
+                await context.abort(code, message)
+            finally:
+                state.metrics.requests.labels(api, model, code.name).inc()
+                state.metrics.latency.labels(api, model).observe(time.monotonic() - started)
+
+        return handler
+
+    return decorate

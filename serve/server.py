@@ -1,0 +1,173 @@
+"""Wiring: the gRPC server with both APIs, health, reflection, metrics, auth, TLS, and a drain on SIGTERM.
+
+Lifecycle:
+1. bind the port (in use: a startup error) and start answering; health says NOT_SERVING;
+2. load every model package (sha256-verified), warm each backend, start its batcher;
+3. health SERVING (liveness and readiness);
+4. on SIGTERM/SIGINT: readiness NOT_SERVING (liveness stays SERVING) while the server keeps
+   answering for ``drain_seconds`` so load balancers stop sending; then stop accepting and give
+   in-flight requests ``grace_seconds`` to finish; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from resserve.serve.digits import DigitClassifierServicer
+from resserve.serve.errors import ResserveError
+from resserve.serve.kserve import InferenceServicer
+from resserve.serve.repository import load_repository
+from resserve.serve.rpc import ServerState
+from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings
+from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+
+log = logging.getLogger("resserve.serve")
+
+API_SERVICES = [
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    digits_pb2.DESCRIPTOR.services_by_name["DigitClassifier"].full_name,
+]
+# "" (the whole server) and each API follow readiness: a draining server is not ready for traffic
+READINESS_NAMES = ["", READINESS_SERVICE, *API_SERVICES]
+AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every RPC except health and reflection."""
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        self._tokens = [t.encode() for t in tokens]
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        if details.method.startswith(AUTH_EXEMPT_PREFIXES) or self._authorized(details.invocation_metadata):
+            return await continuation(details)
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+    def _authorized(self, metadata) -> bool:
+        header = dict(metadata or ()).get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), t) for t in self._tokens)
+
+
+def _grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent second listener
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    if settings.max_connection_age_seconds:
+        options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000))]
+    return options
+
+
+def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert and not settings.tls_key:
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise ResserveError("TLS needs both --tls-cert and --tls-key")
+    try:
+        key, cert = settings.tls_key.read_bytes(), settings.tls_cert.read_bytes()
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ResserveError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+class Server:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.state = ServerState(settings)
+        self.health = HealthServicer()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        interceptors = [BearerTokenInterceptor(settings.tokens)] if settings.tokens else []
+        self.grpc = grpc.aio.server(options=_grpc_options(settings), interceptors=interceptors)
+        self.port = 0
+
+    async def _set_health(self, names: list[str], serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in names:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self._set_health([LIVENESS_SERVICE, *READINESS_NAMES], serving=False)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.state), self.grpc)
+        digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.state), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            [*API_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.grpc)
+        self.port = self._bind()
+        await self.grpc.start()
+        await self._set_health([LIVENESS_SERVICE], serving=True)
+        log.info("listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if self.settings.tls_cert else "")
+        if self.settings.metrics_port:
+            self.state.metrics.serve(self.settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port)
+        repository = await asyncio.to_thread(load_repository, self.settings, self.executor, self.state.metrics)
+        for model in repository.models.values():
+            model.batcher.start()
+        self.state.repository = repository
+        self.state.ready = True
+        await self._set_health(READINESS_NAMES, serving=True)
+        log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in repository.models.values()))
+
+    def _bind(self) -> int:
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = _credentials(self.settings)
+        try:
+            port = (self.grpc.add_secure_port(address, credentials) if credentials
+                    else self.grpc.add_insecure_port(address))
+        except RuntimeError as exc:
+            raise ResserveError(f"cannot listen on {address}: port in use or address unavailable") from exc
+        if port == 0:
+            raise ResserveError(f"cannot listen on {address}: port in use or address unavailable")
+        return port
+
+    async def drain_and_stop(self) -> None:
+        log.info("shutting down: not ready; draining for %.1f s", self.settings.drain_seconds)
+        self.state.ready = False
+        await self._set_health(READINESS_NAMES, serving=False)
+        await asyncio.sleep(self.settings.drain_seconds)
+        log.info("stopping: in-flight requests get %.1f s", self.settings.grace_seconds)
+        await self.grpc.stop(self.settings.grace_seconds)
+        if self.state.repository:
+            for model in self.state.repository.models.values():
+                await model.batcher.close()
+        self.executor.shutdown(wait=True)
+        log.info("stopped")
+
+
+async def _serve(settings: ServerSettings) -> None:
+    server = Server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        await server.grpc.stop(0)
+        raise
+    await stop.wait()
+    await server.drain_and_stop()
+
+
+def run_server(settings: ServerSettings) -> None:
+    """Serve until SIGTERM/SIGINT, then drain; returns normally (exit code 0)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(settings))
