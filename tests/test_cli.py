@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import RESSERVE, run_cli
+from helpers import run_cli
 
 COMMANDS = [[], ["data"], ["train"], ["eval"], ["bench"], ["bench", "train"]]
 

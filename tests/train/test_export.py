@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 from tritonclient.grpc import model_config_pb2
 
-from conftest import run_cli
+from helpers import run_cli
 from resserve.serve.backends import OnnxRuntimeBackend, TorchScriptBackend
 from resserve.serve.package import PackageError, load_package, sha256_of
 from resserve.train import export as export_module

@@ -1,0 +1,92 @@
+"""Test helpers: the installed `resserve` command, and a real server process on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+RESSERVE = Path(sys.executable).parent / "resserve"
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed console script as a user would; returns the finished process."""
+    return subprocess.run([str(RESSERVE), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``with ServerProcess(args) as server: server.target`` -> "127.0.0.1:PORT"."""
+
+    def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True) -> None:
+        self.metrics_port = free_port()
+        self.args = [str(RESSERVE), "serve", "--host", "127.0.0.1", "--port", "0",
+                     "--metrics-port", str(self.metrics_port), "--drain-seconds", "0", *args]
+        self.env = {**os.environ, **(env or {})}
+        self.wait_ready = wait_ready
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._ready = threading.Event()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _pump(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if match := re.search(r"listening on [\d.]+:(\d+)", line):
+                self.port = int(match.group(1))
+            if " ready: " in line:
+                self._ready.set()
+
+    def __enter__(self) -> "ServerProcess":
+        self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
+        threading.Thread(target=self._pump, daemon=True).start()
+        if self.wait_ready:
+            deadline = time.monotonic() + 60
+            while not self._ready.wait(0.05):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("server did not become ready:\n" + "".join(self.lines))
+        return self
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

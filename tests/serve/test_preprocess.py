@@ -1,0 +1,83 @@
+"""Any image becomes an MNIST-style 28x28 input: inverted when light, cropped, scaled, centred."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from resserve.serve.errors import InvalidInput
+from resserve.serve.preprocess import MAX_PIXELS, decode, encoded_to_input, raw_to_input, to_mnist
+
+
+def _png(array: np.ndarray, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def test_dark_ink_on_a_light_page_becomes_white_ink_on_black_centred():
+    page = np.full((300, 200), 230, dtype=np.uint8)  # light paper
+    page[50:250, 90:110] = 20  # a dark vertical stroke, off-centre
+    image = to_mnist(decode(_png(page)))
+    assert image.shape == (28, 28)
+    assert image[0].max() == 0 and image[:, 0].max() == 0  # black background
+    ys, xs = np.nonzero(image > 0.5)
+    assert ys.max() - ys.min() + 1 == 20  # longer side scaled to 20 px
+    weights = image / image.sum()
+    centre = ((np.indices(image.shape)[0] * weights).sum(), (np.indices(image.shape)[1] * weights).sum())
+    assert abs(centre[0] - 14) <= 1 and abs(centre[1] - 14) <= 1
+
+
+def test_an_mnist_digit_round_trips_close_to_itself(mnist):
+    digit = mnist.test.images[0]
+    again = to_mnist(decode(_png(digit)))
+    assert np.corrcoef(again.ravel(), digit.ravel() / 255.0)[0, 1] > 0.8
+
+
+def test_jpeg_and_color_images_are_read():
+    rgb = np.zeros((64, 64, 3), dtype=np.uint8)
+    rgb[10:54, 30:34] = (255, 200, 0)
+    assert encoded_to_input(_png(rgb, "JPEG")).shape == (1, 28, 28)
+
+
+def test_a_blank_image_stays_blank():
+    assert to_mnist(np.ones((40, 40), dtype=np.float32)).max() == 0
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty image bytes"),
+    (b"definitely not an image", "not an image Pillow can read"),
+])
+def test_non_images_are_refused(data, message):
+    with pytest.raises(InvalidInput, match=message):
+        decode(data)
+
+
+def test_a_decompression_bomb_is_refused_before_decoding():
+    side = int(MAX_PIXELS ** 0.5) + 100
+    bomb = _png(np.zeros((side, side), dtype=np.uint8))  # compresses to a few kB
+    assert len(bomb) < 200_000
+    with pytest.raises(InvalidInput, match="exceeds the limit"):
+        decode(bomb)
+
+
+def test_raw_pixels_must_be_784_bytes():
+    assert raw_to_input(bytes(range(256)) * 3 + bytes(16)).shape == (1, 28, 28)
+    with pytest.raises(InvalidInput, match="784 bytes"):
+        raw_to_input(b"\0" * 100)
+
+
+def test_a_drawn_digit_is_classified_by_the_shipped_model():
+    from resserve.serve.backends import OnnxRuntimeBackend
+    from resserve.serve.package import load_package
+
+    page = Image.new("L", (240, 320), 255)
+    draw = ImageDraw.Draw(page)
+    draw.ellipse((50, 40, 190, 280), outline=0, width=22)  # a zero, drawn with a thick pen
+    package = load_package()
+    backend = OnnxRuntimeBackend(package.verified_path(package.find("onnx")))
+    buffer = io.BytesIO()
+    page.save(buffer, format="PNG")
+    logits = backend.infer(encoded_to_input(buffer.getvalue())[None])["logits"]
+    assert logits.argmax() == 0
