@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +23,9 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     repository: ModelRepository | None = None  # None while models load
     ready: bool = False  # every model loaded and warmed, and not draining
+    accepting: bool = True  # False once the drain is over: new requests get UNAVAILABLE
+    in_flight: int = 0  # requests accepted and not yet answered
+    answered: Counter = field(default_factory=Counter)  # status code name -> requests answered
 
     def models(self) -> ModelRepository:
         if self.repository is None:
@@ -49,7 +53,10 @@ def rpc(api: str, model_of: Callable[[object], str]):
             model = model_of(request) or (state.repository.default if state.repository else "")
             started = time.monotonic()
             code = grpc.StatusCode.OK
+            state.in_flight += 1
             try:
+                if not state.accepting:
+                    raise ShuttingDown("the server is shutting down; retry on another replica")
                 return await method(self, request, context)
             except asyncio.CancelledError:  # the client went away; its batch-mates carry on
                 code = grpc.StatusCode.CANCELLED
@@ -58,6 +65,8 @@ def rpc(api: str, model_of: Callable[[object], str]):
                 code, message = to_status(exc)
                 await context.abort(code, message)
             finally:
+                state.in_flight -= 1
+                state.answered[code.name] += 1
                 state.metrics.requests.labels(api, model, code.name).inc()
                 state.metrics.latency.labels(api, model).observe(time.monotonic() - started)
 

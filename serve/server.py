@@ -5,8 +5,8 @@ Lifecycle:
 2. load every model package (sha256-verified), warm each backend, start its batcher;
 3. health SERVING (liveness and readiness);
 4. on SIGTERM/SIGINT: readiness NOT_SERVING (liveness stays SERVING) while the server keeps
-   answering for ``drain_seconds`` so load balancers stop sending; then stop accepting and give
-   in-flight requests ``grace_seconds`` to finish; exit 0.
+   answering for ``drain_seconds`` so load balancers stop sending; then new requests are
+   answered UNAVAILABLE (retryable) and in-flight ones get ``grace_seconds`` to finish; exit 0.
 """
 
 from __future__ import annotations
@@ -143,13 +143,18 @@ class Server:
         self.state.ready = False
         await self._set_health(READINESS_NAMES, serving=False)
         await asyncio.sleep(self.settings.drain_seconds)
-        log.info("stopping: in-flight requests get %.1f s", self.settings.grace_seconds)
-        await self.grpc.stop(self.settings.grace_seconds)
+        log.info("stopping: new requests get UNAVAILABLE; in-flight requests get %.1f s", self.settings.grace_seconds)
+        self.state.accepting = False
+        deadline = asyncio.get_running_loop().time() + self.settings.grace_seconds
+        while self.state.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await self.grpc.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         if self.state.repository:
             for model in self.state.repository.models.values():
                 await model.batcher.close()
         self.executor.shutdown(wait=True)
-        log.info("stopped")
+        answered = ", ".join(f"{code} {count}" for code, count in sorted(self.state.answered.items()))
+        log.info("stopped; requests answered: %s", answered or "none")
 
 
 async def _serve(settings: ServerSettings) -> None:

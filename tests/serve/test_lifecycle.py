@@ -1,0 +1,245 @@
+"""Overload, deadlines, cancellation, SIGTERM, startup errors, TLS and tokens, each on its own server."""
+
+import datetime as dt
+import re
+import shutil
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from helpers import ServerProcess, free_port, metric_value, run_cli
+from resserve.serve.client import ClientError, DigitClient
+from resserve.serve.package import SHIPPED_PACKAGE
+from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
+from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+
+MODEL = "resnet-mnist"
+
+
+def request_of(images: np.ndarray) -> kserve_pb2.ModelInferRequest:
+    request = kserve_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    return request
+
+
+def logits_of(response) -> np.ndarray:
+    return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(-1, 10)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist):
+    return mnist.test.images[:1024, None].astype(np.float32) / 255.0
+
+
+def health_status(target: str, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_a_full_queue_answers_unavailable_and_the_server_stays_healthy(digits):
+    with ServerProcess("--max-queue-size", "2", "--max-batch-size", "16") as server:
+        stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+        futures = [stub.ModelInfer.future(request_of(digits[:512])) for _ in range(12)]
+        codes = []
+        for future in futures:
+            try:
+                future.result(timeout=120)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    assert "queue full" in exc.details()
+        assert grpc.StatusCode.UNAVAILABLE in codes and grpc.StatusCode.OK in codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+        assert health_status(server.target, "") == health_pb2.HealthCheckResponse.SERVING
+        assert logits_of(stub.ModelInfer(request_of(digits[:2]))).shape == (2, 10)
+
+
+def test_an_expired_deadline_is_answered_without_computing(digits):
+    with ServerProcess("--max-batch-size", "64") as server:
+        stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+        before = metric_value(server.metrics(), "resserve_batch_size_sum")
+        busy = [stub.ModelInfer.future(request_of(digits)) for _ in range(3)]  # 3 x 1024 images queued
+        time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request_of(digits[:1]), timeout=0.05)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for future in busy:
+            future.result(timeout=120)
+        computed = metric_value(server.metrics(), "resserve_batch_size_sum") - before
+        assert computed == 3 * 1024  # the expired request's image never ran
+
+
+def test_a_cancelled_request_does_not_disturb_its_batch_mates(digits):
+    with ServerProcess("--max-batch-size", "64", "--max-queue-delay-us", "20000") as server:
+        stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+        busy = stub.ModelInfer.future(request_of(digits))
+        time.sleep(0.02)
+        mates = [stub.ModelInfer.future(request_of(digits[i:i + 1])) for i in range(6)]
+        mates[2].cancel()
+        busy.result(timeout=120)
+        for i, future in enumerate(mates):
+            if i == 2:
+                assert future.cancelled()
+                continue
+            expected = logits_of(stub.ModelInfer(request_of(digits[i:i + 1])))
+            assert np.allclose(logits_of(future.result(timeout=60)), expected, atol=1e-5)
+
+
+def test_sigterm_under_load_loses_no_accepted_request(digits):
+    with ServerProcess("--grace-seconds", "20", drain_seconds=1.5) as server:
+        outcomes, stop = [], threading.Event()
+
+        def client_loop(offset: int) -> None:
+            stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+            while not stop.is_set():
+                batch = digits[offset:offset + 16]
+                try:
+                    response = stub.ModelInfer(request_of(batch), timeout=30)
+                    expected_shape = logits_of(response).shape == (16, 10)
+                    outcomes.append(("OK" if expected_shape else "WRONG", time.monotonic()))
+                except grpc.RpcError as exc:
+                    outcomes.append((exc.code().name, time.monotonic()))
+                    time.sleep(0.05)
+
+        threads = [threading.Thread(target=client_loop, args=(16 * i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        server.process.send_signal(15)
+        time.sleep(0.5)  # draining: not ready, still alive, still answering
+        assert health_status(server.target, "resserve.readiness") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_status(server.target, "resserve.liveness") == health_pb2.HealthCheckResponse.SERVING
+        assert server.process.wait(timeout=60) == 0
+        stop.set()
+        for thread in threads:
+            thread.join()
+    # Every request the server accepted was answered, and the clients got exactly those answers.
+    # (A request racing the listener's close can still be refused by gRPC itself, UNAVAILABLE or
+    # CANCELLED, before the server accepts it: that one was never accepted, and retrying is safe.)
+    log = "".join(server.lines)
+    answered = dict((code, int(n)) for code, n in re.findall(r"(\w+) (\d+)", log.split("requests answered: ")[1]))
+    assert set(answered) <= {"OK", "UNAVAILABLE"}, answered  # no accepted request cancelled or failed
+    assert answered["OK"] == sum(kind == "OK" for kind, _ in outcomes)
+    assert "WRONG" not in {kind for kind, _ in outcomes}
+    assert any(kind == "OK" and at > signalled + 0.2 for kind, at in outcomes)  # served while draining
+
+
+def test_a_port_in_use_is_a_startup_error():
+    port = free_port()
+    with ServerProcess("--port", str(port)):
+        second = ServerProcess("--port", str(port), wait_ready=False)
+        with second:
+            assert second.process.wait(timeout=60) == 1
+        assert f"error: cannot listen on 127.0.0.1:{port}" in "".join(second.lines)
+
+
+def test_device_cuda_without_cuda_is_a_clear_startup_error():
+    result = run_cli("serve", "--device", "cuda", "--port", "0", "--metrics-port", "0", timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --device cuda: this ONNX Runtime has no CUDA execution provider "
+        "(install the gpu extra, onnxruntime-gpu, on a machine with an NVIDIA driver)")
+
+
+def test_an_artifact_failing_its_checksum_refuses_to_start(tmp_path):
+    package = tmp_path / "tampered"
+    shutil.copytree(SHIPPED_PACKAGE, package)
+    with open(package / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    result = run_cli("serve", str(package), "--port", "0", "--metrics-port", "0", timeout=60)
+    assert result.returncode == 1
+    assert "refusing to load it" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# TLS, mutual TLS, bearer tokens
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1/localhost, and a client certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    root = tmp_path_factory.mktemp("pki")
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def issue(name, issuer_key, issuer_name, ca=False, san=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name or subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        (root / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+        (root / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return key, subject
+
+    import ipaddress
+
+    ca_key, ca_name = issue("ca", None, None, ca=True)
+    issue("server", ca_key, ca_name, san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    issue("client", ca_key, ca_name)
+    return root
+
+
+def test_tls_accepts_clients_that_trust_the_ca_and_refuses_plaintext(pki, mnist, tmp_path):
+    image = tmp_path / "digit.png"
+    from PIL import Image
+
+    Image.fromarray(mnist.test.images[0]).save(image)
+    with ServerProcess("--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key")) as server:
+        with DigitClient(server.target, tls_ca=pki / "ca.crt") as client:
+            assert client.classify([image.read_bytes()])[0].digit == mnist.test.labels[0]
+        with pytest.raises(ClientError), DigitClient(server.target, timeout=3) as plain:
+            plain.classify([image.read_bytes()])
+        result = run_cli("classify", str(image), "--server", server.target, "--tls-ca", str(pki / "ca.crt"))
+        assert result.returncode == 0 and result.stdout.startswith(f"{image}: {mnist.test.labels[0]}")
+
+
+def test_mutual_tls_requires_a_client_certificate(pki):
+    args = ("--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
+            "--tls-client-ca", str(pki / "ca.crt"))
+    with ServerProcess(*args) as server:
+        ca = (pki / "ca.crt").read_bytes()
+
+        def live(credentials) -> bool:
+            stub = kserve_grpc.GRPCInferenceServiceStub(grpc.secure_channel(server.target, credentials))
+            return stub.ServerLive(kserve_pb2.ServerLiveRequest(), timeout=5).live
+
+        assert live(grpc.ssl_channel_credentials(ca, (pki / "client.key").read_bytes(), (pki / "client.crt").read_bytes()))
+        with pytest.raises(grpc.RpcError) as info:
+            live(grpc.ssl_channel_credentials(ca))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bearer_tokens_guard_the_apis_but_not_health(tmp_path, mnist):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret-one\ns3cret-two\n")
+    raw = mnist.test.images[0].tobytes()
+    with ServerProcess("--token-file", str(tokens)) as server:
+        stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+        request = request_of(mnist.test.images[:1, None].astype(np.float32) / 255)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret-one"),)):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert logits_of(stub.ModelInfer(request, metadata=(("authorization", "Bearer s3cret-two"),))).shape == (1, 10)
+        assert health_status(server.target, "") == health_pb2.HealthCheckResponse.SERVING
+        with DigitClient(server.target, token="s3cret-one") as client:
+            assert client.health() == "SERVING"
+        assert raw  # the raw pixels are the same digit the KServe request sent

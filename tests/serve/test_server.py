@@ -1,0 +1,233 @@
+"""A real `resserve serve` on a loopback port, spoken to by real clients: tritonclient, grpcio
+stubs, `resserve classify` and `resserve health`."""
+
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from helpers import ServerProcess, metric_value, run_cli
+from resserve.serve.package import load_package
+from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2 as kserve_pb2
+from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+
+MODEL = "resnet-mnist"
+
+
+def as_input(images: np.ndarray) -> np.ndarray:
+    return images[:, None].astype(np.float32) / 255.0
+
+
+def infer(client: triton.InferenceServerClient, batch: np.ndarray, datatype: str = "FP32", **kwargs):
+    tensor = triton.InferInput("input", list(batch.shape), datatype)
+    tensor.set_data_from_numpy(batch)
+    return client.infer(MODEL, [tensor], **kwargs)
+
+
+def kserve_stub(server) -> kserve_grpc.GRPCInferenceServiceStub:
+    return kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+
+
+# ----------------------------------------------------------------------------------------------
+# tritonclient, unchanged
+
+
+def test_tritonclient_sees_a_live_ready_server_and_the_model(server):
+    client = triton.InferenceServerClient(server.target)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and not client.is_model_ready("no-such-model")
+    metadata = client.get_model_metadata(MODEL, as_json=True)
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "1", "28", "28"]}]
+    assert [o["name"] for o in metadata["outputs"]] == ["logits", "probabilities"]
+    config = client.get_model_config(MODEL).config
+    assert config.name == MODEL and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 64 and config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert list(config.input[0].dims) == [1, 28, 28]
+    assert client.get_server_metadata().name == "resserve"
+
+
+def test_tritonclient_infer_on_the_mnist_test_set_gives_the_exported_accuracy(server, mnist):
+    client = triton.InferenceServerClient(server.target)
+    predictions = []
+    for start in range(0, 10_000, 500):
+        result = infer(client, as_input(mnist.test.images[start:start + 500]))
+        predictions.append(result.as_numpy("logits").argmax(1))
+    accuracy = float((np.concatenate(predictions) == mnist.test.labels).mean())
+    assert accuracy == load_package().manifest["accuracy"]["test"]
+
+
+def test_uint8_inputs_and_requested_outputs(server, mnist):
+    client = triton.InferenceServerClient(server.target)
+    images = mnist.test.images[:8][:, None]
+    result = infer(client, images, "UINT8", outputs=[triton.InferRequestedOutput("probabilities")])
+    probabilities = result.as_numpy("probabilities")
+    assert result.as_numpy("logits") is None
+    assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    fp32 = infer(client, as_input(mnist.test.images[:8])).as_numpy("probabilities")
+    assert np.allclose(probabilities, fp32, atol=1e-6)
+
+
+def test_typed_contents_are_accepted_as_well_as_raw_bytes(server, mnist):
+    batch = as_input(mnist.test.images[:3])
+    request = kserve_pb2.ModelInferRequest(model_name=MODEL)
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=[3, 1, 28, 28])
+    tensor.contents.fp32_contents.extend(batch.ravel().tolist())
+    response = kserve_stub(server).ModelInfer(request)
+    assert [o.name for o in response.outputs] == ["logits", "probabilities"]
+    logits = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(3, 10)
+    assert logits.argmax(1).tolist() == mnist.test.labels[:3].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Our own API and the CLI client
+
+
+def encode(image: np.ndarray, format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def photo_like(digit: np.ndarray) -> np.ndarray:
+    """An MNIST digit as dark ink on light, uneven paper, 8x larger: what a phone photo looks like."""
+    big = np.asarray(Image.fromarray(digit).resize((224, 224), Image.BICUBIC), dtype=np.float32)
+    paper = 215 + 20 * np.linspace(0, 1, 224)[None, :] + np.random.default_rng(0).normal(0, 4, (224, 224))
+    return np.clip(paper - big * 0.8, 0, 255).astype(np.uint8)
+
+
+def test_classify_png_and_jpeg_files_with_the_cli(server, mnist, tmp_path):
+    files = []
+    for i in range(10):
+        path = tmp_path / f"digit{i}.{'png' if i % 2 else 'jpg'}"
+        path.write_bytes(encode(photo_like(mnist.test.images[i]), "PNG" if i % 2 else "JPEG"))
+        files.append(str(path))
+    result = run_cli("classify", *files, "--server", server.target, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["file"] for row in rows] == files
+    correct = sum(row["digit"] == label for row, label in zip(rows, mnist.test.labels[:10]))
+    assert correct >= 9
+    assert all(0.0 <= row["confidence"] <= 1.0 for row in rows)
+    plain = run_cli("classify", files[0], "--server", server.target)
+    assert plain.stdout.startswith(f"{files[0]}: {rows[0]['digit']} (")
+
+
+def test_classify_raw_pixels_with_top_k(server, mnist):
+    stub = digits_pb2_grpc.DigitClassifierStub(grpc.insecure_channel(server.target))
+    request = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(raw_28x28=mnist.test.images[i].tobytes()) for i in range(4)],
+                                         top_k=3)
+    response = stub.Classify(request)
+    assert response.model == MODEL and response.model_version == load_package().version
+    assert [r.digit for r in response.results] == mnist.test.labels[:4].tolist()
+    for r in response.results:
+        assert len(r.probabilities) == 10 and len(r.top) == 3
+        assert r.top[0].digit == r.digit and r.top[0].probability >= r.top[1].probability
+
+
+# ----------------------------------------------------------------------------------------------
+# Health, reflection, metrics
+
+
+def test_health_and_reflection(server):
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "resserve.liveness", "resserve.readiness", "inference.GRPCInferenceService"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in next(responses).list_services_response.service}
+    assert {"inference.GRPCInferenceService", "resserve.v1.DigitClassifier", "grpc.health.v1.Health"} <= names
+    assert run_cli("health", "--server", server.target).stdout.strip() == "SERVING"
+
+
+def test_concurrent_load_forms_batches(server, mnist):
+    before = server.metrics()
+    client = triton.InferenceServerClient(server.target)
+    batch = as_input(mnist.test.images[:1])
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: infer(client, batch), range(400)))
+    after = server.metrics()
+    batches = metric_value(after, "resserve_batch_size_count") - metric_value(before, "resserve_batch_size_count")
+    images = metric_value(after, "resserve_batch_size_sum") - metric_value(before, "resserve_batch_size_sum")
+    assert images == 400
+    assert batches < 400  # some batches held more than one request
+    assert metric_value(after, "resserve_requests_total", api="kserve", code="OK") >= 400
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: the right code, a precise message, and the server keeps serving
+
+def _raw_request(datatype="FP32", shape=(1, 1, 28, 28), data: bytes | None = None, name="input", model=MODEL):
+    request = kserve_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name=name, datatype=datatype, shape=list(shape))
+    if data is None:
+        data = np.zeros(shape, dtype=np.float32).tobytes()
+    request.raw_input_contents.append(data)
+    return request
+
+
+BAD_INPUTS = {
+    "datatype": (_raw_request(datatype="FP64"), grpc.StatusCode.INVALID_ARGUMENT, "datatype FP64"),
+    "shape": (_raw_request(shape=(1, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT, "expected [N, 1, 28, 28]"),
+    "size": (_raw_request(data=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 100 bytes"),
+    "nan": (_raw_request(data=np.full((1, 1, 28, 28), np.nan, np.float32).tobytes()),
+            grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinity"),
+    "range": (_raw_request(data=np.full((1, 1, 28, 28), 255, np.float32).tobytes()),
+              grpc.StatusCode.INVALID_ARGUMENT, "must be in [0, 1]"),
+    "empty": (_raw_request(shape=(0, 1, 28, 28), data=b""), grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
+    "too many": (_raw_request(shape=(1025, 1, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT, "limit is 1024"),
+    "input name": (_raw_request(name="pixels"), grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'pixels'"),
+    "model": (_raw_request(model="nope"), grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_kserve_input_gets_its_status_and_the_server_keeps_serving(server, case, mnist):
+    request, code, message = BAD_INPUTS[case]
+    with pytest.raises(grpc.RpcError) as info:
+        kserve_stub(server).ModelInfer(request)
+    assert info.value.code() == code
+    assert message in info.value.details()
+    assert "Traceback" not in info.value.details() and "/" not in info.value.details().replace("[0, 1]", "")
+    assert infer(triton.InferenceServerClient(server.target), as_input(mnist.test.images[:1])).as_numpy("logits").shape == (1, 10)
+
+
+@pytest.mark.parametrize("images, message", [
+    ([], "no images in the request"),
+    ([digits_pb2.Image(encoded=b"not an image")], "image 0: bytes are not an image"),
+    ([digits_pb2.Image()], "image 0 has neither encoded bytes nor raw_28x28"),
+    ([digits_pb2.Image(raw_28x28=b"\0" * 10)], "image 0: raw_28x28 must be 784 bytes"),
+])
+def test_bad_classify_input_is_invalid_argument(server, images, message):
+    stub = digits_pb2_grpc.DigitClassifierStub(grpc.insecure_channel(server.target))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(digits_pb2.ClassifyRequest(images=images))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+
+
+def test_a_message_over_the_size_limit_is_resource_exhausted(server):
+    big = _raw_request(shape=(1400, 1, 28, 28))  # 4.4 MB > 4 MiB
+    with pytest.raises(grpc.RpcError) as info:
+        kserve_stub(server).ModelInfer(big)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_decompression_bomb_is_refused(server):
+    side = 4200
+    buffer = io.BytesIO()
+    Image.new("L", (side, side)).save(buffer, format="PNG")
+    stub = digits_pb2_grpc.DigitClassifierStub(grpc.insecure_channel(server.target))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=buffer.getvalue())]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the limit" in info.value.details()
