@@ -61,6 +61,8 @@ def _load_one(package: ModelPackage, settings: ServerSettings, executor: Executo
     path = package.verified_path(artifact)  # a sha256 mismatch refuses to start
     started = time.monotonic()
     backend = open_backend(path, artifact.format, settings.device, settings.threads)
+    if settings.device == "auto" and backend.device == "cpu":
+        log.info("--device auto: no CUDA available to %s, running %s on the CPU", backend.name, package.name)
     warm = np.zeros((settings.batching.max_batch_size, 1, 28, 28), dtype=np.float32)
     backend.infer(warm[:1])
     backend.infer(warm)

@@ -231,3 +231,14 @@ def test_a_decompression_bomb_is_refused(server):
     with pytest.raises(grpc.RpcError) as info:
         stub.Classify(digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=buffer.getvalue())]))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the limit" in info.value.details()
+
+
+def test_the_torchscript_backend_serves_the_same_answers(mnist):
+    batch = as_input(mnist.test.images[:32])
+    with ServerProcess("--backend", "torchscript") as torchscript_server, ServerProcess("--device", "auto") as ort_server:
+        assert "running resnet-mnist on the CPU" in "".join(ort_server.lines)  # auto fell back, and said so
+        config = triton.InferenceServerClient(torchscript_server.target).get_model_config(MODEL).config
+        assert config.platform == "pytorch_libtorch"
+        ts = infer(triton.InferenceServerClient(torchscript_server.target), batch).as_numpy("logits")
+        ort = infer(triton.InferenceServerClient(ort_server.target), batch).as_numpy("logits")
+        assert np.abs(ts - ort).max() <= 1e-4
