@@ -30,9 +30,10 @@ def free_port() -> int:
 class ServerProcess:
     """``with ServerProcess(args) as server: server.target`` -> "127.0.0.1:PORT"."""
 
-    def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, drain_seconds: float = 0) -> None:
+    def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, drain_seconds: float = 0,
+                 executable: Path = RESSERVE) -> None:
         self.metrics_port = free_port()
-        self.args = [str(RESSERVE), "serve", "--host", "127.0.0.1", "--port", "0",
+        self.args = [str(executable), "serve", "--host", "127.0.0.1", "--port", "0",
                      "--metrics-port", str(self.metrics_port), "--drain-seconds", str(drain_seconds), *args]
         self.env = {**os.environ, **(env or {})}
         self.wait_ready = wait_ready

@@ -1,0 +1,141 @@
+"""deploy/ checked without a cluster: schemas, and consistency with the server it deploys."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import typer.main
+import yaml
+
+from resserve.serve.cli import app
+from resserve.serve.settings import DEFAULT_METRICS_PORT, DEFAULT_PORT, LIVENESS_SERVICE, READINESS_SERVICE
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+K8S_VERSION = "1.31"  # pinned schema version (>= 1.27)
+OVERLAYS = ["cpu", "gpu"]
+
+
+def render(overlay: str) -> list[dict]:
+    """`kubectl kustomize` (kustomize ships inside kubectl) of an overlay."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    result = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+                            capture_output=True, text=True, check=True)
+    return list(yaml.safe_load_all(result.stdout))
+
+
+def base_documents() -> list[dict]:
+    return [doc for path in sorted((DEPLOY / "k8s" / "base").glob("*.yaml")) if path.name != "kustomization.yaml"
+            for doc in yaml.safe_load_all(path.read_text())]
+
+
+def by_kind(documents: list[dict], kind: str, name: str | None = None) -> dict:
+    matches = [d for d in documents if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"{kind} {name or ''}: {len(matches)} found"
+    return matches[0]
+
+
+def serve_options() -> tuple[set[str], set[str]]:
+    """The flags and environment variables `resserve serve` accepts."""
+    command = typer.main.get_command(app).commands["serve"]
+    flags = {opt for param in command.params for opt in getattr(param, "opts", []) if opt.startswith("--")}
+    envvars = {param.envvar for param in command.params if param.envvar}
+    return flags, envvars
+
+
+@pytest.mark.parametrize("source", ["base", *OVERLAYS])
+def test_manifests_validate_against_the_kubernetes_schemas(source):
+    documents = base_documents() if source == "base" else render(source)
+    assert {d["kind"] for d in documents} == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
+                                              "PodDisruptionBudget"}
+    for document in documents:
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+
+
+def test_the_validator_catches_a_misspelled_field():
+    deployment = by_kind(base_documents(), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_ports_and_settings_match_the_server(overlay):
+    documents = render(overlay)
+    deployment = by_kind(documents, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": DEFAULT_PORT, "metrics": DEFAULT_METRICS_PORT}
+    for probe, service in (("startupProbe", READINESS_SERVICE), ("readinessProbe", READINESS_SERVICE),
+                           ("livenessProbe", LIVENESS_SERVICE)):
+        assert container[probe]["grpc"] == {"port": DEFAULT_PORT, "service": service}
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(DEFAULT_METRICS_PORT)
+
+    flags, envvars = serve_options()
+    config = by_kind(documents, "ConfigMap", "resserve-config")["data"]
+    assert set(config) <= envvars, set(config) - envvars
+    assert {e["name"] for e in container["env"]} <= envvars
+    assert {a for a in container.get("args", []) if a.startswith("--")} <= flags
+    assert config["RESSERVE_PORT"] == str(DEFAULT_PORT)
+
+    # the pod outlives preStop + drain + grace, so SIGTERM's drain always completes
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    budget = pre_stop + float(config["RESSERVE_DRAIN_SECONDS"]) + float(config["RESSERVE_GRACE_SECONDS"])
+    assert pod["terminationGracePeriodSeconds"] > budget
+
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+    assert security["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
+    assert container["env"][0]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_names_and_labels_line_up(overlay):
+    documents = render(overlay)
+    deployment = by_kind(documents, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    for service in (d for d in documents if d["kind"] == "Service"):
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+        grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+        assert grpc_port["appProtocol"] == "kubernetes.io/h2c" and grpc_port["targetPort"] == "grpc"
+    assert by_kind(documents, "Service", "resserve-headless")["spec"]["clusterIP"] == "None"
+    target = by_kind(documents, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert by_kind(documents, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    env_from = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
+    assert env_from == by_kind(documents, "ConfigMap")["metadata"]["name"]
+
+
+def test_gpu_overlay_asks_for_a_gpu_and_cuda():
+    container = by_kind(render("gpu"), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["args"][:2] == ["--device", "cuda"]
+    assert container["image"].endswith(":cuda")
+
+
+def test_kserve_inference_service_uses_standard_mode_and_one_h2c_port():
+    service = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice.yaml").read_text())
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    container = service["spec"]["predictor"]["containers"][0]
+    assert [p["name"] for p in container["ports"]] == ["h2c"]
+    flags, _ = serve_options()
+    assert {a for a in container["args"] if a.startswith("--")} <= flags
+    assert container["readinessProbe"]["grpc"]["service"] == READINESS_SERVICE
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfiles_run_resserve_serve_as_non_root_with_known_flags(dockerfile):
+    text = (DEPLOY / dockerfile).read_text()
+    entrypoint = yaml.safe_load(re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1))
+    assert entrypoint[:2] == ["resserve", "serve"]
+    flags, _ = serve_options()
+    assert {a for a in entrypoint if a.startswith("--")} <= flags
+    assert re.search(r"^USER 10001$", text, re.M)
+    assert "EXPOSE 8001 8002" in text
+    assert "install-serving.sh" in text  # the same install step as the smoke test

@@ -1,0 +1,45 @@
+"""Container-equivalent smoke test: the wheel installed the way the Dockerfile does it (serving
+side only, no torch, no training code) serves the packaged model."""
+
+import io
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+from PIL import Image
+
+from helpers import ServerProcess
+from resserve.serve.client import DigitClient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_serving_only_install_serves_the_packaged_model(tmp_path, mnist):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+                   check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("resserve-*.whl"))
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    env = {**os.environ, "PATH": f"{env_dir / 'bin'}:{os.environ['PATH']}", "VIRTUAL_ENV": str(env_dir)}
+    env.pop("PYTHONPATH", None)
+    install = subprocess.run(["sh", str(ROOT / "deploy" / "install-serving.sh"), str(wheel), "-q"],
+                             env=env, capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-2000:]
+
+    python = env_dir / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import importlib.util as u;"
+                            "print(u.find_spec('torch') is None, u.find_spec('resserve.train') is None)"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert probe.stdout.split() == ["True", "True"]  # no torch, no training code
+    help_text = subprocess.run([str(env_dir / "bin" / "resserve"), "--help"], env=env, capture_output=True,
+                               text=True, check=True).stdout
+    assert "serve" in help_text and " train " not in help_text
+
+    buffer = io.BytesIO()
+    Image.fromarray(255 - mnist.test.images[0]).save(buffer, format="PNG")  # dark ink on white
+    with ServerProcess(executable=env_dir / "bin" / "resserve", env=env) as server:
+        with DigitClient(server.target) as client:
+            assert client.health("resserve.readiness") == "SERVING"
+            assert client.classify([buffer.getvalue()])[0].digit == mnist.test.labels[0]
