@@ -149,6 +149,46 @@ def health(
         raise typer.Exit(1)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    target: Annotated[Optional[str], typer.Option(help="host:port of a running server (instead of --start).")] = None,
+    start: Annotated[bool, typer.Option("--start", help="Start the server(s) on loopback: batched and unbatched.")] = False,
+    package: Annotated[Optional[Path], typer.Option(
+        help="Model package to serve and to run in-process [default: the shipped model].", show_default=False)] = None,
+    model: Annotated[str, typer.Option(help="Model name [default: the package's].")] = "",
+    api: Annotated[str, typer.Option(help="kserve | classify.")] = "kserve",
+    concurrency: Annotated[str, typer.Option(help="Concurrent closed-loop clients, comma-separated.")] = "1,2,4,8,16,32",
+    batch: Annotated[int, typer.Option(help="Images per request.")] = 1,
+    duration: Annotated[float, typer.Option(help="Measured seconds per concurrency level.")] = 10.0,
+    warmup: Annotated[float, typer.Option(help="Unmeasured seconds before each level.")] = 2.0,
+    metrics: Annotated[Optional[str], typer.Option(
+        help="The target's metrics URL [default: http://HOST:8002/metrics].", show_default=False)] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: latency percentiles against throughput.")] = None,
+) -> None:
+    """Latency and throughput under closed-loop load, beside the in-process ONNX Runtime limit."""
+    from resserve.serve.bench import plot_report, print_report, run_benchmark
+
+    if start == (target is not None):
+        raise ResserveError("give exactly one of --start and --target HOST:PORT")
+    if api not in ("kserve", "classify"):
+        raise ResserveError(f"--api must be kserve or classify, got {api!r}")
+    try:
+        levels = [int(c) for c in concurrency.split(",")]
+    except ValueError as exc:
+        raise ResserveError(f"--concurrency takes comma-separated integers, got {concurrency!r}") from exc
+    if min(levels) < 1 or batch < 1 or duration <= 0 or warmup < 0:
+        raise ResserveError("concurrency levels and --batch must be >= 1, --duration > 0, --warmup >= 0")
+    metrics_url = metrics or (f"http://{target.rsplit(':', 1)[0]}:{DEFAULT_METRICS_PORT}/metrics" if target else None)
+    report = run_benchmark(package, target, model, api, levels, batch, duration, warmup, metrics_url,
+                           log=lambda m: typer.echo(m, err=True))
+    print_report(report)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    if plot:
+        plot_report(report, plot)
+
+
 def _add_training_commands() -> None:
     try:
         from resserve.train import cli as train_cli

@@ -1,0 +1,301 @@
+"""``resserve bench serve``: closed-loop load against a server, beside the in-process limit.
+
+Each of C concurrent clients (grpc.aio, in this process, one channel each) sends its next
+request as soon as the previous one returns, for ``duration`` seconds after ``warmup``. Per
+concurrency level: images/s and requests/s, latency percentiles, errors by status code, the
+batch sizes and queue time the server reports in its metrics, and the CPU time the load
+generator itself used. Baselines in the same run: ONNX Runtime in-process on the same artifact
+(batch 1 and the batch sizes the server formed) and, with ``--start``, the same server with
+batching off (``--max-batch-size 1``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+
+from resserve.serve.backends import OnnxRuntimeBackend, usable_cpus
+from resserve.serve.errors import ResserveError
+from resserve.serve.package import ModelPackage, load_package
+from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
+from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
+from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+from resserve.serve.timing import images_per_second, median_seconds
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    target: str
+    model: str
+    api: str  # kserve | classify
+    batch: int
+    duration: float
+    warmup: float
+
+
+def _images(batch: int) -> np.ndarray:
+    """Deterministic stand-in digits: inference cost does not depend on the pixels."""
+    return np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
+
+
+def _call(spec: LoadSpec, channel: grpc.aio.Channel):
+    """An async function sending one request of ``spec.batch`` images."""
+    images = _images(spec.batch)
+    if spec.api == "kserve":
+        request = kserve_pb2.ModelInferRequest(model_name=spec.model)
+        request.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
+        request.raw_input_contents.append(images.tobytes())
+        return lambda: kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    raw = [digits_pb2.Image(raw_28x28=(image[0] * 255).astype(np.uint8).tobytes()) for image in images]
+    request = digits_pb2.ClassifyRequest(images=raw, model=spec.model)
+    return lambda: digits_pb2_grpc.DigitClassifierStub(channel).Classify(request, timeout=30)
+
+
+async def _closed_loop(spec: LoadSpec, concurrency: int) -> tuple[list[float], Counter, float]:
+    """Latencies (s) of requests that finished inside the measured window, error codes, window length."""
+    start = time.perf_counter()
+    measure_from, stop_at = start + spec.warmup, start + spec.warmup + spec.duration
+    latencies: list[float] = []
+    errors: Counter = Counter()
+
+    async def client() -> None:
+        async with grpc.aio.insecure_channel(spec.target) as channel:
+            call = _call(spec, channel)
+            while (sent := time.perf_counter()) < stop_at:
+                try:
+                    await call()
+                    if sent >= measure_from:
+                        latencies.append(time.perf_counter() - sent)
+                except grpc.aio.AioRpcError as exc:
+                    if sent >= measure_from:
+                        errors[exc.code().name] += 1
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - measure_from
+
+
+def scrape(metrics_url: str) -> dict[str, float]:
+    """Batch-size and queue-time sums and counts from the server's /metrics."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    totals: dict[str, float] = {}
+    for name in ("resserve_batch_size_sum", "resserve_batch_size_count", "resserve_queue_seconds_sum",
+                 "resserve_queue_seconds_count"):
+        totals[name] = sum(float(m) for m in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+    return totals
+
+
+def _process_cpu_seconds(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def measure_level(spec: LoadSpec, concurrency: int, metrics_url: str, server_pid: int | None) -> dict:
+    before, server_cpu0 = scrape(metrics_url), _process_cpu_seconds(server_pid)
+    client_cpu0 = time.process_time()
+    latencies, errors, window = asyncio.run(_closed_loop(spec, concurrency))
+    client_cpu, after = time.process_time() - client_cpu0, scrape(metrics_url)
+    server_cpu1 = _process_cpu_seconds(server_pid)
+    total_window = window + spec.warmup
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    batches = delta.get("resserve_batch_size_count", 0.0)
+    queued = delta.get("resserve_queue_seconds_count", 0.0)
+    ms = np.percentile(latencies, PERCENTILES) * 1e3 if latencies else [float("nan")] * len(PERCENTILES)
+    return {
+        "concurrency": concurrency,
+        "requests_per_second": len(latencies) / window,
+        "images_per_second": len(latencies) * spec.batch / window,
+        **{f"p{p}_ms": float(v) for p, v in zip(PERCENTILES, ms)},
+        "max_ms": float(max(latencies) * 1e3) if latencies else float("nan"),
+        "ok": len(latencies),
+        "errors": dict(errors),
+        "mean_batch_size": delta["resserve_batch_size_sum"] / batches if batches else None,
+        "mean_queue_ms": delta["resserve_queue_seconds_sum"] / queued * 1e3 if queued else None,
+        "client_cpu_cores": client_cpu / total_window,
+        "server_cpu_cores": (server_cpu1 - server_cpu0) / total_window if server_cpu1 is not None else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Servers started by the benchmark, and the in-process limit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str, int]]:
+    """A `resserve serve` subprocess on loopback: yields (target, metrics URL, pid)."""
+    port, metrics_port = _free_port(), _free_port()
+    command = [sys.executable, "-m", "resserve.serve", "serve", *([str(package)] if package else []),
+               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+               "--drain-seconds", "0", *extra]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:
+            if " ready: " in line:
+                break
+            if line.startswith("error:"):
+                raise ResserveError(f"the benchmark's server did not start: {line.strip()}")
+        else:
+            raise ResserveError("the benchmark's server exited before it was ready")
+        threading.Thread(target=process.stderr.read, daemon=True).start()  # never block on a full pipe
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def in_process_limit(package: ModelPackage, batch_sizes: list[int], threads: int | None = None) -> list[dict]:
+    """ONNX Runtime on the same artifact in this process: the ceiling a server can approach."""
+    backend = OnnxRuntimeBackend(package.verified_path(package.find("onnx")), threads=threads)
+    rows = []
+    for size in sorted(set(batch_sizes)):
+        batch = _images(size)
+        rows.append({"batch": size,
+                     "latency_ms": median_seconds(lambda: backend.infer(batch), repeats=50) * 1e3,
+                     "images_per_second": images_per_second(lambda: backend.infer(batch), size, 2.0)})
+    return rows
+
+
+def ratios(batched: list[dict], unbatched: list[dict] | None, limit: list[dict], batch: int) -> dict:
+    """The targets of docs/benchmarks.md, as numbers."""
+    peak = max(batched, key=lambda row: row["images_per_second"])
+    at_peak = min(limit, key=lambda row: abs(row["batch"] - (peak["mean_batch_size"] or batch)))
+    single = next(row for row in limit if row["batch"] == batch)
+    first = next((row for row in batched if row["concurrency"] == 1), None)
+    result = {
+        "peak_server_over_in_process": peak["images_per_second"] / at_peak["images_per_second"],
+        "peak_concurrency": peak["concurrency"],
+        "in_process_batch_at_peak": at_peak["batch"],
+    }
+    if first:
+        result["c1_p50_minus_in_process_batch_latency_ms"] = first["p50_ms"] - single["latency_ms"]
+    if unbatched:
+        by_c = {row["concurrency"]: row for row in unbatched}
+        result["batched_over_unbatched"] = {row["concurrency"]: row["images_per_second"] / by_c[row["concurrency"]]["images_per_second"]
+                                            for row in batched if row["concurrency"] in by_c}
+    c16 = next((row for row in batched if row["concurrency"] == 16), None)
+    if c16:
+        result["c16_p99_over_p50"] = c16["p99_ms"] / c16["p50_ms"]
+    return result
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 150))  # a wide table; narrow terminals wrap it
+    for name, rows in report["servers"].items():
+        table = Table("C", "img/s", "req/s", "p50 ms", "p90", "p95", "p99", "max", "batch", "queue ms",
+                      "errors", "client CPU", "server CPU", title=f"Server: {name}")
+        for r in rows:
+            table.add_row(str(r["concurrency"]), f"{r['images_per_second']:.0f}", f"{r['requests_per_second']:.0f}",
+                          *(f"{r[k]:.2f}" for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")),
+                          _fmt(r["mean_batch_size"], ".1f"), _fmt(r["mean_queue_ms"], ".2f"),
+                          ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0",
+                          f"{r['client_cpu_cores']:.2f}", _fmt(r["server_cpu_cores"], ".2f"))
+        console.print(table)
+    table = Table("batch", "latency ms", "img/s", title="In-process ONNX Runtime (the limit)")
+    for r in report["in_process"]:
+        table.add_row(str(r["batch"]), f"{r['latency_ms']:.3f}", f"{r['images_per_second']:.0f}")
+    console.print(table)
+    for key, value in report["ratios"].items():
+        console.print(f"{key}: {value if isinstance(value, (int, dict)) else round(value, 3)}")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Latency percentiles against throughput, one curve per server configuration."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ResserveError("--plot needs matplotlib: pip install matplotlib") from exc
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for (name, rows), color in zip(report["servers"].items(), ("tab:blue", "tab:orange", "tab:green")):
+        x = [r["images_per_second"] for r in rows]
+        for percentile, style in (("p50_ms", "-o"), ("p99_ms", "--^")):
+            axis.plot(x, [r[percentile] for r in rows], style, color=color, label=f"{name} {percentile[:3]}")
+        for r in rows:
+            axis.annotate(f"C={r['concurrency']}", (r["images_per_second"], r["p50_ms"]), fontsize=7,
+                          textcoords="offset points", xytext=(3, -10))
+    limit = max(report["in_process"], key=lambda r: r["images_per_second"])
+    axis.axvline(limit["images_per_second"], color="gray", linestyle=":",
+                 label=f"in-process limit (batch {limit['batch']})")
+    axis.set_xlabel("throughput (images/s)")
+    axis.set_ylabel("latency (ms)")
+    axis.set_yscale("log")
+    axis.set_title(f"resserve {report['model']} ({report['api']} API, batch {report['batch']}), {report['machine']}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def machine_description() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, {usable_cpus()} CPUs"
+
+
+def run_benchmark(package_path: Path | None, target: str | None, model: str, api: str, levels: list[int],
+                  batch: int, duration: float, warmup: float, metrics_url: str | None, log=print) -> dict:
+    """The whole sweep: the server(s), then the in-process limit; returns the report."""
+    package = load_package(package_path)
+    model = model or package.name
+    servers: dict[str, list[dict]] = {}
+    configurations = [("batched", ()), ("unbatched (max batch 1)", ("--max-batch-size", "1"))] if target is None \
+        else [(f"server at {target}", None)]
+    for name, extra in configurations:
+        with (started_server(package_path, *extra) if extra is not None
+              else nullcontext((target, metrics_url or "", None))) as (address, metrics, pid):
+            spec = LoadSpec(address, model, api, batch, duration, warmup)
+            servers[name] = []
+            for concurrency in levels:
+                log(f"{name}: concurrency {concurrency} ...")
+                servers[name].append(measure_level(spec, concurrency, metrics, pid))
+    formed = [max(1, round(r["mean_batch_size"])) for rows in servers.values() for r in rows if r["mean_batch_size"]]
+    log("in-process ONNX Runtime ...")
+    limit = in_process_limit(package, [batch, *formed])
+    unbatched = servers.get("unbatched (max batch 1)")
+    first = next(iter(servers.values()))
+    return {"model": model, "api": api, "batch": batch, "duration_s": duration, "machine": machine_description(),
+            "servers": servers, "in_process": limit, "ratios": ratios(first, unbatched, limit, batch)}
