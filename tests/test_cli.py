@@ -8,7 +8,8 @@ import pytest
 
 from helpers import run_cli
 
-COMMANDS = [[], ["data"], ["train"], ["eval"], ["bench"], ["bench", "train"]]
+COMMANDS = [[], ["data"], ["train"], ["eval"], ["export"], ["serve"], ["classify"], ["health"],
+            ["bench"], ["bench", "train"], ["bench", "model"], ["bench", "serve"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")
@@ -21,7 +22,7 @@ def test_every_command_explains_itself(command):
 
 def test_root_help_lists_the_commands():
     out = run_cli("--help").stdout
-    for name in ("data", "train", "eval", "bench"):
+    for name in ("data", "train", "eval", "export", "serve", "classify", "health", "bench"):
         assert name in out
 
 

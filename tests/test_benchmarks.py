@@ -1,0 +1,54 @@
+"""The benchmark commands run end to end and report sane numbers (speed itself is measured in
+docs/benchmarks.md, not asserted here)."""
+
+import json
+
+from helpers import run_cli
+
+
+def test_bench_train_compares_against_the_naive_loop(tmp_path, mnist):
+    out = tmp_path / "train.json"
+    result = run_cli("bench", "train", "--steps", "2", "--warmup", "1", "--batch-size", "16", "--json", str(out),
+                     "--data-dir", str(mnist.path.parent))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [row["config"].split(":")[0] for row in report["rows"]] == ["naive", "resserve train"]
+    assert all(row["images_per_second"] > 0 for row in report["rows"])
+    assert report["speedup"] > 0 and "speedup" in result.stdout
+
+
+def test_bench_model_reports_every_runner(tmp_path, mnist):
+    out = tmp_path / "model.json"
+    result = run_cli("bench", "model", "--seconds", "0.2", "--json", str(out), "--data-dir", str(mnist.path.parent))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    names = [row["config"] for row in report["rows"]]
+    assert names[:4] == ["eager, unfolded (PyTorch)", "eager, BN folded (PyTorch)", "ONNX Runtime fp32", "TorchScript fp32"]
+    for row in report["rows"]:
+        assert row["batch1_latency_ms"] > 0 and row["batch64_images_per_second"] > 0
+    assert report["ratios"]["onnx_fp32_over_eager_unfolded_batch64"] > 0
+
+
+def test_bench_serve_starts_servers_and_writes_table_json_and_plot(tmp_path):
+    out, plot = tmp_path / "serve.json", tmp_path / "serve.png"
+    result = run_cli("bench", "serve", "--start", "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.2",
+                     "--json", str(out), "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["servers"]) == {"batched", "unbatched (max batch 1)"}
+    for rows in report["servers"].values():
+        assert [r["concurrency"] for r in rows] == [1, 4]
+        for r in rows:
+            assert r["ok"] > 0 and r["errors"] == {}
+            assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
+            assert r["mean_batch_size"] >= 1
+    assert report["in_process"][0]["batch"] == 1
+    assert "peak_server_over_in_process" in report["ratios"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "In-process ONNX Runtime" in result.stdout
+
+
+def test_bench_serve_needs_exactly_one_target():
+    result = run_cli("bench", "serve")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: give exactly one of --start and --target HOST:PORT"
