@@ -120,15 +120,15 @@ def test_package_holds_verified_onnx_and_torchscript_artifacts(exported):
     assert not list(root.glob(".pkg.*"))  # no staging directory left behind
 
 
-def test_onnx_graph_has_no_batchnorm_and_a_dynamic_batch(exported):
+def test_onnx_graph_has_no_batchnorm_and_both_formats_take_any_batch(exported):
     root, _, manifest, _ = exported
     graph = onnx.load(str(root / "pkg" / "model.onnx"))
     assert "BatchNormalization" not in {n.op_type for n in graph.graph.node}
-    backend = OnnxRuntimeBackend(root / "pkg" / "model.onnx")
-    for batch in (1, 7, 64, 513):
-        out = backend.infer(np.random.rand(batch, 1, 28, 28).astype(np.float32))
-        assert out["logits"].shape == (batch, 10)
-        assert np.allclose(out["probabilities"].sum(1), 1.0, atol=1e-5)
+    for backend in (OnnxRuntimeBackend(root / "pkg" / "model.onnx"), TorchScriptBackend(root / "pkg" / "model.ts")):
+        for batch in (1, 7, 64, 513):
+            out = backend.infer(np.random.rand(batch, 1, 28, 28).astype(np.float32))
+            assert out["logits"].shape == (batch, 10)
+            assert np.allclose(out["probabilities"].sum(1), 1.0, atol=1e-5)
 
 
 def test_artifacts_match_the_eager_model_with_dropped_blocks(exported):
