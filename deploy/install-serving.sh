@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install the serving side of resserve from a wheel: no torch, no training code.
 # Used by the Dockerfiles and by the container-equivalent smoke test (tests/deploy/).
-#   usage: install-serving.sh WHEEL [EXTRA_PIP_ARGS...]
+#   usage: install-serving.sh WHEEL[EXTRAS] [EXTRA_PIP_ARGS...]   e.g. resserve-0.1.0-py3-none-any.whl[openvino]
 set -eu
 wheel="$1"; shift
 pip install "$@" "$wheel"

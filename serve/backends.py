@@ -1,4 +1,4 @@
-"""Inference backends over a model package's artifacts: ONNX Runtime and TorchScript.
+"""Inference backends over a model package's artifacts: ONNX Runtime, OpenVINO and TorchScript.
 
 A backend takes a float32 batch [N,1,28,28] in [0,1] and returns the package's outputs by
 name. Export verification, the benchmarks and the server all run artifacts through these
@@ -8,6 +8,7 @@ classes, so what export verified is what gets served.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class OnnxRuntimeBackend:
     """One ONNX Runtime session on ``device`` (cpu | cuda | auto: CUDA where there is one)."""
 
     name = "onnxruntime"
+    precision = "fp32"
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -87,6 +89,7 @@ class TorchScriptBackend:
     """A TorchScript module on the CPU (or CUDA); needs torch, which serving does not require."""
 
     name = "torchscript"
+    precision = "fp32"
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None) -> None:
         try:
@@ -112,14 +115,66 @@ class TorchScriptBackend:
         return {name: out.cpu().numpy() for name, out in zip(OUTPUT_NAMES, outputs)}
 
 
+OPENVINO_HINT = "the OpenVINO backend needs the openvino extra: pip install 'resserve[openvino]'"
+
+
+def openvino_cpu_capabilities() -> set[str] | None:
+    """OpenVINO's CPU optimization capabilities ("BF16" on AMX / AVX512-BF16 CPUs); None without OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    return set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+class OpenVinoBackend:
+    """An ONNX artifact compiled by OpenVINO for the CPU, in fp32 or bf16 (AMX on recent Xeons).
+
+    One compiled model and one reused infer request; a lock keeps it safe if two threads share it
+    (the server's batcher runs one batch at a time anyway).
+    """
+
+    name = "openvino"
+
+    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise BackendError(OPENVINO_HINT) from exc
+        if precision not in ("fp32", "bf16"):
+            raise BackendError(f"OpenVINO precision must be fp32 or bf16, got {precision!r}")
+        self.precision, self.device = precision, "cpu"
+        config = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "INFERENCE_NUM_THREADS": threads or usable_cpus(),
+            "NUM_STREAMS": 1,
+        }
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except RuntimeError as exc:
+            raise BackendError(f"OpenVINO cannot compile {path}: {str(exc).splitlines()[0]}") from exc
+        self.outputs = [(o.get_any_name(), o) for o in self.compiled.outputs]
+        self.request = self.compiled.create_infer_request()
+        self.lock = threading.Lock()
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:
+            result = self.request.infer({0: batch})
+            return {name: np.array(result[port], dtype=np.float32) for name, port in self.outputs}
+
+
 def batched_infer(backend, images: np.ndarray, batch_size: int = 1000) -> dict[str, np.ndarray]:
     """Run float32 images [N,1,28,28] through ``backend`` in chunks; outputs concatenated."""
     chunks = [backend.infer(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
 
-def open_backend(path: Path, format: str, device: str = "cpu", threads: int | None = None):
-    """The backend for an artifact of ``format`` (onnx | torchscript)."""
+def open_backend(path: Path, format: str, device: str = "cpu", threads: int | None = None,
+                 runtime: str = "onnxruntime", precision: str = "fp32"):
+    """The backend for an artifact of ``format`` (onnx | torchscript); ONNX runs on ``runtime``."""
+    if format == "onnx" and runtime == "openvino":
+        return OpenVinoBackend(path, precision, threads)
     if format == "onnx":
         return OnnxRuntimeBackend(path, device, threads)
     if format == "torchscript":

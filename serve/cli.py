@@ -50,7 +50,11 @@ def serve(
         help="Requests that may wait per model; beyond it: UNAVAILABLE (retryable).")] = BatchingConfig.max_queue_size,
     device: Annotated[str, typer.Option(envvar=_env("DEVICE"),
         help="cpu | cuda | auto (CUDA where ONNX Runtime has it, else CPU).")] = "cpu",
-    backend: Annotated[str, typer.Option(envvar=_env("BACKEND"), help="onnxruntime | torchscript (needs torch).")] = "onnxruntime",
+    backend: Annotated[str, typer.Option(envvar=_env("BACKEND"),
+        help="auto | onnxruntime | openvino | torchscript (needs torch). auto: OpenVINO bf16 where the CPU "
+        "has BF16 (AMX, AVX512-BF16) and the package's accuracy guard allows it, else ONNX Runtime.")] = "auto",
+    precision: Annotated[str, typer.Option(envvar=_env("PRECISION"),
+        help="auto | fp32 | bf16 (bf16 needs OpenVINO and a manifest showing <= 0.1 points accuracy loss).")] = "auto",
     threads: Annotated[Optional[int], typer.Option(envvar=_env("THREADS"),
         help="Inference threads [default: the CPUs this process may use].", show_default=False)] = None,
     max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"))] = 1024,
@@ -80,7 +84,7 @@ def serve(
     settings = ServerSettings(
         packages=tuple(packages or ()), host=host, port=port, metrics_port=metrics_port,
         batching=BatchingConfig(max_batch_size, max_queue_delay_us, max_queue_size), device=device,
-        backend=backend, threads=threads, max_images_per_request=max_images_per_request,
+        backend=backend, precision=precision, threads=threads, max_images_per_request=max_images_per_request,
         max_message_bytes=max_message_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age, tls_cert=tls_cert, tls_key=tls_key,
         tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file))

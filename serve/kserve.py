@@ -112,7 +112,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             input=[_tensor_config(e, config_pb.ModelInput) for e in manifest["inputs"]],
             output=[_tensor_config(e, config_pb.ModelOutput) for e in manifest["outputs"]],
             dynamic_batching=config_pb.ModelDynamicBatching(
-                max_queue_delay_microseconds=batching.max_queue_delay_us)))
+                max_queue_delay_microseconds=batching.max_queue_delay_us),
+            parameters={key: config_pb.ModelParameter(string_value=value) for key, value in (
+                ("backend", model.backend.name), ("precision", model.backend.precision),
+                ("device", model.backend.device))}))
 
     @rpc("kserve", model_of=lambda r: r.model_name)
     async def ModelInfer(self, request, context):

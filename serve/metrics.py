@@ -24,7 +24,7 @@ class Metrics:
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("resserve_queue_depth", "Requests waiting in a model's queue.", ["model"], registry=r)
         self.model_info = Gauge("resserve_model_info", "Loaded models and how they run (value 1).",
-                                ["model", "version", "backend", "device"], registry=r)
+                                ["model", "version", "backend", "device", "precision"], registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP on ``port`` (a daemon thread)."""

@@ -9,17 +9,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from resserve.serve.backends import open_backend
+from resserve.serve.backends import open_backend, openvino_cpu_capabilities
 from resserve.serve.batcher import BatchStats, DynamicBatcher
 from resserve.serve.errors import ModelNotFound, ResserveError
 from resserve.serve.metrics import Metrics
 from resserve.serve.package import ModelPackage, load_package
+from resserve.serve.runtime import choose_runtime
 from resserve.serve.settings import ServerSettings
 
 log = logging.getLogger("resserve.serve")
 
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
-ARTIFACT_FORMAT = {"onnxruntime": "onnx", "torchscript": "torchscript"}
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "torchscript": "pytorch_libtorch"}
 
 
 @dataclass
@@ -56,11 +56,14 @@ class ModelRepository:
         return model
 
 
-def _load_one(package: ModelPackage, settings: ServerSettings, executor: Executor, metrics: Metrics) -> ServedModel:
-    artifact = package.find(ARTIFACT_FORMAT[settings.backend], "fp32")
+def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set[str] | None,
+              executor: Executor, metrics: Metrics) -> ServedModel:
+    choice = choose_runtime(settings.backend, settings.precision, settings.device, package.manifest, capabilities)
+    artifact = package.find(choice.artifact_format, "fp32")
     path = package.verified_path(artifact)  # a sha256 mismatch refuses to start
     started = time.monotonic()
-    backend = open_backend(path, artifact.format, settings.device, settings.threads)
+    backend = open_backend(path, artifact.format, settings.device, settings.threads, choice.backend, choice.precision)
+    log.info("model %s runs on %s in %s: %s", package.name, choice.backend, choice.precision, choice.reason)
     if settings.device == "auto" and backend.device == "cpu":
         log.info("--device auto: no CUDA available to %s, running %s on the CPU", backend.name, package.name)
     warm = np.zeros((settings.batching.max_batch_size, 1, 28, 28), dtype=np.float32)
@@ -76,9 +79,9 @@ def _load_one(package: ModelPackage, settings: ServerSettings, executor: Executo
 
     batcher = DynamicBatcher(backend.infer, settings.batching, executor, on_batch=record)
     metrics.queue_depth.labels(name).set_function(lambda: batcher.queue_depth)
-    metrics.model_info.labels(name, package.version, backend.name, backend.device).set(1)
-    log.info("loaded model %s version %s: %s on %s (%s), warmed up in %.2f s", name, package.version,
-             artifact.file, backend.name, backend.device, time.monotonic() - started)
+    metrics.model_info.labels(name, package.version, backend.name, backend.device, backend.precision).set(1)
+    log.info("loaded model %s version %s: %s on %s (%s, %s), warmed up in %.2f s", name, package.version,
+             artifact.file, backend.name, backend.device, backend.precision, time.monotonic() - started)
     return ServedModel(package, backend, batcher)
 
 
@@ -88,4 +91,5 @@ def load_repository(settings: ServerSettings, executor: Executor, metrics: Metri
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ResserveError(f"two packages are called {', '.join(duplicates)}; export one with --name")
-    return ModelRepository([_load_one(p, settings, executor, metrics) for p in packages])
+    capabilities = openvino_cpu_capabilities() if settings.backend in ("auto", "openvino") else None
+    return ModelRepository([_load_one(p, settings, capabilities, executor, metrics) for p in packages])

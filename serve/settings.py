@@ -7,6 +7,7 @@ from pathlib import Path
 
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
+from resserve.serve.runtime import BACKENDS, PRECISIONS
 
 DEFAULT_PORT = 8001  # as Triton: gRPC 8001, metrics 8002
 DEFAULT_METRICS_PORT = 8002
@@ -22,7 +23,8 @@ class ServerSettings:
     metrics_port: int = DEFAULT_METRICS_PORT  # 0 disables the metrics endpoint
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     device: str = "cpu"  # cpu | cuda | auto
-    backend: str = "onnxruntime"  # onnxruntime | torchscript
+    backend: str = "auto"  # auto | onnxruntime | openvino | torchscript (see runtime.py)
+    precision: str = "auto"  # auto | fp32 | bf16
     threads: int | None = None  # default: the CPUs this process may use
     max_images_per_request: int = 1024
     max_message_bytes: int = 4 * 1024 * 1024
@@ -39,8 +41,8 @@ class ServerSettings:
         b = self.batching
         checks = [
             (self.device in ("cpu", "cuda", "auto"), f"--device must be cpu, cuda or auto, got {self.device!r}"),
-            (self.backend in ("onnxruntime", "torchscript"),
-             f"--backend must be onnxruntime or torchscript, got {self.backend!r}"),
+            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (0 <= self.port < 65536 and 0 <= self.metrics_port < 65536, "ports must be in 0-65535"),
             (b.max_batch_size >= 1, "--max-batch-size must be >= 1"),
             (b.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0"),

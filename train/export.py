@@ -28,9 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from resserve.serve.backends import OnnxRuntimeBackend, batched_infer, open_backend
+from resserve.serve.backends import (
+    OnnxRuntimeBackend, OpenVinoBackend, batched_infer, open_backend, openvino_cpu_capabilities,
+)
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import MANIFEST, PACKAGE_FORMAT, PACKAGE_FORMAT_VERSION, sha256_of
+from resserve.serve.runtime import MAX_BF16_LOSS
 from resserve.serve.timing import images_per_second, median_seconds
 from resserve.train.checkpoint import load_checkpoint
 from resserve.train.data import MNIST, Split
@@ -220,6 +223,20 @@ def _int8(staging: Path, fp32_onnx: Path, verifier: Verifier, calibration: Split
     return entry
 
 
+def _bf16(fp32_onnx: Path, verifier: Verifier, log) -> dict:
+    """The accuracy guard for reduced precision: bf16 (OpenVINO) against the eager network."""
+    capabilities = openvino_cpu_capabilities()
+    if capabilities is None or "BF16" not in capabilities:
+        reason = "OpenVINO is not installed" if capabilities is None else "this CPU reports no BF16 support"
+        log(f"bf16: not measured ({reason})")
+        return {"measured": False, "reason": reason}
+    parity = verifier.check(OpenVinoBackend(fp32_onnx, "bf16"))
+    loss = verifier.accuracy - parity["test_accuracy"]
+    log(f"bf16 (OpenVINO): test accuracy {parity['test_accuracy']:.4f} (fp32 {verifier.accuracy:.4f}), "
+        f"{parity['prediction_agreement'] * 100:.2f}% same predictions, max |logit diff| {parity['max_abs_logit_diff']:.3f}")
+    return {"measured": True, "runtime": "openvino", **parity, "accuracy_loss": loss, "allowed": loss <= MAX_BF16_LOSS}
+
+
 def _check_destination(out: Path) -> None:
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not a model package; refusing to overwrite it")
@@ -273,10 +290,12 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
             log(f"{format}: max |logit diff| {parity['max_abs_logit_diff']:.1e}, "
                 f"test accuracy {parity['test_accuracy']:.4f} (eager {verifier.accuracy:.4f})")
             artifacts.append(_artifact_entry(path, format, "fp32", parity))
-        int8 = _int8(staging, staging / ARTIFACT_FILES["onnx"], verifier, train_split, log) if options.quantize else None
+        onnx_path = staging / ARTIFACT_FILES["onnx"]
+        reduced = {"bf16": _bf16(onnx_path, verifier, log)} if "onnx" in options.formats else {}
+        int8 = _int8(staging, onnx_path, verifier, train_split, log) if options.quantize else None
         if int8 and int8["kept"]:
             artifacts.append({k: int8[k] for k in artifacts[0]})
-        manifest = _manifest(options, checkpoint, source, network, folded, artifacts, int8, dropped,
+        manifest = _manifest(options, checkpoint, source, network, folded, artifacts, int8, reduced, dropped,
                              evaluate(network, validation).accuracy, verifier)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _publish(staging, out)
@@ -287,7 +306,7 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
 
 
 def _manifest(options: ExportOptions, checkpoint: Path, source, network: ResNet, folded: nn.Module,
-              artifacts: list[dict], int8: dict | None, dropped: dict | None,
+              artifacts: list[dict], int8: dict | None, reduced: dict, dropped: dict | None,
               validation_accuracy: float, verifier: Verifier) -> dict:
     import onnx
     import onnxruntime
@@ -315,6 +334,7 @@ def _manifest(options: ExportOptions, checkpoint: Path, source, network: ResNet,
         "parity": {"reference": "eager, unfolded PyTorch network in fp32 on the MNIST test set",
                    "fp32_tolerance": FP32_TOLERANCE},
         "int8": int8,
+        "reduced_precision": reduced,
         "dropped_blocks": dropped,
         "versions": {**library_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "opset": options.opset},

@@ -24,7 +24,7 @@ def test_a_serving_only_install_serves_the_packaged_model(tmp_path, mnist):
     venv.create(env_dir, with_pip=True)
     env = {**os.environ, "PATH": f"{env_dir / 'bin'}:{os.environ['PATH']}", "VIRTUAL_ENV": str(env_dir)}
     env.pop("PYTHONPATH", None)
-    install = subprocess.run(["sh", str(ROOT / "deploy" / "install-serving.sh"), str(wheel), "-q"],
+    install = subprocess.run(["sh", str(ROOT / "deploy" / "install-serving.sh"), f"{wheel}[openvino]", "-q"],
                              env=env, capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-2000:]
 

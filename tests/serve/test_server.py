@@ -50,7 +50,7 @@ def test_tritonclient_sees_a_live_ready_server_and_the_model(server):
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "1", "28", "28"]}]
     assert [o["name"] for o in metadata["outputs"]] == ["logits", "probabilities"]
     config = client.get_model_config(MODEL).config
-    assert config.name == MODEL and config.platform == "onnxruntime_onnx"
+    assert config.name == MODEL and config.platform in ("onnxruntime_onnx", "openvino")
     assert config.max_batch_size == 64 and config.dynamic_batching.max_queue_delay_microseconds == 500
     assert list(config.input[0].dims) == [1, 28, 28]
     assert client.get_server_metadata().name == "resserve"
@@ -63,7 +63,10 @@ def test_tritonclient_infer_on_the_mnist_test_set_gives_the_exported_accuracy(se
         result = infer(client, as_input(mnist.test.images[start:start + 500]))
         predictions.append(result.as_numpy("logits").argmax(1))
     accuracy = float((np.concatenate(predictions) == mnist.test.labels).mean())
-    assert accuracy == load_package().manifest["accuracy"]["test"]
+    manifest = load_package().manifest
+    precision = client.get_model_config(MODEL).config.parameters["precision"].string_value
+    expected = manifest["accuracy"]["test"] if precision == "fp32" else manifest["reduced_precision"][precision]["test_accuracy"]
+    assert accuracy == expected  # what export measured for the runtime that answered
 
 
 def test_uint8_inputs_and_requested_outputs(server, mnist):
@@ -235,10 +238,21 @@ def test_a_decompression_bomb_is_refused(server):
 
 def test_the_torchscript_backend_serves_the_same_answers(mnist):
     batch = as_input(mnist.test.images[:32])
-    with ServerProcess("--backend", "torchscript") as torchscript_server, ServerProcess("--device", "auto") as ort_server:
+    with ServerProcess("--backend", "torchscript") as torchscript_server, \
+            ServerProcess("--backend", "onnxruntime", "--device", "auto") as ort_server:
         assert "running resnet-mnist on the CPU" in "".join(ort_server.lines)  # auto fell back, and said so
         config = triton.InferenceServerClient(torchscript_server.target).get_model_config(MODEL).config
         assert config.platform == "pytorch_libtorch"
         ts = infer(triton.InferenceServerClient(torchscript_server.target), batch).as_numpy("logits")
         ort = infer(triton.InferenceServerClient(ort_server.target), batch).as_numpy("logits")
         assert np.abs(ts - ort).max() <= 1e-4
+
+
+def test_the_default_server_on_a_bf16_cpu_runs_openvino_bf16_and_says_so(server):
+    from resserve.serve.backends import openvino_cpu_capabilities
+
+    parameters = triton.InferenceServerClient(server.target).get_model_config(MODEL).config.parameters
+    expected = ("openvino", "bf16") if "BF16" in (openvino_cpu_capabilities() or set()) else ("onnxruntime", "fp32")
+    assert (parameters["backend"].string_value, parameters["precision"].string_value) == expected
+    assert f"runs on {expected[0]} in {expected[1]}" in "".join(server.lines)
+    assert f'backend="{expected[0]}"' in server.metrics() and f'precision="{expected[1]}"' in server.metrics()

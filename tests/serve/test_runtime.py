@@ -1,0 +1,74 @@
+"""--backend/--precision: auto takes OpenVINO bf16 only where the CPU and the accuracy guard allow;
+OpenVINO matches ONNX Runtime in fp32 and agrees with it in bf16 on real MNIST."""
+
+import re
+
+import numpy as np
+import pytest
+
+from resserve.serve.backends import OnnxRuntimeBackend, OpenVinoBackend, batched_infer, openvino_cpu_capabilities
+from resserve.serve.errors import ResserveError
+from resserve.serve.package import load_package
+from resserve.serve.runtime import choose_runtime
+
+GOOD = {"reduced_precision": {"bf16": {"accuracy_loss": 0.0002}}}
+LOSSY = {"reduced_precision": {"bf16": {"accuracy_loss": 0.003}}}
+AMX = {"FP32", "BF16", "INT8"}
+OLD_CPU = {"FP32", "INT8"}
+
+
+@pytest.mark.parametrize("backend, precision, device, manifest, capabilities, expected", [
+    ("auto", "auto", "cpu", GOOD, AMX, ("openvino", "bf16")),
+    ("auto", "auto", "cpu", GOOD, None, ("onnxruntime", "fp32")),  # OpenVINO not installed
+    ("auto", "auto", "cpu", GOOD, OLD_CPU, ("onnxruntime", "fp32")),  # no BF16 on this CPU
+    ("auto", "auto", "cpu", LOSSY, AMX, ("onnxruntime", "fp32")),  # the accuracy guard says no
+    ("auto", "auto", "cpu", {}, AMX, ("onnxruntime", "fp32")),  # no measurement in the manifest
+    ("auto", "fp32", "cpu", GOOD, AMX, ("onnxruntime", "fp32")),
+    ("auto", "auto", "cuda", GOOD, AMX, ("onnxruntime", "fp32")),
+    ("openvino", "auto", "cpu", GOOD, AMX, ("openvino", "bf16")),
+    ("openvino", "bf16", "cpu", LOSSY, AMX, ("openvino", "fp32")),  # falls back, with a reason
+    ("openvino", "fp32", "cpu", GOOD, AMX, ("openvino", "fp32")),
+    ("onnxruntime", "auto", "cpu", GOOD, AMX, ("onnxruntime", "fp32")),
+    ("torchscript", "fp32", "cpu", GOOD, AMX, ("torchscript", "fp32")),
+])
+def test_runtime_choice(backend, precision, device, manifest, capabilities, expected):
+    choice = choose_runtime(backend, precision, device, manifest, capabilities)
+    assert (choice.backend, choice.precision) == expected
+    assert choice.reason
+
+
+def test_the_fallback_reason_names_the_accuracy_loss():
+    assert "loses 0.30 accuracy points" in choose_runtime("openvino", "bf16", "cpu", LOSSY, AMX).reason
+
+
+@pytest.mark.parametrize("backend, precision, device, capabilities, message", [
+    ("openvino", "auto", "cpu", None, "pip install 'resserve[openvino]'"),
+    ("openvino", "auto", "cuda", AMX, "runs on the CPU"),
+    ("onnxruntime", "bf16", "cpu", AMX, "needs --backend openvino"),
+    ("tensorrt", "auto", "cpu", AMX, "--backend must be one of"),
+])
+def test_impossible_requests_are_one_line_errors(backend, precision, device, capabilities, message):
+    with pytest.raises(ResserveError, match=re.escape(message)):
+        choose_runtime(backend, precision, device, GOOD, capabilities)
+
+
+@pytest.fixture(scope="module")
+def shipped_onnx():
+    package = load_package()
+    return package.verified_path(package.find("onnx"))
+
+
+def test_openvino_fp32_matches_onnxruntime(shipped_onnx, mnist):
+    images = mnist.test.images[:2000, None].astype(np.float32) / 255
+    ort = batched_infer(OnnxRuntimeBackend(shipped_onnx), images)["logits"]
+    ov = batched_infer(OpenVinoBackend(shipped_onnx, "fp32"), images)["logits"]
+    assert np.abs(ov - ort).max() <= 1e-4
+
+
+@pytest.mark.skipif("BF16" not in (openvino_cpu_capabilities() or set()), reason="this CPU has no BF16 support")
+def test_openvino_bf16_agrees_with_fp32_on_real_mnist(shipped_onnx, mnist):
+    images = mnist.test.images[:, None].astype(np.float32) / 255
+    fp32 = batched_infer(OnnxRuntimeBackend(shipped_onnx), images)["logits"].argmax(1)
+    bf16 = batched_infer(OpenVinoBackend(shipped_onnx, "bf16"), images)["logits"].argmax(1)
+    assert (fp32 == bf16).mean() >= 0.999
+    assert load_package().manifest["reduced_precision"]["bf16"]["allowed"]
