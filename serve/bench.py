@@ -216,6 +216,7 @@ def print_report(report: dict) -> None:
 
     console = Console(width=max(Console().width, 150))  # a wide table; narrow terminals wrap it
     for name, rows in report["servers"].items():
+        name = f"{name} ({report['runtimes'][name]})"
         table = Table("C", "img/s", "req/s", "p50 ms", "p90", "p95", "p99", "max", "batch", "queue ms",
                       "errors", "client CPU", "server CPU", title=f"Server: {name}")
         for r in rows:
@@ -247,7 +248,7 @@ def plot_report(report: dict, path: Path) -> None:
     except ImportError as exc:
         raise ResserveError("--plot needs matplotlib: pip install matplotlib") from exc
     figure, axis = plt.subplots(figsize=(8, 5))
-    for (name, rows), color in zip(report["servers"].items(), ("tab:blue", "tab:orange", "tab:green")):
+    for (name, rows), color in zip(report["servers"].items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         x = [r["images_per_second"] for r in rows]
         for percentile, style in (("p50_ms", "-o"), ("p99_ms", "--^")):
             axis.plot(x, [r[percentile] for r in rows], style, color=color, label=f"{name} {percentile[:3]}")
@@ -276,26 +277,50 @@ def machine_description() -> str:
     return f"{model}, {usable_cpus()} CPUs"
 
 
+def _server_runtime(target: str, model: str) -> str:
+    """"backend precision" as the server reports it in the model's config."""
+    with grpc.insecure_channel(target) as channel:
+        config = kserve_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
+            kserve_pb2.ModelConfigRequest(name=model), timeout=10).config
+    return f"{config.parameters['backend'].string_value} {config.parameters['precision'].string_value}"
+
+
+def _configurations(backends: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, server flags): each backend batched, plus ONNX Runtime unbatched (--max-batch-size 1)."""
+    configs = [(f"{backend}, batched", ("--backend", backend)) for backend in backends]
+    return configs + [(UNBATCHED, ("--backend", "onnxruntime", "--max-batch-size", "1"))]
+
+
+UNBATCHED = "onnxruntime, unbatched (max batch 1)"
+BASELINE = "onnxruntime, batched"
+
+
 def run_benchmark(package_path: Path | None, target: str | None, model: str, api: str, levels: list[int],
-                  batch: int, duration: float, warmup: float, metrics_url: str | None, log=print) -> dict:
+                  batch: int, duration: float, warmup: float, metrics_url: str | None,
+                  backends: list[str], log=print) -> dict:
     """The whole sweep: the server(s), then the in-process limit; returns the report."""
     package = load_package(package_path)
     model = model or package.name
     servers: dict[str, list[dict]] = {}
-    configurations = [("batched", ()), ("unbatched (max batch 1)", ("--max-batch-size", "1"))] if target is None \
-        else [(f"server at {target}", None)]
-    for name, extra in configurations:
-        with (started_server(package_path, *extra) if extra is not None
+    runtimes: dict[str, str] = {}
+    configurations = _configurations(backends) if target is None else [(f"server at {target}", None)]
+    for name, flags in configurations:
+        with (started_server(package_path, *flags) if flags is not None
               else nullcontext((target, metrics_url or "", None))) as (address, metrics, pid):
+            runtimes[name] = _server_runtime(address, model)
             spec = LoadSpec(address, model, api, batch, duration, warmup)
             servers[name] = []
             for concurrency in levels:
-                log(f"{name}: concurrency {concurrency} ...")
+                log(f"{name} ({runtimes[name]}): concurrency {concurrency} ...")
                 servers[name].append(measure_level(spec, concurrency, metrics, pid))
-    formed = [max(1, round(r["mean_batch_size"])) for rows in servers.values() for r in rows if r["mean_batch_size"]]
+    reference = servers.get(BASELINE) or next(iter(servers.values()))
+    formed = [max(1, round(r["mean_batch_size"])) for r in reference if r["mean_batch_size"]]
     log("in-process ONNX Runtime ...")
     limit = in_process_limit(package, [batch, *formed])
-    unbatched = servers.get("unbatched (max batch 1)")
-    first = next(iter(servers.values()))
+    report_ratios = ratios(reference, servers.get(UNBATCHED), limit, batch)
+    for name, rows in servers.items():
+        if name not in (BASELINE, UNBATCHED) and BASELINE in servers:
+            peak = max(r["images_per_second"] for r in rows)
+            report_ratios[f"peak {name} over {BASELINE}"] = peak / max(r["images_per_second"] for r in servers[BASELINE])
     return {"model": model, "api": api, "batch": batch, "duration_s": duration, "machine": machine_description(),
-            "servers": servers, "in_process": limit, "ratios": ratios(first, unbatched, limit, batch)}
+            "runtimes": runtimes, "servers": servers, "in_process": limit, "ratios": report_ratios}

@@ -165,6 +165,9 @@ def bench_serve(
     batch: Annotated[int, typer.Option(help="Images per request.")] = 1,
     duration: Annotated[float, typer.Option(help="Measured seconds per concurrency level.")] = 10.0,
     warmup: Annotated[float, typer.Option(help="Unmeasured seconds before each level.")] = 2.0,
+    backends: Annotated[str, typer.Option(
+        help="With --start: server backends to measure, comma-separated (each batched; ONNX Runtime "
+        "unbatched is always added as the baseline).")] = "onnxruntime,auto",
     metrics: Annotated[Optional[str], typer.Option(
         help="The target's metrics URL [default: http://HOST:8002/metrics].", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
@@ -185,7 +188,7 @@ def bench_serve(
         raise ResserveError("concurrency levels and --batch must be >= 1, --duration > 0, --warmup >= 0")
     metrics_url = metrics or (f"http://{target.rsplit(':', 1)[0]}:{DEFAULT_METRICS_PORT}/metrics" if target else None)
     report = run_benchmark(package, target, model, api, levels, batch, duration, warmup, metrics_url,
-                           log=lambda m: typer.echo(m, err=True))
+                           [b.strip() for b in backends.split(",") if b.strip()], log=lambda m: typer.echo(m, err=True))
     print_report(report)
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")

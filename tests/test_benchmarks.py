@@ -35,7 +35,8 @@ def test_bench_serve_starts_servers_and_writes_table_json_and_plot(tmp_path):
                      "--json", str(out), "--plot", str(plot))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert set(report["servers"]) == {"batched", "unbatched (max batch 1)"}
+    assert set(report["servers"]) == {"onnxruntime, batched", "auto, batched", "onnxruntime, unbatched (max batch 1)"}
+    assert report["runtimes"]["onnxruntime, batched"] == "onnxruntime fp32"
     for rows in report["servers"].values():
         assert [r["concurrency"] for r in rows] == [1, 4]
         for r in rows:

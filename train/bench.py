@@ -5,7 +5,8 @@ naive loop; both run the same model, optimizer, loss and real MNIST batches in o
 after the other; only the memory format and the autocast precision differ.
 
 ``resserve bench model``: batch-1 latency and batch-64/256 throughput of one network run
-eagerly (unfolded and folded), as TorchScript, and through ONNX Runtime fp32 and int8.
+eagerly (unfolded and folded), as TorchScript, through ONNX Runtime fp32 and int8, and through
+OpenVINO fp32 and bf16 where it is installed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resserve.serve.backends import open_backend, usable_cpus
+from resserve.serve.backends import OpenVinoBackend, open_backend, openvino_cpu_capabilities, usable_cpus
 from resserve.serve.package import ModelPackage
 from resserve.serve.timing import images_per_second, median_seconds
 from resserve.train.checkpoint import load_checkpoint
@@ -106,6 +107,11 @@ def model_runners(checkpoint: Path | None, package: ModelPackage) -> dict[str, C
     for artifact in package.artifacts:
         path = package.verified_path(artifact)
         runners[labels[(artifact.format, artifact.precision)]] = open_backend(path, artifact.format).infer
+    capabilities = openvino_cpu_capabilities()
+    if capabilities is not None:
+        onnx = package.verified_path(package.find("onnx"))
+        for precision in ("fp32", "bf16") if "BF16" in capabilities else ("fp32",):
+            runners[f"OpenVINO {precision}"] = OpenVinoBackend(onnx, precision).infer
     return runners
 
 
@@ -126,6 +132,9 @@ def benchmark_model(runners: dict[str, Callable[[np.ndarray], object]], images: 
     if onnx_fp32 and eager:
         ratios["onnx_fp32_over_eager_unfolded_batch64"] = round(
             onnx_fp32["batch64_images_per_second"] / eager["batch64_images_per_second"], 2)
+    if onnx_fp32 and "OpenVINO bf16" in by_name:
+        ratios["openvino_bf16_over_onnx_fp32_batch64"] = round(
+            by_name["OpenVINO bf16"]["batch64_images_per_second"] / onnx_fp32["batch64_images_per_second"], 2)
     if onnx_fp32 and "ONNX Runtime int8" in by_name:
         ratios["int8_over_onnx_fp32_batch64"] = round(
             by_name["ONNX Runtime int8"]["batch64_images_per_second"] / onnx_fp32["batch64_images_per_second"], 2)
