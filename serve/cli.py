@@ -13,7 +13,7 @@ import typer
 
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
-from resserve.serve.settings import DEFAULT_METRICS_PORT, DEFAULT_PORT, ServerSettings
+from resserve.serve.settings import DEFAULT_METRICS_PORT, ServerSettings
 
 app = typer.Typer(
     name="resserve",
@@ -38,10 +38,10 @@ def serve(
     packages: Annotated[Optional[list[Path]], typer.Argument(
         help="Model package directories (from `resserve export`) [default: the shipped model].",
         show_default=False, envvar=_env("PACKAGES"))] = None,
-    host: Annotated[str, typer.Option(envvar=_env("HOST"), help="Address to listen on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(envvar=_env("PORT"), help="gRPC port (Triton's default).")] = DEFAULT_PORT,
+    host: Annotated[str, typer.Option(envvar=_env("HOST"), help="Address to listen on.")] = ServerSettings.host,
+    port: Annotated[int, typer.Option(envvar=_env("PORT"), help="gRPC port (Triton's default).")] = ServerSettings.port,
     metrics_port: Annotated[int, typer.Option(envvar=_env("METRICS_PORT"),
-                                              help="Prometheus /metrics port; 0 disables.")] = DEFAULT_METRICS_PORT,
+                                              help="Prometheus /metrics port; 0 disables.")] = ServerSettings.metrics_port,
     max_batch_size: Annotated[int, typer.Option(envvar=_env("MAX_BATCH_SIZE"),
                                                 help="Most images the batcher runs at once.")] = BatchingConfig.max_batch_size,
     max_queue_delay_us: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_DELAY_US"),
@@ -49,21 +49,21 @@ def serve(
     max_queue_size: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_SIZE"),
         help="Requests that may wait per model; beyond it: UNAVAILABLE (retryable).")] = BatchingConfig.max_queue_size,
     device: Annotated[str, typer.Option(envvar=_env("DEVICE"),
-        help="cpu | cuda | auto (CUDA where ONNX Runtime has it, else CPU).")] = "cpu",
+        help="cpu | cuda | auto (CUDA where ONNX Runtime has it, else CPU).")] = ServerSettings.device,
     backend: Annotated[str, typer.Option(envvar=_env("BACKEND"),
         help="auto | onnxruntime | openvino | torchscript (needs torch). auto: OpenVINO bf16 where the CPU "
-        "has BF16 (AMX, AVX512-BF16) and the package's accuracy guard allows it, else ONNX Runtime.")] = "auto",
+        "has BF16 (AMX, AVX512-BF16) and the package's accuracy guard allows it, else ONNX Runtime.")] = ServerSettings.backend,
     precision: Annotated[str, typer.Option(envvar=_env("PRECISION"),
-        help="auto | fp32 | bf16 (bf16 needs OpenVINO and a manifest showing <= 0.1 points accuracy loss).")] = "auto",
+        help="auto | fp32 | bf16 (bf16 needs OpenVINO and a manifest showing <= 0.1 points accuracy loss).")] = ServerSettings.precision,
     threads: Annotated[Optional[int], typer.Option(envvar=_env("THREADS"),
         help="Inference threads [default: the CPUs this process may use].", show_default=False)] = None,
-    max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"))] = 1024,
+    max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"))] = ServerSettings.max_images_per_request,
     max_message_bytes: Annotated[int, typer.Option(envvar=_env("MAX_MESSAGE_BYTES"),
-        help="Largest request; bigger ones get RESOURCE_EXHAUSTED.")] = 4 * 1024 * 1024,
+        help="Largest request; bigger ones get RESOURCE_EXHAUSTED.")] = ServerSettings.max_message_bytes,
     drain_seconds: Annotated[float, typer.Option(envvar=_env("DRAIN_SECONDS"),
-        help="After SIGTERM: keep serving, not ready, this long.")] = 5.0,
+        help="After SIGTERM: keep serving, not ready, this long.")] = ServerSettings.drain_seconds,
     grace_seconds: Annotated[float, typer.Option(envvar=_env("GRACE_SECONDS"),
-        help="Then: time in-flight requests get to finish.")] = 10.0,
+        help="Then: time in-flight requests get to finish.")] = ServerSettings.grace_seconds,
     max_connection_age: Annotated[Optional[float], typer.Option(envvar=_env("MAX_CONNECTION_AGE"),
         help="Seconds before a client connection is recycled, so clients re-resolve.", show_default=False)] = None,
     tls_cert: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CERT"), help="Server certificate (PEM).")] = None,
