@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from resserve.serve.errors import ResserveError
-from resserve.train.models import ConfigError, ModelConfig, ResNet, build_model
+from resserve.train.config import ConfigError, ModelConfig
+from resserve.train.models import ResNet, build_model
 
 FORMAT = "resserve-checkpoint"
 FORMAT_VERSION = 1

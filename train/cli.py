@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from resserve.serve.errors import ResserveError
+from resserve.train.config import ModelConfig, TrainConfig
 
 TRAIN_EXTRA_HINT = "this command needs the training extra: pip install 'resserve[train]'"
 
@@ -59,25 +60,25 @@ def data(data_dir: DataDir = None, as_json: JsonFlag = False) -> None:
 
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (metrics go beside it).")] = Path("model.pt"),
-    arch: Annotated[str, typer.Option(help="resnet | plain | preact | highway | crelu.")] = "resnet",
-    blocks: Annotated[int, typer.Option(help="Residual blocks per stage.")] = 25,
-    channels: Annotated[int, typer.Option(help="Channels of a single-stage network (the lecture's 16).")] = 16,
+    arch: Annotated[str, typer.Option(help="resnet | plain | preact | highway | crelu.")] = ModelConfig.arch,
+    blocks: Annotated[int, typer.Option(help="Residual blocks per stage.")] = ModelConfig.blocks,
+    channels: Annotated[int, typer.Option(help="Channels of a single-stage network (the lecture's 16).")] = ModelConfig.widths[0],
     widths: Annotated[Optional[str], typer.Option(
         help="Channels per stage, e.g. 16,32,64; each later stage starts with a stride-2 block. Overrides --channels.")] = None,
-    kernel_size: Annotated[int, typer.Option(help="Odd convolution kernel size.")] = 3,
-    shortcut: Annotated[str, typer.Option(help="Downsampling shortcut: A (zero-pad) or B (1x1 conv).")] = "A",
+    kernel_size: Annotated[int, typer.Option(help="Odd convolution kernel size.")] = ModelConfig.kernel_size,
+    shortcut: Annotated[str, typer.Option(help="Downsampling shortcut: A (zero-pad) or B (1x1 conv).")] = ModelConfig.shortcut,
     survival_prob: Annotated[float, typer.Option(
-        help="Stochastic depth: survival probability p_L of the last block (linear decay); 1 disables.")] = 1.0,
-    zero_init_residual: Annotated[bool, typer.Option(help="Zero-init the last BN of each branch.")] = False,
-    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 15,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")] = 0.1,
-    weight_decay: Annotated[float, typer.Option(help="On conv and linear weights.")] = 5e-4,
-    seed: Annotated[int, typer.Option(help="Seeds weights, shuffling and augmentation.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+        help="Stochastic depth: survival probability p_L of the last block (linear decay); 1 disables.")] = ModelConfig.survival_prob,
+    zero_init_residual: Annotated[bool, typer.Option(help="Zero-init the last BN of each branch.")] = ModelConfig.zero_init_residual,
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = TrainConfig.epochs,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")] = TrainConfig.lr,
+    weight_decay: Annotated[float, typer.Option(help="On conv and linear weights.")] = TrainConfig.weight_decay,
+    seed: Annotated[int, typer.Option(help="Seeds weights, shuffling and augmentation.")] = TrainConfig.seed,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = TrainConfig.device,
     precision: Annotated[str, typer.Option(
-        help="auto | bf16 | fp32: auto uses bf16 autocast where the CPU (AMX/AVX512-BF16) or GPU supports it.")] = "auto",
-    validation_size: Annotated[int, typer.Option(help="Last N training images held out for model selection.")] = 5000,
+        help="auto | bf16 | fp32: auto uses bf16 autocast where the CPU (AMX/AVX512-BF16) or GPU supports it.")] = TrainConfig.precision,
+    validation_size: Annotated[int, typer.Option(help="Last N training images held out for model selection.")] = TrainConfig.validation_size,
     train_limit: Annotated[Optional[int], typer.Option(help="Train on the first N images only (quick runs).")] = None,
     data_dir: DataDir = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -85,8 +86,7 @@ def train(
     """Train a network of the family on MNIST; keeps the best epoch on validation, reports test accuracy."""
     require_train_extra()
     from resserve.train.data import load_mnist
-    from resserve.train.models import ModelConfig
-    from resserve.train.training import TrainConfig, train as run_training
+    from resserve.train.training import train as run_training
 
     stage_widths = _parse_widths(widths) if widths else (channels,)
     model_config = ModelConfig(arch=arch, blocks=blocks, widths=stage_widths, kernel_size=kernel_size,

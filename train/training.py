@@ -23,34 +23,10 @@ from torch import nn
 
 from resserve.serve.errors import ResserveError
 from resserve.train.checkpoint import save_checkpoint
+from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.data import MNIST, Split
 from resserve.train.model_card import card_path, render_model_card
-from resserve.train.models import ModelConfig, build_model, count_parameters
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    shift: int = 2  # random translation, pixels
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | bf16 | fp32
-    validation_size: int = 5_000
-    train_limit: int | None = None  # use only the first N training images (quick runs, tests)
-
-    def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ResserveError("epochs and batch size must be >= 1 and the learning rate > 0")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ResserveError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ResserveError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.shift < 0:
-            raise ResserveError(f"shift must be >= 0 pixels, got {self.shift}")
+from resserve.train.models import build_model, count_parameters
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from resserve.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from resserve.train.models import ModelConfig, build_model
+from resserve.train.config import ModelConfig
+from resserve.train.models import build_model
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ from resserve.train import export as export_module
 from resserve.train.checkpoint import save_checkpoint
 from resserve.train.export import ExportError, ExportOptions, export_package
 from resserve.train.fold import ChannelAffine, DropBlocksError, choose_blocks_to_drop, fold_for_inference
-from resserve.train.models import ARCHITECTURES, ModelConfig, build_model
+from resserve.train.config import ARCHITECTURES, ModelConfig
+from resserve.train.models import build_model
 from resserve.train.triton import write_triton_repository
 
 

@@ -5,9 +5,8 @@ affinity, highway carry at init, shortcut options)."""
 import pytest
 import torch
 
-from resserve.train.models import (
-    ARCHITECTURES, ConfigError, ModelConfig, PreActBlock, build_model, count_parameters, lecture_config,
-)
+from resserve.train.config import ARCHITECTURES, ConfigError, ModelConfig
+from resserve.train.models import PreActBlock, build_model, count_parameters, lecture_config
 
 
 def test_lecture_resnet_has_117802_parameters_and_the_lecture_module_names():

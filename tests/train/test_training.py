@@ -5,8 +5,9 @@ import json
 import torch
 
 from resserve.train.checkpoint import load_checkpoint
-from resserve.train.models import ModelConfig, build_model, count_parameters
-from resserve.train.training import TrainConfig, evaluate, random_shift, train
+from resserve.train.config import ModelConfig, TrainConfig
+from resserve.train.models import build_model, count_parameters
+from resserve.train.training import evaluate, random_shift, train
 
 
 def test_short_training_on_a_real_mnist_subset_lowers_the_loss_and_writes_its_metrics(mnist, tmp_path):

@@ -1,0 +1,110 @@
+"""The configurations of a network and of a training run: plain dataclasses, no torch.
+
+They are the one source of defaults: the CLI reads its option defaults from here, checkpoints
+store ``ModelConfig`` so a model rebuilds from its checkpoint alone, and the model card records
+both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from resserve.serve.errors import ResserveError
+
+ARCHITECTURES: dict[str, str] = {
+    "resnet": "He et al. 2015 ResBlocks (the lecture model)",
+    "plain": "the same network without skip connections (degradation baseline)",
+    "preact": "He et al. 2016 pre-activation identity-mapping blocks",
+    "highway": "Srivastava et al. 2015 gated blocks, gate biased so T ~ 0 at start",
+    "crelu": "plain CReLU blocks with looks-linear initialization (Balduzzi et al. 2017)",
+}
+
+
+class ConfigError(ResserveError):
+    """A model configuration that cannot describe a network."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network; stored in every checkpoint.
+
+    ``widths`` lists the channels of each stage; stage s > 0 starts with a stride-2 block.
+    ``blocks`` counts blocks per stage. The lecture model is the default.
+    """
+
+    arch: str = "resnet"
+    blocks: int = 25
+    widths: tuple[int, ...] = (16,)
+    kernel_size: int = 3
+    shortcut: str = "A"  # A: subsample + zero-pad channels, B: 1x1 conv projection
+    survival_prob: float = 1.0  # p_L of the linear decay rule; 1.0 disables stochastic depth
+    zero_init_residual: bool = False  # zero the last BN of each branch: blocks start as identity
+    highway_gate_bias: float = -3.0  # T = sigmoid(-3) ~ 0.05: highway blocks start as carry
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        self.validate()
+
+    def validate(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel size must be a positive odd number, got {self.kernel_size}")
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise ConfigError(f"widths must be positive channel counts, got {list(self.widths)}")
+        if self.blocks < 0:
+            raise ConfigError(f"the number of blocks must be >= 0, got {self.blocks}")
+        if len(self.widths) > 1 and self.blocks == 0:
+            raise ConfigError("several stages need at least one block per stage to downsample")
+        if self.shortcut not in ("A", "B"):
+            raise ConfigError(f"shortcut must be 'A' (zero-pad) or 'B' (1x1 projection), got {self.shortcut!r}")
+        if not 0.0 < self.survival_prob <= 1.0:
+            raise ConfigError(f"survival probability must be in (0, 1], got {self.survival_prob}")
+        if self.survival_prob < 1.0 and self.arch not in ("resnet", "preact"):
+            raise ConfigError(f"stochastic depth applies to resnet and preact, not {self.arch}")
+
+    @property
+    def depth(self) -> int:
+        """Number of residual blocks in the whole network (L in the stochastic-depth rule)."""
+        return self.blocks * len(self.widths)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["widths"] = list(self.widths)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown model config fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The default recipe (see training.py for why)."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    shift: int = 2  # random translation, pixels
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | bf16 | fp32
+    validation_size: int = 5_000
+    train_limit: int | None = None  # use only the first N training images (quick runs, tests)
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ResserveError("epochs and batch size must be >= 1 and the learning rate > 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ResserveError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ResserveError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.shift < 0:
+            raise ResserveError(f"shift must be >= 0 pixels, got {self.shift}")
