@@ -52,7 +52,10 @@ class _Pending:
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int = 64
-    max_queue_delay_us: int = 500
+    # 0, as Triton's default: run what is queued as soon as the backend is free. Requests that
+    # arrive while a batch computes form the next batch, so batches still grow with load, and a
+    # lone request never waits for company that is not coming.
+    max_queue_delay_us: int = 0
     max_queue_size: int = 256  # requests
 
 

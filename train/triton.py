@@ -9,10 +9,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from resserve.serve.batcher import BatchingConfig
 from resserve.serve.package import ModelPackage
 
 MAX_BATCH_SIZE = 1024
-MAX_QUEUE_DELAY_US = 500
 
 
 def _tensor(entry: dict) -> str:
@@ -28,7 +28,7 @@ def render_config(package: ModelPackage) -> str:
         f"max_batch_size: {MAX_BATCH_SIZE}",
         "input [\n" + ",\n".join(_tensor(e) for e in manifest["inputs"]) + "\n]",
         "output [\n" + ",\n".join(_tensor(e) for e in manifest["outputs"]) + "\n]",
-        f"dynamic_batching {{\n  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}\n}}",
+        f"dynamic_batching {{\n  max_queue_delay_microseconds: {BatchingConfig.max_queue_delay_us}\n}}",
         "",
     ])
 

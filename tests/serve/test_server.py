@@ -51,7 +51,7 @@ def test_tritonclient_sees_a_live_ready_server_and_the_model(server):
     assert [o["name"] for o in metadata["outputs"]] == ["logits", "probabilities"]
     config = client.get_model_config(MODEL).config
     assert config.name == MODEL and config.platform in ("onnxruntime_onnx", "openvino")
-    assert config.max_batch_size == 64 and config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert config.max_batch_size == 64 and config.dynamic_batching.max_queue_delay_microseconds == 0
     assert list(config.input[0].dims) == [1, 28, 28]
     assert client.get_server_metadata().name == "resserve"
 
