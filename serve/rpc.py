@@ -27,6 +27,13 @@ class ServerState:
     in_flight: int = 0  # requests accepted and not yet answered
     answered: Counter = field(default_factory=Counter)  # status code name -> requests answered
 
+    def model_label(self, requested: str) -> str:
+        """The metrics label for a requested model name: bounded, so clients cannot mint labels."""
+        if self.repository is None:
+            return "unknown"
+        name = requested or self.repository.default
+        return name if name in self.repository.models else "unknown"
+
     def models(self) -> ModelRepository:
         if self.repository is None:
             raise ShuttingDown("models are still loading; retry shortly")
@@ -50,7 +57,7 @@ def rpc(api: str, model_of: Callable[[object], str]):
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             state: ServerState = self.state
-            model = model_of(request) or (state.repository.default if state.repository else "")
+            model = state.model_label(model_of(request))
             started = time.monotonic()
             code = grpc.StatusCode.OK
             state.in_flight += 1
