@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from resserve.serve.digits import DigitClassifierServicer
@@ -92,7 +92,7 @@ class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.state = ServerState(settings)
-        self.health = HealthServicer()
+        self.health = health_aio.HealthServicer()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         interceptors = [BearerTokenInterceptor(settings.tokens)] if settings.tokens else []
         self.grpc = grpc.aio.server(options=_grpc_options(settings), interceptors=interceptors)
