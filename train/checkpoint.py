@@ -8,9 +8,7 @@ refused with a one-line ``CheckpointError``.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from torch import nn
 
 from resserve.serve.errors import ResserveError
 from resserve.train.config import ConfigError, ModelConfig
+from resserve.train.files import atomic_file
 from resserve.train.models import ResNet, build_model
 
 FORMAT = "resserve-checkpoint"
@@ -49,8 +48,6 @@ class Checkpoint:
 
 def save_checkpoint(path: Path, model: nn.Module, config: ModelConfig, metrics: dict) -> Path:
     """Write atomically, so an interrupted save never leaves a half checkpoint at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -58,10 +55,9 @@ def save_checkpoint(path: Path, model: nn.Module, config: ModelConfig, metrics: 
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "metrics": metrics,
     }
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".pt.tmp", delete=False) as tmp:
-        torch.save(payload, tmp)
-    os.replace(tmp.name, path)
-    return path
+    with atomic_file(path) as f:
+        torch.save(payload, f)
+    return Path(path)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import _reconstruct
 
 from resserve.serve.errors import ResserveError
+from resserve.train.files import atomic_file
 
 TRAIN_SIZE, TEST_SIZE = 60_000, 10_000
 DEFAULT_VALIDATION_SIZE = 5_000
@@ -218,13 +219,11 @@ def _check(train: Split, test: Split) -> None:
 
 
 def _write_cache(data_dir: Path, train: Split, test: Split, source: str) -> Path:
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / CACHE_NAME
-    with tempfile.NamedTemporaryFile(dir=data_dir, suffix=".npz.tmp", delete=False) as tmp:
-        np.savez_compressed(tmp, train_images=train.images, train_labels=train.labels.astype(np.uint8),
+    with atomic_file(path) as f:  # a reader never sees half a cache
+        np.savez_compressed(f, train_images=train.images, train_labels=train.labels.astype(np.uint8),
                             test_images=test.images, test_labels=test.labels.astype(np.uint8),
                             source=np.array(source))
-    os.replace(tmp.name, path)  # atomic: a reader never sees half a cache
     return path
 
 
