@@ -217,6 +217,6 @@ def test_export_refuses_an_unwritable_destination_and_a_non_checkpoint(tmp_path,
     result = run_cli("export", str(exported[1]), "--out", str(blocker / "pkg"))
     assert result.returncode == 1 and result.stderr.strip() == f"error: cannot create {blocker}: File exists"
     junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"\x80\x02}q\x00.")  # a pickle of an empty dict: readable, but no checkpoint
+    torch.save({"weights": torch.zeros(3)}, junk)  # a PyTorch file, but no resserve checkpoint
     result = run_cli("export", str(junk), "--out", str(tmp_path / "pkg"))
     assert result.returncode == 1 and "is not a resserve checkpoint" in result.stderr
