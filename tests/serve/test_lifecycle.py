@@ -230,7 +230,6 @@ def test_mutual_tls_requires_a_client_certificate(pki):
 def test_bearer_tokens_guard_the_apis_but_not_health(tmp_path, mnist):
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret-one\ns3cret-two\n")
-    raw = mnist.test.images[0].tobytes()
     with ServerProcess("--token-file", str(tokens)) as server:
         stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
         request = request_of(mnist.test.images[:1, None].astype(np.float32) / 255)
@@ -242,4 +241,16 @@ def test_bearer_tokens_guard_the_apis_but_not_health(tmp_path, mnist):
         assert health_status(server.target, "") == health_pb2.HealthCheckResponse.SERVING
         with DigitClient(server.target, token="s3cret-one") as client:
             assert client.health() == "SERVING"
-        assert raw  # the raw pixels are the same digit the KServe request sent
+        result = run_cli("classify", str(_png_of(mnist.test.images[0], tmp_path)), "--server", server.target)
+        assert result.returncode == 1 and "UNAUTHENTICATED" in result.stderr  # the CLI without --token
+        result = run_cli("classify", str(_png_of(mnist.test.images[0], tmp_path)), "--server", server.target,
+                         "--token", "s3cret-two")
+        assert result.returncode == 0 and f": {mnist.test.labels[0]} (" in result.stdout
+
+
+def _png_of(image: np.ndarray, directory) -> "Path":
+    from PIL import Image
+
+    path = directory / "digit.png"
+    Image.fromarray(image).save(path)
+    return path
