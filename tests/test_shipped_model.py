@@ -6,7 +6,7 @@ import sys
 import numpy as np
 
 from resserve.serve.backends import OnnxRuntimeBackend, batched_infer
-from resserve.serve.package import SHIPPED_PACKAGE, load_package, sha256_of
+from resserve.serve.package import load_package, sha256_of
 from resserve.train.checkpoint import SHIPPED_MODEL, load_checkpoint
 from resserve.train.export import ExportOptions, as_input, export_package
 from resserve.train.model_card import card_path

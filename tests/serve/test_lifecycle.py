@@ -248,7 +248,7 @@ def test_bearer_tokens_guard_the_apis_but_not_health(tmp_path, mnist):
         assert result.returncode == 0 and f": {mnist.test.labels[0]} (" in result.stdout
 
 
-def _png_of(image: np.ndarray, directory) -> "Path":
+def _png_of(image: np.ndarray, directory):
     from PIL import Image
 
     path = directory / "digit.png"

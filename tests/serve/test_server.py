@@ -3,8 +3,6 @@ stubs, `resserve classify` and `resserve health`."""
 
 import io
 import json
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -14,7 +12,6 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
-from tritonclient.utils import InferenceServerException
 
 from helpers import ServerProcess, metric_value, run_cli
 from resserve.serve.package import load_package

@@ -3,7 +3,6 @@
 import collections
 import gzip
 import hashlib
-import io
 import os
 import pickle
 
