@@ -9,7 +9,9 @@ import pytest
 from helpers import run_cli
 
 COMMANDS = [[], ["data"], ["train"], ["eval"], ["export"], ["serve"], ["classify"], ["health"],
-            ["bench"], ["bench", "train"], ["bench", "model"], ["bench", "serve"]]
+            ["bench"], ["bench", "train"], ["bench", "model"], ["bench", "serve"],
+            ["experiment"], ["experiment", "depth"], ["experiment", "lesion"], ["experiment", "shattered"],
+            ["experiment", "gates"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")
@@ -22,13 +24,13 @@ def test_every_command_explains_itself(command):
 
 def test_root_help_lists_the_commands():
     out = run_cli("--help").stdout
-    for name in ("data", "train", "eval", "export", "serve", "classify", "health", "bench"):
+    for name in ("data", "train", "eval", "export", "serve", "classify", "health", "bench", "experiment"):
         assert name in out
 
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--kernel-size", "4"], "kernel size must be a positive odd number"),
-    (["train", "--widths", "16,x"], "--widths takes comma-separated integers"),
+    (["train", "--widths", "16,x"], "--widths takes comma-separated positive integers"),
     (["train", "--blocks", "-2"], "number of blocks must be >= 0"),
     (["train", "--arch", "vgg"], "unknown architecture"),
     (["train", "--device", "tpu"], "device must be auto, cpu or cuda"),

@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 import typer
 
 from resserve.serve.errors import ResserveError
-from resserve.train.config import ModelConfig, TrainConfig
+from resserve.train.config import ModelConfig, TrainConfig, parse_ints
+from resserve.train.experiments.cli import experiment_app
 
 TRAIN_EXTRA_HINT = "this command needs the training extra: pip install 'resserve[train]'"
 
@@ -88,7 +89,7 @@ def train(
     from resserve.train.data import load_mnist
     from resserve.train.training import train as run_training
 
-    stage_widths = _parse_widths(widths) if widths else (channels,)
+    stage_widths = parse_ints(widths, "--widths") if widths else (channels,)
     model_config = ModelConfig(arch=arch, blocks=blocks, widths=stage_widths, kernel_size=kernel_size,
                                shortcut=shortcut.upper(), survival_prob=survival_prob,
                                zero_init_residual=zero_init_residual)
@@ -99,13 +100,6 @@ def train(
     command = shlex.join(["resserve", *sys.argv[1:]])
     run_training(model_config, train_config, load_mnist(data_dir, log=_log), out, log=_log,
                  show_progress=not quiet, command=command)
-
-
-def _parse_widths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError as exc:
-        raise ResserveError(f"--widths takes comma-separated integers like 16,32,64, got {text!r}") from exc
 
 
 def evaluate(model: ModelPath = None, data_dir: DataDir = None, as_json: JsonFlag = False,
@@ -255,3 +249,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("export")(export)
     bench_app.command("train")(bench_train)
     bench_app.command("model")(bench_model)
+    app.add_typer(experiment_app, name="experiment")

@@ -108,3 +108,14 @@ class TrainConfig:
             raise ResserveError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.shift < 0:
             raise ResserveError(f"shift must be >= 0 pixels, got {self.shift}")
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    """'16,32,64' -> (16, 32, 64): positive integers, as the CLI's list options take them."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise ResserveError(f"{option} takes comma-separated positive integers like 16,32,64, got {text!r}")
+    return values

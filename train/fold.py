@@ -85,11 +85,29 @@ def fold_for_inference(model: ResNet) -> ResNet:
 # Dropping blocks at test time
 
 
+def shape_preserving_blocks(model: ResNet) -> list[int]:
+    """Blocks whose output has their input's shape (stride 1, same channels): the ones a lesion
+    study can delete and leave a network that still runs."""
+    return [i for i, block in enumerate(model.resblocks)
+            if block.conv1.stride == (1, 1) and block.conv1.in_channels == block.conv2.in_channels]
+
+
 def droppable_blocks(model: ResNet) -> list[int]:
-    """Blocks of a residual architecture that keep the tensor shape (stride 1, same channels)."""
+    """Blocks that can go at test time: shape-preserving blocks of an architecture with skips."""
     if model.config.arch in ("plain", "crelu"):
         return []  # without a skip path, removing a block removes the only path through it
-    return [i for i, block in enumerate(model.resblocks) if isinstance(block.shortcut, nn.Identity)]
+    return shape_preserving_blocks(model)
+
+
+def remove_blocks(model: ResNet, indices: list[int]) -> ResNet:
+    """A copy with the given shape-preserving blocks replaced by the identity (a lesion)."""
+    allowed = set(shape_preserving_blocks(model))
+    if not set(indices) <= allowed:
+        raise DropBlocksError(f"blocks {sorted(set(indices) - allowed)} change the tensor shape and cannot be removed")
+    pruned = copy.deepcopy(model)
+    for index in indices:
+        pruned.resblocks[index] = nn.Identity()
+    return pruned
 
 
 def drop_blocks(model: ResNet, indices: list[int]) -> ResNet:
@@ -97,10 +115,7 @@ def drop_blocks(model: ResNet, indices: list[int]) -> ResNet:
     allowed = set(droppable_blocks(model))
     if not set(indices) <= allowed:
         raise DropBlocksError(f"blocks {sorted(set(indices) - allowed)} change the tensor shape and cannot be dropped")
-    pruned = copy.deepcopy(model)
-    for index in indices:
-        pruned.resblocks[index] = nn.Identity()
-    return pruned
+    return remove_blocks(model, indices)
 
 
 def choose_blocks_to_drop(model: ResNet, count: int, accuracy_of: Callable[[ResNet], float],

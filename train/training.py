@@ -148,6 +148,29 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int
+                   ) -> torch.optim.lr_scheduler.LRScheduler:
+    """One cycle over ``steps`` steps: 20% warm-up to ``cfg.lr``, then cosine decay."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+               optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               generator: torch.Generator, device: torch.device, precision: str) -> tuple[float, int]:
+    """One SGD step on uint8 images [B,28,28]; returns (batch loss, correct predictions)."""
+    x = to_input(random_shift(images, cfg.shift, generator)).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach()), int((logits.argmax(1) == labels).sum())
+
+
 def train_one_epoch(model: nn.Module, split: Split, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
                     device: torch.device, precision: str, on_batch) -> tuple[float, float]:
@@ -155,18 +178,10 @@ def train_one_epoch(model: nn.Module, split: Split, cfg: TrainConfig, optimizer:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in batches(split, cfg.batch_size, generator):
-        x = to_input(random_shift(images, cfg.shift, generator)).to(device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total_loss += float(loss.detach()) * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
+        loss, batch_correct = train_step(model, images, labels, cfg, optimizer, scheduler, generator,
+                                         device, precision)
+        total_loss += loss * len(labels)
+        correct += batch_correct
         seen += len(labels)
         on_batch(len(labels), total_loss / seen, correct / seen)
     return total_loss / seen, correct / seen
@@ -201,7 +216,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     model = build_model(model_config).to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     steps = cfg.epochs * -(-len(train_split) // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
+    scheduler = make_scheduler(optimizer, cfg, steps)
     log(f"training {model_config.arch} ({count_parameters(model):,} parameters) on {len(train_split):,} "
         f"MNIST images from {mnist.source}; device {device}, precision {precision}")
 

@@ -1,0 +1,197 @@
+"""``resserve experiment depth | lesion | shattered | gates``.
+
+Torch-free at import, like the other training commands: each command imports its experiment
+when it runs. Defaults come from train/experiments/settings.py.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from resserve.train.config import ModelConfig, TrainConfig, parse_ints
+from resserve.train.experiments.settings import DepthSettings, GatesSettings, LesionSettings, ShatteredSettings
+
+experiment_app = typer.Typer(
+    help="Reproduce the lecture's findings on MNIST. Each experiment writes NAME.png and NAME.json into "
+    "--out, takes at most 15 minutes on a 2-core CPU at its default size, and seconds with --quick.",
+    no_args_is_help=True)
+
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Directory for NAME.json and NAME.png (created if missing).")]
+Quick = Annotated[bool, typer.Option(
+    "--quick", help="A tiny version that runs in seconds: checks the pipeline, its numbers mean nothing.")]
+Seed = Annotated[int, typer.Option(help="Seeds initialization, shuffling and augmentation.")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
+DataDir = Annotated[Optional[Path], typer.Option(
+    "--data-dir", envvar="RESSERVE_DATA", help="Where MNIST is kept and cached [default: ~/.cache/resserve/mnist].")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (log lines only).")]
+DEFAULT_OUT = Path("experiments")
+
+
+def _log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _sized(settings: Any, **overrides: Any) -> Any:
+    """``settings`` with the options the user gave (None: keep the default or quick size)."""
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class _Run:
+    """Shared by every experiment: data, trainer, timing and the report at the end."""
+
+    def __init__(self, name: str, settings: Any, out: Path, quick: bool, seed: int, device: str,
+                 data_dir: Optional[Path], quiet: bool) -> None:
+        from resserve.train.cli import require_train_extra
+
+        require_train_extra()
+        from resserve.train.data import load_mnist
+        from resserve.train.experiments.report import prepare_output, pyplot
+
+        pyplot()  # fail now, not after 15 minutes, if matplotlib is missing
+        self.name, self.settings, self.quick, self.started = name, settings, quick, time.monotonic()
+        self.out = prepare_output(out)
+        self.recipe = TrainConfig(seed=seed, device=device)
+        self.recipe.validate()
+        self.show_progress = not quiet
+        _log(f"experiment {name}{' (quick)' if quick else ''}: {settings}")
+        self.mnist = load_mnist(data_dir, log=_log)
+
+    def trainer(self, budget):
+        from resserve.train.experiments.runs import Trainer
+
+        return Trainer(self.mnist, self.recipe, budget, _log, self.show_progress)
+
+    def finish(self, results: dict, draw: Callable, device: str = "cpu", precision: str = "fp32") -> None:
+        from resserve.train.experiments.report import write_report
+
+        seconds = time.monotonic() - self.started
+        context = {"command": shlex.join(["resserve", *sys.argv[1:]]), "quick": self.quick, "seconds": round(seconds, 1),
+                   "seed": self.recipe.seed, "device": device, "precision": precision, "data_source": self.mnist.source}
+        json_path, png_path = write_report(self.out, self.name, self.settings, context, results, draw)
+        typer.echo(f"wrote {png_path} and {json_path} in {seconds:.0f} s")
+
+
+@experiment_app.command()
+def depth(
+    out: OutDir = DEFAULT_OUT,
+    quick: Quick = False,
+    depths: Annotated[Optional[str], typer.Option(
+        help=f"Residual blocks per network, comma-separated [default: {','.join(map(str, DepthSettings.depths))}].",
+        show_default=False)] = None,
+    train_images: Annotated[Optional[int], typer.Option(
+        min=1, help=f"Training images per network [default: {DepthSettings.train_images:,}].", show_default=False)] = None,
+    seed: Seed = TrainConfig.seed, device: Device = TrainConfig.device, data_dir: DataDir = None, quiet: Quiet = False,
+) -> None:
+    """Plain versus residual networks of increasing depth, same recipe and budget (He et al. 2015).
+
+    Plots training and validation error curves per depth: deeper plain networks train worse
+    (degradation), deeper residual networks do not.
+    """
+    settings = _sized(DepthSettings.quick() if quick else DepthSettings(),
+                      depths=parse_ints(depths, "--depths") if depths else None, train_images=train_images)
+    run = _Run("depth", settings, out, quick, seed, device, data_dir, quiet)
+    from resserve.train.experiments import depth as experiment
+
+    trainer = run.trainer(settings.budget)
+    run.finish(experiment.run(settings, trainer), experiment.draw, str(trainer.device), trainer.precision)
+
+
+@experiment_app.command()
+def lesion(
+    model: Annotated[Optional[Path], typer.Argument(
+        help="A trained residual network (checkpoint) [default: the shipped lecture ResNet].", show_default=False)] = None,
+    plain: Annotated[Optional[Path], typer.Option(
+        help="A trained plain network of the same depth [default: train one for --plain-train-images].",
+        show_default=False)] = None,
+    out: OutDir = DEFAULT_OUT,
+    quick: Quick = False,
+    draws: Annotated[Optional[int], typer.Option(
+        min=1, help=f"Random sets of k blocks per k [default: {LesionSettings.draws}].", show_default=False)] = None,
+    plain_train_images: Annotated[Optional[int], typer.Option(
+        min=1, help=f"Training budget of the plain network [default: {LesionSettings.plain_train_images:,}].",
+        show_default=False)] = None,
+    seed: Seed = TrainConfig.seed, device: Device = TrainConfig.device, data_dir: DataDir = None, quiet: Quiet = False,
+) -> None:
+    """Delete residual blocks at test time (Veit et al. 2016), for MODEL and a plain network.
+
+    Measures test accuracy with each single block deleted and with k random blocks deleted
+    (k = 1..N, several draws): residual networks degrade smoothly, plain ones collapse.
+    """
+    settings = _sized(LesionSettings.quick() if quick else LesionSettings(), draws=draws,
+                      plain_train_images=plain_train_images)
+    from resserve.train.cli import require_train_extra
+
+    require_train_extra()
+    from resserve.train.checkpoint import load_checkpoint, resolve_model_path
+    from resserve.train.experiments import lesion as experiment
+
+    residual = load_checkpoint(resolve_model_path(model)).build()
+    experiment.check_residual(residual)
+    plain_model = None
+    if plain is not None:
+        plain_model = load_checkpoint(plain).build()
+        experiment.check_plain(plain_model, residual)
+    run = _Run("lesion", settings, out, quick, seed, device, data_dir, quiet)
+    trainer = run.trainer(settings.budget)
+    residual, plain_model = trainer.place(residual), plain_model and trainer.place(plain_model)
+    results = experiment.run(settings, trainer, residual, plain_model, run.mnist.test)
+    run.finish(results, experiment.draw, str(trainer.device), trainer.precision)
+
+
+@experiment_app.command()
+def shattered(
+    out: OutDir = DEFAULT_OUT,
+    quick: Quick = False,
+    depths: Annotated[Optional[str], typer.Option(
+        help=f"Blocks per network, comma-separated [default: {','.join(map(str, ShatteredSettings.depths))}].",
+        show_default=False)] = None,
+    lines: Annotated[Optional[int], typer.Option(
+        min=1, help=f"Image pairs to walk between [default: {ShatteredSettings.lines}].", show_default=False)] = None,
+    seed: Seed = ShatteredSettings.seed, data_dir: DataDir = None, quiet: Quiet = False,
+) -> None:
+    """Shattered gradients at initialization (Balduzzi et al. 2017): plain, residual, CReLU looks-linear.
+
+    The derivative of a logit along a line between two MNIST images (256 points) and its
+    autocorrelation: white-noise-like for deep plain networks, correlated for residual ones,
+    constant for looks-linear CReLU networks (linear at initialization).
+    """
+    settings = _sized(ShatteredSettings.quick() if quick else ShatteredSettings(),
+                      depths=parse_ints(depths, "--depths") if depths else None, lines=lines, seed=seed)
+    run = _Run("shattered", settings, out, quick, seed, "cpu", data_dir, quiet)
+    from resserve.train.experiments import shattered as experiment
+
+    train_split, _ = run.mnist.train_validation(run.recipe.validation_size)
+    run.finish(experiment.run(settings, train_split, _log), experiment.draw)
+
+
+@experiment_app.command()
+def gates(
+    out: OutDir = DEFAULT_OUT,
+    quick: Quick = False,
+    train_images: Annotated[Optional[int], typer.Option(
+        min=1, help=f"Training images per network [default: {GatesSettings.train_images:,}].", show_default=False)] = None,
+    survival_prob: Annotated[Optional[float], typer.Option(
+        help=f"Stochastic depth's p_L [default: {GatesSettings.survival_prob}].", show_default=False)] = None,
+    seed: Seed = TrainConfig.seed, device: Device = TrainConfig.device, data_dir: DataDir = None, quiet: Quiet = False,
+) -> None:
+    """Highway transform gates after training, and stochastic depth against none at equal budget.
+
+    Trains a highway network (mean gate T per block, against ~0.05 at initialization) and the
+    lecture ResNet with and without stochastic depth (Huang et al. 2016); reports test accuracy.
+    """
+    settings = _sized(GatesSettings.quick() if quick else GatesSettings(), train_images=train_images,
+                      survival_prob=survival_prob)
+    ModelConfig(blocks=settings.blocks, survival_prob=settings.survival_prob)  # a bad p_L fails now, not in 10 min
+    run = _Run("gates", settings, out, quick, seed, device, data_dir, quiet)
+    from resserve.train.experiments import gates as experiment
+
+    trainer = run.trainer(settings.budget)
+    run.finish(experiment.run(settings, trainer, run.mnist.test), experiment.draw, str(trainer.device),
+               trainer.precision)

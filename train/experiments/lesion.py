@@ -1,0 +1,107 @@
+"""Lesion: delete residual blocks from trained networks at test time (Veit et al. 2016).
+
+A residual network behaves like an ensemble of many paths of different lengths: deleting one
+block removes only the paths through it, so accuracy barely moves, and it degrades smoothly as
+more blocks go. A plain network has a single path: deleting any block breaks it (about chance).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+from rich.progress import Progress
+
+from resserve.serve.errors import ResserveError
+from resserve.train.config import ModelConfig
+from resserve.train.data import Split
+from resserve.train.experiments.runs import Trainer, accuracy, progress_bar
+from resserve.train.experiments.settings import LesionSettings
+from resserve.train.fold import remove_blocks, shape_preserving_blocks
+from resserve.train.models import ResNet
+
+
+def plain_config(residual: ResNet) -> ModelConfig:
+    """The same network without skip connections (and without the tricks that need them)."""
+    return replace(residual.config, arch="plain", survival_prob=1.0, zero_init_residual=False)
+
+
+def check_residual(model: ResNet) -> None:
+    if model.config.arch in ("plain", "crelu"):
+        raise ResserveError(f"the lesion study compares a residual network with a plain one; "
+                            f"MODEL is a {model.config.arch} network (give a resnet, preact or highway checkpoint)")
+    if not shape_preserving_blocks(model):
+        raise ResserveError("MODEL has no block that keeps the tensor shape, so none can be deleted")
+
+
+def check_plain(plain: ResNet, residual: ResNet) -> None:
+    if plain.config.arch != "plain" or len(shape_preserving_blocks(plain)) != len(shape_preserving_blocks(residual)):
+        raise ResserveError(f"--plain must be a plain network with as many deletable blocks as MODEL "
+                            f"({len(shape_preserving_blocks(residual))}); got a {plain.config.arch} network "
+                            f"with {len(shape_preserving_blocks(plain))}")
+
+
+def run(settings: LesionSettings, trainer: Trainer, residual: ResNet, plain: ResNet | None, test: Split) -> dict:
+    """Single-block and random k-block deletions for both networks, on the MNIST test split.
+
+    Without ``plain``, a plain network of MODEL's shape is trained for the settings' budget.
+    """
+    plain_origin = "given"
+    if plain is None:
+        trained = trainer.train(plain_config(residual), f"plain-{residual.config.blocks}")
+        plain, plain_origin = trained.model, f"trained here for {trained.curve[-1]['images']:,} images"
+    networks = {}
+    with progress_bar(trainer.show_progress, "evaluations") as progress:
+        for name, model in (("residual", residual), ("plain", plain)):
+            networks[name] = _lesion(model, settings, trainer.precision, test, progress, name)
+            trainer.log(f"{name} ({model.config.arch}-{model.config.blocks}): intact {networks[name]['intact']:.4f}, "
+                        f"one block deleted: mean {np.mean(networks[name]['single']):.4f}, "
+                        f"worst {min(networks[name]['single']):.4f}")
+    networks["plain"]["origin"] = plain_origin
+    return networks
+
+
+def _lesion(model: ResNet, settings: LesionSettings, precision: str, test: Split, progress: Progress, name: str) -> dict:
+    blocks = shape_preserving_blocks(model)
+    full, subset = test.head(settings.test_images), test.head(settings.random_test_images)
+    task = progress.add_task(name, total=1 + len(blocks) * (1 + settings.draws))
+    single = []
+    for index in blocks:
+        single.append(accuracy(remove_blocks(model, [index]), full, precision))
+        progress.advance(task)
+    draws = random.Random(0)
+    by_k = []
+    for k in range(1, len(blocks) + 1):
+        scores = []
+        for _ in range(settings.draws):
+            scores.append(accuracy(remove_blocks(model, draws.sample(blocks, k)), subset, precision))
+            progress.advance(task)
+        by_k.append({"k": k, "mean": float(np.mean(scores)), "min": min(scores), "max": max(scores),
+                     "accuracies": scores})
+    intact = accuracy(model, full, precision)
+    progress.advance(task)
+    return {"arch": model.config.arch, "blocks": model.config.blocks, "deletable_blocks": blocks,
+            "intact": intact, "intact_on_random_subset": accuracy(model, subset, precision),
+            "single": single, "random": by_k}
+
+
+def draw(plt, results: dict):
+    """Left: accuracy with each single block deleted. Right: with k random blocks deleted."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
+    for (name, network), color in zip(results.items(), ("tab:blue", "tab:red")):
+        label = f"{name} ({network['arch']}-{network['blocks']})"
+        left.plot([i + 1 for i in network["deletable_blocks"]], [100 * a for a in network["single"]], "o-",
+                  color=color, label=label, markersize=3)
+        left.axhline(100 * network["intact"], color=color, linestyle=":", linewidth=1)
+        ks = [row["k"] for row in network["random"]]
+        right.plot(ks, [100 * row["mean"] for row in network["random"]], "o-", color=color, label=label, markersize=3)
+        right.fill_between(ks, [100 * row["min"] for row in network["random"]],
+                           [100 * row["max"] for row in network["random"]], color=color, alpha=0.2)
+    for axis in (left, right):
+        axis.axhline(10, color="gray", linestyle="--", linewidth=1, label="chance")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    left.set(title="one block deleted (dotted: intact)", xlabel="deleted block", ylabel="test accuracy (%)")
+    right.set(title="k random blocks deleted (band: min-max over draws)", xlabel="blocks deleted (k)")
+    return figure
