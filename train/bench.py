@@ -121,7 +121,7 @@ def benchmark_model(runners: dict[str, Callable[[np.ndarray], object]], images: 
     rows = []
     for name, run in runners.items():
         one = images[:1]
-        row = {"config": name, "batch1_latency_ms": round(median_seconds(lambda: run(one), repeats=100) * 1e3, 3)}
+        row = {"config": name, "batch1_latency_ms": round(median_seconds(lambda: run(one), repeats=500) * 1e3, 3)}
         for size in batch_sizes:
             batch = np.ascontiguousarray(np.resize(images, (size, *images.shape[1:])))
             row[f"batch{size}_images_per_second"] = round(images_per_second(lambda: run(batch), size, seconds), 1)

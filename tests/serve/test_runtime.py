@@ -72,3 +72,19 @@ def test_openvino_bf16_agrees_with_fp32_on_real_mnist(shipped_onnx, mnist):
     bf16 = batched_infer(OpenVinoBackend(shipped_onnx, "bf16"), images)["logits"].argmax(1)
     assert (fp32 == bf16).mean() >= 0.999
     assert load_package().manifest["reduced_precision"]["bf16"]["allowed"]
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 0.5)])
+def test_openvino_single_images_match_onnxruntime_like_batches_do(shipped_onnx, mnist, precision, tolerance):
+    """Batch 1 runs through its own static-shape, one-thread compilation: it must agree too."""
+    if precision == "bf16" and "BF16" not in (openvino_cpu_capabilities() or set()):
+        pytest.skip("this CPU has no BF16 support")
+    images = mnist.test.images[:64, None].astype(np.float32) / 255
+    reference = OnnxRuntimeBackend(shipped_onnx).infer(images)
+    backend = OpenVinoBackend(shipped_onnx, precision)
+    singles = [backend.infer(images[i:i + 1]) for i in range(len(images))]
+    assert all(set(s) == {"logits", "probabilities"} and s["logits"].shape == (1, 10) for s in singles)
+    logits = np.concatenate([s["logits"] for s in singles])
+    assert np.abs(logits - reference["logits"]).max() <= tolerance
+    assert (logits.argmax(1) == reference["logits"].argmax(1)).all()
+    assert np.abs(backend.infer(images)["logits"] - reference["logits"]).max() <= tolerance
