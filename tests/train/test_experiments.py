@@ -124,6 +124,7 @@ def test_a_lesion_may_remove_plain_blocks_but_export_may_not_drop_them():
 @pytest.mark.parametrize("args, message", [
     (["depth", "--depths", "4,0"], "--depths takes comma-separated positive integers"),
     (["gates", "--survival-prob", "0"], "survival probability must be in (0, 1]"),
+    (["depth", "--device", "tpu"], "device must be auto, cpu or cuda"),
     (["lesion", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),
 ])
 def test_bad_experiment_input_is_one_line(args, message):
@@ -145,3 +146,6 @@ def test_lesion_refuses_a_plain_model_and_out_that_is_a_file(tmp_path):
     result = run_cli("experiment", "depth", "--quick", "--out", str(path))
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: --out {path} is a file; give a directory for the JSON and PNG"
+    result = run_cli("experiment", "depth", "--quick", "--out", str(path / "figures"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: cannot create --out {path / 'figures'}: Not a directory"

@@ -55,10 +55,10 @@ class _Run:
         from resserve.train.experiments.report import prepare_output, pyplot
 
         pyplot()  # fail now, not after 15 minutes, if matplotlib is missing
-        self.name, self.settings, self.quick, self.started = name, settings, quick, time.monotonic()
-        self.out = prepare_output(out)
         self.recipe = TrainConfig(seed=seed, device=device)
         self.recipe.validate()
+        self.name, self.settings, self.quick, self.started = name, settings, quick, time.monotonic()
+        self.out = prepare_output(out)
         self.show_progress = not quiet
         _log(f"experiment {name}{' (quick)' if quick else ''}: {settings}")
         self.mnist = load_mnist(data_dir, log=_log)
