@@ -78,10 +78,11 @@ def draw(plt, results: dict):
     left.set(title=f"highway-{highway['blocks']}: mean transform gate T (test accuracy "
                    f"{100 * highway['test_accuracy']:.2f}%)", xlabel="block", ylabel="mean T")
     left.legend()
-    for (name, run), color in zip(results["stochastic_depth"].items(), ("tab:blue", "tab:orange")):
-        right.plot([p["images"] for p in run["curve"]], [100 * p["val_error"] for p in run["curve"]], "o-", color=color,
-                   label=f"{name} stochastic depth (p_L={run['survival_prob']}): "
-                         f"test accuracy {100 * run['test_accuracy']:.2f}%")
+    for (name, network), color in zip(results["stochastic_depth"].items(), ("tab:blue", "tab:orange")):
+        curve = network["curve"]
+        right.plot([p["images"] for p in curve], [100 * p["val_error"] for p in curve], "o-", color=color,
+                   label=f"{name} stochastic depth (p_L={network['survival_prob']}): "
+                         f"test accuracy {100 * network['test_accuracy']:.2f}%")
     right.set(title="ResNet: validation error, same budget", xlabel="training images", ylabel="error (%)", yscale="log")
     right.legend(fontsize=8)
     for axis in (left, right):
