@@ -286,8 +286,15 @@ def _server_runtime(target: str, model: str) -> str:
 
 
 def _configurations(backends: list[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """(name, server flags): each backend batched, plus ONNX Runtime unbatched (--max-batch-size 1)."""
-    configs = [(f"{backend}, batched", ("--backend", backend)) for backend in backends]
+    """(name, server flags): each backend batched, plus ONNX Runtime unbatched (--max-batch-size 1).
+
+    A backend may name its precision: ``openvino:fp32`` serves with ``--backend openvino
+    --precision fp32``.
+    """
+    configs = []
+    for spec in backends:
+        backend, _, precision = spec.partition(":")
+        configs.append((f"{spec}, batched", ("--backend", backend, *(("--precision", precision) if precision else ()))))
     return configs + [(UNBATCHED, ("--backend", "onnxruntime", "--max-batch-size", "1"))]
 
 

@@ -166,8 +166,9 @@ def bench_serve(
     duration: Annotated[float, typer.Option(help="Measured seconds per concurrency level.")] = 10.0,
     warmup: Annotated[float, typer.Option(help="Unmeasured seconds before each level.")] = 2.0,
     backends: Annotated[str, typer.Option(
-        help="With --start: server backends to measure, comma-separated (each batched; ONNX Runtime "
-        "unbatched is always added as the baseline).")] = "onnxruntime,auto",
+        help="With --start: server backends to measure, comma-separated, each optionally with its precision "
+        "(e.g. onnxruntime,auto,openvino:fp32,openvino:bf16); each runs batched, and ONNX Runtime unbatched "
+        "is always added as the baseline.")] = "onnxruntime,auto",
     metrics: Annotated[Optional[str], typer.Option(
         help="The target's metrics URL [default: http://HOST:8002/metrics].", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,

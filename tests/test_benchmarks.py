@@ -32,11 +32,14 @@ def test_bench_model_reports_every_runner(tmp_path, mnist):
 def test_bench_serve_starts_servers_and_writes_table_json_and_plot(tmp_path):
     out, plot = tmp_path / "serve.json", tmp_path / "serve.png"
     result = run_cli("bench", "serve", "--start", "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.2",
-                     "--json", str(out), "--plot", str(plot))
+                     "--backends", "onnxruntime,auto,openvino:fp32", "--json", str(out), "--plot", str(plot))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert set(report["servers"]) == {"onnxruntime, batched", "auto, batched", "onnxruntime, unbatched (max batch 1)"}
+    assert set(report["servers"]) == {"onnxruntime, batched", "auto, batched", "openvino:fp32, batched",
+                                      "onnxruntime, unbatched (max batch 1)"}
     assert report["runtimes"]["onnxruntime, batched"] == "onnxruntime fp32"
+    assert report["runtimes"]["openvino:fp32, batched"] == "openvino fp32"
+    assert "peak openvino:fp32, batched over onnxruntime, batched" in report["ratios"]
     for rows in report["servers"].values():
         assert [r["concurrency"] for r in rows] == [1, 4]
         for r in rows:
