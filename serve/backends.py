@@ -151,8 +151,9 @@ class OpenVinoBackend:
         self.precision, self.device = precision, "cpu"
         core = ov.Core()
         try:
-            batched = self._compile(core, core.read_model(str(path)), threads or usable_cpus())
-            single_model = core.read_model(str(path))
+            model = core.read_model(str(path))
+            batched = self._compile(core, model, threads or usable_cpus())
+            single_model = model.clone()  # the file is read once
             shape = single_model.input(0).get_partial_shape()
             shape[0] = 1
             single_model.reshape({single_model.input(0): shape})
