@@ -1,5 +1,5 @@
 """``python -m resserve.serve ...`` is the ``resserve`` command."""
 
-from resserve.serve.cli import main
+from resserve.serve.app import main
 
 main()

@@ -23,9 +23,8 @@ from typing import Callable
 
 import numpy as np
 
+from resserve.serve.backends.base import Outputs, infer_in_chunks
 from resserve.serve.errors import DeadlineExpired, QueueFull, ShuttingDown
-
-Outputs = dict[str, np.ndarray]
 
 
 @dataclass
@@ -90,18 +89,16 @@ class DynamicBatcher:
         return await pending.future  # cancelling the caller cancels the future: _take skips it
 
     async def close(self) -> None:
-        """Stop taking requests, finish what is queued, then stop the loop."""
+        """Stop taking requests, finish what is queued, then let the loop end."""
         self._closed = True
-        while self._queue:
-            await asyncio.sleep(0.001)
+        self._arrived.set()  # wake the loop if it waits on an empty queue
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._task
 
     # ------------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while self._queue or not self._closed:
             batch = await self._next_batch()
             if batch:
                 await self._execute(batch)
@@ -116,6 +113,8 @@ class DynamicBatcher:
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._queue:
+            if self._closed:
+                return []
             await self._wait_for_arrival(None)
         window_closes = self._queue[0].enqueued + self.config.max_queue_delay_us / 1e6
         while sum(p.size for p in self._queue) < self.config.max_batch_size:
@@ -146,7 +145,8 @@ class DynamicBatcher:
         started = time.monotonic()
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer_chunked, inputs)
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, infer_in_chunks, self._infer, inputs, self.config.max_batch_size)
         except Exception as exc:  # noqa: BLE001 - fails this batch only; the loop goes on
             for pending in batch:
                 if not pending.future.done():
@@ -159,10 +159,3 @@ class DynamicBatcher:
                 pending.future.set_result({k: v[offset:offset + pending.size] for k, v in outputs.items()})
             offset += pending.size
         self._on_batch(BatchStats(len(inputs), [started - p.enqueued for p in batch], finished - started))
-
-    def _infer_chunked(self, inputs: np.ndarray) -> Outputs:
-        limit = self.config.max_batch_size
-        if len(inputs) <= limit:
-            return self._infer(inputs)
-        chunks = [self._infer(inputs[i:i + limit]) for i in range(0, len(inputs), limit)]
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}

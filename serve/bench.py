@@ -30,7 +30,8 @@ from typing import Iterator
 import grpc
 import numpy as np
 
-from resserve.serve.backends import OnnxRuntimeBackend, usable_cpus
+from resserve.serve.backends.base import usable_cpus
+from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import ModelPackage, load_package
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
@@ -177,7 +178,7 @@ def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str
 
 def in_process_limit(package: ModelPackage, batch_sizes: list[int], threads: int | None = None) -> list[dict]:
     """ONNX Runtime on the same artifact in this process: the ceiling a server can approach."""
-    backend = OnnxRuntimeBackend(package.verified_path(package.find("onnx")), threads=threads)
+    backend = OnnxRuntimeBackend(package.read_verified(package.find("onnx")), threads=threads)
     rows = []
     for size in sorted(set(batch_sizes)):
         batch = _images(size)

@@ -1,11 +1,9 @@
-"""The root ``resserve`` command, and the serving commands: serve, classify, health.
+"""The serving commands: ``serve``, ``classify``, ``health`` and ``bench serve``.
 
-It starts without torch: the training commands live in ``resserve.train.cli``, which imports
-torch only inside the commands, and are added only where the train package is installed.
+Registered into the root command (serve/app.py) by ``register``; torch-free.
 """
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,27 +11,13 @@ import typer
 
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
-from resserve.serve.settings import DEFAULT_METRICS_PORT, ServerSettings
-
-app = typer.Typer(
-    name="resserve",
-    help="Train the lecture's residual networks on MNIST, export them, and serve digit "
-    "classification over gRPC.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
-)
-bench_app = typer.Typer(help="Benchmarks: print a table (and JSON) against a baseline measured in the same run.",
-                        no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
+from resserve.serve.settings import DEFAULT_METRICS_PORT, BackendChoice, Device, Precision, ServerSettings
 
 
 def _env(name: str) -> str:
     return f"RESSERVE_{name}"
 
 
-@app.command()
 def serve(
     packages: Annotated[Optional[list[Path]], typer.Argument(
         help="Model package directories (from `resserve export`) [default: the shipped model].",
@@ -49,15 +33,16 @@ def serve(
     max_queue_size: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_SIZE"),
         help="Requests that may wait per model; beyond it: UNAVAILABLE (retryable).")] = BatchingConfig.max_queue_size,
     device: Annotated[str, typer.Option(envvar=_env("DEVICE"),
-        help="cpu | cuda | auto (CUDA where ONNX Runtime has it, else CPU).")] = ServerSettings.device,
+        help=f"{Device.listing()} (auto: CUDA where ONNX Runtime has it, else CPU).")] = ServerSettings.device.value,
     backend: Annotated[str, typer.Option(envvar=_env("BACKEND"),
-        help="auto | onnxruntime | openvino | torchscript (needs torch). auto: OpenVINO bf16 where the CPU "
-        "has BF16 (AMX, AVX512-BF16) and the package's accuracy guard allows it, else ONNX Runtime.")] = ServerSettings.backend,
+        help=f"{BackendChoice.listing()} (torchscript needs torch). auto: OpenVINO bf16 where the CPU "
+        "has BF16 (AMX, AVX512-BF16) and the package's accuracy guard allows it, else ONNX Runtime.")] = ServerSettings.backend.value,
     precision: Annotated[str, typer.Option(envvar=_env("PRECISION"),
-        help="auto | fp32 | bf16 (bf16 needs OpenVINO and a manifest showing <= 0.1 points accuracy loss).")] = ServerSettings.precision,
+        help=f"{Precision.listing()} (bf16 needs OpenVINO and a manifest showing <= 0.1 points accuracy loss).")] = ServerSettings.precision.value,
     threads: Annotated[Optional[int], typer.Option(envvar=_env("THREADS"),
         help="Inference threads [default: the CPUs this process may use].", show_default=False)] = None,
-    max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"))] = ServerSettings.max_images_per_request,
+    max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"),
+        help="Most images in one request (KServe batch or Classify images); more: INVALID_ARGUMENT.")] = ServerSettings.max_images_per_request,
     max_message_bytes: Annotated[int, typer.Option(envvar=_env("MAX_MESSAGE_BYTES"),
         help="Largest request; bigger ones get RESOURCE_EXHAUSTED.")] = ServerSettings.max_message_bytes,
     drain_seconds: Annotated[float, typer.Option(envvar=_env("DRAIN_SECONDS"),
@@ -83,12 +68,12 @@ def serve(
 
     settings = ServerSettings(
         packages=tuple(packages or ()), host=host, port=port, metrics_port=metrics_port,
-        batching=BatchingConfig(max_batch_size, max_queue_delay_us, max_queue_size), device=device,
+        batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                                max_queue_size=max_queue_size), device=device,
         backend=backend, precision=precision, threads=threads, max_images_per_request=max_images_per_request,
         max_message_bytes=max_message_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age, tls_cert=tls_cert, tls_key=tls_key,
         tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file))
-    settings.validate()
     run_server(settings)
 
 
@@ -109,7 +94,6 @@ TlsCa = Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CA"), help="CA c
 Token = Annotated[Optional[str], typer.Option(envvar=_env("TOKEN"), help="Bearer token.")]
 
 
-@app.command()
 def classify(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...): photos and drawings work.")],
     server: Server = "localhost:8001",
@@ -137,7 +121,6 @@ def classify(
         typer.echo(f"{row['file']}: {row['digit']} ({row['confidence']:.1%})")
 
 
-@app.command()
 def health(
     server: Server = "localhost:8001",
     service: Annotated[str, typer.Option(help='Health service name: "" (server), resserve.liveness, resserve.readiness.')] = "",
@@ -153,7 +136,6 @@ def health(
         raise typer.Exit(1)
 
 
-@bench_app.command("serve")
 def bench_serve(
     target: Annotated[Optional[str], typer.Option(help="host:port of a running server (instead of --start).")] = None,
     start: Annotated[bool, typer.Option("--start", help="Start the server(s) on loopback: batched and unbatched.")] = False,
@@ -197,24 +179,9 @@ def bench_serve(
         plot_report(report, plot)
 
 
-def _add_training_commands() -> None:
-    try:
-        from resserve.train import cli as train_cli
-    except ImportError:  # a serving-only install without the train package
-        return
-    train_cli.register(app, bench_app)
-
-
-_add_training_commands()
-
-
-def main() -> None:
-    """Console entry point: expected failures become one line on stderr and a non-zero exit."""
-    try:
-        app()
-    except ResserveError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Add these commands to the root CLI (serve/app.py)."""
+    app.command()(serve)
+    app.command()(classify)
+    app.command()(health)
+    bench_app.command("serve")(bench_serve)

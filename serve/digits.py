@@ -1,33 +1,21 @@
-"""``resserve.v1.DigitClassifier``: images in (encoded or raw 28x28), digits out."""
+"""``resserve.v1.DigitClassifier``: the gRPC codec of the data plane's ``classify``."""
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 
+from resserve.serve.dataplane import DataPlane, Image
 from resserve.serve.errors import InvalidInput
-from resserve.serve.preprocess import encoded_to_input, raw_to_input
-from resserve.serve.rpc import ServerState, deadline_of, rpc
+from resserve.serve.rpc import deadline_of, rpc
 from resserve.serve.stubs import digits_pb2 as pb
 from resserve.serve.stubs import digits_pb2_grpc as pb_grpc
 
 
-def _image_to_input(index: int, image: pb.Image) -> np.ndarray:
+def _image(index: int, image: pb.Image) -> Image:
     kind = image.WhichOneof("content")
-    try:
-        if kind == "encoded":
-            return encoded_to_input(image.encoded)
-        if kind == "raw_28x28":
-            return raw_to_input(image.raw_28x28)
-    except InvalidInput as exc:
-        raise InvalidInput(f"image {index}: {exc}") from None
-    raise InvalidInput(f"image {index} has neither encoded bytes nor raw_28x28 pixels")
-
-
-def _preprocess(images) -> np.ndarray:
-    """All images of a request -> float32 [N,1,28,28] (Pillow work: runs in a worker thread)."""
-    return np.stack([_image_to_input(i, image) for i, image in enumerate(images)])
+    if kind is None:
+        raise InvalidInput(f"image {index} has neither encoded bytes nor raw_28x28 pixels")
+    return Image(image.raw_28x28, raw=True) if kind == "raw_28x28" else Image(image.encoded)
 
 
 def _classification(probabilities: np.ndarray, top_k: int) -> pb.Classification:
@@ -39,19 +27,14 @@ def _classification(probabilities: np.ndarray, top_k: int) -> pb.Classification:
 
 
 class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
 
     @rpc("classify", model_of=lambda r: r.model)
     async def Classify(self, request, context):
-        model = self.state.models().get(request.model)
-        count, limit = len(request.images), self.state.settings.max_images_per_request
-        if count == 0:
-            raise InvalidInput("no images in the request")
-        if count > limit:
-            raise InvalidInput(f"{count} images in one request; the limit is {limit}")
-        batch = await asyncio.to_thread(_preprocess, request.images)
-        outputs = await model.batcher.submit(batch, deadline_of(context))
+        self.plane.check_image_count(len(request.images))  # before any per-image work
+        images = [_image(i, image) for i, image in enumerate(request.images)]
+        result = await self.plane.classify(images, request.model, deadline_of(context))
         return pb.ClassifyResponse(
-            results=[_classification(p, request.top_k) for p in outputs["probabilities"]],
-            model=model.name, model_version=model.version)
+            results=[_classification(p, request.top_k) for p in result.probabilities],
+            model=result.model.name, model_version=result.model.version)

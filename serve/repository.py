@@ -9,23 +9,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from resserve.serve.backends import open_backend, openvino_cpu_capabilities
+from resserve.serve.backends import Backend, open_backend
+from resserve.serve.backends.openvino import openvino_cpu_capabilities
 from resserve.serve.batcher import BatchStats, DynamicBatcher
 from resserve.serve.errors import ModelNotFound, ResserveError
 from resserve.serve.metrics import Metrics
 from resserve.serve.package import ModelPackage, load_package
 from resserve.serve.runtime import choose_runtime
-from resserve.serve.settings import ServerSettings
+from resserve.serve.settings import BackendChoice, ServerSettings
 
 log = logging.getLogger("resserve.serve")
 
+# Triton's platform names, by backend
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "torchscript": "pytorch_libtorch"}
 
 
 @dataclass
 class ServedModel:
     package: ModelPackage
-    backend: object  # OnnxRuntimeBackend | TorchScriptBackend
+    backend: Backend
     batcher: DynamicBatcher
 
     @property
@@ -58,11 +60,13 @@ class ModelRepository:
 
 def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set[str] | None,
               executor: Executor, metrics: Metrics) -> ServedModel:
-    choice = choose_runtime(settings.backend, settings.precision, settings.device, package.manifest, capabilities)
+    manifest = package.manifest
+    choice = choose_runtime(settings.backend, settings.precision, settings.device, manifest, capabilities)
     artifact = package.find(choice.artifact_format, "fp32")
-    path = package.verified_path(artifact)  # a sha256 mismatch refuses to start
+    model_bytes = package.read_verified(artifact)  # a sha256 mismatch refuses to start
     started = time.monotonic()
-    backend = open_backend(path, artifact.format, settings.device, settings.threads, choice.backend, choice.precision)
+    backend = open_backend(model_bytes, artifact.format, choice.backend, settings.device, choice.precision,
+                           settings.threads, tuple(manifest.output_names))
     log.info("model %s runs on %s in %s: %s", package.name, choice.backend, choice.precision, choice.reason)
     if settings.device == "auto" and backend.device == "cpu":
         log.info("--device auto: no CUDA available to %s, running %s on the CPU", backend.name, package.name)
@@ -91,5 +95,6 @@ def load_repository(settings: ServerSettings, executor: Executor, metrics: Metri
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ResserveError(f"two packages are called {', '.join(duplicates)}; export one with --name")
-    capabilities = openvino_cpu_capabilities() if settings.backend in ("auto", "openvino") else None
+    wants_openvino = settings.backend in (BackendChoice.AUTO, BackendChoice.OPENVINO)
+    capabilities = openvino_cpu_capabilities() if wants_openvino else None
     return ModelRepository([_load_one(p, settings, capabilities, executor, metrics) for p in packages])

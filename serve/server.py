@@ -22,11 +22,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from resserve.serve.dataplane import DataPlane
 from resserve.serve.digits import DigitClassifierServicer
 from resserve.serve.errors import ResserveError
 from resserve.serve.kserve import InferenceServicer
 from resserve.serve.repository import load_repository
-from resserve.serve.rpc import ServerState
+from resserve.serve.state import ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 
@@ -75,10 +76,8 @@ def _grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 
 def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
-    if not settings.tls_cert and not settings.tls_key:
+    if not settings.tls_cert:  # settings refuse a key, or a client CA, without a certificate
         return None
-    if not (settings.tls_cert and settings.tls_key):
-        raise ResserveError("TLS needs both --tls-cert and --tls-key")
     try:
         key, cert = settings.tls_key.read_bytes(), settings.tls_cert.read_bytes()
         client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
@@ -92,6 +91,7 @@ class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.state = ServerState(settings)
+        self.plane = DataPlane(self.state)
         self.health = health_aio.HealthServicer()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         interceptors = [BearerTokenInterceptor(settings.tokens)] if settings.tokens else []
@@ -105,8 +105,8 @@ class Server:
 
     async def start(self) -> None:
         await self._set_health([LIVENESS_SERVICE, *READINESS_NAMES], serving=False)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.state), self.grpc)
-        digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.state), self.grpc)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), self.grpc)
+        digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.plane), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [*API_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -116,7 +116,7 @@ class Server:
         await self._set_health([LIVENESS_SERVICE], serving=True)
         log.info("listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if self.settings.tls_cert else "")
         if self.settings.metrics_port:
-            self.state.metrics.serve(self.settings.metrics_port)
+            self.state.metrics.serve(self.settings.metrics_port, self.settings.host)
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port)
         repository = await asyncio.to_thread(load_repository, self.settings, self.executor, self.state.metrics)
         for model in repository.models.values():
@@ -145,10 +145,13 @@ class Server:
         await asyncio.sleep(self.settings.drain_seconds)
         log.info("stopping: new requests get UNAVAILABLE; in-flight requests get %.1f s", self.settings.grace_seconds)
         self.state.accepting = False
-        deadline = asyncio.get_running_loop().time() + self.settings.grace_seconds
-        while self.state.in_flight and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        await self.grpc.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.grace_seconds
+        try:
+            await asyncio.wait_for(self.state.idle.wait(), self.settings.grace_seconds)
+        except TimeoutError:
+            log.warning("%d requests still in flight after the grace period", self.state.in_flight)
+        await self.grpc.stop(max(0.0, deadline - loop.time()))
         if self.state.repository:
             for model in self.state.repository.models.values():
                 await model.batcher.close()

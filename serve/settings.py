@@ -3,16 +3,55 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
-from resserve.serve.runtime import BACKENDS, PRECISIONS
 
 DEFAULT_PORT = 8001  # as Triton: gRPC 8001, metrics 8002
 DEFAULT_METRICS_PORT = 8002
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # gRPC's channel arguments are C ints
 LIVENESS_SERVICE = "resserve.liveness"
 READINESS_SERVICE = "resserve.readiness"
+
+
+class Choice(str, Enum):
+    """A setting with a fixed set of values. Members compare equal to their strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: str, option: str) -> "Choice":
+        """``value`` as a member, or a one-line error naming ``option`` and the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ResserveError(f"{option} must be one of {cls.listing(', ')}, got {value!r}") from None
+
+    @classmethod
+    def listing(cls, separator: str = " | ") -> str:
+        return separator.join(member.value for member in cls)
+
+
+class Device(Choice):
+    CPU = "cpu"
+    CUDA = "cuda"
+    AUTO = "auto"  # CUDA where the backend has it, else the CPU
+
+
+class BackendChoice(Choice):
+    AUTO = "auto"  # see serve/runtime.py
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+    TORCHSCRIPT = "torchscript"
+
+
+class Precision(Choice):
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
 
 
 @dataclass(frozen=True)
@@ -22,9 +61,9 @@ class ServerSettings:
     port: int = DEFAULT_PORT
     metrics_port: int = DEFAULT_METRICS_PORT  # 0 disables the metrics endpoint
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    device: str = "cpu"  # cpu | cuda | auto
-    backend: str = "auto"  # auto | onnxruntime | openvino | torchscript (see runtime.py)
-    precision: str = "auto"  # auto | fp32 | bf16
+    device: Device = Device.CPU
+    backend: BackendChoice = BackendChoice.AUTO
+    precision: Precision = Precision.AUTO
     threads: int | None = None  # default: the CPUs this process may use
     max_images_per_request: int = 1024
     max_message_bytes: int = 4 * 1024 * 1024
@@ -36,20 +75,27 @@ class ServerSettings:
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a cert signed by this CA
     tokens: tuple[str, ...] = ()  # bearer tokens accepted; empty: no authentication
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Choices given as strings become their enums, and every setting is checked: once, here."""
+        for name, choice in (("device", Device), ("backend", BackendChoice), ("precision", Precision)):
+            object.__setattr__(self, name, choice.parse(getattr(self, name), f"--{name}"))
+        self._validate()
+
+    def _validate(self) -> None:
         """One-line errors for settings that cannot work, before anything starts."""
         b = self.batching
         checks = [
-            (self.device in ("cpu", "cuda", "auto"), f"--device must be cpu, cuda or auto, got {self.device!r}"),
-            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (0 <= self.port < 65536 and 0 <= self.metrics_port < 65536, "ports must be in 0-65535"),
             (b.max_batch_size >= 1, "--max-batch-size must be >= 1"),
             (b.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0"),
             (b.max_queue_size >= 1, "--max-queue-size must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.max_images_per_request >= 1, "--max-images-per-request must be >= 1"),
-            (self.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
+            (1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,
+             f"--max-message-bytes must be in 1024-{MAX_GRPC_MESSAGE_BYTES} (gRPC's limit)"),
+            (bool(self.tls_cert) == bool(self.tls_key), "TLS needs both --tls-cert and --tls-key"),
+            (not self.tls_client_ca or bool(self.tls_cert),
+             "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key; refusing to serve without TLS"),
             (self.drain_seconds >= 0 and self.grace_seconds >= 0, "drain and grace seconds must be >= 0"),
         ]
         for ok, message in checks:

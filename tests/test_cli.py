@@ -87,7 +87,7 @@ def test_train_writes_a_checkpoint_that_eval_reads(mnist, tmp_path):
 TORCH_BLOCKED = (
     "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None;"
     "sys.argv = ['resserve', *sys.argv[1:]];"
-    "from resserve.serve.cli import main; main()"
+    "from resserve.serve.app import main; main()"
 )
 
 

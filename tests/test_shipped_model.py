@@ -5,7 +5,8 @@ import sys
 
 import numpy as np
 
-from resserve.serve.backends import OnnxRuntimeBackend, batched_infer
+from resserve.serve.backends.base import infer_in_chunks
+from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 from resserve.serve.package import load_package, sha256_of
 from resserve.train.checkpoint import SHIPPED_MODEL, load_checkpoint
 from resserve.train.export import ExportOptions, as_input, export_package
@@ -25,10 +26,10 @@ def test_shipped_checkpoint_is_the_lecture_resnet_with_its_card():
 
 def test_shipped_package_was_exported_from_the_shipped_checkpoint():
     package = load_package()
-    assert package.manifest["source_checkpoint"]["sha256"] == sha256_of(SHIPPED_MODEL)
-    assert package.manifest["accuracy"]["test"] >= 0.995
+    assert package.manifest.source_checkpoint.sha256 == sha256_of(SHIPPED_MODEL)
+    assert package.manifest.accuracy.test >= 0.995
     for artifact in package.artifacts:
-        package.verified_path(artifact)  # every sha256 matches
+        package.read_verified(artifact)  # every sha256 matches
 
 
 def test_reexporting_the_shipped_checkpoint_reproduces_the_shipped_package(tmp_path, mnist):
@@ -36,12 +37,12 @@ def test_reexporting_the_shipped_checkpoint_reproduces_the_shipped_package(tmp_p
                                     log=lambda _: None)
     shipped_package = load_package()
     # export verified the fresh artifact against the eager network on all 10,000 test images
-    assert fresh_manifest["accuracy"]["test"] == shipped_package.manifest["accuracy"]["test"]
+    assert fresh_manifest.accuracy.test == shipped_package.manifest.accuracy.test
     fresh = OnnxRuntimeBackend(tmp_path / "again" / "model.onnx")
-    shipped = OnnxRuntimeBackend(shipped_package.verified_path(shipped_package.find("onnx")))
+    shipped = OnnxRuntimeBackend(shipped_package.read_verified(shipped_package.find("onnx")))
     images = as_input(mnist.test.head(2000))
-    fresh_logits = batched_infer(fresh, images)["logits"]
-    shipped_logits = batched_infer(shipped, images)["logits"]
+    fresh_logits = infer_in_chunks(fresh.infer, images, 1000)["logits"]
+    shipped_logits = infer_in_chunks(shipped.infer, images, 1000)["logits"]
     assert np.abs(fresh_logits - shipped_logits).max() <= 1e-4
     assert np.array_equal(fresh_logits.argmax(1), shipped_logits.argmax(1))
 
@@ -51,9 +52,9 @@ def test_the_shipped_package_serves_without_torch(mnist, tmp_path):
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
         "from resserve.serve.package import load_package\n"
-        "from resserve.serve.backends import OnnxRuntimeBackend\n"
+        "from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend\n"
         "p = load_package()\n"
-        "b = OnnxRuntimeBackend(p.verified_path(p.find('onnx')))\n"
+        "b = OnnxRuntimeBackend(p.read_verified(p.find('onnx')))\n"
         "print(' '.join(map(str, b.infer(np.load(sys.argv[1]))['logits'].argmax(1))))\n"
     )
     images = tmp_path / "images.npy"

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resserve.serve.backends import OpenVinoBackend, open_backend, openvino_cpu_capabilities, usable_cpus
+from resserve.serve.backends import open_backend
+from resserve.serve.backends.base import usable_cpus
+from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
 from resserve.serve.package import ModelPackage
 from resserve.serve.timing import images_per_second, median_seconds
 from resserve.train.checkpoint import load_checkpoint
@@ -105,11 +107,11 @@ def model_runners(checkpoint: Path | None, package: ModelPackage) -> dict[str, C
     labels = {("torchscript", "fp32"): "TorchScript fp32", ("onnx", "fp32"): "ONNX Runtime fp32",
               ("onnx", "int8"): "ONNX Runtime int8"}
     for artifact in package.artifacts:
-        path = package.verified_path(artifact)
-        runners[labels[(artifact.format, artifact.precision)]] = open_backend(path, artifact.format).infer
+        model = package.read_verified(artifact)
+        runners[labels[(artifact.format, artifact.precision)]] = open_backend(model, artifact.format).infer
     capabilities = openvino_cpu_capabilities()
     if capabilities is not None:
-        onnx = package.verified_path(package.find("onnx"))
+        onnx = package.read_verified(package.find("onnx"))
         for precision in ("fp32", "bf16") if "BF16" in capabilities else ("fp32",):
             runners[f"OpenVINO {precision}"] = OpenVinoBackend(onnx, precision).infer
     return runners

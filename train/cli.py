@@ -13,31 +13,13 @@ from typing import Annotated, Optional
 import typer
 
 from resserve.serve.errors import ResserveError
+from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
 from resserve.train.config import ModelConfig, TrainConfig, parse_ints
 from resserve.train.experiments.cli import experiment_app
-
-TRAIN_EXTRA_HINT = "this command needs the training extra: pip install 'resserve[train]'"
-
-DataDir = Annotated[Optional[Path], typer.Option(
-    "--data-dir", envvar="RESSERVE_DATA",
-    help="Where MNIST is kept and cached [default: ~/.cache/resserve/mnist].")]
 ModelPath = Annotated[Optional[Path], typer.Argument(
     help="A checkpoint written by `resserve train` [default: the shipped lecture ResNet].",
     show_default=False)]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
-
-
-def require_train_extra() -> None:
-    """One line, not a traceback, when torch is missing."""
-    try:
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
-    except ImportError as exc:
-        raise ResserveError(TRAIN_EXTRA_HINT) from exc
-
-
-def _log(message: str) -> None:
-    typer.echo(message, err=True)
 
 
 def data(data_dir: DataDir = None, as_json: JsonFlag = False) -> None:
@@ -116,7 +98,7 @@ def evaluate(model: ModelPath = None, data_dir: DataDir = None, as_json: JsonFla
     target = resolve_device(device)
     network = checkpoint.build().to(target)
     mnist = load_mnist(data_dir, log=_log)
-    result = run_evaluation(network, mnist.test, target)
+    result = run_evaluation(network, mnist.test)
     report = {"model": str(path), "arch": checkpoint.config.arch, "params": count_parameters(network),
               "test_accuracy": result.accuracy, "test_loss": result.loss,
               "per_class_accuracy": result.per_class_accuracy,
@@ -200,9 +182,9 @@ def export(
     if triton_repo:
         _log(f"Triton model repository entry: {write_triton_repository(load_package(destination), triton_repo)}")
     if as_json:
-        typer.echo(json.dumps(manifest))
+        typer.echo(manifest.model_dump_json(exclude_none=True))
     else:
-        typer.echo(f"wrote {destination}: " + ", ".join(a["file"] for a in manifest["artifacts"]) + ", manifest.json")
+        typer.echo(f"wrote {destination}: " + ", ".join(a.file for a in manifest.artifacts) + ", manifest.json")
 
 
 def bench_model(
@@ -242,7 +224,7 @@ def bench_model(
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add these commands to the root CLI."""
+    """Add these commands to the root CLI (serve/app.py, through the resserve.commands entry point)."""
     app.command("data")(data)
     app.command("train")(train)
     app.command("eval")(evaluate)

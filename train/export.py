@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -28,11 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from resserve.serve.backends import (
-    OnnxRuntimeBackend, OpenVinoBackend, batched_infer, open_backend, openvino_cpu_capabilities,
-)
+from resserve.serve.backends import Backend, open_backend
+from resserve.serve.backends.base import infer_in_chunks
+from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
+from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
 from resserve.serve.errors import ResserveError
-from resserve.serve.package import MANIFEST, PACKAGE_FORMAT, PACKAGE_FORMAT_VERSION, sha256_of
+from resserve.serve.manifest import (
+    FILE_NAME as MANIFEST, Accuracy, Artifact, DroppedBlocks, Int8Report, Manifest, ModelSummary, ParityReference,
+    Preprocessing, ReducedPrecisionReport, SourceCheckpoint, TensorSpec, check_model_name,
+)
+from resserve.serve.package import sha256_of
 from resserve.serve.runtime import MAX_BF16_LOSS
 from resserve.serve.timing import images_per_second, median_seconds
 from resserve.train.checkpoint import load_checkpoint
@@ -48,6 +52,7 @@ FP32_TOLERANCE = 1e-4  # largest |logit difference| allowed between an fp32 arti
 INT8_MAX_LOSS = 0.001  # an int8 artifact may lose at most 0.1 accuracy points
 DEFAULT_OPSET = 18
 CALIBRATION_IMAGES = 512
+VERIFY_CHUNK = 1000  # images per backend call while verifying
 
 
 class ExportError(ResserveError):
@@ -145,8 +150,8 @@ class Verifier:
     def accuracy(self) -> float:
         return float((self.reference_logits.argmax(1) == self.labels).mean())
 
-    def check(self, backend) -> dict:
-        logits = batched_infer(backend, self.images)["logits"]
+    def check(self, backend: Backend) -> dict:
+        logits = infer_in_chunks(backend.infer, self.images, VERIFY_CHUNK)["logits"]
         return {
             "max_abs_logit_diff": float(np.abs(logits - self.reference_logits).max()),
             "test_accuracy": float((logits.argmax(1) == self.labels).mean()),
@@ -162,9 +167,9 @@ def _require_fp32_parity(format: str, parity: dict, verifier: Verifier) -> None:
             f"{parity['test_accuracy']:.4f} vs {verifier.accuracy:.4f}")
 
 
-def _artifact_entry(path: Path, format: str, precision: str, parity: dict) -> dict:
-    return {"file": path.name, "format": format, "precision": precision,
-            "sha256": sha256_of(path), "bytes": path.stat().st_size, **parity}
+def _artifact_entry(path: Path, format: str, precision: str, parity: dict) -> Artifact:
+    return Artifact(file=path.name, format=format, precision=precision, sha256=sha256_of(path),
+                    bytes=path.stat().st_size, **parity)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +203,7 @@ def _drop_blocks(network: ResNet, count: int, validation: Split, test: Split, lo
     return pruned, report
 
 
-def _int8(staging: Path, fp32_onnx: Path, verifier: Verifier, calibration: Split, log) -> dict:
+def _int8(staging: Path, fp32_onnx: Path, verifier: Verifier, calibration: Split, log) -> Int8Report:
     """Quantize, measure accuracy and throughput against fp32; keep the file only if it qualifies."""
     from resserve.train.quantize import quantize_int8
 
@@ -209,30 +214,30 @@ def _int8(staging: Path, fp32_onnx: Path, verifier: Verifier, calibration: Split
     speed = {name: images_per_second(lambda b=backend: b.infer(batch), 64)
              for name, backend in (("int8", int8_backend), ("fp32", fp32_backend))}
     loss = verifier.accuracy - parity["test_accuracy"]
-    entry = {**_artifact_entry(path, "onnx", "int8", parity),
-             "kept": loss <= INT8_MAX_LOSS, "accuracy_loss": loss,
-             "calibration_images": CALIBRATION_IMAGES,
-             "batch64_images_per_second": {k: round(v, 1) for k, v in speed.items()}}
+    entry = Int8Report(**_artifact_entry(path, "onnx", "int8", parity).model_dump(),
+                       kept=loss <= INT8_MAX_LOSS, accuracy_loss=loss, calibration_images=CALIBRATION_IMAGES,
+                       batch64_images_per_second={k: round(v, 1) for k, v in speed.items()})
     log(f"int8: test accuracy {parity['test_accuracy']:.4f} (fp32 {verifier.accuracy:.4f}), "
         f"{speed['int8']:.0f} vs {speed['fp32']:.0f} images/s at batch 64: "
-        + ("kept" if entry["kept"] else f"dropped (loses more than {INT8_MAX_LOSS * 100:.1f} points)"))
-    if not entry["kept"]:
+        + ("kept" if entry.kept else f"dropped (loses more than {INT8_MAX_LOSS * 100:.1f} points)"))
+    if not entry.kept:
         path.unlink()
     return entry
 
 
-def _bf16(fp32_onnx: Path, verifier: Verifier, log) -> dict:
+def _bf16(fp32_onnx: Path, verifier: Verifier, log) -> ReducedPrecisionReport:
     """The accuracy guard for reduced precision: bf16 (OpenVINO) against the eager network."""
     capabilities = openvino_cpu_capabilities()
     if capabilities is None or "BF16" not in capabilities:
         reason = "OpenVINO is not installed" if capabilities is None else "this CPU reports no BF16 support"
         log(f"bf16: not measured ({reason})")
-        return {"measured": False, "reason": reason}
+        return ReducedPrecisionReport(measured=False, reason=reason)
     parity = verifier.check(OpenVinoBackend(fp32_onnx, "bf16"))
     loss = verifier.accuracy - parity["test_accuracy"]
     log(f"bf16 (OpenVINO): test accuracy {parity['test_accuracy']:.4f} (fp32 {verifier.accuracy:.4f}), "
         f"{parity['prediction_agreement'] * 100:.2f}% same predictions, max |logit diff| {parity['max_abs_logit_diff']:.3f}")
-    return {"measured": True, "runtime": "openvino", **parity, "accuracy_loss": loss, "allowed": loss <= MAX_BF16_LOSS}
+    return ReducedPrecisionReport(measured=True, runtime="openvino", **parity, accuracy_loss=loss,
+                                  allowed=loss <= MAX_BF16_LOSS)
 
 
 def _check_destination(out: Path) -> None:
@@ -263,9 +268,10 @@ WRITERS = {"onnx": lambda model, path, opts: write_onnx(model, path, opts.opset)
 
 
 def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: MNIST,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print) -> Manifest:
     """Export ``checkpoint`` to the package directory ``out``; returns the manifest."""
     options.validate()
+    check_model_name(options.name or checkpoint.stem)
     source = load_checkpoint(checkpoint)
     _check_destination(out)
     network = source.build()
@@ -298,15 +304,15 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
         onnx_path = staging / ARTIFACT_FILES["onnx"]
         reduced = {"bf16": _bf16(onnx_path, verifier, log)} if "onnx" in options.formats else {}
         int8 = _int8(staging, onnx_path, verifier, train_split, log) if options.quantize else None
-        if int8 and int8["kept"]:
-            artifacts.append({k: int8[k] for k in artifacts[0]})
+        if int8 and int8.kept:
+            artifacts.append(Artifact(**int8.model_dump(include=set(Artifact.model_fields))))
         # the verified artifact (identical predictions on the test set) is the fast way to the validation split
         fastest = backends.get("onnx") or backends[options.formats[0]]
-        validation_logits = batched_infer(fastest, as_input(validation))["logits"]
+        validation_logits = infer_in_chunks(fastest.infer, as_input(validation), VERIFY_CHUNK)["logits"]
         validation_accuracy = float((validation_logits.argmax(1) == validation.labels).mean())
         manifest = _manifest(options, checkpoint, source, network, folded, artifacts, int8, reduced, dropped,
                              validation_accuracy, verifier)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / MANIFEST).write_text(manifest.to_json())
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -315,36 +321,31 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
 
 
 def _manifest(options: ExportOptions, checkpoint: Path, source, network: ResNet, folded: nn.Module,
-              artifacts: list[dict], int8: dict | None, reduced: dict, dropped: dict | None,
-              validation_accuracy: float, verifier: Verifier) -> dict:
+              artifacts: list[Artifact], int8: Int8Report | None, reduced: dict[str, ReducedPrecisionReport],
+              dropped: dict | None, validation_accuracy: float, verifier: Verifier) -> Manifest:
     import onnx
     import onnxruntime
 
-    return {
-        "format": PACKAGE_FORMAT,
-        "format_version": PACKAGE_FORMAT_VERSION,
-        "name": options.name or checkpoint.stem,
-        "version": options.version,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source_checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint)},
-        "model": {"arch": source.config.arch, "config": source.config.to_dict(),
-                  "params": count_parameters(network), "params_after_folding": count_parameters(folded)},
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
-                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
-        "preprocessing": {
-            "layout": "NCHW", "range": [0.0, 1.0], "polarity": "white ink on black (MNIST)",
-            "normalization": f"inside the graph: (x - {MNIST_MEAN}) / {MNIST_STD}",
-        },
-        "labels": [str(digit) for digit in range(10)],
-        "artifacts": artifacts,
-        "accuracy": {"validation": validation_accuracy, "test": verifier.accuracy,
-                     "test_images": len(verifier.labels)},
-        "parity": {"reference": "eager, unfolded PyTorch network in fp32 on the MNIST test set",
-                   "fp32_tolerance": FP32_TOLERANCE},
-        "int8": int8,
-        "reduced_precision": reduced,
-        "dropped_blocks": dropped,
-        "versions": {**library_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                     "opset": options.opset},
-    }
+    return Manifest(
+        name=options.name or checkpoint.stem,
+        version=options.version,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        source_checkpoint=SourceCheckpoint(file=checkpoint.name, sha256=sha256_of(checkpoint)),
+        model=ModelSummary(arch=source.config.arch, config=source.config.to_dict(),
+                           params=count_parameters(network), params_after_folding=count_parameters(folded)),
+        inputs=(TensorSpec(name="input", datatype="FP32", shape=(-1, 1, 28, 28)),),
+        outputs=(TensorSpec(name="logits", datatype="FP32", shape=(-1, 10)),
+                 TensorSpec(name="probabilities", datatype="FP32", shape=(-1, 10))),
+        preprocessing=Preprocessing(layout="NCHW", range=(0.0, 1.0), polarity="white ink on black (MNIST)",
+                                    normalization=f"inside the graph: (x - {MNIST_MEAN}) / {MNIST_STD}"),
+        labels=tuple(str(digit) for digit in range(10)),
+        artifacts=tuple(artifacts),
+        accuracy=Accuracy(validation=validation_accuracy, test=verifier.accuracy, test_images=len(verifier.labels)),
+        parity=ParityReference(reference="eager, unfolded PyTorch network in fp32 on the MNIST test set",
+                               fp32_tolerance=FP32_TOLERANCE),
+        int8=int8,
+        reduced_precision=reduced,
+        dropped_blocks=DroppedBlocks(**dropped) if dropped else None,
+        versions={**library_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                  "opset": options.opset},
+    )

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+from resserve.serve.errors import ResserveError
+
 
 def _readable_mode() -> int:
     """0o666 less the umask, as open() would create it (temporary files start at 0o600)."""
@@ -30,3 +32,16 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
     except BaseException:
         os.unlink(tmp.name)
         raise
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, in one line, if ``path`` cannot be written: not after an hour of training."""
+    path = Path(path)
+    if path.is_dir():
+        raise ResserveError(f"{path} is a directory; give a file name such as {path / 'model.pt'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise ResserveError(f"cannot write {path}: {exc.strerror or exc}") from None

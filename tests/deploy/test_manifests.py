@@ -10,7 +10,7 @@ import pytest
 import typer.main
 import yaml
 
-from resserve.serve.cli import app
+from resserve.serve.app import build_app
 from resserve.serve.settings import DEFAULT_METRICS_PORT, DEFAULT_PORT, LIVENESS_SERVICE, READINESS_SERVICE
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -41,7 +41,7 @@ def by_kind(documents: list[dict], kind: str, name: str | None = None) -> dict:
 
 def serve_options() -> tuple[set[str], set[str]]:
     """The flags and environment variables `resserve serve` accepts."""
-    command = typer.main.get_command(app).commands["serve"]
+    command = typer.main.get_command(build_app()).commands["serve"]
     flags = {opt for param in command.params for opt in getattr(param, "opts", []) if opt.startswith("--")}
     envvars = {param.envvar for param in command.params if param.envvar}
     return flags, envvars

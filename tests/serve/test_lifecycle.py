@@ -145,7 +145,7 @@ def test_device_cuda_without_cuda_is_a_clear_startup_error():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --device cuda: this ONNX Runtime has no CUDA execution provider "
-        "(install the gpu extra, onnxruntime-gpu, on a machine with an NVIDIA driver)")
+        "(install onnxruntime-gpu in place of onnxruntime, on a machine with an NVIDIA driver)")
 
 
 def test_an_artifact_failing_its_checksum_refuses_to_start(tmp_path):

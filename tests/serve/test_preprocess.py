@@ -69,14 +69,14 @@ def test_raw_pixels_must_be_784_bytes():
 
 
 def test_a_drawn_digit_is_classified_by_the_shipped_model():
-    from resserve.serve.backends import OnnxRuntimeBackend
+    from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
     from resserve.serve.package import load_package
 
     page = Image.new("L", (240, 320), 255)
     draw = ImageDraw.Draw(page)
     draw.ellipse((50, 40, 190, 280), outline=0, width=22)  # a zero, drawn with a thick pen
     package = load_package()
-    backend = OnnxRuntimeBackend(package.verified_path(package.find("onnx")))
+    backend = OnnxRuntimeBackend(package.read_verified(package.find("onnx")))
     buffer = io.BytesIO()
     page.save(buffer, format="PNG")
     logits = backend.infer(encoded_to_input(buffer.getvalue())[None])["logits"]

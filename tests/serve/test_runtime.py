@@ -6,13 +6,25 @@ import re
 import numpy as np
 import pytest
 
-from resserve.serve.backends import OnnxRuntimeBackend, OpenVinoBackend, batched_infer, openvino_cpu_capabilities
+from resserve.serve.backends.base import infer_in_chunks
+from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
+from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
 from resserve.serve.errors import ResserveError
+from resserve.serve.manifest import ReducedPrecisionReport
 from resserve.serve.package import load_package
 from resserve.serve.runtime import choose_runtime
+from resserve.serve.settings import ServerSettings
 
-GOOD = {"reduced_precision": {"bf16": {"accuracy_loss": 0.0002}}}
-LOSSY = {"reduced_precision": {"bf16": {"accuracy_loss": 0.003}}}
+
+def with_bf16_loss(loss: float | None):
+    """The shipped manifest, with the bf16 measurement export would have written (None: none)."""
+    reports = {} if loss is None else {"bf16": ReducedPrecisionReport(measured=True, accuracy_loss=loss, allowed=True)}
+    return load_package().manifest.model_copy(update={"reduced_precision": reports})
+
+
+GOOD = with_bf16_loss(0.0002)
+LOSSY = with_bf16_loss(0.003)
+UNMEASURED = with_bf16_loss(None)
 AMX = {"FP32", "BF16", "INT8"}
 OLD_CPU = {"FP32", "INT8"}
 
@@ -22,7 +34,7 @@ OLD_CPU = {"FP32", "INT8"}
     ("auto", "auto", "cpu", GOOD, None, ("onnxruntime", "fp32")),  # OpenVINO not installed
     ("auto", "auto", "cpu", GOOD, OLD_CPU, ("onnxruntime", "fp32")),  # no BF16 on this CPU
     ("auto", "auto", "cpu", LOSSY, AMX, ("onnxruntime", "fp32")),  # the accuracy guard says no
-    ("auto", "auto", "cpu", {}, AMX, ("onnxruntime", "fp32")),  # no measurement in the manifest
+    ("auto", "auto", "cpu", UNMEASURED, AMX, ("onnxruntime", "fp32")),  # no measurement in the manifest
     ("auto", "fp32", "cpu", GOOD, AMX, ("onnxruntime", "fp32")),
     ("auto", "auto", "cuda", GOOD, AMX, ("onnxruntime", "fp32")),
     ("openvino", "auto", "cpu", GOOD, AMX, ("openvino", "bf16")),
@@ -45,33 +57,42 @@ def test_the_fallback_reason_names_the_accuracy_loss():
     ("openvino", "auto", "cpu", None, "pip install 'resserve[openvino]'"),
     ("openvino", "auto", "cuda", AMX, "runs on the CPU"),
     ("onnxruntime", "bf16", "cpu", AMX, "needs --backend openvino"),
-    ("tensorrt", "auto", "cpu", AMX, "--backend must be one of"),
 ])
 def test_impossible_requests_are_one_line_errors(backend, precision, device, capabilities, message):
     with pytest.raises(ResserveError, match=re.escape(message)):
         choose_runtime(backend, precision, device, GOOD, capabilities)
 
 
+@pytest.mark.parametrize("setting, value, message", [
+    ("backend", "tensorrt", "--backend must be one of auto, onnxruntime, openvino, torchscript, got 'tensorrt'"),
+    ("precision", "fp8", "--precision must be one of auto, fp32, bf16, got 'fp8'"),
+    ("device", "tpu", "--device must be one of cpu, cuda, auto, got 'tpu'"),
+])
+def test_choices_are_checked_once_where_settings_are_made(setting, value, message):
+    with pytest.raises(ResserveError, match=re.escape(message)):
+        ServerSettings(**{setting: value})
+
+
 @pytest.fixture(scope="module")
 def shipped_onnx():
     package = load_package()
-    return package.verified_path(package.find("onnx"))
+    return package.read_verified(package.find("onnx"))
 
 
 def test_openvino_fp32_matches_onnxruntime(shipped_onnx, mnist):
     images = mnist.test.images[:2000, None].astype(np.float32) / 255
-    ort = batched_infer(OnnxRuntimeBackend(shipped_onnx), images)["logits"]
-    ov = batched_infer(OpenVinoBackend(shipped_onnx, "fp32"), images)["logits"]
+    ort = infer_in_chunks(OnnxRuntimeBackend(shipped_onnx).infer, images, 1000)["logits"]
+    ov = infer_in_chunks(OpenVinoBackend(shipped_onnx, "fp32").infer, images, 1000)["logits"]
     assert np.abs(ov - ort).max() <= 1e-4
 
 
 @pytest.mark.skipif("BF16" not in (openvino_cpu_capabilities() or set()), reason="this CPU has no BF16 support")
 def test_openvino_bf16_agrees_with_fp32_on_real_mnist(shipped_onnx, mnist):
     images = mnist.test.images[:, None].astype(np.float32) / 255
-    fp32 = batched_infer(OnnxRuntimeBackend(shipped_onnx), images)["logits"].argmax(1)
-    bf16 = batched_infer(OpenVinoBackend(shipped_onnx, "bf16"), images)["logits"].argmax(1)
+    fp32 = infer_in_chunks(OnnxRuntimeBackend(shipped_onnx).infer, images, 1000)["logits"].argmax(1)
+    bf16 = infer_in_chunks(OpenVinoBackend(shipped_onnx, "bf16").infer, images, 1000)["logits"].argmax(1)
     assert (fp32 == bf16).mean() >= 0.999
-    assert load_package().manifest["reduced_precision"]["bf16"]["allowed"]
+    assert load_package().manifest.bf16().allowed
 
 
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 0.5)])

@@ -62,7 +62,7 @@ def test_tritonclient_infer_on_the_mnist_test_set_gives_the_exported_accuracy(se
     accuracy = float((np.concatenate(predictions) == mnist.test.labels).mean())
     manifest = load_package().manifest
     precision = client.get_model_config(MODEL).config.parameters["precision"].string_value
-    expected = manifest["accuracy"]["test"] if precision == "fp32" else manifest["reduced_precision"][precision]["test_accuracy"]
+    expected = manifest.accuracy.test if precision == "fp32" else manifest.reduced_precision[precision].test_accuracy
     assert accuracy == expected  # what export measured for the runtime that answered
 
 
@@ -245,7 +245,7 @@ def test_the_torchscript_backend_serves_the_same_answers(mnist):
 
 
 def test_the_default_server_on_a_bf16_cpu_runs_openvino_bf16_and_says_so(server):
-    from resserve.serve.backends import openvino_cpu_capabilities
+    from resserve.serve.backends.openvino import openvino_cpu_capabilities
 
     parameters = triton.InferenceServerClient(server.target).get_model_config(MODEL).config.parameters
     expected = ("openvino", "bf16") if "BF16" in (openvino_cpu_capabilities() or set()) else ("onnxruntime", "fp32")

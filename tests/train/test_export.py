@@ -13,7 +13,8 @@ from torchvision.ops import StochasticDepth
 from tritonclient.grpc import model_config_pb2
 
 from helpers import run_cli
-from resserve.serve.backends import OnnxRuntimeBackend, TorchScriptBackend
+from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
+from resserve.serve.backends.torchscript import TorchScriptBackend
 from resserve.serve.package import PackageError, load_package, sha256_of
 from resserve.train import export as export_module
 from resserve.train.checkpoint import save_checkpoint
@@ -107,17 +108,17 @@ def test_package_holds_verified_onnx_and_torchscript_artifacts(exported):
     root, checkpoint, manifest, _ = exported
     package = load_package(root / "pkg")
     assert {(a.format, a.precision) for a in package.artifacts} >= {("onnx", "fp32"), ("torchscript", "fp32")}
-    for entry in manifest["artifacts"]:
-        if entry["precision"] == "fp32":
-            assert entry["max_abs_logit_diff"] <= 1e-4
-            assert entry["test_accuracy"] == manifest["accuracy"]["test"]
-        assert sha256_of(root / "pkg" / entry["file"]) == entry["sha256"]
-    assert manifest["source_checkpoint"]["sha256"] == sha256_of(checkpoint)
-    assert manifest["accuracy"]["test_images"] == 10_000
-    for key in ("name", "version", "created", "model", "inputs", "outputs", "preprocessing", "labels", "versions"):
-        assert key in manifest
-    assert manifest["versions"]["opset"] == 18
-    assert [o["name"] for o in manifest["outputs"]] == ["logits", "probabilities"]
+    assert package.manifest == manifest  # what export wrote is what a reader gets back
+    for entry in manifest.artifacts:
+        if entry.precision == "fp32":
+            assert entry.max_abs_logit_diff <= 1e-4
+            assert entry.test_accuracy == manifest.accuracy.test
+        assert sha256_of(root / "pkg" / entry.file) == entry.sha256
+    assert manifest.source_checkpoint.sha256 == sha256_of(checkpoint)
+    assert manifest.accuracy.test_images == 10_000
+    assert manifest.name == "small" and manifest.version == "1" and manifest.labels == tuple("0123456789")
+    assert manifest.versions["opset"] == 18
+    assert manifest.output_names == ["logits", "probabilities"]
     assert not list(root.glob(".pkg.*"))  # no staging directory left behind
 
 
@@ -134,13 +135,13 @@ def test_onnx_graph_has_no_batchnorm_and_both_formats_take_any_batch(exported):
 
 def test_artifacts_match_the_eager_model_with_dropped_blocks(exported):
     root, _, manifest, model = exported
-    dropped = manifest["dropped_blocks"]
-    assert len(dropped["indices"]) == 1 and "lesion" in dropped["method"]
-    for key in ("before", "after"):
-        assert 0.0 <= dropped[key]["test_accuracy"] <= 1.0
+    dropped = manifest.dropped_blocks
+    assert len(dropped.indices) == 1 and "lesion" in dropped.method
+    for report in (dropped.before, dropped.after):
+        assert 0.0 <= report["test_accuracy"] <= 1.0
     from resserve.train.fold import drop_blocks
 
-    reference = drop_blocks(model, dropped["indices"])
+    reference = drop_blocks(model, dropped.indices)
     x = np.random.default_rng(0).random((9, 1, 28, 28), dtype=np.float32)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
@@ -150,11 +151,11 @@ def test_artifacts_match_the_eager_model_with_dropped_blocks(exported):
 
 def test_int8_results_are_recorded_whether_or_not_it_is_kept(exported):
     root, _, manifest, _ = exported
-    int8 = manifest["int8"]
-    assert int8["accuracy_loss"] == pytest.approx(manifest["accuracy"]["test"] - int8["test_accuracy"])
-    assert set(int8["batch64_images_per_second"]) == {"int8", "fp32"}
-    assert (root / "pkg" / "model.int8.onnx").exists() == int8["kept"]
-    assert any(a["precision"] == "int8" for a in manifest["artifacts"]) == int8["kept"]
+    int8 = manifest.int8
+    assert int8.accuracy_loss == pytest.approx(manifest.accuracy.test - int8.test_accuracy)
+    assert set(int8.batch64_images_per_second) == {"int8", "fp32"}
+    assert (root / "pkg" / "model.int8.onnx").exists() == int8.kept
+    assert any(a.precision == "int8" for a in manifest.artifacts) == int8.kept
 
 
 def test_an_artifact_whose_sha256_does_not_match_is_refused(exported, tmp_path):
@@ -167,7 +168,7 @@ def test_an_artifact_whose_sha256_does_not_match_is_refused(exported, tmp_path):
         f.write(b"\0")
     package = load_package(copy)
     with pytest.raises(PackageError, match="refusing to load it"):
-        package.verified_path(package.find("onnx"))
+        package.read_verified(package.find("onnx"))
 
 
 def test_triton_repository_config_parses_as_a_triton_model_config(exported, tmp_path):

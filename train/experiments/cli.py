@@ -15,6 +15,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
 from resserve.train.config import ModelConfig, TrainConfig, parse_ints
 from resserve.train.experiments.settings import DepthSettings, GatesSettings, LesionSettings, ShatteredSettings
 
@@ -28,14 +29,8 @@ Quick = Annotated[bool, typer.Option(
     "--quick", help="A tiny version that runs in seconds: checks the pipeline, its numbers mean nothing.")]
 Seed = Annotated[int, typer.Option(help="Seeds initialization, shuffling and augmentation.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
-DataDir = Annotated[Optional[Path], typer.Option(
-    "--data-dir", envvar="RESSERVE_DATA", help="Where MNIST is kept and cached [default: ~/.cache/resserve/mnist].")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (log lines only).")]
 DEFAULT_OUT = Path("experiments")
-
-
-def _log(message: str) -> None:
-    typer.echo(message, err=True)
 
 
 def _sized(settings: Any, **overrides: Any) -> Any:
@@ -48,8 +43,6 @@ class _Run:
 
     def __init__(self, name: str, settings: Any, out: Path, quick: bool, seed: int, device: str,
                  data_dir: Optional[Path], quiet: bool) -> None:
-        from resserve.train.cli import require_train_extra
-
         require_train_extra()
         from resserve.train.data import load_mnist
         from resserve.train.experiments.report import prepare_output, pyplot
@@ -126,7 +119,6 @@ def lesion(
     """
     settings = _sized(LesionSettings.quick() if quick else LesionSettings(), draws=draws,
                       plain_train_images=plain_train_images)
-    from resserve.train.cli import require_train_extra
 
     require_train_extra()
     from resserve.train.checkpoint import load_checkpoint, resolve_model_path

@@ -17,7 +17,7 @@ import torch
 
 from resserve.train.config import ModelConfig
 from resserve.train.data import Split
-from resserve.train.experiments.runs import Trainer, accuracy
+from resserve.train.experiments.runs import Trainer
 from resserve.train.experiments.settings import GatesSettings
 from resserve.train.models import HighwayBlock, ResNet
 from resserve.train.training import batches, to_input
@@ -58,13 +58,13 @@ def run(settings: GatesSettings, trainer: Trainer, test: Split) -> dict:
     for name, survival in (("without", 1.0), ("with", settings.survival_prob)):
         trained = trainer.train(ModelConfig(blocks=settings.blocks, survival_prob=survival),
                                 f"resnet-{settings.blocks} {name} stochastic depth")
-        depth[name] = {"survival_prob": survival, "test_accuracy": accuracy(trained.model, test, trainer.precision),
+        depth[name] = {"survival_prob": survival, "test_accuracy": trainer.accuracy(trained.model, test),
                        **trained.summary()}
         trainer.log(f"resnet-{settings.blocks} {name} stochastic depth: test accuracy {depth[name]['test_accuracy']:.4f}")
     return {"highway": {"blocks": settings.blocks, "gate_bias": highway_config.highway_gate_bias,
                         "gate_at_init": 1 / (1 + math.exp(-highway_config.highway_gate_bias)),
                         "mean_gate_at_init": at_init, "mean_gate": gates,
-                        "test_accuracy": accuracy(highway.model, test, trainer.precision), **highway.summary()},
+                        "test_accuracy": trainer.accuracy(highway.model, test), **highway.summary()},
             "stochastic_depth": depth}
 
 

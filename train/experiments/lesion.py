@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 from rich.progress import Progress
@@ -17,10 +18,11 @@ from rich.progress import Progress
 from resserve.serve.errors import ResserveError
 from resserve.train.config import ModelConfig
 from resserve.train.data import Split
-from resserve.train.experiments.runs import Trainer, accuracy, progress_bar
+from resserve.train.experiments.runs import Trainer
 from resserve.train.experiments.settings import LesionSettings
 from resserve.train.fold import remove_blocks, shape_preserving_blocks
 from resserve.train.models import ResNet
+from resserve.train.progress import progress_bar
 
 
 def plain_config(residual: ResNet) -> ModelConfig:
@@ -55,7 +57,7 @@ def run(settings: LesionSettings, trainer: Trainer, residual: ResNet, plain: Res
     networks = {}
     with progress_bar(trainer.show_progress, "evaluations") as progress:
         for name, model in (("residual", residual), ("plain", plain)):
-            networks[name] = _lesion(model, settings, trainer.precision, test, progress, name, trainer.recipe.seed)
+            networks[name] = _lesion(model, settings, trainer.accuracy, test, progress, name, trainer.recipe.seed)
             trainer.log(f"{name} ({model.config.arch}-{model.config.blocks}): intact {networks[name]['intact']:.4f}, "
                         f"one block deleted: mean {np.mean(networks[name]['single']):.4f}, "
                         f"worst {min(networks[name]['single']):.4f}")
@@ -63,28 +65,28 @@ def run(settings: LesionSettings, trainer: Trainer, residual: ResNet, plain: Res
     return networks
 
 
-def _lesion(model: ResNet, settings: LesionSettings, precision: str, test: Split, progress: Progress, name: str,
-            seed: int) -> dict:
+def _lesion(model: ResNet, settings: LesionSettings, accuracy: Callable[[ResNet, Split], float], test: Split,
+            progress: Progress, name: str, seed: int) -> dict:
     blocks = shape_preserving_blocks(model)
     full, subset = test.head(settings.test_images), test.head(settings.random_test_images)
     task = progress.add_task(name, total=1 + len(blocks) * (1 + settings.draws))
     single = []
     for index in blocks:
-        single.append(accuracy(remove_blocks(model, [index]), full, precision))
+        single.append(accuracy(remove_blocks(model, [index]), full))
         progress.advance(task)
     draws = random.Random(seed)  # which k blocks go in each draw
     by_k = []
     for k in range(1, len(blocks) + 1):
         scores = []
         for _ in range(settings.draws):
-            scores.append(accuracy(remove_blocks(model, draws.sample(blocks, k)), subset, precision))
+            scores.append(accuracy(remove_blocks(model, draws.sample(blocks, k)), subset))
             progress.advance(task)
         by_k.append({"k": k, "mean": float(np.mean(scores)), "min": min(scores), "max": max(scores),
                      "accuracies": scores})
-    intact = accuracy(model, full, precision)
+    intact = accuracy(model, full)
     progress.advance(task)
     return {"arch": model.config.arch, "blocks": model.config.blocks, "deletable_blocks": blocks,
-            "intact": intact, "intact_on_random_subset": accuracy(model, subset, precision),
+            "intact": intact, "intact_on_random_subset": accuracy(model, subset),
             "single": single, "random": by_k}
 
 

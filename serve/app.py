@@ -1,0 +1,48 @@
+"""The root ``resserve`` command, assembled from the command groups that are installed.
+
+Each side of the project registers its commands through the ``resserve.commands`` entry point
+(pyproject.toml): ``resserve.serve.cli:register`` (serve, classify, health, bench serve) and
+``resserve.train.cli:register`` (data, train, eval, export, experiment, bench train/model).
+This module imports neither side: it starts without torch, and serve/ never imports train/.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+
+import typer
+
+from resserve.serve.errors import ResserveError
+
+COMMAND_GROUPS = "resserve.commands"
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="resserve",
+        help="Train the lecture's residual networks on MNIST, export them, and serve digit "
+        "classification over gRPC.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="markdown",
+    )
+    bench_app = typer.Typer(help="Benchmarks: print a table (and JSON) against a baseline measured in the same run.",
+                            no_args_is_help=True)
+    app.add_typer(bench_app, name="bench")
+    for group in sorted(entry_points(group=COMMAND_GROUPS), key=lambda ep: ep.name):
+        group.load()(app, bench_app)
+    return app
+
+
+def main() -> None:
+    """Console entry point: expected failures become one line on stderr and a non-zero exit."""
+    try:
+        build_app()()
+    except ResserveError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

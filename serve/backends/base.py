@@ -1,0 +1,65 @@
+"""What every inference backend is: the ``Backend`` protocol, its errors, and the CPUs it may use.
+
+A backend takes a float32 batch [N,1,28,28] in [0,1] and returns the package's outputs by
+name. Export verification, the benchmarks and the server all run artifacts through backends,
+so what export verified is what gets served.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from resserve.serve.errors import ResserveError
+
+Outputs = dict[str, np.ndarray]
+# An artifact as verified bytes (the server: what was hashed is what is loaded) or a file path
+# (export, benchmarks and tests, which read artifacts they just wrote).
+ModelSource = bytes | Path
+
+
+class BackendError(ResserveError):
+    """An artifact that cannot be loaded or run."""
+
+
+class Backend(Protocol):
+    """An artifact ready to run. ``name``, ``device`` and ``precision`` are what the server reports."""
+
+    name: str  # onnxruntime | openvino | torchscript
+    device: str  # cpu | cuda
+    precision: str  # fp32 | bf16
+
+    def infer(self, batch: np.ndarray) -> Outputs:
+        """float32 [N,1,28,28] in [0,1] -> {output name: [N,...]}; thread-safe for one caller at a time."""
+        ...
+
+
+def describe(model: ModelSource) -> str:
+    """How an error message names ``model``."""
+    return str(model) if isinstance(model, Path) else f"the verified artifact ({len(model):,} bytes)"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def infer_in_chunks(infer: Callable[[np.ndarray], Outputs], images: np.ndarray, chunk: int) -> Outputs:
+    """Run ``images`` through ``infer`` at most ``chunk`` at a time; outputs concatenated in order."""
+    if len(images) <= chunk:
+        return infer(images)
+    parts = [infer(images[i:i + chunk]) for i in range(0, len(images), chunk)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

@@ -1,0 +1,56 @@
+"""ONNX Runtime: the default backend, on the CPU or on CUDA (onnxruntime-gpu)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from resserve.serve.backends.base import BackendError, ModelSource, Outputs, describe, usable_cpus
+
+CUDA_HINT = ("this ONNX Runtime has no CUDA execution provider "
+             "(install onnxruntime-gpu in place of onnxruntime, on a machine with an NVIDIA driver)")
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers for ``device`` (cpu | cuda | auto: CUDA where this ONNX Runtime has it)."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        if device == "cuda":
+            raise BackendError(f"--device cuda: {CUDA_HINT}")
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    """One ONNX Runtime session on ``device`` (cpu | cuda | auto)."""
+
+    name = "onnxruntime"
+    precision = "fp32"
+
+    def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or usable_cpus()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # warnings and above only; errors surface as exceptions
+        requested = providers_for(device)
+        try:
+            self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                                providers=requested)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"ONNX Runtime cannot load {describe(model)}: {str(exc).splitlines()[0]}") from exc
+        active = self.session.get_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in active:
+            raise BackendError(f"--device cuda: ONNX Runtime could not start CUDA for {describe(model)} "
+                               f"(active: {active})")
+        self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, batch: np.ndarray) -> Outputs:
+        outputs = self.session.run(self.output_names, {self.input_name: batch})
+        return dict(zip(self.output_names, outputs))

@@ -1,0 +1,45 @@
+"""TorchScript: needs torch, which the serving install does not bring."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+
+from resserve.serve.backends.base import BackendError, ModelSource, Outputs, describe
+
+TORCH_HINT = "the TorchScript backend needs torch: pip install 'resserve[train]'"
+
+
+class TorchScriptBackend:
+    """A TorchScript module on the CPU (or CUDA); its outputs are the package's, in order."""
+
+    name = "torchscript"
+    precision = "fp32"
+
+    def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None,
+                 output_names: tuple[str, ...] = ("logits", "probabilities")) -> None:
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendError(TORCH_HINT) from exc
+        self.torch = torch
+        self.output_names = output_names
+        if threads:
+            torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendError("--device cuda: torch sees no CUDA device")
+        self.device = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+        source = io.BytesIO(model) if isinstance(model, bytes) else str(model)
+        try:
+            with warnings.catch_warnings():  # torch.jit is deprecated in 2.14; the format is what users asked for
+                warnings.simplefilter("ignore", FutureWarning)
+                self.module = torch.jit.load(source, map_location=torch.device(self.device)).eval()
+        except RuntimeError as exc:
+            raise BackendError(f"torch cannot load {describe(model)}: {str(exc).splitlines()[0]}") from exc
+
+    def infer(self, batch: np.ndarray) -> Outputs:
+        with self.torch.inference_mode():
+            outputs = self.module(self.torch.from_numpy(batch).to(self.device))
+        return {name: out.cpu().numpy() for name, out in zip(self.output_names, outputs)}

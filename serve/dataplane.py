@@ -1,0 +1,164 @@
+"""The protocol-neutral data plane, between the front doors and the batchers.
+
+A front door (the KServe v2 gRPC service, the DigitClassifier service, REST next) decodes its
+wire format into the types below, calls ``DataPlane`` and encodes what it returns. Everything
+that does not depend on the wire lives here once: finding the model, checking a request
+against the model's contract (names, datatypes, shapes, ranges, requested outputs), image
+preprocessing, batching, and the metadata the protocols report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from resserve.serve.errors import InvalidInput
+from resserve.serve.manifest import TensorSpec
+from resserve.serve.preprocess import encoded_to_input, raw_to_input
+from resserve.serve.repository import ServedModel
+from resserve.serve.state import ServerState
+
+SERVER_NAME = "resserve"
+IMAGE_SHAPE = (1, 28, 28)
+INPUT_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A named tensor: ``data`` is a numpy array of ``shape`` in the dtype of ``datatype``."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    model_name: str  # "" for the server's default model
+    model_version: str  # "" for the current version
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[str, ...] = ()  # requested outputs; empty: all of the model's
+    id: str = ""
+    deadline: float | None = None  # time.monotonic() value
+
+
+@dataclass(frozen=True)
+class InferenceResponse:
+    model_name: str
+    model_version: str
+    outputs: tuple[Tensor, ...]
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image to classify: encoded (PNG, JPEG, ...) or 784 raw MNIST-style pixels."""
+
+    data: bytes
+    raw: bool = False
+
+
+@dataclass(frozen=True)
+class Classification:
+    model: ServedModel
+    probabilities: np.ndarray  # float32 [N,10]
+
+
+def validate_requested_outputs(requested: tuple[str, ...], known: list[str]) -> list[str]:
+    """The outputs to answer with: each known and asked for once, checked before any work."""
+    for name in requested:
+        if name not in known:
+            raise InvalidInput(f"unknown output {name!r}; the model has {', '.join(known)}")
+    if len(set(requested)) != len(requested):
+        raise InvalidInput(f"an output is requested more than once: {', '.join(requested)}")
+    return list(requested) or known
+
+
+def model_input(tensor: Tensor, spec: TensorSpec, max_images: int) -> np.ndarray:
+    """The request's image tensor as the model's float32 [N,1,28,28] in [0,1], or a precise InvalidInput."""
+    if tensor.name != spec.name:
+        raise InvalidInput(f"unknown input {tensor.name!r}; the model's input is {spec.name!r}")
+    if tensor.datatype not in INPUT_DTYPES:
+        raise InvalidInput(f"input has datatype {tensor.datatype}; expected FP32 or UINT8")
+    if len(tensor.shape) != 4 or tensor.shape[1:] != IMAGE_SHAPE:
+        raise InvalidInput(f"input has shape {list(tensor.shape)}; expected [N, 1, 28, 28]")
+    count = tensor.shape[0]
+    if count < 1:
+        raise InvalidInput("empty batch: the input holds no image")
+    if count > max_images:
+        raise InvalidInput(f"{count} images in one request; the limit is {max_images}")
+    array = tensor.data.reshape(count, *IMAGE_SHAPE)
+    if tensor.datatype == "UINT8":
+        return array.astype(np.float32) / 255.0
+    if not np.isfinite(array).all():
+        raise InvalidInput("input holds NaN or infinity")
+    if array.min() < 0.0 or array.max() > 1.0:
+        raise InvalidInput(f"input values must be in [0, 1] (pixel intensities); got [{array.min():g}, {array.max():g}]")
+    return array
+
+
+def _preprocess(images: list[Image]) -> np.ndarray:
+    """All images of a request -> float32 [N,1,28,28] (Pillow work: runs in a worker thread)."""
+    batch = []
+    for index, image in enumerate(images):
+        try:
+            batch.append(raw_to_input(image.data) if image.raw else encoded_to_input(image.data))
+        except InvalidInput as exc:
+            raise InvalidInput(f"image {index}: {exc}") from None
+    return np.stack(batch)
+
+
+class DataPlane:
+    """What the server can do, in terms no protocol owns."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    # health and metadata ----------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return self.state.ready
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        repository = self.state.repository
+        if not self.state.ready or repository is None or name not in repository.models:
+            return False
+        return version in ("", repository.models[name].version)
+
+    def model(self, name: str = "", version: str = "") -> ServedModel:
+        """The model called ``name`` ('' for the default) at ``version`` ('' for the current one)."""
+        return self.state.models().get(name, version)
+
+    def check_image_count(self, count: int) -> None:
+        limit = self.state.settings.max_images_per_request
+        if count == 0:
+            raise InvalidInput("no images in the request")
+        if count > limit:
+            raise InvalidInput(f"{count} images in one request; the limit is {limit}")
+
+    # inference --------------------------------------------------------------------------------
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        model = self.model(request.model_name, request.model_version)
+        manifest = model.package.manifest
+        wanted = validate_requested_outputs(request.outputs, manifest.output_names)
+        if len(request.inputs) != len(manifest.inputs):
+            raise InvalidInput(f"expected {len(manifest.inputs)} input tensor named {manifest.inputs[0].name!r}, "
+                               f"got {len(request.inputs)}")
+        batch = model_input(request.inputs[0], manifest.inputs[0], self.state.settings.max_images_per_request)
+        outputs = await model.batcher.submit(batch, request.deadline)
+        return InferenceResponse(
+            model_name=model.name, model_version=model.version, id=request.id,
+            outputs=tuple(Tensor(name, "FP32", outputs[name].shape, outputs[name]) for name in wanted))
+
+    async def classify(self, images: list[Image], model_name: str = "",
+                       deadline: float | None = None) -> Classification:
+        """Preprocess images the way MNIST was made, then run them as one batch."""
+        model = self.model(model_name)
+        self.check_image_count(len(images))
+        batch = await asyncio.to_thread(_preprocess, images)
+        outputs = await model.batcher.submit(batch, deadline)
+        return Classification(model, outputs["probabilities"])

@@ -1,0 +1,63 @@
+"""The server's shared state: its settings, models, metrics, readiness and requests in flight.
+
+Protocol-neutral: every front door (the gRPC services now, REST next) admits and counts its
+requests here, so readiness, the drain and the answer counts cover all of them alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from resserve.serve.errors import ShuttingDown
+from resserve.serve.metrics import Metrics
+from resserve.serve.repository import ModelRepository
+from resserve.serve.settings import ServerSettings
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    metrics: Metrics = field(default_factory=Metrics)
+    repository: ModelRepository | None = None  # None while models load
+    ready: bool = False  # every model loaded and warmed, and not draining
+    accepting: bool = True  # False once the drain is over: new requests get UNAVAILABLE
+    in_flight: int = 0  # requests admitted and not yet answered
+    answered: Counter = field(default_factory=Counter)  # status code name -> requests answered
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def model_label(self, requested: str) -> str:
+        """The metrics label for a requested model name: bounded, so clients cannot mint labels."""
+        if self.repository is None:
+            return "unknown"
+        name = requested or self.repository.default
+        return name if name in self.repository.models else "unknown"
+
+    def models(self) -> ModelRepository:
+        if self.repository is None:
+            raise ShuttingDown("models are still loading; retry shortly")
+        return self.repository
+
+    def admit(self) -> float:
+        """Count a request in (UNAVAILABLE once the drain is over); returns its start time."""
+        self.in_flight += 1
+        self.idle.clear()
+        return time.monotonic()
+
+    def check_accepting(self) -> None:
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+
+    def finish(self, api: str, model: str, code: str, started: float) -> None:
+        """Count a request out with the status it was answered with."""
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.idle.set()
+        self.answered[code] += 1
+        self.metrics.requests.labels(api, model, code).inc()
+        self.metrics.latency.labels(api, model).observe(time.monotonic() - started)
