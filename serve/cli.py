@@ -45,6 +45,10 @@ def serve(
         help="Most images in one request (KServe batch or Classify images); more: INVALID_ARGUMENT.")] = ServerSettings.max_images_per_request,
     max_message_bytes: Annotated[int, typer.Option(envvar=_env("MAX_MESSAGE_BYTES"),
         help="Largest request; bigger ones get RESOURCE_EXHAUSTED.")] = ServerSettings.max_message_bytes,
+    max_inflight_bytes: Annotated[int, typer.Option(envvar=_env("MAX_INFLIGHT_BYTES"),
+        help="Memory budget for requests: the server handles this / --max-message-bytes RPCs at once "
+        "(64 by default); more get RESOURCE_EXHAUSTED. Lower --max-message-bytes for more, smaller RPCs.")
+    ] = ServerSettings.max_inflight_bytes,
     drain_seconds: Annotated[float, typer.Option(envvar=_env("DRAIN_SECONDS"),
         help="After SIGTERM: keep serving, not ready, this long.")] = ServerSettings.drain_seconds,
     grace_seconds: Annotated[float, typer.Option(envvar=_env("GRACE_SECONDS"),
@@ -71,7 +75,7 @@ def serve(
         batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                                 max_queue_size=max_queue_size), device=device,
         backend=backend, precision=precision, threads=threads, max_images_per_request=max_images_per_request,
-        max_message_bytes=max_message_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
+        max_message_bytes=max_message_bytes, max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age, tls_cert=tls_cert, tls_key=tls_key,
         tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file))
     run_server(settings)
@@ -91,7 +95,10 @@ def _read_tokens(path: Optional[Path]) -> tuple[str, ...]:
 
 Server = Annotated[str, typer.Option("--server", envvar=_env("SERVER"), help="host:port of a resserve server.")]
 TlsCa = Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CA"), help="CA certificate: connect with TLS.")]
-Token = Annotated[Optional[str], typer.Option(envvar=_env("TOKEN"), help="Bearer token.")]
+Token = Annotated[Optional[str], typer.Option(envvar=_env("TOKEN"), show_envvar=True,
+    help="Bearer token. Prefer the environment variable or --token-file: a flag shows in the process list.")]
+TokenFile = Annotated[Optional[Path], typer.Option(envvar=_env("TOKEN_FILE"),
+    help="File whose first line is the bearer token.", show_default=False)]
 
 
 def classify(
@@ -100,6 +107,7 @@ def classify(
     model: Annotated[str, typer.Option(help="Model name [default: the server's default].")] = "",
     tls_ca: TlsCa = None,
     token: Token = None,
+    token_file: TokenFile = None,
     as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {file, digit, confidence}.")] = False,
 ) -> None:
     """Classify handwritten digit images with a running server."""
@@ -111,7 +119,9 @@ def classify(
             blobs.append(path.read_bytes())
         except OSError as exc:
             raise ResserveError(f"cannot read {path}: {exc.strerror}") from exc
-    with DigitClient(server, tls_ca, token) as client:
+    if token and token_file:
+        raise ResserveError("give --token or --token-file, not both")
+    with DigitClient(server, tls_ca, _read_tokens(token_file)[0] if token_file else token) as client:
         results = client.classify(blobs, model)
     rows = [{"file": str(p), "digit": r.digit, "confidence": round(r.confidence, 6)} for p, r in zip(images, results)]
     if as_json:

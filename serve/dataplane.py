@@ -10,13 +10,16 @@ preprocessing, batching, and the metadata the protocols report.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
-from resserve.serve.errors import InvalidInput
+from resserve.serve.errors import DeadlineExpired, InvalidInput, QueueFull
 from resserve.serve.manifest import TensorSpec
-from resserve.serve.preprocess import encoded_to_input, raw_to_input
+from resserve.serve.preprocess import MAX_REQUEST_PIXELS, encoded_to_input, pixels_of, raw_to_input
 from resserve.serve.repository import ServedModel
 from resserve.serve.state import ServerState
 
@@ -69,11 +72,13 @@ class Classification:
 
 def validate_requested_outputs(requested: tuple[str, ...], known: list[str]) -> list[str]:
     """The outputs to answer with: each known and asked for once, checked before any work."""
+    seen = set()
     for name in requested:
         if name not in known:
             raise InvalidInput(f"unknown output {name!r}; the model has {', '.join(known)}")
-    if len(set(requested)) != len(requested):
-        raise InvalidInput(f"an output is requested more than once: {', '.join(requested)}")
+        if name in seen:
+            raise InvalidInput(f"output {name!r} is requested more than once")
+        seen.add(name)
     return list(requested) or known
 
 
@@ -100,22 +105,43 @@ def model_input(tensor: Tensor, spec: TensorSpec, max_images: int) -> np.ndarray
     return array
 
 
-def _preprocess(images: list[Image]) -> np.ndarray:
-    """All images of a request -> float32 [N,1,28,28] (Pillow work: runs in a worker thread)."""
+def _preprocess(images: list[Image], deadline: float | None, stop: threading.Event) -> np.ndarray:
+    """All images of a request -> float32 [N,1,28,28]. Runs in the preprocessing pool.
+
+    The request's pixel budget is checked from the images' headers before any is decoded; the
+    client's deadline and cancellation (``stop``) are checked before each image, so abandoned
+    work ends within one image.
+    """
+    pixels = 0
+    for index, image in enumerate(images):
+        if not image.raw:
+            pixels += _for_image(index, pixels_of, image.data)
+    if pixels > MAX_REQUEST_PIXELS:
+        raise InvalidInput(f"the images hold {pixels:,} pixels in all; one request may hold {MAX_REQUEST_PIXELS:,}")
     batch = []
     for index, image in enumerate(images):
-        try:
-            batch.append(raw_to_input(image.data) if image.raw else encoded_to_input(image.data))
-        except InvalidInput as exc:
-            raise InvalidInput(f"image {index}: {exc}") from None
-    return np.stack(batch)
+        if stop.is_set():
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExpired(f"deadline exceeded while preprocessing image {index}; not computed")
+        batch.append(_for_image(index, raw_to_input if image.raw else encoded_to_input, image.data))
+    return np.stack(batch) if len(batch) == len(images) else np.empty((0, 1, 28, 28), np.float32)
+
+
+def _for_image(index: int, work, data: bytes):
+    try:
+        return work(data)
+    except InvalidInput as exc:
+        raise type(exc)(f"image {index}: {exc}") from None
 
 
 class DataPlane:
     """What the server can do, in terms no protocol owns."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, preprocess_pool: Executor) -> None:
         self.state = state
+        self._pool = preprocess_pool  # sized to the usable CPUs
+        self._preprocessing = 0  # classify requests waiting for, or in, the pool
 
     # health and metadata ----------------------------------------------------------------------
 
@@ -159,6 +185,21 @@ class DataPlane:
         """Preprocess images the way MNIST was made, then run them as one batch."""
         model = self.model(model_name)
         self.check_image_count(len(images))
-        batch = await asyncio.to_thread(_preprocess, images)
+        batch = await self._preprocess(images, deadline)
         outputs = await model.batcher.submit(batch, deadline)
         return Classification(model, outputs["probabilities"])
+
+    async def _preprocess(self, images: list[Image], deadline: float | None) -> np.ndarray:
+        """Preprocessing counts against the queue limit too: it is work the server has taken on."""
+        limit = self.state.settings.batching.max_queue_size
+        if self._preprocessing >= limit:
+            raise QueueFull(f"preprocessing queue full ({limit} requests); retry later")
+        self._preprocessing += 1
+        stop = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, _preprocess, images, deadline, stop)
+        except asyncio.CancelledError:  # the client went away or its deadline passed: stop at the next image
+            stop.set()
+            raise
+        finally:
+            self._preprocessing -= 1

@@ -52,9 +52,15 @@ class Unauthenticated(ResserveError):
     status = grpc.StatusCode.UNAUTHENTICATED
 
 
+MAX_MESSAGE_CHARS = 1000  # messages may quote client input; trailers must stay small
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``."""
     if isinstance(exc, ResserveError):
-        return exc.status, str(exc)
+        message = str(exc)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message) - MAX_MESSAGE_CHARS:,} more characters)"
+        return exc.status, message
     log.exception("internal error while serving a request", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error (details are in the server log)"

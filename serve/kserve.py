@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import grpc
 import numpy as np
 
 from resserve.serve.dataplane import INPUT_DTYPES, SERVER_NAME, DataPlane, InferenceRequest, Tensor
@@ -120,3 +121,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
             response.raw_output_contents.append(np.ascontiguousarray(tensor.data, dtype="<f4").tobytes())
         return response
+
+
+def _unsupported(name: str):
+    async def answer(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"{name} is not supported by resserve (models are fixed at start; supported "
+                            f"extensions: {', '.join(EXTENSIONS)})")
+
+    answer.__name__ = name
+    return answer
+
+
+# Every other RPC of the protocol answers UNIMPLEMENTED with a reason, not the generated base
+# class's NotImplementedError (which grpc logs as a traceback on every call).
+for _name in dir(pb_grpc.GRPCInferenceServiceServicer):
+    if not _name.startswith("_") and _name not in vars(InferenceServicer):
+        setattr(InferenceServicer, _name, _unsupported(_name))

@@ -4,6 +4,10 @@ MNIST digits are white on black, size-normalized to fit a 20x20 box keeping thei
 ratio, and centred by centre of mass in a 28x28 field. ``to_mnist`` does the same to a photo or
 a drawing: grayscale; invert when the background is light; crop to the ink's bounding box;
 scale the longer side to 20 px; paste so the ink's centre of mass lands at the centre.
+
+Transparency is ink too: a canvas drawing exported as PNG is ink on a transparent background,
+so transparent pixels become a background that contrasts with the ink before anything else.
+An image with no ink at all is refused (``BlankImage``) rather than classified as something.
 """
 
 from __future__ import annotations
@@ -17,25 +21,77 @@ from PIL import Image, UnidentifiedImageError
 from resserve.serve.errors import InvalidInput
 
 MAX_PIXELS = 16_000_000  # decompression-bomb cap: about a 4000x4000 photo
+MAX_REQUEST_PIXELS = 64_000_000  # all images of one request, by their headers, before any decoding
+WORKING_SIDE = 512  # larger images are box-reduced to this before any float work: the digit ends up 20 px
 INK_THRESHOLD = 0.25  # fraction of the darkest-to-brightest range that counts as ink
 
 
-def decode(data: bytes) -> np.ndarray:
-    """Encoded bytes -> grayscale float32 [H,W] in [0,1]; refuses non-images and oversized ones."""
+def _open(data: bytes) -> Image.Image:
+    """The image, its header read and checked; no pixel decoded yet."""
     if not data:
         raise InvalidInput("empty image bytes")
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise InvalidInput(f"image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS:,} pixels")
+    return image
+
+
+def _readable(work):
+    """``work()``, with Pillow's failures on bad bytes as one InvalidInput."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size  # read from the header, before decoding any pixel
-            if width * height > MAX_PIXELS:
-                raise InvalidInput(f"image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS:,} pixels")
-            gray = image.convert("L")
+            return work()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, SyntaxError) as exc:
+            Image.DecompressionBombWarning, SyntaxError, EOFError) as exc:
         raise InvalidInput(f"bytes are not an image Pillow can read ({type(exc).__name__})") from None
-    return np.asarray(gray, dtype=np.float32) / 255.0
+
+
+def pixels_of(data: bytes) -> int:
+    """Width x height from the image's header (nothing decoded): what decoding it will cost."""
+    image = _readable(lambda: _open(data))
+    return image.size[0] * image.size[1]
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Encoded bytes -> grayscale float32 [H,W] in [0,1], at most WORKING_SIDE on its longer side;
+    refuses non-images and oversized ones."""
+    return _readable(lambda: _flatten(_working_size(_open(data))))
+
+
+def _working_size(image: Image.Image) -> Image.Image:
+    """Shrink big images early (JPEG decodes at reduced scale; others box-reduce once decoded), so
+    the float work below costs the same for a 4000x4000 scan as for a 512x512 drawing."""
+    image.draft("L", (WORKING_SIDE, WORKING_SIDE))
+    factor = -(-max(image.size) // WORKING_SIDE)
+    if factor <= 1:
+        return image
+    if image.mode not in ("L", "LA", "RGB", "RGBA"):
+        image = image.convert("LA" if _has_alpha(image) else "L")
+    return image.reduce(factor)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+
+
+def _flatten(image: Image.Image) -> np.ndarray:
+    """Grayscale float32 [H,W] in [0,1]; transparent pixels take the background opposite to the ink."""
+    if not _has_alpha(image):
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    gray_alpha = np.asarray(image.convert("LA"), dtype=np.float32) / 255.0
+    gray, alpha = gray_alpha[..., 0], gray_alpha[..., 1]
+    if alpha.min() >= 1.0:
+        return gray
+    covered = alpha.sum()
+    ink_is_dark = covered == 0 or (gray * alpha).sum() / covered < 0.5
+    background = 1.0 if ink_is_dark else 0.0
+    return gray * alpha + background * (1.0 - alpha)
+
+
+class BlankImage(InvalidInput):
+    """An image with no ink in it: there is no digit to classify."""
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:
@@ -73,8 +129,11 @@ def _paste_centred(digit: np.ndarray) -> np.ndarray:
 
 
 def encoded_to_input(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> the model input row float32 [1,28,28]."""
-    return to_mnist(decode(data))[None]
+    """Encoded image bytes -> the model input row float32 [1,28,28]; a blank image is refused."""
+    digit = to_mnist(decode(data))
+    if not digit.any():
+        raise BlankImage("the image is blank (no ink found): there is no digit to classify")
+    return digit[None]
 
 
 def raw_to_input(data: bytes) -> np.ndarray:

@@ -5,8 +5,9 @@ Lifecycle:
 2. load every model package (sha256-verified), warm each backend, start its batcher;
 3. health SERVING (liveness and readiness);
 4. on SIGTERM/SIGINT: readiness NOT_SERVING (liveness stays SERVING) while the server keeps
-   answering for ``drain_seconds`` so load balancers stop sending; then new requests are
-   answered UNAVAILABLE (retryable) and in-flight ones get ``grace_seconds`` to finish; exit 0.
+   answering for ``drain_seconds`` so load balancers stop sending (a second signal skips the
+   rest of it); then new requests are answered UNAVAILABLE (retryable) and in-flight ones get
+   ``grace_seconds`` to finish; exit 0. No request is ever answered CANCELLED (see ``_serve``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from resserve.serve.backends.base import usable_cpus
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.digits import DigitClassifierServicer
 from resserve.serve.errors import ResserveError
@@ -40,6 +43,8 @@ API_SERVICES = [
 # "" (the whole server) and each API follow readiness: a draining server is not ready for traffic
 READINESS_NAMES = ["", READINESS_SERVICE, *API_SERVICES]
 AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+FLUSH_SECONDS = 0.1  # after the last answer, before the process exits
+PENDING_CALLS = 20_000
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -58,8 +63,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
     def _authorized(self, metadata) -> bool:
-        header = dict(metadata or ()).get("authorization", "")
-        scheme, _, token = header.partition(" ")
+        headers = [value for key, value in metadata or () if key == "authorization"]
+        if len(headers) != 1:  # none, or several: which one would count is ambiguous, so none does
+            return False
+        scheme, _, token = headers[0].partition(" ")
         return scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), t) for t in self._tokens)
 
 
@@ -68,6 +75,11 @@ def _grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent second listener
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Calls that arrived but are not yet handed to Python wait in gRPC core; past its default
+        # backlog (1,000 soft, 3,000 hard) core drops them as CANCELLED, uncounted. Let them wait
+        # (they carry headers only) and be answered by the server: OK, or UNAVAILABLE when full.
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
     ]
     if settings.max_connection_age_seconds:
         options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
@@ -83,6 +95,12 @@ def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
         client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
     except OSError as exc:
         raise ResserveError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
+    for path, data, marker in ((settings.tls_key, key, b"PRIVATE KEY-----"),
+                               (settings.tls_cert, cert, b"-----BEGIN CERTIFICATE-----"),
+                               (settings.tls_client_ca, client_ca, b"-----BEGIN CERTIFICATE-----")):
+        if data is not None and marker not in data:
+            what = "private key" if marker.startswith(b"PRIVATE") else "certificate"
+            raise ResserveError(f"{path} is not a PEM {what}")
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
 
@@ -91,11 +109,13 @@ class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.state = ServerState(settings)
-        self.plane = DataPlane(self.state)
+        self.preprocess_pool = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="preprocess")
+        self.plane = DataPlane(self.state, self.preprocess_pool)
         self.health = health_aio.HealthServicer()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         interceptors = [BearerTokenInterceptor(settings.tokens)] if settings.tokens else []
-        self.grpc = grpc.aio.server(options=_grpc_options(settings), interceptors=interceptors)
+        self.grpc = grpc.aio.server(options=_grpc_options(settings), interceptors=interceptors,
+                                    maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
         self.port = 0
 
     async def _set_health(self, names: list[str], serving: bool) -> None:
@@ -116,7 +136,11 @@ class Server:
         await self._set_health([LIVENESS_SERVICE], serving=True)
         log.info("listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if self.settings.tls_cert else "")
         if self.settings.metrics_port:
-            self.state.metrics.serve(self.settings.metrics_port, self.settings.host)
+            try:
+                self.state.metrics.serve(self.settings.metrics_port, self.settings.host)
+            except OSError as exc:
+                raise ResserveError(f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: "
+                                    f"{exc.strerror or exc} (choose another --metrics-port, or 0 to disable)") from None
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port)
         repository = await asyncio.to_thread(load_repository, self.settings, self.executor, self.state.metrics)
         for model in repository.models.values():
@@ -133,49 +157,71 @@ class Server:
             port = (self.grpc.add_secure_port(address, credentials) if credentials
                     else self.grpc.add_insecure_port(address))
         except RuntimeError as exc:
-            raise ResserveError(f"cannot listen on {address}: port in use or address unavailable") from exc
+            raise ResserveError(f"cannot listen on {address}: {self._bind_failure(credentials)}") from exc
         if port == 0:
-            raise ResserveError(f"cannot listen on {address}: port in use or address unavailable")
+            raise ResserveError(f"cannot listen on {address}: {self._bind_failure(credentials)}")
         return port
 
-    async def drain_and_stop(self) -> None:
-        log.info("shutting down: not ready; draining for %.1f s", self.settings.drain_seconds)
+    @staticmethod
+    def _bind_failure(credentials: grpc.ServerCredentials | None) -> str:
+        reason = "port in use or address unavailable"
+        return reason + (", or the TLS key does not match the certificate" if credentials else "")
+
+    async def drain(self, hurry: asyncio.Event) -> None:
+        """Not ready; keep serving for the drain window (cut short by ``hurry``); then answer new
+        requests UNAVAILABLE while every admitted request finishes (up to the grace period)."""
+        log.info("shutting down: not ready; draining for %.1f s (signal again to skip)", self.settings.drain_seconds)
         self.state.ready = False
         await self._set_health(READINESS_NAMES, serving=False)
-        await asyncio.sleep(self.settings.drain_seconds)
+        await _wait_for(hurry, self.settings.drain_seconds)
         log.info("stopping: new requests get UNAVAILABLE; in-flight requests get %.1f s", self.settings.grace_seconds)
         self.state.accepting = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.grace_seconds
-        try:
-            await asyncio.wait_for(self.state.idle.wait(), self.settings.grace_seconds)
-        except TimeoutError:
+        if not await _wait_for(self.state.idle, self.settings.grace_seconds):
             log.warning("%d requests still in flight after the grace period", self.state.in_flight)
-        await self.grpc.stop(max(0.0, deadline - loop.time()))
         if self.state.repository:
             for model in self.state.repository.models.values():
                 await model.batcher.close()
         self.executor.shutdown(wait=True)
+        self.preprocess_pool.shutdown(wait=True, cancel_futures=True)
+        await asyncio.sleep(FLUSH_SECONDS)  # the last answers leave the process
         answered = ", ".join(f"{code} {count}" for code, count in sorted(self.state.answered.items()))
         log.info("stopped; requests answered: %s", answered or "none")
 
 
+async def _wait_for(event: asyncio.Event, seconds: float) -> bool:
+    """Whether ``event`` was set within ``seconds``."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
 async def _serve(settings: ServerSettings) -> None:
+    """Serve until SIGTERM/SIGINT, drain, and exit 0 without calling gRPC's own shutdown.
+
+    gRPC core cancels every call that reaches it once its shutdown has begun: a client sending
+    at that moment gets CANCELLED, which it must not retry. Exiting instead closes the
+    connections, and a call that was not admitted fails UNAVAILABLE on the client (retryable),
+    while every admitted request has been answered by then (``Server.drain``).
+    """
     server = Server(settings)
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
     try:
         await server.start()
     except BaseException:
         await server.grpc.stop(0)
         raise
     await stop.wait()
-    await server.drain_and_stop()
+    await server.drain(hurry)
+    logging.shutdown()
+    os._exit(0)
 
 
 def run_server(settings: ServerSettings) -> None:
-    """Serve until SIGTERM/SIGINT, then drain; returns normally (exit code 0)."""
+    """Serve until SIGTERM/SIGINT, then drain and exit 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(_serve(settings))

@@ -67,6 +67,10 @@ class ServerSettings:
     threads: int | None = None  # default: the CPUs this process may use
     max_images_per_request: int = 1024
     max_message_bytes: int = 4 * 1024 * 1024
+    # gRPC reads a request whole before the server sees its size, so memory is bounded by how
+    # many RPCs run at once: this budget / max_message_bytes of them (64 by default); beyond that
+    # gRPC answers RESOURCE_EXHAUSTED at once. RSS grows by about 3x the budget at most.
+    max_inflight_bytes: int = 256 * 1024 * 1024
     drain_seconds: float = 5.0  # after SIGTERM: NOT_SERVING but still answering, so endpoints go
     grace_seconds: float = 10.0  # then: in-flight requests get this long to finish
     max_connection_age_seconds: float | None = None  # clients re-resolve (Kubernetes scaling)
@@ -74,6 +78,11 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a cert signed by this CA
     tokens: tuple[str, ...] = ()  # bearer tokens accepted; empty: no authentication
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        """RPCs handled at once: as many largest requests as the in-flight budget holds."""
+        return self.max_inflight_bytes // self.max_message_bytes
 
     def __post_init__(self) -> None:
         """Choices given as strings become their enums, and every setting is checked: once, here."""
@@ -93,6 +102,8 @@ class ServerSettings:
             (self.max_images_per_request >= 1, "--max-images-per-request must be >= 1"),
             (1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,
              f"--max-message-bytes must be in 1024-{MAX_GRPC_MESSAGE_BYTES} (gRPC's limit)"),
+            (self.max_inflight_bytes >= self.max_message_bytes,
+             "--max-inflight-bytes must be at least --max-message-bytes (one largest request must fit)"),
             (bool(self.tls_cert) == bool(self.tls_key), "TLS needs both --tls-cert and --tls-key"),
             (not self.tls_client_ca or bool(self.tls_cert),
              "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key; refusing to serve without TLS"),

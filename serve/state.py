@@ -44,7 +44,7 @@ class ServerState:
         return self.repository
 
     def admit(self) -> float:
-        """Count a request in (UNAVAILABLE once the drain is over); returns its start time."""
+        """Count a request in; returns its start time. Every admitted request is ``finish``ed."""
         self.in_flight += 1
         self.idle.clear()
         return time.monotonic()

@@ -9,7 +9,6 @@ refused with a one-line ``CheckpointError``.
 from __future__ import annotations
 
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,16 +71,19 @@ def load_checkpoint(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path} carries pickled objects other than tensors; refused "
                                   "(a resserve checkpoint holds only tensors, numbers and strings)") from exc
         raise CheckpointError(f"{path} is truncated or not a PyTorch file") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - unpickling arbitrary bytes can raise almost anything
         raise CheckpointError(f"{path} is truncated or not a PyTorch file") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a resserve checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {payload.get('format_version')}, "
                               f"this resserve reads {FORMAT_VERSION}")
+    missing = [key for key in ("config", "state_dict") if key not in payload]
+    if missing or not isinstance(payload["state_dict"], dict):
+        raise CheckpointError(f"{path} is a resserve checkpoint without a valid {(missing or ['state_dict'])[0]}")
     try:
         config = ModelConfig.from_dict(payload["config"])
-    except (ConfigError, TypeError, KeyError) as exc:
+    except (ConfigError, TypeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{path} has an invalid model config: {exc}") from exc
     return Checkpoint(config, payload["state_dict"], payload.get("metrics", {}))
 

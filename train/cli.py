@@ -69,6 +69,7 @@ def train(
     """Train a network of the family on MNIST; keeps the best epoch on validation, reports test accuracy."""
     require_train_extra()
     from resserve.train.data import load_mnist
+    from resserve.train.files import check_writable
     from resserve.train.training import train as run_training
 
     stage_widths = parse_ints(widths, "--widths") if widths else (channels,)
@@ -80,6 +81,7 @@ def train(
                                validation_size=validation_size, train_limit=train_limit)
     train_config.validate()
     command = shlex.join(["resserve", *sys.argv[1:]])
+    check_writable(out)  # before the data is fetched, as well as before training
     run_training(model_config, train_config, load_mnist(data_dir, log=_log), out, log=_log,
                  show_progress=not quiet, command=command)
 

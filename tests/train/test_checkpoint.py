@@ -69,3 +69,27 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, small_checkpoi
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_a_checkpoint_without_weights_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "empty.pt"
+    torch.save({"format": "resserve-checkpoint", "format_version": 1, "config": {}}, path)
+    with pytest.raises(CheckpointError, match="without a valid state_dict"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("text", ["epoch 1: loss 0.3\n", "export not an image", "(]}", "hello", "tu"])
+def test_a_text_file_is_not_a_pytorch_file(tmp_path, text):
+    path = tmp_path / "train.log"
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match="is truncated or not a PyTorch file"):
+        load_checkpoint(path)
+
+
+def test_training_refuses_an_output_it_cannot_write_before_training(tmp_path):
+    from helpers import run_cli
+
+    result = run_cli("train", "--out", "/proc/no-such/m.pt", "--epochs", "1", "--train-limit", "256")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write /proc/no-such/m.pt")
+    assert "training" not in result.stderr  # refused before any training

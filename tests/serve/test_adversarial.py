@@ -1,0 +1,350 @@
+"""Hostile and careless clients against a real server: every request gets a precise answer, the
+server's memory and CPU per request stay bounded, and it keeps serving. One finding per test."""
+
+import asyncio
+import collections
+import io
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from PIL import Image, ImageDraw
+
+from helpers import ServerProcess, run_cli
+from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
+from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
+from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+
+MODEL = "resnet-mnist"
+
+
+def rss_mb(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
+
+
+def request_of(images: np.ndarray, outputs: list[str] = ()) -> kserve_pb2.ModelInferRequest:
+    request = kserve_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def code_of(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def big_scan() -> bytes:
+    """A 6 KB 1-bit PNG of 4000x4000 pixels holding one thin stroke: cheap to send, costly to decode."""
+    page = Image.new("1", (4000, 4000), 1)
+    ImageDraw.Draw(page).line((2000, 600, 2000, 3400), fill=0, width=4)
+    return png(page)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess() as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def kserve(server):
+    return kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+
+
+@pytest.fixture(scope="module")
+def digits(server):
+    return digits_pb2_grpc.DigitClassifierStub(grpc.insecure_channel(server.target))
+
+
+# 1. response amplification --------------------------------------------------------------------
+
+def test_duplicate_or_unknown_requested_outputs_are_refused_before_any_work(server, kserve):
+    images = np.zeros((1024, 1, 28, 28), dtype=np.float32)
+    before = rss_mb(server.process.pid)
+    for outputs, message in ((["probabilities"] * 20_000, "requested more than once"),
+                             (["logits", "embeddings"], "unknown output 'embeddings'")):
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            kserve.ModelInfer(request_of(images, outputs), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
+        assert time.monotonic() - started < 1.0
+    assert rss_mb(server.process.pid) - before < 50
+    assert len(kserve.ModelInfer(request_of(images[:2], ["logits"]), timeout=30).outputs) == 1  # still serving
+
+
+# 2. classify preprocessing budget -------------------------------------------------------------
+
+def test_large_scans_cost_bounded_memory_and_time(server, digits):
+    scan = digits_pb2.Image(encoded=big_scan())
+    request = digits_pb2.ClassifyRequest(images=[scan] * 4)  # 64 MP in all: the per-request budget
+    before, started = rss_mb(server.process.pid), time.monotonic()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: digits.Classify(request, timeout=60), range(6)))
+    assert all(r.results[0].digit == 1 for r in answers)  # the stroke is read as a one
+    assert rss_mb(server.process.pid) - before < 250  # was +1.1 GB
+    assert time.monotonic() - started < 20
+
+
+def test_a_request_over_the_pixel_budget_is_refused_before_decoding(digits):
+    scan = digits_pb2.Image(encoded=big_scan())
+    with pytest.raises(grpc.RpcError) as info:
+        digits.Classify(digits_pb2.ClassifyRequest(images=[scan] * 5), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "one request may hold 64,000,000" in info.value.details()
+
+
+def test_preprocessing_stops_when_the_deadline_passes(server, digits):
+    """Work abandoned by the client stops within an image, instead of burning CPU for nothing."""
+    many = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=big_scan())] * 4)
+    pid = server.process.pid
+    for _ in range(3):  # a few requests whose deadline passes mid-way
+        assert code_of(lambda: digits.Classify(many, timeout=0.05)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.3)
+    idle_from = cpu_seconds(pid)
+    time.sleep(1.0)
+    assert cpu_seconds(pid) - idle_from < 0.5  # nothing left running for the abandoned requests
+
+
+# 3. fail-closed TLS ---------------------------------------------------------------------------
+
+def test_mutual_tls_without_a_server_certificate_refuses_to_start(tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    result = run_cli("serve", "--port", "0", "--metrics-port", "0", "--tls-client-ca", str(ca), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key; "
+                                     "refusing to serve without TLS")
+
+
+def test_a_tls_key_that_is_not_a_key_is_named_as_such(tmp_path):
+    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
+    key.write_text("hello\n")
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    result = run_cli("serve", "--port", "0", "--metrics-port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
+                     timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {key} is not a PEM private key"
+
+
+# 4. the metrics endpoint follows --host -------------------------------------------------------
+
+def listening_address(port: int) -> str:
+    """The local address a TCP socket listens on for ``port``, from /proc/net/tcp (hex, as the kernel writes it)."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if int(hex_port, 16) == port and state == "0A":  # LISTEN
+            return socket.inet_ntoa(bytes.fromhex(address)[::-1])
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_metrics_listen_on_the_host_the_server_was_given(server):
+    assert listening_address(server.metrics_port) == "127.0.0.1"
+
+
+# 5. memory bounded by bytes -------------------------------------------------------------------
+
+def test_many_large_concurrent_requests_are_bounded_by_bytes_in_flight(server):
+    images = np.random.default_rng(0).random((1024, 1, 28, 28), dtype=np.float32)  # 3.2 MB, legal
+    request = request_of(images)
+    pid, before, peak = server.process.pid, rss_mb(server.process.pid), [0.0]
+
+    async def load() -> collections.Counter:
+        codes, channels = collections.Counter(), [grpc.aio.insecure_channel(server.target) for _ in range(300)]
+
+        async def one(channel) -> None:
+            try:
+                await kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=120)
+                codes["OK"] += 1
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+
+        async def watch() -> None:
+            while True:
+                peak[0] = max(peak[0], rss_mb(pid))
+                await asyncio.sleep(0.02)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.gather(*(one(channel) for channel in channels))
+        watcher.cancel()
+        for channel in channels:
+            await channel.close()
+        return codes
+
+    codes = asyncio.run(load())
+    assert set(codes) <= {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED"} and codes["OK"] > 0, codes
+    assert peak[0] - before < 1024, (peak[0], before)  # about 3x the 256 MiB budget; was +2.6 GB
+
+
+# 6. exact input checks ------------------------------------------------------------------------
+
+def test_typed_uint8_values_over_255_are_refused_not_wrapped(kserve):
+    request = kserve_pb2.ModelInferRequest(model_name=MODEL)
+    tensor = request.inputs.add(name="input", datatype="UINT8", shape=[1, 1, 28, 28])
+    tensor.contents.uint_contents.extend([0] * 781 + [256, 257, 511])
+    with pytest.raises(grpc.RpcError) as info:
+        kserve.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "[0, 255]" in info.value.details()
+
+
+def test_raw_and_typed_contents_together_are_refused(kserve):
+    request = request_of(np.zeros((1, 1, 28, 28), dtype=np.float32))
+    request.inputs[0].contents.fp32_contents.extend([0.0] * 784)
+    with pytest.raises(grpc.RpcError) as info:
+        kserve.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "send one" in info.value.details()
+
+
+def test_two_authorization_headers_are_refused(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("good\n")
+    with ServerProcess("--token-file", str(tokens)) as guarded:
+        stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(guarded.target))
+        request = request_of(np.zeros((1, 1, 28, 28), dtype=np.float32))
+        both = (("authorization", "Bearer bad"), ("authorization", "Bearer good"))
+        assert code_of(lambda: stub.ModelInfer(request, metadata=both, timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda: stub.ModelInfer(request, metadata=both[1:], timeout=10)) == grpc.StatusCode.OK
+
+
+# 7. transparent drawings ----------------------------------------------------------------------
+
+def canvas_drawing(draw_digit: bool) -> bytes:
+    """What a browser canvas exports: black ink on a fully transparent background."""
+    canvas = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+    if draw_digit:
+        ImageDraw.Draw(canvas).ellipse((70, 40, 210, 240), outline=(0, 0, 0, 255), width=22)  # a zero
+    return png(canvas)
+
+
+def test_a_transparent_canvas_drawing_is_read_as_ink(digits):
+    answer = digits.Classify(digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=canvas_drawing(True))]),
+                             timeout=30)
+    assert answer.results[0].digit == 0
+
+
+def test_an_image_with_no_digit_says_so(digits):
+    with pytest.raises(grpc.RpcError) as info:
+        digits.Classify(digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=canvas_drawing(False))]),
+                        timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "image 0: the image is blank (no ink found): there is no digit to classify"
+
+
+# 8. no CANCELLED answers ----------------------------------------------------------------------
+
+def test_a_burst_of_3000_concurrent_calls_is_answered_not_cancelled(server):
+    request = request_of(np.zeros((1, 1, 28, 28), dtype=np.float32))
+
+    async def burst() -> collections.Counter:
+        codes = collections.Counter()
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+
+            async def one() -> None:
+                try:
+                    await stub.ModelInfer(request, timeout=60)
+                    codes["OK"] += 1
+                except grpc.RpcError as exc:
+                    codes[exc.code().name] += 1
+
+            await asyncio.gather(*(one() for _ in range(3000)))
+        return codes
+
+    codes = asyncio.run(burst())
+    # beyond 64 RPCs at once gRPC answers RESOURCE_EXHAUSTED; a full queue answers UNAVAILABLE; nothing is dropped
+    assert set(codes) <= {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED"} and codes["OK"] > 0, codes
+
+
+@pytest.mark.slow
+def test_sigterm_under_16_client_load_answers_only_ok_or_unavailable_five_times_over():
+    request = request_of(np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32))
+    for _ in range(5):
+        with ServerProcess("--grace-seconds", "5", drain_seconds=0.5) as target:
+            codes, stop = collections.Counter(), threading.Event()
+
+            def client() -> None:
+                stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(target.target))
+                while not stop.is_set():
+                    code = code_of(lambda: stub.ModelInfer(request, timeout=10))
+                    codes[code.name] += 1
+                    if code != grpc.StatusCode.OK:
+                        time.sleep(0.01)
+
+            threads = [threading.Thread(target=client) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            time.sleep(1.0)
+            target.process.send_signal(15)
+            exit_code = target.process.wait(timeout=60)
+            time.sleep(0.2)  # clients meet the closed port too
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert exit_code == 0
+        assert set(codes) == {"OK", "UNAVAILABLE"}, codes
+        answered = dict(re.findall(r"(\w+) (\d+)", "".join(target.lines).split("requests answered: ")[1]))
+        assert int(answered["OK"]) == codes["OK"]  # every OK the server sent arrived
+
+
+# 9. errors that were tracebacks ---------------------------------------------------------------
+
+def test_a_metrics_port_in_use_is_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(port), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot serve metrics on 127.0.0.1:{port}: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_message_limit_beyond_grpc_is_one_line():
+    result = run_cli("serve", "--max-message-bytes", str(2**31), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --max-message-bytes must be in 1024-2147483647 (gRPC's limit)"
+
+
+def test_unimplemented_rpcs_say_so_without_a_traceback_in_the_log(server):
+    client = triton.InferenceServerClient(server.target)
+    with pytest.raises(triton.InferenceServerException) as info:
+        client.unload_model(MODEL)
+    assert "StatusCode.UNIMPLEMENTED" in str(info.value) and "models are fixed at start" in str(info.value)
+    time.sleep(0.2)
+    assert "Traceback" not in "".join(server.lines)
+
+
+# 10. secrets on the command line --------------------------------------------------------------
+
+def test_classify_reads_its_token_from_a_file(tmp_path, mnist):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    image = tmp_path / "digit.png"
+    Image.fromarray(mnist.test.images[0]).save(image)
+    with ServerProcess("--token-file", str(tokens)) as guarded:
+        result = run_cli("classify", str(image), "--server", guarded.target, "--token-file", str(tokens))
+    assert result.returncode == 0 and f": {mnist.test.labels[0]} (" in result.stdout
