@@ -6,7 +6,7 @@ import warnings
 
 from . import digits_pb2 as digits__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -19,14 +19,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in digits_pb2_grpc.py depends on'
+        + f' but the generated code in digits_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class DigitClassifierStub:
+class DigitClassifierStub(object):
     """Classifies handwritten digits with a residual network trained on MNIST.
     """
 
@@ -43,7 +43,7 @@ class DigitClassifierStub:
                 _registered_method=True)
 
 
-class DigitClassifierServicer:
+class DigitClassifierServicer(object):
     """Classifies handwritten digits with a residual network trained on MNIST.
     """
 
@@ -70,7 +70,7 @@ def add_DigitClassifierServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class DigitClassifier:
+class DigitClassifier(object):
     """Classifies handwritten digits with a residual network trained on MNIST.
     """
 

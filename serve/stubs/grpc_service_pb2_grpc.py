@@ -6,7 +6,7 @@ import warnings
 
 from . import grpc_service_pb2 as grpc__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -19,15 +19,20 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in grpc_service_pb2_grpc.py depends on'
+        + f' but the generated code in grpc_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class GRPCInferenceServiceStub:
-    """Missing associated documentation comment in .proto file."""
+class GRPCInferenceServiceStub(object):
+    """@@
+    @@.. cpp:var:: service InferenceService
+    @@
+    @@   Inference Server GRPC endpoints.
+    @@
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -137,125 +142,237 @@ class GRPCInferenceServiceStub:
                 _registered_method=True)
 
 
-class GRPCInferenceServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+class GRPCInferenceServiceServicer(object):
+    """@@
+    @@.. cpp:var:: service InferenceService
+    @@
+    @@   Inference Server GRPC endpoints.
+    @@
+    """
 
     def ServerLive(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc ServerLive(ServerLiveRequest) returns
+        @@       (ServerLiveResponse)
+        @@
+        @@     Check liveness of the inference server.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ServerReady(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc ServerReady(ServerReadyRequest) returns
+        @@       (ServerReadyResponse)
+        @@
+        @@     Check readiness of the inference server.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ModelReady(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc ModelReady(ModelReadyRequest) returns
+        @@       (ModelReadyResponse)
+        @@
+        @@     Check readiness of a model in the inference server.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ServerMetadata(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc ServerMetadata(ServerMetadataRequest) returns
+        @@       (ServerMetadataResponse)
+        @@
+        @@     Get server metadata.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ModelMetadata(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc ModelMetadata(ModelMetadataRequest) returns
+        @@       (ModelMetadataResponse)
+        @@
+        @@     Get model metadata.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ModelInfer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc ModelInfer(ModelInferRequest) returns
+        @@       (ModelInferResponse)
+        @@
+        @@     Perform inference using a specific model.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ModelStreamInfer(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc ModelStreamInfer(stream ModelInferRequest) returns
+        @@       (stream ModelStreamInferResponse)
+        @@
+        @@     Perform streaming inference.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ModelConfig(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc ModelConfig(ModelConfigRequest) returns
+        @@       (ModelConfigResponse)
+        @@
+        @@     Get model configuration.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ModelStatistics(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc ModelStatistics(
+        @@                     ModelStatisticsRequest)
+        @@                   returns (ModelStatisticsResponse)
+        @@
+        @@     Get the cumulative inference statistics for a model.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RepositoryIndex(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc RepositoryIndex(RepositoryIndexRequest) returns
+        @@       (RepositoryIndexResponse)
+        @@
+        @@     Get the index of model repository contents.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RepositoryModelLoad(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc RepositoryModelLoad(RepositoryModelLoadRequest) returns
+        @@       (RepositoryModelLoadResponse)
+        @@
+        @@     Load or reload a model from a repository.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RepositoryModelUnload(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc RepositoryModelUnload(RepositoryModelUnloadRequest)
+        @@       returns (RepositoryModelUnloadResponse)
+        @@
+        @@     Unload a model.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SystemSharedMemoryStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc SystemSharedMemoryStatus(
+        @@                     SystemSharedMemoryStatusRequest)
+        @@                   returns (SystemSharedMemoryStatusRespose)
+        @@
+        @@     Get the status of all registered system-shared-memory regions.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SystemSharedMemoryRegister(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc SystemSharedMemoryRegister(
+        @@                     SystemSharedMemoryRegisterRequest)
+        @@                   returns (SystemSharedMemoryRegisterResponse)
+        @@
+        @@     Register a system-shared-memory region.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SystemSharedMemoryUnregister(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc SystemSharedMemoryUnregister(
+        @@                     SystemSharedMemoryUnregisterRequest)
+        @@                   returns (SystemSharedMemoryUnregisterResponse)
+        @@
+        @@     Unregister a system-shared-memory region.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CudaSharedMemoryStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc CudaSharedMemoryStatus(
+        @@                     CudaSharedMemoryStatusRequest)
+        @@                   returns (CudaSharedMemoryStatusRespose)
+        @@
+        @@     Get the status of all registered CUDA-shared-memory regions.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CudaSharedMemoryRegister(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc CudaSharedMemoryRegister(
+        @@                     CudaSharedMemoryRegisterRequest)
+        @@                   returns (CudaSharedMemoryRegisterResponse)
+        @@
+        @@     Register a CUDA-shared-memory region.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CudaSharedMemoryUnregister(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc CudaSharedMemoryUnregister(
+        @@                     CudaSharedMemoryUnregisterRequest)
+        @@                   returns (CudaSharedMemoryUnregisterResponse)
+        @@
+        @@     Unregister a CUDA-shared-memory region.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def TraceSetting(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc TraceSetting(TraceSettingRequest)
+        @@                   returns (TraceSettingResponse)
+        @@
+        @@     Update and get the trace setting of the Triton server.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LogSettings(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """@@  .. cpp:var:: rpc LogSettings(LogSettingsRequest)
+        @@                   returns (LogSettingsResponse)
+        @@
+        @@     Update and get the log settings of the Triton server.
+        @@
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -371,8 +488,13 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class GRPCInferenceService:
-    """Missing associated documentation comment in .proto file."""
+class GRPCInferenceService(object):
+    """@@
+    @@.. cpp:var:: service InferenceService
+    @@
+    @@   Inference Server GRPC endpoints.
+    @@
+    """
 
     @staticmethod
     def ServerLive(request,
