@@ -39,11 +39,17 @@ class Tensor:
 
 
 @dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    classification: int = 0  # > 0: the top k classes as "score:index:label" strings (Triton's extension)
+
+
+@dataclass(frozen=True)
 class InferenceRequest:
     model_name: str  # "" for the server's default model
     model_version: str  # "" for the current version
     inputs: tuple[Tensor, ...]
-    outputs: tuple[str, ...] = ()  # requested outputs; empty: all of the model's
+    outputs: tuple[RequestedOutput, ...] = ()  # empty: all of the model's
     id: str = ""
     deadline: float | None = None  # time.monotonic() value
 
@@ -70,16 +76,40 @@ class Classification:
     probabilities: np.ndarray  # float32 [N,10]
 
 
-def validate_requested_outputs(requested: tuple[str, ...], known: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class RepositoryEntry:
+    name: str
+    version: str
+    state: str  # READY | UNAVAILABLE, as Triton says it
+    reason: str = ""
+
+
+def validate_requested_outputs(requested: tuple[RequestedOutput, ...],
+                               specs: tuple[TensorSpec, ...]) -> list[RequestedOutput]:
     """The outputs to answer with: each known and asked for once, checked before any work."""
+    known = {spec.name: spec for spec in specs}
     seen = set()
-    for name in requested:
-        if name not in known:
-            raise InvalidInput(f"unknown output {name!r}; the model has {', '.join(known)}")
-        if name in seen:
-            raise InvalidInput(f"output {name!r} is requested more than once")
-        seen.add(name)
-    return list(requested) or known
+    for output in requested:
+        spec = known.get(output.name)
+        if spec is None:
+            raise InvalidInput(f"unknown output {output.name!r}; the model has {', '.join(known)}")
+        if output.name in seen:
+            raise InvalidInput(f"output {output.name!r} is requested more than once")
+        if output.classification < 0 or (output.classification and (len(spec.shape) != 2 or spec.datatype != "FP32")):
+            raise InvalidInput(f"output {output.name!r} cannot be classified: classification needs k >= 1 "
+                               f"on an FP32 vector of class scores, got k={output.classification} on "
+                               f"{spec.datatype} {list(spec.shape)}")
+        seen.add(output.name)
+    return list(requested) or [RequestedOutput(name) for name in known]
+
+
+def top_classes(name: str, scores: np.ndarray, k: int, labels: tuple[str, ...]) -> Tensor:
+    """Triton's classification extension: per row, the k best "score:index[:label]" strings, best first."""
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    rows = [[f"{row[i]:f}:{i}" + (f":{labels[i]}" if i < len(labels) else "") for i in best]
+            for row, best in zip(scores, order)]
+    return Tensor(name, "BYTES", (len(rows), k), np.array([[s.encode() for s in row] for row in rows], dtype=object))
 
 
 def model_input(tensor: Tensor, spec: TensorSpec, max_images: int) -> np.ndarray:
@@ -158,6 +188,20 @@ class DataPlane:
         """The model called ``name`` ('' for the default) at ``version`` ('' for the current one)."""
         return self.state.models().get(name, version)
 
+    def models(self, name: str = "", version: str = "") -> list[ServedModel]:
+        """Every model ('' name), or the one asked for: what the statistics extension reports."""
+        return [self.model(name, version)] if name else list(self.state.models().models.values())
+
+    def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        """The models and their state. Models are fixed at start: loading and unloading are not offered."""
+        repository = self.state.repository
+        if repository is None:
+            return []
+        state, reason = ("READY", "") if self.state.ready else ("UNAVAILABLE", "the server is not ready (loading or draining)")
+        if ready_only and state != "READY":
+            return []
+        return [RepositoryEntry(m.name, m.version, state, reason) for m in repository.models.values()]
+
     def check_image_count(self, count: int) -> None:
         limit = self.state.settings.max_images_per_request
         if count == 0:
@@ -170,15 +214,16 @@ class DataPlane:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         model = self.model(request.model_name, request.model_version)
         manifest = model.package.manifest
-        wanted = validate_requested_outputs(request.outputs, manifest.output_names)
+        wanted = validate_requested_outputs(request.outputs, manifest.outputs)
         if len(request.inputs) != len(manifest.inputs):
             raise InvalidInput(f"expected {len(manifest.inputs)} input tensor named {manifest.inputs[0].name!r}, "
                                f"got {len(request.inputs)}")
         batch = model_input(request.inputs[0], manifest.inputs[0], self.state.settings.max_images_per_request)
         outputs = await model.batcher.submit(batch, request.deadline)
-        return InferenceResponse(
-            model_name=model.name, model_version=model.version, id=request.id,
-            outputs=tuple(Tensor(name, "FP32", outputs[name].shape, outputs[name]) for name in wanted))
+        answers = tuple(
+            top_classes(o.name, outputs[o.name], o.classification, manifest.labels) if o.classification
+            else Tensor(o.name, "FP32", outputs[o.name].shape, outputs[o.name]) for o in wanted)
+        return InferenceResponse(model_name=model.name, model_version=model.version, id=request.id, outputs=answers)
 
     async def classify(self, images: list[Image], model_name: str = "",
                        deadline: float | None = None) -> Classification:

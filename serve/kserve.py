@@ -9,20 +9,26 @@ sends input tensors as bytes in ``raw_input_contents`` and decodes outputs only 
 from __future__ import annotations
 
 import math
+import struct
 
 import grpc
 import numpy as np
 
-from resserve.serve.dataplane import INPUT_DTYPES, SERVER_NAME, DataPlane, InferenceRequest, Tensor
+from resserve.serve.dataplane import INPUT_DTYPES, SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, Tensor
 from resserve.serve.errors import InvalidInput
-from resserve.serve.manifest import TensorSpec
+from resserve.serve.batcher import BatchingConfig
+from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.rpc import deadline_of, rpc
+from resserve.serve.statistics import Duration, ModelStatistics
 from resserve.serve.stubs import grpc_service_pb2 as pb
 from resserve.serve.stubs import grpc_service_pb2_grpc as pb_grpc
 from resserve.serve.stubs import model_config_pb2 as config_pb
 
-EXTENSIONS = ["model_configuration"]
+# Exactly what is served; model_repository is left out because loading and unloading are not
+# (RepositoryIndex is answered: models are fixed at start).
+EXTENSIONS = ["classification", "model_configuration", "statistics"]
 TYPED_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
+LABELS_FILE = "labels.txt"  # as in a Triton repository (train/triton.py writes it); the labels are the manifest's
 
 
 def _tensor_data(request: pb.ModelInferRequest, index: int, tensor) -> np.ndarray:
@@ -60,15 +66,63 @@ def decode_request(request: pb.ModelInferRequest, deadline: float | None) -> Inf
             raise InvalidInput(f"input has shape {list(tensor.shape)}; dimensions must be >= 0")
         inputs.append(Tensor(tensor.name, tensor.datatype, tuple(tensor.shape), _tensor_data(request, index, tensor)))
     return InferenceRequest(request.model_name, request.model_version, tuple(inputs),
-                            tuple(o.name for o in request.outputs), request.id, deadline)
+                            tuple(_requested(o) for o in request.outputs), request.id, deadline)
+
+
+def _requested(output) -> RequestedOutput:
+    classification = output.parameters.get("classification")
+    if classification is None:
+        return RequestedOutput(output.name)
+    if classification.WhichOneof("parameter_choice") != "int64_param":
+        raise InvalidInput(f"output {output.name!r}: the classification parameter must be an int64")
+    return RequestedOutput(output.name, classification.int64_param)
+
+
+def _raw(tensor: Tensor) -> bytes:
+    """Triton's raw encoding: little-endian numbers; BYTES elements as a 4-byte length, then the bytes."""
+    if tensor.datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(item)) + item for item in tensor.data.ravel())
+    return np.ascontiguousarray(tensor.data, dtype="<f4").tobytes()
+
+
+def _duration(duration: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=duration.count, ns=duration.ns)
+
+
+def _statistics(name: str, version: str, stats: ModelStatistics) -> pb.ModelStatistics:
+    return pb.ModelStatistics(
+        name=name, version=version, last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count, execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(success=_duration(stats.success), fail=_duration(stats.fail),
+                                           queue=_duration(stats.queue),
+                                           compute_infer=_duration(stats.compute_infer)),
+        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(duration))
+                     for size, duration in sorted(stats.batches.items())])
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
-def _tensor_config(spec: TensorSpec, kind):
-    return kind(name=spec.name, data_type=config_pb.DataType.Value(f"TYPE_{spec.datatype}"), dims=spec.shape[1:])
+def triton_model_config(manifest: Manifest, platform: str, batching: BatchingConfig) -> config_pb.ModelConfig:
+    """The model as Triton describes it: what ModelConfig answers and what a Triton repository holds."""
+    return config_pb.ModelConfig(
+        name=manifest.name, platform=platform, max_batch_size=batching.max_batch_size,
+        input=[_input_config(spec) for spec in manifest.inputs],
+        output=[_output_config(spec, manifest.labels) for spec in manifest.outputs],
+        dynamic_batching=config_pb.ModelDynamicBatching(max_queue_delay_microseconds=batching.max_queue_delay_us))
+
+
+def _input_config(spec: TensorSpec) -> config_pb.ModelInput:
+    image = len(spec.shape) == 4  # [N, C, H, W]: an image model, as Triton's image clients expect it
+    return config_pb.ModelInput(name=spec.name, data_type=config_pb.DataType.Value(f"TYPE_{spec.datatype}"),
+                                dims=spec.shape[1:], format=config_pb.ModelInput.FORMAT_NCHW if image else 0)
+
+
+def _output_config(spec: TensorSpec, labels: tuple[str, ...]) -> config_pb.ModelOutput:
+    classes = len(spec.shape) == 2 and spec.shape[1] == len(labels)
+    return config_pb.ModelOutput(name=spec.name, data_type=config_pb.DataType.Value(f"TYPE_{spec.datatype}"),
+                                 dims=spec.shape[1:], label_filename=LABELS_FILE if classes else "")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -101,25 +155,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelConfig(self, request, context):
         model = self.plane.model(request.name, request.version)
-        manifest, batching = model.package.manifest, model.batcher.config
-        return pb.ModelConfigResponse(config=config_pb.ModelConfig(
-            name=model.name, platform=model.platform, max_batch_size=batching.max_batch_size,
-            input=[_tensor_config(spec, config_pb.ModelInput) for spec in manifest.inputs],
-            output=[_tensor_config(spec, config_pb.ModelOutput) for spec in manifest.outputs],
-            dynamic_batching=config_pb.ModelDynamicBatching(
-                max_queue_delay_microseconds=batching.max_queue_delay_us),
-            parameters={key: config_pb.ModelParameter(string_value=value) for key, value in (
-                ("backend", model.backend.name), ("precision", model.backend.precision),
-                ("device", model.backend.device))}))
+        config = triton_model_config(model.package.manifest, model.platform, model.batcher.config)
+        for key, value in (("backend", model.backend.name), ("precision", model.backend.precision),
+                           ("device", model.backend.device)):
+            config.parameters[key].string_value = value
+        return pb.ModelConfigResponse(config=config)
 
-    @rpc("kserve", model_of=lambda r: r.model_name)
+    @rpc("kserve", model_of=lambda r: r.name)
+    async def ModelStatistics(self, request, context):
+        return pb.ModelStatisticsResponse(model_stats=[
+            _statistics(m.name, m.version, m.statistics) for m in self.plane.models(request.name, request.version)])
+
+    async def RepositoryIndex(self, request, context):
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
+            for e in self.plane.repository_index(request.ready)])
+
+    @rpc("kserve", model_of=lambda r: r.model_name, inference=True)
     async def ModelInfer(self, request, context):
         answer = await self.plane.infer(decode_request(request, deadline_of(context)))
         response = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version,
                                          id=answer.id)
         for tensor in answer.outputs:
             response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
-            response.raw_output_contents.append(np.ascontiguousarray(tensor.data, dtype="<f4").tobytes())
+            response.raw_output_contents.append(_raw(tensor))
         return response
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from resserve.serve.metrics import Metrics
 from resserve.serve.package import ModelPackage, load_package
 from resserve.serve.runtime import choose_runtime
 from resserve.serve.settings import BackendChoice, ServerSettings
+from resserve.serve.statistics import ModelStatistics
 
 log = logging.getLogger("resserve.serve")
 
@@ -29,6 +30,7 @@ class ServedModel:
     package: ModelPackage
     backend: Backend
     batcher: DynamicBatcher
+    statistics: ModelStatistics = field(default_factory=ModelStatistics)
 
     @property
     def name(self) -> str:
@@ -73,9 +75,10 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
     warm = np.zeros((settings.batching.max_batch_size, 1, 28, 28), dtype=np.float32)
     backend.infer(warm[:1])
     backend.infer(warm)
-    name = package.name
+    name, statistics = package.name, ModelStatistics()
 
     def record(stats: BatchStats) -> None:
+        statistics.record_batch(stats)
         metrics.batch_size.labels(name).observe(stats.size)
         metrics.inference_time.labels(name).observe(stats.infer_seconds)
         for seconds in stats.queue_seconds:
@@ -86,7 +89,7 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
     metrics.model_info.labels(name, package.version, backend.name, backend.device, backend.precision).set(1)
     log.info("loaded model %s version %s: %s on %s (%s, %s), warmed up in %.2f s", name, package.version,
              artifact.file, backend.name, backend.device, backend.precision, time.monotonic() - started)
-    return ServedModel(package, backend, batcher)
+    return ServedModel(package, backend, batcher, statistics)
 
 
 def load_repository(settings: ServerSettings, executor: Executor, metrics: Metrics) -> ModelRepository:

@@ -22,8 +22,9 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def rpc(api: str, model_of: Callable[[object], str]):
-    """Wrap a servicer method of a class with a ``plane`` (DataPlane) attribute."""
+def rpc(api: str, model_of: Callable[[object], str], inference: bool = False):
+    """Wrap a servicer method of a class with a ``plane`` (DataPlane) attribute; ``inference``
+    methods count in the model's statistics too."""
 
     def decorate(method):
         @functools.wraps(method)
@@ -42,7 +43,7 @@ def rpc(api: str, model_of: Callable[[object], str]):
                 code, message = to_status(exc)
                 await context.abort(code, message)
             finally:
-                state.finish(api, model, code.name, started)
+                state.finish(api, model, code.name, started, inference)
 
         return handler
 

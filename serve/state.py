@@ -53,11 +53,15 @@ class ServerState:
         if not self.accepting:
             raise ShuttingDown("the server is shutting down; retry on another replica")
 
-    def finish(self, api: str, model: str, code: str, started: float) -> None:
-        """Count a request out with the status it was answered with."""
+    def finish(self, api: str, model: str, code: str, started: float, inference: bool = False) -> None:
+        """Count a request out with the status it was answered with (``inference``: also in the
+        model's statistics)."""
+        seconds = time.monotonic() - started
         self.in_flight -= 1
         if not self.in_flight:
             self.idle.set()
         self.answered[code] += 1
         self.metrics.requests.labels(api, model, code).inc()
-        self.metrics.latency.labels(api, model).observe(time.monotonic() - started)
+        self.metrics.latency.labels(api, model).observe(seconds)
+        if inference and self.repository is not None and model in self.repository.models:
+            self.repository.models[model].statistics.record_request(code == "OK", seconds)

@@ -8,29 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from google.protobuf import text_format
+
 from resserve.serve.batcher import BatchingConfig
-from resserve.serve.manifest import TensorSpec
+from resserve.serve.kserve import LABELS_FILE, triton_model_config
 from resserve.serve.package import ModelPackage
 
 MAX_BATCH_SIZE = 1024
 
 
-def _tensor(spec: TensorSpec) -> str:
-    dims = ", ".join(str(d) for d in spec.shape[1:])  # Triton leaves out the batch dimension
-    return f'  {{\n    name: "{spec.name}"\n    data_type: TYPE_{spec.datatype}\n    dims: [ {dims} ]\n  }}'
-
-
 def render_config(package: ModelPackage) -> str:
-    manifest = package.manifest
-    return "\n".join([
-        f'name: "{package.name}"',
-        'platform: "onnxruntime_onnx"',
-        f"max_batch_size: {MAX_BATCH_SIZE}",
-        "input [\n" + ",\n".join(_tensor(spec) for spec in manifest.inputs) + "\n]",
-        "output [\n" + ",\n".join(_tensor(spec) for spec in manifest.outputs) + "\n]",
-        f"dynamic_batching {{\n  max_queue_delay_microseconds: {BatchingConfig.max_queue_delay_us}\n}}",
-        "",
-    ])
+    """config.pbtxt: the same ModelConfig that `resserve serve` answers, for Triton's ONNX Runtime backend."""
+    config = triton_model_config(package.manifest, "onnxruntime_onnx", BatchingConfig(max_batch_size=MAX_BATCH_SIZE))
+    return text_format.MessageToString(config)
 
 
 def write_triton_repository(package: ModelPackage, repository: Path) -> Path:
@@ -41,4 +31,5 @@ def write_triton_repository(package: ModelPackage, repository: Path) -> Path:
     version_dir.mkdir(parents=True, exist_ok=True)
     (version_dir / "model.onnx").write_bytes(package.read_verified(artifact))
     (model_dir / "config.pbtxt").write_text(render_config(package))
+    (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in package.manifest.labels))
     return model_dir

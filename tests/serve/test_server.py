@@ -252,3 +252,51 @@ def test_the_default_server_on_a_bf16_cpu_runs_openvino_bf16_and_says_so(server)
     assert (parameters["backend"].string_value, parameters["precision"].string_value) == expected
     assert f"runs on {expected[0]} in {expected[1]}" in "".join(server.lines)
     assert f'backend="{expected[0]}"' in server.metrics() and f'precision="{expected[1]}"' in server.metrics()
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton's extensions: statistics, repository index, classification
+
+
+def _model_stats(client) -> dict:
+    stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+    inference = stats["inference_stats"]
+    return {"success": int(inference["success"].get("count", 0)), "fail": int(inference["fail"].get("count", 0)),
+            "images": int(stats.get("inference_count", 0)), "batches": int(stats.get("execution_count", 0)),
+            "batch3": sum(int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])
+                          if int(b["batch_size"]) == 3)}
+
+
+def test_tritonclient_statistics_count_the_requests_sent(server, mnist):
+    client = triton.InferenceServerClient(server.target)
+    before = _model_stats(client)
+    for start in range(0, 15, 3):  # five 3-image requests, one at a time: five batches of 3
+        infer(client, as_input(mnist.test.images[start:start + 3]))
+    with pytest.raises(triton.InferenceServerException):
+        infer(client, np.full((1, 1, 28, 28), 2.0, dtype=np.float32))  # out of range: a failure
+    after = _model_stats(client)
+    assert {k: after[k] - before[k] for k in after} == {"success": 5, "fail": 1, "images": 15, "batches": 5, "batch3": 5}
+    stats = client.get_inference_statistics(MODEL).model_stats[0]
+    assert stats.last_inference > 0 and stats.inference_stats.queue.ns > 0 and stats.inference_stats.compute_infer.ns > 0
+    assert "statistics" in client.get_server_metadata().extensions
+
+
+def test_tritonclient_repository_index_lists_the_loaded_models(server):
+    index = triton.InferenceServerClient(server.target).get_model_repository_index(as_json=True)["models"]
+    assert index == [{"name": MODEL, "version": "1", "state": "READY"}]
+
+
+def test_tritonclient_classification_returns_triton_formatted_top_k(server, mnist):
+    client = triton.InferenceServerClient(server.target)
+    images = as_input(mnist.test.images[:4])
+    result = infer(client, images, outputs=[triton.InferRequestedOutput("probabilities", class_count=3)])
+    top = result.as_numpy("probabilities")
+    assert top.shape == (4, 3)
+    plain = infer(client, images).as_numpy("probabilities")
+    for row, probabilities, label in zip(top, plain, mnist.test.labels[:4]):
+        fields = [entry.decode().split(":") for entry in row]
+        assert [int(index) for _, index, _ in fields] == list(np.argsort(-probabilities)[:3])
+        assert all(name == index for _, index, name in fields)  # the labels are the digits
+        assert float(fields[0][0]) == pytest.approx(probabilities.max(), abs=1e-6) and int(fields[0][1]) == label
+    config = client.get_model_config(MODEL).config
+    assert config.input[0].format == config.input[0].FORMAT_NCHW and config.output[1].label_filename == "labels.txt"

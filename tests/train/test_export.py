@@ -179,6 +179,9 @@ def test_triton_repository_config_parses_as_a_triton_model_config(exported, tmp_
     assert [i.name for i in config.input] == ["input"] and list(config.input[0].dims) == [1, 28, 28]
     assert [o.name for o in config.output] == ["logits", "probabilities"]
     assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
+    assert config.input[0].format == model_config_pb2.ModelInput.FORMAT_NCHW
+    assert {o.label_filename for o in config.output} == {"labels.txt"}
+    assert (model_dir / "labels.txt").read_text().split() == [str(d) for d in range(10)]
     assert (model_dir / "1" / "model.onnx").read_bytes() == (exported[0] / "pkg" / "model.onnx").read_bytes()
 
 

@@ -1,0 +1,50 @@
+"""Per-model inference statistics, as Triton's statistics extension reports them.
+
+Fed by the same events as the Prometheus metrics: every batch the batcher runs (``BatchStats``)
+and every inference request answered (``ServerState.finish``). Protocol-neutral: the KServe
+codec turns them into a ``ModelStatisticsResponse``. Times are cumulative nanoseconds, as in
+Triton: per request for success, fail, queue and compute_infer (a request's compute time is
+that of the batch it ran in), and per batch size for the batches themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from resserve.serve.batcher import BatchStats
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, times: int = 1) -> None:
+        self.count += times
+        self.ns += int(seconds * 1e9) * times
+
+
+@dataclass
+class ModelStatistics:
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    inference_count: int = 0  # images inferred
+    execution_count: int = 0  # batches run
+    last_inference_ms: int = 0  # milliseconds since the epoch, 0 before the first
+    batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> compute
+
+    def record_batch(self, stats: BatchStats) -> None:
+        requests = len(stats.queue_seconds)
+        self.inference_count += stats.size
+        self.execution_count += 1
+        self.last_inference_ms = int(time.time() * 1000)
+        for seconds in stats.queue_seconds:
+            self.queue.add(seconds)
+        self.compute_infer.add(stats.infer_seconds, requests)
+        self.batches.setdefault(stats.size, Duration()).add(stats.infer_seconds)
+
+    def record_request(self, ok: bool, seconds: float) -> None:
+        (self.success if ok else self.fail).add(seconds)
