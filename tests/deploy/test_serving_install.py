@@ -14,6 +14,18 @@ from helpers import ServerProcess
 from resserve.serve.client import DigitClient
 
 ROOT = Path(__file__).resolve().parents[2]
+TWO_CLIENTS = """
+import sys, numpy as np, tritonclient.grpc as triton
+from importlib.metadata import version
+from resserve.serve.client import DigitClient
+target, png = sys.argv[1:]
+x = triton.InferInput("input", [2, 1, 28, 28], "FP32")
+x.set_data_from_numpy(np.zeros((2, 1, 28, 28), dtype=np.float32))
+out = triton.InferenceServerClient(target).infer("resnet-mnist", [x]).as_numpy("probabilities")
+with DigitClient(target) as client:
+    digit = client.classify([open(png, "rb").read()])[0].digit
+print(version("tritonclient"), len(out), digit)
+"""
 
 
 def test_a_serving_only_install_serves_the_packaged_model(tmp_path, mnist):
@@ -45,6 +57,17 @@ def test_a_serving_only_install_serves_the_packaged_model(tmp_path, mnist):
         with DigitClient(server.target) as client:
             assert client.health("resserve.readiness") == "SERVING"
             assert client.classify([buffer.getvalue()])[0].digit == mnist.test.labels[0]
+
+        # a Triton user adds the newest tritonclient beside it: both import and work in one process
+        newest = subprocess.run([str(python), "-m", "pip", "index", "versions", "tritonclient"], env=env,
+                                capture_output=True, text=True, check=True).stdout.split("(")[1].split(")")[0]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "tritonclient[grpc]"], env=env, check=True)
+        png = tmp_path / "digit.png"
+        png.write_bytes(buffer.getvalue())
+        both = subprocess.run([str(python), "-c", TWO_CLIENTS, server.target, str(png)], env=env,
+                              capture_output=True, text=True)
+        assert both.returncode == 0, both.stderr[-2000:]
+        assert both.stdout.split() == [newest, "2", str(mnist.test.labels[0])]
 
     # nothing was deleted behind pip's back: the record is consistent and uninstall leaves nothing
     check = subprocess.run([str(python), "-m", "pip", "check"], env=env, capture_output=True, text=True)
