@@ -112,8 +112,13 @@ def top_classes(name: str, scores: np.ndarray, k: int, labels: tuple[str, ...]) 
     return Tensor(name, "BYTES", (len(rows), k), np.array([[s.encode() for s in row] for row in rows], dtype=object))
 
 
-def model_input(tensor: Tensor, spec: TensorSpec, max_images: int) -> np.ndarray:
-    """The request's image tensor as the model's float32 [N,1,28,28] in [0,1], or a precise InvalidInput."""
+def model_input(tensor: Tensor, spec: TensorSpec, max_images: int, value_range: tuple[float, float]) -> np.ndarray:
+    """The request's image tensor as the graph's float32 [N,1,28,28] in [0,1], or a precise InvalidInput.
+
+    ``value_range`` is what the package's FP32 input takes (the manifest's preprocessing range):
+    [0, 1], or [0, 255] for clients that send pixel values as floats (Triton's image clients).
+    UINT8 inputs are pixel values in every package.
+    """
     if tensor.name != spec.name:
         raise InvalidInput(f"unknown input {tensor.name!r}; the model's input is {spec.name!r}")
     if tensor.datatype not in INPUT_DTYPES:
@@ -130,9 +135,11 @@ def model_input(tensor: Tensor, spec: TensorSpec, max_images: int) -> np.ndarray
         return array.astype(np.float32) / 255.0
     if not np.isfinite(array).all():
         raise InvalidInput("input holds NaN or infinity")
-    if array.min() < 0.0 or array.max() > 1.0:
-        raise InvalidInput(f"input values must be in [0, 1] (pixel intensities); got [{array.min():g}, {array.max():g}]")
-    return array
+    low, high = value_range
+    if array.min() < low or array.max() > high:
+        raise InvalidInput(f"input values must be in [{low:g}, {high:g}] (pixel intensities); "
+                           f"got [{array.min():g}, {array.max():g}]")
+    return array if (low, high) == (0.0, 1.0) else (array - np.float32(low)) / np.float32(high - low)
 
 
 def _preprocess(images: list[Image], deadline: float | None, stop: threading.Event) -> np.ndarray:
@@ -218,7 +225,8 @@ class DataPlane:
         if len(request.inputs) != len(manifest.inputs):
             raise InvalidInput(f"expected {len(manifest.inputs)} input tensor named {manifest.inputs[0].name!r}, "
                                f"got {len(request.inputs)}")
-        batch = model_input(request.inputs[0], manifest.inputs[0], self.state.settings.max_images_per_request)
+        batch = model_input(request.inputs[0], manifest.inputs[0], self.state.settings.max_images_per_request,
+                            manifest.preprocessing.range)
         outputs = await model.batcher.submit(batch, request.deadline)
         answers = tuple(
             top_classes(o.name, outputs[o.name], o.classification, manifest.labels) if o.classification

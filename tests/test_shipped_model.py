@@ -1,14 +1,20 @@
 """The shipped lecture ResNet: its checkpoint, its card, and its exported package agree."""
 
+import io
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from PIL import Image
+from tritonclient.grpc import model_config_pb2
 
 from resserve.serve.backends.base import infer_in_chunks
 from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 from resserve.serve.package import load_package, sha256_of
 from resserve.train.checkpoint import SHIPPED_MODEL, load_checkpoint
+from helpers import ServerProcess
 from resserve.train.export import ExportOptions, as_input, export_package
 from resserve.train.model_card import card_path
 from resserve.train.models import count_parameters, lecture_config
@@ -32,13 +38,20 @@ def test_shipped_package_was_exported_from_the_shipped_checkpoint():
         package.read_verified(artifact)  # every sha256 matches
 
 
-def test_reexporting_the_shipped_checkpoint_reproduces_the_shipped_package(tmp_path, mnist):
-    fresh_manifest = export_package(SHIPPED_MODEL, tmp_path / "again", ExportOptions(formats=("onnx",)), mnist,
-                                    log=lambda _: None)
+@pytest.fixture(scope="module")
+def image_client_package(tmp_path_factory, mnist):
+    """The shipped checkpoint re-exported as Triton's image clients want it: one output, pixel values 0-255."""
+    out = tmp_path_factory.mktemp("export") / "mnist-image"
+    options = ExportOptions(formats=("onnx",), name="mnist-image", outputs=("probabilities",), input_range=255)
+    return out, export_package(SHIPPED_MODEL, out, options, mnist, log=lambda _: None)
+
+
+def test_reexporting_the_shipped_checkpoint_reproduces_the_shipped_package(image_client_package, mnist):
+    out, fresh_manifest = image_client_package
     shipped_package = load_package()
     # export verified the fresh artifact against the eager network on all 10,000 test images
     assert fresh_manifest.accuracy.test == shipped_package.manifest.accuracy.test
-    fresh = OnnxRuntimeBackend(tmp_path / "again" / "model.onnx")
+    fresh = OnnxRuntimeBackend(out / "model.onnx")
     shipped = OnnxRuntimeBackend(shipped_package.read_verified(shipped_package.find("onnx")))
     images = as_input(mnist.test.head(2000))
     fresh_logits = infer_in_chunks(fresh.infer, images, 1000)["logits"]
@@ -63,3 +76,24 @@ def test_the_shipped_package_serves_without_torch(mnist, tmp_path):
     assert result.returncode == 0, result.stderr
     predicted = [int(d) for d in result.stdout.split()]
     assert sum(p == t for p, t in zip(predicted, mnist.test.labels[:16])) >= 15
+
+
+def test_tritons_image_client_protocol_classifies_digits_with_the_single_output_package(image_client_package, mnist):
+    """What Triton's grpc_image_client.py does, step by step (docs/serving.md runs the script itself)."""
+    out, manifest = image_client_package
+    assert manifest.output_names == ["probabilities"] and manifest.preprocessing.range == (0.0, 255.0)
+    with ServerProcess(str(out)) as server:
+        client = triton.InferenceServerClient(server.target)
+        metadata, config = client.get_model_metadata("mnist-image"), client.get_model_config("mnist-image").config
+        assert len(metadata.inputs) == 1 and len(metadata.outputs) == 1 and metadata.outputs[0].datatype == "FP32"
+        assert config.input[0].format == model_config_pb2.ModelInput.FORMAT_NCHW and config.max_batch_size > 0
+        for image, label in zip(mnist.test.images[:20], mnist.test.labels[:20]):
+            png = io.BytesIO()
+            Image.fromarray(image).save(png, format="PNG")
+            pixels = np.array(Image.open(png).convert("L").resize((28, 28), Image.BILINEAR)).astype(np.float32)
+            tensor = triton.InferInput(metadata.inputs[0].name, [1, 1, 28, 28], "FP32")
+            tensor.set_data_from_numpy(pixels[None, None])  # 0-255, as the client's --scaling NONE sends
+            wanted = triton.InferRequestedOutput(metadata.outputs[0].name, class_count=3)
+            best = client.infer("mnist-image", [tensor], outputs=[wanted]).as_numpy("probabilities")[0][0]
+            score, index, name = best.decode().split(":")
+            assert int(index) == label and name == str(label) and 0.0 < float(score) <= 1.0

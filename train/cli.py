@@ -160,6 +160,12 @@ def export(
         help="Also write a Triton Inference Server model repository entry here.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name [default: the checkpoint's file stem].")] = None,
     version: Annotated[str, typer.Option(help="Model version recorded in the manifest.")] = "1",
+    outputs: Annotated[str, typer.Option(
+        help="Outputs the package serves, comma-separated: logits, probabilities. One output (probabilities) "
+        "suits Triton's image clients.")] = "logits,probabilities",
+    input_range: Annotated[int, typer.Option(
+        help="Largest pixel value of the served FP32 input: 1 ([0,1]) or 255 (pixel values as floats, as "
+        "Triton's grpc_image_client.py sends them with --scaling NONE).")] = 1,
     data_dir: DataDir = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -176,8 +182,11 @@ def export(
     from resserve.train.triton import write_triton_repository
 
     options = ExportOptions(formats=tuple(f.strip() for f in format.split(",") if f.strip()), opset=opset,
-                            drop_blocks=drop_blocks, quantize=quantize, name=name, version=version)
+                            drop_blocks=drop_blocks, quantize=quantize, name=name, version=version,
+                            outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()), input_range=input_range)
     options.validate()
+    if triton_repo and input_range != 1:
+        raise ResserveError("--triton-repo serves the graph as it is, which takes [0,1]: leave --input-range at 1")
     path = resolve_model_path(model)
     destination = out or Path(name or path.stem)
     manifest = export_package(path, destination, options, load_mnist(data_dir, log=_log), log=_log)

@@ -6,8 +6,10 @@
         --[int8: quantize, keep if it loses <= 0.1 points]--> manifest.json
         --rename--> the package directory (atomic: a failed export leaves nothing behind)
 
-The package contract: input ``input`` float32 [N,1,28,28] in [0,1], white ink on black;
+The graph contract: input ``input`` float32 [N,1,28,28] in [0,1], white ink on black;
 outputs ``logits`` and ``probabilities`` float32 [N,10]; normalization is inside the graph.
+What a package serves is its manifest: all or some of the outputs, and an FP32 input range of
+[0, 1] or [0, 255] (``--outputs``, ``--input-range``; the server adapts the range).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from resserve.train.models import MNIST_MEAN, MNIST_STD, ResNet, count_parameter
 from resserve.train.training import evaluate, library_versions, predict_logits
 
 FORMATS = ("onnx", "torchscript")
+OUTPUTS = ("logits", "probabilities")  # what every graph computes, in order
+INPUT_RANGES = (1, 255)  # the largest pixel value the served FP32 input takes
 ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 INT8_FILE = "model.int8.onnx"
 FP32_TOLERANCE = 1e-4  # largest |logit difference| allowed between an fp32 artifact and eager
@@ -67,6 +71,10 @@ class ExportOptions:
     quantize: str | None = None  # None | "int8"
     name: str | None = None  # default: the checkpoint's file stem
     version: str = "1"
+    # What the package serves, in its manifest (the graph is the same): a subset of the outputs,
+    # and pixel values in [0, 1] or [0, 255] (the server scales the latter; Triton's image clients)
+    outputs: tuple[str, ...] = OUTPUTS
+    input_range: int = 1
 
     def validate(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -78,6 +86,10 @@ class ExportOptions:
             raise ExportError("--quantize int8 quantizes the ONNX artifact: include onnx in --format")
         if self.drop_blocks < 0:
             raise ExportError(f"--drop-blocks must be >= 0, got {self.drop_blocks}")
+        if not self.outputs or len(set(self.outputs)) != len(self.outputs) or set(self.outputs) - set(OUTPUTS):
+            raise ExportError(f"--outputs takes some of {', '.join(OUTPUTS)}, each once; got {', '.join(self.outputs) or '(none)'}")
+        if self.input_range not in INPUT_RANGES:
+            raise ExportError(f"--input-range must be 1 or 255, got {self.input_range}")
         if not 7 <= self.opset <= 23:
             raise ExportError(f"--opset {self.opset} is outside what this exporter supports (7-23)")
 
@@ -334,9 +346,9 @@ def _manifest(options: ExportOptions, checkpoint: Path, source, network: ResNet,
         model=ModelSummary(arch=source.config.arch, config=source.config.to_dict(),
                            params=count_parameters(network), params_after_folding=count_parameters(folded)),
         inputs=(TensorSpec(name="input", datatype="FP32", shape=(-1, 1, 28, 28)),),
-        outputs=(TensorSpec(name="logits", datatype="FP32", shape=(-1, 10)),
-                 TensorSpec(name="probabilities", datatype="FP32", shape=(-1, 10))),
-        preprocessing=Preprocessing(layout="NCHW", range=(0.0, 1.0), polarity="white ink on black (MNIST)",
+        outputs=tuple(TensorSpec(name=name, datatype="FP32", shape=(-1, 10)) for name in options.outputs),
+        preprocessing=Preprocessing(layout="NCHW", range=(0.0, float(options.input_range)),
+                                    polarity="white ink on black (MNIST)",
                                     normalization=f"inside the graph: (x - {MNIST_MEAN}) / {MNIST_STD}"),
         labels=tuple(str(digit) for digit in range(10)),
         artifacts=tuple(artifacts),

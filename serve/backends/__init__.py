@@ -7,8 +7,7 @@ from resserve.serve.backends.base import Backend, BackendError, ModelSource
 
 
 def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", device: str = "cpu",
-                 precision: str = "fp32", threads: int | None = None,
-                 output_names: tuple[str, ...] = ("logits", "probabilities")) -> Backend:
+                 precision: str = "fp32", threads: int | None = None) -> Backend:
     """The backend for an artifact of ``format`` (onnx | torchscript); ONNX runs on ``runtime``.
 
     Each backend module is imported only when chosen, so a server never loads a runtime it does
@@ -24,5 +23,5 @@ def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", 
     if format == "torchscript":
         from resserve.serve.backends.torchscript import TorchScriptBackend
 
-        return TorchScriptBackend(model, device, threads, output_names)
+        return TorchScriptBackend(model, device, threads)
     raise BackendError(f"no backend for artifact format {format!r}")

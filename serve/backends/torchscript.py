@@ -10,22 +10,21 @@ import numpy as np
 from resserve.serve.backends.base import BackendError, ModelSource, Outputs, describe
 
 TORCH_HINT = "the TorchScript backend needs torch: pip install 'resserve[train]'"
+GRAPH_OUTPUTS = ("logits", "probabilities")  # what every exported graph returns, in order (train/export.py)
 
 
 class TorchScriptBackend:
-    """A TorchScript module on the CPU (or CUDA); its outputs are the package's, in order."""
+    """A TorchScript module on the CPU (or CUDA). TorchScript keeps no output names: they are the graph's, in order."""
 
     name = "torchscript"
     precision = "fp32"
 
-    def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None,
-                 output_names: tuple[str, ...] = ("logits", "probabilities")) -> None:
+    def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None) -> None:
         try:
             import torch
         except ImportError as exc:
             raise BackendError(TORCH_HINT) from exc
         self.torch = torch
-        self.output_names = output_names
         if threads:
             torch.set_num_threads(threads)
         if device == "cuda" and not torch.cuda.is_available():
@@ -42,4 +41,4 @@ class TorchScriptBackend:
     def infer(self, batch: np.ndarray) -> Outputs:
         with self.torch.inference_mode():
             outputs = self.module(self.torch.from_numpy(batch).to(self.device))
-        return {name: out.cpu().numpy() for name, out in zip(self.output_names, outputs)}
+        return {name: out.cpu().numpy() for name, out in zip(GRAPH_OUTPUTS, outputs)}
