@@ -8,12 +8,17 @@ This module imports neither side: it starts without torch, and serve/ never impo
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.metadata import entry_points
 
-import typer
+# Before the first import of grpc, which reads it: resserve never forks a process that uses gRPC,
+# and without this gRPC core logs "skipping fork() handlers" whenever a library it loads forks.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from resserve.serve.errors import ResserveError
+import typer  # noqa: E402
+
+from resserve.serve.errors import ResserveError  # noqa: E402
 
 COMMAND_GROUPS = "resserve.commands"
 

@@ -108,9 +108,13 @@ def classify(
     tls_ca: TlsCa = None,
     token: Token = None,
     token_file: TokenFile = None,
-    as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {file, digit, confidence}.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {file, digit, confidence} (or {file, error}).")] = False,
 ) -> None:
-    """Classify handwritten digit images with a running server."""
+    """Classify handwritten digit images with a running server.
+
+    An image the server refuses (not an image, blank, too large) is named with the reason on
+    stderr; the others are still classified; the exit code is 1 if any was refused.
+    """
     from resserve.serve.client import DigitClient
 
     blobs = []
@@ -122,13 +126,18 @@ def classify(
     if token and token_file:
         raise ResserveError("give --token or --token-file, not both")
     with DigitClient(server, tls_ca, _read_tokens(token_file)[0] if token_file else token) as client:
-        results = client.classify(blobs, model)
-    rows = [{"file": str(p), "digit": r.digit, "confidence": round(r.confidence, 6)} for p, r in zip(images, results)]
+        outcomes = client.classify_each(blobs, model)
+    rows = [{"file": str(p), "error": o} if isinstance(o, str) else
+            {"file": str(p), "digit": o.digit, "confidence": round(o.confidence, 6)} for p, o in zip(images, outcomes)]
     if as_json:
         typer.echo(json.dumps(rows))
-        return
     for row in rows:
-        typer.echo(f"{row['file']}: {row['digit']} ({row['confidence']:.1%})")
+        if "error" in row:
+            typer.echo(f"{row['file']}: error: {row['error']}", err=True)
+        elif not as_json:
+            typer.echo(f"{row['file']}: {row['digit']} ({row['confidence']:.1%})")
+    if any("error" in row for row in rows):
+        raise typer.Exit(1)
 
 
 def health(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,14 @@ from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 
 class ClientError(ResserveError):
     """The server answered with an error, or could not be reached."""
+
+    def __init__(self, target: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{target}: {code.name}: {details}")
+        self.code, self.details = code, details
+
+
+# How the server names the image at fault in a Classify request (serve/dataplane.py)
+IMAGE_AT_FAULT = re.compile(r"image (\d+): (.+)", re.S)
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,25 @@ class DigitClient:
         response = self._call(self.classifier.Classify, request)
         return [Result(r.digit, r.probability, list(r.probabilities)) for r in response.results]
 
+    def classify_each(self, images: list[bytes], model: str = "") -> list[Result | str]:
+        """Like ``classify``, but an image the server refuses does not sink the others: its entry is
+        the server's reason (a string), and the rest are classified."""
+        outcomes: list[Result | str | None] = [None] * len(images)
+        pending = list(range(len(images)))
+        while pending:
+            try:
+                results = self.classify([images[i] for i in pending], model)
+            except ClientError as exc:
+                fault = IMAGE_AT_FAULT.fullmatch(exc.details) if exc.code == grpc.StatusCode.INVALID_ARGUMENT else None
+                if fault is None or int(fault.group(1)) >= len(pending):
+                    raise
+                outcomes[pending.pop(int(fault.group(1)))] = fault.group(2)
+                continue
+            for index, result in zip(pending, results):
+                outcomes[index] = result
+            break
+        return outcomes
+
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, ... for ``service`` ('' for the whole server)."""
         response = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
@@ -60,4 +88,4 @@ class DigitClient:
         try:
             return method(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
-            raise ClientError(f"{self.target}: {exc.code().name}: {exc.details()}") from None
+            raise ClientError(self.target, exc.code(), exc.details()) from None

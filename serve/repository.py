@@ -92,12 +92,19 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
     return ServedModel(package, backend, batcher, statistics)
 
 
-def load_repository(settings: ServerSettings, executor: Executor, metrics: Metrics) -> ModelRepository:
+def read_packages(settings: ServerSettings) -> list[ModelPackage]:
+    """The packages to serve, their manifests read and checked (nothing loaded yet)."""
     packages = [load_package(p) for p in settings.packages] or [load_package()]
     names = [p.name for p in packages]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ResserveError(f"two packages are called {', '.join(duplicates)}; export one with --name")
+    return packages
+
+
+def load_repository(packages: list[ModelPackage], settings: ServerSettings, executor: Executor,
+                    metrics: Metrics) -> ModelRepository:
+    """Verify, load and warm every package's artifact."""
     wants_openvino = settings.backend in (BackendChoice.AUTO, BackendChoice.OPENVINO)
     capabilities = openvino_cpu_capabilities() if wants_openvino else None
     return ModelRepository([_load_one(p, settings, capabilities, executor, metrics) for p in packages])

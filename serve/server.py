@@ -17,6 +17,7 @@ import hmac
 import logging
 import os
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -29,7 +30,7 @@ from resserve.serve.dataplane import DataPlane
 from resserve.serve.digits import DigitClassifierServicer
 from resserve.serve.errors import ResserveError
 from resserve.serve.kserve import InferenceServicer
-from resserve.serve.repository import load_repository
+from resserve.serve.repository import load_repository, read_packages
 from resserve.serve.state import ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
@@ -124,6 +125,7 @@ class Server:
             await self.health.set(name, status)
 
     async def start(self) -> None:
+        packages = read_packages(self.settings)  # a missing or malformed package: an error before listening
         await self._set_health([LIVENESS_SERVICE, *READINESS_NAMES], serving=False)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), self.grpc)
         digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.plane), self.grpc)
@@ -142,7 +144,8 @@ class Server:
                 raise ResserveError(f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: "
                                     f"{exc.strerror or exc} (choose another --metrics-port, or 0 to disable)") from None
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port)
-        repository = await asyncio.to_thread(load_repository, self.settings, self.executor, self.state.metrics)
+        repository = await asyncio.to_thread(load_repository, packages, self.settings, self.executor,
+                                             self.state.metrics)
         for model in repository.models.values():
             model.batcher.start()
         self.state.repository = repository
@@ -152,6 +155,7 @@ class Server:
 
     def _bind(self) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
+        _check_port_free(self.settings.host, self.settings.port)
         credentials = _credentials(self.settings)
         try:
             port = (self.grpc.add_secure_port(address, credentials) if credentials
@@ -186,6 +190,19 @@ class Server:
         await asyncio.sleep(FLUSH_SECONDS)  # the last answers leave the process
         answered = ", ".join(f"{code} {count}" for code, count in sorted(self.state.answered.items()))
         log.info("stopped; requests answered: %s", answered or "none")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A port in use is one line from us, before gRPC tries it (and logs its own error line)."""
+    if port == 0:
+        return
+    for family, kind, _, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ResserveError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 async def _wait_for(event: asyncio.Event, seconds: float) -> bool:

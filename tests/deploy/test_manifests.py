@@ -92,6 +92,8 @@ def test_probes_ports_and_settings_match_the_server(overlay):
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
     assert security["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
     assert container["env"][0]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+    # a Service named resserve would inject RESSERVE_PORT=tcp://...: service links are off
+    assert pod["enableServiceLinks"] is False
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -112,11 +114,12 @@ def test_names_and_labels_line_up(overlay):
     assert env_from == by_kind(documents, "ConfigMap")["metadata"]["name"]
 
 
-def test_gpu_overlay_asks_for_a_gpu_and_cuda():
+def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image_says_cuda_once():
     container = by_kind(render("gpu"), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert container["args"][:2] == ["--device", "cuda"]
     assert container["image"].endswith(":cuda")
+    entrypoint = yaml.safe_load(re.search(r"^ENTRYPOINT (.+)$", (DEPLOY / "Dockerfile.cuda").read_text(), re.M).group(1))
+    assert entrypoint[-2:] == ["--device", "cuda"] and "--device" not in container["args"]  # said once, by the image
 
 
 def test_kserve_inference_service_uses_standard_mode_and_one_h2c_port():

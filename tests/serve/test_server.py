@@ -122,6 +122,25 @@ def test_classify_png_and_jpeg_files_with_the_cli(server, mnist, tmp_path):
     assert plain.stdout.startswith(f"{files[0]}: {rows[0]['digit']} (")
 
 
+def test_one_bad_file_does_not_sink_a_classify_call_and_is_named(server, mnist, tmp_path):
+    good = [tmp_path / f"digit{i}.png" for i in range(3)]
+    for path, image in zip(good, mnist.test.images):
+        path.write_bytes(encode(photo_like(image), "PNG"))
+    text, blank = tmp_path / "notes.png", tmp_path / "blank.png"
+    text.write_text("not an image")
+    blank.write_bytes(encode(np.full((40, 40), 255, dtype=np.uint8), "PNG"))
+    files = [good[0], text, good[1], blank, good[2]]
+    result = run_cli("classify", *map(str, files), "--server", server.target)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [f"{p}: {label} (" + line.split(" (")[1] for p, label, line in
+                                          zip(good, mnist.test.labels[:3], result.stdout.splitlines())]
+    assert result.stderr.splitlines() == [
+        f"{text}: error: bytes are not an image Pillow can read (UnidentifiedImageError)",
+        f"{blank}: error: the image is blank (no ink found): there is no digit to classify"]
+    as_json = json.loads(run_cli("classify", *map(str, files), "--server", server.target, "--json").stdout)
+    assert [("error" in row, row["file"]) for row in as_json] == [(f in (text, blank), str(f)) for f in files]
+
+
 def test_classify_raw_pixels_with_top_k(server, mnist):
     stub = digits_pb2_grpc.DigitClassifierStub(grpc.insecure_channel(server.target))
     request = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(raw_28x28=mnist.test.images[i].tobytes()) for i in range(4)],
