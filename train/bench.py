@@ -118,10 +118,12 @@ def model_runners(checkpoint: Path | None, package: ModelPackage) -> dict[str, C
 
 
 def benchmark_model(runners: dict[str, Callable[[np.ndarray], object]], images: np.ndarray,
-                    batch_sizes: tuple[int, ...] = (64, 256), seconds: float = 2.0) -> dict:
+                    batch_sizes: tuple[int, ...] = (64, 256), seconds: float = 2.0,
+                    on_runner: Callable[[str], None] = lambda name: None) -> dict:
     """Batch-1 latency and throughput at each batch size, for every runner, in this one process."""
     rows = []
     for name, run in runners.items():
+        on_runner(name)
         one = images[:1]
         row = {"config": name, "batch1_latency_ms": round(median_seconds(lambda: run(one), repeats=500) * 1e3, 3)}
         for size in batch_sizes:

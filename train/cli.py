@@ -100,7 +100,11 @@ def evaluate(model: ModelPath = None, data_dir: DataDir = None, as_json: JsonFla
     target = resolve_device(device)
     network = checkpoint.build().to(target)
     mnist = load_mnist(data_dir, log=_log)
-    result = run_evaluation(network, mnist.test)
+    from resserve.train.progress import progress_bar
+
+    with progress_bar(not as_json, "images") as progress:
+        task = progress.add_task("evaluating", total=len(mnist.test))
+        result = run_evaluation(network, mnist.test, on_chunk=lambda n: progress.advance(task, n))
     report = {"model": str(path), "arch": checkpoint.config.arch, "params": count_parameters(network),
               "test_accuracy": result.accuracy, "test_loss": result.loss,
               "per_class_accuracy": result.per_class_accuracy,
@@ -112,6 +116,7 @@ def evaluate(model: ModelPath = None, data_dir: DataDir = None, as_json: JsonFla
 
 
 def _print_evaluation(report: dict) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -119,9 +124,11 @@ def _print_evaluation(report: dict) -> None:
     console.print(f"{report['model']}: {report['arch']}, {report['params']:,} parameters")
     console.print(f"test accuracy [bold]{report['test_accuracy']:.4f}[/bold] "
                   f"(loss {report['test_loss']:.4f}) on MNIST from {report['data_source']}")
-    table = Table("true \\ predicted", *(str(d) for d in range(10)), "accuracy", title="Confusion matrix")
+    # compact enough for 80 columns: rows are the true digit, columns the predicted one
+    table = Table("", *(str(d) for d in range(10)), "acc %", title="Confusion matrix (row: true, column: predicted)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for digit, (row, accuracy) in enumerate(zip(report["confusion_matrix"], report["per_class_accuracy"])):
-        table.add_row(str(digit), *(str(v) for v in row), f"{accuracy:.4f}")
+        table.add_row(str(digit), *(str(v) for v in row), f"{accuracy * 100:.2f}")
     console.print(table)
 
 
@@ -209,7 +216,8 @@ def bench_model(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here.")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Latency (batch 1) and throughput (batch 64, 256) of one network: eager, folded, TorchScript, ONNX Runtime fp32/int8."""
+    """Latency (batch 1) and throughput (batch 64, 256) of one network: eager, folded, TorchScript, ONNX Runtime
+    fp32/int8, and OpenVINO fp32 (and bf16 on CPUs with BF16) where the openvino extra is installed."""
     require_train_extra()
     import tempfile
 
@@ -218,6 +226,7 @@ def bench_model(
     from resserve.train.checkpoint import resolve_model_path
     from resserve.train.data import load_mnist
     from resserve.train.export import ExportOptions, as_input, export_package
+    from resserve.train.progress import progress_bar
 
     mnist = load_mnist(data_dir, log=_log)
     with tempfile.TemporaryDirectory(prefix="resserve-bench-") as tmp:
@@ -230,7 +239,14 @@ def bench_model(
             _log(f"exporting {checkpoint} to a temporary package ...")
             export_package(checkpoint, Path(tmp) / checkpoint.stem, ExportOptions(quantize="int8"), mnist, log=_log)
             package = load_package(Path(tmp) / checkpoint.stem)
-        results = benchmark_model(model_runners(checkpoint, package), as_input(mnist.test.head(512)), seconds=seconds)
+        runners = model_runners(checkpoint, package)
+        with progress_bar(True, "configurations") as progress:
+            task = progress.add_task("measuring", total=len(runners))
+
+            def measuring(name: str) -> None:
+                progress.update(task, completed=list(runners).index(name), status=name)
+
+            results = benchmark_model(runners, as_input(mnist.test.head(512)), seconds=seconds, on_runner=measuring)
     results["model"] = package.name
     print_model_benchmark(results, title=f"In-process inference, {package.name}")
     if json_out:

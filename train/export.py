@@ -290,6 +290,7 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
     train_split, validation = mnist.train_validation()
     network, dropped = _drop_blocks(network, options.drop_blocks, validation, mnist.test, log)
     folded = InferenceModel(fold_for_inference(network)).eval()
+    log(f"reference: the eager network on {len(mnist.test):,} test images ...")
     verifier = Verifier.for_network(network, mnist.test)
     if dropped:
         dropped["after"]["test_accuracy"] = verifier.accuracy
@@ -305,6 +306,7 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
     try:
         artifacts, backends = [], {}
         for format in options.formats:
+            log(f"{format}: writing, then verifying on {len(verifier.labels):,} test images ...")
             path = staging / ARTIFACT_FILES[format]
             WRITERS[format](folded, path, options)
             backends[format] = open_backend(path, format)

@@ -53,7 +53,10 @@ class _Run:
         self.name, self.settings, self.quick, self.started = name, settings, quick, time.monotonic()
         self.out = prepare_output(out)
         self.show_progress = not quiet
-        _log(f"experiment {name}{' (quick)' if quick else ''}: {settings}")
+        from resserve.train.experiments.report import describe
+
+        _log(f"experiment {name}{' (--quick: checks the pipeline, its numbers mean little)' if quick else ''}: "
+             f"{describe(settings)}")
         self.mnist = load_mnist(data_dir, log=_log)
 
     def trainer(self, budget):

@@ -49,6 +49,9 @@ def draw(plt, results: dict):
                       label=f"{network['blocks']} blocks ({network['conv_layers']} conv)")
         axis.set(title=f"{arch}: training (dashed) and validation (solid) error", xlabel="training images",
                  yscale="log")
+        percent = plt.matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 92, not 9.2x10^1
+        axis.yaxis.set_major_formatter(percent)
+        axis.yaxis.set_minor_formatter(percent)
         axis.grid(alpha=0.3, which="both")
         axis.legend()
     axes[0].set_ylabel("error (%)")

@@ -41,6 +41,16 @@ def prepare_output(out: Path) -> Path:
     return out
 
 
+def describe(settings: Any) -> str:
+    """Settings as a line a person reads: ``depths 2, 4; train images 2,000; ...``."""
+    def value(v: Any) -> str:
+        if isinstance(v, (tuple, list)):
+            return ", ".join(value(item) for item in v)
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+    return "; ".join(f"{key.replace('_', ' ')} {value(v)}" for key, v in asdict(settings).items())
+
+
 def write_report(out: Path, name: str, settings: Any, context: dict, results: dict,
                  draw: Callable[[Any, dict], Any]) -> tuple[Path, Path]:
     """Write ``out/NAME.json`` and ``out/NAME.png``; ``draw(plt, results)`` returns the figure."""
@@ -49,6 +59,8 @@ def write_report(out: Path, name: str, settings: Any, context: dict, results: di
     json_path, png_path = out / f"{name}.json", out / f"{name}.png"
     plt = pyplot()
     figure = draw(plt, results)
+    if context.get("quick"):
+        figure.suptitle("--quick run: it checks the pipeline; its numbers mean little", color="tab:red")
     with atomic_file(png_path) as handle:
         figure.savefig(handle, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
