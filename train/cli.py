@@ -196,9 +196,6 @@ def export(
         raise ResserveError("--triton-repo serves the graph as it is, which takes [0,1]: leave --input-range at 1")
     path = resolve_model_path(model)
     destination = out or Path(name or path.stem)
-    if name is None:
-        _log(f"model name: {path.stem} (from the checkpoint's file name; --name sets another, as servers "
-             "and clients call the model by it)")
     manifest = export_package(path, destination, options, load_mnist(data_dir, log=_log), log=_log)
     if triton_repo:
         _log(f"Triton model repository entry: {write_triton_repository(load_package(destination), triton_repo)}")
@@ -206,6 +203,9 @@ def export(
         typer.echo(manifest.model_dump_json(exclude_none=True))
     else:
         typer.echo(f"wrote {destination}: " + ", ".join(a.file for a in manifest.artifacts) + ", manifest.json")
+        if name is None:
+            _log(f"the model is called {manifest.name!r}, after the checkpoint's file name; servers and clients "
+                 "call it by that name (--name sets another)")
 
 
 def bench_model(

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The CPU serving image, tested for real: build deploy/Dockerfile, then check that it runs as a
+# non-root user, serves the shipped model, classifies a digit photo correctly, and exits 0 on
+# SIGTERM (docker stop) after draining. (The CUDA image needs an NVIDIA base and GPU; its checks
+# belong to the GPU check.)
+#
+#   sudo deploy/test-image.sh          # on a Debian/Ubuntu machine; about 5 minutes the first time
+#
+# What it needs, and installs with apt when missing: Docker (docker.io) and debootstrap. Where no
+# Docker daemon runs, it starts one without networking of its own (--bridge=none
+# --iptables=false): every container here uses the host network and loopback addresses only.
+# Where the base images cannot be pulled (no registry), it makes local stand-ins under the same
+# tags from Debian bookworm (whose Python is 3.11) with debootstrap. Exit 0: the image works.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE=resserve:cpu-test
+PORT=${RESSERVE_TEST_PORT:-18801}
+METRICS_PORT=$((PORT + 1))
+WORK=$(mktemp -d)
+log() { echo "test-image: $*" >&2; }
+cleanup() {
+  docker rm -f resserve-image-test >/dev/null 2>&1 || true
+  [ -n "${DOCKERD_PID:-}" ] && kill "$DOCKERD_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Docker and debootstrap -------------------------------------------------------------------------
+if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
+  log "installing docker.io and debootstrap"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null
+fi
+DOCKER=/usr/bin/docker  # the daemon's own client (a newer one elsewhere on PATH may not speak its API)
+[ -x "$DOCKER" ] || DOCKER=docker
+docker() { "$DOCKER" "$@"; }
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd (no bridge, no iptables)"
+  dockerd --bridge=none --iptables=false >"$WORK/dockerd.log" 2>&1 &
+  DOCKERD_PID=$!
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { cat "$WORK/dockerd.log" >&2; exit 1; }
+fi
+
+# Base images: pulled where a registry answers, else local stand-ins from Debian ------------------
+stand_in() {  # TAG: a Debian bookworm root with python3, pip and venv, as `python` and `pip` too
+  local tag=$1 root="$WORK/rootfs"
+  log "making a local stand-in for $tag with debootstrap"
+  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+    bookworm "$root" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
+    || { tail -20 "$WORK/debootstrap.log" >&2; exit 1; }
+  ln -sf python3 "$root/usr/bin/python"
+  ln -sf pip3 "$root/usr/bin/pip"
+  rm -f "$root"/usr/lib/python3*/EXTERNALLY-MANAGED
+  cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"  # the host's trust (proxies)
+  tar -C "$root" -c . | docker import - "$tag" >/dev/null
+  rm -rf "$root"
+}
+base_of() { sed -n 's/^FROM \([^ ]*\).*/\1/p' "$1" | head -1; }
+base=$(base_of deploy/Dockerfile)
+if ! docker image inspect "$base" >/dev/null 2>&1; then
+  timeout 60 docker pull -q "$base" >/dev/null 2>&1 || stand_in "$base"
+fi
+
+# Build ---------------------------------------------------------------------------------------
+log "building $IMAGE from deploy/Dockerfile"
+docker build -q --network host -f deploy/Dockerfile -t "$IMAGE" . >/dev/null
+log "image size: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1 / 1e6}')"
+
+# Run: non-root, serves, classifies, drains on SIGTERM ------------------------------------------
+user=$(docker run --rm --entrypoint id "$IMAGE" -u)
+[ "$user" = 10001 ] || { log "runs as uid $user, not 10001"; exit 1; }
+docker run -d --name resserve-image-test --network host "$IMAGE" \
+  --host 127.0.0.1 --port "$PORT" --metrics-port "$METRICS_PORT" --drain-seconds 1 >/dev/null
+for _ in $(seq 120); do
+  docker logs resserve-image-test 2>&1 | grep -q " ready: " && break
+  sleep 0.5
+done
+docker logs resserve-image-test 2>&1 | grep -q " ready: " || { docker logs resserve-image-test >&2; exit 1; }
+
+python3 - "$WORK/digit.png" <<'PY'
+import sys
+from PIL import Image, ImageDraw
+page = Image.new("L", (240, 320), 235)  # a photo-like page: dark ink on light paper
+ImageDraw.Draw(page).ellipse((50, 40, 190, 280), outline=20, width=22)  # a zero
+page.save(sys.argv[1])
+PY
+answer=$(resserve classify "$WORK/digit.png" --server "127.0.0.1:$PORT" --json)
+echo "$answer" | python3 -c 'import json, sys; assert json.load(sys.stdin)[0]["digit"] == 0, "not classified as 0"'
+resserve health --server "127.0.0.1:$PORT" --service resserve.readiness >/dev/null
+
+docker stop -t 30 resserve-image-test >/dev/null
+code=$(docker inspect resserve-image-test --format '{{.State.ExitCode}}')
+docker logs resserve-image-test 2>&1 | grep -q "stopped; requests answered" || { docker logs resserve-image-test >&2; exit 1; }
+[ "$code" = 0 ] || { log "exit code $code after SIGTERM"; exit 1; }
+log "ok: built, runs as uid 10001, classified a photo of a 0, drained and exited 0 on SIGTERM"
