@@ -30,8 +30,8 @@ from typing import Iterator
 import grpc
 import numpy as np
 
+from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
-from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import ModelPackage, load_package
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
@@ -176,9 +176,13 @@ def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str
         process.wait(timeout=60)
 
 
-def in_process_limit(package: ModelPackage, batch_sizes: list[int], threads: int | None = None) -> list[dict]:
-    """ONNX Runtime on the same artifact in this process: the ceiling a server can approach."""
-    backend = OnnxRuntimeBackend(package.read_verified(package.find("onnx")), threads=threads)
+def in_process_limit(package: ModelPackage, batch_sizes: list[int], runtime: str = "onnxruntime fp32",
+                     threads: int | None = None) -> list[dict]:
+    """``runtime`` ("backend precision", as a server reports it) on the same artifact in this
+    process: the ceiling a server on that runtime can approach."""
+    backend_name, precision = runtime.split()
+    format = "torchscript" if backend_name == "torchscript" else "onnx"
+    backend = open_backend(package.read_verified(package.find(format)), format, backend_name, "cpu", precision, threads)
     rows = []
     for size in sorted(set(batch_sizes)):
         batch = _images(size)
@@ -188,27 +192,43 @@ def in_process_limit(package: ModelPackage, batch_sizes: list[int], threads: int
     return rows
 
 
-def ratios(batched: list[dict], unbatched: list[dict] | None, limit: list[dict], batch: int) -> dict:
-    """The targets of docs/benchmarks.md, as numbers."""
-    peak = max(batched, key=lambda row: row["images_per_second"])
+def summarize(rows: list[dict], limit: list[dict], batch: int, unbatched: list[dict] | None = None) -> dict:
+    """One server against the in-process limit of its own runtime: the targets of docs/benchmarks.md."""
+    peak = max(rows, key=lambda row: row["images_per_second"])
     at_peak = min(limit, key=lambda row: abs(row["batch"] - (peak["mean_batch_size"] or batch)))
     single = next(row for row in limit if row["batch"] == batch)
-    first = next((row for row in batched if row["concurrency"] == 1), None)
-    result = {
-        "peak_server_over_in_process": peak["images_per_second"] / at_peak["images_per_second"],
-        "peak_concurrency": peak["concurrency"],
-        "in_process_batch_at_peak": at_peak["batch"],
-    }
+    summary = {"peak_images_per_second": peak["images_per_second"], "peak_concurrency": peak["concurrency"],
+               "in_process_batch_at_peak": at_peak["batch"],
+               "peak_over_in_process": peak["images_per_second"] / at_peak["images_per_second"]}
+    first = next((row for row in rows if row["concurrency"] == 1), None)
     if first:
-        result["c1_p50_minus_in_process_batch_latency_ms"] = first["p50_ms"] - single["latency_ms"]
-    if unbatched:
-        by_c = {row["concurrency"]: row for row in unbatched}
-        result["batched_over_unbatched"] = {row["concurrency"]: row["images_per_second"] / by_c[row["concurrency"]]["images_per_second"]
-                                            for row in batched if row["concurrency"] in by_c}
-    c16 = next((row for row in batched if row["concurrency"] == 16), None)
+        summary["c1_p50_ms"] = first["p50_ms"]
+        summary["c1_p50_over_in_process_latency_ms"] = first["p50_ms"] - single["latency_ms"]
+    c16 = next((row for row in rows if row["concurrency"] == 16), None)
     if c16:
-        result["c16_p99_over_p50"] = c16["p99_ms"] / c16["p50_ms"]
-    return result
+        summary["c16_p99_over_p50"] = c16["p99_ms"] / c16["p50_ms"]
+    if unbatched:
+        by_c = {row["concurrency"]: row["images_per_second"] for row in unbatched}
+        summary["batched_over_unbatched"] = {row["concurrency"]: row["images_per_second"] / by_c[row["concurrency"]]
+                                             for row in rows if row["concurrency"] in by_c}
+    return summary
+
+
+def summary_lines(name: str, runtime: str, summary: dict, batch: int) -> list[str]:
+    """The summary of one server, as sentences."""
+    lines = [f"{name}: peak {summary['peak_images_per_second']:,.0f} images/s at C={summary['peak_concurrency']}, "
+             f"{summary['peak_over_in_process']:.2f}x in-process {runtime} at batch {summary['in_process_batch_at_peak']}"]
+    if "c1_p50_ms" in summary:
+        lines.append(f"  one client: p50 {summary['c1_p50_ms']:.2f} ms, "
+                     f"{summary['c1_p50_over_in_process_latency_ms']:+.2f} ms over in-process batch {batch}")
+    if "c16_p99_over_p50" in summary:
+        lines.append(f"  16 clients: p99 is {summary['c16_p99_over_p50']:.1f}x p50")
+    if summary.get("peak_over_onnxruntime_batched", 1.0) != 1.0:
+        lines.append(f"  peak {summary['peak_over_onnxruntime_batched']:.2f}x the ONNX Runtime server's")
+    if "batched_over_unbatched" in summary:
+        ratios = ", ".join(f"C={c} {r:.2f}x" for c, r in summary["batched_over_unbatched"].items())
+        lines.append(f"  batching on over off: {ratios}")
+    return lines
 
 
 def print_report(report: dict) -> None:
@@ -227,12 +247,14 @@ def print_report(report: dict) -> None:
                           ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0",
                           f"{r['client_cpu_cores']:.2f}", _fmt(r["server_cpu_cores"], ".2f"))
         console.print(table)
-    table = Table("batch", "latency ms", "img/s", title="In-process ONNX Runtime (the limit)")
-    for r in report["in_process"]:
-        table.add_row(str(r["batch"]), f"{r['latency_ms']:.3f}", f"{r['images_per_second']:.0f}")
-    console.print(table)
-    for key, value in report["ratios"].items():
-        console.print(f"{key}: {value if isinstance(value, (int, dict)) else round(value, 3)}")
+    for runtime, rows in report["in_process"].items():
+        table = Table("batch", "latency ms", "img/s", title=f"In-process {runtime} (the limit of servers on it)")
+        for r in rows:
+            table.add_row(str(r["batch"]), f"{r['latency_ms']:.3f}", f"{r['images_per_second']:.0f}")
+        console.print(table)
+    for name, summary in report["summary"].items():
+        for line in summary_lines(name, report["runtimes"][name], summary, report["batch"]):
+            console.print(line)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -256,9 +278,10 @@ def plot_report(report: dict, path: Path) -> None:
         for r in rows:
             axis.annotate(f"C={r['concurrency']}", (r["images_per_second"], r["p50_ms"]), fontsize=7,
                           textcoords="offset points", xytext=(3, -10))
-    limit = max(report["in_process"], key=lambda r: r["images_per_second"])
-    axis.axvline(limit["images_per_second"], color="gray", linestyle=":",
-                 label=f"in-process limit (batch {limit['batch']})")
+    for (runtime, rows), style in zip(report["in_process"].items(), (":", "-.", "--")):
+        limit = max(rows, key=lambda r: r["images_per_second"])
+        axis.axvline(limit["images_per_second"], color="gray", linestyle=style,
+                     label=f"in-process {runtime} (batch {limit['batch']})")
     axis.set_xlabel("throughput (images/s)")
     axis.set_ylabel("latency (ms)")
     axis.set_yscale("log")
@@ -321,14 +344,18 @@ def run_benchmark(package_path: Path | None, target: str | None, model: str, api
             for concurrency in levels:
                 log(f"{name} ({runtimes[name]}): concurrency {concurrency} ...")
                 servers[name].append(measure_level(spec, concurrency, metrics, pid))
-    reference = servers.get(BASELINE) or next(iter(servers.values()))
-    formed = [max(1, round(r["mean_batch_size"])) for r in reference if r["mean_batch_size"]]
-    log("in-process ONNX Runtime ...")
-    limit = in_process_limit(package, [batch, *formed])
-    report_ratios = ratios(reference, servers.get(UNBATCHED), limit, batch)
-    for name, rows in servers.items():
-        if name not in (BASELINE, UNBATCHED) and BASELINE in servers:
-            peak = max(r["images_per_second"] for r in rows)
-            report_ratios[f"peak {name} over {BASELINE}"] = peak / max(r["images_per_second"] for r in servers[BASELINE])
+    limits: dict[str, list[dict]] = {}
+    for runtime in dict.fromkeys(runtimes.values()):  # each runtime once, against the batches its servers formed
+        formed = {max(1, round(r["mean_batch_size"])) for name, rows in servers.items() if runtimes[name] == runtime
+                  for r in rows if r["mean_batch_size"]}
+        log(f"in-process {runtime} ...")
+        limits[runtime] = in_process_limit(package, [batch, *formed], runtime)
+    summary = {name: summarize(rows, limits[runtimes[name]], batch,
+                               servers.get(UNBATCHED) if name == BASELINE else None)
+               for name, rows in servers.items()}
+    if BASELINE in servers:
+        baseline_peak = summary[BASELINE]["peak_images_per_second"]
+        for name in servers:
+            summary[name]["peak_over_onnxruntime_batched"] = summary[name]["peak_images_per_second"] / baseline_peak
     return {"model": model, "api": api, "batch": batch, "duration_s": duration, "machine": machine_description(),
-            "runtimes": runtimes, "servers": servers, "in_process": limit, "ratios": report_ratios}
+            "runtimes": runtimes, "servers": servers, "in_process": limits, "summary": summary}

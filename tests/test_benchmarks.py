@@ -39,17 +39,20 @@ def test_bench_serve_starts_servers_and_writes_table_json_and_plot(tmp_path):
                                       "onnxruntime, unbatched (max batch 1)"}
     assert report["runtimes"]["onnxruntime, batched"] == "onnxruntime fp32"
     assert report["runtimes"]["openvino:fp32, batched"] == "openvino fp32"
-    assert "peak openvino:fp32, batched over onnxruntime, batched" in report["ratios"]
+    assert set(report["in_process"]) == {"onnxruntime fp32", "openvino fp32", report["runtimes"]["auto, batched"]}
+    openvino = report["summary"]["openvino:fp32, batched"]  # against OpenVINO's own in-process limit
+    assert openvino["peak_over_in_process"] > 0 and openvino["peak_over_onnxruntime_batched"] > 0
     for rows in report["servers"].values():
         assert [r["concurrency"] for r in rows] == [1, 4]
         for r in rows:
             assert r["ok"] > 0 and r["errors"] == {}
             assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
             assert r["mean_batch_size"] >= 1
-    assert report["in_process"][0]["batch"] == 1
-    assert "peak_server_over_in_process" in report["ratios"]
+    assert report["in_process"]["onnxruntime fp32"][0]["batch"] == 1
+    assert set(report["summary"]["onnxruntime, batched"]["batched_over_unbatched"]) == {"1", "4"}  # JSON keys
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "In-process ONNX Runtime" in result.stdout
+    assert "In-process onnxruntime fp32" in result.stdout
+    assert "x in-process openvino fp32 at batch" in result.stdout  # each server against its own runtime
 
 
 def test_bench_serve_needs_exactly_one_target():
