@@ -257,3 +257,19 @@ def _png_of(image: np.ndarray, directory):
     path = directory / "digit.png"
     Image.fromarray(image).save(path)
     return path
+
+
+def test_a_missing_package_is_one_line_before_anything_listens():
+    result = run_cli("serve", "/nonexistent/pkg", "--port", "0", "--metrics-port", "0", timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: model package /nonexistent/pkg does not exist"]
+
+
+def test_a_second_signal_cuts_the_drain_short():
+    with ServerProcess(drain_seconds=60) as server:
+        server.process.send_signal(15)
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        server.process.send_signal(15)
+        assert server.process.wait(timeout=20) == 0
+        assert time.monotonic() - signalled < 10  # not the 60 s drain
