@@ -129,6 +129,21 @@ def test_preprocessing_stops_when_the_deadline_passes(server, digits):
     assert cpu_seconds(pid) - idle_from < 0.5  # nothing left running for the abandoned requests
 
 
+def test_shutdown_does_not_wait_for_abandoned_preprocessing():
+    request = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=big_scan())] * 4)
+    with ServerProcess("--grace-seconds", "2") as target:
+        stub = digits_pb2_grpc.DigitClassifierStub(grpc.insecure_channel(target.target))
+        with ThreadPoolExecutor(12) as pool:
+            calls = [pool.submit(code_of, lambda: stub.Classify(request, timeout=30)) for _ in range(24)]
+            time.sleep(0.3)
+            signalled = time.monotonic()
+            target.process.send_signal(15)
+            assert target.process.wait(timeout=30) == 0
+            assert time.monotonic() - signalled < 6  # drain 0 + grace 2 + exit (was 35 s)
+            codes = {call.result().name for call in calls}
+    assert codes <= {"OK", "UNAVAILABLE"}, codes
+
+
 # 3. fail-closed TLS ---------------------------------------------------------------------------
 
 def test_mutual_tls_without_a_server_certificate_refuses_to_start(tmp_path):
