@@ -304,8 +304,12 @@ def machine_description() -> str:
 def _server_runtime(target: str, model: str) -> str:
     """"backend precision" as the server reports it in the model's config."""
     with grpc.insecure_channel(target) as channel:
-        config = kserve_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
-            kserve_pb2.ModelConfigRequest(name=model), timeout=10).config
+        try:
+            config = kserve_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
+                kserve_pb2.ModelConfigRequest(name=model), timeout=10).config
+        except grpc.RpcError as exc:
+            hint = " (--model and --package name the model to measure)" if exc.code() == grpc.StatusCode.NOT_FOUND else ""
+            raise ResserveError(f"{target}: {exc.code().name}: {exc.details()}{hint}") from None
     return f"{config.parameters['backend'].string_value} {config.parameters['precision'].string_value}"
 
 

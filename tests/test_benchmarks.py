@@ -3,7 +3,7 @@ docs/benchmarks.md, not asserted here)."""
 
 import json
 
-from helpers import run_cli
+from helpers import ServerProcess, run_cli
 
 
 def test_bench_train_compares_against_the_naive_loop(tmp_path, mnist):
@@ -59,3 +59,12 @@ def test_bench_serve_needs_exactly_one_target():
     result = run_cli("bench", "serve")
     assert result.returncode == 1
     assert result.stderr.strip() == "error: give exactly one of --start and --target HOST:PORT"
+
+
+def test_bench_serve_against_a_server_without_the_model_is_one_line():
+    with ServerProcess() as server:
+        result = run_cli("bench", "serve", "--target", server.target, "--model", "no-such-model", "--duration", "0.2")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {server.target}: NOT_FOUND: unknown model 'no-such-model'; this server has resnet-mnist "
+        "(--model and --package name the model to measure)")
