@@ -21,6 +21,9 @@ import typer  # noqa: E402
 from resserve.serve.errors import ResserveError  # noqa: E402
 
 COMMAND_GROUPS = "resserve.commands"
+# Plain help (click's layout): typer's rich panels print flags as "--json <bool>", which reads as
+# an option that takes a value. Every command group uses this.
+HELP_STYLE = None
 
 
 def build_app() -> typer.Typer:
@@ -31,10 +34,10 @@ def build_app() -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
-        rich_markup_mode="markdown",
+        rich_markup_mode=HELP_STYLE,
     )
     bench_app = typer.Typer(help="Benchmarks: print a table (and JSON) against a baseline measured in the same run.",
-                            no_args_is_help=True)
+                            no_args_is_help=True, rich_markup_mode=HELP_STYLE)
     app.add_typer(bench_app, name="bench")
     for group in sorted(entry_points(group=COMMAND_GROUPS), key=lambda ep: ep.name):
         group.load()(app, bench_app)

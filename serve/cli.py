@@ -102,7 +102,8 @@ TokenFile = Annotated[Optional[Path], typer.Option(envvar=_env("TOKEN_FILE"),
 
 
 def classify(
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...): photos and drawings work.")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE", show_default=False,
+        help="Image files (PNG, JPEG, ...): photos and drawings work.")],
     server: Server = "localhost:8001",
     model: Annotated[str, typer.Option(help="Model name [default: the server's default].")] = "",
     tls_ca: TlsCa = None,

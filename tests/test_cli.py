@@ -20,6 +20,7 @@ def test_every_command_explains_itself(command):
     assert result.returncode == 0, result.stderr
     assert "Usage: resserve" in result.stdout
     assert len(result.stdout.splitlines()) > 5
+    assert "<bool>" not in result.stdout  # a flag must not read as an option that takes a value
 
 
 def test_root_help_lists_the_commands():

@@ -15,11 +15,13 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from resserve.serve.app import HELP_STYLE
 from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
 from resserve.train.config import ModelConfig, TrainConfig, parse_ints
 from resserve.train.experiments.settings import DepthSettings, GatesSettings, LesionSettings, ShatteredSettings
 
 experiment_app = typer.Typer(
+    rich_markup_mode=HELP_STYLE,
     help="Reproduce the lecture's findings on MNIST. Each experiment writes NAME.png and NAME.json into "
     "--out, takes at most 15 minutes on a 2-core CPU at its default size, and seconds with --quick.",
     no_args_is_help=True)
