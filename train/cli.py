@@ -186,6 +186,7 @@ def export(
     from resserve.train.checkpoint import resolve_model_path
     from resserve.train.data import load_mnist
     from resserve.train.export import ExportOptions, export_package
+    from resserve.train.progress import progress_bar, stages_of
     from resserve.train.triton import write_triton_repository
 
     options = ExportOptions(formats=tuple(f.strip() for f in format.split(",") if f.strip()), opset=opset,
@@ -196,7 +197,9 @@ def export(
         raise ResserveError("--triton-repo serves the graph as it is, which takes [0,1]: leave --input-range at 1")
     path = resolve_model_path(model)
     destination = out or Path(name or path.stem)
-    manifest = export_package(path, destination, options, load_mnist(data_dir, log=_log), log=_log)
+    mnist = load_mnist(data_dir, log=_log)
+    with progress_bar(not as_json, "images") as progress:
+        manifest = export_package(path, destination, options, mnist, log=_log, stages=stages_of(progress))
     if triton_repo:
         _log(f"Triton model repository entry: {write_triton_repository(load_package(destination), triton_repo)}")
     if as_json:

@@ -45,6 +45,7 @@ from resserve.train.checkpoint import load_checkpoint
 from resserve.train.data import MNIST, Split
 from resserve.train.fold import choose_blocks_to_drop, drop_blocks, fold_for_inference
 from resserve.train.models import MNIST_MEAN, MNIST_STD, ResNet, count_parameters
+from resserve.train.progress import Stages, no_stages
 from resserve.train.training import evaluate, library_versions, predict_logits
 
 FORMATS = ("onnx", "torchscript")
@@ -153,17 +154,27 @@ class Verifier:
     images: np.ndarray  # float32 [N,1,28,28]
     labels: np.ndarray  # int64 [N]
     reference_logits: np.ndarray  # float32 [N,10]
+    stages: Stages = no_stages  # progress of each pass over the images
 
     @classmethod
-    def for_network(cls, network: nn.Module, split: Split) -> "Verifier":
-        return cls(as_input(split), split.labels, predict_logits(network, split.images).numpy())
+    def for_network(cls, network: nn.Module, split: Split, stages: Stages = no_stages) -> "Verifier":
+        advance = stages("reference: the eager network", len(split))
+        return cls(as_input(split), split.labels, predict_logits(network, split.images, on_chunk=advance).numpy(),
+                   stages)
 
     @property
     def accuracy(self) -> float:
         return float((self.reference_logits.argmax(1) == self.labels).mean())
 
-    def check(self, backend: Backend) -> dict:
-        logits = infer_in_chunks(backend.infer, self.images, VERIFY_CHUNK)["logits"]
+    def check(self, backend: Backend, stage: str = "verifying") -> dict:
+        advance = self.stages(stage, len(self.images))
+
+        def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
+            outputs = backend.infer(batch)
+            advance(len(batch))
+            return outputs
+
+        logits = infer_in_chunks(infer, self.images, VERIFY_CHUNK)["logits"]
         return {
             "max_abs_logit_diff": float(np.abs(logits - self.reference_logits).max()),
             "test_accuracy": float((logits.argmax(1) == self.labels).mean()),
@@ -221,7 +232,7 @@ def _int8(staging: Path, fp32_onnx: Path, verifier: Verifier, calibration: Split
 
     path = quantize_int8(fp32_onnx, staging / INT8_FILE, as_input(calibration.head(CALIBRATION_IMAGES)))
     int8_backend, fp32_backend = OnnxRuntimeBackend(path), OnnxRuntimeBackend(fp32_onnx)
-    parity = verifier.check(int8_backend)
+    parity = verifier.check(int8_backend, "verifying int8")
     batch = verifier.images[:64]
     speed = {name: images_per_second(lambda b=backend: b.infer(batch), 64)
              for name, backend in (("int8", int8_backend), ("fp32", fp32_backend))}
@@ -244,7 +255,7 @@ def _bf16(fp32_onnx: Path, verifier: Verifier, log) -> ReducedPrecisionReport:
         reason = "OpenVINO is not installed" if capabilities is None else "this CPU reports no BF16 support"
         log(f"bf16: not measured ({reason})")
         return ReducedPrecisionReport(measured=False, reason=reason)
-    parity = verifier.check(OpenVinoBackend(fp32_onnx, "bf16"))
+    parity = verifier.check(OpenVinoBackend(fp32_onnx, "bf16"), "measuring bf16")
     loss = verifier.accuracy - parity["test_accuracy"]
     log(f"bf16 (OpenVINO): test accuracy {parity['test_accuracy']:.4f} (fp32 {verifier.accuracy:.4f}), "
         f"{parity['prediction_agreement'] * 100:.2f}% same predictions, max |logit diff| {parity['max_abs_logit_diff']:.3f}")
@@ -280,7 +291,7 @@ WRITERS = {"onnx": lambda model, path, opts: write_onnx(model, path, opts.opset)
 
 
 def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: MNIST,
-                   log: Callable[[str], None] = print) -> Manifest:
+                   log: Callable[[str], None] = print, stages: Stages = no_stages) -> Manifest:
     """Export ``checkpoint`` to the package directory ``out``; returns the manifest."""
     options.validate()
     check_model_name(options.name or checkpoint.stem)
@@ -290,8 +301,7 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
     train_split, validation = mnist.train_validation()
     network, dropped = _drop_blocks(network, options.drop_blocks, validation, mnist.test, log)
     folded = InferenceModel(fold_for_inference(network)).eval()
-    log(f"reference: the eager network on {len(mnist.test):,} test images ...")
-    verifier = Verifier.for_network(network, mnist.test)
+    verifier = Verifier.for_network(network, mnist.test, stages)
     if dropped:
         dropped["after"]["test_accuracy"] = verifier.accuracy
         latency = dropped["eager_batch64_latency_ms"]
@@ -306,11 +316,10 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
     try:
         artifacts, backends = [], {}
         for format in options.formats:
-            log(f"{format}: writing, then verifying on {len(verifier.labels):,} test images ...")
             path = staging / ARTIFACT_FILES[format]
             WRITERS[format](folded, path, options)
             backends[format] = open_backend(path, format)
-            parity = verifier.check(backends[format])
+            parity = verifier.check(backends[format], f"verifying {format}")
             _require_fp32_parity(format, parity, verifier)
             log(f"{format}: max |logit diff| {parity['max_abs_logit_diff']:.1e}, "
                 f"test accuracy {parity['test_accuracy']:.4f} (eager {verifier.accuracy:.4f})")
