@@ -14,9 +14,9 @@ import struct
 import grpc
 import numpy as np
 
+from resserve.serve.batcher import BatchingConfig
 from resserve.serve.dataplane import INPUT_DTYPES, SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, Tensor
 from resserve.serve.errors import InvalidInput
-from resserve.serve.batcher import BatchingConfig
 from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.rpc import deadline_of, rpc
 from resserve.serve.statistics import Duration, ModelStatistics
