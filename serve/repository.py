@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,7 +30,7 @@ class ServedModel:
     package: ModelPackage
     backend: Backend
     batcher: DynamicBatcher
-    statistics: ModelStatistics = field(default_factory=ModelStatistics)
+    statistics: ModelStatistics  # fed by the batcher's callback, which _load_one wires up
 
     @property
     def name(self) -> str:

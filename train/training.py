@@ -208,6 +208,12 @@ class Interval:
     correct: int = 0
     started: float = field(default_factory=time.monotonic)
 
+    def add(self, images: int, loss: float, correct: int) -> None:
+        """One step: ``loss`` is the batch's mean loss over ``images``."""
+        self.images += images
+        self.loss_sum += loss * images
+        self.correct += correct
+
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.images, 1)
@@ -239,8 +245,7 @@ def fit(model: nn.Module, split: Split, cfg: TrainConfig, steps: int, precision:
         images, labels = next(stream)
         loss, correct = train_step(model, images, labels, cfg, optimizer, scheduler, generator, precision)
         seen += len(labels)
-        interval.images, interval.loss_sum = interval.images + len(labels), interval.loss_sum + loss * len(labels)
-        interval.correct += correct
+        interval.add(len(labels), loss, correct)
         progress.update(task, advance=1, status=f"loss {interval.loss:.4f} acc {interval.accuracy:.4f} "
                                                 f"{interval.images / max(interval.seconds, 1e-9):.0f} img/s")
         if step in marks:
