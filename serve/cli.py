@@ -24,6 +24,9 @@ def serve(
         show_default=False, envvar=_env("PACKAGES"))] = None,
     host: Annotated[str, typer.Option(envvar=_env("HOST"), help="Address to listen on.")] = ServerSettings.host,
     port: Annotated[int, typer.Option(envvar=_env("PORT"), help="gRPC port (Triton's default).")] = ServerSettings.port,
+    http_port: Annotated[int, typer.Option(envvar=_env("HTTP_PORT"),
+        help="HTTP port (Triton's default): KServe v2 REST, POST /v1/classify, and the draw-a-digit page "
+        "at /; 0 disables.")] = ServerSettings.http_port,
     metrics_port: Annotated[int, typer.Option(envvar=_env("METRICS_PORT"),
                                               help="Prometheus /metrics port; 0 disables.")] = ServerSettings.metrics_port,
     max_batch_size: Annotated[int, typer.Option(envvar=_env("MAX_BATCH_SIZE"),
@@ -62,16 +65,20 @@ def serve(
     token_file: Annotated[Optional[Path], typer.Option(envvar=_env("TOKEN_FILE"),
         help="Bearer tokens, one per line; clients must send one (health is exempt).")] = None,
 ) -> None:
-    """Serve digit classification over gRPC: resserve.v1.DigitClassifier and KServe v2 / Triton.
+    """Serve digit classification over gRPC and HTTP, from one process.
+
+    gRPC (--port): resserve.v1.DigitClassifier and KServe v2 / Triton. HTTP (--http-port):
+    KServe v2 REST (tritonclient.http works unchanged), POST /v1/classify (images in, digits
+    out, JSON), and a page at / to draw a digit and see it classified.
 
     Health: grpc.health.v1 with service "resserve.liveness" (process up) and
-    "resserve.readiness" (models loaded and not draining). Stop with SIGTERM: not ready, drain,
-    grace for in-flight requests, exit 0.
+    "resserve.readiness" (models loaded and not draining); over HTTP /v2/health/live and
+    /v2/health/ready. Stop with SIGTERM: not ready, drain, grace for in-flight requests, exit 0.
     """
     from resserve.serve.server import run_server
 
     settings = ServerSettings(
-        packages=tuple(packages or ()), host=host, port=port, metrics_port=metrics_port,
+        packages=tuple(packages or ()), host=host, port=port, http_port=http_port, metrics_port=metrics_port,
         batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                                 max_queue_size=max_queue_size), device=device,
         backend=backend, precision=precision, threads=threads, max_images_per_request=max_images_per_request,

@@ -10,6 +10,8 @@ preprocessing, batching, and the metadata the protocols report.
 from __future__ import annotations
 
 import asyncio
+import math
+import struct
 import threading
 import time
 from concurrent.futures import Executor
@@ -36,6 +38,51 @@ class Tensor:
     datatype: str
     shape: tuple[int, ...]
     data: np.ndarray
+
+
+def _input_dtype(datatype: str) -> np.dtype:
+    dtype = INPUT_DTYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInput(f"input has datatype {datatype}; expected FP32 or UINT8")
+    return dtype
+
+
+def _element_count(shape: tuple[int, ...]) -> int:
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input has shape {list(shape)}; dimensions must be >= 0")
+    return math.prod(shape) if shape else 0  # Python ints: no overflow
+
+
+def tensor_from_bytes(name: str, datatype: str, shape: tuple[int, ...], raw: bytes, source: str) -> Tensor:
+    """An input sent as little-endian bytes (gRPC raw contents, REST binary data), its size checked."""
+    dtype, values = _input_dtype(datatype), _element_count(shape)
+    if len(raw) != values * dtype.itemsize:
+        raise InvalidInput(f"{source} has {len(raw)} bytes; shape {list(shape)} of {datatype} "
+                           f"needs {values * dtype.itemsize}")
+    return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype))
+
+
+def tensor_from_values(name: str, datatype: str, shape: tuple[int, ...], values, source: str) -> Tensor:
+    """An input sent as numbers (gRPC typed contents, REST JSON ``data``, flat or nested), checked
+    for count, type and, for UINT8, range before it is narrowed."""
+    dtype, count = _input_dtype(datatype), _element_count(shape)
+    try:
+        array = np.asarray(values, dtype=np.float32 if datatype == "FP32" else np.int64).ravel()
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput(f"{source} must hold {datatype} numbers only, in a flat or nested list") from None
+    if array.size != count:
+        raise InvalidInput(f"{source} has {array.size} values; shape {list(shape)} needs {count}")
+    if datatype == "UINT8" and count and (array.min() < 0 or array.max() > 255):
+        raise InvalidInput("UINT8 values must be in [0, 255]")
+    return Tensor(name, datatype, shape, array.astype(dtype))
+
+
+def tensor_bytes(tensor: Tensor) -> bytes:
+    """Triton's raw encoding (gRPC raw contents, REST binary data): little-endian numbers; BYTES
+    elements as a 4-byte length, then the bytes."""
+    if tensor.datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(item)) + item for item in tensor.data.ravel())
+    return np.ascontiguousarray(tensor.data, dtype="<f4").tobytes()
 
 
 @dataclass(frozen=True)
@@ -74,6 +121,7 @@ class Image:
 class Classification:
     model: ServedModel
     probabilities: np.ndarray  # float32 [N,10]
+    inputs: np.ndarray  # float32 [N,1,28,28] in [0,1]: the images as the model saw them
 
 
 @dataclass(frozen=True)
@@ -240,7 +288,7 @@ class DataPlane:
         self.check_image_count(len(images))
         batch = await self._preprocess(images, deadline)
         outputs = await model.batcher.submit(batch, deadline)
-        return Classification(model, outputs["probabilities"])
+        return Classification(model, outputs["probabilities"], batch)
 
     async def _preprocess(self, images: list[Image], deadline: float | None) -> np.ndarray:
         """Preprocessing counts against the queue limit too: it is work the server has taken on."""

@@ -1,8 +1,9 @@
-"""Errors that users see, and the one place they become gRPC status codes.
+"""Errors that users see, and the one place they become status codes (gRPC, and HTTP from those).
 
 ``ResserveError`` is the base of every expected failure (bad input, missing data, a refused
 file). The CLI prints its message as one line and exits non-zero; the server answers with the
-class's status code and the message. Anything else is a bug: the server logs it and answers
+class's status code and the message: over gRPC as it is, over HTTP as the HTTP status that
+``HTTP_STATUS`` pairs with it (as Triton and KServe pair them). Anything else is a bug: the server logs it and answers
 INTERNAL with a generic message, never a stack trace or an internal path.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from pydantic import ValidationError
 
 log = logging.getLogger("resserve.serve")
 
@@ -20,6 +22,7 @@ class ResserveError(Exception):
 
     exit_code: int = 1
     status: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION
+    http_status: int | None = None  # where HTTP has a more precise status than ``status`` pairs with
 
 
 class InvalidInput(ResserveError):
@@ -45,6 +48,15 @@ class DeadlineExpired(ResserveError):
 
 
 class TooLarge(ResserveError):
+    """A request body over the size limit (gRPC refuses those itself, before the server sees them)."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+
+
+class Busy(ResserveError):
+    """Retryable: the in-flight request budget is spent (gRPC core answers the same for its RPCs)."""
+
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -64,3 +76,38 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.status, message
     log.exception("internal error while serving a request", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error (details are in the server log)"
+
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """pydantic's first error as ``field a.0.b: what is wrong`` (a count when there are more)."""
+    errors = exc.errors()
+    first = errors[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = {"missing": "missing", "extra_forbidden": "unknown field"}.get(first["type"], first["msg"])
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"field {field}: {message}{more}"
+
+
+# The HTTP status each gRPC code is answered with over REST (Triton's and KServe's pairing).
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,  # the client closed the request (nginx's convention)
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def to_http_status(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and message a REST client gets for ``exc``: ``to_status``, mapped."""
+    code, message = to_status(exc)
+    return getattr(exc, "http_status", None) or HTTP_STATUS.get(code, 500), message

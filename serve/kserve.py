@@ -8,16 +8,15 @@ sends input tensors as bytes in ``raw_input_contents`` and decodes outputs only 
 
 from __future__ import annotations
 
-import math
-import struct
-
 import grpc
 import numpy as np
 
 from resserve.serve.batcher import BatchingConfig
-from resserve.serve.dataplane import INPUT_DTYPES, SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, Tensor
+from resserve.serve.dataplane import (SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, Tensor,
+                                     tensor_bytes, tensor_from_bytes, tensor_from_values)
 from resserve.serve.errors import InvalidInput
 from resserve.serve.manifest import Manifest, TensorSpec
+from resserve.serve.repository import ServedModel
 from resserve.serve.rpc import deadline_of, rpc
 from resserve.serve.statistics import Duration, ModelStatistics
 from resserve.serve.stubs import grpc_service_pb2 as pb
@@ -31,41 +30,24 @@ TYPED_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 LABELS_FILE = "labels.txt"  # as in a Triton repository (train/triton.py writes it); the labels are the manifest's
 
 
-def _tensor_data(request: pb.ModelInferRequest, index: int, tensor) -> np.ndarray:
-    """The flat values of input ``index``, from raw bytes or typed contents, checked before any cast."""
-    dtype = INPUT_DTYPES.get(tensor.datatype)
-    if dtype is None:
-        raise InvalidInput(f"input has datatype {tensor.datatype}; expected FP32 or UINT8")
-    values = math.prod(tensor.shape) if len(tensor.shape) else 0  # Python ints: no overflow
-    typed = getattr(tensor.contents, TYPED_FIELDS[tensor.datatype])
-    if request.raw_input_contents:
-        if tensor.HasField("contents"):
-            raise InvalidInput(f"input {tensor.name!r} has both raw_input_contents and typed contents; send one")
-        if len(request.raw_input_contents) != len(request.inputs):
-            raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} input")
-        raw = request.raw_input_contents[index]
-        if len(raw) != values * dtype.itemsize:
-            raise InvalidInput(f"raw_input_contents has {len(raw)} bytes; shape {list(tensor.shape)} "
-                               f"of {tensor.datatype} needs {values * dtype.itemsize}")
-        return np.frombuffer(raw, dtype=dtype)
-    if len(typed) != values:
-        raise InvalidInput(f"contents.{TYPED_FIELDS[tensor.datatype]} has {len(typed)} values; "
-                           f"shape {list(tensor.shape)} needs {values}")
-    if tensor.datatype == "UINT8":  # typed UINT8 values travel as uint32: check before narrowing
-        wide = np.asarray(typed, dtype=np.uint32)
-        if values and wide.max() > 255:
-            raise InvalidInput("UINT8 values must be in [0, 255]")
-        return wide.astype(np.uint8)
-    return np.asarray(typed, dtype=dtype)
+def _tensor(request: pb.ModelInferRequest, index: int, tensor) -> Tensor:
+    """Input ``index``, from raw bytes or typed contents (one of them, as Triton requires)."""
+    shape = tuple(tensor.shape)
+    if not request.raw_input_contents:
+        field = TYPED_FIELDS.get(tensor.datatype, "fp32_contents")
+        return tensor_from_values(tensor.name, tensor.datatype, shape, getattr(tensor.contents, field),
+                                  f"contents.{field}")
+    if tensor.HasField("contents"):
+        raise InvalidInput(f"input {tensor.name!r} has both raw_input_contents and typed contents; send one")
+    if len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} input")
+    return tensor_from_bytes(tensor.name, tensor.datatype, shape, request.raw_input_contents[index],
+                             "raw_input_contents")
 
 
 def decode_request(request: pb.ModelInferRequest, deadline: float | None) -> InferenceRequest:
-    inputs = []
-    for index, tensor in enumerate(request.inputs):
-        if any(d < 0 for d in tensor.shape):
-            raise InvalidInput(f"input has shape {list(tensor.shape)}; dimensions must be >= 0")
-        inputs.append(Tensor(tensor.name, tensor.datatype, tuple(tensor.shape), _tensor_data(request, index, tensor)))
-    return InferenceRequest(request.model_name, request.model_version, tuple(inputs),
+    inputs = tuple(_tensor(request, index, tensor) for index, tensor in enumerate(request.inputs))
+    return InferenceRequest(request.model_name, request.model_version, inputs,
                             tuple(_requested(o) for o in request.outputs), request.id, deadline)
 
 
@@ -76,13 +58,6 @@ def _requested(output) -> RequestedOutput:
     if classification.WhichOneof("parameter_choice") != "int64_param":
         raise InvalidInput(f"output {output.name!r}: the classification parameter must be an int64")
     return RequestedOutput(output.name, classification.int64_param)
-
-
-def _raw(tensor: Tensor) -> bytes:
-    """Triton's raw encoding: little-endian numbers; BYTES elements as a 4-byte length, then the bytes."""
-    if tensor.datatype == "BYTES":
-        return b"".join(struct.pack("<I", len(item)) + item for item in tensor.data.ravel())
-    return np.ascontiguousarray(tensor.data, dtype="<f4").tobytes()
 
 
 def _duration(duration: Duration) -> pb.StatisticDuration:
@@ -111,6 +86,15 @@ def triton_model_config(manifest: Manifest, platform: str, batching: BatchingCon
         input=[_input_config(spec) for spec in manifest.inputs],
         output=[_output_config(spec, manifest.labels) for spec in manifest.outputs],
         dynamic_batching=config_pb.ModelDynamicBatching(max_queue_delay_microseconds=batching.max_queue_delay_us))
+
+
+def served_model_config(model: ServedModel) -> config_pb.ModelConfig:
+    """A served model's Triton config, with how it runs (backend, precision, device) as parameters."""
+    config = triton_model_config(model.package.manifest, model.platform, model.batcher.config)
+    for key, value in (("backend", model.backend.name), ("precision", model.backend.precision),
+                       ("device", model.backend.device)):
+        config.parameters[key].string_value = value
+    return config
 
 
 def _input_config(spec: TensorSpec) -> config_pb.ModelInput:
@@ -154,12 +138,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelConfig(self, request, context):
-        model = self.plane.model(request.name, request.version)
-        config = triton_model_config(model.package.manifest, model.platform, model.batcher.config)
-        for key, value in (("backend", model.backend.name), ("precision", model.backend.precision),
-                           ("device", model.backend.device)):
-            config.parameters[key].string_value = value
-        return pb.ModelConfigResponse(config=config)
+        return pb.ModelConfigResponse(config=served_model_config(self.plane.model(request.name, request.version)))
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelStatistics(self, request, context):
@@ -178,7 +157,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                          id=answer.id)
         for tensor in answer.outputs:
             response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
-            response.raw_output_contents.append(_raw(tensor))
+            response.raw_output_contents.append(tensor_bytes(tensor))
         return response
 
 

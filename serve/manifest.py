@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from resserve.serve.errors import ResserveError
+from resserve.serve.errors import ResserveError, describe_validation_error
 
 PACKAGE_FORMAT = "resserve-model-package"
 FORMAT_VERSION = 1
@@ -185,7 +185,7 @@ class Manifest(_Record):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ManifestError(f"{source}: {_first_problem(exc)}") from None
+            raise ManifestError(f"{source}: {describe_validation_error(exc)}") from None
 
 
 def check_model_name(name: str) -> None:
@@ -206,13 +206,3 @@ def _check_format(data: object, source: str) -> None:
     if version < FORMAT_VERSION:
         raise ManifestError(f"{source} has format version {version}, older than this resserve reads "
                             f"({FORMAT_VERSION}): re-export it with `resserve export CHECKPOINT --out DIR`")
-
-
-def _first_problem(exc: ValidationError) -> str:
-    """pydantic's first error as ``field a.0.b: what is wrong`` (a count when there are more)."""
-    errors = exc.errors()
-    first = errors[0]
-    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = {"missing": "missing", "extra_forbidden": "unknown field"}.get(first["type"], first["msg"])
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return f"field {field}: {message}{more}"

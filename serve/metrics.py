@@ -12,10 +12,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("resserve_requests", "Requests answered, by API, model and gRPC status code.",
-                                ["api", "model", "code"], registry=r)
+        self.requests = Counter("resserve_requests", "Requests answered, by protocol (grpc, http), API, model "
+                                "and status code (gRPC's name, or the HTTP status).",
+                                ["protocol", "api", "model", "code"], registry=r)
         self.latency = Histogram("resserve_request_latency_seconds", "Time from request to response.",
-                                 ["api", "model"], buckets=LATENCY_BUCKETS, registry=r)
+                                 ["protocol", "api", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("resserve_queue_seconds", "Time a request waited for its batch.",
                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference_time = Histogram("resserve_inference_seconds", "Time one batch took to compute.",

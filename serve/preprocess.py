@@ -141,3 +141,11 @@ def raw_to_input(data: bytes) -> np.ndarray:
     if len(data) != 784:
         raise InvalidInput(f"raw_28x28 must be 784 bytes (28x28 uint8), got {len(data)}")
     return (np.frombuffer(data, dtype=np.uint8).astype(np.float32) / 255.0).reshape(1, 28, 28)
+
+
+def to_png(image: np.ndarray) -> bytes:
+    """A model input ([1,28,28] or [28,28] floats in [0,1]) as a grayscale PNG: what the model saw."""
+    pixels = np.clip(np.rint(image.reshape(28, 28) * 255.0), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -43,7 +43,7 @@ def rpc(api: str, model_of: Callable[[object], str], inference: bool = False):
                 code, message = to_status(exc)
                 await context.abort(code, message)
             finally:
-                state.finish(api, model, code.name, started, inference)
+                state.finish("grpc", api, model, code.name, code == grpc.StatusCode.OK, started, inference)
 
         return handler
 

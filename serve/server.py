@@ -1,19 +1,19 @@
-"""Wiring: the gRPC server with both APIs, health, reflection, metrics, auth, TLS, and a drain on SIGTERM.
+"""Wiring: the gRPC server with both APIs, health, reflection; the HTTP server (serve/rest/);
+metrics, auth, TLS, and a drain on SIGTERM for all of them.
 
 Lifecycle:
-1. bind the port (in use: a startup error) and start answering; health says NOT_SERVING;
+1. bind the ports (one in use: a startup error) and start answering; health says NOT_SERVING;
 2. load every model package (sha256-verified), warm each backend, start its batcher;
 3. health SERVING (liveness and readiness);
 4. on SIGTERM/SIGINT: readiness NOT_SERVING (liveness stays SERVING) while the server keeps
    answering for ``drain_seconds`` so load balancers stop sending (a second signal skips the
-   rest of it); then new requests are answered UNAVAILABLE (retryable) and in-flight ones get
+   rest of it); then new requests are answered UNAVAILABLE (HTTP 503; retryable) and in-flight ones get
    ``grace_seconds`` to finish; exit 0. No request is ever answered CANCELLED (see ``_serve``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import signal
@@ -25,15 +25,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.digits import DigitClassifierServicer
 from resserve.serve.errors import ResserveError
 from resserve.serve.kserve import InferenceServicer
 from resserve.serve.repository import load_repository, read_packages
+from resserve.serve.rest import classify as rest_classify
+from resserve.serve.rest import kserve as rest_kserve
+from resserve.serve.rest.server import HttpServer
 from resserve.serve.state import ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from resserve.serve.tls import TlsFiles, grpc_credentials, ssl_context, tls_files
 
 log = logging.getLogger("resserve.serve")
 
@@ -51,24 +56,19 @@ PENDING_CALLS = 20_000
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` on every RPC except health and reflection."""
 
-    def __init__(self, tokens: tuple[str, ...]) -> None:
-        self._tokens = [t.encode() for t in tokens]
+    def __init__(self, tokens: TokenCheck) -> None:
+        self._tokens = tokens
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        if details.method.startswith(AUTH_EXEMPT_PREFIXES) or self._authorized(details.invocation_metadata):
+        metadata = details.invocation_metadata or ()
+        if details.method.startswith(AUTH_EXEMPT_PREFIXES) or self._tokens.accepts(
+                [value for key, value in metadata if key == "authorization"]):
             return await continuation(details)
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
         return grpc.unary_unary_rpc_method_handler(deny)
-
-    def _authorized(self, metadata) -> bool:
-        headers = [value for key, value in metadata or () if key == "authorization"]
-        if len(headers) != 1:  # none, or several: which one would count is ambiguous, so none does
-            return False
-        scheme, _, token = headers[0].partition(" ")
-        return scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), t) for t in self._tokens)
 
 
 def _grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
@@ -88,24 +88,6 @@ def _grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
     return options
 
 
-def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
-    if not settings.tls_cert:  # settings refuse a key, or a client CA, without a certificate
-        return None
-    try:
-        key, cert = settings.tls_key.read_bytes(), settings.tls_cert.read_bytes()
-        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-    except OSError as exc:
-        raise ResserveError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
-    for path, data, marker in ((settings.tls_key, key, b"PRIVATE KEY-----"),
-                               (settings.tls_cert, cert, b"-----BEGIN CERTIFICATE-----"),
-                               (settings.tls_client_ca, client_ca, b"-----BEGIN CERTIFICATE-----")):
-        if data is not None and marker not in data:
-            what = "private key" if marker.startswith(b"PRIVATE") else "certificate"
-            raise ResserveError(f"{path} is not a PEM {what}")
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
-
-
 class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
@@ -114,9 +96,10 @@ class Server:
         self.plane = DataPlane(self.state, self.preprocess_pool)
         self.health = health_aio.HealthServicer()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        interceptors = [BearerTokenInterceptor(settings.tokens)] if settings.tokens else []
+        interceptors = [BearerTokenInterceptor(TokenCheck(settings.tokens))] if settings.tokens else []
         self.grpc = grpc.aio.server(options=_grpc_options(settings), interceptors=interceptors,
                                     maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+        self.http = HttpServer(self.plane, [*rest_kserve.routes, *rest_classify.routes]) if settings.http_port else None
         self.port = 0
 
     async def _set_health(self, names: list[str], serving: bool) -> None:
@@ -133,10 +116,19 @@ class Server:
         reflection.enable_server_reflection(
             [*API_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.grpc)
-        self.port = self._bind()
+        tls = tls_files(self.settings)
+        http_tls = ssl_context(tls) if tls and self.http else None  # a bad key or certificate: before listening
+        if self.http:
+            _check_port_free(self.settings.host, self.settings.http_port)
+        self.port = self._bind(tls)
         await self.grpc.start()
         await self._set_health([LIVENESS_SERVICE], serving=True)
-        log.info("listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if self.settings.tls_cert else "")
+        secure = " (TLS)" if tls else ""
+        log.info("listening on %s:%d%s", self.settings.host, self.port, secure)
+        if self.http:
+            http_port = await self.http.start(self.settings.host, self.settings.http_port, http_tls)
+            log.info("HTTP on %s://%s:%d/ (KServe v2 REST, /v1/classify, the page)%s",
+                     "https" if tls else "http", self.settings.host, http_port, secure)
         if self.settings.metrics_port:
             try:
                 self.state.metrics.serve(self.settings.metrics_port, self.settings.host)
@@ -153,10 +145,10 @@ class Server:
         await self._set_health(READINESS_NAMES, serving=True)
         log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in repository.models.values()))
 
-    def _bind(self) -> int:
+    def _bind(self, tls: TlsFiles | None) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
         _check_port_free(self.settings.host, self.settings.port)
-        credentials = _credentials(self.settings)
+        credentials = grpc_credentials(tls) if tls else None
         try:
             port = (self.grpc.add_secure_port(address, credentials) if credentials
                     else self.grpc.add_insecure_port(address))

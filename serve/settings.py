@@ -9,7 +9,8 @@ from pathlib import Path
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
 
-DEFAULT_PORT = 8001  # as Triton: gRPC 8001, metrics 8002
+DEFAULT_PORT = 8001  # as Triton: HTTP 8000, gRPC 8001, metrics 8002
+DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # gRPC's channel arguments are C ints
 LIVENESS_SERVICE = "resserve.liveness"
@@ -59,6 +60,7 @@ class ServerSettings:
     packages: tuple[Path, ...] = ()  # empty: the shipped package
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
+    http_port: int = DEFAULT_HTTP_PORT  # KServe v2 REST, /v1/classify and the page; 0 disables
     metrics_port: int = DEFAULT_METRICS_PORT  # 0 disables the metrics endpoint
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     device: Device = Device.CPU
@@ -94,7 +96,9 @@ class ServerSettings:
         """One-line errors for settings that cannot work, before anything starts."""
         b = self.batching
         checks = [
-            (0 <= self.port < 65536 and 0 <= self.metrics_port < 65536, "ports must be in 0-65535"),
+            (all(0 <= p < 65536 for p in (self.port, self.http_port, self.metrics_port)), "ports must be in 0-65535"),
+            (not self.http_port or self.http_port not in (self.port, self.metrics_port),
+             f"--http-port {self.http_port} is also the gRPC or metrics port; give each its own"),
             (b.max_batch_size >= 1, "--max-batch-size must be >= 1"),
             (b.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0"),
             (b.max_queue_size >= 1, "--max-queue-size must be >= 1"),

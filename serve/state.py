@@ -1,6 +1,6 @@
 """The server's shared state: its settings, models, metrics, readiness and requests in flight.
 
-Protocol-neutral: every front door (the gRPC services now, REST next) admits and counts its
+Protocol-neutral: every front door (the gRPC services, the HTTP server) admits and counts its
 requests here, so readiness, the drain and the answer counts cover all of them alike.
 """
 
@@ -53,15 +53,16 @@ class ServerState:
         if not self.accepting:
             raise ShuttingDown("the server is shutting down; retry on another replica")
 
-    def finish(self, api: str, model: str, code: str, started: float, inference: bool = False) -> None:
-        """Count a request out with the status it was answered with (``inference``: also in the
-        model's statistics)."""
+    def finish(self, protocol: str, api: str, model: str, code: str, ok: bool, started: float,
+               inference: bool = False) -> None:
+        """Count a request out with the status ``code`` it was answered with, ``ok`` or not
+        (``inference``: also in the model's statistics)."""
         seconds = time.monotonic() - started
         self.in_flight -= 1
         if not self.in_flight:
             self.idle.set()
         self.answered[code] += 1
-        self.metrics.requests.labels(api, model, code).inc()
-        self.metrics.latency.labels(api, model).observe(seconds)
+        self.metrics.requests.labels(protocol, api, model, code).inc()
+        self.metrics.latency.labels(protocol, api, model).observe(seconds)
         if inference and self.repository is not None and model in self.repository.models:
-            self.repository.models[model].statistics.record_request(code == "OK", seconds)
+            self.repository.models[model].statistics.record_request(ok, seconds)

@@ -1,0 +1,74 @@
+"""``POST /v1/classify`` for people and scripts, and the draw-a-digit page at ``/`` that uses it.
+
+The body is one image (raw bytes, any Content-Type but multipart) or a multipart form with one
+or several files. The answer, per image: the digit, its confidence, the ten probabilities and
+the 28x28 input the model saw (PNG, base64); with the model, how it runs, and the milliseconds
+the server spent. Same preprocessing and limits as the gRPC Classify (``DataPlane.classify``).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from resserve.serve.dataplane import Image
+from resserve.serve.errors import InvalidInput, TooLarge
+from resserve.serve.preprocess import to_png
+from resserve.serve.rest.server import FRONT_DOOR, endpoint, json_response, plane_of, read_body
+
+PAGE_DIR = Path(__file__).parent / "page"
+routes = web.RouteTableDef()
+
+
+async def _images(request: web.Request) -> tuple[list[Image], list[str | None]]:
+    """The request's images, and their file names where a form gave them."""
+    if request.content_type != "multipart/form-data":
+        return [Image(await read_body(request))], [None]
+    images, names = [], []
+    limit = plane_of(request).state.settings.max_images_per_request
+    remaining = request.app[FRONT_DOOR].max_body_bytes  # a streamed form is held to the body's cap too
+    async for part in await request.multipart():
+        if part.filename is None:
+            continue  # a text field: not an image
+        if len(images) == limit:
+            raise InvalidInput(f"more than {limit} images in one request; the limit is {limit}")
+        data = bytearray()
+        while chunk := await part.read_chunk():
+            data += chunk
+            if len(data) > remaining:
+                raise TooLarge(f"the uploaded files exceed the limit of {request.app[FRONT_DOOR].max_body_bytes:,} "
+                               "bytes (--max-message-bytes)")
+        remaining -= len(data)
+        images.append(Image(bytes(data)))
+        names.append(part.filename)
+    return images, names
+
+
+@routes.post("/v1/classify")
+@endpoint("classify", inference=True)
+async def classify(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    plane = plane_of(request)
+    images, names = await _images(request)
+    result = await plane.classify(images, request.query.get("model", ""))
+    backend = result.model.backend
+    answers = []
+    for name, probabilities, seen in zip(names, result.probabilities, result.inputs):
+        digit = int(probabilities.argmax())
+        answers.append({**({"file": name} if name is not None else {}), "digit": digit,
+                        "confidence": float(probabilities[digit]), "probabilities": probabilities,
+                        "input_png": base64.b64encode(to_png(seen)).decode()})
+    return json_response({"model": result.model.name, "model_version": result.model.version,
+                          "backend": backend.name, "precision": backend.precision, "device": backend.device,
+                          "server_ms": (time.perf_counter() - started) * 1e3, "results": answers})
+
+
+@routes.get("/")
+async def page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(PAGE_DIR / "index.html")
+
+
+routes.static("/page", PAGE_DIR)

@@ -1,0 +1,262 @@
+"""KServe v2 REST (the Open Inference Protocol over HTTP), as Triton serves it on port 8000.
+
+The HTTP codec of the data plane: JSON in, ``DataPlane`` call, JSON out, with Triton's binary
+tensor data extension (what ``tritonclient.http`` sends with ``binary_data=True``): the body is
+a JSON header of ``Inference-Header-Content-Length`` bytes followed by the inputs' bytes, each
+input naming its size in ``parameters.binary_data_size``; outputs asked for with
+``binary_data`` (or all of them, with the request's ``binary_data_output``) come back the same
+way. Errors are ``{"error": "..."}`` (serve/rest/server.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import orjson
+from aiohttp import web
+from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from resserve.serve.dataplane import (SERVER_NAME, InferenceRequest, InferenceResponse, RequestedOutput, Tensor,
+                                      tensor_bytes, tensor_from_bytes, tensor_from_values)
+from resserve.serve.errors import InvalidInput, describe_validation_error
+from resserve.serve.kserve import EXTENSIONS, served_model_config
+from resserve.serve.manifest import TensorSpec
+from resserve.serve.repository import ServedModel
+from resserve.serve.rest.server import endpoint, json_response, plane_of, read_body
+from resserve.serve.statistics import Duration, ModelStatistics
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+routes = web.RouteTableDef()
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True)
+
+
+class RestInput(_Message):
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    datatype: str
+    parameters: dict[str, Any] = {}
+    data: Any = None  # numbers, flat or nested; absent with binary_data_size
+
+
+class RestOutput(_Message):
+    name: str
+    parameters: dict[str, Any] = {}
+
+
+class RestInferRequest(_Message):
+    id: str = ""
+    parameters: dict[str, Any] = {}
+    inputs: list[RestInput]
+    outputs: list[RestOutput] = []
+
+
+def _parameter(parameters: dict[str, Any], key: str, kind: type, where: str):
+    value = parameters.get(key)
+    if value is not None and (type(value) is not kind):
+        raise InvalidInput(f"{where}: parameter {key!r} must be {'an integer' if kind is int else 'a boolean'}, "
+                           f"got {value!r}"[:200])
+    return value
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary data after it."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length[:50]!r}") from None
+    if not 0 <= length <= len(body):
+        raise InvalidInput(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
+    view = memoryview(body)
+    return bytes(view[:length]), view[length:]
+
+
+def _parse(header: bytes) -> RestInferRequest:
+    try:
+        return RestInferRequest.model_validate(orjson.loads(header))
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        raise InvalidInput(f"the request's {describe_validation_error(exc)}") from None
+
+
+def _inputs(request: RestInferRequest, binary: memoryview) -> tuple[Tensor, ...]:
+    tensors, offset = [], 0
+    for tensor in request.inputs:
+        where = f"input {tensor.name!r}"
+        size = _parameter(tensor.parameters, "binary_data_size", int, where)
+        shape = tuple(tensor.shape)
+        if size is None:
+            if tensor.data is None:
+                raise InvalidInput(f"{where} has neither data nor parameters.binary_data_size")
+            tensors.append(tensor_from_values(tensor.name, tensor.datatype, shape, tensor.data, f"{where} data"))
+            continue
+        if size < 0 or offset + size > len(binary):
+            raise InvalidInput(f"{where}: binary_data_size {size} runs past the {len(binary)} bytes of binary data")
+        tensors.append(tensor_from_bytes(tensor.name, tensor.datatype, shape, binary[offset:offset + size],
+                                         f"{where} binary data"))
+        offset += size
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data after the inputs' binary_data_size")
+    return tuple(tensors)
+
+
+def _deadline(request: RestInferRequest) -> float | None:
+    """Triton's ``timeout`` request parameter (microseconds), as a time.monotonic() deadline."""
+    timeout = _parameter(request.parameters, "timeout", int, "request")
+    return None if timeout is None or timeout <= 0 else time.monotonic() + timeout / 1e6
+
+
+def _requested(output: RestOutput) -> RequestedOutput:
+    classification = _parameter(output.parameters, "classification", int, f"output {output.name!r}")
+    return RequestedOutput(output.name, classification or 0)
+
+
+def decode_infer(body: bytes, header_length: str | None, name: str, version: str) -> tuple[InferenceRequest, dict]:
+    """The data plane's request, and for each output name whether it goes back as binary data
+    (the key ``""`` for outputs not asked for by name)."""
+    header, binary = _split(body, header_length)
+    request = _parse(header)
+    binary_default = bool(_parameter(request.parameters, "binary_data_output", bool, "request"))
+    as_binary = {"": binary_default}
+    for output in request.outputs:
+        wanted = _parameter(output.parameters, "binary_data", bool, f"output {output.name!r}")
+        as_binary[output.name] = binary_default if wanted is None else wanted
+    decoded = InferenceRequest(name, version, _inputs(request, binary), tuple(_requested(o) for o in request.outputs),
+                               request.id, _deadline(request))
+    return decoded, as_binary
+
+
+def encode_infer(answer: InferenceResponse, as_binary: dict) -> web.Response:
+    outputs, blobs = [], []
+    for tensor in answer.outputs:
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if as_binary.get(tensor.name, as_binary[""]):
+            blobs.append(tensor_bytes(tensor))
+            entry["parameters"] = {"binary_data_size": len(blobs[-1])}
+        elif tensor.datatype == "BYTES":
+            entry["data"] = [item.decode() for item in tensor.data.ravel()]
+        else:
+            entry["data"] = tensor.data.ravel()
+        outputs.append(entry)
+    payload = {"model_name": answer.model_name, "model_version": answer.model_version, "outputs": outputs}
+    if answer.id:
+        payload["id"] = answer.id
+    if not blobs:
+        return json_response(payload)
+    header = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    response = web.Response(body=b"".join([header, *blobs]), content_type="application/octet-stream")
+    response.headers[HEADER_LENGTH] = str(len(header))
+    return response
+
+
+def _model(request: web.Request) -> ServedModel:
+    return plane_of(request).model(request.match_info["name"], request.match_info.get("version", ""))
+
+
+def _tensor_metadata(spec: TensorSpec) -> dict:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def _duration(duration: Duration) -> dict:
+    return {"count": duration.count, "ns": duration.ns}
+
+
+def _statistics(model: ServedModel) -> dict:
+    stats: ModelStatistics = model.statistics
+    return {"name": model.name, "version": model.version, "last_inference": stats.last_inference_ms,
+            "inference_count": stats.inference_count, "execution_count": stats.execution_count,
+            "inference_stats": {"success": _duration(stats.success), "fail": _duration(stats.fail),
+                                "queue": _duration(stats.queue), "compute_infer": _duration(stats.compute_infer)},
+            "batch_stats": [{"batch_size": size, "compute_infer": _duration(duration)}
+                            for size, duration in sorted(stats.batches.items())]}
+
+
+# health and metadata --------------------------------------------------------------------------
+
+
+@routes.get("/v2/health/live")
+async def live(request: web.Request) -> web.Response:
+    return json_response({"live": True})
+
+
+@routes.get("/v2/health/ready")
+async def ready(request: web.Request) -> web.Response:
+    is_ready = plane_of(request).ready()
+    return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+
+@routes.get("/v2")
+async def server_metadata(request: web.Request) -> web.Response:
+    from resserve.serve import __version__
+
+    return json_response({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+
+
+@routes.get("/v2/models/stats")
+@endpoint("kserve")
+async def all_statistics(request: web.Request) -> web.Response:
+    return json_response({"model_stats": [_statistics(m) for m in plane_of(request).models()]})
+
+
+@routes.get("/v2/models/{name}")
+@routes.get("/v2/models/{name}/versions/{version}")
+@endpoint("kserve")
+async def model_metadata(request: web.Request) -> web.Response:
+    model = _model(request)
+    manifest = model.package.manifest
+    return json_response({"name": model.name, "versions": [model.version], "platform": model.platform,
+                          "inputs": [_tensor_metadata(s) for s in manifest.inputs],
+                          "outputs": [_tensor_metadata(s) for s in manifest.outputs]})
+
+
+@routes.get("/v2/models/{name}/ready")
+@routes.get("/v2/models/{name}/versions/{version}/ready")
+async def model_ready(request: web.Request) -> web.Response:
+    is_ready = plane_of(request).model_ready(request.match_info["name"], request.match_info.get("version", ""))
+    return json_response({"name": request.match_info["name"][:128], "ready": is_ready}, 200 if is_ready else 503)
+
+
+@routes.get("/v2/models/{name}/config")
+@routes.get("/v2/models/{name}/versions/{version}/config")
+@endpoint("kserve")
+async def model_config(request: web.Request) -> web.Response:
+    return json_response(MessageToDict(served_model_config(_model(request)), preserving_proto_field_name=True))
+
+
+@routes.get("/v2/models/{name}/stats")
+@routes.get("/v2/models/{name}/versions/{version}/stats")
+@endpoint("kserve")
+async def model_statistics(request: web.Request) -> web.Response:
+    return json_response({"model_stats": [_statistics(_model(request))]})
+
+
+@routes.post("/v2/repository/index")
+@endpoint("kserve")
+async def repository_index(request: web.Request) -> web.Response:
+    body = await read_body(request)
+    try:
+        only_ready = bool(orjson.loads(body).get("ready", False)) if body.strip() else False
+    except (orjson.JSONDecodeError, AttributeError):
+        raise InvalidInput("the request must be a JSON object such as {\"ready\": true}") from None
+    return json_response([{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+                          for e in plane_of(request).repository_index(only_ready)])
+
+
+# inference ------------------------------------------------------------------------------------
+
+
+@routes.post("/v2/models/{name}/infer")
+@routes.post("/v2/models/{name}/versions/{version}/infer")
+@endpoint("kserve", inference=True)
+async def infer(request: web.Request) -> web.Response:
+    body = await read_body(request)
+    decoded, as_binary = decode_infer(body, request.headers.get(HEADER_LENGTH), request.match_info["name"],
+                                      request.match_info.get("version", ""))
+    return encode_infer(await plane_of(request).infer(decoded), as_binary)

@@ -1,0 +1,167 @@
+// The draw-a-digit page: pointer drawing on a canvas (mouse, touch, pen), or a chosen or dropped
+// photo, sent to POST /v1/classify; the answer is drawn as a digit, ten bars and the 28x28 input.
+"use strict";
+
+const pad = document.getElementById("pad");
+const ink = pad.getContext("2d");
+const fileInput = document.getElementById("file");
+const statusLine = document.getElementById("status");
+const digitOut = document.getElementById("digit");
+const seen = document.getElementById("seen");
+const bars = document.getElementById("bars");
+const about = document.getElementById("about");
+const tokenBox = document.getElementById("token-box");
+const tokenInput = document.getElementById("token");
+
+const LIVE_INTERVAL_MS = 150; // while drawing: at most one request per interval
+let drawing = false;
+let drawn = false;
+let last = null;
+let busy = false; // a request in flight: the next drawing waits for it
+let again = false; // the drawing changed while a request was in flight
+let lastSent = 0;
+
+function clearPad() {
+  ink.fillStyle = "#fff";
+  ink.fillRect(0, 0, pad.width, pad.height);
+  drawn = false;
+  digitOut.textContent = "–";
+  seen.removeAttribute("src");
+  showBars(null);
+  setStatus("Draw something to start.");
+}
+
+function setStatus(text, isError = false) {
+  statusLine.textContent = text;
+  statusLine.classList.toggle("error", isError);
+}
+
+function showBars(probabilities) {
+  bars.replaceChildren();
+  const best = probabilities ? probabilities.indexOf(Math.max(...probabilities)) : -1;
+  for (let d = 0; d < 10; d++) {
+    const p = probabilities ? probabilities[d] : 0;
+    const item = document.createElement("li");
+    item.className = d === best ? "best" : "";
+    item.innerHTML = `<span>${d}</span><div class="bar"><span style="width:${(p * 100).toFixed(1)}%"></span></div>` +
+      `<span class="pct">${(p * 100).toFixed(1)}%</span>`;
+    item.setAttribute("aria-label", `${d}: ${(p * 100).toFixed(1)} percent`);
+    bars.appendChild(item);
+  }
+}
+
+function point(event) {
+  const box = pad.getBoundingClientRect();
+  return [(event.clientX - box.left) * pad.width / box.width, (event.clientY - box.top) * pad.height / box.height];
+}
+
+function stroke(to) {
+  ink.strokeStyle = "#000";
+  ink.lineWidth = pad.width / 14;
+  ink.lineCap = ink.lineJoin = "round";
+  ink.beginPath();
+  ink.moveTo(...(last || to));
+  ink.lineTo(...to);
+  ink.stroke();
+  last = to;
+  drawn = true;
+}
+
+pad.addEventListener("pointerdown", (event) => {
+  event.preventDefault();
+  pad.setPointerCapture(event.pointerId);
+  drawing = true;
+  last = null;
+  stroke(point(event));
+});
+pad.addEventListener("pointermove", (event) => {
+  if (!drawing) return;
+  for (const e of event.getCoalescedEvents ? event.getCoalescedEvents() : [event]) stroke(point(e));
+  if (performance.now() - lastSent > LIVE_INTERVAL_MS) sendDrawing();
+});
+for (const type of ["pointerup", "pointercancel"]) {
+  pad.addEventListener(type, () => {
+    if (!drawing) return;
+    drawing = false;
+    last = null;
+    sendDrawing();
+  });
+}
+pad.addEventListener("keydown", (event) => {
+  if (event.key === "Delete" || event.key === "Backspace" || event.key === "Escape") clearPad();
+});
+document.getElementById("clear").addEventListener("click", clearPad);
+
+function sendDrawing() {
+  if (!drawn) return;
+  if (busy) { again = true; return; }
+  busy = true;
+  lastSent = performance.now();
+  pad.toBlob((blob) => classify(blob, "your drawing"), "image/png");
+}
+
+async function classify(blob, what) {
+  const started = performance.now();
+  const headers = { "Content-Type": blob.type || "application/octet-stream" };
+  const token = sessionStorage.getItem("resserve-token");
+  if (token) headers.Authorization = `Bearer ${token}`;
+  busy = true;
+  try {
+    const response = await fetch("/v1/classify", { method: "POST", body: blob, headers });
+    const answer = await response.json();
+    if (response.status === 401) {
+      tokenBox.hidden = false;
+      setStatus("This server needs a bearer token: enter it below.", true);
+    } else if (!response.ok) {
+      setStatus(`The server could not classify ${what}: ${answer.error}`, true);
+    } else {
+      show(answer, performance.now() - started);
+    }
+  } catch (error) {
+    setStatus(`No answer from the server: ${error.message}`, true);
+  } finally {
+    busy = false;
+    if (again) { again = false; sendDrawing(); }
+  }
+}
+
+function show(answer, roundTripMs) {
+  const result = answer.results[0];
+  digitOut.textContent = String(result.digit);
+  seen.src = `data:image/png;base64,${result.input_png}`;
+  showBars(result.probabilities);
+  setStatus(`${result.digit}, with ${(result.confidence * 100).toFixed(1)}% confidence: ` +
+    `${roundTripMs.toFixed(0)} ms round trip, ${answer.server_ms.toFixed(1)} ms in the server.`);
+  about.textContent = `${answer.model} v${answer.model_version} on ${answer.backend} ` +
+    `(${answer.device}, ${answer.precision})`;
+}
+
+async function classifyFile(file) {
+  if (!file) return;
+  drawn = false;
+  try { // show the photo on the pad, fitted; the server gets the file itself
+    const picture = await createImageBitmap(file);
+    const scale = Math.min(pad.width / picture.width, pad.height / picture.height);
+    const [w, h] = [picture.width * scale, picture.height * scale];
+    ink.fillStyle = "#fff";
+    ink.fillRect(0, 0, pad.width, pad.height);
+    ink.drawImage(picture, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
+  } catch { /* not an image the browser can show: the server will say what is wrong */ }
+  classify(file, file.name);
+}
+
+fileInput.addEventListener("change", () => classifyFile(fileInput.files[0]));
+pad.addEventListener("dragover", (event) => { event.preventDefault(); pad.classList.add("dragging"); });
+pad.addEventListener("dragleave", () => pad.classList.remove("dragging"));
+pad.addEventListener("drop", (event) => {
+  event.preventDefault();
+  pad.classList.remove("dragging");
+  classifyFile(event.dataTransfer.files[0]);
+});
+document.getElementById("token-save").addEventListener("click", () => {
+  sessionStorage.setItem("resserve-token", tokenInput.value.trim());
+  tokenBox.hidden = true;
+  setStatus("Token saved for this tab: draw again.");
+});
+
+clearPad();

@@ -1,0 +1,159 @@
+"""The HTTP server: aiohttp in the event loop grpc.aio runs in, over the same ``DataPlane``.
+
+Same process, models, batchers, settings, tokens and TLS as gRPC. Every API route goes through
+``endpoint``, the HTTP twin of serve/rpc.py: admission and the drain (``ServerState``), the
+in-flight byte budget, typed errors as ``{"error": "..."}`` with the HTTP status errors.py pairs
+with the gRPC code, and counting by protocol, API, model and status. The ``guard`` middleware
+checks bearer tokens (health and the page's static files are public) and answers aiohttp's own
+errors (unknown path, wrong method) as JSON too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import ssl
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
+from resserve.serve.dataplane import DataPlane
+from resserve.serve.errors import Busy, ResserveError, TooLarge, to_http_status
+
+log = logging.getLogger("resserve.serve")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC_PREFIXES = ("/v2/health/", "/page/")  # and "/" itself: no data, so no token
+MAX_PATH_CHARS = 200  # of a client's path quoted in an error
+
+
+class HttpFrontDoor:
+    """What every HTTP handler shares: the data plane, the token check and the byte budget."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        settings = plane.state.settings
+        self.plane = plane
+        self.tokens = TokenCheck(settings.tokens) if settings.tokens else None
+        self.max_body_bytes = settings.max_message_bytes
+        self.budget_bytes = settings.max_inflight_bytes
+        self.inflight_bytes = 0
+
+    def reserve(self, request: web.Request) -> int:
+        """Bytes of the in-flight budget for this request's body (the cap when its size is not
+        announced): bodies are read whole, so this bounds the memory requests hold at once."""
+        announced = request.content_length
+        if announced is not None and announced > self.max_body_bytes:
+            raise TooLarge(f"request body of {announced:,} bytes exceeds the limit of {self.max_body_bytes:,} "
+                           "(--max-message-bytes)")
+        size = self.max_body_bytes if announced is None and request.body_exists else (announced or 0)
+        if self.inflight_bytes + size > self.budget_bytes:
+            raise Busy(f"the server holds {self.inflight_bytes:,} bytes of requests (budget "
+                       f"{self.budget_bytes:,}, --max-inflight-bytes); retry shortly")
+        self.inflight_bytes += size
+        return size
+
+
+FRONT_DOOR = web.AppKey("front_door", HttpFrontDoor)
+
+
+def plane_of(request: web.Request) -> DataPlane:
+    return request.app[FRONT_DOOR].plane
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    """orjson: 7-27x the standard library on tensors (docs/benchmarks.md "JSON")."""
+    return web.Response(body=orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status=status,
+                        content_type="application/json")
+
+
+def error_response(status: int, message: str) -> web.Response:
+    response = json_response({"error": message}, status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within the size cap (a body without Content-Length is cut off there)."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[FRONT_DOOR].max_body_bytes
+        raise TooLarge(f"request body exceeds the limit of {limit:,} bytes (--max-message-bytes)") from None
+
+
+def endpoint(api: str, inference: bool = False) -> Callable[[Handler], Handler]:
+    """Wrap an API handler: admitted and counted like every request; errors become JSON; the
+    model label is the route's ``{name}`` (bounded by ``ServerState.model_label``)."""
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            door = request.app[FRONT_DOOR]
+            state = door.plane.state
+            model = state.model_label(request.match_info.get("name", ""))
+            started = state.admit()
+            status, reserved = 500, 0
+            try:
+                state.check_accepting()
+                reserved = door.reserve(request)
+                response = await handler(request)
+                status = response.status
+                return response
+            except asyncio.CancelledError:  # the client went away
+                status = 499
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status here, as serve/rpc.py does
+                status, message = to_http_status(exc)
+                return error_response(status, message)
+            finally:
+                door.inflight_bytes -= reserved
+                state.finish("http", api, model, str(status), status == 200, started, inference)
+
+        return wrapped
+
+    return decorate
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tokens first; aiohttp's own errors as JSON; connections close while the server drains."""
+    door = request.app[FRONT_DOOR]
+    public = request.path == "/" or request.path.startswith(PUBLIC_PREFIXES)
+    if door.tokens and not public and not door.tokens.accepts(request.headers.getall("Authorization", [])):
+        return error_response(401, UNAUTHENTICATED_MESSAGE)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        path = request.path[:MAX_PATH_CHARS]
+        message = {404: f"no such endpoint: {path}", 405: f"{request.method} is not allowed on {path}"}
+        response = error_response(exc.status, message.get(exc.status, exc.reason))
+    if not door.plane.state.ready:  # not ready or draining: let clients reconnect elsewhere
+        response.force_close()
+    return response
+
+
+class HttpServer:
+    """The aiohttp application and its listening socket."""
+
+    def __init__(self, plane: DataPlane, routes: list[web.AbstractRouteDef]) -> None:
+        self.app = web.Application(client_max_size=plane.state.settings.max_message_bytes, middlewares=[guard])
+        self.app[FRONT_DOOR] = HttpFrontDoor(plane)
+        self.app.add_routes(routes)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
+        """Listen; returns the port (the one asked for, or the one the OS chose for 0)."""
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ResserveError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc} "
+                                "(choose another --http-port, or 0 to disable)") from None
+        return self.runner.addresses[0][1]
