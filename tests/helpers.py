@@ -32,8 +32,8 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, drain_seconds: float = 0,
                  executable: Path = RESSERVE) -> None:
-        self.metrics_port = free_port()
-        self.args = [str(executable), "serve", "--host", "127.0.0.1", "--port", "0",
+        self.metrics_port, self.http_port = free_port(), free_port()
+        self.args = [str(executable), "serve", "--host", "127.0.0.1", "--port", "0", "--http-port", str(self.http_port),
                      "--metrics-port", str(self.metrics_port), "--drain-seconds", str(drain_seconds), *args]
         self.env = {**os.environ, **(env or {})}
         self.wait_ready = wait_ready
@@ -44,6 +44,14 @@ class ServerProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_target(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http_target}"
 
     def _pump(self) -> None:
         for line in self.process.stderr:

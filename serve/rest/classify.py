@@ -59,7 +59,7 @@ async def classify(request: web.Request) -> web.Response:
     for name, probabilities, seen in zip(names, result.probabilities, result.inputs):
         digit = int(probabilities.argmax())
         answers.append({**({"file": name} if name is not None else {}), "digit": digit,
-                        "confidence": float(probabilities[digit]), "probabilities": probabilities,
+                        "confidence": probabilities[digit], "probabilities": probabilities,
                         "input_png": base64.b64encode(to_png(seen)).decode()})
     return json_response({"model": result.model.name, "model_version": result.model.version,
                           "backend": backend.name, "precision": backend.precision, "device": backend.device,

@@ -15,7 +15,9 @@ from typing import Annotated, Any
 
 import orjson
 from aiohttp import web
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from resserve.serve.dataplane import (SERVER_NAME, InferenceRequest, InferenceResponse, RequestedOutput, Tensor,
@@ -28,6 +30,8 @@ from resserve.serve.rest.server import endpoint, json_response, plane_of, read_b
 from resserve.serve.statistics import Duration, ModelStatistics
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+               FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 routes = web.RouteTableDef()
 
 
@@ -178,6 +182,29 @@ def _statistics(model: ServedModel) -> dict:
                             for size, duration in sorted(stats.batches.items())]}
 
 
+def _config_json(config: Message) -> dict:
+    """The config as Triton's REST answers it: protobuf's JSON with proto field names and 64-bit
+    integers as numbers (protobuf's JSON mapping writes them as strings)."""
+
+    def numbers(message: Message, value: Any) -> Any:
+        for field in message.DESCRIPTOR.fields:
+            if field.name not in value:
+                continue
+            if field.type in INT64_TYPES:
+                value[field.name] = [int(v) for v in value[field.name]] if _repeated(field) else int(value[field.name])
+            elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+                items = getattr(message, field.name)
+                for item, entry in zip(items, value[field.name]) if _repeated(field) else [(items, value[field.name])]:
+                    numbers(item, entry)
+        return value
+
+    return numbers(config, MessageToDict(config, preserving_proto_field_name=True))
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    return field.label == FieldDescriptor.LABEL_REPEATED
+
+
 # health and metadata --------------------------------------------------------------------------
 
 
@@ -227,7 +254,7 @@ async def model_ready(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/versions/{version}/config")
 @endpoint("kserve")
 async def model_config(request: web.Request) -> web.Response:
-    return json_response(MessageToDict(served_model_config(_model(request)), preserving_proto_field_name=True))
+    return json_response(_config_json(served_model_config(_model(request))))
 
 
 @routes.get("/v2/models/{name}/stats")

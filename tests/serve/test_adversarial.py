@@ -149,7 +149,7 @@ def test_shutdown_does_not_wait_for_abandoned_preprocessing():
 def test_mutual_tls_without_a_server_certificate_refuses_to_start(tmp_path):
     ca = tmp_path / "ca.crt"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
-    result = run_cli("serve", "--port", "0", "--metrics-port", "0", "--tls-client-ca", str(ca), timeout=60)
+    result = run_cli("serve", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--tls-client-ca", str(ca), timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip() == ("error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key; "
                                      "refusing to serve without TLS")
@@ -159,7 +159,7 @@ def test_a_tls_key_that_is_not_a_key_is_named_as_such(tmp_path):
     key, cert = tmp_path / "server.key", tmp_path / "server.crt"
     key.write_text("hello\n")
     cert.write_text("-----BEGIN CERTIFICATE-----\n")
-    result = run_cli("serve", "--port", "0", "--metrics-port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
+    result = run_cli("serve", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
                      timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"error: {key} is not a PEM private key"
@@ -332,7 +332,8 @@ def test_a_metrics_port_in_use_is_one_line():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli("serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(port), timeout=60)
+        result = run_cli("serve", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--metrics-port", str(port),
+                         timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot serve metrics on 127.0.0.1:{port}: ")
     assert "Traceback" not in result.stderr

@@ -3,8 +3,10 @@
 import datetime as dt
 import re
 import shutil
+import ssl
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -144,7 +146,7 @@ def test_a_port_in_use_is_a_startup_error():
 
 
 def test_device_cuda_without_cuda_is_a_clear_startup_error():
-    result = run_cli("serve", "--device", "cuda", "--port", "0", "--metrics-port", "0", timeout=60)
+    result = run_cli("serve", "--device", "cuda", "--port", "0", "--http-port", "0", "--metrics-port", "0", timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --device cuda: this ONNX Runtime has no CUDA execution provider "
@@ -156,7 +158,7 @@ def test_an_artifact_failing_its_checksum_refuses_to_start(tmp_path):
     shutil.copytree(SHIPPED_PACKAGE, package)
     with open(package / "model.onnx", "ab") as f:
         f.write(b"\0")
-    result = run_cli("serve", str(package), "--port", "0", "--metrics-port", "0", timeout=60)
+    result = run_cli("serve", str(package), "--port", "0", "--http-port", "0", "--metrics-port", "0", timeout=60)
     assert result.returncode == 1
     assert "refusing to load it" in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
@@ -212,6 +214,13 @@ def test_tls_accepts_clients_that_trust_the_ca_and_refuses_plaintext(pki, mnist,
             plain.classify([image.read_bytes()])
         result = run_cli("classify", str(image), "--server", server.target, "--tls-ca", str(pki / "ca.crt"))
         assert result.returncode == 0 and result.stdout.startswith(f"{image}: {mnist.test.labels[0]}")
+        # HTTP on the same certificate: https only
+        trusting = ssl.create_default_context(cafile=pki / "ca.crt")
+        with urllib.request.urlopen(f"https://127.0.0.1:{server.http_port}/v2/health/ready", context=trusting,
+                                    timeout=5) as response:
+            assert response.status == 200
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/ready", timeout=5)
 
 
 def test_mutual_tls_requires_a_client_certificate(pki):
@@ -228,6 +237,14 @@ def test_mutual_tls_requires_a_client_certificate(pki):
         with pytest.raises(grpc.RpcError) as info:
             live(grpc.ssl_channel_credentials(ca))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # HTTP: the same rule
+        url = f"https://127.0.0.1:{server.http_port}/v2/health/live"
+        with_cert = ssl.create_default_context(cafile=pki / "ca.crt")
+        with_cert.load_cert_chain(pki / "client.crt", pki / "client.key")
+        with urllib.request.urlopen(url, context=with_cert, timeout=5) as response:
+            assert response.status == 200
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url, context=ssl.create_default_context(cafile=pki / "ca.crt"), timeout=5).read()
 
 
 def test_bearer_tokens_guard_the_apis_but_not_health(tmp_path, mnist):
@@ -260,7 +277,7 @@ def _png_of(image: np.ndarray, directory):
 
 
 def test_a_missing_package_is_one_line_before_anything_listens():
-    result = run_cli("serve", "/nonexistent/pkg", "--port", "0", "--metrics-port", "0", timeout=60)
+    result = run_cli("serve", "/nonexistent/pkg", "--port", "0", "--http-port", "0", "--metrics-port", "0", timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: model package /nonexistent/pkg does not exist"]
 

@@ -70,7 +70,7 @@ def test_the_server_refuses_a_malformed_manifest_at_start_in_one_line(tmp_path, 
     shutil.copytree(SHIPPED_PACKAGE, package)
     del shipped["artifacts"][1]["sha256"]
     (package / "manifest.json").write_text(json.dumps(shipped))
-    result = run_cli("serve", str(package), "--port", "0", "--metrics-port", "0", timeout=60)
+    result = run_cli("serve", str(package), "--port", "0", "--http-port", "0", "--metrics-port", "0", timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {package / 'manifest.json'}: field artifacts.1.sha256: missing")

@@ -20,8 +20,11 @@ let last = null;
 let busy = false; // a request in flight: the next drawing waits for it
 let again = false; // the drawing changed while a request was in flight
 let lastSent = 0;
+let generation = 0; // bumped by every clear and every photo: older answers are not shown
 
 function clearPad() {
+  generation++;
+  again = false;
   ink.fillStyle = "#fff";
   ink.fillRect(0, 0, pad.width, pad.height);
   drawn = false;
@@ -102,6 +105,7 @@ function sendDrawing() {
 
 async function classify(blob, what) {
   const started = performance.now();
+  const asked = generation;
   const headers = { "Content-Type": blob.type || "application/octet-stream" };
   const token = sessionStorage.getItem("resserve-token");
   if (token) headers.Authorization = `Bearer ${token}`;
@@ -109,7 +113,9 @@ async function classify(blob, what) {
   try {
     const response = await fetch("/v1/classify", { method: "POST", body: blob, headers });
     const answer = await response.json();
-    if (response.status === 401) {
+    if (asked !== generation) {
+      // cleared, or a photo chosen, since this was sent: its answer is stale
+    } else if (response.status === 401) {
       tokenBox.hidden = false;
       setStatus("This server needs a bearer token: enter it below.", true);
     } else if (!response.ok) {
@@ -138,6 +144,7 @@ function show(answer, roundTripMs) {
 
 async function classifyFile(file) {
   if (!file) return;
+  generation++;
   drawn = false;
   try { // show the photo on the pad, fitted; the server gets the file itself
     const picture = await createImageBitmap(file);

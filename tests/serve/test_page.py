@@ -1,0 +1,119 @@
+"""The draw-a-digit page in a real browser: Debian's chromium, headless, driven by Playwright.
+
+The page is drawn on with pointer events as a person would, a photo is chosen with the file
+input, and the page must show the right digit each time. The screenshot is saved with the
+test's files (and into docs/ with RESSERVE_UPDATE_SCREENSHOTS=1).
+"""
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from helpers import ServerProcess
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+if CHROMIUM is None and not os.environ.get("CI"):
+    pytest.skip("no chromium here (Debian: apt install chromium); .ci/run installs it", allow_module_level=True)
+
+STROKES = {  # digit -> strokes, each a list of points in [0,1]^2 of the drawing area
+    1: [[(0.5, 0.15), (0.5, 0.85)]],
+    0: [[(0.5 + 0.22 * math.sin(t / 24 * 2 * math.pi), 0.5 - 0.33 * math.cos(t / 24 * 2 * math.pi)) for t in range(25)]],
+    7: [[(0.3, 0.2), (0.7, 0.2), (0.45, 0.85)]],
+}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "the browser test needs Debian's chromium (apt install chromium)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page_server():
+    with ServerProcess() as server:
+        yield server
+
+
+def draw(page, strokes) -> None:
+    box = page.locator("#pad").bounding_box()
+    for stroke in strokes:
+        x, y = stroke[0]
+        page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"])
+        page.mouse.down()
+        for x, y in stroke[1:]:
+            page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=4)
+        page.mouse.up()
+
+
+def shows(page, digit: int) -> None:
+    """The page settles on ``digit``: the big answer and the highlighted bar agree."""
+    page.wait_for_function(
+        "d => document.getElementById('digit').textContent === d"
+        " && document.querySelector('#bars li.best span').textContent === d"
+        " && document.getElementById('status').textContent.startsWith(d + ',')", arg=str(digit), timeout=10_000)
+
+
+def test_drawing_a_digit_shows_that_digit_with_bars_and_the_model_input(browser, page_server, tmp_path):
+    page = browser.new_page(viewport={"width": 900, "height": 700})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(page_server.url + "/")
+    for digit, strokes in STROKES.items():
+        page.click("#clear")
+        assert page.inner_text("#digit") == "–"
+        draw(page, strokes)
+        shows(page, digit)
+        assert page.locator("#bars li").count() == 10
+        assert page.get_attribute("#seen", "src").startswith("data:image/png;base64,")
+        assert "ms in the server" in page.inner_text("#status")
+    assert "resnet-mnist" in page.inner_text("#about")
+    page.screenshot(path=tmp_path / "page.png")
+    if os.environ.get("RESSERVE_UPDATE_SCREENSHOTS"):
+        shutil.copy(tmp_path / "page.png", DOCS / "page.png")
+    assert not errors
+
+
+def test_choosing_a_photo_of_a_digit_classifies_it(browser, page_server, mnist, tmp_path):
+    photo = tmp_path / "photo.jpg"  # dark ink on a light background, larger than MNIST, as a photo is
+    Image.fromarray(255 - mnist.test.images[1]).resize((224, 224), Image.BICUBIC).save(photo, quality=90)
+    page = browser.new_page()
+    page.goto(page_server.url + "/")
+    page.set_input_files("#file", str(photo))
+    shows(page, int(mnist.test.labels[1]))
+
+
+def test_a_file_that_is_not_an_image_gets_the_servers_reason(browser, page_server, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a digit")
+    page = browser.new_page()
+    page.goto(page_server.url + "/")
+    page.set_input_files("#file", str(text))
+    page.wait_for_function("document.getElementById('status').classList.contains('error')")
+    assert "bytes are not an image" in page.inner_text("#status")
+
+
+def test_the_page_works_from_the_keyboard_and_fits_a_phone(browser, page_server):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True)
+    page.goto(page_server.url + "/")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
+    focused = []
+    for _ in range(4):
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("document.activeElement.id"))
+    assert focused[:3] == ["pad", "clear", "file"]  # drawing area, Clear, choose a photo
+    draw(page, STROKES[1])
+    shows(page, 1)
+    page.focus("#pad")
+    page.keyboard.press("Escape")  # clears, as the Clear button does
+    assert page.inner_text("#digit") == "–"

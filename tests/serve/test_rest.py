@@ -1,0 +1,288 @@
+"""HTTP beside gRPC on one real server: KServe v2 REST spoken by Triton's own HTTP client
+(tritonclient.http, unchanged), /v1/classify, bad input over HTTP, metrics, tokens and the drain."""
+
+import base64
+import collections
+import io
+import re
+import threading
+import time
+import urllib.request
+from http.client import HTTPConnection
+
+import numpy as np
+import orjson
+import pytest
+import tritonclient.http as triton_http
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from helpers import ServerProcess, metric_value, run_cli
+from resserve.serve.package import load_package
+
+MODEL = "resnet-mnist"
+INFER = f"/v2/models/{MODEL}/infer"
+
+
+def call(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body) of one HTTP request."""
+    connection = HTTPConnection(server.http_target, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def error_of(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    status, response_headers, payload = call(server, method, path, body, headers)
+    assert response_headers["Content-Type"].startswith("application/json")
+    return status, orjson.loads(payload)["error"]
+
+
+def json_infer(images: np.ndarray, **extra) -> bytes:
+    tensor = {"name": "input", "shape": list(images.shape), "datatype": "FP32", "data": images.ravel().tolist()}
+    return orjson.dumps({"inputs": [tensor], **extra})
+
+
+def png_of(image: np.ndarray, scale: int = 1, invert: bool = False) -> bytes:
+    picture = Image.fromarray(255 - image if invert else image)
+    if scale > 1:
+        picture = picture.resize((28 * scale, 28 * scale), Image.BILINEAR)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return triton_http.InferenceServerClient(server.http_target)
+
+
+# ----------------------------------------------------------------------------------------------
+# tritonclient.http, unchanged
+
+
+def test_tritonclient_http_sees_health_metadata_and_config(client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and not client.is_model_ready("no-such-model")
+    assert client.get_server_metadata()["name"] == "resserve"
+    metadata = client.get_model_metadata(MODEL)
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert [o["name"] for o in metadata["outputs"]] == ["logits", "probabilities"]
+    config = client.get_model_config(MODEL)
+    assert config["name"] == MODEL and config["max_batch_size"] == 64
+    assert config["input"][0]["dims"] == [1, 28, 28]  # numbers, as Triton writes them
+    assert config["parameters"]["backend"]["string_value"] in ("onnxruntime", "openvino")
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary_data", "json"])
+def test_tritonclient_http_on_the_mnist_test_set_gives_the_exported_accuracy(client, mnist, binary):
+    predictions = []
+    for start in range(0, 10_000, 500):
+        images = mnist.test.images[start:start + 500, None].astype(np.float32) / 255.0
+        tensor = triton_http.InferInput("input", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images, binary_data=binary)
+        result = client.infer(MODEL, [tensor], outputs=[triton_http.InferRequestedOutput("logits", binary_data=binary)])
+        predictions.append(result.as_numpy("logits").argmax(1))
+    accuracy = float((np.concatenate(predictions) == mnist.test.labels).mean())
+    manifest = load_package().manifest
+    precision = client.get_model_config(MODEL)["parameters"]["precision"]["string_value"]
+    expected = manifest.accuracy.test if precision == "fp32" else manifest.reduced_precision[precision].test_accuracy
+    assert accuracy == expected  # what export measured for the runtime that answered
+
+
+def test_rest_answers_equal_grpc_answers_and_classification_works(client, server, mnist):
+    import tritonclient.grpc as triton_grpc
+
+    images = mnist.test.images[:16, None]
+    rest_input = triton_http.InferInput("input", list(images.shape), "UINT8")
+    rest_input.set_data_from_numpy(images)
+    grpc_input = triton_grpc.InferInput("input", list(images.shape), "UINT8")
+    grpc_input.set_data_from_numpy(images)
+    over_rest = client.infer(MODEL, [rest_input]).as_numpy("probabilities")
+    over_grpc = triton_grpc.InferenceServerClient(server.target).infer(MODEL, [grpc_input]).as_numpy("probabilities")
+    assert np.array_equal(over_rest, over_grpc)
+    for binary in (True, False):
+        top = client.infer(MODEL, [rest_input], outputs=[
+            triton_http.InferRequestedOutput("probabilities", binary_data=binary, class_count=2)]).as_numpy("probabilities")
+        assert top.shape == (16, 2)
+        best = [int((row[0].decode() if binary else row[0]).split(":")[1]) for row in top]  # JSON: str
+        assert best == list(over_rest.argmax(1))
+
+
+def test_statistics_and_repository_index_over_rest(client, server):
+    stats = client.get_inference_statistics(MODEL)["model_stats"][0]
+    assert stats["name"] == MODEL and stats["inference_count"] > 0
+    assert stats["inference_stats"]["success"]["count"] > 0
+    assert client.get_model_repository_index() == [{"name": MODEL, "version": "1", "state": "READY", "reason": ""}]
+
+
+# ----------------------------------------------------------------------------------------------
+# /v1/classify
+
+
+def test_classify_a_raw_image_answers_digit_probabilities_and_the_input_it_saw(server, mnist):
+    status, headers, body = call(server, "POST", "/v1/classify", png_of(mnist.test.images[0], scale=8, invert=True),
+                                 {"Content-Type": "image/png"})
+    assert status == 200, body
+    answer = orjson.loads(body)
+    result = answer["results"][0]
+    assert result["digit"] == mnist.test.labels[0] and len(result["probabilities"]) == 10
+    assert result["confidence"] == max(result["probabilities"]) > 0.9
+    assert Image.open(io.BytesIO(base64.b64decode(result["input_png"]))).size == (28, 28)
+    assert answer["model"] == MODEL and answer["backend"] in ("onnxruntime", "openvino")
+    assert answer["server_ms"] > 0
+
+
+def test_classify_a_multipart_upload_of_several_files(server, mnist):
+    boundary = "resserve-test-boundary"
+    parts = b"".join(
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"digit{i}.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n".encode() + png_of(mnist.test.images[i]) + b"\r\n" for i in range(5))
+    body = parts + f"--{boundary}--\r\n".encode()
+    status, _, payload = call(server, "POST", "/v1/classify", body,
+                              {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200, payload
+    results = orjson.loads(payload)["results"]
+    assert [r["file"] for r in results] == [f"digit{i}.png" for i in range(5)]
+    assert [r["digit"] for r in results] == list(mnist.test.labels[:5])
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one clear JSON error each, and the server carries on
+
+
+def test_bad_requests_get_one_json_error_each_and_the_server_carries_on(server, mnist):
+    image = np.zeros((1, 1, 28, 28), np.float32)
+    binary_header = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                              "parameters": {"binary_data_size": 3136}}]})
+    cases = [
+        (b"{not json", {}, 400, "not valid JSON"),
+        (orjson.dumps({"inputs": "x"}), {}, 400, "field inputs"),
+        (json_infer(np.zeros((1, 28, 28), np.float32)), {}, 400, "expected [N, 1, 28, 28]"),
+        (orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP64", "data": [0] * 784}]}),
+         {}, 400, "datatype FP64"),
+        (orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0] * 5}]}),
+         {}, 400, "has 5 values"),
+        (orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": ["a"] * 784}]}),
+         {}, 400, "FP32 numbers only"),
+        (binary_header + b"\0" * 100, {"Inference-Header-Content-Length": str(len(binary_header))}, 400,
+         "runs past the 100 bytes"),
+        (binary_header + b"\0" * 4000, {"Inference-Header-Content-Length": str(len(binary_header))}, 400,
+         "bytes of binary data after"),
+        (json_infer(image), {"Inference-Header-Content-Length": "x"}, 400, "must be an integer"),
+        (json_infer(image + 2), {}, 400, "input values must be in [0, 1]"),
+        (json_infer(image, outputs=[{"name": "nope"}]), {}, 400, "unknown output 'nope'"),
+    ]
+    for body, headers, status, message in cases:
+        got_status, error = error_of(server, "POST", INFER, body, headers)
+        assert (got_status, message in error) == (status, True), (body[:80], error)
+    assert error_of(server, "POST", "/v2/models/no-such-model/infer", json_infer(image)) == (
+        404, f"unknown model 'no-such-model'; this server has {MODEL}")
+    assert error_of(server, "GET", "/v2/nowhere") == (404, "no such endpoint: /v2/nowhere")
+    assert error_of(server, "DELETE", INFER)[0] == 405
+    status, error = error_of(server, "POST", "/v1/classify", b"%PDF-1.4 not an image")
+    assert status == 400 and error.startswith("image 0: bytes are not an image")
+    status, error = error_of(server, "POST", "/v1/classify", b"")
+    assert status == 400 and "empty image" in error
+    assert call(server, "POST", INFER, json_infer(mnist.test.images[:1, None].astype(np.float32) / 255))[0] == 200
+
+
+def test_a_body_over_the_size_cap_is_413_announced_or_streamed(mnist):
+    with ServerProcess("--max-message-bytes", "65536") as server:
+        big = json_infer(np.zeros((64, 1, 28, 28), np.float32))
+        assert len(big) > 65536
+        status, error = error_of(server, "POST", INFER, big)
+        assert status == 413 and "exceeds the limit of 65,536" in error
+
+        def chunks():  # no Content-Length: the cap applies as the body streams in
+            for start in range(0, len(big), 8192):
+                yield big[start:start + 8192]
+
+        connection = HTTPConnection(server.http_target, timeout=30)
+        connection.request("POST", INFER, body=chunks(), encode_chunked=True,
+                           headers={"Transfer-Encoding": "chunked"})
+        response = connection.getresponse()
+        assert response.status == 413 and "exceeds the limit" in orjson.loads(response.read())["error"]
+        assert call(server, "POST", INFER, json_infer(mnist.test.images[:1, None].astype(np.float32) / 255))[0] == 200
+
+
+def test_metrics_count_http_requests_by_protocol_api_and_status(server):
+    before = server.metrics()
+    call(server, "GET", f"/v2/models/{MODEL}")
+    call(server, "GET", "/v2/models/no-such-model")
+    after = server.metrics()
+    for code, model in (("200", MODEL), ("404", "unknown")):
+        counted = [metric_value(text, "resserve_requests_total", protocol="http", api="kserve", code=code, model=model)
+                   for text in (before, after)]
+        assert counted[1] - counted[0] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# tokens, ports and the drain, each on its own server
+
+
+def test_tokens_guard_the_rest_apis_but_not_health_or_the_page(tmp_path, mnist):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    body = json_infer(mnist.test.images[:1, None].astype(np.float32) / 255)
+    with ServerProcess("--token-file", str(tokens)) as server:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            assert error_of(server, "POST", INFER, body, headers) == (401, "missing or invalid bearer token")
+        assert error_of(server, "POST", "/v1/classify", png_of(mnist.test.images[0]))[0] == 401
+        assert call(server, "POST", INFER, body, {"Authorization": "Bearer s3cret"})[0] == 200
+        for public in ("/v2/health/live", "/v2/health/ready", "/", "/page/page.js"):
+            assert call(server, "GET", public)[0] == 200, public
+        client = triton_http.InferenceServerClient(server.http_target)
+        with pytest.raises(InferenceServerException, match="401"):
+            client.get_model_metadata(MODEL)
+        assert client.get_model_metadata(MODEL, headers={"Authorization": "Bearer s3cret"})["name"] == MODEL
+
+
+def test_an_http_port_in_use_is_one_line():
+    with ServerProcess() as first:
+        result = run_cli("serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                         "--http-port", str(first.http_port), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{first.http_port}: Address already in use"]
+
+
+def test_http_port_zero_disables_http():
+    with ServerProcess("--http-port", "0") as server:
+        assert not any("HTTP on" in line for line in server.lines)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{server.url}/v2/health/live", timeout=2)
+
+
+@pytest.mark.slow
+def test_sigterm_under_http_load_answers_only_200_or_503_and_ready_goes_false(mnist):
+    body = json_infer(mnist.test.images[:1, None].astype(np.float32) / 255)
+    with ServerProcess("--grace-seconds", "5", drain_seconds=1.0) as server:
+        statuses, ready, stop = collections.Counter(), [], threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    statuses[call(server, "POST", INFER, body)[0]] += 1
+                except OSError:  # the server has exited: refused, never accepted
+                    time.sleep(0.01)
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        server.process.send_signal(15)
+        time.sleep(0.5)
+        ready.append(call(server, "GET", "/v2/health/ready")[0])  # inside the drain window
+        assert server.process.wait(timeout=60) == 0
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert ready == [503]
+    assert set(statuses) <= {200, 503} and statuses[200] > 0, statuses
+    answered = dict(re.findall(r"(\w+) (\d+)", "".join(server.lines).split("requests answered: ")[1]))
+    assert set(answered) <= {"200", "503"}, answered  # no accepted request was dropped or failed
+    assert int(answered["200"]) == statuses[200]  # every 200 the server sent arrived
