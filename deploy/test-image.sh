@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 IMAGE=resserve:cpu-test
 PORT=${RESSERVE_TEST_PORT:-18801}
 METRICS_PORT=$((PORT + 1))
+HTTP_PORT=$((PORT + 2))
 WORK=$(mktemp -d)
 log() { echo "test-image: $*" >&2; }
 cleanup() {
@@ -71,7 +72,7 @@ log "image size: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{pr
 user=$(docker run --rm --entrypoint id "$IMAGE" -u)
 [ "$user" = 10001 ] || { log "runs as uid $user, not 10001"; exit 1; }
 docker run -d --name resserve-image-test --network host "$IMAGE" \
-  --host 127.0.0.1 --port "$PORT" --metrics-port "$METRICS_PORT" --drain-seconds 1 >/dev/null
+  --host 127.0.0.1 --port "$PORT" --metrics-port "$METRICS_PORT" --http-port "$HTTP_PORT" --drain-seconds 1 >/dev/null
 for _ in $(seq 120); do
   docker logs resserve-image-test 2>&1 | grep -q " ready: " && break
   sleep 0.5
@@ -88,9 +89,18 @@ PY
 answer=$(resserve classify "$WORK/digit.png" --server "127.0.0.1:$PORT" --json)
 echo "$answer" | python3 -c 'import json, sys; assert json.load(sys.stdin)[0]["digit"] == 0, "not classified as 0"'
 resserve health --server "127.0.0.1:$PORT" --service resserve.readiness >/dev/null
+# HTTP: readiness, the page, and the same photo through POST /v1/classify
+python3 - "$WORK/digit.png" "http://127.0.0.1:$HTTP_PORT" <<'PY'
+import json, sys, urllib.request
+digit, url = open(sys.argv[1], "rb").read(), sys.argv[2]
+assert urllib.request.urlopen(url + "/v2/health/ready", timeout=10).status == 200
+assert b"Draw a digit" in urllib.request.urlopen(url + "/", timeout=10).read()
+request = urllib.request.Request(url + "/v1/classify", data=digit, headers={"Content-Type": "image/png"})
+assert json.load(urllib.request.urlopen(request, timeout=10))["results"][0]["digit"] == 0, "HTTP: not classified as 0"
+PY
 
 docker stop -t 30 resserve-image-test >/dev/null
 code=$(docker inspect resserve-image-test --format '{{.State.ExitCode}}')
 docker logs resserve-image-test 2>&1 | grep -q "stopped; requests answered" || { docker logs resserve-image-test >&2; exit 1; }
 [ "$code" = 0 ] || { log "exit code $code after SIGTERM"; exit 1; }
-log "ok: built, runs as uid 10001, classified a photo of a 0, drained and exited 0 on SIGTERM"
+log "ok: built, runs as uid 10001, classified a photo of a 0 over gRPC and HTTP, served the page, drained and exited 0 on SIGTERM"

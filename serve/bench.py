@@ -1,7 +1,8 @@
 """``resserve bench serve``: closed-loop load against a server, beside the in-process limit.
 
-Each of C concurrent clients (grpc.aio, in this process, one channel each) sends its next
-request as soon as the previous one returns, for ``duration`` seconds after ``warmup``. Per
+Each of C concurrent clients (in this process, one connection each: grpc.aio for the gRPC APIs,
+aiohttp for KServe v2 REST with binary tensors) sends its next request as soon as the previous
+one returns, for ``duration`` seconds after ``warmup``. Per
 concurrency level: images/s and requests/s, latency percentiles, errors by status code, the
 batch sizes and queue time the server reports in its metrics, and the CPU time the load
 generator itself used. Baselines in the same run: ONNX Runtime in-process on the same artifact
@@ -22,13 +23,15 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import aiohttp
 import grpc
 import numpy as np
+import orjson
 
 from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
@@ -42,11 +45,15 @@ from resserve.serve.timing import images_per_second, median_seconds
 PERCENTILES = (50, 90, 95, 99)
 
 
+APIS = {"kserve": "gRPC KServe v2", "classify": "gRPC Classify", "rest": "REST KServe v2, binary tensors"}
+
+
 @dataclass(frozen=True)
 class LoadSpec:
-    target: str
+    target: str  # host:port of gRPC
+    http_target: str  # host:port of HTTP
     model: str
-    api: str  # kserve | classify
+    api: str  # a key of APIS
     batch: int
     duration: float
     warmup: float
@@ -70,24 +77,63 @@ def _call(spec: LoadSpec, channel: grpc.aio.Channel):
     return lambda: digits_pb2_grpc.DigitClassifierStub(channel).Classify(request, timeout=30)
 
 
+@asynccontextmanager
+async def _grpc_sender(spec: LoadSpec):
+    """One client's connection: yields ``send()``, which returns None or the error's code."""
+    async with grpc.aio.insecure_channel(spec.target) as channel:
+        call = _call(spec, channel)
+
+        async def send() -> str | None:
+            try:
+                await call()
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+            return None
+
+        yield send
+
+
+@asynccontextmanager
+async def _rest_sender(spec: LoadSpec):
+    """As ``_grpc_sender``, over HTTP: Triton's binary tensor extension, as tritonclient.http sends it."""
+    images = _images(spec.batch)
+    header = orjson.dumps({"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": images.nbytes}}],
+                           "parameters": {"binary_data_output": True}})
+    body = header + images.tobytes()
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    url = f"http://{spec.http_target}/v2/models/{spec.model}/infer"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+
+        async def send() -> str | None:
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    return None if response.status == 200 else f"HTTP {response.status}"
+            except aiohttp.ClientError as exc:
+                return type(exc).__name__
+
+        yield send
+
+
 async def _closed_loop(spec: LoadSpec, concurrency: int) -> tuple[list[float], Counter, float]:
     """Latencies (s) of requests that finished inside the measured window, error codes, window length."""
     start = time.perf_counter()
     measure_from, stop_at = start + spec.warmup, start + spec.warmup + spec.duration
     latencies: list[float] = []
     errors: Counter = Counter()
+    sender = _rest_sender if spec.api == "rest" else _grpc_sender
 
     async def client() -> None:
-        async with grpc.aio.insecure_channel(spec.target) as channel:
-            call = _call(spec, channel)
+        async with sender(spec) as send:
             while (sent := time.perf_counter()) < stop_at:
-                try:
-                    await call()
-                    if sent >= measure_from:
-                        latencies.append(time.perf_counter() - sent)
-                except grpc.aio.AioRpcError as exc:
-                    if sent >= measure_from:
-                        errors[exc.code().name] += 1
+                error = await send()
+                if sent < measure_from:
+                    continue
+                if error is None:
+                    latencies.append(time.perf_counter() - sent)
+                else:
+                    errors[error] += 1
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return latencies, errors, time.perf_counter() - measure_from
@@ -154,12 +200,12 @@ def _free_port() -> int:
 
 
 @contextmanager
-def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str, int]]:
-    """A `resserve serve` subprocess on loopback: yields (target, metrics URL, pid)."""
-    port, metrics_port = _free_port(), _free_port()
+def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str, str, int]]:
+    """A `resserve serve` subprocess on loopback: yields (gRPC target, HTTP target, metrics URL, pid)."""
+    port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
     command = [sys.executable, "-m", "resserve.serve", "serve", *([str(package)] if package else []),
-               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-               "--drain-seconds", "0", *extra]
+               "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
+               "--metrics-port", str(metrics_port), "--drain-seconds", "0", *extra]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stderr:
@@ -170,7 +216,7 @@ def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str
         else:
             raise ResserveError("the benchmark's server exited before it was ready")
         threading.Thread(target=process.stderr.read, daemon=True).start()  # never block on a full pipe
-        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", process.pid
+        yield f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics", process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -228,6 +274,9 @@ def summary_lines(name: str, runtime: str, summary: dict, batch: int) -> list[st
     if "batched_over_unbatched" in summary:
         ratios = ", ".join(f"C={c} {r:.2f}x" for c, r in summary["batched_over_unbatched"].items())
         lines.append(f"  batching on over off: {ratios}")
+    if "over_grpc_kserve" in summary:
+        ratios = ", ".join(f"C={c} {r:.2f}x" for c, r in summary["over_grpc_kserve"].items())
+        lines.append(f"  images/s over the same server's gRPC KServe: {ratios}")
     return lines
 
 
@@ -330,36 +379,53 @@ UNBATCHED = "onnxruntime, unbatched (max batch 1)"
 BASELINE = "onnxruntime, batched"
 
 
-def run_benchmark(package_path: Path | None, target: str | None, model: str, api: str, levels: list[int],
-                  batch: int, duration: float, warmup: float, metrics_url: str | None,
-                  backends: list[str], log=print) -> dict:
-    """The whole sweep: the server(s), then the in-process limit; returns the report."""
+def _named(configuration: str, api: str, apis: list[str]) -> str:
+    """A server's name in the report: its configuration, and the API where several are measured."""
+    return configuration if len(apis) == 1 else f"{configuration}, {api} API"
+
+
+def run_benchmark(package_path: Path | None, target: str | None, http_target: str | None, model: str,
+                  apis: list[str], levels: list[int], batch: int, duration: float, warmup: float,
+                  metrics_url: str | None, backends: list[str], log=print) -> dict:
+    """The whole sweep: the server(s) over each API, then the in-process limit; returns the report."""
     package = load_package(package_path)
     model = model or package.name
     servers: dict[str, list[dict]] = {}
     runtimes: dict[str, str] = {}
     configurations = _configurations(backends) if target is None else [(f"server at {target}", None)]
-    for name, flags in configurations:
+    for configuration, flags in configurations:
         with (started_server(package_path, *flags) if flags is not None
-              else nullcontext((target, metrics_url or "", None))) as (address, metrics, pid):
-            runtimes[name] = _server_runtime(address, model)
-            spec = LoadSpec(address, model, api, batch, duration, warmup)
-            servers[name] = []
-            for concurrency in levels:
-                log(f"{name} ({runtimes[name]}): concurrency {concurrency} ...")
-                servers[name].append(measure_level(spec, concurrency, metrics, pid))
+              else nullcontext((target, http_target or "", metrics_url or "", None))) as (address, http, metrics, pid):
+            runtime = _server_runtime(address, model)
+            for api in apis:
+                name = _named(configuration, api, apis)
+                runtimes[name] = runtime
+                spec = LoadSpec(address, http, model, api, batch, duration, warmup)
+                servers[name] = []
+                for concurrency in levels:
+                    log(f"{name} ({runtime}): concurrency {concurrency} ...")
+                    servers[name].append(measure_level(spec, concurrency, metrics, pid))
     limits: dict[str, list[dict]] = {}
     for runtime in dict.fromkeys(runtimes.values()):  # each runtime once, against the batches its servers formed
         formed = {max(1, round(r["mean_batch_size"])) for name, rows in servers.items() if runtimes[name] == runtime
                   for r in rows if r["mean_batch_size"]}
         log(f"in-process {runtime} ...")
         limits[runtime] = in_process_limit(package, [batch, *formed], runtime)
-    summary = {name: summarize(rows, limits[runtimes[name]], batch,
-                               servers.get(UNBATCHED) if name == BASELINE else None)
-               for name, rows in servers.items()}
-    if BASELINE in servers:
-        baseline_peak = summary[BASELINE]["peak_images_per_second"]
-        for name in servers:
-            summary[name]["peak_over_onnxruntime_batched"] = summary[name]["peak_images_per_second"] / baseline_peak
-    return {"model": model, "api": api, "batch": batch, "duration_s": duration, "machine": machine_description(),
-            "runtimes": runtimes, "servers": servers, "in_process": limits, "summary": summary}
+    summary = {}
+    for configuration, _ in configurations:
+        for api in apis:
+            name = _named(configuration, api, apis)
+            unbatched = servers.get(_named(UNBATCHED, api, apis)) if configuration == BASELINE else None
+            summary[name] = summarize(servers[name], limits[runtimes[name]], batch, unbatched)
+            baseline = _named(BASELINE, api, apis)
+            if baseline in summary:
+                summary[name]["peak_over_onnxruntime_batched"] = (summary[name]["peak_images_per_second"]
+                                                                  / summary[baseline]["peak_images_per_second"])
+            grpc_rows = servers.get(_named(configuration, "kserve", apis))
+            if api == "rest" and grpc_rows:
+                by_c = {row["concurrency"]: row["images_per_second"] for row in grpc_rows}
+                summary[name]["over_grpc_kserve"] = {row["concurrency"]: row["images_per_second"] / by_c[row["concurrency"]]
+                                                     for row in servers[name]}
+    return {"model": model, "api": ",".join(apis), "batch": batch, "duration_s": duration,
+            "machine": machine_description(), "runtimes": runtimes, "servers": servers, "in_process": limits,
+            "summary": summary}

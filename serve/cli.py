@@ -11,7 +11,8 @@ import typer
 
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
-from resserve.serve.settings import DEFAULT_METRICS_PORT, BackendChoice, Device, Precision, ServerSettings
+from resserve.serve.settings import (DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice, Device, Precision,
+                                     ServerSettings)
 
 
 def _env(name: str) -> str:
@@ -169,7 +170,12 @@ def bench_serve(
     package: Annotated[Optional[Path], typer.Option(
         help="Model package to serve and to run in-process [default: the shipped model].", show_default=False)] = None,
     model: Annotated[str, typer.Option(help="Model name [default: the package's].")] = "",
-    api: Annotated[str, typer.Option(help="kserve | classify.")] = "kserve",
+    api: Annotated[str, typer.Option(
+        help="APIs to load, comma-separated, each against the same server(s): kserve (gRPC KServe v2), "
+        "classify (gRPC DigitClassifier), rest (KServe v2 REST with binary tensors, as tritonclient.http).")] = "kserve",
+    http_target: Annotated[Optional[str], typer.Option(
+        help="With --target and --api rest: the server's HTTP host:port [default: HOST:8000].",
+        show_default=False)] = None,
     concurrency: Annotated[str, typer.Option(help="Concurrent closed-loop clients, comma-separated.")] = "1,2,4,8,16,32",
     batch: Annotated[int, typer.Option(help="Images per request.")] = 1,
     duration: Annotated[float, typer.Option(help="Measured seconds per concurrency level.")] = 10.0,
@@ -184,20 +190,23 @@ def bench_serve(
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: latency percentiles against throughput.")] = None,
 ) -> None:
     """Latency and throughput under closed-loop load, beside the in-process ONNX Runtime limit."""
-    from resserve.serve.bench import plot_report, print_report, run_benchmark
+    from resserve.serve.bench import APIS, plot_report, print_report, run_benchmark
 
     if start == (target is not None):
         raise ResserveError("give exactly one of --start and --target HOST:PORT")
-    if api not in ("kserve", "classify"):
-        raise ResserveError(f"--api must be kserve or classify, got {api!r}")
+    apis = [a.strip() for a in api.split(",") if a.strip()]
+    if not apis or not set(apis) <= set(APIS):
+        raise ResserveError(f"--api takes {', '.join(APIS)}, comma-separated; got {api!r}")
     try:
         levels = [int(c) for c in concurrency.split(",")]
     except ValueError as exc:
         raise ResserveError(f"--concurrency takes comma-separated integers, got {concurrency!r}") from exc
     if min(levels) < 1 or batch < 1 or duration <= 0 or warmup < 0:
         raise ResserveError("concurrency levels and --batch must be >= 1, --duration > 0, --warmup >= 0")
-    metrics_url = metrics or (f"http://{target.rsplit(':', 1)[0]}:{DEFAULT_METRICS_PORT}/metrics" if target else None)
-    report = run_benchmark(package, target, model, api, levels, batch, duration, warmup, metrics_url,
+    host = target.rsplit(":", 1)[0] if target else None
+    metrics_url = metrics or (f"http://{host}:{DEFAULT_METRICS_PORT}/metrics" if target else None)
+    http_target = http_target or (f"{host}:{DEFAULT_HTTP_PORT}" if target else None)
+    report = run_benchmark(package, target, http_target, model, apis, levels, batch, duration, warmup, metrics_url,
                            [b.strip() for b in backends.split(",") if b.strip()], log=lambda m: typer.echo(m, err=True))
     print_report(report)
     if json_out:

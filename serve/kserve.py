@@ -9,7 +9,6 @@ sends input tensors as bytes in ``raw_input_contents`` and decodes outputs only 
 from __future__ import annotations
 
 import grpc
-import numpy as np
 
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.dataplane import (SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, Tensor,

@@ -12,7 +12,8 @@ import base64
 import time
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from resserve.serve.dataplane import Image
 from resserve.serve.errors import InvalidInput, TooLarge
@@ -27,12 +28,20 @@ async def _images(request: web.Request) -> tuple[list[Image], list[str | None]]:
     """The request's images, and their file names where a form gave them."""
     if request.content_type != "multipart/form-data":
         return [Image(await read_body(request))], [None]
+    try:
+        return await _form_images(request)
+    except (ValueError, AssertionError, HttpProcessingError, ClientPayloadError) as exc:  # aiohttp's parser, bad form
+        detail = " ".join(str(getattr(exc, "message", "") or exc).split())  # one line
+        raise InvalidInput(f"malformed multipart form: {detail}") from None
+
+
+async def _form_images(request: web.Request) -> tuple[list[Image], list[str | None]]:
     images, names = [], []
     limit = plane_of(request).state.settings.max_images_per_request
     remaining = request.app[FRONT_DOOR].max_body_bytes  # a streamed form is held to the body's cap too
     async for part in await request.multipart():
-        if part.filename is None:
-            continue  # a text field: not an image
+        if getattr(part, "filename", None) is None:
+            continue  # a text field, or a nested form: not an image
         if len(images) == limit:
             raise InvalidInput(f"more than {limit} images in one request; the limit is {limit}")
         data = bytearray()

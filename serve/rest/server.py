@@ -94,7 +94,7 @@ def endpoint(api: str, inference: bool = False) -> Callable[[Handler], Handler]:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             door = request.app[FRONT_DOOR]
             state = door.plane.state
-            model = state.model_label(request.match_info.get("name", ""))
+            model = state.model_label(request.match_info.get("name") or request.query.get("model", ""))
             started = state.admit()
             status, reserved = 500, 0
             try:

@@ -11,7 +11,8 @@ import typer.main
 import yaml
 
 from resserve.serve.app import build_app
-from resserve.serve.settings import DEFAULT_METRICS_PORT, DEFAULT_PORT, LIVENESS_SERVICE, READINESS_SERVICE
+from resserve.serve.settings import (DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LIVENESS_SERVICE,
+                                     READINESS_SERVICE)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_VERSION = "1.31"  # pinned schema version (>= 1.27)
@@ -70,7 +71,7 @@ def test_probes_ports_and_settings_match_the_server(overlay):
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": DEFAULT_PORT, "metrics": DEFAULT_METRICS_PORT}
+    assert ports == {"http": DEFAULT_HTTP_PORT, "grpc": DEFAULT_PORT, "metrics": DEFAULT_METRICS_PORT}
     for probe, service in (("startupProbe", READINESS_SERVICE), ("readinessProbe", READINESS_SERVICE),
                            ("livenessProbe", LIVENESS_SERVICE)):
         assert container[probe]["grpc"] == {"port": DEFAULT_PORT, "service": service}
@@ -81,7 +82,7 @@ def test_probes_ports_and_settings_match_the_server(overlay):
     assert set(config) <= envvars, set(config) - envvars
     assert {e["name"] for e in container["env"]} <= envvars
     assert {a for a in container.get("args", []) if a.startswith("--")} <= flags
-    assert config["RESSERVE_PORT"] == str(DEFAULT_PORT)
+    assert config["RESSERVE_PORT"] == str(DEFAULT_PORT) and config["RESSERVE_HTTP_PORT"] == str(DEFAULT_HTTP_PORT)
 
     # the pod outlives preStop + drain + grace, so SIGTERM's drain always completes
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
@@ -106,6 +107,8 @@ def test_names_and_labels_line_up(overlay):
         assert service["spec"]["selector"].items() <= pod_labels.items()
         grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
         assert grpc_port["appProtocol"] == "kubernetes.io/h2c" and grpc_port["targetPort"] == "grpc"
+    http_port = next(p for p in by_kind(documents, "Service", "resserve")["spec"]["ports"] if p["name"] == "http")
+    assert (http_port["port"], http_port["targetPort"]) == (DEFAULT_HTTP_PORT, "http")
     assert by_kind(documents, "Service", "resserve-headless")["spec"]["clusterIP"] == "None"
     target = by_kind(documents, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
@@ -122,14 +125,16 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image_says_cuda_once():
     assert entrypoint[-2:] == ["--device", "cuda"] and "--device" not in container["args"]  # said once, by the image
 
 
-def test_kserve_inference_service_uses_standard_mode_and_one_h2c_port():
+def test_kserve_inference_service_uses_standard_mode_and_one_http_port():
     service = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice.yaml").read_text())
     assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
     container = service["spec"]["predictor"]["containers"][0]
-    assert [p["name"] for p in container["ports"]] == ["h2c"]
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http1", DEFAULT_HTTP_PORT)]
     flags, _ = serve_options()
     assert {a for a in container["args"] if a.startswith("--")} <= flags
-    assert container["readinessProbe"]["grpc"]["service"] == READINESS_SERVICE
+    assert container["args"][container["args"].index("--http-port") + 1] == str(DEFAULT_HTTP_PORT)
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": DEFAULT_HTTP_PORT}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": DEFAULT_HTTP_PORT}
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
@@ -140,5 +145,5 @@ def test_dockerfiles_run_resserve_serve_as_non_root_with_known_flags(dockerfile)
     flags, _ = serve_options()
     assert {a for a in entrypoint if a.startswith("--")} <= flags
     assert re.search(r"^USER 10001$", text, re.M)
-    assert "EXPOSE 8001 8002" in text
+    assert f"EXPOSE {DEFAULT_HTTP_PORT} {DEFAULT_PORT} {DEFAULT_METRICS_PORT}" in text
     assert "install-serving.sh" in text  # the same install step as the smoke test

@@ -187,6 +187,11 @@ def test_bad_requests_get_one_json_error_each_and_the_server_carries_on(server, 
     assert status == 400 and error.startswith("image 0: bytes are not an image")
     status, error = error_of(server, "POST", "/v1/classify", b"")
     assert status == 400 and "empty image" in error
+    status, error = error_of(server, "POST", "/v1/classify", b"--x\r\nno headers, no end",
+                             {"Content-Type": "multipart/form-data; boundary=x"})
+    assert status == 400 and error.startswith("malformed multipart form"), error
+    status, error = error_of(server, "POST", "/v1/classify", b"--x--\r\n", {"Content-Type": "multipart/form-data; boundary=x"})
+    assert (status, error) == (400, "no images in the request")
     assert call(server, "POST", INFER, json_infer(mnist.test.images[:1, None].astype(np.float32) / 255))[0] == 200
 
 
