@@ -2,4 +2,5 @@
 
 from resserve.serve.app import main
 
-main()
+if __name__ == "__main__":  # not when a worker process (serve/workers.py) imports it as __mp_main__
+    main()

@@ -13,6 +13,7 @@ batching off (``--max-batch-size 1``).
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import re
 import signal
@@ -43,6 +44,8 @@ from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 from resserve.serve.timing import images_per_second, median_seconds
 
 PERCENTILES = (50, 90, 95, 99)
+LOAD_PROCESS_START_SECONDS = 3.0
+LOAD_BOUND_CORES = 0.9  # a load process using this much of a core is the likely bottleneck
 
 
 APIS = {"kserve": "gRPC KServe v2", "classify": "gRPC Classify", "rest": "REST KServe v2, binary tensors"}
@@ -80,7 +83,9 @@ def _call(spec: LoadSpec, channel: grpc.aio.Channel):
 @asynccontextmanager
 async def _grpc_sender(spec: LoadSpec):
     """One client's connection: yields ``send()``, which returns None or the error's code."""
-    async with grpc.aio.insecure_channel(spec.target) as channel:
+    # a connection of its own (not gRPC's shared subchannel), as separate clients have, so the
+    # kernel can spread clients over a server's workers
+    async with grpc.aio.insecure_channel(spec.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         call = _call(spec, channel)
 
         async def send() -> str | None:
@@ -116,8 +121,10 @@ async def _rest_sender(spec: LoadSpec):
         yield send
 
 
-async def _closed_loop(spec: LoadSpec, concurrency: int) -> tuple[list[float], Counter, float]:
-    """Latencies (s) of requests that finished inside the measured window, error codes, window length."""
+async def _closed_loop(spec: LoadSpec, concurrency: int, start_at: float) -> tuple[list[float], Counter, float]:
+    """Latencies (s) of requests that finished inside the measured window, error codes, window
+    length. The clients start at ``start_at`` (time.time(), shared by every load process)."""
+    await asyncio.sleep(max(0.0, start_at - time.time()))
     start = time.perf_counter()
     measure_from, stop_at = start + spec.warmup, start + spec.warmup + spec.duration
     latencies: list[float] = []
@@ -153,27 +160,71 @@ def scrape(metrics_url: str) -> dict[str, float]:
     return totals
 
 
-def _process_cpu_seconds(pid: int | None) -> float | None:
-    if pid is None:
-        return None
+def _stat_fields(pid: int) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return None
 
 
-def measure_level(spec: LoadSpec, concurrency: int, metrics_url: str, server_pid: int | None) -> dict:
-    before, server_cpu0 = scrape(metrics_url), _process_cpu_seconds(server_pid)
-    client_cpu0 = time.process_time()
-    latencies, errors, window = asyncio.run(_closed_loop(spec, concurrency))
-    client_cpu, after = time.process_time() - client_cpu0, scrape(metrics_url)
-    server_cpu1 = _process_cpu_seconds(server_pid)
+def _tree_cpu_seconds(pid: int | None) -> float | None:
+    """CPU time of a server process and its workers (children, as /proc says)."""
+    if pid is None or _stat_fields(pid) is None:
+        return None
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))):
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        if fields := _stat_fields(current):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stack.extend(children.get(current, []))
+    return total
+
+
+def _load_process(spec: LoadSpec, concurrency: int, start_at: float, results) -> None:
+    """One load process: its share of the clients; puts (latencies, errors, window, CPU seconds)."""
+    cpu = time.process_time()
+    latencies, errors, window = asyncio.run(_closed_loop(spec, concurrency, start_at))
+    results.put((latencies, errors, window, time.process_time() - cpu))
+
+
+def _generate_load(spec: LoadSpec, concurrency: int, processes: int) -> tuple[list[float], Counter, float, float]:
+    """The clients spread over ``processes`` load processes (this one when 1): latencies, errors,
+    window and the CPU seconds the load generator used."""
+    if processes == 1:
+        cpu = time.process_time()
+        latencies, errors, window = asyncio.run(_closed_loop(spec, concurrency, time.time()))
+        return latencies, errors, window, time.process_time() - cpu
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    start_at = time.time() + LOAD_PROCESS_START_SECONDS  # every process started and imported by then
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    workers = [context.Process(target=_load_process, args=(spec, share, start_at, results)) for share in shares]
+    for worker in workers:
+        worker.start()
+    parts = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    latencies = [x for part in parts for x in part[0]]
+    errors = sum((part[1] for part in parts), Counter())
+    return latencies, errors, max(part[2] for part in parts), sum(part[3] for part in parts)
+
+
+def measure_level(spec: LoadSpec, concurrency: int, metrics_url: str, server_pid: int | None,
+                  load_processes: int = 1) -> dict:
+    processes = min(load_processes, concurrency)
+    before, server_cpu0 = scrape(metrics_url), _tree_cpu_seconds(server_pid)
+    latencies, errors, window, client_cpu = _generate_load(spec, concurrency, processes)
+    after, server_cpu1 = scrape(metrics_url), _tree_cpu_seconds(server_pid)
     total_window = window + spec.warmup
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     batches = delta.get("resserve_batch_size_count", 0.0)
     queued = delta.get("resserve_queue_seconds_count", 0.0)
     ms = np.percentile(latencies, PERCENTILES) * 1e3 if latencies else [float("nan")] * len(PERCENTILES)
+    server_cores = (server_cpu1 - server_cpu0) / total_window if server_cpu1 is not None else None
     return {
         "concurrency": concurrency,
         "requests_per_second": len(latencies) / window,
@@ -184,8 +235,11 @@ def measure_level(spec: LoadSpec, concurrency: int, metrics_url: str, server_pid
         "errors": dict(errors),
         "mean_batch_size": delta["resserve_batch_size_sum"] / batches if batches else None,
         "mean_queue_ms": delta["resserve_queue_seconds_sum"] / queued * 1e3 if queued else None,
+        "load_processes": processes,
         "client_cpu_cores": client_cpu / total_window,
-        "server_cpu_cores": (server_cpu1 - server_cpu0) / total_window if server_cpu1 is not None else None,
+        "server_cpu_cores": server_cores,
+        # the server's CPU time per answered request: what the per-request path costs, model included
+        "server_cpu_ms_per_request": server_cores / (len(latencies) / window) * 1e3 if server_cores and latencies else None,
     }
 
 
@@ -288,13 +342,14 @@ def print_report(report: dict) -> None:
     for name, rows in report["servers"].items():
         name = f"{name} ({report['runtimes'][name]})"
         table = Table("C", "img/s", "req/s", "p50 ms", "p90", "p95", "p99", "max", "batch", "queue ms",
-                      "errors", "client CPU", "server CPU", title=f"Server: {name}")
+                      "errors", "load procs", "client CPU", "server CPU", "server CPU ms/req", title=f"Server: {name}")
         for r in rows:
             table.add_row(str(r["concurrency"]), f"{r['images_per_second']:.0f}", f"{r['requests_per_second']:.0f}",
                           *(f"{r[k]:.2f}" for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")),
                           _fmt(r["mean_batch_size"], ".1f"), _fmt(r["mean_queue_ms"], ".2f"),
                           ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0",
-                          f"{r['client_cpu_cores']:.2f}", _fmt(r["server_cpu_cores"], ".2f"))
+                          str(r["load_processes"]), f"{r['client_cpu_cores']:.2f}", _fmt(r["server_cpu_cores"], ".2f"),
+                          _fmt(r["server_cpu_ms_per_request"], ".3f"))
         console.print(table)
     for runtime, rows in report["in_process"].items():
         table = Table("batch", "latency ms", "img/s", title=f"In-process {runtime} (the limit of servers on it)")
@@ -362,8 +417,13 @@ def _server_runtime(target: str, model: str) -> str:
     return f"{config.parameters['backend'].string_value} {config.parameters['precision'].string_value}"
 
 
-def _configurations(backends: list[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """(name, server flags): each backend batched, plus ONNX Runtime unbatched (--max-batch-size 1).
+def _batched(spec: str, workers: int, counts: list[int]) -> str:
+    return f"{spec}, batched" + (f", {workers} worker{'s' * (workers > 1)}" if len(counts) > 1 else "")
+
+
+def _configurations(backends: list[str], workers: list[int]) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, server flags): each backend batched at each worker count, plus ONNX Runtime
+    unbatched (--max-batch-size 1) at the first count.
 
     A backend may name its precision: ``openvino:fp32`` serves with ``--backend openvino
     --precision fp32``.
@@ -371,12 +431,14 @@ def _configurations(backends: list[str]) -> list[tuple[str, tuple[str, ...]]]:
     configs = []
     for spec in backends:
         backend, _, precision = spec.partition(":")
-        configs.append((f"{spec}, batched", ("--backend", backend, *(("--precision", precision) if precision else ()))))
-    return configs + [(UNBATCHED, ("--backend", "onnxruntime", "--max-batch-size", "1"))]
+        for count in workers:
+            configs.append((_batched(spec, count, workers),
+                            ("--backend", backend, *(("--precision", precision) if precision else ()),
+                             "--workers", str(count))))
+    return configs + [(UNBATCHED, ("--backend", "onnxruntime", "--max-batch-size", "1", "--workers", str(workers[0])))]
 
 
 UNBATCHED = "onnxruntime, unbatched (max batch 1)"
-BASELINE = "onnxruntime, batched"
 
 
 def _named(configuration: str, api: str, apis: list[str]) -> str:
@@ -386,13 +448,15 @@ def _named(configuration: str, api: str, apis: list[str]) -> str:
 
 def run_benchmark(package_path: Path | None, target: str | None, http_target: str | None, model: str,
                   apis: list[str], levels: list[int], batch: int, duration: float, warmup: float,
-                  metrics_url: str | None, backends: list[str], log=print) -> dict:
+                  metrics_url: str | None, backends: list[str], workers: list[int], load_processes: int,
+                  log=print) -> dict:
     """The whole sweep: the server(s) over each API, then the in-process limit; returns the report."""
     package = load_package(package_path)
     model = model or package.name
     servers: dict[str, list[dict]] = {}
     runtimes: dict[str, str] = {}
-    configurations = _configurations(backends) if target is None else [(f"server at {target}", None)]
+    configurations = _configurations(backends, workers) if target is None else [(f"server at {target}", None)]
+    baseline = _batched("onnxruntime", workers[0], workers)
     for configuration, flags in configurations:
         with (started_server(package_path, *flags) if flags is not None
               else nullcontext((target, http_target or "", metrics_url or "", None))) as (address, http, metrics, pid):
@@ -404,7 +468,11 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
                 servers[name] = []
                 for concurrency in levels:
                     log(f"{name} ({runtime}): concurrency {concurrency} ...")
-                    servers[name].append(measure_level(spec, concurrency, metrics, pid))
+                    row = measure_level(spec, concurrency, metrics, pid, load_processes)
+                    servers[name].append(row)
+                    if row["client_cpu_cores"] / row["load_processes"] > LOAD_BOUND_CORES:
+                        log(f"  the load generator used {row['client_cpu_cores']:.2f} cores in {row['load_processes']} "
+                            f"process(es): it may be the bottleneck at C={concurrency} (--load-processes)")
     limits: dict[str, list[dict]] = {}
     for runtime in dict.fromkeys(runtimes.values()):  # each runtime once, against the batches its servers formed
         formed = {max(1, round(r["mean_batch_size"])) for name, rows in servers.items() if runtimes[name] == runtime
@@ -415,17 +483,17 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
     for configuration, _ in configurations:
         for api in apis:
             name = _named(configuration, api, apis)
-            unbatched = servers.get(_named(UNBATCHED, api, apis)) if configuration == BASELINE else None
+            unbatched = servers.get(_named(UNBATCHED, api, apis)) if configuration == baseline else None
             summary[name] = summarize(servers[name], limits[runtimes[name]], batch, unbatched)
-            baseline = _named(BASELINE, api, apis)
-            if baseline in summary:
+            reference = _named(baseline, api, apis)
+            if reference in summary:
                 summary[name]["peak_over_onnxruntime_batched"] = (summary[name]["peak_images_per_second"]
-                                                                  / summary[baseline]["peak_images_per_second"])
+                                                                  / summary[reference]["peak_images_per_second"])
             grpc_rows = servers.get(_named(configuration, "kserve", apis))
             if api == "rest" and grpc_rows:
                 by_c = {row["concurrency"]: row["images_per_second"] for row in grpc_rows}
                 summary[name]["over_grpc_kserve"] = {row["concurrency"]: row["images_per_second"] / by_c[row["concurrency"]]
                                                      for row in servers[name]}
-    return {"model": model, "api": ",".join(apis), "batch": batch, "duration_s": duration,
+    return {"model": model, "api": ",".join(apis), "batch": batch, "duration_s": duration, "workers": workers,
             "machine": machine_description(), "runtimes": runtimes, "servers": servers, "in_process": limits,
             "summary": summary}

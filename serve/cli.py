@@ -11,8 +11,8 @@ import typer
 
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
-from resserve.serve.settings import (DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice, Device, Precision,
-                                     ServerSettings)
+from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice, Device,
+                                     Precision, ServerSettings, parse_workers)
 
 
 def _env(name: str) -> str:
@@ -44,7 +44,7 @@ def serve(
     precision: Annotated[str, typer.Option(envvar=_env("PRECISION"),
         help=f"{Precision.listing()} (bf16 needs OpenVINO and a manifest showing <= 0.1 points accuracy loss).")] = ServerSettings.precision.value,
     threads: Annotated[Optional[int], typer.Option(envvar=_env("THREADS"),
-        help="Inference threads [default: the CPUs this process may use].", show_default=False)] = None,
+        help="Inference threads per worker [default: the CPUs this process may use, divided among the workers].", show_default=False)] = None,
     max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"),
         help="Most images in one request (KServe batch or Classify images); more: INVALID_ARGUMENT.")] = ServerSettings.max_images_per_request,
     max_message_bytes: Annotated[int, typer.Option(envvar=_env("MAX_MESSAGE_BYTES"),
@@ -65,6 +65,12 @@ def serve(
         help="Require client certificates signed by this CA (mutual TLS).")] = None,
     token_file: Annotated[Optional[Path], typer.Option(envvar=_env("TOKEN_FILE"),
         help="Bearer tokens, one per line; clients must send one (health is exempt).")] = None,
+    workers: Annotated[str, typer.Option(envvar=_env("WORKERS"),
+        help="Server processes on the same ports, each with its own models and a share of the CPUs "
+        f"(Linux). auto: one per {CPUS_PER_WORKER} CPUs (--cpus), at least one.")] = "auto",
+    cpus: Annotated[Optional[int], typer.Option(envvar=_env("CPUS"),
+        help="CPUs the server may use, shared by its workers (Kubernetes: the CPU limit, from the downward API) "
+        "[default: the affinity mask, capped by a cgroup v2 quota].", show_default=False)] = None,
 ) -> None:
     """Serve digit classification over gRPC and HTTP, from one process.
 
@@ -76,7 +82,9 @@ def serve(
     "resserve.readiness" (models loaded and not draining); over HTTP /v2/health/live and
     /v2/health/ready. Stop with SIGTERM: not ready, drain, grace for in-flight requests, exit 0.
     """
+    from resserve.serve.backends.base import usable_cpus
     from resserve.serve.server import run_server
+    from resserve.serve.workers import supervise
 
     settings = ServerSettings(
         packages=tuple(packages or ()), host=host, port=port, http_port=http_port, metrics_port=metrics_port,
@@ -85,8 +93,12 @@ def serve(
         backend=backend, precision=precision, threads=threads, max_images_per_request=max_images_per_request,
         max_message_bytes=max_message_bytes, max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age, tls_cert=tls_cert, tls_key=tls_key,
-        tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file))
-    run_server(settings)
+        tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file), cpus=cpus,
+        workers=parse_workers(workers, cpus or usable_cpus()))
+    if settings.workers > 1:
+        supervise(settings)
+    else:
+        run_server(settings)
 
 
 def _read_tokens(path: Optional[Path]) -> tuple[str, ...]:
@@ -184,12 +196,20 @@ def bench_serve(
         help="With --start: server backends to measure, comma-separated, each optionally with its precision "
         "(e.g. onnxruntime,auto,openvino:fp32,openvino:bf16); each runs batched, and ONNX Runtime unbatched "
         "is always added as the baseline.")] = "onnxruntime,auto",
+    workers: Annotated[str, typer.Option(
+        help="With --start: server worker counts to measure side by side, comma-separated (e.g. 1,2,4) "
+        "[default: what --workers auto gives here].", show_default=False)] = "auto",
+    load_processes: Annotated[str, typer.Option(
+        help="Processes the load generator spreads its clients over (each at most one core) [default auto: "
+        "one per 2 usable CPUs; with a server sharing the CPUs, more load processes take its CPU].",
+        show_default=False)] = "auto",
     metrics: Annotated[Optional[str], typer.Option(
         help="The target's metrics URL [default: http://HOST:8002/metrics].", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: latency percentiles against throughput.")] = None,
 ) -> None:
     """Latency and throughput under closed-loop load, beside the in-process ONNX Runtime limit."""
+    from resserve.serve.backends.base import usable_cpus
     from resserve.serve.bench import APIS, plot_report, print_report, run_benchmark
 
     if start == (target is not None):
@@ -203,16 +223,32 @@ def bench_serve(
         raise ResserveError(f"--concurrency takes comma-separated integers, got {concurrency!r}") from exc
     if min(levels) < 1 or batch < 1 or duration <= 0 or warmup < 0:
         raise ResserveError("concurrency levels and --batch must be >= 1, --duration > 0, --warmup >= 0")
+    cpus = usable_cpus()
+    counts = [parse_workers(w.strip(), cpus) for w in workers.split(",") if w.strip()]
+    processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")
+    if not counts or min(counts) < 1:
+        raise ResserveError(f"--workers takes auto or counts >= 1, comma-separated; got {workers!r}")
     host = target.rsplit(":", 1)[0] if target else None
     metrics_url = metrics or (f"http://{host}:{DEFAULT_METRICS_PORT}/metrics" if target else None)
     http_target = http_target or (f"{host}:{DEFAULT_HTTP_PORT}" if target else None)
     report = run_benchmark(package, target, http_target, model, apis, levels, batch, duration, warmup, metrics_url,
-                           [b.strip() for b in backends.split(",") if b.strip()], log=lambda m: typer.echo(m, err=True))
+                           [b.strip() for b in backends.split(",") if b.strip()], counts, processes,
+                           log=lambda m: typer.echo(m, err=True))
     print_report(report)
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
     if plot:
         plot_report(report, plot)
+
+
+def _positive(value: str, option: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ResserveError(f"{option} must be auto or a count >= 1, got {value!r}")
+    return number
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -1,8 +1,12 @@
-"""Prometheus metrics of the server, on their own registry (served on the metrics port)."""
+"""Prometheus metrics of the server, on their own registry (served on the metrics port).
+
+Under ``--workers N`` every worker writes them to prometheus-client's multiprocess files and the
+supervisor serves their sum (serve/workers.py); gauges say how workers' values combine.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -23,10 +27,8 @@ class Metrics:
                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("resserve_batch_size", "Images per batch formed by the dynamic batcher.",
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("resserve_queue_depth", "Requests waiting in a model's queue.", ["model"], registry=r)
+        self.queue_depth = Gauge("resserve_queue_depth", "Requests waiting in a model's queue (all workers).",
+                                 ["model"], registry=r, multiprocess_mode="livesum")
         self.model_info = Gauge("resserve_model_info", "Loaded models and how they run (value 1).",
-                                ["model", "version", "backend", "device", "precision"], registry=r)
-
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Expose /metrics over HTTP on ``port`` (a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+                                ["model", "version", "backend", "device", "precision"], registry=r,
+                                multiprocess_mode="livemax")

@@ -68,7 +68,7 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
     model_bytes = package.read_verified(artifact)  # a sha256 mismatch refuses to start
     started = time.monotonic()
     backend = open_backend(model_bytes, artifact.format, choice.backend, settings.device, choice.precision,
-                           settings.threads)
+                           settings.inference_threads)
     log.info("model %s runs on %s in %s: %s", package.name, choice.backend, choice.precision, choice.reason)
     if settings.device == "auto" and backend.device == "cpu":
         log.info("--device auto: no CUDA available to %s, running %s on the CPU", backend.name, package.name)
@@ -83,9 +83,9 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
         metrics.inference_time.labels(name).observe(stats.infer_seconds)
         for seconds in stats.queue_seconds:
             metrics.queue_time.labels(name).observe(seconds)
+        metrics.queue_depth.labels(name).set(batcher.queue_depth)  # a value, not a function: workers share it
 
     batcher = DynamicBatcher(backend.infer, settings.batching, executor, on_batch=record)
-    metrics.queue_depth.labels(name).set_function(lambda: batcher.queue_depth)
     metrics.model_info.labels(name, package.version, backend.name, backend.device, backend.precision).set(1)
     log.info("loaded model %s version %s: %s on %s (%s, %s), warmed up in %.2f s", name, package.version,
              artifact.file, backend.name, backend.device, backend.precision, time.monotonic() - started)

@@ -18,19 +18,22 @@ import logging
 import os
 import signal
 import socket
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
 
 from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
-from resserve.serve.backends.base import usable_cpus
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.digits import DigitClassifierServicer
 from resserve.serve.errors import ResserveError
 from resserve.serve.kserve import InferenceServicer
+from resserve.serve.package import ModelPackage
 from resserve.serve.repository import load_repository, read_packages
 from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
@@ -49,6 +52,7 @@ API_SERVICES = [
 # "" (the whole server) and each API follow readiness: a draining server is not ready for traffic
 READINESS_NAMES = ["", READINESS_SERVICE, *API_SERVICES]
 AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FLUSH_SECONDS = 0.1  # after the last answer, before the process exits
 PENDING_CALLS = 20_000
 
@@ -73,7 +77,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 def _grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
     options = [
-        ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent second listener
+        # a port in use is an error, not a silent second listener; workers share theirs (serve/workers.py)
+        ("grpc.so_reuseport", int(settings.reuse_port)),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Calls that arrived but are not yet handed to Python wait in gRPC core; past its default
@@ -92,7 +97,7 @@ class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.state = ServerState(settings)
-        self.preprocess_pool = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="preprocess")
+        self.preprocess_pool = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="preprocess")
         self.plane = DataPlane(self.state, self.preprocess_pool)
         self.health = health_aio.HealthServicer()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -107,9 +112,28 @@ class Server:
         for name in names:
             await self.health.set(name, status)
 
-    async def start(self) -> None:
+    async def start(self, coordinator: Coordinator | None = None) -> None:
+        """Listen and load. Alone: listen first (health says NOT_SERVING while models load), then
+        load. As one of several workers (``coordinator``): load first, listen when every worker
+        has loaded, so no connection ever reaches a worker that is not ready."""
         packages = read_packages(self.settings)  # a missing or malformed package: an error before listening
         await self._set_health([LIVENESS_SERVICE, *READINESS_NAMES], serving=False)
+        if coordinator is None:
+            await self._listen()
+            await self._load(packages)
+        else:
+            await self._load(packages)
+            await coordinator.loaded()
+            await self._listen()
+        self.state.ready = True
+        await self._set_health(READINESS_NAMES, serving=True)
+        names = ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models.values())
+        if coordinator is None:
+            log.info("ready: %s", names)
+        else:
+            coordinator.ready()
+
+    async def _listen(self) -> None:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), self.grpc)
         digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.plane), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -118,36 +142,32 @@ class Server:
             self.grpc)
         tls = tls_files(self.settings)
         http_tls = ssl_context(tls) if tls and self.http else None  # a bad key or certificate: before listening
-        if self.http:
-            _check_port_free(self.settings.host, self.settings.http_port)
+        if self.http and not self.settings.reuse_port:
+            check_port_free(self.settings.host, self.settings.http_port)
         self.port = self._bind(tls)
         await self.grpc.start()
         await self._set_health([LIVENESS_SERVICE], serving=True)
         secure = " (TLS)" if tls else ""
         log.info("listening on %s:%d%s", self.settings.host, self.port, secure)
         if self.http:
-            http_port = await self.http.start(self.settings.host, self.settings.http_port, http_tls)
+            http_port = await self.http.start(self.settings.host, self.settings.http_port, http_tls,
+                                              self.settings.reuse_port)
             log.info("HTTP on %s://%s:%d/ (KServe v2 REST, /v1/classify, the page)%s",
                      "https" if tls else "http", self.settings.host, http_port, secure)
         if self.settings.metrics_port:
-            try:
-                self.state.metrics.serve(self.settings.metrics_port, self.settings.host)
-            except OSError as exc:
-                raise ResserveError(f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: "
-                                    f"{exc.strerror or exc} (choose another --metrics-port, or 0 to disable)") from None
-            log.info("metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port)
+            serve_metrics(self.state.metrics.registry, self.settings.metrics_port, self.settings.host)
+
+    async def _load(self, packages: list[ModelPackage]) -> None:
         repository = await asyncio.to_thread(load_repository, packages, self.settings, self.executor,
                                              self.state.metrics)
         for model in repository.models.values():
             model.batcher.start()
         self.state.repository = repository
-        self.state.ready = True
-        await self._set_health(READINESS_NAMES, serving=True)
-        log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in repository.models.values()))
 
     def _bind(self, tls: TlsFiles | None) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
-        _check_port_free(self.settings.host, self.settings.port)
+        if not self.settings.reuse_port:
+            check_port_free(self.settings.host, self.settings.port)
         credentials = grpc_credentials(tls) if tls else None
         try:
             port = (self.grpc.add_secure_port(address, credentials) if credentials
@@ -180,11 +200,9 @@ class Server:
         self.executor.shutdown(wait=True)
         self.preprocess_pool.shutdown(wait=True, cancel_futures=True)
         await asyncio.sleep(FLUSH_SECONDS)  # the last answers leave the process
-        answered = ", ".join(f"{code} {count}" for code, count in sorted(self.state.answered.items()))
-        log.info("stopped; requests answered: %s", answered or "none")
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> None:
     """A port in use is one line from us, before gRPC tries it (and logs its own error line)."""
     if port == 0:
         return
@@ -197,6 +215,21 @@ def _check_port_free(host: str, port: int) -> None:
                 raise ResserveError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def answer_counts(answered: Counter) -> str:
+    """"OK 12, UNAVAILABLE 3": the last log line's count of answers by status code."""
+    return ", ".join(f"{code} {count}" for code, count in sorted(answered.items())) or "none"
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str) -> None:
+    """Prometheus /metrics on ``port`` (a daemon thread); a port in use is one line."""
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ResserveError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} "
+                            "(choose another --metrics-port, or 0 to disable)") from None
+    log.info("metrics on http://%s:%d/metrics", host, port)
+
+
 async def _wait_for(event: asyncio.Event, seconds: float) -> bool:
     """Whether ``event`` was set within ``seconds``."""
     try:
@@ -206,7 +239,20 @@ async def _wait_for(event: asyncio.Event, seconds: float) -> bool:
         return False
 
 
-async def _serve(settings: ServerSettings) -> None:
+class Coordinator(Protocol):
+    """What a worker reports to the supervisor that runs it (serve/workers.py)."""
+
+    async def loaded(self) -> None:
+        """Models loaded and warmed; returns when every worker has loaded (time to listen)."""
+
+    def ready(self) -> None:
+        """Listening and ready."""
+
+    def stopped(self, answered: Counter) -> None:
+        """Drained: the answers this worker gave, by status code."""
+
+
+async def serve(settings: ServerSettings, coordinator: Coordinator | None = None) -> None:
     """Serve until SIGTERM/SIGINT, drain, and exit 0 without calling gRPC's own shutdown.
 
     gRPC core cancels every call that reaches it once its shutdown has begun: a client sending
@@ -220,17 +266,21 @@ async def _serve(settings: ServerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
     try:
-        await server.start()
+        await server.start(coordinator)
     except BaseException:
         await server.grpc.stop(0)
         raise
     await stop.wait()
     await server.drain(hurry)
+    if coordinator is None:
+        log.info("stopped; requests answered: %s", answer_counts(server.state.answered))
+    else:  # the supervisor logs the answers of all its workers
+        coordinator.stopped(server.state.answered)
     logging.shutdown()
     os._exit(0)
 
 
 def run_server(settings: ServerSettings) -> None:
     """Serve until SIGTERM/SIGINT, then drain and exit 0."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve(settings))
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    asyncio.run(serve(settings))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from resserve.serve.backends.base import usable_cpus
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
 
@@ -13,6 +14,8 @@ DEFAULT_PORT = 8001  # as Triton: HTTP 8000, gRPC 8001, metrics 8002
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # gRPC's channel arguments are C ints
+MAX_WORKERS = 64
+CPUS_PER_WORKER = 4  # --workers auto: one worker per this many usable CPUs (docs/serving.md "Workers")
 LIVENESS_SERVICE = "resserve.liveness"
 READINESS_SERVICE = "resserve.readiness"
 
@@ -55,6 +58,26 @@ class Precision(Choice):
     BF16 = "bf16"
 
 
+def auto_workers(cpus: int) -> int:
+    """``--workers auto``: one server process per CPUS_PER_WORKER usable CPUs, at least one.
+
+    Each worker needs CPUs for its inference threads as well as for its Python front end; on 2
+    CPUs a second worker measured no faster than one (docs/benchmarks.md "Workers"), while one
+    process on 16 CPUs served 0.37x its in-process limit (the front end, not the model, bound).
+    """
+    return max(1, min(MAX_WORKERS, cpus // CPUS_PER_WORKER))
+
+
+def parse_workers(value: str, cpus: int) -> int:
+    """``--workers``: "auto" or a count, as an int (a bad value is one line)."""
+    if value == "auto":
+        return auto_workers(cpus)
+    try:
+        return int(value)
+    except ValueError:
+        raise ResserveError(f"--workers must be auto or a number of processes, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     packages: tuple[Path, ...] = ()  # empty: the shipped package
@@ -66,7 +89,8 @@ class ServerSettings:
     device: Device = Device.CPU
     backend: BackendChoice = BackendChoice.AUTO
     precision: Precision = Precision.AUTO
-    threads: int | None = None  # default: the CPUs this process may use
+    threads: int | None = None  # inference threads per worker; default: the CPUs divided among the workers
+    cpus: int | None = None  # CPUs the server may use; default: affinity mask and cgroup quota (usable_cpus)
     max_images_per_request: int = 1024
     max_message_bytes: int = 4 * 1024 * 1024
     # gRPC reads a request whole before the server sees its size, so memory is bounded by how
@@ -80,6 +104,13 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a cert signed by this CA
     tokens: tuple[str, ...] = ()  # bearer tokens accepted; empty: no authentication
+    workers: int = 1  # server processes on the same ports (serve/workers.py); see auto_workers
+    reuse_port: bool = False  # set by the supervisor for its workers: they listen on shared ports
+
+    @property
+    def inference_threads(self) -> int:
+        """Each worker's inference threads: --threads, or its share of the CPUs."""
+        return self.threads or max(1, (self.cpus or usable_cpus()) // self.workers)
 
     @property
     def max_concurrent_rpcs(self) -> int:
@@ -103,6 +134,7 @@ class ServerSettings:
             (b.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0"),
             (b.max_queue_size >= 1, "--max-queue-size must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
+            (self.cpus is None or self.cpus >= 1, "--cpus must be >= 1"),
             (self.max_images_per_request >= 1, "--max-images-per-request must be >= 1"),
             (1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,
              f"--max-message-bytes must be in 1024-{MAX_GRPC_MESSAGE_BYTES} (gRPC's limit)"),
@@ -112,6 +144,7 @@ class ServerSettings:
             (not self.tls_client_ca or bool(self.tls_cert),
              "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key; refusing to serve without TLS"),
             (self.drain_seconds >= 0 and self.grace_seconds >= 0, "drain and grace seconds must be >= 0"),
+            (1 <= self.workers <= MAX_WORKERS, f"--workers must be auto or 1-{MAX_WORKERS}"),
         ]
         for ok, message in checks:
             if not ok:

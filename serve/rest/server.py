@@ -147,10 +147,10 @@ class HttpServer:
         self.app.add_routes(routes)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
-        """Listen; returns the port (the one asked for, or the one the OS chose for 0)."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, reuse_port: bool = False) -> int:
+        """Listen (``reuse_port``: beside the other workers); returns the port."""
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context, backlog=1024)
+        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_port=reuse_port)
         try:
             await site.start()
         except OSError as exc:

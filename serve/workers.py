@@ -1,0 +1,307 @@
+"""``resserve serve --workers N``: N server processes on the same ports, under one supervisor.
+
+One process is one event loop: past a few CPUs its Python per-request path, not the model,
+bounds what it serves. Each worker here is a whole server (serve/server.py) with its own
+backend, batcher and inference threads (the usable CPUs divided among them), listening on the
+same gRPC and HTTP ports with SO_REUSEPORT, so the kernel spreads connections over them. The
+supervisor (this module, no event loop, no gRPC):
+
+- checks every port before any worker starts (one line if one is in use) and holds the gRPC
+  and HTTP ports for the workers (a bound socket that does not listen takes no connections);
+- starts the workers; each loads and warms its models and waits, and when all have loaded they
+  listen together: the server is ready when every worker is. A worker that restarts listens
+  only once it is ready, so no connection reaches a worker that is not;
+- restarts a worker that dies, after a backoff that grows while it keeps dying (logged, counted
+  in ``resserve_worker_restarts_total``); a worker gets SIGTERM if the supervisor dies
+  (PR_SET_PDEATHSIG), so none is left behind;
+- forwards SIGTERM/SIGINT: every worker drains as a single server does (not ready, the drain
+  window, the grace period), and the supervisor exits 0 after the last, logging the answers of
+  all of them;
+- serves one Prometheus endpoint for all workers (prometheus-client's multiprocess mode):
+  counters and histograms add up, queue depth is summed over live workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Counter as PrometheusCounter
+from prometheus_client import multiprocess
+
+from resserve.serve.errors import ResserveError
+from resserve.serve.repository import read_packages
+from resserve.serve.server import LOG_FORMAT, answer_counts, check_port_free, serve, serve_metrics
+from resserve.serve.settings import ServerSettings
+from resserve.serve.tls import ssl_context, tls_files
+
+log = logging.getLogger("resserve.serve")
+
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client in each worker
+FIRST_BACKOFF_SECONDS = 1.0
+MAX_BACKOFF_SECONDS = 30.0
+STABLE_SECONDS = 60.0  # a worker that lived this long starts the backoff afresh when it dies
+POLL_SECONDS = 0.2
+PR_SET_PDEATHSIG = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# In the worker
+
+
+class PipeCoordinator:
+    """A worker's side of the supervisor's pipe (the ``Coordinator`` of serve/server.py)."""
+
+    def __init__(self, pipe: Connection) -> None:
+        self.pipe = pipe
+
+    async def loaded(self) -> None:
+        try:
+            self.pipe.send(("loaded",))
+            await asyncio.to_thread(self.pipe.recv)  # "listen": every worker has loaded
+        except (OSError, EOFError):  # the supervisor is gone before this worker served: nothing to drain
+            os._exit(0)
+
+    def ready(self) -> None:
+        self.pipe.send(("ready",))
+
+    def stopped(self, answered: Counter) -> None:
+        try:
+            self.pipe.send(("stopped", dict(answered)))
+        except OSError:  # the supervisor is gone (it was killed): say it here
+            log.info("stopped; requests answered: %s", answer_counts(answered))
+
+
+def _follow_the_supervisor() -> None:
+    """Signals come from the supervisor only: a process group of its own, so a terminal's Ctrl-C
+    or a group-wide SIGTERM is not delivered twice (a second signal cuts the drain short); and
+    SIGTERM (a drain, then exit) when the supervisor dies, however it dies (Linux)."""
+    os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor refuses --workers there anyway
+        pass
+
+
+def worker_main(settings: ServerSettings, index: int, pipe: Connection) -> None:
+    """A worker process: a whole server on the shared ports, coordinated over ``pipe``."""
+    _follow_the_supervisor()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT.replace("%(name)s", f"%(name)s[worker {index}]"))
+    try:
+        asyncio.run(serve(settings, PipeCoordinator(pipe)))
+    except ResserveError as exc:  # the supervisor says it, once, for the first worker that fails to start
+        pipe.send(("failed", str(exc)))
+        sys.exit(exc.exit_code)
+
+
+# ----------------------------------------------------------------------------------------------
+# In the supervisor
+
+
+@dataclass
+class Worker:
+    index: int
+    process: multiprocessing.Process
+    pipe: Connection
+    started: float = field(default_factory=time.monotonic)
+    state: str = "loading"  # loading -> loaded -> ready -> stopped
+    answered: Counter = field(default_factory=Counter)
+
+
+class SupervisorMetrics:
+    """The supervisor's own metrics, beside the workers' (which it reads from their files)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.restarts = PrometheusCounter("resserve_worker_restarts", "Workers restarted after they died.",
+                                          registry=registry)
+        self.ready = Gauge("resserve_workers_ready", "Workers ready and listening.", registry=registry)
+        self.configured = Gauge("resserve_workers", "Workers configured (--workers).", registry=registry)
+
+
+class Supervisor:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.context = multiprocessing.get_context("spawn")  # fresh interpreters: never fork gRPC
+        self.workers: dict[int, Worker] = {}
+        self.restart_at: dict[int, float] = {}  # index -> when a dead worker starts again
+        self.backoff: dict[int, float] = {}
+        self.stopping = False
+        self.signals = 0
+        self.held: list[socket.socket] = []
+        self.metrics_dir = tempfile.mkdtemp(prefix="resserve-metrics-")
+        self.registry = CollectorRegistry()
+        self.metrics = SupervisorMetrics(self.registry)
+
+    # startup ----------------------------------------------------------------------------------
+
+    def _worker_settings(self) -> ServerSettings:
+        """The ports held for the workers (0 made concrete), the CPUs divided, metrics served here."""
+        s = self.settings
+        port = self._hold(s.port)
+        http_port = self._hold(s.http_port) if s.http_port else 0
+        return dataclasses.replace(s, port=port, http_port=http_port, metrics_port=0, threads=s.inference_threads,
+                                   workers=1, reuse_port=True)
+
+    def _hold(self, port: int) -> int:
+        """Check ``port`` is free (one line if not), then hold it for the workers."""
+        check_port_free(self.settings.host, port)
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        held = socket.socket(family, socket.SOCK_STREAM)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((self.settings.host, port))
+        self.held.append(held)
+        return held.getsockname()[1]
+
+    def _start(self, index: int) -> None:
+        parent_end, child_end = self.context.Pipe()
+        process = self.context.Process(target=worker_main, args=(self.worker_settings, index, child_end),
+                                       name=f"resserve-worker-{index}", daemon=False)
+        process.start()
+        child_end.close()
+        self.workers[index] = Worker(index, process, parent_end)
+        log.info("worker %d started (pid %d)", index, process.pid)
+
+    def run(self) -> None:
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise ResserveError("--workers above 1 needs SO_REUSEPORT (Linux); run one worker per container instead")
+        packages = read_packages(self.settings)  # a missing or malformed package: one line before any worker starts
+        self.model_names = ", ".join(f"{p.name} v{p.version}" for p in packages)
+        tls = tls_files(self.settings)
+        if tls and self.settings.http_port:
+            ssl_context(tls)
+        self.worker_settings = self._worker_settings()
+        if self.settings.metrics_port:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            MultiProcessCollector(self.registry, path=self.metrics_dir)
+            serve_metrics(self.registry, self.settings.metrics_port, self.settings.host)
+        self.metrics.configured.set(self.settings.workers)
+        os.environ[METRICS_DIR_VARIABLE] = self.metrics_dir  # inherited by the workers only: imported here already
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("listening on %s:%d with %d workers, %d inference threads each", self.settings.host,
+                 self.worker_settings.port, self.settings.workers, self.worker_settings.threads)
+        try:
+            for index in range(1, self.settings.workers + 1):
+                self._start(index)
+            self._loop()
+        finally:
+            for worker in self.workers.values():
+                if worker.process.is_alive():
+                    worker.process.kill()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        total = sum((w.answered for w in self.workers.values()), Counter())
+        each = "; ".join(f"worker {w.index}: {answer_counts(w.answered)}" for w in self.workers.values())
+        log.info("stopped; requests answered: %s (%s)", answer_counts(total), each)
+
+    # the loop ---------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signals += 1
+
+    def _loop(self) -> None:
+        forwarded = 0
+        while True:
+            if self.signals > forwarded:  # forward each signal: the second cuts the drain short
+                forwarded = self.signals
+                self._forward(signal.SIGTERM)
+            alive = [w for w in self.workers.values() if w.process.is_alive()]
+            if self.stopping and not alive:
+                return
+            ready = wait([w.pipe for w in alive] + [w.process.sentinel for w in alive], POLL_SECONDS)
+            for worker in alive:
+                if worker.pipe in ready:
+                    self._message(worker)
+            for worker in list(self.workers.values()):
+                if not worker.process.is_alive() and worker.state != "stopped" and not self.stopping:
+                    self._died(worker)
+            self._restart_due()
+
+    def _forward(self, signum: int) -> None:
+        if not self.stopping:
+            log.info("shutting down: every worker drains (signal again to skip the drain)")
+        self.stopping = True
+        for worker in self.workers.values():
+            if worker.process.is_alive():
+                os.kill(worker.process.pid, signum)
+
+    def _message(self, worker: Worker) -> None:
+        try:
+            kind, *payload = worker.pipe.recv()
+        except (EOFError, OSError):  # it died: its sentinel says so
+            return
+        if kind == "loaded":
+            worker.state = "loaded"
+            self._release_loaded()
+        elif kind == "ready":
+            worker.state = "ready"
+            self.metrics.ready.set(sum(w.state == "ready" for w in self.workers.values()))
+            if all(w.state == "ready" for w in self.workers.values()):
+                log.info("ready: %s (%d workers)", self.model_names, len(self.workers))
+        elif kind == "failed" and not self._serving:  # at startup: the server cannot start
+            raise ResserveError(payload[0])
+        elif kind == "failed":
+            log.error("worker %d could not start again: %s", worker.index, payload[0])
+        elif kind == "stopped":
+            worker.state = "stopped"
+            worker.answered.update(payload[0])
+
+    def _release_loaded(self) -> None:
+        """Workers listen once all have loaded; later (a restart), as soon as each has."""
+        starting = any(w.state == "loading" for w in self.workers.values()) and not self._serving
+        if starting:
+            return
+        for worker in self.workers.values():
+            if worker.state == "loaded":
+                worker.pipe.send("listen")
+                worker.state = "listening"
+
+    @property
+    def _serving(self) -> bool:
+        return any(w.state == "ready" for w in self.workers.values())
+
+    def _died(self, worker: Worker) -> None:
+        code = worker.process.exitcode
+        multiprocess.mark_process_dead(worker.process.pid, self.metrics_dir)
+        delay = self.backoff.get(worker.index, FIRST_BACKOFF_SECONDS / 2) * 2
+        if time.monotonic() - worker.started > STABLE_SECONDS:
+            delay = FIRST_BACKOFF_SECONDS
+        delay = min(delay, MAX_BACKOFF_SECONDS)
+        self.backoff[worker.index] = delay
+        worker.state = "stopped"
+        self.metrics.ready.set(sum(w.state == "ready" for w in self.workers.values()))
+        self.restart_at[worker.index] = time.monotonic() + delay
+        log.warning("worker %d (pid %d) exited with code %s; restarting it in %.1f s", worker.index,
+                    worker.process.pid, code, delay)
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for index, at in list(self.restart_at.items()):
+            if self.stopping:
+                self.restart_at.clear()
+                return
+            if now >= at:
+                del self.restart_at[index]
+                self.metrics.restarts.inc()
+                self._start(index)
+
+
+def supervise(settings: ServerSettings) -> None:
+    """Run ``settings.workers`` workers until SIGTERM/SIGINT; exit 0 when all have drained."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    Supervisor(settings).run()

@@ -1,0 +1,181 @@
+"""``resserve serve --workers N`` as real processes: N workers on one port, one answers for all of
+them in metrics and in the final count, a killed worker comes back, SIGTERM drains them all, and
+nothing is left behind."""
+
+import collections
+import os
+import re
+import signal
+import threading
+import time
+from http.client import HTTPConnection
+
+import grpc
+import numpy as np
+import pytest
+
+from helpers import ServerProcess, free_port, metric_value, run_cli
+from resserve.serve.settings import auto_workers
+from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
+from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+
+MODEL = "resnet-mnist"
+INFER_BODY = (b'{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32","data":[' +
+              b",".join([b"0"] * 784) + b"]}]}")
+
+
+def http_status(server) -> int:
+    """One inference over a connection of its own: the kernel picks the worker."""
+    connection = HTTPConnection(server.http_target, timeout=30)
+    try:
+        connection.request("POST", f"/v2/models/{MODEL}/infer", body=INFER_BODY)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def worker_pids(server) -> dict[int, int]:
+    """Worker index -> pid of its latest start, from the supervisor's log."""
+    return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", "".join(server.lines))}
+
+
+def final_counts(server) -> tuple[dict[str, int], str]:
+    """The supervisor's last line: the answers of all workers, and the per-worker part."""
+    line = next(line for line in reversed(server.lines) if "stopped; requests answered: " in line)
+    total, _, each = line.split("requests answered: ")[1].partition(" (")
+    return {code: int(n) for code, n in re.findall(r"(\w+) (\d+)", total)}, each
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_auto_workers_is_one_per_four_cpus_and_at_least_one():
+    assert [auto_workers(n) for n in (1, 2, 3, 4, 8, 16, 1000)] == [1, 1, 1, 1, 2, 4, 64]
+
+
+def test_two_workers_share_one_port_and_metrics_add_up():
+    with ServerProcess("--workers", "2") as server:
+        assert "ready: resnet-mnist v1 (2 workers)" in "".join(server.lines)
+        statuses = collections.Counter(http_status(server) for _ in range(60))
+        metrics = server.metrics()
+        assert metric_value(metrics, "resserve_workers_ready") == 2
+        assert metric_value(metrics, "resserve_requests_total", protocol="http", code="200") == 60
+        assert metric_value(metrics, "resserve_batch_size_count") == 60  # each worker's batches, summed
+        stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+        assert stub.ServerReady(kserve_pb2.ServerReadyRequest(), timeout=10).ready
+        assert server.stop() == 0
+    assert statuses == {200: 60}
+    total, each = final_counts(server)
+    assert total == {"200": 60}
+    per_worker = [int(n) for n in re.findall(r"worker \d+: 200 (\d+)", each)]
+    assert len(per_worker) == 2 and all(n > 0 for n in per_worker) and sum(per_worker) == 60  # both answered
+
+
+def test_a_killed_worker_comes_back_while_the_other_keeps_answering():
+    with ServerProcess("--workers", "2") as server:
+        first = worker_pids(server)
+        statuses, stop = collections.Counter(), threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    statuses[http_status(server)] += 1
+                except OSError:  # a connection the dead worker had accepted
+                    statuses["reset"] += 1
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        time.sleep(0.5)
+        os.kill(first[1], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while worker_pids(server)[1] == first[1] or metric_value(server.metrics(), "resserve_workers_ready") < 2:
+            assert time.monotonic() < deadline, "".join(server.lines)
+            time.sleep(0.2)
+        time.sleep(0.5)
+        stop.set()
+        thread.join()
+        log = "".join(server.lines)
+        assert f"worker 1 (pid {first[1]}) exited with code -9; restarting it in 1.0 s" in log
+        assert metric_value(server.metrics(), "resserve_worker_restarts_total") == 1
+        assert alive(first[2]) and worker_pids(server)[2] == first[2]  # the other was never touched
+        assert statuses[200] > 20 and statuses["reset"] <= 2, statuses
+        assert set(statuses) <= {200, "reset"}, statuses
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_drains_every_worker_and_answers_only_ok_or_unavailable():
+    request = kserve_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
+    request.raw_input_contents.append(np.zeros((1, 1, 28, 28), np.float32).tobytes())
+    with ServerProcess("--workers", "2", "--grace-seconds", "5", drain_seconds=1.0) as server:
+        pids = list(worker_pids(server).values())
+        codes, stop = collections.Counter(), threading.Event()
+
+        def client() -> None:  # a connection of its own per client, so both workers get some
+            channel = grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+            stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.ModelInfer(request, timeout=10)
+                    codes["OK"] += 1
+                except grpc.RpcError as exc:
+                    codes[exc.code().name] += 1
+                    time.sleep(0.01)
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+        time.sleep(0.2)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert set(codes) <= {"OK", "UNAVAILABLE"} and codes["OK"] > 0, codes  # never CANCELLED
+    total, _ = final_counts(server)
+    assert set(total) <= {"OK", "UNAVAILABLE"} and total["OK"] == codes["OK"]  # every OK sent arrived
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_workers_die_with_a_killed_supervisor():
+    with ServerProcess("--workers", "2") as server:
+        pids = list(worker_pids(server).values())
+        server.process.kill()
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            time.sleep(0.2)
+
+
+def test_a_port_in_use_is_one_line_before_any_worker_starts():
+    with ServerProcess() as first:
+        result = run_cli("serve", "--host", "127.0.0.1", "--port", str(first.port), "--http-port", str(free_port()),
+                         "--metrics-port", "0", "--workers", "2", timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{first.port}: Address already in use"]
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_its_reason():
+    result = run_cli("serve", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--workers", "2",
+                     "--device", "cuda", timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --device cuda: this ONNX Runtime has no CUDA")
+    assert "Traceback" not in result.stderr
+
+
+def test_workers_must_be_auto_or_a_count():
+    result = run_cli("serve", "--workers", "many", timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --workers must be auto or a number of processes, got 'many'"
