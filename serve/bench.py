@@ -51,6 +51,9 @@ LOAD_BOUND_CORES = 0.9  # a load process using this much of a core is the likely
 APIS = {"kserve": "gRPC KServe v2", "classify": "gRPC Classify", "rest": "REST KServe v2, binary tensors"}
 
 
+CLIENTS = ("resserve", "tritonclient")  # our own stubs and aiohttp, or Triton's Python clients (asyncio)
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     target: str  # host:port of gRPC
@@ -60,6 +63,7 @@ class LoadSpec:
     batch: int
     duration: float
     warmup: float
+    client: str = "resserve"  # one of CLIENTS (kserve and rest only)
 
 
 def _images(batch: int) -> np.ndarray:
@@ -121,6 +125,40 @@ async def _rest_sender(spec: LoadSpec):
         yield send
 
 
+@asynccontextmanager
+async def _tritonclient_sender(spec: LoadSpec):
+    """As ``_grpc_sender``/``_rest_sender``, with Triton's own asyncio clients (tritonclient.grpc.aio
+    or tritonclient.http.aio), as a Triton user would load the server."""
+    try:
+        if spec.api == "rest":
+            import tritonclient.http.aio as triton
+
+            client = triton.InferenceServerClient(spec.http_target, conn_limit=1)
+        else:
+            import tritonclient.grpc.aio as triton
+
+            client = triton.InferenceServerClient(spec.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+    except ImportError:
+        raise ResserveError('--client tritonclient needs tritonclient: pip install "tritonclient[grpc,http]"') from None
+    from tritonclient.utils import InferenceServerException
+
+    images = _images(spec.batch)
+    tensor = triton.InferInput("input", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+
+    async def send() -> str | None:
+        try:
+            await client.infer(spec.model, [tensor])
+        except InferenceServerException as exc:
+            return str(exc.status() or "error")
+        return None
+
+    try:
+        yield send
+    finally:
+        await client.close()
+
+
 async def _closed_loop(spec: LoadSpec, concurrency: int, start_at: float) -> tuple[list[float], Counter, float]:
     """Latencies (s) of requests that finished inside the measured window, error codes, window
     length. The clients start at ``start_at`` (time.time(), shared by every load process)."""
@@ -129,7 +167,8 @@ async def _closed_loop(spec: LoadSpec, concurrency: int, start_at: float) -> tup
     measure_from, stop_at = start + spec.warmup, start + spec.warmup + spec.duration
     latencies: list[float] = []
     errors: Counter = Counter()
-    sender = _rest_sender if spec.api == "rest" else _grpc_sender
+    sender = (_tritonclient_sender if spec.client == "tritonclient" else
+              _rest_sender if spec.api == "rest" else _grpc_sender)
 
     async def client() -> None:
         async with sender(spec) as send:
@@ -449,7 +488,7 @@ def _named(configuration: str, api: str, apis: list[str]) -> str:
 def run_benchmark(package_path: Path | None, target: str | None, http_target: str | None, model: str,
                   apis: list[str], levels: list[int], batch: int, duration: float, warmup: float,
                   metrics_url: str | None, backends: list[str], workers: list[int], load_processes: int,
-                  log=print) -> dict:
+                  client: str = "resserve", log=print) -> dict:
     """The whole sweep: the server(s) over each API, then the in-process limit; returns the report."""
     package = load_package(package_path)
     model = model or package.name
@@ -464,7 +503,7 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
             for api in apis:
                 name = _named(configuration, api, apis)
                 runtimes[name] = runtime
-                spec = LoadSpec(address, http, model, api, batch, duration, warmup)
+                spec = LoadSpec(address, http, model, api, batch, duration, warmup, client)
                 servers[name] = []
                 for concurrency in levels:
                     log(f"{name} ({runtime}): concurrency {concurrency} ...")
@@ -494,6 +533,7 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
                 by_c = {row["concurrency"]: row["images_per_second"] for row in grpc_rows}
                 summary[name]["over_grpc_kserve"] = {row["concurrency"]: row["images_per_second"] / by_c[row["concurrency"]]
                                                      for row in servers[name]}
-    return {"model": model, "api": ",".join(apis), "batch": batch, "duration_s": duration, "workers": workers,
+    return {"model": model, "api": ",".join(apis), "client": client, "batch": batch, "duration_s": duration,
+            "workers": workers,
             "machine": machine_description(), "runtimes": runtimes, "servers": servers, "in_process": limits,
             "summary": summary}

@@ -185,6 +185,9 @@ def bench_serve(
     api: Annotated[str, typer.Option(
         help="APIs to load, comma-separated, each against the same server(s): kserve (gRPC KServe v2), "
         "classify (gRPC DigitClassifier), rest (KServe v2 REST with binary tensors, as tritonclient.http).")] = "kserve",
+    client: Annotated[str, typer.Option(
+        help="The load's client library: resserve (grpc.aio stubs, aiohttp) or tritonclient (Triton's "
+        "asyncio clients, for kserve and rest; needs tritonclient installed).")] = "resserve",
     http_target: Annotated[Optional[str], typer.Option(
         help="With --target and --api rest: the server's HTTP host:port [default: HOST:8000].",
         show_default=False)] = None,
@@ -210,7 +213,7 @@ def bench_serve(
 ) -> None:
     """Latency and throughput under closed-loop load, beside the in-process ONNX Runtime limit."""
     from resserve.serve.backends.base import usable_cpus
-    from resserve.serve.bench import APIS, plot_report, print_report, run_benchmark
+    from resserve.serve.bench import APIS, CLIENTS, plot_report, print_report, run_benchmark
 
     if start == (target is not None):
         raise ResserveError("give exactly one of --start and --target HOST:PORT")
@@ -223,6 +226,8 @@ def bench_serve(
         raise ResserveError(f"--concurrency takes comma-separated integers, got {concurrency!r}") from exc
     if min(levels) < 1 or batch < 1 or duration <= 0 or warmup < 0:
         raise ResserveError("concurrency levels and --batch must be >= 1, --duration > 0, --warmup >= 0")
+    if client not in CLIENTS or (client == "tritonclient" and "classify" in apis):
+        raise ResserveError(f"--client takes {' or '.join(CLIENTS)} (tritonclient: for kserve and rest only); got {client!r}")
     cpus = usable_cpus()
     counts = [parse_workers(w.strip(), cpus) for w in workers.split(",") if w.strip()]
     processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")
@@ -232,7 +237,7 @@ def bench_serve(
     metrics_url = metrics or (f"http://{host}:{DEFAULT_METRICS_PORT}/metrics" if target else None)
     http_target = http_target or (f"{host}:{DEFAULT_HTTP_PORT}" if target else None)
     report = run_benchmark(package, target, http_target, model, apis, levels, batch, duration, warmup, metrics_url,
-                           [b.strip() for b in backends.split(",") if b.strip()], counts, processes,
+                           [b.strip() for b in backends.split(",") if b.strip()], counts, processes, client,
                            log=lambda m: typer.echo(m, err=True))
     print_report(report)
     if json_out:

@@ -68,3 +68,27 @@ def test_bench_serve_against_a_server_without_the_model_is_one_line():
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {server.target}: NOT_FOUND: unknown model 'no-such-model'; this server has resnet-mnist "
         "(--model and --package name the model to measure)")
+
+
+def test_bench_serve_measures_worker_counts_with_tritonclient_from_several_load_processes(tmp_path):
+    out = tmp_path / "workers.json"
+    result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1,2", "--api", "kserve,rest",
+                     "--client", "tritonclient", "--load-processes", "2", "--concurrency", "2", "--duration", "0.5",
+                     "--warmup", "0.2", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["workers"] == [1, 2] and report["client"] == "tritonclient"
+    assert set(report["servers"]) == {f"{name}, {api} API" for api in ("kserve", "rest") for name in (
+        "onnxruntime, batched, 1 worker", "onnxruntime, batched, 2 workers", "onnxruntime, unbatched (max batch 1)")}
+    for rows in report["servers"].values():
+        (row,) = rows
+        assert row["ok"] > 0 and row["errors"] == {} and row["load_processes"] == 2
+        assert row["server_cpu_ms_per_request"] > 0 and row["client_cpu_cores"] > 0
+    assert "server CPU ms/req" in result.stdout
+
+
+def test_bench_serve_refuses_tritonclient_for_classify():
+    result = run_cli("bench", "serve", "--start", "--api", "classify", "--client", "tritonclient")
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: --client takes resserve or tritonclient (tritonclient: for kserve and rest "
+                                     "only); got 'tritonclient'")
