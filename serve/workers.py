@@ -118,7 +118,7 @@ class Worker:
     process: multiprocessing.Process
     pipe: Connection
     started: float = field(default_factory=time.monotonic)
-    state: str = "loading"  # loading -> loaded -> ready -> stopped
+    state: str = "loading"  # loading -> loaded -> listening -> ready -> stopped (drained or dead)
     answered: Counter = field(default_factory=Counter)
 
 
@@ -141,7 +141,9 @@ class Supervisor:
         self.backoff: dict[int, float] = {}
         self.stopping = False
         self.signals = 0
-        self.held: list[socket.socket] = []
+        self.held: list[socket.socket] = []  # the shared ports, bound (not listening) while the supervisor runs
+        self.worker_settings: ServerSettings | None = None  # set in run(): the ports made concrete
+        self.model_names = ""
         self.metrics_dir = tempfile.mkdtemp(prefix="resserve-metrics-")
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry)
