@@ -10,6 +10,10 @@ back to the requests, in order.
   without computing; a cancelled request is skipped and never disturbs its batch-mates.
 - An exception during inference fails that batch's requests only; the batcher keeps running.
 - A request with more images than ``max_batch_size`` runs alone, in chunks.
+- With shape buckets (``BatchingConfig.buckets``), every batch runs at one of a fixed set of
+  sizes, zero-padded up to the next one: a backend that compiles per shape (cuDNN's algorithm
+  search on CUDA) does so only for the buckets, all warmed before the server is ready. Padded
+  rows are cut off before the outputs are split: no client ever sees them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import asyncio
 import time
 from collections import deque
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -56,12 +60,47 @@ class BatchingConfig:
     # lone request never waits for company that is not coming.
     max_queue_delay_us: int = 0
     max_queue_size: int = 256  # requests
+    # Batch sizes batches are padded up to (the largest: max_batch_size); () = any size; None =
+    # chosen by the device (for_device).
+    buckets: tuple[int, ...] | None = None
+
+    def for_device(self, device: str) -> "BatchingConfig":
+        """Buckets resolved for ``device``: powers of two on CUDA, where each new shape costs a
+        cuDNN algorithm search; none on the CPU, where padding only adds work
+        (docs/benchmarks.md "Shape buckets")."""
+        if self.buckets is not None:
+            return self
+        powers = {2 ** i for i in range(self.max_batch_size.bit_length()) if 2 ** i < self.max_batch_size}
+        return replace(self, buckets=tuple(sorted({*powers, self.max_batch_size})) if device == "cuda" else ())
+
+    def shapes(self) -> tuple[int, ...]:
+        """The batch sizes warmed before ready: the buckets, or the smallest and largest batch."""
+        return self.buckets or tuple(sorted({1, self.max_batch_size}))
+
+
+def padded_to_buckets(infer: Callable[[np.ndarray], Outputs], buckets: tuple[int, ...]) -> Callable[[np.ndarray], Outputs]:
+    """``infer`` run at bucket sizes only: a batch of n is zero-padded to the smallest bucket >= n
+    and its outputs cut back to n rows. Batches are at most the largest bucket (the batcher's
+    max_batch_size chunks them)."""
+    if not buckets:
+        return infer
+
+    def run(batch: np.ndarray) -> Outputs:
+        size = len(batch)
+        bucket = next(b for b in buckets if b >= size)
+        if bucket == size:
+            return infer(batch)
+        padded = np.zeros((bucket, *batch.shape[1:]), dtype=batch.dtype)
+        padded[:size] = batch
+        return {name: value[:size] for name, value in infer(padded).items()}
+
+    return run
 
 
 class DynamicBatcher:
     def __init__(self, infer: Callable[[np.ndarray], Outputs], config: BatchingConfig, executor: Executor,
                  on_batch: Callable[[BatchStats], None] = lambda stats: None) -> None:
-        self._infer = infer
+        self._infer = padded_to_buckets(infer, config.buckets or ())
         self.config = config
         self._executor = executor
         self._on_batch = on_batch

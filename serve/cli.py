@@ -12,7 +12,7 @@ import typer
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
 from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice, Device,
-                                     Precision, ServerSettings, parse_workers)
+                                     Precision, ServerSettings, parse_buckets, parse_workers)
 
 
 def _env(name: str) -> str:
@@ -36,6 +36,10 @@ def serve(
         help="Longest wait for batch-mates after the first queued request, microseconds.")] = BatchingConfig.max_queue_delay_us,
     max_queue_size: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_SIZE"),
         help="Requests that may wait per model; beyond it: UNAVAILABLE (retryable).")] = BatchingConfig.max_queue_size,
+    batch_buckets: Annotated[str, typer.Option(envvar=_env("BATCH_BUCKETS"),
+        help="Batch sizes batches are zero-padded up to, each warmed before ready (e.g. 1,8,64; the largest is "
+        "--max-batch-size), or none. auto: powers of two on CUDA (no shape compiles under load), none on the CPU "
+        "(padding only costs there).")] = "auto",
     device: Annotated[str, typer.Option(envvar=_env("DEVICE"),
         help=f"{Device.listing()} (auto: CUDA where ONNX Runtime has it, else CPU).")] = ServerSettings.device.value,
     backend: Annotated[str, typer.Option(envvar=_env("BACKEND"),
@@ -89,7 +93,8 @@ def serve(
     settings = ServerSettings(
         packages=tuple(packages or ()), host=host, port=port, http_port=http_port, metrics_port=metrics_port,
         batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                                max_queue_size=max_queue_size), device=device,
+                                max_queue_size=max_queue_size,
+                                buckets=parse_buckets(batch_buckets, max_batch_size)), device=device,
         backend=backend, precision=precision, threads=threads, max_images_per_request=max_images_per_request,
         max_message_bytes=max_message_bytes, max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age, tls_cert=tls_cert, tls_key=tls_key,

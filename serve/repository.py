@@ -72,9 +72,10 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
     log.info("model %s runs on %s in %s: %s", package.name, choice.backend, choice.precision, choice.reason)
     if settings.device == "auto" and backend.device == "cpu":
         log.info("--device auto: no CUDA available to %s, running %s on the CPU", backend.name, package.name)
-    warm = np.zeros((settings.batching.max_batch_size, 1, 28, 28), dtype=np.float32)
-    backend.infer(warm[:1])
-    backend.infer(warm)
+    batching = settings.batching.for_device(backend.device)
+    warm = np.zeros((batching.max_batch_size, 1, 28, 28), dtype=np.float32)
+    for size in batching.shapes():  # with buckets, every shape a batch can take: nothing compiles after ready
+        backend.infer(warm[:size])
     name, statistics = package.name, ModelStatistics()
 
     def record(stats: BatchStats) -> None:
@@ -85,10 +86,11 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
             metrics.queue_time.labels(name).observe(seconds)
         metrics.queue_depth.labels(name).set(batcher.queue_depth)  # a value, not a function: workers share it
 
-    batcher = DynamicBatcher(backend.infer, settings.batching, executor, on_batch=record)
+    batcher = DynamicBatcher(backend.infer, batching, executor, on_batch=record)
     metrics.model_info.labels(name, package.version, backend.name, backend.device, backend.precision).set(1)
-    log.info("loaded model %s version %s: %s on %s (%s, %s), warmed up in %.2f s", name, package.version,
-             artifact.file, backend.name, backend.device, backend.precision, time.monotonic() - started)
+    log.info("loaded model %s version %s: %s on %s (%s, %s), warmed up at batch %s in %.2f s", name,
+             package.version, artifact.file, backend.name, backend.device, backend.precision,
+             ",".join(map(str, batching.shapes())), time.monotonic() - started)
     return ServedModel(package, backend, batcher, statistics)
 
 

@@ -68,6 +68,23 @@ def auto_workers(cpus: int) -> int:
     return max(1, min(MAX_WORKERS, cpus // CPUS_PER_WORKER))
 
 
+def parse_buckets(value: str, max_batch_size: int) -> tuple[int, ...] | None:
+    """``--batch-buckets``: "auto" (None: chosen by the device, BatchingConfig.for_device), "none",
+    or sizes such as "1,8,64" whose largest is the max batch size."""
+    if value == "auto":
+        return None
+    if value == "none":
+        return ()
+    try:
+        sizes = sorted({int(size) for size in value.split(",")})
+    except ValueError:
+        raise ResserveError(f"--batch-buckets must be auto, none or sizes such as 1,8,64; got {value!r}") from None
+    if sizes[0] < 1 or sizes[-1] != max_batch_size:
+        raise ResserveError(f"--batch-buckets must be sizes >= 1 whose largest is --max-batch-size "
+                            f"({max_batch_size}); got {value!r}")
+    return tuple(sizes)
+
+
 def parse_workers(value: str, cpus: int) -> int:
     """``--workers``: "auto" or a count, as an int (a bad value is one line)."""
     if value == "auto":

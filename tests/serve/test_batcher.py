@@ -126,3 +126,39 @@ def test_a_cancelled_request_does_not_disturb_its_batch_mates():
     assert first["sum"] == pytest.approx([78.4]) and third["sum"] == pytest.approx([235.2])
     assert cancelled
     assert not any(np.isclose(b, 0.2).any() for b in recorder.batches)
+
+
+# shape buckets -----------------------------------------------------------------------------------
+
+
+def test_with_buckets_the_backend_sees_bucket_sizes_only_and_clients_never_see_padding():
+    recorder = Recorder(delay=0.002)
+
+    async def scenario(batcher):
+        return await asyncio.gather(*(batcher.submit(images(*range(i, i + 1 + i % 3))) for i in range(1, 30)))
+
+    results = run(scenario, recorder, max_batch_size=16, buckets=(1, 4, 16))
+    assert {len(b) for b in recorder.batches} <= {1, 4, 16}
+    for i, result in enumerate(results, start=1):  # the rows asked for, nothing else
+        assert result["sum"].tolist() == pytest.approx([784 * v for v in range(i, i + 1 + i % 3)])
+    padded = [b for b in recorder.batches if not b.reshape(len(b), -1).any(axis=1)[-1]]
+    assert padded, "some batch was padded with zero images"
+
+
+def test_buckets_by_device_powers_of_two_on_cuda_none_on_the_cpu():
+    config = BatchingConfig(max_batch_size=48)
+    assert config.for_device("cuda").buckets == (1, 2, 4, 8, 16, 32, 48)
+    assert config.for_device("cpu").buckets == ()
+    assert config.for_device("cpu").shapes() == (1, 48)  # warmed: the smallest and largest batch
+    assert BatchingConfig(max_batch_size=8, buckets=(2, 8)).for_device("cuda").shapes() == (2, 8)  # as given
+
+
+def test_bucket_settings_are_checked():
+    from resserve.serve.errors import ResserveError
+    from resserve.serve.settings import parse_buckets
+
+    assert parse_buckets("auto", 64) is None and parse_buckets("none", 64) == ()
+    assert parse_buckets("64,1,8,8", 64) == (1, 8, 64)
+    for bad in ("1,8", "0,64", "x"):
+        with pytest.raises(ResserveError, match="--batch-buckets"):
+            parse_buckets(bad, 64)

@@ -290,3 +290,21 @@ def test_a_second_signal_cuts_the_drain_short():
         server.process.send_signal(15)
         assert server.process.wait(timeout=20) == 0
         assert time.monotonic() - signalled < 10  # not the 60 s drain
+
+
+def test_shape_buckets_are_all_warmed_before_ready_and_padding_never_reaches_a_client(mnist):
+    from resserve.serve.backends import open_backend
+    from resserve.serve.package import load_package
+
+    with ServerProcess("--backend", "onnxruntime", "--batch-buckets", "1,4,16,64") as server:
+        log = "".join(server.lines)
+        assert "warmed up at batch 1,4,16,64" in log
+        assert log.index("warmed up at batch") < log.index(" ready: ")
+        stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+        images = mnist.test.images[:7, None].astype(np.float32) / 255  # 7 rows: padded to 16
+        served = logits_of(stub.ModelInfer(request_of(images), timeout=30))
+        batches = metric_value(server.metrics(), "resserve_batch_size_sum")
+    package = load_package()
+    backend = open_backend(package.read_verified(package.find("onnx")), "onnx", "onnxruntime", "cpu", "fp32")
+    assert served.shape == (7, 10) and batches == 7  # the client's rows only, counted as 7 images
+    assert np.allclose(served, backend.infer(images)["logits"], atol=1e-5)
