@@ -11,8 +11,8 @@ import typer
 
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
-from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice, Device,
-                                     Precision, ServerSettings, parse_buckets, parse_workers)
+from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice,
+                                     ConvSearch, Device, Precision, ServerSettings, parse_buckets, parse_workers)
 
 
 def _env(name: str) -> str:
@@ -47,6 +47,9 @@ def serve(
         "has BF16 (AMX, AVX512-BF16) and the package's accuracy guard allows it, else ONNX Runtime.")] = ServerSettings.backend.value,
     precision: Annotated[str, typer.Option(envvar=_env("PRECISION"),
         help=f"{Precision.listing()} (bf16 needs OpenVINO and a manifest showing <= 0.1 points accuracy loss).")] = ServerSettings.precision.value,
+    cuda_conv_search: Annotated[str, typer.Option(envvar=_env("CUDA_CONV_SEARCH"),
+        help=f"{ConvSearch.listing()}: ONNX Runtime's cuDNN algorithm search on CUDA, paid at startup for every "
+        "--batch-buckets size.")] = ServerSettings.cuda_conv_search.value,
     threads: Annotated[Optional[int], typer.Option(envvar=_env("THREADS"),
         help="Inference threads per worker [default: the CPUs this process may use, divided among the workers].", show_default=False)] = None,
     max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"),
@@ -95,7 +98,7 @@ def serve(
         batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                                 max_queue_size=max_queue_size,
                                 buckets=parse_buckets(batch_buckets, max_batch_size)), device=device,
-        backend=backend, precision=precision, threads=threads, max_images_per_request=max_images_per_request,
+        backend=backend, precision=precision, cuda_conv_search=cuda_conv_search, threads=threads, max_images_per_request=max_images_per_request,
         max_message_bytes=max_message_bytes, max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age, tls_cert=tls_cert, tls_key=tls_key,
         tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file), cpus=cpus,

@@ -52,6 +52,14 @@ class BackendChoice(Choice):
     TORCHSCRIPT = "torchscript"
 
 
+class ConvSearch(Choice):
+    """ONNX Runtime's cuDNN convolution algorithm search on CUDA (serve/backends/onnxruntime.py)."""
+
+    EXHAUSTIVE = "EXHAUSTIVE"
+    HEURISTIC = "HEURISTIC"
+    DEFAULT = "DEFAULT"
+
+
 class Precision(Choice):
     AUTO = "auto"
     FP32 = "fp32"
@@ -106,6 +114,7 @@ class ServerSettings:
     device: Device = Device.CPU
     backend: BackendChoice = BackendChoice.AUTO
     precision: Precision = Precision.AUTO
+    cuda_conv_search: ConvSearch = ConvSearch.EXHAUSTIVE  # paid before ready, for every shape bucket
     threads: int | None = None  # inference threads per worker; default: the CPUs divided among the workers
     cpus: int | None = None  # CPUs the server may use; default: affinity mask and cgroup quota (usable_cpus)
     max_images_per_request: int = 1024
@@ -136,8 +145,9 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         """Choices given as strings become their enums, and every setting is checked: once, here."""
-        for name, choice in (("device", Device), ("backend", BackendChoice), ("precision", Precision)):
-            object.__setattr__(self, name, choice.parse(getattr(self, name), f"--{name}"))
+        for name, choice in (("device", Device), ("backend", BackendChoice), ("precision", Precision),
+                             ("cuda_conv_search", ConvSearch)):
+            object.__setattr__(self, name, choice.parse(getattr(self, name), f"--{name.replace('_', '-')}"))
         self._validate()
 
     def _validate(self) -> None:

@@ -7,8 +7,9 @@ from resserve.serve.backends.base import Backend, BackendError, ModelSource
 
 
 def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", device: str = "cpu",
-                 precision: str = "fp32", threads: int | None = None) -> Backend:
-    """The backend for an artifact of ``format`` (onnx | torchscript); ONNX runs on ``runtime``.
+                 precision: str = "fp32", threads: int | None = None, cuda_conv_search: str = "EXHAUSTIVE") -> Backend:
+    """The backend for an artifact of ``format`` (onnx | torchscript); ONNX runs on ``runtime``
+    (``cuda_conv_search``: ONNX Runtime's cuDNN algorithm search on CUDA).
 
     Each backend module is imported only when chosen, so a server never loads a runtime it does
     not use (torch above all)."""
@@ -19,7 +20,7 @@ def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", 
     if format == "onnx":
         from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(model, device, threads)
+        return OnnxRuntimeBackend(model, device, threads, cuda_conv_search)
     if format == "torchscript":
         from resserve.serve.backends.torchscript import TorchScriptBackend
 

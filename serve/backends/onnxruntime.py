@@ -10,8 +10,16 @@ CUDA_HINT = ("this ONNX Runtime has no CUDA execution provider "
              "(install onnxruntime-gpu in place of onnxruntime, on a machine with an NVIDIA driver)")
 
 
-def providers_for(device: str) -> list[str]:
-    """Execution providers for ``device`` (cpu | cuda | auto: CUDA where this ONNX Runtime has it)."""
+# cuDNN's convolution algorithm search on the first call at each input shape. EXHAUSTIVE finds
+# the fastest kernels but cost 0.6-1.1 s per new batch size on an H100 (HEURISTIC 89-155 ms,
+# DEFAULT 34-69 ms with 2-3x slower steady state): with shape buckets warmed before ready
+# (serve/batcher.py) it is paid at startup, so the server keeps the fastest kernels
+# (--cuda-conv-search, serve/settings.py ConvSearch).
+
+
+def providers_for(device: str, conv_search: str = "EXHAUSTIVE") -> list:
+    """Execution providers for ``device`` (cpu | cuda | auto: CUDA where this ONNX Runtime has
+    it), CUDA with ``conv_search`` as its cuDNN algorithm search."""
     import onnxruntime as ort
 
     if device == "cpu":
@@ -20,7 +28,7 @@ def providers_for(device: str) -> list[str]:
         if device == "cuda":
             raise BackendError(f"--device cuda: {CUDA_HINT}")
         return ["CPUExecutionProvider"]
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": conv_search}), "CPUExecutionProvider"]
 
 
 class OnnxRuntimeBackend:
@@ -29,7 +37,8 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
     precision = "fp32"
 
-    def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None,
+                 conv_search: str = "EXHAUSTIVE") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -37,7 +46,7 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = threads or usable_cpus()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # warnings and above only; errors surface as exceptions
-        requested = providers_for(device)
+        requested = providers_for(device, conv_search)
         try:
             self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                                 providers=requested)

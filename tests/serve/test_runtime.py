@@ -67,6 +67,7 @@ def test_impossible_requests_are_one_line_errors(backend, precision, device, cap
     ("backend", "tensorrt", "--backend must be one of auto, onnxruntime, openvino, torchscript, got 'tensorrt'"),
     ("precision", "fp8", "--precision must be one of auto, fp32, bf16, got 'fp8'"),
     ("device", "tpu", "--device must be one of cpu, cuda, auto, got 'tpu'"),
+    ("cuda_conv_search", "FAST", "--cuda-conv-search must be one of EXHAUSTIVE, HEURISTIC, DEFAULT, got 'FAST'"),
 ])
 def test_choices_are_checked_once_where_settings_are_made(setting, value, message):
     with pytest.raises(ResserveError, match=re.escape(message)):
