@@ -1,0 +1,144 @@
+"""The GPU check (issue 14): run in one go on a machine with an NVIDIA GPU, results as JSON.
+
+    source /tmp/gpu-stage/base/on-gpu.sh          # ../shared/gpu/README.md: onnxruntime-gpu, MNIST
+    python3 tests/gpu/check.py --out "$OUT/gpu-check.json"
+    python3 tests/gpu/check.py --device cpu --quick --out /tmp/cpu-dry-run.json   # the same, on a CPU first
+
+Three parts, each written to the JSON as soon as it is done (a timeout keeps what finished):
+1. parity: the shipped ONNX artifact on ``--device`` against the CPU fp32 run, on the 10,000
+   MNIST test images: max |logit difference| and both accuracies;
+2. in process: batch-1 latency and batch 64/256/1024 throughput on ``--device`` and on the CPU;
+3. served: a server on ``--device`` with its default shape buckets, loaded with 1-image
+   requests at C=1, 16, 64 and 64-image requests at C=16 (our closed-loop load generator), and
+   the first 200 requests at each of several batch sizes (the slowest against the median: no
+   shape-dependent compile after ready).
+
+The server is started from this checkout's modules, not the `resserve` command, so the check
+works where the project is on PYTHONPATH without being installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from resserve.serve.backends import open_backend
+from resserve.serve.bench import LoadSpec, measure_level
+from resserve.serve.package import load_package
+from resserve.serve.timing import images_per_second, median_seconds
+
+SERVER = "import typer; from resserve.serve.cli import serve; typer.run(serve)"
+FIRST_REQUEST_SIZES = (1, 2, 3, 5, 8, 13, 21, 34, 64)
+
+
+def mnist_test() -> tuple[np.ndarray, np.ndarray]:
+    from resserve.train.data import load_mnist
+
+    test = load_mnist().test
+    return test.images[:, None].astype(np.float32) / 255.0, test.labels
+
+
+def parity(device: str, images: np.ndarray, labels: np.ndarray, onnx: bytes) -> dict:
+    cpu = open_backend(onnx, "onnx", "onnxruntime", "cpu", "fp32")
+    other = open_backend(onnx, "onnx", "onnxruntime", device, "fp32")
+    run = lambda backend: np.concatenate([backend.infer(images[i:i + 500])["logits"] for i in range(0, len(images), 500)])
+    reference, logits = run(cpu), run(other)
+    return {"device": other.device, "max_abs_logit_difference": float(np.abs(reference - logits).max()),
+            "accuracy_cpu": float((reference.argmax(1) == labels).mean()),
+            "accuracy_device": float((logits.argmax(1) == labels).mean())}
+
+
+def in_process(device: str, onnx: bytes, seconds: float) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys((device, "cpu")):
+        backend = open_backend(onnx, "onnx", "onnxruntime", name, "fp32")
+        one = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+        row = {"device": backend.device, "batch1_latency_ms": median_seconds(lambda: backend.infer(one), 200) * 1e3}
+        for size in (64, 256, 1024):
+            batch = np.random.default_rng(0).random((size, 1, 28, 28), dtype=np.float32)
+            row[f"batch{size}_images_per_second"] = images_per_second(lambda: backend.infer(batch), size, seconds)
+        rows.append(row)
+    return rows
+
+
+def start_server(device: str, port: int, metrics_port: int) -> subprocess.Popen:
+    command = [sys.executable, "-c", SERVER, "--host", "127.0.0.1", "--port", str(port), "--http-port", "0",
+               "--metrics-port", str(metrics_port), "--backend", "onnxruntime", "--device", device,
+               "--max-batch-size", "64", "--drain-seconds", "0", "--workers", "1"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        print(line, end="", file=sys.stderr)
+        if " ready: " in line:
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return process
+    raise SystemExit(f"the server did not start (exit {process.wait()})")
+
+
+def first_requests(target: str, images: np.ndarray) -> dict:
+    """Latencies of the first 200 requests of each size, sent one after another."""
+    import grpc
+
+    from resserve.serve.stubs import grpc_service_pb2 as pb
+    from resserve.serve.stubs import grpc_service_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(target))
+    result = {}
+    for size in FIRST_REQUEST_SIZES:
+        request = pb.ModelInferRequest(model_name="resnet-mnist")
+        request.inputs.add(name="input", datatype="FP32", shape=[size, 1, 28, 28])
+        request.raw_input_contents.append(images[:size].tobytes())
+        latencies = []
+        for _ in range(200):
+            started = time.perf_counter()
+            stub.ModelInfer(request, timeout=60)
+            latencies.append(time.perf_counter() - started)
+        median = statistics.median(latencies)
+        result[size] = {"median_ms": median * 1e3, "max_ms": max(latencies) * 1e3, "max_over_median": max(latencies) / median}
+    return result
+
+
+def served(device: str, images: np.ndarray, duration: float) -> dict:
+    port, metrics_port = 18901, 18902
+    process = start_server(device, port, metrics_port)
+    target, metrics = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        report = {"first_requests": first_requests(target, images)}
+        for batch, levels in ((1, (1, 16, 64)), (64, (16,))):
+            spec = LoadSpec(target, "", "resnet-mnist", "kserve", batch, duration, 2.0)
+            report[f"batch{batch}"] = [measure_level(spec, c, metrics, process.pid, 4) for c in levels]
+        return report
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="short timings: a dry run")
+    args = parser.parse_args()
+    seconds = 0.5 if args.quick else 3.0
+    package = load_package()
+    onnx = package.read_verified(package.find("onnx"))
+    images, labels = mnist_test()
+    results: dict = {"device": args.device}
+    for name, run in (("parity", lambda: parity(args.device, images, labels, onnx)),
+                      ("in_process", lambda: in_process(args.device, onnx, seconds)),
+                      ("served", lambda: served(args.device, images, seconds * 2))):
+        print(f"gpu check: {name} ...", file=sys.stderr)
+        results[name] = run()
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results["parity"]), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
