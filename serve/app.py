@@ -30,7 +30,7 @@ def build_app() -> typer.Typer:
     app = typer.Typer(
         name="resserve",
         help="Train the lecture's residual networks on MNIST, export them, and serve digit "
-        "classification over gRPC.",
+        "classification over gRPC and HTTP.",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,

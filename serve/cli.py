@@ -51,7 +51,8 @@ def serve(
         help=f"{ConvSearch.listing()}: ONNX Runtime's cuDNN algorithm search on CUDA, paid at startup for every "
         "--batch-buckets size.")] = ServerSettings.cuda_conv_search.value,
     threads: Annotated[Optional[int], typer.Option(envvar=_env("THREADS"),
-        help="Inference threads per worker [default: the CPUs this process may use, divided among the workers].", show_default=False)] = None,
+        help="Inference threads per worker [default: the CPUs (--cpus) divided among the workers].",
+        show_default=False)] = None,
     max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"),
         help="Most images in one request (KServe batch or Classify images); more: INVALID_ARGUMENT.")] = ServerSettings.max_images_per_request,
     max_message_bytes: Annotated[int, typer.Option(envvar=_env("MAX_MESSAGE_BYTES"),
@@ -96,13 +97,13 @@ def serve(
     settings = ServerSettings(
         packages=tuple(packages or ()), host=host, port=port, http_port=http_port, metrics_port=metrics_port,
         batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                                max_queue_size=max_queue_size,
-                                buckets=parse_buckets(batch_buckets, max_batch_size)), device=device,
-        backend=backend, precision=precision, cuda_conv_search=cuda_conv_search, threads=threads, max_images_per_request=max_images_per_request,
-        max_message_bytes=max_message_bytes, max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
+                                max_queue_size=max_queue_size, buckets=parse_buckets(batch_buckets, max_batch_size)),
+        device=device, backend=backend, precision=precision, cuda_conv_search=cuda_conv_search, threads=threads,
+        cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus()),
+        max_images_per_request=max_images_per_request, max_message_bytes=max_message_bytes,
+        max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age, tls_cert=tls_cert, tls_key=tls_key,
-        tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file), cpus=cpus,
-        workers=parse_workers(workers, cpus or usable_cpus()))
+        tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file))
     if settings.workers > 1:
         supervise(settings)
     else:
