@@ -33,8 +33,10 @@ class ServerProcess:
     def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, drain_seconds: float = 0,
                  executable: Path = RESSERVE) -> None:
         self.metrics_port, self.http_port = free_port(), free_port()
+        # one worker unless a test asks for more: `auto` would give several on a machine with 8+ CPUs
         self.args = [str(executable), "serve", "--host", "127.0.0.1", "--port", "0", "--http-port", str(self.http_port),
-                     "--metrics-port", str(self.metrics_port), "--drain-seconds", str(drain_seconds), *args]
+                     "--metrics-port", str(self.metrics_port), "--drain-seconds", str(drain_seconds), "--workers", "1",
+                     *args]
         self.env = {**os.environ, **(env or {})}
         self.wait_ready = wait_ready
         self.lines: list[str] = []
