@@ -63,9 +63,11 @@ def _duration(duration: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=duration.count, ns=duration.ns)
 
 
-def _statistics(name: str, version: str, stats: ModelStatistics) -> pb.ModelStatistics:
+def model_statistics(model: ServedModel) -> pb.ModelStatistics:
+    """A model's statistics as Triton's statistics extension reports them (both protocols)."""
+    stats: ModelStatistics = model.statistics
     return pb.ModelStatistics(
-        name=name, version=version, last_inference=stats.last_inference_ms,
+        name=model.name, version=model.version, last_inference=stats.last_inference_ms,
         inference_count=stats.inference_count, execution_count=stats.execution_count,
         inference_stats=pb.InferStatistics(success=_duration(stats.success), fail=_duration(stats.fail),
                                            queue=_duration(stats.queue),
@@ -76,6 +78,15 @@ def _statistics(name: str, version: str, stats: ModelStatistics) -> pb.ModelStat
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+
+
+def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
+    """A model's KServe v2 metadata (both protocols)."""
+    manifest = model.package.manifest
+    return pb.ModelMetadataResponse(
+        name=model.name, versions=[model.version], platform=model.platform,
+        inputs=[_tensor_metadata(spec) for spec in manifest.inputs],
+        outputs=[_tensor_metadata(spec) for spec in manifest.outputs])
 
 
 def triton_model_config(manifest: Manifest, platform: str, batching: BatchingConfig) -> config_pb.ModelConfig:
@@ -128,12 +139,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelMetadata(self, request, context):
-        model = self.plane.model(request.name, request.version)
-        manifest = model.package.manifest
-        return pb.ModelMetadataResponse(
-            name=model.name, versions=[model.version], platform=model.platform,
-            inputs=[_tensor_metadata(spec) for spec in manifest.inputs],
-            outputs=[_tensor_metadata(spec) for spec in manifest.outputs])
+        return model_metadata(self.plane.model(request.name, request.version))
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelConfig(self, request, context):
@@ -142,7 +148,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelStatistics(self, request, context):
         return pb.ModelStatisticsResponse(model_stats=[
-            _statistics(m.name, m.version, m.statistics) for m in self.plane.models(request.name, request.version)])
+            model_statistics(m) for m in self.plane.models(request.name, request.version)])
 
     async def RepositoryIndex(self, request, context):
         return pb.RepositoryIndexResponse(models=[

@@ -24,10 +24,11 @@ from resserve.serve.dataplane import (SERVER_NAME, InferenceRequest, InferenceRe
                                       tensor_bytes, tensor_from_bytes, tensor_from_values)
 from resserve.serve.errors import InvalidInput, describe_validation_error
 from resserve.serve.kserve import EXTENSIONS, served_model_config
-from resserve.serve.manifest import TensorSpec
+from resserve.serve.kserve import model_metadata as metadata_of
+from resserve.serve.kserve import model_statistics as statistics_of
 from resserve.serve.repository import ServedModel
 from resserve.serve.rest.server import endpoint, json_response, plane_of, read_body
-from resserve.serve.statistics import Duration, ModelStatistics
+from resserve.serve.stubs import grpc_service_pb2 as pb
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
@@ -164,27 +165,10 @@ def _model(request: web.Request) -> ServedModel:
     return plane_of(request).model(request.match_info["name"], request.match_info.get("version", ""))
 
 
-def _tensor_metadata(spec: TensorSpec) -> dict:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
-
-
-def _duration(duration: Duration) -> dict:
-    return {"count": duration.count, "ns": duration.ns}
-
-
-def _statistics(model: ServedModel) -> dict:
-    stats: ModelStatistics = model.statistics
-    return {"name": model.name, "version": model.version, "last_inference": stats.last_inference_ms,
-            "inference_count": stats.inference_count, "execution_count": stats.execution_count,
-            "inference_stats": {"success": _duration(stats.success), "fail": _duration(stats.fail),
-                                "queue": _duration(stats.queue), "compute_infer": _duration(stats.compute_infer)},
-            "batch_stats": [{"batch_size": size, "compute_infer": _duration(duration)}
-                            for size, duration in sorted(stats.batches.items())]}
-
-
-def _config_json(config: Message) -> dict:
-    """The config as Triton's REST answers it: protobuf's JSON with proto field names and 64-bit
-    integers as numbers (protobuf's JSON mapping writes them as strings)."""
+def _triton_json(message: Message, defaults: bool = False) -> dict:
+    """A KServe/Triton message as Triton's REST answers it: protobuf's JSON with proto field names
+    and 64-bit integers as numbers (protobuf's JSON mapping writes them as strings); ``defaults``:
+    zero-valued fields too (statistics report their zeros)."""
 
     def numbers(message: Message, value: Any) -> Any:
         for field in message.DESCRIPTOR.fields:
@@ -198,7 +182,13 @@ def _config_json(config: Message) -> dict:
                     numbers(item, entry)
         return value
 
-    return numbers(config, MessageToDict(config, preserving_proto_field_name=True))
+    return numbers(message, MessageToDict(message, preserving_proto_field_name=True,
+                                          always_print_fields_with_no_presence=defaults))
+
+
+def _statistics(models: list[ServedModel]) -> web.Response:
+    return json_response(_triton_json(pb.ModelStatisticsResponse(model_stats=[statistics_of(m) for m in models]),
+                                      defaults=True))
 
 
 def _repeated(field: FieldDescriptor) -> bool:
@@ -229,18 +219,14 @@ async def server_metadata(request: web.Request) -> web.Response:
 @routes.get("/v2/models/stats")
 @endpoint("kserve")
 async def all_statistics(request: web.Request) -> web.Response:
-    return json_response({"model_stats": [_statistics(m) for m in plane_of(request).models()]})
+    return _statistics(plane_of(request).models())
 
 
 @routes.get("/v2/models/{name}")
 @routes.get("/v2/models/{name}/versions/{version}")
 @endpoint("kserve")
 async def model_metadata(request: web.Request) -> web.Response:
-    model = _model(request)
-    manifest = model.package.manifest
-    return json_response({"name": model.name, "versions": [model.version], "platform": model.platform,
-                          "inputs": [_tensor_metadata(s) for s in manifest.inputs],
-                          "outputs": [_tensor_metadata(s) for s in manifest.outputs]})
+    return json_response(_triton_json(metadata_of(_model(request))))
 
 
 @routes.get("/v2/models/{name}/ready")
@@ -254,14 +240,14 @@ async def model_ready(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/versions/{version}/config")
 @endpoint("kserve")
 async def model_config(request: web.Request) -> web.Response:
-    return json_response(_config_json(served_model_config(_model(request))))
+    return json_response(_triton_json(served_model_config(_model(request))))
 
 
 @routes.get("/v2/models/{name}/stats")
 @routes.get("/v2/models/{name}/versions/{version}/stats")
 @endpoint("kserve")
 async def model_statistics(request: web.Request) -> web.Response:
-    return json_response({"model_stats": [_statistics(_model(request))]})
+    return _statistics([_model(request)])
 
 
 @routes.post("/v2/repository/index")
