@@ -48,7 +48,7 @@ LOAD_PROCESS_START_SECONDS = 3.0
 LOAD_BOUND_CORES = 0.9  # a load process using this much of a core is the likely bottleneck
 
 
-APIS = {"kserve": "gRPC KServe v2", "classify": "gRPC Classify", "rest": "REST KServe v2, binary tensors"}
+APIS = ("kserve", "classify", "rest")  # gRPC KServe v2, gRPC Classify, KServe v2 REST with binary tensors
 
 
 CLIENTS = ("resserve", "tritonclient")  # our own stubs and aiohttp, or Triton's Python clients (asyncio)

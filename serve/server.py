@@ -127,10 +127,9 @@ class Server:
             await self._listen()
         self.state.ready = True
         await self._set_health(READINESS_NAMES, serving=True)
-        names = ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models.values())
         if coordinator is None:
-            log.info("ready: %s", names)
-        else:
+            log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models.values()))
+        else:  # the supervisor says ready when every worker is
             coordinator.ready()
 
     async def _listen(self) -> None:

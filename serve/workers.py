@@ -204,8 +204,7 @@ class Supervisor:
             self._loop()
         finally:
             for worker in self.workers.values():
-                if worker.process.is_alive():
-                    worker.process.kill()
+                _kill_group(worker.process)
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         total = sum((w.answered for w in self.workers.values()), Counter())
         each = "; ".join(f"worker {w.index}: {answer_counts(w.answered)}" for w in self.workers.values())
@@ -225,11 +224,9 @@ class Supervisor:
             alive = [w for w in self.workers.values() if w.process.is_alive()]
             if self.stopping and not alive:
                 return
-            ready = wait([w.pipe for w in alive] + [w.process.sentinel for w in alive], POLL_SECONDS)
-            for worker in alive:
-                if worker.pipe in ready:
-                    self._message(worker)
+            wait([w.pipe for w in alive] + [w.process.sentinel for w in alive], POLL_SECONDS)
             for worker in list(self.workers.values()):
+                self._read_messages(worker)  # a worker that has exited may still have some: "failed", "stopped"
                 if not worker.process.is_alive() and worker.state != "stopped" and not self.stopping:
                     self._died(worker)
             self._restart_due()
@@ -242,11 +239,14 @@ class Supervisor:
             if worker.process.is_alive():
                 os.kill(worker.process.pid, signum)
 
-    def _message(self, worker: Worker) -> None:
+    def _read_messages(self, worker: Worker) -> None:
         try:
-            kind, *payload = worker.pipe.recv()
-        except (EOFError, OSError):  # it died: its sentinel says so
-            return
+            while worker.pipe.poll():
+                self._message(worker, *worker.pipe.recv())
+        except (EOFError, OSError):  # it exited and said all it had: its sentinel tells the rest
+            pass
+
+    def _message(self, worker: Worker, kind: str, *payload) -> None:
         if kind == "loaded":
             worker.state = "loaded"
             self._release_loaded()
@@ -301,6 +301,17 @@ class Supervisor:
                 del self.restart_at[index]
                 self.metrics.restarts.inc()
                 self._start(index)
+
+
+def _kill_group(process: multiprocessing.Process) -> None:
+    """Kill a worker and whatever it started (its process group: a library's helper process must
+    not outlive it, nor print a traceback when its parent vanishes), then reap it."""
+    if process.is_alive():
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # not yet in a group of its own
+            process.kill()
+    process.join()
 
 
 def supervise(settings: ServerSettings) -> None:
