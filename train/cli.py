@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from resserve.serve.backends.onnxruntime import import_onnxruntime
 from resserve.serve.errors import ResserveError
 from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
 from resserve.train.config import ModelConfig, TrainConfig, parse_ints
@@ -182,6 +183,7 @@ def export(
     artifact must match within 1e-4 (logits) with identical accuracy, or nothing is written.
     """
     require_train_extra()
+    import_onnxruntime()  # every artifact is verified through it: one line before any work if it is missing
     from resserve.serve.package import load_package
     from resserve.train.checkpoint import resolve_model_path
     from resserve.train.data import load_mnist

@@ -31,7 +31,7 @@ from torch import nn
 
 from resserve.serve.backends import Backend, open_backend
 from resserve.serve.backends.base import infer_in_chunks
-from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
+from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend, import_onnxruntime
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
 from resserve.serve.errors import ResserveError
 from resserve.serve.manifest import (
@@ -347,8 +347,8 @@ def _manifest(options: ExportOptions, checkpoint: Path, source, network: ResNet,
               artifacts: list[Artifact], int8: Int8Report | None, reduced: dict[str, ReducedPrecisionReport],
               dropped: dict | None, validation_accuracy: float, verifier: Verifier) -> Manifest:
     import onnx
-    import onnxruntime
 
+    onnxruntime = import_onnxruntime()
     return Manifest(
         name=options.name or checkpoint.stem,
         version=options.version,

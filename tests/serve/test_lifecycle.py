@@ -149,8 +149,8 @@ def test_device_cuda_without_cuda_is_a_clear_startup_error():
     result = run_cli("serve", "--device", "cuda", "--port", "0", "--http-port", "0", "--metrics-port", "0", timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --device cuda: this ONNX Runtime has no CUDA execution provider "
-        "(install onnxruntime-gpu in place of onnxruntime, on a machine with an NVIDIA driver)")
+        "error: --device cuda: this ONNX Runtime is the CPU build; install the CUDA build in its place: "
+        "pip uninstall -y onnxruntime && pip install 'resserve[gpu]'")
 
 
 def test_an_artifact_failing_its_checksum_refuses_to_start(tmp_path):

@@ -171,7 +171,7 @@ def test_a_worker_that_cannot_start_stops_the_server_with_its_reason():
     result = run_cli("serve", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--workers", "2",
                      "--device", "cuda", timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --device cuda: this ONNX Runtime has no CUDA")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --device cuda: this ONNX Runtime is the CPU build")
     assert "Traceback" not in result.stderr
 
 

@@ -1,0 +1,54 @@
+"""The GPU install path, as far as a machine without a GPU can follow it: what pip resolves for
+``resserve[gpu]`` (the real index, a dry run) is the CUDA build of ONNX Runtime without the CPU
+wheel beside it, with the CUDA runtime and cuDNN of the CUDA major that deploy/Dockerfile.cuda's
+base image carries; and this machine's own (CPU) ONNX Runtime names that install when asked for CUDA."""
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from resserve.serve.backends.base import BackendError
+from resserve.serve.backends.onnxruntime import cuda_unavailable_reason, providers_for
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = (ROOT / "deploy" / "Dockerfile.cuda").read_text()
+
+
+def gpu_extra_pin() -> str:
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    (requirement,) = extra
+    return re.fullmatch(r"onnxruntime-gpu\[cuda,cudnn\]==(\S+)", requirement).group(1)
+
+
+def test_the_cuda_image_installs_the_onnxruntime_gpu_of_the_gpu_extra():
+    assert re.search(r"^ARG ONNXRUNTIME_GPU=(\S+)$", DOCKERFILE, re.M).group(1) == gpu_extra_pin()
+    assert 'install-serving.sh /wheels/*.whl "onnxruntime-gpu==${ONNXRUNTIME_GPU}"' in DOCKERFILE  # the pin is what is installed
+
+
+@pytest.mark.slow
+def test_pip_resolves_the_gpu_extra_to_the_cuda_build_of_the_image_cuda_major(tmp_path):
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                    "--report", str(report), f"{ROOT}[gpu]"], check=True, capture_output=True, timeout=600)
+    resolved = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+                for item in json.loads(report.read_text())["install"]}
+    assert resolved["onnxruntime-gpu"] == gpu_extra_pin()
+    assert "onnxruntime" not in resolved  # no CPU wheel to clash with the CUDA one
+    base_cuda_major = re.search(r"^FROM nvidia/cuda:(\d+)\.", DOCKERFILE, re.M).group(1)
+    assert resolved["nvidia-cuda-runtime"].split(".")[0] == base_cuda_major, (
+        f"onnxruntime-gpu {gpu_extra_pin()} is built for CUDA {resolved['nvidia-cuda-runtime']}: "
+        f"deploy/Dockerfile.cuda's base carries CUDA {base_cuda_major}")
+    assert f"nvidia-cudnn-cu{base_cuda_major}" in resolved and "nvidia-cublas" in resolved
+
+
+def test_asking_the_cpu_build_for_cuda_names_the_gpu_extra():
+    with pytest.raises(BackendError) as error:
+        providers_for("cuda")
+    assert str(error.value) == f"--device cuda: {cuda_unavailable_reason()}"
+    assert "pip install 'resserve[gpu]'" in str(error.value) and "pip uninstall -y onnxruntime" in str(error.value)
+    assert providers_for("auto") == ["CPUExecutionProvider"]  # auto falls back to the CPU
