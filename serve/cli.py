@@ -50,6 +50,9 @@ def serve(
     cuda_conv_search: Annotated[str, typer.Option(envvar=_env("CUDA_CONV_SEARCH"),
         help=f"{ConvSearch.listing()}: ONNX Runtime's cuDNN algorithm search on CUDA, paid at startup for every "
         "--batch-buckets size.")] = ServerSettings.cuda_conv_search.value,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", envvar=_env("CUDA_GRAPHS"),
+        help="ONNX Runtime on CUDA: capture each --batch-buckets size as a CUDA graph before ready, replayed "
+        "with one launch per batch.")] = ServerSettings.cuda_graphs,
     threads: Annotated[Optional[int], typer.Option(envvar=_env("THREADS"),
         help="Inference threads per worker [default: the CPUs (--cpus) divided among the workers].",
         show_default=False)] = None,
@@ -98,7 +101,8 @@ def serve(
         packages=tuple(packages or ()), host=host, port=port, http_port=http_port, metrics_port=metrics_port,
         batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                                 max_queue_size=max_queue_size, buckets=parse_buckets(batch_buckets, max_batch_size)),
-        device=device, backend=backend, precision=precision, cuda_conv_search=cuda_conv_search, threads=threads,
+        device=device, backend=backend, precision=precision, cuda_conv_search=cuda_conv_search,
+        cuda_graphs=cuda_graphs, threads=threads,
         cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus()),
         max_images_per_request=max_images_per_request, max_message_bytes=max_message_bytes,
         max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,

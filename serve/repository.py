@@ -68,11 +68,12 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
     model_bytes = package.read_verified(artifact)  # a sha256 mismatch refuses to start
     started = time.monotonic()
     backend = open_backend(model_bytes, artifact.format, choice.backend, settings.device, choice.precision,
-                           settings.inference_threads, settings.cuda_conv_search.value)
+                           settings.inference_threads, settings.cuda_conv_search.value, settings.cuda_graphs)
     log.info("model %s runs on %s in %s: %s", package.name, choice.backend, choice.precision, choice.reason)
     if settings.device == "auto" and backend.device == "cpu":
         log.info("--device auto: no CUDA available to %s, running %s on the CPU", backend.name, package.name)
     batching = settings.batching.for_device(backend.device)
+    backend.specialize(batching.buckets)
     warm = np.zeros((batching.max_batch_size, 1, 28, 28), dtype=np.float32)
     for size in batching.shapes():  # with buckets, every shape a batch can take: nothing compiles after ready
         backend.infer(warm[:size])

@@ -115,6 +115,7 @@ class ServerSettings:
     backend: BackendChoice = BackendChoice.AUTO
     precision: Precision = Precision.AUTO
     cuda_conv_search: ConvSearch = ConvSearch.EXHAUSTIVE  # paid before ready, for every shape bucket
+    cuda_graphs: bool = True  # ONNX Runtime on CUDA: one captured CUDA graph per shape bucket
     threads: int | None = None  # inference threads per worker; default: the CPUs divided among the workers
     cpus: int | None = None  # CPUs the server may use; default: affinity mask and cgroup quota (usable_cpus)
     max_images_per_request: int = 1024

@@ -6,7 +6,8 @@ after the other; only the memory format and the autocast precision differ.
 
 ``resserve bench model``: batch-1 latency and batch-64/256 throughput of one network run
 eagerly (unfolded and folded), as TorchScript, through ONNX Runtime fp32 and int8, and through
-OpenVINO fp32 and bf16 where it is installed.
+OpenVINO fp32 and bf16 where it is installed; with ``--device cuda`` also ONNX Runtime's CUDA
+provider, plain and with CUDA graphs, and batch 1024.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
+from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
 from resserve.serve.package import ModelPackage
 from resserve.serve.timing import images_per_second, median_seconds
@@ -115,6 +117,15 @@ def model_runners(checkpoint: Path | None, package: ModelPackage) -> dict[str, C
         for precision in ("fp32", "bf16") if "BF16" in capabilities else ("fp32",):
             runners[f"OpenVINO {precision}"] = OpenVinoBackend(onnx, precision).infer
     return runners
+
+
+def cuda_runners(onnx: bytes, batch_sizes: tuple[int, ...]) -> dict[str, Callable[[np.ndarray], object]]:
+    """ONNX Runtime's CUDA provider on the fp32 artifact: plain, and with a captured CUDA graph at
+    batch 1 and each of ``batch_sizes`` (as a server captures one per shape bucket)."""
+    plain = OnnxRuntimeBackend(onnx, "cuda", cuda_graphs=False)
+    graphs = OnnxRuntimeBackend(onnx, "cuda")
+    graphs.specialize((1, *batch_sizes))
+    return {"ONNX Runtime fp32, CUDA": plain.infer, "ONNX Runtime fp32, CUDA graphs": graphs.infer}
 
 
 def benchmark_model(runners: dict[str, Callable[[np.ndarray], object]], images: np.ndarray,

@@ -218,16 +218,20 @@ def bench_model(
         help="A model package directory, or a checkpoint (exported to a temporary package with int8) "
         "[default: the shipped checkpoint and package].", show_default=False)] = None,
     seconds: Annotated[float, typer.Option(help="Timed seconds per throughput cell.")] = 2.0,
+    device: Annotated[str, typer.Option(help="cpu, or cuda: also ONNX Runtime's CUDA provider, plain and with "
+                                        "CUDA graphs, and batch 1024 (needs the gpu extra and an NVIDIA GPU).")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here.")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Latency (batch 1) and throughput (batch 64, 256) of one network: eager, folded, TorchScript, ONNX Runtime
     fp32/int8, and OpenVINO fp32 (and bf16 on CPUs with BF16) where the openvino extra is installed."""
+    if device not in ("cpu", "cuda"):
+        raise ResserveError(f"--device must be cpu or cuda, got {device!r}")
     require_train_extra()
     import tempfile
 
     from resserve.serve.package import SHIPPED_PACKAGE, load_package
-    from resserve.train.bench import benchmark_model, model_runners, print_model_benchmark
+    from resserve.train.bench import benchmark_model, cuda_runners, model_runners, print_model_benchmark
     from resserve.train.checkpoint import resolve_model_path
     from resserve.train.data import load_mnist
     from resserve.train.export import ExportOptions, as_input, export_package
@@ -244,14 +248,16 @@ def bench_model(
             _log(f"exporting {checkpoint} to a temporary package ...")
             export_package(checkpoint, Path(tmp) / checkpoint.stem, ExportOptions(quantize="int8"), mnist, log=_log)
             package = load_package(Path(tmp) / checkpoint.stem)
-        runners = model_runners(checkpoint, package)
+        batch_sizes = (64, 256) if device == "cpu" else (64, 256, 1024)
+        cuda = cuda_runners(package.read_verified(package.find("onnx")), batch_sizes) if device == "cuda" else {}
+        runners = {**model_runners(checkpoint, package), **cuda}
         with progress_bar(True, "configurations") as progress:
             task = progress.add_task("measuring", total=len(runners))
 
             def measuring(name: str) -> None:
                 progress.update(task, completed=list(runners).index(name), status=name)
 
-            results = benchmark_model(runners, as_input(mnist.test.head(512)), seconds=seconds, on_runner=measuring)
+            results = benchmark_model(runners, as_input(mnist.test.head(512)), batch_sizes, seconds, measuring)
     results["model"] = package.name
     print_model_benchmark(results, title=f"In-process inference, {package.name}")
     if json_out:

@@ -7,9 +7,11 @@ from resserve.serve.backends.base import Backend, BackendError, ModelSource
 
 
 def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", device: str = "cpu",
-                 precision: str = "fp32", threads: int | None = None, cuda_conv_search: str = "EXHAUSTIVE") -> Backend:
+                 precision: str = "fp32", threads: int | None = None, cuda_conv_search: str = "EXHAUSTIVE",
+                 cuda_graphs: bool = True) -> Backend:
     """The backend for an artifact of ``format`` (onnx | torchscript); ONNX runs on ``runtime``
-    (``cuda_conv_search``: ONNX Runtime's cuDNN algorithm search on CUDA).
+    (``cuda_conv_search``: ONNX Runtime's cuDNN algorithm search on CUDA; ``cuda_graphs``: one
+    captured CUDA graph per shape bucket).
 
     Each backend module is imported only when chosen, so a server never loads a runtime it does
     not use (torch above all)."""
@@ -20,7 +22,7 @@ def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", 
     if format == "onnx":
         from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(model, device, threads, cuda_conv_search)
+        return OnnxRuntimeBackend(model, device, threads, cuda_conv_search, cuda_graphs)
     if format == "torchscript":
         from resserve.serve.backends.torchscript import TorchScriptBackend
 

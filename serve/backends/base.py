@@ -36,6 +36,11 @@ class Backend(Protocol):
         """float32 [N,1,28,28] in [0,1] -> {output name: [N,...]}; thread-safe for one caller at a time."""
         ...
 
+    def specialize(self, batch_sizes: tuple[int, ...]) -> None:
+        """The batch sizes most batches will have from now on (the batcher's shape buckets; () for
+        any): a backend that prepares per shape (CUDA graphs) does so here, before the warm-up."""
+        ...
+
 
 def describe(model: ModelSource) -> str:
     """How an error message names ``model``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from importlib import metadata
 from types import ModuleType
@@ -9,6 +10,8 @@ from types import ModuleType
 import numpy as np
 
 from resserve.serve.backends.base import BackendError, ModelSource, Outputs, describe, usable_cpus
+
+log = logging.getLogger("resserve.serve")
 
 INSTALL_HINT = "pip install 'resserve[cpu]' (or 'resserve[gpu]' for NVIDIA GPUs)"
 # onnxruntime and onnxruntime-gpu are two wheels of one module: installed together, whichever came
@@ -78,34 +81,93 @@ def providers_for(device: str, conv_search: str = "EXHAUSTIVE") -> list:
     return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": conv_search}), "CPUExecutionProvider"]
 
 
+class StaticShapeSession:
+    """A session for one batch size, its input and outputs bound once to buffers on the device
+    (IO binding). With ``cuda_graph`` ONNX Runtime records the whole network as a CUDA graph on
+    the first run and replays it after: one launch instead of one per kernel, which is most of a
+    small batch's time on a GPU (measured on an H100, host copies included: batch 1 1.09 -> 0.56
+    ms, batch 64 2.34 -> 1.49 ms). A replayed graph reads and writes the same addresses, hence the
+    fixed buffers; the batch size is fixed in the session too, so every shape computation is
+    folded away and no node falls back to the CPU. Buffers are filled from pageable host memory:
+    ONNX Runtime's Python API has no pinned allocator, and the copies are at most a few MB."""
+
+    def __init__(self, ort: ModuleType, model: bytes | str, options, providers: list, batch_dimension: str,
+                 batch_size: int, device: str) -> None:
+        options.add_free_dimension_override_by_name(batch_dimension, batch_size)
+        self.session = ort.InferenceSession(model, options, providers=providers)
+        self.binding = self.session.io_binding()
+        buffer = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type([batch_size, *shape[1:]], np.float32, device, 0)
+        (spec,) = self.session.get_inputs()
+        self.input = buffer(spec.shape)
+        self.binding.bind_ortvalue_input(spec.name, self.input)
+        self.outputs = {o.name: buffer(o.shape) for o in self.session.get_outputs()}
+        for name, value in self.outputs.items():
+            self.binding.bind_ortvalue_output(name, value)
+        for _ in range(2):  # ONNX Runtime captures the graph after a first plain run: both happen here
+            self.session.run_with_iobinding(self.binding)
+
+    def infer(self, batch: np.ndarray) -> Outputs:
+        self.input.update_inplace(np.ascontiguousarray(batch, dtype=np.float32))
+        self.session.run_with_iobinding(self.binding)
+        # copies: the buffers are overwritten by the next batch, while these outputs travel on
+        return {name: np.array(value.numpy()) for name, value in self.outputs.items()}
+
+
 class OnnxRuntimeBackend:
-    """One ONNX Runtime session on ``device`` (cpu | cuda | auto)."""
+    """An ONNX Runtime session on ``device`` (cpu | cuda | auto); on CUDA, once the batch sizes are
+    fixed (``specialize``), one captured CUDA graph per size (``cuda_graphs``)."""
 
     name = "onnxruntime"
     precision = "fp32"
 
     def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None,
-                 conv_search: str = "EXHAUSTIVE") -> None:
-        ort = import_onnxruntime()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or usable_cpus()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # warnings and above only; errors surface as exceptions
-        requested = providers_for(device, conv_search)
+                 conv_search: str = "EXHAUSTIVE", cuda_graphs: bool = True) -> None:
+        self.ort = import_onnxruntime()
+        self.model = model if isinstance(model, bytes) else str(model)
+        self.threads, self.conv_search, self.cuda_graphs = threads, conv_search, cuda_graphs
+        providers = providers_for(device, conv_search)
         try:
-            self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                                providers=requested)
+            self.session = self.ort.InferenceSession(self.model, self.session_options(), providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"ONNX Runtime cannot load {describe(model)}: {str(exc).splitlines()[0]}") from exc
         active = self.session.get_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in active:
             raise BackendError(f"--device cuda: ONNX Runtime could not start CUDA for {describe(model)} "
-                               f"(active: {active})")
+                               f"(active: {active}; it needs an NVIDIA driver for CUDA 13)")
         self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         self.input_name = self.session.get_inputs()[0].name
+        self.batch_dimension = self.session.get_inputs()[0].shape[0]  # its symbolic name ("batch")
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.static: dict[int, StaticShapeSession] = {}
+
+    def session_options(self):
+        options = self.ort.SessionOptions()
+        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads or usable_cpus()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # warnings and above only; errors surface as exceptions
+        return options
+
+    def specialize(self, batch_sizes: tuple[int, ...]) -> None:
+        """On CUDA with ``cuda_graphs``: a captured-graph session for each of ``batch_sizes`` (the
+        batcher's shape buckets); other sizes keep running on the dynamic session. A size whose
+        graph cannot be captured runs without one, and the log says why."""
+        if self.device != "cuda" or not self.cuda_graphs:
+            return
+        cuda, options = providers_for("cuda", self.conv_search)[0]
+        providers = [(cuda, {**options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+        for size in batch_sizes:
+            try:
+                self.static[size] = StaticShapeSession(self.ort, self.model, self.session_options(), providers,
+                                                       self.batch_dimension, size, "cuda")
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's untyped errors; the dynamic session stays
+                log.warning("no CUDA graph for batch %d, running it without one: %s", size, str(exc).splitlines()[0])
+        if self.static:
+            log.info("CUDA graphs for batch %s", ",".join(map(str, self.static)))
 
     def infer(self, batch: np.ndarray) -> Outputs:
+        static = self.static.get(len(batch))
+        if static is not None:
+            return static.infer(batch)
         outputs = self.session.run(self.output_names, {self.input_name: batch})
         return dict(zip(self.output_names, outputs))

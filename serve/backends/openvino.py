@@ -66,6 +66,9 @@ class OpenVinoBackend:
         }
         return core.compile_model(network, "CPU", config)
 
+    def specialize(self, batch_sizes: tuple[int, ...]) -> None:
+        """Nothing to prepare per batch size."""
+
     def infer(self, batch: np.ndarray) -> Outputs:
         request = self.single_request if len(batch) == 1 else self.batched_request
         with self.lock:

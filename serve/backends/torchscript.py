@@ -38,6 +38,9 @@ class TorchScriptBackend:
         except RuntimeError as exc:
             raise BackendError(f"torch cannot load {describe(model)}: {str(exc).splitlines()[0]}") from exc
 
+    def specialize(self, batch_sizes: tuple[int, ...]) -> None:
+        """Nothing to prepare per batch size."""
+
     def infer(self, batch: np.ndarray) -> Outputs:
         with self.torch.inference_mode():
             outputs = self.module(self.torch.from_numpy(batch).to(self.device))

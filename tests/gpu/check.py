@@ -7,7 +7,8 @@
 Three parts, each written to the JSON as soon as it is done (a timeout keeps what finished):
 1. parity: the shipped ONNX artifact on ``--device`` against the CPU fp32 run, on the 10,000
    MNIST test images: max |logit difference| and both accuracies;
-2. in process: batch-1 latency and batch 64/256/1024 throughput on ``--device`` and on the CPU;
+2. in process: batch-1 latency and batch 64/256/1024 throughput on the CPU, and on CUDA without
+   and with CUDA graphs (`resserve bench model --device cuda`'s rows);
 3. served: a server on ``--device`` with its default shape buckets, loaded with 1-image
    requests at C=1, 16, 64 and 64-image requests at C=16 (our closed-loop load generator), and
    the first 200 requests at each of several batch sizes (the slowest against the median: no
@@ -33,10 +34,10 @@ import numpy as np
 from resserve.serve.backends import open_backend
 from resserve.serve.bench import LoadSpec, measure_level
 from resserve.serve.package import load_package
-from resserve.serve.timing import images_per_second, median_seconds
 
 SERVER = "import typer; from resserve.serve.cli import serve; typer.run(serve)"
 FIRST_REQUEST_SIZES = (1, 2, 3, 5, 8, 13, 21, 34, 64)
+IN_PROCESS_SIZES = (64, 256, 1024)
 
 
 def mnist_test() -> tuple[np.ndarray, np.ndarray]:
@@ -56,17 +57,14 @@ def parity(device: str, images: np.ndarray, labels: np.ndarray, onnx: bytes) -> 
             "accuracy_device": float((logits.argmax(1) == labels).mean())}
 
 
-def in_process(device: str, onnx: bytes, seconds: float) -> list[dict]:
-    rows = []
-    for name in dict.fromkeys((device, "cpu")):
-        backend = open_backend(onnx, "onnx", "onnxruntime", name, "fp32")
-        one = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
-        row = {"device": backend.device, "batch1_latency_ms": median_seconds(lambda: backend.infer(one), 200) * 1e3}
-        for size in (64, 256, 1024):
-            batch = np.random.default_rng(0).random((size, 1, 28, 28), dtype=np.float32)
-            row[f"batch{size}_images_per_second"] = images_per_second(lambda: backend.infer(batch), size, seconds)
-        rows.append(row)
-    return rows
+def in_process(device: str, onnx: bytes, images: np.ndarray, seconds: float) -> list[dict]:
+    """`resserve bench model --device cuda`'s ONNX Runtime rows: the CPU, CUDA, CUDA graphs."""
+    from resserve.train.bench import benchmark_model, cuda_runners
+
+    runners = {"ONNX Runtime fp32, CPU": open_backend(onnx, "onnx", "onnxruntime", "cpu", "fp32").infer}
+    if device == "cuda":
+        runners.update(cuda_runners(onnx, IN_PROCESS_SIZES))
+    return benchmark_model(runners, images[:512], IN_PROCESS_SIZES, seconds)["rows"]
 
 
 def start_server(device: str, port: int, metrics_port: int) -> subprocess.Popen:
@@ -132,7 +130,7 @@ def main() -> None:
     images, labels = mnist_test()
     results: dict = {"device": args.device}
     for name, run in (("parity", lambda: parity(args.device, images, labels, onnx)),
-                      ("in_process", lambda: in_process(args.device, onnx, seconds)),
+                      ("in_process", lambda: in_process(args.device, onnx, images, seconds)),
                       ("served", lambda: served(args.device, images, seconds * 2))):
         print(f"gpu check: {name} ...", file=sys.stderr)
         results[name] = run()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from resserve.serve.backends.base import infer_in_chunks
-from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
+from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend, StaticShapeSession
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
 from resserve.serve.errors import ResserveError
 from resserve.serve.manifest import ReducedPrecisionReport
@@ -110,3 +110,26 @@ def test_openvino_single_images_match_onnxruntime_like_batches_do(shipped_onnx, 
     assert np.abs(logits - reference["logits"]).max() <= tolerance
     assert (logits.argmax(1) == reference["logits"].argmax(1)).all()
     assert np.abs(backend.infer(images)["logits"] - reference["logits"]).max() <= tolerance
+
+
+@pytest.mark.parametrize("size", [1, 8, 64])
+def test_sessions_bound_to_one_batch_size_match_the_dynamic_session(shipped_onnx, mnist, size):
+    """The CUDA-graph sessions' mechanics, on the CPU (no graph here): batch size fixed in the
+    session, input and outputs bound once; each answer is the network's, and is not overwritten
+    by the next batch through the reused buffers."""
+    backend = OnnxRuntimeBackend(shipped_onnx)
+    bound = StaticShapeSession(backend.ort, backend.model, backend.session_options(), ["CPUExecutionProvider"],
+                               backend.batch_dimension, size, "cpu")
+    images = mnist.test.images[:2 * size, None].astype(np.float32) / 255
+    first, second = bound.infer(images[:size]), bound.infer(images[size:])
+    for answer, batch in ((first, images[:size]), (second, images[size:])):
+        reference = backend.infer(batch)
+        assert set(answer) == set(reference) and answer["logits"].shape == (size, 10)
+        assert np.abs(answer["logits"] - reference["logits"]).max() <= 1e-5
+    assert (first["logits"].argmax(1) == mnist.test.labels[:size]).mean() >= 0.9
+
+
+def test_only_cuda_specializes_per_batch_size(shipped_onnx):
+    backend = OnnxRuntimeBackend(shipped_onnx, "auto")  # no CUDA here: the CPU
+    backend.specialize((1, 8, 64))
+    assert backend.device == "cpu" and backend.static == {}
