@@ -29,6 +29,13 @@ def test_bench_model_reports_every_runner(tmp_path, mnist):
     assert report["ratios"]["onnx_fp32_over_eager_unfolded_batch64"] > 0
 
 
+def test_bench_model_on_cuda_without_the_cuda_build_names_the_install(mnist):
+    result = run_cli("bench", "model", "--device", "cuda", "--data-dir", str(mnist.path.parent))
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (1, (
+        "error: --device cuda: this ONNX Runtime is the CPU build; install the CUDA build in its place: "
+        "pip uninstall -y onnxruntime && pip install 'resserve[gpu]'"))
+
+
 def test_bench_serve_starts_servers_and_writes_table_json_and_plot(tmp_path):
     out, plot = tmp_path / "serve.json", tmp_path / "serve.png"
     result = run_cli("bench", "serve", "--start", "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.2",

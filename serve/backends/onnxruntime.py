@@ -83,10 +83,11 @@ def providers_for(device: str, conv_search: str = "EXHAUSTIVE") -> list:
 
 class StaticShapeSession:
     """A session for one batch size, its input and outputs bound once to buffers on the device
-    (IO binding). With ``cuda_graph`` ONNX Runtime records the whole network as a CUDA graph on
-    the first run and replays it after: one launch instead of one per kernel, which is most of a
-    small batch's time on a GPU (measured on an H100, host copies included: batch 1 1.09 -> 0.56
-    ms, batch 64 2.34 -> 1.49 ms). A replayed graph reads and writes the same addresses, hence the
+    (IO binding). Where its providers enable CUDA graphs (``enable_cuda_graph``), ONNX Runtime
+    records the whole network as a CUDA graph after a first run and replays it after that: one
+    launch instead of one per kernel, which is most of a small batch's time on a GPU (issue 14's
+    in-process trial on an H100, host copies included: batch 1 1.09 -> 0.56 ms, batch 64 2.34 ->
+    1.49 ms). A replayed graph reads and writes the same addresses, hence the
     fixed buffers; the batch size is fixed in the session too, so every shape computation is
     folded away and no node falls back to the CPU. Buffers are filled from pageable host memory:
     ONNX Runtime's Python API has no pinned allocator, and the copies are at most a few MB."""
