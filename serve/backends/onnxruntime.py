@@ -14,28 +14,30 @@ from resserve.serve.backends.base import BackendError, ModelSource, Outputs, des
 log = logging.getLogger("resserve.serve")
 
 INSTALL_HINT = "pip install 'resserve[cpu]' (or 'resserve[gpu]' for NVIDIA GPUs)"
-# onnxruntime and onnxruntime-gpu are two wheels of one module: installed together, whichever came
-# last owns the files, and uninstalling either breaks the other.
+# onnxruntime and onnxruntime-gpu are two wheels of one module: installed into the same
+# site-packages, whichever came last owns the files, and uninstalling either breaks the other.
 CLASH_HINT = ("onnxruntime and onnxruntime-gpu are both installed (two wheels of one module); "
               "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'resserve[gpu]' (or [cpu])")
 GPU_HINT = "install the CUDA build in its place: pip uninstall -y onnxruntime && pip install 'resserve[gpu]'"
 
 
-def installed_wheels() -> set[str]:
-    """Which ONNX Runtime distributions pip installed (onnxruntime, onnxruntime-gpu)."""
-    found = set()
+def installed_wheels() -> dict[str, str]:
+    """The ONNX Runtime distributions on the path (onnxruntime, onnxruntime-gpu) and the directory
+    each is installed in."""
+    found = {}
     for name in ("onnxruntime", "onnxruntime-gpu"):
         try:
-            metadata.distribution(name)
-            found.add(name)
+            found[name] = str(metadata.distribution(name).locate_file(""))
         except metadata.PackageNotFoundError:
             pass
     return found
 
 
 def import_onnxruntime() -> ModuleType:
-    """The onnxruntime module, or a one-line error that names the install."""
-    if len(installed_wheels()) > 1:
+    """The onnxruntime module, or a one-line error that names the install. Both wheels in one
+    directory is a broken install; in two (one on PYTHONPATH) the first on the path wins cleanly."""
+    wheels = installed_wheels()
+    if len(wheels) > 1 and len(set(wheels.values())) == 1:
         raise BackendError(CLASH_HINT)
     try:
         import onnxruntime

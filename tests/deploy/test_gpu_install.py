@@ -4,6 +4,7 @@ wheel beside it, with the CUDA runtime and cuDNN of the CUDA major that deploy/D
 base image carries; and this machine's own (CPU) ONNX Runtime names that install when asked for CUDA."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -52,3 +53,36 @@ def test_asking_the_cpu_build_for_cuda_names_the_gpu_extra():
     assert str(error.value) == f"--device cuda: {cuda_unavailable_reason()}"
     assert "pip install 'resserve[gpu]'" in str(error.value) and "pip uninstall -y onnxruntime" in str(error.value)
     assert providers_for("auto") == ["CPUExecutionProvider"]  # auto falls back to the CPU
+
+
+def dist_info(directory: Path, name: str) -> None:
+    """What pip leaves of an installed wheel that importlib.metadata reads: its METADATA."""
+    info = directory / f"{name.replace('-', '_')}-1.31.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.31.1\n")
+
+
+def import_with_path(directory: Path) -> subprocess.CompletedProcess:
+    code = ("from resserve.serve.backends.onnxruntime import import_onnxruntime, cuda_unavailable_reason\n"
+            "import_onnxruntime(); print(cuda_unavailable_reason())")
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(directory)},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_both_wheels_in_one_directory_is_refused_with_the_fix(tmp_path):
+    dist_info(tmp_path, "onnxruntime")
+    dist_info(tmp_path, "onnxruntime-gpu")
+    result = import_with_path(tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].endswith(
+        "BackendError: onnxruntime and onnxruntime-gpu are both installed (two wheels of one module); "
+        "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'resserve[gpu]' (or [cpu])")
+
+
+def test_the_gpu_wheel_on_pythonpath_beside_the_cpu_wheel_is_not_a_clash(tmp_path):
+    """As on a GPU machine whose system Python has the CPU wheel and onnxruntime-gpu is put first
+    on PYTHONPATH (../shared/gpu/on-gpu.sh): the first on the path is imported, nothing is mixed."""
+    dist_info(tmp_path, "onnxruntime-gpu")
+    result = import_with_path(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("onnxruntime-gpu has no usable CUDA execution provider here "
+                                     "(it needs an NVIDIA GPU with a driver for CUDA 13)")
