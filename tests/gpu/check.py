@@ -1,10 +1,10 @@
-"""The GPU check (issue 14): run in one go on a machine with an NVIDIA GPU, results as JSON.
+"""The GPU check (issues 14 and 15): run in one go on a machine with an NVIDIA GPU, results as JSON.
 
     source /tmp/gpu-stage/base/on-gpu.sh          # ../shared/gpu/README.md: onnxruntime-gpu, MNIST
     python3 tests/gpu/check.py --out "$OUT/gpu-check.json"
     python3 tests/gpu/check.py --device cpu --quick --out /tmp/cpu-dry-run.json   # the same, on a CPU first
 
-Three parts, each written to the JSON as soon as it is done (a timeout keeps what finished):
+Four parts, each written to the JSON as soon as it is done (a timeout keeps what finished):
 1. parity: the shipped ONNX artifact on ``--device`` against the CPU fp32 run, on the 10,000
    MNIST test images: max |logit difference| and both accuracies;
 2. in process: batch-1 latency and batch 64/256/1024 throughput on the CPU, and on CUDA without
@@ -12,7 +12,9 @@ Three parts, each written to the JSON as soon as it is done (a timeout keeps wha
 3. served: a server on ``--device`` with its default shape buckets, loaded with 1-image
    requests at C=1, 16, 64 and 64-image requests at C=16 (our closed-loop load generator), and
    the first 200 requests at each of several batch sizes (the slowest against the median: no
-   shape-dependent compile after ready).
+   shape-dependent compile after ready);
+4. workers (issue 15): 1-image requests at C=64 against 1 and 4 workers on ``--device`` and 1, 4
+   and 8 on the CPU, beside the CPU's in-process limit at batch 1, 8, 16 and 64.
 
 The server is started from this checkout's modules, not the `resserve` command, so the check
 works where the project is on PYTHONPATH without being installed.
@@ -32,12 +34,15 @@ from pathlib import Path
 import numpy as np
 
 from resserve.serve.backends import open_backend
-from resserve.serve.bench import LoadSpec, measure_level
+from resserve.serve.bench import LoadSpec, in_process_limit, measure_level
 from resserve.serve.package import load_package
 
 SERVER = "import typer; from resserve.serve.cli import serve; typer.run(serve)"
 FIRST_REQUEST_SIZES = (1, 2, 3, 5, 8, 13, 21, 34, 64)
 IN_PROCESS_SIZES = (64, 256, 1024)
+LOAD_PROCESSES = 4  # the load generator's processes: 16 CPUs on the GPU machine
+WORKERS = {"cuda": (1, 4), "cpu": (1, 4, 8)}
+QUICK_WORKERS = {"cuda": (1, 2), "cpu": (1, 2)}
 
 
 def mnist_test() -> tuple[np.ndarray, np.ndarray]:
@@ -67,10 +72,10 @@ def in_process(device: str, onnx: bytes, images: np.ndarray, seconds: float) -> 
     return benchmark_model(runners, images[:512], IN_PROCESS_SIZES, seconds)["rows"]
 
 
-def start_server(device: str, port: int, metrics_port: int) -> subprocess.Popen:
+def start_server(device: str, port: int, metrics_port: int, workers: int) -> subprocess.Popen:
     command = [sys.executable, "-c", SERVER, "--host", "127.0.0.1", "--port", str(port), "--http-port", "0",
                "--metrics-port", str(metrics_port), "--backend", "onnxruntime", "--device", device,
-               "--max-batch-size", "64", "--drain-seconds", "0", "--workers", "1"]
+               "--max-batch-size", "64", "--drain-seconds", "0", "--workers", str(workers)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         print(line, end="", file=sys.stderr)
@@ -103,19 +108,32 @@ def first_requests(target: str, images: np.ndarray) -> dict:
     return result
 
 
-def served(device: str, images: np.ndarray, duration: float) -> dict:
+def served(device: str, images: np.ndarray, duration: float, workers: int = 1,
+           sweep: tuple[tuple[int, tuple[int, ...]], ...] = ((1, (1, 16, 64)), (64, (16,))),
+           first: bool = True) -> dict:
+    """A server on ``device`` with ``workers`` under load: (images per request, concurrencies)
+    for each of ``sweep``, after the first 200 requests of each size where ``first``."""
     port, metrics_port = 18901, 18902
-    process = start_server(device, port, metrics_port)
+    process = start_server(device, port, metrics_port, workers)
     target, metrics = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     try:
-        report = {"first_requests": first_requests(target, images)}
-        for batch, levels in ((1, (1, 16, 64)), (64, (16,))):
+        report: dict = {"device": device, "workers": workers}
+        if first:
+            report["first_requests"] = first_requests(target, images)
+        for batch, levels in sweep:
             spec = LoadSpec(target, "", "resnet-mnist", "kserve", batch, duration, 2.0)
-            report[f"batch{batch}"] = [measure_level(spec, c, metrics, process.pid, 4) for c in levels]
+            report[f"batch{batch}"] = [measure_level(spec, c, metrics, process.pid, LOAD_PROCESSES) for c in levels]
         return report
     finally:
         process.terminate()
         process.wait(60)
+
+
+def worker_sweep(device: str, images: np.ndarray, duration: float, counts: dict[str, tuple[int, ...]]) -> list[dict]:
+    """Issue 15's figures: 1-image requests at C=64 against servers with each worker count, on
+    ``device`` and on the CPU (whose in-process limit is the ``cpu_in_process`` part)."""
+    return [served(name, images, duration, workers, ((1, (64,)),), first=False)
+            for name in dict.fromkeys((device, "cpu")) for workers in counts[name]]
 
 
 def main() -> None:
@@ -131,7 +149,10 @@ def main() -> None:
     results: dict = {"device": args.device}
     for name, run in (("parity", lambda: parity(args.device, images, labels, onnx)),
                       ("in_process", lambda: in_process(args.device, onnx, images, seconds)),
-                      ("served", lambda: served(args.device, images, seconds * 2))):
+                      ("cpu_in_process", lambda: in_process_limit(package, [1, 8, 16, 64])),
+                      ("served", lambda: served(args.device, images, seconds * 2)),
+                      ("workers", lambda: worker_sweep(args.device, images, seconds * 2,
+                                                       QUICK_WORKERS if args.quick else WORKERS))):
         print(f"gpu check: {name} ...", file=sys.stderr)
         results[name] = run()
         args.out.write_text(json.dumps(results, indent=2) + "\n")
