@@ -1,7 +1,10 @@
 """--backend/--precision: auto takes OpenVINO bf16 only where the CPU and the accuracy guard allow;
 OpenVINO matches ONNX Runtime in fp32 and agrees with it in bf16 on real MNIST."""
 
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -133,3 +136,19 @@ def test_only_cuda_specializes_per_batch_size(shipped_onnx):
     backend = OnnxRuntimeBackend(shipped_onnx, "auto")  # no CUDA here: the CPU
     backend.specialize((1, 8, 64))
     assert backend.device == "cpu" and backend.static == {}
+
+
+@pytest.mark.parametrize("setting, collected", [(None, False), ("0", True)])
+def test_onnxruntime_telemetry_is_off_unless_the_user_allows_it(tmp_path, setting, collected):
+    """ONNX Runtime's Linux builds keep a device ID and an event cache for Microsoft under
+    ~/.cache/Microsoft; resserve opts out before ONNX Runtime starts, unless told otherwise."""
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"} | {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / ".cache")}
+    if setting is not None:
+        env["ORT_DISABLE_TELEMETRY"] = setting
+    code = ("from pathlib import Path; import numpy as np\n"
+            "from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend\n"
+            "from resserve.serve.package import load_package\n"
+            "package = load_package(); backend = OnnxRuntimeBackend(package.read_verified(package.find('onnx')))\n"
+            "backend.infer(np.zeros((1, 1, 28, 28), np.float32))")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert (tmp_path / ".cache" / "Microsoft").exists() == collected
