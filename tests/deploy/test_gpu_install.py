@@ -1,7 +1,8 @@
 """The GPU install path, as far as a machine without a GPU can follow it: what pip resolves for
 ``resserve[gpu]`` (the real index, a dry run) is the CUDA build of ONNX Runtime without the CPU
 wheel beside it, with the CUDA runtime and cuDNN of the CUDA major that deploy/Dockerfile.cuda's
-base image carries; and this machine's own (CPU) ONNX Runtime names that install when asked for CUDA."""
+base image carries; this machine's own (CPU) ONNX Runtime names that install when asked for CUDA;
+and both wheels in one directory are refused, while the GPU wheel first on PYTHONPATH is not."""
 
 import json
 import os
