@@ -27,7 +27,7 @@ from collections import Counter
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import aiohttp
 import grpc
@@ -36,6 +36,7 @@ import orjson
 
 from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
+from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import ModelPackage, load_package
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
@@ -313,6 +314,32 @@ def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+
+
+def measure_runners(runners: dict[str, Callable[[np.ndarray], object]], images: np.ndarray,
+                    batch_sizes: tuple[int, ...], seconds: float,
+                    on_runner: Callable[[str], None] = lambda name: None) -> list[dict]:
+    """`resserve bench model`'s rows: batch-1 latency and throughput at each batch size of every
+    runner, in this process, one after another."""
+    rows = []
+    for name, run in runners.items():
+        on_runner(name)
+        one = images[:1]
+        row = {"config": name, "batch1_latency_ms": round(median_seconds(lambda: run(one), repeats=500) * 1e3, 3)}
+        for size in batch_sizes:
+            batch = np.ascontiguousarray(np.resize(images, (size, *images.shape[1:])))
+            row[f"batch{size}_images_per_second"] = round(images_per_second(lambda: run(batch), size, seconds), 1)
+        rows.append(row)
+    return rows
+
+
+def cuda_runners(onnx: bytes, batch_sizes: tuple[int, ...]) -> dict[str, Callable[[np.ndarray], object]]:
+    """ONNX Runtime's CUDA provider on the fp32 artifact: plain, and with a captured CUDA graph at
+    batch 1 and each of ``batch_sizes`` (as a server captures one per shape bucket)."""
+    plain = OnnxRuntimeBackend(onnx, "cuda", cuda_graphs=False)
+    graphs = OnnxRuntimeBackend(onnx, "cuda")
+    graphs.specialize((1, *batch_sizes))
+    return {"ONNX Runtime fp32, CUDA": plain.infer, "ONNX Runtime fp32, CUDA graphs": graphs.infer}
 
 
 def in_process_limit(package: ModelPackage, batch_sizes: list[int], runtime: str = "onnxruntime fp32",

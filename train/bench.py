@@ -22,10 +22,9 @@ import torch.nn.functional as F
 
 from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
-from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
+from resserve.serve.bench import measure_runners
 from resserve.serve.package import ModelPackage
-from resserve.serve.timing import images_per_second, median_seconds
 from resserve.train.checkpoint import load_checkpoint
 from resserve.train.data import MNIST
 from resserve.train.fold import fold_for_inference
@@ -119,28 +118,11 @@ def model_runners(checkpoint: Path | None, package: ModelPackage) -> dict[str, C
     return runners
 
 
-def cuda_runners(onnx: bytes, batch_sizes: tuple[int, ...]) -> dict[str, Callable[[np.ndarray], object]]:
-    """ONNX Runtime's CUDA provider on the fp32 artifact: plain, and with a captured CUDA graph at
-    batch 1 and each of ``batch_sizes`` (as a server captures one per shape bucket)."""
-    plain = OnnxRuntimeBackend(onnx, "cuda", cuda_graphs=False)
-    graphs = OnnxRuntimeBackend(onnx, "cuda")
-    graphs.specialize((1, *batch_sizes))
-    return {"ONNX Runtime fp32, CUDA": plain.infer, "ONNX Runtime fp32, CUDA graphs": graphs.infer}
-
-
 def benchmark_model(runners: dict[str, Callable[[np.ndarray], object]], images: np.ndarray,
                     batch_sizes: tuple[int, ...] = (64, 256), seconds: float = 2.0,
                     on_runner: Callable[[str], None] = lambda name: None) -> dict:
     """Batch-1 latency and throughput at each batch size, for every runner, in this one process."""
-    rows = []
-    for name, run in runners.items():
-        on_runner(name)
-        one = images[:1]
-        row = {"config": name, "batch1_latency_ms": round(median_seconds(lambda: run(one), repeats=500) * 1e3, 3)}
-        for size in batch_sizes:
-            batch = np.ascontiguousarray(np.resize(images, (size, *images.shape[1:])))
-            row[f"batch{size}_images_per_second"] = round(images_per_second(lambda: run(batch), size, seconds), 1)
-        rows.append(row)
+    rows = measure_runners(runners, images, batch_sizes, seconds, on_runner)
     by_name = {row["config"]: row for row in rows}
     ratios = {}
     onnx_fp32, eager = by_name.get("ONNX Runtime fp32"), by_name.get("eager, unfolded (PyTorch)")

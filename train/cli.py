@@ -231,7 +231,8 @@ def bench_model(
     import tempfile
 
     from resserve.serve.package import SHIPPED_PACKAGE, load_package
-    from resserve.train.bench import benchmark_model, cuda_runners, model_runners, print_model_benchmark
+    from resserve.serve.bench import cuda_runners
+    from resserve.train.bench import benchmark_model, model_runners, print_model_benchmark
     from resserve.train.checkpoint import resolve_model_path
     from resserve.train.data import load_mnist
     from resserve.train.export import ExportOptions, as_input, export_package

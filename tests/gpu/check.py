@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from resserve.serve.backends import open_backend
-from resserve.serve.bench import LoadSpec, in_process_limit, measure_level
+from resserve.serve.bench import LoadSpec, cuda_runners, in_process_limit, measure_level, measure_runners
 from resserve.serve.package import load_package
 
 SERVER = "import typer; from resserve.serve.cli import serve; typer.run(serve)"
@@ -63,13 +63,12 @@ def parity(device: str, images: np.ndarray, labels: np.ndarray, onnx: bytes) -> 
 
 
 def in_process(device: str, onnx: bytes, images: np.ndarray, seconds: float) -> list[dict]:
-    """`resserve bench model --device cuda`'s ONNX Runtime rows: the CPU, CUDA, CUDA graphs."""
-    from resserve.train.bench import benchmark_model, cuda_runners
-
+    """`resserve bench model --device cuda`'s ONNX Runtime rows (the CPU, CUDA, CUDA graphs),
+    without torch: the GPU machine has no torchvision."""
     runners = {"ONNX Runtime fp32, CPU": open_backend(onnx, "onnx", "onnxruntime", "cpu", "fp32").infer}
     if device == "cuda":
         runners.update(cuda_runners(onnx, IN_PROCESS_SIZES))
-    return benchmark_model(runners, images[:512], IN_PROCESS_SIZES, seconds)["rows"]
+    return measure_runners(runners, images[:512], IN_PROCESS_SIZES, seconds)
 
 
 def start_server(device: str, port: int, metrics_port: int, workers: int) -> subprocess.Popen:
