@@ -34,6 +34,7 @@ def installed_wheels() -> dict[str, str]:
     return found
 
 
+@cache
 def import_onnxruntime() -> ModuleType:
     """The onnxruntime module, or a one-line error that names the install. Both wheels in one
     directory is a broken install; in two (one on PYTHONPATH) the first on the path wins cleanly.
@@ -41,7 +42,8 @@ def import_onnxruntime() -> ModuleType:
     ONNX Runtime's official Linux builds collect usage telemetry (a persistent device ID and an
     event cache under ~/.cache/Microsoft, uploaded to Microsoft) unless ORT_DISABLE_TELEMETRY=1 is
     set before it starts. A server should not report home by default: it is set here, before the
-    import, unless the user set ORT_DISABLE_TELEMETRY themselves (0 allows it)."""
+    import, unless the user set ORT_DISABLE_TELEMETRY themselves (0 allows it). Cached: the
+    distributions on the path are read once per process, not at every session."""
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     wheels = installed_wheels()
     if len(wheels) > 1 and len(set(wheels.values())) == 1:
