@@ -52,9 +52,17 @@ class _Pending:
         return len(self.inputs)
 
 
+# The most images one batch holds when --max-batch-size is auto, by device. On the CPU batch 64
+# already reaches the in-process peak; on a GPU throughput keeps growing to batch 256 (43,000
+# images/s at 64, 59,000 at 256 with CUDA graphs, H100), and batch 1024 adds a tenth more for
+# four times the latency of a batch (docs/benchmarks.md "GPU").
+DEFAULT_MAX_BATCH_SIZE = {"cpu": 64, "cuda": 256}
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_size: int = 64
+    # None: chosen by the device (for_device): the largest bucket given, else DEFAULT_MAX_BATCH_SIZE
+    max_batch_size: int | None = None
     # 0, as Triton's default: run what is queued as soon as the backend is free. Requests that
     # arrive while a batch computes form the next batch, so batches still grow with load, and a
     # lone request never waits for company that is not coming.
@@ -65,13 +73,15 @@ class BatchingConfig:
     buckets: tuple[int, ...] | None = None
 
     def for_device(self, device: str) -> "BatchingConfig":
-        """Buckets resolved for ``device``: powers of two on CUDA, where each new shape costs a
-        cuDNN algorithm search; none on the CPU, where padding only adds work
-        (docs/benchmarks.md "Shape buckets")."""
-        if self.buckets is not None:
-            return self
-        powers = {2 ** i for i in range(self.max_batch_size.bit_length()) if 2 ** i < self.max_batch_size}
-        return replace(self, buckets=tuple(sorted({*powers, self.max_batch_size})) if device == "cuda" else ())
+        """The max batch size and buckets resolved for ``device``. Buckets: powers of two on CUDA,
+        where each new shape costs a cuDNN algorithm search; none on the CPU, where padding only
+        adds work (docs/benchmarks.md "Shape buckets")."""
+        largest = self.max_batch_size or (self.buckets[-1] if self.buckets else DEFAULT_MAX_BATCH_SIZE[device])
+        buckets = self.buckets
+        if buckets is None:
+            powers = {2 ** i for i in range(largest.bit_length()) if 2 ** i < largest}
+            buckets = tuple(sorted({*powers, largest})) if device == "cuda" else ()
+        return replace(self, max_batch_size=largest, buckets=buckets)
 
     def shapes(self) -> tuple[int, ...]:
         """The batch sizes warmed before ready: the buckets, or the smallest and largest batch."""
@@ -100,7 +110,9 @@ def padded_to_buckets(infer: Callable[[np.ndarray], Outputs], buckets: tuple[int
 class DynamicBatcher:
     def __init__(self, infer: Callable[[np.ndarray], Outputs], config: BatchingConfig, executor: Executor,
                  on_batch: Callable[[BatchStats], None] = lambda stats: None) -> None:
-        self._infer = padded_to_buckets(infer, config.buckets or ())
+        if config.max_batch_size is None or config.buckets is None:
+            raise ValueError("the batcher needs a config resolved for its device: BatchingConfig.for_device")
+        self._infer = padded_to_buckets(infer, config.buckets)
         self.config = config
         self._executor = executor
         self._on_batch = on_batch

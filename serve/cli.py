@@ -9,10 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from resserve.serve.batcher import BatchingConfig
+from resserve.serve.batcher import DEFAULT_MAX_BATCH_SIZE, BatchingConfig
 from resserve.serve.errors import ResserveError
 from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice,
-                                     ConvSearch, Device, Precision, ServerSettings, parse_buckets, parse_workers)
+                                     ConvSearch, Device, Precision, ServerSettings, parse_buckets,
+                                     parse_max_batch_size, parse_workers)
 
 
 def _env(name: str) -> str:
@@ -30,8 +31,9 @@ def serve(
         "at /; 0 disables.")] = ServerSettings.http_port,
     metrics_port: Annotated[int, typer.Option(envvar=_env("METRICS_PORT"),
                                               help="Prometheus /metrics port; 0 disables.")] = ServerSettings.metrics_port,
-    max_batch_size: Annotated[int, typer.Option(envvar=_env("MAX_BATCH_SIZE"),
-                                                help="Most images the batcher runs at once.")] = BatchingConfig.max_batch_size,
+    max_batch_size: Annotated[str, typer.Option(envvar=_env("MAX_BATCH_SIZE"),
+        help=f"Most images the batcher runs at once. auto: {DEFAULT_MAX_BATCH_SIZE['cpu']} on the CPU, "
+        f"{DEFAULT_MAX_BATCH_SIZE['cuda']} on CUDA, or the largest --batch-buckets size.")] = "auto",
     max_queue_delay_us: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_DELAY_US"),
         help="Longest wait for batch-mates after the first queued request, microseconds.")] = BatchingConfig.max_queue_delay_us,
     max_queue_size: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_SIZE"),
@@ -97,10 +99,11 @@ def serve(
     from resserve.serve.server import run_server
     from resserve.serve.workers import supervise
 
+    largest_batch = parse_max_batch_size(max_batch_size)
     settings = ServerSettings(
         packages=tuple(packages or ()), host=host, port=port, http_port=http_port, metrics_port=metrics_port,
-        batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                                max_queue_size=max_queue_size, buckets=parse_buckets(batch_buckets, max_batch_size)),
+        batching=BatchingConfig(max_batch_size=largest_batch, max_queue_delay_us=max_queue_delay_us,
+                                max_queue_size=max_queue_size, buckets=parse_buckets(batch_buckets, largest_batch)),
         device=device, backend=backend, precision=precision, cuda_conv_search=cuda_conv_search,
         cuda_graphs=cuda_graphs, threads=threads,
         cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus()),

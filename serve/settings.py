@@ -76,9 +76,19 @@ def auto_workers(cpus: int) -> int:
     return max(1, min(MAX_WORKERS, cpus // CPUS_PER_WORKER))
 
 
-def parse_buckets(value: str, max_batch_size: int) -> tuple[int, ...] | None:
+def parse_max_batch_size(value: str) -> int | None:
+    """``--max-batch-size``: "auto" (None: chosen by the device, BatchingConfig.for_device) or a number."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ResserveError(f"--max-batch-size must be auto or a number of images, got {value!r}") from None
+
+
+def parse_buckets(value: str, max_batch_size: int | None) -> tuple[int, ...] | None:
     """``--batch-buckets``: "auto" (None: chosen by the device, BatchingConfig.for_device), "none",
-    or sizes such as "1,8,64" whose largest is the max batch size."""
+    or sizes such as "1,8,64" whose largest is the max batch size (when that is not auto)."""
     if value == "auto":
         return None
     if value == "none":
@@ -87,7 +97,7 @@ def parse_buckets(value: str, max_batch_size: int) -> tuple[int, ...] | None:
         sizes = sorted({int(size) for size in value.split(",")})
     except ValueError:
         raise ResserveError(f"--batch-buckets must be auto, none or sizes such as 1,8,64; got {value!r}") from None
-    if sizes[0] < 1 or sizes[-1] != max_batch_size:
+    if sizes[0] < 1 or sizes[-1] != (max_batch_size or sizes[-1]):
         raise ResserveError(f"--batch-buckets must be sizes >= 1 whose largest is --max-batch-size "
                             f"({max_batch_size}); got {value!r}")
     return tuple(sizes)
@@ -158,7 +168,7 @@ class ServerSettings:
             (all(0 <= p < 65536 for p in (self.port, self.http_port, self.metrics_port)), "ports must be in 0-65535"),
             (not self.http_port or self.http_port not in (self.port, self.metrics_port),
              f"--http-port {self.http_port} is also the gRPC or metrics port; give each its own"),
-            (b.max_batch_size >= 1, "--max-batch-size must be >= 1"),
+            (b.max_batch_size is None or b.max_batch_size >= 1, "--max-batch-size must be >= 1"),
             (b.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0"),
             (b.max_queue_size >= 1, "--max-queue-size must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),

@@ -37,6 +37,9 @@ def test_root_help_lists_the_commands():
     (["train", "--device", "tpu"], "device must be auto, cpu or cuda"),
     (["eval", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),
     (["bench", "train", "--steps", "0"], "--steps and --batch-size must be >= 1"),
+    (["serve", "--max-batch-size", "lots"], "--max-batch-size must be auto or a number of images, got 'lots'"),
+    (["serve", "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+    (["serve", "--max-batch-size", "32", "--batch-buckets", "1,64"], "--batch-buckets must be sizes >= 1 whose largest"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(args, message):
     result = run_cli(*args)

@@ -9,10 +9,10 @@ Four parts, each written to the JSON as soon as it is done (a timeout keeps what
    MNIST test images: max |logit difference| and both accuracies;
 2. in process: batch-1 latency and batch 64/256/1024 throughput on the CPU, and on CUDA without
    and with CUDA graphs (`resserve bench model --device cuda`'s rows);
-3. served: a server on ``--device`` with its default shape buckets, loaded with 1-image
-   requests at C=1, 16, 64 and 64-image requests at C=16 (our closed-loop load generator), and
-   the first 200 requests at each of several batch sizes (the slowest against the median: no
-   shape-dependent compile after ready);
+3. served: a server on ``--device`` with its defaults (on CUDA: batches up to 256, shape
+   buckets, CUDA graphs), loaded with 1-image requests at C=1, 16, 64 and 64-image requests at
+   C=16 (our closed-loop load generator), and the first 200 requests at each of several batch
+   sizes (the slowest against the median: no shape-dependent compile after ready);
 4. workers (issue 15): 1-image requests at C=64 against 1 and 4 workers on ``--device`` and 1, 4
    and 8 on the CPU, beside the CPU's in-process limit at batch 1, 8, 16 and 64.
 
@@ -74,7 +74,7 @@ def in_process(device: str, onnx: bytes, images: np.ndarray, seconds: float) -> 
 def start_server(device: str, port: int, metrics_port: int, workers: int) -> subprocess.Popen:
     command = [sys.executable, "-c", SERVER, "--host", "127.0.0.1", "--port", str(port), "--http-port", "0",
                "--metrics-port", str(metrics_port), "--backend", "onnxruntime", "--device", device,
-               "--max-batch-size", "64", "--drain-seconds", "0", "--workers", str(workers)]
+               "--drain-seconds", "0", "--workers", str(workers)]  # the device's batch size and buckets
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         print(line, end="", file=sys.stderr)

@@ -37,7 +37,7 @@ def images(*values: float) -> np.ndarray:
 
 def run(coroutine_factory, recorder: Recorder, **config):
     async def main():
-        batcher = DynamicBatcher(recorder, BatchingConfig(**config), ThreadPoolExecutor(1))
+        batcher = DynamicBatcher(recorder, BatchingConfig(**config).for_device("cpu"), ThreadPoolExecutor(1))
         batcher.start()
         try:
             return await coroutine_factory(batcher)
@@ -153,12 +153,25 @@ def test_buckets_by_device_powers_of_two_on_cuda_none_on_the_cpu():
     assert BatchingConfig(max_batch_size=8, buckets=(2, 8)).for_device("cuda").shapes() == (2, 8)  # as given
 
 
+def test_max_batch_size_by_device_unless_given():
+    cuda, cpu = BatchingConfig().for_device("cuda"), BatchingConfig().for_device("cpu")
+    assert (cuda.max_batch_size, cuda.buckets) == (256, (1, 2, 4, 8, 16, 32, 64, 128, 256))
+    assert (cpu.max_batch_size, cpu.buckets) == (64, ())
+    assert BatchingConfig(buckets=(4, 32)).for_device("cuda").max_batch_size == 32  # the largest bucket
+    assert BatchingConfig(buckets=()).for_device("cuda").max_batch_size == 256  # none: the device's
+    assert BatchingConfig(max_batch_size=16).for_device("cuda").max_batch_size == 16
+
+
 def test_bucket_settings_are_checked():
     from resserve.serve.errors import ResserveError
-    from resserve.serve.settings import parse_buckets
+    from resserve.serve.settings import parse_buckets, parse_max_batch_size
 
     assert parse_buckets("auto", 64) is None and parse_buckets("none", 64) == ()
     assert parse_buckets("64,1,8,8", 64) == (1, 8, 64)
+    assert parse_buckets("1,8", None) == (1, 8)  # --max-batch-size auto: the largest bucket is the max
     for bad in ("1,8", "0,64", "x"):
         with pytest.raises(ResserveError, match="--batch-buckets"):
             parse_buckets(bad, 64)
+    assert parse_max_batch_size("auto") is None and parse_max_batch_size("128") == 128
+    with pytest.raises(ResserveError, match="--max-batch-size must be auto or a number"):
+        parse_max_batch_size("lots")
