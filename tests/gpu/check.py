@@ -13,8 +13,8 @@ Four parts, each written to the JSON as soon as it is done (a timeout keeps what
    buckets, CUDA graphs), loaded with 1-image requests at C=1, 16, 64 and 64-image requests at
    C=16 (our closed-loop load generator), and the first 200 requests at each of several batch
    sizes (the slowest against the median: no shape-dependent compile after ready);
-4. workers (issue 15): 1-image requests at C=64 against 1 and 4 workers on ``--device`` and 1, 4
-   and 8 on the CPU, beside the CPU's in-process limit at batch 1, 8, 16 and 64.
+4. workers (issue 15): 1-image requests at C=64 against 1, 4 and 8 workers on ``--device`` and on
+   the CPU, beside the CPU's in-process limit at batch 1, 8, 16 and 64.
 
 The server is started from this checkout's modules, not the `resserve` command, so the check
 works where the project is on PYTHONPATH without being installed.
@@ -41,7 +41,7 @@ SERVER = "import typer; from resserve.serve.cli import serve; typer.run(serve)"
 FIRST_REQUEST_SIZES = (1, 2, 3, 5, 8, 13, 21, 34, 64)
 IN_PROCESS_SIZES = (64, 256, 1024)
 LOAD_PROCESSES = 4  # the load generator's processes: 16 CPUs on the GPU machine
-WORKERS = {"cuda": (1, 4), "cpu": (1, 4, 8)}
+WORKERS = {"cuda": (1, 4, 8), "cpu": (1, 4, 8)}
 QUICK_WORKERS = {"cuda": (1, 2), "cpu": (1, 2)}
 
 
