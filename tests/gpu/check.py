@@ -16,6 +16,9 @@ Four parts, each written to the JSON as soon as it is done (a timeout keeps what
 4. workers (issue 15): 1-image requests at C=64 against 1, 4 and 8 workers on ``--device`` and on
    the CPU, beside the CPU's in-process limit at batch 1, 8, 16 and 64.
 
+After each part, ``targets`` in the JSON judges every acceptance target of the two issues that
+the finished parts can judge (figure, and met or not); the end of the run prints them.
+
 The server is started from this checkout's modules, not the `resserve` command, so the check
 works where the project is on PYTHONPATH without being installed.
 """
@@ -92,6 +95,7 @@ def first_requests(target: str, images: np.ndarray) -> dict:
     from resserve.serve.stubs import grpc_service_pb2_grpc as pb_grpc
 
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(target))
+    stub.ServerLive(pb.ServerLiveRequest(), timeout=30)  # connected first: a handshake is no compile
     result = {}
     for size in FIRST_REQUEST_SIZES:
         request = pb.ModelInferRequest(model_name="resnet-mnist")
@@ -135,6 +139,91 @@ def worker_sweep(device: str, images: np.ndarray, duration: float, counts: dict[
             for name in dict.fromkeys((device, "cpu")) for workers in counts[name]]
 
 
+def _nearest(rows: list[dict], batch: float, key: str = "batch") -> dict:
+    """The row measured at the batch size closest (by ratio) to ``batch``."""
+    return min(rows, key=lambda row: abs(np.log(row[key] / max(batch, 1.0))))
+
+
+def _device_rows(results: dict) -> list[dict]:
+    """The in-process rows of the checked device: CUDA's (with and without graphs), or the CPU's."""
+    label = "CUDA" if results["device"] == "cuda" else "CPU"
+    return [row for row in results["in_process"] if label in row["config"]]
+
+
+def _target(issue: int, target: str, measured: str, met: bool) -> dict:
+    return {"issue": issue, "target": target, "measured": measured, "met": bool(met)}
+
+
+def _serving_targets(results: dict) -> list[dict]:
+    """Issue 14's targets for the served sweep, against the device's in-process rows."""
+    served, device = results["served"], _device_rows(results)
+    by_c = {row["concurrency"]: row for row in served["batch1"]}
+    errors = {c: sum(row["errors"].values()) for c, row in by_c.items()}  # status code -> count
+    targets = [_target(14, f"1-image requests, C={c}: p99 <= 25 ms, 0 errors",
+                       f"p99 {by_c[c]['p99_ms']:.1f} ms, {errors[c]} errors",
+                       by_c[c]["p99_ms"] <= 25 and not errors[c]) for c in (16, 64) if c in by_c]
+    worst = max(served["first_requests"].items(), key=lambda item: item[1]["max_over_median"])
+    targets.append(_target(14, "first 200 requests of each size: slowest <= 3x the median",
+                           f"worst {worst[1]['max_over_median']:.2f}x (batch {worst[0]})", worst[1]["max_over_median"] <= 3))
+    big = served["batch64"][0]
+    sizes = [{"batch": size, "ips": max(row[f"batch{size}_images_per_second"] for row in device)} for size in IN_PROCESS_SIZES]
+    reference = _nearest(sizes, big["mean_batch_size"])
+    ratio = big["images_per_second"] / reference["ips"]
+    targets.append(_target(14, "64-image requests: served >= 0.8x in process at the batch formed",
+                           f"{ratio:.2f}x ({big['images_per_second']:,.0f} against {reference['ips']:,.0f} images/s at "
+                           f"batch {reference['batch']}; mean batch {big['mean_batch_size']:.0f})", ratio >= 0.8))
+    if 1 in by_c:
+        fastest = min(row["batch1_latency_ms"] for row in device)
+        over = by_c[1]["p50_ms"] - fastest
+        targets.append(_target(14, "C=1: p50 <= in-process batch-1 latency + 1.0 ms",
+                               f"+{over:.2f} ms (p50 {by_c[1]['p50_ms']:.2f} against {fastest:.2f} ms)", over <= 1.0))
+    return targets
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker{'s' * (count > 1)}"
+
+
+def _worker_targets(results: dict) -> list[dict]:
+    """Issue 15's targets on this machine: the CPU server against the CPU's in-process limit, and
+    the device's peak with 1-image requests; each worker count listed, the verdict the best's."""
+    targets = []
+    for name in dict.fromkeys((results["device"], "cpu")):
+        rows = [(run["workers"], run["batch1"][0]) for run in results["workers"] if run["device"] == name]
+        if name == "cpu":
+            ratios = [(workers, row["images_per_second"] / _nearest(results["cpu_in_process"], row["mean_batch_size"])["images_per_second"])
+                      for workers, row in rows]
+            best = max(ratios, key=lambda item: item[1])
+            targets.append(_target(15, "CPU, 1-image requests, C=64: >= 0.7x in process at the batch formed",
+                                   ", ".join(f"{_workers(w)} {r:.2f}x" for w, r in ratios), best[1] >= 0.7))
+        else:
+            best = max(rows, key=lambda item: item[1]["images_per_second"])
+            targets.append(_target(15, f"{name}, 1-image requests, C=64: >= 8,000 images/s",
+                                   ", ".join(f"{_workers(w)} {row['images_per_second']:,.0f}" for w, row in rows),
+                                   best[1]["images_per_second"] >= 8000))
+    return targets
+
+
+def targets(results: dict) -> list[dict]:
+    """Every acceptance target of issues 14 and 15 that the finished parts can judge."""
+    found = []
+    if "parity" in results:
+        parity = results["parity"]
+        found.append(_target(14, "outputs within 1e-3 of the CPU's (logits), identical accuracy",
+                             f"max |diff| {parity['max_abs_logit_difference']:.1e}, accuracy {parity['accuracy_device']:.4f} "
+                             f"against {parity['accuracy_cpu']:.4f}", parity["max_abs_logit_difference"] <= 1e-3
+                             and parity["accuracy_device"] == parity["accuracy_cpu"]))
+    graphs = [row for row in results.get("in_process", []) if row["config"].endswith("CUDA graphs")]
+    if graphs:
+        found.append(_target(14, "in process, CUDA graphs, batch 1 <= 0.6 ms with host copies",
+                             f"{graphs[0]['batch1_latency_ms']:.3f} ms", graphs[0]["batch1_latency_ms"] <= 0.6))
+    if "served" in results:
+        found += _serving_targets(results)
+    if "workers" in results:
+        found += _worker_targets(results)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -154,8 +243,11 @@ def main() -> None:
                                                        QUICK_WORKERS if args.quick else WORKERS))):
         print(f"gpu check: {name} ...", file=sys.stderr)
         results[name] = run()
+        results["targets"] = targets(results)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["parity"]), file=sys.stderr)
+    for target in results["targets"]:
+        print(f"issue {target['issue']}: {'met   ' if target['met'] else 'MISSED'} {target['target']}: "
+              f"{target['measured']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

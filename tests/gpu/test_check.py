@@ -1,0 +1,63 @@
+"""The GPU check's verdicts: each acceptance target judged from the figures the check writes.
+
+The check itself needs a GPU machine (and minutes); its judging is plain arithmetic on its JSON,
+tested here on figures chosen on both sides of each line.
+"""
+
+from gpu.check import targets
+
+
+def level(concurrency: int, images_per_second: float, p50: float, p99: float, batch: float, errors: int = 0) -> dict:
+    return {"concurrency": concurrency, "images_per_second": images_per_second, "p50_ms": p50, "p99_ms": p99,
+            "mean_batch_size": batch, "errors": {"UNAVAILABLE": errors} if errors else {}}
+
+
+def results() -> dict:
+    in_process = [{"config": "ONNX Runtime fp32, CPU", "batch1_latency_ms": 1.0, "batch64_images_per_second": 4000,
+                   "batch256_images_per_second": 4200, "batch1024_images_per_second": 4300},
+                  {"config": "ONNX Runtime fp32, CUDA", "batch1_latency_ms": 1.03, "batch64_images_per_second": 32000,
+                   "batch256_images_per_second": 52000, "batch1024_images_per_second": 65000},
+                  {"config": "ONNX Runtime fp32, CUDA graphs", "batch1_latency_ms": 0.56, "batch64_images_per_second": 43000,
+                   "batch256_images_per_second": 59000, "batch1024_images_per_second": 60000}]
+    return {
+        "device": "cuda",
+        "parity": {"device": "cuda", "max_abs_logit_difference": 2e-4, "accuracy_cpu": 0.9956, "accuracy_device": 0.9956},
+        "in_process": in_process,
+        "cpu_in_process": [{"batch": 1, "images_per_second": 1000}, {"batch": 16, "images_per_second": 3400},
+                           {"batch": 64, "images_per_second": 3500}],
+        "served": {
+            "first_requests": {"1": {"max_over_median": 1.4}, "64": {"max_over_median": 3.5}},
+            "batch1": [level(1, 600, 1.5, 2.0, 1), level(16, 9000, 1.8, 12.0, 16), level(64, 9500, 7.0, 30.0, 60, errors=2)],
+            "batch64": [level(16, 50000, 20.0, 30.0, 256)],
+        },
+        "workers": [{"device": "cuda", "workers": 1, "batch1": [level(64, 2500, 25, 40, 60)]},
+                    {"device": "cuda", "workers": 4, "batch1": [level(64, 8100, 8, 15, 60)]},
+                    {"device": "cpu", "workers": 1, "batch1": [level(64, 1300, 50, 80, 60)]},
+                    {"device": "cpu", "workers": 4, "batch1": [level(64, 2800, 22, 40, 60)]}],
+    }
+
+
+def test_each_target_is_judged_on_its_own_figures():
+    verdicts = {t["target"]: t for t in targets(results())}
+    met = {name for name, t in verdicts.items() if t["met"]}
+    assert met == {
+        "outputs within 1e-3 of the CPU's (logits), identical accuracy",
+        "in process, CUDA graphs, batch 1 <= 0.6 ms with host copies",
+        "1-image requests, C=16: p99 <= 25 ms, 0 errors",
+        "64-image requests: served >= 0.8x in process at the batch formed",  # 50,000 against 59,000 at 256
+        "C=1: p50 <= in-process batch-1 latency + 1.0 ms",  # 1.5 against the graphs' 0.56 ms
+        "CPU, 1-image requests, C=64: >= 0.7x in process at the batch formed",  # 4 workers: 2,800 / 3,500
+        "cuda, 1-image requests, C=64: >= 8,000 images/s",
+    }
+    assert verdicts["1-image requests, C=64: p99 <= 25 ms, 0 errors"]["measured"] == "p99 30.0 ms, 2 errors"
+    assert verdicts["first 200 requests of each size: slowest <= 3x the median"]["measured"] == "worst 3.50x (batch 64)"
+    assert verdicts["CPU, 1-image requests, C=64: >= 0.7x in process at the batch formed"]["measured"] == \
+        "1 worker 0.37x, 4 workers 0.80x"
+
+
+def test_a_run_cut_short_is_judged_on_what_finished():
+    partial = {key: value for key, value in results().items() if key in ("device", "parity", "in_process")}
+    partial["parity"]["accuracy_device"] = 0.9955  # one image answered differently
+    verdicts = targets(partial)
+    assert [t["met"] for t in verdicts] == [False, True]
+    assert [t["issue"] for t in verdicts] == [14, 14]
