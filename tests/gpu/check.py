@@ -41,7 +41,7 @@ from resserve.serve.bench import LoadSpec, cuda_runners, in_process_limit, measu
 from resserve.serve.package import load_package
 
 SERVER = "import typer; from resserve.serve.cli import serve; typer.run(serve)"
-FIRST_REQUEST_SIZES = (1, 2, 3, 5, 8, 13, 21, 34, 64)
+FIRST_REQUEST_SIZES = (1, 2, 3, 5, 8, 13, 21, 34, 64, 100, 256)  # every CUDA bucket, 1 to 256
 IN_PROCESS_SIZES = (64, 256, 1024)
 LOAD_PROCESSES = 4  # the load generator's processes: 16 CPUs on the GPU machine
 WORKERS = {"cuda": (1, 4, 8), "cpu": (1, 4, 8)}
@@ -87,8 +87,8 @@ def start_server(device: str, port: int, metrics_port: int, workers: int) -> sub
     raise SystemExit(f"the server did not start (exit {process.wait()})")
 
 
-def first_requests(target: str, images: np.ndarray) -> dict:
-    """Latencies of the first 200 requests of each size, sent one after another."""
+def first_requests(target: str, images: np.ndarray, count: int) -> dict:
+    """Latencies of the first ``count`` requests of each size, sent one after another."""
     import grpc
 
     from resserve.serve.stubs import grpc_service_pb2 as pb
@@ -102,7 +102,7 @@ def first_requests(target: str, images: np.ndarray) -> dict:
         request.inputs.add(name="input", datatype="FP32", shape=[size, 1, 28, 28])
         request.raw_input_contents.append(images[:size].tobytes())
         latencies = []
-        for _ in range(200):
+        for _ in range(count):
             started = time.perf_counter()
             stub.ModelInfer(request, timeout=60)
             latencies.append(time.perf_counter() - started)
@@ -113,16 +113,16 @@ def first_requests(target: str, images: np.ndarray) -> dict:
 
 def served(device: str, images: np.ndarray, duration: float, workers: int = 1,
            sweep: tuple[tuple[int, tuple[int, ...]], ...] = ((1, (1, 16, 64)), (64, (16,))),
-           first: bool = True) -> dict:
+           first: int = 200) -> dict:
     """A server on ``device`` with ``workers`` under load: (images per request, concurrencies)
-    for each of ``sweep``, after the first 200 requests of each size where ``first``."""
+    for each of ``sweep``, after timing the ``first`` requests of each size (0: none)."""
     port, metrics_port = 18901, 18902
     process = start_server(device, port, metrics_port, workers)
     target, metrics = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         report: dict = {"device": device, "workers": workers}
         if first:
-            report["first_requests"] = first_requests(target, images)
+            report["first_requests"] = first_requests(target, images, first)
         for batch, levels in sweep:
             spec = LoadSpec(target, "", "resnet-mnist", "kserve", batch, duration, 2.0)
             report[f"batch{batch}"] = [measure_level(spec, c, metrics, process.pid, LOAD_PROCESSES) for c in levels]
@@ -135,7 +135,7 @@ def served(device: str, images: np.ndarray, duration: float, workers: int = 1,
 def worker_sweep(device: str, images: np.ndarray, duration: float, counts: dict[str, tuple[int, ...]]) -> list[dict]:
     """Issue 15's figures: 1-image requests at C=64 against servers with each worker count, on
     ``device`` and on the CPU (whose in-process limit is the ``cpu_in_process`` part)."""
-    return [served(name, images, duration, workers, ((1, (64,)),), first=False)
+    return [served(name, images, duration, workers, ((1, (64,)),), first=0)
             for name in dict.fromkeys((device, "cpu")) for workers in counts[name]]
 
 
@@ -238,7 +238,7 @@ def main() -> None:
     for name, run in (("parity", lambda: parity(args.device, images, labels, onnx)),
                       ("in_process", lambda: in_process(args.device, onnx, images, seconds)),
                       ("cpu_in_process", lambda: in_process_limit(package, [1, 8, 16, 64])),
-                      ("served", lambda: served(args.device, images, seconds * 2)),
+                      ("served", lambda: served(args.device, images, seconds * 2, first=20 if args.quick else 200)),
                       ("workers", lambda: worker_sweep(args.device, images, seconds * 2,
                                                        QUICK_WORKERS if args.quick else WORKERS))):
         print(f"gpu check: {name} ...", file=sys.stderr)
