@@ -139,9 +139,9 @@ def worker_sweep(device: str, images: np.ndarray, duration: float, counts: dict[
             for name in dict.fromkeys((device, "cpu")) for workers in counts[name]]
 
 
-def _nearest(rows: list[dict], batch: float, key: str = "batch") -> dict:
+def _nearest(rows: list[dict], batch: float) -> dict:
     """The row measured at the batch size closest (by ratio) to ``batch``."""
-    return min(rows, key=lambda row: abs(np.log(row[key] / max(batch, 1.0))))
+    return min(rows, key=lambda row: abs(np.log(row["batch"] / max(batch, 1.0))))
 
 
 def _device_rows(results: dict) -> list[dict]:
