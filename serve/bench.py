@@ -36,7 +36,6 @@ import orjson
 
 from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
-from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import ModelPackage, load_package
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
@@ -336,8 +335,8 @@ def measure_runners(runners: dict[str, Callable[[np.ndarray], object]], images: 
 def cuda_runners(onnx: bytes, batch_sizes: tuple[int, ...]) -> dict[str, Callable[[np.ndarray], object]]:
     """ONNX Runtime's CUDA provider on the fp32 artifact: plain, and with a captured CUDA graph at
     batch 1 and each of ``batch_sizes`` (as a server captures one per shape bucket)."""
-    plain = OnnxRuntimeBackend(onnx, "cuda", cuda_graphs=False)
-    graphs = OnnxRuntimeBackend(onnx, "cuda")
+    plain = open_backend(onnx, "onnx", "onnxruntime", "cuda", cuda_graphs=False)
+    graphs = open_backend(onnx, "onnx", "onnxruntime", "cuda")
     graphs.specialize((1, *batch_sizes))
     return {"ONNX Runtime fp32, CUDA": plain.infer, "ONNX Runtime fp32, CUDA graphs": graphs.infer}
 
