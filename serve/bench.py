@@ -1,18 +1,26 @@
-"""``resserve bench serve``: closed-loop load against a server, beside the in-process limit.
+"""``resserve bench serve``: load against a server, beside the in-process limit.
 
-Each of C concurrent clients (in this process, one connection each: grpc.aio for the gRPC APIs,
-aiohttp for KServe v2 REST with binary tensors) sends its next request as soon as the previous
-one returns, for ``duration`` seconds after ``warmup``. Per
-concurrency level: images/s and requests/s, latency percentiles, errors by status code, the
-batch sizes and queue time the server reports in its metrics, and the CPU time the load
-generator itself used. Baselines in the same run: ONNX Runtime in-process on the same artifact
-(batch 1 and the batch sizes the server formed) and, with ``--start``, the same server with
-batching off (``--max-batch-size 1``).
+Two kinds of load, for ``duration`` seconds after ``warmup`` per level:
+
+- closed loop (``--concurrency``): each of C clients (one connection each: grpc.aio for the gRPC
+  APIs, aiohttp for KServe v2 REST with binary tensors) sends its next request as soon as the
+  previous one returns: how much a server can do, and its latency when saturated;
+- open loop (``--rate``): requests arrive at random (Poisson) times, R per second on average,
+  each sent when due whether or not earlier ones have returned, as independent users arrive;
+  latency counts from when a request was due, so a server (or load generator) that falls behind
+  cannot hide its queue. What a server costs (CPU) and answers at a given traffic, below its peak.
+
+Per level: images/s and requests/s, latency percentiles, errors by status code, the batch sizes
+and queue time the server reports in its metrics, and the CPU time of the server and of the load
+generator. Baselines in the same run: ONNX Runtime in-process on the same artifact (batch 1 and
+the batch sizes the server formed) and, with ``--start``, the same server with batching off
+(``--max-batch-size 1``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import os
 import re
@@ -24,8 +32,8 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from contextlib import asynccontextmanager, contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -46,12 +54,33 @@ from resserve.serve.timing import images_per_second, median_seconds
 PERCENTILES = (50, 90, 95, 99)
 LOAD_PROCESS_START_SECONDS = 3.0
 LOAD_BOUND_CORES = 0.9  # a load process using this much of a core is the likely bottleneck
+OPEN_LOOP_CONNECTIONS = 8  # per load process: open-loop requests take turns over these
+OPEN_LOOP_MAX_OUTSTANDING = 1024  # per load process: arrivals beyond this many unanswered are not sent, but counted
 
 
 APIS = ("kserve", "classify", "rest")  # gRPC KServe v2, gRPC Classify, KServe v2 REST with binary tensors
 
 
 CLIENTS = ("resserve", "tritonclient")  # our own stubs and aiohttp, or Triton's Python clients (asyncio)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One load level: ``concurrency`` closed-loop clients, or open-loop arrivals at ``rate``
+    requests per second."""
+
+    concurrency: int = 0
+    rate: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.rate:g}/s" if self.rate else f"C={self.concurrency}"
+
+    def shares(self, processes: int) -> list["Level"]:
+        """This level spread over at most ``processes`` load processes, one share each."""
+        if self.rate:
+            return [Level(rate=self.rate / processes)] * processes
+        count = min(processes, self.concurrency)
+        return [Level(self.concurrency // count + (i < self.concurrency % count)) for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -159,30 +188,78 @@ async def _tritonclient_sender(spec: LoadSpec):
         await client.close()
 
 
-async def _closed_loop(spec: LoadSpec, concurrency: int, start_at: float) -> tuple[list[float], Counter, float]:
-    """Latencies (s) of requests that finished inside the measured window, error codes, window
-    length. The clients start at ``start_at`` (time.time(), shared by every load process)."""
-    await asyncio.sleep(max(0.0, start_at - time.time()))
-    start = time.perf_counter()
-    measure_from, stop_at = start + spec.warmup, start + spec.warmup + spec.duration
-    latencies: list[float] = []
-    errors: Counter = Counter()
-    sender = (_tritonclient_sender if spec.client == "tritonclient" else
-              _rest_sender if spec.api == "rest" else _grpc_sender)
+def _sender(spec: LoadSpec):
+    """The context manager that opens one connection of ``spec``'s client and API."""
+    if spec.client == "tritonclient":
+        return _tritonclient_sender(spec)
+    return _rest_sender(spec) if spec.api == "rest" else _grpc_sender(spec)
 
+
+@dataclass
+class _Tally:
+    """Latencies (s) and error codes of the requests started inside the measured window."""
+
+    measure_from: float  # time.perf_counter() value
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+
+    def record(self, started: float, error: str | None) -> None:
+        """A request answered now; ``started``: when it was sent (closed loop) or due (open loop)."""
+        if started < self.measure_from:
+            return
+        if error is None:
+            self.latencies.append(time.perf_counter() - started)
+        else:
+            self.errors[error] += 1
+
+
+async def _closed_loop(spec: LoadSpec, concurrency: int, tally: _Tally, stop_at: float) -> None:
     async def client() -> None:
-        async with sender(spec) as send:
+        async with _sender(spec) as send:
             while (sent := time.perf_counter()) < stop_at:
-                error = await send()
-                if sent < measure_from:
-                    continue
-                if error is None:
-                    latencies.append(time.perf_counter() - sent)
-                else:
-                    errors[error] += 1
+                tally.record(sent, await send())
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies, errors, time.perf_counter() - measure_from
+
+
+async def _open_loop(spec: LoadSpec, rate: float, tally: _Tally, start: float, stop_at: float, seed: int) -> None:
+    """Poisson arrivals at ``rate`` per second from ``start`` until ``stop_at``, over OPEN_LOOP_CONNECTIONS
+    connections; an arrival finding OPEN_LOOP_MAX_OUTSTANDING requests unanswered is counted as
+    an error, not sent, so memory stays bounded when the server cannot keep up."""
+    gaps = np.random.default_rng(seed)
+    async with AsyncExitStack() as stack:
+        sends = [await stack.enter_async_context(_sender(spec)) for _ in range(OPEN_LOOP_CONNECTIONS)]
+        outstanding: set[asyncio.Task] = set()
+
+        async def request(send, due: float) -> None:
+            tally.record(due, await send())
+
+        due = start  # the schedule is fixed by the seed: which requests fall in the window does not depend on timing
+        for turn in itertools.count():
+            due += gaps.exponential(1 / rate)
+            if due >= stop_at:
+                break
+            await asyncio.sleep(due - time.perf_counter())  # at once when late
+            if len(outstanding) >= OPEN_LOOP_MAX_OUTSTANDING:
+                tally.record(due, f"not sent ({OPEN_LOOP_MAX_OUTSTANDING} unanswered)")
+                continue
+            task = asyncio.create_task(request(sends[turn % len(sends)], due))
+            outstanding.add(task)
+            task.add_done_callback(outstanding.discard)
+        await asyncio.gather(*outstanding)
+
+
+async def _load(spec: LoadSpec, level: Level, start_at: float, seed: int = 0) -> tuple[list[float], Counter, float]:
+    """Latencies (s) of the requests started inside the measured window, error codes, window
+    length. The load starts at ``start_at`` (time.time(), shared by every load process)."""
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    start = time.perf_counter()
+    tally, stop_at = _Tally(start + spec.warmup), start + spec.warmup + spec.duration
+    if level.rate:
+        await _open_loop(spec, level.rate, tally, start, stop_at, seed)
+        return tally.latencies, tally.errors, spec.duration  # the arrivals' window; stragglers count
+    await _closed_loop(spec, level.concurrency, tally, stop_at)
+    return tally.latencies, tally.errors, time.perf_counter() - tally.measure_from
 
 
 def scrape(metrics_url: str) -> dict[str, float]:
@@ -223,25 +300,26 @@ def _tree_cpu_seconds(pid: int | None) -> float | None:
     return total
 
 
-def _load_process(spec: LoadSpec, concurrency: int, start_at: float, results) -> None:
-    """One load process: its share of the clients; puts (latencies, errors, window, CPU seconds)."""
+def _load_process(spec: LoadSpec, level: Level, start_at: float, seed: int, results) -> None:
+    """One load process: its share of the load; puts (latencies, errors, window, CPU seconds)."""
     cpu = time.process_time()
-    latencies, errors, window = asyncio.run(_closed_loop(spec, concurrency, start_at))
+    latencies, errors, window = asyncio.run(_load(spec, level, start_at, seed))
     results.put((latencies, errors, window, time.process_time() - cpu))
 
 
-def _generate_load(spec: LoadSpec, concurrency: int, processes: int) -> tuple[list[float], Counter, float, float]:
-    """The clients spread over ``processes`` load processes (this one when 1): latencies, errors,
-    window and the CPU seconds the load generator used."""
-    if processes == 1:
+def _generate_load(spec: LoadSpec, level: Level, processes: int) -> tuple[list[float], Counter, float, float, int]:
+    """The load spread over at most ``processes`` load processes (this one when 1): latencies,
+    errors, window, the CPU seconds the load generator used and how many processes it took."""
+    shares = level.shares(processes)
+    if len(shares) == 1:
         cpu = time.process_time()
-        latencies, errors, window = asyncio.run(_closed_loop(spec, concurrency, time.time()))
-        return latencies, errors, window, time.process_time() - cpu
+        latencies, errors, window = asyncio.run(_load(spec, level, time.time()))
+        return latencies, errors, window, time.process_time() - cpu, 1
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     start_at = time.time() + LOAD_PROCESS_START_SECONDS  # every process started and imported by then
-    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
-    workers = [context.Process(target=_load_process, args=(spec, share, start_at, results)) for share in shares]
+    workers = [context.Process(target=_load_process, args=(spec, share, start_at, seed, results))
+               for seed, share in enumerate(shares)]
     for worker in workers:
         worker.start()
     parts = [results.get() for _ in workers]
@@ -249,14 +327,13 @@ def _generate_load(spec: LoadSpec, concurrency: int, processes: int) -> tuple[li
         worker.join()
     latencies = [x for part in parts for x in part[0]]
     errors = sum((part[1] for part in parts), Counter())
-    return latencies, errors, max(part[2] for part in parts), sum(part[3] for part in parts)
+    return latencies, errors, max(part[2] for part in parts), sum(part[3] for part in parts), len(shares)
 
 
-def measure_level(spec: LoadSpec, concurrency: int, metrics_url: str, server_pid: int | None,
+def measure_level(spec: LoadSpec, level: Level, metrics_url: str, server_pid: int | None,
                   load_processes: int = 1) -> dict:
-    processes = min(load_processes, concurrency)
     before, server_cpu0 = scrape(metrics_url), _tree_cpu_seconds(server_pid)
-    latencies, errors, window, client_cpu = _generate_load(spec, concurrency, processes)
+    latencies, errors, window, client_cpu, processes = _generate_load(spec, level, load_processes)
     after, server_cpu1 = scrape(metrics_url), _tree_cpu_seconds(server_pid)
     total_window = window + spec.warmup
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -265,7 +342,9 @@ def measure_level(spec: LoadSpec, concurrency: int, metrics_url: str, server_pid
     ms = np.percentile(latencies, PERCENTILES) * 1e3 if latencies else [float("nan")] * len(PERCENTILES)
     server_cores = (server_cpu1 - server_cpu0) / total_window if server_cpu1 is not None else None
     return {
-        "concurrency": concurrency,
+        "load": str(level),
+        "concurrency": level.concurrency or None,
+        "offered_rate": level.rate or None,  # requests/s
         "requests_per_second": len(latencies) / window,
         "images_per_second": len(latencies) * spec.batch / window,
         **{f"p{p}_ms": float(v) for p, v in zip(PERCENTILES, ms)},
@@ -358,11 +437,15 @@ def in_process_limit(package: ModelPackage, batch_sizes: list[int], runtime: str
 
 
 def summarize(rows: list[dict], limit: list[dict], batch: int, unbatched: list[dict] | None = None) -> dict:
-    """One server against the in-process limit of its own runtime: the targets of docs/benchmarks.md."""
+    """One server against the in-process limit of its own runtime: the targets of docs/benchmarks.md.
+    Under open-loop load, what each rate cost instead (a peak there is only the highest rate offered)."""
+    if rows[0]["offered_rate"]:
+        return {"open_loop": {row["load"]: {key: row[key] for key in ("requests_per_second", "p50_ms", "p99_ms",
+                                                                       "server_cpu_cores")} for row in rows}}
     peak = max(rows, key=lambda row: row["images_per_second"])
     at_peak = min(limit, key=lambda row: abs(row["batch"] - (peak["mean_batch_size"] or batch)))
     single = next(row for row in limit if row["batch"] == batch)
-    summary = {"peak_images_per_second": peak["images_per_second"], "peak_concurrency": peak["concurrency"],
+    summary = {"peak_images_per_second": peak["images_per_second"], "peak_load": peak["load"],
                "in_process_batch_at_peak": at_peak["batch"],
                "peak_over_in_process": peak["images_per_second"] / at_peak["images_per_second"]}
     first = next((row for row in rows if row["concurrency"] == 1), None)
@@ -373,15 +456,24 @@ def summarize(rows: list[dict], limit: list[dict], batch: int, unbatched: list[d
     if c16:
         summary["c16_p99_over_p50"] = c16["p99_ms"] / c16["p50_ms"]
     if unbatched:
-        by_c = {row["concurrency"]: row["images_per_second"] for row in unbatched}
-        summary["batched_over_unbatched"] = {row["concurrency"]: row["images_per_second"] / by_c[row["concurrency"]]
-                                             for row in rows if row["concurrency"] in by_c}
+        summary["batched_over_unbatched"] = _ratios(rows, unbatched)
     return summary
+
+
+def _ratios(rows: list[dict], baseline: list[dict]) -> dict[str, float]:
+    """images/s of ``rows`` over ``baseline``'s at each load level both measured."""
+    by_load = {row["load"]: row["images_per_second"] for row in baseline}
+    return {row["load"]: row["images_per_second"] / by_load[row["load"]] for row in rows if row["load"] in by_load}
 
 
 def summary_lines(name: str, runtime: str, summary: dict, batch: int) -> list[str]:
     """The summary of one server, as sentences."""
-    lines = [f"{name}: peak {summary['peak_images_per_second']:,.0f} images/s at C={summary['peak_concurrency']}, "
+    if "open_loop" in summary:
+        return [f"{name}, open loop: " + "; ".join(
+            f"{load} answered {level['requests_per_second']:.0f}/s, p99 {level['p99_ms']:.1f} ms"
+            + (f", server CPU {level['server_cpu_cores']:.2f} cores" if level["server_cpu_cores"] is not None else "")
+            for load, level in summary["open_loop"].items())]
+    lines = [f"{name}: peak {summary['peak_images_per_second']:,.0f} images/s at {summary['peak_load']}, "
              f"{summary['peak_over_in_process']:.2f}x in-process {runtime} at batch {summary['in_process_batch_at_peak']}"]
     if "c1_p50_ms" in summary:
         lines.append(f"  one client: p50 {summary['c1_p50_ms']:.2f} ms, "
@@ -391,10 +483,10 @@ def summary_lines(name: str, runtime: str, summary: dict, batch: int) -> list[st
     if summary.get("peak_over_onnxruntime_batched", 1.0) != 1.0:
         lines.append(f"  peak {summary['peak_over_onnxruntime_batched']:.2f}x the ONNX Runtime server's")
     if "batched_over_unbatched" in summary:
-        ratios = ", ".join(f"C={c} {r:.2f}x" for c, r in summary["batched_over_unbatched"].items())
+        ratios = ", ".join(f"{load} {r:.2f}x" for load, r in summary["batched_over_unbatched"].items())
         lines.append(f"  batching on over off: {ratios}")
     if "over_grpc_kserve" in summary:
-        ratios = ", ".join(f"C={c} {r:.2f}x" for c, r in summary["over_grpc_kserve"].items())
+        ratios = ", ".join(f"{load} {r:.2f}x" for load, r in summary["over_grpc_kserve"].items())
         lines.append(f"  images/s over the same server's gRPC KServe: {ratios}")
     return lines
 
@@ -406,10 +498,10 @@ def print_report(report: dict) -> None:
     console = Console(width=max(Console().width, 150))  # a wide table; narrow terminals wrap it
     for name, rows in report["servers"].items():
         name = f"{name} ({report['runtimes'][name]})"
-        table = Table("C", "img/s", "req/s", "p50 ms", "p90", "p95", "p99", "max", "batch", "queue ms",
+        table = Table("load", "img/s", "req/s", "p50 ms", "p90", "p95", "p99", "max", "batch", "queue ms",
                       "errors", "load procs", "client CPU", "server CPU", "server CPU ms/req", title=f"Server: {name}")
         for r in rows:
-            table.add_row(str(r["concurrency"]), f"{r['images_per_second']:.0f}", f"{r['requests_per_second']:.0f}",
+            table.add_row(r["load"], f"{r['images_per_second']:.0f}", f"{r['requests_per_second']:.0f}",
                           *(f"{r[k]:.2f}" for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")),
                           _fmt(r["mean_batch_size"], ".1f"), _fmt(r["mean_queue_ms"], ".2f"),
                           ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0",
@@ -445,7 +537,7 @@ def plot_report(report: dict, path: Path) -> None:
         for percentile, style in (("p50_ms", "-o"), ("p99_ms", "--^")):
             axis.plot(x, [r[percentile] for r in rows], style, color=color, label=f"{name} {percentile[:3]}")
         for r in rows:
-            axis.annotate(f"C={r['concurrency']}", (r["images_per_second"], r["p50_ms"]), fontsize=7,
+            axis.annotate(r["load"], (r["images_per_second"], r["p50_ms"]), fontsize=7,
                           textcoords="offset points", xytext=(3, -10))
     for (runtime, rows), style in zip(report["in_process"].items(), (":", "-.", "--")):
         limit = max(rows, key=lambda r: r["images_per_second"])
@@ -512,7 +604,7 @@ def _named(configuration: str, api: str, apis: list[str]) -> str:
 
 
 def run_benchmark(package_path: Path | None, target: str | None, http_target: str | None, model: str,
-                  apis: list[str], levels: list[int], batch: int, duration: float, warmup: float,
+                  apis: list[str], levels: list[Level], batch: int, duration: float, warmup: float,
                   metrics_url: str | None, backends: list[str], workers: list[int], load_processes: int,
                   client: str = "resserve", log=print) -> dict:
     """The whole sweep: the server(s) over each API, then the in-process limit; returns the report."""
@@ -531,13 +623,13 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
                 runtimes[name] = runtime
                 spec = LoadSpec(address, http, model, api, batch, duration, warmup, client)
                 servers[name] = []
-                for concurrency in levels:
-                    log(f"{name} ({runtime}): concurrency {concurrency} ...")
-                    row = measure_level(spec, concurrency, metrics, pid, load_processes)
+                for level in levels:
+                    log(f"{name} ({runtime}): {level} ...")
+                    row = measure_level(spec, level, metrics, pid, load_processes)
                     servers[name].append(row)
                     if row["client_cpu_cores"] / row["load_processes"] > LOAD_BOUND_CORES:
                         log(f"  the load generator used {row['client_cpu_cores']:.2f} cores in {row['load_processes']} "
-                            f"process(es): it may be the bottleneck at C={concurrency} (--load-processes)")
+                            f"process(es): it may be the bottleneck at {level} (--load-processes)")
     limits: dict[str, list[dict]] = {}
     for runtime in dict.fromkeys(runtimes.values()):  # each runtime once, against the batches its servers formed
         formed = {max(1, round(r["mean_batch_size"])) for name, rows in servers.items() if runtimes[name] == runtime
@@ -550,15 +642,15 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
             name = _named(configuration, api, apis)
             unbatched = servers.get(_named(UNBATCHED, api, apis)) if configuration == baseline else None
             summary[name] = summarize(servers[name], limits[runtimes[name]], batch, unbatched)
+            if "open_loop" in summary[name]:
+                continue  # every server answered the same offered rates: its table and CPU are the comparison
             reference = _named(baseline, api, apis)
             if reference in summary:
                 summary[name]["peak_over_onnxruntime_batched"] = (summary[name]["peak_images_per_second"]
                                                                   / summary[reference]["peak_images_per_second"])
             grpc_rows = servers.get(_named(configuration, "kserve", apis))
             if api == "rest" and grpc_rows:
-                by_c = {row["concurrency"]: row["images_per_second"] for row in grpc_rows}
-                summary[name]["over_grpc_kserve"] = {row["concurrency"]: row["images_per_second"] / by_c[row["concurrency"]]
-                                                     for row in servers[name]}
+                summary[name]["over_grpc_kserve"] = _ratios(servers[name], grpc_rows)
     return {"model": model, "api": ",".join(apis), "client": client, "batch": batch, "duration_s": duration,
             "workers": workers,
             "machine": machine_description(), "runtimes": runtimes, "servers": servers, "in_process": limits,

@@ -5,7 +5,7 @@ Registered into the root command (serve/app.py) by ``register``; torch-free.
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -14,6 +14,9 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice,
                                      ConvSearch, Device, Precision, ServerSettings, parse_buckets,
                                      parse_max_batch_size, parse_workers)
+
+if TYPE_CHECKING:
+    from resserve.serve.bench import Level
 
 
 def _env(name: str) -> str:
@@ -58,6 +61,11 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(envvar=_env("THREADS"),
         help="Inference threads per worker [default: the CPUs (--cpus) divided among the workers].",
         show_default=False)] = None,
+    thread_spinning: Annotated[bool, typer.Option("--thread-spinning/--no-thread-spinning",
+        envvar=_env("THREAD_SPINNING"),
+        help="ONNX Runtime on the CPU: idle inference threads spin waiting for work instead of sleeping: "
+        "answers sooner at low load, but CPU use no longer follows load (turn off under a CPU-based "
+        "autoscaler).")] = ServerSettings.thread_spinning,
     max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"),
         help="Most images in one request (KServe batch or Classify images); more: INVALID_ARGUMENT.")] = ServerSettings.max_images_per_request,
     max_message_bytes: Annotated[int, typer.Option(envvar=_env("MAX_MESSAGE_BYTES"),
@@ -105,7 +113,7 @@ def serve(
         batching=BatchingConfig(max_batch_size=largest_batch, max_queue_delay_us=max_queue_delay_us,
                                 max_queue_size=max_queue_size, buckets=parse_buckets(batch_buckets, largest_batch)),
         device=device, backend=backend, precision=precision, cuda_conv_search=cuda_conv_search,
-        cuda_graphs=cuda_graphs, threads=threads,
+        cuda_graphs=cuda_graphs, threads=threads, thread_spinning=thread_spinning,
         cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus()),
         max_images_per_request=max_images_per_request, max_message_bytes=max_message_bytes,
         max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
@@ -207,7 +215,13 @@ def bench_serve(
     http_target: Annotated[Optional[str], typer.Option(
         help="With --target and --api rest: the server's HTTP host:port [default: HOST:8000].",
         show_default=False)] = None,
-    concurrency: Annotated[str, typer.Option(help="Concurrent closed-loop clients, comma-separated.")] = "1,2,4,8,16,32",
+    concurrency: Annotated[Optional[str], typer.Option(
+        help="Closed-loop load: concurrent clients, each sending its next request when the last returns, "
+        "comma-separated [default: 1,2,4,8,16,32].", show_default=False)] = None,
+    rate: Annotated[Optional[str], typer.Option(
+        help="Open-loop load instead: requests per second, comma-separated (e.g. 20,100,300); requests arrive at "
+        "random (Poisson) times whether or not earlier ones have returned, and latency counts from when each "
+        "was due. Shows what the server costs (CPU) and answers at a given traffic.", show_default=False)] = None,
     batch: Annotated[int, typer.Option(help="Images per request.")] = 1,
     duration: Annotated[float, typer.Option(help="Measured seconds per concurrency level.")] = 10.0,
     warmup: Annotated[float, typer.Option(help="Unmeasured seconds before each level.")] = 2.0,
@@ -227,7 +241,7 @@ def bench_serve(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: latency percentiles against throughput.")] = None,
 ) -> None:
-    """Latency and throughput under closed-loop load, beside the in-process ONNX Runtime limit."""
+    """Latency, throughput and CPU under closed- or open-loop load, beside the in-process limit."""
     from resserve.serve.backends.base import usable_cpus
     from resserve.serve.bench import APIS, CLIENTS, plot_report, print_report, run_benchmark
 
@@ -236,12 +250,9 @@ def bench_serve(
     apis = [a.strip() for a in api.split(",") if a.strip()]
     if not apis or not set(apis) <= set(APIS):
         raise ResserveError(f"--api takes {', '.join(APIS)}, comma-separated; got {api!r}")
-    try:
-        levels = [int(c) for c in concurrency.split(",")]
-    except ValueError as exc:
-        raise ResserveError(f"--concurrency takes comma-separated integers, got {concurrency!r}") from exc
-    if min(levels) < 1 or batch < 1 or duration <= 0 or warmup < 0:
-        raise ResserveError("concurrency levels and --batch must be >= 1, --duration > 0, --warmup >= 0")
+    levels = _levels(concurrency, rate)
+    if batch < 1 or duration <= 0 or warmup < 0:
+        raise ResserveError("--batch must be >= 1, --duration > 0, --warmup >= 0")
     if client not in CLIENTS or (client == "tritonclient" and "classify" in apis):
         raise ResserveError(f"--client takes {' or '.join(CLIENTS)} (tritonclient: for kserve and rest only); got {client!r}")
     cpus = usable_cpus()
@@ -260,6 +271,23 @@ def bench_serve(
         json_out.write_text(json.dumps(report, indent=2) + "\n")
     if plot:
         plot_report(report, plot)
+
+
+def _levels(concurrency: Optional[str], rate: Optional[str]) -> list["Level"]:
+    """The load levels: closed loop at each --concurrency, or open loop at each --rate."""
+    from resserve.serve.bench import Level
+
+    if concurrency is not None and rate is not None:
+        raise ResserveError("give --concurrency (closed loop) or --rate (open loop), not both")
+    option, values = ("--rate", rate) if rate is not None else ("--concurrency", concurrency or "1,2,4,8,16,32")
+    try:
+        numbers = [float(v) if rate is not None else int(v) for v in values.split(",")]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) <= 0:
+        kind = "requests per second > 0" if rate is not None else "client counts >= 1"
+        raise ResserveError(f"{option} takes {kind}, comma-separated; got {values!r}")
+    return [Level(rate=n) if rate is not None else Level(concurrency=n) for n in numbers]
 
 
 def _positive(value: str, option: str) -> int:

@@ -3,6 +3,8 @@ docs/benchmarks.md, not asserted here)."""
 
 import json
 
+import numpy as np
+
 from helpers import ServerProcess, run_cli
 
 
@@ -56,7 +58,7 @@ def test_bench_serve_starts_servers_and_writes_table_json_and_plot(tmp_path):
             assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
             assert r["mean_batch_size"] >= 1
     assert report["in_process"]["onnxruntime fp32"][0]["batch"] == 1
-    assert set(report["summary"]["onnxruntime, batched"]["batched_over_unbatched"]) == {"1", "4"}  # JSON keys
+    assert set(report["summary"]["onnxruntime, batched"]["batched_over_unbatched"]) == {"C=1", "C=4"}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "In-process onnxruntime fp32" in result.stdout
     assert "x in-process openvino fp32 at batch" in result.stdout  # each server against its own runtime
@@ -99,3 +101,35 @@ def test_bench_serve_refuses_tritonclient_for_classify():
     assert result.returncode == 1
     assert result.stderr.strip() == ("error: --client takes resserve or tritonclient (tritonclient: for kserve and rest "
                                      "only); got 'tritonclient'")
+
+
+def _arrivals(rate: float, warmup: float, duration: float, seed: int = 0) -> int:
+    """How many Poisson arrivals of the load generator's seeded schedule fall in its measured window."""
+    due = np.random.default_rng(seed).exponential(1 / rate, size=int(rate * (warmup + duration) * 3)).cumsum()
+    return int(((due >= warmup) & (due < warmup + duration)).sum())
+
+
+def test_bench_serve_open_loop_sends_every_scheduled_request_and_reports_server_cpu(tmp_path):
+    out = tmp_path / "open.json"
+    result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1", "--rate", "30,200",
+                     "--duration", "1", "--warmup", "0.3", "--load-processes", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    for name, rows in report["servers"].items():
+        assert [r["load"] for r in rows] == ["30/s", "200/s"] and [r["offered_rate"] for r in rows] == [30, 200]
+        for r in rows:
+            # open loop: the schedule, not the server's speed, decides how many requests go out
+            # (the unbatched server answers 200/s more slowly; it is sent as many)
+            assert r["ok"] + sum(r["errors"].values()) == _arrivals(r["offered_rate"], 0.3, 1.0)
+            assert r["errors"] == {} and r["server_cpu_cores"] > 0
+        assert set(report["summary"][name]["open_loop"]) == {"30/s", "200/s"}
+    assert "onnxruntime, batched, open loop: 30/s answered" in result.stdout
+
+
+def test_bench_serve_takes_one_kind_of_load():
+    result = run_cli("bench", "serve", "--start", "--rate", "10", "--concurrency", "2")
+    assert (result.returncode, result.stderr.strip()) == (
+        1, "error: give --concurrency (closed loop) or --rate (open loop), not both")
+    result = run_cli("bench", "serve", "--start", "--rate", "10,0")
+    assert (result.returncode, result.stderr.strip()) == (
+        1, "error: --rate takes requests per second > 0, comma-separated; got '10,0'")

@@ -8,10 +8,10 @@ from resserve.serve.backends.base import Backend, BackendError, ModelSource
 
 def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", device: str = "cpu",
                  precision: str = "fp32", threads: int | None = None, cuda_conv_search: str = "EXHAUSTIVE",
-                 cuda_graphs: bool = True) -> Backend:
+                 cuda_graphs: bool = True, thread_spinning: bool = True) -> Backend:
     """The backend for an artifact of ``format`` (onnx | torchscript); ONNX runs on ``runtime``
     (``cuda_conv_search``: ONNX Runtime's cuDNN algorithm search on CUDA; ``cuda_graphs``: one
-    captured CUDA graph per shape bucket).
+    captured CUDA graph per shape bucket; ``thread_spinning``: ONNX Runtime's idle threads spin).
 
     Each backend module is imported only when chosen, so a server never loads a runtime it does
     not use (torch above all)."""
@@ -22,7 +22,7 @@ def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", 
     if format == "onnx":
         from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(model, device, threads, cuda_conv_search, cuda_graphs)
+        return OnnxRuntimeBackend(model, device, threads, cuda_conv_search, cuda_graphs, thread_spinning)
     if format == "torchscript":
         from resserve.serve.backends.torchscript import TorchScriptBackend
 

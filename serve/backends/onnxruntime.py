@@ -127,16 +127,20 @@ class StaticShapeSession:
 
 class OnnxRuntimeBackend:
     """An ONNX Runtime session on ``device`` (cpu | cuda | auto); on CUDA, once the batch sizes are
-    fixed (``specialize``), one captured CUDA graph per size (``cuda_graphs``)."""
+    fixed (``specialize``), one captured CUDA graph per size (``cuda_graphs``).
+
+    ``thread_spinning``: ONNX Runtime's intra-op threads spin while idle (its default), so the next
+    batch starts without waking them; off, they sleep, and CPU use follows load."""
 
     name = "onnxruntime"
     precision = "fp32"
 
     def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None,
-                 conv_search: str = "EXHAUSTIVE", cuda_graphs: bool = True) -> None:
+                 conv_search: str = "EXHAUSTIVE", cuda_graphs: bool = True, thread_spinning: bool = True) -> None:
         self.ort = import_onnxruntime()
         self.model = model if isinstance(model, bytes) else str(model)
         self.threads, self.conv_search, self.cuda_graphs = threads, conv_search, cuda_graphs
+        self.thread_spinning = thread_spinning
         providers = providers_for(device, conv_search)
         try:
             self.session = self.ort.InferenceSession(self.model, self.session_options(), providers=providers)
@@ -158,6 +162,7 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = self.threads or usable_cpus()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # warnings and above only; errors surface as exceptions
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.thread_spinning else "0")
         return options
 
     def specialize(self, batch_sizes: tuple[int, ...]) -> None:

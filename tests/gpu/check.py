@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from resserve.serve.backends import open_backend
-from resserve.serve.bench import LoadSpec, cuda_runners, in_process_limit, measure_level, measure_runners
+from resserve.serve.bench import Level, LoadSpec, cuda_runners, in_process_limit, measure_level, measure_runners
 from resserve.serve.package import load_package
 
 SERVER = "import typer; from resserve.serve.cli import serve; typer.run(serve)"
@@ -125,7 +125,7 @@ def served(device: str, images: np.ndarray, duration: float, workers: int = 1,
             report["first_requests"] = first_requests(target, images, first)
         for batch, levels in sweep:
             spec = LoadSpec(target, "", "resnet-mnist", "kserve", batch, duration, 2.0)
-            report[f"batch{batch}"] = [measure_level(spec, c, metrics, process.pid, LOAD_PROCESSES) for c in levels]
+            report[f"batch{batch}"] = [measure_level(spec, Level(c), metrics, process.pid, LOAD_PROCESSES) for c in levels]
         return report
     finally:
         process.terminate()
