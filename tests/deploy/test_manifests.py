@@ -43,7 +43,7 @@ def by_kind(documents: list[dict], kind: str, name: str | None = None) -> dict:
 def serve_options() -> tuple[set[str], set[str]]:
     """The flags and environment variables `resserve serve` accepts."""
     command = typer.main.get_command(build_app()).commands["serve"]
-    flags = {opt for param in command.params for opt in getattr(param, "opts", []) if opt.startswith("--")}
+    flags = {opt for param in command.params for opt in [*param.opts, *param.secondary_opts] if opt.startswith("--")}
     envvars = {param.envvar for param in command.params if param.envvar}
     return flags, envvars
 
@@ -117,6 +117,16 @@ def test_names_and_labels_line_up(overlay):
     assert env_from == by_kind(documents, "ConfigMap")["metadata"]["name"]
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_an_autoscaler_on_cpu_sees_traffic_not_spinning_threads(overlay):
+    """Spinning inference threads keep a pod's CPU high at any traffic, and a CPU-based HPA would
+    scale out an idle service: where the HPA reads CPU, the threads sleep between batches."""
+    documents = render(overlay)
+    metrics = by_kind(documents, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in metrics)
+    assert by_kind(documents, "ConfigMap", "resserve-config")["data"]["RESSERVE_THREAD_SPINNING"] == "false"
+
+
 def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image_says_cuda_once():
     container = by_kind(render("gpu"), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -133,6 +143,7 @@ def test_kserve_inference_service_uses_standard_mode_and_one_http_port():
     flags, _ = serve_options()
     assert {a for a in container["args"] if a.startswith("--")} <= flags
     assert container["args"][container["args"].index("--http-port") + 1] == str(DEFAULT_HTTP_PORT)
+    assert "--no-thread-spinning" in container["args"]  # KServe's Standard mode scales on CPU by default
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": DEFAULT_HTTP_PORT}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": DEFAULT_HTTP_PORT}
 

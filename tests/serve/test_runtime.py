@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -136,6 +137,23 @@ def test_only_cuda_specializes_per_batch_size(shipped_onnx):
     backend = OnnxRuntimeBackend(shipped_onnx, "auto")  # no CUDA here: the CPU
     backend.specialize((1, 8, 64))
     assert backend.device == "cpu" and backend.static == {}
+
+
+def test_onnxruntime_threads_that_do_not_spin_take_no_cpu_between_batches(shipped_onnx):
+    """--no-thread-spinning: between batches ONNX Runtime's threads sleep; spinning (its default),
+    they keep about a core busy waiting for the next one."""
+    images = np.zeros((1, 1, 28, 28), np.float32)
+
+    def idle_cpu_seconds(spinning: bool) -> float:
+        backend, idle = OnnxRuntimeBackend(shipped_onnx, threads=2, thread_spinning=spinning), 0.0
+        for _ in range(10):
+            backend.infer(images)
+            before = time.process_time()
+            time.sleep(0.05)
+            idle += time.process_time() - before
+        return idle
+
+    assert idle_cpu_seconds(False) < 0.05 < idle_cpu_seconds(True)  # 0.5 s of gaps
 
 
 @pytest.mark.parametrize("setting, collected", [(None, False), ("0", True)])

@@ -3,7 +3,10 @@ stubs, `resserve classify` and `resserve health`."""
 
 import io
 import json
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -271,6 +274,29 @@ def test_the_default_server_on_a_bf16_cpu_runs_openvino_bf16_and_says_so(server)
     assert (parameters["backend"].string_value, parameters["precision"].string_value) == expected
     assert f"runs on {expected[0]} in {expected[1]}" in "".join(server.lines)
     assert f'backend="{expected[0]}"' in server.metrics() and f'precision="{expected[1]}"' in server.metrics()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_without_thread_spinning_the_server_takes_no_cpu_between_requests(mnist):
+    """RESSERVE_THREAD_SPINNING=false reaches ONNX Runtime, as deploy/k8s sets it: between requests
+    the server's CPU use is nil, so the CPU-based autoscaler sees traffic, not threads spinning for
+    the next batch (spinning, they take about a core in each gap)."""
+    request = kserve_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
+    request.raw_input_contents.append(as_input(mnist.test.images[:1]).tobytes())
+    with ServerProcess("--backend", "onnxruntime", env={"RESSERVE_THREAD_SPINNING": "false"}) as server:
+        stub, idle = kserve_stub(server), 0.0
+        for _ in range(5):
+            stub.ModelInfer(request)
+            before = _cpu_seconds(server.process.pid)
+            time.sleep(0.1)
+            idle += _cpu_seconds(server.process.pid) - before
+    assert idle < 0.1  # 0.5 s of gaps
 
 
 # ----------------------------------------------------------------------------------------------
