@@ -223,7 +223,7 @@ def bench_serve(
         "random (Poisson) times whether or not earlier ones have returned, and latency counts from when each "
         "was due. Shows what the server costs (CPU) and answers at a given traffic.", show_default=False)] = None,
     batch: Annotated[int, typer.Option(help="Images per request.")] = 1,
-    duration: Annotated[float, typer.Option(help="Measured seconds per concurrency level.")] = 10.0,
+    duration: Annotated[float, typer.Option(help="Measured seconds per load level.")] = 10.0,
     warmup: Annotated[float, typer.Option(help="Unmeasured seconds before each level.")] = 2.0,
     backends: Annotated[str, typer.Option(
         help="With --start: server backends to measure, comma-separated, each optionally with its precision "

@@ -101,7 +101,8 @@ class StaticShapeSession:
     1.49 ms). A replayed graph reads and writes the same addresses, hence the
     fixed buffers; the batch size is fixed in the session too, so every shape computation is
     folded away and no node falls back to the CPU. Buffers are filled from pageable host memory:
-    ONNX Runtime's Python API has no pinned allocator, and the copies are at most a few MB."""
+    the copies are at most a few MB, and pinned (host-accessible) memory comes only through ONNX
+    Runtime's newer execution-provider device API, not yet tried on a GPU here."""
 
     def __init__(self, ort: ModuleType, model: bytes | str, options, providers: list, batch_dimension: str,
                  batch_size: int, device: str) -> None:
