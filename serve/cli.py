@@ -63,9 +63,9 @@ def serve(
         show_default=False)] = None,
     thread_spinning: Annotated[bool, typer.Option("--thread-spinning/--no-thread-spinning",
         envvar=_env("THREAD_SPINNING"),
-        help="ONNX Runtime on the CPU: idle inference threads spin waiting for work instead of sleeping: "
+        help="Idle inference threads (ONNX Runtime, TorchScript) spin waiting for work instead of sleeping: "
         "answers sooner at low load, but CPU use no longer follows load (turn off under a CPU-based "
-        "autoscaler).")] = ServerSettings.thread_spinning,
+        "autoscaler; OpenVINO's threads sleep either way).")] = ServerSettings.thread_spinning,
     max_images_per_request: Annotated[int, typer.Option(envvar=_env("MAX_IMAGES_PER_REQUEST"),
         help="Most images in one request (KServe batch or Classify images); more: INVALID_ARGUMENT.")] = ServerSettings.max_images_per_request,
     max_message_bytes: Annotated[int, typer.Option(envvar=_env("MAX_MESSAGE_BYTES"),

@@ -127,9 +127,10 @@ class ServerSettings:
     cuda_conv_search: ConvSearch = ConvSearch.EXHAUSTIVE  # paid before ready, for every shape bucket
     cuda_graphs: bool = True  # ONNX Runtime on CUDA: one captured CUDA graph per shape bucket
     threads: int | None = None  # inference threads per worker; default: the CPUs divided among the workers
-    # ONNX Runtime on the CPU: idle inference threads spin, waiting for the next batch, instead of
-    # sleeping. Faster to answer, but CPU use then does not follow load (docs/benchmarks.md
-    # "Open loop"): off where a CPU-based autoscaler reads it (deploy/k8s).
+    # ONNX Runtime and TorchScript on the CPU: idle inference threads spin, waiting for the next
+    # batch, instead of sleeping (OpenVINO's sleep either way). Faster to answer, but CPU use then
+    # does not follow load (docs/benchmarks.md "Open loop"): off where a CPU-based autoscaler reads
+    # it (deploy/k8s).
     thread_spinning: bool = True
     cpus: int | None = None  # CPUs the server may use; default: affinity mask and cgroup quota (usable_cpus)
     max_images_per_request: int = 1024

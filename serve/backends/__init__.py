@@ -11,7 +11,8 @@ def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", 
                  cuda_graphs: bool = True, thread_spinning: bool = True) -> Backend:
     """The backend for an artifact of ``format`` (onnx | torchscript); ONNX runs on ``runtime``
     (``cuda_conv_search``: ONNX Runtime's cuDNN algorithm search on CUDA; ``cuda_graphs``: one
-    captured CUDA graph per shape bucket; ``thread_spinning``: ONNX Runtime's idle threads spin).
+    captured CUDA graph per shape bucket; ``thread_spinning``: idle inference threads spin, in ONNX
+    Runtime and TorchScript; OpenVINO's sleep between batches either way).
 
     Each backend module is imported only when chosen, so a server never loads a runtime it does
     not use (torch above all)."""
@@ -26,5 +27,5 @@ def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", 
     if format == "torchscript":
         from resserve.serve.backends.torchscript import TorchScriptBackend
 
-        return TorchScriptBackend(model, device, threads)
+        return TorchScriptBackend(model, device, threads, thread_spinning)
     raise BackendError(f"no backend for artifact format {format!r}")

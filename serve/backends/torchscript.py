@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import numpy as np
@@ -14,12 +15,19 @@ GRAPH_OUTPUTS = ("logits", "probabilities")  # what every exported graph returns
 
 
 class TorchScriptBackend:
-    """A TorchScript module on the CPU (or CUDA). TorchScript keeps no output names: they are the graph's, in order."""
+    """A TorchScript module on the CPU (or CUDA). TorchScript keeps no output names: they are the graph's, in order.
+
+    ``thread_spinning`` off: torch's OpenMP threads sleep between batches (OMP_WAIT_POLICY=PASSIVE,
+    unless the user set it), so CPU use follows load. OpenMP reads it when torch loads, so it
+    holds where this backend is the first to import torch, as in a server."""
 
     name = "torchscript"
     precision = "fp32"
 
-    def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None,
+                 thread_spinning: bool = True) -> None:
+        if not thread_spinning:
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             import torch
         except ImportError as exc:
