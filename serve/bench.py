@@ -223,9 +223,10 @@ async def _closed_loop(spec: LoadSpec, concurrency: int, tally: _Tally, stop_at:
 
 
 async def _open_loop(spec: LoadSpec, rate: float, tally: _Tally, start: float, stop_at: float, seed: int) -> None:
-    """Poisson arrivals at ``rate`` per second from ``start`` until ``stop_at``, over OPEN_LOOP_CONNECTIONS
-    connections; an arrival finding OPEN_LOOP_MAX_OUTSTANDING requests unanswered is counted as
-    an error, not sent, so memory stays bounded when the server cannot keep up."""
+    """Poisson arrivals at ``rate`` per second from ``start`` until ``stop_at``, taking turns over
+    OPEN_LOOP_CONNECTIONS connections; an arrival finding OPEN_LOOP_MAX_OUTSTANDING requests
+    unanswered is counted as an error, not sent, so memory stays bounded when the server cannot
+    keep up."""
     gaps = np.random.default_rng(seed)
     async with AsyncExitStack() as stack:
         sends = [await stack.enter_async_context(_sender(spec)) for _ in range(OPEN_LOOP_CONNECTIONS)]
