@@ -1,5 +1,7 @@
 """The GPU check (issues 14 and 15): run in one go on a machine with an NVIDIA GPU, results as JSON.
 
+    tests/gpu/stage.sh                            # here: ../shared/gpu/stage.sh + the serving wheels
+    # on the GPU machine, the commands it prints (device `run`, with `carry`), then:
     source /tmp/gpu-stage/base/on-gpu.sh          # ../shared/gpu/README.md: onnxruntime-gpu, MNIST
     python3 tests/gpu/check.py --out "$OUT/gpu-check.json"
     python3 tests/gpu/check.py --device cpu --quick --out /tmp/cpu-dry-run.json   # the same, on a CPU first
@@ -224,6 +226,21 @@ def targets(results: dict) -> list[dict]:
     return found
 
 
+def environment() -> dict:
+    """What the figures were measured on: the machine, the GPU (nvidia-smi) and the libraries."""
+    import onnxruntime
+
+    from resserve.serve.bench import machine_description
+
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except OSError:
+        gpu = None
+    return {"machine": machine_description(), "gpu": gpu, "python": sys.version.split()[0],
+            "onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -234,7 +251,7 @@ def main() -> None:
     package = load_package()
     onnx = package.read_verified(package.find("onnx"))
     images, labels = mnist_test()
-    results: dict = {"device": args.device}
+    results: dict = {"device": args.device, "environment": environment()}
     for name, run in (("parity", lambda: parity(args.device, images, labels, onnx)),
                       ("in_process", lambda: in_process(args.device, onnx, images, seconds)),
                       ("cpu_in_process", lambda: in_process_limit(package, [1, 8, 16, 64])),

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Stage the GPU check for the GPU machine: ../shared/gpu/stage.sh (onnxruntime-gpu in parts, MNIST,
+# on-gpu.sh), with the serving dependencies that machine lacks in place of the few wheels it
+# stages by default. Run from the project root, then the commands it prints, in order (device
+# `run`, each with its `carry` paths), then `python3 tests/gpu/check.py --out "$OUT/gpu-check.json"`.
+#
+# The GPU machine has Python 3.12, numpy, pillow, typer, rich and prometheus-client, and no
+# network (../shared/gpu/README.md). Everything else `resserve serve` and tests/gpu/check.py import
+# (grpcio and its health and reflection services, protobuf, pydantic, aiohttp, orjson, with their
+# own dependencies) is resolved here from pyproject.toml for that Python and carried as wheels;
+# on-gpu.sh installs them ahead of the machine's own packages.
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+shared=${RESSERVE_SHARED_GPU:-$root/../shared/gpu}
+PRESENT="numpy pillow typer prometheus-client"  # on the GPU machine already; numpy alone is 16 MB
+"$shared/stage.sh"
+
+requirements=$(python3 - "$PRESENT" <<'PY'
+import re, sys, tomllib
+present = set(sys.argv[1].split())
+for requirement in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+    if re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower() not in present:
+        print(requirement)
+PY
+)
+wheels=.gpu/base/wheels
+rm -rf "$wheels" && mkdir -p "$wheels"
+mapfile -t requirements <<< "$requirements"
+pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$wheels" "${requirements[@]}"
+# what the resolver pulled in that the machine has (typing-extensions and the like stay: they are small)
+for name in $PRESENT; do rm -f "$wheels/${name//-/_}"-*.whl; done
+echo "tests/gpu/stage.sh: serving wheels for Python 3.12 in $wheels ($(ls "$wheels" | wc -l) wheels, $(du -sh "$wheels" | cut -f1));" \
+     "base/ is $(du -sh .gpu/base | cut -f1) (at most 64 MiB travels with one command, part0 included)"
