@@ -20,9 +20,11 @@ the batch sizes the server formed) and, with ``--start``, the same server with b
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import multiprocessing
 import os
+import queue
 import re
 import signal
 import socket
@@ -35,6 +37,7 @@ from collections import Counter
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Iterator
 
 import aiohttp
@@ -154,21 +157,24 @@ async def _rest_sender(spec: LoadSpec):
         yield send
 
 
+def _triton_client_module(api: str) -> ModuleType:
+    """tritonclient's asyncio client for ``api`` (http.aio for rest, grpc.aio otherwise), or a
+    one-line error that names the install."""
+    try:
+        return importlib.import_module("tritonclient.http.aio" if api == "rest" else "tritonclient.grpc.aio")
+    except ImportError:
+        raise ResserveError('--client tritonclient needs tritonclient: pip install "tritonclient[grpc,http]"') from None
+
+
 @asynccontextmanager
 async def _tritonclient_sender(spec: LoadSpec):
     """As ``_grpc_sender``/``_rest_sender``, with Triton's own asyncio clients (tritonclient.grpc.aio
     or tritonclient.http.aio), as a Triton user would load the server."""
-    try:
-        if spec.api == "rest":
-            import tritonclient.http.aio as triton
-
-            client = triton.InferenceServerClient(spec.http_target, conn_limit=1)
-        else:
-            import tritonclient.grpc.aio as triton
-
-            client = triton.InferenceServerClient(spec.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
-    except ImportError:
-        raise ResserveError('--client tritonclient needs tritonclient: pip install "tritonclient[grpc,http]"') from None
+    triton = _triton_client_module(spec.api)
+    if spec.api == "rest":
+        client = triton.InferenceServerClient(spec.http_target, conn_limit=1)
+    else:
+        client = triton.InferenceServerClient(spec.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
     from tritonclient.utils import InferenceServerException
 
     images = _images(spec.batch)
@@ -180,6 +186,8 @@ async def _tritonclient_sender(spec: LoadSpec):
             await client.infer(spec.model, [tensor])
         except InferenceServerException as exc:
             return str(exc.status() or "error")
+        except aiohttp.ClientError as exc:  # tritonclient.http.aio lets its transport's errors through
+            return type(exc).__name__
         return None
 
     try:
@@ -323,7 +331,15 @@ def _generate_load(spec: LoadSpec, level: Level, processes: int) -> tuple[list[f
                for seed, share in enumerate(shares)]
     for worker in workers:
         worker.start()
-    parts = [results.get() for _ in workers]
+    parts = []
+    while len(parts) < len(workers):
+        try:
+            parts.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if any(worker.exitcode not in (None, 0) for worker in workers):  # died without its results
+                for worker in workers:
+                    worker.terminate()
+                raise ResserveError("a load process failed (its error is above)") from None
     for worker in workers:
         worker.join()
     latencies = [x for part in parts for x in part[0]]
@@ -563,6 +579,16 @@ def machine_description() -> str:
     return f"{model}, {usable_cpus()} CPUs"
 
 
+def _check_http(http_target: str) -> None:
+    """A one-line error now, rather than every request failing, when --api rest cannot reach the server."""
+    try:
+        urllib.request.urlopen(f"http://{http_target}/v2/health/live", timeout=10).close()
+    except OSError as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ResserveError(f"{http_target}: cannot reach the server's HTTP port ({reason}); "
+                            "--http-target names it") from None
+
+
 def _server_runtime(target: str, model: str) -> str:
     """"backend precision" as the server reports it in the model's config."""
     with grpc.insecure_channel(target) as channel:
@@ -611,6 +637,9 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
     """The whole sweep: the server(s) over each API, then the in-process limit; returns the report."""
     package = load_package(package_path)
     model = model or package.name
+    if client == "tritonclient":
+        for api in apis:  # here, not in each load process
+            _triton_client_module(api)
     servers: dict[str, list[dict]] = {}
     runtimes: dict[str, str] = {}
     configurations = _configurations(backends, workers) if target is None else [(f"server at {target}", None)]
@@ -619,6 +648,8 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
         with (started_server(package_path, *flags) if flags is not None
               else nullcontext((target, http_target or "", metrics_url or "", None))) as (address, http, metrics, pid):
             runtime = _server_runtime(address, model)
+            if "rest" in apis:
+                _check_http(http)
             for api in apis:
                 name = _named(configuration, api, apis)
                 runtimes[name] = runtime

@@ -4,8 +4,11 @@ docs/benchmarks.md, not asserted here)."""
 import json
 
 import numpy as np
+import pytest
 
 from helpers import ServerProcess, run_cli
+from resserve.serve.bench import Level, LoadSpec, measure_level
+from resserve.serve.errors import ResserveError
 
 
 def test_bench_train_compares_against_the_naive_loop(tmp_path, mnist):
@@ -70,13 +73,25 @@ def test_bench_serve_needs_exactly_one_target():
     assert result.stderr.strip() == "error: give exactly one of --start and --target HOST:PORT"
 
 
-def test_bench_serve_against_a_server_without_the_model_is_one_line():
+def test_bench_serve_against_a_server_without_the_model_or_its_http_port_is_one_line(tmp_path):
+    shadow = tmp_path / "tritonclient"  # a tritonclient that is not there, for the load processes too
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('tritonclient is not installed')\n")
     with ServerProcess() as server:
-        result = run_cli("bench", "serve", "--target", server.target, "--model", "no-such-model", "--duration", "0.2")
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
+        no_model = run_cli("bench", "serve", "--target", server.target, "--model", "no-such-model", "--duration", "0.2")
+        no_http = run_cli("bench", "serve", "--target", server.target, "--api", "rest", "--http-target", "127.0.0.1:1",
+                          "--duration", "0.2")
+        no_triton = run_cli("bench", "serve", "--target", server.target, "--client", "tritonclient",
+                            "--load-processes", "2", "--concurrency", "2", "--duration", "0.2", timeout=60,
+                            env={"PYTHONPATH": str(tmp_path)})
+    assert (no_model.returncode, no_model.stderr.strip().splitlines()[-1]) == (1, (
         f"error: {server.target}: NOT_FOUND: unknown model 'no-such-model'; this server has resnet-mnist "
-        "(--model and --package name the model to measure)")
+        "(--model and --package name the model to measure)"))
+    assert (no_http.returncode, no_http.stderr.strip().splitlines()[-1]) == (1, (
+        "error: 127.0.0.1:1: cannot reach the server's HTTP port ([Errno 111] Connection refused); "
+        "--http-target names it"))
+    assert (no_triton.returncode, no_triton.stderr.strip()) == (
+        1, 'error: --client tritonclient needs tritonclient: pip install "tritonclient[grpc,http]"')
 
 
 def test_bench_serve_measures_worker_counts_with_tritonclient_from_several_load_processes(tmp_path):
@@ -124,6 +139,16 @@ def test_bench_serve_open_loop_sends_every_scheduled_request_and_reports_server_
             assert r["errors"] == {} and r["server_cpu_cores"] > 0
         assert set(report["summary"][name]["open_loop"]) == {"30/s", "200/s"}
     assert "onnxruntime, batched, open loop: 30/s answered" in result.stdout
+
+
+def test_a_load_process_that_dies_ends_the_level_instead_of_hanging_it(tmp_path, monkeypatch):
+    shadow = tmp_path / "tritonclient"  # the load processes cannot import it: each dies at start
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('tritonclient is not installed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned processes start with this sys.path
+    spec = LoadSpec("127.0.0.1:1", "", "resnet-mnist", "kserve", 1, 0.2, 0.1, client="tritonclient")
+    with pytest.raises(ResserveError, match=r"^a load process failed \(its error is above\)$"):
+        measure_level(spec, Level(concurrency=2), "http://127.0.0.1:1/metrics", None, load_processes=2)
 
 
 def test_bench_serve_takes_one_kind_of_load():
