@@ -6,6 +6,8 @@ thread, so the event loop keeps accepting while a batch computes. Then it splits
 back to the requests, in order.
 
 - A full queue rejects at once (``QueueFull`` -> UNAVAILABLE); the queue never grows unbounded.
+- At shutdown, what is queued is computed (``close``), or, once the grace period is over,
+  answered ``ShuttingDown`` uncomputed (``shed``).
 - A request whose deadline passed before its batch runs is answered ``DeadlineExpired``
   without computing; a cancelled request is skipped and never disturbs its batch-mates.
 - An exception during inference fails that batch's requests only; the batcher keeps running.
@@ -138,6 +140,18 @@ class DynamicBatcher:
         self._queue.append(pending)
         self._arrived.set()
         return await pending.future  # cancelling the caller cancels the future: _take skips it
+
+    def shed(self) -> int:
+        """Answer every queued request ShuttingDown (retryable), uncomputed; the batch running
+        finishes. For a shutdown whose grace period is over: the queue may hold minutes of work
+        for clients that have no deadline. Returns how many were shed."""
+        shed = 0
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(ShuttingDown("the server is shutting down; retry elsewhere"))
+                shed += 1
+        return shed
 
     async def close(self) -> None:
         """Stop taking requests, finish what is queued, then let the loop end."""

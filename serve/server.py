@@ -8,7 +8,8 @@ Lifecycle:
 4. on SIGTERM/SIGINT: readiness NOT_SERVING (liveness stays SERVING) while the server keeps
    answering for ``drain_seconds`` so load balancers stop sending (a second signal skips the
    rest of it); then new requests are answered UNAVAILABLE (HTTP 503; retryable) and in-flight ones get
-   ``grace_seconds`` to finish; exit 0. No request is ever answered CANCELLED (see ``_serve``).
+   ``grace_seconds`` to finish, after which those still queued are answered UNAVAILABLE too and
+   only the batches running finish; exit 0. No request is ever answered CANCELLED (see ``_serve``).
 """
 
 from __future__ import annotations
@@ -192,7 +193,10 @@ class Server:
         log.info("stopping: new requests get UNAVAILABLE; in-flight requests get %.1f s", self.settings.grace_seconds)
         self.state.accepting = False
         if not await _wait_for(self.state.idle, self.settings.grace_seconds):
-            log.warning("%d requests still in flight after the grace period", self.state.in_flight)
+            models = self.state.repository.models.values() if self.state.repository else ()
+            shed = sum(model.batcher.shed() for model in models)
+            log.warning("%d requests still in flight after the grace period: %d queued ones answered "
+                        "UNAVAILABLE, uncomputed; the batches running finish", self.state.in_flight, shed)
         if self.state.repository:
             for model in self.state.repository.models.values():
                 await model.batcher.close()

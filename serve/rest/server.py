@@ -145,7 +145,10 @@ class HttpServer:
         self.app = web.Application(client_max_size=plane.state.settings.max_message_bytes, middlewares=[guard])
         self.app[FRONT_DOOR] = HttpFrontDoor(plane)
         self.app.add_routes(routes)
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # a client that disconnects cancels its handler, and so its place in the batcher's queue,
+        # as a cancelled gRPC call does: abandoned requests are not computed (aiohttp's default
+        # since 3.9 lets them run on)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, reuse_port: bool = False) -> int:
         """Listen (``reuse_port``: beside the other workers); returns the port."""

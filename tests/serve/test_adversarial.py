@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as triton
 from PIL import Image, ImageDraw
 
-from helpers import ServerProcess, run_cli
+from helpers import ServerProcess, cpu_seconds, run_cli
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -27,11 +27,6 @@ MODEL = "resnet-mnist"
 def rss_mb(pid: int) -> float:
     status = open(f"/proc/{pid}/status").read()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
 
 
 def request_of(images: np.ndarray, outputs: list[str] = ()) -> kserve_pb2.ModelInferRequest:

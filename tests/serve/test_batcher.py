@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from resserve.serve.batcher import BatchingConfig, DynamicBatcher
-from resserve.serve.errors import DeadlineExpired, QueueFull
+from resserve.serve.errors import DeadlineExpired, QueueFull, ShuttingDown
 
 
 class Recorder:
@@ -175,3 +175,21 @@ def test_bucket_settings_are_checked():
     assert parse_max_batch_size("auto") is None and parse_max_batch_size("128") == 128
     with pytest.raises(ResserveError, match="--max-batch-size must be auto or a number"):
         parse_max_batch_size("lots")
+
+
+def test_shedding_answers_the_queued_requests_uncomputed_while_the_running_batch_finishes():
+    recorder = Recorder(delay=0.3)
+
+    async def scenario(batcher):
+        running = asyncio.ensure_future(batcher.submit(images(1)))
+        await asyncio.sleep(0.1)  # its batch is computing
+        queued = [asyncio.ensure_future(batcher.submit(images(2 + i))) for i in range(3)]
+        await asyncio.sleep(0)
+        shed = batcher.shed()
+        outcomes = await asyncio.gather(*queued, return_exceptions=True)
+        return shed, await running, outcomes
+
+    shed, running, outcomes = run(scenario, recorder, max_batch_size=8)
+    assert shed == 3 and running["sum"].tolist() == [784.0]
+    assert all(isinstance(outcome, ShuttingDown) for outcome in outcomes)
+    assert [b[:, 0, 0, 0].tolist() for b in recorder.batches] == [[1.0]]  # none of the shed ones computed

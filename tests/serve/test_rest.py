@@ -17,7 +17,7 @@ import tritonclient.http as triton_http
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from helpers import ServerProcess, metric_value, run_cli
+from helpers import ServerProcess, cpu_seconds, metric_value, run_cli
 from resserve.serve.package import load_package
 
 MODEL = "resnet-mnist"
@@ -263,6 +263,71 @@ def test_http_port_zero_disables_http():
 
 
 @pytest.mark.slow
+def binary_infer(images: np.ndarray) -> tuple[bytes, dict]:
+    """A KServe v2 REST body with the tensor in binary (Triton's extension), and its headers."""
+    header = orjson.dumps({"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": images.nbytes}}]})
+    return header + images.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+LARGE = np.zeros((1024, 1, 28, 28), np.float32)  # over a second of work on one thread
+
+
+def test_requests_whose_clients_went_away_are_not_computed():
+    body, headers = binary_infer(LARGE)
+    with ServerProcess("--backend", "onnxruntime", "--threads", "1") as server:
+        busy = threading.Thread(target=call, args=(server, "POST", INFER, body, headers))
+        busy.start()
+        time.sleep(0.2)  # computing; the next ones queue behind it, and their clients give up
+
+        def impatient() -> None:
+            connection = HTTPConnection(server.http_target, timeout=0.3)
+            try:
+                connection.request("POST", INFER, body=body, headers=headers)
+                connection.getresponse()
+            except OSError:  # timed out, as meant
+                pass
+            finally:
+                connection.close()
+
+        clients = [threading.Thread(target=impatient) for _ in range(6)]
+        for thread in clients:
+            thread.start()
+        for thread in clients + [busy]:
+            thread.join()
+        time.sleep(0.3)
+        idle_from = cpu_seconds(server.process.pid)
+        time.sleep(1.0)
+        idle = cpu_seconds(server.process.pid) - idle_from
+        metrics = server.metrics()
+    assert idle < 0.3  # nothing left running for them
+    assert metric_value(metrics, "resserve_batch_size_sum") == len(LARGE)  # the first request alone
+    assert metric_value(metrics, "resserve_requests_total", protocol="http", code="499") == 6
+
+
+def test_after_the_grace_period_queued_requests_get_503_uncomputed_and_the_server_exits():
+    body, headers = binary_infer(LARGE)
+    with ServerProcess("--backend", "onnxruntime", "--threads", "1", "--grace-seconds", "1") as server:
+        statuses = collections.Counter()
+
+        def client() -> None:
+            statuses[call(server, "POST", INFER, body, headers)[0]] += 1
+
+        threads = [threading.Thread(target=client) for _ in range(6)]  # 6+ s of work, one at a time
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        signalled = time.monotonic()
+        server.process.send_signal(15)
+        assert server.process.wait(timeout=60) == 0
+        took = time.monotonic() - signalled
+        for thread in threads:
+            thread.join()
+    assert took < 5  # grace, the batch running and the flush; not the queue's minutes
+    assert set(statuses) == {200, 503} and statuses[503] >= 3, statuses
+    assert "queued ones answered UNAVAILABLE, uncomputed" in "".join(server.lines)
+
+
 def test_sigterm_under_http_load_answers_only_200_or_503_and_ready_goes_false(mnist):
     body = json_infer(mnist.test.images[:1, None].astype(np.float32) / 255)
     with ServerProcess("--grace-seconds", "5", drain_seconds=1.0) as server:

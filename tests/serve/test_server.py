@@ -3,10 +3,8 @@ stubs, `resserve classify` and `resserve health`."""
 
 import io
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from helpers import ServerProcess, metric_value, run_cli
+from helpers import ServerProcess, cpu_seconds, metric_value, run_cli
 from resserve.serve.package import load_package
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -276,12 +274,6 @@ def test_the_default_server_on_a_bf16_cpu_runs_openvino_bf16_and_says_so(server)
     assert f'backend="{expected[0]}"' in server.metrics() and f'precision="{expected[1]}"' in server.metrics()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process, all its threads (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_without_thread_spinning_the_server_takes_no_cpu_between_requests(mnist):
     """RESSERVE_THREAD_SPINNING=false reaches ONNX Runtime, as deploy/k8s sets it: between requests
     the server's CPU use is nil, so the CPU-based autoscaler sees traffic, not threads spinning for
@@ -293,9 +285,9 @@ def test_without_thread_spinning_the_server_takes_no_cpu_between_requests(mnist)
         stub, idle = kserve_stub(server), 0.0
         for _ in range(5):
             stub.ModelInfer(request)
-            before = _cpu_seconds(server.process.pid)
+            before = cpu_seconds(server.process.pid)
             time.sleep(0.1)
-            idle += _cpu_seconds(server.process.pid) - before
+            idle += cpu_seconds(server.process.pid) - before
     assert idle < 0.1  # 0.5 s of gaps
 
 
