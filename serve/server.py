@@ -185,21 +185,22 @@ class Server:
 
     async def drain(self, hurry: asyncio.Event) -> None:
         """Not ready; keep serving for the drain window (cut short by ``hurry``); then answer new
-        requests UNAVAILABLE while every admitted request finishes (up to the grace period)."""
+        requests UNAVAILABLE while every admitted request finishes, up to the grace period, after
+        which what is still queued is answered UNAVAILABLE and only the running batches finish."""
         log.info("shutting down: not ready; draining for %.1f s (signal again to skip)", self.settings.drain_seconds)
         self.state.ready = False
         await self._set_health(READINESS_NAMES, serving=False)
         await _wait_for(hurry, self.settings.drain_seconds)
         log.info("stopping: new requests get UNAVAILABLE; in-flight requests get %.1f s", self.settings.grace_seconds)
         self.state.accepting = False
-        if not await _wait_for(self.state.idle, self.settings.grace_seconds):
-            models = self.state.repository.models.values() if self.state.repository else ()
+        finished = await _wait_for(self.state.idle, self.settings.grace_seconds)
+        models = list(self.state.repository.models.values()) if self.state.repository else []
+        if not finished:
             shed = sum(model.batcher.shed() for model in models)
             log.warning("%d requests still in flight after the grace period: %d queued ones answered "
                         "UNAVAILABLE, uncomputed; the batches running finish", self.state.in_flight, shed)
-        if self.state.repository:
-            for model in self.state.repository.models.values():
-                await model.batcher.close()
+        for model in models:
+            await model.batcher.close()
         self.executor.shutdown(wait=True)
         self.preprocess_pool.shutdown(wait=True, cancel_futures=True)
         await asyncio.sleep(FLUSH_SECONDS)  # the last answers leave the process
