@@ -292,8 +292,9 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
-def _tree_cpu_seconds(pid: int | None) -> float | None:
-    """CPU time of a server process and its workers (children, as /proc says)."""
+def tree_cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user and system, every thread) of a process and its descendants, as /proc says:
+    a server and its workers; None when there is no such process."""
     if pid is None or _stat_fields(pid) is None:
         return None
     children: dict[int, list[int]] = {}
@@ -349,9 +350,9 @@ def _generate_load(spec: LoadSpec, level: Level, processes: int) -> tuple[list[f
 
 def measure_level(spec: LoadSpec, level: Level, metrics_url: str, server_pid: int | None,
                   load_processes: int = 1) -> dict:
-    before, server_cpu0 = scrape(metrics_url), _tree_cpu_seconds(server_pid)
+    before, server_cpu0 = scrape(metrics_url), tree_cpu_seconds(server_pid)
     latencies, errors, window, client_cpu, processes = _generate_load(spec, level, load_processes)
-    after, server_cpu1 = scrape(metrics_url), _tree_cpu_seconds(server_pid)
+    after, server_cpu1 = scrape(metrics_url), tree_cpu_seconds(server_pid)
     total_window = window + spec.warmup
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     batches = delta.get("resserve_batch_size_count", 0.0)

@@ -21,12 +21,6 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
                           env={**os.environ, **(env or {})})
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process, all its threads (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,8 @@ import pytest
 import tritonclient.grpc as triton
 from PIL import Image, ImageDraw
 
-from helpers import ServerProcess, cpu_seconds, run_cli
+from helpers import ServerProcess, run_cli
+from resserve.serve.bench import tree_cpu_seconds
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -119,9 +120,9 @@ def test_preprocessing_stops_when_the_deadline_passes(server, digits):
     for _ in range(3):  # a few requests whose deadline passes mid-way
         assert code_of(lambda: digits.Classify(many, timeout=0.05)) == grpc.StatusCode.DEADLINE_EXCEEDED
     time.sleep(0.3)
-    idle_from = cpu_seconds(pid)
+    idle_from = tree_cpu_seconds(pid)
     time.sleep(1.0)
-    assert cpu_seconds(pid) - idle_from < 0.5  # nothing left running for the abandoned requests
+    assert tree_cpu_seconds(pid) - idle_from < 0.5  # nothing left running for the abandoned requests
 
 
 def test_shutdown_does_not_wait_for_abandoned_preprocessing():

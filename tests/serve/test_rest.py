@@ -17,7 +17,8 @@ import tritonclient.http as triton_http
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from helpers import ServerProcess, cpu_seconds, metric_value, run_cli
+from helpers import ServerProcess, metric_value, run_cli
+from resserve.serve.bench import tree_cpu_seconds
 from resserve.serve.package import load_package
 
 MODEL = "resnet-mnist"
@@ -296,9 +297,9 @@ def test_requests_whose_clients_went_away_are_not_computed():
         for thread in clients + [busy]:
             thread.join()
         time.sleep(0.3)
-        idle_from = cpu_seconds(server.process.pid)
+        idle_from = tree_cpu_seconds(server.process.pid)
         time.sleep(1.0)
-        idle = cpu_seconds(server.process.pid) - idle_from
+        idle = tree_cpu_seconds(server.process.pid) - idle_from
         metrics = server.metrics()
     assert idle < 0.3  # nothing left running for them
     assert metric_value(metrics, "resserve_batch_size_sum") == len(LARGE)  # the first request alone
