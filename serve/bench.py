@@ -20,7 +20,6 @@ the batch sizes the server formed) and, with ``--start``, the same server with b
 from __future__ import annotations
 
 import asyncio
-import importlib
 import itertools
 import multiprocessing
 import os
@@ -34,22 +33,19 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
+from contextlib import AsyncExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Callable, Iterator
 
-import aiohttp
 import grpc
 import numpy as np
-import orjson
 
 from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.errors import ResserveError
+from resserve.serve.load_clients import LoadSpec, sender, stand_in_images, triton_client_module
 from resserve.serve.package import ModelPackage, load_package
-from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 from resserve.serve.timing import images_per_second, median_seconds
@@ -59,12 +55,6 @@ LOAD_PROCESS_START_SECONDS = 3.0
 LOAD_BOUND_CORES = 0.9  # a load process using this much of a core is the likely bottleneck
 OPEN_LOOP_CONNECTIONS = 8  # per load process: open-loop requests take turns over these
 OPEN_LOOP_MAX_OUTSTANDING = 1024  # per load process: arrivals beyond this many unanswered are not sent, but counted
-
-
-APIS = ("kserve", "classify", "rest")  # gRPC KServe v2, gRPC Classify, KServe v2 REST with binary tensors
-
-
-CLIENTS = ("resserve", "tritonclient")  # our own stubs and aiohttp, or Triton's Python clients (asyncio)
 
 
 @dataclass(frozen=True)
@@ -84,123 +74,6 @@ class Level:
             return [Level(rate=self.rate / processes)] * processes
         count = min(processes, self.concurrency)
         return [Level(self.concurrency // count + (i < self.concurrency % count)) for i in range(count)]
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    target: str  # host:port of gRPC
-    http_target: str  # host:port of HTTP
-    model: str
-    api: str  # a key of APIS
-    batch: int
-    duration: float
-    warmup: float
-    client: str = "resserve"  # one of CLIENTS (kserve and rest only)
-
-
-def _images(batch: int) -> np.ndarray:
-    """Deterministic stand-in digits: inference cost does not depend on the pixels."""
-    return np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
-
-
-def _call(spec: LoadSpec, channel: grpc.aio.Channel):
-    """An async function sending one request of ``spec.batch`` images."""
-    images = _images(spec.batch)
-    if spec.api == "kserve":
-        request = kserve_pb2.ModelInferRequest(model_name=spec.model)
-        request.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
-        request.raw_input_contents.append(images.tobytes())
-        return lambda: kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
-    raw = [digits_pb2.Image(raw_28x28=(image[0] * 255).astype(np.uint8).tobytes()) for image in images]
-    request = digits_pb2.ClassifyRequest(images=raw, model=spec.model)
-    return lambda: digits_pb2_grpc.DigitClassifierStub(channel).Classify(request, timeout=30)
-
-
-@asynccontextmanager
-async def _grpc_sender(spec: LoadSpec):
-    """One client's connection: yields ``send()``, which returns None or the error's code."""
-    # a connection of its own (not gRPC's shared subchannel), as separate clients have, so the
-    # kernel can spread clients over a server's workers
-    async with grpc.aio.insecure_channel(spec.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-        call = _call(spec, channel)
-
-        async def send() -> str | None:
-            try:
-                await call()
-            except grpc.aio.AioRpcError as exc:
-                return exc.code().name
-            return None
-
-        yield send
-
-
-@asynccontextmanager
-async def _rest_sender(spec: LoadSpec):
-    """As ``_grpc_sender``, over HTTP: Triton's binary tensor extension, as tritonclient.http sends it."""
-    images = _images(spec.batch)
-    header = orjson.dumps({"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
-                                       "parameters": {"binary_data_size": images.nbytes}}],
-                           "parameters": {"binary_data_output": True}})
-    body = header + images.tobytes()
-    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
-    url = f"http://{spec.http_target}/v2/models/{spec.model}/infer"
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
-
-        async def send() -> str | None:
-            try:
-                async with session.post(url, data=body, headers=headers) as response:
-                    await response.read()
-                    return None if response.status == 200 else f"HTTP {response.status}"
-            except aiohttp.ClientError as exc:
-                return type(exc).__name__
-
-        yield send
-
-
-def _triton_client_module(api: str) -> ModuleType:
-    """tritonclient's asyncio client for ``api`` (http.aio for rest, grpc.aio otherwise), or a
-    one-line error that names the install."""
-    try:
-        return importlib.import_module("tritonclient.http.aio" if api == "rest" else "tritonclient.grpc.aio")
-    except ImportError:
-        raise ResserveError('--client tritonclient needs tritonclient: pip install "tritonclient[grpc,http]"') from None
-
-
-@asynccontextmanager
-async def _tritonclient_sender(spec: LoadSpec):
-    """As ``_grpc_sender``/``_rest_sender``, with Triton's own asyncio clients (tritonclient.grpc.aio
-    or tritonclient.http.aio), as a Triton user would load the server."""
-    triton = _triton_client_module(spec.api)
-    if spec.api == "rest":
-        client = triton.InferenceServerClient(spec.http_target, conn_limit=1)
-    else:
-        client = triton.InferenceServerClient(spec.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
-    from tritonclient.utils import InferenceServerException
-
-    images = _images(spec.batch)
-    tensor = triton.InferInput("input", list(images.shape), "FP32")
-    tensor.set_data_from_numpy(images)
-
-    async def send() -> str | None:
-        try:
-            await client.infer(spec.model, [tensor])
-        except InferenceServerException as exc:
-            return str(exc.status() or "error")
-        except aiohttp.ClientError as exc:  # tritonclient.http.aio lets its transport's errors through
-            return type(exc).__name__
-        return None
-
-    try:
-        yield send
-    finally:
-        await client.close()
-
-
-def _sender(spec: LoadSpec):
-    """The context manager that opens one connection of ``spec``'s client and API."""
-    if spec.client == "tritonclient":
-        return _tritonclient_sender(spec)
-    return _rest_sender(spec) if spec.api == "rest" else _grpc_sender(spec)
 
 
 @dataclass
@@ -223,7 +96,7 @@ class _Tally:
 
 async def _closed_loop(spec: LoadSpec, concurrency: int, tally: _Tally, stop_at: float) -> None:
     async def client() -> None:
-        async with _sender(spec) as send:
+        async with sender(spec) as send:
             while (sent := time.perf_counter()) < stop_at:
                 tally.record(sent, await send())
 
@@ -237,7 +110,7 @@ async def _open_loop(spec: LoadSpec, rate: float, tally: _Tally, start: float, s
     keep up."""
     gaps = np.random.default_rng(seed)
     async with AsyncExitStack() as stack:
-        sends = [await stack.enter_async_context(_sender(spec)) for _ in range(OPEN_LOOP_CONNECTIONS)]
+        sends = [await stack.enter_async_context(sender(spec)) for _ in range(OPEN_LOOP_CONNECTIONS)]
         outstanding: set[asyncio.Task] = set()
 
         async def request(send, due: float) -> None:
@@ -447,7 +320,7 @@ def in_process_limit(package: ModelPackage, batch_sizes: list[int], runtime: str
     backend = open_backend(package.read_verified(package.find(format)), format, backend_name, "cpu", precision, threads)
     rows = []
     for size in sorted(set(batch_sizes)):
-        batch = _images(size)
+        batch = stand_in_images(size)
         rows.append({"batch": size,
                      "latency_ms": median_seconds(lambda: backend.infer(batch), repeats=50) * 1e3,
                      "images_per_second": images_per_second(lambda: backend.infer(batch), size, 2.0)})
@@ -640,7 +513,7 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
     model = model or package.name
     if client == "tritonclient":
         for api in apis:  # here, not in each load process
-            _triton_client_module(api)
+            triton_client_module(api)
     servers: dict[str, list[dict]] = {}
     runtimes: dict[str, str] = {}
     configurations = _configurations(backends, workers) if target is None else [(f"server at {target}", None)]

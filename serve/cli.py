@@ -207,11 +207,12 @@ def bench_serve(
         help="Model package to serve and to run in-process [default: the shipped model].", show_default=False)] = None,
     model: Annotated[str, typer.Option(help="Model name [default: the package's].")] = "",
     api: Annotated[str, typer.Option(
-        help="APIs to load, comma-separated, each against the same server(s): kserve (gRPC KServe v2), "
-        "classify (gRPC DigitClassifier), rest (KServe v2 REST with binary tensors, as tritonclient.http).")] = "kserve",
+        help="APIs to load, comma-separated, each against the same server(s): kserve (gRPC KServe v2, a call "
+        "per request), kserve-stream (the same requests on one ModelStreamInfer call per client), classify "
+        "(gRPC DigitClassifier), rest (KServe v2 REST with binary tensors, as tritonclient.http).")] = "kserve",
     client: Annotated[str, typer.Option(
         help="The load's client library: resserve (grpc.aio stubs, aiohttp) or tritonclient (Triton's "
-        "asyncio clients, for kserve and rest; needs tritonclient installed).")] = "resserve",
+        "asyncio clients, for every API but classify; needs tritonclient installed).")] = "resserve",
     http_target: Annotated[Optional[str], typer.Option(
         help="With --target and --api rest: the server's HTTP host:port [default: HOST:8000].",
         show_default=False)] = None,
@@ -243,7 +244,8 @@ def bench_serve(
 ) -> None:
     """Latency, throughput and CPU under closed- or open-loop load, beside the in-process limit."""
     from resserve.serve.backends.base import usable_cpus
-    from resserve.serve.bench import APIS, CLIENTS, plot_report, print_report, run_benchmark
+    from resserve.serve.bench import plot_report, print_report, run_benchmark
+    from resserve.serve.load_clients import APIS, CLIENTS
 
     if start == (target is not None):
         raise ResserveError("give exactly one of --start and --target HOST:PORT")
@@ -253,8 +255,10 @@ def bench_serve(
     levels = _levels(concurrency, rate)
     if batch < 1 or duration <= 0 or warmup < 0:
         raise ResserveError("--batch must be >= 1, --duration > 0, --warmup >= 0")
-    if client not in CLIENTS or (client == "tritonclient" and "classify" in apis):
-        raise ResserveError(f"--client takes {' or '.join(CLIENTS)} (tritonclient: for kserve and rest only); got {client!r}")
+    if client not in CLIENTS:
+        raise ResserveError(f"--client takes {' or '.join(CLIENTS)}; got {client!r}")
+    if client == "tritonclient" and "classify" in apis:
+        raise ResserveError("--api classify is resserve's own API, which tritonclient does not speak: use --client resserve")
     cpus = usable_cpus()
     counts = [parse_workers(w.strip(), cpus) for w in workers.split(",") if w.strip()]
     processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")

@@ -18,6 +18,7 @@ from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.repository import ServedModel
 from resserve.serve.rpc import deadline_of, rpc
 from resserve.serve.statistics import Duration, ModelStatistics
+from resserve.serve.stream import InferStream
 from resserve.serve.stubs import grpc_service_pb2 as pb
 from resserve.serve.stubs import grpc_service_pb2_grpc as pb_grpc
 from resserve.serve.stubs import model_config_pb2 as config_pb
@@ -157,7 +158,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("kserve", model_of=lambda r: r.model_name, inference=True)
     async def ModelInfer(self, request, context):
-        answer = await self.plane.infer(decode_request(request, deadline_of(context)))
+        return await self._infer(request, deadline_of(context))
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Many requests on one call, each answered on it (serve/stream.py); the call's deadline
+        is every request's."""
+        deadline = deadline_of(context)
+        await InferStream(self.plane.state, context, lambda request: self._infer(request, deadline)).run()
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        answer = await self.plane.infer(decode_request(request, deadline))
         response = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version,
                                          id=answer.id)
         for tensor in answer.outputs:

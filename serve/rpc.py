@@ -1,7 +1,8 @@
-"""The wrapper every gRPC method goes through: typed errors become status codes, answers are counted.
+"""Where gRPC requests are admitted and counted, and typed errors become status codes.
 
 This is the one place where exceptions meet gRPC: the client gets a status code and a message
-written for it; unexpected errors are logged and answered INTERNAL, generically.
+written for it; unexpected errors are logged and answered INTERNAL, generically. A unary method
+goes through ``rpc``; each request on an inference stream (serve/stream.py) through ``admitted``.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import grpc
 
 from resserve.serve.errors import to_status
+from resserve.serve.state import ServerState
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -22,28 +26,44 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+@dataclass
+class Outcome:
+    """How a request was answered: OK, or a status code and the message for the client."""
+
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+
+
+@contextmanager
+def admitted(state: ServerState, api: str, model: str, inference: bool = False) -> Iterator[Outcome]:
+    """Admit a request (refused once the server stops accepting), and count it out with its
+    outcome. An error raised inside is not re-raised: it becomes the outcome's code and message,
+    for the caller to answer with; a cancellation (the client went away) propagates."""
+    outcome = Outcome()
+    started = state.admit()
+    try:
+        state.check_accepting()
+        yield outcome
+    except asyncio.CancelledError:  # its batch-mates carry on
+        outcome.code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped to a status here
+        outcome.code, outcome.message = to_status(exc)
+    finally:
+        state.finish("grpc", api, model, outcome.code.name, outcome.code == grpc.StatusCode.OK, started, inference)
+
+
 def rpc(api: str, model_of: Callable[[object], str], inference: bool = False):
-    """Wrap a servicer method of a class with a ``plane`` (DataPlane) attribute; ``inference``
-    methods count in the model's statistics too."""
+    """Wrap a unary servicer method of a class with a ``plane`` (DataPlane) attribute;
+    ``inference`` methods count in the model's statistics too."""
 
     def decorate(method):
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             state = self.plane.state
-            model = state.model_label(model_of(request))
-            started = state.admit()
-            code = grpc.StatusCode.OK
-            try:
-                state.check_accepting()
+            with admitted(state, api, state.model_label(model_of(request)), inference) as outcome:
                 return await method(self, request, context)
-            except asyncio.CancelledError:  # the client went away; its batch-mates carry on
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a status below
-                code, message = to_status(exc)
-                await context.abort(code, message)
-            finally:
-                state.finish("grpc", api, model, code.name, code == grpc.StatusCode.OK, started, inference)
+            await context.abort(outcome.code, outcome.message)
 
         return handler
 

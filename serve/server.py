@@ -70,9 +70,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
                 [value for key, value in metadata if key == "authorization"]):
             return await continuation(details)
 
-        async def deny(request, context):
+        async def deny(request_or_stream, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
+        handler = await continuation(details)
+        if handler is not None and handler.request_streaming:  # refused at once, before any message
+            return grpc.stream_stream_rpc_method_handler(deny)
         return grpc.unary_unary_rpc_method_handler(deny)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from helpers import ServerProcess, run_cli
-from resserve.serve.bench import Level, LoadSpec, measure_level
+from resserve.serve.bench import Level, measure_level
+from resserve.serve.load_clients import LoadSpec
 from resserve.serve.errors import ResserveError
 
 
@@ -114,8 +115,8 @@ def test_bench_serve_measures_worker_counts_with_tritonclient_from_several_load_
 def test_bench_serve_refuses_tritonclient_for_classify():
     result = run_cli("bench", "serve", "--start", "--api", "classify", "--client", "tritonclient")
     assert result.returncode == 1
-    assert result.stderr.strip() == ("error: --client takes resserve or tritonclient (tritonclient: for kserve and rest "
-                                     "only); got 'tritonclient'")
+    assert result.stderr.strip() == ("error: --api classify is resserve's own API, which tritonclient does not speak: "
+                                     "use --client resserve")
 
 
 def _arrivals(rate: float, warmup: float, duration: float, seed: int = 0) -> int:

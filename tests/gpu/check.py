@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from resserve.serve.backends import open_backend
-from resserve.serve.bench import Level, LoadSpec, cuda_runners, in_process_limit, measure_level, measure_runners
+from resserve.serve.bench import Level, cuda_runners, in_process_limit, measure_level, measure_runners
+from resserve.serve.load_clients import LoadSpec
 from resserve.serve.package import load_package
 
 SERVER = "import typer; from resserve.serve.cli import serve; typer.run(serve)"

@@ -1,0 +1,263 @@
+"""The clients ``resserve bench serve`` loads a server with: one connection per client, per API.
+
+Each opens one connection (as separate clients have, so the kernel can spread them over a
+server's workers) and yields ``send()``, which sends one request of ``spec.batch`` images and
+returns None or what went wrong (a status code name, an HTTP status, an exception's name). A
+connection may have several requests in flight (the open loop sends without waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import ModuleType
+
+import aiohttp
+import grpc
+import numpy as np
+import orjson
+
+from resserve.serve.errors import ResserveError
+from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
+from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
+from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+
+# gRPC KServe v2 (one call per request, or many requests on one ModelStreamInfer call per connection),
+# gRPC Classify, KServe v2 REST with binary tensors
+APIS = ("kserve", "kserve-stream", "classify", "rest")
+
+
+CLIENTS = ("resserve", "tritonclient")  # our own stubs and aiohttp, or Triton's Python clients (asyncio)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    target: str  # host:port of gRPC
+    http_target: str  # host:port of HTTP
+    model: str
+    api: str  # a key of APIS
+    batch: int
+    duration: float
+    warmup: float
+    client: str = "resserve"  # one of CLIENTS (not for classify)
+
+
+def stand_in_images(batch: int) -> np.ndarray:
+    """Deterministic stand-in digits: inference cost does not depend on the pixels."""
+    return np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
+
+
+def _kserve_request(spec: LoadSpec) -> kserve_pb2.ModelInferRequest:
+    images = stand_in_images(spec.batch)
+    request = kserve_pb2.ModelInferRequest(model_name=spec.model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
+    request.raw_input_contents.append(images.tobytes())
+    return request
+
+
+def _call(spec: LoadSpec, channel: grpc.aio.Channel):
+    """An async function sending one request of ``spec.batch`` images."""
+    if spec.api == "kserve":
+        request = _kserve_request(spec)
+        return lambda: kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    images = stand_in_images(spec.batch)
+    raw = [digits_pb2.Image(raw_28x28=(image[0] * 255).astype(np.uint8).tobytes()) for image in images]
+    request = digits_pb2.ClassifyRequest(images=raw, model=spec.model)
+    return lambda: digits_pb2_grpc.DigitClassifierStub(channel).Classify(request, timeout=30)
+
+
+def _channel(spec: LoadSpec) -> grpc.aio.Channel:
+    # a connection of its own (not gRPC's shared subchannel), as separate clients have, so the
+    # kernel can spread clients over a server's workers
+    return grpc.aio.insecure_channel(spec.target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+@asynccontextmanager
+async def _grpc_sender(spec: LoadSpec):
+    """One client's connection: yields ``send()``, which returns None or the error's code."""
+    async with _channel(spec) as channel:
+        call = _call(spec, channel)
+
+        async def send() -> str | None:
+            try:
+                await call()
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+            return None
+
+        yield send
+
+
+class _Pending:
+    """Requests sent on a stream and not yet answered, by id: what a stream client keeps to pair
+    each response with its request (a server answers in the order it finishes them)."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, asyncio.Future] = {}
+        self.ids = (str(n) for n in itertools.count())
+
+    def add(self) -> tuple[str, asyncio.Future]:
+        request_id = next(self.ids)
+        self.waiting[request_id] = asyncio.get_running_loop().create_future()
+        return request_id, self.waiting[request_id]
+
+    def answer(self, request_id: str | None, error: str | None) -> None:
+        """``request_id`` None: the oldest request (a client that is not told which one failed)."""
+        if request_id is None and self.waiting:
+            request_id = next(iter(self.waiting))
+        future = self.waiting.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_result(error)
+
+    def end(self, error: str) -> None:
+        """The stream ended: every request still waiting failed with ``error``."""
+        for request_id in list(self.waiting):
+            self.answer(request_id, error)
+
+
+@asynccontextmanager
+async def _grpc_stream_sender(spec: LoadSpec):
+    """As ``_grpc_sender``, on one ``ModelStreamInfer`` call per connection: each request is a
+    message on it, and ``send()`` returns when that request's response arrives."""
+    request, pending = _kserve_request(spec), _Pending()
+    async with _channel(spec) as channel:
+        call = kserve_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+
+        async def read() -> None:
+            try:
+                async for response in call:
+                    pending.answer(response.infer_response.id, "error_message" if response.error_message else None)
+                pending.end("stream ended")
+            except grpc.aio.AioRpcError as exc:
+                pending.end(exc.code().name)
+
+        reader = asyncio.create_task(read())
+
+        async def send() -> str | None:
+            request.id, answered = pending.add()
+            try:
+                await call.write(request)
+            except grpc.aio.AioRpcError as exc:
+                pending.answer(request.id, exc.code().name)
+            return await answered
+
+        try:
+            yield send
+        finally:
+            call.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+
+@asynccontextmanager
+async def _rest_sender(spec: LoadSpec):
+    """As ``_grpc_sender``, over HTTP: Triton's binary tensor extension, as tritonclient.http sends it."""
+    images = stand_in_images(spec.batch)
+    header = orjson.dumps({"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": images.nbytes}}],
+                           "parameters": {"binary_data_output": True}})
+    body = header + images.tobytes()
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    url = f"http://{spec.http_target}/v2/models/{spec.model}/infer"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+
+        async def send() -> str | None:
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    return None if response.status == 200 else f"HTTP {response.status}"
+            except aiohttp.ClientError as exc:
+                return type(exc).__name__
+
+        yield send
+
+
+def triton_client_module(api: str) -> ModuleType:
+    """tritonclient's asyncio client for ``api`` (http.aio for rest, grpc.aio otherwise), or a
+    one-line error that names the install."""
+    try:
+        return importlib.import_module("tritonclient.http.aio" if api == "rest" else "tritonclient.grpc.aio")
+    except ImportError:
+        raise ResserveError('--client tritonclient needs tritonclient: pip install "tritonclient[grpc,http]"') from None
+
+
+def _triton_client(spec: LoadSpec):
+    """A tritonclient asyncio client for ``spec``, and the input tensor it sends."""
+    triton = triton_client_module(spec.api)
+    if spec.api == "rest":
+        client = triton.InferenceServerClient(spec.http_target, conn_limit=1)
+    else:
+        client = triton.InferenceServerClient(spec.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+    images = stand_in_images(spec.batch)
+    tensor = triton.InferInput("input", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    return client, tensor
+
+
+@asynccontextmanager
+async def _tritonclient_sender(spec: LoadSpec):
+    """As ``_grpc_sender``/``_rest_sender``, with Triton's own asyncio clients (tritonclient.grpc.aio
+    or tritonclient.http.aio), as a Triton user would load the server."""
+    from tritonclient.utils import InferenceServerException
+
+    client, tensor = _triton_client(spec)
+
+    async def send() -> str | None:
+        try:
+            await client.infer(spec.model, [tensor])
+        except InferenceServerException as exc:
+            return str(exc.status() or "error")
+        except aiohttp.ClientError as exc:  # tritonclient.http.aio lets its transport's errors through
+            return type(exc).__name__
+        return None
+
+    try:
+        yield send
+    finally:
+        await client.close()
+
+
+@asynccontextmanager
+async def _tritonclient_stream_sender(spec: LoadSpec):
+    """As ``_grpc_stream_sender``, with tritonclient.grpc.aio's ``stream_infer``. It hands a failed
+    request's error over without its id, so an error is paired with the oldest request waiting."""
+    client, tensor = _triton_client(spec)
+    pending, outgoing = _Pending(), asyncio.Queue()
+
+    async def requests():
+        while (request := await outgoing.get()) is not None:
+            yield request
+
+    async def read() -> None:
+        try:
+            async for result, error in client.stream_infer(requests()):
+                pending.answer(None if error else result.get_response().id, "error_message" if error else None)
+            pending.end("stream ended")
+        except Exception as exc:  # noqa: BLE001 - tritonclient raises its own and grpc's errors here
+            pending.end(type(exc).__name__)
+
+    reader = asyncio.create_task(read())
+
+    async def send() -> str | None:
+        request_id, answered = pending.add()
+        outgoing.put_nowait({"model_name": spec.model, "inputs": [tensor], "request_id": request_id})
+        return await answered
+
+    try:
+        yield send
+    finally:
+        outgoing.put_nowait(None)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await client.close()
+
+
+def sender(spec: LoadSpec):
+    """The context manager that opens one connection of ``spec``'s client and API."""
+    if spec.api == "rest":
+        return _tritonclient_sender(spec) if spec.client == "tritonclient" else _rest_sender(spec)
+    if spec.api == "kserve-stream":
+        return _tritonclient_stream_sender(spec) if spec.client == "tritonclient" else _grpc_stream_sender(spec)
+    return _tritonclient_sender(spec) if spec.client == "tritonclient" else _grpc_sender(spec)
