@@ -97,13 +97,13 @@ def test_bench_serve_against_a_server_without_the_model_or_its_http_port_is_one_
 
 def test_bench_serve_measures_worker_counts_with_tritonclient_from_several_load_processes(tmp_path):
     out = tmp_path / "workers.json"
-    result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1,2", "--api", "kserve,rest",
+    result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1,2", "--api", "kserve,kserve-stream,rest",
                      "--client", "tritonclient", "--load-processes", "2", "--concurrency", "2", "--duration", "0.5",
                      "--warmup", "0.2", "--json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["workers"] == [1, 2] and report["client"] == "tritonclient"
-    assert set(report["servers"]) == {f"{name}, {api} API" for api in ("kserve", "rest") for name in (
+    assert set(report["servers"]) == {f"{name}, {api} API" for api in ("kserve", "kserve-stream", "rest") for name in (
         "onnxruntime, batched, 1 worker", "onnxruntime, batched, 2 workers", "onnxruntime, unbatched (max batch 1)")}
     for rows in report["servers"].values():
         (row,) = rows
@@ -128,7 +128,8 @@ def _arrivals(rate: float, warmup: float, duration: float, seed: int = 0) -> int
 def test_bench_serve_open_loop_sends_every_scheduled_request_and_reports_server_cpu(tmp_path):
     out = tmp_path / "open.json"
     result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1", "--rate", "30,200",
-                     "--duration", "1", "--warmup", "0.3", "--load-processes", "1", "--json", str(out))
+                     "--api", "kserve,kserve-stream", "--duration", "1", "--warmup", "0.3", "--load-processes", "1",
+                     "--json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     for name, rows in report["servers"].items():
@@ -139,7 +140,7 @@ def test_bench_serve_open_loop_sends_every_scheduled_request_and_reports_server_
             assert r["ok"] + sum(r["errors"].values()) == _arrivals(r["offered_rate"], 0.3, 1.0)
             assert r["errors"] == {} and r["server_cpu_cores"] > 0
         assert set(report["summary"][name]["open_loop"]) == {"30/s", "200/s"}
-    assert "onnxruntime, batched, open loop: 30/s answered" in result.stdout
+    assert "onnxruntime, batched, kserve-stream API, open loop: 30/s answered" in result.stdout
 
 
 def test_a_load_process_that_dies_ends_the_level_instead_of_hanging_it(tmp_path, monkeypatch):
