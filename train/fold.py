@@ -133,6 +133,8 @@ def choose_blocks_to_drop(model: ResNet, count: int, accuracy_of: Callable[[ResN
                               f"of this {model.config.arch} network")
     if count == 0:
         return [], "none"
+    if count == len(candidates):  # nothing to choose: no lesion study (25 evaluations of the validation split)
+        return candidates, "every droppable block"
     if model.config.survival_prob < 1.0:
         by_survival = sorted(candidates, key=lambda i: -model.drop_prob(i))
         return sorted(by_survival[:count]), "lowest survival probability"

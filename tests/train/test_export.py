@@ -80,6 +80,12 @@ def test_lesion_study_drops_the_block_whose_removal_costs_least():
     assert indices == [1] and "lesion" in method
 
 
+def test_dropping_every_droppable_block_needs_no_lesion_study():
+    model = build_model(ModelConfig(blocks=3, widths=(8,)))
+    indices, method = choose_blocks_to_drop(model, 3, accuracy_of=lambda m: pytest.fail("nothing to choose"))
+    assert indices == [0, 1, 2] and method == "every droppable block"
+
+
 def test_only_shape_keeping_blocks_of_residual_networks_can_be_dropped():
     staged = build_model(ModelConfig(blocks=2, widths=(8, 16)))  # block 2 downsamples
     with pytest.raises(DropBlocksError, match="more than the 3 droppable blocks"):
