@@ -122,7 +122,7 @@ class _Pending:
 async def _grpc_stream_sender(spec: LoadSpec):
     """As ``_grpc_sender``, on one ``ModelStreamInfer`` call per connection: each request is a
     message on it, and ``send()`` returns when that request's response arrives."""
-    request, pending = _kserve_request(spec), _Pending()
+    template, pending, writing = _kserve_request(spec), _Pending(), asyncio.Lock()
     async with _channel(spec) as channel:
         call = kserve_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
 
@@ -137,11 +137,18 @@ async def _grpc_stream_sender(spec: LoadSpec):
         reader = asyncio.create_task(read())
 
         async def send() -> str | None:
+            if reader.done():  # nothing would answer
+                return "stream ended"
+            request = kserve_pb2.ModelInferRequest()
+            request.CopyFrom(template)
             request.id, answered = pending.add()
             try:
-                await call.write(request)
+                async with writing:  # one message at a time on a call (the open loop sends concurrently)
+                    await call.write(request)
             except grpc.aio.AioRpcError as exc:
                 pending.answer(request.id, exc.code().name)
+            except asyncio.InvalidStateError:  # the call has ended (its reader says how)
+                pending.answer(request.id, "stream ended")
             return await answered
 
         try:
@@ -241,6 +248,8 @@ async def _tritonclient_stream_sender(spec: LoadSpec):
     reader = asyncio.create_task(read())
 
     async def send() -> str | None:
+        if reader.done():  # nothing would answer
+            return "stream ended"
         request_id, answered = pending.add()
         outgoing.put_nowait({"model_name": spec.model, "inputs": [tensor], "request_id": request_id})
         return await answered
