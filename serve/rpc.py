@@ -2,7 +2,7 @@
 
 This is the one place where exceptions meet gRPC: the client gets a status code and a message
 written for it; unexpected errors are logged and answered INTERNAL, generically. A unary method
-goes through ``rpc``; each request on an inference stream (serve/stream.py) through ``admitted``.
+goes through ``rpc``; each request on an inference stream (serve/stream.py) through ``answer``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
 from resserve.serve.errors import to_status
 from resserve.serve.state import ServerState
+
+T = TypeVar("T")
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -34,21 +35,22 @@ class Outcome:
     message: str = ""
 
 
-@contextmanager
-def admitted(state: ServerState, api: str, model: str, inference: bool = False) -> Iterator[Outcome]:
-    """Admit a request (refused once the server stops accepting), and count it out with its
-    outcome. An error raised inside is not re-raised: it becomes the outcome's code and message,
-    for the caller to answer with; a cancellation (the client went away) propagates."""
+async def answer(state: ServerState, api: str, model: str, work: Callable[[], Awaitable[T]],
+                 inference: bool = False) -> tuple[T | None, Outcome]:
+    """Admit a request (refused once the server stops accepting), run ``work``, and count the
+    request out with its outcome. An error is not raised: it becomes the outcome's code and
+    message, for the caller to answer with; a cancellation (the client went away) propagates."""
     outcome = Outcome()
     started = state.admit()
     try:
         state.check_accepting()
-        yield outcome
+        return await work(), outcome
     except asyncio.CancelledError:  # its batch-mates carry on
         outcome.code = grpc.StatusCode.CANCELLED
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to a status here
         outcome.code, outcome.message = to_status(exc)
+        return None, outcome
     finally:
         state.finish("grpc", api, model, outcome.code.name, outcome.code == grpc.StatusCode.OK, started, inference)
 
@@ -61,9 +63,11 @@ def rpc(api: str, model_of: Callable[[object], str], inference: bool = False):
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             state = self.plane.state
-            with admitted(state, api, state.model_label(model_of(request)), inference) as outcome:
-                return await method(self, request, context)
-            await context.abort(outcome.code, outcome.message)
+            response, outcome = await answer(state, api, state.model_label(model_of(request)),
+                                             lambda: method(self, request, context), inference)
+            if outcome.code != grpc.StatusCode.OK:
+                await context.abort(outcome.code, outcome.message)
+            return response
 
         return handler
 

@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from resserve.serve.rpc import admitted
+from resserve.serve.rpc import answer
 from resserve.serve.state import ServerState
 from resserve.serve.stubs import grpc_service_pb2 as pb
 
@@ -97,8 +97,10 @@ class InferStream:
             await self.window.release(size)
 
     async def _response(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-        with admitted(self.state, "kserve_stream", self.state.model_label(request.model_name), True) as outcome:
-            return pb.ModelStreamInferResponse(infer_response=await self.infer(request))
+        model = self.state.model_label(request.model_name)
+        response, outcome = await answer(self.state, "kserve_stream", model, lambda: self.infer(request), True)
+        if response is not None:
+            return pb.ModelStreamInferResponse(infer_response=response)
         return pb.ModelStreamInferResponse(
             error_message=outcome.message,
             infer_response=pb.ModelInferResponse(model_name=request.model_name,

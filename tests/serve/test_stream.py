@@ -13,6 +13,9 @@ import tritonclient.grpc as triton
 
 from helpers import ServerProcess, metric_value
 from resserve.serve.package import load_package
+from resserve.serve.rpc import Outcome, answer
+from resserve.serve.settings import ServerSettings
+from resserve.serve.state import ServerState
 from resserve.serve.stream import Window
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -177,3 +180,17 @@ def test_a_stream_window_holds_a_batch_of_requests_and_its_bytes_and_lets_a_larg
         return seen
 
     assert asyncio.run(scenario()) == [10, 10, 10, ("held", 3, 30), 10, 500, ("held", 1, 500), 1]
+
+
+def test_a_request_the_server_no_longer_accepts_is_answered_unavailable_and_counted():
+    """What each request on a stream goes through after the drain window (and a unary call too)."""
+    state = ServerState(ServerSettings())
+    state.accepting = False
+
+    async def never() -> None:
+        raise AssertionError("a refused request must not run")
+
+    response, outcome = asyncio.run(answer(state, "kserve_stream", "unknown", never))
+    assert response is None and outcome == Outcome(grpc.StatusCode.UNAVAILABLE,
+                                                   "the server is shutting down; retry on another replica")
+    assert state.answered == {"UNAVAILABLE": 1} and state.in_flight == 0 and state.idle.is_set()
