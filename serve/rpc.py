@@ -3,6 +3,9 @@
 This is the one place where exceptions meet gRPC: the client gets a status code and a message
 written for it; unexpected errors are logged and answered INTERNAL, generically. A unary method
 goes through ``rpc``; each request on an inference stream (serve/stream.py) through ``answer``.
+Our services are registered through ``Registrar``, so a request message that does not parse is
+answered INVALID_ARGUMENT too (grpc.aio's own answer is UNKNOWN, with a traceback in the log for
+every such message).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from resserve.serve.errors import to_status
 from resserve.serve.state import ServerState
@@ -72,3 +76,56 @@ def rpc(api: str, model_of: Callable[[object], str], inference: bool = False):
         return handler
 
     return decorate
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request message that did not parse: what a method gets in its place (see ``Registrar``)."""
+
+    reason: str
+
+
+def _tolerant(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return Malformed(f"the request message does not parse: {exc}")
+
+    return parse
+
+
+def _refusing_malformed(behavior):
+    async def handle(request, context: grpc.aio.ServicerContext):
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return await behavior(request, context)
+
+    return handle
+
+
+class Registrar:
+    """Stands for the server in a generated ``add_*Servicer_to_server``: registers the service's
+    methods with request deserializers that do not raise. A unary method answers a message that
+    does not parse INVALID_ARGUMENT; a bidirectional stream reads it as ``Malformed``."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        """The generated code's generic handler holds the raw methods: the one made in
+        ``add_registered_method_handlers`` replaces it."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        guarded = {name: self._guarded(handler) for name, handler in handlers.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+        self.server.add_registered_method_handlers(service, guarded)
+
+    @staticmethod
+    def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary:
+            return handler._replace(request_deserializer=_tolerant(handler.request_deserializer),
+                                    unary_unary=_refusing_malformed(handler.unary_unary))
+        if handler.stream_stream:
+            return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        return handler

@@ -39,6 +39,7 @@ from resserve.serve.repository import load_repository, read_packages
 from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
 from resserve.serve.rest.server import HttpServer
+from resserve.serve.rpc import Registrar
 from resserve.serve.state import ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
@@ -137,8 +138,9 @@ class Server:
             coordinator.ready()
 
     async def _listen(self) -> None:
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), self.grpc)
-        digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.plane), self.grpc)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane),
+                                                                         Registrar(self.grpc))
+        digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.plane), Registrar(self.grpc))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [*API_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from resserve.serve.rpc import answer
+from resserve.serve.rpc import Malformed, answer
 from resserve.serve.state import ServerState
 from resserve.serve.stubs import grpc_service_pb2 as pb
 
@@ -78,6 +78,10 @@ class InferStream:
         cancelled with it, and their batch-mates carry on."""
         try:
             while (request := await self.context.read()) is not grpc.aio.EOF:
+                if isinstance(request, Malformed):  # answered at once; the stream carries on
+                    async with self.writing:
+                        await self.context.write(pb.ModelStreamInferResponse(error_message=request.reason))
+                    continue
                 size = request.ByteSize()
                 await self.window.acquire(size)
                 task = asyncio.create_task(self._answer(request, size))

@@ -346,6 +346,23 @@ def test_a_message_limit_beyond_grpc_is_one_line():
     assert result.stderr.strip() == "error: --max-message-bytes must be in 1024-2147483647 (gRPC's limit)"
 
 
+@pytest.mark.parametrize("method, message_type", [
+    ("/inference.GRPCInferenceService/ModelInfer", "inference.ModelInferRequest"),
+    ("/resserve.v1.DigitClassifier/Classify", "resserve.v1.ClassifyRequest"),
+])
+def test_bytes_that_are_no_request_message_are_invalid_argument_without_a_traceback(server, method, message_type):
+    channel = grpc.insecure_channel(server.target)
+    call = channel.unary_unary(method, request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+    with pytest.raises(grpc.RpcError) as info:
+        call(b"\xff\xff\xff not protobuf", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == (f"the request message does not parse: Error parsing message with type "
+                                    f"'{message_type}'")
+    time.sleep(0.2)
+    assert "Traceback" not in "".join(server.lines)
+    assert kserve_grpc.GRPCInferenceServiceStub(channel).ServerReady(kserve_pb2.ServerReadyRequest()).ready
+
+
 def test_unimplemented_rpcs_say_so_without_a_traceback_in_the_log(server):
     client = triton.InferenceServerClient(server.target)
     with pytest.raises(triton.InferenceServerException) as info:

@@ -78,6 +78,19 @@ def test_a_bad_request_on_a_stream_gets_its_error_and_the_stream_carries_on(serv
     assert stream_count(server, "INVALID_ARGUMENT") == invalid_before + 1
 
 
+def test_a_message_that_does_not_parse_gets_an_error_on_the_stream_which_carries_on(server, mnist):
+    channel = grpc.insecure_channel(server.target)
+    call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                 request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+    good = request_of(mnist.test.images[:1, None] / 255, "good").SerializeToString()
+    first, second = (kserve_pb2.ModelStreamInferResponse.FromString(raw)
+                     for raw in call(iter([b"\xff\xff\xff not protobuf", good]), timeout=30))
+    assert first.error_message == ("the request message does not parse: Error parsing message with type "
+                                   "'inference.ModelInferRequest'")
+    assert second.error_message == "" and second.infer_response.id == "good"
+    assert "Traceback" not in "".join(server.lines)
+
+
 def test_cancelling_a_stream_leaves_its_queued_requests_uncomputed(server, mnist):
     """40 requests of 64 images (about 4 s of work here) on a stream cancelled after its first
     answer: the rest are skipped, not computed, and the server carries on."""
