@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from resserve.serve.backends.base import Outputs, infer_in_chunks
-from resserve.serve.errors import DeadlineExpired, QueueFull, ShuttingDown
+from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, DeadlineExpired, QueueFull, ShuttingDown
 
 
 @dataclass
@@ -149,7 +149,7 @@ class DynamicBatcher:
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_exception(ShuttingDown("the server is shutting down; retry elsewhere"))
+                pending.future.set_exception(ShuttingDown(SHUTTING_DOWN_MESSAGE))
                 shed += 1
         return shed
 

@@ -43,6 +43,9 @@ class ShuttingDown(ResserveError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+SHUTTING_DOWN_MESSAGE = "the server is shutting down; retry on another replica"
+
+
 class DeadlineExpired(ResserveError):
     status = grpc.StatusCode.DEADLINE_EXCEEDED
 

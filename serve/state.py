@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from resserve.serve.errors import ShuttingDown
+from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, ShuttingDown
 from resserve.serve.metrics import Metrics
 from resserve.serve.repository import ModelRepository
 from resserve.serve.settings import ServerSettings
@@ -51,7 +51,7 @@ class ServerState:
 
     def check_accepting(self) -> None:
         if not self.accepting:
-            raise ShuttingDown("the server is shutting down; retry on another replica")
+            raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
 
     def finish(self, protocol: str, api: str, model: str, code: str, ok: bool, started: float,
                inference: bool = False) -> None:
