@@ -35,11 +35,14 @@ from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, DeadlineExpired, QueueF
 
 @dataclass
 class BatchStats:
-    """What one batch looked like, for the metrics."""
+    """What one batch looked like, for the metrics and Triton's statistics (its three compute
+    phases: gathering the requests' inputs into one batch, inference, splitting the outputs)."""
 
     size: int
     queue_seconds: list[float]
     infer_seconds: float
+    input_seconds: float
+    output_seconds: float
 
 
 @dataclass
@@ -209,6 +212,7 @@ class DynamicBatcher:
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
+        gathered = time.monotonic()
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(
                 self._executor, infer_in_chunks, self._infer, inputs, self.config.max_batch_size)
@@ -217,10 +221,11 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
-        finished = time.monotonic()
+        inferred = time.monotonic()
         offset = 0
         for pending in batch:
             if not pending.future.done():
                 pending.future.set_result({k: v[offset:offset + pending.size] for k, v in outputs.items()})
             offset += pending.size
-        self._on_batch(BatchStats(len(inputs), [started - p.enqueued for p in batch], finished - started))
+        self._on_batch(BatchStats(len(inputs), [started - p.enqueued for p in batch], inferred - gathered,
+                                  gathered - started, time.monotonic() - inferred))

@@ -17,7 +17,7 @@ from resserve.serve.errors import InvalidInput
 from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.repository import ServedModel
 from resserve.serve.rpc import deadline_of, rpc
-from resserve.serve.statistics import Duration, ModelStatistics
+from resserve.serve.statistics import Compute, Duration, ModelStatistics
 from resserve.serve.stream import InferStream
 from resserve.serve.stubs import grpc_service_pb2 as pb
 from resserve.serve.stubs import grpc_service_pb2_grpc as pb_grpc
@@ -64,6 +64,11 @@ def _duration(duration: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=duration.count, ns=duration.ns)
 
 
+def _compute(compute: Compute) -> dict[str, pb.StatisticDuration]:
+    return {"compute_input": _duration(compute.input), "compute_infer": _duration(compute.infer),
+            "compute_output": _duration(compute.output)}
+
+
 def model_statistics(model: ServedModel) -> pb.ModelStatistics:
     """A model's statistics as Triton's statistics extension reports them (both protocols)."""
     stats: ModelStatistics = model.statistics
@@ -71,10 +76,9 @@ def model_statistics(model: ServedModel) -> pb.ModelStatistics:
         name=model.name, version=model.version, last_inference=stats.last_inference_ms,
         inference_count=stats.inference_count, execution_count=stats.execution_count,
         inference_stats=pb.InferStatistics(success=_duration(stats.success), fail=_duration(stats.fail),
-                                           queue=_duration(stats.queue),
-                                           compute_infer=_duration(stats.compute_infer)),
-        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(duration))
-                     for size, duration in sorted(stats.batches.items())])
+                                           queue=_duration(stats.queue), **_compute(stats.compute)),
+        batch_stats=[pb.InferBatchStatistics(batch_size=size, **_compute(compute))
+                     for size, compute in sorted(stats.batches.items())])
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:

@@ -3,8 +3,10 @@
 Fed by the same events as the Prometheus metrics: every batch the batcher runs (``BatchStats``)
 and every inference request answered (``ServerState.finish``). Protocol-neutral: the KServe
 codec turns them into a ``ModelStatisticsResponse``. Times are cumulative nanoseconds, as in
-Triton: per request for success, fail, queue and compute_infer (a request's compute time is
-that of the batch it ran in), and per batch size for the batches themselves.
+Triton: per request for success, fail, queue and the three compute phases (a request's compute
+times are those of the batch it ran in), and per batch size for the batches themselves. Triton's
+clients rely on the three compute phases counting the same requests: perf_analyzer refuses
+statistics where they differ.
 """
 
 from __future__ import annotations
@@ -26,25 +28,39 @@ class Duration:
 
 
 @dataclass
+class Compute:
+    """Triton's three compute phases: gathering the inputs into a batch, inference, splitting
+    the outputs."""
+
+    input: Duration = field(default_factory=Duration)
+    infer: Duration = field(default_factory=Duration)
+    output: Duration = field(default_factory=Duration)
+
+    def add(self, stats: BatchStats, times: int = 1) -> None:
+        self.input.add(stats.input_seconds, times)
+        self.infer.add(stats.infer_seconds, times)
+        self.output.add(stats.output_seconds, times)
+
+
+@dataclass
 class ModelStatistics:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
+    compute: Compute = field(default_factory=Compute)  # per request
     inference_count: int = 0  # images inferred
     execution_count: int = 0  # batches run
     last_inference_ms: int = 0  # milliseconds since the epoch, 0 before the first
-    batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> compute
+    batches: dict[int, Compute] = field(default_factory=dict)  # batch size -> per batch
 
     def record_batch(self, stats: BatchStats) -> None:
-        requests = len(stats.queue_seconds)
         self.inference_count += stats.size
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)
         for seconds in stats.queue_seconds:
             self.queue.add(seconds)
-        self.compute_infer.add(stats.infer_seconds, requests)
-        self.batches.setdefault(stats.size, Duration()).add(stats.infer_seconds)
+        self.compute.add(stats, times=len(stats.queue_seconds))
+        self.batches.setdefault(stats.size, Compute()).add(stats)
 
     def record_request(self, ok: bool, seconds: float) -> None:
         (self.success if ok else self.fail).add(seconds)

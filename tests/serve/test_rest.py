@@ -113,10 +113,15 @@ def test_rest_answers_equal_grpc_answers_and_classification_works(client, server
         assert best == list(over_rest.argmax(1))
 
 
-def test_statistics_and_repository_index_over_rest(client, server):
+def test_statistics_and_repository_index_over_rest(client, server, mnist):
+    images = triton_http.InferInput("input", [2, 1, 28, 28], "UINT8")
+    images.set_data_from_numpy(mnist.test.images[:2, None])
+    client.infer(MODEL, [images])
     stats = client.get_inference_statistics(MODEL)["model_stats"][0]
-    assert stats["name"] == MODEL and stats["inference_count"] > 0
-    assert stats["inference_stats"]["success"]["count"] > 0
+    assert stats["name"] == MODEL and stats["inference_count"] >= 2
+    inference = stats["inference_stats"]
+    assert inference["success"]["count"] > 0
+    assert inference["compute_input"]["count"] == inference["compute_infer"]["count"] == inference["compute_output"]["count"] > 0
     assert client.get_model_repository_index() == [{"name": MODEL, "version": "1", "state": "READY", "reason": ""}]
 
 

@@ -315,7 +315,12 @@ def test_tritonclient_statistics_count_the_requests_sent(server, mnist):
     after = _model_stats(client)
     assert {k: after[k] - before[k] for k in after} == {"success": 5, "fail": 1, "images": 15, "batches": 5, "batch3": 5}
     stats = client.get_inference_statistics(MODEL).model_stats[0]
-    assert stats.last_inference > 0 and stats.inference_stats.queue.ns > 0 and stats.inference_stats.compute_infer.ns > 0
+    inference = stats.inference_stats
+    assert stats.last_inference > 0 and inference.queue.ns > 0 and inference.compute_infer.ns > 0
+    # the three compute phases count the same requests, as perf_analyzer requires (it refuses others)
+    assert inference.compute_input.count == inference.compute_infer.count == inference.compute_output.count > 0
+    for batch in stats.batch_stats:
+        assert batch.compute_input.count == batch.compute_infer.count == batch.compute_output.count > 0
     assert "statistics" in client.get_server_metadata().extensions
 
 
