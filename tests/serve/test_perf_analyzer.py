@@ -1,0 +1,62 @@
+"""Triton's perf_analyzer (C++) against a real server: the tool Triton's users measure servers
+with must run against ours unchanged, over gRPC (a call per request, and streaming) and HTTP.
+
+perf_analyzer reads the model's config, sends real test digits, and reads the server's
+statistics extension after each window; it aborts when any of that does not hold together (it
+did: compute_input and compute_output counted nothing). tests/install-perf-analyzer.sh puts it
+in the virtualenv; .ci/run does.
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+MODEL = "resnet-mnist"
+PERF_ANALYZER = shutil.which("perf_analyzer")
+
+if PERF_ANALYZER is None and not os.environ.get("CI"):
+    pytest.skip("no perf_analyzer here: bash tests/install-perf-analyzer.sh (in the virtualenv); .ci/run does",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, mnist):
+    """perf_analyzer's input data: 16 test digits, scaled to [0, 1] as the FP32 input wants."""
+    path = tmp_path_factory.mktemp("perf_analyzer") / "digits.json"
+    samples = [{"input": {"content": (image / 255.0).ravel().tolist(), "shape": [1, 28, 28]}}
+               for image in mnist.test.images[:16]]
+    path.write_text(json.dumps({"data": samples}))
+    return path
+
+
+def perf_analyzer(server, digits, tmp_path, *protocol: str, batch: int = 1) -> dict[str, float]:
+    """One run at concurrency 2, 100 requests per window: perf_analyzer's CSV row."""
+    assert PERF_ANALYZER, "the test needs Triton's perf_analyzer: bash tests/install-perf-analyzer.sh"
+    report = tmp_path / "report.csv"
+    target = server.http_target if "http" in protocol else server.target
+    done = subprocess.run(
+        [PERF_ANALYZER, "-m", MODEL, "-u", target, *protocol, "-b", str(batch), "--input-data", str(digits),
+         "--concurrency-range", "2", "--measurement-mode", "count_windows", "--measurement-request-count", "100",
+         "--stability-percentage", "100", "-f", str(report)],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (row,) = csv.DictReader(report.open())
+    return {key: float(value) for key, value in row.items()}
+
+
+@pytest.mark.parametrize("protocol", [("-i", "grpc"), ("-i", "grpc", "--streaming"), ("-i", "http")],
+                         ids=["grpc", "grpc-streaming", "http"])
+def test_perf_analyzer_measures_the_server(server, digits, tmp_path, protocol):
+    row = perf_analyzer(server, digits, tmp_path, *protocol)
+    assert row["Inferences/Second"] > 0 and 0 < row["p50 latency"] <= row["p99 latency"]
+    # from the server's statistics extension, which perf_analyzer checks for consistency
+    assert row["Server Compute Infer"] > 0 and row["Server Queue"] >= 0
+
+
+def test_perf_analyzer_batches_of_eight(server, digits, tmp_path):
+    row = perf_analyzer(server, digits, tmp_path, "-i", "grpc", batch=8)
+    assert row["Inferences/Second"] > 0 and row["Server Compute Infer"] > 0
