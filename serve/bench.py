@@ -44,7 +44,8 @@ import numpy as np
 from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.errors import ResserveError
-from resserve.serve.load_clients import LoadSpec, sender, stand_in_images, triton_client_module
+from resserve.serve import perf_analyzer
+from resserve.serve.load_clients import Level, LoadResult, LoadSpec, sender, stand_in_images, triton_client_module
 from resserve.serve.package import ModelPackage, load_package
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -55,25 +56,6 @@ LOAD_PROCESS_START_SECONDS = 3.0
 LOAD_BOUND_CORES = 0.9  # a load process using this much of a core is the likely bottleneck
 OPEN_LOOP_CONNECTIONS = 8  # per load process: open-loop requests take turns over these
 OPEN_LOOP_MAX_OUTSTANDING = 1024  # per load process: arrivals beyond this many unanswered are not sent, but counted
-
-
-@dataclass(frozen=True)
-class Level:
-    """One load level: ``concurrency`` closed-loop clients, or open-loop arrivals at ``rate``
-    requests per second."""
-
-    concurrency: int = 0
-    rate: float = 0.0
-
-    def __str__(self) -> str:
-        return f"{self.rate:g}/s" if self.rate else f"C={self.concurrency}"
-
-    def shares(self, processes: int) -> list["Level"]:
-        """This level spread over at most ``processes`` load processes, one share each."""
-        if self.rate:
-            return [Level(rate=self.rate / processes)] * processes
-        count = min(processes, self.concurrency)
-        return [Level(self.concurrency // count + (i < self.concurrency % count)) for i in range(count)]
 
 
 @dataclass
@@ -190,14 +172,13 @@ def _load_process(spec: LoadSpec, level: Level, start_at: float, seed: int, resu
     results.put((latencies, errors, window, time.process_time() - cpu))
 
 
-def _generate_load(spec: LoadSpec, level: Level, processes: int) -> tuple[list[float], Counter, float, float, int]:
-    """The load spread over at most ``processes`` load processes (this one when 1): latencies,
-    errors, window, the CPU seconds the load generator used and how many processes it took."""
+def _generate_load(spec: LoadSpec, level: Level, processes: int) -> LoadResult:
+    """The load spread over at most ``processes`` Python load processes (this one when 1)."""
     shares = level.shares(processes)
     if len(shares) == 1:
         cpu = time.process_time()
         latencies, errors, window = asyncio.run(_load(spec, level, time.time()))
-        return latencies, errors, window, time.process_time() - cpu, 1
+        return LoadResult(latencies, errors, window, window + spec.warmup, time.process_time() - cpu, 1)
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     start_at = time.time() + LOAD_PROCESS_START_SECONDS  # every process started and imported by then
@@ -216,22 +197,25 @@ def _generate_load(spec: LoadSpec, level: Level, processes: int) -> tuple[list[f
                 raise ResserveError("a load process failed (its error is above)") from None
     for worker in workers:
         worker.join()
-    latencies = [x for part in parts for x in part[0]]
-    errors = sum((part[1] for part in parts), Counter())
-    return latencies, errors, max(part[2] for part in parts), sum(part[3] for part in parts), len(shares)
+    window = max(part[2] for part in parts)
+    return LoadResult([x for part in parts for x in part[0]], sum((part[1] for part in parts), Counter()),
+                      window, window + spec.warmup, sum(part[3] for part in parts), len(shares))
 
 
 def measure_level(spec: LoadSpec, level: Level, metrics_url: str, server_pid: int | None,
                   load_processes: int = 1) -> dict:
     before, server_cpu0 = scrape(metrics_url), tree_cpu_seconds(server_pid)
-    latencies, errors, window, client_cpu, processes = _generate_load(spec, level, load_processes)
+    if spec.client == "perf_analyzer":
+        load = perf_analyzer.generate_load(spec, level)
+    else:
+        load = _generate_load(spec, level, load_processes)
     after, server_cpu1 = scrape(metrics_url), tree_cpu_seconds(server_pid)
-    total_window = window + spec.warmup
+    latencies, window = load.latencies, load.window
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     batches = delta.get("resserve_batch_size_count", 0.0)
     queued = delta.get("resserve_queue_seconds_count", 0.0)
     ms = np.percentile(latencies, PERCENTILES) * 1e3 if latencies else [float("nan")] * len(PERCENTILES)
-    server_cores = (server_cpu1 - server_cpu0) / total_window if server_cpu1 is not None else None
+    server_cores = (server_cpu1 - server_cpu0) / load.elapsed if server_cpu1 is not None else None
     return {
         "load": str(level),
         "concurrency": level.concurrency or None,
@@ -241,11 +225,11 @@ def measure_level(spec: LoadSpec, level: Level, metrics_url: str, server_pid: in
         **{f"p{p}_ms": float(v) for p, v in zip(PERCENTILES, ms)},
         "max_ms": float(max(latencies) * 1e3) if latencies else float("nan"),
         "ok": len(latencies),
-        "errors": dict(errors),
+        "errors": dict(load.errors),
         "mean_batch_size": delta["resserve_batch_size_sum"] / batches if batches else None,
         "mean_queue_ms": delta["resserve_queue_seconds_sum"] / queued * 1e3 if queued else None,
-        "load_processes": processes,
-        "client_cpu_cores": client_cpu / total_window,
+        "load_processes": load.processes,
+        "client_cpu_cores": load.client_cpu / load.elapsed,
         "server_cpu_cores": server_cores,
         # the server's CPU time per answered request: what the per-request path costs, model included
         "server_cpu_ms_per_request": server_cores / (len(latencies) / window) * 1e3 if server_cores and latencies else None,
@@ -514,6 +498,8 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
     if client == "tritonclient":
         for api in apis:  # here, not in each load process
             triton_client_module(api)
+    if client == "perf_analyzer":
+        perf_analyzer.executable()  # before any server starts
     servers: dict[str, list[dict]] = {}
     runtimes: dict[str, str] = {}
     configurations = _configurations(backends, workers) if target is None else [(f"server at {target}", None)]
@@ -533,7 +519,8 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
                     log(f"{name} ({runtime}): {level} ...")
                     row = measure_level(spec, level, metrics, pid, load_processes)
                     servers[name].append(row)
-                    if row["client_cpu_cores"] / row["load_processes"] > LOAD_BOUND_CORES:
+                    python_load = client != "perf_analyzer"  # perf_analyzer's threads may use several cores
+                    if python_load and row["client_cpu_cores"] / row["load_processes"] > LOAD_BOUND_CORES:
                         log(f"  the load generator used {row['client_cpu_cores']:.2f} cores in {row['load_processes']} "
                             f"process(es): it may be the bottleneck at {level} (--load-processes)")
     limits: dict[str, list[dict]] = {}

@@ -211,8 +211,10 @@ def bench_serve(
         "per request), kserve-stream (the same requests on one ModelStreamInfer call per client), classify "
         "(gRPC DigitClassifier), rest (KServe v2 REST with binary tensors, as tritonclient.http).")] = "kserve",
     client: Annotated[str, typer.Option(
-        help="The load's client library: resserve (grpc.aio stubs, aiohttp) or tritonclient (Triton's "
-        "asyncio clients, for every API but classify; needs tritonclient installed).")] = "resserve",
+        help="The load's client: resserve (grpc.aio stubs, aiohttp), tritonclient (Triton's asyncio "
+        "clients; needs tritonclient installed) or perf_analyzer (Triton's C++ load generator, one "
+        "multi-threaded process, which takes the least CPU from a server it shares CPUs with; needs "
+        "perf_analyzer on PATH). The Triton clients speak every API but classify.")] = "resserve",
     http_target: Annotated[Optional[str], typer.Option(
         help="With --target and --api rest: the server's HTTP host:port [default: HOST:8000].",
         show_default=False)] = None,
@@ -234,8 +236,9 @@ def bench_serve(
         help="With --start: server worker counts to measure side by side, comma-separated (e.g. 1,2,4) "
         "[default: what --workers auto gives here].", show_default=False)] = "auto",
     load_processes: Annotated[str, typer.Option(
-        help="Processes the load generator spreads its clients over (each at most one core) [default auto: "
-        "one per 2 usable CPUs; with a server sharing the CPUs, more load processes take its CPU].",
+        help="Processes the Python load generator spreads its clients over (each at most one core) [default "
+        "auto: one per 2 usable CPUs; with a server sharing the CPUs, more load processes take its CPU]. "
+        "perf_analyzer is always one process.",
         show_default=False)] = "auto",
     metrics: Annotated[Optional[str], typer.Option(
         help="The target's metrics URL [default: http://HOST:8002/metrics].", show_default=False)] = None,
@@ -256,9 +259,9 @@ def bench_serve(
     if batch < 1 or duration <= 0 or warmup < 0:
         raise ResserveError("--batch must be >= 1, --duration > 0, --warmup >= 0")
     if client not in CLIENTS:
-        raise ResserveError(f"--client takes {' or '.join(CLIENTS)}; got {client!r}")
-    if client == "tritonclient" and "classify" in apis:
-        raise ResserveError("--api classify is resserve's own API, which tritonclient does not speak: use --client resserve")
+        raise ResserveError(f"--client takes {', '.join(CLIENTS)}; got {client!r}")
+    if client != "resserve" and "classify" in apis:
+        raise ResserveError(f"--api classify is resserve's own API, which {client} does not speak: use --client resserve")
     cpus = usable_cpus()
     counts = [parse_workers(w.strip(), cpus) for w in workers.split(",") if w.strip()]
     processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import itertools
+from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import ModuleType
@@ -29,8 +30,40 @@ from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 # gRPC Classify, KServe v2 REST with binary tensors
 APIS = ("kserve", "kserve-stream", "classify", "rest")
 
+# our own stubs and aiohttp, Triton's Python clients (asyncio), or Triton's perf_analyzer (C++,
+# serve/perf_analyzer.py)
+CLIENTS = ("resserve", "tritonclient", "perf_analyzer")
 
-CLIENTS = ("resserve", "tritonclient")  # our own stubs and aiohttp, or Triton's Python clients (asyncio)
+
+@dataclass(frozen=True)
+class Level:
+    """One load level: ``concurrency`` closed-loop clients, or open-loop arrivals at ``rate``
+    requests per second."""
+
+    concurrency: int = 0
+    rate: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.rate:g}/s" if self.rate else f"C={self.concurrency}"
+
+    def shares(self, processes: int) -> list["Level"]:
+        """This level spread over at most ``processes`` load processes, one share each."""
+        if self.rate:
+            return [Level(rate=self.rate / processes)] * processes
+        count = min(processes, self.concurrency)
+        return [Level(self.concurrency // count + (i < self.concurrency % count)) for i in range(count)]
+
+
+@dataclass
+class LoadResult:
+    """What one load level measured on the load generator's side."""
+
+    latencies: list[float]  # seconds, of the requests sent in the measured window and answered OK
+    errors: Counter  # what went wrong -> how many requests, for those sent in the measured window
+    window: float  # seconds: the measured window
+    elapsed: float  # seconds the load ran, warm-up included: what CPU seconds are divided by
+    client_cpu: float  # CPU seconds the load generator used
+    processes: int  # load processes it took
 
 
 @dataclass(frozen=True)
@@ -42,7 +75,7 @@ class LoadSpec:
     batch: int
     duration: float
     warmup: float
-    client: str = "resserve"  # one of CLIENTS (not for classify)
+    client: str = "resserve"  # one of CLIENTS (only resserve speaks classify)
 
 
 def stand_in_images(batch: int) -> np.ndarray:

@@ -2,6 +2,8 @@
 docs/benchmarks.md, not asserted here)."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -112,11 +114,44 @@ def test_bench_serve_measures_worker_counts_with_tritonclient_from_several_load_
     assert "server CPU ms/req" in result.stdout
 
 
-def test_bench_serve_refuses_tritonclient_for_classify():
-    result = run_cli("bench", "serve", "--start", "--api", "classify", "--client", "tritonclient")
+@pytest.mark.parametrize("client", ["tritonclient", "perf_analyzer"])
+def test_bench_serve_refuses_triton_clients_for_classify(client):
+    result = run_cli("bench", "serve", "--start", "--api", "classify", "--client", client)
     assert result.returncode == 1
-    assert result.stderr.strip() == ("error: --api classify is resserve's own API, which tritonclient does not speak: "
+    assert result.stderr.strip() == (f"error: --api classify is resserve's own API, which {client} does not speak: "
                                      "use --client resserve")
+
+
+@pytest.mark.skipif(shutil.which("perf_analyzer") is None and not os.environ.get("CI"),
+                    reason="no perf_analyzer here: bash tests/install-perf-analyzer.sh; .ci/run does")
+def test_bench_serve_loads_with_perf_analyzer_closed_and_open_loop(tmp_path):
+    out = tmp_path / "perf_analyzer.json"
+    result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1", "--client", "perf_analyzer",
+                     "--api", "kserve,kserve-stream,rest", "--concurrency", "2", "--duration", "1", "--warmup", "0.3",
+                     "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["client"] == "perf_analyzer" and len(report["servers"]) == 6  # batched and unbatched, 3 APIs
+    for rows in report["servers"].values():
+        (row,) = rows
+        assert row["ok"] > 0 and row["errors"] == {} and row["load_processes"] == 1
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert row["client_cpu_cores"] > 0 and row["server_cpu_ms_per_request"] > 0
+    open_loop = tmp_path / "open.json"
+    result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1", "--client", "perf_analyzer",
+                     "--rate", "100", "--duration", "1", "--warmup", "0.3", "--json", str(open_loop))
+    assert result.returncode == 0, result.stderr
+    for rows in json.loads(open_loop.read_text())["servers"].values():
+        (row,) = rows
+        # the rate answered is the rate offered: the window is measured as perf_analyzer ran it
+        assert row["offered_rate"] == 100 and row["requests_per_second"] == pytest.approx(100, rel=0.3)
+
+
+def test_bench_serve_without_perf_analyzer_says_how_to_install_it():
+    result = run_cli("bench", "serve", "--start", "--client", "perf_analyzer", env={"PATH": "/usr/bin:/bin"})
+    assert (result.returncode, result.stderr.strip()) == (1, (
+        "error: --client perf_analyzer needs Triton's perf_analyzer on PATH; from a clone: bash "
+        "tests/install-perf-analyzer.sh, in the virtualenv (docs/benchmarks.md)"))
 
 
 def _arrivals(rate: float, warmup: float, duration: float, seed: int = 0) -> int:

@@ -1,0 +1,85 @@
+"""Triton's perf_analyzer (C++) as ``resserve bench serve``'s load generator (``--client perf_analyzer``).
+
+It is what Triton's users measure servers with, and on CPUs a server shares with its load it
+takes far less of them than a Python client (docs/benchmarks.md). Each load level is one
+perf_analyzer run: closed loop at ``--concurrency-range C``, or open loop at
+``--request-rate-range R`` with Poisson arrivals. Its measurement windows cover the warm-up and
+the measured seconds, and its profile export holds every request's send and response times, so
+the latencies are those of the requests sent after the warm-up, as with the Python clients.
+perf_analyzer stops at the first failed request: a failure ends the benchmark with its message
+rather than being counted.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from resserve.serve.errors import ResserveError
+from resserve.serve.load_clients import Level, LoadResult, LoadSpec
+
+PROTOCOLS = {"kserve": ("-i", "grpc"), "kserve-stream": ("-i", "grpc", "--streaming"), "rest": ("-i", "http")}
+WINDOWS = 3  # perf_analyzer reports once this many consecutive windows agree
+INSTALL = "from a clone: bash tests/install-perf-analyzer.sh, in the virtualenv (docs/benchmarks.md)"
+
+
+def executable() -> str:
+    """perf_analyzer's path, or a one-line error that says how to install it."""
+    path = shutil.which("perf_analyzer")
+    if path is None:
+        raise ResserveError(f"--client perf_analyzer needs Triton's perf_analyzer on PATH; {INSTALL}")
+    return path
+
+
+def command(spec: LoadSpec, level: Level, export: Path) -> list[str]:
+    """The perf_analyzer command line of one level. Its stability check is relaxed (100%): the
+    windows are there to span the warm-up and the measured seconds, not to search for a steady
+    state (which may take up to ten windows)."""
+    load = (("--concurrency-range", str(level.concurrency)) if level.concurrency
+            else ("--request-rate-range", f"{level.rate:g}", "--request-distribution", "poisson"))
+    window_ms = max(100, round((spec.warmup + spec.duration) * 1000 / WINDOWS))
+    return [executable(), "-m", spec.model, "-u", spec.http_target if spec.api == "rest" else spec.target,
+            *PROTOCOLS[spec.api], "-b", str(spec.batch), "--input-data", "zero", *load,
+            "--measurement-mode", "time_windows", "--measurement-interval", str(window_ms),
+            "--stability-percentage", "100", "--profile-export-file", str(export)]
+
+
+def latencies(export: dict, warmup: float) -> tuple[list[float], float]:
+    """Latencies (s) of the requests sent between the warm-up's end and the last window's, and
+    that window's length (s), from perf_analyzer's profile export."""
+    (experiment,) = export["experiments"]
+    boundaries = experiment["window_boundaries"]
+    measure_from, end = boundaries[0] + round(warmup * 1e9), boundaries[-1]
+    answered = [(request["response_timestamps"][-1] - request["timestamp"]) / 1e9
+                for request in experiment["requests"]
+                if measure_from <= request["timestamp"] < end and request["response_timestamps"]]
+    return answered, (end - measure_from) / 1e9
+
+
+def _failure(output: str) -> str:
+    """perf_analyzer's own account of why it stopped: its error line, else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "failed" in line.lower()]
+    return (errors or lines or ["no output"])[-1]
+
+
+def generate_load(spec: LoadSpec, level: Level) -> LoadResult:
+    """One level of load from perf_analyzer, measured as the Python clients' is."""
+    with tempfile.TemporaryDirectory(prefix="resserve-perf-analyzer-") as scratch:
+        export = Path(scratch) / "profile.json"
+        args = command(spec, level, export)
+        cpu_before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        done = subprocess.run(args, capture_output=True, text=True)
+        elapsed = time.perf_counter() - started
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0 or not export.exists():
+            raise ResserveError(f"perf_analyzer failed at {level}: {_failure(done.stdout + done.stderr)}")
+        answered, window = latencies(json.loads(export.read_text()), spec.warmup)
+    client_cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return LoadResult(answered, Counter(), window, elapsed, client_cpu, 1)
