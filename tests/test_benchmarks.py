@@ -114,6 +114,16 @@ def test_bench_serve_measures_worker_counts_with_tritonclient_from_several_load_
     assert "server CPU ms/req" in result.stdout
 
 
+def _one_server_bench(tmp_path, *options: str):
+    """``bench serve --start`` of the ONNX Runtime server (one worker; and the unbatched baseline),
+    1 s measured after 0.3 s: its JSON report and the finished command."""
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1", "--duration", "1",
+                     "--warmup", "0.3", *options, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text()), result
+
+
 @pytest.mark.parametrize("client", ["tritonclient", "perf_analyzer"])
 def test_bench_serve_refuses_triton_clients_for_classify(client):
     result = run_cli("bench", "serve", "--start", "--api", "classify", "--client", client)
@@ -125,23 +135,16 @@ def test_bench_serve_refuses_triton_clients_for_classify(client):
 @pytest.mark.skipif(shutil.which("perf_analyzer") is None and not os.environ.get("CI"),
                     reason="no perf_analyzer here: bash tests/install-perf-analyzer.sh; .ci/run does")
 def test_bench_serve_loads_with_perf_analyzer_closed_and_open_loop(tmp_path):
-    out = tmp_path / "perf_analyzer.json"
-    result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1", "--client", "perf_analyzer",
-                     "--api", "kserve,kserve-stream,rest", "--concurrency", "2", "--duration", "1", "--warmup", "0.3",
-                     "--json", str(out))
-    assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
+    report, _ = _one_server_bench(tmp_path, "--client", "perf_analyzer", "--api", "kserve,kserve-stream,rest",
+                                  "--concurrency", "2")
     assert report["client"] == "perf_analyzer" and len(report["servers"]) == 6  # batched and unbatched, 3 APIs
     for rows in report["servers"].values():
         (row,) = rows
         assert row["ok"] > 0 and row["errors"] == {} and row["load_processes"] == 1
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert row["client_cpu_cores"] > 0 and row["server_cpu_ms_per_request"] > 0
-    open_loop = tmp_path / "open.json"
-    result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1", "--client", "perf_analyzer",
-                     "--rate", "100", "--duration", "1", "--warmup", "0.3", "--json", str(open_loop))
-    assert result.returncode == 0, result.stderr
-    for rows in json.loads(open_loop.read_text())["servers"].values():
+    open_loop, _ = _one_server_bench(tmp_path, "--client", "perf_analyzer", "--rate", "100")
+    for rows in open_loop["servers"].values():
         (row,) = rows
         # the rate answered is the rate offered: the window is measured as perf_analyzer ran it
         assert row["offered_rate"] == 100 and row["requests_per_second"] == pytest.approx(100, rel=0.3)
@@ -161,12 +164,8 @@ def _arrivals(rate: float, warmup: float, duration: float, seed: int = 0) -> int
 
 
 def test_bench_serve_open_loop_sends_every_scheduled_request_and_reports_server_cpu(tmp_path):
-    out = tmp_path / "open.json"
-    result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1", "--rate", "30,200",
-                     "--api", "kserve,kserve-stream", "--duration", "1", "--warmup", "0.3", "--load-processes", "1",
-                     "--json", str(out))
-    assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
+    report, result = _one_server_bench(tmp_path, "--rate", "30,200", "--api", "kserve,kserve-stream",
+                                       "--load-processes", "1")
     for name, rows in report["servers"].items():
         assert [r["load"] for r in rows] == ["30/s", "200/s"] and [r["offered_rate"] for r in rows] == [30, 200]
         for r in rows:
