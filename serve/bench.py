@@ -41,10 +41,10 @@ from typing import Callable, Iterator
 import grpc
 import numpy as np
 
+from resserve.serve import perf_analyzer
 from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.errors import ResserveError
-from resserve.serve import perf_analyzer
 from resserve.serve.load_clients import Level, LoadResult, LoadSpec, sender, stand_in_images, triton_client_module
 from resserve.serve.package import ModelPackage, load_package
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2

@@ -26,6 +26,8 @@ from resserve.serve.load_clients import Level, LoadResult, LoadSpec
 
 PROTOCOLS = {"kserve": ("-i", "grpc"), "kserve-stream": ("-i", "grpc", "--streaming"), "rest": ("-i", "http")}
 WINDOWS = 3  # perf_analyzer reports once this many consecutive windows agree
+MAX_WINDOWS = 10  # and gives up after this many (its default)
+STARTUP_SECONDS = 60  # beyond its windows: connecting, reading the model's config
 INSTALL = "from a clone: bash tests/install-perf-analyzer.sh, in the virtualenv (docs/benchmarks.md)"
 
 
@@ -43,11 +45,14 @@ def command(spec: LoadSpec, level: Level, export: Path) -> list[str]:
     state (which may take up to ten windows)."""
     load = (("--concurrency-range", str(level.concurrency)) if level.concurrency
             else ("--request-rate-range", f"{level.rate:g}", "--request-distribution", "poisson"))
-    window_ms = max(100, round((spec.warmup + spec.duration) * 1000 / WINDOWS))
     return [executable(), "-m", spec.model, "-u", spec.http_target if spec.api == "rest" else spec.target,
             *PROTOCOLS[spec.api], "-b", str(spec.batch), "--input-data", "zero", *load,
-            "--measurement-mode", "time_windows", "--measurement-interval", str(window_ms),
-            "--stability-percentage", "100", "--profile-export-file", str(export)]
+            "--measurement-mode", "time_windows", "--measurement-interval", str(round(_window_seconds(spec) * 1000)),
+            "--stability-percentage", "100", "--max-trials", str(MAX_WINDOWS), "--profile-export-file", str(export)]
+
+
+def _window_seconds(spec: LoadSpec) -> float:
+    return max(0.1, (spec.warmup + spec.duration) / WINDOWS)
 
 
 def latencies(export: dict, warmup: float) -> tuple[list[float], float]:
@@ -75,7 +80,11 @@ def generate_load(spec: LoadSpec, level: Level) -> LoadResult:
         export = Path(scratch) / "profile.json"
         args = command(spec, level, export)
         cpu_before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-        done = subprocess.run(args, capture_output=True, text=True)
+        try:  # a server that stops answering must not hang the benchmark
+            done = subprocess.run(args, capture_output=True, text=True,
+                                  timeout=_window_seconds(spec) * MAX_WINDOWS + STARTUP_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise ResserveError(f"perf_analyzer did not finish {level} in time: is the server answering?") from None
         elapsed = time.perf_counter() - started
         cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0 or not export.exists():

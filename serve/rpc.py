@@ -3,9 +3,9 @@
 This is the one place where exceptions meet gRPC: the client gets a status code and a message
 written for it; unexpected errors are logged and answered INTERNAL, generically. A unary method
 goes through ``rpc``; each request on an inference stream (serve/stream.py) through ``answer``.
-Our services are registered through ``Registrar``, so a request message that does not parse is
-answered INVALID_ARGUMENT too (grpc.aio's own answer is UNKNOWN, with a traceback in the log for
-every such message).
+Our services and health are registered through ``Registrar``, so a request message that does
+not parse is answered INVALID_ARGUMENT too (grpc.aio's own answer is UNKNOWN, with a traceback
+in the log for every such message).
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ class Server:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane),
                                                                          Registrar(self.grpc))
         digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.plane), Registrar(self.grpc))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, Registrar(self.grpc))
         reflection.enable_server_reflection(
             [*API_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.grpc)

@@ -132,22 +132,42 @@ def test_bench_serve_refuses_triton_clients_for_classify(client):
                                      "use --client resserve")
 
 
-@pytest.mark.skipif(shutil.which("perf_analyzer") is None and not os.environ.get("CI"),
-                    reason="no perf_analyzer here: bash tests/install-perf-analyzer.sh; .ci/run does")
+needs_perf_analyzer = pytest.mark.skipif(shutil.which("perf_analyzer") is None and not os.environ.get("CI"),
+                                         reason="no perf_analyzer here: bash tests/install-perf-analyzer.sh; .ci/run does")
+
+
+@needs_perf_analyzer
 def test_bench_serve_loads_with_perf_analyzer_closed_and_open_loop(tmp_path):
-    report, _ = _one_server_bench(tmp_path, "--client", "perf_analyzer", "--api", "kserve,kserve-stream,rest",
-                                  "--concurrency", "2")
-    assert report["client"] == "perf_analyzer" and len(report["servers"]) == 6  # batched and unbatched, 3 APIs
-    for rows in report["servers"].values():
+    with ServerProcess() as server:
+        def bench(*options: str) -> dict:
+            out = tmp_path / "bench.json"
+            result = run_cli("bench", "serve", "--target", server.target, "--http-target", server.http_target,
+                             "--metrics", f"http://127.0.0.1:{server.metrics_port}/metrics", "--client", "perf_analyzer",
+                             "--duration", "1", "--warmup", "0.3", *options, "--json", str(out))
+            assert result.returncode == 0, result.stderr
+            return json.loads(out.read_text())
+
+        closed = bench("--api", "kserve,kserve-stream,rest", "--concurrency", "2")
+        opened = bench("--rate", "100")
+    assert closed["client"] == "perf_analyzer" and len(closed["servers"]) == 3  # one per API
+    for rows in closed["servers"].values():
         (row,) = rows
         assert row["ok"] > 0 and row["errors"] == {} and row["load_processes"] == 1
-        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
-        assert row["client_cpu_cores"] > 0 and row["server_cpu_ms_per_request"] > 0
-    open_loop, _ = _one_server_bench(tmp_path, "--client", "perf_analyzer", "--rate", "100")
-    for rows in open_loop["servers"].values():
-        (row,) = rows
-        # the rate answered is the rate offered: the window is measured as perf_analyzer ran it
-        assert row["offered_rate"] == 100 and row["requests_per_second"] == pytest.approx(100, rel=0.3)
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] and row["mean_batch_size"] >= 1
+        assert row["client_cpu_cores"] > 0  # perf_analyzer's, from the children's rusage
+    (rows,) = opened["servers"].values()
+    # the rate answered is the rate offered: the window is measured as perf_analyzer ran it
+    assert rows[0]["offered_rate"] == 100 and rows[0]["requests_per_second"] == pytest.approx(100, rel=0.3)
+
+
+@needs_perf_analyzer
+def test_bench_serve_says_what_stopped_perf_analyzer():
+    with ServerProcess("--max-message-bytes", "8192") as server:  # 8-image requests are 25 KB
+        result = run_cli("bench", "serve", "--target", server.target, "--client", "perf_analyzer", "--batch", "8",
+                         "--concurrency", "1", "--duration", "0.3", "--warmup", "0.1", timeout=120)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: perf_analyzer failed at C=1: ") and "larger than max" in last, last
 
 
 def test_bench_serve_without_perf_analyzer_says_how_to_install_it():

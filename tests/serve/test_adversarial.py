@@ -349,6 +349,7 @@ def test_a_message_limit_beyond_grpc_is_one_line():
 @pytest.mark.parametrize("method, message_type", [
     ("/inference.GRPCInferenceService/ModelInfer", "inference.ModelInferRequest"),
     ("/resserve.v1.DigitClassifier/Classify", "resserve.v1.ClassifyRequest"),
+    ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest"),
 ])
 def test_bytes_that_are_no_request_message_are_invalid_argument_without_a_traceback(server, method, message_type):
     channel = grpc.insecure_channel(server.target)
