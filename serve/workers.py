@@ -144,7 +144,7 @@ class Supervisor:
         self.held: list[socket.socket] = []  # the shared ports, bound (not listening) while the supervisor runs
         self.worker_settings: ServerSettings | None = None  # set in run(): the ports made concrete
         self.model_names = ""
-        self.metrics_dir = tempfile.mkdtemp(prefix="resserve-metrics-")
+        self.metrics_dir = ""  # the workers' Prometheus files: made in run(), removed when it ends
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry)
 
@@ -187,18 +187,13 @@ class Supervisor:
         if tls and self.settings.http_port:
             ssl_context(tls)
         self.worker_settings = self._worker_settings()
-        if self.settings.metrics_port:
-            from prometheus_client.multiprocess import MultiProcessCollector
-
-            MultiProcessCollector(self.registry, path=self.metrics_dir)
-            serve_metrics(self.registry, self.settings.metrics_port, self.settings.host)
-        self.metrics.configured.set(self.settings.workers)
-        os.environ[METRICS_DIR_VARIABLE] = self.metrics_dir  # inherited by the workers only: imported here already
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        log.info("listening on %s:%d with %d workers, %d inference threads each", self.settings.host,
-                 self.worker_settings.port, self.settings.workers, self.worker_settings.threads)
+        self.metrics_dir = tempfile.mkdtemp(prefix="resserve-metrics-")
         try:
+            self._serve_metrics()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+            log.info("listening on %s:%d with %d workers, %d inference threads each", self.settings.host,
+                     self.worker_settings.port, self.settings.workers, self.worker_settings.threads)
             for index in range(1, self.settings.workers + 1):
                 self._start(index)
             self._loop()
@@ -209,6 +204,18 @@ class Supervisor:
         total = sum((w.answered for w in self.workers.values()), Counter())
         each = "; ".join(f"worker {w.index}: {answer_counts(w.answered)}" for w in self.workers.values())
         log.info("stopped; requests answered: %s (%s)", answer_counts(total), each)
+
+    def _serve_metrics(self) -> None:
+        """One Prometheus endpoint for all workers: they write their samples to files in
+        ``metrics_dir`` (prometheus-client's multiprocess mode), which this process reads and
+        serves beside its own (workers ready, restarts)."""
+        if self.settings.metrics_port:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            MultiProcessCollector(self.registry, path=self.metrics_dir)
+            serve_metrics(self.registry, self.settings.metrics_port, self.settings.host)
+        self.metrics.configured.set(self.settings.workers)
+        os.environ[METRICS_DIR_VARIABLE] = self.metrics_dir  # inherited by the workers only: imported here already
 
     # the loop ---------------------------------------------------------------------------------
 

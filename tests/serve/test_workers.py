@@ -64,9 +64,10 @@ def test_auto_workers_is_one_per_four_cpus_and_at_least_one():
     assert [auto_workers(n) for n in (1, 2, 3, 4, 8, 16, 1000)] == [1, 1, 1, 1, 2, 4, 64]
 
 
-def test_two_workers_share_one_port_and_metrics_add_up():
-    with ServerProcess("--workers", "2") as server:
+def test_two_workers_share_one_port_and_metrics_add_up(tmp_path):
+    with ServerProcess("--workers", "2", env={"TMPDIR": str(tmp_path)}) as server:
         assert "ready: resnet-mnist v1 (2 workers)" in "".join(server.lines)
+        assert [d.name[:17] for d in tmp_path.iterdir()] == ["resserve-metrics-"]  # the workers' metrics files
         statuses = collections.Counter(http_status(server) for _ in range(60))
         metrics = server.metrics()
         assert metric_value(metrics, "resserve_workers_ready") == 2
@@ -80,6 +81,7 @@ def test_two_workers_share_one_port_and_metrics_add_up():
     assert total == {"200": 60}
     per_worker = [int(n) for n in re.findall(r"worker \d+: 200 (\d+)", each)]
     assert len(per_worker) == 2 and all(n > 0 for n in per_worker) and sum(per_worker) == 60  # both answered
+    assert list(tmp_path.iterdir()) == []  # removed at exit
 
 
 def test_a_killed_worker_comes_back_while_the_other_keeps_answering():
@@ -149,8 +151,8 @@ def test_sigterm_under_load_drains_every_worker_and_answers_only_ok_or_unavailab
     assert not any(alive(pid) for pid in pids)
 
 
-def test_workers_die_with_a_killed_supervisor():
-    with ServerProcess("--workers", "2") as server:
+def test_workers_die_with_a_killed_supervisor(tmp_path):
+    with ServerProcess("--workers", "2", env={"TMPDIR": str(tmp_path)}) as server:  # a kill leaves its metrics dir
         pids = list(worker_pids(server).values())
         server.process.kill()
         deadline = time.monotonic() + 30
@@ -159,12 +161,13 @@ def test_workers_die_with_a_killed_supervisor():
             time.sleep(0.2)
 
 
-def test_a_port_in_use_is_one_line_before_any_worker_starts():
+def test_a_port_in_use_is_one_line_before_any_worker_starts(tmp_path):
     with ServerProcess() as first:
         result = run_cli("serve", "--host", "127.0.0.1", "--port", str(first.port), "--http-port", str(free_port()),
-                         "--metrics-port", "0", "--workers", "2", timeout=60)
+                         "--metrics-port", "0", "--workers", "2", env={"TMPDIR": str(tmp_path)}, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{first.port}: Address already in use"]
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
 def test_a_worker_that_cannot_start_stops_the_server_with_its_reason():
