@@ -14,6 +14,12 @@ DEFAULT_PORT = 8001  # as Triton: HTTP 8000, gRPC 8001, metrics 8002
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # gRPC's channel arguments are C ints
+# RPCs the server takes beyond its in-flight budget's count (max_concurrent_rpcs): health probes
+# and metadata calls share gRPC's one limit with inference, so clients using the whole budget
+# (64 of them by default, each with a call in flight; Triton's perf_analyzer at concurrency 64
+# reads statistics besides) must not starve a Kubernetes probe into restarting the pod. Any RPC
+# may be as large as the largest message: the memory bound counts these too.
+CONTROL_RPCS = 8
 MAX_WORKERS = 64
 CPUS_PER_WORKER = 4  # --workers auto: one worker per this many usable CPUs (docs/serving.md "Workers")
 LIVENESS_SERVICE = "resserve.liveness"
@@ -136,8 +142,9 @@ class ServerSettings:
     max_images_per_request: int = 1024
     max_message_bytes: int = 4 * 1024 * 1024
     # gRPC reads a request whole before the server sees its size, so memory is bounded by how
-    # many RPCs run at once: this budget / max_message_bytes of them (64 by default); beyond that
-    # gRPC answers RESOURCE_EXHAUSTED at once. RSS grows by about 3x the budget at most.
+    # many RPCs run at once: this budget / max_message_bytes of them (64 by default), and
+    # CONTROL_RPCS more; beyond that gRPC answers RESOURCE_EXHAUSTED at once. RSS grows by about
+    # 3x that many largest messages at most.
     max_inflight_bytes: int = 256 * 1024 * 1024
     drain_seconds: float = 5.0  # after SIGTERM: NOT_SERVING but still answering, so endpoints go
     grace_seconds: float = 10.0  # then: in-flight requests get this long to finish
@@ -156,8 +163,9 @@ class ServerSettings:
 
     @property
     def max_concurrent_rpcs(self) -> int:
-        """RPCs handled at once: as many largest requests as the in-flight budget holds."""
-        return self.max_inflight_bytes // self.max_message_bytes
+        """RPCs handled at once: as many largest requests as the in-flight budget holds, and room
+        for the health probes and metadata calls made beside them."""
+        return self.max_inflight_bytes // self.max_message_bytes + CONTROL_RPCS
 
     def __post_init__(self) -> None:
         """Choices given as strings become their enums, and every setting is checked: once, here."""

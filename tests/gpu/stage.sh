@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stage the GPU check for the GPU machine: ../shared/gpu/stage.sh (onnxruntime-gpu in parts, MNIST,
 # on-gpu.sh), with the serving dependencies that machine lacks in place of the few wheels it
-# stages by default. Run from the project root, then the commands it prints, in order (device
-# `run`, each with its `carry` paths), then `python3 tests/gpu/check.py --out "$OUT/gpu-check.json"`.
+# stages by default, and Triton's perf_analyzer. Run from the project root, then the commands it
+# prints, in order (device `run`, each with its `carry` paths), the last one the check itself.
 #
 # The GPU machine has Python 3.12, numpy, pillow, typer, rich and prometheus-client, and no
 # network (../shared/gpu/README.md). Everything else `resserve serve` and tests/gpu/check.py import
@@ -34,3 +34,15 @@ pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --
 for name in $PRESENT; do rm -f "$wheels/${name//-/_}"-*.whl; done
 echo "tests/gpu/stage.sh: serving wheels for Python 3.12 in $wheels ($(ls "$wheels" | wc -l) wheels, $(du -sh "$wheels" | cut -f1));" \
      "base/ is $(du -sh .gpu/base | cut -f1) (at most 64 MiB travels with one command, part0 included)"
+
+# Triton's perf_analyzer, so the workers sweep's thousands of requests a second are not bounded by
+# a Python load generator: with the system libraries it links that the GPU machine may lack (libb64
+# surely; it has no apt), in .gpu/perf-analyzer, carried by the check's own command (it does not
+# fit beside part 0). The check loads from Python alone where perf_analyzer does not start.
+rm -rf .gpu/perf-analyzer
+bash tests/install-perf-analyzer.sh .gpu/perf-analyzer >/dev/null
+for library in libb64.so.0d libssl.so.3 libcrypto.so.3; do
+  cp "$(ldconfig -p | awk -v name="$library" '$1 == name {print $NF; exit}')" .gpu/perf-analyzer/lib/perf_analyzer/
+done
+echo "tests/gpu/stage.sh: perf_analyzer in .gpu/perf-analyzer ($(du -sh .gpu/perf-analyzer | cut -f1)); the check, carrying it:"
+echo "  run: source /tmp/gpu-stage/base/on-gpu.sh && export PATH=\$PWD/.gpu/perf-analyzer/bin:\$PATH && python3 tests/gpu/check.py --out \"\$OUT/gpu-check.json\""

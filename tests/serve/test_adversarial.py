@@ -3,6 +3,7 @@ server's memory and CPU per request stay bounded, and it keeps serving. One find
 
 import asyncio
 import collections
+import collections.abc
 import io
 import re
 import socket
@@ -14,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
 
 from helpers import ServerProcess, run_cli
@@ -269,6 +271,35 @@ def test_an_image_with_no_digit_says_so(digits):
     assert info.value.details() == "image 0: the image is blank (no ink found): there is no digit to classify"
 
 
+def test_health_is_answered_beside_clients_that_hold_the_whole_budget_and_the_bound_still_holds():
+    # a budget of 2 largest messages: 2 RPCs at once, and 8 more for probes and metadata calls
+    with ServerProcess("--max-message-bytes", "1048576", "--max-inflight-bytes", "2097152") as small:
+        channel = grpc.insecure_channel(small.target)
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        release = threading.Event()
+
+        def held() -> collections.abc.Iterator:  # a stream that sends nothing until released: one RPC held
+            release.wait(60)
+            return
+            yield
+
+        streams = [stub.ModelStreamInfer(held()) for _ in range(2)]
+        try:
+            time.sleep(0.5)  # both streams started on the server
+            assert health.Check(health_pb2.HealthCheckRequest(service="resserve.readiness"), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            streams += [stub.ModelStreamInfer(held()) for _ in range(8)]  # the 8 beyond the budget
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as refused:
+                health.Check(health_pb2.HealthCheckRequest(service="resserve.readiness"), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            release.set()
+            for stream in streams:
+                stream.cancel()
+
+
 # 8. no CANCELLED answers ----------------------------------------------------------------------
 
 def test_a_burst_of_3000_concurrent_calls_is_answered_not_cancelled(server):
@@ -290,7 +321,7 @@ def test_a_burst_of_3000_concurrent_calls_is_answered_not_cancelled(server):
         return codes
 
     codes = asyncio.run(burst())
-    # beyond 64 RPCs at once gRPC answers RESOURCE_EXHAUSTED; a full queue answers UNAVAILABLE; nothing is dropped
+    # beyond 64 + 8 RPCs at once gRPC answers RESOURCE_EXHAUSTED; a full queue answers UNAVAILABLE; nothing is dropped
     assert set(codes) <= {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"} and codes["OK"] > 0, codes
     assert codes["RESOURCE_EXHAUSTED"] > 0, codes  # the budget was reached: more than it holds were sent
 
