@@ -43,6 +43,7 @@ import numpy as np
 
 from resserve.serve.backends import open_backend
 from resserve.serve.bench import Level, cuda_runners, in_process_limit, measure_level, measure_runners
+from resserve.serve.errors import ResserveError
 from resserve.serve.load_clients import LoadSpec
 from resserve.serve.package import load_package
 
@@ -135,7 +136,11 @@ def served(device: str, images: np.ndarray, duration: float, workers: int = 1,
         for (batch, levels), api, client in itertools.product(sweep, apis, clients):
             spec = LoadSpec(target, "", "resnet-mnist", api, batch, duration, 2.0, client)
             key = f"batch{batch}" + SUFFIXES[api] + SUFFIXES[client]
-            report[key] = [measure_level(spec, Level(c), metrics, process.pid, LOAD_PROCESSES) for c in levels]
+            try:
+                report[key] = [measure_level(spec, Level(c), metrics, process.pid, LOAD_PROCESSES) for c in levels]
+            except ResserveError as exc:  # perf_analyzer stops at a failed request: the rest still runs
+                report[f"{key}_failed"] = str(exc)
+                print(f"gpu check: {key}: {exc}", file=sys.stderr)
         return report
     finally:
         process.terminate()
