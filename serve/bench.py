@@ -10,6 +10,9 @@ Two kinds of load, for ``duration`` seconds after ``warmup`` per level:
   latency counts from when a request was due, so a server (or load generator) that falls behind
   cannot hide its queue. What a server costs (CPU) and answers at a given traffic, below its peak.
 
+The clients are Python (serve/load_clients.py: ours or tritonclient's, spread over load
+processes) or Triton's perf_analyzer (serve/perf_analyzer.py), measured alike.
+
 Per level: images/s and requests/s, latency percentiles, errors by status code, the batch sizes
 and queue time the server reports in its metrics, and the CPU time of the server and of the load
 generator. Baselines in the same run: ONNX Runtime in-process on the same artifact (batch 1 and

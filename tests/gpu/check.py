@@ -52,8 +52,9 @@ FIRST_REQUEST_SIZES = (1, 2, 3, 5, 8, 13, 21, 34, 64, 100, 256)  # every CUDA bu
 IN_PROCESS_SIZES = (64, 256, 1024)
 LOAD_PROCESSES = 4  # the load generator's processes: 16 CPUs on the GPU machine
 WORKERS = {"cuda": (1, 4, 8), "cpu": (1, 4, 8)}
-SUFFIXES = {"kserve": "", "kserve-stream": "_stream", "resserve": "", "perf_analyzer": "_perf_analyzer"}
 QUICK_WORKERS = {"cuda": (1, 2), "cpu": (1, 2)}
+# the key a load's rows go under: batch{N}, then these for its API and client
+SUFFIXES = {"kserve": "", "kserve-stream": "_stream", "resserve": "", "perf_analyzer": "_perf_analyzer"}
 
 
 def mnist_test() -> tuple[np.ndarray, np.ndarray]:
