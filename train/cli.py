@@ -68,10 +68,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a network of the family on MNIST; keeps the best epoch on validation, reports test accuracy."""
-    require_train_extra()
-    from resserve.train.data import load_mnist
     from resserve.train.files import check_writable
-    from resserve.train.training import train as run_training
 
     stage_widths = parse_ints(widths, "--widths") if widths else (channels,)
     model_config = ModelConfig(arch=arch, blocks=blocks, widths=stage_widths, kernel_size=kernel_size,
@@ -81,8 +78,12 @@ def train(
                                seed=seed, device=device, precision=precision,
                                validation_size=validation_size, train_limit=train_limit)
     train_config.validate()
-    command = shlex.join(["resserve", *sys.argv[1:]])
     check_writable(out)  # before the data is fetched, as well as before training
+    require_train_extra()  # after the checks of the input, which need no torch: those answer at once
+    from resserve.train.data import load_mnist
+    from resserve.train.training import train as run_training
+
+    command = shlex.join(["resserve", *sys.argv[1:]])
     run_training(model_config, train_config, load_mnist(data_dir, log=_log), out, log=_log,
                  show_progress=not quiet, command=command)
 

@@ -45,3 +45,14 @@ def check_writable(path: Path) -> None:
             pass
     except OSError as exc:
         raise ResserveError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def prepare_output(out: Path) -> Path:
+    """The output directory, created if missing; a clear error if it is a file."""
+    if out.exists() and not out.is_dir():
+        raise ResserveError(f"--out {out} is a file; give a directory for the JSON and PNG")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResserveError(f"cannot create --out {out}: {exc.strerror}") from exc
+    return out

@@ -45,15 +45,17 @@ class _Run:
 
     def __init__(self, name: str, settings: Any, out: Path, quick: bool, seed: int, device: str,
                  data_dir: Optional[Path], quiet: bool) -> None:
+        from resserve.train.files import prepare_output
+
+        self.recipe = TrainConfig(seed=seed, device=device)
+        self.recipe.validate()  # the input first: these checks need no torch, so they answer at once
+        self.out = prepare_output(out)
         require_train_extra()
         from resserve.train.data import load_mnist
-        from resserve.train.experiments.report import prepare_output, pyplot
+        from resserve.train.experiments.report import pyplot
 
         pyplot()  # fail now, not after 15 minutes, if matplotlib is missing
-        self.recipe = TrainConfig(seed=seed, device=device)
-        self.recipe.validate()
         self.name, self.settings, self.quick, self.started = name, settings, quick, time.monotonic()
-        self.out = prepare_output(out)
         self.show_progress = not quiet
         from resserve.train.experiments.report import describe
 

@@ -30,17 +30,6 @@ def shades(plt, count: int) -> list:
     return list(plt.cm.viridis_r([0.15 + 0.8 * i / max(count - 1, 1) for i in range(count)]))
 
 
-def prepare_output(out: Path) -> Path:
-    """The output directory, created if missing; a clear error if it is a file."""
-    if out.exists() and not out.is_dir():
-        raise ResserveError(f"--out {out} is a file; give a directory for the JSON and PNG")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ResserveError(f"cannot create --out {out}: {exc.strerror}") from exc
-    return out
-
-
 def describe(settings: Any) -> str:
     """Settings as a line a person reads: ``depths 2, 4; train images 2,000; ...``."""
     def value(v: Any) -> str:
