@@ -503,6 +503,7 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
             triton_client_module(api)
     if client == "perf_analyzer":
         perf_analyzer.executable()  # before any server starts
+    python_load = client != "perf_analyzer"  # perf_analyzer's threads may use several cores
     servers: dict[str, list[dict]] = {}
     runtimes: dict[str, str] = {}
     configurations = _configurations(backends, workers) if target is None else [(f"server at {target}", None)]
@@ -522,7 +523,6 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
                     log(f"{name} ({runtime}): {level} ...")
                     row = measure_level(spec, level, metrics, pid, load_processes)
                     servers[name].append(row)
-                    python_load = client != "perf_analyzer"  # perf_analyzer's threads may use several cores
                     if python_load and row["client_cpu_cores"] / row["load_processes"] > LOAD_BOUND_CORES:
                         log(f"  the load generator used {row['client_cpu_cores']:.2f} cores in {row['load_processes']} "
                             f"process(es): it may be the bottleneck at {level} (--load-processes)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +13,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 RESSERVE = Path(sys.executable).parent / "resserve"
+PERF_ANALYZER = shutil.which("perf_analyzer")  # Triton's, from tests/install-perf-analyzer.sh
+# outside CI a test that needs it skips; in CI (.ci/run installs it) it runs, and fails without it
+needs_perf_analyzer = pytest.mark.skipif(PERF_ANALYZER is None and not os.environ.get("CI"),
+                                         reason="no perf_analyzer here: bash tests/install-perf-analyzer.sh; .ci/run does")
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -2,13 +2,11 @@
 docs/benchmarks.md, not asserted here)."""
 
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest
 
-from helpers import ServerProcess, run_cli
+from helpers import ServerProcess, needs_perf_analyzer, run_cli
 from resserve.serve.bench import Level, measure_level
 from resserve.serve.load_clients import LoadSpec
 from resserve.serve.errors import ResserveError
@@ -130,10 +128,6 @@ def test_bench_serve_refuses_triton_clients_for_classify(client):
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: --api classify is resserve's own API, which {client} does not speak: "
                                      "use --client resserve")
-
-
-needs_perf_analyzer = pytest.mark.skipif(shutil.which("perf_analyzer") is None and not os.environ.get("CI"),
-                                         reason="no perf_analyzer here: bash tests/install-perf-analyzer.sh; .ci/run does")
 
 
 @needs_perf_analyzer

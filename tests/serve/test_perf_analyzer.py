@@ -9,18 +9,14 @@ in the virtualenv; .ci/run does.
 
 import csv
 import json
-import os
-import shutil
 import subprocess
 
 import pytest
 
-MODEL = "resnet-mnist"
-PERF_ANALYZER = shutil.which("perf_analyzer")
+from helpers import PERF_ANALYZER, needs_perf_analyzer
 
-if PERF_ANALYZER is None and not os.environ.get("CI"):
-    pytest.skip("no perf_analyzer here: bash tests/install-perf-analyzer.sh (in the virtualenv); .ci/run does",
-                allow_module_level=True)
+MODEL = "resnet-mnist"
+pytestmark = needs_perf_analyzer
 
 
 @pytest.fixture(scope="module")
