@@ -13,9 +13,11 @@ from tritonclient.grpc import model_config_pb2
 from resserve.serve.backends.base import infer_in_chunks
 from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 from resserve.serve.package import load_package, sha256_of
-from resserve.train.checkpoint import SHIPPED_MODEL, load_checkpoint
+from resserve.train.checkpoint import load_checkpoint
+from resserve.train.files import SHIPPED_MODEL
 from helpers import ServerProcess
-from resserve.train.export import ExportOptions, as_input, export_package
+from resserve.train.config import ExportOptions
+from resserve.train.export import as_input, export_package
 from resserve.train.model_card import card_path
 from resserve.train.models import count_parameters, lecture_config
 

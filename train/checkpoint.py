@@ -15,17 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from resserve.serve.errors import ResserveError
 from resserve.train.config import ConfigError, ModelConfig
-from resserve.train.files import atomic_file
+from resserve.train.files import CheckpointError, atomic_file, existing_checkpoint
 from resserve.train.models import ResNet, build_model
 
 FORMAT = "resserve-checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ResserveError):
-    """A file that cannot be used as a resserve checkpoint."""
 
 
 @dataclass
@@ -61,9 +56,7 @@ def save_checkpoint(path: Path, model: nn.Module, config: ModelConfig, metrics: 
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read and validate a checkpoint; refuses anything that is not one, in one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+    path = existing_checkpoint(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -87,14 +80,3 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} has an invalid model config: {exc}") from exc
     return Checkpoint(config, payload["state_dict"], payload.get("metrics", {}))
 
-
-SHIPPED_MODEL = Path(__file__).parent / "weights" / "resnet-mnist.pt"
-
-
-def resolve_model_path(path: Path | None) -> Path:
-    """The given checkpoint, or the shipped lecture ResNet when none is given."""
-    if path is None:
-        if not SHIPPED_MODEL.is_file():
-            raise CheckpointError(f"the shipped model is missing from this install ({SHIPPED_MODEL})")
-        return SHIPPED_MODEL
-    return Path(path)

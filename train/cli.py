@@ -15,8 +15,9 @@ import typer
 from resserve.serve.backends.onnxruntime import import_onnxruntime
 from resserve.serve.errors import ResserveError
 from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
-from resserve.train.config import ModelConfig, TrainConfig, parse_ints
+from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, parse_ints
 from resserve.train.experiments.cli import experiment_app
+from resserve.train.files import check_package_destination, resolve_model_path
 ModelPath = Annotated[Optional[Path], typer.Argument(
     help="A checkpoint written by `resserve train` [default: the shipped lecture ResNet].",
     show_default=False)]
@@ -91,13 +92,13 @@ def train(
 def evaluate(model: ModelPath = None, data_dir: DataDir = None, as_json: JsonFlag = False,
              device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto") -> None:
     """MNIST test accuracy of a checkpoint, per digit, with the confusion matrix."""
+    path = resolve_model_path(model)
     require_train_extra()
-    from resserve.train.checkpoint import load_checkpoint, resolve_model_path
+    from resserve.train.checkpoint import load_checkpoint
     from resserve.train.data import load_mnist
     from resserve.train.models import count_parameters
     from resserve.train.training import evaluate as run_evaluation, resolve_device
 
-    path = resolve_model_path(model)
     checkpoint = load_checkpoint(path)
     target = resolve_device(device)
     network = checkpoint.build().to(target)
@@ -142,12 +143,12 @@ def bench_train(
     data_dir: DataDir = None,
 ) -> None:
     """Training images/s of the lecture ResNet: our fast path against a naive fp32 NCHW eager loop."""
+    if steps < 1 or warmup < 0 or batch_size < 1:
+        raise ResserveError("--steps and --batch-size must be >= 1, --warmup >= 0")
     require_train_extra()
     from resserve.train.bench import benchmark_training, print_training_benchmark
     from resserve.train.data import load_mnist
 
-    if steps < 1 or warmup < 0 or batch_size < 1:
-        raise ResserveError("--steps and --batch-size must be >= 1, --warmup >= 0")
     results = benchmark_training(load_mnist(data_dir, log=_log), steps, warmup, batch_size)
     print_training_benchmark(results)
     if json_out:
@@ -183,15 +184,6 @@ def export(
     Every artifact is run on the 10,000 MNIST test images against the eager model: an fp32
     artifact must match within 1e-4 (logits) with identical accuracy, or nothing is written.
     """
-    require_train_extra()
-    import_onnxruntime()  # every artifact is verified through it: one line before any work if it is missing
-    from resserve.serve.package import load_package
-    from resserve.train.checkpoint import resolve_model_path
-    from resserve.train.data import load_mnist
-    from resserve.train.export import ExportOptions, export_package
-    from resserve.train.progress import progress_bar, stages_of
-    from resserve.train.triton import write_triton_repository
-
     options = ExportOptions(formats=tuple(f.strip() for f in format.split(",") if f.strip()), opset=opset,
                             drop_blocks=drop_blocks, quantize=quantize, name=name, version=version,
                             outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()), input_range=input_range)
@@ -200,6 +192,15 @@ def export(
         raise ResserveError("--triton-repo serves the graph as it is, which takes [0,1]: leave --input-range at 1")
     path = resolve_model_path(model)
     destination = out or Path(name or path.stem)
+    check_package_destination(destination)
+    require_train_extra()  # after the checks of the input, which need no torch: those answer at once
+    import_onnxruntime()  # every artifact is verified through it: one line before any work if it is missing
+    from resserve.serve.package import load_package
+    from resserve.train.data import load_mnist
+    from resserve.train.export import export_package
+    from resserve.train.progress import progress_bar, stages_of
+    from resserve.train.triton import write_triton_repository
+
     mnist = load_mnist(data_dir, log=_log)
     with progress_bar(not as_json, "images") as progress:
         manifest = export_package(path, destination, options, mnist, log=_log, stages=stages_of(progress))
@@ -234,9 +235,8 @@ def bench_model(
     from resserve.serve.package import SHIPPED_PACKAGE, load_package
     from resserve.serve.bench import cuda_runners
     from resserve.train.bench import benchmark_model, model_runners, print_model_benchmark
-    from resserve.train.checkpoint import resolve_model_path
     from resserve.train.data import load_mnist
-    from resserve.train.export import ExportOptions, as_input, export_package
+    from resserve.train.export import as_input, export_package
     from resserve.train.progress import progress_bar
 
     mnist = load_mnist(data_dir, log=_log)

@@ -1,4 +1,4 @@
-"""The configurations of a network and of a training run: plain dataclasses, no torch.
+"""The configurations of a network, of a training run and of an export: plain dataclasses, no torch.
 
 They are the one source of defaults: the CLI reads its option defaults from here, checkpoints
 store ``ModelConfig`` so a model rebuilds from its checkpoint alone, and the model card records
@@ -18,6 +18,12 @@ ARCHITECTURES: dict[str, str] = {
     "highway": "Srivastava et al. 2015 gated blocks, gate biased so T ~ 0 at start",
     "crelu": "plain CReLU blocks with looks-linear initialization (Balduzzi et al. 2017)",
 }
+
+
+FORMATS = ("onnx", "torchscript")  # the artifacts an export writes
+OUTPUTS = ("logits", "probabilities")  # what every exported graph computes, in order
+INPUT_RANGES = (1, 255)  # the largest pixel value a package's served FP32 input takes
+DEFAULT_OPSET = 18
 
 
 class ConfigError(ResserveError):
@@ -108,6 +114,43 @@ class TrainConfig:
             raise ResserveError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.shift < 0:
             raise ResserveError(f"shift must be >= 0 pixels, got {self.shift}")
+
+
+class ExportError(ResserveError):
+    """An export that cannot be done or failed its verification."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `resserve export` is asked for; ``validate`` answers a bad option before any work."""
+
+    formats: tuple[str, ...] = FORMATS
+    opset: int = DEFAULT_OPSET
+    drop_blocks: int = 0
+    quantize: str | None = None  # None | "int8"
+    name: str | None = None  # default: the checkpoint's file stem
+    version: str = "1"
+    # What the package serves, in its manifest (the graph is the same): a subset of the outputs,
+    # and pixel values in [0, 1] or [0, 255] (the server scales the latter; Triton's image clients)
+    outputs: tuple[str, ...] = OUTPUTS
+    input_range: int = 1
+
+    def validate(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ExportError(f"unknown format {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}")
+        if self.quantize not in (None, "int8"):
+            raise ExportError(f"--quantize supports int8 only, got {self.quantize!r}")
+        if self.quantize and "onnx" not in self.formats:
+            raise ExportError("--quantize int8 quantizes the ONNX artifact: include onnx in --format")
+        if self.drop_blocks < 0:
+            raise ExportError(f"--drop-blocks must be >= 0, got {self.drop_blocks}")
+        if not self.outputs or len(set(self.outputs)) != len(self.outputs) or set(self.outputs) - set(OUTPUTS):
+            raise ExportError(f"--outputs takes some of {', '.join(OUTPUTS)}, each once; got {', '.join(self.outputs) or '(none)'}")
+        if self.input_range not in INPUT_RANGES:
+            raise ExportError(f"--input-range must be 1 or 255, got {self.input_range}")
+        if not 7 <= self.opset <= 23:
+            raise ExportError(f"--opset {self.opset} is outside what this exporter supports (7-23)")
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:

@@ -33,7 +33,6 @@ from resserve.serve.backends import Backend, open_backend
 from resserve.serve.backends.base import infer_in_chunks
 from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend, import_onnxruntime
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
-from resserve.serve.errors import ResserveError
 from resserve.serve.manifest import (
     FILE_NAME as MANIFEST, Accuracy, Artifact, DroppedBlocks, Int8Report, Manifest, ModelSummary, ParityReference,
     Preprocessing, ReducedPrecisionReport, SourceCheckpoint, TensorSpec, check_model_name,
@@ -42,57 +41,20 @@ from resserve.serve.package import sha256_of
 from resserve.serve.runtime import MAX_BF16_LOSS
 from resserve.serve.timing import images_per_second, median_seconds
 from resserve.train.checkpoint import load_checkpoint
+from resserve.train.config import ExportError, ExportOptions
 from resserve.train.data import MNIST, Split
+from resserve.train.files import check_package_destination
 from resserve.train.fold import choose_blocks_to_drop, drop_blocks, fold_for_inference
 from resserve.train.models import MNIST_MEAN, MNIST_STD, ResNet, count_parameters
 from resserve.train.progress import Stages, no_stages
 from resserve.train.training import evaluate, library_versions, predict_logits
 
-FORMATS = ("onnx", "torchscript")
-OUTPUTS = ("logits", "probabilities")  # what every graph computes, in order
-INPUT_RANGES = (1, 255)  # the largest pixel value the served FP32 input takes
 ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 INT8_FILE = "model.int8.onnx"
 FP32_TOLERANCE = 1e-4  # largest |logit difference| allowed between an fp32 artifact and eager
 INT8_MAX_LOSS = 0.001  # an int8 artifact may lose at most 0.1 accuracy points
-DEFAULT_OPSET = 18
 CALIBRATION_IMAGES = 512
 VERIFY_CHUNK = 1000  # images per backend call while verifying
-
-
-class ExportError(ResserveError):
-    """An export that cannot be done or failed its verification."""
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    formats: tuple[str, ...] = FORMATS
-    opset: int = DEFAULT_OPSET
-    drop_blocks: int = 0
-    quantize: str | None = None  # None | "int8"
-    name: str | None = None  # default: the checkpoint's file stem
-    version: str = "1"
-    # What the package serves, in its manifest (the graph is the same): a subset of the outputs,
-    # and pixel values in [0, 1] or [0, 255] (the server scales the latter; Triton's image clients)
-    outputs: tuple[str, ...] = OUTPUTS
-    input_range: int = 1
-
-    def validate(self) -> None:
-        unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown or not self.formats:
-            raise ExportError(f"unknown format {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}")
-        if self.quantize not in (None, "int8"):
-            raise ExportError(f"--quantize supports int8 only, got {self.quantize!r}")
-        if self.quantize and "onnx" not in self.formats:
-            raise ExportError("--quantize int8 quantizes the ONNX artifact: include onnx in --format")
-        if self.drop_blocks < 0:
-            raise ExportError(f"--drop-blocks must be >= 0, got {self.drop_blocks}")
-        if not self.outputs or len(set(self.outputs)) != len(self.outputs) or set(self.outputs) - set(OUTPUTS):
-            raise ExportError(f"--outputs takes some of {', '.join(OUTPUTS)}, each once; got {', '.join(self.outputs) or '(none)'}")
-        if self.input_range not in INPUT_RANGES:
-            raise ExportError(f"--input-range must be 1 or 255, got {self.input_range}")
-        if not 7 <= self.opset <= 23:
-            raise ExportError(f"--opset {self.opset} is outside what this exporter supports (7-23)")
 
 
 class InferenceModel(nn.Module):
@@ -263,17 +225,6 @@ def _bf16(fp32_onnx: Path, verifier: Verifier, log) -> ReducedPrecisionReport:
                                   allowed=loss <= MAX_BF16_LOSS)
 
 
-def _check_destination(out: Path) -> None:
-    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} exists and is not a model package; refusing to overwrite it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create {out.parent}: {exc.strerror}") from exc
-    if not os.access(out.parent, os.W_OK):
-        raise ExportError(f"cannot write to {out.parent}: permission denied")
-
-
 def _publish(staging: Path, out: Path) -> None:
     """Swap the finished package in with renames: readers see the old or the new, never half."""
     staging.chmod(0o755)
@@ -296,7 +247,7 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
     options.validate()
     check_model_name(options.name or checkpoint.stem)
     source = load_checkpoint(checkpoint)
-    _check_destination(out)
+    check_package_destination(out)
     network = source.build()
     train_split, validation = mnist.train_validation()
     network, dropped = _drop_blocks(network, options.drop_blocks, validation, mnist.test, log)

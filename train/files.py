@@ -1,4 +1,5 @@
-"""Files that other processes read are written whole or not at all."""
+"""The files of the training commands: checked before any work (torch-free, so a wrong path or
+an unwritable one is answered at once), and written whole or not at all."""
 
 from __future__ import annotations
 
@@ -9,6 +10,31 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from resserve.serve.errors import ResserveError
+from resserve.serve.manifest import FILE_NAME as MANIFEST
+from resserve.train.config import ExportError
+
+SHIPPED_MODEL = Path(__file__).parent / "weights" / "resnet-mnist.pt"
+
+
+class CheckpointError(ResserveError):
+    """A file that cannot be used as a resserve checkpoint."""
+
+
+def existing_checkpoint(path: Path) -> Path:
+    """``path``, refused in one line when no file is there."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    return path
+
+
+def resolve_model_path(path: Path | None) -> Path:
+    """The given checkpoint, or the shipped lecture ResNet when none is given; it must exist."""
+    if path is None:
+        if not SHIPPED_MODEL.is_file():
+            raise CheckpointError(f"the shipped model is missing from this install ({SHIPPED_MODEL})")
+        return SHIPPED_MODEL
+    return existing_checkpoint(path)
 
 
 def _readable_mode() -> int:
@@ -45,6 +71,18 @@ def check_writable(path: Path) -> None:
             pass
     except OSError as exc:
         raise ResserveError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def check_package_destination(out: Path) -> None:
+    """``out`` can take a model package: absent, empty, or a package (replaced); its parent writable."""
+    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not a model package; refusing to overwrite it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create {out.parent}: {exc.strerror}") from exc
+    if not os.access(out.parent, os.W_OK):
+        raise ExportError(f"cannot write to {out.parent}: permission denied")
 
 
 def prepare_output(out: Path) -> Path:

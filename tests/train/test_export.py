@@ -18,7 +18,8 @@ from resserve.serve.backends.torchscript import TorchScriptBackend
 from resserve.serve.package import PackageError, load_package, sha256_of
 from resserve.train import export as export_module
 from resserve.train.checkpoint import save_checkpoint
-from resserve.train.export import ExportError, ExportOptions, export_package
+from resserve.train.config import ExportError, ExportOptions
+from resserve.train.export import export_package
 from resserve.train.fold import ChannelAffine, DropBlocksError, choose_blocks_to_drop, fold_for_inference
 from resserve.train.config import ARCHITECTURES, ModelConfig
 from resserve.train.models import build_model

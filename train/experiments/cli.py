@@ -18,6 +18,7 @@ import typer
 from resserve.serve.app import HELP_STYLE
 from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
 from resserve.train.config import ModelConfig, TrainConfig, parse_ints
+from resserve.train.files import existing_checkpoint, prepare_output, resolve_model_path
 from resserve.train.experiments.settings import DepthSettings, GatesSettings, LesionSettings, ShatteredSettings
 
 experiment_app = typer.Typer(
@@ -45,8 +46,6 @@ class _Run:
 
     def __init__(self, name: str, settings: Any, out: Path, quick: bool, seed: int, device: str,
                  data_dir: Optional[Path], quiet: bool) -> None:
-        from resserve.train.files import prepare_output
-
         self.recipe = TrainConfig(seed=seed, device=device)
         self.recipe.validate()  # the input first: these checks need no torch, so they answer at once
         self.out = prepare_output(out)
@@ -127,15 +126,17 @@ def lesion(
     settings = _sized(LesionSettings.quick() if quick else LesionSettings(), draws=draws,
                       plain_train_images=plain_train_images)
 
+    residual_path = resolve_model_path(model)
+    plain_path = plain and existing_checkpoint(plain)
     require_train_extra()
-    from resserve.train.checkpoint import load_checkpoint, resolve_model_path
+    from resserve.train.checkpoint import load_checkpoint
     from resserve.train.experiments import lesion as experiment
 
-    residual = load_checkpoint(resolve_model_path(model)).build()
+    residual = load_checkpoint(residual_path).build()
     experiment.check_residual(residual)
     plain_model = None
-    if plain is not None:
-        plain_model = load_checkpoint(plain).build()
+    if plain_path is not None:
+        plain_model = load_checkpoint(plain_path).build()
         experiment.check_plain(plain_model, residual)
     run = _Run("lesion", settings, out, quick, seed, device, data_dir, quiet)
     trainer = run.trainer(settings.budget)
