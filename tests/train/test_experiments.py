@@ -126,6 +126,7 @@ def test_a_lesion_may_remove_plain_blocks_but_export_may_not_drop_them():
     (["gates", "--survival-prob", "0"], "survival probability must be in (0, 1]"),
     (["depth", "--device", "tpu"], "device must be auto, cpu or cuda"),
     (["lesion", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),
+    (["lesion", "--plain", "/nonexistent/plain.pt"], "no checkpoint at /nonexistent/plain.pt"),
 ])
 def test_bad_experiment_input_is_one_line(args, message):
     result = run_cli("experiment", *args, "--quick")
