@@ -22,6 +22,7 @@ from rich.progress import Progress
 from torch import nn
 
 from resserve.serve.errors import ResserveError
+from resserve.train.allocator import keep_freed_tensor_memory
 from resserve.train.checkpoint import save_checkpoint
 from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.data import MNIST, Split
@@ -126,6 +127,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, precision: str = "fp32"
     ``precision`` "bf16" runs under bf16 autocast: about 3x faster on AMX CPUs, for the many
     evaluations of the experiments; export's parity checks use fp32, the precision it ships.
     """
+    keep_freed_tensor_memory()  # else page faults cost as much as the convolutions
     model.eval()
     device = _device_of(model)
     chunks = []
