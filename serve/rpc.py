@@ -3,15 +3,16 @@
 This is the one place where exceptions meet gRPC: the client gets a status code and a message
 written for it; unexpected errors are logged and answered INTERNAL, generically. A unary method
 goes through ``rpc``; each request on an inference stream (serve/stream.py) through ``answer``.
-Our services and health are registered through ``Registrar``, so a request message that does
-not parse is answered INVALID_ARGUMENT too (grpc.aio's own answer is UNKNOWN, with a traceback
-in the log for every such message).
+Every service (ours, health, reflection) is registered through ``Registrar``, so a request
+message that does not parse is answered INVALID_ARGUMENT too (grpc.aio's own answer is UNKNOWN,
+with a traceback in the log for every such message).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
@@ -96,6 +97,8 @@ def _tolerant(deserializer: Callable[[bytes], object]) -> Callable[[bytes], obje
 
 
 def _refusing_malformed(behavior):
+    """A method with one request that never sees ``Malformed``: the client gets INVALID_ARGUMENT."""
+
     async def handle(request, context: grpc.aio.ServicerContext):
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
@@ -104,13 +107,35 @@ def _refusing_malformed(behavior):
     return handle
 
 
+def _ending_at_malformed(behavior):
+    """A bidirectional stream (an async generator, as grpc_reflection's) that never sees
+    ``Malformed``: the stream ends INVALID_ARGUMENT at the first message that does not parse."""
+    if not inspect.isasyncgenfunction(behavior):
+        raise TypeError(f"{behavior!r}: a stream that does not read Malformed must be an async generator")
+
+    async def parsed(requests, context: grpc.aio.ServicerContext):
+        async for request in requests:
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            yield request
+
+    async def handle(requests, context: grpc.aio.ServicerContext):
+        async for response in behavior(parsed(requests, context), context):
+            yield response
+
+    return handle
+
+
 class Registrar:
     """Stands for the server in a generated ``add_*Servicer_to_server``: registers the service's
-    methods with request deserializers that do not raise. A unary method answers a message that
-    does not parse INVALID_ARGUMENT; a bidirectional stream reads it as ``Malformed``."""
+    methods with request deserializers that do not raise. A method with one request (unary, or
+    server-streaming like health's Watch) answers a message that does not parse INVALID_ARGUMENT;
+    a bidirectional stream ends with it, or, with ``streams_read_malformed``, its handler reads
+    the message as ``Malformed`` (our inference stream answers it in-stream and carries on)."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, streams_read_malformed: bool = False) -> None:
         self.server = server
+        self.streams_read_malformed = streams_read_malformed
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         """The generated code's generic handler holds the raw methods: the one made in
@@ -121,11 +146,14 @@ class Registrar:
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
         self.server.add_registered_method_handlers(service, guarded)
 
-    @staticmethod
-    def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _guarded(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        tolerant = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary:
-            return handler._replace(request_deserializer=_tolerant(handler.request_deserializer),
-                                    unary_unary=_refusing_malformed(handler.unary_unary))
+            return tolerant._replace(unary_unary=_refusing_malformed(handler.unary_unary))
+        if handler.unary_stream:
+            return tolerant._replace(unary_stream=_refusing_malformed(handler.unary_stream))
+        if handler.stream_stream and self.streams_read_malformed:
+            return tolerant
         if handler.stream_stream:
-            return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+            return tolerant._replace(stream_stream=_ending_at_malformed(handler.stream_stream))
         return handler

@@ -26,7 +26,7 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
@@ -138,13 +138,13 @@ class Server:
             coordinator.ready()
 
     async def _listen(self) -> None:
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane),
-                                                                         Registrar(self.grpc))
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.plane), Registrar(self.grpc, streams_read_malformed=True))
         digits_pb2_grpc.add_DigitClassifierServicer_to_server(DigitClassifierServicer(self.plane), Registrar(self.grpc))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, Registrar(self.grpc))
-        reflection.enable_server_reflection(
-            [*API_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.grpc)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
+            [*API_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]),
+            Registrar(self.grpc))
         tls = tls_files(self.settings)
         http_tls = ssl_context(tls) if tls and self.http else None  # a bad key or certificate: before listening
         if self.http and not self.settings.reuse_port:

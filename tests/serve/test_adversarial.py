@@ -377,16 +377,23 @@ def test_a_message_limit_beyond_grpc_is_one_line():
     assert result.stderr.strip() == "error: --max-message-bytes must be in 1024-2147483647 (gRPC's limit)"
 
 
-@pytest.mark.parametrize("method, message_type", [
-    ("/inference.GRPCInferenceService/ModelInfer", "inference.ModelInferRequest"),
-    ("/resserve.v1.DigitClassifier/Classify", "resserve.v1.ClassifyRequest"),
-    ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest"),
+@pytest.mark.parametrize("method, kind, message_type", [
+    ("/inference.GRPCInferenceService/ModelInfer", "unary_unary", "inference.ModelInferRequest"),
+    ("/resserve.v1.DigitClassifier/Classify", "unary_unary", "resserve.v1.ClassifyRequest"),
+    ("/grpc.health.v1.Health/Check", "unary_unary", "grpc.health.v1.HealthCheckRequest"),
+    ("/grpc.health.v1.Health/Watch", "unary_stream", "grpc.health.v1.HealthCheckRequest"),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream",
+     "grpc.reflection.v1alpha.ServerReflectionRequest"),
 ])
-def test_bytes_that_are_no_request_message_are_invalid_argument_without_a_traceback(server, method, message_type):
+def test_bytes_that_are_no_request_message_are_invalid_argument_without_a_traceback(server, method, kind, message_type):
     channel = grpc.insecure_channel(server.target)
-    call = channel.unary_unary(method, request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+    call = getattr(channel, kind)(method, request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+    junk = b"\xff\xff\xff not protobuf"
     with pytest.raises(grpc.RpcError) as info:
-        call(b"\xff\xff\xff not protobuf", timeout=10)
+        if kind == "unary_unary":
+            call(junk, timeout=10)
+        else:  # the stream's first message is the junk
+            list(call(junk if kind == "unary_stream" else iter([junk]), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == (f"the request message does not parse: Error parsing message with type "
                                     f"'{message_type}'")

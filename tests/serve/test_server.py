@@ -164,6 +164,9 @@ def test_health_and_reflection(server):
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "resserve.liveness", "resserve.readiness", "inference.GRPCInferenceService"):
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="resserve.readiness"), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in next(responses).list_services_response.service}
