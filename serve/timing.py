@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
 
 
-def median_seconds(run: Callable[[], object], repeats: int = 30, warmup: int = 3) -> float:
-    """Median wall time of ``run()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+MIN_REPEATS = 10  # calls a median is taken over at the least, however slow each is
+
+
+def median_seconds(run: Callable[[], object], repeats: int = 30, warmup: int = 3,
+                   max_seconds: float = math.inf) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls, after ``warmup`` untimed calls; fewer
+    calls (but at least MIN_REPEATS) when they would take longer than ``max_seconds``."""
     for _ in range(warmup):
         run()
     samples = []
+    deadline = time.perf_counter() + max_seconds
     for _ in range(repeats):
         started = time.perf_counter()
         run()
         samples.append(time.perf_counter() - started)
+        if len(samples) >= MIN_REPEATS and started > deadline:
+            break
     return statistics.median(samples)
 
 

@@ -2,6 +2,7 @@
 docs/benchmarks.md, not asserted here)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from helpers import ServerProcess, needs_perf_analyzer, run_cli
 from resserve.serve.bench import Level, measure_level
 from resserve.serve.load_clients import LoadSpec
 from resserve.serve.errors import ResserveError
+from resserve.serve.timing import MIN_REPEATS, median_seconds
 
 
 def test_bench_train_compares_against_the_naive_loop(tmp_path, mnist):
@@ -33,6 +35,20 @@ def test_bench_model_reports_every_runner(tmp_path, mnist):
     for row in report["rows"]:
         assert row["batch1_latency_ms"] > 0 and row["batch64_images_per_second"] > 0
     assert report["ratios"]["onnx_fp32_over_eager_unfolded_batch64"] > 0
+
+
+def test_a_latency_median_stops_at_its_time_budget_but_not_below_ten_calls():
+    calls = []
+
+    def slow() -> None:
+        calls.append(1)
+        time.sleep(0.01)
+
+    assert median_seconds(slow, repeats=500, warmup=0, max_seconds=0.1) >= 0.01
+    assert 10 <= len(calls) <= 20  # 500 calls would take 5 s
+    calls.clear()
+    median_seconds(slow, repeats=500, warmup=0, max_seconds=0)
+    assert len(calls) == MIN_REPEATS
 
 
 def test_bench_model_on_cuda_without_the_cuda_build_names_the_install(mnist):

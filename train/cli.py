@@ -219,7 +219,9 @@ def bench_model(
     model: Annotated[Optional[Path], typer.Argument(
         help="A model package directory, or a checkpoint (exported to a temporary package with int8) "
         "[default: the shipped checkpoint and package].", show_default=False)] = None,
-    seconds: Annotated[float, typer.Option(help="Timed seconds per throughput cell.")] = 2.0,
+    seconds: Annotated[float, typer.Option(
+        help="Timed seconds per cell: each throughput, and each batch-1 latency (the median of up to 500 "
+        "calls, at least 10).")] = 2.0,
     device: Annotated[str, typer.Option(help="cpu, or cuda: also ONNX Runtime's CUDA provider, plain and with "
                                         "CUDA graphs, and batch 1024 (needs the gpu extra and an NVIDIA GPU).")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here.")] = None,
