@@ -18,6 +18,7 @@ from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
 from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, parse_ints
 from resserve.train.experiments.cli import experiment_app
 from resserve.train.files import check_package_destination, resolve_model_path
+
 ModelPath = Annotated[Optional[Path], typer.Argument(
     help="A checkpoint written by `resserve train` [default: the shipped lecture ResNet].",
     show_default=False)]

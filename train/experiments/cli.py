@@ -18,8 +18,8 @@ import typer
 from resserve.serve.app import HELP_STYLE
 from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
 from resserve.train.config import ModelConfig, TrainConfig, parse_ints
-from resserve.train.files import existing_checkpoint, prepare_output, resolve_model_path
 from resserve.train.experiments.settings import DepthSettings, GatesSettings, LesionSettings, ShatteredSettings
+from resserve.train.files import existing_checkpoint, prepare_output, resolve_model_path
 
 experiment_app = typer.Typer(
     rich_markup_mode=HELP_STYLE,
