@@ -17,7 +17,7 @@ from resserve.serve.errors import ResserveError
 from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
 from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, parse_ints
 from resserve.train.experiments.cli import experiment_app
-from resserve.train.files import check_package_destination, resolve_model_path
+from resserve.train.files import check_package_destination, check_writable, resolve_model_path
 
 ModelPath = Annotated[Optional[Path], typer.Argument(
     help="A checkpoint written by `resserve train` [default: the shipped lecture ResNet].",
@@ -70,8 +70,6 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a network of the family on MNIST; keeps the best epoch on validation, reports test accuracy."""
-    from resserve.train.files import check_writable
-
     stage_widths = parse_ints(widths, "--widths") if widths else (channels,)
     model_config = ModelConfig(arch=arch, blocks=blocks, widths=stage_widths, kernel_size=kernel_size,
                                shortcut=shortcut.upper(), survival_prob=survival_prob,

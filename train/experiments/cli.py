@@ -127,7 +127,7 @@ def lesion(
                       plain_train_images=plain_train_images)
 
     residual_path = resolve_model_path(model)
-    plain_path = plain and existing_checkpoint(plain)
+    plain_path = existing_checkpoint(plain) if plain is not None else None
     require_train_extra()
     from resserve.train.checkpoint import load_checkpoint
     from resserve.train.experiments import lesion as experiment
