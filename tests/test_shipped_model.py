@@ -26,9 +26,9 @@ def test_shipped_checkpoint_is_the_lecture_resnet_with_its_card():
     checkpoint = load_checkpoint(SHIPPED_MODEL)
     assert checkpoint.config == lecture_config()
     assert count_parameters(checkpoint.build()) == 117_802
-    assert checkpoint.metrics["test_accuracy"] >= 0.995
+    assert checkpoint.metrics.test_accuracy >= 0.995
     card = card_path(SHIPPED_MODEL).read_text()
-    assert f"{checkpoint.metrics['test_accuracy']:.4f}" in card
+    assert f"{checkpoint.metrics.test_accuracy:.4f}" in card
     assert "resserve train" in card
 
 

@@ -9,7 +9,7 @@ refused with a one-line ``CheckpointError``.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from resserve.train.config import ConfigError, ModelConfig
 from resserve.train.files import CheckpointError, atomic_file, existing_checkpoint
 from resserve.train.models import ResNet, build_model
+from resserve.train.record import TrainingRecord
 
 FORMAT = "resserve-checkpoint"
 FORMAT_VERSION = 1
@@ -27,7 +28,7 @@ FORMAT_VERSION = 1
 class Checkpoint:
     config: ModelConfig
     state_dict: dict[str, torch.Tensor]
-    metrics: dict = field(default_factory=dict)
+    metrics: TrainingRecord | None = None  # None: saved from the Python API without a training run
 
     def build(self) -> ResNet:
         """The network with these weights, in eval mode."""
@@ -40,14 +41,14 @@ class Checkpoint:
         return model.eval()
 
 
-def save_checkpoint(path: Path, model: nn.Module, config: ModelConfig, metrics: dict) -> Path:
+def save_checkpoint(path: Path, model: nn.Module, config: ModelConfig, metrics: TrainingRecord | None = None) -> Path:
     """Write atomically, so an interrupted save never leaves a half checkpoint at ``path``."""
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "metrics": metrics,
+        "metrics": metrics.to_dict() if metrics else None,
     }
     with atomic_file(path) as f:
         torch.save(payload, f)
@@ -78,5 +79,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         config = ModelConfig.from_dict(payload["config"])
     except (ConfigError, TypeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{path} has an invalid model config: {exc}") from exc
-    return Checkpoint(config, payload["state_dict"], payload.get("metrics", {}))
+    return Checkpoint(config, payload["state_dict"], _training_record(path, payload.get("metrics")))
+
+
+def _training_record(path: Path, metrics: dict | None) -> TrainingRecord | None:
+    if metrics is None:
+        return None
+    try:
+        return TrainingRecord.from_dict(metrics)
+    except (ConfigError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path} has invalid training metrics: {exc}") from exc
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,6 +31,7 @@ from resserve.train.fold import fold_for_inference
 from resserve.train.model_card import card_path, render_model_card
 from resserve.train.models import build_model, count_parameters
 from resserve.train.progress import progress_bar
+from resserve.train.record import EpochRecord, TrainingRecord
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,8 +273,8 @@ class BestEpoch:
 
 
 def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
-          log=print, show_progress: bool = True, command: str | None = None) -> dict:
-    """Train, keep the epoch with the best validation accuracy, test it, save it; returns metrics.
+          log=print, show_progress: bool = True, command: str | None = None) -> TrainingRecord:
+    """Train, keep the epoch with the best validation accuracy (the last without validation), test it, save it.
 
     Writes ``out`` (checkpoint), ``out.metrics.json`` and a model card ``out.card.md``.
     """
@@ -291,17 +292,19 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     log(f"training {model_config.arch} ({count_parameters(model):,} parameters) on {len(train_split):,} "
         f"MNIST images from {mnist.source}; device {device}, precision {precision}")
 
-    history, best, started = [], BestEpoch(), time.monotonic()
+    history: list[EpochRecord] = []
+    best, started = BestEpoch(), time.monotonic()
 
     def end_of_epoch(interval: Interval) -> None:
         epoch, seconds = interval.step // steps_per_epoch, interval.seconds
         val = evaluate(model, val_split) if len(val_split) else None
-        history.append({"epoch": epoch, "train_loss": interval.loss, "train_accuracy": interval.accuracy,
-                        "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
-                        "seconds": round(seconds, 1), "images_per_second": round(interval.images / seconds, 1)})
+        history.append(EpochRecord(
+            epoch=epoch, train_loss=interval.loss, train_accuracy=interval.accuracy,
+            val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None,
+            seconds=round(seconds, 1), images_per_second=round(interval.images / seconds, 1)))
         log(f"epoch {epoch}: train loss {interval.loss:.4f} acc {interval.accuracy:.4f}"
             + (f", validation acc {val.accuracy:.4f}" if val else "") + f" ({seconds:.0f} s)")
-        best.offer(val.accuracy if val else 0.0, epoch, model)
+        best.offer(val.accuracy if val else 0.0, epoch, model)  # without validation: ties, so the last
 
     with progress_bar(show_progress, "steps") as progress:
         fit(model, train_split, cfg, cfg.epochs * steps_per_epoch, precision,
@@ -310,26 +313,15 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
 
     model.load_state_dict(best.state)
     test = evaluate(model, mnist.test)
-    metrics = {
-        "arch": model_config.arch,
-        "model_config": model_config.to_dict(),
-        "params": count_parameters(model),
-        "command": command,
-        "train_images": len(train_split),
-        "best_epoch": best.epoch,
-        "val_accuracy": history[best.epoch - 1]["val_accuracy"],
-        "test_accuracy": test.accuracy,
-        "test_loss": test.loss,
-        "train_seconds": round(time.monotonic() - started, 1),
-        "data_source": mnist.source,
-        "device": str(device),
-        "precision": precision,
-        "train_config": asdict(cfg),
-        "versions": library_versions(),
-        "history": history,
-    }
-    log(f"test accuracy {test.accuracy:.4f} (epoch {best.epoch}, best on validation); saved {out}")
-    save_checkpoint(out, model.cpu(), model_config, metrics)
-    Path(out).with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    card_path(out).write_text(render_model_card(metrics))
-    return metrics
+    record = TrainingRecord(
+        arch=model_config.arch, model_config=model_config, params=count_parameters(model), command=command,
+        train_images=len(train_split), best_epoch=best.epoch, val_accuracy=history[best.epoch - 1].val_accuracy,
+        test_accuracy=test.accuracy, test_loss=test.loss, train_seconds=round(time.monotonic() - started, 1),
+        data_source=mnist.source, device=str(device), precision=precision, train_config=cfg,
+        versions=library_versions(), history=history)
+    log(f"test accuracy {test.accuracy:.4f} (epoch {best.epoch}"
+        + (", best on validation" if len(val_split) else ", the last: no validation split") + f"); saved {out}")
+    save_checkpoint(out, model.cpu(), model_config, record)
+    Path(out).with_suffix(".metrics.json").write_text(json.dumps(record.to_dict(), indent=2) + "\n")
+    card_path(out).write_text(render_model_card(record))
+    return record

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from resserve.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from resserve.train.config import ModelConfig
+from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.models import build_model
+from resserve.train.record import EpochRecord, TrainingRecord
 
 
 @pytest.fixture
@@ -15,15 +16,23 @@ def small_checkpoint(tmp_path):
     config = ModelConfig(arch="preact", blocks=2, widths=(8, 16), shortcut="B", survival_prob=0.9)
     torch.manual_seed(0)
     model = build_model(config).eval()
-    path = save_checkpoint(tmp_path / "small.pt", model, config, {"test_accuracy": 0.5})
+    path = save_checkpoint(tmp_path / "small.pt", model, config, _record(config))
     return path, model, config
+
+
+def _record(config: ModelConfig) -> TrainingRecord:
+    return TrainingRecord(
+        arch=config.arch, model_config=config, params=1, command=None, train_images=100, best_epoch=1,
+        val_accuracy=None, test_accuracy=0.5, test_loss=1.5, train_seconds=1.0, data_source="test", device="cpu",
+        precision="fp32", train_config=TrainConfig(epochs=1, validation_size=0), versions={"torch": "x"},
+        history=[EpochRecord(1, 2.0, 0.4, None, None, 1.0, 100.0)])
 
 
 def test_round_trip_rebuilds_the_same_network_from_the_file_alone(small_checkpoint):
     path, model, config = small_checkpoint
     loaded = load_checkpoint(path)
     assert loaded.config == config
-    assert loaded.metrics == {"test_accuracy": 0.5}
+    assert loaded.metrics == _record(config)
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded.build()(x), model(x))
@@ -93,3 +102,13 @@ def test_training_refuses_an_output_it_cannot_write_before_training(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write /proc/no-such/m.pt")
     assert "training" not in result.stderr  # refused before any training
+
+
+def test_a_checkpoint_whose_training_metrics_do_not_read_is_refused_in_one_line(tmp_path, small_checkpoint):
+    path = tmp_path / "odd-metrics.pt"
+    payload = torch.load(small_checkpoint[0], weights_only=True)
+    payload["metrics"] = {**payload["metrics"], "history": [{"epoch": 1}]}
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="invalid training metrics") as refused:
+        load_checkpoint(path)
+    assert "\n" not in str(refused.value)

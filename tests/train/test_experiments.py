@@ -138,7 +138,7 @@ def test_bad_experiment_input_is_one_line(args, message):
 def test_lesion_refuses_a_plain_model_and_out_that_is_a_file(tmp_path):
     path = tmp_path / "plain.pt"
     config = ModelConfig(arch="plain", blocks=2)
-    save_checkpoint(path, build_model(config), config, {})
+    save_checkpoint(path, build_model(config), config)
     result = run_cli("experiment", "lesion", str(path), "--quick", "--out", str(tmp_path / "out"))
     assert result.returncode == 1
     assert result.stderr.strip() == (

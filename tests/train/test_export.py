@@ -105,7 +105,7 @@ def exported(tmp_path_factory, mnist):
     config = ModelConfig(blocks=3, widths=(8,))
     torch.manual_seed(0)
     model = _with_trained_looking_statistics(build_model(config))
-    checkpoint = save_checkpoint(root / "small.pt", model, config, {})
+    checkpoint = save_checkpoint(root / "small.pt", model, config)
     manifest = export_package(checkpoint, root / "pkg", ExportOptions(drop_blocks=1, quantize="int8"), mnist,
                               log=lambda _: None)
     return root, checkpoint, manifest, model

@@ -8,27 +8,41 @@ import torch
 from resserve.train.checkpoint import load_checkpoint
 from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.models import build_model, count_parameters
+from resserve.train.record import TrainingRecord
 from resserve.train.training import evaluate, predict_logits, random_shift, train
 
 
 def test_short_training_on_a_real_mnist_subset_lowers_the_loss_and_writes_its_metrics(mnist, tmp_path):
     config = ModelConfig(blocks=2, widths=(8,))
     out = tmp_path / "tiny.pt"
-    metrics = train(config, TrainConfig(epochs=2, train_limit=3000, validation_size=1000, batch_size=64, seed=1),
-                    mnist, out, log=lambda _: None, show_progress=False)
-    first, last = metrics["history"][0], metrics["history"][-1]
-    assert last["train_loss"] < first["train_loss"]
-    assert last["train_loss"] < 2.0  # chance level is ln(10) = 2.30
-    assert 0.2 < metrics["test_accuracy"] <= 1.0  # twice chance after ~100 steps of a 9x9-receptive-field net
-    assert metrics["params"] == count_parameters(build_model(config))
+    record = train(config, TrainConfig(epochs=2, train_limit=3000, validation_size=1000, batch_size=64, seed=1),
+                   mnist, out, log=lambda _: None, show_progress=False)
+    first, last = record.history[0], record.history[-1]
+    assert last.train_loss < first.train_loss
+    assert last.train_loss < 2.0  # chance level is ln(10) = 2.30
+    assert 0.2 < record.test_accuracy <= 1.0  # twice chance after ~100 steps of a 9x9-receptive-field net
+    assert record.params == count_parameters(build_model(config))
+    assert record.val_accuracy == max(epoch.val_accuracy for epoch in record.history)
     written = json.loads(out.with_suffix(".metrics.json").read_text())
-    assert written["test_accuracy"] == metrics["test_accuracy"]
+    assert written["test_accuracy"] == record.test_accuracy
+    assert TrainingRecord.from_dict(written) == record == load_checkpoint(out).metrics
     card = out.with_suffix(".card.md").read_text()
-    assert f"**test accuracy** | {metrics['test_accuracy']:.4f}" in card
-    assert "seed 1" in card and "2 epochs" in card
+    assert f"**test accuracy** | {record.test_accuracy:.4f}" in card
+    assert "seed 1" in card and "2 epochs" in card and "last 1,000 of the training set for validation" in card
     # the checkpoint holds the selected epoch: evaluating it again gives the reported accuracy
     again = evaluate(load_checkpoint(out).build(), mnist.test)
-    assert abs(again.accuracy - metrics["test_accuracy"]) < 1e-6
+    assert abs(again.accuracy - record.test_accuracy) < 1e-6
+
+
+def test_training_without_a_validation_split_keeps_the_last_epoch_and_says_so(mnist, tmp_path):
+    out = tmp_path / "no-validation.pt"
+    record = train(ModelConfig(blocks=1, widths=(4,)), TrainConfig(epochs=2, train_limit=256, validation_size=0),
+                   mnist, out, log=lambda _: None, show_progress=False)
+    assert record.best_epoch == 2 and record.val_accuracy is None
+    assert [epoch.val_accuracy for epoch in record.history] == [None, None]
+    card = out.with_suffix(".card.md").read_text()
+    assert "no validation split" in card and "| **validation accuracy** | none |" in card
+    assert "| selected epoch | 2 (the last: no validation split) |" in card
 
 
 def test_same_seed_gives_the_same_weights(mnist, tmp_path):
