@@ -23,9 +23,9 @@ from resserve.serve.stubs import grpc_service_pb2 as pb
 from resserve.serve.stubs import grpc_service_pb2_grpc as pb_grpc
 from resserve.serve.stubs import model_config_pb2 as config_pb
 
-# Exactly what is served; model_repository is left out because loading and unloading are not
-# (RepositoryIndex is answered: models are fixed at start).
-EXTENSIONS = ["classification", "model_configuration", "statistics"]
+# Exactly what is served (binary_tensor_data: on HTTP, serve/rest/kserve.py); model_repository is
+# left out because loading and unloading are not (RepositoryIndex is answered: models are fixed at start).
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 TYPED_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 LABELS_FILE = "labels.txt"  # as in a Triton repository (train/triton.py writes it); the labels are the manifest's
 
