@@ -35,6 +35,7 @@ def test_root_help_lists_the_commands():
     (["train", "--blocks", "-2"], "number of blocks must be >= 0"),
     (["train", "--arch", "vgg"], "unknown architecture"),
     (["train", "--device", "tpu"], "device must be auto, cpu or cuda"),
+    (["train", "--train-limit", "0"], "train limit must be >= 1 images, got 0"),
     (["eval", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),
     (["bench", "train", "--steps", "0"], "--steps and --batch-size must be >= 1"),
     (["serve", "--max-batch-size", "lots"], "--max-batch-size must be auto or a number of images, got 'lots'"),

@@ -114,6 +114,8 @@ class TrainConfig:
             raise ResserveError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.shift < 0:
             raise ResserveError(f"shift must be >= 0 pixels, got {self.shift}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ResserveError(f"train limit must be >= 1 images, got {self.train_limit}")
 
 
 class ExportError(ResserveError):

@@ -284,7 +284,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     train_split, val_split = mnist.train_validation(cfg.validation_size)
-    if cfg.train_limit:
+    if cfg.train_limit is not None:
         train_split = train_split.head(cfg.train_limit)
 
     model = build_model(model_config).to(device).to(memory_format=torch.channels_last)
