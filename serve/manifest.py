@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 FILE_NAME = "manifest.json"
 
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # safe in URLs, metrics labels and file names
+MODEL_VERSION = r"^[0-9A-Za-z_.-]{1,64}$"  # a folder of a Triton repository, a URL segment
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
 Fraction = Field(ge=0.0, le=1.0)
 
@@ -132,7 +133,7 @@ class Manifest(_Record):
     format: Literal["resserve-model-package"] = PACKAGE_FORMAT
     format_version: int = FORMAT_VERSION
     name: str = Field(pattern=MODEL_NAME)
-    version: str = Field(pattern=r"^[0-9A-Za-z_.-]{1,64}$")
+    version: str = Field(pattern=MODEL_VERSION)
     created: str
     source_checkpoint: SourceCheckpoint
     model: ModelSummary
@@ -192,6 +193,11 @@ def check_model_name(name: str) -> None:
     if not re.fullmatch(MODEL_NAME, name):
         raise ManifestError(f"model name {name!r} must be 1-128 letters, digits, '_', '.' or '-', "
                             "starting with a letter or digit")
+
+
+def check_model_version(version: str) -> None:
+    if not re.fullmatch(MODEL_VERSION, version):
+        raise ManifestError(f"model version {version!r} must be 1-64 letters, digits, '_', '.' or '-'")
 
 
 def _check_format(data: object, source: str) -> None:

@@ -17,9 +17,18 @@ def check_writable(path: Path, example: str = "model.pt") -> None:
     path = Path(path)
     if path.is_dir():
         raise ResserveError(f"{path} is a directory; give a file name such as {path / example}")
+    _probe(path.parent, f"cannot write {path}")
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Fail now, in one line, if files cannot be written in ``folder`` (made if missing); ``what`` names it."""
+    _probe(Path(folder), f"cannot write {what} {folder}")
+
+
+def _probe(folder: Path, failure: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".resserve-", suffix=".probe"):
             pass
     except OSError as exc:
-        raise ResserveError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise ResserveError(f"{failure}: {exc.strerror or exc}") from None

@@ -14,7 +14,7 @@ import typer
 
 from resserve.serve.backends.onnxruntime import import_onnxruntime
 from resserve.serve.errors import ResserveError
-from resserve.serve.outputs import check_writable
+from resserve.serve.outputs import check_writable, check_writable_folder
 from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
 from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, check_device, parse_ints
 from resserve.train.experiments.cli import experiment_app
@@ -193,9 +193,13 @@ def export(
     options.validate()
     if triton_repo and input_range != 1:
         raise ResserveError("--triton-repo serves the graph as it is, which takes [0,1]: leave --input-range at 1")
+    if triton_repo and "onnx" not in options.formats:
+        raise ResserveError("--triton-repo serves the ONNX artifact: include onnx in --format")
     path = resolve_model_path(model)
-    destination = out or Path(name or path.stem)
+    destination = out or Path(options.model_name(path))
     check_package_destination(destination)
+    if triton_repo:
+        check_writable_folder(triton_repo, "the Triton repository")
     require_train_extra()  # after the checks of the input, which need no torch: those answer at once
     import_onnxruntime()  # every artifact is verified through it: one line before any work if it is missing
     from resserve.serve.package import load_package

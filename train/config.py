@@ -8,8 +8,10 @@ both.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from resserve.serve.errors import ResserveError
+from resserve.serve.manifest import check_model_name, check_model_version
 
 ARCHITECTURES: dict[str, str] = {
     "resnet": "He et al. 2015 ResBlocks (the lecture model)",
@@ -158,6 +160,20 @@ class ExportOptions:
             raise ExportError(f"--input-range must be 1 or 255, got {self.input_range}")
         if not 7 <= self.opset <= 23:
             raise ExportError(f"--opset {self.opset} is outside what this exporter supports (7-23)")
+        if self.name is not None:
+            check_model_name(self.name)
+        check_model_version(self.version)
+
+    def model_name(self, checkpoint: Path) -> str:
+        """The name the package is served by: ``name``, or the checkpoint's file stem; checked."""
+        if self.name is not None:
+            check_model_name(self.name)
+            return self.name
+        try:
+            check_model_name(Path(checkpoint).stem)
+        except ResserveError as exc:
+            raise ExportError(f"{exc} (it is the checkpoint's file name: --name sets another)") from None
+        return Path(checkpoint).stem
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:

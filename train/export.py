@@ -35,7 +35,7 @@ from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend, import_onnxr
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
 from resserve.serve.manifest import (
     FILE_NAME as MANIFEST, Accuracy, Artifact, DroppedBlocks, Int8Report, Manifest, ModelSummary, ParityReference,
-    Preprocessing, ReducedPrecisionReport, SourceCheckpoint, TensorSpec, check_model_name,
+    Preprocessing, ReducedPrecisionReport, SourceCheckpoint, TensorSpec,
 )
 from resserve.serve.package import sha256_of
 from resserve.serve.runtime import MAX_BF16_LOSS
@@ -245,7 +245,7 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
                    log: Callable[[str], None] = print, stages: Stages = no_stages) -> Manifest:
     """Export ``checkpoint`` to the package directory ``out``; returns the manifest."""
     options.validate()
-    check_model_name(options.name or checkpoint.stem)
+    name = options.model_name(checkpoint)
     source = load_checkpoint(checkpoint)
     check_package_destination(out)
     network = source.build()
@@ -284,7 +284,7 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
         fastest = backends.get("onnx") or backends[options.formats[0]]
         validation_logits = infer_in_chunks(fastest.infer, as_input(validation), VERIFY_CHUNK)["logits"]
         validation_accuracy = float((validation_logits.argmax(1) == validation.labels).mean())
-        manifest = _manifest(options, checkpoint, source, network, folded, artifacts, int8, reduced, dropped,
+        manifest = _manifest(name, options, checkpoint, source, network, folded, artifacts, int8, reduced, dropped,
                              validation_accuracy, verifier)
         (staging / MANIFEST).write_text(manifest.to_json())
         _publish(staging, out)
@@ -294,14 +294,14 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
     return manifest
 
 
-def _manifest(options: ExportOptions, checkpoint: Path, source, network: ResNet, folded: nn.Module,
+def _manifest(name: str, options: ExportOptions, checkpoint: Path, source, network: ResNet, folded: nn.Module,
               artifacts: list[Artifact], int8: Int8Report | None, reduced: dict[str, ReducedPrecisionReport],
               dropped: dict | None, validation_accuracy: float, verifier: Verifier) -> Manifest:
     import onnx
 
     onnxruntime = import_onnxruntime()
     return Manifest(
-        name=options.name or checkpoint.stem,
+        name=name,
         version=options.version,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         source_checkpoint=SourceCheckpoint(file=checkpoint.name, sha256=sha256_of(checkpoint)),

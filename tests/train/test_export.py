@@ -213,6 +213,10 @@ def test_reexport_replaces_a_package_in_place(exported, tmp_path, mnist):
     (["export", "--format", "tflite"], "error: unknown format tflite; choose from onnx, torchscript"),
     (["export", "--quantize", "int4"], "error: --quantize supports int8 only, got 'int4'"),
     (["export", "--drop-blocks", "26"], "error: --drop-blocks 26 is more than the 25 droppable blocks"),
+    (["export", "--name", ""], "error: model name '' must be 1-128 letters"),
+    (["export", "--version", "1/../2"], "error: model version '1/../2' must be 1-64 letters"),
+    (["export", "--triton-repo", "/proc/no-such"], "error: cannot write the Triton repository /proc/no-such"),
+    (["export", "--format", "torchscript", "--triton-repo", "triton"], "error: --triton-repo serves the ONNX artifact"),
 ])
 def test_export_bad_input_is_one_line(args, message, tmp_path):
     result = run_cli(*args, "--out", str(tmp_path / "pkg"))
@@ -231,3 +235,7 @@ def test_export_refuses_an_unwritable_destination_and_a_non_checkpoint(tmp_path,
     torch.save({"weights": torch.zeros(3)}, junk)  # a PyTorch file, but no resserve checkpoint
     result = run_cli("export", str(junk), "--out", str(tmp_path / "pkg"))
     assert result.returncode == 1 and "is not a resserve checkpoint" in result.stderr
+    spaced = tmp_path / "my model.pt"
+    spaced.write_bytes(exported[1].read_bytes())
+    result = run_cli("export", str(spaced), "--out", str(tmp_path / "pkg"))
+    assert result.returncode == 1 and result.stderr.strip().endswith("(it is the checkpoint's file name: --name sets another)")
