@@ -41,7 +41,7 @@ from resserve.serve.rest import kserve as rest_kserve
 from resserve.serve.rest.server import HttpServer
 from resserve.serve.rpc import Registrar
 from resserve.serve.state import ServerState
-from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings
+from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from resserve.serve.tls import TlsFiles, grpc_credentials, ssl_context, tls_files
 
@@ -153,12 +153,12 @@ class Server:
         await self.grpc.start()
         await self._set_health([LIVENESS_SERVICE], serving=True)
         secure = " (TLS)" if tls else ""
-        log.info("listening on %s:%d%s", self.settings.host, self.port, secure)
+        log.info("listening on %s%s", host_port(self.settings.host, self.port), secure)
         if self.http:
             http_port = await self.http.start(self.settings.host, self.settings.http_port, http_tls,
                                               self.settings.reuse_port)
-            log.info("HTTP on %s://%s:%d/ (KServe v2 REST, /v1/classify, the page)%s",
-                     "https" if tls else "http", self.settings.host, http_port, secure)
+            log.info("HTTP on %s://%s/ (KServe v2 REST, /v1/classify, the page)%s",
+                     "https" if tls else "http", host_port(self.settings.host, http_port), secure)
         if self.settings.metrics_port:
             serve_metrics(self.state.metrics.registry, self.settings.metrics_port, self.settings.host)
 
@@ -170,7 +170,7 @@ class Server:
         self.state.repository = repository
 
     def _bind(self, tls: TlsFiles | None) -> int:
-        address = f"{self.settings.host}:{self.settings.port}"
+        address = self.settings.address
         if not self.settings.reuse_port:
             check_port_free(self.settings.host, self.settings.port)
         credentials = grpc_credentials(tls) if tls else None
@@ -221,7 +221,7 @@ def check_port_free(host: str, port: int) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise ResserveError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+                raise ResserveError(f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}") from None
 
 
 def answer_counts(answered: Counter) -> str:
@@ -234,9 +234,9 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str) -> None:
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        raise ResserveError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} "
+        raise ResserveError(f"cannot serve metrics on {host_port(host, port)}: {exc.strerror or exc} "
                             "(choose another --metrics-port, or 0 to disable)") from None
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    log.info("metrics on http://%s/metrics", host_port(host, port))
 
 
 async def _wait_for(event: asyncio.Event, seconds: float) -> bool:

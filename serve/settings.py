@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import socket
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -194,9 +196,34 @@ class ServerSettings:
             (bool(self.tls_cert) == bool(self.tls_key), "TLS needs both --tls-cert and --tls-key"),
             (not self.tls_client_ca or bool(self.tls_cert),
              "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key; refusing to serve without TLS"),
-            (self.drain_seconds >= 0 and self.grace_seconds >= 0, "drain and grace seconds must be >= 0"),
+            (all(0 <= seconds < math.inf for seconds in (self.drain_seconds, self.grace_seconds)),
+             "--drain-seconds and --grace-seconds must be finite and >= 0"),
+            (self.max_connection_age_seconds is None or 1 <= self.max_connection_age_seconds < math.inf,
+             "--max-connection-age must be at least 1 second (and finite)"),
             (1 <= self.workers <= MAX_WORKERS, f"--workers must be auto or 1-{MAX_WORKERS}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ResserveError(message)
+        _check_host(self.host)
+
+    @property
+    def address(self) -> str:
+        """Where gRPC listens, as gRPC and the logs write it."""
+        return host_port(self.host, self.port)
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[::]:8001``), as gRPC and URLs need it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_host(host: str) -> None:
+    """``--host``: an address or name this machine resolves (0.0.0.0, ::, 127.0.0.1, localhost)."""
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a valid host name"
+        raise ResserveError(f"--host {host!r} is not an address to listen on ({reason}); give an IP address "
+                            "(0.0.0.0 or :: for every interface, without brackets) or a name this machine "
+                            "resolves") from None

@@ -192,8 +192,8 @@ class Supervisor:
             self._serve_metrics()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-            log.info("listening on %s:%d with %d workers, %d inference threads each", self.settings.host,
-                     self.worker_settings.port, self.settings.workers, self.worker_settings.threads)
+            log.info("listening on %s with %d workers, %d inference threads each", self.worker_settings.address,
+                     self.settings.workers, self.worker_settings.threads)
             for index in range(1, self.settings.workers + 1):
                 self._start(index)
             self._loop()

@@ -65,7 +65,7 @@ class ServerProcess:
     def _pump(self) -> None:
         for line in self.process.stderr:
             self.lines.append(line)
-            if match := re.search(r"listening on [\d.]+:(\d+)", line):
+            if match := re.search(r"listening on (?:[\d.]+|\[[\da-f:]+\]):(\d+)", line):  # IPv4 or [IPv6]
                 self.port = int(match.group(1))
             if " ready: " in line:
                 self._ready.set()

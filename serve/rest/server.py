@@ -22,6 +22,7 @@ from aiohttp import web
 from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.errors import Busy, ResserveError, TooLarge, to_http_status
+from resserve.serve.settings import host_port
 
 log = logging.getLogger("resserve.serve")
 
@@ -157,6 +158,6 @@ class HttpServer:
         try:
             await site.start()
         except OSError as exc:
-            raise ResserveError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc} "
+            raise ResserveError(f"cannot listen for HTTP on {host_port(host, port)}: {exc.strerror or exc} "
                                 "(choose another --http-port, or 0 to disable)") from None
         return self.runner.addresses[0][1]

@@ -3,6 +3,7 @@
 import datetime as dt
 import re
 import shutil
+import socket
 import ssl
 import threading
 import time
@@ -280,6 +281,24 @@ def test_a_missing_package_is_one_line_before_anything_listens():
     result = run_cli("serve", "/nonexistent/pkg", "--port", "0", "--http-port", "0", "--metrics-port", "0", timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: model package /nonexistent/pkg does not exist"]
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_an_ipv6_host_serves_grpc_and_http():
+    with ServerProcess("--host", "::1") as server:  # gRPC needs [::1]:PORT, which the server now writes
+        assert health_status(f"[::1]:{server.port}", "resserve.readiness") == health_pb2.HealthCheckResponse.SERVING
+        with urllib.request.urlopen(f"http://[::1]:{server.http_port}/v2/health/ready", timeout=5) as response:
+            assert response.status == 200
+    assert any(f"listening on [::1]:{server.port}" in line for line in server.lines)
 
 
 def test_a_second_signal_cuts_the_drain_short():
