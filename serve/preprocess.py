@@ -43,8 +43,9 @@ def _readable(work):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return work()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, SyntaxError, EOFError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own cap, above ours
+        raise InvalidInput(f"image exceeds the limit of {MAX_PIXELS:,} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidInput(f"bytes are not an image Pillow can read ({type(exc).__name__})") from None
 
 

@@ -1,6 +1,8 @@
 """Any image becomes an MNIST-style 28x28 input: inverted when light, cropped, scaled, centred."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -60,6 +62,18 @@ def test_a_decompression_bomb_is_refused_before_decoding():
     assert len(bomb) < 200_000
     with pytest.raises(InvalidInput, match="exceeds the limit"):
         decode(bomb)
+
+
+
+def test_an_image_beyond_pillows_own_limit_is_refused_as_too_large_not_as_unreadable():
+    """Pillow refuses headers above ~179 megapixels itself, before resserve's check sees the size."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 0, 0, 0, 0)  # 400 megapixels, 8-bit grayscale
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    with pytest.raises(InvalidInput, match=f"image exceeds the limit of {MAX_PIXELS:,} pixels"):
+        decode(png)
 
 
 def test_raw_pixels_must_be_784_bytes():
