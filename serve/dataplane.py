@@ -66,10 +66,13 @@ def tensor_from_values(name: str, datatype: str, shape: tuple[int, ...], values,
     """An input sent as numbers (gRPC typed contents, REST JSON ``data``, flat or nested), checked
     for count, type and, for UINT8, range before it is narrowed."""
     dtype, count = _input_dtype(datatype), _element_count(shape)
-    try:
-        array = np.asarray(values, dtype=np.float32 if datatype == "FP32" else np.int64).ravel()
+    try:  # the values' own type first: casting would turn true into 1 and a UINT8 1.5 into 1
+        array = np.asarray(values).ravel()
     except (TypeError, ValueError, OverflowError):
-        raise InvalidInput(f"{source} must hold {datatype} numbers only, in a flat or nested list") from None
+        array = None
+    kinds, what = ("iu", "integers") if datatype == "UINT8" else ("iuf", "numbers")
+    if array is None or (array.size and array.dtype.kind not in kinds):
+        raise InvalidInput(f"{source} must hold {datatype} {what} only, in a flat or nested list")
     if array.size != count:
         raise InvalidInput(f"{source} has {array.size} values; shape {list(shape)} needs {count}")
     if datatype == "UINT8" and count and (array.min() < 0 or array.max() > 255):
