@@ -121,12 +121,26 @@ class ParityReference(_Record):
     fp32_tolerance: float = Field(gt=0.0)
 
 
+class SplitAccuracy(_Record):
+    """A network's accuracy on the validation split and on the test set."""
+
+    validation_accuracy: float = Fraction
+    test_accuracy: float = Fraction
+
+
+class LatencyChange(_Record):
+    before: float = Field(ge=0.0)
+    after: float = Field(ge=0.0)
+
+
 class DroppedBlocks(_Record):
+    """``export --drop-blocks``: which blocks went, chosen how, and what it cost and saved."""
+
     indices: list[int]
     method: str
-    before: dict[str, float]
-    after: dict[str, float | None]
-    eager_batch64_latency_ms: dict[str, float]
+    before: SplitAccuracy
+    after: SplitAccuracy
+    eager_batch64_latency_ms: LatencyChange
 
 
 class Manifest(_Record):

@@ -34,8 +34,8 @@ from resserve.serve.backends.base import infer_in_chunks
 from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend, import_onnxruntime
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
 from resserve.serve.manifest import (
-    FILE_NAME as MANIFEST, Accuracy, Artifact, DroppedBlocks, Int8Report, Manifest, ModelSummary, ParityReference,
-    Preprocessing, ReducedPrecisionReport, SourceCheckpoint, TensorSpec,
+    FILE_NAME as MANIFEST, Accuracy, Artifact, DroppedBlocks, Int8Report, LatencyChange, Manifest, ModelSummary,
+    ParityReference, Preprocessing, ReducedPrecisionReport, SourceCheckpoint, SplitAccuracy, TensorSpec,
 )
 from resserve.serve.package import sha256_of
 from resserve.serve.runtime import MAX_BF16_LOSS
@@ -161,9 +161,26 @@ def _artifact_entry(path: Path, format: str, precision: str, parity: dict) -> Ar
 # Steps
 
 
+@dataclass(frozen=True)
+class BlockDrop:
+    """What dropping blocks did, but for the test accuracy after: the export's verification pass
+    runs the same eager network on the test set, so it measures that once for both."""
+
+    indices: list[int]
+    method: str
+    before: SplitAccuracy
+    validation_accuracy_after: float
+    latency_ms: LatencyChange
+
+    def record(self, test_accuracy_after: float) -> DroppedBlocks:
+        after = SplitAccuracy(validation_accuracy=self.validation_accuracy_after, test_accuracy=test_accuracy_after)
+        return DroppedBlocks(indices=self.indices, method=self.method, before=self.before, after=after,
+                             eager_batch64_latency_ms=self.latency_ms)
+
+
 def _drop_blocks(network: ResNet, count: int, validation: Split, test: Split, log: Callable[[str], None]
-                 ) -> tuple[ResNet, dict | None]:
-    """Drop ``count`` blocks; report accuracy before/after and the eager latency gain."""
+                 ) -> tuple[ResNet, BlockDrop | None]:
+    """Drop ``count`` blocks; measure accuracy before and after and the eager latency gain."""
     if count == 0:
         return network, None
     folded = fold_for_inference(network)
@@ -177,15 +194,10 @@ def _drop_blocks(network: ResNet, count: int, validation: Split, test: Split, lo
     with torch.inference_mode():
         seconds_before = median_seconds(lambda: folded(batch), repeats=10)
         seconds_after = median_seconds(lambda: folded_pruned(batch), repeats=10)
-    report = {
-        "indices": indices, "method": method,
-        "before": {"validation_accuracy": evaluate(network, validation).accuracy,
-                   "test_accuracy": evaluate(network, test).accuracy},
-        # the test accuracy after comes from the export's verification pass (same eager network)
-        "after": {"validation_accuracy": evaluate(pruned, validation).accuracy, "test_accuracy": None},
-        "eager_batch64_latency_ms": {"before": round(seconds_before * 1e3, 2), "after": round(seconds_after * 1e3, 2)},
-    }
-    return pruned, report
+    before = SplitAccuracy(validation_accuracy=evaluate(network, validation).accuracy,
+                           test_accuracy=evaluate(network, test).accuracy)
+    latency = LatencyChange(before=round(seconds_before * 1e3, 2), after=round(seconds_after * 1e3, 2))
+    return pruned, BlockDrop(indices, method, before, evaluate(pruned, validation).accuracy, latency)
 
 
 def _int8(staging: Path, fp32_onnx: Path, verifier: Verifier, calibration: Split, log) -> Int8Report:
@@ -250,15 +262,15 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
     check_package_destination(out)
     network = source.build()
     train_split, validation = mnist.train_validation()
-    network, dropped = _drop_blocks(network, options.drop_blocks, validation, mnist.test, log)
+    network, drop = _drop_blocks(network, options.drop_blocks, validation, mnist.test, log)
     folded = InferenceModel(fold_for_inference(network)).eval()
     verifier = Verifier.for_network(network, mnist.test, stages)
+    dropped = drop.record(verifier.accuracy) if drop else None
     if dropped:
-        dropped["after"]["test_accuracy"] = verifier.accuracy
-        latency = dropped["eager_batch64_latency_ms"]
-        log(f"dropping blocks {dropped['indices']} ({dropped['method']}): test accuracy "
-            f"{dropped['before']['test_accuracy']:.4f} -> {verifier.accuracy:.4f}, "
-            f"batch-64 latency {latency['before']:.1f} -> {latency['after']:.1f} ms")
+        latency = dropped.eager_batch64_latency_ms
+        log(f"dropping blocks {dropped.indices} ({dropped.method}): test accuracy "
+            f"{dropped.before.test_accuracy:.4f} -> {dropped.after.test_accuracy:.4f}, "
+            f"batch-64 latency {latency.before:.1f} -> {latency.after:.1f} ms")
 
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -296,7 +308,7 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
 
 def _manifest(name: str, options: ExportOptions, checkpoint: Path, source, network: ResNet, folded: nn.Module,
               artifacts: list[Artifact], int8: Int8Report | None, reduced: dict[str, ReducedPrecisionReport],
-              dropped: dict | None, validation_accuracy: float, verifier: Verifier) -> Manifest:
+              dropped: DroppedBlocks | None, validation_accuracy: float, verifier: Verifier) -> Manifest:
     import onnx
 
     onnxruntime = import_onnxruntime()
@@ -319,7 +331,7 @@ def _manifest(name: str, options: ExportOptions, checkpoint: Path, source, netwo
                                fp32_tolerance=FP32_TOLERANCE),
         int8=int8,
         reduced_precision=reduced,
-        dropped_blocks=DroppedBlocks(**dropped) if dropped else None,
+        dropped_blocks=dropped,
         versions={**library_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                   "opset": options.opset},
     )

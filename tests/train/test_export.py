@@ -145,7 +145,8 @@ def test_artifacts_match_the_eager_model_with_dropped_blocks(exported):
     dropped = manifest.dropped_blocks
     assert len(dropped.indices) == 1 and "lesion" in dropped.method
     for report in (dropped.before, dropped.after):
-        assert 0.0 <= report["test_accuracy"] <= 1.0
+        assert 0.0 <= report.test_accuracy <= 1.0 and 0.0 <= report.validation_accuracy <= 1.0
+    assert dropped.eager_batch64_latency_ms.after > 0
     from resserve.train.fold import drop_blocks
 
     reference = drop_blocks(model, dropped.indices)
