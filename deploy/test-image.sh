@@ -71,8 +71,10 @@ log "image size: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{pr
 # Run: non-root, serves, classifies, drains on SIGTERM ------------------------------------------
 user=$(docker run --rm --entrypoint id "$IMAGE" -u)
 [ "$user" = 10001 ] || { log "runs as uid $user, not 10001"; exit 1; }
-docker run -d --name resserve-image-test --network host "$IMAGE" \
-  --host 127.0.0.1 --port "$PORT" --metrics-port "$METRICS_PORT" --http-port "$HTTP_PORT" --drain-seconds 1 >/dev/null
+# as deploy/k8s runs it: a read-only root filesystem with a small /tmp (the workers' metrics files)
+docker run -d --name resserve-image-test --network host --read-only --tmpfs /tmp:size=64m "$IMAGE" \
+  --host 127.0.0.1 --port "$PORT" --metrics-port "$METRICS_PORT" --http-port "$HTTP_PORT" --drain-seconds 1 \
+  --workers 2 >/dev/null
 for _ in $(seq 120); do
   docker logs resserve-image-test 2>&1 | grep -q " ready: " && break
   sleep 0.5
@@ -98,9 +100,17 @@ assert b"Draw a digit" in urllib.request.urlopen(url + "/", timeout=10).read()
 request = urllib.request.Request(url + "/v1/classify", data=digit, headers={"Content-Type": "image/png"})
 assert json.load(urllib.request.urlopen(request, timeout=10))["results"][0]["digit"] == 0, "HTTP: not classified as 0"
 PY
+# one /metrics for both workers, counting the answers above
+python3 - "http://127.0.0.1:$METRICS_PORT/metrics" <<'PY'
+import sys, urllib.request
+lines = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().splitlines()
+answered = sum(float(line.rsplit(" ", 1)[1]) for line in lines  # gRPC's OK, HTTP's 200
+               if line.startswith("resserve_requests_total{") and ('code="OK"' in line or 'code="200"' in line))
+assert answered == 2, f"/metrics counts {answered} answered classify requests, not the 2 sent"
+PY
 
 docker stop -t 30 resserve-image-test >/dev/null
 code=$(docker inspect resserve-image-test --format '{{.State.ExitCode}}')
 docker logs resserve-image-test 2>&1 | grep -q "stopped; requests answered" || { docker logs resserve-image-test >&2; exit 1; }
 [ "$code" = 0 ] || { log "exit code $code after SIGTERM"; exit 1; }
-log "ok: built, runs as uid 10001, classified a photo of a 0 over gRPC and HTTP, served the page, drained and exited 0 on SIGTERM"
+log "ok: built, runs as uid 10001 on a read-only filesystem with 2 workers, classified a photo of a 0 over gRPC and HTTP, served the page and its metrics, drained and exited 0 on SIGTERM"
