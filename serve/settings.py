@@ -188,6 +188,9 @@ class ServerSettings:
             (b.max_queue_size >= 1, "--max-queue-size must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.cpus is None or self.cpus >= 1, "--cpus must be >= 1"),
+            (self.threads is None or self.threads <= (self.cpus or usable_cpus()),
+             f"--threads {self.threads} is more than the {self.cpus or usable_cpus()} CPUs this server may use "
+             "(spinning threads beyond them starve the rest; --cpus raises the count)"),
             (self.max_images_per_request >= 1, "--max-images-per-request must be >= 1"),
             (1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,
              f"--max-message-bytes must be in 1024-{MAX_GRPC_MESSAGE_BYTES} (gRPC's limit)"),
