@@ -64,7 +64,6 @@ def test_a_decompression_bomb_is_refused_before_decoding():
         decode(bomb)
 
 
-
 def test_an_image_beyond_pillows_own_limit_is_refused_as_too_large_not_as_unreadable():
     """Pillow refuses headers above ~179 megapixels itself, before resserve's check sees the size."""
     def chunk(kind: bytes, data: bytes) -> bytes:

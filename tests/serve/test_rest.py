@@ -68,8 +68,8 @@ def client(server):
 def test_tritonclient_http_sees_health_metadata_and_config(client):
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL) and not client.is_model_ready("no-such-model")
-    metadata = client.get_server_metadata()
-    assert metadata["name"] == "resserve" and "binary_tensor_data" in metadata["extensions"]
+    server_metadata = client.get_server_metadata()
+    assert server_metadata["name"] == "resserve" and "binary_tensor_data" in server_metadata["extensions"]
     metadata = client.get_model_metadata(MODEL)
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
     assert [o["name"] for o in metadata["outputs"]] == ["logits", "probabilities"]
