@@ -178,7 +178,7 @@ class ServerSettings:
 
     def _validate(self) -> None:
         """One-line errors for settings that cannot work, before anything starts."""
-        b = self.batching
+        b, cpus = self.batching, self.cpus or usable_cpus()
         checks = [
             (all(0 <= p < 65536 for p in (self.port, self.http_port, self.metrics_port)), "ports must be in 0-65535"),
             (not self.http_port or self.http_port not in (self.port, self.metrics_port),
@@ -188,8 +188,8 @@ class ServerSettings:
             (b.max_queue_size >= 1, "--max-queue-size must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.cpus is None or self.cpus >= 1, "--cpus must be >= 1"),
-            (self.threads is None or self.threads <= (self.cpus or usable_cpus()),
-             f"--threads {self.threads} is more than the {self.cpus or usable_cpus()} CPUs this server may use "
+            (self.threads is None or self.threads <= cpus,
+             f"--threads {self.threads} is more than the {cpus} CPUs this server may use "
              "(spinning threads beyond them starve the rest; --cpus raises the count)"),
             (self.max_images_per_request >= 1, "--max-images-per-request must be >= 1"),
             (1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,

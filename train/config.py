@@ -165,15 +165,16 @@ class ExportOptions:
         check_model_version(self.version)
 
     def model_name(self, checkpoint: Path) -> str:
-        """The name the package is served by: ``name``, or the checkpoint's file stem; checked."""
+        """The name the package is served by: ``name`` (checked by ``validate``), or the checkpoint's
+        file stem, checked here."""
         if self.name is not None:
-            check_model_name(self.name)
             return self.name
+        stem = Path(checkpoint).stem
         try:
-            check_model_name(Path(checkpoint).stem)
+            check_model_name(stem)
         except ResserveError as exc:
             raise ExportError(f"{exc} (it is the checkpoint's file name: --name sets another)") from None
-        return Path(checkpoint).stem
+        return stem
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
