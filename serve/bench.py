@@ -39,7 +39,7 @@ from collections import Counter
 from contextlib import AsyncExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -53,6 +53,9 @@ from resserve.serve.package import ModelPackage, load_package
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 from resserve.serve.timing import images_per_second, median_seconds
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 PERCENTILES = (50, 90, 95, 99)
 LOAD_PROCESS_START_SECONDS = 3.0
@@ -374,7 +377,7 @@ def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 150))  # a wide table; narrow terminals wrap it
+    console = Console(soft_wrap=True)  # a summary line stays one line in a pipe, for grep
     for name, rows in report["servers"].items():
         name = f"{name} ({report['runtimes'][name]})"
         table = Table("load", "img/s", "req/s", "p50 ms", "p90", "p95", "p99", "max", "batch", "queue ms",
@@ -386,7 +389,7 @@ def print_report(report: dict) -> None:
                           ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0",
                           str(r["load_processes"]), f"{r['client_cpu_cores']:.2f}", _fmt(r["server_cpu_cores"], ".2f"),
                           _fmt(r["server_cpu_ms_per_request"], ".3f"))
-        console.print(table)
+        print_unsqueezed(table)
     for runtime, rows in report["in_process"].items():
         table = Table("batch", "latency ms", "img/s", title=f"In-process {runtime} (the limit of servers on it)")
         for r in rows:
@@ -395,6 +398,18 @@ def print_report(report: dict) -> None:
     for name, summary in report["summary"].items():
         for line in summary_lines(name, report["runtimes"][name], summary, report["batch"]):
             console.print(line)
+
+
+def print_unsqueezed(table: Table) -> None:
+    """Print a table at its natural width: rich would otherwise cut or wrap the headers of a 15-column table to
+    fit the terminal (80 columns when piped), and a table of numbers is read by its headers. Narrow terminals
+    wrap the lines instead."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    probe = Console(width=10_000)
+    natural = Measurement.get(probe, probe.options, table).maximum
+    Console(width=max(Console().width, natural)).print(table)
 
 
 def _fmt(value: float | None, spec: str) -> str:

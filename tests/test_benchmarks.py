@@ -6,9 +6,10 @@ import time
 
 import numpy as np
 import pytest
+from rich.table import Table
 
 from helpers import ServerProcess, needs_perf_analyzer, run_cli
-from resserve.serve.bench import Level, measure_level
+from resserve.serve.bench import Level, measure_level, print_unsqueezed
 from resserve.serve.load_clients import LoadSpec
 from resserve.serve.errors import ResserveError
 from resserve.serve.timing import MIN_REPEATS, median_seconds
@@ -49,6 +50,17 @@ def test_a_latency_median_stops_at_its_time_budget_but_not_below_ten_calls():
     calls.clear()
     median_seconds(slow, repeats=500, warmup=0, max_seconds=0)
     assert len(calls) == MIN_REPEATS
+
+
+def test_a_wide_report_table_keeps_every_header_whole_on_an_80_column_pipe(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    headers = [f"column {i} header" for i in range(15)]
+    table = Table(*headers)
+    table.add_row(*(f"{1234.5678 * i:.3f}" for i in range(15)))
+    print_unsqueezed(table)
+    printed = capsys.readouterr().out
+    assert all(header in printed for header in headers) and "…" not in printed
+    assert max(map(len, printed.splitlines())) > 80
 
 
 def test_bench_model_on_cuda_without_the_cuda_build_names_the_install(mnist):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
-from resserve.serve.bench import measure_runners
+from resserve.serve.bench import measure_runners, print_unsqueezed
 from resserve.serve.package import ModelPackage
 from resserve.train.checkpoint import load_checkpoint
 from resserve.train.data import MNIST
@@ -82,9 +82,8 @@ def print_training_benchmark(results: dict) -> None:
                   f"batch {results['batch_size']}, {results['threads']} threads")
     for row in results["rows"]:
         table.add_row(row["config"], f"{row['images_per_second']:.1f}")
-    console = Console()
-    console.print(table)
-    console.print(f"speedup: {results['speedup']:.2f}x")
+    print_unsqueezed(table)
+    Console().print(f"speedup: {results['speedup']:.2f}x")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +147,7 @@ def print_model_benchmark(results: dict, title: str) -> None:
                   *(f"batch {key[5:].split('_')[0]} images/s" for key in sizes), title=title)
     for row in results["rows"]:
         table.add_row(row["config"], f"{row['batch1_latency_ms']:.3f}", *(f"{row[key]:.0f}" for key in sizes))
+    print_unsqueezed(table)
     console = Console()
-    console.print(table)
     for name, value in results["ratios"].items():
         console.print(f"{name}: {value:.2f}x")
