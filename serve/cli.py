@@ -26,7 +26,9 @@ def _env(name: str) -> str:
 
 def serve(
     packages: Annotated[Optional[list[Path]], typer.Argument(
-        help="Model package directories (from `resserve export`) [default: the shipped model].",
+        help="Model package directories (from `resserve export`) [default: the shipped model]. Packages of one "
+        "model name at versions 1, 2, ... (`export --version`) are served side by side; a request that names no "
+        "version gets the latest.",
         show_default=False, envvar=_env("PACKAGES"))] = None,
     host: Annotated[str, typer.Option(envvar=_env("HOST"), help="Address to listen on.")] = ServerSettings.host,
     port: Annotated[int, typer.Option(envvar=_env("PORT"), help="gRPC port (Triton's default).")] = ServerSettings.port,

@@ -238,17 +238,22 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str = "") -> bool:
         repository = self.state.repository
-        if not self.state.ready or repository is None or name not in repository.models:
+        if not self.state.ready or repository is None or name not in repository:
             return False
-        return version in ("", repository.models[name].version)
+        return version in ("", *(m.version for m in repository.versions(name)))
 
     def model(self, name: str = "", version: str = "") -> ServedModel:
         """The model called ``name`` ('' for the default) at ``version`` ('' for the current one)."""
         return self.state.models().get(name, version)
 
     def models(self, name: str = "", version: str = "") -> list[ServedModel]:
-        """Every model ('' name), or the one asked for: what the statistics extension reports."""
-        return [self.model(name, version)] if name else list(self.state.models().models.values())
+        """What the statistics extension reports: every model ('' name), every version of one
+        ('' version), or the one asked for."""
+        return self.state.models().select(name, version)
+
+    def versions(self, name: str = "") -> list[str]:
+        """The versions served of the model called ``name`` ('' for the default), oldest first (as Triton lists them)."""
+        return [m.version for m in reversed(self.state.models().versions(name))]
 
     def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
         """The models and their state. Models are fixed at start: loading and unloading are not offered."""
@@ -258,7 +263,7 @@ class DataPlane:
         state, reason = ("READY", "") if self.state.ready else ("UNAVAILABLE", "the server is not ready (loading or draining)")
         if ready_only and state != "READY":
             return []
-        return [RepositoryEntry(m.name, m.version, state, reason) for m in repository.models.values()]
+        return [RepositoryEntry(m.name, m.version, state, reason) for m in repository.models]
 
     def check_image_count(self, count: int) -> None:
         limit = self.state.settings.max_images_per_request
@@ -271,14 +276,15 @@ class DataPlane:
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         model = self.model(request.model_name, request.model_version)
-        manifest = model.package.manifest
-        wanted = validate_requested_outputs(request.outputs, manifest.outputs)
-        if len(request.inputs) != len(manifest.inputs):
-            raise InvalidInput(f"expected {len(manifest.inputs)} input tensor named {manifest.inputs[0].name!r}, "
-                               f"got {len(request.inputs)}")
-        batch = model_input(request.inputs[0], manifest.inputs[0], self.state.settings.max_images_per_request,
-                            manifest.preprocessing.range)
-        outputs = await model.batcher.submit(batch, request.deadline)
+        with model.statistics.request():
+            manifest = model.package.manifest
+            wanted = validate_requested_outputs(request.outputs, manifest.outputs)
+            if len(request.inputs) != len(manifest.inputs):
+                raise InvalidInput(f"expected {len(manifest.inputs)} input tensor named "
+                                   f"{manifest.inputs[0].name!r}, got {len(request.inputs)}")
+            batch = model_input(request.inputs[0], manifest.inputs[0], self.state.settings.max_images_per_request,
+                                manifest.preprocessing.range)
+            outputs = await model.batcher.submit(batch, request.deadline)
         answers = tuple(
             top_classes(o.name, outputs[o.name], o.classification, manifest.labels) if o.classification
             else Tensor(o.name, "FP32", outputs[o.name].shape, outputs[o.name]) for o in wanted)
@@ -288,9 +294,10 @@ class DataPlane:
                        deadline: float | None = None) -> Classification:
         """Preprocess images the way MNIST was made, then run them as one batch."""
         model = self.model(model_name)
-        self.check_image_count(len(images))
-        batch = await self._preprocess(images, deadline)
-        outputs = await model.batcher.submit(batch, deadline)
+        with model.statistics.request():
+            self.check_image_count(len(images))
+            batch = await self._preprocess(images, deadline)
+            outputs = await model.batcher.submit(batch, deadline)
         return Classification(model, outputs["probabilities"], batch)
 
     async def _preprocess(self, images: list[Image], deadline: float | None) -> np.ndarray:

@@ -30,7 +30,7 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
 
-    @rpc("classify", model_of=lambda r: r.model, inference=True)
+    @rpc("classify", model_of=lambda r: r.model)
     async def Classify(self, request, context):
         self.plane.check_image_count(len(request.images))  # before any per-image work
         images = [_image(i, image) for i, image in enumerate(request.images)]

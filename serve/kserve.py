@@ -85,11 +85,11 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
-def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
-    """A model's KServe v2 metadata (both protocols)."""
+def model_metadata(model: ServedModel, versions: list[str]) -> pb.ModelMetadataResponse:
+    """A model version's KServe v2 metadata (both protocols), with every version of it served."""
     manifest = model.package.manifest
     return pb.ModelMetadataResponse(
-        name=model.name, versions=[model.version], platform=model.platform,
+        name=model.name, versions=versions, platform=model.platform,
         inputs=[_tensor_metadata(spec) for spec in manifest.inputs],
         outputs=[_tensor_metadata(spec) for spec in manifest.outputs])
 
@@ -103,12 +103,15 @@ def triton_model_config(manifest: Manifest, platform: str, batching: BatchingCon
         dynamic_batching=config_pb.ModelDynamicBatching(max_queue_delay_microseconds=batching.max_queue_delay_us))
 
 
-def served_model_config(model: ServedModel) -> config_pb.ModelConfig:
-    """A served model's Triton config, with how it runs (backend, precision, device) as parameters."""
+def served_model_config(model: ServedModel, versions: list[str]) -> config_pb.ModelConfig:
+    """A served model version's Triton config, with how it runs (backend, precision, device) as
+    parameters; beside other versions of it, the version policy names them all."""
     config = triton_model_config(model.package.manifest, model.platform, model.batcher.config)
     for key, value in (("backend", model.backend.name), ("precision", model.backend.precision),
                        ("device", model.backend.device)):
         config.parameters[key].string_value = value
+    if len(versions) > 1:  # whole numbers: read_packages checks it
+        config.version_policy.specific.versions.extend(int(v) for v in versions)
     return config
 
 
@@ -144,11 +147,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelMetadata(self, request, context):
-        return model_metadata(self.plane.model(request.name, request.version))
+        return model_metadata(self.plane.model(request.name, request.version), self.plane.versions(request.name))
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelConfig(self, request, context):
-        return pb.ModelConfigResponse(config=served_model_config(self.plane.model(request.name, request.version)))
+        model = self.plane.model(request.name, request.version)
+        return pb.ModelConfigResponse(config=served_model_config(model, self.plane.versions(request.name)))
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelStatistics(self, request, context):
@@ -160,7 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
             for e in self.plane.repository_index(request.ready)])
 
-    @rpc("kserve", model_of=lambda r: r.model_name, inference=True)
+    @rpc("kserve", model_of=lambda r: r.model_name)
     async def ModelInfer(self, request, context):
         return await self._infer(request, deadline_of(context))
 

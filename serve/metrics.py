@@ -22,13 +22,13 @@ class Metrics:
         self.latency = Histogram("resserve_request_latency_seconds", "Time from request to response.",
                                  ["protocol", "api", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("resserve_queue_seconds", "Time a request waited for its batch.",
-                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+                                    ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference_time = Histogram("resserve_inference_seconds", "Time one batch took to compute.",
-                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
+                                        ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("resserve_batch_size", "Images per batch formed by the dynamic batcher.",
-                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
+                                    ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("resserve_queue_depth", "Requests waiting in a model's queue (all workers).",
-                                 ["model"], registry=r, multiprocess_mode="livesum")
+                                 ["model", "version"], registry=r, multiprocess_mode="livesum")
         self.model_info = Gauge("resserve_model_info", "Loaded models and how they run (value 1).",
                                 ["model", "version", "backend", "device", "precision"], registry=r,
                                 multiprocess_mode="livemax")

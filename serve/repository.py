@@ -46,18 +46,50 @@ class ServedModel:
 
 
 class ModelRepository:
+    """The served models by name, each at one or more versions. A request that names no version
+    gets the latest (the highest number), as under Triton's version policy ``all``."""
+
     def __init__(self, models: list[ServedModel]) -> None:
-        self.models = {m.name: m for m in models}
+        self.models = tuple(models)  # every version of every model, in the order given
+        self._versions: dict[str, list[ServedModel]] = {}  # name -> its versions, latest first
+        for model in models:
+            self._versions.setdefault(model.name, []).append(model)
+        for versions in self._versions.values():
+            versions.sort(key=lambda m: version_order(m.version), reverse=True)
         self.default = models[0].name
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._versions
+
+    def versions(self, name: str) -> list[ServedModel]:
+        """Every version of the model called ``name`` ('' for the default), latest first."""
+        versions = self._versions.get(name or self.default)
+        if versions is None:
+            raise ModelNotFound(f"unknown model {name!r}; this server has {', '.join(sorted(self._versions))}")
+        return versions
+
     def get(self, name: str = "", version: str = "") -> ServedModel:
-        """The model called ``name`` ('' for the default) at ``version`` ('' for the current one)."""
-        model = self.models.get(name or self.default)
-        if model is None:
-            raise ModelNotFound(f"unknown model {name!r}; this server has {', '.join(sorted(self.models))}")
-        if version and version != model.version:
-            raise ModelNotFound(f"model {model.name!r} has version {model.version}, not {version!r}")
-        return model
+        """The model called ``name`` ('' for the default) at ``version`` ('' for the latest)."""
+        versions = self.versions(name)
+        if not version:
+            return versions[0]
+        for model in versions:
+            if model.version == version:
+                return model
+        served = ", ".join(m.version for m in reversed(versions))
+        raise ModelNotFound(f"model {versions[0].name!r} has {'versions' if len(versions) > 1 else 'version'} "
+                            f"{served}, not {version!r}")
+
+    def select(self, name: str = "", version: str = "") -> list[ServedModel]:
+        """What a statistics request asks for: every model (no name), every version of one (no version), or one."""
+        if not name:
+            return list(self.models)
+        return [self.get(name, version)] if version else self.versions(name)
+
+
+def version_order(version: str) -> int:
+    """Versions of one model served together are whole numbers (``read_packages`` checks it)."""
+    return int(version) if version.isdecimal() else 0
 
 
 def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set[str] | None,
@@ -78,31 +110,39 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
     warm = np.zeros((batching.max_batch_size, 1, 28, 28), dtype=np.float32)
     for size in batching.shapes():  # with buckets, every shape a batch can take: nothing compiles after ready
         backend.infer(warm[:size])
-    name, statistics = package.name, ModelStatistics()
+    name, version, statistics = package.name, package.version, ModelStatistics()
 
     def record(stats: BatchStats) -> None:
         statistics.record_batch(stats)
-        metrics.batch_size.labels(name).observe(stats.size)
-        metrics.inference_time.labels(name).observe(stats.infer_seconds)
+        metrics.batch_size.labels(name, version).observe(stats.size)
+        metrics.inference_time.labels(name, version).observe(stats.infer_seconds)
         for seconds in stats.queue_seconds:
-            metrics.queue_time.labels(name).observe(seconds)
-        metrics.queue_depth.labels(name).set(batcher.queue_depth)  # a value, not a function: workers share it
+            metrics.queue_time.labels(name, version).observe(seconds)
+        metrics.queue_depth.labels(name, version).set(batcher.queue_depth)  # a value, not a function: workers share it
 
     batcher = DynamicBatcher(backend.infer, batching, executor, on_batch=record)
-    metrics.model_info.labels(name, package.version, backend.name, backend.device, backend.precision).set(1)
+    metrics.model_info.labels(name, version, backend.name, backend.device, backend.precision).set(1)
     log.info("loaded model %s version %s: %s on %s (%s, %s), warmed up at batch %s in %.2f s", name,
-             package.version, artifact.file, backend.name, backend.device, backend.precision,
+             version, artifact.file, backend.name, backend.device, backend.precision,
              ",".join(map(str, batching.shapes())), time.monotonic() - started)
     return ServedModel(package, backend, batcher, statistics)
 
 
 def read_packages(settings: ServerSettings) -> list[ModelPackage]:
-    """The packages to serve, their manifests read and checked (nothing loaded yet)."""
+    """The packages to serve, their manifests read and checked (nothing loaded yet): one name may
+    come at several versions, whole numbers so that one of them is the latest."""
     packages = [load_package(p) for p in settings.packages] or [load_package()]
-    names = [p.name for p in packages]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ResserveError(f"two packages are called {', '.join(duplicates)}; export one with --name")
+    keys = [(p.name, p.version) for p in packages]
+    twice = sorted({f"{name} version {version}" for name, version in keys if keys.count((name, version)) > 1})
+    if twice:
+        raise ResserveError(f"two packages are {', '.join(twice)}; export one with another --name or --version")
+    for name in dict.fromkeys(p.name for p in packages):
+        versions = [version for named, version in keys if named == name]
+        numbered = all(v.isdecimal() for v in versions) and len({int(v) for v in versions}) == len(versions)
+        if len(versions) > 1 and not numbered:
+            raise ResserveError(f"model {name} comes at versions {', '.join(versions)}: versions served side by side "
+                                "must be distinct whole numbers (export --version 2), so the latest answers requests "
+                                "that name no version")
     return packages
 
 

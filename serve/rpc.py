@@ -40,8 +40,7 @@ class Outcome:
     message: str = ""
 
 
-async def answer(state: ServerState, api: str, model: str, work: Callable[[], Awaitable[T]],
-                 inference: bool = False) -> tuple[T | None, Outcome]:
+async def answer(state: ServerState, api: str, model: str, work: Callable[[], Awaitable[T]]) -> tuple[T | None, Outcome]:
     """Admit a request (refused once the server stops accepting), run ``work``, and count the
     request out with its outcome. An error is not raised: it becomes the outcome's code and
     message, for the caller to answer with; a cancellation (the client went away) propagates."""
@@ -57,19 +56,18 @@ async def answer(state: ServerState, api: str, model: str, work: Callable[[], Aw
         outcome.code, outcome.message = to_status(exc)
         return None, outcome
     finally:
-        state.finish("grpc", api, model, outcome.code.name, outcome.code == grpc.StatusCode.OK, started, inference)
+        state.finish("grpc", api, model, outcome.code.name, started)
 
 
-def rpc(api: str, model_of: Callable[[object], str], inference: bool = False):
-    """Wrap a unary servicer method of a class with a ``plane`` (DataPlane) attribute;
-    ``inference`` methods count in the model's statistics too."""
+def rpc(api: str, model_of: Callable[[object], str]):
+    """Wrap a unary servicer method of a class with a ``plane`` (DataPlane) attribute."""
 
     def decorate(method):
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             state = self.plane.state
             response, outcome = await answer(state, api, state.model_label(model_of(request)),
-                                             lambda: method(self, request, context), inference)
+                                             lambda: method(self, request, context))
             if outcome.code != grpc.StatusCode.OK:
                 await context.abort(outcome.code, outcome.message)
             return response

@@ -133,7 +133,7 @@ class Server:
         self.state.ready = True
         await self._set_health(READINESS_NAMES, serving=True)
         if coordinator is None:
-            log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models.values()))
+            log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models))
         else:  # the supervisor says ready when every worker is
             coordinator.ready()
 
@@ -165,7 +165,7 @@ class Server:
     async def _load(self, packages: list[ModelPackage]) -> None:
         repository = await asyncio.to_thread(load_repository, packages, self.settings, self.executor,
                                              self.state.metrics)
-        for model in repository.models.values():
+        for model in repository.models:
             model.batcher.start()
         self.state.repository = repository
 
@@ -199,7 +199,7 @@ class Server:
         log.info("stopping: new requests get UNAVAILABLE; in-flight requests get %.1f s", self.settings.grace_seconds)
         self.state.accepting = False
         finished = await _wait_for(self.state.idle, self.settings.grace_seconds)
-        models = list(self.state.repository.models.values()) if self.state.repository else []
+        models = list(self.state.repository.models) if self.state.repository else []
         if not finished:
             shed = sum(model.batcher.shed() for model in models)
             log.warning("%d requests still in flight after the grace period: %d queued ones answered "

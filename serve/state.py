@@ -36,7 +36,7 @@ class ServerState:
         if self.repository is None:
             return "unknown"
         name = requested or self.repository.default
-        return name if name in self.repository.models else "unknown"
+        return name if name in self.repository else "unknown"
 
     def models(self) -> ModelRepository:
         if self.repository is None:
@@ -53,16 +53,11 @@ class ServerState:
         if not self.accepting:
             raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
 
-    def finish(self, protocol: str, api: str, model: str, code: str, ok: bool, started: float,
-               inference: bool = False) -> None:
-        """Count a request out with the status ``code`` it was answered with, ``ok`` or not
-        (``inference``: also in the model's statistics)."""
-        seconds = time.monotonic() - started
+    def finish(self, protocol: str, api: str, model: str, code: str, started: float) -> None:
+        """Count a request out with the status ``code`` it was answered with."""
         self.in_flight -= 1
         if not self.in_flight:
             self.idle.set()
         self.answered[code] += 1
         self.metrics.requests.labels(protocol, api, model, code).inc()
-        self.metrics.latency.labels(protocol, api, model).observe(seconds)
-        if inference and self.repository is not None and model in self.repository.models:
-            self.repository.models[model].statistics.record_request(ok, seconds)
+        self.metrics.latency.labels(protocol, api, model).observe(time.monotonic() - started)

@@ -1,7 +1,7 @@
-"""Per-model inference statistics, as Triton's statistics extension reports them.
+"""Per-model-version inference statistics, as Triton's statistics extension reports them.
 
-Fed by the same events as the Prometheus metrics: every batch the batcher runs (``BatchStats``)
-and every inference request answered (``ServerState.finish``). Protocol-neutral: the KServe
+Fed by every batch the batcher runs (``BatchStats``, as the Prometheus metrics are) and every
+inference request the data plane runs on the version (``request``). Protocol-neutral: the KServe
 codec turns them into a ``ModelStatisticsResponse``. Times are cumulative nanoseconds, as in
 Triton: per request for success, fail, queue and the three compute phases (a request's compute
 times are those of the batch it ran in), and per batch size for the batches themselves. Triton's
@@ -12,7 +12,9 @@ statistics where they differ.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from resserve.serve.batcher import BatchStats
 
@@ -62,5 +64,12 @@ class ModelStatistics:
         self.compute.add(stats, times=len(stats.queue_seconds))
         self.batches.setdefault(stats.size, Compute()).add(stats)
 
-    def record_request(self, ok: bool, seconds: float) -> None:
-        (self.success if ok else self.fail).add(seconds)
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Time one inference request: a success, or a failure if it raises (or is cancelled)."""
+        started, ok = time.monotonic(), False
+        try:
+            yield
+            ok = True
+        finally:
+            (self.success if ok else self.fail).add(time.monotonic() - started)

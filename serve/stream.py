@@ -56,7 +56,7 @@ class Window:
 
 def _depth(state: ServerState) -> int:
     """Requests one stream may have in flight: a largest batch's worth, within the queue's size."""
-    models = state.repository.models.values() if state.repository else ()
+    models = state.repository.models if state.repository else ()
     largest = max((model.batcher.config.max_batch_size for model in models), default=1)
     return max(1, min(largest, state.settings.batching.max_queue_size))
 
@@ -102,7 +102,7 @@ class InferStream:
 
     async def _response(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         model = self.state.model_label(request.model_name)
-        response, outcome = await answer(self.state, "kserve_stream", model, lambda: self.infer(request), True)
+        response, outcome = await answer(self.state, "kserve_stream", model, lambda: self.infer(request))
         if response is not None:
             return pb.ModelStreamInferResponse(infer_response=response)
         return pb.ModelStreamInferResponse(

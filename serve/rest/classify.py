@@ -57,7 +57,7 @@ async def _form_images(request: web.Request) -> tuple[list[Image], list[str | No
 
 
 @routes.post("/v1/classify")
-@endpoint("classify", inference=True)
+@endpoint("classify")
 async def classify(request: web.Request) -> web.Response:
     started = time.perf_counter()
     plane = plane_of(request)

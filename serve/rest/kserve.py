@@ -226,7 +226,8 @@ async def all_statistics(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/versions/{version}")
 @endpoint("kserve")
 async def model_metadata(request: web.Request) -> web.Response:
-    return json_response(_triton_json(metadata_of(_model(request))))
+    versions = plane_of(request).versions(request.match_info["name"])
+    return json_response(_triton_json(metadata_of(_model(request), versions)))
 
 
 @routes.get("/v2/models/{name}/ready")
@@ -240,14 +241,15 @@ async def model_ready(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/versions/{version}/config")
 @endpoint("kserve")
 async def model_config(request: web.Request) -> web.Response:
-    return json_response(_triton_json(served_model_config(_model(request))))
+    versions = plane_of(request).versions(request.match_info["name"])
+    return json_response(_triton_json(served_model_config(_model(request), versions)))
 
 
 @routes.get("/v2/models/{name}/stats")
 @routes.get("/v2/models/{name}/versions/{version}/stats")
 @endpoint("kserve")
 async def model_statistics(request: web.Request) -> web.Response:
-    return _statistics([_model(request)])
+    return _statistics(plane_of(request).models(request.match_info["name"], request.match_info.get("version", "")))
 
 
 @routes.post("/v2/repository/index")
@@ -267,7 +269,7 @@ async def repository_index(request: web.Request) -> web.Response:
 
 @routes.post("/v2/models/{name}/infer")
 @routes.post("/v2/models/{name}/versions/{version}/infer")
-@endpoint("kserve", inference=True)
+@endpoint("kserve")
 async def infer(request: web.Request) -> web.Response:
     body = await read_body(request)
     decoded, as_binary = decode_infer(body, request.headers.get(HEADER_LENGTH), request.match_info["name"],

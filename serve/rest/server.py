@@ -86,7 +86,7 @@ async def read_body(request: web.Request) -> bytes:
         raise TooLarge(f"request body exceeds the limit of {limit:,} bytes (--max-message-bytes)") from None
 
 
-def endpoint(api: str, inference: bool = False) -> Callable[[Handler], Handler]:
+def endpoint(api: str) -> Callable[[Handler], Handler]:
     """Wrap an API handler: admitted and counted like every request; errors become JSON; the
     model label is the route's ``{name}`` (bounded by ``ServerState.model_label``)."""
 
@@ -112,7 +112,7 @@ def endpoint(api: str, inference: bool = False) -> Callable[[Handler], Handler]:
                 return error_response(status, message)
             finally:
                 door.inflight_bytes -= reserved
-                state.finish("http", api, model, str(status), status == 200, started, inference)
+                state.finish("http", api, model, str(status), started)
 
         return wrapped
 
