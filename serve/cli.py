@@ -154,6 +154,7 @@ def classify(
         help="Image files (PNG, JPEG, ...): photos and drawings work.")],
     server: Server = "localhost:8001",
     model: Annotated[str, typer.Option(help="Model name [default: the server's default].")] = "",
+    model_version: Annotated[str, typer.Option(help="Model version [default: the latest the server has].")] = "",
     tls_ca: TlsCa = None,
     token: Token = None,
     token_file: TokenFile = None,
@@ -175,7 +176,7 @@ def classify(
     if token and token_file:
         raise ResserveError("give --token or --token-file, not both")
     with DigitClient(server, tls_ca, _read_tokens(token_file)[0] if token_file else token) as client:
-        outcomes = client.classify_each(blobs, model)
+        outcomes = client.classify_each(blobs, model, model_version)
     rows = [{"file": str(p), "error": o} if isinstance(o, str) else
             {"file": str(p), "digit": o.digit, "confidence": round(o.confidence, 6)} for p, o in zip(images, outcomes)]
     if as_json:

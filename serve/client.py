@@ -54,20 +54,22 @@ class DigitClient:
     def __exit__(self, *exc) -> None:
         self.channel.close()
 
-    def classify(self, images: list[bytes], model: str = "") -> list[Result]:
-        """Encoded images (PNG, JPEG, ...) -> one result per image, in order."""
-        request = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=data) for data in images], model=model)
+    def classify(self, images: list[bytes], model: str = "", version: str = "") -> list[Result]:
+        """Encoded images (PNG, JPEG, ...) -> one result per image, in order ('' model: the server's
+        default; '' version: the latest)."""
+        request = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=data) for data in images], model=model,
+                                             model_version=version)
         response = self._call(self.classifier.Classify, request)
         return [Result(r.digit, r.probability, list(r.probabilities)) for r in response.results]
 
-    def classify_each(self, images: list[bytes], model: str = "") -> list[Result | str]:
+    def classify_each(self, images: list[bytes], model: str = "", version: str = "") -> list[Result | str]:
         """Like ``classify``, but an image the server refuses does not sink the others: its entry is
         the server's reason (a string), and the rest are classified."""
         outcomes: list[Result | str | None] = [None] * len(images)
         pending = list(range(len(images)))
         while pending:
             try:
-                results = self.classify([images[i] for i in pending], model)
+                results = self.classify([images[i] for i in pending], model, version)
             except ClientError as exc:
                 fault = IMAGE_AT_FAULT.fullmatch(exc.details) if exc.code == grpc.StatusCode.INVALID_ARGUMENT else None
                 if fault is None or int(fault.group(1)) >= len(pending):

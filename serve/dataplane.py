@@ -290,10 +290,10 @@ class DataPlane:
             else Tensor(o.name, "FP32", outputs[o.name].shape, outputs[o.name]) for o in wanted)
         return InferenceResponse(model_name=model.name, model_version=model.version, id=request.id, outputs=answers)
 
-    async def classify(self, images: list[Image], model_name: str = "",
+    async def classify(self, images: list[Image], model_name: str = "", model_version: str = "",
                        deadline: float | None = None) -> Classification:
         """Preprocess images the way MNIST was made, then run them as one batch."""
-        model = self.model(model_name)
+        model = self.model(model_name, model_version)
         with model.statistics.request():
             self.check_image_count(len(images))
             batch = await self._preprocess(images, deadline)

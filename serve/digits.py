@@ -34,7 +34,7 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
     async def Classify(self, request, context):
         self.plane.check_image_count(len(request.images))  # before any per-image work
         images = [_image(i, image) for i, image in enumerate(request.images)]
-        result = await self.plane.classify(images, request.model, deadline_of(context))
+        result = await self.plane.classify(images, request.model, request.model_version, deadline_of(context))
         return pb.ClassifyResponse(
             results=[_classification(p, request.top_k) for p in result.probabilities],
             model=result.model.name, model_version=result.model.version)

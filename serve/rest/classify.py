@@ -62,7 +62,7 @@ async def classify(request: web.Request) -> web.Response:
     started = time.perf_counter()
     plane = plane_of(request)
     images, names = await _images(request)
-    result = await plane.classify(images, request.query.get("model", ""))
+    result = await plane.classify(images, request.query.get("model", ""), request.query.get("version", ""))
     backend = result.model.backend
     answers = []
     for name, probabilities, seen in zip(names, result.probabilities, result.inputs):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x64igits.proto\x12\x0bresserve.v1\":\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x13\n\traw_28x28\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"S\n\x0f\x43lassifyRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.resserve.v1.Image\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"0\n\nDigitScore\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"q\n\x0e\x43lassification\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.resserve.v1.DigitScore\"f\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.resserve.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t2\\\n\x0f\x44igitClassifier\x12I\n\x08\x43lassify\x12\x1c.resserve.v1.ClassifyRequest\x1a\x1d.resserve.v1.ClassifyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x64igits.proto\x12\x0bresserve.v1\":\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x13\n\traw_28x28\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"j\n\x0f\x43lassifyRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.resserve.v1.Image\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"0\n\nDigitScore\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"q\n\x0e\x43lassification\x12\r\n\x05\x64igit\x18\x01 \x01(\r\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.resserve.v1.DigitScore\"f\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.resserve.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t2\\\n\x0f\x44igitClassifier\x12I\n\x08\x43lassify\x12\x1c.resserve.v1.ClassifyRequest\x1a\x1d.resserve.v1.ClassifyResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGE']._serialized_start=29
   _globals['_IMAGE']._serialized_end=87
   _globals['_CLASSIFYREQUEST']._serialized_start=89
-  _globals['_CLASSIFYREQUEST']._serialized_end=172
-  _globals['_DIGITSCORE']._serialized_start=174
-  _globals['_DIGITSCORE']._serialized_end=222
-  _globals['_CLASSIFICATION']._serialized_start=224
-  _globals['_CLASSIFICATION']._serialized_end=337
-  _globals['_CLASSIFYRESPONSE']._serialized_start=339
-  _globals['_CLASSIFYRESPONSE']._serialized_end=441
-  _globals['_DIGITCLASSIFIER']._serialized_start=443
-  _globals['_DIGITCLASSIFIER']._serialized_end=535
+  _globals['_CLASSIFYREQUEST']._serialized_end=195
+  _globals['_DIGITSCORE']._serialized_start=197
+  _globals['_DIGITSCORE']._serialized_end=245
+  _globals['_CLASSIFICATION']._serialized_start=247
+  _globals['_CLASSIFICATION']._serialized_end=360
+  _globals['_CLASSIFYRESPONSE']._serialized_start=362
+  _globals['_CLASSIFYRESPONSE']._serialized_end=464
+  _globals['_DIGITCLASSIFIER']._serialized_start=466
+  _globals['_DIGITCLASSIFIER']._serialized_end=558
 # @@protoc_insertion_point(module_scope)

@@ -4,15 +4,19 @@ either version by number, and the latest without one."""
 
 import json
 import shutil
+import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.http as triton_http
+from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from helpers import ServerProcess, metric_value, run_cli
 from resserve.serve.package import SHIPPED_PACKAGE
+from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.train.config import ExportOptions
 from resserve.train.export import export_package
 from resserve.train.files import SHIPPED_MODEL
@@ -114,3 +118,21 @@ def test_a_version_served_twice_or_versions_without_numbers_are_one_line(tmp_pat
     assert result.stderr.strip() == (
         "error: model resnet-mnist comes at versions 1, candidate: versions served side by side must be distinct "
         "whole numbers (export --version 2), so the latest answers requests that name no version")
+
+
+def test_classify_takes_a_version_over_grpc_http_and_the_cli(server, mnist, tmp_path):
+    png = tmp_path / "digit.png"
+    Image.fromarray(mnist.test.images[0]).save(png)
+    stub = digits_pb2_grpc.DigitClassifierStub(grpc.insecure_channel(server.target))
+    for version, answered in (("", "2"), ("1", "1")):
+        request = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=png.read_bytes())], model_version=version)
+        response = stub.Classify(request)
+        assert response.model_version == answered and response.results[0].digit == mnist.test.labels[0]
+        query = f"?version={version}" if version else ""
+        with urllib.request.urlopen(urllib.request.Request(f"{server.url}/v1/classify{query}", data=png.read_bytes())) as r:
+            body = json.loads(r.read())
+        assert body["model_version"] == answered and body["results"][0]["digit"] == mnist.test.labels[0]
+    result = run_cli("classify", "--server", server.target, "--model-version", "1", str(png))
+    assert result.returncode == 0 and result.stdout.startswith(f"{png}: {mnist.test.labels[0]} ("), result.stderr
+    result = run_cli("classify", "--server", server.target, "--model-version", "3", str(png))
+    assert result.returncode == 1 and "has versions 1, 2, not '3'" in result.stderr
