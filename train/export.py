@@ -54,7 +54,10 @@ INT8_FILE = "model.int8.onnx"
 FP32_TOLERANCE = 1e-4  # largest |logit difference| allowed between an fp32 artifact and eager
 INT8_MAX_LOSS = 0.001  # an int8 artifact may lose at most 0.1 accuracy points
 CALIBRATION_IMAGES = 512
-VERIFY_CHUNK = 1000  # images per backend call while verifying
+# images per backend call while verifying: a chunk's activations (16x28x28 floats an image) stay
+# under the allocator's heap limit (train/allocator.py); at 1000, torch page-faults its way to a
+# third of the speed
+VERIFY_CHUNK = 256
 
 
 class InferenceModel(nn.Module):
