@@ -97,11 +97,20 @@ class RequestedOutput:
 @dataclass(frozen=True)
 class InferenceRequest:
     model_name: str  # "" for the server's default model
-    model_version: str  # "" for the current version
+    model_version: str  # "" for the latest version
     inputs: tuple[Tensor, ...]
     outputs: tuple[RequestedOutput, ...] = ()  # empty: all of the model's
     id: str = ""
     deadline: float | None = None  # time.monotonic() value
+
+
+def deadline_within(timeout_us: int | None, deadline: float | None = None) -> float | None:
+    """The earlier of a transport's ``deadline`` and Triton's ``timeout`` request parameter
+    (microseconds from now; none or 0: no timeout), as a time.monotonic() value."""
+    if not timeout_us or timeout_us < 0:
+        return deadline
+    ends = time.monotonic() + timeout_us / 1e6
+    return ends if deadline is None else min(deadline, ends)
 
 
 @dataclass(frozen=True)

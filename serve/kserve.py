@@ -12,7 +12,7 @@ import grpc
 
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.dataplane import (SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, Tensor,
-                                     tensor_bytes, tensor_from_bytes, tensor_from_values)
+                                     deadline_within, tensor_bytes, tensor_from_bytes, tensor_from_values)
 from resserve.serve.errors import InvalidInput
 from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.repository import ServedModel
@@ -46,9 +46,21 @@ def _tensor(request: pb.ModelInferRequest, index: int, tensor) -> Tensor:
 
 
 def decode_request(request: pb.ModelInferRequest, deadline: float | None) -> InferenceRequest:
+    """``deadline``: the call's; Triton's ``timeout`` parameter (tritonclient's ``timeout=``) may end it sooner."""
     inputs = tuple(_tensor(request, index, tensor) for index, tensor in enumerate(request.inputs))
     return InferenceRequest(request.model_name, request.model_version, inputs,
-                            tuple(_requested(o) for o in request.outputs), request.id, deadline)
+                            tuple(_requested(o) for o in request.outputs), request.id,
+                            deadline_within(_timeout_us(request), deadline))
+
+
+def _timeout_us(request: pb.ModelInferRequest) -> int | None:
+    timeout = request.parameters.get("timeout")
+    if timeout is None:
+        return None
+    kind = timeout.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidInput("the timeout parameter must be an integer (microseconds)")
+    return getattr(timeout, kind)
 
 
 def _requested(output) -> RequestedOutput:

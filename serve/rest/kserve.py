@@ -10,7 +10,6 @@ way. Errors are ``{"error": "..."}`` (serve/rest/server.py).
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 import orjson
@@ -21,7 +20,7 @@ from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from resserve.serve.dataplane import (SERVER_NAME, InferenceRequest, InferenceResponse, RequestedOutput, Tensor,
-                                      tensor_bytes, tensor_from_bytes, tensor_from_values)
+                                      deadline_within, tensor_bytes, tensor_from_bytes, tensor_from_values)
 from resserve.serve.errors import InvalidInput, describe_validation_error
 from resserve.serve.kserve import EXTENSIONS, served_model_config
 from resserve.serve.kserve import model_metadata as metadata_of
@@ -112,12 +111,6 @@ def _inputs(request: RestInferRequest, binary: memoryview) -> tuple[Tensor, ...]
     return tuple(tensors)
 
 
-def _deadline(request: RestInferRequest) -> float | None:
-    """Triton's ``timeout`` request parameter (microseconds), as a time.monotonic() deadline."""
-    timeout = _parameter(request.parameters, "timeout", int, "request")
-    return None if timeout is None or timeout <= 0 else time.monotonic() + timeout / 1e6
-
-
 def _requested(output: RestOutput) -> RequestedOutput:
     classification = _parameter(output.parameters, "classification", int, f"output {output.name!r}")
     return RequestedOutput(output.name, classification or 0)
@@ -134,7 +127,7 @@ def decode_infer(body: bytes, header_length: str | None, name: str, version: str
         wanted = _parameter(output.parameters, "binary_data", bool, f"output {output.name!r}")
         as_binary[output.name] = binary_default if wanted is None else wanted
     decoded = InferenceRequest(name, version, _inputs(request, binary), tuple(_requested(o) for o in request.outputs),
-                               request.id, _deadline(request))
+                               request.id, deadline_within(_parameter(request.parameters, "timeout", int, "request")))
     return decoded, as_binary
 
 

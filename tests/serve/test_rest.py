@@ -121,6 +121,29 @@ def test_rest_answers_equal_grpc_answers_and_classification_works(client, server
         assert best == list(over_rest.argmax(1))
 
 
+def test_tritons_timeout_parameter_ends_a_request_uncomputed_over_both_protocols(client, server, mnist):
+    """tritonclient's ``timeout=`` (microseconds, sent as a request parameter, not as the call's
+    deadline): a request whose timeout passed before its batch ran is answered, not computed."""
+    import tritonclient.grpc as triton_grpc
+
+    images = mnist.test.images[:1, None]
+    over_grpc = triton_grpc.InferenceServerClient(server.target)
+    inputs = {}
+    for protocol, module in (("grpc", triton_grpc), ("http", triton_http)):
+        inputs[protocol] = module.InferInput("input", list(images.shape), "UINT8")
+        inputs[protocol].set_data_from_numpy(images)
+    computed = metric_value(server.metrics(), "resserve_batch_size_sum")
+    with pytest.raises(InferenceServerException, match="deadline exceeded while queued; not computed") as expired:
+        over_grpc.infer(MODEL, [inputs["grpc"]], timeout=1)
+    assert expired.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    with pytest.raises(InferenceServerException, match="deadline exceeded while queued; not computed") as expired:
+        client.infer(MODEL, [inputs["http"]], timeout=1)
+    assert expired.value.status() == "504"
+    assert metric_value(server.metrics(), "resserve_batch_size_sum") == computed
+    for protocol, endpoint in (("grpc", over_grpc), ("http", client)):  # a timeout long enough changes nothing
+        assert endpoint.infer(MODEL, [inputs[protocol]], timeout=30_000_000).as_numpy("probabilities").shape == (1, 10)
+
+
 def test_statistics_and_repository_index_over_rest(client, server, mnist):
     images = triton_http.InferInput("input", [2, 1, 28, 28], "UINT8")
     images.set_data_from_numpy(mnist.test.images[:2, None])

@@ -190,8 +190,11 @@ def test_concurrent_load_forms_batches(mnist):
 # ----------------------------------------------------------------------------------------------
 # Bad input: the right code, a precise message, and the server keeps serving
 
-def _raw_request(datatype="FP32", shape=(1, 1, 28, 28), data: bytes | None = None, name="input", model=MODEL):
+def _raw_request(datatype="FP32", shape=(1, 1, 28, 28), data: bytes | None = None, name="input", model=MODEL,
+                 timeout_text: str | None = None):
     request = kserve_pb2.ModelInferRequest(model_name=model)
+    if timeout_text is not None:
+        request.parameters["timeout"].string_param = timeout_text
     request.inputs.add(name=name, datatype=datatype, shape=list(shape))
     if data is None:
         data = np.zeros(shape, dtype=np.float32).tobytes()
@@ -211,6 +214,8 @@ BAD_INPUTS = {
     "too many": (_raw_request(shape=(1025, 1, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT, "limit is 1024"),
     "input name": (_raw_request(name="pixels"), grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'pixels'"),
     "model": (_raw_request(model="nope"), grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
+    "timeout": (_raw_request(timeout_text="soon"), grpc.StatusCode.INVALID_ARGUMENT,
+                "the timeout parameter must be an integer (microseconds)"),
 }
 
 
