@@ -252,7 +252,7 @@ class DataPlane:
         return version in ("", *(m.version for m in repository.versions(name)))
 
     def model(self, name: str = "", version: str = "") -> ServedModel:
-        """The model called ``name`` ('' for the default) at ``version`` ('' for the current one)."""
+        """The model called ``name`` ('' for the default) at ``version`` ('' for the latest)."""
         return self.state.models().get(name, version)
 
     def models(self, name: str = "", version: str = "") -> list[ServedModel]:
@@ -261,7 +261,8 @@ class DataPlane:
         return self.state.models().select(name, version)
 
     def versions(self, name: str = "") -> list[str]:
-        """The versions served of the model called ``name`` ('' for the default), oldest first (as Triton lists them)."""
+        """The versions served of the model called ``name`` ('' for the default), oldest first,
+        as Triton lists them."""
         return [m.version for m in reversed(self.state.models().versions(name))]
 
     def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:

@@ -66,7 +66,7 @@ class ModelRepository:
         versions = self._versions.get(name or self.default)
         if versions is None:
             raise ModelNotFound(f"unknown model {name!r}; this server has {', '.join(sorted(self._versions))}")
-        return versions
+        return list(versions)
 
     def get(self, name: str = "", version: str = "") -> ServedModel:
         """The model called ``name`` ('' for the default) at ``version`` ('' for the latest)."""
