@@ -172,7 +172,8 @@ def export(
     triton_repo: Annotated[Optional[Path], typer.Option(
         help="Also write a Triton Inference Server model repository entry here.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name [default: the checkpoint's file stem].")] = None,
-    version: Annotated[str, typer.Option(help="Model version recorded in the manifest.")] = "1",
+    version: Annotated[str, typer.Option(help="Model version recorded in the manifest. A server given packages "
+        "of one name at versions 1, 2, ... serves them side by side, the latest to requests that name none.")] = "1",
     outputs: Annotated[str, typer.Option(
         help="Outputs the package serves, comma-separated: logits, probabilities. One output (probabilities) "
         "suits Triton's image clients.")] = "logits,probabilities",
