@@ -97,11 +97,12 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
-def model_metadata(model: ServedModel, versions: list[str]) -> pb.ModelMetadataResponse:
-    """A model version's KServe v2 metadata (both protocols), with every version of it served."""
+def model_metadata(plane: DataPlane, name: str, version: str) -> pb.ModelMetadataResponse:
+    """A model version's KServe v2 metadata (both protocols), listing every version of it served."""
+    model = plane.model(name, version)
     manifest = model.package.manifest
     return pb.ModelMetadataResponse(
-        name=model.name, versions=versions, platform=model.platform,
+        name=model.name, versions=plane.versions(name), platform=model.platform,
         inputs=[_tensor_metadata(spec) for spec in manifest.inputs],
         outputs=[_tensor_metadata(spec) for spec in manifest.outputs])
 
@@ -115,9 +116,10 @@ def triton_model_config(manifest: Manifest, platform: str, batching: BatchingCon
         dynamic_batching=config_pb.ModelDynamicBatching(max_queue_delay_microseconds=batching.max_queue_delay_us))
 
 
-def served_model_config(model: ServedModel, versions: list[str]) -> config_pb.ModelConfig:
-    """A served model version's Triton config, with how it runs (backend, precision, device) as
-    parameters; beside other versions of it, the version policy names them all."""
+def served_model_config(plane: DataPlane, name: str, version: str) -> config_pb.ModelConfig:
+    """A served model version's Triton config (both protocols), with how it runs (backend,
+    precision, device) as parameters; beside other versions of it, the version policy names them all."""
+    model, versions = plane.model(name, version), plane.versions(name)
     config = triton_model_config(model.package.manifest, model.platform, model.batcher.config)
     for key, value in (("backend", model.backend.name), ("precision", model.backend.precision),
                        ("device", model.backend.device)):
@@ -159,12 +161,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelMetadata(self, request, context):
-        return model_metadata(self.plane.model(request.name, request.version), self.plane.versions(request.name))
+        return model_metadata(self.plane, request.name, request.version)
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelConfig(self, request, context):
-        model = self.plane.model(request.name, request.version)
-        return pb.ModelConfigResponse(config=served_model_config(model, self.plane.versions(request.name)))
+        return pb.ModelConfigResponse(config=served_model_config(self.plane, request.name, request.version))
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelStatistics(self, request, context):

@@ -154,8 +154,9 @@ def encode_infer(answer: InferenceResponse, as_binary: dict) -> web.Response:
     return response
 
 
-def _model(request: web.Request) -> ServedModel:
-    return plane_of(request).model(request.match_info["name"], request.match_info.get("version", ""))
+def _route_model(request: web.Request) -> tuple[str, str]:
+    """The model name and version ('' for the latest) a /v2/models/{name}[/versions/{version}] route names."""
+    return request.match_info["name"], request.match_info.get("version", "")
 
 
 def _triton_json(message: Message, defaults: bool = False) -> dict:
@@ -219,14 +220,13 @@ async def all_statistics(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/versions/{version}")
 @endpoint("kserve")
 async def model_metadata(request: web.Request) -> web.Response:
-    versions = plane_of(request).versions(request.match_info["name"])
-    return json_response(_triton_json(metadata_of(_model(request), versions)))
+    return json_response(_triton_json(metadata_of(plane_of(request), *_route_model(request))))
 
 
 @routes.get("/v2/models/{name}/ready")
 @routes.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(request: web.Request) -> web.Response:
-    is_ready = plane_of(request).model_ready(request.match_info["name"], request.match_info.get("version", ""))
+    is_ready = plane_of(request).model_ready(*_route_model(request))
     return json_response({"name": request.match_info["name"][:128], "ready": is_ready}, 200 if is_ready else 503)
 
 
@@ -234,15 +234,14 @@ async def model_ready(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/versions/{version}/config")
 @endpoint("kserve")
 async def model_config(request: web.Request) -> web.Response:
-    versions = plane_of(request).versions(request.match_info["name"])
-    return json_response(_triton_json(served_model_config(_model(request), versions)))
+    return json_response(_triton_json(served_model_config(plane_of(request), *_route_model(request))))
 
 
 @routes.get("/v2/models/{name}/stats")
 @routes.get("/v2/models/{name}/versions/{version}/stats")
 @endpoint("kserve")
 async def model_statistics(request: web.Request) -> web.Response:
-    return _statistics(plane_of(request).models(request.match_info["name"], request.match_info.get("version", "")))
+    return _statistics(plane_of(request).models(*_route_model(request)))
 
 
 @routes.post("/v2/repository/index")
@@ -265,6 +264,5 @@ async def repository_index(request: web.Request) -> web.Response:
 @endpoint("kserve")
 async def infer(request: web.Request) -> web.Response:
     body = await read_body(request)
-    decoded, as_binary = decode_infer(body, request.headers.get(HEADER_LENGTH), request.match_info["name"],
-                                      request.match_info.get("version", ""))
+    decoded, as_binary = decode_infer(body, request.headers.get(HEADER_LENGTH), *_route_model(request))
     return encode_infer(await plane_of(request).infer(decoded), as_binary)
