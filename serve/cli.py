@@ -13,7 +13,7 @@ from resserve.serve.batcher import DEFAULT_MAX_BATCH_SIZE, BatchingConfig
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable
 from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice,
-                                     ConvSearch, Device, Precision, ServerSettings, parse_buckets,
+                                     ConvSearch, Device, LogFormat, LogLevel, Precision, ServerSettings, parse_buckets,
                                      parse_max_batch_size, parse_workers)
 
 if TYPE_CHECKING:
@@ -96,6 +96,11 @@ def serve(
     cpus: Annotated[Optional[int], typer.Option(envvar=_env("CPUS"),
         help="CPUs the server may use, shared by its workers (Kubernetes: the CPU limit, from the downward API) "
         "[default: the affinity mask, capped by a cgroup v2 quota].", show_default=False)] = None,
+    log_level: Annotated[str, typer.Option(envvar=_env("LOG_LEVEL"),
+        help=f"{LogLevel.listing()}: the least severe log lines written.")] = ServerSettings.log_level.value,
+    log_format: Annotated[str, typer.Option(envvar=_env("LOG_FORMAT"),
+        help=f"{LogFormat.listing()}. json: one JSON object a line (level, name, message, timestamp; worker under "
+        "--workers), for log collectors.")] = ServerSettings.log_format.value,
 ) -> None:
     """Serve digit classification over gRPC and HTTP, from one process.
 
@@ -122,7 +127,7 @@ def serve(
         max_images_per_request=max_images_per_request, max_message_bytes=max_message_bytes,
         max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age, tls_cert=tls_cert, tls_key=tls_key,
-        tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file))
+        tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file), log_level=log_level, log_format=log_format)
     if settings.workers > 1:
         supervise(settings)
     else:

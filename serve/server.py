@@ -34,6 +34,7 @@ from resserve.serve.dataplane import DataPlane
 from resserve.serve.digits import DigitClassifierServicer
 from resserve.serve.errors import ResserveError
 from resserve.serve.kserve import InferenceServicer
+from resserve.serve.logs import configure_logging
 from resserve.serve.package import ModelPackage
 from resserve.serve.repository import load_repository, read_packages
 from resserve.serve.rest import classify as rest_classify
@@ -54,7 +55,6 @@ API_SERVICES = [
 # "" (the whole server) and each API follow readiness: a draining server is not ready for traffic
 READINESS_NAMES = ["", READINESS_SERVICE, *API_SERVICES]
 AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FLUSH_SECONDS = 0.1  # after the last answer, before the process exits
 PENDING_CALLS = 20_000
 
@@ -291,5 +291,5 @@ async def serve(settings: ServerSettings, coordinator: Coordinator | None = None
 
 def run_server(settings: ServerSettings) -> None:
     """Serve until SIGTERM/SIGINT, then drain and exit 0."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging(settings)
     asyncio.run(serve(settings))

@@ -74,6 +74,18 @@ class Precision(Choice):
     BF16 = "bf16"
 
 
+class LogLevel(Choice):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogFormat(Choice):
+    TEXT = "text"  # for people: time, level, logger, message
+    JSON = "json"  # one JSON object a line, for log collectors (serve/logs.py)
+
+
 def auto_workers(cpus: int) -> int:
     """``--workers auto``: one server process per CPUS_PER_WORKER usable CPUs, at least one.
 
@@ -157,6 +169,8 @@ class ServerSettings:
     tokens: tuple[str, ...] = ()  # bearer tokens accepted; empty: no authentication
     workers: int = 1  # server processes on the same ports (serve/workers.py); see auto_workers
     reuse_port: bool = False  # set by the supervisor for its workers: they listen on shared ports
+    log_level: LogLevel = LogLevel.INFO
+    log_format: LogFormat = LogFormat.TEXT
 
     @property
     def inference_threads(self) -> int:
@@ -172,7 +186,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         """Choices given as strings become their enums, and every setting is checked: once, here."""
         for name, choice in (("device", Device), ("backend", BackendChoice), ("precision", Precision),
-                             ("cuda_conv_search", ConvSearch)):
+                             ("cuda_conv_search", ConvSearch), ("log_level", LogLevel), ("log_format", LogFormat)):
             object.__setattr__(self, name, choice.parse(getattr(self, name), f"--{name.replace('_', '-')}"))
         self._validate()
 

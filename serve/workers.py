@@ -45,7 +45,8 @@ from prometheus_client import multiprocess
 
 from resserve.serve.errors import ResserveError
 from resserve.serve.repository import read_packages
-from resserve.serve.server import LOG_FORMAT, answer_counts, check_port_free, serve, serve_metrics
+from resserve.serve.logs import configure_logging
+from resserve.serve.server import answer_counts, check_port_free, serve, serve_metrics
 from resserve.serve.settings import ServerSettings
 from resserve.serve.tls import ssl_context, tls_files
 
@@ -100,7 +101,7 @@ def _follow_the_supervisor() -> None:
 def worker_main(settings: ServerSettings, index: int, pipe: Connection) -> None:
     """A worker process: a whole server on the shared ports, coordinated over ``pipe``."""
     _follow_the_supervisor()
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT.replace("%(name)s", f"%(name)s[worker {index}]"))
+    configure_logging(settings, worker=index)
     try:
         asyncio.run(serve(settings, PipeCoordinator(pipe)))
     except ResserveError as exc:  # the supervisor says it, once, for the first worker that fails to start
@@ -323,5 +324,5 @@ def _kill_group(process: multiprocessing.Process) -> None:
 
 def supervise(settings: ServerSettings) -> None:
     """Run ``settings.workers`` workers until SIGTERM/SIGINT; exit 0 when all have drained."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging(settings)
     Supervisor(settings).run()

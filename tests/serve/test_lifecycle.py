@@ -277,6 +277,24 @@ def _png_of(image: np.ndarray, directory):
     return path
 
 
+def test_log_level_warning_keeps_the_info_lines_out():
+    port = free_port()
+    with ServerProcess("--log-level", "warning", "--port", str(port), wait_ready=False) as server:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{server.url}/v2/health/ready", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert time.monotonic() < deadline and server.process.poll() is None, "".join(server.lines)
+                time.sleep(0.2)
+        server.port = port
+        assert health_status(server.target, "") == health_pb2.HealthCheckResponse.SERVING
+        assert server.stop() == 0
+    assert not [line for line in server.lines if " INFO " in line]
+
+
 def test_a_missing_package_is_one_line_before_anything_listens():
     result = run_cli("serve", "/nonexistent/pkg", "--port", "0", "--http-port", "0", "--metrics-port", "0", timeout=60)
     assert result.returncode == 1

@@ -3,6 +3,7 @@ them in metrics and in the final count, a killed worker comes back, SIGTERM drai
 nothing is left behind."""
 
 import collections
+import json
 import os
 import re
 import signal
@@ -182,3 +183,22 @@ def test_workers_must_be_auto_or_a_count():
     result = run_cli("serve", "--workers", "many", timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --workers must be auto or a number of processes, got 'many'"
+
+
+def test_json_logs_are_one_object_a_line_and_name_the_worker():
+    with ServerProcess("--workers", "2", "--log-format", "json", wait_ready=False) as server:
+        deadline = time.monotonic() + 60
+        while not any('"message": "ready: ' in line for line in server.lines):
+            assert time.monotonic() < deadline and server.process.poll() is None, "".join(server.lines)
+            time.sleep(0.1)
+        assert http_status(server) == 200
+        assert server.stop() == 0
+        while not server.lines[-1].startswith('{"level": "INFO", "name": "resserve.serve", "message": "stopped'):
+            assert time.monotonic() < deadline, "".join(server.lines)
+            time.sleep(0.1)
+    records = [json.loads(line) for line in server.lines]  # every line, the supervisor's and the workers'
+    assert all({"level", "name", "message", "timestamp"} <= set(record) for record in records)
+    assert {record.get("worker") for record in records} == {None, 1, 2}
+    assert {"message": "ready: resnet-mnist v1 (2 workers)", "level": "INFO"}.items() <= next(
+        record for record in records if record["message"].startswith("ready: ")).items()
+    assert records[-1]["message"].startswith("stopped; requests answered: 200 1 ")
