@@ -97,7 +97,8 @@ def serve(
         help="CPUs the server may use, shared by its workers (Kubernetes: the CPU limit, from the downward API) "
         "[default: the affinity mask, capped by a cgroup v2 quota].", show_default=False)] = None,
     log_level: Annotated[str, typer.Option(envvar=_env("LOG_LEVEL"),
-        help=f"{LogLevel.listing()}: the least severe log lines written.")] = ServerSettings.log_level.value,
+        help=f"{LogLevel.listing()}: the least severe log lines written. debug adds a line per request answered "
+        "(an access log).")] = ServerSettings.log_level.value,
     log_format: Annotated[str, typer.Option(envvar=_env("LOG_FORMAT"),
         help=f"{LogFormat.listing()}. json: one JSON object a line (level, name, message, timestamp; worker under "
         "--workers), for log collectors.")] = ServerSettings.log_format.value,

@@ -24,4 +24,7 @@ def configure_logging(settings: ServerSettings, worker: int | None = None) -> No
     else:
         name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
         handler.setFormatter(logging.Formatter(TEXT_FORMAT.replace("%(name)s", name)))
-    logging.basicConfig(level=settings.log_level.value.upper(), handlers=[handler], force=True)
+    level = getattr(logging, settings.log_level.value.upper())
+    # debug is resserve's own (one line per request answered): grpc's and asyncio's would drown it
+    logging.basicConfig(level=max(level, logging.INFO), handlers=[handler], force=True)
+    logging.getLogger("resserve").setLevel(level)

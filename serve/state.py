@@ -7,6 +7,7 @@ requests here, so readiness, the drain and the answer counts cover all of them a
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, ShuttingDown
 from resserve.serve.metrics import Metrics
 from resserve.serve.repository import ModelRepository
 from resserve.serve.settings import ServerSettings
+
+log = logging.getLogger("resserve.serve")
 
 
 @dataclass
@@ -54,10 +57,13 @@ class ServerState:
             raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
 
     def finish(self, protocol: str, api: str, model: str, code: str, started: float) -> None:
-        """Count a request out with the status ``code`` it was answered with."""
+        """Count a request out with the status ``code`` it was answered with (and, at --log-level
+        debug, log it: an access log)."""
+        seconds = time.monotonic() - started
         self.in_flight -= 1
         if not self.in_flight:
             self.idle.set()
         self.answered[code] += 1
         self.metrics.requests.labels(protocol, api, model, code).inc()
-        self.metrics.latency.labels(protocol, api, model).observe(time.monotonic() - started)
+        self.metrics.latency.labels(protocol, api, model).observe(seconds)
+        log.debug("%s %s %s: %s in %.2f ms", protocol, api, model, code, seconds * 1e3)

@@ -295,6 +295,21 @@ def test_log_level_warning_keeps_the_info_lines_out():
     assert not [line for line in server.lines if " INFO " in line]
 
 
+def test_log_level_debug_logs_each_request_answered(digits):
+    with ServerProcess("--log-level", "debug") as server:
+        stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+        stub.ModelInfer(request_of(digits[:1]), timeout=30)
+        with pytest.raises(grpc.RpcError):
+            stub.ModelInfer(kserve_pb2.ModelInferRequest(model_name="nope"), timeout=30)
+        deadline = time.monotonic() + 10
+        while len([line for line in server.lines if " DEBUG resserve.serve: grpc kserve " in line]) < 2:
+            assert time.monotonic() < deadline, "".join(server.lines)
+            time.sleep(0.1)
+    answered = [line.split(": ", 1)[1] for line in server.lines if " DEBUG resserve.serve: grpc kserve " in line]
+    assert [re.sub(r"[\d.]+ ms", "N ms", line.strip()) for line in answered] == [
+        "grpc kserve resnet-mnist: OK in N ms", "grpc kserve unknown: NOT_FOUND in N ms"]
+
+
 def test_a_missing_package_is_one_line_before_anything_listens():
     result = run_cli("serve", "/nonexistent/pkg", "--port", "0", "--http-port", "0", "--metrics-port", "0", timeout=60)
     assert result.returncode == 1
