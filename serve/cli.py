@@ -4,6 +4,7 @@ Registered into the root command (serve/app.py) by ``register``; torch-free.
 """
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -199,13 +200,21 @@ def classify(
 def health(
     server: Server = "localhost:8001",
     service: Annotated[str, typer.Option(help='Health service name: "" (server), resserve.liveness, resserve.readiness.')] = "",
+    wait: Annotated[float, typer.Option(
+        help="Seconds to keep asking until SERVING (a server still starting or loading) before giving up; "
+        "0: ask once.")] = 0.0,
     tls_ca: TlsCa = None,
 ) -> None:
-    """Ask a server's grpc.health.v1 service; exit 0 only when SERVING."""
+    """Ask a server's grpc.health.v1 service; exit 0 only when SERVING.
+
+    In scripts: `resserve serve & resserve health --service resserve.readiness --wait 60 && ...`.
+    """
     from resserve.serve.client import DigitClient
 
+    if not 0 <= wait < math.inf:
+        raise ResserveError(f"--wait must be finite and >= 0, got {wait}")
     with DigitClient(server, tls_ca, timeout=5.0) as client:
-        status = client.health(service)
+        status = client.wait_until_serving(service, wait)
     typer.echo(status)
     if status != "SERVING":
         raise typer.Exit(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from resserve.serve.errors import ResserveError
+from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 
 
@@ -23,6 +25,7 @@ class ClientError(ResserveError):
 
 # How the server names the image at fault in a Classify request (serve/dataplane.py)
 IMAGE_AT_FAULT = re.compile(r"image (\d+): (.+)", re.S)
+HEALTH_POLL_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,30 @@ class DigitClient:
 
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, ... for ``service`` ('' for the whole server)."""
-        response = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
+        try:
+            response = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
+        except ClientError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise ClientError(self.target, exc.code, f"no health service {service!r}; resserve's are '' (the "
+                              f"server), {LIVENESS_SERVICE} and {READINESS_SERVICE}") from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, service: str = "", seconds: float = 0.0) -> str:
+        """Ask until ``service`` is SERVING, for up to ``seconds``, through a server that is not
+        listening yet or still loading; returns the last status, or raises the last error. An
+        unknown service name is not waited for."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                status = self.health(service)
+            except ClientError as exc:
+                if exc.code == grpc.StatusCode.NOT_FOUND or time.monotonic() >= deadline:
+                    raise
+            else:
+                if status == "SERVING" or time.monotonic() >= deadline:
+                    return status
+            time.sleep(HEALTH_POLL_SECONDS)
 
     def _call(self, method, request):
         try:

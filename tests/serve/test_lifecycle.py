@@ -5,6 +5,7 @@ import re
 import shutil
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.request
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from helpers import ServerProcess, free_port, metric_value, run_cli
+from helpers import RESSERVE, ServerProcess, free_port, metric_value, run_cli
 from resserve.serve.client import ClientError, DigitClient
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -275,6 +276,22 @@ def _png_of(image: np.ndarray, directory):
     path = directory / "digit.png"
     Image.fromarray(image).save(path)
     return path
+
+
+def test_health_wait_asks_until_a_starting_server_is_ready():
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    waiting = subprocess.Popen([str(RESSERVE), "health", "--server", target, "--service", "resserve.readiness",
+                                "--wait", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with ServerProcess("--port", str(port)):  # started after the health command: nothing listens at first
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0 and out.strip() == "SERVING", err
+        typo = run_cli("health", "--server", target, "--service", "resserve.readyness", "--wait", "60")
+        assert typo.returncode == 1 and typo.stderr.strip() == (
+            f"error: {target}: NOT_FOUND: no health service 'resserve.readyness'; resserve's are '' (the server), "
+            "resserve.liveness and resserve.readiness")  # at once: a name that will never be SERVING
+    gone = run_cli("health", "--server", target, "--wait", "0.5")
+    assert gone.returncode == 1 and gone.stderr.startswith(f"error: {target}: UNAVAILABLE: ")
 
 
 def test_log_level_warning_keeps_the_info_lines_out():
