@@ -12,7 +12,7 @@ import yaml
 
 from resserve.serve.app import build_app
 from resserve.serve.settings import (DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LIVENESS_SERVICE,
-                                     READINESS_SERVICE)
+                                     READINESS_SERVICE, LogFormat)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_VERSION = "1.31"  # pinned schema version (>= 1.27)
@@ -83,6 +83,7 @@ def test_probes_ports_and_settings_match_the_server(overlay):
     assert {e["name"] for e in container["env"]} <= envvars
     assert {a for a in container.get("args", []) if a.startswith("--")} <= flags
     assert config["RESSERVE_PORT"] == str(DEFAULT_PORT) and config["RESSERVE_HTTP_PORT"] == str(DEFAULT_HTTP_PORT)
+    assert LogFormat(config["RESSERVE_LOG_FORMAT"]) is LogFormat.JSON  # what a cluster's log collector indexes
 
     # the pod outlives preStop + drain + grace, so SIGTERM's drain always completes
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
@@ -144,6 +145,7 @@ def test_kserve_inference_service_uses_standard_mode_and_one_http_port():
     assert {a for a in container["args"] if a.startswith("--")} <= flags
     assert container["args"][container["args"].index("--http-port") + 1] == str(DEFAULT_HTTP_PORT)
     assert "--no-thread-spinning" in container["args"]  # KServe's Standard mode scales on CPU by default
+    assert LogFormat(container["args"][container["args"].index("--log-format") + 1]) is LogFormat.JSON
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": DEFAULT_HTTP_PORT}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": DEFAULT_HTTP_PORT}
 
