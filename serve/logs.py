@@ -17,7 +17,7 @@ def configure_logging(settings: ServerSettings, worker: int | None = None) -> No
     """Log at ``settings.log_level`` in ``settings.log_format`` to stderr; a worker's lines say which
     worker wrote them (``name[worker N]`` in text, a ``worker`` field in JSON)."""
     handler = logging.StreamHandler()
-    if settings.log_format == LogFormat.JSON:
+    if settings.log_format is LogFormat.JSON:
         handler.setFormatter(JsonFormatter("%(levelname)s %(name)s %(message)s", rename_fields={"levelname": "level"},
                                            static_fields={} if worker is None else {"worker": worker},
                                            timestamp=True))
