@@ -165,7 +165,7 @@ def classify(
     tls_ca: TlsCa = None,
     token: Token = None,
     token_file: TokenFile = None,
-    as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {file, digit, confidence} (or {file, error}).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {file, digit, confidence, model, model_version} (or {file, error}).")] = False,
 ) -> None:
     """Classify handwritten digit images with a running server.
 
@@ -185,7 +185,8 @@ def classify(
     with DigitClient(server, tls_ca, _read_tokens(token_file)[0] if token_file else token) as client:
         outcomes = client.classify_each(blobs, model, model_version)
     rows = [{"file": str(p), "error": o} if isinstance(o, str) else
-            {"file": str(p), "digit": o.digit, "confidence": round(o.confidence, 6)} for p, o in zip(images, outcomes)]
+            {"file": str(p), "digit": o.digit, "confidence": round(o.confidence, 6), "model": o.model,
+             "model_version": o.model_version} for p, o in zip(images, outcomes)]
     if as_json:
         typer.echo(json.dumps(rows))
     for row in rows:

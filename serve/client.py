@@ -33,6 +33,8 @@ class Result:
     digit: int
     confidence: float
     probabilities: list[float]
+    model: str  # the model and version that answered
+    model_version: str
 
 
 class DigitClient:
@@ -63,7 +65,8 @@ class DigitClient:
         request = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=data) for data in images], model=model,
                                              model_version=version)
         response = self._call(self.classifier.Classify, request)
-        return [Result(r.digit, r.probability, list(r.probabilities)) for r in response.results]
+        return [Result(r.digit, r.probability, list(r.probabilities), response.model, response.model_version)
+                for r in response.results]
 
     def classify_each(self, images: list[bytes], model: str = "", version: str = "") -> list[Result | str]:
         """Like ``classify``, but an image the server refuses does not sink the others: its entry is

@@ -119,7 +119,7 @@ def test_classify_png_and_jpeg_files_with_the_cli(server, mnist, tmp_path):
     assert [row["file"] for row in rows] == files
     correct = sum(row["digit"] == label for row, label in zip(rows, mnist.test.labels[:10]))
     assert correct >= 9
-    assert all(0.0 <= row["confidence"] <= 1.0 for row in rows)
+    assert all(0.0 <= row["confidence"] <= 1.0 and (row["model"], row["model_version"]) == (MODEL, "1") for row in rows)
     plain = run_cli("classify", files[0], "--server", server.target)
     assert plain.stdout.startswith(f"{files[0]}: {rows[0]['digit']} (")
 

@@ -134,5 +134,8 @@ def test_classify_takes_a_version_over_grpc_http_and_the_cli(server, mnist, tmp_
         assert body["model_version"] == answered and body["results"][0]["digit"] == mnist.test.labels[0]
     result = run_cli("classify", "--server", server.target, "--model-version", "1", str(png))
     assert result.returncode == 0 and result.stdout.startswith(f"{png}: {mnist.test.labels[0]} ("), result.stderr
+    for version, answered in (("", "2"), ("1", "1")):
+        result = run_cli("classify", "--server", server.target, "--model-version", version, "--json", str(png))
+        assert [(row["model"], row["model_version"]) for row in json.loads(result.stdout)] == [(MODEL, answered)]
     result = run_cli("classify", "--server", server.target, "--model-version", "3", str(png))
     assert result.returncode == 1 and "has versions 1, 2, not '3'" in result.stderr
