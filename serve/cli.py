@@ -18,7 +18,7 @@ from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT
                                      parse_max_batch_size, parse_workers)
 
 if TYPE_CHECKING:
-    from resserve.serve.bench import Level
+    from resserve.serve.bench.clients import Level
 
 
 def _env(name: str) -> str:
@@ -268,8 +268,9 @@ def bench_serve(
 ) -> None:
     """Latency, throughput and CPU under closed- or open-loop load, beside the in-process limit."""
     from resserve.serve.backends.base import usable_cpus
-    from resserve.serve.bench import plot_report, print_report, run_benchmark
-    from resserve.serve.load_clients import APIS, CLIENTS
+    from resserve.serve.bench.clients import APIS, CLIENTS
+    from resserve.serve.bench.report import plot_report, print_report, report_json
+    from resserve.serve.bench.sweep import run_benchmark
 
     if start == (target is not None):
         raise ResserveError("give exactly one of --start and --target HOST:PORT")
@@ -299,14 +300,14 @@ def bench_serve(
                            log=lambda m: typer.echo(m, err=True))
     print_report(report)
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        json_out.write_text(report_json(report))
     if plot:
         plot_report(report, plot)
 
 
 def _levels(concurrency: Optional[str], rate: Optional[str]) -> list["Level"]:
     """The load levels: closed loop at each --concurrency, or open loop at each --rate."""
-    from resserve.serve.bench import Level
+    from resserve.serve.bench.clients import Level
 
     if concurrency is not None and rate is not None:
         raise ResserveError("give --concurrency (closed loop) or --rate (open loop), not both")

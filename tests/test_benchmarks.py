@@ -9,8 +9,9 @@ import pytest
 from rich.table import Table
 
 from helpers import ServerProcess, needs_perf_analyzer, run_cli
-from resserve.serve.bench import Level, measure_level, print_unsqueezed
-from resserve.serve.load_clients import LoadSpec
+from resserve.serve.bench.clients import Level, LoadSpec
+from resserve.serve.bench.load import measure_level
+from resserve.serve.bench.report import print_unsqueezed
 from resserve.serve.errors import ResserveError
 from resserve.serve.timing import MIN_REPEATS, median_seconds
 
@@ -34,7 +35,8 @@ def test_bench_model_reports_every_runner(tmp_path, mnist):
     names = [row["config"] for row in report["rows"]]
     assert names[:4] == ["eager, unfolded (PyTorch)", "eager, BN folded (PyTorch)", "ONNX Runtime fp32", "TorchScript fp32"]
     for row in report["rows"]:
-        assert row["batch1_latency_ms"] > 0 and row["batch64_images_per_second"] > 0
+        assert row["batch1_latency_ms"] > 0 and set(row["images_per_second"]) == {"64", "256"}
+        assert min(row["images_per_second"].values()) > 0
     assert report["ratios"]["onnx_fp32_over_eager_unfolded_batch64"] > 0
 
 
@@ -215,8 +217,8 @@ def test_bench_serve_open_loop_sends_every_scheduled_request_and_reports_server_
             # (the unbatched server answers 200/s more slowly; it is sent as many)
             assert r["ok"] + sum(r["errors"].values()) == _arrivals(r["offered_rate"], 0.3, 1.0)
             assert r["errors"] == {} and r["server_cpu_cores"] > 0
-        assert set(report["summary"][name]["open_loop"]) == {"30/s", "200/s"}
-    assert "onnxruntime, batched, kserve-stream API, open loop: 30/s answered" in result.stdout
+        assert f"{name} (onnxruntime fp32), open loop: 30/s answered" in result.stdout
+    assert report["summary"] == {}  # a peak under open loop is only the highest rate offered
 
 
 def test_a_load_process_that_dies_ends_the_level_instead_of_hanging_it(tmp_path, monkeypatch):

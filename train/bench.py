@@ -13,6 +13,7 @@ provider, plain and with CUDA graphs, and batch 1024.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,13 +24,44 @@ import torch.nn.functional as F
 from resserve.serve.backends import open_backend
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
-from resserve.serve.bench import measure_runners, print_unsqueezed
+from resserve.serve.bench.limits import Runner, RunnerResult, measure_runners
+from resserve.serve.bench.report import print_unsqueezed
 from resserve.serve.package import ModelPackage
 from resserve.train.checkpoint import load_checkpoint
 from resserve.train.data import MNIST
 from resserve.train.fold import fold_for_inference
 from resserve.train.models import build_model, lecture_config
 from resserve.train.training import batches, cpu_has_fast_bf16, library_versions, to_input
+
+
+@dataclass(frozen=True)
+class TrainingConfigResult:
+    config: str
+    images_per_second: float
+
+
+@dataclass(frozen=True)
+class TrainingBenchmark:
+    """``bench train``'s results: images/s of the naive loop and of ``resserve train``'s."""
+
+    model: str
+    batch_size: int
+    steps: int
+    threads: int  # torch's
+    rows: list[TrainingConfigResult]
+    speedup: float  # resserve train's images/s over the naive loop's
+    torch: str
+
+
+@dataclass(frozen=True)
+class ModelBenchmark:
+    """``bench model``'s results: every runner of one network, and the ratios the docs quote."""
+
+    model: str  # the package's name
+    rows: list[RunnerResult]
+    ratios: dict[str, float]  # e.g. onnx_fp32_over_eager_unfolded_batch64
+    threads: dict[str, int]  # torch's and ONNX Runtime's
+    versions: dict[str, str]  # of the libraries measured
 
 
 def _images_per_second(mnist: MNIST, steps: int, warmup: int, batch_size: int,
@@ -56,34 +88,30 @@ def _images_per_second(mnist: MNIST, steps: int, warmup: int, batch_size: int,
     return seen / (time.perf_counter() - started)
 
 
-def benchmark_training(mnist: MNIST, steps: int, warmup: int, batch_size: int) -> dict:
+def benchmark_training(mnist: MNIST, steps: int, warmup: int, batch_size: int) -> TrainingBenchmark:
     """Images/s of the naive loop (fp32, NCHW) and of what ``resserve train`` does on this CPU."""
     fast_bf16 = cpu_has_fast_bf16()
     naive = _images_per_second(mnist, steps, warmup, batch_size, channels_last=False, bf16=False)
     fast = _images_per_second(mnist, steps, warmup, batch_size, channels_last=True, bf16=fast_bf16)
-    return {
-        "model": "resnet (lecture, 117,802 parameters)",
-        "batch_size": batch_size, "steps": steps, "threads": torch.get_num_threads(),
-        "rows": [
-            {"config": "naive: fp32, NCHW, eager", "images_per_second": round(naive, 1)},
-            {"config": f"resserve train: {'bf16 autocast' if fast_bf16 else 'fp32'}, channels_last",
-             "images_per_second": round(fast, 1)},
-        ],
-        "speedup": round(fast / naive, 2),
-        "torch": torch.__version__,
-    }
+    return TrainingBenchmark(
+        model="resnet (lecture, 117,802 parameters)", batch_size=batch_size, steps=steps,
+        threads=torch.get_num_threads(),
+        rows=[TrainingConfigResult("naive: fp32, NCHW, eager", round(naive, 1)),
+              TrainingConfigResult(f"resserve train: {'bf16 autocast' if fast_bf16 else 'fp32'}, channels_last",
+                                   round(fast, 1))],
+        speedup=round(fast / naive, 2), torch=torch.__version__)
 
 
-def print_training_benchmark(results: dict) -> None:
+def print_training_benchmark(results: TrainingBenchmark) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("configuration", "images/s", title=f"Training throughput, {results['model']}, "
-                  f"batch {results['batch_size']}, {results['threads']} threads")
-    for row in results["rows"]:
-        table.add_row(row["config"], f"{row['images_per_second']:.1f}")
+    table = Table("configuration", "images/s", title=f"Training throughput, {results.model}, "
+                  f"batch {results.batch_size}, {results.threads} threads")
+    for row in results.rows:
+        table.add_row(row.config, f"{row.images_per_second:.1f}")
     print_unsqueezed(table)
-    Console().print(f"speedup: {results['speedup']:.2f}x")
+    Console().print(f"speedup: {results.speedup:.2f}x")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,9 +125,9 @@ def _torch_runner(module: torch.nn.Module):
     return run
 
 
-def model_runners(checkpoint: Path | None, package: ModelPackage) -> dict[str, Callable[[np.ndarray], object]]:
+def model_runners(checkpoint: Path | None, package: ModelPackage) -> dict[str, Runner]:
     """Name -> run(batch) for eager unfolded/folded (when the checkpoint is at hand) and each artifact."""
-    runners: dict[str, Callable[[np.ndarray], object]] = {}
+    runners: dict[str, Runner] = {}
     if checkpoint is not None:
         network = load_checkpoint(checkpoint).build()
         runners["eager, unfolded (PyTorch)"] = _torch_runner(network)
@@ -117,37 +145,33 @@ def model_runners(checkpoint: Path | None, package: ModelPackage) -> dict[str, C
     return runners
 
 
-def benchmark_model(runners: dict[str, Callable[[np.ndarray], object]], images: np.ndarray,
+def benchmark_model(model: str, runners: dict[str, Runner], images: np.ndarray,
                     batch_sizes: tuple[int, ...] = (64, 256), seconds: float = 2.0,
-                    on_runner: Callable[[str], None] = lambda name: None) -> dict:
-    """Batch-1 latency and throughput at each batch size, for every runner, in this one process."""
+                    on_runner: Callable[[str], None] = lambda name: None) -> ModelBenchmark:
+    """Batch-1 latency and throughput at each batch size, for every runner, in this one process;
+    ``model``: the package's name."""
     rows = measure_runners(runners, images, batch_sizes, seconds, on_runner)
-    by_name = {row["config"]: row for row in rows}
+    at_64 = {row.config: row.images_per_second[64] for row in rows if 64 in row.images_per_second}
     ratios = {}
-    onnx_fp32, eager = by_name.get("ONNX Runtime fp32"), by_name.get("eager, unfolded (PyTorch)")
-    if onnx_fp32 and eager:
-        ratios["onnx_fp32_over_eager_unfolded_batch64"] = round(
-            onnx_fp32["batch64_images_per_second"] / eager["batch64_images_per_second"], 2)
-    if onnx_fp32 and "OpenVINO bf16" in by_name:
-        ratios["openvino_bf16_over_onnx_fp32_batch64"] = round(
-            by_name["OpenVINO bf16"]["batch64_images_per_second"] / onnx_fp32["batch64_images_per_second"], 2)
-    if onnx_fp32 and "ONNX Runtime int8" in by_name:
-        ratios["int8_over_onnx_fp32_batch64"] = round(
-            by_name["ONNX Runtime int8"]["batch64_images_per_second"] / onnx_fp32["batch64_images_per_second"], 2)
-    return {"rows": rows, "ratios": ratios, "threads": {"torch": torch.get_num_threads(), "onnxruntime": usable_cpus()},
-            "versions": library_versions()}
+    for key, faster, slower in (("onnx_fp32_over_eager_unfolded_batch64", "ONNX Runtime fp32", "eager, unfolded (PyTorch)"),
+                                ("openvino_bf16_over_onnx_fp32_batch64", "OpenVINO bf16", "ONNX Runtime fp32"),
+                                ("int8_over_onnx_fp32_batch64", "ONNX Runtime int8", "ONNX Runtime fp32")):
+        if faster in at_64 and slower in at_64:
+            ratios[key] = round(at_64[faster] / at_64[slower], 2)
+    return ModelBenchmark(model, rows, ratios, threads={"torch": torch.get_num_threads(), "onnxruntime": usable_cpus()},
+                          versions=library_versions())
 
 
-def print_model_benchmark(results: dict, title: str) -> None:
+def print_model_benchmark(results: ModelBenchmark) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    sizes = [key for key in results["rows"][0] if key.endswith("_images_per_second")]
-    table = Table("configuration", "batch 1 latency (ms)",
-                  *(f"batch {key[5:].split('_')[0]} images/s" for key in sizes), title=title)
-    for row in results["rows"]:
-        table.add_row(row["config"], f"{row['batch1_latency_ms']:.3f}", *(f"{row[key]:.0f}" for key in sizes))
+    sizes = list(results.rows[0].images_per_second)
+    table = Table("configuration", "batch 1 latency (ms)", *(f"batch {size} images/s" for size in sizes),
+                  title=f"In-process inference, {results.model}")
+    for row in results.rows:
+        table.add_row(row.config, f"{row.batch1_latency_ms:.3f}", *(f"{row.images_per_second[size]:.0f}" for size in sizes))
     print_unsqueezed(table)
     console = Console()
-    for name, value in results["ratios"].items():
+    for name, value in results.ratios.items():
         console.print(f"{name}: {value:.2f}x")

@@ -149,13 +149,14 @@ def bench_train(
     if json_out:
         check_writable(json_out, "train.json")
     require_train_extra()
+    from resserve.serve.bench.report import report_json
     from resserve.train.bench import benchmark_training, print_training_benchmark
     from resserve.train.data import load_mnist
 
     results = benchmark_training(load_mnist(data_dir, log=_log), steps, warmup, batch_size)
     print_training_benchmark(results)
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        json_out.write_text(report_json(results))
 
 
 def export(
@@ -247,7 +248,8 @@ def bench_model(
     import tempfile
 
     from resserve.serve.package import SHIPPED_PACKAGE, load_package
-    from resserve.serve.bench import cuda_runners
+    from resserve.serve.bench.limits import cuda_runners
+    from resserve.serve.bench.report import report_json
     from resserve.train.bench import benchmark_model, model_runners, print_model_benchmark
     from resserve.train.data import load_mnist
     from resserve.train.export import as_input, export_package
@@ -273,11 +275,11 @@ def bench_model(
             def measuring(name: str) -> None:
                 progress.update(task, completed=list(runners).index(name), status=name)
 
-            results = benchmark_model(runners, as_input(mnist.test.head(512)), batch_sizes, seconds, measuring)
-    results["model"] = package.name
-    print_model_benchmark(results, title=f"In-process inference, {package.name}")
+            results = benchmark_model(package.name, runners, as_input(mnist.test.head(512)), batch_sizes, seconds,
+                                      measuring)
+    print_model_benchmark(results)
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        json_out.write_text(report_json(results))
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

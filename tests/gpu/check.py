@@ -30,6 +30,7 @@ works where the project is on PYTHONPATH without being installed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -42,9 +43,10 @@ from pathlib import Path
 import numpy as np
 
 from resserve.serve.backends import open_backend
-from resserve.serve.bench import Level, cuda_runners, in_process_limit, measure_level, measure_runners
+from resserve.serve.bench.clients import Level, LoadSpec
+from resserve.serve.bench.limits import cuda_runners, in_process_limit, measure_runners
+from resserve.serve.bench.load import measure_level
 from resserve.serve.errors import ResserveError
-from resserve.serve.load_clients import LoadSpec
 from resserve.serve.package import load_package
 
 SERVER = "import typer; from resserve.serve.cli import serve; typer.run(serve)"
@@ -80,7 +82,7 @@ def in_process(device: str, onnx: bytes, images: np.ndarray, seconds: float) -> 
     runners = {"ONNX Runtime fp32, CPU": open_backend(onnx, "onnx", "onnxruntime", "cpu", "fp32").infer}
     if device == "cuda":
         runners.update(cuda_runners(onnx, IN_PROCESS_SIZES))
-    return measure_runners(runners, images[:512], IN_PROCESS_SIZES, seconds)
+    return [dataclasses.asdict(row) for row in measure_runners(runners, images[:512], IN_PROCESS_SIZES, seconds)]
 
 
 def start_server(device: str, port: int, metrics_port: int, workers: int) -> subprocess.Popen:
@@ -138,7 +140,8 @@ def served(device: str, images: np.ndarray, duration: float, workers: int = 1,
             spec = LoadSpec(target, "", "resnet-mnist", api, batch, duration, 2.0, client)
             key = f"batch{batch}" + SUFFIXES[api] + SUFFIXES[client]
             try:
-                report[key] = [measure_level(spec, Level(c), metrics, process.pid, LOAD_PROCESSES) for c in levels]
+                report[key] = [dataclasses.asdict(measure_level(spec, Level(c), metrics, process.pid, LOAD_PROCESSES))
+                               for c in levels]
             except ResserveError as exc:  # perf_analyzer stops at a failed request: the rest still runs
                 report[f"{key}_failed"] = str(exc)
                 print(f"gpu check: {key}: {exc}", file=sys.stderr)
@@ -197,7 +200,7 @@ def _serving_targets(results: dict) -> list[dict]:
     targets.append(_target(14, "first 200 requests of each size: slowest <= 3x the median",
                            f"worst {worst[1]['max_over_median']:.2f}x (batch {worst[0]})", worst[1]["max_over_median"] <= 3))
     big = served["batch64"][0]
-    sizes = [{"batch": size, "ips": max(row[f"batch{size}_images_per_second"] for row in device)} for size in IN_PROCESS_SIZES]
+    sizes = [{"batch": size, "ips": max(row["images_per_second"][size] for row in device)} for size in IN_PROCESS_SIZES]
     reference = _nearest(sizes, big["mean_batch_size"])
     ratio = big["images_per_second"] / reference["ips"]
     targets.append(_target(14, "64-image requests: served >= 0.8x in process at the batch formed",
@@ -283,7 +286,7 @@ def environment() -> dict:
     """What the figures were measured on: the machine, the GPU (nvidia-smi) and the libraries."""
     import onnxruntime
 
-    from resserve.serve.bench import machine_description
+    from resserve.serve.bench.limits import machine_description
 
     try:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
@@ -307,7 +310,7 @@ def main() -> None:
     results: dict = {"device": args.device, "environment": environment()}
     for name, run in (("parity", lambda: parity(args.device, images, labels, onnx)),
                       ("in_process", lambda: in_process(args.device, onnx, images, seconds)),
-                      ("cpu_in_process", lambda: in_process_limit(package, [1, 8, 16, 64])),
+                      ("cpu_in_process", lambda: [dataclasses.asdict(row) for row in in_process_limit(package, [1, 8, 16, 64])]),
                       ("served", lambda: served(args.device, images, seconds * 2, first=20 if args.quick else 200)),
                       ("workers", lambda: worker_sweep(args.device, images, seconds * 2,
                                                        QUICK_WORKERS if args.quick else WORKERS))):

@@ -18,7 +18,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from helpers import ServerProcess, metric_value, run_cli
-from resserve.serve.bench import tree_cpu_seconds
+from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.package import load_package
 
 MODEL = "resnet-mnist"

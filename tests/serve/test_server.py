@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from helpers import ServerProcess, metric_value, run_cli
-from resserve.serve.bench import tree_cpu_seconds
+from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.package import load_package
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc

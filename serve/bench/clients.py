@@ -31,7 +31,7 @@ from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 APIS = ("kserve", "kserve-stream", "classify", "rest")
 
 # our own stubs and aiohttp, Triton's Python clients (asyncio), or Triton's perf_analyzer (C++,
-# serve/perf_analyzer.py)
+# perf_analyzer.py)
 CLIENTS = ("resserve", "tritonclient", "perf_analyzer")
 
 

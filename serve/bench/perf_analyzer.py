@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from resserve.serve.errors import ResserveError
-from resserve.serve.load_clients import Level, LoadResult, LoadSpec
+from resserve.serve.bench.clients import Level, LoadResult, LoadSpec
 
 PROTOCOLS = {"kserve": ("-i", "grpc"), "kserve-stream": ("-i", "grpc", "--streaming"), "rest": ("-i", "http")}
 WINDOWS = 3  # perf_analyzer reports once this many consecutive windows agree

@@ -1,0 +1,80 @@
+"""The in-process limit: a model's runtime called directly in the benchmark's process, what a
+server on that runtime can approach at best; and ``resserve bench model``'s runners (every way
+of running one network, timed alike)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from resserve.serve.backends import open_backend
+from resserve.serve.backends.base import usable_cpus
+from resserve.serve.bench.clients import stand_in_images
+from resserve.serve.bench.report import InProcessResult
+from resserve.serve.package import ModelPackage
+from resserve.serve.timing import images_per_second, median_seconds
+
+Runner = Callable[[np.ndarray], object]  # runs one batch of model inputs
+
+
+@dataclass(frozen=True)
+class RunnerResult:
+    """One runner: a row of ``bench model``'s table."""
+
+    config: str  # e.g. "ONNX Runtime fp32"
+    batch1_latency_ms: float
+    images_per_second: dict[int, float]  # by batch size
+
+
+def measure_runners(runners: dict[str, Runner], images: np.ndarray, batch_sizes: tuple[int, ...], seconds: float,
+                    on_runner: Callable[[str], None] = lambda name: None) -> list[RunnerResult]:
+    """Batch-1 latency and throughput at each batch size of every runner, in this process, one
+    after another."""
+    rows = []
+    for name, run in runners.items():
+        on_runner(name)
+        one = images[:1]
+        latency = median_seconds(lambda: run(one), repeats=500, max_seconds=seconds)
+        throughput = {}
+        for size in batch_sizes:
+            batch = np.ascontiguousarray(np.resize(images, (size, *images.shape[1:])))
+            throughput[size] = round(images_per_second(lambda: run(batch), size, seconds), 1)
+        rows.append(RunnerResult(name, round(latency * 1e3, 3), throughput))
+    return rows
+
+
+def cuda_runners(onnx: bytes, batch_sizes: tuple[int, ...]) -> dict[str, Runner]:
+    """ONNX Runtime's CUDA provider on the fp32 artifact: plain, and with a captured CUDA graph at
+    batch 1 and each of ``batch_sizes`` (as a server captures one per shape bucket)."""
+    plain = open_backend(onnx, "onnx", "onnxruntime", "cuda", cuda_graphs=False)
+    graphs = open_backend(onnx, "onnx", "onnxruntime", "cuda")
+    graphs.specialize((1, *batch_sizes))
+    return {"ONNX Runtime fp32, CUDA": plain.infer, "ONNX Runtime fp32, CUDA graphs": graphs.infer}
+
+
+def in_process_limit(package: ModelPackage, batch_sizes: list[int], runtime: str = "onnxruntime fp32",
+                     threads: int | None = None) -> list[InProcessResult]:
+    """``runtime`` ("backend precision", as a server reports it) on the same artifact in this
+    process, at each batch size: the ceiling a server on that runtime can approach."""
+    backend_name, precision = runtime.split()
+    format = "torchscript" if backend_name == "torchscript" else "onnx"
+    backend = open_backend(package.read_verified(package.find(format)), format, backend_name, "cpu", precision, threads)
+    rows = []
+    for size in sorted(set(batch_sizes)):
+        batch = stand_in_images(size)
+        rows.append(InProcessResult(size, median_seconds(lambda: backend.infer(batch), repeats=50) * 1e3,
+                                    images_per_second(lambda: backend.infer(batch), size, 2.0)))
+    return rows
+
+
+def machine_description() -> str:
+    """The CPU and how many of its CPUs this process may use: what a report was measured on."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, {usable_cpus()} CPUs"

@@ -1,0 +1,240 @@
+"""The load of ``resserve bench serve`` and what one level of it measured.
+
+Two kinds of load, for ``duration`` seconds after ``warmup`` per level:
+
+- closed loop (``Level(concurrency=C)``): each of C clients (one connection each) sends its next
+  request as soon as the previous one returns: how much a server can do, and its latency when
+  saturated;
+- open loop (``Level(rate=R)``): requests arrive at random (Poisson) times, R per second on
+  average, each sent when due whether or not earlier ones have returned, as independent users
+  arrive; latency counts from when a request was due, so a server (or load generator) that falls
+  behind cannot hide its queue. What a server costs (CPU) and answers at a given traffic.
+
+The Python clients (clients.py) are spread over load processes; perf_analyzer (perf_analyzer.py)
+is one process of its own. Either way a level's row holds the load's side (latencies, errors,
+the load generator's CPU) and the server's (the batch sizes and queue time in its metrics, the
+CPU time of its process tree).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import os
+import queue
+import time
+import urllib.request
+from collections import Counter
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from resserve.serve.bench import perf_analyzer
+from resserve.serve.bench.clients import Level, LoadResult, LoadSpec, sender
+from resserve.serve.bench.report import LevelResult
+from resserve.serve.errors import ResserveError
+
+LOAD_PROCESS_START_SECONDS = 3.0
+OPEN_LOOP_CONNECTIONS = 8  # per load process: open-loop requests take turns over these
+OPEN_LOOP_MAX_OUTSTANDING = 1024  # per load process: arrivals beyond this many unanswered are not sent, but counted
+# the samples of the server's batch histograms a level reads (BatchTotals' fields, in order)
+BATCH_SAMPLES = ("resserve_batch_size_sum", "resserve_batch_size_count", "resserve_queue_seconds_sum",
+                 "resserve_queue_seconds_count")
+
+
+@dataclass
+class _Tally:
+    """Latencies (s) and error codes of the requests started inside the measured window."""
+
+    measure_from: float  # time.perf_counter() value
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+
+    def record(self, started: float, error: str | None) -> None:
+        """A request answered now; ``started``: when it was sent (closed loop) or due (open loop)."""
+        if started < self.measure_from:
+            return
+        if error is None:
+            self.latencies.append(time.perf_counter() - started)
+        else:
+            self.errors[error] += 1
+
+
+async def _closed_loop(spec: LoadSpec, concurrency: int, tally: _Tally, stop_at: float) -> None:
+    async def client() -> None:
+        async with sender(spec) as send:
+            while (sent := time.perf_counter()) < stop_at:
+                tally.record(sent, await send())
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+
+
+async def _open_loop(spec: LoadSpec, rate: float, tally: _Tally, start: float, stop_at: float, seed: int) -> None:
+    """Poisson arrivals at ``rate`` per second from ``start`` until ``stop_at``, taking turns over
+    OPEN_LOOP_CONNECTIONS connections; an arrival finding OPEN_LOOP_MAX_OUTSTANDING requests
+    unanswered is counted as an error, not sent, so memory stays bounded when the server cannot
+    keep up."""
+    gaps = np.random.default_rng(seed)
+    async with AsyncExitStack() as stack:
+        sends = [await stack.enter_async_context(sender(spec)) for _ in range(OPEN_LOOP_CONNECTIONS)]
+        outstanding: set[asyncio.Task] = set()
+
+        async def request(send, due: float) -> None:
+            tally.record(due, await send())
+
+        due = start  # the schedule is fixed by the seed: which requests fall in the window does not depend on timing
+        for turn in itertools.count():
+            due += gaps.exponential(1 / rate)
+            if due >= stop_at:
+                break
+            await asyncio.sleep(due - time.perf_counter())  # at once when late
+            if len(outstanding) >= OPEN_LOOP_MAX_OUTSTANDING:
+                tally.record(due, f"not sent ({OPEN_LOOP_MAX_OUTSTANDING} unanswered)")
+                continue
+            task = asyncio.create_task(request(sends[turn % len(sends)], due))
+            outstanding.add(task)
+            task.add_done_callback(outstanding.discard)
+        await asyncio.gather(*outstanding)
+
+
+async def _load(spec: LoadSpec, level: Level, start_at: float, seed: int = 0) -> tuple[list[float], Counter, float]:
+    """Latencies (s) of the requests started inside the measured window, error codes, window
+    length. The load starts at ``start_at`` (time.time(), shared by every load process)."""
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    start = time.perf_counter()
+    tally, stop_at = _Tally(start + spec.warmup), start + spec.warmup + spec.duration
+    if level.rate:
+        await _open_loop(spec, level.rate, tally, start, stop_at, seed)
+        return tally.latencies, tally.errors, spec.duration  # the arrivals' window; stragglers count
+    await _closed_loop(spec, level.concurrency, tally, stop_at)
+    return tally.latencies, tally.errors, time.perf_counter() - tally.measure_from
+
+
+@dataclass(frozen=True)
+class BatchTotals:
+    """The server's batch histograms, summed over models, versions and workers."""
+
+    images: float = 0.0  # resserve_batch_size_sum
+    batches: float = 0.0  # resserve_batch_size_count
+    queue_seconds: float = 0.0  # resserve_queue_seconds_sum
+    queued: float = 0.0  # resserve_queue_seconds_count: requests
+
+    def __sub__(self, earlier: BatchTotals) -> BatchTotals:
+        return BatchTotals(self.images - earlier.images, self.batches - earlier.batches,
+                           self.queue_seconds - earlier.queue_seconds, self.queued - earlier.queued)
+
+
+def scrape(metrics_url: str) -> BatchTotals | None:
+    """The batch totals in the server's /metrics; None when they cannot be read."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    sums = dict.fromkeys(BATCH_SAMPLES, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in BATCH_SAMPLES:
+                sums[sample.name] += sample.value
+    return BatchTotals(*(sums[name] for name in BATCH_SAMPLES))
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def tree_cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user and system, every thread) of a process and its descendants, as /proc says:
+    a server and its workers; None when there is no such process."""
+    if pid is None or _stat_fields(pid) is None:
+        return None
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))):
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        if fields := _stat_fields(current):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stack.extend(children.get(current, []))
+    return total
+
+
+def _run_share(spec: LoadSpec, level: Level, start_at: float, seed: int = 0) -> LoadResult:
+    """One load process's share of the load, from ``start_at`` (time.time())."""
+    cpu = time.process_time()
+    latencies, errors, window = asyncio.run(_load(spec, level, start_at, seed))
+    return LoadResult(latencies, errors, window, window + spec.warmup, time.process_time() - cpu, 1)
+
+
+def _load_process(spec: LoadSpec, level: Level, start_at: float, seed: int, results) -> None:
+    results.put(_run_share(spec, level, start_at, seed))
+
+
+def _merged(parts: list[LoadResult]) -> LoadResult:
+    window = max(part.window for part in parts)
+    return LoadResult([x for part in parts for x in part.latencies], sum((part.errors for part in parts), Counter()),
+                      window, window + parts[0].elapsed - parts[0].window, sum(part.client_cpu for part in parts),
+                      len(parts))
+
+
+def _generate_load(spec: LoadSpec, level: Level, processes: int) -> LoadResult:
+    """The load spread over at most ``processes`` Python load processes (this one when 1)."""
+    shares = level.shares(processes)
+    if len(shares) == 1:
+        return _run_share(spec, level, time.time())
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    start_at = time.time() + LOAD_PROCESS_START_SECONDS  # every process started and imported by then
+    workers = [context.Process(target=_load_process, args=(spec, share, start_at, seed, results))
+               for seed, share in enumerate(shares)]
+    for worker in workers:
+        worker.start()
+    parts = []
+    while len(parts) < len(workers):
+        try:
+            parts.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if any(worker.exitcode not in (None, 0) for worker in workers):  # died without its results
+                for worker in workers:
+                    worker.terminate()
+                raise ResserveError("a load process failed (its error is above)") from None
+    for worker in workers:
+        worker.join()
+    return _merged(parts)
+
+
+def measure_level(spec: LoadSpec, level: Level, metrics_url: str, server_pid: int | None,
+                  load_processes: int = 1) -> LevelResult:
+    """One load level against a server: the load's side and the server's (``server_pid``: its CPU
+    time, where it runs on this machine)."""
+    before, server_cpu0 = scrape(metrics_url), tree_cpu_seconds(server_pid)
+    if spec.client == "perf_analyzer":
+        load = perf_analyzer.generate_load(spec, level)
+    else:
+        load = _generate_load(spec, level, load_processes)
+    after, server_cpu1 = scrape(metrics_url), tree_cpu_seconds(server_pid)
+    batches = after - before if after and before else BatchTotals()
+    latencies, window = np.asarray(load.latencies) * 1e3, load.window
+    p50, p90, p95, p99, top = (np.percentile(latencies, (50, 90, 95, 99, 100)) if len(latencies)
+                               else [float("nan")] * 5)
+    requests_per_second = len(latencies) / window
+    server_cores = (server_cpu1 - server_cpu0) / load.elapsed if server_cpu1 is not None else None
+    return LevelResult(
+        load=str(level), concurrency=level.concurrency or None, offered_rate=level.rate or None,
+        requests_per_second=requests_per_second, images_per_second=requests_per_second * spec.batch,
+        p50_ms=float(p50), p90_ms=float(p90), p95_ms=float(p95), p99_ms=float(p99), max_ms=float(top),
+        ok=len(latencies), errors=dict(load.errors),
+        mean_batch_size=batches.images / batches.batches if batches.batches else None,
+        mean_queue_ms=batches.queue_seconds / batches.queued * 1e3 if batches.queued else None,
+        load_processes=load.processes, client_cpu_cores=load.client_cpu / load.elapsed,
+        server_cpu_cores=server_cores,
+        server_cpu_ms_per_request=server_cores / requests_per_second * 1e3 if server_cores and latencies.size else None)

@@ -1,0 +1,184 @@
+"""``resserve bench serve``: the servers a run starts (or the one it is pointed at), each loaded
+at every level over every API, then the in-process limit of each runtime they ran, and the report.
+
+Per level (load.py): images/s and requests/s, latency percentiles, errors by status code, the
+batch sizes and queue time the server reports in its metrics, and the CPU time of the server and
+of the load generator. Baselines in the same run: each runtime in-process on the same artifact
+(batch 1 and the batch sizes its servers formed; limits.py) and, with ``--start``, the ONNX
+Runtime server with batching off (``--max-batch-size 1``).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+
+from resserve.serve.bench import perf_analyzer
+from resserve.serve.bench.clients import Level, LoadSpec, triton_client_module
+from resserve.serve.bench.limits import in_process_limit, machine_description
+from resserve.serve.bench.load import measure_level
+from resserve.serve.bench.report import InProcessResult, LevelResult, ServeReport, ServerSummary, summarize
+from resserve.serve.errors import ResserveError
+from resserve.serve.package import load_package
+from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
+from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+
+LOAD_BOUND_CORES = 0.9  # a load process using this much of a core is the likely bottleneck
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str, str, int]]:
+    """A `resserve serve` subprocess on loopback: yields (gRPC target, HTTP target, metrics URL, pid)."""
+    port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+    command = [sys.executable, "-m", "resserve.serve", "serve", *([str(package)] if package else []),
+               "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
+               "--metrics-port", str(metrics_port), "--drain-seconds", "0", *extra]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:
+            if " ready: " in line:
+                break
+            if line.startswith("error:"):
+                raise ResserveError(f"the benchmark's server did not start: {line.strip()}")
+        else:
+            raise ResserveError("the benchmark's server exited before it was ready")
+        threading.Thread(target=process.stderr.read, daemon=True).start()  # never block on a full pipe
+        yield f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics", process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def _check_http(http_target: str) -> None:
+    """A one-line error now, rather than every request failing, when --api rest cannot reach the server."""
+    try:
+        urllib.request.urlopen(f"http://{http_target}/v2/health/live", timeout=10).close()
+    except OSError as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ResserveError(f"{http_target}: cannot reach the server's HTTP port ({reason}); "
+                            "--http-target names it") from None
+
+
+def _server_runtime(target: str, model: str) -> str:
+    """"backend precision" as the server reports it in the model's config."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            config = kserve_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
+                kserve_pb2.ModelConfigRequest(name=model), timeout=10).config
+        except grpc.RpcError as exc:
+            hint = " (--model and --package name the model to measure)" if exc.code() == grpc.StatusCode.NOT_FOUND else ""
+            raise ResserveError(f"{target}: {exc.code().name}: {exc.details()}{hint}") from None
+    return f"{config.parameters['backend'].string_value} {config.parameters['precision'].string_value}"
+
+
+def _batched(spec: str, workers: int, counts: list[int]) -> str:
+    return f"{spec}, batched" + (f", {workers} worker{'s' * (workers > 1)}" if len(counts) > 1 else "")
+
+
+def _configurations(backends: list[str], workers: list[int]) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, server flags): each backend batched at each worker count, plus ONNX Runtime
+    unbatched (--max-batch-size 1) at the first count.
+
+    A backend may name its precision: ``openvino:fp32`` serves with ``--backend openvino
+    --precision fp32``.
+    """
+    configs = []
+    for spec in backends:
+        backend, _, precision = spec.partition(":")
+        for count in workers:
+            configs.append((_batched(spec, count, workers),
+                            ("--backend", backend, *(("--precision", precision) if precision else ()),
+                             "--workers", str(count))))
+    return configs + [(UNBATCHED, ("--backend", "onnxruntime", "--max-batch-size", "1", "--workers", str(workers[0])))]
+
+
+UNBATCHED = "onnxruntime, unbatched (max batch 1)"
+
+
+def _named(configuration: str, api: str, apis: list[str]) -> str:
+    """A server's name in the report: its configuration, and the API where several are measured."""
+    return configuration if len(apis) == 1 else f"{configuration}, {api} API"
+
+
+def run_benchmark(package_path: Path | None, target: str | None, http_target: str | None, model: str,
+                  apis: list[str], levels: list[Level], batch: int, duration: float, warmup: float,
+                  metrics_url: str | None, backends: list[str], workers: list[int], load_processes: int,
+                  client: str = "resserve", log=print) -> ServeReport:
+    """The whole sweep: the server(s) over each API, then the in-process limit; returns the report."""
+    package = load_package(package_path)
+    model = model or package.name
+    if client == "tritonclient":
+        for api in apis:  # here, not in each load process
+            triton_client_module(api)
+    if client == "perf_analyzer":
+        perf_analyzer.executable()  # before any server starts
+    servers: dict[str, list[LevelResult]] = {}
+    runtimes: dict[str, str] = {}
+    configurations = _configurations(backends, workers) if target is None else [(f"server at {target}", None)]
+    for configuration, flags in configurations:
+        with (started_server(package_path, *flags) if flags is not None
+              else nullcontext((target, http_target or "", metrics_url or "", None))) as (address, http, metrics, pid):
+            runtime = _server_runtime(address, model)
+            if "rest" in apis:
+                _check_http(http)
+            for api in apis:
+                name = _named(configuration, api, apis)
+                runtimes[name] = runtime
+                spec = LoadSpec(address, http, model, api, batch, duration, warmup, client)
+                servers[name] = [_measured(name, runtime, spec, level, metrics, pid, load_processes, log)
+                                 for level in levels]
+    limits: dict[str, list[InProcessResult]] = {}
+    for runtime in dict.fromkeys(runtimes.values()):  # each runtime once, against the batches its servers formed
+        formed = {max(1, round(row.mean_batch_size)) for name, rows in servers.items() if runtimes[name] == runtime
+                  for row in rows if row.mean_batch_size}
+        log(f"in-process {runtime} ...")
+        limits[runtime] = in_process_limit(package, [batch, *formed], runtime)
+    closed_loop = not levels[0].rate  # under open loop every server answered the same offered rates: no peak
+    baseline = _batched("onnxruntime", workers[0], workers)
+    summary = _summaries(servers, runtimes, limits, batch, apis, configurations, baseline) if closed_loop else {}
+    return ServeReport(model=model, api=",".join(apis), client=client, batch=batch, duration_s=duration,
+                       workers=workers, machine=machine_description(), runtimes=runtimes, servers=servers,
+                       in_process=limits, summary=summary)
+
+
+def _measured(name: str, runtime: str, spec: LoadSpec, level: Level, metrics_url: str, pid: int | None,
+              load_processes: int, log: Callable[[str], None]) -> LevelResult:
+    """One level's row, saying so when the Python load generator may have been what bounded it."""
+    log(f"{name} ({runtime}): {level} ...")
+    row = measure_level(spec, level, metrics_url, pid, load_processes)
+    if spec.client != "perf_analyzer" and row.client_cpu_cores / row.load_processes > LOAD_BOUND_CORES:
+        log(f"  the load generator used {row.client_cpu_cores:.2f} cores in {row.load_processes} "
+            f"process(es): it may be the bottleneck at {level} (--load-processes)")
+    return row
+
+
+def _summaries(servers: dict[str, list[LevelResult]], runtimes: dict[str, str],
+               limits: dict[str, list[InProcessResult]], batch: int, apis: list[str],
+               configurations: list[tuple[str, tuple[str, ...] | None]], baseline: str) -> dict[str, ServerSummary]:
+    """Each server against its runtime's in-process limit and against the baseline server (ONNX
+    Runtime batched, at the first worker count) over the same API; the baseline also against the
+    unbatched server, and each REST server against the same server's gRPC KServe."""
+    summaries = {}
+    for configuration, _ in configurations:
+        for api in apis:
+            name = _named(configuration, api, apis)
+            summaries[name] = summarize(
+                servers[name], limits[runtimes[name]], batch, baseline=servers.get(_named(baseline, api, apis)),
+                unbatched=servers.get(_named(UNBATCHED, api, apis)) if configuration == baseline else None,
+                grpc=servers.get(_named(configuration, "kserve", apis)) if api == "rest" else None)
+    return summaries
