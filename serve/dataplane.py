@@ -10,16 +10,19 @@ preprocessing, batching, and the metadata the protocols report.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import struct
 import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
 from resserve.serve.errors import DeadlineExpired, InvalidInput, QueueFull
+from resserve.serve.logs import LogSettings, SettingValue, apply_log_settings, current_log_settings
 from resserve.serve.manifest import TensorSpec
 from resserve.serve.preprocess import MAX_REQUEST_PIXELS, encoded_to_input, pixels_of, raw_to_input
 from resserve.serve.repository import ServedModel
@@ -28,6 +31,8 @@ from resserve.serve.state import ServerState
 SERVER_NAME = "resserve"
 IMAGE_SHAPE = (1, 28, 28)
 INPUT_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+
+log = logging.getLogger("resserve.serve")
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,17 @@ class DataPlane:
         if ready_only and state != "READY":
             return []
         return [RepositoryEntry(m.name, m.version, state, reason) for m in repository.models]
+
+    def log_settings(self, changes: Mapping[str, SettingValue | None]) -> LogSettings:
+        """Triton's logging extension: the log settings after ``changes`` (none: as they are), here
+        and, under --workers, in every worker (the supervisor passes them on)."""
+        current = current_log_settings()
+        settings = current.updated(changes)
+        if settings != current:
+            apply_log_settings(settings)
+            self.state.share_log_settings(settings)
+            log.info("log settings changed through the API: %s", settings.as_triton())
+        return settings
 
     def check_image_count(self, count: int) -> None:
         limit = self.state.settings.max_images_per_request

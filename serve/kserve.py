@@ -14,6 +14,7 @@ from resserve.serve.batcher import BatchingConfig
 from resserve.serve.dataplane import (SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, Tensor,
                                      deadline_within, tensor_bytes, tensor_from_bytes, tensor_from_values)
 from resserve.serve.errors import InvalidInput
+from resserve.serve.logs import LogSettings, SettingValue
 from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.repository import ServedModel
 from resserve.serve.rpc import deadline_of, rpc
@@ -25,7 +26,7 @@ from resserve.serve.stubs import model_config_pb2 as config_pb
 
 # Exactly what is served (binary_tensor_data: on HTTP, serve/rest/kserve.py); model_repository is
 # left out because loading and unloading are not (RepositoryIndex is answered: models are fixed at start).
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "classification", "logging", "model_configuration", "statistics"]
 TYPED_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 LABELS_FILE = "labels.txt"  # as in a Triton repository (train/triton.py writes it); the labels are the manifest's
 
@@ -141,6 +142,25 @@ def _output_config(spec: TensorSpec, labels: tuple[str, ...]) -> config_pb.Model
                                  dims=spec.shape[1:], label_filename=LABELS_FILE if classes else "")
 
 
+def log_setting_changes(request: pb.LogSettingsRequest) -> dict[str, SettingValue | None]:
+    """A LogSettings request's settings by name (None: one sent without a value)."""
+    return {name: getattr(value, kind) if (kind := value.WhichOneof("parameter_choice")) else None
+            for name, value in request.settings.items()}
+
+
+def log_settings_response(settings: LogSettings) -> pb.LogSettingsResponse:
+    response = pb.LogSettingsResponse()
+    for name, value in settings.as_triton().items():
+        setting = response.settings[name]
+        if isinstance(value, bool):
+            setting.bool_param = value
+        elif isinstance(value, int):
+            setting.uint32_param = value
+        else:
+            setting.string_param = value
+    return response
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
@@ -176,6 +196,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
             for e in self.plane.repository_index(request.ready)])
+
+    @rpc("kserve", model_of=lambda r: "")
+    async def LogSettings(self, request, context):
+        return log_settings_response(self.plane.log_settings(log_setting_changes(request)))
 
     @rpc("kserve", model_of=lambda r: r.model_name)
     async def ModelInfer(self, request, context):

@@ -34,7 +34,7 @@ from resserve.serve.dataplane import DataPlane
 from resserve.serve.digits import DigitClassifierServicer
 from resserve.serve.errors import ResserveError
 from resserve.serve.kserve import InferenceServicer
-from resserve.serve.logs import configure_logging
+from resserve.serve.logs import LogSettings, configure_logging
 from resserve.serve.package import ModelPackage
 from resserve.serve.repository import load_repository, read_packages
 from resserve.serve.rest import classify as rest_classify
@@ -127,6 +127,7 @@ class Server:
             await self._listen()
             await self._load(packages)
         else:
+            self.state.share_log_settings = coordinator.share_log_settings
             await self._load(packages)
             await coordinator.loaded()
             await self._listen()
@@ -260,6 +261,9 @@ class Coordinator(Protocol):
     def stopped(self, answered: Counter) -> None:
         """Drained: the answers this worker gave, by status code."""
 
+    def share_log_settings(self, settings: LogSettings) -> None:
+        """The log settings changed through this worker's API: every worker is to log so."""
+
 
 async def serve(settings: ServerSettings, coordinator: Coordinator | None = None) -> None:
     """Serve until SIGTERM/SIGINT, drain, and exit 0 without calling gRPC's own shutdown.
@@ -291,5 +295,5 @@ async def serve(settings: ServerSettings, coordinator: Coordinator | None = None
 
 def run_server(settings: ServerSettings) -> None:
     """Serve until SIGTERM/SIGINT, then drain and exit 0."""
-    configure_logging(settings)
+    configure_logging(LogSettings.of(settings))
     asyncio.run(serve(settings))

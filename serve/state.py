@@ -11,8 +11,10 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, ShuttingDown
+from resserve.serve.logs import LogSettings
 from resserve.serve.metrics import Metrics
 from resserve.serve.repository import ModelRepository
 from resserve.serve.settings import ServerSettings
@@ -30,6 +32,8 @@ class ServerState:
     in_flight: int = 0  # requests admitted and not yet answered
     answered: Counter = field(default_factory=Counter)  # status code name -> requests answered
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight
+    # under --workers, tells the supervisor when the log settings change through this worker's API
+    share_log_settings: Callable[[LogSettings], None] = lambda settings: None
 
     def __post_init__(self) -> None:
         self.idle.set()

@@ -18,7 +18,9 @@ supervisor (this module, no event loop, no gRPC):
   window, the grace period), and the supervisor exits 0 after the last, logging the answers of
   all of them;
 - serves one Prometheus endpoint for all workers (prometheus-client's multiprocess mode):
-  counters and histograms add up, queue depth is summed over live workers.
+  counters and histograms add up, queue depth is summed over live workers;
+- passes on log settings changed through one worker's API (Triton's logging extension) to
+  every worker, and starts a restarted one with them.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from prometheus_client import multiprocess
 
 from resserve.serve.errors import ResserveError
 from resserve.serve.repository import read_packages
-from resserve.serve.logs import configure_logging
+from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
 from resserve.serve.server import answer_counts, check_port_free, serve, serve_metrics
 from resserve.serve.settings import ServerSettings
 from resserve.serve.tls import ssl_context, tls_files
@@ -73,9 +75,29 @@ class PipeCoordinator:
     async def loaded(self) -> None:
         try:
             self.pipe.send(("loaded",))
-            await asyncio.to_thread(self.pipe.recv)  # "listen": every worker has loaded
+            while (message := await asyncio.to_thread(self.pipe.recv))[0] != "listen":  # every worker has loaded
+                self._take(message)
         except (OSError, EOFError):  # the supervisor is gone before this worker served: nothing to drain
             os._exit(0)
+        asyncio.get_running_loop().add_reader(self.pipe.fileno(), self._receive)
+
+    def _receive(self) -> None:
+        """A message from the supervisor while serving."""
+        try:
+            self._take(self.pipe.recv())
+        except (OSError, EOFError):  # the supervisor is gone: PR_SET_PDEATHSIG brings the SIGTERM
+            asyncio.get_running_loop().remove_reader(self.pipe.fileno())
+
+    def _take(self, message: tuple) -> None:
+        kind, *payload = message
+        if kind == "log_settings":
+            apply_log_settings(payload[0])
+
+    def share_log_settings(self, settings: LogSettings) -> None:
+        try:
+            self.pipe.send(("log_settings", settings))
+        except OSError:  # the supervisor is gone: this worker drains and exits
+            pass
 
     def ready(self) -> None:
         self.pipe.send(("ready",))
@@ -98,10 +120,11 @@ def _follow_the_supervisor() -> None:
         pass
 
 
-def worker_main(settings: ServerSettings, index: int, pipe: Connection) -> None:
-    """A worker process: a whole server on the shared ports, coordinated over ``pipe``."""
+def worker_main(settings: ServerSettings, index: int, pipe: Connection, logs: LogSettings) -> None:
+    """A worker process: a whole server on the shared ports, coordinated over ``pipe``, logging
+    as ``logs`` say (the settings of the moment: they may have changed since the server started)."""
     _follow_the_supervisor()
-    configure_logging(settings, worker=index)
+    configure_logging(logs, worker=index)
     try:
         asyncio.run(serve(settings, PipeCoordinator(pipe)))
     except ResserveError as exc:  # the supervisor says it, once, for the first worker that fails to start
@@ -148,6 +171,7 @@ class Supervisor:
         self.metrics_dir = ""  # the workers' Prometheus files: made in run(), removed when it ends
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry)
+        self.logs = LogSettings.of(settings)  # as the workers are to log
 
     # startup ----------------------------------------------------------------------------------
 
@@ -172,7 +196,7 @@ class Supervisor:
 
     def _start(self, index: int) -> None:
         parent_end, child_end = self.context.Pipe()
-        process = self.context.Process(target=worker_main, args=(self.worker_settings, index, child_end),
+        process = self.context.Process(target=worker_main, args=(self.worker_settings, index, child_end, self.logs),
                                        name=f"resserve-worker-{index}", daemon=False)
         process.start()
         child_end.close()
@@ -270,6 +294,21 @@ class Supervisor:
         elif kind == "stopped":
             worker.state = "stopped"
             worker.answered.update(payload[0])
+        elif kind == "log_settings":
+            self._share_log_settings(payload[0])
+
+    def _share_log_settings(self, settings: LogSettings) -> None:
+        """Log settings changed through one worker's API (which logged it): every worker takes
+        them, the one they came through too (so when two change at once, all end with the
+        later), this process, and the workers started from now on."""
+        self.logs = settings
+        apply_log_settings(settings)
+        for worker in self.workers.values():
+            if worker.process.is_alive():
+                try:
+                    worker.pipe.send(("log_settings", settings))
+                except OSError:  # exiting: it is restarted with self.logs
+                    pass
 
     def _release_loaded(self) -> None:
         """Workers listen once all have loaded; later (a restart), as soon as each has."""
@@ -278,7 +317,7 @@ class Supervisor:
             return
         for worker in self.workers.values():
             if worker.state == "loaded":
-                worker.pipe.send("listen")
+                worker.pipe.send(("listen",))
                 worker.state = "listening"
 
     @property
@@ -324,5 +363,5 @@ def _kill_group(process: multiprocessing.Process) -> None:
 
 def supervise(settings: ServerSettings) -> None:
     """Run ``settings.workers`` workers until SIGTERM/SIGINT; exit 0 when all have drained."""
-    configure_logging(settings)
+    configure_logging(LogSettings.of(settings))
     Supervisor(settings).run()

@@ -256,6 +256,24 @@ async def repository_index(request: web.Request) -> web.Response:
                           for e in plane_of(request).repository_index(only_ready)])
 
 
+@routes.get("/v2/logging")
+@endpoint("kserve")
+async def log_settings(request: web.Request) -> web.Response:
+    return json_response(plane_of(request).log_settings({}).as_triton())
+
+
+@routes.post("/v2/logging")
+@endpoint("kserve")
+async def update_log_settings(request: web.Request) -> web.Response:
+    try:
+        changes = orjson.loads(await read_body(request))
+    except orjson.JSONDecodeError:
+        changes = None
+    if not isinstance(changes, dict):
+        raise InvalidInput('the request must be a JSON object of log settings, such as {"log_verbose_level": 1}')
+    return json_response(plane_of(request).log_settings(changes).as_triton())
+
+
 # inference ------------------------------------------------------------------------------------
 
 

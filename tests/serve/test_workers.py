@@ -14,6 +14,7 @@ from http.client import HTTPConnection
 import grpc
 import numpy as np
 import pytest
+import tritonclient.http as triton_http
 
 from helpers import ServerProcess, free_port, metric_value, run_cli
 from resserve.serve.settings import auto_workers
@@ -202,3 +203,31 @@ def test_json_logs_are_one_object_a_line_and_name_the_worker():
     assert {"message": "ready: resnet-mnist v1 (2 workers)", "level": "INFO"}.items() <= next(
         record for record in records if record["message"].startswith("ready: ")).items()
     assert records[-1]["message"].startswith("stopped; requests answered: 200 1 ")
+
+
+def test_log_settings_changed_through_one_worker_reach_every_worker_and_a_restarted_one():
+    def access_logged_by(lines: list[str]) -> set[int]:
+        """The workers that logged a request answered, as JSON."""
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        return {r["worker"] for r in records if r["level"] == "DEBUG" and r["message"].startswith("http kserve ")}
+
+    def until_logged_by(workers: set[int], since: int) -> None:
+        deadline = time.monotonic() + 30
+        while access_logged_by(server.lines[since:]) != workers:
+            assert http_status(server) == 200 and time.monotonic() < deadline, "".join(server.lines)
+
+    with ServerProcess("--workers", "2") as server:
+        changed = triton_http.InferenceServerClient(server.http_target).update_log_settings(
+            {"log_verbose_level": 1, "log_format": "json"})  # through one connection: one worker
+        assert changed["log_verbose_level"] == 1 and changed["log_format"] == "json"
+        until_logged_by({1, 2}, since=0)
+        first = worker_pids(server)
+        restart = len(server.lines)
+        os.kill(first[2], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while worker_pids(server)[2] == first[2] or metric_value(server.metrics(), "resserve_workers_ready") < 2:
+            assert time.monotonic() < deadline, "".join(server.lines)
+            time.sleep(0.2)
+        until_logged_by({1, 2}, since=restart)
+        assert server.stop() == 0
+    assert all(line.startswith("{") for line in server.lines[restart:])  # the new worker's start too
