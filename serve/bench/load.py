@@ -179,11 +179,11 @@ def _load_process(spec: LoadSpec, level: Level, start_at: float, seed: int, resu
     results.put(_run_share(spec, level, start_at, seed))
 
 
-def _merged(parts: list[LoadResult]) -> LoadResult:
+def _merged(parts: list[LoadResult], warmup: float) -> LoadResult:
+    """The load processes' results as one: the measured window is the longest of theirs."""
     window = max(part.window for part in parts)
     return LoadResult([x for part in parts for x in part.latencies], sum((part.errors for part in parts), Counter()),
-                      window, window + parts[0].elapsed - parts[0].window, sum(part.client_cpu for part in parts),
-                      len(parts))
+                      window, window + warmup, sum(part.client_cpu for part in parts), len(parts))
 
 
 def _generate_load(spec: LoadSpec, level: Level, processes: int) -> LoadResult:
@@ -209,7 +209,7 @@ def _generate_load(spec: LoadSpec, level: Level, processes: int) -> LoadResult:
                 raise ResserveError("a load process failed (its error is above)") from None
     for worker in workers:
         worker.join()
-    return _merged(parts)
+    return _merged(parts, spec.warmup)
 
 
 def measure_level(spec: LoadSpec, level: Level, metrics_url: str, server_pid: int | None,
@@ -222,7 +222,7 @@ def measure_level(spec: LoadSpec, level: Level, metrics_url: str, server_pid: in
     else:
         load = _generate_load(spec, level, load_processes)
     after, server_cpu1 = scrape(metrics_url), tree_cpu_seconds(server_pid)
-    batches = after - before if after and before else BatchTotals()
+    batches = after - before if after is not None and before is not None else BatchTotals()
     latencies, window = np.asarray(load.latencies) * 1e3, load.window
     p50, p90, p95, p99, top = (np.percentile(latencies, (50, 90, 95, 99, 100)) if len(latencies)
                                else [float("nan")] * 5)

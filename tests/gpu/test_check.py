@@ -13,12 +13,12 @@ def level(concurrency: int, images_per_second: float, p50: float, p99: float, ba
 
 
 def results() -> dict:
-    in_process = [{"config": "ONNX Runtime fp32, CPU", "batch1_latency_ms": 1.0, "batch64_images_per_second": 4000,
-                   "batch256_images_per_second": 4200, "batch1024_images_per_second": 4300},
-                  {"config": "ONNX Runtime fp32, CUDA", "batch1_latency_ms": 1.03, "batch64_images_per_second": 32000,
-                   "batch256_images_per_second": 52000, "batch1024_images_per_second": 65000},
-                  {"config": "ONNX Runtime fp32, CUDA graphs", "batch1_latency_ms": 0.56, "batch64_images_per_second": 43000,
-                   "batch256_images_per_second": 59000, "batch1024_images_per_second": 60000}]
+    in_process = [{"config": "ONNX Runtime fp32, CPU", "batch1_latency_ms": 1.0,
+                   "images_per_second": {64: 4000, 256: 4200, 1024: 4300}},
+                  {"config": "ONNX Runtime fp32, CUDA", "batch1_latency_ms": 1.03,
+                   "images_per_second": {64: 32000, 256: 52000, 1024: 65000}},
+                  {"config": "ONNX Runtime fp32, CUDA graphs", "batch1_latency_ms": 0.56,
+                   "images_per_second": {64: 43000, 256: 59000, 1024: 60000}}]
     return {
         "device": "cuda",
         "parity": {"device": "cuda", "max_abs_logit_difference": 2e-4, "accuracy_cpu": 0.9956, "accuracy_device": 0.9956},

@@ -59,6 +59,8 @@ def test_verbose_logging_turns_the_access_log_on_and_off_while_serving(server):
     wait_for_line(server, "DEBUG resserve.serve: grpc kserve resnet-mnist: OK in ")
     http = triton_http.InferenceServerClient(server.http_target)
     assert http.update_log_settings({"log_verbose_level": 0}) == DEFAULTS  # the other front door, same settings
+    wait_for_line(server, "log settings changed through the API: {'log_file': '', 'log_info': True, 'log_warning': "
+                          "True, 'log_error': True, 'log_verbose_level': 0")
     lines = len(server.lines)
     infer_one(client)
     http.update_log_settings({"log_info": True})  # a change that changes nothing is not logged either
@@ -72,9 +74,9 @@ def test_turning_info_off_keeps_info_lines_out_until_it_is_on_again(server):
     lines = len(server.lines)
     http.update_log_settings({"log_verbose_level": 0, "log_warning": False})  # logged at INFO: not written
     assert http.update_log_settings({"log_info": True, "log_warning": True}) == DEFAULTS
-    wait_for_line(server, "INFO resserve.serve: log settings changed through the API: {'log_file': '', "
-                          "'log_info': True, 'log_warning': True")
-    assert [line for line in server.lines[lines:] if "log settings changed" in line] == [server.lines[-1]]
+    back_on = wait_for_line(server, "INFO resserve.serve: log settings changed through the API: {'log_file': '', "
+                                    "'log_info': True, 'log_warning': True")
+    assert [line for line in server.lines[lines:] if "log settings changed" in line] == [back_on]
 
 
 def test_json_format_from_then_on(server):
