@@ -21,6 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
+from resserve.serve.control import ModelControl
 from resserve.serve.errors import DeadlineExpired, InvalidInput, QueueFull
 from resserve.serve.logs import LogSettings, SettingValue, apply_log_settings, current_log_settings
 from resserve.serve.manifest import TensorSpec
@@ -240,8 +241,9 @@ def _for_image(index: int, work, data: bytes):
 class DataPlane:
     """What the server can do, in terms no protocol owns."""
 
-    def __init__(self, state: ServerState, preprocess_pool: Executor) -> None:
+    def __init__(self, state: ServerState, preprocess_pool: Executor, control: ModelControl) -> None:
         self.state = state
+        self.control = control
         self._pool = preprocess_pool  # sized to the usable CPUs
         self._preprocessing = 0  # classify requests waiting for, or in, the pool
 
@@ -271,14 +273,33 @@ class DataPlane:
         return [m.version for m in reversed(self.state.models().versions(name))]
 
     def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
-        """The models and their state. Models are fixed at start: loading and unloading are not offered."""
+        """The models and their state: each version loaded, and each model unloaded through the API."""
         repository = self.state.repository
         if repository is None:
             return []
         state, reason = ("READY", "") if self.state.ready else ("UNAVAILABLE", "the server is not ready (loading or draining)")
         if ready_only and state != "READY":
             return []
-        return [RepositoryEntry(m.name, m.version, state, reason) for m in repository.models]
+        loaded = [RepositoryEntry(m.name, m.version, state, reason) for m in repository.models]
+        unloaded = [RepositoryEntry(name, "", "UNAVAILABLE", "unloaded")
+                    for name in repository.names if name in repository.unloaded]
+        return loaded + ([] if ready_only else unloaded)
+
+    async def load_model(self, name: str, parameters: Mapping[str, object]) -> None:
+        """Triton's RepositoryModelLoad: the model called ``name`` (re)loaded from the packages given
+        at start, in every worker (serve/control.py)."""
+        if parameters:
+            raise InvalidInput(f"resserve loads a model only from the package it was started with; load parameters "
+                               f"({', '.join(sorted(parameters))[:200]}) are not taken")
+        await self.control.load(name)
+
+    async def unload_model(self, name: str, parameters: Mapping[str, object]) -> None:
+        """Triton's RepositoryModelUnload: the model called ``name`` no longer served, in every worker.
+        ``unload_dependents`` is taken and means nothing here: no model depends on another."""
+        if set(parameters) - {"unload_dependents"}:
+            raise InvalidInput(f"unload takes the parameter unload_dependents only, got "
+                               f"{', '.join(sorted(parameters))[:200]}")
+        await self.control.unload(name)
 
     def log_settings(self, changes: Mapping[str, SettingValue | None]) -> LogSettings:
         """Triton's logging extension: the log settings after ``changes`` (none: as they are), here
@@ -287,7 +308,7 @@ class DataPlane:
         settings = current.updated(changes)
         if settings != current:
             apply_log_settings(settings)
-            self.state.share_log_settings(settings)
+            self.state.peers.share_log_settings(settings)
             log.info("log settings changed through the API: %s", settings.as_triton())
         return settings
 

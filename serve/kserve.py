@@ -24,9 +24,10 @@ from resserve.serve.stubs import grpc_service_pb2 as pb
 from resserve.serve.stubs import grpc_service_pb2_grpc as pb_grpc
 from resserve.serve.stubs import model_config_pb2 as config_pb
 
-# Exactly what is served (binary_tensor_data: on HTTP, serve/rest/kserve.py); model_repository is
-# left out because loading and unloading are not (RepositoryIndex is answered: models are fixed at start).
-EXTENSIONS = ["binary_tensor_data", "classification", "logging", "model_configuration", "statistics"]
+# Exactly what is served (binary_tensor_data: on HTTP, serve/rest/kserve.py; model_repository: the
+# index, and loading and unloading the models given at start, serve/control.py)
+EXTENSIONS = ["binary_tensor_data", "classification", "logging", "model_configuration", "model_repository",
+              "statistics"]
 TYPED_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 LABELS_FILE = "labels.txt"  # as in a Triton repository (train/triton.py writes it); the labels are the manifest's
 
@@ -161,6 +162,12 @@ def log_settings_response(settings: LogSettings) -> pb.LogSettingsResponse:
     return response
 
 
+def _one_repository(name: str) -> None:
+    if name:
+        raise InvalidInput(f"resserve has one model repository, the packages it was started with; "
+                           f"repository_name must be empty, got {name[:128]!r}")
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
@@ -197,6 +204,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
             for e in self.plane.repository_index(request.ready)])
 
+    @rpc("kserve", model_of=lambda r: r.model_name)
+    async def RepositoryModelLoad(self, request, context):
+        _one_repository(request.repository_name)
+        await self.plane.load_model(request.model_name, dict(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc("kserve", model_of=lambda r: r.model_name)
+    async def RepositoryModelUnload(self, request, context):
+        _one_repository(request.repository_name)
+        await self.plane.unload_model(request.model_name, dict(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
     @rpc("kserve", model_of=lambda r: "")
     async def LogSettings(self, request, context):
         return log_settings_response(self.plane.log_settings(log_setting_changes(request)))
@@ -224,7 +243,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 def _unsupported(name: str):
     async def answer(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"{name} is not supported by resserve (models are fixed at start; supported "
+                            f"{name} is not supported by resserve (supported "
                             f"extensions: {', '.join(EXTENSIONS)})")
 
     answer.__name__ = name

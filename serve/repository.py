@@ -44,29 +44,48 @@ class ServedModel:
     def platform(self) -> str:
         return PLATFORMS[self.backend.name]
 
+    @property
+    def info_labels(self) -> tuple[str, str, str, str, str]:
+        """Its labels in ``resserve_model_info``."""
+        return self.name, self.version, self.backend.name, self.backend.device, self.backend.precision
+
 
 class ModelRepository:
     """The served models by name, each at one or more versions. A request that names no version
-    gets the latest (the highest number), as under Triton's version policy ``all``."""
+    gets the latest (the highest number), as under Triton's version policy ``all``; one that
+    names no model gets the first loaded of those given at start. Models unloaded through the API
+    (serve/control.py) are known by name, and refused as such."""
 
-    def __init__(self, models: list[ServedModel]) -> None:
-        self.models = tuple(models)  # every version of every model, in the order given
+    def __init__(self, models: list[ServedModel], names: tuple[str, ...] = (),
+                 unloaded: frozenset[str] = frozenset()) -> None:
+        self.names = names or tuple(dict.fromkeys(m.name for m in models))  # every model, in the order given
+        self.unloaded = unloaded
+        rank = {name: index for index, name in enumerate(self.names)}
+        self.models = tuple(sorted(models, key=lambda m: rank[m.name]))  # every version loaded, in that order
         self._versions: dict[str, list[ServedModel]] = {}  # name -> its versions, latest first
-        for model in models:
+        for model in self.models:
             self._versions.setdefault(model.name, []).append(model)
         for versions in self._versions.values():
             versions.sort(key=lambda m: version_order(m.version), reverse=True)
-        self.default = models[0].name
+        self.default = next((name for name in self.names if name in self._versions), "")
 
     def __contains__(self, name: str) -> bool:
         return name in self._versions
 
     def versions(self, name: str) -> list[ServedModel]:
         """Every version of the model called ``name`` ('' for the default), latest first."""
-        versions = self._versions.get(name or self.default)
+        name = name or self.default
+        versions = self._versions.get(name)
         if versions is None:
-            raise ModelNotFound(f"unknown model {name!r}; this server has {', '.join(sorted(self._versions))}")
+            raise ModelNotFound(self._missing(name))
         return list(versions)
+
+    def _missing(self, name: str) -> str:
+        if name in self.unloaded:
+            return (f"model {name!r} is unloaded; RepositoryModelLoad (POST /v2/repository/models/{name}/load) "
+                    "loads it again")
+        has = ", ".join(sorted(self._versions)) or "no model loaded"
+        return f"unknown model {name!r}; this server has {has}" if name else f"this server has {has}"
 
     def get(self, name: str = "", version: str = "") -> ServedModel:
         """The model called ``name`` ('' for the default) at ``version`` ('' for the latest)."""
@@ -79,6 +98,13 @@ class ModelRepository:
         served = ", ".join(m.version for m in reversed(versions))
         raise ModelNotFound(f"model {versions[0].name!r} has {'versions' if len(versions) > 1 else 'version'} "
                             f"{served}, not {version!r}")
+
+    def with_versions(self, name: str, models: list[ServedModel]) -> ModelRepository:
+        """This repository with the versions of ``name`` replaced by ``models``: a model loaded
+        again, or unloaded (none)."""
+        kept = [m for m in self.models if m.name != name]
+        unloaded = self.unloaded - {name} if models else self.unloaded | {name}
+        return ModelRepository(kept + models, self.names, unloaded)
 
     def select(self, name: str = "", version: str = "") -> list[ServedModel]:
         """What a statistics request asks for: every model (no name), every version of one (no version), or one."""
@@ -121,11 +147,12 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
         metrics.queue_depth.labels(name, version).set(batcher.queue_depth)  # a value, not a function: workers share it
 
     batcher = DynamicBatcher(backend.infer, batching, executor, on_batch=record)
-    metrics.model_info.labels(name, version, backend.name, backend.device, backend.precision).set(1)
+    model = ServedModel(package, backend, batcher, statistics)
+    metrics.model_info.labels(*model.info_labels).set(1)
     log.info("loaded model %s version %s: %s on %s (%s, %s), warmed up at batch %s in %.2f s", name,
              version, artifact.file, backend.name, backend.device, backend.precision,
              ",".join(map(str, batching.shapes())), time.monotonic() - started)
-    return ServedModel(package, backend, batcher, statistics)
+    return model
 
 
 def read_packages(settings: ServerSettings) -> list[ModelPackage]:
@@ -147,8 +174,10 @@ def read_packages(settings: ServerSettings) -> list[ModelPackage]:
 
 
 def load_repository(packages: list[ModelPackage], settings: ServerSettings, executor: Executor,
-                    metrics: Metrics) -> ModelRepository:
-    """Verify, load and warm every package's artifact."""
+                    metrics: Metrics, unloaded: frozenset[str] = frozenset()) -> ModelRepository:
+    """Verify, load and warm every package's artifact, but those of the models ``unloaded``
+    through the API (a worker restarted after an unload)."""
     wants_openvino = settings.backend in (BackendChoice.AUTO, BackendChoice.OPENVINO)
     capabilities = openvino_cpu_capabilities() if wants_openvino else None
-    return ModelRepository([_load_one(p, settings, capabilities, executor, metrics) for p in packages])
+    return ModelRepository([_load_one(p, settings, capabilities, executor, metrics) for p in packages
+                            if p.name not in unloaded], tuple(dict.fromkeys(p.name for p in packages)), unloaded)

@@ -21,7 +21,7 @@ import signal
 import socket
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
+from resserve.serve.control import ModelControl
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.digits import DigitClassifierServicer
 from resserve.serve.errors import ResserveError
@@ -41,7 +42,7 @@ from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
 from resserve.serve.rest.server import HttpServer
 from resserve.serve.rpc import Registrar
-from resserve.serve.state import ServerState
+from resserve.serve.state import Peers, ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from resserve.serve.tls import TlsFiles, grpc_credentials, ssl_context, tls_files
@@ -103,9 +104,10 @@ class Server:
         self.settings = settings
         self.state = ServerState(settings)
         self.preprocess_pool = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="preprocess")
-        self.plane = DataPlane(self.state, self.preprocess_pool)
         self.health = health_aio.HealthServicer()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.control = ModelControl(self.state, self.executor)
+        self.plane = DataPlane(self.state, self.preprocess_pool, self.control)
         interceptors = [BearerTokenInterceptor(TokenCheck(settings.tokens))] if settings.tokens else []
         self.grpc = grpc.aio.server(options=_grpc_options(settings), interceptors=interceptors,
                                     maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
@@ -127,14 +129,15 @@ class Server:
             await self._listen()
             await self._load(packages)
         else:
-            self.state.share_log_settings = coordinator.share_log_settings
-            await self._load(packages)
-            await coordinator.loaded()
+            self.state.peers = coordinator
+            await self._load(packages, coordinator.unloaded)
+            await coordinator.loaded(self.control.follow)
             await self._listen()
         self.state.ready = True
         await self._set_health(READINESS_NAMES, serving=True)
         if coordinator is None:
-            log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models))
+            log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models)
+                     or "no model loaded")
         else:  # the supervisor says ready when every worker is
             coordinator.ready()
 
@@ -163,9 +166,9 @@ class Server:
         if self.settings.metrics_port:
             serve_metrics(self.state.metrics.registry, self.settings.metrics_port, self.settings.host)
 
-    async def _load(self, packages: list[ModelPackage]) -> None:
+    async def _load(self, packages: list[ModelPackage], unloaded: frozenset[str] = frozenset()) -> None:
         repository = await asyncio.to_thread(load_repository, packages, self.settings, self.executor,
-                                             self.state.metrics)
+                                             self.state.metrics, unloaded)
         for model in repository.models:
             model.batcher.start()
         self.state.repository = repository
@@ -249,20 +252,20 @@ async def _wait_for(event: asyncio.Event, seconds: float) -> bool:
         return False
 
 
-class Coordinator(Protocol):
-    """What a worker reports to the supervisor that runs it (serve/workers.py)."""
+class Coordinator(Peers, Protocol):
+    """What a worker reports to the supervisor that runs it (serve/workers.py), and hears from it."""
 
-    async def loaded(self) -> None:
-        """Models loaded and warmed; returns when every worker has loaded (time to listen)."""
+    unloaded: frozenset[str]  # models unloaded through the API before this worker started: not to load
+
+    async def loaded(self, follow: Callable[[str, str], Awaitable[None]]) -> None:
+        """Models loaded and warmed; returns when every worker has loaded (time to listen). From
+        then on, ``follow(action, name)`` makes the model changes made through other workers."""
 
     def ready(self) -> None:
         """Listening and ready."""
 
     def stopped(self, answered: Counter) -> None:
         """Drained: the answers this worker gave, by status code."""
-
-    def share_log_settings(self, settings: LogSettings) -> None:
-        """The log settings changed through this worker's API: every worker is to log so."""
 
 
 async def serve(settings: ServerSettings, coordinator: Coordinator | None = None) -> None:

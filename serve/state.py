@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
 from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, ShuttingDown
 from resserve.serve.logs import LogSettings
@@ -20,6 +20,30 @@ from resserve.serve.repository import ModelRepository
 from resserve.serve.settings import ServerSettings
 
 log = logging.getLogger("resserve.serve")
+
+
+class Peers(Protocol):
+    """The other workers of a server run with --workers (serve/workers.py): told of the changes
+    made through this one's API, to make them too."""
+
+    def share_log_settings(self, settings: LogSettings) -> None:
+        """The log settings changed: every worker is to log so."""
+
+    def share_model_change(self, action: str, name: str) -> None:
+        """``action``: load or unload, of the model called ``name``."""
+
+
+class _Alone:
+    """A server of one process: no one to tell."""
+
+    def share_log_settings(self, settings: LogSettings) -> None:
+        pass
+
+    def share_model_change(self, action: str, name: str) -> None:
+        pass
+
+
+ALONE = _Alone()
 
 
 @dataclass
@@ -32,8 +56,7 @@ class ServerState:
     in_flight: int = 0  # requests admitted and not yet answered
     answered: Counter = field(default_factory=Counter)  # status code name -> requests answered
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight
-    # under --workers, tells the supervisor when the log settings change through this worker's API
-    share_log_settings: Callable[[LogSettings], None] = lambda settings: None
+    peers: Peers = field(default_factory=lambda: ALONE)  # the other workers under --workers
 
     def __post_init__(self) -> None:
         self.idle.set()

@@ -54,6 +54,7 @@ class ModelStatistics:
     execution_count: int = 0  # batches run
     last_inference_ms: int = 0  # milliseconds since the epoch, 0 before the first
     batches: dict[int, Compute] = field(default_factory=dict)  # batch size -> per batch
+    in_flight: int = 0  # requests inside ``request``
 
     def record_batch(self, stats: BatchStats) -> None:
         self.inference_count += stats.size
@@ -66,10 +67,13 @@ class ModelStatistics:
 
     @contextmanager
     def request(self) -> Iterator[None]:
-        """Time one inference request: a success, or a failure if it raises (or is cancelled)."""
+        """Time one inference request: a success, or a failure if it raises (or is cancelled); and
+        count it in flight meanwhile (a model being replaced finishes what it has taken)."""
         started, ok = time.monotonic(), False
+        self.in_flight += 1
         try:
             yield
             ok = True
         finally:
+            self.in_flight -= 1
             (self.success if ok else self.fail).add(time.monotonic() - started)

@@ -19,8 +19,9 @@ supervisor (this module, no event loop, no gRPC):
   all of them;
 - serves one Prometheus endpoint for all workers (prometheus-client's multiprocess mode):
   counters and histograms add up, queue depth is summed over live workers;
-- passes on log settings changed through one worker's API (Triton's logging extension) to
-  every worker, and starts a restarted one with them.
+- passes on log settings changed and models loaded or unloaded through one worker's API
+  (Triton's logging and model repository extensions) to every worker, and starts a restarted one
+  with them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from typing import Awaitable, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PrometheusCounter
@@ -69,10 +71,14 @@ PR_SET_PDEATHSIG = 1
 class PipeCoordinator:
     """A worker's side of the supervisor's pipe (the ``Coordinator`` of serve/server.py)."""
 
-    def __init__(self, pipe: Connection) -> None:
+    def __init__(self, pipe: Connection, unloaded: frozenset[str]) -> None:
         self.pipe = pipe
+        self.unloaded = unloaded
+        self._follow: Callable[[str, str], Awaitable[None]] | None = None
+        self._following: set[asyncio.Task] = set()  # model changes under way (a reference keeps each alive)
 
-    async def loaded(self) -> None:
+    async def loaded(self, follow: Callable[[str, str], Awaitable[None]]) -> None:
+        self._follow = follow
         try:
             self.pipe.send(("loaded",))
             while (message := await asyncio.to_thread(self.pipe.recv))[0] != "listen":  # every worker has loaded
@@ -89,13 +95,24 @@ class PipeCoordinator:
             asyncio.get_running_loop().remove_reader(self.pipe.fileno())
 
     def _take(self, message: tuple) -> None:
+        """A change made through another worker (or, for log settings, through this one too)."""
         kind, *payload = message
         if kind == "log_settings":
             apply_log_settings(payload[0])
+        elif kind == "model":
+            task = asyncio.get_running_loop().create_task(self._follow(*payload))
+            self._following.add(task)
+            task.add_done_callback(self._following.discard)
 
     def share_log_settings(self, settings: LogSettings) -> None:
+        self._send(("log_settings", settings))
+
+    def share_model_change(self, action: str, name: str) -> None:
+        self._send(("model", action, name))
+
+    def _send(self, message: tuple) -> None:
         try:
-            self.pipe.send(("log_settings", settings))
+            self.pipe.send(message)
         except OSError:  # the supervisor is gone: this worker drains and exits
             pass
 
@@ -120,13 +137,15 @@ def _follow_the_supervisor() -> None:
         pass
 
 
-def worker_main(settings: ServerSettings, index: int, pipe: Connection, logs: LogSettings) -> None:
+def worker_main(settings: ServerSettings, index: int, pipe: Connection, logs: LogSettings,
+                unloaded: frozenset[str]) -> None:
     """A worker process: a whole server on the shared ports, coordinated over ``pipe``, logging
-    as ``logs`` say (the settings of the moment: they may have changed since the server started)."""
+    as ``logs`` say and without the models ``unloaded`` (the state of the moment: either may have
+    changed through the API since the server started)."""
     _follow_the_supervisor()
     configure_logging(logs, worker=index)
     try:
-        asyncio.run(serve(settings, PipeCoordinator(pipe)))
+        asyncio.run(serve(settings, PipeCoordinator(pipe, unloaded)))
     except ResserveError as exc:  # the supervisor says it, once, for the first worker that fails to start
         pipe.send(("failed", str(exc)))
         sys.exit(exc.exit_code)
@@ -172,6 +191,7 @@ class Supervisor:
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry)
         self.logs = LogSettings.of(settings)  # as the workers are to log
+        self.unloaded: frozenset[str] = frozenset()  # models the workers are not to load
 
     # startup ----------------------------------------------------------------------------------
 
@@ -196,7 +216,7 @@ class Supervisor:
 
     def _start(self, index: int) -> None:
         parent_end, child_end = self.context.Pipe()
-        process = self.context.Process(target=worker_main, args=(self.worker_settings, index, child_end, self.logs),
+        process = self.context.Process(target=worker_main, args=(self.worker_settings, index, child_end, self.logs, self.unloaded),
                                        name=f"resserve-worker-{index}", daemon=False)
         process.start()
         child_end.close()
@@ -296,6 +316,8 @@ class Supervisor:
             worker.answered.update(payload[0])
         elif kind == "log_settings":
             self._share_log_settings(payload[0])
+        elif kind == "model":
+            self._share_model_change(worker, *payload)
 
     def _share_log_settings(self, settings: LogSettings) -> None:
         """Log settings changed through one worker's API (which logged it): every worker takes
@@ -303,11 +325,22 @@ class Supervisor:
         later), this process, and the workers started from now on."""
         self.logs = settings
         apply_log_settings(settings)
-        for worker in self.workers.values():
+        self._tell(self.workers.values(), ("log_settings", settings))
+
+    def _share_model_change(self, source: Worker, action: str, name: str) -> None:
+        """A model loaded or unloaded through one worker's API (which has made the change): every
+        other worker makes it too, and the workers started from now on start without the models
+        unloaded."""
+        self.unloaded = self.unloaded - {name} if action == "load" else self.unloaded | {name}
+        self._tell([w for w in self.workers.values() if w is not source], ("model", action, name))
+
+    @staticmethod
+    def _tell(workers: Iterable[Worker], message: tuple) -> None:
+        for worker in workers:
             if worker.process.is_alive():
                 try:
-                    worker.pipe.send(("log_settings", settings))
-                except OSError:  # exiting: it is restarted with self.logs
+                    worker.pipe.send(message)
+                except OSError:  # exiting: it is restarted with what the supervisor holds
                     pass
 
     def _release_loaded(self) -> None:

@@ -256,6 +256,32 @@ async def repository_index(request: web.Request) -> web.Response:
                           for e in plane_of(request).repository_index(only_ready)])
 
 
+@routes.post("/v2/repository/models/{name}/load")
+@endpoint("kserve")
+async def load_model(request: web.Request) -> web.Response:
+    await plane_of(request).load_model(request.match_info["name"], await _control_parameters(request))
+    return json_response({})
+
+
+@routes.post("/v2/repository/models/{name}/unload")
+@endpoint("kserve")
+async def unload_model(request: web.Request) -> web.Response:
+    await plane_of(request).unload_model(request.match_info["name"], await _control_parameters(request))
+    return json_response({})
+
+
+async def _control_parameters(request: web.Request) -> dict:
+    """A load or unload request's ``parameters``: its body is empty, or {"parameters": {...}}."""
+    body = await read_body(request)
+    try:
+        payload = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError:
+        payload = None
+    if not isinstance(payload, dict) or not isinstance(payload.get("parameters", {}), dict):
+        raise InvalidInput('the request must be empty or a JSON object such as {"parameters": {}}')
+    return payload.get("parameters", {})
+
+
 @routes.get("/v2/logging")
 @endpoint("kserve")
 async def log_settings(request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ import pytest
 import tritonclient.http as triton_http
 
 from helpers import ServerProcess, free_port, metric_value, run_cli
+from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.settings import auto_workers
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -231,3 +233,30 @@ def test_log_settings_changed_through_one_worker_reach_every_worker_and_a_restar
         until_logged_by({1, 2}, since=restart)
         assert server.stop() == 0
     assert all(line.startswith("{") for line in server.lines[restart:])  # the new worker's start too
+
+
+def test_a_model_unloaded_through_one_worker_is_unloaded_in_every_worker_and_a_restarted_one(tmp_path):
+    package = tmp_path / MODEL
+    shutil.copytree(SHIPPED_PACKAGE, package)
+
+    def statuses(count: int = 16) -> set[int]:
+        """Over a connection each: the kernel spreads them over the workers."""
+        return {http_status(server) for _ in range(count)}
+
+    with ServerProcess(str(package), "--workers", "2") as server:
+        triton_http.InferenceServerClient(server.http_target).unload_model(MODEL)  # one connection: one worker
+        deadline = time.monotonic() + 10
+        while statuses() != {404}:  # the other worker unloads once the supervisor has passed it on
+            assert time.monotonic() < deadline, "".join(server.lines)
+        first = worker_pids(server)
+        os.kill(first[1], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while worker_pids(server)[1] == first[1] or metric_value(server.metrics(), "resserve_workers_ready") < 2:
+            assert time.monotonic() < deadline, "".join(server.lines)
+            time.sleep(0.2)
+        assert statuses() == {404}  # the restarted worker started without it
+        triton_http.InferenceServerClient(server.http_target).load_model(MODEL)
+        deadline = time.monotonic() + 30
+        while statuses() != {200}:
+            assert time.monotonic() < deadline, "".join(server.lines)
+        assert server.stop() == 0

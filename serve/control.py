@@ -1,0 +1,92 @@
+"""Loading and unloading models while the server serves (Triton's model repository extension,
+for the models given at start).
+
+Unloading a model stops serving it: its requests are refused as unloaded, those already taken
+finish. Loading it reads its packages again from the paths given at start, verified as at start,
+and warms them before they take a request; the versions served until then keep serving and are
+retired once the new ones are in place, so a package re-exported in place is served without a
+restart and without a refused request. A client names a model, never a path: the server reads
+only the packages it was started with. Under --workers, a change made through one worker is
+made in every worker (the supervisor passes it on, serve/workers.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+
+from resserve.serve.errors import ModelNotFound
+from resserve.serve.repository import ServedModel, load_repository, read_packages
+from resserve.serve.state import ServerState
+
+log = logging.getLogger("resserve.serve")
+
+RETIRE_POLL_SECONDS = 0.01
+
+
+class ModelControl:
+    """Loads and unloads the models of one server process, one change at a time."""
+
+    def __init__(self, state: ServerState, executor: Executor) -> None:
+        self.state = state
+        self.executor = executor  # the inference thread the batchers run on
+        self._one_at_a_time = asyncio.Lock()
+
+    async def load(self, name: str, share: bool = True) -> None:
+        """Load (again) every version of the model called ``name`` from its packages; ``share``:
+        also in the other workers."""
+        async with self._one_at_a_time:
+            settings = self.state.settings
+            packages = [p for p in await asyncio.to_thread(read_packages, settings) if p.name == name]
+            if not packages:
+                raise ModelNotFound(f"no package this server was started with holds model {name!r}; it has "
+                                    f"{', '.join(self.state.models().names)}")
+            loaded = await asyncio.to_thread(load_repository, packages, settings, self.executor, self.state.metrics)
+            for model in loaded.models:
+                model.batcher.start()
+            replaced = self._replace(name, list(loaded.models))
+        if share:
+            self.state.peers.share_model_change("load", name)
+        log.info("loaded model %s through the API: version %s", name, ", ".join(m.version for m in loaded.models))
+        await self._retire(replaced)
+
+    async def unload(self, name: str, share: bool = True) -> None:
+        """Stop serving the model called ``name`` (every version); ``share``: also in the other workers."""
+        async with self._one_at_a_time:
+            repository = self.state.models()
+            if name not in repository.names:
+                raise ModelNotFound(f"unknown model {name!r}; this server has {', '.join(repository.names)}")
+            replaced = self._replace(name, [])
+        if share:
+            self.state.peers.share_model_change("unload", name)
+        if replaced:
+            log.info("unloaded model %s through the API", name)
+        await self._retire(replaced)
+
+    async def follow(self, action: str, name: str) -> None:
+        """A change made through another worker, made here too; a failure is this worker's to log."""
+        try:
+            await (self.load if action == "load" else self.unload)(name, share=False)
+        except Exception as exc:  # noqa: BLE001 - the client was answered by the other worker
+            log.error("%s of model %s, made through another worker, failed here: %s", action, name, exc)
+
+    def _replace(self, name: str, models: list[ServedModel]) -> list[ServedModel]:
+        """Serve ``models`` as the versions of ``name`` from now on; returns the versions replaced."""
+        repository = self.state.models()
+        replaced = [m for m in repository.models if m.name == name]
+        self.state.repository = repository.with_versions(name, models)
+        return replaced
+
+    async def _retire(self, models: list[ServedModel]) -> None:
+        """Let replaced versions finish the requests they have taken (up to the grace period), then
+        stop their batchers; their metrics say they are no longer loaded."""
+        deadline = time.monotonic() + self.state.settings.grace_seconds
+        while any(m.statistics.in_flight for m in models) and time.monotonic() < deadline:
+            await asyncio.sleep(RETIRE_POLL_SECONDS)
+        current = {m.info_labels for m in self.state.models().models}
+        for model in models:
+            await model.batcher.close()  # what is queued still runs
+            if model.info_labels not in current:
+                self.state.metrics.model_info.labels(*model.info_labels).set(0)

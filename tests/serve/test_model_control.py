@@ -1,0 +1,152 @@
+"""Triton's model repository extension on a real server, from both tritonclients: a model unloaded
+and loaded again while the server runs, a package changed in place served after a load without a
+refused request, a package that fails verification leaving the served one serving, and bad
+requests refused."""
+
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from helpers import ServerProcess, metric_value
+from resserve.serve.package import SHIPPED_PACKAGE
+from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
+from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+
+MODEL = "resnet-mnist"
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """A copy of the shipped package, for the tests to change in place."""
+    copy = tmp_path_factory.mktemp("control") / MODEL
+    shutil.copytree(SHIPPED_PACKAGE, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def server(package):
+    with ServerProcess(str(package)) as running:
+        yield running
+
+
+def infer(client, version: str = "") -> str:
+    """One request; the version that answered it."""
+    module = triton_http if isinstance(client, triton_http.InferenceServerClient) else triton_grpc
+    image = module.InferInput("input", [1, 1, 28, 28], "FP32")
+    image.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+    response = client.infer(MODEL, [image], model_version=version)
+    return response.get_response()["model_version"] if module is triton_http else response.get_response().model_version
+
+
+def set_version(package, version: str) -> None:
+    """As `resserve export --version V` over the package would, for what a load reads of it."""
+    manifest = package / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": version}))
+
+
+def test_a_model_unloaded_is_refused_as_such_until_it_is_loaded_again(server):
+    grpc_client = triton_grpc.InferenceServerClient(server.target)
+    http_client = triton_http.InferenceServerClient(server.http_target)
+    assert "model_repository" in http_client.get_server_metadata()["extensions"]
+    grpc_client.unload_model(MODEL)
+    with pytest.raises(InferenceServerException) as over_grpc:
+        infer(grpc_client)
+    with pytest.raises(InferenceServerException) as over_http:
+        infer(http_client)
+    unloaded = (f"model '{MODEL}' is unloaded; RepositoryModelLoad (POST /v2/repository/models/{MODEL}/load) "
+                "loads it again")
+    assert (over_grpc.value.status(), over_grpc.value.message()) == (str(grpc.StatusCode.NOT_FOUND), unloaded)
+    assert (over_http.value.status(), over_http.value.message()) == ("404", unloaded)
+    assert not grpc_client.is_model_ready(MODEL) and not http_client.is_model_ready(MODEL)
+    assert http_client.is_server_ready()  # the server stays ready: what it serves was chosen through its API
+    assert http_client.get_model_repository_index() == [
+        {"name": MODEL, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
+    assert metric_value(server.metrics(), "resserve_model_info", model=MODEL) == 0
+    http_client.load_model(MODEL)
+    assert infer(grpc_client) == infer(http_client) == "1"
+    assert grpc_client.is_model_ready(MODEL)
+    assert [(e["name"], e["version"], e["state"]) for e in http_client.get_model_repository_index()] == [
+        (MODEL, "1", "READY")]
+    assert metric_value(server.metrics(), "resserve_model_info", model=MODEL) == 1
+
+
+def test_a_package_changed_in_place_is_served_after_a_load_without_a_refused_request(server, package):
+    outcomes, stop = Counter(), threading.Event()
+
+    def traffic() -> None:
+        client = triton_grpc.InferenceServerClient(server.target)
+        while not stop.is_set():
+            try:
+                outcomes[infer(client)] += 1
+            except InferenceServerException as exc:
+                outcomes[exc.status()] += 1
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        client = triton_grpc.InferenceServerClient(server.target)
+        for version in ("7", "8"):
+            set_version(package, version)
+            client.load_model(MODEL)  # the version served until now answers until the new one is warm
+            assert infer(client) == version
+    finally:
+        stop.set()
+        sender.join()
+        set_version(package, "1")
+        triton_grpc.InferenceServerClient(server.target).load_model(MODEL)
+    assert set(outcomes) <= {"1", "7", "8"} and outcomes["1"] and outcomes["8"], outcomes
+    assert triton_http.InferenceServerClient(server.http_target).get_model_metadata(MODEL)["versions"] == ["1"]
+
+
+def test_a_package_that_fails_verification_leaves_the_served_version_serving(server, package):
+    artifact = package / "model.onnx"
+    intact = artifact.read_bytes()
+    artifact.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            triton_http.InferenceServerClient(server.http_target).load_model(MODEL)
+    finally:
+        artifact.write_bytes(intact)
+    assert info.value.status() == "400" and "sha256" in info.value.message(), info.value.message()
+    assert infer(triton_grpc.InferenceServerClient(server.target)) == "1"
+
+
+def test_only_the_models_given_at_start_are_loaded_and_only_as_given(server):
+    client = triton_grpc.InferenceServerClient(server.target)
+    for call in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException) as info:
+            call("no-such-model")
+        assert info.value.status() == str(grpc.StatusCode.NOT_FOUND)
+    with pytest.raises(InferenceServerException) as info:
+        triton_http.InferenceServerClient(server.http_target).load_model(MODEL, config='{"max_batch_size": 8}')
+    assert (info.value.status(), info.value.message()) == (
+        "400", "resserve loads a model only from the package it was started with; load parameters (config) "
+               "are not taken")
+    stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+    for request, message in (
+            (kserve_pb2.RepositoryModelLoadRequest(repository_name="/models", model_name=MODEL),
+             "resserve has one model repository, the packages it was started with; repository_name must be "
+             "empty, got '/models'"),
+            (kserve_pb2.RepositoryModelUnloadRequest(
+                model_name=MODEL, parameters={"force": kserve_pb2.ModelRepositoryParameter(bool_param=True)}),
+             "unload takes the parameter unload_dependents only, got force")):
+        call = stub.RepositoryModelLoad if isinstance(request, kserve_pb2.RepositoryModelLoadRequest) \
+            else stub.RepositoryModelUnload
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, timeout=30)
+        assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    with pytest.raises(urllib.error.HTTPError) as malformed:
+        urllib.request.urlopen(urllib.request.Request(f"{server.url}/v2/repository/models/{MODEL}/unload",
+                                                      data=b"[]"), timeout=10)
+    assert malformed.value.code == 400
+    assert infer(client) == "1"  # none of it changed what is served
