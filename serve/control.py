@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 
 from resserve.serve.errors import ModelNotFound
 from resserve.serve.repository import ServedModel, load_repository, read_packages
-from resserve.serve.state import ServerState
+from resserve.serve.state import ModelAction, ServerState
 
 log = logging.getLogger("resserve.serve")
 
@@ -65,7 +65,7 @@ class ModelControl:
             log.info("unloaded model %s through the API", name)
         await self._retire(replaced)
 
-    async def follow(self, action: str, name: str) -> None:
+    async def follow(self, action: ModelAction, name: str) -> None:
         """A change made through another worker, made here too; a failure is this worker's to log."""
         try:
             await (self.load if action == "load" else self.unload)(name, share=False)

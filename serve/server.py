@@ -42,7 +42,7 @@ from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
 from resserve.serve.rest.server import HttpServer
 from resserve.serve.rpc import Registrar
-from resserve.serve.state import Peers, ServerState
+from resserve.serve.state import ModelAction, Peers, ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from resserve.serve.tls import TlsFiles, grpc_credentials, ssl_context, tls_files
@@ -257,7 +257,7 @@ class Coordinator(Peers, Protocol):
 
     unloaded: frozenset[str]  # models unloaded through the API before this worker started: not to load
 
-    async def loaded(self, follow: Callable[[str, str], Awaitable[None]]) -> None:
+    async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]]) -> None:
         """Models loaded and warmed; returns when every worker has loaded (time to listen). From
         then on, ``follow(action, name)`` makes the model changes made through other workers."""
 

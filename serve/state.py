@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, ShuttingDown
 from resserve.serve.logs import LogSettings
@@ -22,6 +22,9 @@ from resserve.serve.settings import ServerSettings
 log = logging.getLogger("resserve.serve")
 
 
+ModelAction = Literal["load", "unload"]
+
+
 class Peers(Protocol):
     """The other workers of a server run with --workers (serve/workers.py): told of the changes
     made through this one's API, to make them too."""
@@ -29,8 +32,8 @@ class Peers(Protocol):
     def share_log_settings(self, settings: LogSettings) -> None:
         """The log settings changed: every worker is to log so."""
 
-    def share_model_change(self, action: str, name: str) -> None:
-        """``action``: load or unload, of the model called ``name``."""
+    def share_model_change(self, action: ModelAction, name: str) -> None:
+        """The model called ``name`` was loaded or unloaded: every worker is to do the same."""
 
 
 class _Alone:
@@ -39,7 +42,7 @@ class _Alone:
     def share_log_settings(self, settings: LogSettings) -> None:
         pass
 
-    def share_model_change(self, action: str, name: str) -> None:
+    def share_model_change(self, action: ModelAction, name: str) -> None:
         pass
 
 
@@ -56,7 +59,7 @@ class ServerState:
     in_flight: int = 0  # requests admitted and not yet answered
     answered: Counter = field(default_factory=Counter)  # status code name -> requests answered
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight
-    peers: Peers = field(default_factory=lambda: ALONE)  # the other workers under --workers
+    peers: Peers = ALONE  # the other workers under --workers
 
     def __post_init__(self) -> None:
         self.idle.set()

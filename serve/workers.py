@@ -52,6 +52,7 @@ from resserve.serve.repository import read_packages
 from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
 from resserve.serve.server import answer_counts, check_port_free, serve, serve_metrics
 from resserve.serve.settings import ServerSettings
+from resserve.serve.state import ModelAction
 from resserve.serve.tls import ssl_context, tls_files
 
 log = logging.getLogger("resserve.serve")
@@ -74,10 +75,10 @@ class PipeCoordinator:
     def __init__(self, pipe: Connection, unloaded: frozenset[str]) -> None:
         self.pipe = pipe
         self.unloaded = unloaded
-        self._follow: Callable[[str, str], Awaitable[None]] | None = None
+        self._follow: Callable[[ModelAction, str], Awaitable[None]] | None = None
         self._following: set[asyncio.Task] = set()  # model changes under way (a reference keeps each alive)
 
-    async def loaded(self, follow: Callable[[str, str], Awaitable[None]]) -> None:
+    async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]]) -> None:
         self._follow = follow
         try:
             self.pipe.send(("loaded",))
@@ -107,7 +108,7 @@ class PipeCoordinator:
     def share_log_settings(self, settings: LogSettings) -> None:
         self._send(("log_settings", settings))
 
-    def share_model_change(self, action: str, name: str) -> None:
+    def share_model_change(self, action: ModelAction, name: str) -> None:
         self._send(("model", action, name))
 
     def _send(self, message: tuple) -> None:
@@ -327,7 +328,7 @@ class Supervisor:
         apply_log_settings(settings)
         self._tell(self.workers.values(), ("log_settings", settings))
 
-    def _share_model_change(self, source: Worker, action: str, name: str) -> None:
+    def _share_model_change(self, source: Worker, action: ModelAction, name: str) -> None:
         """A model loaded or unloaded through one worker's API (which has made the change): every
         other worker makes it too, and the workers started from now on start without the models
         unloaded."""
