@@ -217,7 +217,8 @@ class Supervisor:
 
     def _start(self, index: int) -> None:
         parent_end, child_end = self.context.Pipe()
-        process = self.context.Process(target=worker_main, args=(self.worker_settings, index, child_end, self.logs, self.unloaded),
+        process = self.context.Process(target=worker_main,
+                                       args=(self.worker_settings, index, child_end, self.logs, self.unloaded),
                                        name=f"resserve-worker-{index}", daemon=False)
         process.start()
         child_end.close()
@@ -331,7 +332,9 @@ class Supervisor:
     def _share_model_change(self, source: Worker, action: ModelAction, name: str) -> None:
         """A model loaded or unloaded through one worker's API (which has made the change): every
         other worker makes it too, and the workers started from now on start without the models
-        unloaded."""
+        unloaded. (Unlike log settings, a change is not made again where it came from: a load
+        is seconds of work. So two opposite changes of one model made at the same moment through
+        two workers may leave them differing; the next change settles it.)"""
         self.unloaded = self.unloaded - {name} if action == "load" else self.unloaded | {name}
         self._tell([w for w in self.workers.values() if w is not source], ("model", action, name))
 
