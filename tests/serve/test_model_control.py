@@ -6,6 +6,7 @@ requests refused."""
 import json
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -46,6 +47,13 @@ def infer(client, version: str = "") -> str:
     image.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
     response = client.infer(MODEL, [image], model_version=version)
     return response.get_response()["model_version"] if module is triton_http else response.get_response().model_version
+
+
+def wait_until(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def set_version(package, version: str) -> None:
@@ -150,3 +158,29 @@ def test_only_the_models_given_at_start_are_loaded_and_only_as_given(server):
                                                       data=b"[]"), timeout=10)
     assert malformed.value.code == 400
     assert infer(client) == "1"  # none of it changed what is served
+
+
+def test_unloading_under_load_answers_what_was_taken_and_refuses_the_rest_as_unloaded(server):
+    outcomes, stop = Counter(), threading.Event()
+
+    def traffic() -> None:
+        client = triton_grpc.InferenceServerClient(server.target)
+        while not stop.is_set():
+            try:
+                outcomes[infer(client)] += 1
+            except InferenceServerException as exc:
+                outcomes[exc.status()] += 1
+
+    senders = [threading.Thread(target=traffic) for _ in range(8)]
+    for sender in senders:
+        sender.start()
+    try:
+        wait_until(lambda: outcomes["1"] >= 20)
+        triton_grpc.InferenceServerClient(server.target).unload_model(MODEL)
+        wait_until(lambda: outcomes[str(grpc.StatusCode.NOT_FOUND)] >= 20)
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join()
+        triton_grpc.InferenceServerClient(server.target).load_model(MODEL)
+    assert set(outcomes) == {"1", str(grpc.StatusCode.NOT_FOUND)}, outcomes  # never INTERNAL, UNAVAILABLE, CANCELLED
