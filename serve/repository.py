@@ -104,7 +104,8 @@ class ModelRepository:
         again, or unloaded (none)."""
         kept = [m for m in self.models if m.name != name]
         unloaded = self.unloaded - {name} if models else self.unloaded | {name}
-        return ModelRepository(kept + models, self.names, unloaded)
+        names = self.names if name in self.names else (*self.names, name)  # a package renamed in place
+        return ModelRepository(kept + models, names, unloaded)
 
     def select(self, name: str = "", version: str = "") -> list[ServedModel]:
         """What a statistics request asks for: every model (no name), every version of one (no version), or one."""

@@ -56,10 +56,10 @@ def wait_until(condition, seconds: float = 30) -> None:
         time.sleep(0.01)
 
 
-def set_version(package, version: str) -> None:
-    """As `resserve export --version V` over the package would, for what a load reads of it."""
+def set_version(package, version: str, name: str = MODEL) -> None:
+    """As `resserve export --version V --name N` over the package would, for what a load reads of it."""
     manifest = package / "manifest.json"
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": version}))
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": version, "name": name}))
 
 
 def test_a_model_unloaded_is_refused_as_such_until_it_is_loaded_again(server):
@@ -184,3 +184,23 @@ def test_unloading_under_load_answers_what_was_taken_and_refuses_the_rest_as_unl
             sender.join()
         triton_grpc.InferenceServerClient(server.target).load_model(MODEL)
     assert set(outcomes) == {"1", str(grpc.StatusCode.NOT_FOUND)}, outcomes  # never INTERNAL, UNAVAILABLE, CANCELLED
+
+
+def test_a_package_renamed_in_place_is_loaded_by_its_new_name(server, package):
+    client = triton_http.InferenceServerClient(server.http_target)
+    set_version(package, "1", name="digits")
+    try:
+        client.load_model("digits")
+        with pytest.raises(InferenceServerException) as gone:
+            client.load_model(MODEL)  # no package holds it now: what is served stays
+        assert infer(client) == "1"  # the model the package was, until unloaded
+        image = triton_http.InferInput("input", [1, 1, 28, 28], "FP32")
+        image.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+        assert client.infer("digits", [image]).get_response()["model_name"] == "digits"
+        client.unload_model("digits")
+    finally:
+        set_version(package, "1")
+    assert (gone.value.status(), gone.value.message()) == (
+        "404", f"no package this server was started with holds model '{MODEL}'; it has {MODEL}, digits")
+    assert [(e["name"], e["state"]) for e in client.get_model_repository_index()] == [
+        (MODEL, "READY"), ("digits", "UNAVAILABLE")]
