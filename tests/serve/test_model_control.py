@@ -10,6 +10,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
 
 import grpc
 import numpy as np
@@ -47,6 +49,31 @@ def infer(client, version: str = "") -> str:
     image.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
     response = client.infer(MODEL, [image], model_version=version)
     return response.get_response()["model_version"] if module is triton_http else response.get_response().model_version
+
+
+@contextmanager
+def traffic(server, clients: int) -> Iterator[Counter]:
+    """``clients`` gRPC clients sending one request after another until the block ends: the
+    outcomes, by the version that answered or the status of the error."""
+    outcomes, stop = Counter(), threading.Event()
+
+    def client() -> None:
+        connection = triton_grpc.InferenceServerClient(server.target)
+        while not stop.is_set():
+            try:
+                outcomes[infer(connection)] += 1
+            except InferenceServerException as exc:
+                outcomes[exc.status()] += 1
+
+    senders = [threading.Thread(target=client) for _ in range(clients)]
+    for sender in senders:
+        sender.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join()
 
 
 def wait_until(condition, seconds: float = 30) -> None:
@@ -89,29 +116,16 @@ def test_a_model_unloaded_is_refused_as_such_until_it_is_loaded_again(server):
 
 
 def test_a_package_changed_in_place_is_served_after_a_load_without_a_refused_request(server, package):
-    outcomes, stop = Counter(), threading.Event()
-
-    def traffic() -> None:
+    with traffic(server, clients=1) as outcomes:
         client = triton_grpc.InferenceServerClient(server.target)
-        while not stop.is_set():
-            try:
-                outcomes[infer(client)] += 1
-            except InferenceServerException as exc:
-                outcomes[exc.status()] += 1
-
-    sender = threading.Thread(target=traffic)
-    sender.start()
-    try:
-        client = triton_grpc.InferenceServerClient(server.target)
-        for version in ("7", "8"):
-            set_version(package, version)
-            client.load_model(MODEL)  # the version served until now answers until the new one is warm
-            assert infer(client) == version
-    finally:
-        stop.set()
-        sender.join()
-        set_version(package, "1")
-        triton_grpc.InferenceServerClient(server.target).load_model(MODEL)
+        try:
+            for version in ("7", "8"):
+                set_version(package, version)
+                client.load_model(MODEL)  # the version served until now answers until the new one is warm
+                assert infer(client) == version
+        finally:
+            set_version(package, "1")
+            client.load_model(MODEL)
     assert set(outcomes) <= {"1", "7", "8"} and outcomes["1"] and outcomes["8"], outcomes
     assert triton_http.InferenceServerClient(server.http_target).get_model_metadata(MODEL)["versions"] == ["1"]
 
@@ -161,28 +175,11 @@ def test_only_the_models_given_at_start_are_loaded_and_only_as_given(server):
 
 
 def test_unloading_under_load_answers_what_was_taken_and_refuses_the_rest_as_unloaded(server):
-    outcomes, stop = Counter(), threading.Event()
-
-    def traffic() -> None:
-        client = triton_grpc.InferenceServerClient(server.target)
-        while not stop.is_set():
-            try:
-                outcomes[infer(client)] += 1
-            except InferenceServerException as exc:
-                outcomes[exc.status()] += 1
-
-    senders = [threading.Thread(target=traffic) for _ in range(8)]
-    for sender in senders:
-        sender.start()
-    try:
+    with traffic(server, clients=8) as outcomes:
         wait_until(lambda: outcomes["1"] >= 20)
         triton_grpc.InferenceServerClient(server.target).unload_model(MODEL)
         wait_until(lambda: outcomes[str(grpc.StatusCode.NOT_FOUND)] >= 20)
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join()
-        triton_grpc.InferenceServerClient(server.target).load_model(MODEL)
+    triton_grpc.InferenceServerClient(server.target).load_model(MODEL)
     assert set(outcomes) == {"1", str(grpc.StatusCode.NOT_FOUND)}, outcomes  # never INTERNAL, UNAVAILABLE, CANCELLED
 
 
