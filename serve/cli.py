@@ -1,8 +1,9 @@
-"""The serving commands: ``serve``, ``classify``, ``health`` and ``bench serve``.
+"""The serving commands: ``serve``, ``classify``, ``health``, ``models`` and ``bench serve``.
 
 Registered into the root command (serve/app.py) by ``register``; torch-free.
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,8 @@ from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT
 
 if TYPE_CHECKING:
     from resserve.serve.bench.clients import Level
+
+MODEL_CONTROL_SECONDS = 300.0  # a load reads, verifies and warms packages: seconds, more on a GPU with many buckets
 
 
 def _env(name: str) -> str:
@@ -148,6 +151,13 @@ def _read_tokens(path: Optional[Path]) -> tuple[str, ...]:
     return tokens
 
 
+def _client_token(token: str | None, token_file: Path | None) -> str | None:
+    """The bearer token a client command sends: --token, or the first line of --token-file."""
+    if token and token_file:
+        raise ResserveError("give --token or --token-file, not both")
+    return _read_tokens(token_file)[0] if token_file else token
+
+
 Server = Annotated[str, typer.Option("--server", envvar=_env("SERVER"), help="host:port of a resserve server.")]
 TlsCa = Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CA"), help="CA certificate: connect with TLS.")]
 Token = Annotated[Optional[str], typer.Option(envvar=_env("TOKEN"), show_envvar=True,
@@ -180,9 +190,7 @@ def classify(
             blobs.append(path.read_bytes())
         except OSError as exc:
             raise ResserveError(f"cannot read {path}: {exc.strerror}") from exc
-    if token and token_file:
-        raise ResserveError("give --token or --token-file, not both")
-    with DigitClient(server, tls_ca, _read_tokens(token_file)[0] if token_file else token) as client:
+    with DigitClient(server, tls_ca, _client_token(token, token_file)) as client:
         outcomes = client.classify_each(blobs, model, model_version)
     rows = [{"file": str(p), "error": o} if isinstance(o, str) else
             {"file": str(p), "digit": o.digit, "confidence": round(o.confidence, 6), "model": o.model,
@@ -219,6 +227,41 @@ def health(
     typer.echo(status)
     if status != "SERVING":
         raise typer.Exit(1)
+
+
+def models(
+    server: Server = "localhost:8001",
+    load: Annotated[Optional[str], typer.Option(
+        help="Load this model (again) from the package the server was started with, in every worker, before "
+        "listing: a package re-exported in place is served from then on, without a restart.",
+        show_default=False)] = None,
+    unload: Annotated[Optional[str], typer.Option(
+        help="Stop serving this model (every version) before listing; --load serves it again.",
+        show_default=False)] = None,
+    tls_ca: TlsCa = None,
+    token: Token = None,
+    token_file: TokenFile = None,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {name, version, state, reason}.")] = False,
+) -> None:
+    """The models a server has and their state; load or unload one while it serves.
+
+    In scripts: `resserve export model.pt --out pkg/ && resserve models --load resnet-mnist`.
+    """
+    from resserve.serve.client import DigitClient
+
+    if load and unload:
+        raise ResserveError("give --load or --unload, not both")
+    with DigitClient(server, tls_ca, _client_token(token, token_file), timeout=MODEL_CONTROL_SECONDS) as client:
+        if load:
+            client.load(load)
+        if unload:
+            client.unload(unload)
+        entries = client.models()
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(entry) for entry in entries]))
+        return
+    for entry in entries:
+        typer.echo(f"{entry.name}\t{entry.version or '-'}\t{entry.state}" + (f" ({entry.reason})" if entry.reason else ""))
 
 
 def bench_serve(
@@ -337,4 +380,5 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command()(serve)
     app.command()(classify)
     app.command()(health)
+    app.command()(models)
     bench_app.command("serve")(bench_serve)

@@ -1,4 +1,5 @@
-"""A small Python client for resserve: digit classification and health, behind `resserve classify`/`health`."""
+"""A small Python client for resserve: digit classification, health and the models served, behind
+`resserve classify`, `health` and `models`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from resserve.serve.errors import ResserveError
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
+from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
+from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 
 
 class ClientError(ResserveError):
@@ -26,6 +29,16 @@ class ClientError(ResserveError):
 # How the server names the image at fault in a Classify request (serve/dataplane.py)
 IMAGE_AT_FAULT = re.compile(r"image (\d+): (.+)", re.S)
 HEALTH_POLL_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model version the server has, or a model it has unloaded (version ''), and its state."""
+
+    name: str
+    version: str
+    state: str  # READY or UNAVAILABLE
+    reason: str  # why it is not READY: "unloaded", or the server loading or draining
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,7 @@ class DigitClient:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.classifier = digits_pb2_grpc.DigitClassifierStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.inference = kserve_grpc.GRPCInferenceServiceStub(self.channel)
 
     def __enter__(self) -> "DigitClient":
         return self
@@ -113,6 +127,18 @@ class DigitClient:
                 if status == "SERVING" or time.monotonic() >= deadline:
                     return status
             time.sleep(HEALTH_POLL_SECONDS)
+
+    def models(self) -> list[ModelEntry]:
+        """What the server has (its model repository index)."""
+        response = self._call(self.inference.RepositoryIndex, kserve_pb2.RepositoryIndexRequest())
+        return [ModelEntry(m.name, m.version, m.state, m.reason) for m in response.models]
+
+    def load(self, name: str) -> None:
+        """Load the model called ``name`` (again) from the package the server was started with."""
+        self._call(self.inference.RepositoryModelLoad, kserve_pb2.RepositoryModelLoadRequest(model_name=name))
+
+    def unload(self, name: str) -> None:
+        self._call(self.inference.RepositoryModelUnload, kserve_pb2.RepositoryModelUnloadRequest(model_name=name))
 
     def _call(self, method, request):
         try:

@@ -20,7 +20,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from helpers import ServerProcess, metric_value
+from helpers import ServerProcess, metric_value, run_cli
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -201,3 +201,23 @@ def test_a_package_renamed_in_place_is_loaded_by_its_new_name(server, package):
         "404", f"no package this server was started with holds model '{MODEL}'; it has {MODEL}, digits")
     assert [(e["name"], e["state"]) for e in client.get_model_repository_index()] == [
         (MODEL, "READY"), ("digits", "UNAVAILABLE")]
+
+
+def test_resserve_models_lists_loads_and_unloads(server):
+    def line_of(result) -> list[str]:
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stdout.splitlines() if line.startswith(f"{MODEL}\t")]
+
+    assert line_of(run_cli("models", "--server", server.target)) == [f"{MODEL}\t1\tREADY"]
+    unloaded = run_cli("models", "--server", server.target, "--unload", MODEL, "--json")
+    assert [entry for entry in json.loads(unloaded.stdout) if entry["name"] == MODEL] == [
+        {"name": MODEL, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
+    assert line_of(run_cli("models", "--server", server.target)) == [f"{MODEL}\t-\tUNAVAILABLE (unloaded)"]
+    assert line_of(run_cli("models", "--server", server.target, "--load", MODEL)) == [f"{MODEL}\t1\tREADY"]
+    unknown = run_cli("models", "--server", server.target, "--load", "no-such-model")
+    assert unknown.returncode == 1 and unknown.stderr.startswith(
+        f"error: {server.target}: NOT_FOUND: no package this server was started with holds model 'no-such-model'; "
+        f"it has {MODEL}")
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    both = run_cli("models", "--load", MODEL, "--unload", MODEL)
+    assert (both.returncode, both.stderr.strip()) == (1, "error: give --load or --unload, not both")
