@@ -281,8 +281,7 @@ class DataPlane:
         if ready_only and state != "READY":
             return []
         loaded = [RepositoryEntry(m.name, m.version, state, reason) for m in repository.models]
-        unloaded = [RepositoryEntry(name, "", "UNAVAILABLE", "unloaded")
-                    for name in repository.names if name in repository.unloaded]
+        unloaded = [RepositoryEntry(name, "", "UNAVAILABLE", "unloaded") for name in repository.unloaded]
         return loaded + ([] if ready_only else unloaded)
 
     async def load_model(self, name: str, parameters: Mapping[str, object]) -> None:

@@ -56,10 +56,8 @@ class ModelRepository:
     names no model gets the first loaded of those given at start. Models unloaded through the API
     (serve/control.py) are known by name, and refused as such."""
 
-    def __init__(self, models: list[ServedModel], names: tuple[str, ...] = (),
-                 unloaded: frozenset[str] = frozenset()) -> None:
+    def __init__(self, models: list[ServedModel], names: tuple[str, ...] = ()) -> None:
         self.names = names or tuple(dict.fromkeys(m.name for m in models))  # every model, in the order given
-        self.unloaded = unloaded
         rank = {name: index for index, name in enumerate(self.names)}
         self.models = tuple(sorted(models, key=lambda m: rank[m.name]))  # every version loaded, in that order
         self._versions: dict[str, list[ServedModel]] = {}  # name -> its versions, latest first
@@ -68,6 +66,11 @@ class ModelRepository:
         for versions in self._versions.values():
             versions.sort(key=lambda m: version_order(m.version), reverse=True)
         self.default = next((name for name in self.names if name in self._versions), "")
+
+    @property
+    def unloaded(self) -> list[str]:
+        """The models known but not loaded: unloaded through the API, in the order given."""
+        return [name for name in self.names if name not in self._versions]
 
     def __contains__(self, name: str) -> bool:
         return name in self._versions
@@ -103,9 +106,8 @@ class ModelRepository:
         """This repository with the versions of ``name`` replaced by ``models``: a model loaded
         again, or unloaded (none)."""
         kept = [m for m in self.models if m.name != name]
-        unloaded = self.unloaded - {name} if models else self.unloaded | {name}
         names = self.names if name in self.names else (*self.names, name)  # a package renamed in place
-        return ModelRepository(kept + models, names, unloaded)
+        return ModelRepository(kept + models, names)
 
     def select(self, name: str = "", version: str = "") -> list[ServedModel]:
         """What a statistics request asks for: every model (no name), every version of one (no version), or one."""
@@ -181,4 +183,4 @@ def load_repository(packages: list[ModelPackage], settings: ServerSettings, exec
     wants_openvino = settings.backend in (BackendChoice.AUTO, BackendChoice.OPENVINO)
     capabilities = openvino_cpu_capabilities() if wants_openvino else None
     return ModelRepository([_load_one(p, settings, capabilities, executor, metrics) for p in packages
-                            if p.name not in unloaded], tuple(dict.fromkeys(p.name for p in packages)), unloaded)
+                            if p.name not in unloaded], tuple(dict.fromkeys(p.name for p in packages)))
