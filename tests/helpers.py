@@ -108,3 +108,14 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def triton_infer(client, images, model: str = "resnet-mnist", version: str = ""):
+    """One request of FP32 ``images`` [N,1,28,28] from either tritonclient (gRPC or HTTP): its result."""
+    import tritonclient.http as triton_http
+    import tritonclient.grpc as triton_grpc
+
+    module = triton_http if isinstance(client, triton_http.InferenceServerClient) else triton_grpc
+    tensor = module.InferInput("input", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    return client.infer(model, [tensor], model_version=version)

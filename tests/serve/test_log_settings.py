@@ -11,19 +11,13 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from helpers import ServerProcess
+from helpers import ServerProcess, triton_infer
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 
 MODEL = "resnet-mnist"
 DEFAULTS = {"log_file": "", "log_info": True, "log_warning": True, "log_error": True, "log_verbose_level": 0,
             "log_format": "text"}
-
-
-def infer_one(client: triton_grpc.InferenceServerClient) -> None:
-    image = triton_grpc.InferInput("input", [1, 1, 28, 28], "FP32")
-    image.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
-    client.infer(MODEL, [image])
 
 
 def wait_for_line(server: ServerProcess, text: str, seconds: float = 10) -> str:
@@ -55,14 +49,14 @@ def test_verbose_logging_turns_the_access_log_on_and_off_while_serving(server):
     client = triton_grpc.InferenceServerClient(server.target)
     on = grpc_settings(client.update_log_settings({"log_verbose_level": 1}, as_json=True))
     assert on == {**DEFAULTS, "log_verbose_level": 1}
-    infer_one(client)
+    triton_infer(client, np.zeros((1, 1, 28, 28), np.float32))
     wait_for_line(server, "DEBUG resserve.serve: grpc kserve resnet-mnist: OK in ")
     http = triton_http.InferenceServerClient(server.http_target)
     assert http.update_log_settings({"log_verbose_level": 0}) == DEFAULTS  # the other front door, same settings
     wait_for_line(server, "log settings changed through the API: {'log_file': '', 'log_info': True, 'log_warning': "
                           "True, 'log_error': True, 'log_verbose_level': 0")
     lines = len(server.lines)
-    infer_one(client)
+    triton_infer(client, np.zeros((1, 1, 28, 28), np.float32))
     http.update_log_settings({"log_info": True})  # a change that changes nothing is not logged either
     time.sleep(0.5)
     assert not [line for line in server.lines[lines:] if " DEBUG " in line or "log settings changed" in line]

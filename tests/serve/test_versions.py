@@ -14,7 +14,7 @@ import tritonclient.http as triton_http
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from helpers import ServerProcess, metric_value, run_cli
+from helpers import ServerProcess, metric_value, run_cli, triton_infer
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.train.config import ExportOptions
@@ -38,13 +38,6 @@ def server(version_2):
         yield process
 
 
-def infer(client, images: np.ndarray, version: str = ""):
-    module = triton_http if isinstance(client, triton_http.InferenceServerClient) else triton
-    tensor = module.InferInput("input", list(images.shape), "FP32")
-    tensor.set_data_from_numpy(images)
-    return client.infer(MODEL, [tensor], model_version=version)
-
-
 def digits(mnist, count: int) -> np.ndarray:
     return mnist.test.images[:count, None].astype(np.float32) / 255.0
 
@@ -54,7 +47,7 @@ def test_a_request_reaches_the_version_it_names_and_the_latest_without_one(serve
     client = (triton.InferenceServerClient(server.target) if protocol == "grpc"
               else triton_http.InferenceServerClient(server.http_target))
     images, labels = digits(mnist, 8), mnist.test.labels[:8]
-    answers = {version: infer(client, images, version) for version in ("", "1", "2")}
+    answers = {version: triton_infer(client, images, version=version) for version in ("", "1", "2")}
     served = {version: answer.get_response() for version, answer in answers.items()}
     if protocol == "grpc":
         served = {version: {"model_version": r.model_version, "outputs": [{"name": o.name} for o in r.outputs]}
@@ -65,7 +58,7 @@ def test_a_request_reaches_the_version_it_names_and_the_latest_without_one(serve
     for answer in answers.values():
         assert np.array_equal(answer.as_numpy("probabilities").argmax(1), labels)
     with pytest.raises(InferenceServerException, match=r"model 'resnet-mnist' has versions 1, 2, not '3'"):
-        infer(client, images, "3")
+        triton_infer(client, images, version="3")
 
 
 def test_metadata_readiness_and_the_repository_index_list_every_version(server):
@@ -96,7 +89,7 @@ def test_statistics_and_metrics_count_each_version_apart(server, mnist):
 
     before, batches_before = successes(), {v: batches(v) for v in ("1", "2")}
     for version in ("1", "1", "2", ""):
-        infer(client, digits(mnist, 1), version)
+        triton_infer(client, digits(mnist, 1), version=version)
     after = successes()
     assert {v: after[v] - before[v] for v in after} == {"1": 2, "2": 2}
     assert {v: batches(v) - batches_before[v] for v in ("1", "2")} == {"1": 2, "2": 2}
