@@ -40,12 +40,12 @@ def test_depth_trains_plain_and_residual_networks_at_each_depth(tmp_path):
     networks = report["results"]["networks"]
     assert [(n["arch"], n["blocks"]) for n in networks] == [("plain", 2), ("plain", 3), ("resnet", 2), ("resnet", 3)]
     for network in networks:
-        points = network["curve"]
+        points = network["training"]["curve"]
         assert len(points) == report["settings"]["curve_points"] == 2
         assert [p["images"] for p in points] == [256, 512]  # 2 steps of 128 images per point
         assert in_unit_interval(*(p[k] for p in points for k in ("train_error", "val_error")))
         assert all(math.isfinite(p["train_loss"]) for p in points)
-    params = {(n["arch"], n["blocks"]): n["params"] for n in networks}
+    params = {(n["arch"], n["blocks"]): n["training"]["params"] for n in networks}
     assert params[("plain", 3)] == params[("resnet", 3)] > params[("resnet", 2)]  # skips add no parameters
     assert set(report["results"]["degradation"]) == {"plain", "resnet"}
 
@@ -60,7 +60,7 @@ def test_lesion_deletes_blocks_of_the_shipped_resnet_and_of_a_plain_network(tmp_
         assert [row["k"] for row in network["random"]] == list(range(1, 26))
         assert all(row["min"] <= row["mean"] <= row["max"] and in_unit_interval(*row["accuracies"])
                    for row in network["random"])
-    assert plain["origin"].startswith("trained here for 256 images")
+    assert residual["origin"] == "given" and plain["origin"].startswith("trained here for 256 images")
     # the shipped network (99.56% on the test set) survives losing any one of most blocks
     assert residual["intact"] > 0.97
     assert np.median(residual["single"]) > 0.95
@@ -87,6 +87,7 @@ def test_gates_measures_highway_gates_and_stochastic_depth(tmp_path):
     assert np.mean(highway["mean_gate_at_init"]) == pytest.approx(highway["gate_at_init"], abs=0.03)
     assert (depth["without"]["survival_prob"], depth["with"]["survival_prob"]) == (1.0, 0.5)
     assert in_unit_interval(highway["test_accuracy"], depth["with"]["test_accuracy"], depth["without"]["test_accuracy"])
+    assert all(len(run["training"]["curve"]) == 1 for run in (highway, depth["with"], depth["without"]))
 
 
 def test_autocorrelation_tells_white_from_brown_noise():

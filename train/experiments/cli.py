@@ -67,13 +67,17 @@ class _Run:
 
         return Trainer(self.mnist, self.recipe, budget, _log, self.show_progress)
 
-    def finish(self, results: dict, draw: Callable, device: str = "cpu", precision: str = "fp32") -> None:
-        from resserve.train.experiments.report import write_report
+    def finish(self, results: Any, draw: Callable, device: str = "cpu", precision: str = "fp32") -> None:
+        """Write NAME.json and NAME.png for ``results`` (the experiment's results dataclass)."""
+        from resserve.train.experiments.report import ExperimentReport, write_report
+        from resserve.train.training import library_versions
 
         seconds = time.monotonic() - self.started
-        context = {"command": shlex.join(["resserve", *sys.argv[1:]]), "quick": self.quick, "seconds": round(seconds, 1),
-                   "seed": self.recipe.seed, "device": device, "precision": precision, "data_source": self.mnist.source}
-        json_path, png_path = write_report(self.out, self.name, self.settings, context, results, draw)
+        report = ExperimentReport(
+            self.name, command=shlex.join(["resserve", *sys.argv[1:]]), quick=self.quick, seconds=round(seconds, 1),
+            seed=self.recipe.seed, device=device, precision=precision, data_source=self.mnist.source,
+            settings=self.settings, versions=library_versions(), results=results)
+        json_path, png_path = write_report(self.out, report, draw)
         typer.echo(f"wrote {png_path} and {json_path} in {seconds:.0f} s")
 
 

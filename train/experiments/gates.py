@@ -12,12 +12,15 @@ with and without it for the same number of images, and both are tested on the MN
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from resserve.train.config import ModelConfig
 from resserve.train.data import Split
-from resserve.train.experiments.runs import Trainer
+from resserve.train.experiments.report import plain_log_ticks
+from resserve.train.experiments.runs import Trainer, TrainingRun
 from resserve.train.experiments.settings import GatesSettings
 from resserve.train.models import HighwayBlock, ResNet
 from resserve.train.training import batches, to_input
@@ -45,7 +48,31 @@ def mean_transform_gates(model: ResNet, split: Split) -> list[float]:
     return [sums[index] / len(split) for index in sorted(sums)]
 
 
-def run(settings: GatesSettings, trainer: Trainer, test: Split) -> dict:
+@dataclass(frozen=True)
+class HighwayResult:
+    blocks: int
+    gate_bias: float  # the gate's initial bias
+    gate_at_init: float  # sigmoid(gate_bias): what T is at initialization before any input
+    mean_gate_at_init: list[float]  # mean T per block on test images, at initialization
+    mean_gate: list[float]  # and after training
+    test_accuracy: float
+    training: TrainingRun
+
+
+@dataclass(frozen=True)
+class StochasticDepthResult:
+    survival_prob: float  # p_L; 1.0 is no stochastic depth
+    test_accuracy: float
+    training: TrainingRun
+
+
+@dataclass(frozen=True)
+class GatesResults:
+    highway: HighwayResult
+    stochastic_depth: dict[str, StochasticDepthResult]  # "without" and "with"
+
+
+def run(settings: GatesSettings, trainer: Trainer, test: Split) -> GatesResults:
     """Train a highway network and a ResNet with and without stochastic depth; measure each."""
     gate_split = test.head(settings.gate_images)
     highway_config = ModelConfig(arch="highway", blocks=settings.blocks)
@@ -58,32 +85,32 @@ def run(settings: GatesSettings, trainer: Trainer, test: Split) -> dict:
     for name, survival in (("without", 1.0), ("with", settings.survival_prob)):
         trained = trainer.train(ModelConfig(blocks=settings.blocks, survival_prob=survival),
                                 f"resnet-{settings.blocks} {name} stochastic depth")
-        depth[name] = {"survival_prob": survival, "test_accuracy": trainer.accuracy(trained.model, test),
-                       **trained.summary()}
-        trainer.log(f"resnet-{settings.blocks} {name} stochastic depth: test accuracy {depth[name]['test_accuracy']:.4f}")
-    return {"highway": {"blocks": settings.blocks, "gate_bias": highway_config.highway_gate_bias,
-                        "gate_at_init": 1 / (1 + math.exp(-highway_config.highway_gate_bias)),
-                        "mean_gate_at_init": at_init, "mean_gate": gates,
-                        "test_accuracy": trainer.accuracy(highway.model, test), **highway.summary()},
-            "stochastic_depth": depth}
+        depth[name] = StochasticDepthResult(survival, trainer.accuracy(trained.model, test), trained.run)
+        trainer.log(f"resnet-{settings.blocks} {name} stochastic depth: test accuracy {depth[name].test_accuracy:.4f}")
+    bias = highway_config.highway_gate_bias
+    return GatesResults(
+        HighwayResult(settings.blocks, gate_bias=bias, gate_at_init=1 / (1 + math.exp(-bias)), mean_gate_at_init=at_init,
+                      mean_gate=gates, test_accuracy=trainer.accuracy(highway.model, test), training=highway.run),
+        depth)
 
 
-def draw(plt, results: dict):
+def draw(plt, results: GatesResults):
     """Left: mean transform gate per highway block. Right: validation error with and without stochastic depth."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    highway = results["highway"]
-    blocks = range(1, len(highway["mean_gate"]) + 1)
-    left.bar(blocks, highway["mean_gate"], color="tab:green", label="after training")
-    left.plot(blocks, highway["mean_gate_at_init"], "k.", label="at initialization")
-    left.set(title=f"highway-{highway['blocks']}: mean transform gate T (test accuracy "
-                   f"{100 * highway['test_accuracy']:.2f}%)", xlabel="block", ylabel="mean T")
+    highway = results.highway
+    blocks = range(1, len(highway.mean_gate) + 1)
+    left.bar(blocks, highway.mean_gate, color="tab:green", label="after training")
+    left.plot(blocks, highway.mean_gate_at_init, "k.", label="at initialization")
+    left.set(title=f"highway-{highway.blocks}: mean transform gate T (test accuracy "
+                   f"{100 * highway.test_accuracy:.2f}%)", xlabel="block", ylabel="mean T")
     left.legend()
-    for (name, network), color in zip(results["stochastic_depth"].items(), ("tab:blue", "tab:orange")):
-        curve = network["curve"]
-        right.plot([p["images"] for p in curve], [100 * p["val_error"] for p in curve], "o-", color=color,
-                   label=f"{name} stochastic depth (p_L={network['survival_prob']}): "
-                         f"test accuracy {100 * network['test_accuracy']:.2f}%")
+    for (name, network), color in zip(results.stochastic_depth.items(), ("tab:blue", "tab:orange")):
+        curve = network.training.curve
+        right.plot([p.images for p in curve], [100 * p.val_error for p in curve], "o-", color=color,
+                   label=f"{name} stochastic depth (p_L={network.survival_prob}): "
+                         f"test accuracy {100 * network.test_accuracy:.2f}%")
     right.set(title="ResNet: validation error, same budget", xlabel="training images", ylabel="error (%)", yscale="log")
+    plain_log_ticks(plt, right)
     right.legend(fontsize=8)
     for axis in (left, right):
         axis.grid(alpha=0.3)

@@ -9,7 +9,7 @@ docs/experiments.md shows where this holds for the lecture ResNet and where it d
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -45,7 +45,36 @@ def check_plain(plain: ResNet, residual: ResNet) -> None:
                             f"with {len(shape_preserving_blocks(plain))}")
 
 
-def run(settings: LesionSettings, trainer: Trainer, residual: ResNet, plain: ResNet | None, test: Split) -> dict:
+@dataclass(frozen=True)
+class RandomDeletions:
+    """Test accuracy with ``k`` blocks deleted, over several random draws of which ``k``."""
+
+    k: int
+    mean: float
+    min: float
+    max: float
+    accuracies: list[float]  # one per draw
+
+
+@dataclass(frozen=True)
+class LesionedNetwork:
+    arch: str
+    blocks: int
+    origin: str  # "given", or how it was trained here
+    deletable_blocks: list[int]  # the blocks that keep the tensor shape (0-based)
+    intact: float  # test accuracy with no block deleted
+    intact_on_random_subset: float  # the same on the images behind the random deletions
+    single: list[float]  # test accuracy with each deletable block deleted alone, in order
+    random: list[RandomDeletions]  # k = 1, 2, ... deletable blocks
+
+
+@dataclass(frozen=True)
+class LesionResults:
+    residual: LesionedNetwork
+    plain: LesionedNetwork
+
+
+def run(settings: LesionSettings, trainer: Trainer, residual: ResNet, plain: ResNet | None, test: Split) -> LesionResults:
     """Single-block and random k-block deletions for both networks, on the MNIST test split.
 
     Without ``plain``, a plain network of MODEL's shape is trained for the settings' budget.
@@ -53,20 +82,19 @@ def run(settings: LesionSettings, trainer: Trainer, residual: ResNet, plain: Res
     plain_origin = "given"
     if plain is None:
         trained = trainer.train(plain_config(residual), f"plain-{residual.config.blocks}")
-        plain, plain_origin = trained.model, f"trained here for {trained.curve[-1]['images']:,} images"
+        plain, plain_origin = trained.model, f"trained here for {trained.run.curve[-1].images:,} images"
     networks = {}
     with progress_bar(trainer.show_progress, "evaluations") as progress:
-        for name, model in (("residual", residual), ("plain", plain)):
-            networks[name] = _lesion(model, settings, trainer.accuracy, test, progress, name, trainer.recipe.seed)
-            trainer.log(f"{name} ({model.config.arch}-{model.config.blocks}): intact {networks[name]['intact']:.4f}, "
-                        f"one block deleted: mean {np.mean(networks[name]['single']):.4f}, "
-                        f"worst {min(networks[name]['single']):.4f}")
-    networks["plain"]["origin"] = plain_origin
-    return networks
+        for name, model, origin in (("residual", residual, "given"), ("plain", plain, plain_origin)):
+            network = _lesion(model, origin, settings, trainer.accuracy, test, progress, name, trainer.recipe.seed)
+            trainer.log(f"{name} ({model.config.arch}-{model.config.blocks}): intact {network.intact:.4f}, "
+                        f"one block deleted: mean {np.mean(network.single):.4f}, worst {min(network.single):.4f}")
+            networks[name] = network
+    return LesionResults(**networks)
 
 
-def _lesion(model: ResNet, settings: LesionSettings, accuracy: Callable[[ResNet, Split], float], test: Split,
-            progress: Progress, name: str, seed: int) -> dict:
+def _lesion(model: ResNet, origin: str, settings: LesionSettings, accuracy: Callable[[ResNet, Split], float],
+            test: Split, progress: Progress, name: str, seed: int) -> LesionedNetwork:
     blocks = shape_preserving_blocks(model)
     full, subset = test.head(settings.test_images), test.head(settings.random_test_images)
     task = progress.add_task(name, total=1 + len(blocks) * (1 + settings.draws))
@@ -81,27 +109,26 @@ def _lesion(model: ResNet, settings: LesionSettings, accuracy: Callable[[ResNet,
         for _ in range(settings.draws):
             scores.append(accuracy(remove_blocks(model, draws.sample(blocks, k)), subset))
             progress.advance(task)
-        by_k.append({"k": k, "mean": float(np.mean(scores)), "min": min(scores), "max": max(scores),
-                     "accuracies": scores})
+        by_k.append(RandomDeletions(k, float(np.mean(scores)), min(scores), max(scores), scores))
     intact = accuracy(model, full)
     progress.advance(task)
-    return {"arch": model.config.arch, "blocks": model.config.blocks, "deletable_blocks": blocks,
-            "intact": intact, "intact_on_random_subset": accuracy(model, subset),
-            "single": single, "random": by_k}
+    return LesionedNetwork(model.config.arch, model.config.blocks, origin, blocks, intact,
+                           intact_on_random_subset=accuracy(model, subset), single=single, random=by_k)
 
 
-def draw(plt, results: dict):
+def draw(plt, results: LesionResults):
     """Left: accuracy with each single block deleted. Right: with k random blocks deleted."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
-    for (name, network), color in zip(results.items(), ("tab:blue", "tab:red")):
-        label = f"{name} ({network['arch']}-{network['blocks']})"
-        left.plot([i + 1 for i in network["deletable_blocks"]], [100 * a for a in network["single"]], "o-",
+    for (name, network), color in zip((("residual", results.residual), ("plain", results.plain)),
+                                      ("tab:blue", "tab:red")):
+        label = f"{name} ({network.arch}-{network.blocks})"
+        left.plot([i + 1 for i in network.deletable_blocks], [100 * a for a in network.single], "o-",
                   color=color, label=label, markersize=3)
-        left.axhline(100 * network["intact"], color=color, linestyle=":", linewidth=1)
-        ks = [row["k"] for row in network["random"]]
-        right.plot(ks, [100 * row["mean"] for row in network["random"]], "o-", color=color, label=label, markersize=3)
-        right.fill_between(ks, [100 * row["min"] for row in network["random"]],
-                           [100 * row["max"] for row in network["random"]], color=color, alpha=0.2)
+        left.axhline(100 * network.intact, color=color, linestyle=":", linewidth=1)
+        ks = [row.k for row in network.random]
+        right.plot(ks, [100 * row.mean for row in network.random], "o-", color=color, label=label, markersize=3)
+        right.fill_between(ks, [100 * row.min for row in network.random], [100 * row.max for row in network.random],
+                           color=color, alpha=0.2)
     for axis in (left, right):
         axis.axhline(10, color="gray", linestyle="--", linewidth=1, label="chance")
         axis.grid(alpha=0.3)

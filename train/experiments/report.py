@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from resserve.serve.errors import ResserveError
 from resserve.train.files import atomic_file
-from resserve.train.training import library_versions
 
 
 def pyplot():
@@ -30,6 +29,13 @@ def shades(plt, count: int) -> list:
     return list(plt.cm.viridis_r([0.15 + 0.8 * i / max(count - 1, 1) for i in range(count)]))
 
 
+def plain_log_ticks(plt, axis) -> None:
+    """Tick labels of a log-scale y axis as plain numbers: 92, not 9.2x10^1."""
+    plain = plt.matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    axis.yaxis.set_major_formatter(plain)
+    axis.yaxis.set_minor_formatter(plain)
+
+
 def describe(settings: Any) -> str:
     """Settings as a line a person reads: ``depths 2, 4; train images 2,000; ...``."""
     def value(v: Any) -> str:
@@ -40,19 +46,33 @@ def describe(settings: Any) -> str:
     return "; ".join(f"{key.replace('_', ' ')} {value(v)}" for key, v in asdict(settings).items())
 
 
-def write_report(out: Path, name: str, settings: Any, context: dict, results: dict,
-                 draw: Callable[[Any, dict], Any]) -> tuple[Path, Path]:
-    """Write ``out/NAME.json`` and ``out/NAME.png``; ``draw(plt, results)`` returns the figure."""
-    payload = {"experiment": name, **context, "settings": asdict(settings), "versions": library_versions(),
-               "results": results}
-    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+@dataclass(frozen=True)
+class ExperimentReport:
+    """What ``NAME.json`` holds: what ran, where and for how long, its settings and its findings."""
+
+    experiment: str
+    command: str  # as typed, to run it again
+    quick: bool
+    seconds: float
+    seed: int
+    device: str
+    precision: str
+    data_source: str  # where MNIST came from
+    settings: Any  # the experiment's settings (a dataclass of settings.py)
+    versions: dict[str, str]
+    results: Any  # the experiment's results (a dataclass of its module)
+
+
+def write_report(out: Path, report: ExperimentReport, draw: Callable[[Any, Any], Any]) -> tuple[Path, Path]:
+    """Write ``out/NAME.json`` and ``out/NAME.png``; ``draw(plt, report.results)`` returns the figure."""
+    json_path, png_path = out / f"{report.experiment}.json", out / f"{report.experiment}.png"
     plt = pyplot()
-    figure = draw(plt, results)
-    if context.get("quick"):
+    figure = draw(plt, report.results)
+    if report.quick:
         figure.suptitle("--quick run: it checks the pipeline; its numbers mean little", color="tab:red")
     with atomic_file(png_path) as handle:
         figure.savefig(handle, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     with atomic_file(json_path) as handle:
-        handle.write((json.dumps(payload, indent=2) + "\n").encode())
+        handle.write((json.dumps(asdict(report), indent=2) + "\n").encode())
     return json_path, png_path

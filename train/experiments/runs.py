@@ -28,16 +28,31 @@ from resserve.train.training import Interval, evaluate, fit, resolve_device, res
 Log = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class CurvePoint:
+    """One point of a network's error curves."""
+
+    images: int  # training images seen so far
+    train_error: float  # over the training batches since the previous point
+    train_loss: float  # likewise
+    val_error: float  # on the budget's validation images, at this point
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What an experiment reports of one network it trained: its size, time and curves."""
+
+    params: int
+    seconds: float
+    final_train_error: float
+    final_val_error: float
+    curve: list[CurvePoint]
+
+
 @dataclass
 class TrainedNetwork:
     model: ResNet
-    curve: list[dict]  # per point: images seen, train error and loss since the last point, validation error
-    seconds: float
-
-    def summary(self) -> dict:
-        return {"params": count_parameters(self.model), "seconds": round(self.seconds, 1),
-                "final_train_error": self.curve[-1]["train_error"], "final_val_error": self.curve[-1]["val_error"],
-                "curve": self.curve}
+    run: TrainingRun
 
 
 class Trainer:
@@ -69,16 +84,18 @@ class Trainer:
         model = self.build(config)
         steps = math.ceil(self.budget.train_images / self.recipe.batch_size)
         marks = {math.ceil(steps * (i + 1) / self.budget.curve_points) for i in range(self.budget.curve_points)}
-        curve: list[dict] = []
+        curve: list[CurvePoint] = []
 
         def record(interval: Interval) -> None:
-            curve.append({"images": interval.images_seen, "train_error": 1 - interval.accuracy,
-                          "train_loss": interval.loss, "val_error": 1 - self.accuracy(model, self.validation)})
+            curve.append(CurvePoint(images=interval.images_seen, train_error=1 - interval.accuracy,
+                                    train_loss=interval.loss, val_error=1 - self.accuracy(model, self.validation)))
 
         started = time.monotonic()
         with progress_bar(self.show_progress, "steps") as progress:
             fit(model, self.train_split, self.recipe, steps, self.precision, marks, record, progress, name)
-        trained = TrainedNetwork(model.eval(), curve, time.monotonic() - started)
-        self.log(f"{name}: {curve[-1]['images']:,} images in {trained.seconds:.0f} s, "
-                 f"train error {curve[-1]['train_error']:.4f}, validation error {curve[-1]['val_error']:.4f}")
-        return trained
+        last = curve[-1]
+        run = TrainingRun(params=count_parameters(model), seconds=round(time.monotonic() - started, 1),
+                          final_train_error=last.train_error, final_val_error=last.val_error, curve=curve)
+        self.log(f"{name}: {last.images:,} images in {run.seconds:.0f} s, "
+                 f"train error {last.train_error:.4f}, validation error {last.val_error:.4f}")
+        return TrainedNetwork(model.eval(), run)

@@ -12,6 +12,8 @@ normalizes as in training while each point's gradient depends on that point alon
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -62,7 +64,23 @@ def line_gradient(model: ResNet, start: torch.Tensor, end: torch.Tensor, logit: 
     return (grad * (end - start)).flatten(1).sum(1).double().numpy()
 
 
-def run(settings: ShatteredSettings, train: Split, log) -> dict:
+@dataclass(frozen=True)
+class LineGradients:
+    """One network at initialization: how correlated its gradient is along lines between images."""
+
+    arch: str
+    blocks: int
+    lag1_autocorrelation: float  # near 0: white noise (shattered); near 1: smooth
+    autocorrelation: list[float]  # at lags 0..max_lag, mean over the lines
+    first_line_gradient: list[float]  # g(t) along the first line, for the figure
+
+
+@dataclass(frozen=True)
+class ShatteredResults:
+    networks: list[LineGradients]
+
+
+def run(settings: ShatteredSettings, train: Split, log) -> ShatteredResults:
     """Gradients along ``lines`` image pairs for every (architecture, depth), at initialization."""
     rng = np.random.default_rng(settings.seed)
     calibration = to_input(torch.from_numpy(train.images[: settings.calibration_images]))
@@ -78,24 +96,23 @@ def run(settings: ShatteredSettings, train: Split, log) -> dict:
                 gradients.append(gradient)
                 correlations.append(autocorrelation(gradient, settings.max_lag))
             mean_acf = np.mean(correlations, axis=0)
-            networks.append({"arch": arch, "blocks": blocks, "lag1_autocorrelation": float(mean_acf[1]),
-                             "autocorrelation": mean_acf.tolist(), "first_line_gradient": gradients[0].tolist()})
+            networks.append(LineGradients(arch, blocks, float(mean_acf[1]), mean_acf.tolist(), gradients[0].tolist()))
             log(f"{arch}-{blocks}: lag-1 autocorrelation of the gradient {mean_acf[1]:+.3f}")
-    return {"networks": networks}
+    return ShatteredResults(networks)
 
 
-def draw(plt, results: dict):
+def draw(plt, results: ShatteredResults):
     """Top: the gradient along the first line (scaled to unit range). Bottom: its autocorrelation."""
     figure, axes = plt.subplots(2, len(ARCHS), figsize=(13, 6.5), sharex="row", sharey="row", layout="constrained")
-    depths = sorted({n["blocks"] for n in results["networks"]})
+    depths = sorted({n.blocks for n in results.networks})
     colors = shades(plt, len(depths))
     for column, arch in enumerate(ARCHS):
-        for network in (n for n in results["networks"] if n["arch"] == arch):
-            color, label = colors[depths.index(network["blocks"])], f"{network['blocks']} blocks"
-            gradient = np.asarray(network["first_line_gradient"])
-            axes[0, column].plot(np.linspace(0, 1, len(gradient)), depths.index(network["blocks"]) + _unit_range(gradient),
+        for network in (n for n in results.networks if n.arch == arch):
+            color, label = colors[depths.index(network.blocks)], f"{network.blocks} blocks"
+            gradient = np.asarray(network.first_line_gradient)
+            axes[0, column].plot(np.linspace(0, 1, len(gradient)), depths.index(network.blocks) + _unit_range(gradient),
                                  color=color, linewidth=0.8, label=label)
-            axes[1, column].plot(network["autocorrelation"], color=color, label=label)
+            axes[1, column].plot(network.autocorrelation, color=color, label=label)
         axes[0, column].set(title=f"{arch}: d logit / dt along a line", xlabel="t (image a -> image b)")
         axes[1, column].set(title=f"{arch}: autocorrelation (mean of lines)", xlabel="lag (points)")
         axes[1, column].axhline(0, color="gray", linewidth=0.8)
