@@ -34,43 +34,50 @@ class ModelControl:
         self.executor = executor  # the inference thread the batchers run on
         self._one_at_a_time = asyncio.Lock()
 
-    async def load(self, name: str, share: bool = True) -> None:
-        """Load (again) every version of the model called ``name`` from its packages; ``share``:
-        also in the other workers."""
-        async with self._one_at_a_time:
-            settings = self.state.settings
-            packages = [p for p in await asyncio.to_thread(read_packages, settings) if p.name == name]
-            if not packages:
-                raise ModelNotFound(f"no package this server was started with holds model {name!r}; it has "
-                                    f"{', '.join(self.state.models().names)}")
-            loaded = await asyncio.to_thread(load_repository, packages, settings, self.executor, self.state.metrics)
-            for model in loaded.models:
-                model.batcher.start()
-            replaced = self._replace(name, list(loaded.models))
-        if share:
-            self.state.peers.share_model_change("load", name)
-        log.info("loaded model %s through the API: version %s", name, ", ".join(m.version for m in loaded.models))
-        await self._retire(replaced)
+    async def load(self, name: str) -> None:
+        """Load (again) every version of the model called ``name`` from its packages, in every worker."""
+        await asyncio.shield(self._change("load", name))  # a client that goes away leaves no change half made
 
-    async def unload(self, name: str, share: bool = True) -> None:
-        """Stop serving the model called ``name`` (every version); ``share``: also in the other workers."""
-        async with self._one_at_a_time:
-            repository = self.state.models()
-            if name not in repository.names:
-                raise ModelNotFound(f"unknown model {name!r}; this server has {', '.join(repository.names)}")
-            replaced = self._replace(name, [])
-        if share:
-            self.state.peers.share_model_change("unload", name)
-        if replaced:
-            log.info("unloaded model %s through the API", name)
-        await self._retire(replaced)
+    async def unload(self, name: str) -> None:
+        """Stop serving the model called ``name`` (every version), in every worker."""
+        await asyncio.shield(self._change("unload", name))
 
     async def follow(self, action: ModelAction, name: str) -> None:
         """A change made through another worker, made here too; a failure is this worker's to log."""
         try:
-            await (self.load if action == "load" else self.unload)(name, share=False)
+            await self._retire(await self._make(action, name))
         except Exception as exc:  # noqa: BLE001 - the client was answered by the other worker
             log.error("%s of model %s, made through another worker, failed here: %s", action, name, exc)
+
+    async def _change(self, action: ModelAction, name: str) -> None:
+        replaced = await self.state.peers.change_model(action, name, lambda: self._make(action, name))
+        await self._retire(replaced)
+
+    async def _make(self, action: ModelAction, name: str) -> list[ServedModel]:
+        """Load or unload here; returns the versions replaced, to retire."""
+        async with self._one_at_a_time:
+            return await (self._load if action == "load" else self._unload)(name)
+
+    async def _load(self, name: str) -> list[ServedModel]:
+        settings = self.state.settings
+        packages = [p for p in await asyncio.to_thread(read_packages, settings) if p.name == name]
+        if not packages:
+            raise ModelNotFound(f"no package this server was started with holds model {name!r}; it has "
+                                f"{', '.join(self.state.models().names)}")
+        loaded = await asyncio.to_thread(load_repository, packages, settings, self.executor, self.state.metrics)
+        for model in loaded.models:
+            model.batcher.start()
+        log.info("loaded model %s through the API: version %s", name, ", ".join(m.version for m in loaded.models))
+        return self._replace(name, list(loaded.models))
+
+    async def _unload(self, name: str) -> list[ServedModel]:
+        repository = self.state.models()
+        if name not in repository.names:
+            raise ModelNotFound(f"unknown model {name!r}; this server has {', '.join(repository.names)}")
+        replaced = self._replace(name, [])
+        if replaced:
+            log.info("unloaded model %s through the API", name)
+        return replaced
 
     def _replace(self, name: str, models: list[ServedModel]) -> list[ServedModel]:
         """Serve ``models`` as the versions of ``name`` from now on; returns the versions replaced."""

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Awaitable, Callable, Literal, Protocol, TypeVar
 
 from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, ShuttingDown
 from resserve.serve.logs import LogSettings
@@ -23,27 +23,31 @@ log = logging.getLogger("resserve.serve")
 
 
 ModelAction = Literal["load", "unload"]
+T = TypeVar("T")
 
 
 class Peers(Protocol):
-    """The other workers of a server run with --workers (serve/workers.py): told of the changes
-    made through this one's API, to make them too."""
+    """The other workers of a server run with --workers (serve/workers.py), which make the changes
+    made through this one's API too."""
 
     def share_log_settings(self, settings: LogSettings) -> None:
         """The log settings changed: every worker is to log so."""
 
-    def share_model_change(self, action: ModelAction, name: str) -> None:
-        """The model called ``name`` was loaded or unloaded: every worker is to do the same."""
+    async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
+        """Load or unload the model called ``name`` through this worker's API: ``make()`` makes the
+        change here, in turn with the changes made through other workers, so that every worker
+        makes them all in one order; the others then make it too if it was made here. Returns
+        what ``make`` returned."""
 
 
 class _Alone:
-    """A server of one process: no one to tell."""
+    """A server of one process: no one to tell, no one to wait for."""
 
     def share_log_settings(self, settings: LogSettings) -> None:
         pass
 
-    def share_model_change(self, action: ModelAction, name: str) -> None:
-        pass
+    async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
+        return await make()
 
 
 ALONE = _Alone()

@@ -21,7 +21,8 @@ supervisor (this module, no event loop, no gRPC):
   counters and histograms add up, queue depth is summed over live workers;
 - passes on log settings changed and models loaded or unloaded through one worker's API
   (Triton's logging and model repository extensions) to every worker, and starts a restarted one
-  with them.
+  with them. Models change through one worker at a time, in turns the supervisor gives, so
+  every worker makes the same changes in the same order and they end alike.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Awaitable, Callable, Iterable
@@ -47,12 +48,12 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PrometheusCounter
 from prometheus_client import multiprocess
 
-from resserve.serve.errors import ResserveError
+from resserve.serve.errors import ResserveError, ShuttingDown
 from resserve.serve.repository import read_packages
 from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
 from resserve.serve.server import answer_counts, check_port_free, serve, serve_metrics
 from resserve.serve.settings import ServerSettings
-from resserve.serve.state import ModelAction
+from resserve.serve.state import ModelAction, T
 from resserve.serve.tls import ssl_context, tls_files
 
 log = logging.getLogger("resserve.serve")
@@ -77,6 +78,7 @@ class PipeCoordinator:
         self.unloaded = unloaded
         self._follow: Callable[[ModelAction, str], Awaitable[None]] | None = None
         self._following: set[asyncio.Task] = set()  # model changes under way (a reference keeps each alive)
+        self._turns: deque[asyncio.Future] = deque()  # model changes through this worker's API, awaiting their turn
 
     async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]]) -> None:
         self._follow = follow
@@ -96,7 +98,8 @@ class PipeCoordinator:
             asyncio.get_running_loop().remove_reader(self.pipe.fileno())
 
     def _take(self, message: tuple) -> None:
-        """A change made through another worker (or, for log settings, through this one too)."""
+        """A change made through another worker (or, for log settings, through this one too), or
+        this worker's turn to change models."""
         kind, *payload = message
         if kind == "log_settings":
             apply_log_settings(payload[0])
@@ -104,18 +107,37 @@ class PipeCoordinator:
             task = asyncio.get_running_loop().create_task(self._follow(*payload))
             self._following.add(task)
             task.add_done_callback(self._following.discard)
+        elif kind == "model_turn":
+            self._turns.popleft().set_result(None)
 
     def share_log_settings(self, settings: LogSettings) -> None:
         self._send(("log_settings", settings))
 
-    def share_model_change(self, action: ModelAction, name: str) -> None:
-        self._send(("model", action, name))
+    async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
+        """One worker changes models at a time: the supervisor gives the turns, and passes each
+        change made on to the other workers before it gives the next turn. So a change made through
+        another worker has reached this one (and is queued before ``make`` in ModelControl) when
+        its turn comes, and every worker makes every change in the order of the turns."""
+        turn = asyncio.get_running_loop().create_future()
+        self._turns.append(turn)
+        if not self._send(("model_turn",)):
+            self._turns.remove(turn)
+            raise ShuttingDown("the server is shutting down")
+        await turn  # the caller shields this: a turn given is always handed back
+        made = None
+        try:
+            result = await make()
+            made = (action, name)
+            return result
+        finally:
+            self._send(("model_done", made))
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: tuple) -> bool:
         try:
             self.pipe.send(message)
+            return True
         except OSError:  # the supervisor is gone: this worker drains and exits
-            pass
+            return False
 
     def ready(self) -> None:
         self.pipe.send(("ready",))
@@ -193,6 +215,8 @@ class Supervisor:
         self.metrics = SupervisorMetrics(self.registry)
         self.logs = LogSettings.of(settings)  # as the workers are to log
         self.unloaded: frozenset[str] = frozenset()  # models the workers are not to load
+        self.turn: Worker | None = None  # the worker changing models now
+        self.waiting_turns: deque[Worker] = deque()  # workers waiting for their turn to change models
 
     # startup ----------------------------------------------------------------------------------
 
@@ -318,8 +342,11 @@ class Supervisor:
             worker.answered.update(payload[0])
         elif kind == "log_settings":
             self._share_log_settings(payload[0])
-        elif kind == "model":
-            self._share_model_change(worker, *payload)
+        elif kind == "model_turn":
+            self.waiting_turns.append(worker)
+            self._give_turn()
+        elif kind == "model_done":
+            self._model_changed(worker, payload[0])
 
     def _share_log_settings(self, settings: LogSettings) -> None:
         """Log settings changed through one worker's API (which logged it): every worker takes
@@ -329,14 +356,26 @@ class Supervisor:
         apply_log_settings(settings)
         self._tell(self.workers.values(), ("log_settings", settings))
 
-    def _share_model_change(self, source: Worker, action: ModelAction, name: str) -> None:
-        """A model loaded or unloaded through one worker's API (which has made the change): every
-        other worker makes it too, and the workers started from now on start without the models
-        unloaded. (Unlike log settings, a change is not made again where it came from: a load
-        is seconds of work. So two opposite changes of one model made at the same moment through
-        two workers may leave them differing; the next change settles it.)"""
-        self.unloaded = self.unloaded - {name} if action == "load" else self.unloaded | {name}
-        self._tell([w for w in self.workers.values() if w is not source], ("model", action, name))
+    def _model_changed(self, worker: Worker, made: tuple[ModelAction, str] | None) -> None:
+        """``worker``'s turn to change models is over, with a model loaded or unloaded through its
+        API (which has made it), or nothing made (it failed there). Every other worker makes the
+        change too, before the next turn is given, and the workers started from now on start
+        without the models unloaded."""
+        if self.turn is worker:
+            self.turn = None
+        if made is not None:
+            action, name = made
+            self.unloaded = self.unloaded - {name} if action == "load" else self.unloaded | {name}
+            self._tell([w for w in self.workers.values() if w is not worker], ("model", action, name))
+        self._give_turn()
+
+    def _give_turn(self) -> None:
+        """The next worker waiting to change models gets its turn, once no one has it."""
+        while self.turn is None and self.waiting_turns:
+            worker = self.waiting_turns.popleft()
+            if worker.process.is_alive():
+                self.turn = worker
+                self._tell([worker], ("model_turn",))
 
     @staticmethod
     def _tell(workers: Iterable[Worker], message: tuple) -> None:
@@ -371,6 +410,9 @@ class Supervisor:
         self.backoff[worker.index] = delay
         worker.state = "stopped"
         self.metrics.ready.set(sum(w.state == "ready" for w in self.workers.values()))
+        if self.turn is worker:  # it died changing models: the next may go
+            self.turn = None
+            self._give_turn()
         self.restart_at[worker.index] = time.monotonic() + delay
         log.warning("worker %d (pid %d) exited with code %s; restarting it in %.1f s", worker.index,
                     worker.process.pid, code, delay)

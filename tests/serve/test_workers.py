@@ -10,12 +10,14 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 
 from helpers import ServerProcess, free_port, metric_value, run_cli
 from resserve.serve.package import SHIPPED_PACKAGE
@@ -38,6 +40,11 @@ def http_status(server) -> int:
         return response.status
     finally:
         connection.close()
+
+
+def statuses(server, count: int = 16) -> set[int]:
+    """Over a connection each: the kernel spreads them over the workers."""
+    return {http_status(server) for _ in range(count)}
 
 
 def worker_pids(server) -> dict[int, int]:
@@ -238,15 +245,10 @@ def test_log_settings_changed_through_one_worker_reach_every_worker_and_a_restar
 def test_a_model_unloaded_through_one_worker_is_unloaded_in_every_worker_and_a_restarted_one(tmp_path):
     package = tmp_path / MODEL
     shutil.copytree(SHIPPED_PACKAGE, package)
-
-    def statuses(count: int = 16) -> set[int]:
-        """Over a connection each: the kernel spreads them over the workers."""
-        return {http_status(server) for _ in range(count)}
-
     with ServerProcess(str(package), "--workers", "2") as server:
         triton_http.InferenceServerClient(server.http_target).unload_model(MODEL)  # one connection: one worker
         deadline = time.monotonic() + 10
-        while statuses() != {404}:  # the other worker unloads once the supervisor has passed it on
+        while statuses(server) != {404}:  # the other worker unloads once the supervisor has passed it on
             assert time.monotonic() < deadline, "".join(server.lines)
         first = worker_pids(server)
         os.kill(first[1], signal.SIGKILL)
@@ -254,9 +256,42 @@ def test_a_model_unloaded_through_one_worker_is_unloaded_in_every_worker_and_a_r
         while worker_pids(server)[1] == first[1] or metric_value(server.metrics(), "resserve_workers_ready") < 2:
             assert time.monotonic() < deadline, "".join(server.lines)
             time.sleep(0.2)
-        assert statuses() == {404}  # the restarted worker started without it
+        assert statuses(server) == {404}  # the restarted worker started without it
         triton_http.InferenceServerClient(server.http_target).load_model(MODEL)
         deadline = time.monotonic() + 30
-        while statuses() != {200}:
+        while statuses(server) != {200}:
+            assert time.monotonic() < deadline, "".join(server.lines)
+        assert server.stop() == 0
+
+
+def test_opposite_model_changes_made_at_once_through_both_workers_leave_them_alike(tmp_path):
+    """Unloads and loads at the same moment, each over a connection of its own (so through either
+    worker): every worker makes them all in one order, so both end serving, or both not. A change
+    that fails where it was asked holds no later change up."""
+    package = tmp_path / MODEL
+    shutil.copytree(SHIPPED_PACKAGE, package)
+
+    def change(action: str) -> None:
+        client = triton_http.InferenceServerClient(server.http_target, network_timeout=60)
+        getattr(client, f"{action}_model")(MODEL)
+        client.close()
+
+    with ServerProcess(str(package), "--workers", "2") as server:
+        for _ in range(4):
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(change, ["unload", "load"] * 4))
+            deadline = time.monotonic() + 20  # a load that one worker made reaches the other in well under that
+            while len(answers := statuses(server)) != 1 or statuses(server) != answers:
+                assert time.monotonic() < deadline, f"the workers differ: {answers}"
+            assert answers <= {200, 404}
+        artifact = package / "model.onnx"
+        intact = artifact.read_bytes()
+        artifact.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+        with pytest.raises(InferenceServerException, match="sha256"):
+            change("load")
+        artifact.write_bytes(intact)
+        change("unload")
+        deadline = time.monotonic() + 20
+        while statuses(server) != {404}:
             assert time.monotonic() < deadline, "".join(server.lines)
         assert server.stop() == 0
