@@ -4,6 +4,7 @@ nothing is left behind."""
 
 import collections
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -21,9 +22,10 @@ from tritonclient.utils import InferenceServerException
 
 from helpers import ServerProcess, free_port, metric_value, run_cli
 from resserve.serve.package import SHIPPED_PACKAGE
-from resserve.serve.settings import auto_workers
+from resserve.serve.settings import ServerSettings, auto_workers
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+from resserve.serve.workers import Supervisor, Worker
 
 MODEL = "resnet-mnist"
 INFER_BODY = (b'{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32","data":[' +
@@ -295,3 +297,53 @@ def test_opposite_model_changes_made_at_once_through_both_workers_leave_them_ali
         while statuses(server) != {404}:
             assert time.monotonic() < deadline, "".join(server.lines)
         assert server.stop() == 0
+
+
+@pytest.fixture
+def supervisor_of_three():
+    """A supervisor's bookkeeping over three real processes (sleeping, not servers) and the worker
+    ends of their pipes: what the workers would read."""
+    supervisor, context = Supervisor(ServerSettings()), multiprocessing.get_context("spawn")
+    ends = {}
+    for index in (1, 2, 3):
+        process = context.Process(target=time.sleep, args=(60,))
+        process.start()
+        supervisor_end, ends[index] = context.Pipe()
+        supervisor.workers[index] = Worker(index, process, supervisor_end)
+    yield supervisor, ends
+    for worker in supervisor.workers.values():
+        worker.process.kill()
+        worker.process.join()
+
+
+def received(end) -> list[tuple]:
+    messages = []
+    while end.poll(0.2):
+        messages.append(end.recv())
+    return messages
+
+
+def test_a_change_reaches_every_other_worker_before_the_next_turn_to_change_models(supervisor_of_three):
+    supervisor, ends = supervisor_of_three
+    first, second, _ = supervisor.workers.values()
+    supervisor._message(first, "model_turn")
+    supervisor._message(second, "model_turn")
+    assert received(ends[1]) == [("model_turn",)] and received(ends[2]) == []  # one at a time
+    supervisor._message(first, "model_done", ("unload", MODEL))
+    assert received(ends[2]) == [("model", "unload", MODEL), ("model_turn",)]  # the change first, then its turn
+    assert received(ends[3]) == [("model", "unload", MODEL)] and received(ends[1]) == []
+    assert supervisor.unloaded == {MODEL}  # a worker started from now on starts without it
+    supervisor._message(second, "model_done", None)  # failed where it was asked: nothing passed on
+    assert received(ends[1]) == received(ends[3]) == [] and supervisor.unloaded == {MODEL}
+
+
+def test_a_worker_that_dies_in_its_turn_to_change_models_hands_it_on(supervisor_of_three):
+    supervisor, ends = supervisor_of_three
+    first, second, _ = supervisor.workers.values()
+    supervisor._message(first, "model_turn")
+    supervisor._message(second, "model_turn")
+    assert received(ends[1]) == [("model_turn",)]
+    first.process.kill()
+    first.process.join()
+    supervisor._died(first)
+    assert received(ends[2]) == [("model_turn",)] and received(ends[3]) == []
