@@ -2,5 +2,5 @@
 
 from resserve.serve.app import main
 
-if __name__ == "__main__":  # not when a worker process (serve/workers.py) imports it as __mp_main__
+if __name__ == "__main__":  # not when a worker process (serve/workers/) imports it as __mp_main__
     main()

@@ -120,7 +120,7 @@ def serve(
     """
     from resserve.serve.backends.base import usable_cpus
     from resserve.serve.server import run_server
-    from resserve.serve.workers import supervise
+    from resserve.serve.workers.supervisor import supervise
 
     largest_batch = parse_max_batch_size(max_batch_size)
     settings = ServerSettings(

@@ -7,7 +7,7 @@ and warms them before they take a request; the versions served until then keep s
 retired once the new ones are in place, so a package re-exported in place is served without a
 restart and without a refused request. A client names a model, never a path: the server reads
 only the packages it was started with. Under --workers, a change made through one worker is
-made in every worker (the supervisor passes it on, serve/workers.py).
+made in every worker (the supervisor passes it on, serve/workers/).
 """
 
 from __future__ import annotations

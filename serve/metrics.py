@@ -1,7 +1,7 @@
 """Prometheus metrics of the server, on their own registry (served on the metrics port).
 
 Under ``--workers N`` every worker writes them to prometheus-client's multiprocess files and the
-supervisor serves their sum (serve/workers.py); gauges say how workers' values combine.
+supervisor serves their sum (serve/workers/); gauges say how workers' values combine.
 """
 
 from __future__ import annotations

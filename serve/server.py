@@ -83,7 +83,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 def _grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
     options = [
-        # a port in use is an error, not a silent second listener; workers share theirs (serve/workers.py)
+        # a port in use is an error, not a silent second listener; workers share theirs (serve/workers/)
         ("grpc.so_reuseport", int(settings.reuse_port)),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -253,7 +253,7 @@ async def _wait_for(event: asyncio.Event, seconds: float) -> bool:
 
 
 class Coordinator(Peers, Protocol):
-    """What a worker reports to the supervisor that runs it (serve/workers.py), and hears from it."""
+    """What a worker reports to the supervisor that runs it (serve/workers/worker.py), and hears from it."""
 
     unloaded: frozenset[str]  # models unloaded through the API before this worker started: not to load
 

@@ -167,7 +167,7 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a cert signed by this CA
     tokens: tuple[str, ...] = ()  # bearer tokens accepted; empty: no authentication
-    workers: int = 1  # server processes on the same ports (serve/workers.py); see auto_workers
+    workers: int = 1  # server processes on the same ports (serve/workers/); see auto_workers
     reuse_port: bool = False  # set by the supervisor for its workers: they listen on shared ports
     log_level: LogLevel = LogLevel.INFO
     log_format: LogFormat = LogFormat.TEXT

@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 
 class Peers(Protocol):
-    """The other workers of a server run with --workers (serve/workers.py), which make the changes
+    """The other workers of a server run with --workers (serve/workers/), which make the changes
     made through this one's API too."""
 
     def share_log_settings(self, settings: LogSettings) -> None:

@@ -25,7 +25,8 @@ from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.settings import ServerSettings, auto_workers
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
-from resserve.serve.workers import Supervisor, Worker
+from resserve.serve.workers.messages import ModelChange, ToWorker, Turn, TurnOver, TurnWanted
+from resserve.serve.workers.supervisor import Supervisor, Worker
 
 MODEL = "resnet-mnist"
 INFER_BODY = (b'{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32","data":[' +
@@ -316,7 +317,7 @@ def supervisor_of_three():
         worker.process.join()
 
 
-def received(end) -> list[tuple]:
+def received(end) -> list[ToWorker]:
     messages = []
     while end.poll(0.2):
         messages.append(end.recv())
@@ -326,24 +327,24 @@ def received(end) -> list[tuple]:
 def test_a_change_reaches_every_other_worker_before_the_next_turn_to_change_models(supervisor_of_three):
     supervisor, ends = supervisor_of_three
     first, second, _ = supervisor.workers.values()
-    supervisor._message(first, "model_turn")
-    supervisor._message(second, "model_turn")
-    assert received(ends[1]) == [("model_turn",)] and received(ends[2]) == []  # one at a time
-    supervisor._message(first, "model_done", ("unload", MODEL))
-    assert received(ends[2]) == [("model", "unload", MODEL), ("model_turn",)]  # the change first, then its turn
-    assert received(ends[3]) == [("model", "unload", MODEL)] and received(ends[1]) == []
+    supervisor._message(first, TurnWanted())
+    supervisor._message(second, TurnWanted())
+    assert received(ends[1]) == [Turn()] and received(ends[2]) == []  # one at a time
+    supervisor._message(first, TurnOver(ModelChange("unload", MODEL)))
+    assert received(ends[2]) == [ModelChange("unload", MODEL), Turn()]  # the change first, then its turn
+    assert received(ends[3]) == [ModelChange("unload", MODEL)] and received(ends[1]) == []
     assert supervisor.unloaded == {MODEL}  # a worker started from now on starts without it
-    supervisor._message(second, "model_done", None)  # failed where it was asked: nothing passed on
+    supervisor._message(second, TurnOver(None))  # failed where it was asked: nothing passed on
     assert received(ends[1]) == received(ends[3]) == [] and supervisor.unloaded == {MODEL}
 
 
 def test_a_worker_that_dies_in_its_turn_to_change_models_hands_it_on(supervisor_of_three):
     supervisor, ends = supervisor_of_three
     first, second, _ = supervisor.workers.values()
-    supervisor._message(first, "model_turn")
-    supervisor._message(second, "model_turn")
-    assert received(ends[1]) == [("model_turn",)]
+    supervisor._message(first, TurnWanted())
+    supervisor._message(second, TurnWanted())
+    assert received(ends[1]) == [Turn()]
     first.process.kill()
     first.process.join()
     supervisor._died(first)
-    assert received(ends[2]) == [("model_turn",)] and received(ends[3]) == []
+    assert received(ends[2]) == [Turn()] and received(ends[3]) == []

@@ -1,60 +1,37 @@
-"""``resserve serve --workers N``: N server processes on the same ports, under one supervisor.
-
-One process is one event loop: past a few CPUs its Python per-request path, not the model,
-bounds what it serves. Each worker here is a whole server (serve/server.py) with its own
-backend, batcher and inference threads (the usable CPUs divided among them), listening on the
-same gRPC and HTTP ports with SO_REUSEPORT, so the kernel spreads connections over them. The
-supervisor (this module, no event loop, no gRPC):
-
-- checks every port before any worker starts (one line if one is in use) and holds the gRPC
-  and HTTP ports for the workers (a bound socket that does not listen takes no connections);
-- starts the workers; each loads and warms its models and waits, and when all have loaded they
-  listen together: the server is ready when every worker is. A worker that restarts listens
-  only once it is ready, so no connection reaches a worker that is not;
-- restarts a worker that dies, after a backoff that grows while it keeps dying (logged, counted
-  in ``resserve_worker_restarts_total``); a worker gets SIGTERM if the supervisor dies
-  (PR_SET_PDEATHSIG), so none is left behind;
-- forwards SIGTERM/SIGINT: every worker drains as a single server does (not ready, the drain
-  window, the grace period), and the supervisor exits 0 after the last, logging the answers of
-  all of them;
-- serves one Prometheus endpoint for all workers (prometheus-client's multiprocess mode):
-  counters and histograms add up, queue depth is summed over live workers;
-- passes on log settings changed and models loaded or unloaded through one worker's API
-  (Triton's logging and model repository extensions) to every worker, and starts a restarted one
-  with them. Models change through one worker at a time, in turns the supervisor gives, so
-  every worker makes the same changes in the same order and they end alike.
-"""
+"""The supervisor of ``resserve serve --workers N``: holds the ports, starts the workers and
+restarts those that die, passes on what one worker's API changed, serves one /metrics for all,
+and drains them together on SIGTERM. It runs no event loop and no gRPC."""
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import dataclasses
+import enum
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Awaitable, Callable, Iterable
+from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PrometheusCounter
 from prometheus_client import multiprocess
 
-from resserve.serve.errors import ResserveError, ShuttingDown
-from resserve.serve.repository import read_packages
+from resserve.serve.errors import ResserveError
 from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
-from resserve.serve.server import answer_counts, check_port_free, serve, serve_metrics
+from resserve.serve.repository import read_packages
+from resserve.serve.server import answer_counts, check_port_free, serve_metrics
 from resserve.serve.settings import ServerSettings
-from resserve.serve.state import ModelAction, T
 from resserve.serve.tls import ssl_context, tls_files
+from resserve.serve.workers.messages import (Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
+                                             Stopped, ToSupervisor, ToWorker, Turn, TurnOver, TurnWanted)
+from resserve.serve.workers.worker import worker_main
 
 log = logging.getLogger("resserve.serve")
 
@@ -63,119 +40,16 @@ FIRST_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
 STABLE_SECONDS = 60.0  # a worker that lived this long starts the backoff afresh when it dies
 POLL_SECONDS = 0.2
-PR_SET_PDEATHSIG = 1
 
 
-# ----------------------------------------------------------------------------------------------
-# In the worker
+class WorkerState(enum.Enum):
+    """loading -> loaded -> listening -> ready -> stopped (drained or dead)."""
 
-
-class PipeCoordinator:
-    """A worker's side of the supervisor's pipe (the ``Coordinator`` of serve/server.py)."""
-
-    def __init__(self, pipe: Connection, unloaded: frozenset[str]) -> None:
-        self.pipe = pipe
-        self.unloaded = unloaded
-        self._follow: Callable[[ModelAction, str], Awaitable[None]] | None = None
-        self._following: set[asyncio.Task] = set()  # model changes under way (a reference keeps each alive)
-        self._turns: deque[asyncio.Future] = deque()  # model changes through this worker's API, awaiting their turn
-
-    async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]]) -> None:
-        self._follow = follow
-        try:
-            self.pipe.send(("loaded",))
-            while (message := await asyncio.to_thread(self.pipe.recv))[0] != "listen":  # every worker has loaded
-                self._take(message)
-        except (OSError, EOFError):  # the supervisor is gone before this worker served: nothing to drain
-            os._exit(0)
-        asyncio.get_running_loop().add_reader(self.pipe.fileno(), self._receive)
-
-    def _receive(self) -> None:
-        """A message from the supervisor while serving."""
-        try:
-            self._take(self.pipe.recv())
-        except (OSError, EOFError):  # the supervisor is gone: PR_SET_PDEATHSIG brings the SIGTERM
-            asyncio.get_running_loop().remove_reader(self.pipe.fileno())
-
-    def _take(self, message: tuple) -> None:
-        """A change made through another worker (or, for log settings, through this one too), or
-        this worker's turn to change models."""
-        kind, *payload = message
-        if kind == "log_settings":
-            apply_log_settings(payload[0])
-        elif kind == "model":
-            task = asyncio.get_running_loop().create_task(self._follow(*payload))
-            self._following.add(task)
-            task.add_done_callback(self._following.discard)
-        elif kind == "model_turn":
-            self._turns.popleft().set_result(None)
-
-    def share_log_settings(self, settings: LogSettings) -> None:
-        self._send(("log_settings", settings))
-
-    async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
-        """One worker changes models at a time: the supervisor gives the turns, and passes each
-        change made on to the other workers before it gives the next turn. So a change made through
-        another worker has reached this one (and is queued before ``make`` in ModelControl) when
-        its turn comes, and every worker makes every change in the order of the turns."""
-        turn = asyncio.get_running_loop().create_future()
-        self._turns.append(turn)
-        if not self._send(("model_turn",)):
-            self._turns.remove(turn)
-            raise ShuttingDown("the server is shutting down")
-        await turn  # the caller shields this: a turn given is always handed back
-        made = None
-        try:
-            result = await make()
-            made = (action, name)
-            return result
-        finally:
-            self._send(("model_done", made))
-
-    def _send(self, message: tuple) -> bool:
-        try:
-            self.pipe.send(message)
-            return True
-        except OSError:  # the supervisor is gone: this worker drains and exits
-            return False
-
-    def ready(self) -> None:
-        self.pipe.send(("ready",))
-
-    def stopped(self, answered: Counter) -> None:
-        try:
-            self.pipe.send(("stopped", dict(answered)))
-        except OSError:  # the supervisor is gone (it was killed): say it here
-            log.info("stopped; requests answered: %s", answer_counts(answered))
-
-
-def _follow_the_supervisor() -> None:
-    """Signals come from the supervisor only: a process group of its own, so a terminal's Ctrl-C
-    or a group-wide SIGTERM is not delivered twice (a second signal cuts the drain short); and
-    SIGTERM (a drain, then exit) when the supervisor dies, however it dies (Linux)."""
-    os.setpgid(0, 0)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the supervisor refuses --workers there anyway
-        pass
-
-
-def worker_main(settings: ServerSettings, index: int, pipe: Connection, logs: LogSettings,
-                unloaded: frozenset[str]) -> None:
-    """A worker process: a whole server on the shared ports, coordinated over ``pipe``, logging
-    as ``logs`` say and without the models ``unloaded`` (the state of the moment: either may have
-    changed through the API since the server started)."""
-    _follow_the_supervisor()
-    configure_logging(logs, worker=index)
-    try:
-        asyncio.run(serve(settings, PipeCoordinator(pipe, unloaded)))
-    except ResserveError as exc:  # the supervisor says it, once, for the first worker that fails to start
-        pipe.send(("failed", str(exc)))
-        sys.exit(exc.exit_code)
-
-
-# ----------------------------------------------------------------------------------------------
-# In the supervisor
+    LOADING = enum.auto()
+    LOADED = enum.auto()  # waiting for Listen
+    LISTENING = enum.auto()  # told to listen, not ready yet
+    READY = enum.auto()
+    STOPPED = enum.auto()
 
 
 @dataclass
@@ -184,7 +58,7 @@ class Worker:
     process: multiprocessing.Process
     pipe: Connection
     started: float = field(default_factory=time.monotonic)
-    state: str = "loading"  # loading -> loaded -> listening -> ready -> stopped (drained or dead)
+    state: WorkerState = WorkerState.LOADING
     answered: Counter = field(default_factory=Counter)
 
 
@@ -304,8 +178,8 @@ class Supervisor:
                 return
             wait([w.pipe for w in alive] + [w.process.sentinel for w in alive], POLL_SECONDS)
             for worker in list(self.workers.values()):
-                self._read_messages(worker)  # a worker that has exited may still have some: "failed", "stopped"
-                if not worker.process.is_alive() and worker.state != "stopped" and not self.stopping:
+                self._read_messages(worker)  # a worker that has exited may still have some: Failed, Stopped
+                if not worker.process.is_alive() and worker.state != WorkerState.STOPPED and not self.stopping:
                     self._died(worker)
             self._restart_due()
 
@@ -320,33 +194,34 @@ class Supervisor:
     def _read_messages(self, worker: Worker) -> None:
         try:
             while worker.pipe.poll():
-                self._message(worker, *worker.pipe.recv())
+                self._message(worker, worker.pipe.recv())
         except (EOFError, OSError):  # it exited and said all it had: its sentinel tells the rest
             pass
 
-    def _message(self, worker: Worker, kind: str, *payload) -> None:
-        if kind == "loaded":
-            worker.state = "loaded"
-            self._release_loaded()
-        elif kind == "ready":
-            worker.state = "ready"
-            self.metrics.ready.set(sum(w.state == "ready" for w in self.workers.values()))
-            if all(w.state == "ready" for w in self.workers.values()):
-                log.info("ready: %s (%d workers)", self.model_names, len(self.workers))
-        elif kind == "failed" and not self._serving:  # at startup: the server cannot start
-            raise ResserveError(payload[0])
-        elif kind == "failed":
-            log.error("worker %d could not start again: %s", worker.index, payload[0])
-        elif kind == "stopped":
-            worker.state = "stopped"
-            worker.answered.update(payload[0])
-        elif kind == "log_settings":
-            self._share_log_settings(payload[0])
-        elif kind == "model_turn":
-            self.waiting_turns.append(worker)
-            self._give_turn()
-        elif kind == "model_done":
-            self._model_changed(worker, payload[0])
+    def _message(self, worker: Worker, message: ToSupervisor) -> None:
+        match message:
+            case Loaded():
+                worker.state = WorkerState.LOADED
+                self._release_loaded()
+            case Ready():
+                worker.state = WorkerState.READY
+                self._count_ready()
+                if all(w.state == WorkerState.READY for w in self.workers.values()):
+                    log.info("ready: %s (%d workers)", self.model_names, len(self.workers))
+            case Failed(reason) if not self._serving:  # at startup: the server cannot start
+                raise ResserveError(reason)
+            case Failed(reason):
+                log.error("worker %d could not start again: %s", worker.index, reason)
+            case Stopped(answered):
+                worker.state = WorkerState.STOPPED
+                worker.answered.update(answered)
+            case LogSettingsChanged(settings):
+                self._share_log_settings(settings)
+            case TurnWanted():
+                self.waiting_turns.append(worker)
+                self._give_turn()
+            case TurnOver(made):
+                self._model_changed(worker, made)
 
     def _share_log_settings(self, settings: LogSettings) -> None:
         """Log settings changed through one worker's API (which logged it): every worker takes
@@ -354,9 +229,9 @@ class Supervisor:
         later), this process, and the workers started from now on."""
         self.logs = settings
         apply_log_settings(settings)
-        self._tell(self.workers.values(), ("log_settings", settings))
+        self._tell(self.workers.values(), LogSettingsChanged(settings))
 
-    def _model_changed(self, worker: Worker, made: tuple[ModelAction, str] | None) -> None:
+    def _model_changed(self, worker: Worker, made: ModelChange | None) -> None:
         """``worker``'s turn to change models is over, with a model loaded or unloaded through its
         API (which has made it), or nothing made (it failed there). Every other worker makes the
         change too, before the next turn is given, and the workers started from now on start
@@ -364,9 +239,9 @@ class Supervisor:
         if self.turn is worker:
             self.turn = None
         if made is not None:
-            action, name = made
-            self.unloaded = self.unloaded - {name} if action == "load" else self.unloaded | {name}
-            self._tell([w for w in self.workers.values() if w is not worker], ("model", action, name))
+            name = made.name
+            self.unloaded = self.unloaded - {name} if made.action == "load" else self.unloaded | {name}
+            self._tell([w for w in self.workers.values() if w is not worker], made)
         self._give_turn()
 
     def _give_turn(self) -> None:
@@ -375,10 +250,10 @@ class Supervisor:
             worker = self.waiting_turns.popleft()
             if worker.process.is_alive():
                 self.turn = worker
-                self._tell([worker], ("model_turn",))
+                self._tell([worker], Turn())
 
     @staticmethod
-    def _tell(workers: Iterable[Worker], message: tuple) -> None:
+    def _tell(workers: Iterable[Worker], message: ToWorker) -> None:
         for worker in workers:
             if worker.process.is_alive():
                 try:
@@ -388,17 +263,20 @@ class Supervisor:
 
     def _release_loaded(self) -> None:
         """Workers listen once all have loaded; later (a restart), as soon as each has."""
-        starting = any(w.state == "loading" for w in self.workers.values()) and not self._serving
+        starting = any(w.state == WorkerState.LOADING for w in self.workers.values()) and not self._serving
         if starting:
             return
         for worker in self.workers.values():
-            if worker.state == "loaded":
-                worker.pipe.send(("listen",))
-                worker.state = "listening"
+            if worker.state == WorkerState.LOADED:
+                worker.pipe.send(Listen())
+                worker.state = WorkerState.LISTENING
+
+    def _count_ready(self) -> None:
+        self.metrics.ready.set(sum(w.state == WorkerState.READY for w in self.workers.values()))
 
     @property
     def _serving(self) -> bool:
-        return any(w.state == "ready" for w in self.workers.values())
+        return any(w.state == WorkerState.READY for w in self.workers.values())
 
     def _died(self, worker: Worker) -> None:
         code = worker.process.exitcode
@@ -408,8 +286,8 @@ class Supervisor:
             delay = FIRST_BACKOFF_SECONDS
         delay = min(delay, MAX_BACKOFF_SECONDS)
         self.backoff[worker.index] = delay
-        worker.state = "stopped"
-        self.metrics.ready.set(sum(w.state == "ready" for w in self.workers.values()))
+        worker.state = WorkerState.STOPPED
+        self._count_ready()
         if self.turn is worker:  # it died changing models: the next may go
             self.turn = None
             self._give_turn()

@@ -1,0 +1,79 @@
+"""What the supervisor and a worker say to each other over the worker's pipe.
+
+Worker to supervisor: ``Loaded``, ``Ready``, ``Failed``, ``Stopped``, ``LogSettingsChanged``,
+``TurnWanted``, ``TurnOver``. Supervisor to worker: ``Listen``, ``LogSettingsChanged``,
+``ModelChange`` (made through another worker), ``Turn``. Each is pickled by the pipe, so both
+sides read the same types, never a tuple of strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from resserve.serve.logs import LogSettings
+from resserve.serve.state import ModelAction
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The worker's models are loaded and warmed: it waits for ``Listen``."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Listen now: every worker has loaded (or, for one restarted, this one has)."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The worker listens and is ready."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The worker could not start: ``reason`` is the one line the user is to read."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The worker has drained: the answers it gave, by status code name."""
+
+    answered: dict[str, int]
+
+
+@dataclass(frozen=True)
+class LogSettingsChanged:
+    """Through a worker's API (worker to supervisor), or to take on (supervisor to every worker)."""
+
+    settings: LogSettings
+
+
+@dataclass(frozen=True)
+class ModelChange:
+    """A model loaded or unloaded through another worker's API: make the same change here."""
+
+    action: ModelAction
+    name: str
+
+
+@dataclass(frozen=True)
+class TurnWanted:
+    """The worker asks for a turn to change models (one worker at a time)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The worker's turn to change models, given by the supervisor."""
+
+
+@dataclass(frozen=True)
+class TurnOver:
+    """The worker's turn is over: ``made`` is the change it made, None when it failed there."""
+
+    made: ModelChange | None
+
+
+ToSupervisor = Loaded | Ready | Failed | Stopped | LogSettingsChanged | TurnWanted | TurnOver
+ToWorker = Listen | LogSettingsChanged | ModelChange | Turn

@@ -1,0 +1,128 @@
+"""A worker process: a whole server (serve/server.py) on the shared ports, reporting to the
+supervisor and hearing from it over its pipe (the ``Coordinator`` of serve/server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections import Counter, deque
+from multiprocessing.connection import Connection
+from typing import Awaitable, Callable
+
+from resserve.serve.errors import ResserveError, ShuttingDown
+from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
+from resserve.serve.server import answer_counts, serve
+from resserve.serve.settings import ServerSettings
+from resserve.serve.state import ModelAction, T
+from resserve.serve.workers.messages import (Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
+                                             Stopped, ToSupervisor, ToWorker, Turn, TurnOver, TurnWanted)
+
+log = logging.getLogger("resserve.serve")
+
+PR_SET_PDEATHSIG = 1
+
+
+class PipeCoordinator:
+    """A worker's side of the supervisor's pipe."""
+
+    def __init__(self, pipe: Connection, unloaded: frozenset[str]) -> None:
+        self.pipe = pipe
+        self.unloaded = unloaded
+        self._follow: Callable[[ModelAction, str], Awaitable[None]] | None = None
+        self._following: set[asyncio.Task] = set()  # model changes under way (a reference keeps each alive)
+        self._turns: deque[asyncio.Future] = deque()  # model changes through this worker's API, awaiting their turn
+
+    async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]]) -> None:
+        self._follow = follow
+        try:
+            self.pipe.send(Loaded())
+            while not isinstance(message := await asyncio.to_thread(self.pipe.recv), Listen):  # every worker has loaded
+                self._take(message)
+        except (OSError, EOFError):  # the supervisor is gone before this worker served: nothing to drain
+            os._exit(0)
+        asyncio.get_running_loop().add_reader(self.pipe.fileno(), self._receive)
+
+    def _receive(self) -> None:
+        """A message from the supervisor while serving."""
+        try:
+            self._take(self.pipe.recv())
+        except (OSError, EOFError):  # the supervisor is gone: PR_SET_PDEATHSIG brings the SIGTERM
+            asyncio.get_running_loop().remove_reader(self.pipe.fileno())
+
+    def _take(self, message: ToWorker) -> None:
+        """A change made through another worker (or, for log settings, through this one too), or
+        this worker's turn to change models."""
+        match message:
+            case LogSettingsChanged(settings):
+                apply_log_settings(settings)
+            case ModelChange(action, name):
+                task = asyncio.get_running_loop().create_task(self._follow(action, name))
+                self._following.add(task)
+                task.add_done_callback(self._following.discard)
+            case Turn():
+                self._turns.popleft().set_result(None)
+
+    def share_log_settings(self, settings: LogSettings) -> None:
+        self._send(LogSettingsChanged(settings))
+
+    async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
+        """One worker changes models at a time: the supervisor gives the turns, and passes each
+        change made on to the other workers before it gives the next turn. So a change made through
+        another worker has reached this one (and is queued before ``make`` in ModelControl) when
+        its turn comes, and every worker makes every change in the order of the turns."""
+        turn = asyncio.get_running_loop().create_future()
+        self._turns.append(turn)
+        if not self._send(TurnWanted()):
+            self._turns.remove(turn)
+            raise ShuttingDown("the server is shutting down")
+        await turn  # the caller shields this: a turn given is always handed back
+        made = None
+        try:
+            result = await make()
+            made = ModelChange(action, name)
+            return result
+        finally:
+            self._send(TurnOver(made))
+
+    def _send(self, message: ToSupervisor) -> bool:
+        try:
+            self.pipe.send(message)
+            return True
+        except OSError:  # the supervisor is gone: this worker drains and exits
+            return False
+
+    def ready(self) -> None:
+        self.pipe.send(Ready())
+
+    def stopped(self, answered: Counter) -> None:
+        if not self._send(Stopped(dict(answered))):  # the supervisor is gone (it was killed): say it here
+            log.info("stopped; requests answered: %s", answer_counts(answered))
+
+
+def _follow_the_supervisor() -> None:
+    """Signals come from the supervisor only: a process group of its own, so a terminal's Ctrl-C
+    or a group-wide SIGTERM is not delivered twice (a second signal cuts the drain short); and
+    SIGTERM (a drain, then exit) when the supervisor dies, however it dies (Linux)."""
+    os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor refuses --workers there anyway
+        pass
+
+
+def worker_main(settings: ServerSettings, index: int, pipe: Connection, logs: LogSettings,
+                unloaded: frozenset[str]) -> None:
+    """A worker process: a whole server on the shared ports, coordinated over ``pipe``, logging
+    as ``logs`` say and without the models ``unloaded`` (the state of the moment: either may have
+    changed through the API since the server started)."""
+    _follow_the_supervisor()
+    configure_logging(logs, worker=index)
+    try:
+        asyncio.run(serve(settings, PipeCoordinator(pipe, unloaded)))
+    except ResserveError as exc:  # the supervisor says it, once, for the first worker that fails to start
+        pipe.send(Failed(str(exc)))
+        sys.exit(exc.exit_code)
