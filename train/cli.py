@@ -7,6 +7,7 @@ torch and the training modules are imported inside the commands.
 import json
 import shlex
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -109,29 +110,43 @@ def evaluate(model: ModelPath = None, data_dir: DataDir = None, as_json: JsonFla
     with progress_bar(not as_json, "images") as progress:
         task = progress.add_task("evaluating", total=len(mnist.test))
         result = run_evaluation(network, mnist.test, on_chunk=lambda n: progress.advance(task, n))
-    report = {"model": str(path), "arch": checkpoint.config.arch, "params": count_parameters(network),
-              "test_accuracy": result.accuracy, "test_loss": result.loss,
-              "per_class_accuracy": result.per_class_accuracy,
-              "confusion_matrix": result.confusion.tolist(), "data_source": mnist.source}
+    report = EvaluationReport(model=str(path), arch=checkpoint.config.arch, params=count_parameters(network),
+                              test_accuracy=result.accuracy, test_loss=result.loss,
+                              per_class_accuracy=result.per_class_accuracy,
+                              confusion_matrix=result.confusion.tolist(), data_source=mnist.source)
     if as_json:
-        typer.echo(json.dumps(report))
+        typer.echo(json.dumps(asdict(report)))
         return
     _print_evaluation(report)
 
 
-def _print_evaluation(report: dict) -> None:
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What ``resserve eval`` prints; ``--json`` writes these fields as one object."""
+
+    model: str
+    arch: str
+    params: int
+    test_accuracy: float
+    test_loss: float
+    per_class_accuracy: list[float]  # by true digit
+    confusion_matrix: list[list[int]]  # row: true digit, column: predicted
+    data_source: str  # where MNIST came from (train/data.py)
+
+
+def _print_evaluation(report: EvaluationReport) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    console.print(f"{report['model']}: {report['arch']}, {report['params']:,} parameters")
-    console.print(f"test accuracy [bold]{report['test_accuracy']:.4f}[/bold] "
-                  f"(loss {report['test_loss']:.4f}) on MNIST from {report['data_source']}")
+    console.print(f"{report.model}: {report.arch}, {report.params:,} parameters")
+    console.print(f"test accuracy [bold]{report.test_accuracy:.4f}[/bold] "
+                  f"(loss {report.test_loss:.4f}) on MNIST from {report.data_source}")
     # compact enough for 80 columns: rows are the true digit, columns the predicted one
     table = Table("", *(str(d) for d in range(10)), "acc %", title="Confusion matrix (row: true, column: predicted)",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for digit, (row, accuracy) in enumerate(zip(report["confusion_matrix"], report["per_class_accuracy"])):
+    for digit, (row, accuracy) in enumerate(zip(report.confusion_matrix, report.per_class_accuracy)):
         table.add_row(str(digit), *(str(v) for v in row), f"{accuracy * 100:.2f}")
     console.print(table)
 

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -113,6 +113,16 @@ def as_input(split: Split) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Parity:
+    """How an artifact's outputs compare with the eager network's on the test set (the figures of
+    the manifest's ``Artifact`` and ``ReducedPrecisionReport``)."""
+
+    max_abs_logit_diff: float
+    test_accuracy: float
+    prediction_agreement: float  # the fraction of test images with the same predicted digit
+
+
+@dataclass(frozen=True)
 class Verifier:
     """The eager, unfolded network's logits on real test images: what every artifact must match."""
 
@@ -131,7 +141,7 @@ class Verifier:
     def accuracy(self) -> float:
         return float((self.reference_logits.argmax(1) == self.labels).mean())
 
-    def check(self, backend: Backend, stage: str = "verifying") -> dict:
+    def check(self, backend: Backend, stage: str = "verifying") -> Parity:
         advance = self.stages(stage, len(self.images))
 
         def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -140,24 +150,22 @@ class Verifier:
             return outputs
 
         logits = infer_in_chunks(infer, self.images, VERIFY_CHUNK)["logits"]
-        return {
-            "max_abs_logit_diff": float(np.abs(logits - self.reference_logits).max()),
-            "test_accuracy": float((logits.argmax(1) == self.labels).mean()),
-            "prediction_agreement": float((logits.argmax(1) == self.reference_logits.argmax(1)).mean()),
-        }
+        return Parity(max_abs_logit_diff=float(np.abs(logits - self.reference_logits).max()),
+                      test_accuracy=float((logits.argmax(1) == self.labels).mean()),
+                      prediction_agreement=float((logits.argmax(1) == self.reference_logits.argmax(1)).mean()))
 
 
-def _require_fp32_parity(format: str, parity: dict, verifier: Verifier) -> None:
-    if parity["max_abs_logit_diff"] > FP32_TOLERANCE or parity["test_accuracy"] != verifier.accuracy:
+def _require_fp32_parity(format: str, parity: Parity, verifier: Verifier) -> None:
+    if parity.max_abs_logit_diff > FP32_TOLERANCE or parity.test_accuracy != verifier.accuracy:
         raise ExportError(
             f"{format} artifact does not match the eager model: max |logit diff| "
-            f"{parity['max_abs_logit_diff']:.2e} (allowed {FP32_TOLERANCE:.0e}), test accuracy "
-            f"{parity['test_accuracy']:.4f} vs {verifier.accuracy:.4f}")
+            f"{parity.max_abs_logit_diff:.2e} (allowed {FP32_TOLERANCE:.0e}), test accuracy "
+            f"{parity.test_accuracy:.4f} vs {verifier.accuracy:.4f}")
 
 
-def _artifact_entry(path: Path, format: str, precision: str, parity: dict) -> Artifact:
+def _artifact_entry(path: Path, format: str, precision: str, parity: Parity) -> Artifact:
     return Artifact(file=path.name, format=format, precision=precision, sha256=sha256_of(path),
-                    bytes=path.stat().st_size, **parity)
+                    bytes=path.stat().st_size, **asdict(parity))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,11 +221,11 @@ def _int8(staging: Path, fp32_onnx: Path, verifier: Verifier, calibration: Split
     batch = verifier.images[:64]
     speed = {name: images_per_second(lambda b=backend: b.infer(batch), 64)
              for name, backend in (("int8", int8_backend), ("fp32", fp32_backend))}
-    loss = verifier.accuracy - parity["test_accuracy"]
+    loss = verifier.accuracy - parity.test_accuracy
     entry = Int8Report(**_artifact_entry(path, "onnx", "int8", parity).model_dump(),
                        kept=loss <= INT8_MAX_LOSS, accuracy_loss=loss, calibration_images=CALIBRATION_IMAGES,
                        batch64_images_per_second={k: round(v, 1) for k, v in speed.items()})
-    log(f"int8: test accuracy {parity['test_accuracy']:.4f} (fp32 {verifier.accuracy:.4f}), "
+    log(f"int8: test accuracy {parity.test_accuracy:.4f} (fp32 {verifier.accuracy:.4f}), "
         f"{speed['int8']:.0f} vs {speed['fp32']:.0f} images/s at batch 64: "
         + ("kept" if entry.kept else f"dropped (loses more than {INT8_MAX_LOSS * 100:.1f} points)"))
     if not entry.kept:
@@ -233,10 +241,10 @@ def _bf16(fp32_onnx: Path, verifier: Verifier, log) -> ReducedPrecisionReport:
         log(f"bf16: not measured ({reason})")
         return ReducedPrecisionReport(measured=False, reason=reason)
     parity = verifier.check(OpenVinoBackend(fp32_onnx, "bf16"), "measuring bf16")
-    loss = verifier.accuracy - parity["test_accuracy"]
-    log(f"bf16 (OpenVINO): test accuracy {parity['test_accuracy']:.4f} (fp32 {verifier.accuracy:.4f}), "
-        f"{parity['prediction_agreement'] * 100:.2f}% same predictions, max |logit diff| {parity['max_abs_logit_diff']:.3f}")
-    return ReducedPrecisionReport(measured=True, runtime="openvino", **parity, accuracy_loss=loss,
+    loss = verifier.accuracy - parity.test_accuracy
+    log(f"bf16 (OpenVINO): test accuracy {parity.test_accuracy:.4f} (fp32 {verifier.accuracy:.4f}), "
+        f"{parity.prediction_agreement * 100:.2f}% same predictions, max |logit diff| {parity.max_abs_logit_diff:.3f}")
+    return ReducedPrecisionReport(measured=True, runtime="openvino", **asdict(parity), accuracy_loss=loss,
                                   allowed=loss <= MAX_BF16_LOSS)
 
 
@@ -287,8 +295,8 @@ def export_package(checkpoint: Path, out: Path, options: ExportOptions, mnist: M
             backends[format] = open_backend(path, format)
             parity = verifier.check(backends[format], f"verifying {format}")
             _require_fp32_parity(format, parity, verifier)
-            log(f"{format}: max |logit diff| {parity['max_abs_logit_diff']:.1e}, "
-                f"test accuracy {parity['test_accuracy']:.4f} (eager {verifier.accuracy:.4f})")
+            log(f"{format}: max |logit diff| {parity.max_abs_logit_diff:.1e}, "
+                f"test accuracy {parity.test_accuracy:.4f} (eager {verifier.accuracy:.4f})")
             artifacts.append(_artifact_entry(path, format, "fp32", parity))
         onnx_path = staging / ARTIFACT_FILES["onnx"]
         reduced = {"bf16": _bf16(onnx_path, verifier, log)} if "onnx" in options.formats else {}
