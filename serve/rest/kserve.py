@@ -249,9 +249,11 @@ async def model_statistics(request: web.Request) -> web.Response:
 async def repository_index(request: web.Request) -> web.Response:
     body = await read_body(request)
     try:
-        only_ready = bool(orjson.loads(body).get("ready", False)) if body.strip() else False
-    except (orjson.JSONDecodeError, AttributeError):
-        raise InvalidInput("the request must be a JSON object such as {\"ready\": true}") from None
+        payload = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError:
+        payload = None
+    if not isinstance(payload, dict) or not isinstance(only_ready := payload.get("ready", False), bool):
+        raise InvalidInput('the request must be empty or a JSON object such as {"ready": true}')
     return json_response([{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
                           for e in plane_of(request).repository_index(only_ready)])
 

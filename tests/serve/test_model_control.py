@@ -164,10 +164,13 @@ def test_only_the_models_given_at_start_are_loaded_and_only_as_given(server):
         with pytest.raises(grpc.RpcError) as refused:
             call(request, timeout=30)
         assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
-    with pytest.raises(urllib.error.HTTPError) as malformed:
-        urllib.request.urlopen(urllib.request.Request(f"{server.url}/v2/repository/models/{MODEL}/unload",
-                                                      data=b"[]"), timeout=10)
-    assert malformed.value.code == 400
+    for path, body in (("models/{MODEL}/unload", b"[]"), ("index", b"[1]"), ("index", b'{"ready": "no"}'),
+                       ("index", b"{bad")):
+        with pytest.raises(urllib.error.HTTPError) as malformed:
+            urllib.request.urlopen(urllib.request.Request(f"{server.url}/v2/repository/{path.format(MODEL=MODEL)}",
+                                                          data=body), timeout=10)
+        assert malformed.value.code == 400, body
+        assert "must be empty or a JSON object such as" in json.loads(malformed.value.read())["error"]
     assert infer(client) == "1"  # none of it changed what is served
 
 
