@@ -72,10 +72,12 @@ def test_drawing_a_digit_shows_that_digit_with_bars_and_the_model_input(browser,
     for digit, strokes in STROKES.items():
         page.click("#clear")
         assert page.inner_text("#digit") == "–"
+        assert not page.locator("#seen").is_visible()  # no model input yet: an empty square, no broken image
         draw(page, strokes)
         shows(page, digit)
         assert page.locator("#bars li").count() == 10
         assert page.get_attribute("#seen", "src").startswith("data:image/png;base64,")
+        assert page.locator("#seen").is_visible()
         assert "ms in the server" in page.inner_text("#status")
     assert "resnet-mnist" in page.inner_text("#about")
     page.screenshot(path=tmp_path / "page.png")
