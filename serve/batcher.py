@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from resserve.serve.aio import set_within
 from resserve.serve.backends.base import Outputs, infer_in_chunks
 from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, DeadlineExpired, QueueFull, ShuttingDown
 
@@ -173,11 +174,7 @@ class DynamicBatcher:
 
     async def _wait_for_arrival(self, timeout: float | None) -> bool:
         self._arrived.clear()
-        try:
-            await asyncio.wait_for(self._arrived.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+        return await set_within(self._arrived, timeout)
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._queue:

@@ -29,6 +29,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from resserve.serve.aio import set_within
 from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
 from resserve.serve.control import ModelControl
 from resserve.serve.dataplane import DataPlane
@@ -199,10 +200,10 @@ class Server:
         log.info("shutting down: not ready; draining for %.1f s (signal again to skip)", self.settings.drain_seconds)
         self.state.ready = False
         await self._set_health(READINESS_NAMES, serving=False)
-        await _wait_for(hurry, self.settings.drain_seconds)
+        await set_within(hurry, self.settings.drain_seconds)
         log.info("stopping: new requests get UNAVAILABLE; in-flight requests get %.1f s", self.settings.grace_seconds)
         self.state.accepting = False
-        finished = await _wait_for(self.state.idle, self.settings.grace_seconds)
+        finished = await set_within(self.state.idle, self.settings.grace_seconds)
         models = list(self.state.repository.models) if self.state.repository else []
         if not finished:
             shed = sum(model.batcher.shed() for model in models)
@@ -241,15 +242,6 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str) -> None:
         raise ResserveError(f"cannot serve metrics on {host_port(host, port)}: {exc.strerror or exc} "
                             "(choose another --metrics-port, or 0 to disable)") from None
     log.info("metrics on http://%s/metrics", host_port(host, port))
-
-
-async def _wait_for(event: asyncio.Event, seconds: float) -> bool:
-    """Whether ``event`` was set within ``seconds``."""
-    try:
-        await asyncio.wait_for(event.wait(), seconds)
-        return True
-    except TimeoutError:
-        return False
 
 
 class Coordinator(Peers, Protocol):

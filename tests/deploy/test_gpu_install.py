@@ -9,10 +9,14 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, from PyPI (the dev extra installs it there)
+    import tomli as tomllib
 
 from resserve.serve.backends.base import BackendError
 from resserve.serve.backends.onnxruntime import cuda_unavailable_reason, providers_for
