@@ -51,8 +51,18 @@ def import_onnxruntime() -> ModuleType:
     try:
         import onnxruntime
     except ImportError as exc:
-        raise BackendError(f"ONNX Runtime is not installed: {INSTALL_HINT}") from exc
+        if not wheels:
+            raise BackendError(f"ONNX Runtime is not installed: {INSTALL_HINT}") from exc
+        raise BackendError(_broken_install(next(iter(wheels)), exc)) from exc
     return onnxruntime
+
+
+def _broken_install(wheel: str, exc: ImportError) -> str:
+    """Installed, but it does not import: most often a wheel built for another numpy major (it
+    prints why above), which a newer ONNX Runtime mends."""
+    detail = f": {exc}" if str(exc) else " (the lines above say why)"
+    return (f"{wheel} {metadata.version(wheel)} is installed but cannot be imported{detail}; a newer one "
+            f"usually mends that: pip install -U {wheel}")
 
 
 def cuda_unavailable_reason() -> str:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import run_cli
 from resserve.serve.backends.base import infer_in_chunks
 from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend, StaticShapeSession
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
@@ -197,3 +198,19 @@ def test_onnxruntime_telemetry_is_off_unless_the_user_allows_it(tmp_path, settin
     ran = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, timeout=120)
     has_telemetry = tuple(int(part) for part in ran.stdout.split()[-1].split(".")[:2]) >= (1, 29)
     assert (tmp_path / ".cache" / "Microsoft").exists() == (allowed and has_telemetry)
+
+
+def test_an_onnxruntime_that_is_installed_but_does_not_import_is_named_with_the_fix(tmp_path):
+    """As with a wheel built for another numpy major: not 'not installed', which would send the
+    user to install what they have."""
+    module = tmp_path / "onnxruntime"
+    module.mkdir()
+    (module / "__init__.py").write_text("raise ImportError('built for numpy 1.x')\n")
+    info = tmp_path / "onnxruntime-1.18.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime\nVersion: 1.18.1\n")
+    result = run_cli("serve", "--backend", "onnxruntime", "--port", "0", "--http-port", "0", "--metrics-port", "0",
+                     env={"PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        1, "error: onnxruntime 1.18.1 is installed but cannot be imported: built for numpy 1.x; a newer one "
+           "usually mends that: pip install -U onnxruntime")
