@@ -20,9 +20,11 @@ DEFAULTS = {"log_file": "", "log_info": True, "log_warning": True, "log_error": 
             "log_format": "text"}
 
 
-def wait_for_line(server: ServerProcess, text: str, seconds: float = 10) -> str:
+def wait_for_line(server: ServerProcess, text: str, since: int, seconds: float = 10) -> str:
+    """The last line holding ``text`` among those written after the first ``since`` (the module's
+    server has written the same line for earlier tests)."""
     deadline = time.monotonic() + seconds
-    while not (found := [line for line in server.lines if text in line]):
+    while not (found := [line for line in server.lines[since:] if text in line]):
         assert time.monotonic() < deadline, f"no line with {text!r}:\n" + "".join(server.lines)
         time.sleep(0.05)
     return found[-1]
@@ -49,12 +51,14 @@ def test_verbose_logging_turns_the_access_log_on_and_off_while_serving(server):
     client = triton_grpc.InferenceServerClient(server.target)
     on = grpc_settings(client.update_log_settings({"log_verbose_level": 1}, as_json=True))
     assert on == {**DEFAULTS, "log_verbose_level": 1}
+    lines = len(server.lines)
     triton_infer(client, np.zeros((1, 1, 28, 28), np.float32))
-    wait_for_line(server, "DEBUG resserve.serve: grpc kserve resnet-mnist: OK in ")
+    wait_for_line(server, "DEBUG resserve.serve: grpc kserve resnet-mnist: OK in ", lines)
     http = triton_http.InferenceServerClient(server.http_target)
+    lines = len(server.lines)
     assert http.update_log_settings({"log_verbose_level": 0}) == DEFAULTS  # the other front door, same settings
     wait_for_line(server, "log settings changed through the API: {'log_file': '', 'log_info': True, 'log_warning': "
-                          "True, 'log_error': True, 'log_verbose_level': 0")
+                          "True, 'log_error': True, 'log_verbose_level': 0", lines)
     lines = len(server.lines)
     triton_infer(client, np.zeros((1, 1, 28, 28), np.float32))
     http.update_log_settings({"log_info": True})  # a change that changes nothing is not logged either
@@ -69,7 +73,7 @@ def test_turning_info_off_keeps_info_lines_out_until_it_is_on_again(server):
     http.update_log_settings({"log_verbose_level": 0, "log_warning": False})  # logged at INFO: not written
     assert http.update_log_settings({"log_info": True, "log_warning": True}) == DEFAULTS
     back_on = wait_for_line(server, "INFO resserve.serve: log settings changed through the API: {'log_file': '', "
-                                    "'log_info': True, 'log_warning': True")
+                                    "'log_info': True, 'log_warning': True", lines)
     assert [line for line in server.lines[lines:] if "log settings changed" in line] == [back_on]
 
 
@@ -77,7 +81,7 @@ def test_json_format_from_then_on(server):
     http = triton_http.InferenceServerClient(server.http_target)
     lines = len(server.lines)
     assert http.update_log_settings({"log_format": "json"})["log_format"] == "json"
-    record = json.loads(wait_for_line(server, '"message": "log settings changed through the API'))
+    record = json.loads(wait_for_line(server, '"message": "log settings changed through the API', lines))
     assert record["level"] == "INFO" and record["name"] == "resserve.serve"
     assert http.update_log_settings({"log_format": "text"}) == DEFAULTS
     assert all(line.startswith("{") for line in server.lines[lines:-1])
