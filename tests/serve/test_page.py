@@ -66,8 +66,9 @@ def shows(page, digit: int) -> None:
 
 def test_drawing_a_digit_shows_that_digit_with_bars_and_the_model_input(browser, page_server, tmp_path):
     page = browser.new_page(viewport={"width": 900, "height": 700})
-    errors = []
+    errors = []  # script errors, and resources that failed to load (the icon, say)
     page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
     page.goto(page_server.url + "/")
     for digit, strokes in STROKES.items():
         page.click("#clear")
@@ -103,6 +104,37 @@ def test_a_file_that_is_not_an_image_gets_the_servers_reason(browser, page_serve
     page.set_input_files("#file", str(text))
     page.wait_for_function("document.getElementById('status').classList.contains('error')")
     assert "bytes are not an image" in page.inner_text("#status")
+
+
+def test_an_html_answer_from_a_proxy_in_front_is_named_by_its_status(browser, page_server, mnist, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(mnist.test.images[0]).save(photo)
+    page = browser.new_page()
+    # as an ingress with a small body limit answers: HTML, not the server's JSON
+    page.route("**/v1/classify", lambda route: route.fulfill(
+        status=413, content_type="text/html", body="<html><body>413 Request Entity Too Large</body></html>"))
+    page.goto(page_server.url + "/")
+    page.set_input_files("#file", str(photo))
+    page.wait_for_function("document.getElementById('status').classList.contains('error')")
+    assert page.inner_text("#status").startswith("The server could not classify photo.png: HTTP 413")
+
+
+def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    with ServerProcess("--token-file", str(tokens)) as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        draw(page, STROKES[7])
+        page.wait_for_selector("#token-box", state="visible")
+        assert "needs a bearer token" in page.inner_text("#status")
+        page.keyboard.type("wrong")  # the token field has the focus
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.getElementById('status').textContent.includes('refused this token')")
+        page.fill("#token", "s3cret")
+        page.keyboard.press("Enter")
+        shows(page, 7)  # the drawing is sent again with the token: no need to draw it again
+        assert page.locator("#token-box").is_hidden()
 
 
 def test_the_page_works_from_the_keyboard_and_fits_a_phone(browser, page_server):

@@ -21,6 +21,7 @@ let busy = false; // a request in flight: the next drawing waits for it
 let again = false; // the drawing changed while a request was in flight
 let lastSent = 0;
 let generation = 0; // bumped by every clear and every photo: older answers are not shown
+let photo = null; // the photo on the pad, if any: sent again once a token is given
 
 function clearPad() {
   generation++;
@@ -28,6 +29,7 @@ function clearPad() {
   ink.fillStyle = "#fff";
   ink.fillRect(0, 0, pad.width, pad.height);
   drawn = false;
+  photo = null;
   digitOut.textContent = "–";
   seen.removeAttribute("src");
   showBars(null);
@@ -112,15 +114,20 @@ async function classify(blob, what) {
   busy = true;
   try {
     const response = await fetch("/v1/classify", { method: "POST", body: blob, headers });
-    const answer = await response.json();
+    // a proxy in front of the server may answer in HTML (a 413 for a large photo, a 502): name its status
+    const answer = await response.json()
+      .catch(() => ({ error: `HTTP ${response.status} ${response.statusText}`.trim() }));
     if (asked !== generation) {
       // cleared, or a photo chosen, since this was sent: its answer is stale
     } else if (response.status === 401) {
       tokenBox.hidden = false;
-      setStatus("This server needs a bearer token: enter it below.", true);
+      tokenInput.focus();
+      setStatus(token ? "The server refused this token: enter another below."
+        : "This server needs a bearer token: enter it below.", true);
     } else if (!response.ok) {
       setStatus(`The server could not classify ${what}: ${answer.error}`, true);
     } else {
+      tokenBox.hidden = true; // answered: a refusal of an earlier request is over
       show(answer, performance.now() - started);
     }
   } catch (error) {
@@ -146,6 +153,7 @@ async function classifyFile(file) {
   if (!file) return;
   generation++;
   drawn = false;
+  photo = file;
   try { // show the photo on the pad, fitted; the server gets the file itself
     const picture = await createImageBitmap(file);
     const scale = Math.min(pad.width / picture.width, pad.height / picture.height);
@@ -165,10 +173,13 @@ pad.addEventListener("drop", (event) => {
   pad.classList.remove("dragging");
   classifyFile(event.dataTransfer.files[0]);
 });
-document.getElementById("token-save").addEventListener("click", () => {
+tokenBox.addEventListener("submit", (event) => { // the button or Enter
+  event.preventDefault();
   sessionStorage.setItem("resserve-token", tokenInput.value.trim());
   tokenBox.hidden = true;
-  setStatus("Token saved for this tab: draw again.");
+  setStatus("Token saved for this tab.");
+  if (drawn) sendDrawing(); // what was refused for want of a token, now with it
+  else if (photo) classify(photo, photo.name);
 });
 
 clearPad();
