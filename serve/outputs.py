@@ -30,5 +30,7 @@ def _probe(folder: Path, failure: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".resserve-", suffix=".probe"):
             pass
+    except FileExistsError:  # mkdir's "File exists" would not say which file is in the way
+        raise ResserveError(f"{failure}: {folder} is a file, not a folder") from None
     except OSError as exc:
         raise ResserveError(f"{failure}: {exc.strerror or exc}") from None

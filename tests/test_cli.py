@@ -39,6 +39,8 @@ def test_root_help_lists_the_commands():
     (["eval", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),
     (["bench", "train", "--steps", "0"], "--steps and --batch-size must be >= 1"),
     (["bench", "train", "--json", "/proc/no-such/train.json"], "cannot write /proc/no-such/train.json"),
+    (["bench", "model", "--json", "/dev/null/model.json"],
+     "cannot write /dev/null/model.json: /dev/null is a file, not a folder"),
     (["bench", "model", "--seconds", "0"], "--seconds must be > 0, got 0"),
     (["bench", "model", "--json", "/proc/no-such/model.json"], "cannot write /proc/no-such/model.json"),
     (["bench", "serve", "--target", "127.0.0.1:1", "--json", "/proc/no-such/serve.json"],
