@@ -58,7 +58,9 @@ def serve(
         help=f"{BackendChoice.listing()} (torchscript needs torch). auto: OpenVINO bf16 where the CPU "
         "has BF16 (AMX, AVX512-BF16) and the package's accuracy guard allows it, else ONNX Runtime.")] = ServerSettings.backend.value,
     precision: Annotated[str, typer.Option(envvar=_env("PRECISION"),
-        help=f"{Precision.listing()} (bf16 needs OpenVINO and a manifest showing <= 0.1 points accuracy loss).")] = ServerSettings.precision.value,
+        help=f"{Precision.listing()}. bf16 needs OpenVINO and a manifest showing <= 0.1 points accuracy loss; "
+        "int8 runs the package's int8 artifact (export --quantize int8) on ONNX Runtime on the CPU. Either falls "
+        "back to fp32, saying why, where the package does not allow it.")] = ServerSettings.precision.value,
     cuda_conv_search: Annotated[str, typer.Option(envvar=_env("CUDA_CONV_SEARCH"),
         help=f"{ConvSearch.listing()}: ONNX Runtime's cuDNN algorithm search on CUDA, paid at startup for every "
         "--batch-buckets size.")] = ServerSettings.cuda_conv_search.value,

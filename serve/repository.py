@@ -125,14 +125,14 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
               executor: Executor, metrics: Metrics) -> ServedModel:
     manifest = package.manifest
     choice = choose_runtime(settings.backend, settings.precision, settings.device, manifest, capabilities)
-    artifact = package.find(choice.artifact_format, "fp32")
+    artifact = package.find(choice.artifact_format, choice.artifact_precision)
     model_bytes = package.read_verified(artifact)  # a sha256 mismatch refuses to start
-    started = time.monotonic()
-    backend = open_backend(model_bytes, artifact.format, choice.backend, settings.device, choice.precision,
+    started, device = time.monotonic(), choice.device(settings.device)
+    backend = open_backend(model_bytes, artifact.format, choice.backend, device, choice.precision,
                            settings.inference_threads, settings.cuda_conv_search.value, settings.cuda_graphs,
                            settings.thread_spinning)
     log.info("model %s runs on %s in %s: %s", package.name, choice.backend, choice.precision, choice.reason)
-    if settings.device == "auto" and backend.device == "cpu":
+    if device == "auto" and backend.device == "cpu":
         log.info("--device auto: no CUDA available to %s, running %s on the CPU", backend.name, package.name)
     batching = settings.batching.for_device(backend.device)
     backend.specialize(batching.buckets)

@@ -72,6 +72,7 @@ class Precision(Choice):
     AUTO = "auto"
     FP32 = "fp32"
     BF16 = "bf16"
+    INT8 = "int8"
 
 
 class LogLevel(Choice):
@@ -218,11 +219,25 @@ class ServerSettings:
             (self.max_connection_age_seconds is None or 1 <= self.max_connection_age_seconds < math.inf,
              "--max-connection-age must be at least 1 second (and finite)"),
             (1 <= self.workers <= MAX_WORKERS, f"--workers must be auto or 1-{MAX_WORKERS}"),
+            *self._runtime_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise ResserveError(message)
         _check_host(self.host)
+
+    def _runtime_checks(self) -> list[tuple[bool, str]]:
+        """Backend, precision and device that cannot go together (serve/runtime.py chooses among the rest)."""
+        backend, precision, cuda = self.backend, self.precision, self.device == Device.CUDA
+        return [
+            (precision != Precision.BF16 or backend in (BackendChoice.AUTO, BackendChoice.OPENVINO),
+             f"--precision bf16 needs --backend openvino (or auto), not {backend}"),
+            (precision != Precision.INT8 or backend in (BackendChoice.AUTO, BackendChoice.ONNXRUNTIME),
+             f"--precision int8 runs on ONNX Runtime: use --backend onnxruntime (or auto), not {backend}"),
+            (not (cuda and backend == BackendChoice.OPENVINO),
+             "--backend openvino runs on the CPU; use --device cpu or --backend onnxruntime"),
+            (not (cuda and precision == Precision.INT8), "--precision int8 runs on the CPU: use --device cpu (or auto)"),
+        ]
 
     @property
     def address(self) -> str:

@@ -53,6 +53,7 @@ def test_root_help_lists_the_commands():
     (["serve", "--max-connection-age", "0"], "--max-connection-age must be at least 1 second"),
     (["serve", "--threads", "5000"], "--threads 5000 is more than the"),
     (["health", "--wait", "inf"], "--wait must be finite and >= 0, got inf"),
+    (["serve", "--precision", "int8", "--backend", "openvino"], "--precision int8 runs on ONNX Runtime"),
     (["serve", "--log-format", "yaml"], "--log-format must be one of text, json, got 'yaml'"),
     (["serve", "--log-level", "verbose"], "--log-level must be one of debug, info, warning, error, got 'verbose'"),
     (["serve", "--max-batch-size", "32", "--batch-buckets", "1,64"], "--batch-buckets must be sizes >= 1 whose largest"),

@@ -216,7 +216,7 @@ def _int8(staging: Path, fp32_onnx: Path, verifier: Verifier, calibration: Split
     from resserve.train.quantize import quantize_int8
 
     path = quantize_int8(fp32_onnx, staging / INT8_FILE, as_input(calibration.head(CALIBRATION_IMAGES)))
-    int8_backend, fp32_backend = OnnxRuntimeBackend(path), OnnxRuntimeBackend(fp32_onnx)
+    int8_backend, fp32_backend = OnnxRuntimeBackend(path, precision="int8"), OnnxRuntimeBackend(fp32_onnx)
     parity = verifier.check(int8_backend, "verifying int8")
     batch = verifier.images[:64]
     speed = {name: images_per_second(lambda b=backend: b.infer(batch), 64)

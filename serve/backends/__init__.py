@@ -23,7 +23,7 @@ def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", 
     if format == "onnx":
         from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(model, device, threads, cuda_conv_search, cuda_graphs, thread_spinning)
+        return OnnxRuntimeBackend(model, device, threads, cuda_conv_search, cuda_graphs, thread_spinning, precision)
     if format == "torchscript":
         from resserve.serve.backends.torchscript import TorchScriptBackend
 

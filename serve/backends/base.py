@@ -30,7 +30,7 @@ class Backend(Protocol):
 
     name: str  # onnxruntime | openvino | torchscript
     device: str  # cpu | cuda
-    precision: str  # fp32 | bf16
+    precision: str  # fp32 | bf16 | int8
 
     def infer(self, batch: np.ndarray) -> Outputs:
         """float32 [N,1,28,28] in [0,1] -> {output name: [N,...]}; thread-safe for one caller at a time."""

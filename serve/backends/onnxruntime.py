@@ -141,14 +141,16 @@ class OnnxRuntimeBackend:
     fixed (``specialize``), one captured CUDA graph per size (``cuda_graphs``).
 
     ``thread_spinning``: ONNX Runtime's intra-op threads spin while idle (its default), so the next
-    batch starts without waking them; off, they sleep, and CPU use follows load."""
+    batch starts without waking them; off, they sleep, and CPU use follows load. ``precision``: what
+    the artifact is (fp32, or int8 for export's quantized one), as reported; it runs as it is."""
 
     name = "onnxruntime"
-    precision = "fp32"
 
     def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None,
-                 conv_search: str = "EXHAUSTIVE", cuda_graphs: bool = True, thread_spinning: bool = True) -> None:
+                 conv_search: str = "EXHAUSTIVE", cuda_graphs: bool = True, thread_spinning: bool = True,
+                 precision: str = "fp32") -> None:
         self.ort = import_onnxruntime()
+        self.precision = precision
         self.model = model if isinstance(model, bytes) else str(model)
         self.threads, self.conv_search, self.cuda_graphs = threads, conv_search, cuda_graphs
         self.thread_spinning = thread_spinning

@@ -1,5 +1,6 @@
-"""--backend/--precision: auto takes OpenVINO bf16 only where the CPU and the accuracy guard allow;
-OpenVINO matches ONNX Runtime in fp32 and agrees with it in bf16 on real MNIST."""
+"""--backend/--precision: auto takes OpenVINO bf16 only where the CPU and the accuracy guard allow,
+int8 only where export kept an int8 artifact; OpenVINO matches ONNX Runtime in fp32 and agrees
+with it in bf16 on real MNIST."""
 
 import os
 import re
@@ -27,6 +28,20 @@ def with_bf16_loss(loss: float | None):
     return load_package().manifest.model_copy(update={"reduced_precision": reports})
 
 
+def without_int8():
+    """The shipped manifest as a package exported without --quantize int8 has it."""
+    manifest = load_package().manifest
+    fp32_only = tuple(a for a in manifest.artifacts if a.precision == "fp32")
+    return manifest.model_copy(update={"int8": None, "artifacts": fp32_only})
+
+
+def int8_not_kept():
+    """The shipped manifest as export writes it when int8 loses too much: measured, not kept."""
+    manifest = without_int8()
+    return manifest.model_copy(update={"int8": load_package().manifest.int8.model_copy(
+        update={"kept": False, "accuracy_loss": 0.004})})
+
+
 GOOD = with_bf16_loss(0.0002)
 LOSSY = with_bf16_loss(0.003)
 UNMEASURED = with_bf16_loss(None)
@@ -47,6 +62,10 @@ OLD_CPU = {"FP32", "INT8"}
     ("openvino", "fp32", "cpu", GOOD, AMX, ("openvino", "fp32")),
     ("onnxruntime", "auto", "cpu", GOOD, AMX, ("onnxruntime", "fp32")),
     ("torchscript", "fp32", "cpu", GOOD, AMX, ("torchscript", "fp32")),
+    ("auto", "int8", "cpu", GOOD, AMX, ("onnxruntime", "int8")),  # the shipped package keeps int8
+    ("onnxruntime", "int8", "auto", GOOD, None, ("onnxruntime", "int8")),
+    ("auto", "int8", "cpu", without_int8(), AMX, ("onnxruntime", "fp32")),  # falls back, with a reason
+    ("auto", "int8", "cpu", int8_not_kept(), AMX, ("onnxruntime", "fp32")),
 ])
 def test_runtime_choice(backend, precision, device, manifest, capabilities, expected):
     choice = choose_runtime(backend, precision, device, manifest, capabilities)
@@ -56,27 +75,38 @@ def test_runtime_choice(backend, precision, device, manifest, capabilities, expe
 
 def test_the_fallback_reason_names_the_accuracy_loss():
     assert "loses 0.30 accuracy points" in choose_runtime("openvino", "bf16", "cpu", LOSSY, AMX).reason
+    assert "loses 0.40 accuracy points" in choose_runtime("auto", "int8", "cpu", int8_not_kept(), AMX).reason
+    assert "--quantize int8" in choose_runtime("auto", "int8", "cpu", without_int8(), AMX).reason
 
 
-@pytest.mark.parametrize("backend, precision, device, capabilities, message", [
-    ("openvino", "auto", "cpu", None, "pip install 'resserve[openvino]'"),
-    ("openvino", "auto", "cuda", AMX, "runs on the CPU"),
-    ("onnxruntime", "bf16", "cpu", AMX, "needs --backend openvino"),
+def test_int8_loads_the_int8_artifact_on_the_cpu_whatever_auto_would_find():
+    choice = choose_runtime("auto", "int8", "auto", GOOD, AMX)
+    assert (choice.artifact_format, choice.artifact_precision, choice.device("auto")) == ("onnx", "int8", "cpu")
+    fp32 = choose_runtime("auto", "fp32", "auto", GOOD, AMX)
+    assert (fp32.artifact_precision, fp32.device("auto")) == ("fp32", "auto")
+
+
+def test_openvino_asked_for_where_it_is_not_installed_names_the_install():
+    with pytest.raises(ResserveError, match=re.escape("pip install 'resserve[openvino]'")):
+        choose_runtime("openvino", "auto", "cpu", GOOD, None)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"backend": "tensorrt"}, "--backend must be one of auto, onnxruntime, openvino, torchscript, got 'tensorrt'"),
+    ({"precision": "fp8"}, "--precision must be one of auto, fp32, bf16, int8, got 'fp8'"),
+    ({"device": "tpu"}, "--device must be one of cpu, cuda, auto, got 'tpu'"),
+    ({"cuda_conv_search": "FAST"}, "--cuda-conv-search must be one of EXHAUSTIVE, HEURISTIC, DEFAULT, got 'FAST'"),
+    # choices that cannot go together: refused before the server listens, not when it loads a model
+    ({"backend": "openvino", "device": "cuda"}, "--backend openvino runs on the CPU; use --device cpu or --backend onnxruntime"),
+    ({"backend": "onnxruntime", "precision": "bf16"}, "--precision bf16 needs --backend openvino (or auto), not onnxruntime"),
+    ({"backend": "openvino", "precision": "int8"},
+     "--precision int8 runs on ONNX Runtime: use --backend onnxruntime (or auto), not openvino"),
+    ({"backend": "torchscript", "precision": "int8"}, "not torchscript"),
+    ({"device": "cuda", "precision": "int8"}, "--precision int8 runs on the CPU: use --device cpu (or auto)"),
 ])
-def test_impossible_requests_are_one_line_errors(backend, precision, device, capabilities, message):
+def test_choices_are_checked_once_where_settings_are_made(settings, message):
     with pytest.raises(ResserveError, match=re.escape(message)):
-        choose_runtime(backend, precision, device, GOOD, capabilities)
-
-
-@pytest.mark.parametrize("setting, value, message", [
-    ("backend", "tensorrt", "--backend must be one of auto, onnxruntime, openvino, torchscript, got 'tensorrt'"),
-    ("precision", "fp8", "--precision must be one of auto, fp32, bf16, got 'fp8'"),
-    ("device", "tpu", "--device must be one of cpu, cuda, auto, got 'tpu'"),
-    ("cuda_conv_search", "FAST", "--cuda-conv-search must be one of EXHAUSTIVE, HEURISTIC, DEFAULT, got 'FAST'"),
-])
-def test_choices_are_checked_once_where_settings_are_made(setting, value, message):
-    with pytest.raises(ResserveError, match=re.escape(message)):
-        ServerSettings(**{setting: value})
+        ServerSettings(**settings)
 
 
 @pytest.fixture(scope="module")

@@ -273,6 +273,20 @@ def test_the_torchscript_backend_serves_the_same_answers(mnist):
         assert np.abs(ts - ort).max() <= 1e-4
 
 
+def test_precision_int8_serves_the_int8_artifact_with_the_accuracy_export_measured(mnist):
+    images = as_input(mnist.test.images)
+    with ServerProcess("--precision", "int8") as server:  # --device auto: int8 runs on the CPU regardless
+        client = triton.InferenceServerClient(server.target)
+        parameters = client.get_model_config(MODEL).config.parameters
+        assert [parameters[key].string_value for key in ("backend", "precision", "device")] == ["onnxruntime", "int8", "cpu"]
+        assert "model.int8.onnx on onnxruntime (cpu, int8)" in "".join(server.lines)
+        predictions = np.concatenate([infer(client, images[start:start + 500]).as_numpy("logits").argmax(1)
+                                      for start in range(0, len(images), 500)])
+    measured = load_package().manifest.find("onnx", "int8").test_accuracy
+    # int8 kernels differ between CPUs (VNNI or not) by a rounding here and there: a few images at most
+    assert abs(float((predictions == mnist.test.labels).mean()) - measured) <= 0.001
+
+
 def test_the_default_server_on_a_bf16_cpu_runs_openvino_bf16_and_says_so(server):
     from resserve.serve.backends.openvino import openvino_cpu_capabilities
 
