@@ -297,7 +297,7 @@ def bench_serve(
     warmup: Annotated[float, typer.Option(help="Unmeasured seconds before each level.")] = 2.0,
     backends: Annotated[str, typer.Option(
         help="With --start: server backends to measure, comma-separated, each optionally with its precision "
-        "(e.g. onnxruntime,auto,openvino:fp32,openvino:bf16); each runs batched, and ONNX Runtime unbatched "
+        "(e.g. onnxruntime,auto,onnxruntime:int8,openvino:fp32); each runs batched, and ONNX Runtime unbatched "
         "is always added as the baseline.")] = "onnxruntime,auto",
     workers: Annotated[str, typer.Option(
         help="With --start: server worker counts to measure side by side, comma-separated (e.g. 1,2,4) "

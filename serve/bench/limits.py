@@ -15,6 +15,7 @@ from resserve.serve.backends.base import usable_cpus
 from resserve.serve.bench.clients import stand_in_images
 from resserve.serve.bench.report import InProcessResult
 from resserve.serve.package import ModelPackage
+from resserve.serve.runtime import RuntimeChoice
 from resserve.serve.timing import images_per_second, median_seconds
 
 Runner = Callable[[np.ndarray], object]  # runs one batch of model inputs
@@ -59,9 +60,10 @@ def in_process_limit(package: ModelPackage, batch_sizes: list[int], runtime: str
                      threads: int | None = None) -> list[InProcessResult]:
     """``runtime`` ("backend precision", as a server reports it) on the same artifact in this
     process, at each batch size: the ceiling a server on that runtime can approach."""
-    backend_name, precision = runtime.split()
-    format = "torchscript" if backend_name == "torchscript" else "onnx"
-    backend = open_backend(package.read_verified(package.find(format)), format, backend_name, "cpu", precision, threads)
+    choice = RuntimeChoice(*runtime.split(), reason="what the server reported")
+    artifact = package.find(choice.artifact_format, choice.artifact_precision)
+    backend = open_backend(package.read_verified(artifact), artifact.format, choice.backend, "cpu", choice.precision,
+                           threads)
     rows = []
     for size in sorted(set(batch_sizes)):
         batch = stand_in_images(size)
