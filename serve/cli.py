@@ -20,6 +20,7 @@ from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT
 
 if TYPE_CHECKING:
     from resserve.serve.bench.clients import Level
+    from resserve.serve.client import DigitClient, Result
 
 MODEL_CONTROL_SECONDS = 300.0  # a load reads, verifies and warms packages: seconds, more on a GPU with many buckets
 
@@ -182,31 +183,53 @@ def classify(
 ) -> None:
     """Classify handwritten digit images with a running server.
 
-    An image the server refuses (not an image, blank, too large) is named with the reason on
-    stderr; the others are still classified; the exit code is 1 if any was refused.
+    An image that cannot be read, or that the server refuses (not an image, blank, too large), is
+    named with the reason on stderr; the others are still classified; the exit code is 1 if any
+    was refused. Many files go as several requests, each printed as it is answered.
     """
-    from resserve.serve.client import DigitClient
+    from resserve.serve.client import DigitClient, requests_of
 
-    blobs = []
-    for path in images:
+    rows = []
+    with DigitClient(server, tls_ca, _client_token(token, token_file)) as client:
+        for request in requests_of([_size_of(path) for path in images]):
+            for row in _classify_files(client, images[request.start:request.stop], model, model_version):
+                if "error" in row:
+                    typer.echo(f"{row['file']}: error: {row['error']}", err=True)
+                elif not as_json:
+                    typer.echo(f"{row['file']}: {row['digit']} ({row['confidence']:.1%})")
+                rows.append(row)
+    if as_json:
+        typer.echo(json.dumps(rows))
+    if any("error" in row for row in rows):
+        raise typer.Exit(1)
+
+
+def _size_of(path: Path) -> int:
+    """How many bytes ``path`` will send (0 where it cannot be read: reading it will say why)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _classify_files(client: "DigitClient", paths: list[Path], model: str, version: str) -> list[dict]:
+    """One request's files as ``classify``'s output rows; a file that cannot be read is a row with
+    its reason, and is not sent."""
+    blobs: list[bytes | str] = []
+    for path in paths:
         try:
             blobs.append(path.read_bytes())
         except OSError as exc:
-            raise ResserveError(f"cannot read {path}: {exc.strerror}") from exc
-    with DigitClient(server, tls_ca, _client_token(token, token_file)) as client:
-        outcomes = client.classify_each(blobs, model, model_version)
-    rows = [{"file": str(p), "error": o} if isinstance(o, str) else
-            {"file": str(p), "digit": o.digit, "confidence": round(o.confidence, 6), "model": o.model,
-             "model_version": o.model_version} for p, o in zip(images, outcomes)]
-    if as_json:
-        typer.echo(json.dumps(rows))
-    for row in rows:
-        if "error" in row:
-            typer.echo(f"{row['file']}: error: {row['error']}", err=True)
-        elif not as_json:
-            typer.echo(f"{row['file']}: {row['digit']} ({row['confidence']:.1%})")
-    if any("error" in row for row in rows):
-        raise typer.Exit(1)
+            blobs.append(f"cannot read it: {exc.strerror}")
+    outcomes = iter(client.classify_each([b for b in blobs if isinstance(b, bytes)], model, version))
+    return [_row(path, blob if isinstance(blob, str) else next(outcomes)) for path, blob in zip(paths, blobs)]
+
+
+def _row(path: Path, outcome: "Result | str") -> dict:
+    if isinstance(outcome, str):
+        return {"file": str(path), "error": outcome}
+    return {"file": str(path), "digit": outcome.digit, "confidence": round(outcome.confidence, 6),
+            "model": outcome.model, "model_version": outcome.model_version}
 
 
 def health(

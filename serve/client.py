@@ -26,9 +26,29 @@ class ClientError(ResserveError):
         self.code, self.details = code, details
 
 
-# How the server names the image at fault in a Classify request (serve/dataplane.py)
+# How the server names the image at fault in a Classify request, and a request with more images
+# than it takes (serve/dataplane.py)
 IMAGE_AT_FAULT = re.compile(r"image (\d+): (.+)", re.S)
+TOO_MANY_IMAGES = re.compile(r"\d+ images in one request; the limit is (\d+)")
+# gRPC's own answer to a message over the server's --max-message-bytes
+MESSAGE_TOO_LARGE = "larger than max"
+# What one Classify request carries at most: well inside the server's defaults (1024 images, 4 MiB),
+# so a folder of digits or of phone photos goes as several requests, not one the server refuses.
+REQUEST_IMAGES = 64
+REQUEST_BYTES = 1 << 20
 HEALTH_POLL_SECONDS = 0.2
+
+
+def requests_of(sizes: list[int], max_images: int = REQUEST_IMAGES, max_bytes: int = REQUEST_BYTES) -> list[range]:
+    """Images of these byte ``sizes``, in order, grouped into requests of at most ``max_images``
+    and ``max_bytes`` (an image larger than that goes alone)."""
+    requests, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and (index - start == max_images or total + size > max_bytes):
+            requests.append(range(start, index))
+            start, total = index, 0
+        total += size
+    return requests + [range(start, len(sizes))] if sizes else requests
 
 
 @dataclass(frozen=True)
@@ -84,22 +104,36 @@ class DigitClient:
 
     def classify_each(self, images: list[bytes], model: str = "", version: str = "") -> list[Result | str]:
         """Like ``classify``, but an image the server refuses does not sink the others: its entry is
-        the server's reason (a string), and the rest are classified."""
-        outcomes: list[Result | str | None] = [None] * len(images)
-        pending = list(range(len(images)))
-        while pending:
-            try:
-                results = self.classify([images[i] for i in pending], model, version)
-            except ClientError as exc:
-                fault = IMAGE_AT_FAULT.fullmatch(exc.details) if exc.code == grpc.StatusCode.INVALID_ARGUMENT else None
-                if fault is None or int(fault.group(1)) >= len(pending):
-                    raise
-                outcomes[pending.pop(int(fault.group(1)))] = fault.group(2)
-                continue
-            for index, result in zip(pending, results):
-                outcomes[index] = result
-            break
-        return outcomes
+        the server's reason (a string), and the rest are classified. Images beyond what this server
+        takes in one request (its image count or message size) are sent in several."""
+        return [outcome for request in requests_of([len(image) for image in images])
+                for outcome in self._classify_request(images[request.start:request.stop], model, version)]
+
+    def _classify_request(self, images: list[bytes], model: str, version: str) -> list[Result | str]:
+        """One request's worth; sent again without an image the server refuses, or in parts."""
+        try:
+            return self.classify(images, model, version)
+        except ClientError as exc:
+            if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and MESSAGE_TOO_LARGE in exc.details:
+                if len(images) == 1:
+                    return [f"{len(images[0]):,} bytes: more than the server takes in one request "
+                            f"(its --max-message-bytes): {exc.details}"]
+                return self._in_parts(images, (len(images) + 1) // 2, model, version)
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            if limit := TOO_MANY_IMAGES.fullmatch(exc.details):
+                return self._in_parts(images, int(limit.group(1)), model, version)
+            fault = IMAGE_AT_FAULT.fullmatch(exc.details)
+            if fault is None or int(fault.group(1)) >= len(images):
+                raise
+            at = int(fault.group(1))
+            others = self._classify_request(images[:at] + images[at + 1:], model, version) if len(images) > 1 else []
+            return [*others[:at], fault.group(2), *others[at:]]
+
+    def _in_parts(self, images: list[bytes], size: int, model: str, version: str) -> list[Result | str]:
+        size = max(1, size)
+        return [outcome for start in range(0, len(images), size)
+                for outcome in self._classify_request(images[start:start + size], model, version)]
 
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, ... for ``service`` ('' for the whole server)."""

@@ -16,6 +16,7 @@ from PIL import Image
 
 from helpers import ServerProcess, metric_value, run_cli
 from resserve.serve.bench.load import tree_cpu_seconds
+from resserve.serve.client import requests_of
 from resserve.serve.package import load_package
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -141,6 +142,42 @@ def test_one_bad_file_does_not_sink_a_classify_call_and_is_named(server, mnist, 
         f"{blank}: error: the image is blank (no ink found): there is no digit to classify"]
     as_json = json.loads(run_cli("classify", *map(str, files), "--server", server.target, "--json").stdout)
     assert [("error" in row, row["file"]) for row in as_json] == [(f in (text, blank), str(f)) for f in files]
+
+
+def test_classify_sends_more_files_than_one_request_takes(server, mnist, tmp_path):
+    files = []
+    for i in range(1100):  # more than the server's --max-images-per-request (1024)
+        files.append(tmp_path / f"{i:04d}.png")
+        files[-1].write_bytes(encode(mnist.test.images[i], "PNG"))
+    result = run_cli("classify", *map(str, files), "--server", server.target, "--json")
+    assert result.returncode == 0, result.stderr
+    digits = [row["digit"] for row in json.loads(result.stdout)]
+    assert len(digits) == 1100 and np.mean(np.array(digits) == mnist.test.labels[:1100]) >= 0.99
+
+
+def test_classify_fits_its_requests_to_a_servers_lower_limits(mnist, tmp_path):
+    small = []
+    for i in range(10):
+        small.append(tmp_path / f"{i}.png")
+        small[-1].write_bytes(encode(mnist.test.images[i], "PNG"))  # about 250 bytes each
+    large = tmp_path / "photo.png"
+    large.write_bytes(encode(photo_like(mnist.test.images[10]), "PNG"))  # over the 2,048-byte limit
+    files = [*small[:5], large, tmp_path / "missing.png", *small[5:]]
+    with ServerProcess("--max-images-per-request", "4", "--max-message-bytes", "2048") as server:
+        result = run_cli("classify", *map(str, files), "--server", server.target, "--json")
+    assert result.returncode == 1
+    rows = json.loads(result.stdout)
+    assert [row["file"] for row in rows] == list(map(str, files))
+    assert [row.get("digit") for row in rows[:5] + rows[7:]] == list(mnist.test.labels[:10])
+    assert f"{large.stat().st_size:,} bytes: more than the server takes in one request" in rows[5]["error"]
+    assert rows[6]["error"] == "cannot read it: No such file or directory"
+    assert result.stderr.splitlines() == [f"{row['file']}: error: {row['error']}" for row in rows[5:7]]
+
+
+def test_requests_of_groups_images_by_count_and_bytes():
+    assert requests_of([], 2, 100) == []
+    assert requests_of([10] * 5, 2, 100) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert requests_of([60, 60, 30, 500, 10], 8, 100) == [range(0, 1), range(1, 3), range(3, 4), range(4, 5)]
 
 
 def test_classify_raw_pixels_with_top_k(server, mnist):
