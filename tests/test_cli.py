@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from helpers import run_cli
+from resserve.serve.package import SHIPPED_PACKAGE
 
 COMMANDS = [[], ["data"], ["train"], ["eval"], ["export"], ["serve"], ["classify"], ["health"],
             ["bench"], ["bench", "train"], ["bench", "model"], ["bench", "serve"],
@@ -37,6 +38,8 @@ def test_root_help_lists_the_commands():
     (["train", "--device", "tpu"], "device must be auto, cpu or cuda"),
     (["train", "--train-limit", "0"], "train limit must be >= 1 images, got 0"),
     (["eval", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),
+    (["eval", str(SHIPPED_PACKAGE)], f"{SHIPPED_PACKAGE} is a model package (from resserve export); this takes the"),
+    (["export", "/tmp"], "/tmp is a folder; give a checkpoint file in it, such as /tmp/model.pt"),
     (["bench", "train", "--steps", "0"], "--steps and --batch-size must be >= 1"),
     (["bench", "train", "--json", "/proc/no-such/train.json"], "cannot write /proc/no-such/train.json"),
     (["bench", "model", "--json", "/dev/null/model.json"],

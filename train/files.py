@@ -21,8 +21,13 @@ class CheckpointError(ResserveError):
 
 
 def existing_checkpoint(path: Path) -> Path:
-    """``path``, refused in one line when no file is there."""
+    """``path``, refused in one line when no file is there (naming a package or a folder given for one)."""
     path = Path(path)
+    if (path / "manifest.json").is_file():
+        raise CheckpointError(f"{path} is a model package (from resserve export); this takes the checkpoint it was "
+                              "exported from (from resserve train, such as model.pt)")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file in it, such as {path / 'model.pt'}")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     return path
