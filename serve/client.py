@@ -121,7 +121,8 @@ class DigitClient:
                 return self._in_parts(images, (len(images) + 1) // 2, model, version)
             if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
-            if limit := TOO_MANY_IMAGES.fullmatch(exc.details):
+            limit = TOO_MANY_IMAGES.fullmatch(exc.details)
+            if limit and int(limit.group(1)) < len(images):
                 return self._in_parts(images, int(limit.group(1)), model, version)
             fault = IMAGE_AT_FAULT.fullmatch(exc.details)
             if fault is None or int(fault.group(1)) >= len(images):
