@@ -17,12 +17,16 @@ from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 
+# Nothing listens there: the likeliest reason is a server not started, or another port
+NO_SERVER_HINT = " (is a server running there? `resserve serve` starts one; --server or RESSERVE_SERVER names another)"
+
 
 class ClientError(ResserveError):
     """The server answered with an error, or could not be reached."""
 
     def __init__(self, target: str, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{target}: {code.name}: {details}")
+        hint = NO_SERVER_HINT if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details else ""
+        super().__init__(f"{target}: {code.name}: {details}{hint}")
         self.code, self.details = code, details
 
 

@@ -48,6 +48,8 @@ def test_root_help_lists_the_commands():
     (["bench", "model", "--json", "/proc/no-such/model.json"], "cannot write /proc/no-such/model.json"),
     (["bench", "serve", "--target", "127.0.0.1:1", "--json", "/proc/no-such/serve.json"],
      "cannot write /proc/no-such/serve.json"),
+    (["classify", __file__, "--server", "127.0.0.1:1"], "127.0.0.1:1: UNAVAILABLE: failed to connect"),
+    (["health", "--server", "127.0.0.1:1"], "(is a server running there? `resserve serve` starts one; --server or"),
     (["eval", "--device", "tpu"], "device must be auto, cpu or cuda, got 'tpu'"),
     (["serve", "--max-batch-size", "lots"], "--max-batch-size must be auto or a number of images, got 'lots'"),
     (["serve", "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
