@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -90,6 +91,18 @@ def test_drawing_a_digit_shows_that_digit_with_bars_and_the_model_input(browser,
 def test_choosing_a_photo_of_a_digit_classifies_it(browser, page_server, mnist, tmp_path):
     photo = tmp_path / "photo.jpg"  # dark ink on a light background, larger than MNIST, as a photo is
     Image.fromarray(255 - mnist.test.images[1]).resize((224, 224), Image.BICUBIC).save(photo, quality=90)
+    page = browser.new_page()
+    page.goto(page_server.url + "/")
+    page.set_input_files("#file", str(photo))
+    shows(page, int(mnist.test.labels[1]))
+
+
+def test_a_phone_sized_photo_is_sent_scaled_down_within_the_servers_limit(browser, page_server, mnist, tmp_path):
+    photo = tmp_path / "phone.png"  # 3000x3000 with sensor noise: over the server's 4 MiB message limit
+    ink = np.asarray(Image.fromarray(mnist.test.images[1]).resize((3000, 3000), Image.BICUBIC), dtype=np.float32)
+    paper = 215 + np.random.default_rng(0).normal(0, 6, ink.shape)
+    Image.fromarray(np.clip(paper - ink * 0.8, 0, 255).astype(np.uint8)).save(photo)
+    assert photo.stat().st_size > 4 * 2**20
     page = browser.new_page()
     page.goto(page_server.url + "/")
     page.set_input_files("#file", str(photo))

@@ -14,6 +14,11 @@ const tokenBox = document.getElementById("token-box");
 const tokenInput = document.getElementById("token");
 
 const LIVE_INTERVAL_MS = 150; // while drawing: at most one request per interval
+// A photo over this many bytes (a phone's are 3-8 MB; the server takes 4 MiB by default) is sent
+// scaled down to PHOTO_SIDE pixels on its longer side, as PNG (transparency kept): the model reads
+// 28x28 pixels of it either way.
+const PHOTO_BYTES = 1 << 20;
+const PHOTO_SIDE = 1024;
 let drawing = false;
 let drawn = false;
 let last = null;
@@ -21,7 +26,7 @@ let busy = false; // a request in flight: the next drawing waits for it
 let again = false; // the drawing changed while a request was in flight
 let lastSent = 0;
 let generation = 0; // bumped by every clear and every photo: older answers are not shown
-let photo = null; // the photo on the pad, if any: sent again once a token is given
+let photo = null; // the photo on the pad, as sent ({blob, name}), if any: sent again once a token is given
 
 function clearPad() {
   generation++;
@@ -151,18 +156,29 @@ function show(answer, roundTripMs) {
 
 async function classifyFile(file) {
   if (!file) return;
-  generation++;
+  const mine = ++generation;
   drawn = false;
-  photo = file;
-  try { // show the photo on the pad, fitted; the server gets the file itself
+  let blob = file; // the server gets the file itself, or a smaller copy of a large photo
+  try { // show the photo on the pad, fitted
     const picture = await createImageBitmap(file);
     const scale = Math.min(pad.width / picture.width, pad.height / picture.height);
     const [w, h] = [picture.width * scale, picture.height * scale];
     ink.fillStyle = "#fff";
     ink.fillRect(0, 0, pad.width, pad.height);
     ink.drawImage(picture, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
+    if (file.size > PHOTO_BYTES) blob = await scaledDown(picture);
   } catch { /* not an image the browser can show: the server will say what is wrong */ }
-  classify(file, file.name);
+  if (mine !== generation) return; // cleared, or another photo chosen, while this one was read
+  photo = { blob, name: file.name };
+  classify(blob, file.name);
+}
+
+function scaledDown(picture) {
+  const scale = Math.min(1, PHOTO_SIDE / Math.max(picture.width, picture.height));
+  const canvas = document.createElement("canvas");
+  [canvas.width, canvas.height] = [Math.round(picture.width * scale), Math.round(picture.height * scale)];
+  canvas.getContext("2d").drawImage(picture, 0, 0, canvas.width, canvas.height);
+  return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
 }
 
 fileInput.addEventListener("change", () => classifyFile(fileInput.files[0]));
@@ -179,7 +195,7 @@ tokenBox.addEventListener("submit", (event) => { // the button or Enter
   tokenBox.hidden = true;
   setStatus("Token saved for this tab.");
   if (drawn) sendDrawing(); // what was refused for want of a token, now with it
-  else if (photo) classify(photo, photo.name);
+  else if (photo) classify(photo.blob, photo.name);
 });
 
 clearPad();
