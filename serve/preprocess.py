@@ -2,7 +2,7 @@
 
 MNIST digits are white on black, size-normalized to fit a 20x20 box keeping their aspect
 ratio, and centred by centre of mass in a 28x28 field. ``to_mnist`` does the same to a photo or
-a drawing: grayscale; invert when the background is light; crop to the ink's bounding box;
+a drawing: upright (by its EXIF orientation); grayscale; invert when the background is light; crop to the ink's bounding box;
 scale the longer side to 20 px; paste so the ink's centre of mass lands at the centre.
 
 Transparency is ink too: a canvas drawing exported as PNG is ink on a transparent background,
@@ -16,7 +16,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from resserve.serve.errors import InvalidInput
 
@@ -63,8 +63,10 @@ def decode(data: bytes) -> np.ndarray:
 
 def _working_size(image: Image.Image) -> Image.Image:
     """Shrink big images early (JPEG decodes at reduced scale; others box-reduce once decoded), so
-    the float work below costs the same for a 4000x4000 scan as for a 512x512 drawing."""
+    the float work below costs the same for a 4000x4000 scan as for a 512x512 drawing; and turn
+    them upright, as the camera was held (phones store photos sideways with an EXIF orientation)."""
     image.draft("L", (WORKING_SIDE, WORKING_SIDE))
+    ImageOps.exif_transpose(image, in_place=True)  # decodes (at the draft's scale), then turns
     factor = -(-max(image.size) // WORKING_SIDE)
     if factor <= 1:
         return image

@@ -37,6 +37,19 @@ def test_an_mnist_digit_round_trips_close_to_itself(mnist):
     assert np.corrcoef(again.ravel(), digit.ravel() / 255.0)[0, 1] > 0.8
 
 
+@pytest.mark.parametrize("format", ["PNG", "JPEG"])
+def test_a_photo_stored_sideways_with_an_exif_orientation_is_read_upright(mnist, format):
+    """As phones store a portrait photo: the pixels turned 90 degrees, and a tag saying so."""
+    upright = Image.fromarray(255 - mnist.test.images[0]).resize((280, 280), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+    sideways = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(sideways, format=format, exif=exif)
+    expected = encoded_to_input(_png(np.asarray(upright), format)).ravel()
+    read = encoded_to_input(sideways.getvalue()).ravel()
+    assert np.array_equal(read, expected) if format == "PNG" else np.corrcoef(read, expected)[0, 1] > 0.99
+
+
 def test_jpeg_and_color_images_are_read():
     rgb = np.zeros((64, 64, 3), dtype=np.uint8)
     rgb[10:54, 30:34] = (255, 200, 0)
