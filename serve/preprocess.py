@@ -1,9 +1,10 @@
 """Any image -> an MNIST-style 28x28 input, the way the MNIST digits themselves were made.
 
 MNIST digits are white on black, size-normalized to fit a 20x20 box keeping their aspect
-ratio, and centred by centre of mass in a 28x28 field. ``to_mnist`` does the same to a photo or
-a drawing: upright (by its EXIF orientation); grayscale; invert when the background is light; crop to the ink's bounding box;
-scale the longer side to 20 px; paste so the ink's centre of mass lands at the centre.
+ratio, and centred by centre of mass in a 28x28 field. ``decode`` reads a photo or a drawing
+upright (by its EXIF orientation) and grayscale; ``to_mnist`` does what MNIST did: invert when
+the background is light; crop to the ink's bounding box; scale the longer side to 20 px; paste
+so the ink's centre of mass lands at the centre.
 
 Transparency is ink too: a canvas drawing exported as PNG is ink on a transparent background,
 so transparent pixels become a background that contrasts with the ink before anything else.
