@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from dataclasses import dataclass
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image, ImageOps
 
 from resserve.serve.errors import ResserveError
+from resserve.serve.preprocess import has_alpha
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -40,6 +43,9 @@ MESSAGE_TOO_LARGE = "larger than max"
 # so a folder of digits or of phone photos goes as several requests, not one the server refuses.
 REQUEST_IMAGES = 64
 REQUEST_BYTES = 1 << 20
+# A larger photo (a phone's are 3-8 MB) is sent at most this many pixels on its longer side: the
+# model reads 28x28 pixels of it either way (the page does the same).
+PHOTO_SIDE = 1024
 HEALTH_POLL_SECONDS = 0.2
 
 
@@ -53,6 +59,26 @@ def requests_of(sizes: list[int], max_images: int = REQUEST_IMAGES, max_bytes: i
             start, total = index, 0
         total += size
     return requests + [range(start, len(sizes))] if sizes else requests
+
+
+def fit_to_send(image: bytes) -> bytes:
+    """A photo over ``REQUEST_BYTES``, upright and scaled down to ``PHOTO_SIDE`` (JPEG, or PNG
+    where it has transparency); smaller images, and bytes Pillow cannot read (the server will say
+    what is wrong with them), as they are."""
+    if len(image) <= REQUEST_BYTES:
+        return image
+    try:
+        with Image.open(io.BytesIO(image)) as opened:
+            opened.draft("RGB", (PHOTO_SIDE, PHOTO_SIDE))
+            photo = ImageOps.exif_transpose(opened)
+        photo.thumbnail((PHOTO_SIDE, PHOTO_SIDE))
+        transparent = has_alpha(photo)
+        photo = photo.convert("RGBA" if transparent else "RGB")
+        smaller = io.BytesIO()
+        photo.save(smaller, "PNG" if transparent else "JPEG", quality=90)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return image
+    return smaller.getvalue() if smaller.tell() < len(image) else image
 
 
 @dataclass(frozen=True)
@@ -109,7 +135,9 @@ class DigitClient:
     def classify_each(self, images: list[bytes], model: str = "", version: str = "") -> list[Result | str]:
         """Like ``classify``, but an image the server refuses does not sink the others: its entry is
         the server's reason (a string), and the rest are classified. Images beyond what this server
-        takes in one request (its image count or message size) are sent in several."""
+        takes in one request (its image count or message size) are sent in several, and large
+        photos smaller (``fit_to_send``)."""
+        images = [fit_to_send(image) for image in images]
         return [outcome for request in requests_of([len(image) for image in images])
                 for outcome in self._classify_request(images[request.start:request.stop], model, version)]
 

@@ -72,17 +72,17 @@ def _working_size(image: Image.Image) -> Image.Image:
     if factor <= 1:
         return image
     if image.mode not in ("L", "LA", "RGB", "RGBA"):
-        image = image.convert("LA" if _has_alpha(image) else "L")
+        image = image.convert("LA" if has_alpha(image) else "L")
     return image.reduce(factor)
 
 
-def _has_alpha(image: Image.Image) -> bool:
+def has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
 
 
 def _flatten(image: Image.Image) -> np.ndarray:
     """Grayscale float32 [H,W] in [0,1]; transparent pixels take the background opposite to the ink."""
-    if not _has_alpha(image):
+    if not has_alpha(image):
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     gray_alpha = np.asarray(image.convert("LA"), dtype=np.float32) / 255.0
     gray, alpha = gray_alpha[..., 0], gray_alpha[..., 1]
