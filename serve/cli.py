@@ -172,7 +172,7 @@ TokenFile = Annotated[Optional[Path], typer.Option(envvar=_env("TOKEN_FILE"),
 
 def classify(
     images: Annotated[list[Path], typer.Argument(metavar="IMAGE", show_default=False,
-        help="Image files (PNG, JPEG, ...): photos and drawings work.")],
+        help="Image files (PNG, JPEG, ...), or folders of them: photos and drawings work.")],
     server: Server = "localhost:8001",
     model: Annotated[str, typer.Option(help="Model name [default: the server's default].")] = "",
     model_version: Annotated[str, typer.Option(help="Model version [default: the latest the server has].")] = "",
@@ -185,11 +185,12 @@ def classify(
 
     An image that cannot be read, or that the server refuses (not an image, blank, too large), is
     named with the reason on stderr; the others are still classified; the exit code is 1 if any
-    was refused. Many files go as several requests, each printed as it is answered.
+    was refused. Many files go as several requests, each printed as it is answered. A folder
+    stands for the images in it, by name (files Pillow reads by their extension; not its subfolders).
     """
     from resserve.serve.client import DigitClient, requests_of
 
-    rows = []
+    images, rows = _image_files(images), []
     with DigitClient(server, tls_ca, _client_token(token, token_file)) as client:
         for request in requests_of([_size_of(path) for path in images]):
             for row in _classify_files(client, images[request.start:request.stop], model, model_version):
@@ -202,6 +203,27 @@ def classify(
         typer.echo(json.dumps(rows))
     if any("error" in row for row in rows):
         raise typer.Exit(1)
+
+
+def _image_files(paths: list[Path]) -> list[Path]:
+    """``paths``, each folder among them replaced by the image files in it, sorted by name."""
+    from PIL import Image
+
+    readable = {extension for extension, format in Image.registered_extensions().items() if format in Image.OPEN}
+    files = []
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        try:  # hidden files are left out: a Mac's ._IMG_0001.jpg is no image
+            found = sorted(f for f in path.iterdir()
+                           if f.suffix.lower() in readable and not f.name.startswith(".") and f.is_file())
+        except OSError as exc:
+            raise ResserveError(f"cannot read {path}: {exc.strerror}") from None
+        if not found:
+            raise ResserveError(f"{path} has no image files (PNG, JPEG, ...) in it")
+        files.extend(found)
+    return files
 
 
 def _size_of(path: Path) -> int:

@@ -144,6 +144,24 @@ def test_one_bad_file_does_not_sink_a_classify_call_and_is_named(server, mnist, 
     assert [("error" in row, row["file"]) for row in as_json] == [(f in (text, blank), str(f)) for f in files]
 
 
+def test_classify_a_folder_classifies_the_images_in_it_by_name(server, mnist, tmp_path):
+    folder = tmp_path / "scans"
+    (folder / "older").mkdir(parents=True)  # subfolders are not read
+    for i in (2, 0, 1):
+        (folder / f"digit{i}.{'png' if i % 2 else 'jpg'}").write_bytes(encode(photo_like(mnist.test.images[i]), "PNG" if i % 2 else "JPEG"))
+    (folder / "notes.txt").write_text("scanned on Monday")
+    (folder / "._digit0.jpg").write_bytes(b"\0\5\26\7")  # what a Mac leaves beside a copied file
+    (folder / "older" / "digit9.png").write_bytes(encode(mnist.test.images[9], "PNG"))
+    result = run_cli("classify", str(folder), "--server", server.target, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["file"] for row in rows] == [str(folder / name) for name in ("digit0.jpg", "digit1.png", "digit2.jpg")]
+    assert [row["digit"] for row in rows] == list(mnist.test.labels[:3])
+    empty = run_cli("classify", str(folder / "older" / ".."), str(tmp_path), "--server", server.target)
+    assert empty.returncode == 1
+    assert empty.stderr.strip() == f"error: {tmp_path} has no image files (PNG, JPEG, ...) in it"
+
+
 def test_classify_sends_more_files_than_one_request_takes(server, mnist, tmp_path):
     files = []
     for i in range(1100):  # more than the server's --max-images-per-request (1024)
