@@ -4,6 +4,7 @@ Registered into the root command (serve/app.py) by ``register``; torch-free.
 """
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -207,9 +208,6 @@ def classify(
 
 def _image_files(paths: list[Path]) -> list[Path]:
     """``paths``, each folder among them replaced by the image files in it, sorted by name."""
-    from PIL import Image
-
-    readable = {extension for extension, format in Image.registered_extensions().items() if format in Image.OPEN}
     files = []
     for path in paths:
         if not path.is_dir():
@@ -217,13 +215,22 @@ def _image_files(paths: list[Path]) -> list[Path]:
             continue
         try:  # hidden files are left out: a Mac's ._IMG_0001.jpg is no image
             found = sorted(f for f in path.iterdir()
-                           if f.suffix.lower() in readable and not f.name.startswith(".") and f.is_file())
+                           if f.suffix.lower() in _image_extensions() and not f.name.startswith(".") and f.is_file())
         except OSError as exc:
             raise ResserveError(f"cannot read {path}: {exc.strerror}") from None
         if not found:
             raise ResserveError(f"{path} has no image files (PNG, JPEG, ...) in it")
         files.extend(found)
     return files
+
+
+@functools.cache
+def _image_extensions() -> set[str]:
+    """The file extensions of the formats Pillow reads (.png, .jpg, ...): asked only for a folder,
+    as it loads every Pillow plugin."""
+    from PIL import Image
+
+    return {extension for extension, format in Image.registered_extensions().items() if format in Image.OPEN}
 
 
 def _size_of(path: Path) -> int:
