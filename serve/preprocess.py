@@ -77,6 +77,7 @@ def _working_size(image: Image.Image) -> Image.Image:
 
 
 def has_alpha(image: Image.Image) -> bool:
+    """Whether ``image`` carries transparency: an alpha band, or a transparent colour or palette entry."""
     return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
 
 
