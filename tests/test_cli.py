@@ -37,6 +37,10 @@ def test_root_help_lists_the_commands():
     (["train", "--arch", "vgg"], "unknown architecture"),
     (["train", "--device", "tpu"], "device must be auto, cpu or cuda"),
     (["train", "--train-limit", "0"], "train limit must be >= 1 images, got 0"),
+    (["train", "--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["train", "--batch-size", "0"], "batch size must be >= 1 images, got 0"),
+    (["train", "--lr", "nan"], "learning rate must be a finite number > 0, got nan"),
+    (["train", "--weight-decay", "-1"], "weight decay must be a finite number >= 0, got -1.0"),
     (["eval", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),
     (["eval", str(SHIPPED_PACKAGE)], f"{SHIPPED_PACKAGE} is a model package (from resserve export); this takes the"),
     (["export", "/tmp"], "/tmp is a folder; give a checkpoint file in it, such as /tmp/model.pt"),
@@ -44,7 +48,8 @@ def test_root_help_lists_the_commands():
     (["bench", "train", "--json", "/proc/no-such/train.json"], "cannot write /proc/no-such/train.json"),
     (["bench", "model", "--json", "/dev/null/model.json"],
      "cannot write /dev/null/model.json: /dev/null is a file, not a folder"),
-    (["bench", "model", "--seconds", "0"], "--seconds must be > 0, got 0"),
+    (["bench", "model", "--seconds", "0"], "--seconds must be a finite number > 0, got 0"),
+    (["bench", "model", "--seconds", "nan"], "--seconds must be a finite number > 0, got nan"),
     (["bench", "model", "--json", "/proc/no-such/model.json"], "cannot write /proc/no-such/model.json"),
     (["bench", "serve", "--target", "127.0.0.1:1", "--json", "/proc/no-such/serve.json"],
      "cannot write /proc/no-such/serve.json"),
@@ -108,6 +113,17 @@ def test_train_writes_a_checkpoint_that_eval_reads(mnist, tmp_path):
     report = json.loads(evaluated.stdout)
     written = json.loads(out.with_suffix(".metrics.json").read_text())
     assert report["test_accuracy"] == pytest.approx(written["test_accuracy"], abs=1e-6)
+
+
+def test_training_that_diverges_stops_with_one_line_and_writes_nothing(mnist, tmp_path):
+    out = tmp_path / "diverged.pt"
+    result = run_cli("train", "--blocks", "1", "--channels", "4", "--epochs", "1", "--train-limit", "256",
+                     "--validation-size", "256", "--lr", "1e20", "--out", str(out), "--quiet",
+                     "--data-dir", str(mnist.path.parent))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: training diverged: the loss became nan at step ")
+    assert "a lower learning rate than 1e+20" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 TORCH_BLOCKED = (

@@ -5,6 +5,7 @@ torch and the training modules are imported inside the commands.
 """
 
 import json
+import math
 import shlex
 import sys
 from dataclasses import asdict, dataclass
@@ -255,8 +256,8 @@ def bench_model(
     fp32/int8, and OpenVINO fp32 (and bf16 on CPUs with BF16) where the openvino extra is installed."""
     if device not in ("cpu", "cuda"):
         raise ResserveError(f"--device must be cpu or cuda, got {device!r}")
-    if seconds <= 0:
-        raise ResserveError(f"--seconds must be > 0, got {seconds:g}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ResserveError(f"--seconds must be a finite number > 0, got {seconds:g}")
     if json_out:
         check_writable(json_out, "model.json")
     require_train_extra()

@@ -7,6 +7,7 @@ both.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -108,8 +109,14 @@ class TrainConfig:
     train_limit: int | None = None  # use only the first N training images (quick runs, tests)
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ResserveError("epochs and batch size must be >= 1 and the learning rate > 0")
+        if self.epochs < 1:
+            raise ResserveError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ResserveError(f"batch size must be >= 1 images, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ResserveError(f"learning rate must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ResserveError(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
         check_device(self.device)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ResserveError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")

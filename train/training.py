@@ -10,6 +10,7 @@ than fp32 NCHW here; evaluation always runs in fp32, the precision that export s
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,12 +231,22 @@ class Interval:
         return time.monotonic() - self.started
 
 
+class TrainingDiverged(ResserveError):
+    """The loss stopped being a number: every later step would be wasted, so training stops."""
+
+    def __init__(self, step: int, steps: int, loss: float, lr: float) -> None:
+        super().__init__(f"training diverged: the loss became {loss} at step {step:,} of {steps:,}, "
+                         f"so it stopped there and saved nothing; a lower learning rate than {lr:g} "
+                         "usually trains")
+
+
 def fit(model: nn.Module, split: Split, cfg: TrainConfig, steps: int, precision: str, marks: set[int],
         on_mark: Callable[[Interval], None], progress: Progress, description: str) -> None:
     """Train ``model`` for ``steps`` steps of the recipe over shuffled epochs of ``split``.
 
     At each step in ``marks``, ``on_mark`` gets the interval since the previous mark (it may
-    evaluate: the model is put back in training mode after it). Seeded by ``cfg.seed``.
+    evaluate: the model is put back in training mode after it). Seeded by ``cfg.seed``. Raises
+    ``TrainingDiverged`` at the first step whose loss is NaN or infinite.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
@@ -247,6 +258,8 @@ def fit(model: nn.Module, split: Split, cfg: TrainConfig, steps: int, precision:
     for step in range(1, steps + 1):
         images, labels = next(stream)
         loss, correct = train_step(model, images, labels, cfg, optimizer, scheduler, generator, precision)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(step, steps, loss, cfg.lr)
         seen += len(labels)
         interval.add(len(labels), loss, correct)
         progress.update(task, advance=1, status=f"loss {interval.loss:.4f} acc {interval.accuracy:.4f} "
