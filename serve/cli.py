@@ -376,8 +376,12 @@ def bench_serve(
     if not apis or not set(apis) <= set(APIS):
         raise ResserveError(f"--api takes {', '.join(APIS)}, comma-separated; got {api!r}")
     levels = _levels(concurrency, rate)
-    if batch < 1 or duration <= 0 or warmup < 0:
-        raise ResserveError("--batch must be >= 1, --duration > 0, --warmup >= 0")
+    if batch < 1:
+        raise ResserveError(f"--batch must be >= 1 images, got {batch}")
+    if not (math.isfinite(duration) and duration > 0):
+        raise ResserveError(f"--duration must be a finite number of seconds > 0, got {duration:g}")
+    if not (math.isfinite(warmup) and warmup >= 0):
+        raise ResserveError(f"--warmup must be a finite number of seconds >= 0, got {warmup:g}")
     if client not in CLIENTS:
         raise ResserveError(f"--client takes {', '.join(CLIENTS)}; got {client!r}")
     if client != "resserve" and "classify" in apis:
@@ -414,7 +418,7 @@ def _levels(concurrency: Optional[str], rate: Optional[str]) -> list["Level"]:
         numbers = [float(v) if rate is not None else int(v) for v in values.split(",")]
     except ValueError:
         numbers = []
-    if not numbers or min(numbers) <= 0:
+    if not numbers or not all(math.isfinite(n) and n > 0 for n in numbers):
         kind = "requests per second > 0" if rate is not None else "client counts >= 1"
         raise ResserveError(f"{option} takes {kind}, comma-separated; got {values!r}")
     return [Level(rate=n) if rate is not None else Level(concurrency=n) for n in numbers]
