@@ -226,11 +226,12 @@ def _image_files(paths: list[Path]) -> list[Path]:
 
 @functools.cache
 def _image_extensions() -> set[str]:
-    """The file extensions of the formats Pillow reads (.png, .jpg, ...): asked only for a folder,
-    as it loads every Pillow plugin."""
+    """The file extensions of the formats Pillow reads (.png, .jpg, ...), and an iPhone's HEIC, which
+    the server answers with how to send it: asked only for a folder, as it loads every Pillow plugin."""
     from PIL import Image
 
-    return {extension for extension, format in Image.registered_extensions().items() if format in Image.OPEN}
+    readable = {extension for extension, format in Image.registered_extensions().items() if format in Image.OPEN}
+    return readable | {".heic", ".heif"}
 
 
 def _size_of(path: Path) -> int:

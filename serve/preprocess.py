@@ -24,6 +24,9 @@ from resserve.serve.errors import InvalidInput
 MAX_PIXELS = 16_000_000  # decompression-bomb cap: about a 4000x4000 photo
 MAX_REQUEST_PIXELS = 64_000_000  # all images of one request, by their headers, before any decoding
 WORKING_SIDE = 512  # larger images are box-reduced to this before any float work: the digit ends up 20 px
+HEVC_IMAGE_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"})
+HEIF_REFUSED = ("a HEIC photo, which this server does not read: send it as JPEG or PNG (an iPhone takes JPEG "
+                "photos with Settings > Camera > Formats > Most Compatible)")
 INK_THRESHOLD = 0.25  # fraction of the darkest-to-brightest range that counts as ink
 
 
@@ -38,7 +41,7 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
-def _readable(work):
+def _readable(data: bytes, work):
     """``work()``, with Pillow's failures on bad bytes as one InvalidInput."""
     try:
         with warnings.catch_warnings():
@@ -47,19 +50,31 @@ def _readable(work):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own cap, above ours
         raise InvalidInput(f"image exceeds the limit of {MAX_PIXELS:,} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        if is_heif(data):
+            raise InvalidInput(HEIF_REFUSED) from None
         raise InvalidInput(f"bytes are not an image Pillow can read ({type(exc).__name__})") from None
+
+
+def is_heif(data: bytes) -> bool:
+    """Whether ``data`` is a HEIC/HEIF photo (an iPhone camera's default format), which Pillow does
+    not read: its ISO media file's leading ``ftyp`` box names a HEVC-coded image brand."""
+    box_size = int.from_bytes(data[:4], "big")
+    if data[4:8] != b"ftyp" or not 16 <= box_size <= min(len(data), 4096):
+        return False
+    brands = [data[i:i + 4] for i in range(8, box_size - 3, 4) if i != 12]  # major, then compatible brands
+    return any(brand in HEVC_IMAGE_BRANDS for brand in brands)
 
 
 def pixels_of(data: bytes) -> int:
     """Width x height from the image's header (nothing decoded): what decoding it will cost."""
-    image = _readable(lambda: _open(data))
+    image = _readable(data, lambda: _open(data))
     return image.size[0] * image.size[1]
 
 
 def decode(data: bytes) -> np.ndarray:
     """Encoded bytes -> grayscale float32 [H,W] in [0,1], at most WORKING_SIDE on its longer side;
     refuses non-images and oversized ones."""
-    return _readable(lambda: _flatten(_working_size(_open(data))))
+    return _readable(data, lambda: _flatten(_working_size(_open(data))))
 
 
 def _working_size(image: Image.Image) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -20,6 +21,17 @@ PERF_ANALYZER = shutil.which("perf_analyzer")  # Triton's, from tests/install-pe
 # outside CI a test that needs it skips; in CI (.ci/run installs it) it runs, and fails without it
 needs_perf_analyzer = pytest.mark.skipif(PERF_ANALYZER is None and not os.environ.get("CI"),
                                          reason="no perf_analyzer here: bash tests/install-perf-analyzer.sh; .ci/run does")
+
+# A 64x64 HEIC photo of a "1" (a black stroke on white), the format an iPhone camera saves by
+# default; written with pillow-heif 1.8.1 (libheif), which resserve does not depend on.
+HEIC_PHOTO = base64.b64decode(
+    "AAAAHGZ0eXBoZWljAAAAAG1pZjFoZWljbWlhZgAAAVZtZXRhAAAAAAAAACFoZGxyAAAAAAAAAABwaWN0AAAAAAAAAAAAAAAA"
+    "AAAAACJpbG9jAAAAAERAAAEAAQAAAAABegABAAAAAAAAAEkAAAAjaWluZgAAAAAAAQAAABVpbmZlAgAAAAABAABodmMxAAAA"
+    "AA5waXRtAAAAAAABAAAA1mlwcnAAAAC3aXBjbwAAAHhodmNDAQNwAAAAkAAAAAAAHvAA/P34+AAADwNgAAEAGEABDAH//wNw"
+    "AAADAJAAAAMAAAMAHroCQGEAAQArQgEBA3AAAAMAkAAAAwAAAwAeoCCBBZbqSSmubgIaDAgAAAMAyAAAAwAIQGIAAQAHRAHB"
+    "crAiQAAAABNjb2xybmNseAABAA0ABoAAAAAUaXNwZQAAAAAAAABAAAAAQAAAABBwaXhpAAAAAAMICAgAAAAXaXBtYQAAAAAA"
+    "AAABAAEEgQIDBAAAAFFtZGF0AAAARSgBrxOA2+1HqHgrbKvDWO+i5q6lsQYunUB6Bf1uqlKqwck4Bfuw83ZCxrOFPJREdfYd"
+    "T4ivBYUjpyltGB4j25r6BwtdgA==")
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from helpers import HEIC_PHOTO
 from resserve.serve.errors import InvalidInput
-from resserve.serve.preprocess import MAX_PIXELS, decode, encoded_to_input, raw_to_input, to_mnist
+from resserve.serve.preprocess import (HEIF_REFUSED, MAX_PIXELS, decode, encoded_to_input, is_heif, pixels_of,
+                                      raw_to_input, to_mnist)
 
 
 def _png(array: np.ndarray, format: str = "PNG") -> bytes:
@@ -66,6 +68,25 @@ def test_a_blank_image_stays_blank():
 ])
 def test_non_images_are_refused(data, message):
     with pytest.raises(InvalidInput, match=message):
+        decode(data)
+
+
+def test_a_heic_photo_is_refused_with_how_to_send_it():
+    assert is_heif(HEIC_PHOTO)
+    for read in (decode, pixels_of):
+        with pytest.raises(InvalidInput) as refused:
+            read(HEIC_PHOTO)
+        assert str(refused.value) == HEIF_REFUSED
+
+
+@pytest.mark.parametrize("data", [
+    b"\0\0\0\x18ftypisom\0\0\0\0isommp41",  # an MP4 video's header
+    b"\0\0\0\x1cftypmif1\0\0\0\0mif1avif",  # a (cut-off) AVIF: the same container, another codec
+    b"\xff\xff\xff\xffftypheic",  # a box size beyond the bytes
+])
+def test_other_iso_media_files_are_not_taken_for_heic(data):
+    assert not is_heif(data)
+    with pytest.raises(InvalidInput, match="not an image Pillow can read"):
         decode(data)
 
 

@@ -14,10 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from helpers import ServerProcess, metric_value, run_cli
+from helpers import HEIC_PHOTO, ServerProcess, metric_value, run_cli
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.client import requests_of
 from resserve.serve.package import load_package
+from resserve.serve.preprocess import HEIF_REFUSED
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 
@@ -160,6 +161,17 @@ def test_classify_a_folder_classifies_the_images_in_it_by_name(server, mnist, tm
     empty = run_cli("classify", str(folder / "older" / ".."), str(tmp_path), "--server", server.target)
     assert empty.returncode == 1
     assert empty.stderr.strip() == f"error: {tmp_path} has no image files (PNG, JPEG, ...) in it"
+
+
+def test_classify_names_an_iphones_heic_photos_and_how_to_send_them(server, mnist, tmp_path):
+    folder = tmp_path / "camera roll"
+    folder.mkdir()
+    (folder / "IMG_0001.HEIC").write_bytes(HEIC_PHOTO)
+    (folder / "IMG_0002.JPG").write_bytes(encode(photo_like(mnist.test.images[0]), "JPEG"))
+    result = run_cli("classify", str(folder), "--server", server.target)
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{folder / 'IMG_0002.JPG'}: {mnist.test.labels[0]} (")
+    assert result.stderr.strip() == f"{folder / 'IMG_0001.HEIC'}: error: {HEIF_REFUSED}"
 
 
 def test_classify_sends_more_files_than_one_request_takes(server, mnist, tmp_path):
