@@ -72,6 +72,10 @@ def load_package(path: Path | str | None = None) -> ModelPackage:
     path = Path(path) if path is not None else SHIPPED_PACKAGE
     if not path.exists():
         raise PackageError(f"model package {path} does not exist")
+    if path.is_file():  # most often the checkpoint the package would be exported from
+        export = f"`resserve export {path}` makes one of it" if path.suffix in (".pt", ".pth") else \
+            "`resserve export` makes one of a checkpoint"
+        raise PackageError(f"{path} is a file, not a model package (a folder with {MANIFEST}); {export}")
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise PackageError(f"{path} is not a model package (no {MANIFEST}); make one with `resserve export`")

@@ -195,7 +195,9 @@ class ServerSettings:
         """One-line errors for settings that cannot work, before anything starts."""
         b, cpus = self.batching, self.cpus or usable_cpus()
         checks = [
-            (all(0 <= p < 65536 for p in (self.port, self.http_port, self.metrics_port)), "ports must be in 0-65535"),
+            *((0 <= port < 65536, f"--{option} must be in 0-65535, got {port}")
+              for option, port in (("port", self.port), ("http-port", self.http_port),
+                                   ("metrics-port", self.metrics_port))),
             (not self.http_port or self.http_port not in (self.port, self.metrics_port),
              f"--http-port {self.http_port} is also the gRPC or metrics port; give each its own"),
             (b.max_batch_size is None or b.max_batch_size >= 1, "--max-batch-size must be >= 1"),

@@ -68,6 +68,9 @@ def test_root_help_lists_the_commands():
     (["serve", "--threads", "5000"], "--threads 5000 is more than the"),
     (["health", "--wait", "inf"], "--wait must be finite and >= 0, got inf"),
     (["serve", "--precision", "int8", "--backend", "openvino"], "--precision int8 runs on ONNX Runtime"),
+    (["serve", "--metrics-port", "70000"], "--metrics-port must be in 0-65535, got 70000"),
+    (["serve", __file__], f"{__file__} is a file, not a model package (a folder with manifest.json); `resserve "
+     "export` makes one of a checkpoint"),
     (["serve", "--log-format", "yaml"], "--log-format must be one of text, json, got 'yaml'"),
     (["serve", "--log-level", "verbose"], "--log-level must be one of debug, info, warning, error, got 'verbose'"),
     (["serve", "--max-batch-size", "32", "--batch-buckets", "1,64"], "--batch-buckets must be sizes >= 1 whose largest"),
@@ -87,6 +90,15 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_line(tmp_path):
     result = run_cli("eval", str(junk))
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {junk} is truncated or not a PyTorch file"
+
+
+def test_serve_given_a_checkpoint_says_how_to_export_it(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    result = run_cli("serve", str(checkpoint))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: {checkpoint} is a file, not a model package (a folder with "
+                                     f"manifest.json); `resserve export {checkpoint}` makes one of it")
 
 
 def test_data_reports_source_and_counts(mnist):
