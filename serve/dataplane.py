@@ -133,6 +133,11 @@ class Image:
 
     data: bytes
     raw: bool = False
+    name: str | None = None  # the file name an upload gave it: errors name the file too
+
+    def label(self, index: int) -> str:
+        """How errors name this image: by its place in the request, and its file name where known."""
+        return f"image {index} ({self.name!r})" if self.name else f"image {index}"  # repr: one line, whatever it holds
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,7 @@ def _preprocess(images: list[Image], deadline: float | None, stop: threading.Eve
     pixels = 0
     for index, image in enumerate(images):
         if not image.raw:
-            pixels += _for_image(index, pixels_of, image.data)
+            pixels += _for_image(image.label(index), pixels_of, image.data)
     if pixels > MAX_REQUEST_PIXELS:
         raise InvalidInput(f"the images hold {pixels:,} pixels in all; one request may hold {MAX_REQUEST_PIXELS:,}")
     batch = []
@@ -226,16 +231,16 @@ def _preprocess(images: list[Image], deadline: float | None, stop: threading.Eve
         if stop.is_set():
             break
         if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExpired(f"deadline exceeded while preprocessing image {index}; not computed")
-        batch.append(_for_image(index, raw_to_input if image.raw else encoded_to_input, image.data))
+            raise DeadlineExpired(f"deadline exceeded while preprocessing {image.label(index)}; not computed")
+        batch.append(_for_image(image.label(index), raw_to_input if image.raw else encoded_to_input, image.data))
     return np.stack(batch) if len(batch) == len(images) else np.empty((0, 1, 28, 28), np.float32)
 
 
-def _for_image(index: int, work, data: bytes):
+def _for_image(label: str, work, data: bytes):
     try:
         return work(data)
     except InvalidInput as exc:
-        raise type(exc)(f"image {index}: {exc}") from None
+        raise type(exc)(f"{label}: {exc}") from None
 
 
 class DataPlane:

@@ -24,10 +24,10 @@ PAGE_DIR = Path(__file__).parent / "page"
 routes = web.RouteTableDef()
 
 
-async def _images(request: web.Request) -> tuple[list[Image], list[str | None]]:
-    """The request's images, and their file names where a form gave them."""
+async def _images(request: web.Request) -> list[Image]:
+    """The request's images, named by their file names where a form gave them."""
     if request.content_type != "multipart/form-data":
-        return [Image(await read_body(request))], [None]
+        return [Image(await read_body(request))]
     try:
         return await _form_images(request)
     except (ValueError, AssertionError, HttpProcessingError, ClientPayloadError) as exc:  # aiohttp's parser, bad form
@@ -35,8 +35,8 @@ async def _images(request: web.Request) -> tuple[list[Image], list[str | None]]:
         raise InvalidInput(f"malformed multipart form: {detail}") from None
 
 
-async def _form_images(request: web.Request) -> tuple[list[Image], list[str | None]]:
-    images, names = [], []
+async def _form_images(request: web.Request) -> list[Image]:
+    images = []
     limit = plane_of(request).state.settings.max_images_per_request
     remaining = request.app[FRONT_DOOR].max_body_bytes  # a streamed form is held to the body's cap too
     async for part in await request.multipart():
@@ -51,9 +51,8 @@ async def _form_images(request: web.Request) -> tuple[list[Image], list[str | No
                 raise TooLarge(f"the uploaded files exceed the limit of {request.app[FRONT_DOOR].max_body_bytes:,} "
                                "bytes (--max-message-bytes)")
         remaining -= len(data)
-        images.append(Image(bytes(data)))
-        names.append(part.filename)
-    return images, names
+        images.append(Image(bytes(data), name=part.filename))
+    return images
 
 
 @routes.post("/v1/classify")
@@ -61,13 +60,13 @@ async def _form_images(request: web.Request) -> tuple[list[Image], list[str | No
 async def classify(request: web.Request) -> web.Response:
     started = time.perf_counter()
     plane = plane_of(request)
-    images, names = await _images(request)
+    images = await _images(request)
     result = await plane.classify(images, request.query.get("model", ""), request.query.get("version", ""))
     backend = result.model.backend
     answers = []
-    for name, probabilities, seen in zip(names, result.probabilities, result.inputs):
+    for image, probabilities, seen in zip(images, result.probabilities, result.inputs):
         digit = int(probabilities.argmax())
-        answers.append({**({"file": name} if name is not None else {}), "digit": digit,
+        answers.append({**({"file": image.name} if image.name is not None else {}), "digit": digit,
                         "confidence": probabilities[digit], "probabilities": probabilities,
                         "input_png": base64.b64encode(to_png(seen)).decode()})
     return json_response({"model": result.model.name, "model_version": result.model.version,

@@ -17,9 +17,10 @@ import tritonclient.http as triton_http
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from helpers import ServerProcess, metric_value, run_cli
+from helpers import HEIC_PHOTO, ServerProcess, metric_value, run_cli
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.package import load_package
+from resserve.serve.preprocess import HEIF_REFUSED
 
 MODEL = "resnet-mnist"
 INFER = f"/v2/models/{MODEL}/infer"
@@ -173,18 +174,28 @@ def test_classify_a_raw_image_answers_digit_probabilities_and_the_input_it_saw(s
     assert answer["server_ms"] > 0
 
 
-def test_classify_a_multipart_upload_of_several_files(server, mnist):
+def form_of(files: dict[str, bytes]) -> tuple[bytes, dict]:
+    """A multipart form upload of ``files`` (name -> bytes), as a browser sends one: body and headers."""
     boundary = "resserve-test-boundary"
-    parts = b"".join(
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"digit{i}.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n".encode() + png_of(mnist.test.images[i]) + b"\r\n" for i in range(5))
-    body = parts + f"--{boundary}--\r\n".encode()
-    status, _, payload = call(server, "POST", "/v1/classify", body,
-                              {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    parts = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+                     for name, data in files.items())
+    return parts + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_classify_a_multipart_upload_of_several_files(server, mnist):
+    status, _, payload = call(server, "POST", "/v1/classify",
+                              *form_of({f"digit{i}.png": png_of(mnist.test.images[i]) for i in range(5)}))
     assert status == 200, payload
     results = orjson.loads(payload)["results"]
     assert [r["file"] for r in results] == [f"digit{i}.png" for i in range(5)]
     assert [r["digit"] for r in results] == list(mnist.test.labels[:5])
+
+
+def test_an_uploaded_file_that_is_refused_is_named(server, mnist):
+    status, error = error_of(server, "POST", "/v1/classify",
+                             *form_of({"digit0.png": png_of(mnist.test.images[0]), "IMG_0001.HEIC": HEIC_PHOTO}))
+    assert (status, error) == (400, f"image 1 ('IMG_0001.HEIC'): {HEIF_REFUSED}")
 
 
 # ----------------------------------------------------------------------------------------------
