@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -173,7 +174,8 @@ TokenFile = Annotated[Optional[Path], typer.Option(envvar=_env("TOKEN_FILE"),
 
 def classify(
     images: Annotated[list[Path], typer.Argument(metavar="IMAGE", show_default=False,
-        help="Image files (PNG, JPEG, ...), or folders of them: photos and drawings work.")],
+        help="Image files (PNG, JPEG, ...), or folders of them: photos and drawings work; - reads one "
+        "image from standard input.")],
     server: Server = "localhost:8001",
     model: Annotated[str, typer.Option(help="Model name [default: the server's default].")] = "",
     model_version: Annotated[str, typer.Option(help="Model version [default: the latest the server has].")] = "",
@@ -187,7 +189,8 @@ def classify(
     An image that cannot be read, or that the server refuses (not an image, blank, too large), is
     named with the reason on stderr; the others are still classified; the exit code is 1 if any
     was refused. Many files go as several requests, each printed as it is answered. A folder
-    stands for the images in it, by name (files Pillow reads by their extension; not its subfolders).
+    stands for the images in it, by name (files Pillow reads by their extension; not its subfolders);
+    - for an image piped in (`curl -s URL | resserve classify -`).
     """
     from resserve.serve.client import DigitClient, requests_of
 
@@ -204,6 +207,9 @@ def classify(
         typer.echo(json.dumps(rows))
     if any("error" in row for row in rows):
         raise typer.Exit(1)
+
+
+STDIN = Path("-")  # the file name that stands for standard input, as in curl and tar
 
 
 def _image_files(paths: list[Path]) -> list[Path]:
@@ -234,6 +240,12 @@ def _image_extensions() -> set[str]:
     return readable | {".heic", ".heif"}
 
 
+@functools.cache
+def _stdin_bytes() -> bytes:
+    """What was piped in, for the file name ``-``: read once, however often ``-`` is given."""
+    return sys.stdin.buffer.read()
+
+
 def _size_of(path: Path) -> int:
     """How many bytes ``path`` will send (0 where it cannot be read: reading it will say why)."""
     try:
@@ -248,7 +260,7 @@ def _classify_files(client: "DigitClient", paths: list[Path], model: str, versio
     blobs: list[bytes | str] = []
     for path in paths:
         try:
-            blobs.append(path.read_bytes())
+            blobs.append(_stdin_bytes() if path == STDIN else path.read_bytes())
         except OSError as exc:
             blobs.append(f"cannot read it: {exc.strerror}")
     outcomes = iter(client.classify_each([b for b in blobs if isinstance(b, bytes)], model, version))

@@ -34,10 +34,11 @@ HEIC_PHOTO = base64.b64decode(
     "T4ivBYUjpyltGB4j25r6BwtdgA==")
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the installed console script as a user would; returns the finished process."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, stdin=None) -> subprocess.CompletedProcess:
+    """Run the installed console script as a user would (``stdin``: an open file piped in); returns
+    the finished process."""
     return subprocess.run([str(RESSERVE), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, stdin=stdin)
 
 
 def free_port() -> int:

@@ -163,6 +163,16 @@ def test_classify_a_folder_classifies_the_images_in_it_by_name(server, mnist, tm
     assert empty.stderr.strip() == f"error: {tmp_path} has no image files (PNG, JPEG, ...) in it"
 
 
+def test_classify_reads_an_image_piped_in_as_dash(server, mnist, tmp_path):
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(encode(photo_like(mnist.test.images[3]), "JPEG"))
+    with photo.open("rb") as piped:
+        result = run_cli("classify", "-", str(photo), "--server", server.target, stdin=piped)
+    assert result.returncode == 0, result.stderr
+    label = mnist.test.labels[3]
+    assert [line.split(" (")[0] for line in result.stdout.splitlines()] == [f"-: {label}", f"{photo}: {label}"]
+
+
 def test_classify_names_an_iphones_heic_photos_and_how_to_send_them(server, mnist, tmp_path):
     folder = tmp_path / "camera roll"
     folder.mkdir()
