@@ -29,6 +29,12 @@ class InvalidInput(ResserveError):
     status = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class UnsupportedEncoding(InvalidInput):
+    """A request body in a Content-Encoding the server does not decode (RFC 9110's 415)."""
+
+    http_status = 415
+
+
 class ModelNotFound(ResserveError):
     status = grpc.StatusCode.NOT_FOUND
 

@@ -12,12 +12,13 @@ import base64
 import time
 from pathlib import Path
 
-from aiohttp import ClientPayloadError, web
+from aiohttp import ClientPayloadError, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from resserve.serve.dataplane import Image
-from resserve.serve.errors import InvalidInput, TooLarge
+from resserve.serve.errors import InvalidInput, TooLarge, UnsupportedEncoding
 from resserve.serve.preprocess import to_png
+from resserve.serve.rest.encoding import IDENTITY, encoding_of
 from resserve.serve.rest.server import FRONT_DOOR, endpoint, json_response, plane_of, read_body
 
 PAGE_DIR = Path(__file__).parent / "page"
@@ -28,6 +29,8 @@ async def _images(request: web.Request) -> list[Image]:
     """The request's images, named by their file names where a form gave them."""
     if request.content_type != "multipart/form-data":
         return [Image(await read_body(request))]
+    if encoding_of(request.headers.get(hdrs.CONTENT_ENCODING)) != IDENTITY:  # browsers never compress a form
+        raise UnsupportedEncoding("a compressed multipart form is not read; send the form uncompressed")
     try:
         return await _form_images(request)
     except (ValueError, AssertionError, HttpProcessingError, ClientPayloadError) as exc:  # aiohttp's parser, bad form

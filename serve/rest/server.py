@@ -17,11 +17,12 @@ import ssl
 from typing import Any, Awaitable, Callable
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.errors import Busy, ResserveError, TooLarge, to_http_status
+from resserve.serve.rest.encoding import IDENTITY, decompress, encoding_of
 from resserve.serve.settings import host_port
 
 log = logging.getLogger("resserve.serve")
@@ -44,12 +45,14 @@ class HttpFrontDoor:
 
     def reserve(self, request: web.Request) -> int:
         """Bytes of the in-flight budget for this request's body (the cap when its size is not
-        announced): bodies are read whole, so this bounds the memory requests hold at once."""
+        announced, or it is compressed): bodies are read whole, so this bounds the memory requests
+        hold at once."""
         announced = request.content_length
         if announced is not None and announced > self.max_body_bytes:
             raise TooLarge(f"request body of {announced:,} bytes exceeds the limit of {self.max_body_bytes:,} "
                            "(--max-message-bytes)")
-        size = self.max_body_bytes if announced is None and request.body_exists else (announced or 0)
+        unknown = announced is None or encoding_of(request.headers.get(hdrs.CONTENT_ENCODING)) != IDENTITY
+        size = self.max_body_bytes if unknown and request.body_exists else (announced or 0)
         if self.inflight_bytes + size > self.budget_bytes:
             raise Busy(f"the server holds {self.inflight_bytes:,} bytes of requests (budget "
                        f"{self.budget_bytes:,}, --max-inflight-bytes); retry shortly")
@@ -78,12 +81,13 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The whole body, within the size cap (a body without Content-Length is cut off there)."""
+    """The whole body, decompressed, within the size cap (a body without Content-Length is cut off there)."""
+    limit = request.app[FRONT_DOOR].max_body_bytes
     try:
-        return await request.read()
+        body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[FRONT_DOOR].max_body_bytes
         raise TooLarge(f"request body exceeds the limit of {limit:,} bytes (--max-message-bytes)") from None
+    return decompress(body, encoding_of(request.headers.get(hdrs.CONTENT_ENCODING)), limit)
 
 
 def endpoint(api: str) -> Callable[[Handler], Handler]:
@@ -149,7 +153,9 @@ class HttpServer:
         # a client that disconnects cancels its handler, and so its place in the batcher's queue,
         # as a cancelled gRPC call does: abandoned requests are not computed (aiohttp's default
         # since 3.9 lets them run on)
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True)
+        # (and bodies are decompressed within the size cap by serve/rest/encoding.py, not by aiohttp)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True,
+                                    auto_decompress=False)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, reuse_port: bool = False) -> int:
         """Listen (``reuse_port``: beside the other workers); returns the port."""

@@ -3,11 +3,13 @@
 
 import base64
 import collections
+import gzip
 import io
 import re
 import threading
 import time
 import urllib.request
+import zlib
 from http.client import HTTPConnection
 
 import numpy as np
@@ -245,6 +247,41 @@ def test_bad_requests_get_one_json_error_each_and_the_server_carries_on(server, 
     status, error = error_of(server, "POST", "/v1/classify", b"--x--\r\n", {"Content-Type": "multipart/form-data; boundary=x"})
     assert (status, error) == (400, "no images in the request")
     assert call(server, "POST", INFER, json_infer(mnist.test.images[:1, None].astype(np.float32) / 255))[0] == 200
+
+
+def test_tritonclient_http_compressed_requests_and_responses_answer_the_same(client, mnist):
+    images = mnist.test.images[:8, None]
+    answers = []
+    for request, response in ((None, None), ("gzip", None), ("deflate", "gzip"), ("gzip", "deflate")):
+        tensor = triton_http.InferInput("input", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images)
+        answers.append(client.infer(MODEL, [tensor], request_compression_algorithm=request,
+                                    response_compression_algorithm=response).as_numpy("probabilities"))
+    assert all(np.array_equal(answer, answers[0]) for answer in answers)
+
+
+def test_a_compressed_body_is_refused_once_it_inflates_past_the_cap_at_little_cost(server, mnist):
+    """A 1 MB gzip of 1 GB of zeros: aiohttp's own decompression inflated all of it after its 413
+    (3.4 CPU-seconds); decompression now stops at the cap."""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = b"".join(deflater.compress(bytes(1 << 20)) for _ in range(1024)) + deflater.flush()
+    assert len(bomb) < 1_100_000
+    cpu_before = tree_cpu_seconds(server.process.pid)
+    for path in (INFER, "/v1/classify"):
+        status, error = error_of(server, "POST", path, bomb, {"Content-Encoding": "gzip"})
+        assert (status, error) == (413, "request body exceeds the limit of 4,194,304 bytes (--max-message-bytes) "
+                                        "once decompressed (gzip)")
+    time.sleep(0.5)  # what aiohttp went on inflating after answering
+    assert tree_cpu_seconds(server.process.pid) - cpu_before < 0.5
+    assert error_of(server, "POST", "/v1/classify", b"not gzip", {"Content-Encoding": "gzip"}) == (
+        400, "the body is not valid gzip data (Error -3 while decompressing data: incorrect header check)")
+    assert error_of(server, "POST", "/v1/classify", gzip.compress(b"cut short")[:-4], {"Content-Encoding": "gzip"}) == (
+        400, "the body is not valid gzip data (it ends early)")
+    assert error_of(server, "POST", INFER, b"{}", {"Content-Encoding": "br"}) == (
+        415, "Content-Encoding 'br' is not supported; send gzip, deflate or none")
+    photo = png_of(mnist.test.images[0], scale=8, invert=True)
+    status, _, body = call(server, "POST", "/v1/classify", zlib.compress(photo), {"Content-Encoding": "deflate"})
+    assert status == 200 and orjson.loads(body)["results"][0]["digit"] == mnist.test.labels[0]
 
 
 def test_a_body_over_the_size_cap_is_413_announced_or_streamed(mnist):
