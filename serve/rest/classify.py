@@ -12,7 +12,7 @@ import base64
 import time
 from pathlib import Path
 
-from aiohttp import ClientPayloadError, hdrs, web
+from aiohttp import ClientPayloadError, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from resserve.serve.dataplane import Image
@@ -41,21 +41,27 @@ async def _images(request: web.Request) -> list[Image]:
 async def _form_images(request: web.Request) -> list[Image]:
     images = []
     limit = plane_of(request).state.settings.max_images_per_request
-    remaining = request.app[FRONT_DOOR].max_body_bytes  # a streamed form is held to the body's cap too
     async for part in await request.multipart():
-        if getattr(part, "filename", None) is None:
-            continue  # a text field, or a nested form: not an image
-        if len(images) == limit:
+        if isinstance(part, MultipartReader):  # RFC 2388's multipart/mixed inside a form, which no browser sends
+            raise InvalidInput("a nested multipart form is not read; send each file as a part of the form itself")
+        is_file = part.filename is not None  # else a text field: read (the cap counts it) and dropped
+        if is_file and len(images) == limit:
             raise InvalidInput(f"more than {limit} images in one request; the limit is {limit}")
         data = bytearray()
         while chunk := await part.read_chunk():
-            data += chunk
-            if len(data) > remaining:
-                raise TooLarge(f"the uploaded files exceed the limit of {request.app[FRONT_DOOR].max_body_bytes:,} "
-                               "bytes (--max-message-bytes)")
-        remaining -= len(data)
-        images.append(Image(bytes(data), name=part.filename))
+            _check_form_size(request)
+            if is_file:
+                data += chunk
+        if is_file:
+            images.append(Image(bytes(data), name=part.filename))
     return images
+
+
+def _check_form_size(request: web.Request) -> None:
+    """A form streams in part by part, so aiohttp's body cap does not hold for it: this does."""
+    cap = request.app[FRONT_DOOR].max_body_bytes
+    if request.content.total_bytes > cap:
+        raise TooLarge(f"request body exceeds the limit of {cap:,} bytes (--max-message-bytes)")
 
 
 @routes.post("/v1/classify")

@@ -300,6 +300,24 @@ def test_a_body_over_the_size_cap_is_413_announced_or_streamed(mnist):
                            headers={"Transfer-Encoding": "chunked"})
         response = connection.getresponse()
         assert response.status == 413 and "exceeds the limit" in orjson.loads(response.read())["error"]
+
+        def form_with_a_long_note():  # a form streams part by part: text fields count against the cap too
+            yield b'--x\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
+            for _ in range(64):
+                yield b"a" * 8192
+            yield b"\r\n--x--\r\n"
+
+        connection = HTTPConnection(server.http_target, timeout=30)
+        connection.request("POST", "/v1/classify", body=form_with_a_long_note(), encode_chunked=True,
+                           headers={"Transfer-Encoding": "chunked", "Content-Type": "multipart/form-data; boundary=x"})
+        response = connection.getresponse()
+        assert (response.status, orjson.loads(response.read())["error"]) == (
+            413, "request body exceeds the limit of 65,536 bytes (--max-message-bytes)")
+        nested = (b'--x\r\nContent-Disposition: form-data; name="files"\r\nContent-Type: multipart/mixed; boundary=y'
+                  b'\r\n\r\n--y\r\nContent-Disposition: file; filename="a.png"\r\n\r\n' + png_of(mnist.test.images[0])
+                  + b"\r\n--y--\r\n--x--\r\n")
+        assert error_of(server, "POST", "/v1/classify", nested, {"Content-Type": "multipart/form-data; boundary=x"}) == (
+            400, "a nested multipart form is not read; send each file as a part of the form itself")
         assert call(server, "POST", INFER, json_infer(mnist.test.images[:1, None].astype(np.float32) / 255))[0] == 200
 
 
