@@ -226,7 +226,8 @@ def _int8(staging: Path, fp32_onnx: Path, verifier: Verifier, calibration: Split
                        kept=loss <= INT8_MAX_LOSS, accuracy_loss=loss, calibration_images=CALIBRATION_IMAGES,
                        batch64_images_per_second={k: round(v, 1) for k, v in speed.items()})
     log(f"int8: test accuracy {parity.test_accuracy:.4f} (fp32 {verifier.accuracy:.4f}), "
-        f"{speed['int8']:.0f} vs {speed['fp32']:.0f} images/s at batch 64: "
+        f"{speed['int8']:,.0f} vs fp32's {speed['fp32']:,.0f} images/s at batch 64 here "
+        f"({speed['int8'] / speed['fp32']:.2f}x): "
         + ("kept" if entry.kept else f"dropped (loses more than {INT8_MAX_LOSS * 100:.1f} points)"))
     if not entry.kept:
         path.unlink()
