@@ -1,12 +1,14 @@
 """The `resserve` command as a user meets it: help everywhere, one-line errors, torch-free start."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from helpers import run_cli
+from helpers import RESSERVE, run_cli
 from resserve.serve.package import SHIPPED_PACKAGE
 
 COMMANDS = [[], ["data"], ["train"], ["eval"], ["export"], ["serve"], ["classify"], ["health"],
@@ -150,6 +152,27 @@ def test_training_that_diverges_stops_with_one_line_and_writes_nothing(mnist, tm
     assert result.stderr.strip().splitlines()[-1].startswith("error: training diverged: the loss became nan at step ")
     assert "a lower learning rate than 1e+20" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_stopped_by_ctrl_c_keeps_the_best_finished_epoch(mnist, tmp_path):
+    out = tmp_path / "stopped.pt"
+    training = subprocess.Popen([str(RESSERVE), "train", "--blocks", "1", "--channels", "4", "--epochs", "1000",
+                                 "--train-limit", "256", "--validation-size", "256", "--out", str(out), "--quiet",
+                                 "--data-dir", str(mnist.path.parent)], stderr=subprocess.PIPE, text=True)
+    for line in training.stderr:
+        if line.startswith("epoch 2:"):
+            training.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            break
+    rest = training.stderr.read()
+    assert training.wait(timeout=120) == 130, rest
+    said = re.fullmatch(rf"error: interrupted after (\d+) of 1000 epochs; saved the best of them \(epoch (\d+)\) "
+                        rf"to {re.escape(str(out))}", rest.splitlines()[-1])
+    assert said, rest
+    record = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert len(record["history"]) == int(said[1]) >= 2 and record["best_epoch"] == int(said[2]) <= int(said[1])
+    assert "1000 epochs, interrupted after" in out.with_suffix(".card.md").read_text()
+    evaluated = run_cli("eval", str(out), "--json", "--data-dir", str(mnist.path.parent))
+    assert json.loads(evaluated.stdout)["test_accuracy"] == pytest.approx(record["test_accuracy"], abs=1e-6)
 
 
 TORCH_BLOCKED = (

@@ -18,6 +18,8 @@ def render_model_card(record: TrainingRecord) -> str:
         f"| {e.epoch} | {e.train_loss:.4f} | {e.train_accuracy:.4f} | {_accuracy(e.val_accuracy)} | {e.seconds:.0f} |"
         for e in record.history)
     selected = "best validation accuracy" if record.val_accuracy is not None else "the last: no validation split"
+    trained = (f"{cfg.epochs} epochs" if len(record.history) == cfg.epochs
+               else f"{cfg.epochs} epochs, interrupted after {len(record.history)}")
     validation = (f"last {cfg.validation_size:,} of the training set for validation" if cfg.validation_size
                   else "no validation split")
     return f"""# Model card: {record.arch} on MNIST
@@ -28,7 +30,7 @@ def render_model_card(record: TrainingRecord) -> str:
 | model config | `{record.model_config.to_dict()}` |
 | command | `{record.command or '(python API)'}` |
 | data | MNIST from {record.data_source}: {record.train_images:,} training images, {validation}, 10,000 test images |
-| recipe | SGD (Nesterov, momentum {cfg.momentum}), one-cycle lr peak {cfg.lr}, weight decay {cfg.weight_decay}, batch {cfg.batch_size}, {cfg.epochs} epochs, ±{cfg.shift} px translations, seed {cfg.seed} |
+| recipe | SGD (Nesterov, momentum {cfg.momentum}), one-cycle lr peak {cfg.lr}, weight decay {cfg.weight_decay}, batch {cfg.batch_size}, {trained}, ±{cfg.shift} px translations, seed {cfg.seed} |
 | hardware | {record.device}, {record.precision} autocast for training; evaluation in fp32 |
 | wall time | {record.train_seconds / 60:.1f} min |
 | selected epoch | {record.best_epoch} ({selected}) |

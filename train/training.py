@@ -240,6 +240,12 @@ class TrainingDiverged(ResserveError):
                          "usually trains")
 
 
+class TrainingInterrupted(ResserveError):
+    """Ctrl-C during training, after the best epoch so far was saved: exits as an interrupt does."""
+
+    exit_code = 130
+
+
 def fit(model: nn.Module, split: Split, cfg: TrainConfig, steps: int, precision: str, marks: set[int],
         on_mark: Callable[[Interval], None], progress: Progress, description: str) -> None:
     """Train ``model`` for ``steps`` steps of the recipe over shuffled epochs of ``split``.
@@ -281,15 +287,16 @@ class BestEpoch:
 
     def offer(self, accuracy: float, epoch: int, model: nn.Module) -> None:
         if accuracy >= self.accuracy:  # ties: the later epoch, trained longer
-            self.accuracy, self.epoch = accuracy, epoch
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.accuracy, self.epoch, self.state = accuracy, epoch, state  # at once: Ctrl-C may come any time
 
 
 def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
           log=print, show_progress: bool = True, command: str | None = None) -> TrainingRecord:
     """Train, keep the epoch with the best validation accuracy (the last without validation), test it, save it.
 
-    Writes ``out`` (checkpoint), ``out.metrics.json`` and a model card ``out.card.md``.
+    Writes ``out`` (checkpoint), ``out.metrics.json`` and a model card ``out.card.md``. Interrupted
+    (Ctrl-C) after an epoch, it saves the best epoch so far, then raises ``TrainingInterrupted``.
     """
     cfg.validate()
     check_writable(out)
@@ -319,10 +326,18 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
             + (f", validation acc {val.accuracy:.4f}" if val else "") + f" ({seconds:.0f} s)")
         best.offer(val.accuracy if val else 0.0, epoch, model)  # without validation: ties, so the last
 
-    with progress_bar(show_progress, "steps") as progress:
-        fit(model, train_split, cfg, cfg.epochs * steps_per_epoch, precision,
-            {epoch * steps_per_epoch for epoch in range(1, cfg.epochs + 1)}, end_of_epoch, progress,
-            f"{model_config.arch}-{model_config.blocks}, {cfg.epochs} epochs")
+    interrupted = False
+    try:
+        with progress_bar(show_progress, "steps") as progress:
+            fit(model, train_split, cfg, cfg.epochs * steps_per_epoch, precision,
+                {epoch * steps_per_epoch for epoch in range(1, cfg.epochs + 1)}, end_of_epoch, progress,
+                f"{model_config.arch}-{model_config.blocks}, {cfg.epochs} epochs")
+    except KeyboardInterrupt:  # Ctrl-C: the epochs finished so far are not thrown away
+        if not best.state:
+            raise
+        interrupted = True
+        log(f"interrupted after {len(history)} of {cfg.epochs} epochs: keeping the best of them "
+            "(Ctrl-C again to drop it)")
 
     model.load_state_dict(best.state)
     test = evaluate(model, mnist.test)
@@ -337,4 +352,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     save_checkpoint(out, model.cpu(), model_config, record)
     Path(out).with_suffix(".metrics.json").write_text(json.dumps(record.to_dict(), indent=2) + "\n")
     card_path(out).write_text(render_model_card(record))
+    if interrupted:
+        raise TrainingInterrupted(f"interrupted after {len(history)} of {cfg.epochs} epochs; saved the best of "
+                                  f"them (epoch {best.epoch}) to {out}")
     return record
