@@ -149,9 +149,25 @@ def test_training_that_diverges_stops_with_one_line_and_writes_nothing(mnist, tm
                      "--validation-size", "256", "--lr", "1e20", "--out", str(out), "--quiet",
                      "--data-dir", str(mnist.path.parent))
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: training diverged: the loss became nan at step ")
-    assert "a lower learning rate than 1e+20" in result.stderr
+    assert re.fullmatch(r"error: training diverged: the loss became (nan|inf) at step \d+ of 2 \(a lower learning rate "
+                        r"than 1e\+20 usually trains\); no epoch had finished, so nothing was saved",
+                        result.stderr.strip().splitlines()[-1]), result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_that_diverges_after_an_epoch_keeps_the_best_finished_one(mnist, tmp_path):
+    out = tmp_path / "diverged.pt"
+    result = run_cli("train", "--blocks", "1", "--channels", "4", "--epochs", "3", "--train-limit", "256",
+                     "--validation-size", "256", "--lr", "1e9", "--out", str(out), "--quiet",
+                     "--data-dir", str(mnist.path.parent))
+    assert result.returncode == 1
+    said = re.fullmatch(r"error: training diverged: the loss became (nan|inf) at step (\d+) of 6 \(a lower learning "
+                        rf"rate than 1e\+09 usually trains\); saved the best epoch before it \(epoch (\d), of (\d) "
+                        rf"finished\) to {re.escape(str(out))}", result.stderr.strip().splitlines()[-1])
+    assert said, result.stderr
+    record = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert len(record["history"]) == int(said[4]) >= 1 and record["best_epoch"] == int(said[3])
+    assert "3 epochs, stopped after" in out.with_suffix(".card.md").read_text()
 
 
 def test_training_stopped_by_ctrl_c_keeps_the_best_finished_epoch(mnist, tmp_path):
@@ -170,7 +186,7 @@ def test_training_stopped_by_ctrl_c_keeps_the_best_finished_epoch(mnist, tmp_pat
     assert said, rest
     record = json.loads(out.with_suffix(".metrics.json").read_text())
     assert len(record["history"]) == int(said[1]) >= 2 and record["best_epoch"] == int(said[2]) <= int(said[1])
-    assert "1000 epochs, interrupted after" in out.with_suffix(".card.md").read_text()
+    assert "1000 epochs, stopped after" in out.with_suffix(".card.md").read_text()
     evaluated = run_cli("eval", str(out), "--json", "--data-dir", str(mnist.path.parent))
     assert json.loads(evaluated.stdout)["test_accuracy"] == pytest.approx(record["test_accuracy"], abs=1e-6)
 

@@ -19,7 +19,7 @@ def render_model_card(record: TrainingRecord) -> str:
         for e in record.history)
     selected = "best validation accuracy" if record.val_accuracy is not None else "the last: no validation split"
     trained = (f"{cfg.epochs} epochs" if len(record.history) == cfg.epochs
-               else f"{cfg.epochs} epochs, interrupted after {len(record.history)}")
+               else f"{cfg.epochs} epochs, stopped after {len(record.history)}")
     validation = (f"last {cfg.validation_size:,} of the training set for validation" if cfg.validation_size
                   else "no validation split")
     return f"""# Model card: {record.arch} on MNIST

@@ -234,11 +234,6 @@ class Interval:
 class TrainingDiverged(ResserveError):
     """The loss stopped being a number: every later step would be wasted, so training stops."""
 
-    def __init__(self, step: int, steps: int, loss: float, lr: float) -> None:
-        super().__init__(f"training diverged: the loss became {loss} at step {step:,} of {steps:,}, "
-                         f"so it stopped there and saved nothing; a lower learning rate than {lr:g} "
-                         "usually trains")
-
 
 class TrainingInterrupted(ResserveError):
     """Ctrl-C during training, after the best epoch so far was saved: exits as an interrupt does."""
@@ -265,7 +260,8 @@ def fit(model: nn.Module, split: Split, cfg: TrainConfig, steps: int, precision:
         images, labels = next(stream)
         loss, correct = train_step(model, images, labels, cfg, optimizer, scheduler, generator, precision)
         if not math.isfinite(loss):
-            raise TrainingDiverged(step, steps, loss, cfg.lr)
+            raise TrainingDiverged(f"training diverged: the loss became {loss} at step {step:,} of {steps:,} "
+                                   f"(a lower learning rate than {cfg.lr:g} usually trains)")
         seen += len(labels)
         interval.add(len(labels), loss, correct)
         progress.update(task, advance=1, status=f"loss {interval.loss:.4f} acc {interval.accuracy:.4f} "
@@ -296,7 +292,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     """Train, keep the epoch with the best validation accuracy (the last without validation), test it, save it.
 
     Writes ``out`` (checkpoint), ``out.metrics.json`` and a model card ``out.card.md``. Interrupted
-    (Ctrl-C) after an epoch, it saves the best epoch so far, then raises ``TrainingInterrupted``.
+    (Ctrl-C) or diverged after an epoch, it saves the best epoch so far, then raises
+    ``TrainingInterrupted`` or ``TrainingDiverged``.
     """
     cfg.validate()
     check_writable(out)
@@ -326,18 +323,20 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
             + (f", validation acc {val.accuracy:.4f}" if val else "") + f" ({seconds:.0f} s)")
         best.offer(val.accuracy if val else 0.0, epoch, model)  # without validation: ties, so the last
 
-    interrupted = False
+    stopped: BaseException | None = None
     try:
         with progress_bar(show_progress, "steps") as progress:
             fit(model, train_split, cfg, cfg.epochs * steps_per_epoch, precision,
                 {epoch * steps_per_epoch for epoch in range(1, cfg.epochs + 1)}, end_of_epoch, progress,
                 f"{model_config.arch}-{model_config.blocks}, {cfg.epochs} epochs")
-    except KeyboardInterrupt:  # Ctrl-C: the epochs finished so far are not thrown away
+    except (KeyboardInterrupt, TrainingDiverged) as exc:  # Ctrl-C or NaN: the finished epochs are kept
         if not best.state:
+            if isinstance(exc, TrainingDiverged):
+                raise TrainingDiverged(f"{exc}; no epoch had finished, so nothing was saved") from None
             raise
-        interrupted = True
-        log(f"interrupted after {len(history)} of {cfg.epochs} epochs: keeping the best of them "
-            "(Ctrl-C again to drop it)")
+        stopped = exc
+        log(f"stopped after {len(history)} of {cfg.epochs} epochs: keeping the best of them (Ctrl-C again to "
+            "drop it)")
 
     model.load_state_dict(best.state)
     test = evaluate(model, mnist.test)
@@ -352,7 +351,10 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     save_checkpoint(out, model.cpu(), model_config, record)
     Path(out).with_suffix(".metrics.json").write_text(json.dumps(record.to_dict(), indent=2) + "\n")
     card_path(out).write_text(render_model_card(record))
-    if interrupted:
+    if isinstance(stopped, KeyboardInterrupt):
         raise TrainingInterrupted(f"interrupted after {len(history)} of {cfg.epochs} epochs; saved the best of "
                                   f"them (epoch {best.epoch}) to {out}")
+    if stopped is not None:
+        raise TrainingDiverged(f"{stopped}; saved the best epoch before it (epoch {best.epoch}, of {len(history)} "
+                               f"finished) to {out}")
     return record
