@@ -52,13 +52,17 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, drain_seconds: float = 0,
                  executable: Path = RESSERVE) -> None:
-        self.metrics_port, self.http_port = free_port(), free_port()
-        # one worker unless a test asks for more: `auto` would give several on a machine with 8+ CPUs
-        self.args = [str(executable), "serve", "--host", "127.0.0.1", "--port", "0", "--http-port", str(self.http_port),
-                     "--metrics-port", str(self.metrics_port), "--drain-seconds", str(drain_seconds), "--workers", "1",
-                     *args]
+        self.executable, self.extra_args, self.drain_seconds = executable, args, drain_seconds
         self.env = {**os.environ, **(env or {})}
         self.wait_ready = wait_ready
+        self._choose_ports()
+
+    def _choose_ports(self) -> None:
+        self.metrics_port, self.http_port = free_port(), free_port()
+        # one worker unless a test asks for more: `auto` would give several on a machine with 8+ CPUs
+        self.args = [str(self.executable), "serve", "--host", "127.0.0.1", "--port", "0", "--http-port",
+                     str(self.http_port), "--metrics-port", str(self.metrics_port), "--drain-seconds",
+                     str(self.drain_seconds), "--workers", "1", *self.extra_args]
         self.lines: list[str] = []
         self.port: int | None = None
         self._ready = threading.Event()
@@ -84,14 +88,28 @@ class ServerProcess:
                 self._ready.set()
 
     def __enter__(self) -> "ServerProcess":
-        self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
-        threading.Thread(target=self._pump, daemon=True).start()
-        if self.wait_ready:
-            deadline = time.monotonic() + 60
-            while not self._ready.wait(0.05):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("server did not become ready:\n" + "".join(self.lines))
-        return self
+        # a port free_port() chose may be taken by another process before the server binds it: choose again
+        for attempts_left in (2, 1, 0):
+            self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                            env=self.env)
+            self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+            self._pump_thread.start()
+            if not self.wait_ready or self._became_ready():
+                return self
+            if not (attempts_left and self._port_was_taken()):
+                raise RuntimeError("server did not become ready:\n" + "".join(self.lines))
+            self._choose_ports()
+
+    def _became_ready(self, timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                return False
+        return True
+
+    def _port_was_taken(self) -> bool:
+        self._pump_thread.join(5)  # the server has exited: all it said is read
+        return self.process.poll() is not None and "Address already in use" in "".join(self.lines)
 
     def stop(self, timeout: float = 30) -> int:
         if self.process.poll() is None:
