@@ -15,6 +15,9 @@ from importlib.metadata import entry_points
 # Before the first import of grpc, which reads it: resserve never forks a process that uses gRPC,
 # and without this gRPC core logs "skipping fork() handlers" whenever a library it loads forks.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# gRPC core's own log lines on stderr: errors only (not "I1202 ... Handshake failed" beside the
+# error a command prints for a TLS connection that failed, nor one per such client in a server's log)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import typer  # noqa: E402
 

@@ -166,6 +166,10 @@ def _client_token(token: str | None, token_file: Path | None) -> str | None:
 
 Server = Annotated[str, typer.Option("--server", envvar=_env("SERVER"), help="host:port of a resserve server.")]
 TlsCa = Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CA"), help="CA certificate: connect with TLS.")]
+TlsCert = Annotated[Optional[Path], typer.Option(envvar=_env("CLIENT_CERT"), show_envvar=True, show_default=False,
+    help="This client's certificate (PEM), for a server with mutual TLS (--tls-client-ca); with --tls-key.")]
+TlsKey = Annotated[Optional[Path], typer.Option(envvar=_env("CLIENT_KEY"), show_envvar=True, show_default=False,
+    help="The private key (PEM) of --tls-cert.")]
 Token = Annotated[Optional[str], typer.Option(envvar=_env("TOKEN"), show_envvar=True,
     help="Bearer token. Prefer the environment variable or --token-file: a flag shows in the process list.")]
 TokenFile = Annotated[Optional[Path], typer.Option(envvar=_env("TOKEN_FILE"),
@@ -180,6 +184,8 @@ def classify(
     model: Annotated[str, typer.Option(help="Model name [default: the server's default].")] = "",
     model_version: Annotated[str, typer.Option(help="Model version [default: the latest the server has].")] = "",
     tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
     token: Token = None,
     token_file: TokenFile = None,
     as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {file, digit, confidence, model, model_version} (or {file, error}).")] = False,
@@ -195,7 +201,7 @@ def classify(
     from resserve.serve.client import DigitClient, requests_of
 
     images, rows = _image_files(images), []
-    with DigitClient(server, tls_ca, _client_token(token, token_file)) as client:
+    with DigitClient(server, tls_ca, _client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key) as client:
         for request in requests_of([_size_of(path) for path in images]):
             for row in _classify_files(client, images[request.start:request.stop], model, model_version):
                 if "error" in row:
@@ -281,6 +287,8 @@ def health(
         help="Seconds to keep asking until SERVING (a server still starting or loading) before giving up; "
         "0: ask once.")] = 0.0,
     tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
 ) -> None:
     """Ask a server's grpc.health.v1 service; exit 0 only when SERVING.
 
@@ -290,7 +298,7 @@ def health(
 
     if not 0 <= wait < math.inf:
         raise ResserveError(f"--wait must be finite and >= 0, got {wait}")
-    with DigitClient(server, tls_ca, timeout=5.0) as client:
+    with DigitClient(server, tls_ca, timeout=5.0, tls_cert=tls_cert, tls_key=tls_key) as client:
         status = client.wait_until_serving(service, wait)
     typer.echo(status)
     if status != "SERVING":
@@ -307,6 +315,8 @@ def models(
         help="Stop serving this model (every version) before listing; --load serves it again.",
         show_default=False)] = None,
     tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
     token: Token = None,
     token_file: TokenFile = None,
     as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {name, version, state, reason}.")] = False,
@@ -319,7 +329,8 @@ def models(
 
     if load and unload:
         raise ResserveError("give --load or --unload, not both")
-    with DigitClient(server, tls_ca, _client_token(token, token_file), timeout=MODEL_CONTROL_SECONDS) as client:
+    with DigitClient(server, tls_ca, _client_token(token, token_file), timeout=MODEL_CONTROL_SECONDS, tls_cert=tls_cert,
+                     tls_key=tls_key) as client:
         if load:
             client.load(load)
         if unload:

@@ -19,18 +19,59 @@ from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+from resserve.serve.tls import check_key_pair, read_pem
 
 # Nothing listens there: the likeliest reason is a server not started, or another port
 NO_SERVER_HINT = " (is a server running there? `resserve serve` starts one; --server or RESSERVE_SERVER names another)"
+# Why a connection failed, by what gRPC core says, and what to do: the first marker found wins
+CONNECT_HINTS = (
+    ("WRONG_VERSION_NUMBER", " (the server there does not speak TLS: leave out --tls-ca)"),
+    ("CERTIFICATE_VERIFY_FAILED", " (the server's certificate is not signed by the CA in --tls-ca)"),
+    ("Hostname Verification Check failed", " (the server's certificate does not name the host in --server)"),
+)
+# A server that closes the connection in the handshake: what it refused, by how this client connected
+CLOSED_HINTS = {
+    "plaintext": " (a TLS server closes plaintext connections: --tls-ca names the CA that signed its certificate)",
+    "TLS": " (a server with mutual TLS closes connections without a client certificate: give --tls-cert and "
+           "--tls-key)",
+    "mutual TLS": " (the server did not accept the certificate in --tls-cert: is it signed by the server's "
+                  "--tls-client-ca?)",
+}
 
 
 class ClientError(ResserveError):
     """The server answered with an error, or could not be reached."""
 
-    def __init__(self, target: str, code: grpc.StatusCode, details: str) -> None:
-        hint = NO_SERVER_HINT if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details else ""
-        super().__init__(f"{target}: {code.name}: {details}{hint}")
+    def __init__(self, target: str, code: grpc.StatusCode, details: str, connection: str = "plaintext") -> None:
+        super().__init__(f"{target}: {code.name}: {details}{_connect_hint(code, details, connection)}")
         self.code, self.details = code, details
+
+
+def _connect_hint(code: grpc.StatusCode, details: str, connection: str) -> str:
+    """Why a call found no server to answer it, where gRPC's details say: ``connection`` is
+    plaintext, TLS or mutual TLS."""
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    hint = next((hint for marker, hint in CONNECT_HINTS if marker in details), "")
+    if not hint and "Socket closed" in details:
+        hint = CLOSED_HINTS[connection]
+    return hint or (NO_SERVER_HINT if "failed to connect" in details else "")
+
+
+def _credentials(tls_ca: Path, tls_cert: Path | None, tls_key: Path | None) -> grpc.ChannelCredentials:
+    """TLS trusting the CA in ``tls_ca``, with the client's own certificate and key for a server
+    that asks for one (mutual TLS). The files are checked here: gRPC would only fail at the first
+    call, with "Failed to create security handshaker"."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ResserveError("a client certificate needs both --tls-cert and --tls-key")
+    if tls_cert and tls_key:
+        check_key_pair(tls_cert, tls_key)
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_pem(tls_ca, "--tls-ca", "CERTIFICATE"),
+        private_key=read_pem(tls_key, "--tls-key", "PRIVATE KEY") if tls_key else None,
+        certificate_chain=read_pem(tls_cert, "--tls-cert", "CERTIFICATE") if tls_cert else None)
+
+
 
 
 # How the server names the image at fault in a Classify request, and a request with more images
@@ -104,12 +145,15 @@ class DigitClient:
     """``with DigitClient("localhost:8001") as client: client.classify([png_bytes])``."""
 
     def __init__(self, target: str = "localhost:8001", tls_ca: Path | None = None, token: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
         if tls_ca is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
-            self.channel = grpc.secure_channel(target, credentials)
+            self.channel = grpc.secure_channel(target, _credentials(tls_ca, tls_cert, tls_key))
+        elif tls_cert or tls_key:
+            raise ResserveError("--tls-cert and --tls-key (mutual TLS) need --tls-ca: the CA that signed the "
+                                "server's certificate")
         else:
             self.channel = grpc.insecure_channel(target)
+        self.connection = "mutual TLS" if tls_cert else "TLS" if tls_ca else "plaintext"
         self.target = target
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -211,4 +255,4 @@ class DigitClient:
         try:
             return method(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
-            raise ClientError(self.target, exc.code(), exc.details()) from None
+            raise ClientError(self.target, exc.code(), exc.details(), self.connection) from None

@@ -1,8 +1,9 @@
 """TLS for every front door: the settings' PEM files read and checked once, then handed to gRPC
-(``grpc.ServerCredentials``) and to the HTTP server (``ssl.SSLContext``) alike.
+(``grpc.ServerCredentials``) and to the HTTP server (``ssl.SSLContext``) alike; the same checks
+serve the client commands' files (serve/client.py).
 
 Settings that ask for security fail closed: an unreadable or non-PEM file, or a key that does
-not match its certificate, stops the server before it listens.
+not match its certificate, stops the server before it listens, in one line that names the option.
 """
 
 from __future__ import annotations
@@ -29,25 +30,41 @@ def tls_files(settings: ServerSettings) -> TlsFiles | None:
     if not settings.tls_cert:
         return None
     files = TlsFiles(settings.tls_key, settings.tls_cert, settings.tls_client_ca)
-    for path, marker in ((files.key, b"PRIVATE KEY-----"), (files.cert, b"-----BEGIN CERTIFICATE-----"),
-                         (files.client_ca, b"-----BEGIN CERTIFICATE-----")):
-        if path is not None and marker not in _read(path):
-            what = "private key" if marker.startswith(b"PRIVATE") else "certificate"
-            raise ResserveError(f"{path} is not a PEM {what}")
+    check_key_pair(files.cert, files.key)
+    if files.client_ca:
+        read_pem(files.client_ca, "--tls-client-ca", "CERTIFICATE")
     return files
 
 
-def _read(path: Path) -> bytes:
+def read_pem(path: Path, option: str, kind: str) -> bytes:
+    """The PEM file ``option`` names, refused in one line when it cannot be read or holds no
+    ``kind`` (CERTIFICATE, PRIVATE KEY): gRPC would only fail later, and vaguely."""
     try:
-        return path.read_bytes()
+        pem = Path(path).read_bytes()
     except OSError as exc:
-        raise ResserveError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
+        raise ResserveError(f"cannot read {option} {path}: {exc.strerror}") from None
+    if f"{kind}-----".encode() not in pem:
+        raise ResserveError(f"{option} {path} holds no PEM {kind.lower()} (-----BEGIN {kind}-----)")
+    return pem
+
+
+def check_key_pair(cert: Path, key: Path) -> None:
+    """That ``key`` (--tls-key) is the unencrypted private key of ``cert`` (--tls-cert), as Python's
+    ssl reads the pair: a server's or a client's (mutual TLS)."""
+    read_pem(cert, "--tls-cert", "CERTIFICATE")
+    read_pem(key, "--tls-key", "PRIVATE KEY")
+    try:  # an encrypted key gets an empty password and fails, rather than a prompt: gRPC cannot use one either
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise ResserveError(f"--tls-key {key} is not the (unencrypted) key of --tls-cert {cert}: "
+                            f"{exc.reason or exc}") from None
 
 
 def grpc_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    client_ca = _read(files.client_ca) if files.client_ca else None
-    return grpc.ssl_server_credentials([(_read(files.key), _read(files.cert))], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    client_ca = read_pem(files.client_ca, "--tls-client-ca", "CERTIFICATE") if files.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read_pem(files.key, "--tls-key", "PRIVATE KEY"), read_pem(files.cert, "--tls-cert", "CERTIFICATE"))],
+        root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 def ssl_context(files: TlsFiles) -> ssl.SSLContext:
@@ -60,6 +77,5 @@ def ssl_context(files: TlsFiles) -> ssl.SSLContext:
             context.load_verify_locations(cafile=files.client_ca)
             context.verify_mode = ssl.CERT_REQUIRED
     except ssl.SSLError as exc:
-        raise ResserveError(f"cannot use TLS files {files.cert}, {files.key}: {exc.reason or exc} "
-                            "(does the key match the certificate?)") from None
+        raise ResserveError(f"cannot use TLS files {files.cert}, {files.key}: {exc.reason or exc}") from None
     return context

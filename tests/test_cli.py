@@ -61,6 +61,12 @@ def test_root_help_lists_the_commands():
      "cannot write /proc/no-such/serve.json"),
     (["classify", __file__, "--server", "127.0.0.1:1"], "127.0.0.1:1: UNAVAILABLE: failed to connect"),
     (["health", "--server", "127.0.0.1:1"], "(is a server running there? `resserve serve` starts one; --server or"),
+    (["health", "--tls-ca", "/nonexistent/ca.crt"], "cannot read --tls-ca /nonexistent/ca.crt: No such file or directory"),
+    (["health", "--tls-ca", str(SHIPPED_PACKAGE / "manifest.json")],
+     f"--tls-ca {SHIPPED_PACKAGE / 'manifest.json'} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+    (["classify", __file__, "--tls-ca", __file__, "--tls-cert", __file__],
+     "a client certificate needs both --tls-cert and --tls-key"),
+    (["models", "--tls-cert", __file__, "--tls-key", __file__], "--tls-cert and --tls-key (mutual TLS) need --tls-ca"),
     (["eval", "--device", "tpu"], "device must be auto, cpu or cuda, got 'tpu'"),
     (["serve", "--max-batch-size", "lots"], "--max-batch-size must be auto or a number of images, got 'lots'"),
     (["serve", "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
@@ -131,10 +137,15 @@ def test_shipped_model_reaches_the_accuracy_target(mnist):
     assert sum(map(sum, report["confusion_matrix"])) == 10_000
 
 
+def tiny_training(mnist, out, *args: str) -> list[str]:
+    """`resserve train` of a 370-parameter network on 256 images, which takes seconds."""
+    return ["train", "--blocks", "1", "--channels", "4", "--train-limit", "256", "--validation-size", "256",
+            "--out", str(out), "--quiet", "--data-dir", str(mnist.path.parent), *args]
+
+
 def test_train_writes_a_checkpoint_that_eval_reads(mnist, tmp_path):
     out = tmp_path / "tiny.pt"
-    trained = run_cli("train", "--blocks", "1", "--channels", "4", "--epochs", "1", "--train-limit", "256",
-                      "--validation-size", "256", "--out", str(out), "--quiet", "--data-dir", str(mnist.path.parent))
+    trained = run_cli(*tiny_training(mnist, out, "--epochs", "1"))
     assert trained.returncode == 0, trained.stderr
     assert "test accuracy" in trained.stderr
     evaluated = run_cli("eval", str(out), "--json", "--data-dir", str(mnist.path.parent))
@@ -145,9 +156,7 @@ def test_train_writes_a_checkpoint_that_eval_reads(mnist, tmp_path):
 
 def test_training_that_diverges_stops_with_one_line_and_writes_nothing(mnist, tmp_path):
     out = tmp_path / "diverged.pt"
-    result = run_cli("train", "--blocks", "1", "--channels", "4", "--epochs", "1", "--train-limit", "256",
-                     "--validation-size", "256", "--lr", "1e20", "--out", str(out), "--quiet",
-                     "--data-dir", str(mnist.path.parent))
+    result = run_cli(*tiny_training(mnist, out, "--epochs", "1", "--lr", "1e20"))
     assert result.returncode == 1
     assert re.fullmatch(r"error: training diverged: the loss became (nan|inf) at step \d+ of 2 \(a lower learning rate "
                         r"than 1e\+20 usually trains\); no epoch had finished, so nothing was saved",
@@ -157,9 +166,7 @@ def test_training_that_diverges_stops_with_one_line_and_writes_nothing(mnist, tm
 
 def test_training_that_diverges_after_an_epoch_keeps_the_best_finished_one(mnist, tmp_path):
     out = tmp_path / "diverged.pt"
-    result = run_cli("train", "--blocks", "1", "--channels", "4", "--epochs", "3", "--train-limit", "256",
-                     "--validation-size", "256", "--lr", "1e9", "--out", str(out), "--quiet",
-                     "--data-dir", str(mnist.path.parent))
+    result = run_cli(*tiny_training(mnist, out, "--epochs", "3", "--lr", "1e9"))
     assert result.returncode == 1
     said = re.fullmatch(r"error: training diverged: the loss became (nan|inf) at step (\d+) of 6 \(a lower learning "
                         rf"rate than 1e\+09 usually trains\); saved the best epoch before it \(epoch (\d), of (\d) "
@@ -172,9 +179,8 @@ def test_training_that_diverges_after_an_epoch_keeps_the_best_finished_one(mnist
 
 def test_training_stopped_by_ctrl_c_keeps_the_best_finished_epoch(mnist, tmp_path):
     out = tmp_path / "stopped.pt"
-    training = subprocess.Popen([str(RESSERVE), "train", "--blocks", "1", "--channels", "4", "--epochs", "1000",
-                                 "--train-limit", "256", "--validation-size", "256", "--out", str(out), "--quiet",
-                                 "--data-dir", str(mnist.path.parent)], stderr=subprocess.PIPE, text=True)
+    training = subprocess.Popen([str(RESSERVE), *tiny_training(mnist, out, "--epochs", "1000")],
+                                stderr=subprocess.PIPE, text=True)
     for line in training.stderr:
         if line.startswith("epoch 2:"):
             training.send_signal(signal.SIGINT)  # what Ctrl-C sends

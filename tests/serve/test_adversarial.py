@@ -163,7 +163,7 @@ def test_a_tls_key_that_is_not_a_key_is_named_as_such(tmp_path):
     result = run_cli("serve", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
                      timeout=60)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"error: {key} is not a PEM private key"
+    assert result.stderr.strip().splitlines()[-1] == f"error: --tls-key {key} holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
 
 
 # 4. the metrics endpoint follows --host -------------------------------------------------------

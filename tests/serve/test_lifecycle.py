@@ -172,7 +172,7 @@ def test_an_artifact_failing_its_checksum_refuses_to_start(tmp_path):
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    """A CA, a server certificate for 127.0.0.1/localhost, and a client certificate."""
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and one from elsewhere."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -201,6 +201,7 @@ def pki(tmp_path_factory):
     ca_key, ca_name = issue("ca", None, None, ca=True)
     issue("server", ca_key, ca_name, san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     issue("client", ca_key, ca_name)
+    issue("stranger", None, None)  # a client certificate signed by itself, not by the CA
     return root
 
 
@@ -216,6 +217,13 @@ def test_tls_accepts_clients_that_trust_the_ca_and_refuses_plaintext(pki, mnist,
             plain.classify([image.read_bytes()])
         result = run_cli("classify", str(image), "--server", server.target, "--tls-ca", str(pki / "ca.crt"))
         assert result.returncode == 0 and result.stdout.startswith(f"{image}: {mnist.test.labels[0]}")
+        for args, hint in (((), "(a TLS server closes plaintext connections: --tls-ca names the CA that signed its "
+                                "certificate)"),
+                           (("--tls-ca", str(pki / "client.crt")),
+                            "(the server's certificate is not signed by the CA in --tls-ca)")):
+            refused = run_cli("health", "--server", server.target, *args)
+            assert refused.returncode == 1 and refused.stderr.strip().endswith(hint), refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1  # gRPC core's own log lines stay out
         # HTTP on the same certificate: https only
         trusting = ssl.create_default_context(cafile=pki / "ca.crt")
         with urllib.request.urlopen(f"https://127.0.0.1:{server.http_port}/v2/health/ready", context=trusting,
@@ -223,6 +231,15 @@ def test_tls_accepts_clients_that_trust_the_ca_and_refuses_plaintext(pki, mnist,
             assert response.status == 200
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/ready", timeout=5)
+
+
+def test_a_server_key_that_is_not_its_certificates_is_one_line_before_listening(pki):
+    result = run_cli("serve", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--tls-cert",
+                     str(pki / "server.crt"), "--tls-key", str(pki / "client.key"), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --tls-key {pki / 'client.key'} is not the (unencrypted) key of --tls-cert {pki / 'server.crt'}: "
+        "KEY_VALUES_MISMATCH"]
 
 
 def test_mutual_tls_requires_a_client_certificate(pki):
@@ -239,6 +256,22 @@ def test_mutual_tls_requires_a_client_certificate(pki):
         with pytest.raises(grpc.RpcError) as info:
             live(grpc.ssl_channel_credentials(ca))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # resserve's own client commands, with and without their certificate
+        trust = ("--server", server.target, "--tls-ca", str(pki / "ca.crt"))
+        mine = ("--tls-cert", str(pki / "client.crt"), "--tls-key", str(pki / "client.key"))
+        assert run_cli("health", *trust, *mine).stdout.strip() == "SERVING"
+        assert run_cli("models", *trust, env={"RESSERVE_CLIENT_CERT": mine[1], "RESSERVE_CLIENT_KEY": mine[3]}
+                       ).stdout.startswith("resnet-mnist\t1\tREADY")
+        refused = run_cli("health", *trust)
+        assert refused.returncode == 1 and refused.stderr.strip().endswith(
+            "(a server with mutual TLS closes connections without a client certificate: give --tls-cert and --tls-key)")
+        strange = run_cli("health", *trust, "--tls-cert", str(pki / "stranger.crt"), "--tls-key", str(pki / "stranger.key"))
+        assert strange.returncode == 1 and strange.stderr.strip().endswith(
+            "(the server did not accept the certificate in --tls-cert: is it signed by the server's --tls-client-ca?)")
+        mismatched = run_cli("health", *trust, "--tls-cert", str(pki / "client.crt"), "--tls-key", str(pki / "ca.key"))
+        assert mismatched.returncode == 1 and mismatched.stderr.strip() == (
+            f"error: --tls-key {pki / 'ca.key'} is not the (unencrypted) key of --tls-cert {pki / 'client.crt'}: "
+            "KEY_VALUES_MISMATCH")
         # HTTP: the same rule
         url = f"https://127.0.0.1:{server.http_port}/v2/health/live"
         with_cert = ssl.create_default_context(cafile=pki / "ca.crt")
