@@ -72,8 +72,6 @@ def _credentials(tls_ca: Path, tls_cert: Path | None, tls_key: Path | None) -> g
         certificate_chain=read_pem(tls_cert, "--tls-cert", "CERTIFICATE") if tls_cert else None)
 
 
-
-
 # How the server names the image at fault in a Classify request, and a request with more images
 # than it takes (serve/dataplane.py)
 IMAGE_AT_FAULT = re.compile(r"image (\d+): (.+)", re.S)
