@@ -46,7 +46,8 @@ async def _form_images(request: web.Request) -> list[Image]:
             raise InvalidInput("a nested multipart form is not read; send each file as a part of the form itself")
         is_file = part.filename is not None  # else a text field: read (the cap counts it) and dropped
         if is_file and len(images) == limit:
-            raise InvalidInput(f"more than {limit} images in one request; the limit is {limit}")
+            raise InvalidInput(f"the form holds more than {limit} images; one request may hold {limit} "
+                               "(--max-images-per-request)")
         data = bytearray()
         while chunk := await part.read_chunk():
             _check_form_size(request)

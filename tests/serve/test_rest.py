@@ -194,6 +194,12 @@ def test_classify_a_multipart_upload_of_several_files(server, mnist):
     assert [r["digit"] for r in results] == list(mnist.test.labels[:5])
 
 
+def test_a_form_with_more_images_than_a_request_takes_is_refused(server, mnist):
+    digit = png_of(mnist.test.images[0])
+    assert error_of(server, "POST", "/v1/classify", *form_of({f"{i}.png": digit for i in range(1025)})) == (
+        400, "the form holds more than 1024 images; one request may hold 1024 (--max-images-per-request)")
+
+
 def test_an_uploaded_file_that_is_refused_is_named(server, mnist):
     status, error = error_of(server, "POST", "/v1/classify",
                              *form_of({"digit0.png": png_of(mnist.test.images[0]), "IMG_0001.HEIC": HEIC_PHOTO}))
