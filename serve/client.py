@@ -64,12 +64,9 @@ def _credentials(tls_ca: Path, tls_cert: Path | None, tls_key: Path | None) -> g
     call, with "Failed to create security handshaker"."""
     if (tls_cert is None) != (tls_key is None):
         raise ResserveError("a client certificate needs both --tls-cert and --tls-key")
-    if tls_cert and tls_key:
-        check_key_pair(tls_cert, tls_key)
-    return grpc.ssl_channel_credentials(
-        root_certificates=read_pem(tls_ca, "--tls-ca", "CERTIFICATE"),
-        private_key=read_pem(tls_key, "--tls-key", "PRIVATE KEY") if tls_key else None,
-        certificate_chain=read_pem(tls_cert, "--tls-cert", "CERTIFICATE") if tls_cert else None)
+    certificate, key = check_key_pair(tls_cert, tls_key) if tls_cert and tls_key else (None, None)
+    return grpc.ssl_channel_credentials(root_certificates=read_pem(tls_ca, "--tls-ca", "CERTIFICATE"),
+                                        private_key=key, certificate_chain=certificate)
 
 
 # How the server names the image at fault in a Classify request, and a request with more images

@@ -48,16 +48,16 @@ def read_pem(path: Path, option: str, kind: str) -> bytes:
     return pem
 
 
-def check_key_pair(cert: Path, key: Path) -> None:
+def check_key_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
     """That ``key`` (--tls-key) is the unencrypted private key of ``cert`` (--tls-cert), as Python's
-    ssl reads the pair: a server's or a client's (mutual TLS)."""
-    read_pem(cert, "--tls-cert", "CERTIFICATE")
-    read_pem(key, "--tls-key", "PRIVATE KEY")
+    ssl reads the pair: a server's or a client's (mutual TLS). Returns both files' PEM."""
+    pair = read_pem(cert, "--tls-cert", "CERTIFICATE"), read_pem(key, "--tls-key", "PRIVATE KEY")
     try:  # an encrypted key gets an empty password and fails, rather than a prompt: gRPC cannot use one either
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=lambda: b"")
     except ssl.SSLError as exc:
         raise ResserveError(f"--tls-key {key} is not the (unencrypted) key of --tls-cert {cert}: "
                             f"{exc.reason or exc}") from None
+    return pair
 
 
 def grpc_credentials(files: TlsFiles) -> grpc.ServerCredentials:

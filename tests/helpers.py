@@ -55,9 +55,10 @@ class ServerProcess:
         self.executable, self.extra_args, self.drain_seconds = executable, args, drain_seconds
         self.env = {**os.environ, **(env or {})}
         self.wait_ready = wait_ready
-        self._choose_ports()
+        self._prepare_start()
 
-    def _choose_ports(self) -> None:
+    def _prepare_start(self) -> None:
+        """Ports the server may take (chosen again for a retry), its command line, and a clean slate."""
         self.metrics_port, self.http_port = free_port(), free_port()
         # one worker unless a test asks for more: `auto` would give several on a machine with 8+ CPUs
         self.args = [str(self.executable), "serve", "--host", "127.0.0.1", "--port", "0", "--http-port",
@@ -98,7 +99,7 @@ class ServerProcess:
                 return self
             if not (attempts_left and self._port_was_taken()):
                 raise RuntimeError("server did not become ready:\n" + "".join(self.lines))
-            self._choose_ports()
+            self._prepare_start()
 
     def _became_ready(self, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout
