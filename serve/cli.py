@@ -17,8 +17,8 @@ from resserve.serve.batcher import DEFAULT_MAX_BATCH_SIZE, BatchingConfig
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable
 from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice,
-                                     ConvSearch, Device, LogFormat, LogLevel, Precision, ServerSettings, parse_buckets,
-                                     parse_max_batch_size, parse_workers)
+                                     ConvSearch, Device, LogFormat, LogLevel, Precision, ServerSettings, parse_auto,
+                                     parse_buckets, parse_max_batch_size, parse_workers)
 
 if TYPE_CHECKING:
     from resserve.serve.bench.clients import Level
@@ -93,6 +93,10 @@ def serve(
         help="Then: time in-flight requests get to finish.")] = ServerSettings.grace_seconds,
     max_connection_age: Annotated[Optional[float], typer.Option(envvar=_env("MAX_CONNECTION_AGE"),
         help="Seconds before a client connection is recycled, so clients re-resolve.", show_default=False)] = None,
+    max_connections: Annotated[str, typer.Option(envvar=_env("MAX_CONNECTIONS"),
+        help="Client connections each worker holds on each of its gRPC and HTTP ports; new ones beyond are "
+        "closed at once, so a flood of connections cannot use up the open files every port needs. auto: "
+        "10,000, or fewer where the open-file limit (ulimit -n) would run out first.")] = "auto",
     tls_cert: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CERT"), help="Server certificate (PEM).")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_KEY"), help="Server private key (PEM).")] = None,
     tls_client_ca: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CLIENT_CA"),
@@ -137,8 +141,9 @@ def serve(
         cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus()),
         max_images_per_request=max_images_per_request, max_message_bytes=max_message_bytes,
         max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
-        max_connection_age_seconds=max_connection_age, tls_cert=tls_cert, tls_key=tls_key,
-        tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file), log_level=log_level, log_format=log_format)
+        max_connection_age_seconds=max_connection_age,
+        max_connections=parse_auto(max_connections, "--max-connections", "connections"),
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file), log_level=log_level, log_format=log_format)
     if settings.workers > 1:
         supervise(settings)
     else:

@@ -29,14 +29,15 @@ CONNECT_HINTS = (
     ("CERTIFICATE_VERIFY_FAILED", " (the server's certificate is not signed by the CA in --tls-ca)"),
     ("Hostname Verification Check failed", " (the server's certificate does not name the host in --server)"),
 )
-# A server that closes the connection in the handshake: what it refused, by how this client connected
+# A server that closes the connection in the handshake: what it refused, by how this client
+# connected; or it held as many connections as it may (serve/connections.py)
 CLOSED_HINTS = {
-    "plaintext": " (a TLS server closes plaintext connections: --tls-ca names the CA that signed its certificate)",
-    "TLS": " (a server with mutual TLS closes connections without a client certificate: give --tls-cert and "
-           "--tls-key)",
-    "mutual TLS": " (the server did not accept the certificate in --tls-cert: is it signed by the server's "
-                  "--tls-client-ca?)",
+    "plaintext": "a TLS server closes plaintext connections: --tls-ca names the CA that signed its certificate",
+    "TLS": "a server with mutual TLS closes connections without a client certificate: give --tls-cert and --tls-key",
+    "mutual TLS": "the server did not accept the certificate in --tls-cert: is it signed by the server's "
+                  "--tls-client-ca?",
 }
+CLOSED_AT_LIMIT = "; or it holds all the connections it may (its --max-connections): retry later"
 
 
 class ClientError(ResserveError):
@@ -54,7 +55,7 @@ def _connect_hint(code: grpc.StatusCode, details: str, connection: str) -> str:
         return ""
     hint = next((hint for marker, hint in CONNECT_HINTS if marker in details), "")
     if not hint and "Socket closed" in details:
-        hint = CLOSED_HINTS[connection]
+        hint = f" ({CLOSED_HINTS[connection]}{CLOSED_AT_LIMIT})"
     return hint or (NO_SERVER_HINT if "failed to connect" in details else "")
 
 

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from resserve.serve.aio import set_within
 from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
+from resserve.serve.connections import ConnectionLimits
 from resserve.serve.control import ModelControl
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.digits import DigitClassifierServicer
@@ -82,8 +83,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
-def _grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
+def _grpc_options(settings: ServerSettings, connections: ConnectionLimits) -> list[tuple[str, int]]:
     options = [
+        # connections beyond: closed at once (serve/connections.py)
+        ("grpc.max_allowed_incoming_connections", connections.per_port),
         # a port in use is an error, not a silent second listener; workers share theirs (serve/workers/)
         ("grpc.so_reuseport", int(settings.reuse_port)),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -110,7 +113,8 @@ class Server:
         self.control = ModelControl(self.state, self.executor)
         self.plane = DataPlane(self.state, self.preprocess_pool, self.control)
         interceptors = [BearerTokenInterceptor(TokenCheck(settings.tokens))] if settings.tokens else []
-        self.grpc = grpc.aio.server(options=_grpc_options(settings), interceptors=interceptors,
+        self.connections = ConnectionLimits.of(settings.max_connections)
+        self.grpc = grpc.aio.server(options=_grpc_options(settings, self.connections), interceptors=interceptors,
                                     maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
         self.http = HttpServer(self.plane, [*rest_kserve.routes, *rest_classify.routes]) if settings.http_port else None
         self.port = 0
@@ -161,7 +165,7 @@ class Server:
         log.info("listening on %s%s", host_port(self.settings.host, self.port), secure)
         if self.http:
             http_port = await self.http.start(self.settings.host, self.settings.http_port, http_tls,
-                                              self.settings.reuse_port)
+                                              self.connections, self.settings.reuse_port)
             log.info("HTTP on %s://%s/ (KServe v2 REST, /v1/classify, the page)%s",
                      "https" if tls else "http", host_port(self.settings.host, http_port), secure)
         if self.settings.metrics_port:

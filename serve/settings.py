@@ -97,14 +97,19 @@ def auto_workers(cpus: int) -> int:
     return max(1, min(MAX_WORKERS, cpus // CPUS_PER_WORKER))
 
 
-def parse_max_batch_size(value: str) -> int | None:
-    """``--max-batch-size``: "auto" (None: chosen by the device, BatchingConfig.for_device) or a number."""
+def parse_auto(value: str, option: str, unit: str) -> int | None:
+    """An option that is "auto" (None: chosen where its default is known) or a number of ``unit``."""
     if value == "auto":
         return None
     try:
         return int(value)
     except ValueError:
-        raise ResserveError(f"--max-batch-size must be auto or a number of images, got {value!r}") from None
+        raise ResserveError(f"{option} must be auto or a number of {unit}, got {value!r}") from None
+
+
+def parse_max_batch_size(value: str) -> int | None:
+    """``--max-batch-size``: "auto" (None: chosen by the device, BatchingConfig.for_device) or a number."""
+    return parse_auto(value, "--max-batch-size", "images")
 
 
 def parse_buckets(value: str, max_batch_size: int | None) -> tuple[int, ...] | None:
@@ -126,12 +131,8 @@ def parse_buckets(value: str, max_batch_size: int | None) -> tuple[int, ...] | N
 
 def parse_workers(value: str, cpus: int) -> int:
     """``--workers``: "auto" or a count, as an int (a bad value is one line)."""
-    if value == "auto":
-        return auto_workers(cpus)
-    try:
-        return int(value)
-    except ValueError:
-        raise ResserveError(f"--workers must be auto or a number of processes, got {value!r}") from None
+    count = parse_auto(value, "--workers", "processes")
+    return auto_workers(cpus) if count is None else count
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class ServerSettings:
     drain_seconds: float = 5.0  # after SIGTERM: NOT_SERVING but still answering, so endpoints go
     grace_seconds: float = 10.0  # then: in-flight requests get this long to finish
     max_connection_age_seconds: float | None = None  # clients re-resolve (Kubernetes scaling)
+    max_connections: int | None = None  # per port and worker; None: what the open-file limit allows (serve/connections.py)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a cert signed by this CA
@@ -221,6 +223,7 @@ class ServerSettings:
             (self.max_connection_age_seconds is None or 1 <= self.max_connection_age_seconds < math.inf,
              "--max-connection-age must be at least 1 second (and finite)"),
             (1 <= self.workers <= MAX_WORKERS, f"--workers must be auto or 1-{MAX_WORKERS}"),
+            (self.max_connections is None or self.max_connections >= 1, "--max-connections must be auto or >= 1"),
             *self._runtime_checks(),
         ]
         for ok, message in checks:

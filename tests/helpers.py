@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -51,8 +52,9 @@ class ServerProcess:
     """``with ServerProcess(args) as server: server.target`` -> "127.0.0.1:PORT"."""
 
     def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, drain_seconds: float = 0,
-                 executable: Path = RESSERVE) -> None:
+                 executable: Path = RESSERVE, open_files: int | None = None) -> None:
         self.executable, self.extra_args, self.drain_seconds = executable, args, drain_seconds
+        self.open_files = open_files  # the server's open-file limit (ulimit -n), soft and hard
         self.env = {**os.environ, **(env or {})}
         self.wait_ready = wait_ready
         self._prepare_start()
@@ -92,7 +94,8 @@ class ServerProcess:
         # a port free_port() chose may be taken by another process before the server binds it: choose again
         for attempts_left in (2, 1, 0):
             self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                            env=self.env)
+                                            env=self.env,
+                                            preexec_fn=self._limit_open_files if self.open_files else None)
             self._pump_thread = threading.Thread(target=self._pump, daemon=True)
             self._pump_thread.start()
             if not self.wait_ready or self._became_ready():
@@ -100,6 +103,9 @@ class ServerProcess:
             if not (attempts_left and self._port_was_taken()):
                 raise RuntimeError("server did not become ready:\n" + "".join(self.lines))
             self._prepare_start()
+
+    def _limit_open_files(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def _became_ready(self, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout

@@ -20,6 +20,7 @@ import orjson
 from aiohttp import hdrs, web
 
 from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
+from resserve.serve.connections import CappedSite, ConnectionLimits
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.errors import Busy, ResserveError, TooLarge, to_http_status
 from resserve.serve.rest.encoding import IDENTITY, decompress, encoding_of
@@ -30,6 +31,10 @@ log = logging.getLogger("resserve.serve")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PREFIXES = ("/v2/health/", "/page/")  # and "/" itself: no data, so no token
 MAX_PATH_CHARS = 200  # of a client's path quoted in an error
+# A connection that has not sent a whole request for this long is closed: an idle keep-alive
+# connection, or one trickling its headers (which holds a --max-connections place). nginx's
+# keepalive_timeout; aiohttp's own default is an hour.
+IDLE_CONNECTION_SECONDS = 75.0
 
 
 class HttpFrontDoor:
@@ -155,12 +160,13 @@ class HttpServer:
         # since 3.9 lets them run on)
         # (and bodies are decompressed within the size cap by serve/rest/encoding.py, not by aiohttp)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True,
-                                    auto_decompress=False)
+                                    auto_decompress=False, keepalive_timeout=IDLE_CONNECTION_SECONDS)
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, reuse_port: bool = False) -> int:
-        """Listen (``reuse_port``: beside the other workers); returns the port."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, limits: ConnectionLimits,
+                    reuse_port: bool = False) -> int:
+        """Listen (``reuse_port``: beside the other workers) within ``limits``; returns the port."""
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_port=reuse_port)
+        site = CappedSite(self.runner, host, port, limits=limits, ssl_context=ssl_context, reuse_port=reuse_port)
         try:
             await site.start()
         except OSError as exc:

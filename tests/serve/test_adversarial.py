@@ -6,6 +6,7 @@ import collections
 import collections.abc
 import io
 import re
+import resource
 import socket
 import threading
 import time
@@ -428,3 +429,95 @@ def test_classify_reads_its_token_from_a_file(tmp_path, mnist):
     with ServerProcess("--token-file", str(tokens)) as guarded:
         result = run_cli("classify", str(image), "--server", guarded.target, "--token-file", str(tokens))
     assert result.returncode == 0 and f": {mnist.test.labels[0]} (" in result.stdout
+
+
+# 11. connection floods ------------------------------------------------------------------------
+
+HTTP_REQUEST_START = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"  # headers never finished: slowloris
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what a gRPC client sends first, then nothing
+
+
+def hold_connections(port: int, count: int, first_bytes: bytes) -> list[socket.socket]:
+    """``count`` connections that send ``first_bytes`` and then wait (the server may close them)."""
+    held = []
+    for _ in range(count):
+        connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            connection.sendall(first_bytes)
+        except OSError:  # closed by the server already
+            pass
+        held.append(connection)
+    return held
+
+
+def grpc_ready(target: str) -> bool:
+    channel = grpc.insecure_channel(target)
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service="resserve.readiness"), timeout=10)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        channel.close()
+
+
+def http_ready(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=10) as response:
+        return response.status == 200
+
+
+def test_a_flood_of_connections_on_either_port_leaves_the_other_serving_and_the_log_quiet():
+    # more connections than the server's open-file limit, on one port at a time: before the limit
+    # per port, the HTTP flood left no file descriptor for anything (gRPC health timed out) and
+    # asyncio logged a traceback per failed accept, hundreds of thousands of lines
+    open_files = 600
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))  # this test's own sockets
+    try:
+        with ServerProcess(open_files=open_files) as server:
+            for port, first_bytes, other_door_ready in (
+                    (server.http_port, HTTP_REQUEST_START, lambda: grpc_ready(server.target)),
+                    (server.port, HTTP2_PREFACE, lambda: http_ready(server.url))):
+                held = hold_connections(port, open_files + 100, first_bytes)
+                try:
+                    assert other_door_ready()
+                finally:
+                    for connection in held:
+                        connection.close()
+            time.sleep(1)  # the server sees the flood's connections closed
+            assert grpc_ready(server.target) and http_ready(server.url)
+            log = "".join(server.lines)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "out of system resource" not in log and "Too many open files" not in log
+    assert log.count("closing new ones") == 1, log  # one warning a minute, not one per connection
+
+
+def test_max_connections_bounds_the_connections_each_port_holds():
+    import http.client
+
+    with ServerProcess("--max-connections", "3") as server:
+        clients = [http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=5) for _ in range(4)]
+        for client in clients[:3]:  # three keep-alive connections, each with a request answered
+            client.request("GET", "/v2/health/live")
+            response = client.getresponse()
+            response.read()
+            assert response.status == 200
+        with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+            clients[3].request("GET", "/v2/health/live")
+            clients[3].getresponse()
+        channels = [grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(3)]  # three connections, not one shared
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=10)
+        refused = run_cli("health", "--server", server.target)
+        assert refused.returncode == 1 and "(its --max-connections): retry later)" in refused.stderr, refused.stderr
+        clients[0].close()
+        channels[0].close()
+        time.sleep(0.5)
+        assert http_ready(server.url) and grpc_ready(server.target)  # a place is free again on each port
+        for client in clients[1:]:
+            client.close()
+        for channel in channels[1:]:
+            channel.close()

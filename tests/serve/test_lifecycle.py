@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers import RESSERVE, ServerProcess, free_port, metric_value, run_cli
-from resserve.serve.client import ClientError, DigitClient
+from resserve.serve.client import CLOSED_AT_LIMIT, ClientError, DigitClient
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -218,7 +218,7 @@ def test_tls_accepts_clients_that_trust_the_ca_and_refuses_plaintext(pki, mnist,
         result = run_cli("classify", str(image), "--server", server.target, "--tls-ca", str(pki / "ca.crt"))
         assert result.returncode == 0 and result.stdout.startswith(f"{image}: {mnist.test.labels[0]}")
         for args, hint in (((), "(a TLS server closes plaintext connections: --tls-ca names the CA that signed its "
-                                "certificate)"),
+                                f"certificate{CLOSED_AT_LIMIT})"),
                            (("--tls-ca", str(pki / "client.crt")),
                             "(the server's certificate is not signed by the CA in --tls-ca)")):
             refused = run_cli("health", "--server", server.target, *args)
@@ -264,10 +264,12 @@ def test_mutual_tls_requires_a_client_certificate(pki):
                        ).stdout.startswith("resnet-mnist\t1\tREADY")
         refused = run_cli("health", *trust)
         assert refused.returncode == 1 and refused.stderr.strip().endswith(
-            "(a server with mutual TLS closes connections without a client certificate: give --tls-cert and --tls-key)")
+            f"(a server with mutual TLS closes connections without a client certificate: give --tls-cert and --tls-key"
+            f"{CLOSED_AT_LIMIT})")
         strange = run_cli("health", *trust, "--tls-cert", str(pki / "stranger.crt"), "--tls-key", str(pki / "stranger.key"))
         assert strange.returncode == 1 and strange.stderr.strip().endswith(
-            "(the server did not accept the certificate in --tls-cert: is it signed by the server's --tls-client-ca?)")
+            f"(the server did not accept the certificate in --tls-cert: is it signed by the server's --tls-client-ca?"
+            f"{CLOSED_AT_LIMIT})")
         mismatched = run_cli("health", *trust, "--tls-cert", str(pki / "client.crt"), "--tls-key", str(pki / "ca.key"))
         assert mismatched.returncode == 1 and mismatched.stderr.strip() == (
             f"error: --tls-key {pki / 'ca.key'} is not the (unencrypted) key of --tls-cert {pki / 'client.crt'}: "

@@ -1,0 +1,112 @@
+"""How many connections each port holds at once, so a flood of them cannot leave the server
+without file descriptors.
+
+Every connection is a file descriptor. Once the process's open-file limit is reached, accept()
+fails on every port at once: gRPC core stops taking connections, and asyncio's accept loop
+(before CPython's fix of gh-151615) logs a traceback and schedules a retry for each failed
+accept, hundreds of thousands of lines in a minute that starve the event loop, so health checks
+time out too (docs/serving.md "Limits"). So each port of a worker holds at most a set number of
+connections: gRPC core closes those beyond it (``grpc.max_allowed_incoming_connections``), and
+``CappedSite`` does the same for HTTP. ``auto`` keeps both within the open-file limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import ssl
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+log = logging.getLogger("resserve.serve")
+
+FD_RESERVE = 256  # descriptors kept for everything but client connections: model files, threads' wake-ups, logs
+MAX_AUTO_CONNECTIONS = 10_000  # per port and worker: about 60 MB of idle HTTP connections, far beyond a model server's clients
+MAX_BACKLOG = 1024
+WARN_EVERY_SECONDS = 60.0
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one (as Go's runtime does at start: the soft
+    limit, often 1,024, is there for programs that use select(), which neither asyncio nor gRPC
+    does); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # a limit the kernel refuses (above fs.nr_open): keep the soft one
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 2**20  # unlimited: as many as any kernel allows by default
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What each port of this process holds, within its open-file limit."""
+
+    per_port: int  # connections held at once; new ones beyond are closed as soon as they are accepted
+    # connections the kernel queues for a port before the server accepts them; asyncio accepts up
+    # to this many at once, before the server can close any: they need descriptors too
+    backlog: int
+
+    @classmethod
+    def of(cls, max_connections: int | None) -> "ConnectionLimits":
+        """``--max-connections``, or (None: auto) what the open-file limit leaves for the gRPC and
+        HTTP ports after FD_RESERVE and the backlog, up to MAX_AUTO_CONNECTIONS."""
+        open_files = raise_open_file_limit()
+        backlog = min(MAX_BACKLOG, max(16, open_files // 8))
+        fitting = max(1, (open_files - FD_RESERVE - backlog) // 2)
+        if max_connections is None:
+            return cls(min(MAX_AUTO_CONNECTIONS, fitting), backlog)
+        if max_connections > fitting:
+            log.warning("--max-connections %d is more than the open-file limit (ulimit -n %d) leaves for two "
+                        "ports (%d each): a flood of connections can exhaust it; raise the limit or lower the "
+                        "setting", max_connections, open_files, fitting)
+        return cls(max_connections, backlog)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection beyond the limit: closed as soon as it is accepted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class CappedSite(web.BaseSite):
+    """aiohttp's TCP site, holding at most ``limits.per_port`` connections: any beyond are closed at once
+    (a client sees the connection reset or closed, and may retry), with a warning at most once
+    a minute."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limits: ConnectionLimits,
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=limits.backlog)
+        self._host, self._port, self._reuse_port = host, port, reuse_port
+        self.limit = limits.per_port
+        self.refused = 0
+        self._warned_at = -WARN_EVERY_SECONDS
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._server = await asyncio.get_running_loop().create_server(
+            self._accept, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_port=self._reuse_port)
+
+    def _accept(self) -> asyncio.Protocol:
+        server = self._runner.server
+        assert server is not None
+        if len(server.connections) < self.limit:
+            return server()
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_SECONDS:
+            self._warned_at = now
+            log.warning("HTTP holds %d connections, its limit (--max-connections): closing new ones (%d so far)",
+                        self.limit, self.refused)
+        return _Refused()
