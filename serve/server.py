@@ -60,6 +60,7 @@ READINESS_NAMES = ["", READINESS_SERVICE, *API_SERVICES]
 AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 FLUSH_SECONDS = 0.1  # after the last answer, before the process exits
 PENDING_CALLS = 20_000
+METRICS_SOCKET_SECONDS = 10.0  # for a scrape's request and its answer (Prometheus's own scrape timeout is 10 s)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -239,12 +240,20 @@ def answer_counts(answered: Counter) -> str:
 
 
 def serve_metrics(registry: CollectorRegistry, port: int, host: str) -> None:
-    """Prometheus /metrics on ``port`` (a daemon thread); a port in use is one line."""
+    """Prometheus /metrics on ``port`` (a daemon thread); a port in use is one line.
+
+    prometheus-client's server gives each connection a thread that waits for the request as long
+    as the client likes: connections that never send one piled up, a thread and a file
+    descriptor each, until the process had none left for its other ports. Each connection now
+    has METRICS_SOCKET_SECONDS to send its request and take the answer."""
     try:
-        start_http_server(port, addr=host, registry=registry)
+        server, _ = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise ResserveError(f"cannot serve metrics on {host_port(host, port)}: {exc.strerror or exc} "
                             "(choose another --metrics-port, or 0 to disable)") from None
+    # socketserver's documented hook: the handler class, here prometheus-client's with a socket timeout
+    server.RequestHandlerClass = type("TimedMetricsHandler", (server.RequestHandlerClass,),
+                                      {"timeout": METRICS_SOCKET_SECONDS})
     log.info("metrics on http://%s/metrics", host_port(host, port))
 
 
