@@ -52,9 +52,9 @@ class ServerProcess:
     """``with ServerProcess(args) as server: server.target`` -> "127.0.0.1:PORT"."""
 
     def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, drain_seconds: float = 0,
-                 executable: Path = RESSERVE, open_files: int | None = None) -> None:
+                 executable: Path = RESSERVE, open_files: tuple[int, int] | None = None) -> None:
         self.executable, self.extra_args, self.drain_seconds = executable, args, drain_seconds
-        self.open_files = open_files  # the server's open-file limit (ulimit -n), soft and hard
+        self.open_files = open_files  # the server's open-file limits (ulimit -Sn, -Hn)
         self.env = {**os.environ, **(env or {})}
         self.wait_ready = wait_ready
         self._prepare_start()
@@ -105,7 +105,7 @@ class ServerProcess:
             self._prepare_start()
 
     def _limit_open_files(self) -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def _became_ready(self, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout

@@ -475,7 +475,7 @@ def test_a_flood_of_connections_on_either_port_leaves_the_other_serving_and_the_
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))  # this test's own sockets
     try:
-        with ServerProcess(open_files=open_files) as server:
+        with ServerProcess(open_files=(open_files, open_files)) as server:
             for port, first_bytes, other_door_ready in (
                     (server.http_port, HTTP_REQUEST_START, lambda: grpc_ready(server.target)),
                     (server.port, HTTP2_PREFACE, lambda: http_ready(server.url))):
@@ -492,6 +492,14 @@ def test_a_flood_of_connections_on_either_port_leaves_the_other_serving_and_the_
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert "out of system resource" not in log and "Too many open files" not in log
     assert log.count("closing new ones") == 1, log  # one warning a minute, not one per connection
+
+
+def test_the_server_raises_its_soft_open_file_limit_to_the_hard_one():
+    # containers often start with a soft limit of 1,024 under a hard one of 524,288
+    hard = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    with ServerProcess(open_files=(600, hard)) as server:
+        limits = open(f"/proc/{server.process.pid}/limits").read()
+        assert re.search(rf"Max open files\s+{hard}\s+{hard}\s", limits), limits
 
 
 def test_max_connections_bounds_the_connections_each_port_holds():
