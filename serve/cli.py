@@ -143,7 +143,8 @@ def serve(
         max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age,
         max_connections=parse_auto(max_connections, "--max-connections", "connections"),
-        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file), log_level=log_level, log_format=log_format)
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file),
+        log_level=log_level, log_format=log_format)
     if settings.workers > 1:
         supervise(settings)
     else:
