@@ -33,14 +33,14 @@ def raise_open_file_limit() -> int:
     """Raise the soft open-file limit to the hard one (as Go's runtime does at start: the soft
     limit, often 1,024, is there for programs that use select(), which neither asyncio nor gRPC
     does); returns the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # never unlimited on Linux: at most fs.nr_open
+    if soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-        except (ValueError, OSError):  # a limit the kernel refuses (above fs.nr_open): keep the soft one
+        except (ValueError, OSError):  # refused (a sandbox's policy): keep the soft one
             pass
-    return soft if soft != resource.RLIM_INFINITY else 2**20  # unlimited: as many as any kernel allows by default
+    return soft
 
 
 @dataclass(frozen=True)
