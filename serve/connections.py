@@ -27,6 +27,7 @@ FD_RESERVE = 256  # descriptors kept for everything but client connections: mode
 MAX_AUTO_CONNECTIONS = 10_000  # per port and worker: about 60 MB of idle HTTP connections, far beyond a model server's clients
 MAX_BACKLOG = 1024
 WARN_EVERY_SECONDS = 60.0
+HANDSHAKE_SECONDS = 10.0  # for a TLS handshake over HTTP (asyncio's default is 60 s)
 
 
 def raise_open_file_limit() -> int:
@@ -75,34 +76,68 @@ class _Refused(asyncio.Protocol):
         transport.close()
 
 
+class _TlsHandshake(asyncio.Protocol):
+    """A TLS connection during its handshake, counted by its site: then handed to ``protocol``.
+
+    asyncio's own TLS for a server (``create_server(ssl=...)``) reports a connection only after
+    its handshake, and one whose handshake never ends not at all, while each holds a file
+    descriptor from the moment it is accepted: a flood of connections that never send a
+    ClientHello went uncounted. So the site accepts plain connections and starts TLS on each
+    itself (``loop.start_tls``), counting it until the handshake ends."""
+
+    def __init__(self, site: CappedSite, protocol: asyncio.BaseProtocol) -> None:
+        self.site, self.protocol = site, protocol
+        site.handshaking += 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # the ClientHello is start_tls's to read
+        task = asyncio.get_running_loop().create_task(self._handshake(transport))
+        self.site.tasks.add(task)
+        task.add_done_callback(self.site.tasks.discard)
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, self.protocol, self.site.tls, server_side=True, ssl_handshake_timeout=HANDSHAKE_SECONDS)
+        except OSError as exc:  # failed, abandoned or too slow (SSLError, ConnectionError, TimeoutError): closed
+            log.debug("TLS handshake over HTTP failed: %s", exc)
+            return
+        finally:
+            self.site.handshaking -= 1
+        self.protocol.connection_made(tls)
+
+
 class CappedSite(web.BaseSite):
-    """aiohttp's TCP site, holding at most ``limits.per_port`` connections: any beyond are closed at once
-    (a client sees the connection reset or closed, and may retry), with a warning at most once
-    a minute."""
+    """aiohttp's TCP site, holding at most ``limits.per_port`` connections, those in their TLS
+    handshake included: any beyond are closed as soon as they are accepted (a client sees the
+    connection reset or closed, and may retry), with a warning at most once a minute."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limits: ConnectionLimits,
                  ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
-        super().__init__(runner, ssl_context=ssl_context, backlog=limits.backlog)
+        super().__init__(runner, backlog=limits.backlog)  # TLS is not asyncio's here, but _TlsHandshake's
         self._host, self._port, self._reuse_port = host, port, reuse_port
+        self.tls = ssl_context
         self.limit = limits.per_port
+        self.handshaking = 0  # TLS connections accepted whose handshake has not ended
+        self.tasks: set[asyncio.Task] = set()  # the handshakes under way
         self.refused = 0
         self._warned_at = -WARN_EVERY_SECONDS
 
     @property
     def name(self) -> str:
-        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+        return f"{'https' if self.tls else 'http'}://{self._host}:{self._port}"
 
     async def start(self) -> None:
         await super().start()
         self._server = await asyncio.get_running_loop().create_server(
-            self._accept, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_port=self._reuse_port)
+            self._accept, self._host, self._port, backlog=self._backlog, reuse_port=self._reuse_port)
 
-    def _accept(self) -> asyncio.Protocol:
+    def _accept(self) -> asyncio.BaseProtocol:
         server = self._runner.server
         assert server is not None
-        if len(server.connections) < self.limit:
-            return server()
+        if len(server.connections) + self.handshaking < self.limit:
+            return _TlsHandshake(self, server()) if self.tls else server()
         self.refused += 1
         now = time.monotonic()
         if now - self._warned_at >= WARN_EVERY_SECONDS:

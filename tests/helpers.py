@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import resource
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def room_for_sockets(count: int = 4096) -> Iterator[None]:
+    """This test process's soft open-file limit raised to ``count`` (within the hard one), then restored."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count)), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def hold_connections(port: int, count: int, first_bytes: bytes = b"") -> list[socket.socket]:
+    """``count`` connections to ``port`` that send ``first_bytes`` and then wait (the server may close them)."""
+    held = []
+    for _ in range(count):
+        connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            connection.sendall(first_bytes)
+        except OSError:  # closed by the server already
+            pass
+        held.append(connection)
+    return held
 
 
 class ServerProcess:

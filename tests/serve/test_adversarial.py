@@ -19,7 +19,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
 
-from helpers import ServerProcess, run_cli
+from helpers import ServerProcess, hold_connections, room_for_sockets, run_cli
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -437,19 +437,6 @@ HTTP_REQUEST_START = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"  # headers n
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what a gRPC client sends first, then nothing
 
 
-def hold_connections(port: int, count: int, first_bytes: bytes) -> list[socket.socket]:
-    """``count`` connections that send ``first_bytes`` and then wait (the server may close them)."""
-    held = []
-    for _ in range(count):
-        connection = socket.create_connection(("127.0.0.1", port), timeout=5)
-        try:
-            connection.sendall(first_bytes)
-        except OSError:  # closed by the server already
-            pass
-        held.append(connection)
-    return held
-
-
 def grpc_ready(target: str) -> bool:
     channel = grpc.insecure_channel(target)
     try:
@@ -472,24 +459,19 @@ def test_a_flood_of_connections_on_either_port_leaves_the_other_serving_and_the_
     # per port, the HTTP flood left no file descriptor for anything (gRPC health timed out) and
     # asyncio logged a traceback per failed accept, hundreds of thousands of lines
     open_files = 600
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))  # this test's own sockets
-    try:
-        with ServerProcess(open_files=(open_files, open_files)) as server:
-            for port, first_bytes, other_door_ready in (
-                    (server.http_port, HTTP_REQUEST_START, lambda: grpc_ready(server.target)),
-                    (server.port, HTTP2_PREFACE, lambda: http_ready(server.url))):
-                held = hold_connections(port, open_files + 100, first_bytes)
-                try:
-                    assert other_door_ready()
-                finally:
-                    for connection in held:
-                        connection.close()
-            time.sleep(1)  # the server sees the flood's connections closed
-            assert grpc_ready(server.target) and http_ready(server.url)
-            log = "".join(server.lines)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with room_for_sockets(), ServerProcess(open_files=(open_files, open_files)) as server:
+        for port, first_bytes, other_door_ready in (
+                (server.http_port, HTTP_REQUEST_START, lambda: grpc_ready(server.target)),
+                (server.port, HTTP2_PREFACE, lambda: http_ready(server.url))):
+            held = hold_connections(port, open_files + 100, first_bytes)
+            try:
+                assert other_door_ready()
+            finally:
+                for connection in held:
+                    connection.close()
+        time.sleep(1)  # the server sees the flood's connections closed
+        assert grpc_ready(server.target) and http_ready(server.url)
+        log = "".join(server.lines)
     assert "out of system resource" not in log and "Too many open files" not in log
     assert log.count("closing new ones") == 1, log  # one warning a minute, not one per connection
 

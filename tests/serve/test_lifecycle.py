@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from helpers import RESSERVE, ServerProcess, free_port, metric_value, run_cli
+from helpers import RESSERVE, ServerProcess, free_port, hold_connections, metric_value, room_for_sockets, run_cli
 from resserve.serve.client import CLOSED_AT_LIMIT, ClientError, DigitClient
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -282,6 +282,28 @@ def test_mutual_tls_requires_a_client_certificate(pki):
             assert response.status == 200
         with pytest.raises(OSError):
             urllib.request.urlopen(url, context=ssl.create_default_context(cafile=pki / "ca.crt"), timeout=5).read()
+
+
+def test_connections_that_never_start_their_tls_handshake_are_held_to_the_limit(pki):
+    # asyncio reports a TLS connection only once its handshake is done: before, a flood of
+    # connections that never sent a ClientHello went uncounted, took every file descriptor of
+    # the server (open-file limit 600 here), and asyncio logged a traceback per failed accept
+    with room_for_sockets(), ServerProcess("--tls-cert", str(pki / "server.crt"), "--tls-key",
+                                           str(pki / "server.key"), open_files=(600, 600)) as server:
+        held = hold_connections(server.http_port, 700)
+        try:
+            health = run_cli("health", "--server", server.target, "--tls-ca", str(pki / "ca.crt"))
+            assert health.stdout.strip() == "SERVING", health.stderr
+        finally:
+            for connection in held:
+                connection.close()
+        time.sleep(1)
+        trusting = ssl.create_default_context(cafile=pki / "ca.crt")
+        with urllib.request.urlopen(f"https://127.0.0.1:{server.http_port}/v2/health/ready", context=trusting,
+                                    timeout=5) as response:
+            assert response.status == 200
+        log = "".join(server.lines)
+    assert "out of system resource" not in log and "closing new ones" in log
 
 
 def test_bearer_tokens_guard_the_apis_but_not_health(tmp_path, mnist):
