@@ -25,7 +25,7 @@ log = logging.getLogger("resserve.serve")
 
 FD_RESERVE = 256  # descriptors kept for everything but client connections: model files, threads' wake-ups, logs
 MAX_AUTO_CONNECTIONS = 10_000  # per port and worker: about 60 MB of idle HTTP connections, far beyond a model server's clients
-MAX_BACKLOG = 1024
+MAX_BACKLOG = 1024  # connections the kernel queues for a port until they are accepted
 WARN_EVERY_SECONDS = 60.0
 HANDSHAKE_SECONDS = 10.0  # for a TLS handshake over HTTP (asyncio's default is 60 s)
 

@@ -476,12 +476,14 @@ def test_a_flood_of_connections_on_either_port_leaves_the_other_serving_and_the_
     assert log.count("closing new ones") == 1, log  # one warning a minute, not one per connection
 
 
-def test_the_server_raises_its_soft_open_file_limit_to_the_hard_one():
+def test_the_server_raises_its_soft_open_file_limit_and_says_when_max_connections_exceeds_it():
     # containers often start with a soft limit of 1,024 under a hard one of 524,288
     hard = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-    with ServerProcess(open_files=(600, hard)) as server:
+    with ServerProcess("--max-connections", "5000", open_files=(600, hard)) as server:
         limits = open(f"/proc/{server.process.pid}/limits").read()
         assert re.search(rf"Max open files\s+{hard}\s+{hard}\s", limits), limits
+        assert f"--max-connections 5000 is more than the open-file limit (ulimit -n {hard}) leaves" in \
+            "".join(server.lines)
 
 
 def test_max_connections_bounds_the_connections_each_port_holds():
