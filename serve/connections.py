@@ -87,11 +87,11 @@ class _TlsHandshake(asyncio.Protocol):
 
     def __init__(self, site: CappedSite, protocol: asyncio.BaseProtocol) -> None:
         self.site, self.protocol = site, protocol
-        site.handshaking += 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()  # the ClientHello is start_tls's to read
+        self.site.handshaking += 1  # until _handshake ends, however it ends
         task = asyncio.get_running_loop().create_task(self._handshake(transport))
         self.site.tasks.add(task)
         task.add_done_callback(self.site.tasks.discard)
