@@ -184,19 +184,14 @@ class Server:
         if not self.settings.reuse_port:
             check_port_free(self.settings.host, self.settings.port)
         credentials = grpc_credentials(tls) if tls else None
-        try:
+        try:  # the TLS files were checked already (tls_files): what is left to fail is the address
             port = (self.grpc.add_secure_port(address, credentials) if credentials
                     else self.grpc.add_insecure_port(address))
-        except RuntimeError as exc:
-            raise ResserveError(f"cannot listen on {address}: {self._bind_failure(credentials)}") from exc
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise ResserveError(f"cannot listen on {address}: {self._bind_failure(credentials)}")
+            raise ResserveError(f"cannot listen on {address}: port in use or address unavailable")
         return port
-
-    @staticmethod
-    def _bind_failure(credentials: grpc.ServerCredentials | None) -> str:
-        reason = "port in use or address unavailable"
-        return reason + (", or the TLS key does not match the certificate" if credentials else "")
 
     async def drain(self, hurry: asyncio.Event) -> None:
         """Not ready; keep serving for the drain window (cut short by ``hurry``); then answer new

@@ -23,17 +23,20 @@ class TlsFiles:
     key: Path
     cert: Path
     client_ca: Path | None  # mutual TLS: clients must present a certificate signed by this CA
+    # their PEM, read and checked once by tls_files: gRPC takes bytes, Python's ssl the paths
+    key_pem: bytes
+    cert_pem: bytes
+    client_ca_pem: bytes | None
 
 
 def tls_files(settings: ServerSettings) -> TlsFiles | None:
     """The checked TLS files, or None when TLS is off (settings refuse a key or CA without a certificate)."""
     if not settings.tls_cert:
         return None
-    files = TlsFiles(settings.tls_key, settings.tls_cert, settings.tls_client_ca)
-    check_key_pair(files.cert, files.key)
-    if files.client_ca:
-        read_pem(files.client_ca, "--tls-client-ca", "CERTIFICATE")
-    return files
+    cert_pem, key_pem = check_key_pair(settings.tls_cert, settings.tls_key)
+    client_ca = settings.tls_client_ca
+    return TlsFiles(settings.tls_key, settings.tls_cert, client_ca, key_pem, cert_pem,
+                    read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None)
 
 
 def read_pem(path: Path, option: str, kind: str) -> bytes:
@@ -61,10 +64,8 @@ def check_key_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
 
 
 def grpc_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    client_ca = read_pem(files.client_ca, "--tls-client-ca", "CERTIFICATE") if files.client_ca else None
-    return grpc.ssl_server_credentials(
-        [(read_pem(files.key, "--tls-key", "PRIVATE KEY"), read_pem(files.cert, "--tls-cert", "CERTIFICATE"))],
-        root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials([(files.key_pem, files.cert_pem)], root_certificates=files.client_ca_pem,
+                                       require_client_auth=files.client_ca_pem is not None)
 
 
 def ssl_context(files: TlsFiles) -> ssl.SSLContext:
