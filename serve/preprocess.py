@@ -9,6 +9,8 @@ so the ink's centre of mass lands at the centre.
 Transparency is ink too: a canvas drawing exported as PNG is ink on a transparent background,
 so transparent pixels become a background that contrasts with the ink before anything else.
 An image with no ink at all is refused (``BlankImage``) rather than classified as something.
+16-bit and floating-point images (scanners, microscopes, scientific TIFFs) are brought to 8 bits
+over their range first: MNIST itself is 8-bit, and Pillow's own conversion would clip them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from resserve.serve.errors import InvalidInput
 
@@ -28,6 +30,17 @@ HEVC_IMAGE_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"he
 HEIF_REFUSED = ("a HEIC photo, which this server does not read: send it as JPEG or PNG (an iPhone takes JPEG "
                 "photos with Settings > Camera > Formats > Most Compatible)")
 INK_THRESHOLD = 0.25  # fraction of the darkest-to-brightest range that counts as ink
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+UNBOUNDED_MODES = frozenset({"I", "F"})  # 32-bit integers and floats: no range the format fixes
+
+
+# What Pillow warns of while it reads a client's file (malformed metadata; a decompression bomb on its
+# way to being refused) is about the client's input: the client hears of it, the server log does
+# not, or a client could fill it. Set once for the process, as warnings.catch_warnings() is not
+# thread-safe and images are read on a pool of threads.
+warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+warnings.filterwarnings("ignore", category=RuntimeWarning, module="PIL")
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 def _open(data: bytes) -> Image.Image:
@@ -42,14 +55,18 @@ def _open(data: bytes) -> Image.Image:
 
 
 def _readable(data: bytes, work):
-    """``work()``, with Pillow's failures on bad bytes as one InvalidInput."""
+    """``work()``, with Pillow's failures on bad bytes as one InvalidInput.
+
+    Pillow raises exceptions of many kinds on malformed files (a TIFF whose strip offset is a
+    float: TypeError), and its own fuzzers take any ``Exception`` as a refused file, so every
+    one is an unreadable image here, not a server error."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return work()
+        return work()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own cap, above ours
         raise InvalidInput(f"image exceeds the limit of {MAX_PIXELS:,} pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+    except InvalidInput:
+        raise
+    except Exception as exc:
         if is_heif(data):
             raise InvalidInput(HEIF_REFUSED) from None
         raise InvalidInput(f"bytes are not an image Pillow can read ({type(exc).__name__})") from None
@@ -74,15 +91,35 @@ def pixels_of(data: bytes) -> int:
 def decode(data: bytes) -> np.ndarray:
     """Encoded bytes -> grayscale float32 [H,W] in [0,1], at most WORKING_SIDE on its longer side;
     refuses non-images and oversized ones."""
-    return _readable(data, lambda: _flatten(_working_size(_open(data))))
+    return _readable(data, lambda: _flatten(_working_size(_eight_bit(_upright(_open(data))))))
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image decoded (a JPEG at reduced scale when it is large) and turned upright, as the
+    camera was held (phones store photos sideways with an EXIF orientation)."""
+    image.draft("L", (WORKING_SIDE, WORKING_SIDE))
+    ImageOps.exif_transpose(image, in_place=True)  # decodes (at the draft's scale), then turns
+    return image
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float images as 8-bit grayscale over their range: 16-bit over
+    0-65535, as the format defines it; the others, which have no fixed range, over the range the
+    image uses. Pillow's ``convert("L")`` clips them at 255 instead, which turns a 16-bit scan of
+    dark ink on white paper all white."""
+    if image.mode not in SIXTEEN_BIT_MODES | UNBOUNDED_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise InvalidInput("the image holds NaN or infinite pixel values")
+    low, high = (0.0, 65535.0) if image.mode in SIXTEEN_BIT_MODES else (values.min(), values.max())
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def _working_size(image: Image.Image) -> Image.Image:
-    """Shrink big images early (JPEG decodes at reduced scale; others box-reduce once decoded), so
-    the float work below costs the same for a 4000x4000 scan as for a 512x512 drawing; and turn
-    them upright, as the camera was held (phones store photos sideways with an EXIF orientation)."""
-    image.draft("L", (WORKING_SIDE, WORKING_SIDE))
-    ImageOps.exif_transpose(image, in_place=True)  # decodes (at the draft's scale), then turns
+    """Shrink big images early (box-reduce once decoded), so the float work below costs the same
+    for a 4000x4000 scan as for a 512x512 drawing."""
     factor = -(-max(image.size) // WORKING_SIDE)
     if factor <= 1:
         return image

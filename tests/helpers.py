@@ -10,6 +10,7 @@ import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -35,6 +36,22 @@ HEIC_PHOTO = base64.b64decode(
     "crAiQAAAABNjb2xybmNseAABAA0ABoAAAAAUaXNwZQAAAAAAAABAAAAAQAAAABBwaXhpAAAAAAMICAgAAAAXaXBtYQAAAAAA"
     "AAABAAEEgQIDBAAAAFFtZGF0AAAARSgBrxOA2+1HqHgrbKvDWO+i5q6lsQYunUB6Bf1uqlKqwck4Bfuw83ZCxrOFPJREdfYd"
     "T4ivBYUjpyltGB4j25r6BwtdgA==")
+
+
+
+def _tiff_with_a_rational_strip_offset() -> bytes:
+    """A 2x2 TIFF whose StripOffsets tag is a RATIONAL (1/1), so Pillow raises TypeError when it
+    seeks there, and whose ImageWidth holds two values, so Pillow warns first (a file of the kind
+    that fuzzing Pillow's readers through the server's preprocessing turned up)."""
+    rational_at = 8 + 2 + 3 * 12 + 4  # after the header, the entry count, three entries and the next-IFD offset
+    entries = [(0x0100, 3, 2, 2 | 2 << 16),  # ImageWidth: two SHORTs, 2 and 2
+               (0x0101, 4, 1, 2),  # ImageLength: one LONG
+               (0x0111, 5, 1, rational_at)]  # StripOffsets: one RATIONAL
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries)
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + struct.pack("<II", 1, 1)
+
+
+MALFORMED_TIFF = _tiff_with_a_rational_strip_offset()
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, stdin=None) -> subprocess.CompletedProcess:

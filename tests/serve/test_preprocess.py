@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from helpers import HEIC_PHOTO
+from helpers import HEIC_PHOTO, MALFORMED_TIFF
 from resserve.serve.errors import InvalidInput
 from resserve.serve.preprocess import (HEIF_REFUSED, MAX_PIXELS, decode, encoded_to_input, is_heif, pixels_of,
                                       raw_to_input, to_mnist)
@@ -52,6 +52,45 @@ def test_a_photo_stored_sideways_with_an_exif_orientation_is_read_upright(mnist,
     assert np.array_equal(read, expected) if format == "PNG" else np.corrcoef(read, expected)[0, 1] > 0.99
 
 
+def _saved(image: Image.Image, format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("format, scale", [("PNG", 1), ("TIFF", 1), ("PNG", 20)])  # 560 px: reduced to 280
+@pytest.mark.parametrize("ink", ["dark on light", "light on dark"])
+def test_a_16_bit_scan_is_read_over_its_whole_range(mnist, format, scale, ink):
+    """A scanner's 16-bit grayscale: Pillow's own 8-bit conversion clips it at 255, which left dark
+    ink on white paper all white (the image refused as blank)."""
+    digit = np.kron(mnist.test.images[0], np.ones((scale, scale), dtype=np.uint8))
+    page = 255 - digit if ink == "dark on light" else digit
+    sixteen_bit = Image.fromarray(page.astype(np.uint16) * 257)
+    assert sixteen_bit.mode == "I;16"
+    expected = encoded_to_input(_png(page))
+    assert np.abs(encoded_to_input(_saved(sixteen_bit, format)) - expected).max() < 1e-6
+
+
+@pytest.mark.parametrize("scale", [1 / 255, 1.0, 257.0 * 255])
+def test_a_float_or_32_bit_image_is_read_over_the_range_it_uses(mnist, scale):
+    """Scientific TIFFs hold floats in [0, 1], [0, 255] or wider; Pillow's conversion clips them."""
+    page = 255 - mnist.test.images[0]  # dark ink on a light page
+    expected = encoded_to_input(_png(page))
+    floats = Image.fromarray(page.astype(np.float32) * np.float32(scale))
+    assert floats.mode == "F"
+    assert np.abs(encoded_to_input(_saved(floats, "TIFF")) - expected).max() < 1e-6
+    integers = Image.fromarray(page.astype(np.int32) * 257)
+    assert integers.mode == "I"
+    assert np.abs(encoded_to_input(_saved(integers, "TIFF")) - expected).max() < 1e-6
+
+
+def test_a_float_image_with_nan_is_refused():
+    floats = np.ones((28, 28), dtype=np.float32)
+    floats[3, 4] = np.nan
+    with pytest.raises(InvalidInput, match="NaN or infinite pixel values"):
+        decode(_saved(Image.fromarray(floats), "TIFF"))
+
+
 def test_jpeg_and_color_images_are_read():
     rgb = np.zeros((64, 64, 3), dtype=np.uint8)
     rgb[10:54, 30:34] = (255, 200, 0)
@@ -69,6 +108,12 @@ def test_a_blank_image_stays_blank():
 def test_non_images_are_refused(data, message):
     with pytest.raises(InvalidInput, match=message):
         decode(data)
+
+
+@pytest.mark.filterwarnings("ignore:Metadata Warning")  # what Pillow says of the file first: the server silences it
+def test_a_file_that_makes_pillow_raise_anything_is_an_unreadable_image():
+    with pytest.raises(InvalidInput, match=r"not an image Pillow can read \(\w+\)"):
+        decode(MALFORMED_TIFF)
 
 
 def test_a_heic_photo_is_refused_with_how_to_send_it():

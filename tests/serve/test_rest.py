@@ -19,7 +19,7 @@ import tritonclient.http as triton_http
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from helpers import HEIC_PHOTO, ServerProcess, metric_value, run_cli
+from helpers import HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, metric_value, run_cli
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.package import load_package
 from resserve.serve.preprocess import HEIF_REFUSED
@@ -204,6 +204,17 @@ def test_an_uploaded_file_that_is_refused_is_named(server, mnist):
     status, error = error_of(server, "POST", "/v1/classify",
                              *form_of({"digit0.png": png_of(mnist.test.images[0]), "IMG_0001.HEIC": HEIC_PHOTO}))
     assert (status, error) == (400, f"image 1 ('IMG_0001.HEIC'): {HEIF_REFUSED}")
+
+
+def test_a_file_that_makes_pillow_raise_is_a_400_and_leaves_the_log_alone(server):
+    """Pillow raised TypeError on this TIFF (an internal error and a traceback for each request) and
+    warned of its metadata on stderr, outside the log's format, as often as a client sent it."""
+    said = len(server.lines)
+    for _ in range(3):
+        status, error = error_of(server, "POST", "/v1/classify", *form_of({"scan.tif": MALFORMED_TIFF}))
+        assert (status, error) == (400, "image 0 ('scan.tif'): bytes are not an image Pillow can read (TypeError)")
+    time.sleep(0.5)  # whatever the server wrote while answering has reached server.lines
+    assert server.lines[said:] == []
 
 
 # ----------------------------------------------------------------------------------------------
