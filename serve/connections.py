@@ -16,17 +16,17 @@ import asyncio
 import logging
 import resource
 import ssl
-import time
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from resserve.serve.logs import RepeatedWarning
 
 log = logging.getLogger("resserve.serve")
 
 FD_RESERVE = 256  # descriptors kept for everything but client connections: model files, threads' wake-ups, logs
 MAX_AUTO_CONNECTIONS = 10_000  # per port and worker: about 60 MB of idle HTTP connections, far beyond a model server's clients
 MAX_BACKLOG = 1024  # connections the kernel queues for a port until they are accepted
-WARN_EVERY_SECONDS = 60.0
 HANDSHAKE_SECONDS = 10.0  # for a TLS handshake over HTTP (asyncio's default is 60 s)
 
 
@@ -121,8 +121,8 @@ class CappedSite(web.BaseSite):
         self.limit = limits.per_port
         self.handshaking = 0  # TLS connections accepted whose handshake has not ended
         self.tasks: set[asyncio.Task] = set()  # the handshakes under way
-        self.refused = 0
-        self._warned_at = -WARN_EVERY_SECONDS
+        self.refusals = RepeatedWarning(log, "HTTP holds %d connections, its limit (--max-connections): "
+                                             "closing new ones")
 
     @property
     def name(self) -> str:
@@ -138,10 +138,5 @@ class CappedSite(web.BaseSite):
         assert server is not None
         if len(server.connections) + self.handshaking < self.limit:
             return _TlsHandshake(self, server()) if self.tls else server()
-        self.refused += 1
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY_SECONDS:
-            self._warned_at = now
-            log.warning("HTTP holds %d connections, its limit (--max-connections): closing new ones (%d so far)",
-                        self.limit, self.refused)
+        self.refusals.happened(self.limit)
         return _Refused()

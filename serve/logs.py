@@ -6,6 +6,7 @@ and changeable while it runs (Triton's logging extension: ``LogSettings`` over g
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Mapping
 
@@ -17,6 +18,7 @@ from resserve.serve.settings import LogFormat, LogLevel, ServerSettings
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SettingValue = bool | int | str  # a Triton log setting's value: bool_param, uint32_param or string_param
 MAX_VERBOSE_LEVEL = 2**32 - 1  # uint32, as Triton's protocol carries it
+REPEAT_WARNING_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -135,3 +137,21 @@ def _formatter(format: LogFormat, worker: int | None) -> logging.Formatter:
                              static_fields={} if worker is None else {"worker": worker}, timestamp=True)
     name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
     return logging.Formatter(TEXT_FORMAT.replace("%(name)s", name))
+
+
+class RepeatedWarning:
+    """A warning about what clients can make happen as often as they like (connections beyond the
+    limit, requests that do not parse): logged at most once a minute, with how many times so far,
+    so that no client can fill the log."""
+
+    def __init__(self, logger: logging.Logger, message: str) -> None:
+        self.logger, self.message = logger, message
+        self.count = 0
+        self._warned_at = -REPEAT_WARNING_SECONDS
+
+    def happened(self, *args: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._warned_at >= REPEAT_WARNING_SECONDS:
+            self._warned_at = now
+            self.logger.warning(f"{self.message} ({self.count} so far)", *args)

@@ -18,11 +18,13 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
 from resserve.serve.connections import CappedSite, ConnectionLimits
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.errors import Busy, ResserveError, TooLarge, to_http_status
+from resserve.serve.logs import RepeatedWarning
 from resserve.serve.rest.encoding import IDENTITY, decompress, encoding_of
 from resserve.serve.settings import host_port
 
@@ -35,6 +37,29 @@ MAX_PATH_CHARS = 200  # of a client's path quoted in an error
 # connection, or one trickling its headers (which holds a --max-connections place). nginx's
 # keepalive_timeout; aiohttp's own default is an hour.
 IDLE_CONNECTION_SECONDS = 75.0
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs each request it cannot parse (a header with a control character, a line over
+    8,190 bytes, a Content-Length that is not a number) at ERROR with a traceback, after answering
+    it 400: the client's fault, logged as often as a client sends one (2,000 a second from one
+    client: 1.2 MB of log a second). Those become one warning a minute with a count; whatever else
+    aiohttp logs passes as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.malformed = RepeatedWarning(log, "answering HTTP requests that do not parse with 400, such as %s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        self.malformed.happened(f"{type(error).__name__}: {error.message.splitlines()[0].rstrip(':')}"[:MAX_PATH_CHARS])
+        return False
+
+
+PROTOCOL_LOG = logging.getLogger("resserve.serve.http")  # aiohttp's, for the lines of its HTTP/1.1 protocol
+PROTOCOL_LOG.addFilter(_MalformedRequests())
 
 
 class HttpFrontDoor:
@@ -160,7 +185,8 @@ class HttpServer:
         # since 3.9 lets them run on)
         # (and bodies are decompressed within the size cap by serve/rest/encoding.py, not by aiohttp)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True,
-                                    auto_decompress=False, keepalive_timeout=IDLE_CONNECTION_SECONDS)
+                                    auto_decompress=False, keepalive_timeout=IDLE_CONNECTION_SECONDS,
+                                    logger=PROTOCOL_LOG)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, limits: ConnectionLimits,
                     reuse_port: bool = False) -> int:
