@@ -63,6 +63,13 @@ class TooLarge(ResserveError):
     http_status = 413
 
 
+class BodyTimeout(ResserveError):
+    """An HTTP request body that stopped arriving (RFC 9110's 408: the client may send it again)."""
+
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 408
+
+
 class Busy(ResserveError):
     """Retryable: the in-flight request budget is spent (gRPC core answers the same for its RPCs)."""
 

@@ -19,7 +19,7 @@ from resserve.serve.dataplane import Image
 from resserve.serve.errors import InvalidInput, TooLarge, UnsupportedEncoding
 from resserve.serve.preprocess import to_png
 from resserve.serve.rest.encoding import IDENTITY, encoding_of
-from resserve.serve.rest.server import FRONT_DOOR, endpoint, json_response, plane_of, read_body
+from resserve.serve.rest.server import FRONT_DOOR, endpoint, json_response, next_chunk, plane_of, read_body
 
 PAGE_DIR = Path(__file__).parent / "page"
 routes = web.RouteTableDef()
@@ -49,9 +49,10 @@ async def _form_images(request: web.Request) -> list[Image]:
             raise InvalidInput(f"the form holds more than {limit} images; one request may hold {limit} "
                                "(--max-images-per-request)")
         data = bytearray()
-        while chunk := await part.read_chunk():
+        while chunk := await next_chunk(request, part.read_chunk):
             _check_form_size(request)
             if is_file:
+                request.app[FRONT_DOOR].hold(request, len(chunk))
                 data += chunk
         if is_file:
             images.append(Image(bytes(data), name=part.filename))

@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
 from resserve.serve.connections import CappedSite, ConnectionLimits
 from resserve.serve.dataplane import DataPlane
-from resserve.serve.errors import Busy, ResserveError, TooLarge, to_http_status
+from resserve.serve.errors import BodyTimeout, Busy, ResserveError, TooLarge, to_http_status
 from resserve.serve.logs import RepeatedWarning
 from resserve.serve.rest.encoding import IDENTITY, decompress, encoding_of
 from resserve.serve.settings import host_port
@@ -39,12 +39,13 @@ MAX_PATH_CHARS = 200  # of a client's path quoted in an error
 IDLE_CONNECTION_SECONDS = 75.0
 
 
-class _MalformedRequests(logging.Filter):
+class _ClientFaults(logging.Filter):
     """aiohttp logs each request it cannot parse (a header with a control character, a line over
     8,190 bytes, a Content-Length that is not a number) at ERROR with a traceback, after answering
     it 400: the client's fault, logged as often as a client sends one (2,000 a second from one
-    client: 1.2 MB of log a second). Those become one warning a minute with a count; whatever else
-    aiohttp logs passes as it is."""
+    client: 1.2 MB of log a second). Those become one warning a minute with a count. A body that
+    stopped arriving is answered 408 (``next_chunk``), and aiohttp's read of the rest of it meets
+    the same end: not logged. Whatever else aiohttp logs passes as it is."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,14 +53,13 @@ class _MalformedRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, HttpProcessingError):
-            return True
-        self.malformed.happened(f"{type(error).__name__}: {error.message.splitlines()[0].rstrip(':')}"[:MAX_PATH_CHARS])
-        return False
+        if isinstance(error, HttpProcessingError):
+            self.malformed.happened(f"{type(error).__name__}: {error.message.splitlines()[0].rstrip(':')}"[:MAX_PATH_CHARS])
+        return not isinstance(error, (HttpProcessingError, BodyTimeout))
 
 
 PROTOCOL_LOG = logging.getLogger("resserve.serve.http")  # aiohttp's, for the lines of its HTTP/1.1 protocol
-PROTOCOL_LOG.addFilter(_MalformedRequests())
+PROTOCOL_LOG.addFilter(_ClientFaults())
 
 
 class HttpFrontDoor:
@@ -73,24 +73,31 @@ class HttpFrontDoor:
         self.budget_bytes = settings.max_inflight_bytes
         self.inflight_bytes = 0
 
-    def reserve(self, request: web.Request) -> int:
-        """Bytes of the in-flight budget for this request's body (the cap when its size is not
-        announced, or it is compressed): bodies are read whole, so this bounds the memory requests
-        hold at once."""
+    def check_announced(self, request: web.Request) -> None:
+        """A body announced over the cap is refused before any of it is read."""
         announced = request.content_length
         if announced is not None and announced > self.max_body_bytes:
             raise TooLarge(f"request body of {announced:,} bytes exceeds the limit of {self.max_body_bytes:,} "
                            "(--max-message-bytes)")
-        unknown = announced is None or encoding_of(request.headers.get(hdrs.CONTENT_ENCODING)) != IDENTITY
-        size = self.max_body_bytes if unknown and request.body_exists else (announced or 0)
+
+    def hold(self, request: web.Request, size: int) -> None:
+        """``size`` more bytes in memory for ``request`` (its body as it arrives, and what that
+        inflates to), within the in-flight budget. Counted as the bytes arrive rather than as
+        announced: 64 clients that announced 4 MiB bodies and sent none of them held the whole
+        budget, and every other request with a body got 429 for as long as they waited."""
         if self.inflight_bytes + size > self.budget_bytes:
             raise Busy(f"the server holds {self.inflight_bytes:,} bytes of requests (budget "
                        f"{self.budget_bytes:,}, --max-inflight-bytes); retry shortly")
         self.inflight_bytes += size
-        return size
+        request[HELD_BYTES] = request.get(HELD_BYTES, 0) + size
+
+    def release(self, request: web.Request) -> None:
+        """The request is answered: what it held is free again."""
+        self.inflight_bytes -= request.get(HELD_BYTES, 0)
 
 
 FRONT_DOOR = web.AppKey("front_door", HttpFrontDoor)
+HELD_BYTES = "resserve.held_bytes"  # of the in-flight budget, by this request (aiohttp 3.9 has no RequestKey)
 
 
 def plane_of(request: web.Request) -> DataPlane:
@@ -111,13 +118,35 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The whole body, decompressed, within the size cap (a body without Content-Length is cut off there)."""
-    limit = request.app[FRONT_DOOR].max_body_bytes
+    """The whole body, decompressed, within the size cap and the in-flight budget, which count its
+    bytes as they arrive (a body without Content-Length is cut off at the cap)."""
+    door = request.app[FRONT_DOOR]
+    body = bytearray()
+    while chunk := await next_chunk(request, request.content.readany):
+        if len(body) + len(chunk) > door.max_body_bytes:
+            raise TooLarge(f"request body exceeds the limit of {door.max_body_bytes:,} bytes (--max-message-bytes)")
+        door.hold(request, len(chunk))
+        body += chunk
+    encoding = encoding_of(request.headers.get(hdrs.CONTENT_ENCODING))
+    if encoding == IDENTITY:
+        return bytes(body)
+    inflated = decompress(bytes(body), encoding, door.max_body_bytes)
+    door.hold(request, len(inflated))
+    return inflated
+
+
+async def next_chunk(request: web.Request, read: Callable[[], Awaitable[bytes]]) -> bytes:
+    """The body's next bytes (b"" at its end) from ``read``, or 408 when none come for
+    IDLE_CONNECTION_SECONDS: a client that announced a body and stopped sending it holds its
+    connection that long at most, as nginx's client_body_timeout. The timer fails the body's
+    stream rather than wrapping the read in a task (asyncio.wait_for), so that a client that
+    disconnects still cancels its handler."""
+    timeout = BodyTimeout(f"no byte of the request body came for {IDLE_CONNECTION_SECONDS:g} s")
+    timer = asyncio.get_running_loop().call_later(IDLE_CONNECTION_SECONDS, request.content.set_exception, timeout)
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise TooLarge(f"request body exceeds the limit of {limit:,} bytes (--max-message-bytes)") from None
-    return decompress(body, encoding_of(request.headers.get(hdrs.CONTENT_ENCODING)), limit)
+        return await read()
+    finally:
+        timer.cancel()
 
 
 def endpoint(api: str) -> Callable[[Handler], Handler]:
@@ -131,10 +160,10 @@ def endpoint(api: str) -> Callable[[Handler], Handler]:
             state = door.plane.state
             model = state.model_label(request.match_info.get("name") or request.query.get("model", ""))
             started = state.admit()
-            status, reserved = 500, 0
+            status = 500
             try:
                 state.check_accepting()
-                reserved = door.reserve(request)
+                door.check_announced(request)
                 response = await handler(request)
                 status = response.status
                 return response
@@ -145,7 +174,7 @@ def endpoint(api: str) -> Callable[[Handler], Handler]:
                 status, message = to_http_status(exc)
                 return error_response(status, message)
             finally:
-                door.inflight_bytes -= reserved
+                door.release(request)
                 state.finish("http", api, model, str(status), started)
 
         return wrapped
@@ -177,7 +206,7 @@ class HttpServer:
     """The aiohttp application and its listening socket."""
 
     def __init__(self, plane: DataPlane, routes: list[web.AbstractRouteDef]) -> None:
-        self.app = web.Application(client_max_size=plane.state.settings.max_message_bytes, middlewares=[guard])
+        self.app = web.Application(middlewares=[guard])  # bodies: read_body, within --max-message-bytes
         self.app[FRONT_DOOR] = HttpFrontDoor(plane)
         self.app.add_routes(routes)
         # a client that disconnects cancels its handler, and so its place in the batcher's queue,

@@ -5,12 +5,14 @@ import asyncio
 import collections
 import collections.abc
 import io
+import json
 import re
 import resource
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
 
 import grpc
 import numpy as np
@@ -221,6 +223,28 @@ def test_many_large_concurrent_requests_are_bounded_by_bytes_in_flight(server):
     # +650 to +1,220 MB in 14 runs of this module on 2 CPUs (gRPC's buffers for the calls it refuses vary
     # with timing): bounded, where without the byte budget it was +2.6 GB
     assert peak[0] - before < 1536, (peak[0], before)
+
+
+def test_http_bodies_announced_and_never_sent_hold_none_of_the_budget():
+    """Clients that announced bodies and sent none of them held the budget by their Content-Length:
+    64 of them with 4 MiB each held all 256 MiB by default, and every other request with a body
+    got 429 for as long as they waited. Bytes are counted as they arrive now."""
+    with ServerProcess("--max-message-bytes", "1048576", "--max-inflight-bytes", "2097152") as small:
+        stalled = hold_connections(small.http_port, 8, b"POST /v2/models/resnet-mnist/infer HTTP/1.1\r\n"
+                                                       b"Host: x\r\nContent-Length: 1048576\r\n\r\n")
+        try:
+            time.sleep(0.5)  # all 8 are waiting for their bodies
+            body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "UINT8",
+                                           "data": [0] * 784}]})
+            connection = HTTPConnection(small.http_target, timeout=10)
+            connection.request("POST", "/v2/models/resnet-mnist/infer", body=body)
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+            assert response.status == 200, answer
+            assert [output["name"] for output in answer["outputs"]] == ["logits", "probabilities"]
+        finally:
+            for connection in stalled:
+                connection.close()
 
 
 # 6. exact input checks ------------------------------------------------------------------------
