@@ -93,6 +93,10 @@ def serve(
         help="Then: time in-flight requests get to finish.")] = ServerSettings.grace_seconds,
     max_connection_age: Annotated[Optional[float], typer.Option(envvar=_env("MAX_CONNECTION_AGE"),
         help="Seconds before a client connection is recycled, so clients re-resolve.", show_default=False)] = None,
+    keepalive_seconds: Annotated[float, typer.Option(envvar=_env("KEEPALIVE_SECONDS"),
+        help="gRPC pings a client silent this long and closes its connection when no answer comes within 20 s "
+        "(or this, if shorter), so the calls of a vanished client (crashed, partitioned, dropped by a NAT) "
+        "free their places in the RPC limit.")] = ServerSettings.keepalive_seconds,
     max_connections: Annotated[str, typer.Option(envvar=_env("MAX_CONNECTIONS"),
         help="Client connections each worker holds on each of its gRPC and HTTP ports; new ones beyond are "
         "closed at once, so a flood of connections cannot use up the open files every port needs. auto: "
@@ -141,7 +145,7 @@ def serve(
         cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus()),
         max_images_per_request=max_images_per_request, max_message_bytes=max_message_bytes,
         max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
-        max_connection_age_seconds=max_connection_age,
+        max_connection_age_seconds=max_connection_age, keepalive_seconds=keepalive_seconds,
         max_connections=parse_auto(max_connections, "--max-connections", "connections"),
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file),
         log_level=log_level, log_format=log_format)

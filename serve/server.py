@@ -60,6 +60,7 @@ READINESS_NAMES = ["", READINESS_SERVICE, *API_SERVICES]
 AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 FLUSH_SECONDS = 0.1  # after the last answer, before the process exits
 PENDING_CALLS = 20_000
+KEEPALIVE_TIMEOUT_SECONDS = 20.0  # for the answer to a keepalive ping (gRPC's default)
 METRICS_SOCKET_SECONDS = 10.0  # for a scrape's request and its answer (Prometheus's own scrape timeout is 10 s)
 
 
@@ -97,11 +98,21 @@ def _grpc_options(settings: ServerSettings, connections: ConnectionLimits) -> li
         # (they carry headers only) and be answered by the server: OK, or UNAVAILABLE when full.
         ("grpc.server.max_pending_requests", PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
+        # a client that does not answer a ping is gone: its connection closes, its calls end
+        ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", _keepalive_timeout_ms(settings)),
+        ("grpc.http2.ping_timeout_ms", _keepalive_timeout_ms(settings)),  # what core's chttp2 waits for (60 s if unset)
+        ("grpc.keepalive_permit_without_calls", 1),  # idle connections too: each holds a --max-connections place
+        ("grpc.http2.max_pings_without_data", 0),  # core's default stops pinging after 2 while no data is sent
     ]
     if settings.max_connection_age_seconds:
         options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
                     ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000))]
     return options
+
+
+def _keepalive_timeout_ms(settings: ServerSettings) -> int:
+    return int(min(KEEPALIVE_TIMEOUT_SECONDS, settings.keepalive_seconds) * 1000)
 
 
 class Server:

@@ -165,6 +165,11 @@ class ServerSettings:
     drain_seconds: float = 5.0  # after SIGTERM: NOT_SERVING but still answering, so endpoints go
     grace_seconds: float = 10.0  # then: in-flight requests get this long to finish
     max_connection_age_seconds: float | None = None  # clients re-resolve (Kubernetes scaling)
+    # gRPC pings a client after this long without a frame from it, and closes the connection when
+    # no answer comes (within KEEPALIVE_TIMEOUT_SECONDS): the calls of a client that vanished
+    # (crashed, partitioned, forgotten by a NAT) free their places in the RPC limit then, not after
+    # gRPC's default two hours
+    keepalive_seconds: float = 60.0
     max_connections: int | None = None  # per port and worker; None: what the open-file limit allows (serve/connections.py)
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -222,6 +227,7 @@ class ServerSettings:
              "--drain-seconds and --grace-seconds must be finite and >= 0"),
             (self.max_connection_age_seconds is None or 1 <= self.max_connection_age_seconds < math.inf,
              "--max-connection-age must be at least 1 second (and finite)"),
+            (1 <= self.keepalive_seconds < math.inf, "--keepalive-seconds must be at least 1 (and finite)"),
             (1 <= self.workers <= MAX_WORKERS, f"--workers must be auto or 1-{MAX_WORKERS}"),
             (self.max_connections is None or self.max_connections >= 1, "--max-connections must be auto or >= 1"),
             *self._runtime_checks(),

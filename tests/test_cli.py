@@ -73,6 +73,7 @@ def test_root_help_lists_the_commands():
     (["serve", "--host", "not..a.host"], "--host 'not..a.host' is not an address to listen on"),
     (["serve", "--drain-seconds", "inf"], "--drain-seconds and --grace-seconds must be finite and >= 0"),
     (["serve", "--max-connection-age", "0"], "--max-connection-age must be at least 1 second"),
+    (["serve", "--keepalive-seconds", "0.5"], "--keepalive-seconds must be at least 1 (and finite)"),
     (["serve", "--max-connections", "0"], "--max-connections must be auto or >= 1"),
     (["serve", "--max-connections", "many"], "--max-connections must be auto or a number of connections, got 'many'"),
     (["serve", "--threads", "5000"], "--threads 5000 is more than the"),

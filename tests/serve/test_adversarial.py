@@ -9,6 +9,8 @@ import json
 import re
 import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -223,6 +225,53 @@ def test_many_large_concurrent_requests_are_bounded_by_bytes_in_flight(server):
     # +650 to +1,220 MB in 14 runs of this module on 2 CPUs (gRPC's buffers for the calls it refuses vary
     # with timing): bounded, where without the byte budget it was +2.6 GB
     assert peak[0] - before < 1536, (peak[0], before)
+
+
+# opens 10 streams that send nothing (one place each in the RPC limit), then stops answering
+VANISHING_CLIENT = """
+import os, queue, signal, sys, time, grpc
+from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+grpc.channel_ready_future(channel).result(timeout=10)
+streams = [kserve_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(queue.Queue().get, None))
+           for _ in range(10)]
+time.sleep(1)  # the streams reach the server
+os.kill(os.getpid(), signal.SIGSTOP)  # as a crashed machine, a partition or a NAT that forgot the flow
+"""
+
+
+def test_the_calls_of_a_client_that_stops_answering_free_their_places_in_the_rpc_limit():
+    """They held them for gRPC's default keepalive of two hours: past the limit, every call
+    (Kubernetes' probes included) was RESOURCE_EXHAUSTED. Now a ping unanswered frees them."""
+    with ServerProcess("--max-message-bytes", "1048576", "--max-inflight-bytes", "2097152",
+                       "--keepalive-seconds", "5") as small:  # 2 RPCs and 8 more: 10 places
+        client = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, small.target])
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(small.target))
+        check = health_pb2.HealthCheckRequest(service="resserve.readiness")
+        try:
+            while process_state(client.pid) != "T":  # stopped
+                assert client.poll() is None, "the client failed"
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as refused:
+                health.Check(check, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            answered = None
+            for _ in range(60):
+                try:
+                    answered = health.Check(check, timeout=5).status
+                    break
+                except grpc.RpcError:
+                    time.sleep(0.5)
+            assert answered == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            client.kill()
+            client.wait()
+
+
+def process_state(pid: int) -> str:
+    """R, S, T (stopped), ... from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_http_bodies_announced_and_never_sent_hold_none_of_the_budget():
