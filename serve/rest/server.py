@@ -54,7 +54,8 @@ class _ClientFaults(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError):
-            self.malformed.happened(f"{type(error).__name__}: {error.message.splitlines()[0].rstrip(':')}"[:MAX_PATH_CHARS])
+            what = error.message.splitlines()[0].rstrip(":")  # the rest quotes the client's bytes
+            self.malformed.happened(f"{type(error).__name__}: {what}"[:MAX_PATH_CHARS])
         return not isinstance(error, (HttpProcessingError, BodyTimeout))
 
 
