@@ -1,8 +1,26 @@
-"""Bearer tokens: the one check every front door makes (gRPC metadata, HTTP headers)."""
+"""Bearer tokens: the one check every front door makes (gRPC metadata, HTTP headers).
+
+Two kinds: tokens for every API (``--token-file``), and admin tokens (``--admin-token-file``)
+for the APIs that change what the server does rather than ask it something: loading and
+unloading models, and log settings (Triton restricts the same groups with
+``--grpc-restricted-protocol``). With admin tokens, those APIs take an admin token only; an admin
+token is good for every other API too. Health (and the page's static files) take none.
+"""
 
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
+from enum import Enum
+
+import grpc
+
+UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token"
+# the admin APIs over gRPC (serve/rest/server.py has their HTTP paths)
+ADMIN_GRPC_METHODS = frozenset(f"/inference.GRPCInferenceService/{name}"
+                               for name in ("RepositoryModelLoad", "RepositoryModelUnload", "LogSettings"))
+ADMIN_ONLY_MESSAGE = ("loading and unloading models and log settings take an admin token (the server's "
+                      "--admin-token-file); this token is not one")
 
 
 class TokenCheck:
@@ -19,4 +37,39 @@ class TokenCheck:
         return scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), t) for t in self._tokens)
 
 
-UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token"
+class Verdict(Enum):
+    """What a request's credentials allow, and how it is refused if they do not."""
+
+    ALLOWED = (None, None, "")
+    UNAUTHENTICATED = (grpc.StatusCode.UNAUTHENTICATED, 401, UNAUTHENTICATED_MESSAGE)
+    ADMIN_ONLY = (grpc.StatusCode.PERMISSION_DENIED, 403, ADMIN_ONLY_MESSAGE)
+
+    def __init__(self, code: grpc.StatusCode | None, http_status: int | None, message: str) -> None:
+        self.code, self.http_status, self.message = code, http_status, message
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call what: ``tokens`` for every API (none: open), ``admin_tokens`` for the admin
+    APIs (none: those are as open as the rest)."""
+
+    tokens: TokenCheck | None
+    admin_tokens: TokenCheck | None
+
+    @classmethod
+    def of(cls, tokens: tuple[str, ...], admin_tokens: tuple[str, ...]) -> "Access | None":
+        """None where nothing asks for a token."""
+        if not tokens and not admin_tokens:
+            return None
+        return cls(TokenCheck(tokens) if tokens else None, TokenCheck(admin_tokens) if admin_tokens else None)
+
+    def verdict(self, authorization: list[str], admin_api: bool) -> Verdict:
+        is_admin = self.admin_tokens is not None and self.admin_tokens.accepts(authorization)
+        if admin_api and self.admin_tokens is not None:
+            if is_admin:
+                return Verdict.ALLOWED
+            known = self.tokens is not None and self.tokens.accepts(authorization)
+            return Verdict.ADMIN_ONLY if known else Verdict.UNAUTHENTICATED
+        if self.tokens is None or is_admin or self.tokens.accepts(authorization):
+            return Verdict.ALLOWED
+        return Verdict.UNAUTHENTICATED

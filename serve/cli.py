@@ -107,6 +107,9 @@ def serve(
         help="Require client certificates signed by this CA (mutual TLS).")] = None,
     token_file: Annotated[Optional[Path], typer.Option(envvar=_env("TOKEN_FILE"),
         help="Bearer tokens, one per line; clients must send one (health is exempt).")] = None,
+    admin_token_file: Annotated[Optional[Path], typer.Option(envvar=_env("ADMIN_TOKEN_FILE"),
+        help="Bearer tokens, one per line, that loading and unloading models and changing log settings take "
+        "(no other token does); good for every other API too.")] = None,
     workers: Annotated[str, typer.Option(envvar=_env("WORKERS"),
         help="Server processes on the same ports, each with its own models and a share of the CPUs "
         f"(Linux). auto: one per {CPUS_PER_WORKER} CPUs (--cpus), at least one.")] = "auto",
@@ -148,6 +151,7 @@ def serve(
         max_connection_age_seconds=max_connection_age, keepalive_seconds=keepalive_seconds,
         max_connections=parse_auto(max_connections, "--max-connections", "connections"),
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file),
+        admin_tokens=_read_tokens(admin_token_file),
         log_level=log_level, log_format=log_format)
     if settings.workers > 1:
         supervise(settings)

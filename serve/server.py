@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from resserve.serve.aio import set_within
-from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
+from resserve.serve.auth import ADMIN_GRPC_METHODS, Access, Verdict
 from resserve.serve.connections import ConnectionLimits
 from resserve.serve.control import ModelControl
 from resserve.serve.dataplane import DataPlane
@@ -65,19 +65,23 @@ METRICS_SOCKET_SECONDS = 10.0  # for a scrape's request and its answer (Promethe
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every RPC except health and reflection."""
+    """Requires ``authorization: Bearer <token>`` on every RPC except health and reflection, an
+    admin token on the admin RPCs where the server has them (serve/auth.py)."""
 
-    def __init__(self, tokens: TokenCheck) -> None:
-        self._tokens = tokens
+    def __init__(self, access: Access) -> None:
+        self._access = access
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        if details.method.startswith(AUTH_EXEMPT_PREFIXES):
+            return await continuation(details)
         metadata = details.invocation_metadata or ()
-        if details.method.startswith(AUTH_EXEMPT_PREFIXES) or self._tokens.accepts(
-                [value for key, value in metadata if key == "authorization"]):
+        verdict = self._access.verdict([value for key, value in metadata if key == "authorization"],
+                                       admin_api=details.method in ADMIN_GRPC_METHODS)
+        if verdict is Verdict.ALLOWED:
             return await continuation(details)
 
         async def deny(request_or_stream, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+            await context.abort(verdict.code, verdict.message)
 
         handler = await continuation(details)
         if handler is not None and handler.request_streaming:  # refused at once, before any message
@@ -124,7 +128,8 @@ class Server:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.control = ModelControl(self.state, self.executor)
         self.plane = DataPlane(self.state, self.preprocess_pool, self.control)
-        interceptors = [BearerTokenInterceptor(TokenCheck(settings.tokens))] if settings.tokens else []
+        access = Access.of(settings.tokens, settings.admin_tokens)
+        interceptors = [BearerTokenInterceptor(access)] if access else []
         self.connections = ConnectionLimits.of(settings.max_connections)
         self.grpc = grpc.aio.server(options=_grpc_options(settings, self.connections), interceptors=interceptors,
                                     maximum_concurrent_rpcs=settings.max_concurrent_rpcs)

@@ -103,6 +103,15 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_line(tmp_path):
     assert result.stderr.strip() == f"error: {junk} is truncated or not a PyTorch file"
 
 
+def test_a_token_that_is_also_an_admin_token_is_refused_in_one_line(tmp_path):
+    (tmp_path / "tokens").write_text("client\nshared\n")
+    (tmp_path / "admin").write_text("shared\n")
+    result = run_cli("serve", "--token-file", str(tmp_path / "tokens"), "--admin-token-file", str(tmp_path / "admin"))
+    assert (result.returncode, result.stderr.strip()) == (
+        1, "error: a token is in both --token-file and --admin-token-file: its holders would be admins; "
+           "give admins tokens of their own")
+
+
 def test_serve_given_a_checkpoint_says_how_to_export_it(tmp_path):
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"weights")

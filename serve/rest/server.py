@@ -17,10 +17,10 @@ import ssl
 from typing import Any, Awaitable, Callable
 
 import orjson
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from resserve.serve.auth import UNAUTHENTICATED_MESSAGE, TokenCheck
+from resserve.serve.auth import Access, Verdict
 from resserve.serve.connections import CappedSite, ConnectionLimits
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.errors import BodyTimeout, Busy, ResserveError, TooLarge, to_http_status
@@ -32,6 +32,8 @@ log = logging.getLogger("resserve.serve")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PREFIXES = ("/v2/health/", "/page/")  # and "/" itself: no data, so no token
+# the admin APIs (serve/auth.py), by their routes' patterns: decoded paths are not matched by hand
+ADMIN_ROUTES = frozenset({"/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload", "/v2/logging"})
 MAX_PATH_CHARS = 200  # of a client's path quoted in an error
 # A connection that has not sent a whole request for this long is closed: an idle keep-alive
 # connection, or one trickling its headers (which holds a --max-connections place). nginx's
@@ -69,7 +71,7 @@ class HttpFrontDoor:
     def __init__(self, plane: DataPlane) -> None:
         settings = plane.state.settings
         self.plane = plane
-        self.tokens = TokenCheck(settings.tokens) if settings.tokens else None
+        self.access = Access.of(settings.tokens, settings.admin_tokens)
         self.max_body_bytes = settings.max_message_bytes
         self.budget_bytes = settings.max_inflight_bytes
         self.inflight_bytes = 0
@@ -142,12 +144,15 @@ async def next_chunk(request: web.Request, read: Callable[[], Awaitable[bytes]])
     connection that long at most, as nginx's client_body_timeout. The timer fails the body's
     stream rather than wrapping the read in a task (asyncio.wait_for), so that a client that
     disconnects still cancels its handler."""
-    timeout = BodyTimeout(f"no byte of the request body came for {IDLE_CONNECTION_SECONDS:g} s")
-    timer = asyncio.get_running_loop().call_later(IDLE_CONNECTION_SECONDS, request.content.set_exception, timeout)
+    timer = asyncio.get_running_loop().call_later(IDLE_CONNECTION_SECONDS, _time_out, request.content)
     try:
         return await read()
     finally:
         timer.cancel()
+
+
+def _time_out(body: StreamReader) -> None:
+    body.set_exception(BodyTimeout(f"no byte of the request body came for {IDLE_CONNECTION_SECONDS:g} s"))
 
 
 def endpoint(api: str) -> Callable[[Handler], Handler]:
@@ -188,8 +193,12 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Tokens first; aiohttp's own errors as JSON; connections close while the server drains."""
     door = request.app[FRONT_DOOR]
     public = request.path == "/" or request.path.startswith(PUBLIC_PREFIXES)
-    if door.tokens and not public and not door.tokens.accepts(request.headers.getall("Authorization", [])):
-        return error_response(401, UNAUTHENTICATED_MESSAGE)
+    if door.access and not public:
+        resource = request.match_info.route.resource  # None where no route matched (404, 405)
+        verdict = door.access.verdict(request.headers.getall("Authorization", []),
+                                      admin_api=resource is not None and resource.canonical in ADMIN_ROUTES)
+        if verdict is not Verdict.ALLOWED:
+            return error_response(verdict.http_status, verdict.message)
     try:
         response = await handler(request)
     except web.HTTPException as exc:

@@ -220,3 +220,38 @@ def test_resserve_models_lists_loads_and_unloads(server):
     assert len(unknown.stderr.strip().splitlines()) == 1
     both = run_cli("models", "--load", MODEL, "--unload", MODEL)
     assert (both.returncode, both.stderr.strip()) == (1, "error: give --load or --unload, not both")
+
+
+def test_with_admin_tokens_only_an_admin_token_changes_models_or_log_settings(tmp_path):
+    """--admin-token-file: loading, unloading and log settings take an admin token; the inference
+    token is PERMISSION_DENIED (HTTP 403) there and good everywhere else, as the admin token is."""
+    (tmp_path / "tokens").write_text("user-s3cret\n")
+    (tmp_path / "admin").write_text("admin-s3cret\n")
+    user, admin = {"authorization": "Bearer user-s3cret"}, {"authorization": "Bearer admin-s3cret"}
+    with ServerProcess("--token-file", str(tmp_path / "tokens"), "--admin-token-file", str(tmp_path / "admin")) as server:
+        over_grpc = triton_grpc.InferenceServerClient(server.target)
+        over_http = triton_http.InferenceServerClient(server.http_target)
+        changes = [lambda client, headers: client.unload_model(MODEL, headers=headers),
+                   lambda client, headers: client.load_model(MODEL, headers=headers),
+                   lambda client, headers: client.update_log_settings({"log_verbose_level": 1}, headers=headers),
+                   lambda client, headers: client.get_log_settings(headers=headers)]
+        for client, denied, unauthenticated in ((over_grpc, "StatusCode.PERMISSION_DENIED", "StatusCode.UNAUTHENTICATED"),
+                                                (over_http, "403", "401")):
+            for change in changes:
+                for headers, status in ((user, denied), ({}, unauthenticated)):
+                    with pytest.raises(InferenceServerException) as refused:
+                        change(client, headers)
+                    assert refused.value.status() == status
+                    if status == denied:
+                        assert "take an admin token (the server's --admin-token-file)" in refused.value.message()
+            for headers in (user, admin):  # either token for everything else
+                assert client.get_model_metadata(MODEL, headers=headers)
+        assert over_http.get_log_settings(headers=admin)["log_verbose_level"] == 0  # no refused change was made
+        cli = ("models", "--server", server.target, "--unload", MODEL, "--token")
+        refused = run_cli(*cli, "user-s3cret")
+        assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr
+        assert run_cli(*cli, "admin-s3cret").returncode == 0
+        with pytest.raises(InferenceServerException, match="unloaded"):
+            over_grpc.get_model_metadata(MODEL, headers=user)
+        over_http.load_model(MODEL, headers=admin)
+        assert over_grpc.get_model_metadata(MODEL, headers=user).name == MODEL
