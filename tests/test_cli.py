@@ -73,6 +73,9 @@ def test_root_help_lists_the_commands():
     (["serve", "--host", "not..a.host"], "--host 'not..a.host' is not an address to listen on"),
     (["serve", "--drain-seconds", "inf"], "--drain-seconds and --grace-seconds must be finite and >= 0"),
     (["serve", "--max-connection-age", "0"], "--max-connection-age must be at least 1 second"),
+    (["export", "--version", "v2", "--triton-repo", "triton"], "--triton-repo needs a version Triton reads, a whole "
+     "number from 1 without leading zeros (Triton skips a version folder named 'v2'): give --version N"),
+    (["export", "--version", "01", "--triton-repo", "triton"], "(Triton skips a version folder named '01')"),
     (["serve", "--keepalive-seconds", "0.5"], "--keepalive-seconds must be at least 1 (and finite)"),
     (["serve", "--max-connections", "0"], "--max-connections must be auto or >= 1"),
     (["serve", "--max-connections", "many"], "--max-connections must be auto or a number of connections, got 'many'"),

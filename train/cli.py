@@ -213,6 +213,10 @@ def export(
         raise ResserveError("--triton-repo serves the graph as it is, which takes [0,1]: leave --input-range at 1")
     if triton_repo and "onnx" not in options.formats:
         raise ResserveError("--triton-repo serves the ONNX artifact: include onnx in --format")
+    from resserve.train.triton import check_triton_version, write_triton_repository
+
+    if triton_repo:
+        check_triton_version(options.version)
     path = resolve_model_path(model)
     destination = out or Path(options.model_name(path))
     check_package_destination(destination)
@@ -224,7 +228,6 @@ def export(
     from resserve.train.data import load_mnist
     from resserve.train.export import export_package
     from resserve.train.progress import progress_bar, stages_of
-    from resserve.train.triton import write_triton_repository
 
     mnist = load_mnist(data_dir, log=_log)
     with progress_bar(not as_json, "images") as progress:

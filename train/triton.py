@@ -6,15 +6,25 @@ outgrows one resserve process runs the same verified artifact on Triton unchange
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from google.protobuf import text_format
 
 from resserve.serve.batcher import BatchingConfig
+from resserve.serve.errors import ResserveError
 from resserve.serve.kserve import LABELS_FILE, triton_model_config
 from resserve.serve.package import ModelPackage
 
 MAX_BATCH_SIZE = 1024
+TRITON_VERSION = re.compile(r"[1-9][0-9]*")  # Triton skips version folders named otherwise, silently
+
+
+def check_triton_version(version: str) -> None:
+    """A version Triton loads: resserve takes "v2" or "0", which Triton would skip, leaving no model."""
+    if not TRITON_VERSION.fullmatch(version):
+        raise ResserveError(f"--triton-repo needs a version Triton reads, a whole number from 1 without leading "
+                            f"zeros (Triton skips a version folder named {version!r}): give --version N")
 
 
 def render_config(package: ModelPackage) -> str:
