@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageOps
 
 from resserve.serve.errors import ResserveError
-from resserve.serve.preprocess import has_alpha
+from resserve.serve.preprocess import eight_bit, has_alpha
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -100,20 +100,21 @@ def requests_of(sizes: list[int], max_images: int = REQUEST_IMAGES, max_bytes: i
 
 def fit_to_send(image: bytes) -> bytes:
     """A photo over ``REQUEST_BYTES``, upright and scaled down to ``PHOTO_SIDE`` (JPEG, or PNG
-    where it has transparency); smaller images, and bytes Pillow cannot read (the server will say
-    what is wrong with them), as they are."""
+    where it has transparency; a 16-bit or float scan brought to 8 bits over its range first, as
+    the server does); smaller images, and bytes Pillow cannot read (the server will say what is
+    wrong with them), as they are."""
     if len(image) <= REQUEST_BYTES:
         return image
     try:
         with Image.open(io.BytesIO(image)) as opened:
             opened.draft("RGB", (PHOTO_SIDE, PHOTO_SIDE))
-            photo = ImageOps.exif_transpose(opened)
+            photo = eight_bit(ImageOps.exif_transpose(opened))
         photo.thumbnail((PHOTO_SIDE, PHOTO_SIDE))
         transparent = has_alpha(photo)
         photo = photo.convert("RGBA" if transparent else "RGB")
         smaller = io.BytesIO()
         photo.save(smaller, "PNG" if transparent else "JPEG", quality=90)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Exception:  # noqa: BLE001 - Pillow raises any kind on a malformed file (serve/preprocess.py)
         return image
     return smaller.getvalue() if smaller.tell() < len(image) else image
 

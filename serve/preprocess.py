@@ -91,7 +91,7 @@ def pixels_of(data: bytes) -> int:
 def decode(data: bytes) -> np.ndarray:
     """Encoded bytes -> grayscale float32 [H,W] in [0,1], at most WORKING_SIDE on its longer side;
     refuses non-images and oversized ones."""
-    return _readable(data, lambda: _flatten(_working_size(_eight_bit(_upright(_open(data))))))
+    return _readable(data, lambda: _flatten(_working_size(eight_bit(_upright(_open(data))))))
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -102,19 +102,25 @@ def _upright(image: Image.Image) -> Image.Image:
     return image
 
 
-def _eight_bit(image: Image.Image) -> Image.Image:
+def eight_bit(image: Image.Image) -> Image.Image:
     """16-bit, 32-bit integer and float images as 8-bit grayscale over their range: 16-bit over
     0-65535, as the format defines it; the others, which have no fixed range, over the range the
     image uses. Pillow's ``convert("L")`` clips them at 255 instead, which turns a 16-bit scan of
-    dark ink on white paper all white."""
-    if image.mode not in SIXTEEN_BIT_MODES | UNBOUNDED_MODES:
+    dark ink on white paper all white. Worked in place, and floats reduced first: a 16-megapixel
+    image costs at most one copy of its pixels beside Pillow's own."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.array(image)  # uint16 (in the file's byte order), a copy to work in
+        np.right_shift(values, 8, out=values)  # 257 * v -> v: an 8-bit image stored as 16 bits comes back exact
+        return Image.fromarray(values.astype(np.uint8))
+    if image.mode not in UNBOUNDED_MODES:
         return image
-    values = np.asarray(image, dtype=np.float32)
+    values = np.array(_working_size(image), dtype=np.float32)  # 4 bytes a pixel: reduced first where large
     if not np.isfinite(values).all():
         raise InvalidInput("the image holds NaN or infinite pixel values")
-    low, high = (0.0, 65535.0) if image.mode in SIXTEEN_BIT_MODES else (values.min(), values.max())
-    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # 2-D uint8: mode L
+    low, high = values.min(), values.max()
+    values -= low
+    values *= 255.0 / (high - low) if high > low else 0.0
+    return Image.fromarray(np.rint(values, out=values).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def _working_size(image: Image.Image) -> Image.Image:
@@ -123,7 +129,7 @@ def _working_size(image: Image.Image) -> Image.Image:
     factor = -(-max(image.size) // WORKING_SIDE)
     if factor <= 1:
         return image
-    if image.mode not in ("L", "LA", "RGB", "RGBA"):
+    if image.mode not in ("L", "LA", "RGB", "RGBA", *UNBOUNDED_MODES):  # the modes Image.reduce takes
         image = image.convert("LA" if has_alpha(image) else "L")
     return image.reduce(factor)
 

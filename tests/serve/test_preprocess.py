@@ -71,10 +71,10 @@ def test_a_16_bit_scan_is_read_over_its_whole_range(mnist, format, scale, ink):
     assert np.abs(encoded_to_input(_saved(sixteen_bit, format)) - expected).max() < 1e-6
 
 
-@pytest.mark.parametrize("scale", [1 / 255, 1.0, 257.0 * 255])
-def test_a_float_or_32_bit_image_is_read_over_the_range_it_uses(mnist, scale):
+@pytest.mark.parametrize("scale, size", [(1 / 255, 1), (1.0, 1), (257.0 * 255, 1), (1 / 255, 20)])  # 560 px: reduced
+def test_a_float_or_32_bit_image_is_read_over_the_range_it_uses(mnist, scale, size):
     """Scientific TIFFs hold floats in [0, 1], [0, 255] or wider; Pillow's conversion clips them."""
-    page = 255 - mnist.test.images[0]  # dark ink on a light page
+    page = 255 - np.kron(mnist.test.images[0], np.ones((size, size), dtype=np.uint8))  # dark ink on a light page
     expected = encoded_to_input(_png(page))
     floats = Image.fromarray(page.astype(np.float32) * np.float32(scale))
     assert floats.mode == "F"

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from helpers import HEIC_PHOTO, ServerProcess, metric_value, run_cli
+from helpers import HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, metric_value, run_cli
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.client import requests_of
 from resserve.serve.package import load_package
@@ -227,6 +227,26 @@ def test_classify_sends_a_phone_photo_over_the_servers_message_limit_smaller_and
     result = run_cli("classify", str(photo), "--server", server.target)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{photo}: {mnist.test.labels[0]} (")
+
+
+def test_classify_sends_a_16_bit_scan_over_the_request_size_as_the_scan_shows(server, mnist, tmp_path):
+    """The client re-encodes a file over 1 MB smaller: it clipped a 16-bit scan's pixels at 255,
+    so dark ink on white paper went out all white ("the image is blank")."""
+    page = 255 - np.kron(mnist.test.images[0], np.ones((40, 40), dtype=np.uint8))  # 1120x1120
+    scan = tmp_path / "scan.tif"
+    Image.fromarray(page.astype(np.uint16) * 257).save(scan)
+    assert scan.stat().st_size > 2**20
+    result = run_cli("classify", str(scan), "--server", server.target)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{scan}: {mnist.test.labels[0]} (")
+
+
+def test_classify_sends_a_file_that_makes_pillow_raise_as_it_is_for_the_server_to_refuse(server, tmp_path):
+    malformed = tmp_path / "scan.tif"
+    malformed.write_bytes(MALFORMED_TIFF + bytes(2**20))  # over the size the client re-encodes
+    result = run_cli("classify", str(malformed), "--server", server.target)
+    assert (result.returncode, result.stderr.strip()) == (
+        1, f"{malformed}: error: bytes are not an image Pillow can read (TypeError)")
 
 
 def test_requests_of_groups_images_by_count_and_bytes():
