@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import time
+import warnings
 from pathlib import Path
 
 from aiohttp import ClientPayloadError, MultipartReader, hdrs, web
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 from aiohttp.http_exceptions import HttpProcessingError
 
 from resserve.serve.dataplane import Image
@@ -23,6 +25,10 @@ from resserve.serve.rest.server import FRONT_DOOR, endpoint, json_response, next
 
 PAGE_DIR = Path(__file__).parent / "page"
 routes = web.RouteTableDef()
+# aiohttp warns on stderr of a form part's malformed Content-Disposition (its file name is then
+# None), as often as a client sends one: the client's input, not the server's news
+warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
+warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
 
 async def _images(request: web.Request) -> list[Image]:
@@ -55,8 +61,14 @@ async def _form_images(request: web.Request) -> list[Image]:
                 request.app[FRONT_DOOR].hold(request, len(chunk))
                 data += chunk
         if is_file:
-            images.append(Image(bytes(data), name=part.filename))
+            images.append(Image(bytes(data), name=_text(part.filename)))
     return images
+
+
+def _text(file_name: str) -> str:
+    """A file name as text a JSON answer can carry: bytes of it that are not UTF-8 (aiohttp keeps
+    them as surrogates, which orjson refuses) become '?'."""
+    return file_name.encode("utf-8", "replace").decode("utf-8")
 
 
 def _check_form_size(request: web.Request) -> None:

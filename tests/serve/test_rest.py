@@ -217,6 +217,22 @@ def test_a_file_that_makes_pillow_raise_is_a_400_and_leaves_the_log_alone(server
     assert server.lines[said:] == []
 
 
+def test_a_form_whose_file_name_is_not_utf8_is_answered_and_a_malformed_disposition_leaves_the_log_alone(
+        server, mnist):
+    """A file name of bytes that are not UTF-8 was a 500 (aiohttp keeps them as surrogates, which
+    orjson refuses to write), and aiohttp warned on stderr of each malformed Content-Disposition."""
+    said = len(server.lines)
+    digit = png_of(mnist.test.images[0])
+    body = (b'--x\r\nContent-Disposition: form-data; name="f"; filename="\xff\xfe.png"\r\n\r\n' + digit +
+            b"\r\n--x\r\nContent-Disposition: form-data; name*=UTF-8''%ff; filename=\"b.png\"\r\n\r\n" + digit +
+            b"\r\n--x--\r\n")
+    status, _, payload = call(server, "POST", "/v1/classify", body, {"Content-Type": "multipart/form-data; boundary=x"})
+    assert status == 200, payload
+    assert [result["file"] for result in orjson.loads(payload)["results"]] == ["??.png", "b.png"]
+    time.sleep(0.5)  # whatever the server wrote while answering has reached server.lines
+    assert server.lines[said:] == []
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input: one clear JSON error each, and the server carries on
 
