@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 
 from aiohttp import ClientPayloadError, MultipartReader, hdrs, web
-from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 
 from resserve.serve.dataplane import Image
 from resserve.serve.errors import InvalidInput, TooLarge, UnsupportedEncoding
@@ -25,8 +25,8 @@ from resserve.serve.rest.server import FRONT_DOOR, endpoint, json_response, next
 
 PAGE_DIR = Path(__file__).parent / "page"
 routes = web.RouteTableDef()
-# aiohttp warns on stderr of a form part's malformed Content-Disposition (its file name is then
-# None), as often as a client sends one: the client's input, not the server's news
+# aiohttp warns on stderr of a form part's malformed Content-Disposition (and reads what it can of
+# it), as often as a client sends one: the client's input, not the server's news
 warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
 warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
