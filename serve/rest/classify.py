@@ -18,7 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 
 from resserve.serve.dataplane import Image
-from resserve.serve.errors import InvalidInput, TooLarge, UnsupportedEncoding
+from resserve.serve.errors import InvalidInput, UnsupportedEncoding
 from resserve.serve.preprocess import to_png
 from resserve.serve.rest.encoding import IDENTITY, encoding_of
 from resserve.serve.rest.server import FRONT_DOOR, endpoint, json_response, next_chunk, plane_of, read_body
@@ -47,21 +47,23 @@ async def _images(request: web.Request) -> list[Image]:
 async def _form_images(request: web.Request) -> list[Image]:
     images = []
     limit = plane_of(request).state.settings.max_images_per_request
+    door = request.app[FRONT_DOOR]
     async for part in await request.multipart():
         if isinstance(part, MultipartReader):  # RFC 2388's multipart/mixed inside a form, which no browser sends
             raise InvalidInput("a nested multipart form is not read; send each file as a part of the form itself")
-        is_file = part.filename is not None  # else a text field: read (the cap counts it) and dropped
+        name = part.filename  # parsed from its headers each time it is asked for
+        is_file = name is not None  # else a text field: read (the cap counts it) and dropped
         if is_file and len(images) == limit:
             raise InvalidInput(f"the form holds more than {limit} images; one request may hold {limit} "
                                "(--max-images-per-request)")
         data = bytearray()
         while chunk := await next_chunk(request, part.read_chunk):
-            _check_form_size(request)
+            door.check_received(request)  # text fields count against the cap too
             if is_file:
-                request.app[FRONT_DOOR].hold(request, len(chunk))
+                door.hold(request, len(chunk))
                 data += chunk
         if is_file:
-            images.append(Image(bytes(data), name=_text(part.filename)))
+            images.append(Image(bytes(data), name=_text(name)))
     return images
 
 
@@ -69,13 +71,6 @@ def _text(file_name: str) -> str:
     """A file name as text a JSON answer can carry: bytes of it that are not UTF-8 (aiohttp keeps
     them as surrogates, which orjson refuses) become '?'."""
     return file_name.encode("utf-8", "replace").decode("utf-8")
-
-
-def _check_form_size(request: web.Request) -> None:
-    """A form streams in part by part, so aiohttp's body cap does not hold for it: this does."""
-    cap = request.app[FRONT_DOOR].max_body_bytes
-    if request.content.total_bytes > cap:
-        raise TooLarge(f"request body exceeds the limit of {cap:,} bytes (--max-message-bytes)")
 
 
 @routes.post("/v1/classify")

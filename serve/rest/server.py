@@ -83,6 +83,11 @@ class HttpFrontDoor:
             raise TooLarge(f"request body of {announced:,} bytes exceeds the limit of {self.max_body_bytes:,} "
                            "(--max-message-bytes)")
 
+    def check_received(self, request: web.Request) -> None:
+        """A body of any framing (no Content-Length, a form's parts) is cut off at the cap as it streams in."""
+        if request.content.total_bytes > self.max_body_bytes:
+            raise TooLarge(f"request body exceeds the limit of {self.max_body_bytes:,} bytes (--max-message-bytes)")
+
     def hold(self, request: web.Request, size: int) -> None:
         """``size`` more bytes in memory for ``request`` (its body as it arrives, and what that
         inflates to), within the in-flight budget. Counted as the bytes arrive rather than as
@@ -126,8 +131,7 @@ async def read_body(request: web.Request) -> bytes:
     door = request.app[FRONT_DOOR]
     body = bytearray()
     while chunk := await next_chunk(request, request.content.readany):
-        if len(body) + len(chunk) > door.max_body_bytes:
-            raise TooLarge(f"request body exceeds the limit of {door.max_body_bytes:,} bytes (--max-message-bytes)")
+        door.check_received(request)
         door.hold(request, len(chunk))
         body += chunk
     encoding = encoding_of(request.headers.get(hdrs.CONTENT_ENCODING))
