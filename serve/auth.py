@@ -64,12 +64,13 @@ class Access:
         return cls(TokenCheck(tokens) if tokens else None, TokenCheck(admin_tokens) if admin_tokens else None)
 
     def verdict(self, authorization: list[str], admin_api: bool) -> Verdict:
-        is_admin = self.admin_tokens is not None and self.admin_tokens.accepts(authorization)
+        def holds(check: TokenCheck | None) -> bool:
+            return check is not None and check.accepts(authorization)
+
         if admin_api and self.admin_tokens is not None:
-            if is_admin:
+            if holds(self.admin_tokens):
                 return Verdict.ALLOWED
-            known = self.tokens is not None and self.tokens.accepts(authorization)
-            return Verdict.ADMIN_ONLY if known else Verdict.UNAUTHENTICATED
-        if self.tokens is None or is_admin or self.tokens.accepts(authorization):
+            return Verdict.ADMIN_ONLY if holds(self.tokens) else Verdict.UNAUTHENTICATED
+        if self.tokens is None or holds(self.tokens) or holds(self.admin_tokens):  # the common case first
             return Verdict.ALLOWED
         return Verdict.UNAUTHENTICATED
