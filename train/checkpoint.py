@@ -31,14 +31,32 @@ class Checkpoint:
     metrics: TrainingRecord | None = None  # None: saved from the Python API without a training run
 
     def build(self) -> ResNet:
-        """The network with these weights, in eval mode."""
-        model = build_model(self.config)
+        """The network with these weights, in eval mode.
+
+        The config is matched against the weights on the meta device first, where no memory is
+        allocated: a checkpoint is a file from anywhere, and its config alone could otherwise ask
+        for any amount of memory (a million blocks, a 20001x20001 kernel) before a shape is checked.
+        """
+        if self.config.depth > len(self.state_dict):  # every block has weights; bounds the meta build too
+            raise CheckpointError(f"weights do not fit the {self.config.arch} config: it has {self.config.depth} "
+                                  f"blocks, the checkpoint {len(self.state_dict)} tensors")
+        with torch.device("meta"):
+            self._load_into(build_model(self.config), assign=True)  # assign: no copy into meta tensors
+        return self._load_into(build_model(self.config)).eval()
+
+    def _load_into(self, model: ResNet, assign: bool = False) -> ResNet:
         try:
-            model.load_state_dict(self.state_dict)
+            model.load_state_dict(self.state_dict, assign=assign)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"weights do not fit the {self.config.arch} config: {first}") from exc
-        return model.eval()
+            raise CheckpointError(f"weights do not fit the {self.config.arch} config: {_first_problem(exc)}") from exc
+        return model
+
+
+def _first_problem(exc: RuntimeError, limit: int = 200) -> str:
+    """The first of the problems ``load_state_dict`` lists (under a heading line), cut to one short line."""
+    lines = str(exc).strip().splitlines()
+    problem = lines[min(1, len(lines) - 1)].strip()
+    return problem if len(problem) <= limit else problem[:limit] + "..."
 
 
 def save_checkpoint(path: Path, model: nn.Module, config: ModelConfig, metrics: TrainingRecord | None = None) -> Path:

@@ -8,7 +8,8 @@ both.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from resserve.serve.errors import ResserveError
@@ -72,6 +73,10 @@ class ModelConfig:
             raise ConfigError(f"survival probability must be in (0, 1], got {self.survival_prob}")
         if self.survival_prob < 1.0 and self.arch not in ("resnet", "preact"):
             raise ConfigError(f"stochastic depth applies to resnet and preact, not {self.arch}")
+        if self.num_classes < 2:
+            raise ConfigError(f"a classifier needs at least 2 classes, got {self.num_classes}")
+        if not math.isfinite(self.highway_gate_bias):
+            raise ConfigError(f"the highway gate bias must be a finite number, got {self.highway_gate_bias}")
 
     @property
     def depth(self) -> int:
@@ -85,11 +90,37 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        """The config a checkpoint stores, each field checked for its type: a checkpoint is a file
+        from anywhere, and a float where a count belongs would fail later, deep in torch."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config is a mapping of its fields, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        unknown = set(data) - set(hints)
         if unknown:
-            raise ConfigError(f"unknown model config fields: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown model config fields: {', '.join(sorted(map(str, unknown)))}")
+        for name, value in data.items():
+            _check_field_type(name, value, hints[name])
         return cls(**data)
+
+
+def _check_field_type(name: str, value: object, hint: object) -> None:
+    """``value`` as a checkpoint would hold a field of type ``hint``: an int or a float for a
+    float, a list of ints for a tuple, never a bool for a number."""
+    kind = typing.get_origin(hint) or hint
+    if kind is tuple:
+        fits, wanted = isinstance(value, (list, tuple)) and all(map(_is_integer, value)), "a list of integers"
+    elif kind is float:
+        fits, wanted = _is_integer(value) or isinstance(value, float), "a number"
+    elif kind is int:
+        fits, wanted = _is_integer(value), "an integer"
+    else:
+        fits, wanted = isinstance(value, kind), f"a {kind.__name__}"
+    if not fits:
+        raise ConfigError(f"model config field {name} must be {wanted}, got {value!r}")
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

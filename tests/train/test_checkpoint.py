@@ -75,6 +75,46 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, small_checkpoi
         load_checkpoint(path).build()
 
 
+@pytest.mark.parametrize("config, problem", [
+    ({"blocks": 1_000_000}, "it has 2000000 blocks, the checkpoint 71 tensors"),
+    ({"kernel_size": 20_001}, "size mismatch for resblocks.0.conv1.weight"),
+    ({"widths": [100_000, 16]}, "size mismatch for conv0.weight"),
+    ({"num_classes": 1_000_000_000}, "size mismatch for fc.weight"),
+])
+def test_a_config_that_asks_for_a_huge_network_is_refused_before_any_memory_is_allocated(
+        tmp_path, small_checkpoint, config, problem):
+    payload = torch.load(small_checkpoint[0], weights_only=True)
+    payload["config"].update(config)
+    path = tmp_path / "huge.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=f"weights do not fit the preact config: {problem}") as refused:
+        load_checkpoint(path).build()  # before the check: minutes and gigabytes, or a failed allocation
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("field, value, wanted", [
+    ("blocks", 2.5, "an integer"), ("blocks", True, "an integer"), ("kernel_size", 3.0, "an integer"),
+    ("widths", "16", "a list of integers"), ("widths", [8, None], "a list of integers"),
+    ("arch", None, "a str"), ("survival_prob", "0.9", "a number"), ("zero_init_residual", 1, "a bool"),
+])
+def test_a_config_field_of_the_wrong_type_is_refused_in_one_line(tmp_path, small_checkpoint, field, value, wanted):
+    payload = torch.load(small_checkpoint[0], weights_only=True)
+    payload["config"][field] = value
+    path = tmp_path / "typed.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=f"invalid model config: model config field {field} must be {wanted}"):
+        load_checkpoint(path)
+
+
+def test_a_weight_that_is_not_a_tensor_is_refused(tmp_path, small_checkpoint):
+    payload = torch.load(small_checkpoint[0], weights_only=True)
+    payload["state_dict"]["fc.weight"] = 3
+    path = tmp_path / "number.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match='do not fit the preact config: While copying the parameter named "fc.weight"'):
+        load_checkpoint(path).build()
+
+
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "nope.pt")
