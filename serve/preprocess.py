@@ -29,6 +29,13 @@ WORKING_SIDE = 512  # larger images are box-reduced to this before any float wor
 HEVC_IMAGE_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"})
 HEIF_REFUSED = ("a HEIC photo, which this server does not read: send it as JPEG or PNG (an iPhone takes JPEG "
                 "photos with Settings > Camera > Formats > Most Compatible)")
+# A progressive JPEG is decoded one scan at a time, each a pass over every block of the image (2 ms
+# at 16 MP here), and a scan's header is 10 bytes: 4 MB could ask for minutes of CPU. Encoders
+# write about 10 scans. Every scan starts with the marker FF DA, which entropy-coded data never
+# holds (a coded FF byte is followed by 00) and metadata rarely does, so counting it errs only
+# towards refusing.
+MAX_JPEG_SCANS = 100
+JPEG_START_OF_SCAN = b"\xff\xda"
 INK_THRESHOLD = 0.25  # fraction of the darkest-to-brightest range that counts as ink
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 UNBOUNDED_MODES = frozenset({"I", "F"})  # 32-bit integers and floats: no range the format fixes
@@ -51,6 +58,9 @@ def _open(data: bytes) -> Image.Image:
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise InvalidInput(f"image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS:,} pixels")
+    if image.format in ("JPEG", "MPO") and data.count(JPEG_START_OF_SCAN) > MAX_JPEG_SCANS:
+        raise InvalidInput(f"a JPEG of more than {MAX_JPEG_SCANS} scans: each costs a pass over the whole image "
+                           "(encoders write about 10)")
     return image
 
 

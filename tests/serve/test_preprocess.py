@@ -97,6 +97,19 @@ def test_jpeg_and_color_images_are_read():
     assert encoded_to_input(_png(rgb, "JPEG")).shape == (1, 28, 28)
 
 
+def test_a_progressive_jpeg_of_thousands_of_scans_is_refused_before_decoding():
+    """Each scan is a pass over the whole image: these 5,000 (10 bytes each) took 9 s to decode."""
+    page = np.full((4000, 4000), 255, dtype=np.uint8)
+    page[1000:3000, 1900:2100] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(page).save(buffer, format="JPEG", progressive=True, quality=10)
+    progressive = buffer.getvalue()
+    assert encoded_to_input(progressive).shape == (1, 28, 28)  # its own 6 scans are fine
+    refinement = bytes.fromhex("FFDA 0008 01 01 00 00 00 10 00")  # a DC refinement scan with one byte of data
+    with pytest.raises(InvalidInput, match="a JPEG of more than 100 scans"):
+        encoded_to_input(progressive[:-2] + refinement * 5000 + progressive[-2:])
+
+
 def test_a_blank_image_stays_blank():
     assert to_mnist(np.ones((40, 40), dtype=np.float32)).max() == 0
 
