@@ -252,11 +252,13 @@ def _image_files(paths: list[Path]) -> list[Path]:
 
 @functools.cache
 def _image_extensions() -> set[str]:
-    """The file extensions of the formats Pillow reads (.png, .jpg, ...), and an iPhone's HEIC, which
+    """The file extensions of the formats the server reads (.png, .jpg, ...), and an iPhone's HEIC, which
     the server answers with how to send it: asked only for a folder, as it loads every Pillow plugin."""
     from PIL import Image
 
-    readable = {extension for extension, format in Image.registered_extensions().items() if format in Image.OPEN}
+    from resserve.serve.preprocess import READ_FORMATS
+
+    readable = {extension for extension, format in Image.registered_extensions().items() if format in READ_FORMATS}
     return readable | {".heic", ".heif"}
 
 

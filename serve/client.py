@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageOps
 
 from resserve.serve.errors import ResserveError
-from resserve.serve.preprocess import eight_bit, has_alpha
+from resserve.serve.preprocess import READ_FORMATS, eight_bit, has_alpha
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -106,7 +106,7 @@ def fit_to_send(image: bytes) -> bytes:
     if len(image) <= REQUEST_BYTES:
         return image
     try:
-        with Image.open(io.BytesIO(image)) as opened:
+        with Image.open(io.BytesIO(image), formats=READ_FORMATS) as opened:
             opened.draft("RGB", (PHOTO_SIDE, PHOTO_SIDE))
             photo = eight_bit(ImageOps.exif_transpose(opened))
         photo.thumbnail((PHOTO_SIDE, PHOTO_SIDE))

@@ -19,10 +19,21 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from resserve.serve.errors import InvalidInput
 
+# The formats a client's image is read in: what cameras, phones, scanners, browsers and drawing
+# tools write. Pillow reads many more, and hands some to other programs (EPS to Ghostscript,
+# where it is installed, which then runs the client's PostScript): those bytes are refused as
+# unreadable before any plugin looks at them. JPEG covers a phone's multi-picture JPEG (MPO);
+# AVIF needs Pillow 11.3 or later.
+FORMAT_NAMES = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF",
+                "PPM": "PNM", "AVIF": "AVIF"}  # Pillow's name -> the one people know
+Image.init()
+READ_FORMATS = tuple(name for name in FORMAT_NAMES if name in Image.OPEN)
+_KNOWN_AS = [FORMAT_NAMES[name] for name in READ_FORMATS]
+UNREADABLE = f"bytes are not an image in a format this server reads ({', '.join(_KNOWN_AS[:-1])} or {_KNOWN_AS[-1]})"
 MAX_PIXELS = 16_000_000  # decompression-bomb cap: about a 4000x4000 photo
 MAX_REQUEST_PIXELS = 64_000_000  # all images of one request, by their headers, before any decoding
 WORKING_SIDE = 512  # larger images are box-reduced to this before any float work: the digit ends up 20 px
@@ -54,7 +65,7 @@ def _open(data: bytes) -> Image.Image:
     """The image, its header read and checked; no pixel decoded yet."""
     if not data:
         raise InvalidInput("empty image bytes")
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data), formats=READ_FORMATS)
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise InvalidInput(f"image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS:,} pixels")
@@ -79,6 +90,8 @@ def _readable(data: bytes, work):
     except Exception as exc:
         if is_heif(data):
             raise InvalidInput(HEIF_REFUSED) from None
+        if isinstance(exc, UnidentifiedImageError):
+            raise InvalidInput(UNREADABLE) from None
         raise InvalidInput(f"bytes are not an image Pillow can read ({type(exc).__name__})") from None
 
 

@@ -18,7 +18,7 @@ from helpers import HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, metric_value, run
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.client import requests_of
 from resserve.serve.package import load_package
-from resserve.serve.preprocess import HEIF_REFUSED
+from resserve.serve.preprocess import HEIF_REFUSED, UNREADABLE
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 
@@ -139,7 +139,7 @@ def test_one_bad_file_does_not_sink_a_classify_call_and_is_named(server, mnist, 
     assert result.stdout.splitlines() == [f"{p}: {label} (" + line.split(" (")[1] for p, label, line in
                                           zip(good, mnist.test.labels[:3], result.stdout.splitlines())]
     assert result.stderr.splitlines() == [
-        f"{text}: error: bytes are not an image Pillow can read (UnidentifiedImageError)",
+        f"{text}: error: {UNREADABLE}",
         f"{blank}: error: the image is blank (no ink found): there is no digit to classify"]
     as_json = json.loads(run_cli("classify", *map(str, files), "--server", server.target, "--json").stdout)
     assert [("error" in row, row["file"]) for row in as_json] == [(f in (text, blank), str(f)) for f in files]
