@@ -24,13 +24,13 @@ import numpy as np
 from resserve.serve.control import ModelControl
 from resserve.serve.errors import DeadlineExpired, InvalidInput, QueueFull
 from resserve.serve.logs import LogSettings, SettingValue, apply_log_settings, current_log_settings
-from resserve.serve.manifest import TensorSpec
+from resserve.serve.manifest import INPUT_SHAPE, TensorSpec
 from resserve.serve.preprocess import MAX_REQUEST_PIXELS, encoded_to_input, pixels_of, raw_to_input
 from resserve.serve.repository import ServedModel
 from resserve.serve.state import ServerState
 
 SERVER_NAME = "resserve"
-IMAGE_SHAPE = (1, 28, 28)
+IMAGE_SHAPE = INPUT_SHAPE[1:]  # one image
 INPUT_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 
 log = logging.getLogger("resserve.serve")

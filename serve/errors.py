@@ -99,9 +99,11 @@ def describe_validation_error(exc: ValidationError) -> str:
     """pydantic's first error as ``field a.0.b: what is wrong`` (a count when there are more)."""
     errors = exc.errors()
     first = errors[0]
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    if not first["loc"] and first["type"] == "value_error":  # a check across fields says it in its own words
+        return f"{first['ctx']['error']}{more}"
     field = ".".join(str(part) for part in first["loc"]) or "(top level)"
     message = {"missing": "missing", "extra_forbidden": "unknown field"}.get(first["type"], first["msg"])
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"field {field}: {message}{more}"
 
 

@@ -27,6 +27,7 @@ FILE_NAME = "manifest.json"
 
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # safe in URLs, metrics labels and file names
 MODEL_VERSION = r"^[0-9A-Za-z_.-]{1,64}$"  # a folder of a Triton repository, a URL segment
+INPUT_SHAPE = (-1, 1, 28, 28)  # a batch of 28x28 grayscale images: what every front door feeds a model
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
 Fraction = Field(ge=0.0, le=1.0)
 
@@ -164,7 +165,9 @@ class Manifest(_Record):
     versions: dict[str, str | int]
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Manifest":
+    def _consistent(self) -> "Manifest":
+        """What the manifest says of its tensors is what clients read in the model's metadata and
+        config (and size their requests by), so it must be what the server feeds and answers."""
         for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
             names = [spec.name for spec in specs]
             if len(set(names)) != len(names):
@@ -172,6 +175,14 @@ class Manifest(_Record):
         files = [artifact.file for artifact in self.artifacts]
         if len(set(files)) != len(files):
             raise ValueError(f"artifacts repeat a file: {files}")
+        if [spec.shape for spec in self.inputs] != [INPUT_SHAPE]:
+            raise ValueError(f"the server feeds one input of shape {list(INPUT_SHAPE)}; the manifest declares "
+                             f"{[list(spec.shape) for spec in self.inputs]}")
+        scores = (-1, len(self.labels))
+        for spec in self.outputs:
+            if spec.shape != scores:
+                raise ValueError(f"output {spec.name!r} has shape {list(spec.shape)}; with {len(self.labels)} labels "
+                                 f"it must be {list(scores)}, a score per label")
         return self
 
     @property

@@ -34,8 +34,8 @@ from resserve.serve.backends.base import infer_in_chunks
 from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend, import_onnxruntime
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
 from resserve.serve.manifest import (
-    FILE_NAME as MANIFEST, Accuracy, Artifact, DroppedBlocks, Int8Report, LatencyChange, Manifest, ModelSummary,
-    ParityReference, Preprocessing, ReducedPrecisionReport, SourceCheckpoint, SplitAccuracy, TensorSpec,
+    FILE_NAME as MANIFEST, INPUT_SHAPE, Accuracy, Artifact, DroppedBlocks, Int8Report, LatencyChange, Manifest,
+    ModelSummary, ParityReference, Preprocessing, ReducedPrecisionReport, SourceCheckpoint, SplitAccuracy, TensorSpec,
 )
 from resserve.serve.package import sha256_of
 from resserve.serve.runtime import MAX_BF16_LOSS
@@ -331,7 +331,7 @@ def _manifest(name: str, options: ExportOptions, checkpoint: Path, source, netwo
         source_checkpoint=SourceCheckpoint(file=checkpoint.name, sha256=sha256_of(checkpoint)),
         model=ModelSummary(arch=source.config.arch, config=source.config.to_dict(),
                            params=count_parameters(network), params_after_folding=count_parameters(folded)),
-        inputs=(TensorSpec(name="input", datatype="FP32", shape=(-1, 1, 28, 28)),),
+        inputs=(TensorSpec(name="input", datatype="FP32", shape=INPUT_SHAPE),),
         outputs=tuple(TensorSpec(name=name, datatype="FP32", shape=(-1, 10)) for name in options.outputs),
         preprocessing=Preprocessing(layout="NCHW", range=(0.0, float(options.input_range)),
                                     polarity="white ink on black (MNIST)",

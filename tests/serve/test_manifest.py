@@ -39,7 +39,13 @@ def test_the_shipped_manifest_round_trips_exactly(shipped):
     (lambda m: m["artifacts"][0].update(sha256="abc"), "field artifacts.0.sha256: String should match pattern"),
     (lambda m: m["artifacts"][0].update(file="../../etc/passwd"), "is not a file name inside the package"),
     (lambda m: m["artifacts"][0].update(file="/etc/passwd"), "is not a file name inside the package"),
-    (lambda m: m["outputs"].append(m["outputs"][0]), "outputs repeat a tensor name"),
+    (lambda m: m["outputs"].append(m["outputs"][0]), "manifest.json: outputs repeat a tensor name"),
+    (lambda m: m["inputs"][0].update(shape=[-1, 1, 100000, 100000]),
+     "manifest.json: the server feeds one input of shape [-1, 1, 28, 28]; the manifest declares [[-1, 1, 100000, 100000]]"),
+    (lambda m: m["inputs"].append({**m["inputs"][0], "name": "mask"}), "the server feeds one input of shape"),
+    (lambda m: m.update(labels=["0", "1", "2"]),
+     "manifest.json: output 'logits' has shape [-1, 10]; with 3 labels it must be [-1, 3], a score per label"),
+    (lambda m: m["outputs"][1].update(shape=[-1, 3]), "output 'probabilities' has shape [-1, 3]; with 10 labels"),
 ])
 def test_a_malformed_manifest_is_one_line_naming_the_field(shipped, change, message):
     change(shipped)
