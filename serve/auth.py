@@ -10,10 +10,14 @@ token is good for every other API too. Health (and the page's static files) take
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 from dataclasses import dataclass
 from enum import Enum
 
 import grpc
+
+log = logging.getLogger("resserve.serve")
 
 UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token"
 # the admin APIs over gRPC (serve/rest/server.py has their HTTP paths)
@@ -74,3 +78,20 @@ class Access:
         if self.tokens is None or holds(self.tokens) or holds(self.admin_tokens):  # the common case first
             return Verdict.ALLOWED
         return Verdict.UNAUTHENTICATED
+
+
+def warn_of_open_admin_apis(host: str, tokens: tuple[str, ...], admin_tokens: tuple[str, ...]) -> None:
+    """Say at start, once, when a server that others can reach lets any of them unload its models
+    (Triton refuses model control unless asked for it; here it is open unless admin tokens close it)."""
+    if admin_tokens or _loopback(host):
+        return
+    who = "every client with a token (--token-file)" if tokens else "every client that reaches the server"
+    log.warning("loading and unloading models and changing log settings are open to %s on %s: give "
+                "--admin-token-file where others share the network (docs/serving.md, Security)", who, host)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any address
+        return False

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from resserve.serve.aio import set_within
-from resserve.serve.auth import ADMIN_GRPC_METHODS, Access, Verdict
+from resserve.serve.auth import ADMIN_GRPC_METHODS, Access, Verdict, warn_of_open_admin_apis
 from resserve.serve.connections import ConnectionLimits
 from resserve.serve.control import ModelControl
 from resserve.serve.dataplane import DataPlane
@@ -149,6 +149,7 @@ class Server:
         await self._set_health([LIVENESS_SERVICE, *READINESS_NAMES], serving=False)
         if coordinator is None:
             await self._listen()
+            warn_of_open_admin_apis(self.settings.host, self.settings.tokens, self.settings.admin_tokens)
             await self._load(packages)
         else:
             self.state.peers = coordinator

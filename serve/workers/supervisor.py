@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PrometheusCounter
 from prometheus_client import multiprocess
 
+from resserve.serve.auth import warn_of_open_admin_apis
 from resserve.serve.errors import ResserveError
 from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
 from resserve.serve.repository import read_packages
@@ -139,6 +140,7 @@ class Supervisor:
                 signal.signal(sig, self._on_signal)
             log.info("listening on %s with %d workers, %d inference threads each", self.worker_settings.address,
                      self.settings.workers, self.worker_settings.threads)
+            warn_of_open_admin_apis(self.settings.host, self.settings.tokens, self.settings.admin_tokens)
             for index in range(1, self.settings.workers + 1):
                 self._start(index)
             self._loop()
