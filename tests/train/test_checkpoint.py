@@ -1,6 +1,7 @@
 """Checkpoints round-trip, and anything that is not one is refused without running code."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,11 +67,17 @@ def test_a_plain_state_dict_is_not_a_resserve_checkpoint(tmp_path):
         load_checkpoint(path)
 
 
-def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, small_checkpoint):
+def _altered(tmp_path, small_checkpoint, change) -> Path:
+    """The small checkpoint, written again with ``change(payload)`` made to it."""
     payload = torch.load(small_checkpoint[0], weights_only=True)
-    payload["config"]["blocks"] = 3
-    path = tmp_path / "mismatch.pt"
+    change(payload)
+    path = tmp_path / "altered.pt"
     torch.save(payload, path)
+    return path
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, small_checkpoint):
+    path = _altered(tmp_path, small_checkpoint, lambda payload: payload["config"].update(blocks=3))
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(path).build()
 
@@ -83,10 +90,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, small_checkpoi
 ])
 def test_a_config_that_asks_for_a_huge_network_is_refused_before_any_memory_is_allocated(
         tmp_path, small_checkpoint, config, problem):
-    payload = torch.load(small_checkpoint[0], weights_only=True)
-    payload["config"].update(config)
-    path = tmp_path / "huge.pt"
-    torch.save(payload, path)
+    path = _altered(tmp_path, small_checkpoint, lambda payload: payload["config"].update(config))
     with pytest.raises(CheckpointError, match=f"weights do not fit the preact config: {problem}") as refused:
         load_checkpoint(path).build()  # before the check: minutes and gigabytes, or a failed allocation
     assert "\n" not in str(refused.value)
@@ -98,19 +102,13 @@ def test_a_config_that_asks_for_a_huge_network_is_refused_before_any_memory_is_a
     ("arch", None, "a str"), ("survival_prob", "0.9", "a number"), ("zero_init_residual", 1, "a bool"),
 ])
 def test_a_config_field_of_the_wrong_type_is_refused_in_one_line(tmp_path, small_checkpoint, field, value, wanted):
-    payload = torch.load(small_checkpoint[0], weights_only=True)
-    payload["config"][field] = value
-    path = tmp_path / "typed.pt"
-    torch.save(payload, path)
+    path = _altered(tmp_path, small_checkpoint, lambda payload: payload["config"].update({field: value}))
     with pytest.raises(CheckpointError, match=f"invalid model config: model config field {field} must be {wanted}"):
         load_checkpoint(path)
 
 
 def test_a_weight_that_is_not_a_tensor_is_refused(tmp_path, small_checkpoint):
-    payload = torch.load(small_checkpoint[0], weights_only=True)
-    payload["state_dict"]["fc.weight"] = 3
-    path = tmp_path / "number.pt"
-    torch.save(payload, path)
+    path = _altered(tmp_path, small_checkpoint, lambda payload: payload["state_dict"].update({"fc.weight": 3}))
     with pytest.raises(CheckpointError, match='do not fit the preact config: While copying the parameter named "fc.weight"'):
         load_checkpoint(path).build()
 
