@@ -293,6 +293,21 @@ def test_tritonclient_http_compressed_requests_and_responses_answer_the_same(cli
     assert all(np.array_equal(answer, answers[0]) for answer in answers)
 
 
+def test_a_large_answer_is_compressed_where_the_client_asks_and_a_small_one_is_not(server, mnist):
+    body = json_infer(mnist.test.images[:64, None].astype(np.float32) / 255)
+    inflate = {"gzip": gzip.decompress, "deflate": zlib.decompress, None: bytes}
+    answers, sizes = [], {}
+    for accept in ("gzip", "deflate", None):
+        status, headers, payload = call(server, "POST", INFER, body, {"Accept-Encoding": accept} if accept else {})
+        assert (status, headers.get("Content-Encoding")) == (200, accept)
+        answers.append(orjson.loads(inflate[accept](payload))["outputs"])
+        sizes[accept] = len(payload)
+    assert all(answer == answers[0] for answer in answers)
+    assert sizes["gzip"] < sizes[None] / 2 and sizes["deflate"] < sizes[None] / 2, sizes
+    status, headers, _ = call(server, "GET", "/v2/health/ready", headers={"Accept-Encoding": "gzip"})
+    assert (status, headers.get("Content-Encoding")) == (200, None)  # an empty body: nothing to gain
+
+
 def test_a_compressed_body_is_refused_once_it_inflates_past_the_cap_at_little_cost(server, mnist):
     """A 1 MB gzip of 1 GB of zeros: aiohttp's own decompression inflated all of it after its 413
     (3.4 CPU-seconds); decompression now stops at the cap."""
