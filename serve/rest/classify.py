@@ -20,7 +20,7 @@ from aiohttp.multipart import BadContentDispositionHeader, BadContentDisposition
 from resserve.serve.dataplane import Image
 from resserve.serve.errors import InvalidInput, UnsupportedEncoding
 from resserve.serve.preprocess import to_png
-from resserve.serve.rest.encoding import IDENTITY, encoding_of
+from resserve.serve.rest.encoding import IDENTITY, compressed_where_asked, encoding_of
 from resserve.serve.rest.server import FRONT_DOOR, endpoint, json_response, next_chunk, plane_of, read_body
 
 PAGE_DIR = Path(__file__).parent / "page"
@@ -87,9 +87,10 @@ async def classify(request: web.Request) -> web.Response:
         answers.append({**({"file": image.name} if image.name is not None else {}), "digit": digit,
                         "confidence": probabilities[digit], "probabilities": probabilities,
                         "input_png": base64.b64encode(to_png(seen)).decode()})
-    return json_response({"model": result.model.name, "model_version": result.model.version,
-                          "backend": backend.name, "precision": backend.precision, "device": backend.device,
-                          "server_ms": (time.perf_counter() - started) * 1e3, "results": answers})
+    return compressed_where_asked(json_response({
+        "model": result.model.name, "model_version": result.model.version, "backend": backend.name,
+        "precision": backend.precision, "device": backend.device, "server_ms": (time.perf_counter() - started) * 1e3,
+        "results": answers}))
 
 
 @routes.get("/")

@@ -1,5 +1,6 @@
 """Compressed request bodies (``Content-Encoding: gzip`` or ``deflate``, what tritonclient.http
-sends), decompressed here rather than by aiohttp, so that decompression stops at the body cap.
+sends), decompressed here rather than by aiohttp, so that decompression stops at the body cap;
+and compressed inference answers, for the clients that ask.
 
 aiohttp's own decompression has no cap on what a body inflates to: after refusing a body over
 the cap it goes on reading ("lingering") and inflating the rest for up to 10 s, so a 1 MB gzip
@@ -12,9 +13,14 @@ from __future__ import annotations
 
 import zlib
 
+from aiohttp import web
+
 from resserve.serve.errors import InvalidInput, TooLarge, UnsupportedEncoding
 
 IDENTITY = "identity"
+# Answers from this size on are compressed: the JSON answer for 64 images shrinks by half or more;
+# below it the compressed stream's header costs more than it saves.
+COMPRESS_FROM_BYTES = 1024
 WINDOW_BITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
@@ -44,3 +50,13 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if not inflater.eof:
         raise InvalidInput(f"the body is not valid {encoding} data (it ends early)")
     return inflated
+
+
+def compressed_where_asked(answer: web.Response) -> web.Response:
+    """An inference answer, gzip- or deflate-compressed by aiohttp where the request's
+    Accept-Encoding asks (tritonclient.http's ``response_compression_algorithm``, browsers).
+    Inference answers only, as Triton does: tritonclient.http.aio reads every other answer as it
+    comes, and its aiohttp session asks for gzip on every request."""
+    if (answer.content_length or 0) >= COMPRESS_FROM_BYTES:
+        answer.enable_compression()
+    return answer

@@ -26,6 +26,7 @@ from resserve.serve.kserve import EXTENSIONS, served_model_config
 from resserve.serve.kserve import model_metadata as metadata_of
 from resserve.serve.kserve import model_statistics as statistics_of
 from resserve.serve.repository import ServedModel
+from resserve.serve.rest.encoding import compressed_where_asked
 from resserve.serve.rest.server import endpoint, json_response, plane_of, read_body
 from resserve.serve.stubs import grpc_service_pb2 as pb
 
@@ -311,4 +312,4 @@ async def update_log_settings(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     body = await read_body(request)
     decoded, as_binary = decode_infer(body, request.headers.get(HEADER_LENGTH), *_route_model(request))
-    return encode_infer(await plane_of(request).infer(decoded), as_binary)
+    return compressed_where_asked(encode_infer(await plane_of(request).infer(decoded), as_binary))

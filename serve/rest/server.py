@@ -35,10 +35,6 @@ PUBLIC_PREFIXES = ("/v2/health/", "/page/")  # and "/" itself: no data, so no to
 # the admin APIs (serve/auth.py), by their routes' patterns: decoded paths are not matched by hand
 ADMIN_ROUTES = frozenset({"/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload", "/v2/logging"})
 MAX_PATH_CHARS = 200  # of a client's path quoted in an error
-# Responses from this size on are compressed for a client whose Accept-Encoding asks for it (gzip or
-# deflate: tritonclient.http's response_compression_algorithm, browsers): the JSON answer for 64
-# images shrinks by half or more; below it the compressed header costs more than it saves.
-COMPRESS_FROM_BYTES = 1024
 # A connection that has not sent a whole request for this long is closed: an idle keep-alive
 # connection, or one trickling its headers (which holds a --max-connections place). nginx's
 # keepalive_timeout; aiohttp's own default is an hour.
@@ -198,8 +194,7 @@ def endpoint(api: str) -> Callable[[Handler], Handler]:
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Tokens first; aiohttp's own errors as JSON; connections close while the server drains;
-    large answers compressed where the client asks."""
+    """Tokens first; aiohttp's own errors as JSON; connections close while the server drains."""
     door = request.app[FRONT_DOOR]
     public = request.path == "/" or request.path.startswith(PUBLIC_PREFIXES)
     if door.access and not public:
@@ -218,8 +213,6 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(exc.status, message.get(exc.status, exc.reason))
     if not door.plane.state.ready:  # not ready or draining: let clients reconnect elsewhere
         response.force_close()
-    if isinstance(response, web.Response) and (response.content_length or 0) >= COMPRESS_FROM_BYTES:
-        response.enable_compression()  # only where the request's Accept-Encoding names one
     return response
 
 

@@ -1,6 +1,7 @@
 """HTTP beside gRPC on one real server: KServe v2 REST spoken by Triton's own HTTP client
 (tritonclient.http, unchanged), /v1/classify, bad input over HTTP, metrics, tokens and the drain."""
 
+import asyncio
 import base64
 import collections
 import gzip
@@ -16,6 +17,7 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton_http
+import tritonclient.http.aio as triton_http_aio
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -293,7 +295,7 @@ def test_tritonclient_http_compressed_requests_and_responses_answer_the_same(cli
     assert all(np.array_equal(answer, answers[0]) for answer in answers)
 
 
-def test_a_large_answer_is_compressed_where_the_client_asks_and_a_small_one_is_not(server, mnist):
+def test_an_inference_answer_is_compressed_where_the_client_asks_and_no_other_answer_is(server, mnist):
     body = json_infer(mnist.test.images[:64, None].astype(np.float32) / 255)
     inflate = {"gzip": gzip.decompress, "deflate": zlib.decompress, None: bytes}
     answers, sizes = [], {}
@@ -304,8 +306,26 @@ def test_a_large_answer_is_compressed_where_the_client_asks_and_a_small_one_is_n
         sizes[accept] = len(payload)
     assert all(answer == answers[0] for answer in answers)
     assert sizes["gzip"] < sizes[None] / 2 and sizes["deflate"] < sizes[None] / 2, sizes
-    status, headers, _ = call(server, "GET", "/v2/health/ready", headers={"Accept-Encoding": "gzip"})
-    assert (status, headers.get("Content-Encoding")) == (200, None)  # an empty body: nothing to gain
+    for count in range(1, 9):  # a batch of each size: statistics then list eight, over 1 KiB
+        assert call(server, "POST", INFER, json_infer(mnist.test.images[:count, None].astype(np.float32) / 255))[0] == 200
+    status, headers, statistics = call(server, "GET", f"/v2/models/{MODEL}/stats", headers={"Accept-Encoding": "gzip"})
+    assert (status, headers.get("Content-Encoding")) == (200, None) and len(statistics) > 1024  # inference answers only
+
+
+def test_tritonclient_http_aio_reads_every_answer_though_its_session_asks_for_gzip(server, mnist):
+    """Its aiohttp session sends Accept-Encoding: gzip on every request and inflates inference
+    answers only: a compressed config or metadata answer would reach it as gzip bytes."""
+    async def session():
+        async with triton_http_aio.InferenceServerClient(server.http_target) as client:
+            tensor = triton_http_aio.InferInput("input", [64, 1, 28, 28], "UINT8")
+            tensor.set_data_from_numpy(mnist.test.images[:64, None])
+            answer = await client.infer(MODEL, [tensor], outputs=[triton_http_aio.InferRequestedOutput(
+                "probabilities", binary_data=False)])
+            return (await client.get_model_config(MODEL), await client.get_model_metadata(MODEL),
+                    answer.as_numpy("probabilities"))
+    config, metadata, probabilities = asyncio.run(session())
+    assert config["name"] == metadata["name"] == MODEL
+    assert (probabilities.argmax(1) == mnist.test.labels[:64]).mean() > 0.95
 
 
 def test_a_compressed_body_is_refused_once_it_inflates_past_the_cap_at_little_cost(server, mnist):
