@@ -53,10 +53,11 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 def compressed_where_asked(answer: web.Response) -> web.Response:
-    """An inference answer, gzip- or deflate-compressed by aiohttp where the request's
+    """An inference answer in JSON, gzip- or deflate-compressed by aiohttp where the request's
     Accept-Encoding asks (tritonclient.http's ``response_compression_algorithm``, browsers).
     Inference answers only, as Triton does: tritonclient.http.aio reads every other answer as it
-    comes, and its aiohttp session asks for gzip on every request."""
-    if (answer.content_length or 0) >= COMPRESS_FROM_BYTES:
+    comes, and its aiohttp session asks for gzip on every request. JSON only: binary tensors
+    (float32 scores) shrink by 5% for the time it takes (64 images: 5,370 bytes to 5,102)."""
+    if answer.content_type == "application/json" and (answer.content_length or 0) >= COMPRESS_FROM_BYTES:
         answer.enable_compression()
     return answer

@@ -306,6 +306,13 @@ def test_an_inference_answer_is_compressed_where_the_client_asks_and_no_other_an
         sizes[accept] = len(payload)
     assert all(answer == answers[0] for answer in answers)
     assert sizes["gzip"] < sizes[None] / 2 and sizes["deflate"] < sizes[None] / 2, sizes
+    images = mnist.test.images[:64, None].astype(np.float32) / 255
+    header = orjson.dumps({"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": images.nbytes}}],
+                           "parameters": {"binary_data_output": True}})
+    status, headers, payload = call(server, "POST", INFER, header + images.tobytes(),
+                                    {"Inference-Header-Content-Length": str(len(header)), "Accept-Encoding": "gzip"})
+    assert (status, headers.get("Content-Encoding")) == (200, None) and len(payload) > 5000  # float32 scores: no gain
     for count in range(1, 9):  # a batch of each size: statistics then list eight, over 1 KiB
         assert call(server, "POST", INFER, json_infer(mnist.test.images[:count, None].astype(np.float32) / 255))[0] == 200
     status, headers, statistics = call(server, "GET", f"/v2/models/{MODEL}/stats", headers={"Accept-Encoding": "gzip"})
