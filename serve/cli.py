@@ -209,8 +209,8 @@ def classify(
     An image that cannot be read, or that the server refuses (not an image, blank, too large), is
     named with the reason on stderr; the others are still classified; the exit code is 1 if any
     was refused. Many files go as several requests, each printed as it is answered. A folder
-    stands for the images in it, by name (files Pillow reads by their extension; not its subfolders);
-    - for an image piped in (`curl -s URL | resserve classify -`).
+    stands for the images in it, by name (files in a format the server reads, by their
+    extension; not its subfolders); - for an image piped in (`curl -s URL | resserve classify -`).
     """
     from resserve.serve.client import DigitClient, requests_of
 
