@@ -19,6 +19,7 @@ import ssl
 from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from resserve.serve.logs import RepeatedWarning
 
@@ -113,7 +114,7 @@ class CappedSite(web.BaseSite):
     handshake included: any beyond are closed as soon as they are accepted (a client sees the
     connection reset or closed, and may retry), with a warning at most once a minute."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limits: ConnectionLimits,
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limits: ConnectionLimits, refused: Counter,
                  ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
         super().__init__(runner, backlog=limits.backlog)  # TLS is not asyncio's here, but _TlsHandshake's
         self._host, self._port, self._reuse_port = host, port, reuse_port
@@ -122,7 +123,7 @@ class CappedSite(web.BaseSite):
         self.handshaking = 0  # TLS connections accepted whose handshake has not ended
         self.tasks: set[asyncio.Task] = set()  # the handshakes under way
         self.refusals = RepeatedWarning(log, "HTTP holds %d connections, its limit (--max-connections): "
-                                             "closing new ones")
+                                             "closing new ones", refused)
 
     @property
     def name(self) -> str:

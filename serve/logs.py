@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Mapping
 
+from prometheus_client import Counter
 from pythonjsonlogger.json import JsonFormatter
 
 from resserve.serve.errors import InvalidInput
@@ -142,15 +143,16 @@ def _formatter(format: LogFormat, worker: int | None) -> logging.Formatter:
 class RepeatedWarning:
     """A warning about what clients can make happen as often as they like (connections beyond the
     limit, requests that do not parse): logged at most once a minute, with how many times so far,
-    so that no client can fill the log."""
+    so that no client can fill the log; and counted each time in ``counter``, for alerts."""
 
-    def __init__(self, logger: logging.Logger, message: str) -> None:
-        self.logger, self.message = logger, message
+    def __init__(self, logger: logging.Logger, message: str, counter: Counter) -> None:
+        self.logger, self.message, self.counter = logger, message, counter
         self.count = 0
         self._warned_at = -REPEAT_WARNING_SECONDS
 
     def happened(self, *args: object) -> None:
         self.count += 1
+        self.counter.inc()
         now = time.monotonic()
         if now - self._warned_at >= REPEAT_WARNING_SECONDS:
             self._warned_at = now

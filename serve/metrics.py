@@ -19,6 +19,10 @@ class Metrics:
         self.requests = Counter("resserve_requests", "Requests answered, by protocol (grpc, http), API, model "
                                 "and status code (gRPC's name, or the HTTP status).",
                                 ["protocol", "api", "model", "code"], registry=r)
+        self.http_refused = Counter("resserve_http_refused", "HTTP connections closed at --max-connections "
+                                    "(reason connection_limit) and requests answered 400 because they do not parse "
+                                    "(unparsable): neither reaches a handler, nor resserve_requests.",
+                                    ["reason"], registry=r)
         self.latency = Histogram("resserve_request_latency_seconds", "Time from request to response.",
                                  ["protocol", "api", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("resserve_queue_seconds", "Time a request waited for its batch.",

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import Counter
 
 from resserve.serve.auth import Access, Verdict
 from resserve.serve.connections import CappedSite, ConnectionLimits
@@ -49,9 +50,9 @@ class _ClientFaults(logging.Filter):
     stopped arriving is answered 408 (``next_chunk``), and aiohttp's read of the rest of it meets
     the same end: not logged. Whatever else aiohttp logs passes as it is."""
 
-    def __init__(self) -> None:
+    def __init__(self, counter: Counter) -> None:
         super().__init__()
-        self.malformed = RepeatedWarning(log, "answering HTTP requests that do not parse with 400, such as %s")
+        self.malformed = RepeatedWarning(log, "answering HTTP requests that do not parse with 400, such as %s", counter)
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -62,7 +63,6 @@ class _ClientFaults(logging.Filter):
 
 
 PROTOCOL_LOG = logging.getLogger("resserve.serve.http")  # aiohttp's, for the lines of its HTTP/1.1 protocol
-PROTOCOL_LOG.addFilter(_ClientFaults())
 
 
 class HttpFrontDoor:
@@ -220,6 +220,8 @@ class HttpServer:
     """The aiohttp application and its listening socket."""
 
     def __init__(self, plane: DataPlane, routes: list[web.AbstractRouteDef]) -> None:
+        self.refused = plane.state.metrics.http_refused
+        PROTOCOL_LOG.addFilter(_ClientFaults(self.refused.labels("unparsable")))  # one HTTP server a process
         self.app = web.Application(middlewares=[guard])  # bodies: read_body, within --max-message-bytes
         self.app[FRONT_DOOR] = HttpFrontDoor(plane)
         self.app.add_routes(routes)
@@ -235,7 +237,8 @@ class HttpServer:
                     reuse_port: bool = False) -> int:
         """Listen (``reuse_port``: beside the other workers) within ``limits``; returns the port."""
         await self.runner.setup()
-        site = CappedSite(self.runner, host, port, limits=limits, ssl_context=ssl_context, reuse_port=reuse_port)
+        site = CappedSite(self.runner, host, port, limits=limits, refused=self.refused.labels("connection_limit"),
+                          ssl_context=ssl_context, reuse_port=reuse_port)
         try:
             await site.start()
         except OSError as exc:

@@ -23,7 +23,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
 
-from helpers import ServerProcess, hold_connections, room_for_sockets, run_cli
+from helpers import ServerProcess, hold_connections, metric_value, room_for_sockets, run_cli
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.rest.server import IDLE_CONNECTION_SECONDS
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
@@ -515,7 +515,7 @@ def test_unimplemented_rpcs_say_so_without_a_traceback_in_the_log(server):
 
 def test_http_requests_that_do_not_parse_are_400_with_one_warning_not_a_traceback_each(server):
     """aiohttp logged each at ERROR with a traceback: 2,000 a second from one client were 1.2 MB of log a second."""
-    said = len(server.lines)
+    said, counted = len(server.lines), metric_value(server.metrics(), "resserve_http_refused_total", reason="unparsable")
     for header in (b"X: \x01", b"Content-Length: many", b"X: " + b"y" * 9000) * 100:
         with socket.create_connection(("127.0.0.1", server.http_port)) as connection:
             connection.sendall(b"POST /v2/models/resnet-mnist/infer HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
@@ -524,6 +524,7 @@ def test_http_requests_that_do_not_parse_are_400_with_one_warning_not_a_tracebac
     assert len(server.lines[said:]) == 1
     assert "WARNING resserve.serve: answering HTTP requests that do not parse with 400, such as BadHttpMessage: " \
            "Invalid header value char (1 so far)" in server.lines[said]
+    assert metric_value(server.metrics(), "resserve_http_refused_total", reason="unparsable") == counted + 300
 
 
 # 10. secrets on the command line --------------------------------------------------------------
@@ -579,6 +580,8 @@ def test_a_flood_of_connections_on_either_port_leaves_the_other_serving_and_the_
         time.sleep(1)  # the server sees the flood's connections closed
         assert grpc_ready(server.target) and http_ready(server.url)
         log = "".join(server.lines)
+        refused = metric_value(server.metrics(), "resserve_http_refused_total", reason="connection_limit")
+    assert refused > 0  # each counted, for alerts, though warned of once
     assert "out of system resource" not in log and "Too many open files" not in log
     assert log.count("closing new ones") == 1, log  # one warning a minute, not one per connection
 
