@@ -324,6 +324,7 @@ def _manifest(name: str, options: ExportOptions, checkpoint: Path, source, netwo
     import onnx
 
     onnxruntime = import_onnxruntime()
+    labels = tuple(str(digit) for digit in range(10))
     return Manifest(
         name=name,
         version=options.version,
@@ -332,11 +333,11 @@ def _manifest(name: str, options: ExportOptions, checkpoint: Path, source, netwo
         model=ModelSummary(arch=source.config.arch, config=source.config.to_dict(),
                            params=count_parameters(network), params_after_folding=count_parameters(folded)),
         inputs=(TensorSpec(name="input", datatype="FP32", shape=INPUT_SHAPE),),
-        outputs=tuple(TensorSpec(name=name, datatype="FP32", shape=(-1, 10)) for name in options.outputs),
+        outputs=tuple(TensorSpec(name=name, datatype="FP32", shape=(-1, len(labels))) for name in options.outputs),
         preprocessing=Preprocessing(layout="NCHW", range=(0.0, float(options.input_range)),
                                     polarity="white ink on black (MNIST)",
                                     normalization=f"inside the graph: (x - {MNIST_MEAN}) / {MNIST_STD}"),
-        labels=tuple(str(digit) for digit in range(10)),
+        labels=labels,
         artifacts=tuple(artifacts),
         accuracy=Accuracy(validation=validation_accuracy, test=verifier.accuracy, test_images=len(verifier.labels)),
         parity=ParityReference(reference="eager, unfolded PyTorch network in fp32 on the MNIST test set",
