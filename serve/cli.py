@@ -97,6 +97,11 @@ def serve(
         help="gRPC pings a client silent this long and closes its connection when no answer comes within 20 s "
         "(or this, if shorter), so the calls of a vanished client (crashed, partitioned, dropped by a NAT) "
         "free their places in the RPC limit.")] = ServerSettings.keepalive_seconds,
+    http_idle_seconds: Annotated[float, typer.Option(envvar=_env("HTTP_IDLE_SECONDS"),
+        help="An HTTP connection that has not sent a whole request this long is closed (a body that stopped "
+        "arriving gets 408 first). Behind a load balancer, set it above the balancer's idle timeout (AWS ALB: "
+        "60 s, Google Cloud: 600 s), or the balancer reuses connections the server is closing: 502s."
+        )] = ServerSettings.http_idle_seconds,
     max_connections: Annotated[str, typer.Option(envvar=_env("MAX_CONNECTIONS"),
         help="Client connections each worker holds on each of its gRPC and HTTP ports; new ones beyond are "
         "closed at once, so a flood of connections cannot use up the open files every port needs. auto: "
@@ -149,6 +154,7 @@ def serve(
         max_images_per_request=max_images_per_request, max_message_bytes=max_message_bytes,
         max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age, keepalive_seconds=keepalive_seconds,
+        http_idle_seconds=http_idle_seconds,
         max_connections=parse_auto(max_connections, "--max-connections", "connections"),
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file),
         admin_tokens=_read_tokens(admin_token_file),

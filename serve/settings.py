@@ -170,6 +170,11 @@ class ServerSettings:
     # (crashed, partitioned, forgotten by a NAT) free their places in the RPC limit then, not after
     # gRPC's default two hours
     keepalive_seconds: float = 60.0
+    # an HTTP connection that has not sent a whole request for this long is closed (an idle
+    # keep-alive connection, one trickling its headers, a body that stopped arriving: 408), as
+    # nginx's keepalive_timeout; aiohttp's own default is an hour. Behind a load balancer it must
+    # outlast the balancer's idle timeout, or the balancer reuses connections the server closes.
+    http_idle_seconds: float = 75.0
     max_connections: int | None = None  # per port and worker; None: what the open-file limit allows (serve/connections.py)
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -232,6 +237,7 @@ class ServerSettings:
             (self.max_connection_age_seconds is None or 1 <= self.max_connection_age_seconds < math.inf,
              "--max-connection-age must be at least 1 second (and finite)"),
             (1 <= self.keepalive_seconds < math.inf, "--keepalive-seconds must be at least 1 (and finite)"),
+            (1 <= self.http_idle_seconds < math.inf, "--http-idle-seconds must be at least 1 (and finite)"),
             (1 <= self.workers <= MAX_WORKERS, f"--workers must be auto or 1-{MAX_WORKERS}"),
             (self.max_connections is None or self.max_connections >= 1, "--max-connections must be auto or >= 1"),
             *self._runtime_checks(),

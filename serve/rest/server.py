@@ -36,10 +36,6 @@ PUBLIC_PREFIXES = ("/v2/health/", "/page/")  # and "/" itself: no data, so no to
 # the admin APIs (serve/auth.py), by their routes' patterns: decoded paths are not matched by hand
 ADMIN_ROUTES = frozenset({"/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload", "/v2/logging"})
 MAX_PATH_CHARS = 200  # of a client's path quoted in an error
-# A connection that has not sent a whole request for this long is closed: an idle keep-alive
-# connection, or one trickling its headers (which holds a --max-connections place). nginx's
-# keepalive_timeout; aiohttp's own default is an hour.
-IDLE_CONNECTION_SECONDS = 75.0
 
 
 class _ClientFaults(logging.Filter):
@@ -75,6 +71,7 @@ class HttpFrontDoor:
         self.max_body_bytes = settings.max_message_bytes
         self.budget_bytes = settings.max_inflight_bytes
         self.inflight_bytes = 0
+        self.idle_seconds = settings.http_idle_seconds
 
     def check_announced(self, request: web.Request) -> None:
         """A body announced over the cap is refused before any of it is read."""
@@ -144,19 +141,21 @@ async def read_body(request: web.Request) -> bytes:
 
 async def next_chunk(request: web.Request, read: Callable[[], Awaitable[bytes]]) -> bytes:
     """The body's next bytes (b"" at its end) from ``read``, or 408 when none come for
-    IDLE_CONNECTION_SECONDS: a client that announced a body and stopped sending it holds its
+    --http-idle-seconds: a client that announced a body and stopped sending it holds its
     connection that long at most, as nginx's client_body_timeout. The timer fails the body's
     stream rather than wrapping the read in a task (asyncio.wait_for), so that a client that
     disconnects still cancels its handler."""
-    timer = asyncio.get_running_loop().call_later(IDLE_CONNECTION_SECONDS, _time_out, request.content)
+    idle_seconds = request.app[FRONT_DOOR].idle_seconds
+    timer = asyncio.get_running_loop().call_later(idle_seconds, _time_out, request.content, idle_seconds)
     try:
         return await read()
     finally:
         timer.cancel()
 
 
-def _time_out(body: StreamReader) -> None:
-    body.set_exception(BodyTimeout(f"no byte of the request body came for {IDLE_CONNECTION_SECONDS:g} s"))
+def _time_out(body: StreamReader, idle_seconds: float) -> None:
+    body.set_exception(BodyTimeout(f"no byte of the request body came for {idle_seconds:g} s "
+                                   "(--http-idle-seconds)"))
 
 
 def endpoint(api: str) -> Callable[[Handler], Handler]:
@@ -230,7 +229,7 @@ class HttpServer:
         # since 3.9 lets them run on)
         # (and bodies are decompressed within the size cap by serve/rest/encoding.py, not by aiohttp)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True,
-                                    auto_decompress=False, keepalive_timeout=IDLE_CONNECTION_SECONDS,
+                                    auto_decompress=False, keepalive_timeout=plane.state.settings.http_idle_seconds,
                                     logger=PROTOCOL_LOG)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, limits: ConnectionLimits,

@@ -25,7 +25,6 @@ from PIL import Image, ImageDraw
 
 from helpers import ServerProcess, hold_connections, metric_value, room_for_sockets, run_cli
 from resserve.serve.bench.load import tree_cpu_seconds
-from resserve.serve.rest.server import IDLE_CONNECTION_SECONDS
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -297,24 +296,27 @@ def test_http_bodies_announced_and_never_sent_hold_none_of_the_budget():
                 connection.close()
 
 
-@pytest.mark.slow
-def test_http_connections_that_stall_are_closed_after_75_seconds_a_body_with_408(server):
+def test_http_connections_that_stall_are_closed_after_the_idle_time_a_body_with_408():
     """A body announced and never sent was held for as long as its client waited (and an idle
-    keep-alive connection for aiohttp's default hour, before the 75 s keep-alive timeout)."""
-    stalled_body, = hold_connections(server.http_port, 1, b"POST /v2/models/resnet-mnist/infer HTTP/1.1\r\n"
-                                                          b"Host: x\r\nContent-Length: 1000\r\n\r\n{")
-    idle, = hold_connections(server.http_port, 1, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-    for connection in (stalled_body, idle):
-        connection.settimeout(IDLE_CONNECTION_SECONDS + 15)
-    assert idle.recv(1000).startswith(b"HTTP/1.1 200 OK")  # then nothing more is sent on it
-    started = time.monotonic()
-    answer = stalled_body.recv(1000)
-    assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
-    assert b'"error":"no byte of the request body came for 75 s"' in answer
-    assert IDLE_CONNECTION_SECONDS - 5 < time.monotonic() - started < IDLE_CONNECTION_SECONDS + 10
-    assert stalled_body.recv(1000) == b"" and idle.recv(1000) == b""  # both closed by the server
-    for connection in (stalled_body, idle):
-        connection.close()
+    keep-alive connection for aiohttp's default hour). Now both are closed after
+    --http-idle-seconds (75 by default; 3 here, so the test does not wait a minute)."""
+    idle_seconds = 3
+    with ServerProcess("--http-idle-seconds", str(idle_seconds)) as short:
+        stalled_body, = hold_connections(short.http_port, 1, b"POST /v2/models/resnet-mnist/infer HTTP/1.1\r\n"
+                                                             b"Host: x\r\nContent-Length: 1000\r\n\r\n{")
+        idle, = hold_connections(short.http_port, 1, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        for connection in (stalled_body, idle):
+            connection.settimeout(idle_seconds + 15)
+        assert idle.recv(1000).startswith(b"HTTP/1.1 200 OK")  # then nothing more is sent on it
+        started = time.monotonic()
+        answer = stalled_body.recv(1000)
+        waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
+        assert b'"error":"no byte of the request body came for 3 s (--http-idle-seconds)"' in answer
+        assert idle_seconds - 1 < waited < idle_seconds + 5
+        assert stalled_body.recv(1000) == b"" and idle.recv(1000) == b""  # both closed by the server
+        for connection in (stalled_body, idle):
+            connection.close()
 
 
 # 6. exact input checks ------------------------------------------------------------------------
