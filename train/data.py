@@ -245,6 +245,9 @@ def load_mnist(data_dir: Path | None = None, log: Callable[[str], None] = lambda
             return MNIST(train, test, origin, _write_cache(data_dir, train, test, origin))
         except OSError as exc:  # mkdir's "File exists" would not say which file is in the way
             reason = "it is a file, not a folder" if isinstance(exc, FileExistsError) else exc.strerror or exc
+            if name == "files":  # a read-only data set (a shared folder, a volume mounted read-only) still serves
+                log(f"cannot cache MNIST in {data_dir} ({reason}); reading its files again on every run")
+                return MNIST(train, test, origin, data_dir / "MNIST" / "raw")
             raise DataError(f"cannot cache MNIST in {data_dir}: {reason}; "
                             "give --data-dir (or RESSERVE_DATA) a folder that can be written") from None
     raise DataError("MNIST not found; tried " + "; ".join(failures) +

