@@ -12,10 +12,13 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 from enum import Enum
 
 import grpc
+
+from resserve.serve.errors import ResserveError
 
 log = logging.getLogger("resserve.serve")
 
@@ -25,6 +28,17 @@ ADMIN_GRPC_METHODS = frozenset(f"/inference.GRPCInferenceService/{name}"
                                for name in ("RepositoryModelLoad", "RepositoryModelUnload", "LogSettings"))
 ADMIN_ONLY_MESSAGE = ("loading and unloading models and log settings take an admin token (the server's "
                       "--admin-token-file); this token is not one")
+TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what HTTP headers and gRPC metadata carry
+
+
+def check_token(token: str, where: str) -> str:
+    """``token``, if clients can send it; else one line naming ``where`` (never the token: a
+    secret). Before, a token file that was not ASCII text ended the server in a traceback, and a
+    client's token with other characters failed every call with gRPC's "Invalid metadata"."""
+    if not TOKEN_CHARACTERS.fullmatch(token):
+        raise ResserveError(f"{where}: a bearer token is visible ASCII characters without spaces (what HTTP "
+                            "headers and gRPC metadata carry), and this one is not")
+    return token
 
 
 class TokenCheck:

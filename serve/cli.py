@@ -166,12 +166,17 @@ def serve(
 
 
 def _read_tokens(path: Optional[Path]) -> tuple[str, ...]:
+    """The tokens of a token file, one a line (blank lines and surrounding spaces ignored)."""
+    from resserve.serve.auth import check_token
+
     if path is None:
         return ()
     try:
-        tokens = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        lines = path.read_text(errors="replace").splitlines()  # bytes that are not text fail check_token
     except OSError as exc:
         raise ResserveError(f"cannot read token file {path}: {exc.strerror}") from exc
+    tokens = tuple(check_token(line.strip(), f"token file {path}, line {number}")
+                   for number, line in enumerate(lines, 1) if line.strip())
     if not tokens:
         raise ResserveError(f"token file {path} holds no token")
     return tokens
@@ -179,9 +184,11 @@ def _read_tokens(path: Optional[Path]) -> tuple[str, ...]:
 
 def _client_token(token: str | None, token_file: Path | None) -> str | None:
     """The bearer token a client command sends: --token, or the first line of --token-file."""
+    from resserve.serve.auth import check_token
+
     if token and token_file:
         raise ResserveError("give --token or --token-file, not both")
-    return _read_tokens(token_file)[0] if token_file else token
+    return _read_tokens(token_file)[0] if token_file else token and check_token(token, "--token")
 
 
 Server = Annotated[str, typer.Option("--server", envvar=_env("SERVER"), help="host:port of a resserve server.")]

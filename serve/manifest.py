@@ -207,6 +207,8 @@ class Manifest(_Record):
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{source} is not valid JSON: {exc}") from None
+        except RecursionError:  # arrays or objects nested thousands deep: no manifest is
+            raise ManifestError(f"{source} is not a manifest: its JSON is nested too deeply") from None
         _check_format(data, source)
         try:
             return cls.model_validate(data)

@@ -116,6 +116,25 @@ def test_a_token_that_is_also_an_admin_token_is_refused_in_one_line(tmp_path):
            "give admins tokens of their own")
 
 
+@pytest.mark.parametrize("content, line", [(bytes(range(256)), 1), (b"first\n\n  second \nthird token\n", 4),
+                                           ("caf\u00e9\n".encode(), 1), ("caf\u00e9\n".encode("latin-1"), 1)])
+def test_a_token_file_of_tokens_no_client_can_send_is_one_line_naming_the_line(tmp_path, content, line):
+    """A file that was not ASCII text (a binary or a Latin-1 token) ended the server in a traceback."""
+    tokens = tmp_path / "tokens"
+    tokens.write_bytes(content)
+    result = run_cli("serve", "--token-file", str(tokens))
+    assert (result.returncode, result.stderr.strip()) == (
+        1, f"error: token file {tokens}, line {line}: a bearer token is visible ASCII characters without spaces "
+           "(what HTTP headers and gRPC metadata carry), and this one is not")
+
+
+def test_a_client_token_no_client_can_send_is_one_line_not_invalid_metadata():
+    result = run_cli("models", "--server", "127.0.0.1:1", "--token", "caf\u00e9")
+    assert (result.returncode, result.stderr.strip()) == (
+        1, "error: --token: a bearer token is visible ASCII characters without spaces (what HTTP headers and gRPC "
+           "metadata carry), and this one is not")
+
+
 def test_serve_given_a_checkpoint_says_how_to_export_it(tmp_path):
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"weights")

@@ -61,6 +61,13 @@ def test_a_newer_schema_version_asks_for_an_upgrade_and_an_older_one_for_a_re_ex
     assert "not a resserve model package manifest" in problem({"format": "something-else"})
 
 
+def test_json_nested_too_deeply_is_one_line_not_a_recursion_error():
+    """100,000 nested arrays (200 KB) ended `resserve serve` in a RecursionError traceback."""
+    with pytest.raises(ManifestError) as error:
+        Manifest.from_json("[" * 100_000 + "]" * 100_000, source="manifest.json")
+    assert str(error.value) == "manifest.json is not a manifest: its JSON is nested too deeply"
+
+
 def test_an_artifact_that_is_a_symlink_out_of_the_package_is_refused(tmp_path):
     package = tmp_path / "pkg"
     shutil.copytree(SHIPPED_PACKAGE, package)
