@@ -144,6 +144,13 @@ def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_
         page.keyboard.type("wrong")  # the token field has the focus
         page.keyboard.press("Enter")
         page.wait_for_function("document.getElementById('status').textContent.includes('refused this token')")
+        # a token no request can carry was saved, the box hidden, and every drawing then failed in
+        # fetch ("No answer from the server") with no box left to enter another: now it is not taken
+        page.fill("#token", "caf\u00e9")
+        page.keyboard.press("Enter")
+        assert page.locator("#token-box").is_visible()
+        assert page.evaluate("document.getElementById('token').validity.patternMismatch")
+        assert page.evaluate("sessionStorage.getItem('resserve-token')") == "wrong"
         page.fill("#token", "s3cret")
         page.keyboard.press("Enter")
         shows(page, 7)  # the drawing is sent again with the token: no need to draw it again
