@@ -76,10 +76,6 @@ class Busy(ResserveError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class Unauthenticated(ResserveError):
-    status = grpc.StatusCode.UNAUTHENTICATED
-
-
 MAX_MESSAGE_CHARS = 1000  # messages may quote client input; trailers must stay small
 
 
@@ -92,7 +88,6 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.status, message
     log.exception("internal error while serving a request", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error (details are in the server log)"
-
 
 
 def describe_validation_error(exc: ValidationError) -> str:
