@@ -47,7 +47,7 @@ from resserve.serve.rpc import Registrar
 from resserve.serve.state import ModelAction, Peers, ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from resserve.serve.tls import TlsFiles, grpc_credentials, ssl_context, tls_files
+from resserve.serve.tls import ROTATION_CHECK_SECONDS, CertificateRotation, tls_files
 
 log = logging.getLogger("resserve.serve")
 
@@ -134,7 +134,9 @@ class Server:
         self.grpc = grpc.aio.server(options=_grpc_options(settings, self.connections), interceptors=interceptors,
                                     maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
         self.http = HttpServer(self.plane, [*rest_kserve.routes, *rest_classify.routes]) if settings.http_port else None
+        self.tls: CertificateRotation | None = None
         self.port = 0
+        self.background: set[asyncio.Task] = set()
 
     async def _set_health(self, names: list[str], serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -173,21 +175,33 @@ class Server:
             [*API_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]),
             Registrar(self.grpc))
         tls = tls_files(self.settings)
-        http_tls = ssl_context(tls) if tls and self.http else None  # a bad key or certificate: before listening
+        # a bad key or certificate: refused here, before listening
+        self.tls = CertificateRotation(self.settings, tls) if tls else None
         if self.http and not self.settings.reuse_port:
             check_port_free(self.settings.host, self.settings.http_port)
-        self.port = self._bind(tls)
+        self.port = self._bind()
         await self.grpc.start()
         await self._set_health([LIVENESS_SERVICE], serving=True)
         secure = " (TLS)" if tls else ""
         log.info("listening on %s%s", host_port(self.settings.host, self.port), secure)
         if self.http:
-            http_port = await self.http.start(self.settings.host, self.settings.http_port, http_tls,
-                                              self.connections, self.settings.reuse_port)
+            http_port = await self.http.start(self.settings.host, self.settings.http_port,
+                                              self.tls.http_context if self.tls else None, self.connections,
+                                              self.settings.reuse_port)
             log.info("HTTP on %s://%s/ (KServe v2 REST, /v1/classify, the page)%s",
                      "https" if tls else "http", host_port(self.settings.host, http_port), secure)
         if self.settings.metrics_port:
             serve_metrics(self.state.metrics.registry, self.settings.metrics_port, self.settings.host)
+        if self.tls:
+            task = asyncio.get_running_loop().create_task(self._follow_certificates(self.tls))
+            self.background.add(task)
+
+    async def _follow_certificates(self, tls: CertificateRotation) -> None:
+        """New connections get renewed TLS files within ROTATION_CHECK_SECONDS (serve/tls.py)."""
+        while True:
+            await asyncio.sleep(ROTATION_CHECK_SECONDS)
+            if tls.renew() and self.http:
+                self.http.use_tls(tls.http_context)
 
     async def _load(self, packages: list[ModelPackage], unloaded: frozenset[str] = frozenset()) -> None:
         repository = await asyncio.to_thread(load_repository, packages, self.settings, self.executor,
@@ -196,11 +210,11 @@ class Server:
             model.batcher.start()
         self.state.repository = repository
 
-    def _bind(self, tls: TlsFiles | None) -> int:
+    def _bind(self) -> int:
         address = self.settings.address
         if not self.settings.reuse_port:
             check_port_free(self.settings.host, self.settings.port)
-        credentials = grpc_credentials(tls) if tls else None
+        credentials = self.tls.grpc_credentials() if self.tls else None
         try:  # the TLS files were checked already (tls_files): what is left to fail is the address
             port = (self.grpc.add_secure_port(address, credentials) if credentials
                     else self.grpc.add_insecure_port(address))

@@ -4,10 +4,13 @@ serve the client commands' files (serve/client.py).
 
 Settings that ask for security fail closed: an unreadable or non-PEM file, or a key that does
 not match its certificate, stops the server before it listens, in one line that names the option.
+A running server reads the files again when they change (``CertificateRotation``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,11 @@ import grpc
 
 from resserve.serve.errors import ResserveError
 from resserve.serve.settings import ServerSettings
+
+log = logging.getLogger("resserve.serve")
+
+# how often the TLS files are looked at for a renewed certificate (Kubernetes updates a Secret's in a minute or so)
+ROTATION_CHECK_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,9 @@ def check_key_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
     return pair
 
 
-def grpc_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials([(files.key_pem, files.cert_pem)], root_certificates=files.client_ca_pem,
-                                       require_client_auth=files.client_ca_pem is not None)
+def _certificate_configuration(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(files.key_pem, files.cert_pem)],
+                                                     root_certificates=files.client_ca_pem)
 
 
 def ssl_context(files: TlsFiles) -> ssl.SSLContext:
@@ -80,3 +88,60 @@ def ssl_context(files: TlsFiles) -> ssl.SSLContext:
     except ssl.SSLError as exc:
         raise ResserveError(f"cannot use TLS files {files.cert}, {files.key}: {exc.reason or exc}") from None
     return context
+
+
+def _stamp(settings: ServerSettings) -> tuple:
+    """What changes when a TLS file is replaced: each file's inode, size and modification time,
+    through symlinks (Kubernetes updates a mounted Secret by relinking the folder its files are in)."""
+    stamps = []
+    for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca):
+        try:
+            status = os.stat(path) if path else None
+        except OSError:  # gone for a moment, mid-rotation
+            status = None
+        stamps.append(status and (status.st_ino, status.st_size, status.st_mtime_ns))
+    return tuple(stamps)
+
+
+class CertificateRotation:
+    """The server's TLS files, read again when they change, so that new connections get a renewed
+    certificate without a restart. cert-manager renews a certificate weeks before it expires and
+    Kubernetes updates the mounted Secret's files in place: a server that read them once served
+    the old certificate until it expired, and from then on every client refused it.
+
+    Connections already open keep the certificate of their handshake. Files that change into a
+    pair that does not match (a certificate written before its key) are logged and left: the
+    certificate read before is served until the files change again."""
+
+    def __init__(self, settings: ServerSettings, files: TlsFiles) -> None:
+        self.settings, self.files, self._stamp = settings, files, _stamp(settings)
+        self.http_context = ssl_context(files)
+        self._grpc_update: grpc.ServerCertificateConfiguration | None = None
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(_certificate_configuration(self.files), self._take_grpc_update,
+                                                   require_client_authentication=self.files.client_ca_pem is not None)
+
+    def _take_grpc_update(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC core asks before each new connection's handshake: the renewed files once, else None (no change)."""
+        update, self._grpc_update = self._grpc_update, None
+        return update
+
+    def renew(self) -> bool:
+        """Read the files again if they changed since the last look; True when new connections now
+        get what they hold (over gRPC from its next handshake, over HTTP from ``http_context``)."""
+        stamp = _stamp(self.settings)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            files = tls_files(self.settings)
+            context = ssl_context(files)
+        except ResserveError as exc:
+            log.warning("the TLS files changed, but %s; new connections still get the certificate read before",
+                        exc)
+            return False
+        self.files, self.http_context = files, context
+        self._grpc_update = _certificate_configuration(files)
+        log.info("the TLS files changed: new connections get the certificate now in %s", files.cert)
+        return True

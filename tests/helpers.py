@@ -173,6 +173,15 @@ class ServerProcess:
             self.process.kill()
             self.process.wait()
 
+    def wait_for_line(self, text: str, since: int = 0, seconds: float = 10) -> str:
+        """The last line holding ``text`` among those written after the first ``since`` (a module's
+        server may have written the same line for earlier tests)."""
+        deadline = time.monotonic() + seconds
+        while not (found := [line for line in self.lines[since:] if text in line]):
+            assert time.monotonic() < deadline, f"no line with {text!r}:\n" + "".join(self.lines)
+            time.sleep(0.05)
+        return found[-1]
+
     def metrics(self) -> str:
         import urllib.request
 

@@ -231,16 +231,21 @@ class HttpServer:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True,
                                     auto_decompress=False, keepalive_timeout=plane.state.settings.http_idle_seconds,
                                     logger=PROTOCOL_LOG)
+        self.site: CappedSite | None = None  # once started
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, limits: ConnectionLimits,
                     reuse_port: bool = False) -> int:
         """Listen (``reuse_port``: beside the other workers) within ``limits``; returns the port."""
         await self.runner.setup()
-        site = CappedSite(self.runner, host, port, limits=limits, refused=self.refused.labels("connection_limit"),
-                          ssl_context=ssl_context, reuse_port=reuse_port)
+        self.site = CappedSite(self.runner, host, port, limits=limits, ssl_context=ssl_context, reuse_port=reuse_port,
+                               refused=self.refused.labels("connection_limit"))
         try:
-            await site.start()
+            await self.site.start()
         except OSError as exc:
             raise ResserveError(f"cannot listen for HTTP on {host_port(host, port)}: {exc.strerror or exc} "
                                 "(choose another --http-port, or 0 to disable)") from None
         return self.runner.addresses[0][1]
+
+    def use_tls(self, ssl_context: ssl.SSLContext) -> None:
+        """New connections' TLS from now on (renewed certificates: serve/tls.py)."""
+        self.site.tls = ssl_context

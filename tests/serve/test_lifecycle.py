@@ -202,6 +202,8 @@ def pki(tmp_path_factory):
     issue("server", ca_key, ca_name, san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     issue("client", ca_key, ca_name)
     issue("stranger", None, None)  # a client certificate signed by itself, not by the CA
+    ca2_key, ca2_name = issue("ca2", None, None, ca=True)  # the server's next certificate, from another CA
+    issue("renewed", ca2_key, ca2_name, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     return root
 
 
@@ -231,6 +233,40 @@ def test_tls_accepts_clients_that_trust_the_ca_and_refuses_plaintext(pki, mnist,
             assert response.status == 200
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/ready", timeout=5)
+
+
+def test_a_renewed_certificate_reaches_new_connections_without_a_restart(pki, tmp_path):
+    """cert-manager renews a certificate in place, in the Secret's files: the server read them once
+    and served the old certificate until it expired. Now it reads them again when they change,
+    and keeps the old pair while the new one is half written."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki / "server.crt", cert)
+    shutil.copy(pki / "server.key", key)
+    with ServerProcess("--tls-cert", str(cert), "--tls-key", str(key)) as server:
+
+        def live(ca: str) -> bool:
+            channel = grpc.secure_channel(server.target, grpc.ssl_channel_credentials((pki / ca).read_bytes()))
+            try:
+                return kserve_grpc.GRPCInferenceServiceStub(channel).ServerLive(kserve_pb2.ServerLiveRequest(),
+                                                                               timeout=5).live
+            except grpc.RpcError:
+                return False
+            finally:
+                channel.close()
+
+        def served_over_http() -> str:
+            return ssl.get_server_certificate(("127.0.0.1", server.http_port), timeout=5)
+
+        assert live("ca.crt") and not live("ca2.crt")
+        shutil.copy(pki / "renewed.crt", cert)  # the new certificate before its key: a pair that does not match
+        server.wait_for_line(f"the TLS files changed, but --tls-key {key} is not the (unencrypted) key of "
+                             f"--tls-cert {cert}", seconds=30)
+        assert live("ca.crt") and not live("ca2.crt")  # the old pair still
+        shutil.copy(pki / "renewed.key", key)
+        server.wait_for_line(f"the TLS files changed: new connections get the certificate now in {cert}", seconds=30)
+        assert live("ca2.crt") and not live("ca.crt")
+        assert ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(served_over_http())) == \
+            ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert((pki / "renewed.crt").read_text()))
 
 
 def test_a_server_key_that_is_not_its_certificates_is_one_line_before_listening(pki):

@@ -20,16 +20,6 @@ DEFAULTS = {"log_file": "", "log_info": True, "log_warning": True, "log_error": 
             "log_format": "text"}
 
 
-def wait_for_line(server: ServerProcess, text: str, since: int, seconds: float = 10) -> str:
-    """The last line holding ``text`` among those written after the first ``since`` (the module's
-    server has written the same line for earlier tests)."""
-    deadline = time.monotonic() + seconds
-    while not (found := [line for line in server.lines[since:] if text in line]):
-        assert time.monotonic() < deadline, f"no line with {text!r}:\n" + "".join(server.lines)
-        time.sleep(0.05)
-    return found[-1]
-
-
 def grpc_settings(response: dict) -> dict:
     """tritonclient.grpc's JSON answer, as plain values."""
     return {name: next(iter(value.values())) for name, value in response["settings"].items()}
@@ -53,11 +43,11 @@ def test_verbose_logging_turns_the_access_log_on_and_off_while_serving(server):
     assert on == {**DEFAULTS, "log_verbose_level": 1}
     lines = len(server.lines)
     triton_infer(client, np.zeros((1, 1, 28, 28), np.float32))
-    wait_for_line(server, "DEBUG resserve.serve: grpc kserve resnet-mnist: OK in ", lines)
+    server.wait_for_line("DEBUG resserve.serve: grpc kserve resnet-mnist: OK in ", lines)
     http = triton_http.InferenceServerClient(server.http_target)
     lines = len(server.lines)
     assert http.update_log_settings({"log_verbose_level": 0}) == DEFAULTS  # the other front door, same settings
-    wait_for_line(server, "log settings changed through the API: {'log_file': '', 'log_info': True, 'log_warning': "
+    server.wait_for_line("log settings changed through the API: {'log_file': '', 'log_info': True, 'log_warning': "
                           "True, 'log_error': True, 'log_verbose_level': 0", lines)
     lines = len(server.lines)
     triton_infer(client, np.zeros((1, 1, 28, 28), np.float32))
@@ -72,7 +62,7 @@ def test_turning_info_off_keeps_info_lines_out_until_it_is_on_again(server):
     lines = len(server.lines)
     http.update_log_settings({"log_verbose_level": 0, "log_warning": False})  # logged at INFO: not written
     assert http.update_log_settings({"log_info": True, "log_warning": True}) == DEFAULTS
-    back_on = wait_for_line(server, "INFO resserve.serve: log settings changed through the API: {'log_file': '', "
+    back_on = server.wait_for_line("INFO resserve.serve: log settings changed through the API: {'log_file': '', "
                                     "'log_info': True, 'log_warning': True", lines)
     assert [line for line in server.lines[lines:] if "log settings changed" in line] == [back_on]
 
@@ -81,7 +71,7 @@ def test_json_format_from_then_on(server):
     http = triton_http.InferenceServerClient(server.http_target)
     lines = len(server.lines)
     assert http.update_log_settings({"log_format": "json"})["log_format"] == "json"
-    record = json.loads(wait_for_line(server, '"message": "log settings changed through the API', lines))
+    record = json.loads(server.wait_for_line('"message": "log settings changed through the API', lines))
     assert record["level"] == "INFO" and record["name"] == "resserve.serve"
     assert http.update_log_settings({"log_format": "text"}) == DEFAULTS
     assert all(line.startswith("{") for line in server.lines[lines:-1])
