@@ -137,7 +137,7 @@ class CertificateRotation:
         try:
             files = tls_files(self.settings)
             context = ssl_context(files)
-        except ResserveError as exc:
+        except (ResserveError, OSError) as exc:  # OSError: a file gone between the two reads, mid-rotation
             log.warning("the TLS files changed, but %s; new connections still get the certificate read before",
                         exc)
             return False
