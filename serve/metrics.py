@@ -23,6 +23,10 @@ class Metrics:
                                     "(reason connection_limit) and requests answered 400 because they do not parse "
                                     "(unparsable): neither reaches a handler, nor resserve_requests.",
                                     ["reason"], registry=r)
+        self.tls_reloads = Counter("resserve_tls_reloads", "TLS files found changed and read again, by each "
+                                   "worker: served to new connections from then on (result ok), or left for the pair "
+                                   "read before (refused: a file missing, or a key that is not the certificate's).",
+                                   ["result"], registry=r)
         self.latency = Histogram("resserve_request_latency_seconds", "Time from request to response.",
                                  ["protocol", "api", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("resserve_queue_seconds", "Time a request waited for its batch.",

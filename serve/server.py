@@ -176,7 +176,7 @@ class Server:
             Registrar(self.grpc))
         tls = tls_files(self.settings)
         # a bad key or certificate: refused here, before listening
-        self.tls = CertificateRotation(self.settings, tls) if tls else None
+        self.tls = CertificateRotation(self.settings, tls, self.state.metrics.tls_reloads) if tls else None
         if self.http and not self.settings.reuse_port:
             check_port_free(self.settings.host, self.settings.http_port)
         self.port = self._bind()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from prometheus_client import Counter
 
 from resserve.serve.errors import ResserveError
 from resserve.serve.settings import ServerSettings
@@ -113,8 +114,9 @@ class CertificateRotation:
     pair that does not match (a certificate written before its key) are logged and left: the
     certificate read before is served until the files change again."""
 
-    def __init__(self, settings: ServerSettings, files: TlsFiles) -> None:
+    def __init__(self, settings: ServerSettings, files: TlsFiles, reloads: Counter) -> None:
         self.settings, self.files, self._stamp = settings, files, _stamp(settings)
+        self.reloads = reloads  # by result: ok, refused
         self.http_context = ssl_context(files)
         self._grpc_update: grpc.ServerCertificateConfiguration | None = None
 
@@ -140,8 +142,10 @@ class CertificateRotation:
         except (ResserveError, OSError) as exc:  # OSError: a file gone between the two reads, mid-rotation
             log.warning("the TLS files changed, but %s; new connections still get the certificate read before",
                         exc)
+            self.reloads.labels("refused").inc()
             return False
         self.files, self.http_context = files, context
+        self.reloads.labels("ok").inc()
         self._grpc_update = _certificate_configuration(files)
         log.info("the TLS files changed: new connections get the certificate now in %s", files.cert)
         return True

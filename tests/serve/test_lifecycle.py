@@ -267,6 +267,9 @@ def test_a_renewed_certificate_reaches_new_connections_without_a_restart(pki, tm
         assert live("ca2.crt") and not live("ca.crt")
         assert ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(served_over_http())) == \
             ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert((pki / "renewed.crt").read_text()))
+        metrics = server.metrics()  # a refused rotation is there for alerts, not only in the log
+        assert [metric_value(metrics, "resserve_tls_reloads_total", result=result) for result in ("refused", "ok")] \
+            == [1, 1]
 
 
 def test_a_server_key_that_is_not_its_certificates_is_one_line_before_listening(pki):
