@@ -45,7 +45,7 @@ from resserve.serve.rest import kserve as rest_kserve
 from resserve.serve.rest.server import HttpServer
 from resserve.serve.rpc import Registrar
 from resserve.serve.state import ModelAction, Peers, ServerState
-from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port
+from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port, page_note
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from resserve.serve.tls import ROTATION_CHECK_SECONDS, CertificateRotation, tls_files
 
@@ -135,7 +135,7 @@ class Server:
                                     maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
         self.http = HttpServer(self.plane, [*rest_kserve.routes, *rest_classify.routes]) if settings.http_port else None
         self.tls: CertificateRotation | None = None
-        self.port = 0
+        self.port = self.http_port = 0  # as bound: a setting of 0 takes a free port
         self.background: set[asyncio.Task] = set()
 
     async def _set_health(self, names: list[str], serving: bool) -> None:
@@ -161,8 +161,8 @@ class Server:
         self.state.ready = True
         await self._set_health(READINESS_NAMES, serving=True)
         if coordinator is None:
-            log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models)
-                     or "no model loaded")
+            log.info("ready: %s%s", ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models)
+                     or "no model loaded", page_note(self.settings, self.http_port))
         else:  # the supervisor says ready when every worker is
             coordinator.ready()
 
@@ -185,11 +185,11 @@ class Server:
         secure = " (TLS)" if tls else ""
         log.info("listening on %s%s", host_port(self.settings.host, self.port), secure)
         if self.http:
-            http_port = await self.http.start(self.settings.host, self.settings.http_port,
-                                              self.tls.http_context if self.tls else None, self.connections,
-                                              self.settings.reuse_port)
+            self.http_port = await self.http.start(self.settings.host, self.settings.http_port,
+                                                   self.tls.http_context if self.tls else None, self.connections,
+                                                   self.settings.reuse_port)
             log.info("HTTP on %s://%s/ (KServe v2 REST, /v1/classify, the page)%s",
-                     "https" if tls else "http", host_port(self.settings.host, http_port), secure)
+                     "https" if tls else "http", host_port(self.settings.host, self.http_port), secure)
         if self.settings.metrics_port:
             serve_metrics(self.state.metrics.registry, self.settings.metrics_port, self.settings.host)
         if self.tls:

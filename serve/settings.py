@@ -271,6 +271,15 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def page_note(settings: ServerSettings, http_port: int) -> str:
+    """Where a person opens the draw-a-digit page, for the log's "ready" line ("" without HTTP). A
+    server on every interface (0.0.0.0, ::) is at localhost to them: not every browser opens 0.0.0.0."""
+    if not http_port:
+        return ""
+    host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"; draw a digit at {'https' if settings.tls_cert else 'http'}://{host_port(host, http_port)}/"
+
+
 def _check_host(host: str) -> None:
     """``--host``: an address or name this machine resolves (0.0.0.0, ::, 127.0.0.1, localhost)."""
     try:

@@ -28,7 +28,7 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
 from resserve.serve.repository import read_packages
 from resserve.serve.server import answer_counts, check_port_free, serve_metrics
-from resserve.serve.settings import ServerSettings
+from resserve.serve.settings import ServerSettings, page_note
 from resserve.serve.tls import ssl_context, tls_files
 from resserve.serve.workers.messages import (Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
                                              Stopped, ToSupervisor, ToWorker, Turn, TurnOver, TurnWanted)
@@ -209,7 +209,8 @@ class Supervisor:
                 worker.state = WorkerState.READY
                 self._count_ready()
                 if all(w.state == WorkerState.READY for w in self.workers.values()):
-                    log.info("ready: %s (%d workers)", self.model_names, len(self.workers))
+                    log.info("ready: %s (%d workers)%s", self.model_names, len(self.workers),
+                             page_note(self.worker_settings, self.worker_settings.http_port))
             case Failed(reason) if not self._serving:  # at startup: the server cannot start
                 raise ResserveError(reason)
             case Failed(reason):

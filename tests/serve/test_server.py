@@ -5,6 +5,7 @@ import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,6 +20,7 @@ from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.client import requests_of
 from resserve.serve.package import load_package
 from resserve.serve.preprocess import HEIF_REFUSED, UNREADABLE
+from resserve.serve.settings import ServerSettings, page_note
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 
@@ -37,6 +39,26 @@ def infer(client: triton.InferenceServerClient, batch: np.ndarray, datatype: str
 
 def kserve_stub(server) -> kserve_grpc.GRPCInferenceServiceStub:
     return kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+
+
+def test_the_ready_line_says_where_to_draw_a_digit(server):
+    """The log gave the HTTP address as listened on (http://0.0.0.0:8000/ by default), which not
+    every browser opens; a person starting the server wants the page's address."""
+    ready = server.wait_for_line(" ready: ")
+    assert ready.rstrip().endswith(f"ready: resnet-mnist v1; draw a digit at http://127.0.0.1:{server.http_port}/")
+
+
+@pytest.mark.parametrize("host, tls, page", [
+    ("0.0.0.0", False, "; draw a digit at http://localhost:8000/"),
+    ("::", True, "; draw a digit at https://localhost:8000/"),
+    ("::1", False, "; draw a digit at http://[::1]:8000/"),
+    ("10.1.2.3", False, "; draw a digit at http://10.1.2.3:8000/"),
+])
+def test_a_server_on_every_interface_is_at_localhost_for_a_person(host, tls, page):
+    files = {"tls_cert": Path("cert.pem"), "tls_key": Path("key.pem")} if tls else {}
+    settings = ServerSettings(host=host, **files)
+    assert page_note(settings, 8000) == page
+    assert page_note(settings, 0) == ""  # no HTTP
 
 
 # ----------------------------------------------------------------------------------------------

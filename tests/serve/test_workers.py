@@ -212,7 +212,8 @@ def test_json_logs_are_one_object_a_line_and_name_the_worker():
     records = [json.loads(line) for line in server.lines]  # every line, the supervisor's and the workers'
     assert all({"level", "name", "message", "timestamp"} <= set(record) for record in records)
     assert {record.get("worker") for record in records} == {None, 1, 2}
-    assert {"message": "ready: resnet-mnist v1 (2 workers)", "level": "INFO"}.items() <= next(
+    page = f"http://127.0.0.1:{server.http_port}/"  # a person at the server is told where the page is
+    assert {"message": f"ready: resnet-mnist v1 (2 workers); draw a digit at {page}", "level": "INFO"}.items() <= next(
         record for record in records if record["message"].startswith("ready: ")).items()
     assert records[-1]["message"].startswith("stopped; requests answered: 200 1 ")
 
