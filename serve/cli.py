@@ -87,6 +87,10 @@ def serve(
         "(64 by default), and 8 more for health probes and metadata calls; more get RESOURCE_EXHAUSTED. "
         "Lower --max-message-bytes for more, smaller RPCs.")
     ] = ServerSettings.max_inflight_bytes,
+    batch_timeout: Annotated[float, typer.Option(envvar=_env("BATCH_TIMEOUT"),
+        help="Seconds a batch may compute: one that takes longer means the backend hung (a GPU that stopped "
+        "answering), and the process exits with status 3 to be started again (by the supervisor under --workers, "
+        "by Kubernetes otherwise). 0: never.")] = ServerSettings.batch_timeout_seconds,
     drain_seconds: Annotated[float, typer.Option(envvar=_env("DRAIN_SECONDS"),
         help="After SIGTERM: keep serving, not ready, this long.")] = ServerSettings.drain_seconds,
     grace_seconds: Annotated[float, typer.Option(envvar=_env("GRACE_SECONDS"),
@@ -152,7 +156,8 @@ def serve(
         cuda_graphs=cuda_graphs, threads=threads, thread_spinning=thread_spinning,
         cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus()),
         max_images_per_request=max_images_per_request, max_message_bytes=max_message_bytes,
-        max_inflight_bytes=max_inflight_bytes, drain_seconds=drain_seconds, grace_seconds=grace_seconds,
+        max_inflight_bytes=max_inflight_bytes, batch_timeout_seconds=batch_timeout, drain_seconds=drain_seconds,
+        grace_seconds=grace_seconds,
         max_connection_age_seconds=max_connection_age, keepalive_seconds=keepalive_seconds,
         http_idle_seconds=http_idle_seconds,
         max_connections=parse_auto(max_connections, "--max-connections", "connections"),

@@ -48,6 +48,7 @@ from resserve.serve.state import ModelAction, Peers, ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port, page_note
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from resserve.serve.tls import ROTATION_CHECK_SECONDS, CertificateRotation, tls_files
+from resserve.serve.watchdog import WatchedInferenceThread
 
 log = logging.getLogger("resserve.serve")
 
@@ -125,7 +126,7 @@ class Server:
         self.state = ServerState(settings)
         self.preprocess_pool = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="preprocess")
         self.health = health_aio.HealthServicer()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.executor = WatchedInferenceThread(settings.batch_timeout_seconds or None)
         self.control = ModelControl(self.state, self.executor)
         self.plane = DataPlane(self.state, self.preprocess_pool, self.control)
         access = Access.of(settings.tokens, settings.admin_tokens)

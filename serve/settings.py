@@ -162,6 +162,9 @@ class ServerSettings:
     # CONTROL_RPCS more; beyond that gRPC answers RESOURCE_EXHAUSTED at once. RSS grows by about
     # 3x that many largest messages at most.
     max_inflight_bytes: int = 256 * 1024 * 1024
+    # a batch computing this long means the backend hung: the process exits to be started again
+    # (serve/watchdog.py); 0: never. A batch of 64 takes milliseconds on a CPU, a 1024-image request 1 s on 2.
+    batch_timeout_seconds: float = 60.0
     drain_seconds: float = 5.0  # after SIGTERM: NOT_SERVING but still answering, so endpoints go
     grace_seconds: float = 10.0  # then: in-flight requests get this long to finish
     max_connection_age_seconds: float | None = None  # clients re-resolve (Kubernetes scaling)
@@ -238,6 +241,8 @@ class ServerSettings:
              "--max-connection-age must be at least 1 second (and finite)"),
             (1 <= self.keepalive_seconds < math.inf, "--keepalive-seconds must be at least 1 (and finite)"),
             (1 <= self.http_idle_seconds < math.inf, "--http-idle-seconds must be at least 1 (and finite)"),
+            (self.batch_timeout_seconds == 0 or 1 <= self.batch_timeout_seconds < math.inf,
+             "--batch-timeout must be 0 (never) or at least 1 second (and finite)"),
             (1 <= self.workers <= MAX_WORKERS, f"--workers must be auto or 1-{MAX_WORKERS}"),
             (self.max_connections is None or self.max_connections >= 1, "--max-connections must be auto or >= 1"),
             *self._runtime_checks(),

@@ -54,6 +54,55 @@ def _tiff_with_a_rational_strip_offset() -> bytes:
 MALFORMED_TIFF = _tiff_with_a_rational_strip_offset()
 
 
+def write_hanging_package(out: Path, name: str = "hangs") -> Path:
+    """A model package whose ONNX graph spins in a Loop of (largest pixel x 1e9) trips: a batch of
+    zeros (the warm-up's) is instant, one with a white pixel computes for about 15 minutes, as a
+    hung backend would (ONNX Runtime releases the GIL meanwhile, as when a GPU stops answering).
+    The outputs have the contract's shapes; the manifest is the shipped one's, for this file."""
+    import hashlib
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from resserve.serve.package import SHIPPED_PACKAGE
+
+    scalar = [("i", TensorProto.INT64), ("cond", TensorProto.BOOL), ("spun", TensorProto.FLOAT)]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["spun", "one"], ["spun_out"])],
+        "spin", [helper.make_tensor_value_info(n, t, []) for n, t in scalar],
+        [helper.make_tensor_value_info(n, t, []) for n, t in (("cond_out", TensorProto.BOOL),
+                                                              ("spun_out", TensorProto.FLOAT))],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    nodes = [helper.make_node("ReduceMax", ["input"], ["peak"], keepdims=0),
+             helper.make_node("Mul", ["peak", "billion"], ["scaled"]),
+             helper.make_node("Cast", ["scaled"], ["trips"], to=TensorProto.INT64),
+             helper.make_node("Loop", ["trips", "", "zero"], ["spun"], body=body),
+             helper.make_node("Flatten", ["input"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "weights"], ["scores"]),
+             helper.make_node("Mul", ["spun", "zero"], ["nothing"]),  # the loop's result is used: not pruned
+             helper.make_node("Add", ["scores", "nothing"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 10]) for n in ("logits", "probabilities")],
+        [numpy_helper.from_array(np.array(1e9, np.float32), "billion"),
+         numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.full((784, 10), 0.01, np.float32), "weights")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    out.mkdir(parents=True)
+    onnx.save(model, out / "model.onnx")
+    manifest = json.loads((SHIPPED_PACKAGE / "manifest.json").read_text())
+    artifact = next(a for a in manifest["artifacts"] if a["file"] == "model.onnx")
+    data = (out / "model.onnx").read_bytes()
+    artifact.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    manifest.update(name=name, artifacts=[artifact])
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, stdin=None) -> subprocess.CompletedProcess:
     """Run the installed console script as a user would (``stdin``: an open file piped in); returns
     the finished process."""

@@ -78,6 +78,7 @@ def test_root_help_lists_the_commands():
     (["export", "--version", "01", "--triton-repo", "triton"], "(Triton skips a version folder named '01')"),
     (["serve", "--keepalive-seconds", "0.5"], "--keepalive-seconds must be at least 1 (and finite)"),
     (["serve", "--http-idle-seconds", "inf"], "--http-idle-seconds must be at least 1 (and finite)"),
+    (["serve", "--batch-timeout", "0.5"], "--batch-timeout must be 0 (never) or at least 1 second (and finite)"),
     (["serve", "--max-connections", "0"], "--max-connections must be auto or >= 1"),
     (["serve", "--max-connections", "many"], "--max-connections must be auto or a number of connections, got 'many'"),
     (["serve", "--threads", "5000"], "--threads 5000 is more than the"),

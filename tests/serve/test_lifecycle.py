@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from helpers import RESSERVE, ServerProcess, free_port, hold_connections, metric_value, room_for_sockets, run_cli
+from helpers import (RESSERVE, ServerProcess, free_port, hold_connections, metric_value, room_for_sockets, run_cli,
+                     write_hanging_package)
 from resserve.serve.client import CLOSED_AT_LIMIT, ClientError, DigitClient
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -445,6 +446,25 @@ def test_an_ipv6_host_serves_grpc_and_http():
         with urllib.request.urlopen(f"http://[::1]:{server.http_port}/v2/health/ready", timeout=5) as response:
             assert response.status == 200
     assert any(f"listening on [::1]:{server.port}" in line for line in server.lines)
+
+
+def test_a_hung_backend_ends_the_process_so_it_is_started_again(tmp_path):
+    """A batch that never finished left a server that passed every health check while each
+    request waited out its deadline. Now the process exits with status 3 past --batch-timeout."""
+    package = write_hanging_package(tmp_path / "hangs")
+    with ServerProcess(str(package), "--backend", "onnxruntime", "--batch-timeout", "2") as server:
+        stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+        request = request_of(np.zeros((1, 1, 28, 28), np.float32))
+        request.model_name = "hangs"
+        assert stub.ModelInfer(request, timeout=10).model_name == "hangs"  # zeros: no time at all
+        request.raw_input_contents[0] = np.ones((1, 1, 28, 28), np.float32).tobytes()  # about 15 minutes
+        asked = time.monotonic()
+        with pytest.raises(grpc.RpcError) as hung:
+            stub.ModelInfer(request, timeout=60)
+        assert hung.value.code() == grpc.StatusCode.UNAVAILABLE  # the connection ended with the process
+        assert server.process.wait(timeout=10) == 3
+        assert time.monotonic() - asked < 10
+        server.wait_for_line("past --batch-timeout (2 s): the backend hung; exiting with status 3 to be started again")
 
 
 def test_a_second_signal_cuts_the_drain_short():

@@ -20,7 +20,7 @@ import pytest
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from helpers import ServerProcess, free_port, metric_value, run_cli
+from helpers import ServerProcess, free_port, metric_value, run_cli, write_hanging_package
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.settings import ServerSettings, auto_workers
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -130,6 +130,35 @@ def test_a_killed_worker_comes_back_while_the_other_keeps_answering():
 
 
 @pytest.mark.slow
+def test_a_worker_whose_backend_hung_is_started_again_and_the_other_keeps_answering(tmp_path):
+    package = write_hanging_package(tmp_path / "hangs")
+    with ServerProcess(str(package), "--workers", "2", "--backend", "onnxruntime", "--batch-timeout", "2") as server:
+        first = worker_pids(server)
+        stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+
+        def infer(pixel: float) -> grpc.StatusCode:
+            request = kserve_pb2.ModelInferRequest(model_name="hangs")
+            request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
+            request.raw_input_contents.append(np.full((1, 1, 28, 28), pixel, np.float32).tobytes())
+            try:
+                stub.ModelInfer(request, timeout=60)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                return exc.code()
+
+        assert infer(1.0) == grpc.StatusCode.UNAVAILABLE  # its worker hung, then exited
+        hung = server.wait_for_line("the backend hung; exiting with status 3")
+        index = int(re.search(r"\[worker (\d)\]", hung).group(1))
+        deadline = time.monotonic() + 30
+        while worker_pids(server)[index] == first[index] or metric_value(server.metrics(), "resserve_workers_ready") < 2:
+            assert time.monotonic() < deadline, "".join(server.lines)
+            time.sleep(0.2)
+        assert f"worker {index} (pid {first[index]}) exited with code 3; restarting it in 1.0 s" in "".join(server.lines)
+        assert metric_value(server.metrics(), "resserve_worker_restarts_total") == 1
+        assert worker_pids(server)[3 - index] == first[3 - index]  # the other was never touched
+        assert {infer(0.0) for _ in range(8)} == {grpc.StatusCode.OK}
+
+
 def test_sigterm_under_load_drains_every_worker_and_answers_only_ok_or_unavailable():
     request = kserve_pb2.ModelInferRequest(model_name=MODEL)
     request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
