@@ -129,7 +129,6 @@ def test_a_killed_worker_comes_back_while_the_other_keeps_answering():
         assert set(statuses) <= {200, "reset"}, statuses
 
 
-@pytest.mark.slow
 def test_a_worker_whose_backend_hung_is_started_again_and_the_other_keeps_answering(tmp_path):
     package = write_hanging_package(tmp_path / "hangs")
     with ServerProcess(str(package), "--workers", "2", "--backend", "onnxruntime", "--batch-timeout", "2") as server:
@@ -159,6 +158,7 @@ def test_a_worker_whose_backend_hung_is_started_again_and_the_other_keeps_answer
         assert {infer(0.0) for _ in range(8)} == {grpc.StatusCode.OK}
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_drains_every_worker_and_answers_only_ok_or_unavailable():
     request = kserve_pb2.ModelInferRequest(model_name=MODEL)
     request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
