@@ -258,12 +258,16 @@ def test_a_renewed_certificate_reaches_new_connections_without_a_restart(pki, tm
         def served_over_http() -> str:
             return ssl.get_server_certificate(("127.0.0.1", server.http_port), timeout=5)
 
+        def replace(path, source) -> None:  # whole at once, as Kubernetes updates a Secret's files
+            shutil.copy(source, path.with_suffix(".new"))
+            path.with_suffix(".new").replace(path)
+
         assert live("ca.crt") and not live("ca2.crt")
-        shutil.copy(pki / "renewed.crt", cert)  # the new certificate before its key: a pair that does not match
+        replace(cert, pki / "renewed.crt")  # the new certificate before its key: a pair that does not match
         server.wait_for_line(f"the TLS files changed, but --tls-key {key} is not the (unencrypted) key of "
                              f"--tls-cert {cert}", seconds=30)
         assert live("ca.crt") and not live("ca2.crt")  # the old pair still
-        shutil.copy(pki / "renewed.key", key)
+        replace(key, pki / "renewed.key")
         server.wait_for_line(f"the TLS files changed: new connections get the certificate now in {cert}", seconds=30)
         assert live("ca2.crt") and not live("ca.crt")
         assert ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(served_over_http())) == \
