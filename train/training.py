@@ -346,11 +346,11 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
         test_accuracy=test.accuracy, test_loss=test.loss, train_seconds=round(time.monotonic() - started, 1),
         data_source=mnist.source, device=str(device), precision=precision, train_config=cfg,
         versions=library_versions(), history=history)
-    log(f"test accuracy {test.accuracy:.4f} (epoch {best.epoch}"
-        + (", best on validation" if len(val_split) else ", the last: no validation split") + f"); saved {out}")
     save_checkpoint(out, model.cpu(), model_config, record)
     Path(out).with_suffix(".metrics.json").write_text(json.dumps(record.to_dict(), indent=2) + "\n")
     card_path(out).write_text(render_model_card(record))
+    log(f"test accuracy {test.accuracy:.4f} (epoch {best.epoch}"
+        + (", best on validation" if len(val_split) else ", the last: no validation split") + f"); saved {out}")
     if isinstance(stopped, KeyboardInterrupt):
         raise TrainingInterrupted(f"interrupted after {len(history)} of {cfg.epochs} epochs; saved the best of "
                                   f"them (epoch {best.epoch}) to {out}")
