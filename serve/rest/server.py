@@ -17,7 +17,7 @@ import ssl
 from typing import Any, Awaitable, Callable
 
 import orjson
-from aiohttp import StreamReader, hdrs, web
+from aiohttp import HttpVersion11, StreamReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import Counter
 
@@ -173,6 +173,7 @@ def endpoint(api: str) -> Callable[[Handler], Handler]:
             try:
                 state.check_accepting()
                 door.check_announced(request)
+                await continue_if_expected(request)
                 response = await handler(request)
                 status = response.status
                 return response
@@ -189,6 +190,36 @@ def endpoint(api: str) -> Callable[[Handler], Handler]:
         return wrapped
 
     return decorate
+
+
+CONTINUE_OWED = "resserve.continue_owed"  # the request asked for 100 Continue and has not had it
+
+
+async def expect_continue_later(request: web.Request) -> web.Response | None:
+    """``Expect: 100-continue`` is answered by ``endpoint``, once the token, the drain and the
+    announced size have been checked, rather than by aiohttp as soon as the headers arrive: a
+    client that would be refused (401, 403, 413, 503) gets the final status instead (RFC 9110
+    10.1.1) and never sends the body it asked about. aiohttp's own handler invited every such
+    body, then refused it. Other expectations are 417."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version != HttpVersion11:
+        return None  # HTTP/1.0 has no interim answers: its Expect is ignored
+    if expect.strip().lower() != "100-continue":
+        return error_response(417, f"Expect: {expect[:MAX_PATH_CHARS]!r} cannot be met; only 100-continue is")
+    request[CONTINUE_OWED] = True
+    return None
+
+
+async def continue_if_expected(request: web.Request) -> None:
+    """Send the 100 Continue the client waits for before its body, if it asked for one."""
+    if request.pop(CONTINUE_OWED, False):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+def deferring_continue(routes: list[web.AbstractRouteDef]) -> list[web.AbstractRouteDef]:
+    """``routes``, each answering ``Expect: 100-continue`` with ``expect_continue_later``."""
+    return [web.RouteDef(route.method, route.path, route.handler, {**route.kwargs, "expect_handler": expect_continue_later})
+            if isinstance(route, web.RouteDef) else route for route in routes]
 
 
 @web.middleware
@@ -223,7 +254,7 @@ class HttpServer:
         PROTOCOL_LOG.addFilter(_ClientFaults(self.refused.labels("unparsable")))  # one HTTP server a process
         self.app = web.Application(middlewares=[guard])  # bodies: read_body, within --max-message-bytes
         self.app[FRONT_DOOR] = HttpFrontDoor(plane)
-        self.app.add_routes(routes)
+        self.app.add_routes(deferring_continue(routes))
         # a client that disconnects cancels its handler, and so its place in the batcher's queue,
         # as a cancelled gRPC call does: abandoned requests are not computed (aiohttp's default
         # since 3.9 lets them run on)

@@ -7,12 +7,14 @@ import collections
 import gzip
 import io
 import re
+import socket
 import threading
 import time
 import urllib.request
 import zlib
 from http.client import HTTPConnection
 
+import aiohttp
 import numpy as np
 import orjson
 import pytest
@@ -426,6 +428,36 @@ def test_tokens_guard_the_rest_apis_but_not_health_or_the_page(tmp_path, mnist):
         with pytest.raises(InferenceServerException, match="401"):
             client.get_model_metadata(MODEL)
         assert client.get_model_metadata(MODEL, headers={"Authorization": "Bearer s3cret"})["name"] == MODEL
+
+
+def first_status_line(server, headers: dict) -> str:
+    """What the server says first to a request that sends ``Expect: 100-continue`` and waits
+    before sending its body: "HTTP/1.1 100 Continue", or its final status at once."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in {"Expect": "100-continue", **headers}.items())
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as connection:
+        connection.sendall(f"POST {INFER} HTTP/1.1\r\nHost: localhost\r\n{head}\r\n".encode())
+        return connection.makefile("rb").readline().decode().strip()
+
+
+def test_100_continue_asks_for_the_body_only_of_requests_that_would_be_taken(tmp_path, mnist):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    body = json_infer(mnist.test.images[:1, None].astype(np.float32) / 255)
+    token = {"Authorization": "Bearer s3cret"}
+    with ServerProcess("--token-file", str(tokens)) as server:
+        async def post_waiting_for_continue() -> int:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                async with session.post(f"http://{server.http_target}{INFER}", data=body, headers=token,
+                                        expect100=True) as response:
+                    return response.status
+
+        assert asyncio.run(post_waiting_for_continue()) == 200  # aiohttp sends the body after the 100 only
+        # refused before the body is asked for, so the client never sends it
+        assert first_status_line(server, {"Content-Length": len(body)}) == "HTTP/1.1 401 Unauthorized"
+        assert first_status_line(server, {**token, "Content-Length": 10 ** 9}) == "HTTP/1.1 413 Request Entity Too Large"
+        assert first_status_line(server, {**token, "Content-Length": len(body)}) == "HTTP/1.1 100 Continue"
+        assert error_of(server, "POST", INFER, body, {**token, "Expect": "a-miracle"}) == (
+            417, "Expect: 'a-miracle' cannot be met; only 100-continue is")
 
 
 def test_an_http_port_in_use_is_one_line():
