@@ -213,17 +213,21 @@ def test_training_that_diverges_after_an_epoch_keeps_the_best_finished_one(mnist
     assert "3 epochs, stopped after" in out.with_suffix(".card.md").read_text()
 
 
-def test_training_stopped_by_ctrl_c_keeps_the_best_finished_epoch(mnist, tmp_path):
+@pytest.mark.parametrize("stop, status, said_as", [
+    (signal.SIGINT, 130, "interrupted"),  # what Ctrl-C sends
+    (signal.SIGTERM, 143, r"terminated \(SIGTERM\)"),  # docker stop, Kubernetes, a scheduler's preemption
+])
+def test_training_stopped_by_ctrl_c_or_sigterm_keeps_the_best_finished_epoch(mnist, tmp_path, stop, status, said_as):
     out = tmp_path / "stopped.pt"
     training = subprocess.Popen([str(RESSERVE), *tiny_training(mnist, out, "--epochs", "1000")],
                                 stderr=subprocess.PIPE, text=True)
     for line in training.stderr:
         if line.startswith("epoch 2:"):
-            training.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            training.send_signal(stop)
             break
     rest = training.stderr.read()
-    assert training.wait(timeout=120) == 130, rest
-    said = re.fullmatch(rf"error: interrupted after (\d+) of 1000 epochs; saved the best of them \(epoch (\d+)\) "
+    assert training.wait(timeout=120) == status, rest
+    said = re.fullmatch(rf"error: {said_as} after (\d+) of 1000 epochs; saved the best of them \(epoch (\d+)\) "
                         rf"to {re.escape(str(out))}", rest.splitlines()[-1])
     assert said, rest
     record = json.loads(out.with_suffix(".metrics.json").read_text())

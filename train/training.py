@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -241,6 +244,36 @@ class TrainingInterrupted(ResserveError):
     exit_code = 130
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during training: what ``docker stop``, Kubernetes and batch schedulers send before
+    they kill a job. Raised as Ctrl-C is, so the finished epochs are saved in the grace time
+    (Kubernetes: 30 s) rather than lost with the process."""
+
+
+class TrainingTerminated(TrainingInterrupted):
+    """SIGTERM during training, after the best epoch so far was saved: exits as a terminated process does."""
+
+    exit_code = 143  # 128 + SIGTERM
+
+
+@contextmanager
+def sigterm_stops_training() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` in the training loop while this holds (main thread only:
+    Python runs signal handlers there); then Python's default (die at once) again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def fit(model: nn.Module, split: Split, cfg: TrainConfig, steps: int, precision: str, marks: set[int],
         on_mark: Callable[[Interval], None], progress: Progress, description: str) -> None:
     """Train ``model`` for ``steps`` steps of the recipe over shuffled epochs of ``split``.
@@ -292,8 +325,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     """Train, keep the epoch with the best validation accuracy (the last without validation), test it, save it.
 
     Writes ``out`` (checkpoint), ``out.metrics.json`` and a model card ``out.card.md``. Interrupted
-    (Ctrl-C) or diverged after an epoch, it saves the best epoch so far, then raises
-    ``TrainingInterrupted`` or ``TrainingDiverged``.
+    (Ctrl-C, SIGTERM) or diverged after an epoch, it saves the best epoch so far, then raises
+    ``TrainingInterrupted`` (``TrainingTerminated``) or ``TrainingDiverged``.
     """
     cfg.validate()
     check_writable(out)
@@ -325,18 +358,20 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
 
     stopped: BaseException | None = None
     try:
-        with progress_bar(show_progress, "steps") as progress:
+        with progress_bar(show_progress, "steps") as progress, sigterm_stops_training():
             fit(model, train_split, cfg, cfg.epochs * steps_per_epoch, precision,
                 {epoch * steps_per_epoch for epoch in range(1, cfg.epochs + 1)}, end_of_epoch, progress,
                 f"{model_config.arch}-{model_config.blocks}, {cfg.epochs} epochs")
-    except (KeyboardInterrupt, TrainingDiverged) as exc:  # Ctrl-C or NaN: the finished epochs are kept
+    except (KeyboardInterrupt, TrainingDiverged) as exc:  # Ctrl-C, SIGTERM or NaN: the finished epochs are kept
         if not best.state:
             if isinstance(exc, TrainingDiverged):
                 raise TrainingDiverged(f"{exc}; no epoch had finished, so nothing was saved") from None
+            if isinstance(exc, Terminated):
+                raise TrainingTerminated("terminated (SIGTERM) before the first epoch finished; nothing was saved") from None
             raise
         stopped = exc
-        log(f"stopped after {len(history)} of {cfg.epochs} epochs: keeping the best of them (Ctrl-C again to "
-            "drop it)")
+        log(f"stopped after {len(history)} of {cfg.epochs} epochs: keeping the best of them (Ctrl-C or SIGTERM "
+            "again to drop it)")
 
     model.load_state_dict(best.state)
     test = evaluate(model, mnist.test)
@@ -352,8 +387,10 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     log(f"test accuracy {test.accuracy:.4f} (epoch {best.epoch}"
         + (", best on validation" if len(val_split) else ", the last: no validation split") + f"); saved {out}")
     if isinstance(stopped, KeyboardInterrupt):
-        raise TrainingInterrupted(f"interrupted after {len(history)} of {cfg.epochs} epochs; saved the best of "
-                                  f"them (epoch {best.epoch}) to {out}")
+        kind, what = (TrainingTerminated, "terminated (SIGTERM)") if isinstance(stopped, Terminated) else (
+            TrainingInterrupted, "interrupted")
+        raise kind(f"{what} after {len(history)} of {cfg.epochs} epochs; saved the best of them (epoch {best.epoch}) "
+                   f"to {out}")
     if stopped is not None:
         raise TrainingDiverged(f"{stopped}; saved the best epoch before it (epoch {best.epoch}, of {len(history)} "
                                f"finished) to {out}")
