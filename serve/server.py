@@ -29,7 +29,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from resserve.serve.aio import set_within
+from resserve.serve.aio import done_before, set_within
 from resserve.serve.auth import ADMIN_GRPC_METHODS, Access, Verdict, warn_of_open_admin_apis
 from resserve.serve.connections import ConnectionLimits
 from resserve.serve.control import ModelControl
@@ -301,7 +301,8 @@ class Coordinator(Peers, Protocol):
 
 
 async def serve(settings: ServerSettings, coordinator: Coordinator | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, drain, and exit 0 without calling gRPC's own shutdown.
+    """Serve until SIGTERM/SIGINT, drain, and exit 0 without calling gRPC's own shutdown; a
+    signal before the server is ready ends it at once, without waiting for the models to load.
 
     gRPC core cancels every call that reaches it once its shutdown has begun: a client sending
     at that moment gets CANCELLED, which it must not retry. Exiting instead closes the
@@ -314,12 +315,15 @@ async def serve(settings: ServerSettings, coordinator: Coordinator | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
     try:
-        await server.start(coordinator)
+        started = await done_before(server.start(coordinator), stop)
     except BaseException:
         await server.grpc.stop(0)
         raise
-    await stop.wait()
-    await server.drain(hurry)
+    if started:
+        await stop.wait()
+        await server.drain(hurry)
+    else:  # loading can take minutes, or hang (a backend stuck warming up): never ready, so no traffic to drain
+        log.info("shutting down while loading: never ready, so nothing to drain")
     if coordinator is None:
         log.info("stopped; requests answered: %s", answer_counts(server.state.answered))
     else:  # the supervisor logs the answers of all its workers

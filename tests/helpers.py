@@ -54,11 +54,12 @@ def _tiff_with_a_rational_strip_offset() -> bytes:
 MALFORMED_TIFF = _tiff_with_a_rational_strip_offset()
 
 
-def write_hanging_package(out: Path, name: str = "hangs") -> Path:
+def write_hanging_package(out: Path, name: str = "hangs", on_warm_up: bool = False) -> Path:
     """A model package whose ONNX graph spins in a Loop of (largest pixel x 1e9) trips: a batch of
     zeros (the warm-up's) is instant, one with a white pixel computes for about 15 minutes, as a
     hung backend would (ONNX Runtime releases the GIL meanwhile, as when a GPU stops answering).
-    The outputs have the contract's shapes; the manifest is the shipped one's, for this file."""
+    ``on_warm_up``: (largest pixel + 1) x 1e9 trips, so loading never ends. The outputs have the
+    contract's shapes; the manifest is the shipped one's, for this file."""
     import hashlib
     import json
 
@@ -76,7 +77,8 @@ def write_hanging_package(out: Path, name: str = "hangs") -> Path:
                                                               ("spun_out", TensorProto.FLOAT))],
         [numpy_helper.from_array(np.array(1.0, np.float32), "one")])
     nodes = [helper.make_node("ReduceMax", ["input"], ["peak"], keepdims=0),
-             helper.make_node("Mul", ["peak", "billion"], ["scaled"]),
+             helper.make_node("Add", ["peak", "base"], ["raised"]),
+             helper.make_node("Mul", ["raised", "billion"], ["scaled"]),
              helper.make_node("Cast", ["scaled"], ["trips"], to=TensorProto.INT64),
              helper.make_node("Loop", ["trips", "", "zero"], ["spun"], body=body),
              helper.make_node("Flatten", ["input"], ["flat"]),
@@ -88,6 +90,7 @@ def write_hanging_package(out: Path, name: str = "hangs") -> Path:
         nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 10]) for n in ("logits", "probabilities")],
         [numpy_helper.from_array(np.array(1e9, np.float32), "billion"),
+         numpy_helper.from_array(np.array(float(on_warm_up), np.float32), "base"),
          numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
          numpy_helper.from_array(np.full((784, 10), 0.01, np.float32), "weights")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

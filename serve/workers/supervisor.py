@@ -208,7 +208,7 @@ class Supervisor:
             case Ready():
                 worker.state = WorkerState.READY
                 self._count_ready()
-                if all(w.state == WorkerState.READY for w in self.workers.values()):
+                if not self.stopping and all(w.state == WorkerState.READY for w in self.workers.values()):
                     log.info("ready: %s (%d workers)%s", self.model_names, len(self.workers),
                              page_note(self.worker_settings, self.worker_settings.http_port))
             case Failed(reason) if not self._serving:  # at startup: the server cannot start

@@ -3,6 +3,7 @@
 import datetime as dt
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -469,6 +470,20 @@ def test_a_hung_backend_ends_the_process_so_it_is_started_again(tmp_path):
         assert server.process.wait(timeout=10) == 3
         assert time.monotonic() - asked < 10
         server.wait_for_line("past --batch-timeout (2 s): the backend hung; exiting with status 3 to be started again")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_signal_while_the_models_load_ends_the_server_at_once(tmp_path, workers):
+    """SIGTERM used to wait for loading to end (a large model, a backend warming up: minutes, or for
+    ever when the warm-up hangs), then the server said ready, and only then drained."""
+    package = write_hanging_package(tmp_path / "hangs", on_warm_up=True)
+    with ServerProcess(str(package), "--backend", "onnxruntime", "--workers", workers, wait_ready=False) as server:
+        server.wait_for_line("listening on", seconds=30)
+        time.sleep(3)  # loading, and its warm-up spinning
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=10) == 0
+    server.wait_for_line("shutting down while loading: never ready, so nothing to drain")
+    assert not any(re.search(r"resserve.serve: ready: ", line) for line in server.lines), "".join(server.lines)
 
 
 def test_a_second_signal_cuts_the_drain_short():
