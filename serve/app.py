@@ -9,6 +9,7 @@ This module imports neither side: it starts without torch, and serve/ never impo
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from importlib.metadata import entry_points
 
@@ -47,13 +48,30 @@ def build_app() -> typer.Typer:
     return app
 
 
+class Terminated(BaseException):
+    """SIGTERM: what ``docker stop``, Kubernetes and batch schedulers send before they kill a
+    process. Raised where the command is, as Ctrl-C's KeyboardInterrupt is (and like it, not an
+    ``Exception``), so that the command stops the same way: ``resserve train`` saves its finished
+    epochs, export and every atomic write remove their temporary files. Not a KeyboardInterrupt:
+    typer would turn that into a silent exit 130. (``resserve serve`` handles SIGTERM itself: it
+    drains.)"""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     """Console entry point: expected failures become one line on stderr and a non-zero exit."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         build_app()()
     except ResserveError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except Terminated:
+        typer.echo("terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

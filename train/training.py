@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,6 +22,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
+from resserve.serve.app import Terminated
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable
 from resserve.train.allocator import keep_freed_tensor_memory
@@ -244,34 +242,10 @@ class TrainingInterrupted(ResserveError):
     exit_code = 130
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during training: what ``docker stop``, Kubernetes and batch schedulers send before
-    they kill a job. Raised as Ctrl-C is, so the finished epochs are saved in the grace time
-    (Kubernetes: 30 s) rather than lost with the process."""
-
-
 class TrainingTerminated(TrainingInterrupted):
     """SIGTERM during training, after the best epoch so far was saved: exits as a terminated process does."""
 
     exit_code = 143  # 128 + SIGTERM
-
-
-@contextmanager
-def sigterm_stops_training() -> Iterator[None]:
-    """SIGTERM raises ``Terminated`` in the training loop while this holds (main thread only:
-    Python runs signal handlers there); then Python's default (die at once) again."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: object) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def fit(model: nn.Module, split: Split, cfg: TrainConfig, steps: int, precision: str, marks: set[int],
@@ -358,11 +332,11 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
 
     stopped: BaseException | None = None
     try:
-        with progress_bar(show_progress, "steps") as progress, sigterm_stops_training():
+        with progress_bar(show_progress, "steps") as progress:
             fit(model, train_split, cfg, cfg.epochs * steps_per_epoch, precision,
                 {epoch * steps_per_epoch for epoch in range(1, cfg.epochs + 1)}, end_of_epoch, progress,
                 f"{model_config.arch}-{model_config.blocks}, {cfg.epochs} epochs")
-    except (KeyboardInterrupt, TrainingDiverged) as exc:  # Ctrl-C, SIGTERM or NaN: the finished epochs are kept
+    except (KeyboardInterrupt, Terminated, TrainingDiverged) as exc:  # Ctrl-C, SIGTERM or NaN: the finished epochs are kept
         if not best.state:
             if isinstance(exc, TrainingDiverged):
                 raise TrainingDiverged(f"{exc}; no epoch had finished, so nothing was saved") from None
@@ -386,7 +360,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     card_path(out).write_text(render_model_card(record))
     log(f"test accuracy {test.accuracy:.4f} (epoch {best.epoch}"
         + (", best on validation" if len(val_split) else ", the last: no validation split") + f"); saved {out}")
-    if isinstance(stopped, KeyboardInterrupt):
+    if isinstance(stopped, (KeyboardInterrupt, Terminated)):
         kind, what = (TrainingTerminated, "terminated (SIGTERM)") if isinstance(stopped, Terminated) else (
             TrainingInterrupted, "interrupted")
         raise kind(f"{what} after {len(history)} of {cfg.epochs} epochs; saved the best of them (epoch {best.epoch}) "

@@ -2,6 +2,8 @@
 the manifest tells the truth, and a failed export leaves nothing behind."""
 
 import json
+import signal
+import subprocess
 
 import numpy as np
 import onnx
@@ -12,7 +14,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 from tritonclient.grpc import model_config_pb2
 
-from helpers import run_cli
+from helpers import RESSERVE, run_cli
 from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 from resserve.serve.backends.torchscript import TorchScriptBackend
 from resserve.serve.package import PackageError, load_package, sha256_of
@@ -207,6 +209,20 @@ def test_reexport_replaces_a_package_in_place(exported, tmp_path, mnist):
     export_package(exported[1], out, ExportOptions(formats=("onnx",), version="2"), mnist, log=lambda _: None)
     assert json.loads((out / "manifest.json").read_text())["version"] == "2" != first["version"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_an_export_stopped_by_sigterm_says_so_and_leaves_nothing_behind(exported, tmp_path, mnist):
+    """SIGTERM (docker stop, a Kubernetes Job's pod deleted) ended export where it stood, and its
+    staging folder stayed beside the package it was writing."""
+    export = subprocess.Popen([str(RESSERVE), "export", str(exported[1]), "--out", str(tmp_path / "pkg"),
+                               "--data-dir", str(mnist.path.parent)], stderr=subprocess.PIPE, text=True)
+    for line in export.stderr:
+        if line.startswith("onnx:"):  # written and verified in the staging folder; TorchScript comes next
+            export.send_signal(signal.SIGTERM)
+            break
+    rest = export.stderr.read()
+    assert export.wait(timeout=60) == 143 and rest.strip().splitlines()[-1] == "terminated", rest
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, message", [
