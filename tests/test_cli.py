@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import RESSERVE, run_cli
+from resserve.train.checkpoint import load_checkpoint
 from resserve.serve.package import SHIPPED_PACKAGE
 
 COMMANDS = [[], ["data"], ["train"], ["eval"], ["export"], ["serve"], ["classify"], ["health"],
@@ -228,13 +230,48 @@ def test_training_stopped_by_ctrl_c_or_sigterm_keeps_the_best_finished_epoch(mni
     rest = training.stderr.read()
     assert training.wait(timeout=120) == status, rest
     said = re.fullmatch(rf"error: {said_as} after (\d+) of 1000 epochs; saved the best of them \(epoch (\d+)\) "
-                        rf"to {re.escape(str(out))}", rest.splitlines()[-1])
-    assert said, rest
+                        rf"to {re.escape(str(out))}; the same command with --resume goes on from epoch (\d+)",
+                        rest.splitlines()[-1])
+    assert said and int(said[3]) == int(said[1]) + 1, rest
     record = json.loads(out.with_suffix(".metrics.json").read_text())
     assert len(record["history"]) == int(said[1]) >= 2 and record["best_epoch"] == int(said[2]) <= int(said[1])
     assert "1000 epochs, stopped after" in out.with_suffix(".card.md").read_text()
     evaluated = run_cli("eval", str(out), "--json", "--data-dir", str(mnist.path.parent))
     assert json.loads(evaluated.stdout)["test_accuracy"] == pytest.approx(record["test_accuracy"], abs=1e-6)
+
+
+def test_a_stopped_run_resumed_trains_as_the_uninterrupted_one_would_have(mnist, tmp_path):
+    options = ("--epochs", "6", "--survival-prob", "0.5")  # stochastic depth: its random draws resume too
+    whole = tmp_path / "whole.pt"
+    assert run_cli(*tiny_training(mnist, whole, *options)).returncode == 0
+    assert not (tmp_path / "whole.resume.pt").exists()  # removed when the run ends
+
+    out, state = tmp_path / "stopped.pt", tmp_path / "stopped.resume.pt"
+    training = subprocess.Popen([str(RESSERVE), *tiny_training(mnist, out, *options)], stderr=subprocess.PIPE, text=True)
+    for line in training.stderr:
+        if line.startswith("epoch 2:"):
+            training.send_signal(signal.SIGTERM)  # as a scheduler preempting the job
+            break
+    rest = training.stderr.read()
+    assert training.wait(timeout=120) == 143, rest
+    said = re.search(r"the same command with --resume goes on from epoch (\d)$", rest.strip())
+    assert said and state.exists(), rest
+    other = run_cli(*tiny_training(mnist, out, *options, "--lr", "0.05", "--resume"))
+    assert other.returncode == 1 and other.stderr.strip().splitlines()[-1] == (
+        f"error: {state} is of a run with other options (lr 0.1, not 0.05): resume with the options it was "
+        "started with, or delete it to start afresh")
+
+    resumed = run_cli(*tiny_training(mnist, out, *options, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {state}: {int(said[1]) - 1} of 6 epochs done" in resumed.stderr
+    assert not state.exists()
+    records = [json.loads(path.with_suffix(".metrics.json").read_text()) for path in (whole, out)]
+    timeless = [[{k: v for k, v in epoch.items() if k not in ("seconds", "images_per_second")}
+                 for epoch in record["history"]] for record in records]
+    assert timeless[0] == timeless[1] and len(timeless[0]) == 6
+    assert records[0]["test_accuracy"] == records[1]["test_accuracy"]
+    weights = [load_checkpoint(path).state_dict for path in (whole, out)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
 TORCH_BLOCKED = (

@@ -73,18 +73,24 @@ def save_checkpoint(path: Path, model: nn.Module, config: ModelConfig, metrics: 
     return Path(path)
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read and validate a checkpoint; refuses anything that is not one, in one line."""
-    path = existing_checkpoint(path)
+def read_tensors_only(path: Path) -> object:
+    """What ``torch.save`` wrote to ``path``, unpickled with ``weights_only=True`` (tensors,
+    numbers, strings and containers of them; no code runs); anything else is one line."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" in str(exc):  # weights_only stopped a class or callable it would have imported
             raise CheckpointError(f"{path} carries pickled objects other than tensors; refused "
-                                  "(a resserve checkpoint holds only tensors, numbers and strings)") from exc
+                                  "(a resserve file holds only tensors, numbers and strings)") from exc
         raise CheckpointError(f"{path} is truncated or not a PyTorch file") from exc
     except Exception as exc:  # noqa: BLE001 - unpickling arbitrary bytes can raise almost anything
         raise CheckpointError(f"{path} is truncated or not a PyTorch file") from exc
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read and validate a checkpoint; refuses anything that is not one, in one line."""
+    path = existing_checkpoint(path)
+    payload = read_tensors_only(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a resserve checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:

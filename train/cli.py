@@ -70,6 +70,10 @@ def train(
     validation_size: Annotated[int, typer.Option(help="Last N training images held out for model selection.")] = TrainConfig.validation_size,
     train_limit: Annotated[Optional[int], typer.Option(help="Train on the first N images only (quick runs).")] = None,
     data_dir: DataDir = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Go on from the last finished epoch of a stopped run of this command (OUT.resume.pt, "
+        "written after every epoch, removed when the run ends); starts afresh when there is none. Same "
+        "options as the run it continues.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a network of the family on MNIST; keeps the best epoch on validation, reports test accuracy."""
@@ -88,7 +92,7 @@ def train(
 
     command = shlex.join(["resserve", *sys.argv[1:]])
     run_training(model_config, train_config, load_mnist(data_dir, log=_log), out, log=_log,
-                 show_progress=not quiet, command=command)
+                 show_progress=not quiet, command=command, resume=resume)
 
 
 def evaluate(model: ModelPath = None, data_dir: DataDir = None, as_json: JsonFlag = False,

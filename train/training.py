@@ -34,6 +34,7 @@ from resserve.train.model_card import card_path, render_model_card
 from resserve.train.models import build_model, count_parameters
 from resserve.train.progress import progress_bar
 from resserve.train.record import EpochRecord, TrainingRecord
+from resserve.train.resume import ResumeState, resume_path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,24 +249,42 @@ class TrainingTerminated(TrainingInterrupted):
     exit_code = 143  # 128 + SIGTERM
 
 
+@dataclass
+class Loop:
+    """What the training loop carries from step to step (saved at each epoch's end: train/resume.py)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # shuffling and augmentation
+    step: int = 0  # steps done
+    seen: int = 0  # images trained on
+
+    @classmethod
+    def start(cls, model: nn.Module, cfg: TrainConfig, steps: int) -> Loop:
+        """A loop at step 0 of ``steps``, seeded by ``cfg.seed``."""
+        generator = torch.Generator().manual_seed(cfg.seed)
+        optimizer = make_optimizer(model, cfg)
+        return cls(optimizer, make_scheduler(optimizer, cfg, steps), generator)
+
+
 def fit(model: nn.Module, split: Split, cfg: TrainConfig, steps: int, precision: str, marks: set[int],
-        on_mark: Callable[[Interval], None], progress: Progress, description: str) -> None:
-    """Train ``model`` for ``steps`` steps of the recipe over shuffled epochs of ``split``.
+        on_mark: Callable[[Interval], None], progress: Progress, description: str, loop: Loop | None = None) -> None:
+    """Train ``model`` for ``steps`` steps of the recipe over shuffled epochs of ``split``, from
+    ``loop`` (a resumed run's) or from the start.
 
     At each step in ``marks``, ``on_mark`` gets the interval since the previous mark (it may
-    evaluate: the model is put back in training mode after it). Seeded by ``cfg.seed``. Raises
-    ``TrainingDiverged`` at the first step whose loss is NaN or infinite.
+    evaluate: the model is put back in training mode after it), with ``loop`` at that step.
+    Raises ``TrainingDiverged`` at the first step whose loss is NaN or infinite.
     """
-    generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps)
-    stream = endless_batches(split, cfg.batch_size, generator)
-    task = progress.add_task(description, total=steps)
-    interval, seen = Interval(0, 0), 0
+    loop = loop or Loop.start(model, cfg, steps)
+    stream = endless_batches(split, cfg.batch_size, loop.generator)
+    task = progress.add_task(description, total=steps, completed=loop.step)
+    interval, seen = Interval(loop.step, loop.seen), loop.seen
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(loop.step + 1, steps + 1):
         images, labels = next(stream)
-        loss, correct = train_step(model, images, labels, cfg, optimizer, scheduler, generator, precision)
+        loss, correct = train_step(model, images, labels, cfg, loop.optimizer, loop.scheduler, loop.generator,
+                                   precision)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training diverged: the loss became {loss} at step {step:,} of {steps:,} "
                                    f"(a lower learning rate than {cfg.lr:g} usually trains)")
@@ -275,9 +294,35 @@ def fit(model: nn.Module, split: Split, cfg: TrainConfig, steps: int, precision:
                                                 f"{interval.images / max(interval.seconds, 1e-9):.0f} img/s")
         if step in marks:
             interval.step, interval.images_seen = step, seen
+            loop.step, loop.seen = step, seen
             on_mark(interval)
             model.train()
             interval = Interval(step, seen)
+
+
+def _capture(model_config: ModelConfig, cfg: TrainConfig, model: nn.Module, loop: Loop, best: BestEpoch,
+             history: list[EpochRecord], seconds: float) -> ResumeState:
+    """The run after its last finished epoch, to go on from (train/resume.py)."""
+    random = {"batches": loop.generator.get_state(), "torch": torch.get_rng_state()}
+    if _device_of(model).type == "cuda":  # stochastic depth draws there
+        random["cuda"] = torch.cuda.get_rng_state()
+    return ResumeState(model_config=model_config, train_config=cfg, seconds=seconds, model=model.state_dict(),
+                       optimizer=loop.optimizer.state_dict(), scheduler=loop.scheduler.state_dict(), random=random,
+                       best_epoch=best.epoch, best_accuracy=best.accuracy, best_model=best.state, history=history)
+
+
+def _restore(saved: ResumeState, model: nn.Module, loop: Loop, best: BestEpoch, history: list[EpochRecord]) -> float:
+    """Put ``model``, ``loop``, ``best`` and ``history`` where ``saved`` left them; the seconds trained before."""
+    model.load_state_dict(saved.model)
+    loop.optimizer.load_state_dict(saved.optimizer)
+    loop.scheduler.load_state_dict(saved.scheduler)
+    loop.generator.set_state(saved.random["batches"])
+    torch.set_rng_state(saved.random["torch"])
+    if "cuda" in saved.random and _device_of(model).type == "cuda":
+        torch.cuda.set_rng_state(saved.random["cuda"])
+    best.accuracy, best.epoch, best.state = saved.best_accuracy, saved.best_epoch, saved.best_model
+    history.extend(saved.history)
+    return saved.seconds
 
 
 @dataclass
@@ -294,13 +339,14 @@ class BestEpoch:
             self.accuracy, self.epoch, self.state = accuracy, epoch, state  # at once: Ctrl-C may come any time
 
 
-def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
-          log=print, show_progress: bool = True, command: str | None = None) -> TrainingRecord:
+def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, log=print,
+          show_progress: bool = True, command: str | None = None, resume: bool = False) -> TrainingRecord:
     """Train, keep the epoch with the best validation accuracy (the last without validation), test it, save it.
 
-    Writes ``out`` (checkpoint), ``out.metrics.json`` and a model card ``out.card.md``. Interrupted
-    (Ctrl-C, SIGTERM) or diverged after an epoch, it saves the best epoch so far, then raises
-    ``TrainingInterrupted`` (``TrainingTerminated``) or ``TrainingDiverged``.
+    Writes ``out`` (checkpoint), ``out.metrics.json`` and a model card ``out.card.md``, and after
+    every epoch ``out.resume.pt`` (train/resume.py), from which ``resume`` goes on (when it is
+    there). Interrupted (Ctrl-C, SIGTERM) or diverged after an epoch, it saves the best epoch so
+    far, then raises ``TrainingInterrupted`` (``TrainingTerminated``) or ``TrainingDiverged``.
     """
     cfg.validate()
     check_writable(out)
@@ -313,11 +359,22 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
 
     model = build_model(model_config).to(device).to(memory_format=torch.channels_last)
     steps_per_epoch = -(-len(train_split) // cfg.batch_size)
+    loop = Loop.start(model, cfg, cfg.epochs * steps_per_epoch)
+    history: list[EpochRecord] = []
+    best, state_path, trained_before = BestEpoch(), resume_path(out), 0.0
+    if resume and state_path.exists():
+        saved = ResumeState.load(state_path)
+        saved.check_same_run(model_config, cfg, state_path)
+        trained_before = _restore(saved, model, loop, best, history)
+        loop.step, loop.seen = len(history) * steps_per_epoch, len(history) * len(train_split)
+        log(f"resuming from {state_path}: {len(history)} of {cfg.epochs} epochs done")
+    elif resume:
+        log(f"nothing to resume at {state_path}: starting afresh")
+    elif state_path.exists():
+        log(f"replacing {state_path}, a stopped run's state, as this one trains (--resume would have continued it)")
     log(f"training {model_config.arch} ({count_parameters(model):,} parameters) on {len(train_split):,} "
         f"MNIST images from {mnist.source}; device {device}, precision {precision}")
-
-    history: list[EpochRecord] = []
-    best, started = BestEpoch(), time.monotonic()
+    started = time.monotonic()
 
     def end_of_epoch(interval: Interval) -> None:
         epoch, seconds = interval.step // steps_per_epoch, interval.seconds
@@ -329,13 +386,15 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
         log(f"epoch {epoch}: train loss {interval.loss:.4f} acc {interval.accuracy:.4f}"
             + (f", validation acc {val.accuracy:.4f}" if val else "") + f" ({seconds:.0f} s)")
         best.offer(val.accuracy if val else 0.0, epoch, model)  # without validation: ties, so the last
+        _capture(model_config, cfg, model, loop, best, history,
+                 trained_before + time.monotonic() - started).save(state_path)
 
     stopped: BaseException | None = None
     try:
         with progress_bar(show_progress, "steps") as progress:
             fit(model, train_split, cfg, cfg.epochs * steps_per_epoch, precision,
                 {epoch * steps_per_epoch for epoch in range(1, cfg.epochs + 1)}, end_of_epoch, progress,
-                f"{model_config.arch}-{model_config.blocks}, {cfg.epochs} epochs")
+                f"{model_config.arch}-{model_config.blocks}, {cfg.epochs} epochs", loop)
     except (KeyboardInterrupt, Terminated, TrainingDiverged) as exc:  # Ctrl-C, SIGTERM or NaN: the finished epochs are kept
         if not best.state:
             if isinstance(exc, TrainingDiverged):
@@ -352,7 +411,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
     record = TrainingRecord(
         arch=model_config.arch, model_config=model_config, params=count_parameters(model), command=command,
         train_images=len(train_split), best_epoch=best.epoch, val_accuracy=history[best.epoch - 1].val_accuracy,
-        test_accuracy=test.accuracy, test_loss=test.loss, train_seconds=round(time.monotonic() - started, 1),
+        test_accuracy=test.accuracy, test_loss=test.loss, train_seconds=round(trained_before + time.monotonic() - started, 1),
         data_source=mnist.source, device=str(device), precision=precision, train_config=cfg,
         versions=library_versions(), history=history)
     save_checkpoint(out, model.cpu(), model_config, record)
@@ -364,7 +423,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path,
         kind, what = (TrainingTerminated, "terminated (SIGTERM)") if isinstance(stopped, Terminated) else (
             TrainingInterrupted, "interrupted")
         raise kind(f"{what} after {len(history)} of {cfg.epochs} epochs; saved the best of them (epoch {best.epoch}) "
-                   f"to {out}")
+                   f"to {out}; the same command with --resume goes on from epoch {len(history) + 1}")
+    state_path.unlink(missing_ok=True)  # finished, or diverged (resuming would diverge again)
     if stopped is not None:
         raise TrainingDiverged(f"{stopped}; saved the best epoch before it (epoch {best.epoch}, of {len(history)} "
                                f"finished) to {out}")

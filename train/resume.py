@@ -1,0 +1,84 @@
+"""Where a training run stood after its last finished epoch, so that a run that was stopped
+(Ctrl-C, SIGTERM from a scheduler that preempts it, a crash, a lost machine) goes on from there
+with ``resserve train --resume`` rather than from the start.
+
+``resserve train`` writes it beside the checkpoint after every epoch, as ``OUT.resume.pt``, and
+removes it when the run ends. It holds what the loop carries (weights, SGD momentum, the one-cycle
+schedule's step, the random streams of shuffling, augmentation and stochastic depth) and what
+the run has found (the best epoch so far and its weights, the history), so that the resumed run
+trains as the uninterrupted one would have. Tensors, numbers and strings only, written atomically
+and read with ``weights_only=True``, as checkpoints are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from resserve.train.checkpoint import read_tensors_only
+from resserve.train.config import ConfigError, ModelConfig, TrainConfig
+from resserve.train.files import CheckpointError, atomic_file
+from resserve.train.record import EpochRecord
+
+FORMAT = "resserve-resume"
+FORMAT_VERSION = 1
+# where the run may change between a stop and its resumption: a rescheduled job lands on another machine
+MAY_DIFFER = {"device"}
+
+
+def resume_path(out: Path) -> Path:
+    """The resume state of the run writing the checkpoint ``out``: model.pt -> model.resume.pt."""
+    return Path(out).with_suffix(".resume.pt")
+
+
+@dataclass
+class ResumeState:
+    """A run after its finished epochs (``history``)."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    seconds: float  # trained so far
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    random: dict[str, torch.Tensor]  # generator states: "batches" (shuffling, shifts), "torch" (stochastic depth), "cuda"
+    best_epoch: int
+    best_accuracy: float
+    best_model: dict[str, torch.Tensor]
+    history: list[EpochRecord]
+
+    def save(self, path: Path) -> None:
+        payload = {**{f.name: getattr(self, f.name) for f in fields(self)}, "format": FORMAT,
+                   "format_version": FORMAT_VERSION, "model_config": self.model_config.to_dict(),
+                   "train_config": asdict(self.train_config), "history": [asdict(e) for e in self.history]}
+        with atomic_file(path) as f:
+            torch.save(payload, f)
+
+    @classmethod
+    def load(cls, path: Path) -> ResumeState:
+        """The state ``save`` wrote; anything else is refused in one line."""
+        payload = read_tensors_only(path)
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a resserve resume state; delete it to start afresh")
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path} has resume format {payload.get('format_version')}, this resserve reads "
+                                  f"{FORMAT_VERSION}; delete it to start afresh")
+        try:
+            data = {f.name: payload[f.name] for f in fields(cls)}
+            return cls(**{**data, "model_config": ModelConfig.from_dict(data["model_config"]),
+                          "train_config": TrainConfig(**data["train_config"]),
+                          "history": [EpochRecord(**epoch) for epoch in data["history"]]})
+        except (KeyError, TypeError, ConfigError) as exc:
+            raise CheckpointError(f"{path} is a damaged resume state ({exc}); delete it to start afresh") from None
+
+    def check_same_run(self, model_config: ModelConfig, train_config: TrainConfig, path: Path) -> None:
+        """A run resumes with the options it was started with: other ones would train another network."""
+        saved = {**self.model_config.to_dict(), **asdict(self.train_config)}
+        given = {**model_config.to_dict(), **asdict(train_config)}
+        differing = [f"{name} {saved[name]!r}, not {given[name]!r}" for name in saved
+                     if name not in MAY_DIFFER and saved[name] != given[name]]
+        if differing:
+            raise CheckpointError(f"{path} is of a run with other options ({'; '.join(differing)}): resume with the "
+                                  "options it was started with, or delete it to start afresh")
