@@ -2,6 +2,7 @@
 
 import json
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -272,6 +273,25 @@ def test_a_stopped_run_resumed_trains_as_the_uninterrupted_one_would_have(mnist,
     assert records[0]["test_accuracy"] == records[1]["test_accuracy"]
     weights = [load_checkpoint(path).state_dict for path in (whole, out)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def files_of_at_most_2000_bytes() -> None:
+    """A full disk, in a child process: writes past 2,000 bytes fail (EFBIG) instead of killing it."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+
+def test_training_goes_on_past_a_resume_state_it_cannot_write_and_a_checkpoint_it_cannot_write_is_one_line(
+        mnist, tmp_path):
+    out = tmp_path / "full.pt"
+    result = subprocess.run([str(RESSERVE), *tiny_training(mnist, out, "--epochs", "2")], capture_output=True,
+                            text=True, preexec_fn=files_of_at_most_2000_bytes, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and lines[-1] == f"error: cannot write {out}: File too large", result.stderr
+    assert lines[-4].startswith("epoch 1:") and lines[-2].startswith("epoch 2:")  # said once, and trained on
+    assert lines[-3] == (f"cannot write {out.with_suffix('.resume.pt')} (File too large): training goes on, but "
+                         "cannot be resumed if stopped")
+    assert list(tmp_path.iterdir()) == []  # no half-written file
 
 
 TORCH_BLOCKED = (

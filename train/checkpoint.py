@@ -8,6 +8,7 @@ refused with a one-line ``CheckpointError``.
 
 from __future__ import annotations
 
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,9 +69,18 @@ def save_checkpoint(path: Path, model: nn.Module, config: ModelConfig, metrics: 
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "metrics": metrics.to_dict() if metrics else None,
     }
-    with atomic_file(path) as f:
-        torch.save(payload, f)
+    write_tensors(path, payload)
     return Path(path)
+
+
+def write_tensors(path: Path, payload: dict) -> None:
+    """``torch.save`` of ``payload`` to ``path``, atomically. Serialized in memory first: torch's
+    zip writer reports a failed write (a full disk) as a RuntimeError of its own, and a write
+    of the bytes as an OSError that says what happened."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with atomic_file(path) as f:
+        f.write(buffer.getbuffer())
 
 
 def read_tensors_only(path: Path) -> object:

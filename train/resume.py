@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from resserve.train.checkpoint import read_tensors_only
+from resserve.train.checkpoint import read_tensors_only, write_tensors
 from resserve.train.config import ConfigError, ModelConfig, TrainConfig
-from resserve.train.files import CheckpointError, atomic_file
+from resserve.train.files import CheckpointError
 from resserve.train.record import EpochRecord
 
 FORMAT = "resserve-resume"
@@ -53,8 +53,7 @@ class ResumeState:
         payload = {**{f.name: getattr(self, f.name) for f in fields(self)}, "format": FORMAT,
                    "format_version": FORMAT_VERSION, "model_config": self.model_config.to_dict(),
                    "train_config": asdict(self.train_config), "history": [asdict(e) for e in self.history]}
-        with atomic_file(path) as f:
-            torch.save(payload, f)
+        write_tensors(path, payload)
 
     @classmethod
     def load(cls, path: Path) -> ResumeState:

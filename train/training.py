@@ -375,6 +375,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
     log(f"training {model_config.arch} ({count_parameters(model):,} parameters) on {len(train_split):,} "
         f"MNIST images from {mnist.source}; device {device}, precision {precision}")
     started = time.monotonic()
+    resumable_from, write_failed = len(history), False  # the epoch the resume state on disk holds
 
     def end_of_epoch(interval: Interval) -> None:
         epoch, seconds = interval.step // steps_per_epoch, interval.seconds
@@ -386,8 +387,17 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
         log(f"epoch {epoch}: train loss {interval.loss:.4f} acc {interval.accuracy:.4f}"
             + (f", validation acc {val.accuracy:.4f}" if val else "") + f" ({seconds:.0f} s)")
         best.offer(val.accuracy if val else 0.0, epoch, model)  # without validation: ties, so the last
-        _capture(model_config, cfg, model, loop, best, history,
-                 trained_before + time.monotonic() - started).save(state_path)
+        nonlocal resumable_from, write_failed
+        try:
+            _capture(model_config, cfg, model, loop, best, history,
+                     trained_before + time.monotonic() - started).save(state_path)
+            resumable_from = epoch
+        except OSError as exc:  # a full disk: the run can still finish, so it goes on
+            if not write_failed:
+                log(f"cannot write {state_path} ({exc.strerror or exc}): training goes on, " + (
+                    f"and if stopped, resumes after epoch {resumable_from}" if resumable_from
+                    else "but cannot be resumed if stopped"))
+            write_failed = True
 
     stopped: BaseException | None = None
     try:
@@ -414,9 +424,13 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
         test_accuracy=test.accuracy, test_loss=test.loss, train_seconds=round(trained_before + time.monotonic() - started, 1),
         data_source=mnist.source, device=str(device), precision=precision, train_config=cfg,
         versions=library_versions(), history=history)
-    save_checkpoint(out, model.cpu(), model_config, record)
-    Path(out).with_suffix(".metrics.json").write_text(json.dumps(record.to_dict(), indent=2) + "\n")
-    card_path(out).write_text(render_model_card(record))
+    try:
+        save_checkpoint(out, model.cpu(), model_config, record)
+        Path(out).with_suffix(".metrics.json").write_text(json.dumps(record.to_dict(), indent=2) + "\n")
+        card_path(out).write_text(render_model_card(record))
+    except OSError as exc:
+        resumable = f"; --resume goes on after epoch {resumable_from} ({state_path})" if resumable_from else ""
+        raise ResserveError(f"cannot write {out}: {exc.strerror or exc}{resumable}") from None
     log(f"test accuracy {test.accuracy:.4f} (epoch {best.epoch}"
         + (", best on validation" if len(val_split) else ", the last: no validation split") + f"); saved {out}")
     if isinstance(stopped, (KeyboardInterrupt, Terminated)):
