@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -81,3 +82,29 @@ class ResumeState:
         if differing:
             raise CheckpointError(f"{path} is of a run with other options ({'; '.join(differing)}): resume with the "
                                   "options it was started with, or delete it to start afresh")
+
+
+class ResumeFile:
+    """``OUT.resume.pt`` as a run writes it, after each epoch. A write that fails (a full disk) is
+    said once and the run goes on: it can still finish, and only resuming is lost."""
+
+    def __init__(self, out: Path, log: Callable[[str], None]) -> None:
+        self.path, self.log = resume_path(out), log
+        self.epoch = 0  # the epoch the file holds
+        self.failed = False
+
+    def write(self, state: ResumeState) -> None:
+        try:
+            state.save(self.path)
+            self.epoch = len(state.history)
+        except OSError as exc:
+            if not self.failed:
+                self.log(f"cannot write {self.path} ({exc.strerror or exc}): training goes on, " + (
+                    f"and if stopped, resumes after epoch {self.epoch}" if self.epoch
+                    else "but cannot be resumed if stopped"))
+            self.failed = True
+
+    @property
+    def how_to_resume(self) -> str:
+        """What a message about a stopped run adds, if it can be resumed."""
+        return f"; the same command with --resume goes on after epoch {self.epoch}" if self.epoch else ""

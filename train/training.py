@@ -34,7 +34,7 @@ from resserve.train.model_card import card_path, render_model_card
 from resserve.train.models import build_model, count_parameters
 from resserve.train.progress import progress_bar
 from resserve.train.record import EpochRecord, TrainingRecord
-from resserve.train.resume import ResumeState, resume_path
+from resserve.train.resume import ResumeFile, ResumeState
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,21 +361,22 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
     steps_per_epoch = -(-len(train_split) // cfg.batch_size)
     loop = Loop.start(model, cfg, cfg.epochs * steps_per_epoch)
     history: list[EpochRecord] = []
-    best, state_path, trained_before = BestEpoch(), resume_path(out), 0.0
-    if resume and state_path.exists():
-        saved = ResumeState.load(state_path)
-        saved.check_same_run(model_config, cfg, state_path)
+    best, resume_file, trained_before = BestEpoch(), ResumeFile(out, log), 0.0
+    if resume and resume_file.path.exists():
+        saved = ResumeState.load(resume_file.path)
+        saved.check_same_run(model_config, cfg, resume_file.path)
         trained_before = _restore(saved, model, loop, best, history)
         loop.step, loop.seen = len(history) * steps_per_epoch, len(history) * len(train_split)
-        log(f"resuming from {state_path}: {len(history)} of {cfg.epochs} epochs done")
+        resume_file.epoch = len(history)
+        log(f"resuming from {resume_file.path}: {len(history)} of {cfg.epochs} epochs done")
     elif resume:
-        log(f"nothing to resume at {state_path}: starting afresh")
-    elif state_path.exists():
-        log(f"replacing {state_path}, a stopped run's state, as this one trains (--resume would have continued it)")
+        log(f"nothing to resume at {resume_file.path}: starting afresh")
+    elif resume_file.path.exists():
+        log(f"replacing {resume_file.path}, a stopped run's state, as this one trains (--resume would have "
+            "continued it)")
     log(f"training {model_config.arch} ({count_parameters(model):,} parameters) on {len(train_split):,} "
         f"MNIST images from {mnist.source}; device {device}, precision {precision}")
     started = time.monotonic()
-    resumable_from, write_failed = len(history), False  # the epoch the resume state on disk holds
 
     def end_of_epoch(interval: Interval) -> None:
         epoch, seconds = interval.step // steps_per_epoch, interval.seconds
@@ -384,20 +385,11 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
             epoch=epoch, train_loss=interval.loss, train_accuracy=interval.accuracy,
             val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None,
             seconds=round(seconds, 1), images_per_second=round(interval.images / seconds, 1)))
-        log(f"epoch {epoch}: train loss {interval.loss:.4f} acc {interval.accuracy:.4f}"
-            + (f", validation acc {val.accuracy:.4f}" if val else "") + f" ({seconds:.0f} s)")
         best.offer(val.accuracy if val else 0.0, epoch, model)  # without validation: ties, so the last
-        nonlocal resumable_from, write_failed
-        try:
-            _capture(model_config, cfg, model, loop, best, history,
-                     trained_before + time.monotonic() - started).save(state_path)
-            resumable_from = epoch
-        except OSError as exc:  # a full disk: the run can still finish, so it goes on
-            if not write_failed:
-                log(f"cannot write {state_path} ({exc.strerror or exc}): training goes on, " + (
-                    f"and if stopped, resumes after epoch {resumable_from}" if resumable_from
-                    else "but cannot be resumed if stopped"))
-            write_failed = True
+        resume_file.write(_capture(model_config, cfg, model, loop, best, history,
+                                   trained_before + time.monotonic() - started))
+        log(f"epoch {epoch}: train loss {interval.loss:.4f} acc {interval.accuracy:.4f}"  # after: it can be resumed
+            + (f", validation acc {val.accuracy:.4f}" if val else "") + f" ({seconds:.0f} s)")
 
     stopped: BaseException | None = None
     try:
@@ -429,16 +421,15 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
         Path(out).with_suffix(".metrics.json").write_text(json.dumps(record.to_dict(), indent=2) + "\n")
         card_path(out).write_text(render_model_card(record))
     except OSError as exc:
-        resumable = f"; --resume goes on after epoch {resumable_from} ({state_path})" if resumable_from else ""
-        raise ResserveError(f"cannot write {out}: {exc.strerror or exc}{resumable}") from None
+        raise ResserveError(f"cannot write {out}: {exc.strerror or exc}{resume_file.how_to_resume}") from None
     log(f"test accuracy {test.accuracy:.4f} (epoch {best.epoch}"
         + (", best on validation" if len(val_split) else ", the last: no validation split") + f"); saved {out}")
     if isinstance(stopped, (KeyboardInterrupt, Terminated)):
         kind, what = (TrainingTerminated, "terminated (SIGTERM)") if isinstance(stopped, Terminated) else (
             TrainingInterrupted, "interrupted")
         raise kind(f"{what} after {len(history)} of {cfg.epochs} epochs; saved the best of them (epoch {best.epoch}) "
-                   f"to {out}; the same command with --resume goes on from epoch {len(history) + 1}")
-    state_path.unlink(missing_ok=True)  # finished, or diverged (resuming would diverge again)
+                   f"to {out}{resume_file.how_to_resume}")
+    resume_file.path.unlink(missing_ok=True)  # finished, or diverged (resuming would diverge again)
     if stopped is not None:
         raise TrainingDiverged(f"{stopped}; saved the best epoch before it (epoch {best.epoch}, of {len(history)} "
                                f"finished) to {out}")
