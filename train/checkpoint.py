@@ -97,15 +97,21 @@ def read_tensors_only(path: Path) -> object:
         raise CheckpointError(f"{path} is truncated or not a PyTorch file") from exc
 
 
+def read_format(path: Path, format: str, version: int, what: str) -> dict:
+    """The dict ``write_tensors`` wrote to ``path`` as ``format``, version ``version`` (``what``
+    names it in the one-line refusal of anything else)."""
+    payload = read_tensors_only(path)
+    if not isinstance(payload, dict) or payload.get("format") != format:
+        raise CheckpointError(f"{path} is not a resserve {what}")
+    if payload.get("format_version") != version:
+        raise CheckpointError(f"{path} has {what} format {payload.get('format_version')}, this resserve reads {version}")
+    return payload
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read and validate a checkpoint; refuses anything that is not one, in one line."""
     path = existing_checkpoint(path)
-    payload = read_tensors_only(path)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a resserve checkpoint")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {payload.get('format_version')}, "
-                              f"this resserve reads {FORMAT_VERSION}")
+    payload = read_format(path, FORMAT, FORMAT_VERSION, "checkpoint")
     missing = [key for key in ("config", "state_dict") if key not in payload]
     if missing or not isinstance(payload["state_dict"], dict):
         raise CheckpointError(f"{path} is a resserve checkpoint without a valid {(missing or ['state_dict'])[0]}")

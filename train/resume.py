@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from resserve.train.checkpoint import read_tensors_only, write_tensors
+from resserve.train.checkpoint import read_format, write_tensors
 from resserve.train.config import ConfigError, ModelConfig, TrainConfig
 from resserve.train.files import CheckpointError
 from resserve.train.record import EpochRecord
@@ -59,18 +59,18 @@ class ResumeState:
     @classmethod
     def load(cls, path: Path) -> ResumeState:
         """The state ``save`` wrote; anything else is refused in one line."""
-        payload = read_tensors_only(path)
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not a resserve resume state; delete it to start afresh")
-        if payload.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path} has resume format {payload.get('format_version')}, this resserve reads "
-                                  f"{FORMAT_VERSION}; delete it to start afresh")
+        try:
+            payload = read_format(path, FORMAT, FORMAT_VERSION, "resume state")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; delete it to start afresh") from None
         try:
             data = {f.name: payload[f.name] for f in fields(cls)}
             return cls(**{**data, "model_config": ModelConfig.from_dict(data["model_config"]),
                           "train_config": TrainConfig(**data["train_config"]),
                           "history": [EpochRecord(**epoch) for epoch in data["history"]]})
-        except (KeyError, TypeError, ConfigError) as exc:
+        except KeyError as exc:
+            raise CheckpointError(f"{path} is a damaged resume state (no {exc.args[0]}); delete it to start afresh") from None
+        except (TypeError, ConfigError) as exc:
             raise CheckpointError(f"{path} is a damaged resume state ({exc}); delete it to start afresh") from None
 
     def check_same_run(self, model_config: ModelConfig, train_config: TrainConfig, path: Path) -> None:

@@ -10,6 +10,7 @@ from resserve.train.checkpoint import CheckpointError, load_checkpoint, save_che
 from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.models import build_model
 from resserve.train.record import EpochRecord, TrainingRecord
+from resserve.train.resume import ResumeState
 
 
 @pytest.fixture
@@ -150,3 +151,17 @@ def test_a_checkpoint_whose_training_metrics_do_not_read_is_refused_in_one_line(
     with pytest.raises(CheckpointError, match="invalid training metrics") as refused:
         load_checkpoint(path)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("payload, said", [
+    ({"format": "resserve-resume", "format_version": 1, "model_config": {}}, "is a damaged resume state (no train_config)"),
+    ({"format": "resserve-resume", "format_version": 2}, "has resume state format 2, this resserve reads 1"),
+    ({"format": "resserve-checkpoint", "format_version": 1}, "is not a resserve resume state"),
+    ({"hook": _Exploit()}, "carries pickled objects other than tensors"),
+])
+def test_a_resume_state_that_is_not_one_is_refused_in_one_line_that_says_how_to_start_afresh(tmp_path, payload, said):
+    path = tmp_path / "model.resume.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as refused:
+        ResumeState.load(path)
+    assert str(refused.value).startswith(f"{path} {said}") and str(refused.value).endswith("; delete it to start afresh")
