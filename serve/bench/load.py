@@ -199,14 +199,17 @@ def _generate_load(spec: LoadSpec, level: Level, processes: int) -> LoadResult:
     for worker in workers:
         worker.start()
     parts = []
-    while len(parts) < len(workers):
-        try:
-            parts.append(results.get(timeout=1.0))
-        except queue.Empty:
-            if any(worker.exitcode not in (None, 0) for worker in workers):  # died without its results
-                for worker in workers:
-                    worker.terminate()
-                raise ResserveError("a load process failed (its error is above)") from None
+    try:
+        while len(parts) < len(workers):
+            try:
+                parts.append(results.get(timeout=1.0))
+            except queue.Empty:
+                if any(worker.exitcode not in (None, 0) for worker in workers):  # died without its results
+                    raise ResserveError("a load process failed (its error is above)") from None
+    except BaseException:  # that, or Ctrl-C, or SIGTERM: the other load processes stop too
+        for worker in workers:
+            worker.terminate()
+        raise
     for worker in workers:
         worker.join()
     return _merged(parts, spec.warmup)
