@@ -194,8 +194,15 @@ def test_sigterm_under_load_drains_every_worker_and_answers_only_ok_or_unavailab
     assert not any(alive(pid) for pid in pids)
 
 
-def test_workers_die_with_a_killed_supervisor(tmp_path):
-    with ServerProcess("--workers", "2", env={"TMPDIR": str(tmp_path)}) as server:  # a kill leaves its metrics dir
+@pytest.mark.parametrize("loading", [False, True])
+def test_workers_die_with_a_killed_supervisor(tmp_path, loading):
+    """Serving, or still loading: workers whose warm-up hung outlived a killed supervisor, spinning."""
+    package = [str(write_hanging_package(tmp_path / "hangs", on_warm_up=True)), "--backend", "onnxruntime"] if loading else []
+    with ServerProcess(*package, "--workers", "2", env={"TMPDIR": str(tmp_path)},  # a kill leaves its metrics dir
+                       wait_ready=not loading) as server:
+        if loading:
+            server.wait_for_line("worker 2 started", seconds=30)
+            time.sleep(3)  # loading, and its warm-up spinning
         pids = list(worker_pids(server).values())
         server.process.kill()
         deadline = time.monotonic() + 30
