@@ -248,7 +248,8 @@ def test_a_stopped_run_resumed_trains_as_the_uninterrupted_one_would_have(mnist,
     assert not (tmp_path / "whole.resume.pt").exists()  # removed when the run ends
 
     out, state = tmp_path / "stopped.pt", tmp_path / "stopped.resume.pt"
-    training = subprocess.Popen([str(RESSERVE), *tiny_training(mnist, out, *options)], stderr=subprocess.PIPE, text=True)
+    training = subprocess.Popen([str(RESSERVE), *tiny_training(mnist, out, *options)], stderr=subprocess.PIPE,
+                                text=True)
     for line in training.stderr:
         if line.startswith("epoch 2:"):
             training.send_signal(signal.SIGTERM)  # as a scheduler preempting the job

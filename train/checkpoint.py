@@ -104,7 +104,8 @@ def read_format(path: Path, format: str, version: int, what: str) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != format:
         raise CheckpointError(f"{path} is not a resserve {what}")
     if payload.get("format_version") != version:
-        raise CheckpointError(f"{path} has {what} format {payload.get('format_version')}, this resserve reads {version}")
+        raise CheckpointError(f"{path} has {what} format {payload.get('format_version')}, "
+                              f"this resserve reads {version}")
     return payload
 
 

@@ -44,7 +44,8 @@ class ResumeState:
     model: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict
-    random: dict[str, torch.Tensor]  # generator states: "batches" (shuffling, shifts), "torch" (stochastic depth), "cuda"
+    # generator states: "batches" (shuffling, shifts), "torch" (stochastic depth), "cuda" (it, on a GPU)
+    random: dict[str, torch.Tensor]
     best_epoch: int
     best_accuracy: float
     best_model: dict[str, torch.Tensor]
@@ -69,7 +70,8 @@ class ResumeState:
                           "train_config": TrainConfig(**data["train_config"]),
                           "history": [EpochRecord(**epoch) for epoch in data["history"]]})
         except KeyError as exc:
-            raise CheckpointError(f"{path} is a damaged resume state (no {exc.args[0]}); delete it to start afresh") from None
+            raise CheckpointError(f"{path} is a damaged resume state (no {exc.args[0]}); "
+                                  "delete it to start afresh") from None
         except (TypeError, ConfigError) as exc:
             raise CheckpointError(f"{path} is a damaged resume state ({exc}); delete it to start afresh") from None
 

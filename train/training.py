@@ -29,6 +29,7 @@ from resserve.train.allocator import keep_freed_tensor_memory
 from resserve.train.checkpoint import save_checkpoint
 from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.data import MNIST, Split
+from resserve.train.files import CheckpointError
 from resserve.train.fold import fold_for_inference
 from resserve.train.model_card import card_path, render_model_card
 from resserve.train.models import build_model, count_parameters
@@ -365,7 +366,11 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
     if resume and resume_file.path.exists():
         saved = ResumeState.load(resume_file.path)
         saved.check_same_run(model_config, cfg, resume_file.path)
-        trained_before = _restore(saved, model, loop, best, history)
+        try:
+            trained_before = _restore(saved, model, loop, best, history)
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:  # torch's loaders: what does not fit
+            raise CheckpointError(f"{resume_file.path} does not fit this run ({str(exc).splitlines()[0][:200]}); "
+                                  "delete it to start afresh") from None
         loop.step, loop.seen = len(history) * steps_per_epoch, len(history) * len(train_split)
         resume_file.epoch = len(history)
         log(f"resuming from {resume_file.path}: {len(history)} of {cfg.epochs} epochs done")
@@ -397,12 +402,13 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
             fit(model, train_split, cfg, cfg.epochs * steps_per_epoch, precision,
                 {epoch * steps_per_epoch for epoch in range(1, cfg.epochs + 1)}, end_of_epoch, progress,
                 f"{model_config.arch}-{model_config.blocks}, {cfg.epochs} epochs", loop)
-    except (KeyboardInterrupt, Terminated, TrainingDiverged) as exc:  # Ctrl-C, SIGTERM or NaN: the finished epochs are kept
+    except (KeyboardInterrupt, Terminated, TrainingDiverged) as exc:  # Ctrl-C, SIGTERM, NaN: keep the finished epochs
         if not best.state:
             if isinstance(exc, TrainingDiverged):
                 raise TrainingDiverged(f"{exc}; no epoch had finished, so nothing was saved") from None
             if isinstance(exc, Terminated):
-                raise TrainingTerminated("terminated (SIGTERM) before the first epoch finished; nothing was saved") from None
+                raise TrainingTerminated("terminated (SIGTERM) before the first epoch finished; "
+                                         "nothing was saved") from None
             raise
         stopped = exc
         log(f"stopped after {len(history)} of {cfg.epochs} epochs: keeping the best of them (Ctrl-C or SIGTERM "
@@ -413,7 +419,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
     record = TrainingRecord(
         arch=model_config.arch, model_config=model_config, params=count_parameters(model), command=command,
         train_images=len(train_split), best_epoch=best.epoch, val_accuracy=history[best.epoch - 1].val_accuracy,
-        test_accuracy=test.accuracy, test_loss=test.loss, train_seconds=round(trained_before + time.monotonic() - started, 1),
+        test_accuracy=test.accuracy, test_loss=test.loss,
+        train_seconds=round(trained_before + time.monotonic() - started, 1),
         data_source=mnist.source, device=str(device), precision=precision, train_config=cfg,
         versions=library_versions(), history=history)
     try:

@@ -218,7 +218,8 @@ async def continue_if_expected(request: web.Request) -> None:
 
 def deferring_continue(routes: list[web.AbstractRouteDef]) -> list[web.AbstractRouteDef]:
     """``routes``, each answering ``Expect: 100-continue`` with ``expect_continue_later``."""
-    return [web.RouteDef(route.method, route.path, route.handler, {**route.kwargs, "expect_handler": expect_continue_later})
+    return [web.RouteDef(route.method, route.path, route.handler,
+                         {**route.kwargs, "expect_handler": expect_continue_later})
             if isinstance(route, web.RouteDef) else route for route in routes]
 
 

@@ -454,7 +454,8 @@ def test_100_continue_asks_for_the_body_only_of_requests_that_would_be_taken(tmp
         assert asyncio.run(post_waiting_for_continue()) == 200  # aiohttp sends the body after the 100 only
         # refused before the body is asked for, so the client never sends it
         assert first_status_line(server, {"Content-Length": len(body)}) == "HTTP/1.1 401 Unauthorized"
-        assert first_status_line(server, {**token, "Content-Length": 10 ** 9}) == "HTTP/1.1 413 Request Entity Too Large"
+        assert first_status_line(server, {**token, "Content-Length": 10 ** 9}) == (
+            "HTTP/1.1 413 Request Entity Too Large")
         assert first_status_line(server, {**token, "Content-Length": len(body)}) == "HTTP/1.1 100 Continue"
         assert error_of(server, "POST", INFER, body, {**token, "Expect": "a-miracle"}) == (
             417, "Expect: 'a-miracle' cannot be met; only 100-continue is")

@@ -197,7 +197,8 @@ def test_sigterm_under_load_drains_every_worker_and_answers_only_ok_or_unavailab
 @pytest.mark.parametrize("loading", [False, True])
 def test_workers_die_with_a_killed_supervisor(tmp_path, loading):
     """Serving, or still loading: workers whose warm-up hung outlived a killed supervisor, spinning."""
-    package = [str(write_hanging_package(tmp_path / "hangs", on_warm_up=True)), "--backend", "onnxruntime"] if loading else []
+    package = ([str(write_hanging_package(tmp_path / "hangs", on_warm_up=True)), "--backend", "onnxruntime"]
+               if loading else [])
     with ServerProcess(*package, "--workers", "2", env={"TMPDIR": str(tmp_path)},  # a kill leaves its metrics dir
                        wait_ready=not loading) as server:
         if loading:

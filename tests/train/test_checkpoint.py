@@ -154,7 +154,8 @@ def test_a_checkpoint_whose_training_metrics_do_not_read_is_refused_in_one_line(
 
 
 @pytest.mark.parametrize("payload, said", [
-    ({"format": "resserve-resume", "format_version": 1, "model_config": {}}, "is a damaged resume state (no train_config)"),
+    ({"format": "resserve-resume", "format_version": 1, "model_config": {}},
+     "is a damaged resume state (no train_config)"),
     ({"format": "resserve-resume", "format_version": 2}, "has resume state format 2, this resserve reads 1"),
     ({"format": "resserve-checkpoint", "format_version": 1}, "is not a resserve resume state"),
     ({"hook": _Exploit()}, "carries pickled objects other than tensors"),
@@ -164,4 +165,5 @@ def test_a_resume_state_that_is_not_one_is_refused_in_one_line_that_says_how_to_
     torch.save(payload, path)
     with pytest.raises(CheckpointError) as refused:
         ResumeState.load(path)
-    assert str(refused.value).startswith(f"{path} {said}") and str(refused.value).endswith("; delete it to start afresh")
+    message = str(refused.value)
+    assert message.startswith(f"{path} {said}") and message.endswith("; delete it to start afresh")
