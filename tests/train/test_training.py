@@ -1,15 +1,18 @@
 """A short real training run lowers the loss; augmentation and batching behave."""
 
 import json
+import re
 import resource
 
+import pytest
 import torch
 
 from resserve.train.checkpoint import load_checkpoint
 from resserve.train.config import ModelConfig, TrainConfig
+from resserve.train.files import CheckpointError
 from resserve.train.models import build_model, count_parameters
 from resserve.train.record import TrainingRecord
-from resserve.train.training import evaluate, predict_logits, random_shift, train
+from resserve.train.training import TrainingInterrupted, evaluate, predict_logits, random_shift, train
 
 
 def test_short_training_on_a_real_mnist_subset_lowers_the_loss_and_writes_its_metrics(mnist, tmp_path):
@@ -75,3 +78,25 @@ def test_evaluation_reuses_freed_tensor_memory_instead_of_faulting_pages_in(mnis
     predict_logits(network, images)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 50 * len(images), f"{faults} page faults evaluating {len(images)} images"
+
+
+def test_a_resume_state_that_does_not_fit_the_run_is_one_line_and_one_not_asked_for_is_replaced(mnist, tmp_path):
+    out, state = tmp_path / "tiny.pt", tmp_path / "tiny.resume.pt"
+    config, recipe = ModelConfig(blocks=1, widths=(4,)), TrainConfig(epochs=2, train_limit=256, validation_size=256)
+
+    def stop_after_the_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1:"):
+            raise KeyboardInterrupt  # as Ctrl-C would, once the epoch's state is written
+
+    with pytest.raises(TrainingInterrupted, match="--resume goes on after epoch 1$"):
+        train(config, recipe, mnist, out, log=stop_after_the_first_epoch, show_progress=False)
+    payload = torch.load(state, weights_only=True)
+    del payload["random"]["batches"]  # as another resserve might have written it
+    torch.save(payload, state)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(state))} does not fit this run \('batches'\); "
+                                              "delete it to start afresh$"):
+        train(config, recipe, mnist, out, log=lambda _: None, show_progress=False, resume=True)
+    said = []
+    train(config, recipe, mnist, out, log=said.append, show_progress=False)  # afresh: no --resume
+    assert said[0] == f"replacing {state}, a stopped run's state, as this one trains (--resume would have continued it)"
+    assert not state.exists()  # the run ended
