@@ -35,6 +35,12 @@ class UnsupportedEncoding(InvalidInput):
     http_status = 415
 
 
+class Unsupported(ResserveError):
+    """A part of the KServe v2 / Triton protocol this server leaves out (shared memory, tracing)."""
+
+    status = grpc.StatusCode.UNIMPLEMENTED
+
+
 class ModelNotFound(ResserveError):
     status = grpc.StatusCode.NOT_FOUND
 

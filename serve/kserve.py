@@ -13,7 +13,7 @@ import grpc
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.dataplane import (SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, Tensor,
                                      deadline_within, tensor_bytes, tensor_from_bytes, tensor_from_values)
-from resserve.serve.errors import InvalidInput
+from resserve.serve.errors import InvalidInput, Unsupported
 from resserve.serve.logs import LogSettings, SettingValue
 from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.repository import ServedModel
@@ -240,11 +240,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+def unsupported(what: str) -> Unsupported:
+    """The refusal of a part of the protocol left out, over gRPC and HTTP alike."""
+    return Unsupported(f"{what} is not supported by resserve (supported extensions: {', '.join(EXTENSIONS)})")
+
+
 def _unsupported(name: str):
     async def answer(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"{name} is not supported by resserve (supported "
-                            f"extensions: {', '.join(EXTENSIONS)})")
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(unsupported(name)))
 
     answer.__name__ = name
     return answer

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from resserve.serve.dataplane import (SERVER_NAME, InferenceRequest, InferenceResponse, RequestedOutput, Tensor,
                                       deadline_within, tensor_bytes, tensor_from_bytes, tensor_from_values)
 from resserve.serve.errors import InvalidInput, describe_validation_error
-from resserve.serve.kserve import EXTENSIONS, served_model_config
+from resserve.serve.kserve import EXTENSIONS, served_model_config, unsupported
 from resserve.serve.kserve import model_metadata as metadata_of
 from resserve.serve.kserve import model_statistics as statistics_of
 from resserve.serve.repository import ServedModel
@@ -243,6 +243,20 @@ async def model_config(request: web.Request) -> web.Response:
 @endpoint("kserve")
 async def model_statistics(request: web.Request) -> web.Response:
     return _statistics(plane_of(request).models(*_route_model(request)))
+
+
+# Triton's HTTP extensions left out: what is supported, rather than "no such endpoint" (perf_analyzer
+# --shared-memory asks for the first), as over gRPC
+LEFT_OUT = {"systemsharedmemory": "system shared memory", "cudasharedmemory": "CUDA shared memory",
+            "trace": "trace", "generate": "generate", "generate_stream": "generate"}
+
+
+@routes.route("*", "/v2/{extension:systemsharedmemory|cudasharedmemory|trace}{rest:(/.*)?}")
+@routes.route("*", "/v2/models/{name}{version:(/versions/[^/]+)?}/{extension:trace|generate|generate_stream}"
+                   "{rest:(/.*)?}")
+@endpoint("kserve")
+async def left_out(request: web.Request) -> web.Response:
+    raise unsupported(f"Triton's {LEFT_OUT[request.match_info['extension']]} extension")
 
 
 @routes.post("/v2/repository/index")
