@@ -312,17 +312,26 @@ def _capture(model_config: ModelConfig, cfg: TrainConfig, model: nn.Module, loop
                        best_epoch=best.epoch, best_accuracy=best.accuracy, best_model=best.state, history=history)
 
 
-def _restore(saved: ResumeState, model: nn.Module, loop: Loop, best: BestEpoch, history: list[EpochRecord]) -> float:
-    """Put ``model``, ``loop``, ``best`` and ``history`` where ``saved`` left them; the seconds trained before."""
-    model.load_state_dict(saved.model)
-    loop.optimizer.load_state_dict(saved.optimizer)
-    loop.scheduler.load_state_dict(saved.scheduler)
-    loop.generator.set_state(saved.random["batches"])
-    torch.set_rng_state(saved.random["torch"])
-    if "cuda" in saved.random and _device_of(model).type == "cuda":
-        torch.cuda.set_rng_state(saved.random["cuda"])
+def _go_on_from(resume_file: ResumeFile, model_config: ModelConfig, cfg: TrainConfig, model: nn.Module, loop: Loop,
+                best: BestEpoch, history: list[EpochRecord]) -> float:
+    """Put ``model``, ``loop`` (but its step), ``best`` and ``history`` where the stopped run in
+    ``resume_file`` left them; the seconds it had trained."""
+    saved = ResumeState.load(resume_file.path)
+    saved.check_same_run(model_config, cfg, resume_file.path)
+    try:
+        model.load_state_dict(saved.model)
+        loop.optimizer.load_state_dict(saved.optimizer)
+        loop.scheduler.load_state_dict(saved.scheduler)
+        loop.generator.set_state(saved.random["batches"])
+        torch.set_rng_state(saved.random["torch"])
+        if "cuda" in saved.random and _device_of(model).type == "cuda":
+            torch.cuda.set_rng_state(saved.random["cuda"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:  # torch's loaders: what does not fit
+        raise CheckpointError(f"{resume_file.path} does not fit this run ({str(exc).splitlines()[0][:200]}); "
+                              "delete it to start afresh") from None
     best.accuracy, best.epoch, best.state = saved.best_accuracy, saved.best_epoch, saved.best_model
     history.extend(saved.history)
+    resume_file.epoch = len(history)
     return saved.seconds
 
 
@@ -364,15 +373,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
     history: list[EpochRecord] = []
     best, resume_file, trained_before = BestEpoch(), ResumeFile(out, log), 0.0
     if resume and resume_file.path.exists():
-        saved = ResumeState.load(resume_file.path)
-        saved.check_same_run(model_config, cfg, resume_file.path)
-        try:
-            trained_before = _restore(saved, model, loop, best, history)
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:  # torch's loaders: what does not fit
-            raise CheckpointError(f"{resume_file.path} does not fit this run ({str(exc).splitlines()[0][:200]}); "
-                                  "delete it to start afresh") from None
+        trained_before = _go_on_from(resume_file, model_config, cfg, model, loop, best, history)
         loop.step, loop.seen = len(history) * steps_per_epoch, len(history) * len(train_split)
-        resume_file.epoch = len(history)
         log(f"resuming from {resume_file.path}: {len(history)} of {cfg.epochs} epochs done")
     elif resume:
         log(f"nothing to resume at {resume_file.path}: starting afresh")
