@@ -216,21 +216,17 @@ def test_training_that_diverges_after_an_epoch_keeps_the_best_finished_one(mnist
     assert "3 epochs, stopped after" in out.with_suffix(".card.md").read_text()
 
 
-@pytest.mark.parametrize("stop, status, said_as", [
-    (signal.SIGINT, 130, "interrupted"),  # what Ctrl-C sends
-    (signal.SIGTERM, 143, r"terminated \(SIGTERM\)"),  # docker stop, Kubernetes, a scheduler's preemption
-])
-def test_training_stopped_by_ctrl_c_or_sigterm_keeps_the_best_finished_epoch(mnist, tmp_path, stop, status, said_as):
+def test_training_stopped_by_ctrl_c_keeps_the_best_finished_epoch(mnist, tmp_path):
     out = tmp_path / "stopped.pt"
     training = subprocess.Popen([str(RESSERVE), *tiny_training(mnist, out, "--epochs", "1000")],
                                 stderr=subprocess.PIPE, text=True)
     for line in training.stderr:
         if line.startswith("epoch 2:"):
-            training.send_signal(stop)
+            training.send_signal(signal.SIGINT)  # what Ctrl-C sends (SIGTERM: the test below)
             break
     rest = training.stderr.read()
-    assert training.wait(timeout=120) == status, rest
-    said = re.fullmatch(rf"error: {said_as} after (\d+) of 1000 epochs; saved the best of them \(epoch (\d+)\) "
+    assert training.wait(timeout=120) == 130, rest
+    said = re.fullmatch(rf"error: interrupted after (\d+) of 1000 epochs; saved the best of them \(epoch (\d+)\) "
                         rf"to {re.escape(str(out))}; the same command with --resume goes on after epoch (\d+)",
                         rest.splitlines()[-1])
     assert said and 2 <= int(said[3]) <= int(said[1]), rest  # the state of each epoch is written before its line
@@ -255,17 +251,15 @@ def test_a_stopped_run_resumed_trains_as_the_uninterrupted_one_would_have(mnist,
             training.send_signal(signal.SIGTERM)  # as a scheduler preempting the job
             break
     rest = training.stderr.read()
-    assert training.wait(timeout=120) == 143, rest
-    said = re.search(r"the same command with --resume goes on after epoch (\d)$", rest.strip())
-    assert said and state.exists(), rest
-    other = run_cli(*tiny_training(mnist, out, *options, "--lr", "0.05", "--resume"))
-    assert other.returncode == 1 and other.stderr.strip().splitlines()[-1] == (
-        f"error: {state} is of a run with other options (lr 0.1, not 0.05): resume with the options it was "
-        "started with, or delete it to start afresh")
+    assert training.wait(timeout=120) == 143, rest  # 128 + SIGTERM, as a process the signal ended
+    said = re.fullmatch(rf"error: terminated \(SIGTERM\) after (\d) of 6 epochs; saved the best of them \(epoch "
+                        rf"\d\) to {re.escape(str(out))}; the same command with --resume goes on after epoch (\d)",
+                        rest.strip().splitlines()[-1])
+    assert said and 2 <= int(said[2]) <= int(said[1]) and state.exists(), rest
 
     resumed = run_cli(*tiny_training(mnist, out, *options, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from {state}: {said[1]} of 6 epochs done" in resumed.stderr
+    assert f"resuming from {state}: {said[2]} of 6 epochs done" in resumed.stderr
     assert not state.exists()
     records = [json.loads(path.with_suffix(".metrics.json").read_text()) for path in (whole, out)]
     timeless = [[{k: v for k, v in epoch.items() if k not in ("seconds", "images_per_second")}

@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 import resource
 
 import pytest
@@ -80,7 +81,7 @@ def test_evaluation_reuses_freed_tensor_memory_instead_of_faulting_pages_in(mnis
     assert faults < 50 * len(images), f"{faults} page faults evaluating {len(images)} images"
 
 
-def test_a_resume_state_that_does_not_fit_the_run_is_one_line_and_one_not_asked_for_is_replaced(mnist, tmp_path):
+def test_resume_states_of_other_options_or_that_do_not_fit_are_one_line_and_one_not_asked_for_is_replaced(mnist, tmp_path):
     out, state = tmp_path / "tiny.pt", tmp_path / "tiny.resume.pt"
     config, recipe = ModelConfig(blocks=1, widths=(4,)), TrainConfig(epochs=2, train_limit=256, validation_size=256)
 
@@ -90,6 +91,11 @@ def test_a_resume_state_that_does_not_fit_the_run_is_one_line_and_one_not_asked_
 
     with pytest.raises(TrainingInterrupted, match="--resume goes on after epoch 1$"):
         train(config, recipe, mnist, out, log=stop_after_the_first_epoch, show_progress=False)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(state))} is of a run with other options \(lr 0.1, "
+                                              r"not 0.05; seed 0, not 1\): resume with the options it was started "
+                                              "with, or delete it to start afresh$"):
+        train(config, replace(recipe, lr=0.05, seed=1), mnist, out, log=lambda _: None, show_progress=False,
+              resume=True)
     payload = torch.load(state, weights_only=True)
     del payload["random"]["batches"]  # as another resserve might have written it
     torch.save(payload, state)
