@@ -81,7 +81,7 @@ def test_evaluation_reuses_freed_tensor_memory_instead_of_faulting_pages_in(mnis
     assert faults < 50 * len(images), f"{faults} page faults evaluating {len(images)} images"
 
 
-def test_resume_states_of_other_options_or_that_do_not_fit_are_one_line_and_one_not_asked_for_is_replaced(mnist, tmp_path):
+def test_resume_states_of_other_options_or_that_do_not_fit_are_one_line_and_unasked_ones_are_replaced(mnist, tmp_path):
     out, state = tmp_path / "tiny.pt", tmp_path / "tiny.resume.pt"
     config, recipe = ModelConfig(blocks=1, widths=(4,)), TrainConfig(epochs=2, train_limit=256, validation_size=256)
 
