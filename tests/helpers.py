@@ -234,6 +234,13 @@ class ServerProcess:
             time.sleep(0.05)
         return found[-1]
 
+    def wait_for_lines(self, text: str, count: int, seconds: float = 60) -> None:
+        """Until ``count`` lines hold ``text`` (one from each of ``count`` workers, say)."""
+        deadline = time.monotonic() + seconds
+        while sum(text in line for line in self.lines) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} lines with {text!r}:\n" + "".join(self.lines)
+            time.sleep(0.05)
+
     def metrics(self) -> str:
         import urllib.request
 

@@ -202,8 +202,8 @@ def test_workers_die_with_a_killed_supervisor(tmp_path, loading):
     with ServerProcess(*package, "--workers", "2", env={"TMPDIR": str(tmp_path)},  # a kill leaves its metrics dir
                        wait_ready=not loading) as server:
         if loading:
-            server.wait_for_line("worker 2 started", seconds=30)
-            time.sleep(3)  # loading, and its warm-up spinning
+            server.wait_for_lines("model hangs runs on onnxruntime", 2)  # both workers are loading it
+            time.sleep(1)  # and its warm-up spins
         pids = list(worker_pids(server).values())
         server.process.kill()
         deadline = time.monotonic() + 30
