@@ -57,6 +57,9 @@ class Terminated(BaseException):
     drains.)"""
 
 
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM ended
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
 
@@ -71,7 +74,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except Terminated:
         typer.echo("terminated", err=True)
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(TERMINATED_EXIT_CODE)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -225,21 +225,15 @@ class ServerProcess:
             self.process.kill()
             self.process.wait()
 
-    def wait_for_line(self, text: str, since: int = 0, seconds: float = 10) -> str:
+    def wait_for_line(self, text: str, since: int = 0, seconds: float = 10, count: int = 1) -> str:
         """The last line holding ``text`` among those written after the first ``since`` (a module's
-        server may have written the same line for earlier tests)."""
+        server may have written the same line for earlier tests), once ``count`` such lines are
+        there (one from each of ``count`` workers, say)."""
         deadline = time.monotonic() + seconds
-        while not (found := [line for line in self.lines[since:] if text in line]):
-            assert time.monotonic() < deadline, f"no line with {text!r}:\n" + "".join(self.lines)
-            time.sleep(0.05)
-        return found[-1]
-
-    def wait_for_lines(self, text: str, count: int, seconds: float = 60) -> None:
-        """Until ``count`` lines hold ``text`` (one from each of ``count`` workers, say)."""
-        deadline = time.monotonic() + seconds
-        while sum(text in line for line in self.lines) < count:
+        while len(found := [line for line in self.lines[since:] if text in line]) < count:
             assert time.monotonic() < deadline, f"fewer than {count} lines with {text!r}:\n" + "".join(self.lines)
             time.sleep(0.05)
+        return found[-1]
 
     def metrics(self) -> str:
         import urllib.request

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
-from resserve.serve.app import Terminated
+from resserve.serve.app import TERMINATED_EXIT_CODE, Terminated
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable
 from resserve.train.allocator import keep_freed_tensor_memory
@@ -247,7 +247,7 @@ class TrainingInterrupted(ResserveError):
 class TrainingTerminated(TrainingInterrupted):
     """SIGTERM during training, after the best epoch so far was saved: exits as a terminated process does."""
 
-    exit_code = 143  # 128 + SIGTERM
+    exit_code = TERMINATED_EXIT_CODE
 
 
 @dataclass

@@ -478,7 +478,7 @@ def test_a_signal_while_the_models_load_ends_the_server_at_once(tmp_path, worker
     ever when the warm-up hangs), then the server said ready, and only then drained."""
     package = write_hanging_package(tmp_path / "hangs", on_warm_up=True)
     with ServerProcess(str(package), "--backend", "onnxruntime", "--workers", workers, wait_ready=False) as server:
-        server.wait_for_lines("model hangs runs on onnxruntime", int(workers))  # each process is loading it
+        server.wait_for_line("model hangs runs on onnxruntime", seconds=60, count=int(workers))  # each process is loading it
         time.sleep(1)  # and its warm-up spins
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=10) == 0

@@ -202,7 +202,7 @@ def test_workers_die_with_a_killed_supervisor(tmp_path, loading):
     with ServerProcess(*package, "--workers", "2", env={"TMPDIR": str(tmp_path)},  # a kill leaves its metrics dir
                        wait_ready=not loading) as server:
         if loading:
-            server.wait_for_lines("model hangs runs on onnxruntime", 2)  # both workers are loading it
+            server.wait_for_line("model hangs runs on onnxruntime", seconds=60, count=2)  # both workers are loading it
             time.sleep(1)  # and its warm-up spins
         pids = list(worker_pids(server).values())
         server.process.kill()
