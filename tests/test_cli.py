@@ -218,8 +218,11 @@ def test_training_that_diverges_after_an_epoch_keeps_the_best_finished_one(mnist
 
 def test_training_stopped_by_ctrl_c_keeps_the_best_finished_epoch(mnist, tmp_path):
     out = tmp_path / "stopped.pt"
+    # as from a terminal: a command started in the background of a script ignores SIGINT (and
+    # its children inherit that), so the test itself run that way saw its training ignore Ctrl-C
     training = subprocess.Popen([str(RESSERVE), *tiny_training(mnist, out, "--epochs", "1000")],
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in training.stderr:
         if line.startswith("epoch 2:"):
             training.send_signal(signal.SIGINT)  # what Ctrl-C sends (SIGTERM: the test below)
