@@ -5,6 +5,9 @@ for the APIs that change what the server does rather than ask it something: load
 unloading models, and log settings (Triton restricts the same groups with
 ``--grpc-restricted-protocol``). With admin tokens, those APIs take an admin token only; an admin
 token is good for every other API too. Health (and the page's static files) take none.
+
+A running server reads the token files again when they change (``TokenRotation``,
+serve/rotation.py): a token taken out of the file is refused from then on, without a restart.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ import logging
 import re
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 import grpc
+from prometheus_client import Counter
 
 from resserve.serve.errors import ResserveError
+from resserve.serve.rotation import WatchedFiles
+from resserve.serve.settings import ServerSettings
 
 log = logging.getLogger("resserve.serve")
 
@@ -39,6 +46,19 @@ def check_token(token: str, where: str) -> str:
         raise ResserveError(f"{where}: a bearer token is visible ASCII characters without spaces (what HTTP "
                             "headers and gRPC metadata carry), and this one is not")
     return token
+
+
+def read_tokens(path: Path) -> tuple[str, ...]:
+    """The tokens of a token file, one a line (blank lines and surrounding spaces ignored)."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()  # bytes that are not text fail check_token
+    except OSError as exc:
+        raise ResserveError(f"cannot read token file {path}: {exc.strerror}") from exc
+    tokens = tuple(check_token(line.strip(), f"token file {path}, line {number}")
+                   for number, line in enumerate(lines, 1) if line.strip())
+    if not tokens:
+        raise ResserveError(f"token file {path} holds no token")
+    return tokens
 
 
 class TokenCheck:
@@ -93,10 +113,53 @@ class Access:
             return Verdict.ALLOWED
         return Verdict.UNAUTHENTICATED
 
+    @classmethod
+    def read(cls, settings: ServerSettings) -> "Access | None":
+        """The tokens of ``settings``' token files, each refused in one line if it cannot serve."""
+        tokens, admin_tokens = (read_tokens(path) if path else () for path in (settings.token_file,
+                                                                                 settings.admin_token_file))
+        if set(tokens) & set(admin_tokens):
+            raise ResserveError("a token is in both --token-file and --admin-token-file: its holders would be "
+                                "admins; give admins tokens of their own")
+        return cls.of(tokens, admin_tokens)
 
-def warn_of_open_admin_apis(host: str, tokens: tuple[str, ...], admin_tokens: tuple[str, ...]) -> None:
+
+class TokenRotation(WatchedFiles[Access]):
+    """The token files, read again when they change: an operator revokes a leaked token by taking
+    it out of the file (or the Secret it is mounted from), and every front door refuses it from the
+    next look on. A file left empty, unreadable, or with a token in both files, keeps the tokens
+    read before."""
+
+    what = "the token files"
+    kept = "requests are still checked against the tokens read before"
+
+    def __init__(self, settings: ServerSettings, reloads: Counter) -> None:
+        super().__init__((settings.token_file, settings.admin_token_file), reloads)
+        self.settings = settings
+        self.access = self._read()
+
+    @classmethod
+    def of(cls, settings: ServerSettings, reloads: Counter) -> "TokenRotation | None":
+        """The checked token files (refused in one line before the server listens); None without any."""
+        return cls(settings, reloads) if settings.token_file or settings.admin_token_file else None
+
+    def verdict(self, authorization: list[str], admin_api: bool) -> Verdict:
+        return self.access.verdict(authorization, admin_api)
+
+    def _read(self) -> Access:
+        access = Access.read(self.settings)
+        assert access is not None  # a token file holds a token, or is refused
+        return access
+
+    def _use(self, read: Access) -> str:
+        self.access = read
+        return "requests are checked against the tokens they hold now"
+
+
+def warn_of_open_admin_apis(host: str, tokens: bool, admin_tokens: bool) -> None:
     """Say at start, once, when a server that others can reach lets any of them unload its models
-    (Triton refuses model control unless asked for it; here it is open unless admin tokens close it)."""
+    (Triton refuses model control unless asked for it; here it is open unless admin tokens close it).
+    ``tokens``, ``admin_tokens``: whether the server has each kind."""
     if admin_tokens or _loopback(host):
         return
     who = "every client with a token (--token-file)" if tokens else "every client that reaches the server"

@@ -161,8 +161,8 @@ def serve(
         max_connection_age_seconds=max_connection_age, keepalive_seconds=keepalive_seconds,
         http_idle_seconds=http_idle_seconds,
         max_connections=parse_auto(max_connections, "--max-connections", "connections"),
-        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, tokens=_read_tokens(token_file),
-        admin_tokens=_read_tokens(admin_token_file),
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, token_file=token_file,
+        admin_token_file=admin_token_file,
         log_level=log_level, log_format=log_format)
     if settings.workers > 1:
         supervise(settings)
@@ -170,30 +170,13 @@ def serve(
         run_server(settings)
 
 
-def _read_tokens(path: Optional[Path]) -> tuple[str, ...]:
-    """The tokens of a token file, one a line (blank lines and surrounding spaces ignored)."""
-    from resserve.serve.auth import check_token
-
-    if path is None:
-        return ()
-    try:
-        lines = path.read_text(errors="replace").splitlines()  # bytes that are not text fail check_token
-    except OSError as exc:
-        raise ResserveError(f"cannot read token file {path}: {exc.strerror}") from exc
-    tokens = tuple(check_token(line.strip(), f"token file {path}, line {number}")
-                   for number, line in enumerate(lines, 1) if line.strip())
-    if not tokens:
-        raise ResserveError(f"token file {path} holds no token")
-    return tokens
-
-
 def _client_token(token: str | None, token_file: Path | None) -> str | None:
     """The bearer token a client command sends: --token, or the first line of --token-file."""
-    from resserve.serve.auth import check_token
+    from resserve.serve.auth import check_token, read_tokens
 
     if token and token_file:
         raise ResserveError("give --token or --token-file, not both")
-    return _read_tokens(token_file)[0] if token_file else token and check_token(token, "--token")
+    return read_tokens(token_file)[0] if token_file else token and check_token(token, "--token")
 
 
 Server = Annotated[str, typer.Option("--server", envvar=_env("SERVER"), help="host:port of a resserve server.")]

@@ -27,6 +27,10 @@ class Metrics:
                                    "worker: served to new connections from then on (result ok), or left for the pair "
                                    "read before (refused: a file missing, or a key that is not the certificate's).",
                                    ["result"], registry=r)
+        self.token_reloads = Counter("resserve_token_reloads", "Token files found changed and read again, by each "
+                                     "worker: checked against from then on (result ok), or left for the tokens read "
+                                     "before (refused: a file missing or empty, or a token in both files).",
+                                     ["result"], registry=r)
         self.latency = Histogram("resserve_request_latency_seconds", "Time from request to response.",
                                  ["protocol", "api", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("resserve_queue_seconds", "Time a request waited for its batch.",

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from resserve.serve.aio import done_before, set_within
-from resserve.serve.auth import ADMIN_GRPC_METHODS, Access, Verdict, warn_of_open_admin_apis
+from resserve.serve.auth import ADMIN_GRPC_METHODS, TokenRotation, Verdict, warn_of_open_admin_apis
 from resserve.serve.connections import ConnectionLimits
 from resserve.serve.control import ModelControl
 from resserve.serve.dataplane import DataPlane
@@ -47,7 +47,8 @@ from resserve.serve.rpc import Registrar
 from resserve.serve.state import ModelAction, Peers, ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port, page_note
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from resserve.serve.tls import ROTATION_CHECK_SECONDS, CertificateRotation, tls_files
+from resserve.serve.rotation import ROTATION_CHECK_SECONDS
+from resserve.serve.tls import CertificateRotation
 from resserve.serve.watchdog import WatchedInferenceThread
 
 log = logging.getLogger("resserve.serve")
@@ -69,7 +70,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` on every RPC except health and reflection, an
     admin token on the admin RPCs where the server has them (serve/auth.py)."""
 
-    def __init__(self, access: Access) -> None:
+    def __init__(self, access: TokenRotation) -> None:
         self._access = access
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
@@ -129,12 +130,13 @@ class Server:
         self.executor = WatchedInferenceThread(settings.batch_timeout_seconds or None)
         self.control = ModelControl(self.state, self.executor)
         self.plane = DataPlane(self.state, self.preprocess_pool, self.control)
-        access = Access.of(settings.tokens, settings.admin_tokens)
-        interceptors = [BearerTokenInterceptor(access)] if access else []
+        self.tokens = TokenRotation.of(settings, self.state.metrics.token_reloads)  # a bad file: refused here
+        interceptors = [BearerTokenInterceptor(self.tokens)] if self.tokens else []
         self.connections = ConnectionLimits.of(settings.max_connections)
         self.grpc = grpc.aio.server(options=_grpc_options(settings, self.connections), interceptors=interceptors,
                                     maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-        self.http = HttpServer(self.plane, [*rest_kserve.routes, *rest_classify.routes]) if settings.http_port else None
+        self.http = (HttpServer(self.plane, [*rest_kserve.routes, *rest_classify.routes], self.tokens)
+                     if settings.http_port else None)
         self.tls: CertificateRotation | None = None
         self.port = self.http_port = 0  # as bound: a setting of 0 takes a free port
         self.background: set[asyncio.Task] = set()
@@ -152,7 +154,8 @@ class Server:
         await self._set_health([LIVENESS_SERVICE, *READINESS_NAMES], serving=False)
         if coordinator is None:
             await self._listen()
-            warn_of_open_admin_apis(self.settings.host, self.settings.tokens, self.settings.admin_tokens)
+            warn_of_open_admin_apis(self.settings.host, bool(self.settings.token_file),
+                                    bool(self.settings.admin_token_file))
             await self._load(packages)
         else:
             self.state.peers = coordinator
@@ -175,34 +178,34 @@ class Server:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
             [*API_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]),
             Registrar(self.grpc))
-        tls = tls_files(self.settings)
         # a bad key or certificate: refused here, before listening
-        self.tls = CertificateRotation(self.settings, tls, self.state.metrics.tls_reloads) if tls else None
+        self.tls = CertificateRotation.of(self.settings, self.state.metrics.tls_reloads)
         if self.http and not self.settings.reuse_port:
             check_port_free(self.settings.host, self.settings.http_port)
         self.port = self._bind()
         await self.grpc.start()
         await self._set_health([LIVENESS_SERVICE], serving=True)
-        secure = " (TLS)" if tls else ""
+        secure = " (TLS)" if self.tls else ""
         log.info("listening on %s%s", host_port(self.settings.host, self.port), secure)
         if self.http:
             self.http_port = await self.http.start(self.settings.host, self.settings.http_port,
                                                    self.tls.http_context if self.tls else None, self.connections,
                                                    self.settings.reuse_port)
             log.info("HTTP on %s://%s/ (KServe v2 REST, /v1/classify, the page)%s",
-                     "https" if tls else "http", host_port(self.settings.host, self.http_port), secure)
+                     "https" if self.tls else "http", host_port(self.settings.host, self.http_port), secure)
         if self.settings.metrics_port:
             serve_metrics(self.state.metrics.registry, self.settings.metrics_port, self.settings.host)
-        if self.tls:
-            task = asyncio.get_running_loop().create_task(self._follow_certificates(self.tls))
-            self.background.add(task)
+        if self.tls or self.tokens:
+            self.background.add(asyncio.get_running_loop().create_task(self._follow_files()))
 
-    async def _follow_certificates(self, tls: CertificateRotation) -> None:
-        """New connections get renewed TLS files within ROTATION_CHECK_SECONDS (serve/tls.py)."""
+    async def _follow_files(self) -> None:
+        """Renewed TLS files and token files are in use within ROTATION_CHECK_SECONDS (serve/rotation.py)."""
         while True:
             await asyncio.sleep(ROTATION_CHECK_SECONDS)
-            if tls.renew() and self.http:
-                self.http.use_tls(tls.http_context)
+            if self.tokens:
+                self.tokens.renew()
+            if self.tls and self.tls.renew() and self.http:
+                self.http.use_tls(self.tls.http_context)
 
     async def _load(self, packages: list[ModelPackage], unloaded: frozenset[str] = frozenset()) -> None:
         repository = await asyncio.to_thread(load_repository, packages, self.settings, self.executor,
@@ -216,7 +219,7 @@ class Server:
         if not self.settings.reuse_port:
             check_port_free(self.settings.host, self.settings.port)
         credentials = self.tls.grpc_credentials() if self.tls else None
-        try:  # the TLS files were checked already (tls_files): what is left to fail is the address
+        try:  # the TLS files were checked already (CertificateRotation): what is left to fail is the address
             port = (self.grpc.add_secure_port(address, credentials) if credentials
                     else self.grpc.add_insecure_port(address))
         except RuntimeError:

@@ -182,8 +182,8 @@ class ServerSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a cert signed by this CA
-    tokens: tuple[str, ...] = ()  # bearer tokens accepted; empty: no authentication
-    admin_tokens: tuple[str, ...] = ()  # for loading and unloading models and log settings (serve/auth.py)
+    token_file: Path | None = None  # bearer tokens accepted, one a line; None: no authentication (serve/auth.py)
+    admin_token_file: Path | None = None  # tokens for loading and unloading models and log settings
     workers: int = 1  # server processes on the same ports (serve/workers/); see auto_workers
     reuse_port: bool = False  # set by the supervisor for its workers: they listen on shared ports
     log_level: LogLevel = LogLevel.INFO
@@ -230,9 +230,6 @@ class ServerSettings:
             (self.max_inflight_bytes >= self.max_message_bytes,
              "--max-inflight-bytes must be at least --max-message-bytes (one largest request must fit)"),
             (bool(self.tls_cert) == bool(self.tls_key), "TLS needs both --tls-cert and --tls-key"),
-            (not set(self.tokens) & set(self.admin_tokens),
-             "a token is in both --token-file and --admin-token-file: its holders would be admins; "
-             "give admins tokens of their own"),
             (not self.tls_client_ca or bool(self.tls_cert),
              "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key; refusing to serve without TLS"),
             (all(0 <= seconds < math.inf for seconds in (self.drain_seconds, self.grace_seconds)),

@@ -4,13 +4,11 @@ serve the client commands' files (serve/client.py).
 
 Settings that ask for security fail closed: an unreadable or non-PEM file, or a key that does
 not match its certificate, stops the server before it listens, in one line that names the option.
-A running server reads the files again when they change (``CertificateRotation``).
+A running server reads the files again when they change (``CertificateRotation``, serve/rotation.py).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +17,8 @@ import grpc
 from prometheus_client import Counter
 
 from resserve.serve.errors import ResserveError
+from resserve.serve.rotation import WatchedFiles
 from resserve.serve.settings import ServerSettings
-
-log = logging.getLogger("resserve.serve")
-
-# how often the TLS files are looked at for a renewed certificate (Kubernetes updates a Secret's in a minute or so)
-ROTATION_CHECK_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -91,20 +85,7 @@ def ssl_context(files: TlsFiles) -> ssl.SSLContext:
     return context
 
 
-def _stamp(settings: ServerSettings) -> tuple:
-    """What changes when a TLS file is replaced: each file's inode, size and modification time,
-    through symlinks (Kubernetes updates a mounted Secret by relinking the folder its files are in)."""
-    stamps = []
-    for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca):
-        try:
-            status = os.stat(path) if path else None
-        except OSError:  # gone for a moment, mid-rotation
-            status = None
-        stamps.append(status and (status.st_ino, status.st_size, status.st_mtime_ns))
-    return tuple(stamps)
-
-
-class CertificateRotation:
+class CertificateRotation(WatchedFiles[tuple[TlsFiles, ssl.SSLContext]]):
     """The server's TLS files, read again when they change, so that new connections get a renewed
     certificate without a restart. cert-manager renews a certificate weeks before it expires and
     Kubernetes updates the mounted Secret's files in place: a server that read them once served
@@ -114,11 +95,19 @@ class CertificateRotation:
     pair that does not match (a certificate written before its key) are logged and left: the
     certificate read before is served until the files change again."""
 
-    def __init__(self, settings: ServerSettings, files: TlsFiles, reloads: Counter) -> None:
-        self.settings, self.files, self._stamp = settings, files, _stamp(settings)
-        self.reloads = reloads  # by result: ok, refused
-        self.http_context = ssl_context(files)
+    what = "the TLS files"
+    kept = "new connections still get the certificate read before"
+
+    def __init__(self, settings: ServerSettings, reloads: Counter) -> None:
+        super().__init__((settings.tls_cert, settings.tls_key, settings.tls_client_ca), reloads)
+        self.settings = settings
+        self.files, self.http_context = self._read()
         self._grpc_update: grpc.ServerCertificateConfiguration | None = None
+
+    @classmethod
+    def of(cls, settings: ServerSettings, reloads: Counter) -> "CertificateRotation | None":
+        """The checked TLS files (refused in one line before the server listens), None when TLS is off."""
+        return cls(settings, reloads) if settings.tls_cert else None
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(_certificate_configuration(self.files), self._take_grpc_update,
@@ -129,23 +118,13 @@ class CertificateRotation:
         update, self._grpc_update = self._grpc_update, None
         return update
 
-    def renew(self) -> bool:
-        """Read the files again if they changed since the last look; True when new connections now
-        get what they hold (over gRPC from its next handshake, over HTTP from ``http_context``)."""
-        stamp = _stamp(self.settings)
-        if stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        try:
-            files = tls_files(self.settings)
-            context = ssl_context(files)
-        except (ResserveError, OSError) as exc:  # OSError: a file gone between the two reads, mid-rotation
-            log.warning("the TLS files changed, but %s; new connections still get the certificate read before",
-                        exc)
-            self.reloads.labels("refused").inc()
-            return False
-        self.files, self.http_context = files, context
-        self.reloads.labels("ok").inc()
-        self._grpc_update = _certificate_configuration(files)
-        log.info("the TLS files changed: new connections get the certificate now in %s", files.cert)
-        return True
+    def _read(self) -> tuple[TlsFiles, ssl.SSLContext]:
+        files = tls_files(self.settings)
+        return files, ssl_context(files)
+
+    def _use(self, read: tuple[TlsFiles, ssl.SSLContext]) -> str:
+        """New connections get the files' certificate: over gRPC from its next handshake, over HTTP
+        from ``http_context`` (which the server hands its HTTP site)."""
+        self.files, self.http_context = read
+        self._grpc_update = _certificate_configuration(self.files)
+        return f"new connections get the certificate now in {self.files.cert}"

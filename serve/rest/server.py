@@ -21,7 +21,7 @@ from aiohttp import HttpVersion11, StreamReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import Counter
 
-from resserve.serve.auth import Access, Verdict
+from resserve.serve.auth import TokenRotation, Verdict
 from resserve.serve.connections import CappedSite, ConnectionLimits
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.errors import BodyTimeout, Busy, ResserveError, TooLarge, to_http_status
@@ -64,10 +64,10 @@ PROTOCOL_LOG = logging.getLogger("resserve.serve.http")  # aiohttp's, for the li
 class HttpFrontDoor:
     """What every HTTP handler shares: the data plane, the token check and the byte budget."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, access: TokenRotation | None) -> None:
         settings = plane.state.settings
         self.plane = plane
-        self.access = Access.of(settings.tokens, settings.admin_tokens)
+        self.access = access  # the same as gRPC's: one look at the files for both
         self.max_body_bytes = settings.max_message_bytes
         self.budget_bytes = settings.max_inflight_bytes
         self.inflight_bytes = 0
@@ -250,11 +250,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 class HttpServer:
     """The aiohttp application and its listening socket."""
 
-    def __init__(self, plane: DataPlane, routes: list[web.AbstractRouteDef]) -> None:
+    def __init__(self, plane: DataPlane, routes: list[web.AbstractRouteDef], access: TokenRotation | None) -> None:
         self.refused = plane.state.metrics.http_refused
         PROTOCOL_LOG.addFilter(_ClientFaults(self.refused.labels("unparsable")))  # one HTTP server a process
         self.app = web.Application(middlewares=[guard])  # bodies: read_body, within --max-message-bytes
-        self.app[FRONT_DOOR] = HttpFrontDoor(plane)
+        self.app[FRONT_DOOR] = HttpFrontDoor(plane, access)
         self.app.add_routes(deferring_continue(routes))
         # a client that disconnects cancels its handler, and so its place in the batcher's queue,
         # as a cancelled gRPC call does: abandoned requests are not computed (aiohttp's default

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PrometheusCounter
 from prometheus_client import multiprocess
 
-from resserve.serve.auth import warn_of_open_admin_apis
+from resserve.serve.auth import Access, warn_of_open_admin_apis
 from resserve.serve.errors import ResserveError
 from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
 from resserve.serve.repository import read_packages
@@ -129,9 +129,10 @@ class Supervisor:
             raise ResserveError("--workers above 1 needs SO_REUSEPORT (Linux); run one worker per container instead")
         packages = read_packages(self.settings)  # a missing or malformed package: one line before any worker starts
         self.model_names = ", ".join(f"{p.name} v{p.version}" for p in packages)
-        tls = tls_files(self.settings)
+        tls = tls_files(self.settings)  # bad TLS or token files: one line before any worker starts, too
         if tls and self.settings.http_port:
             ssl_context(tls)
+        Access.read(self.settings)
         self.worker_settings = self._worker_settings()
         self.metrics_dir = tempfile.mkdtemp(prefix="resserve-metrics-")
         try:
@@ -140,7 +141,8 @@ class Supervisor:
                 signal.signal(sig, self._on_signal)
             log.info("listening on %s with %d workers, %d inference threads each", self.worker_settings.address,
                      self.settings.workers, self.worker_settings.threads)
-            warn_of_open_admin_apis(self.settings.host, self.settings.tokens, self.settings.admin_tokens)
+            warn_of_open_admin_apis(self.settings.host, bool(self.settings.token_file),
+                                    bool(self.settings.admin_token_file))
             for index in range(1, self.settings.workers + 1):
                 self._start(index)
             self._loop()

@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -351,7 +352,7 @@ def test_connections_that_never_start_their_tls_handshake_are_held_to_the_limit(
     assert "out of system resource" not in log and "closing new ones" in log
 
 
-def test_bearer_tokens_guard_the_apis_but_not_health(tmp_path, mnist):
+def test_bearer_tokens_guard_the_apis_but_not_health_and_are_read_again_when_their_file_changes(tmp_path, mnist):
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret-one\ns3cret-two\n")
     with ServerProcess("--token-file", str(tokens)) as server:
@@ -370,6 +371,31 @@ def test_bearer_tokens_guard_the_apis_but_not_health(tmp_path, mnist):
         result = run_cli("classify", str(_png_of(mnist.test.images[0], tmp_path)), "--server", server.target,
                          "--token", "s3cret-two")
         assert result.returncode == 0 and f": {mnist.test.labels[0]} (" in result.stdout
+
+        # a leaked token revoked by taking it out of the file (as an operator edits the Secret it is
+        # mounted from): refused over both protocols within the server's next look, without a restart
+        tokens.with_suffix(".new").write_text("s3cret-two\ns3cret-three\n")
+        tokens.with_suffix(".new").replace(tokens)
+        server.wait_for_line("the token files changed: requests are checked against the tokens they hold now",
+                             seconds=30)
+
+        def answered(token: str) -> tuple[grpc.StatusCode, int]:
+            try:
+                stub.ModelInfer(request, metadata=(("authorization", f"Bearer {token}"),))
+                over_grpc = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                over_grpc = exc.code()
+            asked = urllib.request.Request(f"{server.url}/v2/models/resnet-mnist",
+                                           headers={"Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(asked, timeout=5) as response:
+                    return over_grpc, response.status
+            except urllib.error.HTTPError as exc:
+                return over_grpc, exc.code
+
+        assert answered("s3cret-one") == (grpc.StatusCode.UNAUTHENTICATED, 401)
+        assert answered("s3cret-three") == answered("s3cret-two") == (grpc.StatusCode.OK, 200)
+        assert metric_value(server.metrics(), "resserve_token_reloads_total", result="ok") == 1
 
 
 def _png_of(image: np.ndarray, directory):
