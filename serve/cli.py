@@ -110,12 +110,14 @@ def serve(
         help="Client connections each worker holds on each of its gRPC and HTTP ports; new ones beyond are "
         "closed at once, so a flood of connections cannot use up the open files every port needs. auto: "
         "10,000, or fewer where the open-file limit (ulimit -n) would run out first.")] = "auto",
-    tls_cert: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CERT"), help="Server certificate (PEM).")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CERT"),
+        help="Server certificate (PEM); read again, with the key, when the files change.")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_KEY"), help="Server private key (PEM).")] = None,
     tls_client_ca: Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CLIENT_CA"),
         help="Require client certificates signed by this CA (mutual TLS).")] = None,
     token_file: Annotated[Optional[Path], typer.Option(envvar=_env("TOKEN_FILE"),
-        help="Bearer tokens, one per line; clients must send one (health is exempt).")] = None,
+        help="Bearer tokens, one per line; clients must send one (health is exempt). Read again when the file "
+        "changes: a token taken out is refused from then on.")] = None,
     admin_token_file: Annotated[Optional[Path], typer.Option(envvar=_env("ADMIN_TOKEN_FILE"),
         help="Bearer tokens, one per line, that loading and unloading models and changing log settings take "
         "(no other token does); good for every other API too.")] = None,
