@@ -8,12 +8,10 @@ sends input tensors as bytes in ``raw_input_contents`` and decodes outputs only 
 
 from __future__ import annotations
 
-import grpc
-
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.dataplane import (SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, Tensor,
                                      deadline_within, tensor_bytes, tensor_from_bytes, tensor_from_values)
-from resserve.serve.errors import InvalidInput, Unsupported
+from resserve.serve.errors import InvalidInput, Unsupported, to_status
 from resserve.serve.logs import LogSettings, SettingValue
 from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.repository import ServedModel
@@ -247,7 +245,7 @@ def unsupported(what: str) -> Unsupported:
 
 def _unsupported(name: str):
     async def answer(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(unsupported(name)))
+        await context.abort(*to_status(unsupported(name)))
 
     answer.__name__ = name
     return answer
