@@ -77,13 +77,18 @@ class ResumeState:
 
     def check_same_run(self, model_config: ModelConfig, train_config: TrainConfig, path: Path) -> None:
         """A run resumes with the options it was started with: other ones would train another network."""
-        saved = {**self.model_config.to_dict(), **asdict(self.train_config)}
-        given = {**model_config.to_dict(), **asdict(train_config)}
-        differing = [f"{name} {saved[name]!r}, not {given[name]!r}" for name in saved
-                     if name not in MAY_DIFFER and saved[name] != given[name]]
-        if differing:
-            raise CheckpointError(f"{path} is of a run with other options ({'; '.join(differing)}): resume with the "
-                                  "options it was started with, or delete it to start afresh")
+        check_same_options({**self.model_config.to_dict(), **asdict(self.train_config)},
+                           {**model_config.to_dict(), **asdict(train_config)}, path)
+
+
+def check_same_options(saved: dict, given: dict, path: Path) -> None:
+    """``path``, a stopped run's state saved with the options ``saved``, is refused in one line
+    when ``given`` (this run's) differ from them where it matters."""
+    differing = [f"{name} {saved[name]!r}, not {given.get(name)!r}" for name in saved
+                 if name not in MAY_DIFFER and saved[name] != given.get(name)]
+    if differing:
+        raise CheckpointError(f"{path} is of a run with other options ({'; '.join(differing)}): resume with the "
+                              "options it was started with, or delete it to start afresh")
 
 
 class ResumeFile:

@@ -3,12 +3,14 @@ figure and numbers that make sense; the measurements behind them are checked on 
 
 import json
 import math
+import signal
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import RESSERVE, run_cli
 from resserve.train.checkpoint import save_checkpoint
 from resserve.train.config import ModelConfig
 from resserve.train.experiments.shattered import autocorrelation, calibrated, line_gradient
@@ -19,7 +21,8 @@ from resserve.train.training import to_input
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def run_quick(name: str, out, *args: str) -> dict:
+def run_quick(name: str, out, *args: str) -> tuple[dict, str]:
+    """The report of ``resserve experiment NAME --quick``, checked, and what the command logged."""
     result = run_cli("experiment", name, "--quick", "--quiet", "--out", str(out), *args)
     assert result.returncode == 0, result.stderr
     assert f"wrote {out / (name + '.png')} and {out / (name + '.json')}" in result.stdout
@@ -28,17 +31,44 @@ def run_quick(name: str, out, *args: str) -> dict:
     assert report["experiment"] == name and report["quick"] is True
     assert report["data_source"].startswith("cache") and report["seconds"] > 0
     assert report["command"].startswith(f"resserve experiment {name} --quick")
-    return report
+    return report, result.stderr
 
 
 def in_unit_interval(*values: float) -> bool:
     return all(0.0 <= v <= 1.0 for v in values)
 
 
-def test_depth_trains_plain_and_residual_networks_at_each_depth(tmp_path):
-    report = run_quick("depth", tmp_path, "--depths", "2,3")
+def test_depth_trains_plain_and_residual_networks_at_each_depth_and_resumes_a_stopped_run(tmp_path):
+    depths = ("--depths", "2,25")  # 2 blocks: a fraction of a second; the stop comes while plain-25 trains
+    stopped = subprocess.Popen([str(RESSERVE), "experiment", "depth", "--quick", "--quiet", "--out", str(tmp_path),
+                                *depths], stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal does
+    for line in stopped.stderr:
+        if line.startswith("plain-2:"):
+            stopped.send_signal(signal.SIGINT)  # Ctrl-C
+            break
+    said = stopped.stderr.read()
+    assert stopped.wait(timeout=120) == 130, said
+    kept = tmp_path / "depth.resume"
+    assert said.strip() == (f"error: interrupted before the report was written; 1 network finished, kept in {kept}: "
+                            "the same command with --resume goes on from it")
+    assert [p.name for p in kept.iterdir()] == ["plain-2.pt"] and not (tmp_path / "depth.json").exists()
+
+    refused = run_cli("experiment", "depth", "--quick", "--out", str(tmp_path), *depths, "--resume", "--seed", "1")
+    assert refused.returncode == 1 and refused.stderr.splitlines()[-1] == (
+        f"error: {kept / 'plain-2.pt'} is of a run with other options (seed 0, not 1): resume with the options it was "
+        "started with, or delete it to start afresh")
+
+    report, logged = run_quick("depth", tmp_path, *depths, "--resume")
     networks = report["results"]["networks"]
-    assert [(n["arch"], n["blocks"]) for n in networks] == [("plain", 2), ("plain", 3), ("resnet", 2), ("resnet", 3)]
+    assert [(n["arch"], n["blocks"]) for n in networks] == [("plain", 2), ("plain", 25), ("resnet", 2), ("resnet", 25)]
+    assert f"resuming from {kept}: 1 network finished there" in logged
+    assert [entry.split(":")[0] for entry in logged.splitlines() if "finished in the stopped run" in entry] == [
+        "plain-2"]
+    plain_2 = networks[0]["training"]  # the stopped run's network, as it was
+    assert line == (f"plain-2: 512 images in {plain_2['seconds']:.0f} s, train error "
+                    f"{plain_2['final_train_error']:.4f}, validation error {plain_2['final_val_error']:.4f}\n")
+    assert not kept.exists()  # the report holds them now
     for network in networks:
         points = network["training"]["curve"]
         assert len(points) == report["settings"]["curve_points"] == 2
@@ -46,12 +76,12 @@ def test_depth_trains_plain_and_residual_networks_at_each_depth(tmp_path):
         assert in_unit_interval(*(p[k] for p in points for k in ("train_error", "val_error")))
         assert all(math.isfinite(p["train_loss"]) for p in points)
     params = {(n["arch"], n["blocks"]): n["training"]["params"] for n in networks}
-    assert params[("plain", 3)] == params[("resnet", 3)] > params[("resnet", 2)]  # skips add no parameters
+    assert params[("plain", 25)] == params[("resnet", 25)] > params[("resnet", 2)]  # skips add no parameters
     assert set(report["results"]["degradation"]) == {"plain", "resnet"}
 
 
 def test_lesion_deletes_blocks_of_the_shipped_resnet_and_of_a_plain_network(tmp_path):
-    report = run_quick("lesion", tmp_path)
+    report, _ = run_quick("lesion", tmp_path)
     residual, plain = report["results"]["residual"], report["results"]["plain"]
     assert (residual["arch"], plain["arch"]) == ("resnet", "plain")
     for network in (residual, plain):
@@ -67,7 +97,7 @@ def test_lesion_deletes_blocks_of_the_shipped_resnet_and_of_a_plain_network(tmp_
 
 
 def test_shattered_gradients_decorrelate_with_depth_in_plain_networks_only(tmp_path):
-    report = run_quick("shattered", tmp_path)
+    report, _ = run_quick("shattered", tmp_path)
     networks = {(n["arch"], n["blocks"]): n for n in report["results"]["networks"]}
     assert set(networks) == {(a, d) for a in ("plain", "resnet", "crelu") for d in (1, 8)}
     for network in networks.values():
@@ -79,7 +109,7 @@ def test_shattered_gradients_decorrelate_with_depth_in_plain_networks_only(tmp_p
 
 
 def test_gates_measures_highway_gates_and_stochastic_depth(tmp_path):
-    report = run_quick("gates", tmp_path)
+    report, _ = run_quick("gates", tmp_path)
     highway, depth = report["results"]["highway"], report["results"]["stochastic_depth"]
     assert len(highway["mean_gate"]) == len(highway["mean_gate_at_init"]) == 3
     assert all(0.0 < t < 1.0 for t in highway["mean_gate"])

@@ -33,6 +33,10 @@ Quick = Annotated[bool, typer.Option(
 Seed = Annotated[int, typer.Option(help="Seeds initialization, shuffling and augmentation.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (log lines only).")]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Take the networks a stopped run of this command finished (kept in OUT/NAME.resume, removed "
+    "once the report is written) instead of training them again; starts afresh when there are none. Same "
+    "options as the run it continues.")]
 DEFAULT_OUT = Path("experiments")
 
 
@@ -45,7 +49,7 @@ class _Run:
     """Shared by every experiment: data, trainer, timing and the report at the end."""
 
     def __init__(self, name: str, settings: Any, out: Path, quick: bool, seed: int, device: str,
-                 data_dir: Optional[Path], quiet: bool) -> None:
+                 data_dir: Optional[Path], quiet: bool, resume: bool = False) -> None:
         self.recipe = TrainConfig(seed=seed, device=device)
         self.recipe.validate()  # the input first: these checks need no torch, so they answer at once
         self.out = prepare_output(out)
@@ -61,23 +65,38 @@ class _Run:
         _log(f"experiment {name}{' (--quick: checks the pipeline, its numbers mean little)' if quick else ''}: "
              f"{describe(settings)}")
         self.mnist = load_mnist(data_dir, log=_log)
+        self.resume, self.finished = resume, None
 
     def trainer(self, budget):
+        from resserve.train.experiments.finished import FinishedNetworks
         from resserve.train.experiments.runs import Trainer
 
-        return Trainer(self.mnist, self.recipe, budget, _log, self.show_progress)
+        self.finished = FinishedNetworks(self.out, self.name, self.resume, _log)
+        return Trainer(self.mnist, self.recipe, budget, self.finished, _log, self.show_progress)
 
-    def finish(self, results: Any, draw: Callable, device: str = "cpu", precision: str = "fp32") -> None:
-        """Write NAME.json and NAME.png for ``results`` (the experiment's results dataclass)."""
+    def finish(self, compute: Callable[[], Any], draw: Callable, trainer: Any = None) -> None:
+        """Run the experiment (``compute`` returns its results dataclass) and write NAME.json and
+        NAME.png. Stopped on the way, it says what it kept for --resume, in one line."""
+        from resserve.serve.app import Terminated
         from resserve.train.experiments.report import ExperimentReport, write_report
-        from resserve.train.training import library_versions
+        from resserve.train.training import TrainingInterrupted, TrainingTerminated, library_versions
 
+        try:
+            results = compute()
+        except (KeyboardInterrupt, Terminated) as exc:
+            kind, what = (TrainingTerminated, "terminated (SIGTERM)") if isinstance(exc, Terminated) else (
+                TrainingInterrupted, "interrupted")
+            raise kind(f"{what} before the report was written"
+                       + (self.finished.how_to_resume if self.finished else "")) from None
         seconds = time.monotonic() - self.started
         report = ExperimentReport(
             self.name, command=shlex.join(["resserve", *sys.argv[1:]]), quick=self.quick, seconds=round(seconds, 1),
-            seed=self.recipe.seed, device=device, precision=precision, data_source=self.mnist.source,
+            seed=self.recipe.seed, device=str(trainer.device) if trainer else "cpu",
+            precision=trainer.precision if trainer else "fp32", data_source=self.mnist.source,
             settings=self.settings, versions=library_versions(), results=results)
         json_path, png_path = write_report(self.out, report, draw)
+        if self.finished:
+            self.finished.done()
         typer.echo(f"wrote {png_path} and {json_path} in {seconds:.0f} s")
 
 
@@ -91,6 +110,7 @@ def depth(
     train_images: Annotated[Optional[int], typer.Option(
         min=1, help=f"Training images per network [default: {DepthSettings.train_images:,}].", show_default=False)] = None,
     seed: Seed = TrainConfig.seed, device: Device = TrainConfig.device, data_dir: DataDir = None, quiet: Quiet = False,
+    resume: Resume = False,
 ) -> None:
     """Plain versus residual networks of increasing depth, same recipe and budget (He et al. 2015).
 
@@ -99,11 +119,11 @@ def depth(
     """
     settings = _sized(DepthSettings.quick() if quick else DepthSettings(),
                       depths=parse_ints(depths, "--depths") if depths else None, train_images=train_images)
-    run = _Run("depth", settings, out, quick, seed, device, data_dir, quiet)
+    run = _Run("depth", settings, out, quick, seed, device, data_dir, quiet, resume)
     from resserve.train.experiments import depth as experiment
 
     trainer = run.trainer(settings.budget)
-    run.finish(experiment.run(settings, trainer), experiment.draw, str(trainer.device), trainer.precision)
+    run.finish(lambda: experiment.run(settings, trainer), experiment.draw, trainer)
 
 
 @experiment_app.command()
@@ -121,6 +141,7 @@ def lesion(
         min=1, help=f"Training budget of the plain network [default: {LesionSettings.plain_train_images:,}].",
         show_default=False)] = None,
     seed: Seed = TrainConfig.seed, device: Device = TrainConfig.device, data_dir: DataDir = None, quiet: Quiet = False,
+    resume: Resume = False,
 ) -> None:
     """Delete residual blocks at test time (Veit et al. 2016), for MODEL and a plain network.
 
@@ -142,11 +163,11 @@ def lesion(
     if plain_path is not None:
         plain_model = load_checkpoint(plain_path).build()
         experiment.check_plain(plain_model, residual)
-    run = _Run("lesion", settings, out, quick, seed, device, data_dir, quiet)
+    run = _Run("lesion", settings, out, quick, seed, device, data_dir, quiet, resume)
     trainer = run.trainer(settings.budget)
     residual, plain_model = trainer.place(residual), plain_model and trainer.place(plain_model)
-    results = experiment.run(settings, trainer, residual, plain_model, run.mnist.test)
-    run.finish(results, experiment.draw, str(trainer.device), trainer.precision)
+    run.finish(lambda: experiment.run(settings, trainer, residual, plain_model, run.mnist.test), experiment.draw,
+               trainer)
 
 
 @experiment_app.command()
@@ -172,7 +193,7 @@ def shattered(
     from resserve.train.experiments import shattered as experiment
 
     train_split, _ = run.mnist.train_validation(run.recipe.validation_size)
-    run.finish(experiment.run(settings, train_split, _log), experiment.draw)
+    run.finish(lambda: experiment.run(settings, train_split, _log), experiment.draw)
 
 
 @experiment_app.command()
@@ -184,6 +205,7 @@ def gates(
     survival_prob: Annotated[Optional[float], typer.Option(
         help=f"Stochastic depth's p_L [default: {GatesSettings.survival_prob}].", show_default=False)] = None,
     seed: Seed = TrainConfig.seed, device: Device = TrainConfig.device, data_dir: DataDir = None, quiet: Quiet = False,
+    resume: Resume = False,
 ) -> None:
     """Highway transform gates after training, and stochastic depth against none at equal budget.
 
@@ -193,9 +215,8 @@ def gates(
     settings = _sized(GatesSettings.quick() if quick else GatesSettings(), train_images=train_images,
                       survival_prob=survival_prob)
     ModelConfig(blocks=settings.blocks, survival_prob=settings.survival_prob)  # a bad p_L fails now, not in 10 min
-    run = _Run("gates", settings, out, quick, seed, device, data_dir, quiet)
+    run = _Run("gates", settings, out, quick, seed, device, data_dir, quiet, resume)
     from resserve.train.experiments import gates as experiment
 
     trainer = run.trainer(settings.budget)
-    run.finish(experiment.run(settings, trainer, run.mnist.test), experiment.draw, str(trainer.device),
-               trainer.precision)
+    run.finish(lambda: experiment.run(settings, trainer, run.mnist.test), experiment.draw, trainer)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.data import MNIST, Split
+from resserve.train.experiments.finished import FinishedNetworks
 from resserve.train.experiments.settings import Budget
 from resserve.train.models import ResNet, build_model, count_parameters
 from resserve.train.progress import progress_bar
@@ -48,6 +49,11 @@ class TrainingRun:
     final_val_error: float
     curve: list[CurvePoint]
 
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingRun:
+        """The run ``asdict`` gave (as FinishedNetworks keeps it)."""
+        return cls(**{**data, "curve": [CurvePoint(**point) for point in data["curve"]]})
+
 
 @dataclass
 class TrainedNetwork:
@@ -58,9 +64,11 @@ class TrainedNetwork:
 class Trainer:
     """Trains networks for an experiment: one recipe, one budget, one data split, one device."""
 
-    def __init__(self, mnist: MNIST, recipe: TrainConfig, budget: Budget, log: Log, show_progress: bool) -> None:
+    def __init__(self, mnist: MNIST, recipe: TrainConfig, budget: Budget, finished: FinishedNetworks, log: Log,
+                 show_progress: bool) -> None:
         recipe.validate()
         self.recipe, self.budget, self.log, self.show_progress = recipe, budget, log, show_progress
+        self.finished = finished
         self.device = resolve_device(recipe.device)
         self.precision = resolve_precision(recipe.precision, self.device)
         self.train_split, validation = mnist.train_validation(recipe.validation_size)
@@ -80,8 +88,14 @@ class Trainer:
         return evaluate(model, split, self.precision, folded=True).accuracy
 
     def train(self, config: ModelConfig, name: str) -> TrainedNetwork:
-        """Train one network for the budget, recording error curves on the way."""
+        """Train one network for the budget, recording error curves on the way (or take it from
+        the stopped run this one resumes, where it had finished)."""
         model = self.build(config)
+        run = self.finished.find(name, config, self.recipe, self.budget, model, TrainingRun.from_dict)
+        if run is not None:
+            self.log(f"{name}: finished in the stopped run, train error {run.final_train_error:.4f}, "
+                     f"validation error {run.final_val_error:.4f}")
+            return TrainedNetwork(model.eval(), run)
         steps = math.ceil(self.budget.train_images / self.recipe.batch_size)
         marks = {math.ceil(steps * (i + 1) / self.budget.curve_points) for i in range(self.budget.curve_points)}
         curve: list[CurvePoint] = []
@@ -96,6 +110,7 @@ class Trainer:
         last = curve[-1]
         run = TrainingRun(params=count_parameters(model), seconds=round(time.monotonic() - started, 1),
                           final_train_error=last.train_error, final_val_error=last.val_error, curve=curve)
-        self.log(f"{name}: {last.images:,} images in {run.seconds:.0f} s, "
+        self.finished.keep(name, config, self.recipe, self.budget, model, asdict(run))
+        self.log(f"{name}: {last.images:,} images in {run.seconds:.0f} s, "  # after: it can be resumed
                  f"train error {last.train_error:.4f}, validation error {last.val_error:.4f}")
         return TrainedNetwork(model.eval(), run)
