@@ -27,6 +27,10 @@ class Metrics:
                                    "worker: served to new connections from then on (result ok), or left for the pair "
                                    "read before (refused: a file missing, or a key that is not the certificate's).",
                                    ["result"], registry=r)
+        self.tls_certificate_expiry = Gauge(
+            "resserve_tls_certificate_expiry_timestamp_seconds", "When the certificate served to new connections "
+            "expires (its notAfter, in Unix time; the earliest of the workers'): alert when it comes near.",
+            registry=r, multiprocess_mode="livemin")
         self.token_reloads = Counter("resserve_token_reloads", "Token files found changed and read again, by each "
                                      "worker: checked against from then on (result ok), or left for the tokens read "
                                      "before (refused: a file missing or empty, or a token in both files).",

@@ -179,14 +179,16 @@ class Server:
             [*API_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]),
             Registrar(self.grpc))
         # a bad key or certificate: refused here, before listening
-        self.tls = CertificateRotation.of(self.settings, self.state.metrics.tls_reloads)
+        metrics = self.state.metrics
+        self.tls = CertificateRotation.of(self.settings, metrics.tls_reloads, metrics.tls_certificate_expiry)
         if self.http and not self.settings.reuse_port:
             check_port_free(self.settings.host, self.settings.http_port)
         self.port = self._bind()
         await self.grpc.start()
         await self._set_health([LIVENESS_SERVICE], serving=True)
         secure = " (TLS)" if self.tls else ""
-        log.info("listening on %s%s", host_port(self.settings.host, self.port), secure)
+        log.info("listening on %s%s", host_port(self.settings.host, self.port),
+                 f" (TLS, the certificate {self.tls.files.valid_until})" if self.tls else "")
         if self.http:
             self.http_port = await self.http.start(self.settings.host, self.settings.http_port,
                                                    self.tls.http_context if self.tls else None, self.connections,

@@ -2,8 +2,9 @@
 (``grpc.ServerCredentials``) and to the HTTP server (``ssl.SSLContext``) alike; the same checks
 serve the client commands' files (serve/client.py).
 
-Settings that ask for security fail closed: an unreadable or non-PEM file, or a key that does
-not match its certificate, stops the server before it listens, in one line that names the option.
+Settings that ask for security fail closed: an unreadable or non-PEM file, a key that does not
+match its certificate, or a certificate that has expired, stops the server before it listens, in
+one line that names the option.
 A running server reads the files again when they change (``CertificateRotation``, serve/rotation.py).
 """
 
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
-from prometheus_client import Counter
+from cryptography import x509
+from prometheus_client import Counter, Gauge
 
 from resserve.serve.errors import ResserveError
 from resserve.serve.rotation import WatchedFiles
@@ -30,6 +33,12 @@ class TlsFiles:
     key_pem: bytes
     cert_pem: bytes
     client_ca_pem: bytes | None
+    expires: datetime  # the certificate's notAfter (UTC)
+
+    @property
+    def valid_until(self) -> str:
+        """What the log says of the certificate: ``valid until 2027-01-02 13:26:44 UTC``."""
+        return f"valid until {_utc(self.expires)}"
 
 
 def tls_files(settings: ServerSettings) -> TlsFiles | None:
@@ -39,7 +48,27 @@ def tls_files(settings: ServerSettings) -> TlsFiles | None:
     cert_pem, key_pem = check_key_pair(settings.tls_cert, settings.tls_key)
     client_ca = settings.tls_client_ca
     return TlsFiles(settings.tls_key, settings.tls_cert, client_ca, key_pem, cert_pem,
-                    read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None)
+                    read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None,
+                    unexpired(cert_pem, settings.tls_cert))
+
+
+def unexpired(cert_pem: bytes, path: Path) -> datetime:
+    """When the server's certificate (the first in ``path``, --tls-cert) expires; refused in one
+    line when it has: every client would refuse the handshake, and a renewal that arrives expired
+    must not replace a certificate that still serves. (One not valid yet is served: a renewal
+    issued a moment ago and a clock a little behind would otherwise keep the old one to its end.)"""
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as exc:
+        raise ResserveError(f"--tls-cert {path} holds no certificate that can be read: {exc}") from None
+    expires = certificate.not_valid_after_utc
+    if expires <= datetime.now(timezone.utc):
+        raise ResserveError(f"--tls-cert {path} expired on {_utc(expires)}: every client would refuse it; renew it")
+    return expires
+
+
+def _utc(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def read_pem(path: Path, option: str, kind: str) -> bytes:
@@ -98,16 +127,18 @@ class CertificateRotation(WatchedFiles[tuple[TlsFiles, ssl.SSLContext]]):
     what = "the TLS files"
     kept = "new connections still get the certificate read before"
 
-    def __init__(self, settings: ServerSettings, reloads: Counter) -> None:
+    def __init__(self, settings: ServerSettings, reloads: Counter, expiry: Gauge) -> None:
         super().__init__((settings.tls_cert, settings.tls_key, settings.tls_client_ca), reloads)
-        self.settings = settings
+        self.settings, self.expiry = settings, expiry
         self.files, self.http_context = self._read()
+        self.expiry.set(self.files.expires.timestamp())
         self._grpc_update: grpc.ServerCertificateConfiguration | None = None
 
     @classmethod
-    def of(cls, settings: ServerSettings, reloads: Counter) -> "CertificateRotation | None":
-        """The checked TLS files (refused in one line before the server listens), None when TLS is off."""
-        return cls(settings, reloads) if settings.tls_cert else None
+    def of(cls, settings: ServerSettings, reloads: Counter, expiry: Gauge) -> "CertificateRotation | None":
+        """The checked TLS files (refused in one line before the server listens), None when TLS is
+        off. ``expiry`` is set to when the certificate served expires, for alerts."""
+        return cls(settings, reloads, expiry) if settings.tls_cert else None
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(_certificate_configuration(self.files), self._take_grpc_update,
@@ -127,4 +158,5 @@ class CertificateRotation(WatchedFiles[tuple[TlsFiles, ssl.SSLContext]]):
         from ``http_context`` (which the server hands its HTTP site)."""
         self.files, self.http_context = read
         self._grpc_update = _certificate_configuration(self.files)
-        return f"new connections get the certificate now in {self.files.cert}"
+        self.expiry.set(self.files.expires.timestamp())
+        return f"new connections get the certificate now in {self.files.cert} ({self.files.valid_until})"

@@ -20,9 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import (RESSERVE, ServerProcess, free_port, hold_connections, metric_value, room_for_sockets, run_cli,
                      write_hanging_package)
 from resserve.serve.client import CLOSED_AT_LIMIT, ClientError, DigitClient
+from resserve.serve.metrics import Metrics
 from resserve.serve.package import SHIPPED_PACKAGE
+from resserve.serve.settings import ServerSettings
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+from resserve.serve.tls import CertificateRotation
 
 MODEL = "resnet-mnist"
 
@@ -184,12 +187,12 @@ def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
     now = dt.datetime.now(dt.timezone.utc)
 
-    def issue(name, issuer_key, issuer_name, ca=False, san=None):
+    def issue(name, issuer_key, issuer_name, ca=False, san=None, days=1):
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name or subject)
                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
+                   .not_valid_before(now - dt.timedelta(days=2)).not_valid_after(now + dt.timedelta(days=days))
                    .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
@@ -206,8 +209,16 @@ def pki(tmp_path_factory):
     issue("client", ca_key, ca_name)
     issue("stranger", None, None)  # a client certificate signed by itself, not by the CA
     ca2_key, ca2_name = issue("ca2", None, None, ca=True)  # the server's next certificate, from another CA
-    issue("renewed", ca2_key, ca2_name, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    issue("renewed", ca2_key, ca2_name, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], days=90)
+    issue("expired", ca_key, ca_name, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], days=-1)
     return root
+
+
+def not_after(certificate) -> float:
+    """A PEM certificate file's expiry, in Unix time."""
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(certificate.read_bytes()).not_valid_after_utc.timestamp()
 
 
 def test_tls_accepts_clients_that_trust_the_ca_and_refuses_plaintext(pki, mnist, tmp_path):
@@ -246,6 +257,8 @@ def test_a_renewed_certificate_reaches_new_connections_without_a_restart(pki, tm
     shutil.copy(pki / "server.crt", cert)
     shutil.copy(pki / "server.key", key)
     with ServerProcess("--tls-cert", str(cert), "--tls-key", str(key)) as server:
+        server.wait_for_line(f"listening on 127.0.0.1:{server.port} (TLS, the certificate valid until "
+                             f"{dt.datetime.fromtimestamp(not_after(cert), dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC)")
 
         def live(ca: str) -> bool:
             channel = grpc.secure_channel(server.target, grpc.ssl_channel_credentials((pki / ca).read_bytes()))
@@ -265,27 +278,59 @@ def test_a_renewed_certificate_reaches_new_connections_without_a_restart(pki, tm
             path.with_suffix(".new").replace(path)
 
         assert live("ca.crt") and not live("ca2.crt")
+        expiry = "resserve_tls_certificate_expiry_timestamp_seconds"  # what alerts watch, before renewals fail
+        assert metric_value(server.metrics(), expiry) == not_after(pki / "server.crt")
         replace(cert, pki / "renewed.crt")  # the new certificate before its key: a pair that does not match
         server.wait_for_line(f"the TLS files changed, but --tls-key {key} is not the (unencrypted) key of "
                              f"--tls-cert {cert}", seconds=30)
         assert live("ca.crt") and not live("ca2.crt")  # the old pair still
         replace(key, pki / "renewed.key")
-        server.wait_for_line(f"the TLS files changed: new connections get the certificate now in {cert}", seconds=30)
+        server.wait_for_line(f"the TLS files changed: new connections get the certificate now in {cert} (valid until "
+                             f"{dt.datetime.fromtimestamp(not_after(cert), dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC)",
+                             seconds=30)
         assert live("ca2.crt") and not live("ca.crt")
         assert ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(served_over_http())) == \
             ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert((pki / "renewed.crt").read_text()))
         metrics = server.metrics()  # a refused rotation is there for alerts, not only in the log
         assert [metric_value(metrics, "resserve_tls_reloads_total", result=result) for result in ("refused", "ok")] \
             == [1, 1]
+        assert metric_value(metrics, expiry) == not_after(pki / "renewed.crt")
 
 
-def test_a_server_key_that_is_not_its_certificates_is_one_line_before_listening(pki):
+def test_a_renewal_that_arrives_expired_keeps_the_certificate_that_serves(pki, tmp_path, caplog):
+    caplog.set_level("INFO", logger="resserve.serve")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki / "server.crt", cert)
+    shutil.copy(pki / "server.key", key)
+    metrics = Metrics()
+    rotation = CertificateRotation(ServerSettings(tls_cert=cert, tls_key=key), metrics.tls_reloads,
+                                   metrics.tls_certificate_expiry)
+    for name in ("key", "crt"):
+        shutil.copy(pki / f"expired.{name}", tmp_path / f"tls.{name}.new")
+        (tmp_path / f"tls.{name}.new").replace(tmp_path / f"tls.{name}")
+    assert not rotation.renew()
+    expired = dt.datetime.fromtimestamp(not_after(pki / "expired.crt"), dt.timezone.utc)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the TLS files changed, but --tls-cert {cert} expired on {expired:%Y-%m-%d %H:%M:%S} UTC: every client would "
+        "refuse it; renew it; new connections still get the certificate read before"]
+    assert rotation.files.cert_pem == (pki / "server.crt").read_bytes()
+    assert metrics.registry.get_sample_value("resserve_tls_certificate_expiry_timestamp_seconds") == \
+        not_after(pki / "server.crt")
+
+
+@pytest.mark.parametrize("cert, key, message", [
+    ("server.crt", "client.key", "--tls-key {pki}/client.key is not the (unencrypted) key of --tls-cert "
+                                 "{pki}/server.crt: KEY_VALUES_MISMATCH"),
+    ("expired.crt", "expired.key", "--tls-cert {pki}/expired.crt expired on {expired} UTC: every client would "
+                                   "refuse it; renew it"),
+])
+def test_a_server_certificate_that_cannot_serve_is_one_line_before_listening(pki, cert, key, message):
     result = run_cli("serve", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--tls-cert",
-                     str(pki / "server.crt"), "--tls-key", str(pki / "client.key"), timeout=60)
+                     str(pki / cert), "--tls-key", str(pki / key), timeout=60)
     assert result.returncode == 1
+    expired = dt.datetime.fromtimestamp(not_after(pki / "expired.crt"), dt.timezone.utc)
     assert result.stderr.strip().splitlines() == [
-        f"error: --tls-key {pki / 'client.key'} is not the (unencrypted) key of --tls-cert {pki / 'server.crt'}: "
-        "KEY_VALUES_MISMATCH"]
+        "error: " + message.format(pki=pki, expired=f"{expired:%Y-%m-%d %H:%M:%S}")]
 
 
 def test_mutual_tls_requires_a_client_certificate(pki):
