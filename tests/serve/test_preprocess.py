@@ -211,3 +211,34 @@ def test_a_drawn_digit_is_classified_by_the_shipped_model():
     page.save(buffer, format="PNG")
     logits = backend.infer(encoded_to_input(buffer.getvalue())[None])["logits"]
     assert logits.argmax() == 0
+
+
+def _photographed(digit: np.ndarray, light: np.ndarray, seed: int) -> bytes:
+    """``digit`` (MNIST) written in dark ink on a page, 6x its size, off-centre, under ``light``
+    (a factor per pixel), with sensor noise, as a phone's JPEG."""
+    rng = np.random.default_rng(seed)
+    ink = np.asarray(Image.fromarray(digit).resize((168, 168), Image.BILINEAR), dtype=np.float32) / 255
+    page = np.full(light.shape, 230.0)
+    top, left = 56 + rng.integers(-20, 21, size=2)
+    page[top:top + 168, left:left + 168] = page[top:top + 168, left:left + 168] * (1 - ink) + 50 * ink
+    photo = np.clip(page * light + rng.normal(0, 5, page.shape), 0, 255).astype(np.uint8)
+    return _png(photo, "JPEG")
+
+
+def test_a_photo_of_a_digit_under_uneven_light_is_read_as_under_even_light(mnist):
+    """A shadow over one side of the page, or corners darker than the centre: paper in one place
+    is darker than ink in another, and the server took shadow for ink (40% of the light gone on
+    one side: 9 digits of 40 right)."""
+    from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
+    from resserve.serve.package import load_package
+
+    package = load_package()
+    backend = OnnxRuntimeBackend(package.read_verified(package.find("onnx")))
+    ys, xs = np.indices((280, 280)) / 280
+    lights = {"even": np.ones((280, 280)), "a shadow on the right": 1 - 0.4 * xs,
+              "dark corners": 1 - 0.8 * ((xs - 0.5) ** 2 + (ys - 0.5) ** 2)}
+    count = 40
+    for name, light in lights.items():
+        inputs = np.stack([encoded_to_input(_photographed(mnist.test.images[i], light, seed=i)) for i in range(count)])
+        right = (backend.infer(inputs)["logits"].argmax(axis=1) == mnist.test.labels[:count]).sum()
+        assert right >= count - 1, f"{name}: {right} of {count}"
