@@ -49,10 +49,10 @@ def tls_files(settings: ServerSettings) -> TlsFiles | None:
     client_ca = settings.tls_client_ca
     return TlsFiles(settings.tls_key, settings.tls_cert, client_ca, key_pem, cert_pem,
                     read_pem(client_ca, "--tls-client-ca", "CERTIFICATE") if client_ca else None,
-                    unexpired(cert_pem, settings.tls_cert))
+                    certificate_expiry(cert_pem, settings.tls_cert))
 
 
-def unexpired(cert_pem: bytes, path: Path) -> datetime:
+def certificate_expiry(cert_pem: bytes, path: Path) -> datetime:
     """When the server's certificate (the first in ``path``, --tls-cert) expires; refused in one
     line when it has: every client would refuse the handshake, and a renewal that arrives expired
     must not replace a certificate that still serves. (One not valid yet is served: a renewal
