@@ -172,7 +172,7 @@ def serve(
         run_server(settings)
 
 
-def _client_token(token: str | None, token_file: Path | None) -> str | None:
+def client_token(token: str | None, token_file: Path | None) -> str | None:
     """The bearer token a client command sends: --token, or the first line of --token-file."""
     from resserve.serve.auth import check_token, read_tokens
 
@@ -218,7 +218,7 @@ def classify(
     from resserve.serve.client import DigitClient, requests_of
 
     images, rows = _image_files(images), []
-    with DigitClient(server, tls_ca, _client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key) as client:
+    with DigitClient(server, tls_ca, client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key) as client:
         for request in requests_of([_size_of(path) for path in images]):
             for row in _classify_files(client, images[request.start:request.stop], model, model_version):
                 if "error" in row:
@@ -348,7 +348,7 @@ def models(
 
     if load and unload:
         raise ResserveError("give --load or --unload, not both")
-    with DigitClient(server, tls_ca, _client_token(token, token_file), timeout=MODEL_CONTROL_SECONDS, tls_cert=tls_cert,
+    with DigitClient(server, tls_ca, client_token(token, token_file), timeout=MODEL_CONTROL_SECONDS, tls_cert=tls_cert,
                      tls_key=tls_key) as client:
         if load:
             client.load(load)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageOps
 
@@ -167,8 +168,15 @@ class DigitClient:
     def classify(self, images: list[bytes], model: str = "", version: str = "") -> list[Result]:
         """Encoded images (PNG, JPEG, ...) -> one result per image, in order ('' model: the server's
         default; '' version: the latest)."""
-        request = digits_pb2.ClassifyRequest(images=[digits_pb2.Image(encoded=data) for data in images], model=model,
-                                             model_version=version)
+        return self._classify([digits_pb2.Image(encoded=data) for data in images], model, version)
+
+    def classify_pixels(self, images: np.ndarray, model: str = "", version: str = "") -> list[Result]:
+        """MNIST-style uint8 images [N,28,28] (white ink on black, centred) -> one result per image,
+        as ``classify``; the server takes them as they are, without preprocessing."""
+        return self._classify([digits_pb2.Image(raw_28x28=image.tobytes()) for image in images], model, version)
+
+    def _classify(self, images: list[digits_pb2.Image], model: str, version: str) -> list[Result]:
+        request = digits_pb2.ClassifyRequest(images=images, model=model, model_version=version)
         response = self._call(self.classifier.Classify, request)
         return [Result(r.digit, r.probability, list(r.probabilities), response.model, response.model_version)
                 for r in response.results]

@@ -8,13 +8,15 @@ import json
 import math
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from resserve.serve.backends.onnxruntime import import_onnxruntime
+from resserve.serve.cli import TlsCa, TlsCert, TlsKey, Token, TokenFile, client_token
+from resserve.serve.client import DigitClient
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable, check_writable_folder
 from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
@@ -95,65 +97,61 @@ def train(
                  show_progress=not quiet, command=command, resume=resume)
 
 
-def evaluate(model: ModelPath = None, data_dir: DataDir = None, as_json: JsonFlag = False,
-             device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto") -> None:
-    """MNIST test accuracy of a checkpoint, per digit, with the confusion matrix."""
-    check_device(device)
-    path = resolve_model_path(model)
-    require_train_extra()
-    from resserve.train.checkpoint import load_checkpoint
+def evaluate(
+    model: ModelPath = None,
+    data_dir: DataDir = None,
+    as_json: JsonFlag = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    server: Annotated[Optional[str], typer.Option(
+        help="host:port of a running resserve server: evaluate the model it serves instead of a checkpoint, the "
+        "test set sent as 28x28 pixels through its Classify API (its whole served path: batching, runtime, "
+        "precision). Needs no torch.", show_default=False)] = None,
+    model_name: Annotated[str, typer.Option(help="With --server: the model [default: the server's default].")] = "",
+    model_version: Annotated[str, typer.Option(help="With --server: the version [default: the latest].")] = "",
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    token: Token = None,
+    token_file: TokenFile = None,
+) -> None:
+    """MNIST test accuracy of a checkpoint, or of the model a server serves, per digit, with the confusion matrix."""
     from resserve.train.data import load_mnist
-    from resserve.train.models import count_parameters
-    from resserve.train.training import evaluate as run_evaluation, resolve_device
-
-    checkpoint = load_checkpoint(path)
-    target = resolve_device(device)
-    network = checkpoint.build().to(target)
-    mnist = load_mnist(data_dir, log=_log)
+    from resserve.train.evaluation import EvaluationReport
     from resserve.train.progress import progress_bar
 
-    with progress_bar(not as_json, "images") as progress:
-        task = progress.add_task("evaluating", total=len(mnist.test))
-        result = run_evaluation(network, mnist.test, on_chunk=lambda n: progress.advance(task, n))
-    report = EvaluationReport(model=str(path), arch=checkpoint.config.arch, params=count_parameters(network),
-                              test_accuracy=result.accuracy, test_loss=result.loss,
-                              per_class_accuracy=result.per_class_accuracy,
-                              confusion_matrix=result.confusion.tolist(), data_source=mnist.source)
+    if server is not None:
+        if model is not None:
+            raise ResserveError("give a checkpoint or --server, not both")
+        with DigitClient(server, tls_ca, client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key) as client:
+            mnist = load_mnist(data_dir, log=_log)
+            from resserve.train.evaluation import evaluate_served
+
+            with progress_bar(not as_json, "images") as progress:
+                task = progress.add_task("classifying", total=len(mnist.test))
+                result, answered = evaluate_served(client, mnist.test, model_name, model_version,
+                                                   on_chunk=lambda n: progress.advance(task, n))
+        report = EvaluationReport.of(f"{answered} at {server}", result, mnist.source)
+    else:
+        if model_name or model_version:
+            raise ResserveError("--model-name and --model-version name a served model: give --server too")
+        check_device(device)
+        path = resolve_model_path(model)
+        require_train_extra()
+        from resserve.train.checkpoint import load_checkpoint
+        from resserve.train.models import count_parameters
+        from resserve.train.training import evaluate as run_evaluation, resolve_device
+
+        checkpoint = load_checkpoint(path)
+        network = checkpoint.build().to(resolve_device(device))
+        mnist = load_mnist(data_dir, log=_log)
+        with progress_bar(not as_json, "images") as progress:
+            task = progress.add_task("evaluating", total=len(mnist.test))
+            result = run_evaluation(network, mnist.test, on_chunk=lambda n: progress.advance(task, n))
+        report = EvaluationReport.of(str(path), result, mnist.source, checkpoint.config.arch, count_parameters(network))
     if as_json:
         typer.echo(json.dumps(asdict(report)))
-        return
-    _print_evaluation(report)
-
-
-@dataclass(frozen=True)
-class EvaluationReport:
-    """What ``resserve eval`` prints; ``--json`` writes these fields as one object."""
-
-    model: str
-    arch: str
-    params: int
-    test_accuracy: float
-    test_loss: float
-    per_class_accuracy: list[float]  # by true digit
-    confusion_matrix: list[list[int]]  # row: true digit, column: predicted
-    data_source: str  # where MNIST came from (train/data.py)
-
-
-def _print_evaluation(report: EvaluationReport) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"{report.model}: {report.arch}, {report.params:,} parameters")
-    console.print(f"test accuracy [bold]{report.test_accuracy:.4f}[/bold] "
-                  f"(loss {report.test_loss:.4f}) on MNIST from {report.data_source}")
-    # compact enough for 80 columns: rows are the true digit, columns the predicted one
-    table = Table("", *(str(d) for d in range(10)), "acc %", title="Confusion matrix (row: true, column: predicted)",
-                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for digit, (row, accuracy) in enumerate(zip(report.confusion_matrix, report.per_class_accuracy)):
-        table.add_row(str(digit), *(str(v) for v in row), f"{accuracy * 100:.2f}")
-    console.print(table)
+    else:
+        report.print()
 
 
 def bench_train(

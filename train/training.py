@@ -29,6 +29,7 @@ from resserve.train.allocator import keep_freed_tensor_memory
 from resserve.train.checkpoint import save_checkpoint
 from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.data import MNIST, Split
+from resserve.train.evaluation import Evaluation
 from resserve.train.files import CheckpointError
 from resserve.train.fold import fold_for_inference
 from resserve.train.model_card import card_path, render_model_card
@@ -109,17 +110,6 @@ def batches(split: Split, batch_size: int, generator: torch.Generator | None = N
 # Evaluation: the one evaluator of `resserve eval`, `resserve train`, export and the experiments
 
 
-@dataclass
-class Evaluation:
-    accuracy: float
-    loss: float
-    confusion: np.ndarray  # [10,10], rows: true digit, columns: predicted digit
-
-    @property
-    def per_class_accuracy(self) -> list[float]:
-        return (np.diag(self.confusion) / self.confusion.sum(axis=1).clip(min=1)).tolist()
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -150,15 +140,8 @@ def evaluate(model: nn.Module, split: Split, precision: str = "fp32", folded: bo
     ``on_chunk`` hears how many images each step evaluated (for a progress bar)."""
     network = fold_for_inference(model) if folded else model
     logits = predict_logits(network, split.images, precision, on_chunk=on_chunk)
-    labels = torch.from_numpy(split.labels)
-    predicted = logits.argmax(1)
-    confusion = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(confusion, (split.labels, predicted.numpy()), 1)
-    return Evaluation(
-        accuracy=float((predicted == labels).float().mean()),
-        loss=float(F.cross_entropy(logits, labels)),
-        confusion=confusion,
-    )
+    return Evaluation.of(logits.argmax(1).numpy(), split.labels,
+                         float(F.cross_entropy(logits, torch.from_numpy(split.labels))))
 
 
 # ----------------------------------------------------------------------------------------------

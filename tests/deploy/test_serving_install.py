@@ -2,6 +2,7 @@
 side only, no torch) serves the packaged model, and pip's record of the install stays true."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,10 @@ def test_a_serving_only_install_serves_the_packaged_model(tmp_path, mnist):
         with DigitClient(server.target) as client:
             assert client.health("resserve.readiness") == "SERVING"
             assert client.classify([buffer.getvalue()])[0].digit == mnist.test.labels[0]
+        evaluated = subprocess.run([str(resserve), "eval", "--server", server.target, "--json", "--data-dir",
+                                    str(mnist.path.parent)], env=env, capture_output=True, text=True)
+        assert evaluated.returncode == 0, evaluated.stderr[-2000:]  # the deployment's accuracy, without torch
+        assert json.loads(evaluated.stdout)["test_accuracy"] >= 0.995
 
         # a Triton user adds the newest tritonclient beside it: both import and work in one process
         newest = subprocess.run([str(python), "-m", "pip", "index", "versions", "tritonclient"], env=env,
