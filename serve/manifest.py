@@ -119,7 +119,7 @@ class Accuracy(_Record):
 
 class ParityReference(_Record):
     reference: str
-    fp32_tolerance: float = Field(gt=0.0)
+    fp32_tolerance: float = Field(gt=0.0)  # of the reference's largest |logit| (at least 1): max |logit diff| allowed
 
 
 class SplitAccuracy(_Record):

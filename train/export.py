@@ -51,7 +51,10 @@ from resserve.train.training import evaluate, library_versions, predict_logits
 
 ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 INT8_FILE = "model.int8.onnx"
-FP32_TOLERANCE = 1e-4  # largest |logit difference| allowed between an fp32 artifact and eager
+# largest |logit difference| allowed between an fp32 artifact and eager, as a fraction of the largest
+# |logit| (at least 1): fp32 rounding grows with the values summed, and logits of a deep network
+# that no normalization reins in reach 10^4 and more (a pre-activation ResNet-50 at initialization)
+FP32_TOLERANCE = 1e-4
 INT8_MAX_LOSS = 0.001  # an int8 artifact may lose at most 0.1 accuracy points
 CALIBRATION_IMAGES = 512
 # images per backend call while verifying: a chunk's activations (16x28x28 floats an image) stay
@@ -141,6 +144,12 @@ class Verifier:
     def accuracy(self) -> float:
         return float((self.reference_logits.argmax(1) == self.labels).mean())
 
+    @property
+    def fp32_allowed(self) -> float:
+        """The largest |logit difference| an fp32 artifact may have: ``FP32_TOLERANCE`` of the
+        reference's largest |logit|, or of 1 when they are all smaller."""
+        return FP32_TOLERANCE * max(1.0, float(np.abs(self.reference_logits).max()))
+
     def check(self, backend: Backend, stage: str = "verifying") -> Parity:
         advance = self.stages(stage, len(self.images))
 
@@ -156,11 +165,11 @@ class Verifier:
 
 
 def _require_fp32_parity(format: str, parity: Parity, verifier: Verifier) -> None:
-    if parity.max_abs_logit_diff > FP32_TOLERANCE or parity.test_accuracy != verifier.accuracy:
+    if parity.max_abs_logit_diff > verifier.fp32_allowed or parity.test_accuracy != verifier.accuracy:
         raise ExportError(
             f"{format} artifact does not match the eager model: max |logit diff| "
-            f"{parity.max_abs_logit_diff:.2e} (allowed {FP32_TOLERANCE:.0e}), test accuracy "
-            f"{parity.test_accuracy:.4f} vs {verifier.accuracy:.4f}")
+            f"{parity.max_abs_logit_diff:.2e} (allowed {verifier.fp32_allowed:.2e}: {FP32_TOLERANCE:.0e} of the "
+            f"largest |logit|, at least 1), test accuracy {parity.test_accuracy:.4f} vs {verifier.accuracy:.4f}")
 
 
 def _artifact_entry(path: Path, format: str, precision: str, parity: Parity) -> Artifact:

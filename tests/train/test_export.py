@@ -1,6 +1,7 @@
 """resserve export: folding keeps the function, artifacts match the eager network on real MNIST,
 the manifest tells the truth, and a failed export leaves nothing behind."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -193,6 +194,19 @@ def test_triton_repository_config_parses_as_a_triton_model_config(exported, tmp_
     assert {o.label_filename for o in config.output} == {"labels.txt"}
     assert (model_dir / "labels.txt").read_text().split() == [str(d) for d in range(10)]
     assert (model_dir / "1" / "model.onnx").read_bytes() == (exported[0] / "pkg" / "model.onnx").read_bytes()
+
+
+def test_a_network_with_huge_logits_exports_its_fp32_rounding_within_the_tolerance(tmp_path, mnist):
+    """Logits of 10^3 and more (a pre-activation network at initialization: nothing normalizes its
+    last block's sum) round in fp32 by more than 1e-4 in absolute terms, ONNX and eager alike:
+    export refused the artifact as not matching (4e-3 against 1e-4 at 25 blocks, 2e-1 at 50)."""
+    config = ModelConfig(arch="preact", blocks=25)
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "preact.pt", build_model(config), config)
+    manifest = export_package(checkpoint, tmp_path / "pkg", ExportOptions(formats=("onnx",)),
+                              dataclasses.replace(mnist, test=mnist.test.head(500)), log=lambda _: None)
+    (artifact,) = manifest.artifacts
+    assert 1e-4 < artifact.max_abs_logit_diff and artifact.prediction_agreement == 1.0
 
 
 def test_a_failed_verification_writes_nothing(exported, tmp_path, monkeypatch, mnist):
