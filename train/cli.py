@@ -21,6 +21,7 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable, check_writable_folder
 from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
 from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, check_device, parse_ints
+from resserve.train.evaluation import EvaluationReport, evaluate_served
 from resserve.train.experiments.cli import experiment_app
 from resserve.train.files import check_package_destination, resolve_model_path
 
@@ -115,43 +116,53 @@ def evaluate(
     token_file: TokenFile = None,
 ) -> None:
     """MNIST test accuracy of a checkpoint, or of the model a server serves, per digit, with the confusion matrix."""
-    from resserve.train.data import load_mnist
-    from resserve.train.evaluation import EvaluationReport
-    from resserve.train.progress import progress_bar
-
     if server is not None:
         if model is not None:
             raise ResserveError("give a checkpoint or --server, not both")
         with DigitClient(server, tls_ca, client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key) as client:
-            mnist = load_mnist(data_dir, log=_log)
-            from resserve.train.evaluation import evaluate_served
-
-            with progress_bar(not as_json, "images") as progress:
-                task = progress.add_task("classifying", total=len(mnist.test))
-                result, answered = evaluate_served(client, mnist.test, model_name, model_version,
-                                                   on_chunk=lambda n: progress.advance(task, n))
-        report = EvaluationReport.of(f"{answered} at {server}", result, mnist.source)
+            report = _served_report(client, model_name, model_version, data_dir, show_progress=not as_json)
     else:
         if model_name or model_version:
             raise ResserveError("--model-name and --model-version name a served model: give --server too")
-        check_device(device)
-        path = resolve_model_path(model)
-        require_train_extra()
-        from resserve.train.checkpoint import load_checkpoint
-        from resserve.train.models import count_parameters
-        from resserve.train.training import evaluate as run_evaluation, resolve_device
-
-        checkpoint = load_checkpoint(path)
-        network = checkpoint.build().to(resolve_device(device))
-        mnist = load_mnist(data_dir, log=_log)
-        with progress_bar(not as_json, "images") as progress:
-            task = progress.add_task("evaluating", total=len(mnist.test))
-            result = run_evaluation(network, mnist.test, on_chunk=lambda n: progress.advance(task, n))
-        report = EvaluationReport.of(str(path), result, mnist.source, checkpoint.config.arch, count_parameters(network))
+        report = _checkpoint_report(model, device, data_dir, show_progress=not as_json)
     if as_json:
         typer.echo(json.dumps(asdict(report)))
     else:
         report.print()
+
+
+def _checkpoint_report(model: Optional[Path], device: str, data_dir: Optional[Path],
+                       show_progress: bool) -> EvaluationReport:
+    check_device(device)
+    path = resolve_model_path(model)
+    require_train_extra()
+    from resserve.train.checkpoint import load_checkpoint
+    from resserve.train.data import load_mnist
+    from resserve.train.models import count_parameters
+    from resserve.train.progress import progress_bar
+    from resserve.train.training import evaluate as run_evaluation, resolve_device
+
+    checkpoint = load_checkpoint(path)
+    network = checkpoint.build().to(resolve_device(device))
+    mnist = load_mnist(data_dir, log=_log)
+    with progress_bar(show_progress, "images") as progress:
+        task = progress.add_task("evaluating", total=len(mnist.test))
+        result = run_evaluation(network, mnist.test, on_chunk=lambda n: progress.advance(task, n))
+    return EvaluationReport.of(str(path), result, mnist.source, checkpoint.config.arch, count_parameters(network))
+
+
+def _served_report(client: DigitClient, model: str, version: str, data_dir: Optional[Path],
+                   show_progress: bool) -> EvaluationReport:
+    """Torch-free: the serving install evaluates its deployments too."""
+    from resserve.train.data import load_mnist
+    from resserve.train.progress import progress_bar
+
+    mnist = load_mnist(data_dir, log=_log)
+    with progress_bar(show_progress, "images") as progress:
+        task = progress.add_task("classifying", total=len(mnist.test))
+        result, answered = evaluate_served(client, mnist.test, model, version,
+                                           on_chunk=lambda n: progress.advance(task, n))
+    return EvaluationReport.of(f"{answered} at {client.target}", result, mnist.source)
 
 
 def bench_train(
