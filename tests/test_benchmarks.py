@@ -160,19 +160,33 @@ def test_bench_serve_refuses_triton_clients_for_classify(client):
                                      "use --client resserve")
 
 
-@needs_perf_analyzer
-def test_bench_serve_loads_with_perf_analyzer_closed_and_open_loop(tmp_path):
-    with ServerProcess() as server:
-        def bench(*options: str) -> dict:
-            out = tmp_path / "bench.json"
-            result = run_cli("bench", "serve", "--target", server.target, "--http-target", server.http_target,
-                             "--metrics", f"http://127.0.0.1:{server.metrics_port}/metrics", "--client", "perf_analyzer",
-                             "--duration", "1", "--warmup", "0.3", *options, "--json", str(out))
-            assert result.returncode == 0, result.stderr
-            return json.loads(out.read_text())
+SLOW_SECONDS = 0.2  # how long the slow server's batcher waits for batch-mates: each request's latency
 
-        closed = bench("--api", "kserve,kserve-stream,rest", "--concurrency", "2")
-        opened = bench("--rate", "100")
+
+@pytest.fixture(scope="module")
+def slow_server():
+    """A server that answers each request in about SLOW_SECONDS, so that an open loop at 100/s
+    has 20 requests in flight: more than one HTTP/1.1 connection per client, or perf_analyzer's
+    4 waiting threads, carry."""
+    with ServerProcess("--max-queue-delay-us", str(round(SLOW_SECONDS * 1e6))) as server:
+        yield server
+
+
+def _bench_against(server: ServerProcess, tmp_path, *options: str) -> dict:
+    """``bench serve`` against ``server`` on all its ports; its JSON report."""
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "serve", "--target", server.target, "--http-target", server.http_target,
+                     "--metrics", f"http://127.0.0.1:{server.metrics_port}/metrics", "--warmup", "0.3",
+                     *options, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())
+
+
+@needs_perf_analyzer
+def test_bench_serve_loads_with_perf_analyzer_closed_and_open_loop(tmp_path, slow_server):
+    closed = _bench_against(slow_server, tmp_path, "--client", "perf_analyzer", "--api", "kserve,kserve-stream,rest",
+                            "--concurrency", "2", "--duration", "1")
+    opened = _bench_against(slow_server, tmp_path, "--client", "perf_analyzer", "--rate", "100", "--duration", "2")
     assert closed["client"] == "perf_analyzer" and len(closed["servers"]) == 3  # one per API
     for rows in closed["servers"].values():
         (row,) = rows
@@ -180,7 +194,8 @@ def test_bench_serve_loads_with_perf_analyzer_closed_and_open_loop(tmp_path):
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] and row["mean_batch_size"] >= 1
         assert row["client_cpu_cores"] > 0  # perf_analyzer's, from the children's rusage
     (rows,) = opened["servers"].values()
-    # the rate answered is the rate offered: the window is measured as perf_analyzer ran it
+    # the rate answered is the rate offered, as perf_analyzer ran its window: it sends on schedule
+    # rather than from 4 threads that wait for their answers (19/s of 100/s from this server)
     assert rows[0]["offered_rate"] == 100 and rows[0]["requests_per_second"] == pytest.approx(100, rel=0.3)
 
 
@@ -219,6 +234,17 @@ def test_bench_serve_open_loop_sends_every_scheduled_request_and_reports_server_
             assert r["errors"] == {} and r["server_cpu_cores"] > 0
         assert f"{name} (onnxruntime fp32), open loop: 30/s answered" in result.stdout
     assert report["summary"] == {}  # a peak under open loop is only the highest rate offered
+
+
+@pytest.mark.parametrize("client", ["resserve", "tritonclient"])
+def test_bench_serve_open_loop_over_rest_is_not_queued_in_the_client(tmp_path, slow_server, client):
+    report = _bench_against(slow_server, tmp_path, "--client", client, "--api", "rest", "--rate", "200",
+                            "--duration", "1", "--load-processes", "1")
+    ((row,),) = report["servers"].values()
+    assert row["ok"] == _arrivals(200, 0.3, 1.0) and row["errors"] == {}
+    # the server's latency, not a client's: a connection per client (8) would queue the other
+    # requests in flight and answer 40/s, seconds behind the schedule by the window's end
+    assert row["p99_ms"] < 2.5 * SLOW_SECONDS * 1e3
 
 
 def test_a_load_process_that_dies_ends_the_level_instead_of_hanging_it(tmp_path, monkeypatch):

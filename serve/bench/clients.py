@@ -3,7 +3,10 @@
 Each opens one connection (as separate clients have, so the kernel can spread them over a
 server's workers) and yields ``send()``, which sends one request of ``spec.batch`` images and
 returns None or what went wrong (a status code name, an HTTP status, an exception's name). A
-connection may have several requests in flight (the open loop sends without waiting).
+client may have several requests in flight (the open loop sends without waiting): over gRPC on
+its one connection; over REST, where HTTP/1.1 carries one request at a time, on up to
+``http_connections`` kept-alive connections, since a request waiting for a free connection
+would be the client's queue counted as the server's latency.
 """
 
 from __future__ import annotations
@@ -192,7 +195,7 @@ async def _grpc_stream_sender(spec: LoadSpec):
 
 
 @asynccontextmanager
-async def _rest_sender(spec: LoadSpec):
+async def _rest_sender(spec: LoadSpec, http_connections: int):
     """As ``_grpc_sender``, over HTTP: Triton's binary tensor extension, as tritonclient.http sends it."""
     images = stand_in_images(spec.batch)
     header = orjson.dumps({"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
@@ -201,7 +204,7 @@ async def _rest_sender(spec: LoadSpec):
     body = header + images.tobytes()
     headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
     url = f"http://{spec.http_target}/v2/models/{spec.model}/infer"
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=http_connections)) as session:
 
         async def send() -> str | None:
             try:
@@ -223,11 +226,11 @@ def triton_client_module(api: str) -> ModuleType:
         raise ResserveError('--client tritonclient needs tritonclient: pip install "tritonclient[grpc,http]"') from None
 
 
-def _triton_client(spec: LoadSpec):
+def _triton_client(spec: LoadSpec, http_connections: int = 1):
     """A tritonclient asyncio client for ``spec``, and the input tensor it sends."""
     triton = triton_client_module(spec.api)
     if spec.api == "rest":
-        client = triton.InferenceServerClient(spec.http_target, conn_limit=1)
+        client = triton.InferenceServerClient(spec.http_target, conn_limit=http_connections)
     else:
         client = triton.InferenceServerClient(spec.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
     images = stand_in_images(spec.batch)
@@ -237,12 +240,12 @@ def _triton_client(spec: LoadSpec):
 
 
 @asynccontextmanager
-async def _tritonclient_sender(spec: LoadSpec):
+async def _tritonclient_sender(spec: LoadSpec, http_connections: int):
     """As ``_grpc_sender``/``_rest_sender``, with Triton's own asyncio clients (tritonclient.grpc.aio
     or tritonclient.http.aio), as a Triton user would load the server."""
     from tritonclient.utils import InferenceServerException
 
-    client, tensor = _triton_client(spec)
+    client, tensor = _triton_client(spec, http_connections)
 
     async def send() -> str | None:
         try:
@@ -296,10 +299,12 @@ async def _tritonclient_stream_sender(spec: LoadSpec):
         await client.close()
 
 
-def sender(spec: LoadSpec):
-    """The context manager that opens one connection of ``spec``'s client and API."""
+def sender(spec: LoadSpec, http_connections: int = 1):
+    """The context manager that opens one client of ``spec``'s client library and API: one
+    connection, or over REST up to ``http_connections``, one per request in flight."""
     if spec.api == "rest":
-        return _tritonclient_sender(spec) if spec.client == "tritonclient" else _rest_sender(spec)
+        return (_tritonclient_sender(spec, http_connections) if spec.client == "tritonclient"
+                else _rest_sender(spec, http_connections))
     if spec.api == "kserve-stream":
         return _tritonclient_stream_sender(spec) if spec.client == "tritonclient" else _grpc_stream_sender(spec)
-    return _tritonclient_sender(spec) if spec.client == "tritonclient" else _grpc_sender(spec)
+    return _tritonclient_sender(spec, 1) if spec.client == "tritonclient" else _grpc_sender(spec)

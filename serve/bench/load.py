@@ -36,11 +36,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from resserve.serve.bench import perf_analyzer
 from resserve.serve.bench.clients import Level, LoadResult, LoadSpec, sender
 from resserve.serve.bench.report import LevelResult
+from resserve.serve.connections import raise_open_file_limit
 from resserve.serve.errors import ResserveError
 
 LOAD_PROCESS_START_SECONDS = 3.0
-OPEN_LOOP_CONNECTIONS = 8  # per load process: open-loop requests take turns over these
+OPEN_LOOP_CONNECTIONS = 8  # per load process: open-loop requests take turns over these clients
 OPEN_LOOP_MAX_OUTSTANDING = 1024  # per load process: arrivals beyond this many unanswered are not sent, but counted
+# per open-loop client over REST (HTTP/1.1: a connection per request in flight), so that all of
+# OPEN_LOOP_MAX_OUTSTANDING can be in flight: fewer would queue requests in the client, unsent
+OPEN_LOOP_HTTP_CONNECTIONS = OPEN_LOOP_MAX_OUTSTANDING // OPEN_LOOP_CONNECTIONS
 # the samples of the server's batch histograms a level reads (BatchTotals' fields, in order)
 BATCH_SAMPLES = ("resserve_batch_size_sum", "resserve_batch_size_count", "resserve_queue_seconds_sum",
                  "resserve_queue_seconds_count")
@@ -75,12 +79,14 @@ async def _closed_loop(spec: LoadSpec, concurrency: int, tally: _Tally, stop_at:
 
 async def _open_loop(spec: LoadSpec, rate: float, tally: _Tally, start: float, stop_at: float, seed: int) -> None:
     """Poisson arrivals at ``rate`` per second from ``start`` until ``stop_at``, taking turns over
-    OPEN_LOOP_CONNECTIONS connections; an arrival finding OPEN_LOOP_MAX_OUTSTANDING requests
+    OPEN_LOOP_CONNECTIONS clients; an arrival finding OPEN_LOOP_MAX_OUTSTANDING requests
     unanswered is counted as an error, not sent, so memory stays bounded when the server cannot
     keep up."""
     gaps = np.random.default_rng(seed)
+    raise_open_file_limit()  # over REST, a socket per request in flight
     async with AsyncExitStack() as stack:
-        sends = [await stack.enter_async_context(sender(spec)) for _ in range(OPEN_LOOP_CONNECTIONS)]
+        sends = [await stack.enter_async_context(sender(spec, OPEN_LOOP_HTTP_CONNECTIONS))
+                 for _ in range(OPEN_LOOP_CONNECTIONS)]
         outstanding: set[asyncio.Task] = set()
 
         async def request(send, due: float) -> None:

@@ -3,7 +3,10 @@
 It is what Triton's users measure servers with, and on CPUs a server shares with its load it
 takes far less of them than a Python client (docs/benchmarks.md). Each load level is one
 perf_analyzer run: closed loop at ``--concurrency-range C``, or open loop at
-``--request-rate-range R`` with Poisson arrivals. Its measurement windows cover the warm-up and
+``--request-rate-range R`` with Poisson arrivals, asynchronous: by default perf_analyzer sends a
+request rate from 4 threads that each wait for their answer, so a server slower than 4 requests
+in flight sets the rate itself (100/s offered, 56/s sent to a server answering in 60 ms), and the
+queue an open loop is there to show is never formed. Its measurement windows cover the warm-up and
 the measured seconds, and its profile export holds every request's send and response times, so
 the latencies are those of the requests sent after the warm-up, as with the Python clients.
 perf_analyzer stops at the first failed request: a failure ends the benchmark with its message
@@ -44,7 +47,7 @@ def command(spec: LoadSpec, level: Level, export: Path) -> list[str]:
     windows are there to span the warm-up and the measured seconds, not to search for a steady
     state (which may take up to ten windows)."""
     load = (("--concurrency-range", str(level.concurrency)) if level.concurrency
-            else ("--request-rate-range", f"{level.rate:g}", "--request-distribution", "poisson"))
+            else ("--request-rate-range", f"{level.rate:g}", "--request-distribution", "poisson", "--async"))
     return [executable(), "-m", spec.model, "-u", spec.http_target if spec.api == "rest" else spec.target,
             *PROTOCOLS[spec.api], "-b", str(spec.batch), "--input-data", "zero", *load,
             "--measurement-mode", "time_windows", "--measurement-interval", str(round(_window_seconds(spec) * 1000)),
