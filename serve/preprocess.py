@@ -3,8 +3,9 @@
 MNIST digits are white on black, size-normalized to fit a 20x20 box keeping their aspect
 ratio, and centred by centre of mass in a 28x28 field. ``decode`` reads a photo or a drawing
 upright (by its EXIF orientation) and grayscale; ``to_mnist`` does what MNIST did: invert when
-the background is light; take the background away; crop to the ink's bounding box; scale the
-longer side to 20 px; paste so the ink's centre of mass lands at the centre.
+the background is light; take the background away; leave out specks apart from the digit;
+crop to the ink's bounding box; scale the longer side to 20 px; paste so the ink's centre of
+mass lands at the centre.
 
 A photo of a digit on paper is rarely lit evenly: a shadow across the page, or corners darker
 than the centre, leave paper in one place darker than ink in another, so no single level tells
@@ -58,6 +59,9 @@ INK_THRESHOLD = 0.25  # fraction of the darkest-to-brightest range that counts a
 EVEN_BORDER = 0.05  # a border whose tones span less than this is one even background (drawings, scans, MNIST)
 PAPER_SIDE = 32  # the paper is estimated at this resolution: light varies slowly across a page
 PAPER_WINDOW = 13  # pixels of it (40% of the side) that are wider than any stroke, so no ink is taken for paper
+MARK_GRID = 32  # separate marks are told apart on a grid of at most this many cells a side,
+MARK_CELL = 2  # each cell at least this many pixels a side (a 28x28 digit: 14x14 cells)
+MARK_SHARE = 0.05  # a band of ink with less than this share of the inkiest band's is specks, not the digit
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 UNBOUNDED_MODES = frozenset({"I", "F"})  # 32-bit integers and floats: no range the format fixes
 
@@ -200,7 +204,7 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     peak = gray.max()
     if peak <= 0:
         return np.zeros((28, 28), dtype=np.float32)  # a blank image stays blank
-    gray = gray / peak
+    gray = _without_specks(gray / peak)
     rows, cols = np.nonzero(gray > INK_THRESHOLD)
     crop = gray[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     scale = 20.0 / max(crop.shape)
@@ -229,6 +233,50 @@ def _window(image: np.ndarray, reduce) -> np.ndarray:
     padded = np.pad(image, PAPER_WINDOW // 2, mode="edge")
     rows = reduce(np.lib.stride_tricks.sliding_window_view(padded, PAPER_WINDOW, axis=0), axis=-1)
     return reduce(np.lib.stride_tricks.sliding_window_view(rows, PAPER_WINDOW, axis=1), axis=-1)
+
+
+def _without_specks(gray: np.ndarray) -> np.ndarray:
+    """``gray`` (ink at most 1) without the marks apart from the digit that hold little ink (dust,
+    a fleck of the pen, a crumb on the page): each would stretch the digit's bounding box to reach
+    it, and the digit would shrink (three specks the size of a pen's dot around a photographed
+    digit: 141 of 200 read right, against 199 without them).
+
+    A mark that stretches the box lies beyond the digit's rows or beyond its columns, so it is
+    found as documents' layouts are, by an XY cut: on a coarse grid of the ink, the rows (then
+    the columns, and again until nothing changes) fall into bands of ink between empty ones; a
+    band with less than MARK_SHARE of the inkiest band's ink is dropped. A gap of one cell does not
+    part bands, so that the strokes of one digit, broken ones too, stay together."""
+    cell = max(MARK_CELL, -(-max(gray.shape) // MARK_GRID))
+    ink = _ink_per_cell(gray > INK_THRESHOLD, cell)
+    rows, cols = np.ones(ink.shape[0], dtype=bool), np.ones(ink.shape[1], dtype=bool)
+    while True:
+        kept_rows = rows & _inky_bands((ink * rows[:, None] * cols).sum(axis=1))
+        kept_cols = cols & _inky_bands((ink * kept_rows[:, None] * cols).sum(axis=0))
+        if (kept_rows == rows).all() and (kept_cols == cols).all():
+            break
+        rows, cols = kept_rows, kept_cols
+    if rows.all() and cols.all():
+        return gray
+    keep = np.repeat(np.repeat(rows[:, None] & cols, cell, axis=0), cell, axis=1)
+    gray = gray * keep[:gray.shape[0], :gray.shape[1]]
+    return gray / gray.max()
+
+
+def _inky_bands(profile: np.ndarray) -> np.ndarray:
+    """Which cells of ``profile`` (ink per row or column of cells) belong to a band holding at least
+    MARK_SHARE of the inkiest band's ink; bands are parted by two or more empty cells."""
+    inked = profile > 0
+    inked[1:-1] |= inked[:-2] & inked[2:]  # a gap of one cell is bridged
+    band = np.cumsum(np.diff(inked.astype(np.int8), prepend=0) == 1) * inked  # 1, 2, ... per band; 0 between
+    band_ink = np.bincount(band, weights=profile)
+    band_ink[0] = 0.0
+    return band_ink[band] >= MARK_SHARE * band_ink.max()
+
+
+def _ink_per_cell(ink: np.ndarray, cell: int) -> np.ndarray:
+    """How many pixels of ``ink`` each ``cell``-pixel square holds (those at the edges may be smaller)."""
+    per_row = np.add.reduceat(ink, np.arange(0, ink.shape[0], cell), axis=0, dtype=np.int32)
+    return np.add.reduceat(per_row, np.arange(0, ink.shape[1], cell), axis=1)
 
 
 def _paste_centred(digit: np.ndarray) -> np.ndarray:
