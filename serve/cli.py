@@ -406,10 +406,19 @@ def bench_serve(
         help="The target's metrics URL [default: http://HOST:8002/metrics].", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: latency percentiles against throughput.")] = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    token: Token = None,
+    token_file: TokenFile = None,
 ) -> None:
-    """Latency, throughput and CPU under closed- or open-loop load, beside the in-process limit."""
+    """Latency, throughput and CPU under closed- or open-loop load, beside the in-process limit.
+
+    A --target with TLS or tokens takes the client commands' options (--tls-ca, --tls-cert and
+    --tls-key, --token or --token-file), for every client and API; the servers --start starts
+    have neither, and those options are left unused."""
     from resserve.serve.backends.base import usable_cpus
-    from resserve.serve.bench.clients import APIS, CLIENTS
+    from resserve.serve.bench.clients import APIS, CLIENTS, Credentials
     from resserve.serve.bench.report import plot_report, print_report, report_json
     from resserve.serve.bench.sweep import run_benchmark
 
@@ -437,12 +446,14 @@ def bench_serve(
     for output, example in ((json_out, "serve.json"), (plot, "serve.png")):
         if output:
             check_writable(output, example)
+    credentials = Credentials(tls_ca, tls_cert, tls_key, client_token(token, token_file)) if target else Credentials()
+    credentials.check()
     host = target.rsplit(":", 1)[0] if target else None
     metrics_url = metrics or (f"http://{host}:{DEFAULT_METRICS_PORT}/metrics" if target else None)
     http_target = http_target or (f"{host}:{DEFAULT_HTTP_PORT}" if target else None)
     report = run_benchmark(package, target, http_target, model, apis, levels, batch, duration, warmup, metrics_url,
                            [b.strip() for b in backends.split(",") if b.strip()], counts, processes, client,
-                           log=lambda m: typer.echo(m, err=True))
+                           credentials, log=lambda m: typer.echo(m, err=True))
     print_report(report)
     if json_out:
         json_out.write_text(report_json(report))

@@ -20,16 +20,19 @@ from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+from resserve.serve.stubs import model_config_pb2
 from resserve.serve.tls import check_key_pair, read_pem
 
-# Nothing listens there: the likeliest reason is a server not started, or another port
-NO_SERVER_HINT = " (is a server running there? `resserve serve` starts one; --server or RESSERVE_SERVER names another)"
+# Nothing listens there: the likeliest reason is a server not started, or another port (the
+# hints name the option that gave the server's address: ``{option}``)
+NO_SERVER_HINT = " (is a server running there? `resserve serve` starts one; {option} names another)"
 # Why a connection failed, by what gRPC core says, and what to do: the first marker found wins
 CONNECT_HINTS = (
     ("WRONG_VERSION_NUMBER", " (the server there does not speak TLS: leave out --tls-ca)"),
     ("CERTIFICATE_VERIFY_FAILED", " (the server's certificate is not signed by the CA in --tls-ca)"),
-    ("Hostname Verification Check failed", " (the server's certificate does not name the host in --server)"),
+    ("Hostname Verification Check failed", " (the server's certificate does not name the host in {option})"),
 )
+SERVER_OPTION = "--server or RESSERVE_SERVER"
 # A server that closes the connection in the handshake: what it refused, by how this client
 # connected; or it held as many connections as it may (serve/connections.py)
 CLOSED_HINTS = {
@@ -39,28 +42,30 @@ CLOSED_HINTS = {
                   "--tls-client-ca?",
 }
 CLOSED_AT_LIMIT = "; or it holds all the connections it may (its --max-connections): retry later"
+CLIENT_CERT_NEEDS_CA = "--tls-cert and --tls-key (mutual TLS) need --tls-ca: the CA that signed the server's certificate"
 
 
 class ClientError(ResserveError):
     """The server answered with an error, or could not be reached."""
 
-    def __init__(self, target: str, code: grpc.StatusCode, details: str, connection: str = "plaintext") -> None:
-        super().__init__(f"{target}: {code.name}: {details}{_connect_hint(code, details, connection)}")
+    def __init__(self, target: str, code: grpc.StatusCode, details: str, connection: str = "plaintext",
+                 option: str = SERVER_OPTION) -> None:
+        super().__init__(f"{target}: {code.name}: {details}{_connect_hint(code, details, connection, option)}")
         self.code, self.details = code, details
 
 
-def _connect_hint(code: grpc.StatusCode, details: str, connection: str) -> str:
+def _connect_hint(code: grpc.StatusCode, details: str, connection: str, option: str) -> str:
     """Why a call found no server to answer it, where gRPC's details say: ``connection`` is
-    plaintext, TLS or mutual TLS."""
+    plaintext, TLS or mutual TLS; ``option`` gave the server's address."""
     if code != grpc.StatusCode.UNAVAILABLE:
         return ""
     hint = next((hint for marker, hint in CONNECT_HINTS if marker in details), "")
     if not hint and "Socket closed" in details:
         hint = f" ({CLOSED_HINTS[connection]}{CLOSED_AT_LIMIT})"
-    return hint or (NO_SERVER_HINT if "failed to connect" in details else "")
+    return (hint or (NO_SERVER_HINT if "failed to connect" in details else "")).format(option=option)
 
 
-def _credentials(tls_ca: Path, tls_cert: Path | None, tls_key: Path | None) -> grpc.ChannelCredentials:
+def channel_credentials(tls_ca: Path, tls_cert: Path | None, tls_key: Path | None) -> grpc.ChannelCredentials:
     """TLS trusting the CA in ``tls_ca``, with the client's own certificate and key for a server
     that asks for one (mutual TLS). The files are checked here: gRPC would only fail at the first
     call, with "Failed to create security handshaker"."""
@@ -143,16 +148,17 @@ class DigitClient:
     """``with DigitClient("localhost:8001") as client: client.classify([png_bytes])``."""
 
     def __init__(self, target: str = "localhost:8001", tls_ca: Path | None = None, token: str | None = None,
-                 timeout: float = 30.0, tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
+                 timeout: float = 30.0, tls_cert: Path | None = None, tls_key: Path | None = None,
+                 option: str = SERVER_OPTION) -> None:
+        """``option``: how the user named ``target``, for the hints of a connection that fails."""
         if tls_ca is not None:
-            self.channel = grpc.secure_channel(target, _credentials(tls_ca, tls_cert, tls_key))
+            self.channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key))
         elif tls_cert or tls_key:
-            raise ResserveError("--tls-cert and --tls-key (mutual TLS) need --tls-ca: the CA that signed the "
-                                "server's certificate")
+            raise ResserveError(CLIENT_CERT_NEEDS_CA)
         else:
             self.channel = grpc.insecure_channel(target)
         self.connection = "mutual TLS" if tls_cert else "TLS" if tls_ca else "plaintext"
-        self.target = target
+        self.target, self.option = target, option
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.classifier = digits_pb2_grpc.DigitClassifierStub(self.channel)
@@ -244,6 +250,10 @@ class DigitClient:
                     return status
             time.sleep(HEALTH_POLL_SECONDS)
 
+    def model_config(self, name: str) -> model_config_pb2.ModelConfig:
+        """The model's configuration, as Triton gives it (its backend and precision among the parameters)."""
+        return self._call(self.inference.ModelConfig, kserve_pb2.ModelConfigRequest(name=name)).config
+
     def models(self) -> list[ModelEntry]:
         """What the server has (its model repository index)."""
         response = self._call(self.inference.RepositoryIndex, kserve_pb2.RepositoryIndexRequest())
@@ -260,4 +270,4 @@ class DigitClient:
         try:
             return method(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
-            raise ClientError(self.target, exc.code(), exc.details(), self.connection) from None
+            raise ClientError(self.target, exc.code(), exc.details(), self.connection, self.option) from None

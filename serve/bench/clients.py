@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import itertools
+import ssl
 from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import aiohttp
@@ -24,6 +26,7 @@ import grpc
 import numpy as np
 import orjson
 
+from resserve.serve.client import CLIENT_CERT_NEEDS_CA, channel_credentials
 from resserve.serve.errors import ResserveError
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -70,6 +73,50 @@ class LoadResult:
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """What the load shows a server with TLS or bearer tokens, as ``resserve classify`` does: the
+    files' paths and the token, from which each load process makes its own connections."""
+
+    tls_ca: Path | None = None  # the CA of the server's certificate: connect with TLS
+    tls_cert: Path | None = None  # this client's certificate and key, for mutual TLS
+    tls_key: Path | None = None
+    token: str | None = None
+
+    def check(self) -> None:
+        """One line now, rather than a failure in every connection, for files that cannot serve."""
+        if self.tls_ca is None and (self.tls_cert or self.tls_key):
+            raise ResserveError(CLIENT_CERT_NEEDS_CA)
+        self.grpc()  # reads and checks the files
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_ca else "http"
+
+    def grpc(self) -> grpc.ChannelCredentials | None:
+        """gRPC's TLS credentials; None for plaintext."""
+        return channel_credentials(self.tls_ca, self.tls_cert, self.tls_key) if self.tls_ca else None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """HTTPS's, trusting the CA (and showing the client's certificate); None for plain HTTP."""
+        if self.tls_ca is None:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert and self.tls_key:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The token as gRPC metadata."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The token as an HTTP header, or as tritonclient's gRPC metadata (which takes lower case only)."""
+        return dict(self.metadata)
+
+
+@dataclass(frozen=True)
 class LoadSpec:
     target: str  # host:port of gRPC
     http_target: str  # host:port of HTTP
@@ -79,6 +126,7 @@ class LoadSpec:
     duration: float
     warmup: float
     client: str = "resserve"  # one of CLIENTS (only resserve speaks classify)
+    credentials: Credentials = Credentials()
 
 
 def stand_in_images(batch: int) -> np.ndarray:
@@ -96,19 +144,26 @@ def _kserve_request(spec: LoadSpec) -> kserve_pb2.ModelInferRequest:
 
 def _call(spec: LoadSpec, channel: grpc.aio.Channel):
     """An async function sending one request of ``spec.batch`` images."""
+    metadata = spec.credentials.metadata
     if spec.api == "kserve":
         request = _kserve_request(spec)
-        return lambda: kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        return lambda: kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30, metadata=metadata)
     images = stand_in_images(spec.batch)
     raw = [digits_pb2.Image(raw_28x28=(image[0] * 255).astype(np.uint8).tobytes()) for image in images]
     request = digits_pb2.ClassifyRequest(images=raw, model=spec.model)
-    return lambda: digits_pb2_grpc.DigitClassifierStub(channel).Classify(request, timeout=30)
+    return lambda: digits_pb2_grpc.DigitClassifierStub(channel).Classify(request, timeout=30, metadata=metadata)
+
+
+# a connection of its own (not gRPC's shared subchannel), as separate clients have, so the kernel
+# can spread clients over a server's workers
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def _channel(spec: LoadSpec) -> grpc.aio.Channel:
-    # a connection of its own (not gRPC's shared subchannel), as separate clients have, so the
-    # kernel can spread clients over a server's workers
-    return grpc.aio.insecure_channel(spec.target, options=[("grpc.use_local_subchannel_pool", 1)])
+    credentials = spec.credentials.grpc()
+    if credentials is None:
+        return grpc.aio.insecure_channel(spec.target, options=OWN_CONNECTION)
+    return grpc.aio.secure_channel(spec.target, credentials, options=OWN_CONNECTION)
 
 
 @asynccontextmanager
@@ -160,7 +215,7 @@ async def _grpc_stream_sender(spec: LoadSpec):
     message on it, and ``send()`` returns when that request's response arrives."""
     template, pending, writing = _kserve_request(spec), _Pending(), asyncio.Lock()
     async with _channel(spec) as channel:
-        call = kserve_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+        call = kserve_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(metadata=spec.credentials.metadata)
 
         async def read() -> None:
             try:
@@ -202,9 +257,11 @@ async def _rest_sender(spec: LoadSpec, http_connections: int):
                                        "parameters": {"binary_data_size": images.nbytes}}],
                            "parameters": {"binary_data_output": True}})
     body = header + images.tobytes()
-    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
-    url = f"http://{spec.http_target}/v2/models/{spec.model}/infer"
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=http_connections)) as session:
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream",
+               **spec.credentials.headers}
+    url = f"{spec.credentials.scheme}://{spec.http_target}/v2/models/{spec.model}/infer"
+    connector = aiohttp.TCPConnector(limit=http_connections, ssl=spec.credentials.ssl_context() or True)
+    async with aiohttp.ClientSession(connector=connector) as session:
 
         async def send() -> str | None:
             try:
@@ -229,10 +286,12 @@ def triton_client_module(api: str) -> ModuleType:
 def _triton_client(spec: LoadSpec, http_connections: int = 1):
     """A tritonclient asyncio client for ``spec``, and the input tensor it sends."""
     triton = triton_client_module(spec.api)
+    credentials = spec.credentials
     if spec.api == "rest":
-        client = triton.InferenceServerClient(spec.http_target, conn_limit=http_connections)
+        client = triton.InferenceServerClient(spec.http_target, conn_limit=http_connections,
+                                              ssl=credentials.tls_ca is not None, ssl_context=credentials.ssl_context())
     else:
-        client = triton.InferenceServerClient(spec.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+        client = triton.InferenceServerClient(spec.target, creds=credentials.grpc(), channel_args=OWN_CONNECTION)
     images = stand_in_images(spec.batch)
     tensor = triton.InferInput("input", list(images.shape), "FP32")
     tensor.set_data_from_numpy(images)
@@ -249,7 +308,7 @@ async def _tritonclient_sender(spec: LoadSpec, http_connections: int):
 
     async def send() -> str | None:
         try:
-            await client.infer(spec.model, [tensor])
+            await client.infer(spec.model, [tensor], headers=spec.credentials.headers)
         except InferenceServerException as exc:
             return str(exc.status() or "error")
         except aiohttp.ClientError as exc:  # tritonclient.http.aio lets its transport's errors through
@@ -275,7 +334,7 @@ async def _tritonclient_stream_sender(spec: LoadSpec):
 
     async def read() -> None:
         try:
-            async for result, error in client.stream_infer(requests()):
+            async for result, error in client.stream_infer(requests(), headers=spec.credentials.headers):
                 pending.answer(None if error else result.get_response().id, "error_message" if error else None)
             pending.end("stream ended")
         except Exception as exc:  # noqa: BLE001 - tritonclient raises its own and grpc's errors here

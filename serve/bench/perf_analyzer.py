@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from resserve.serve.errors import ResserveError
-from resserve.serve.bench.clients import Level, LoadResult, LoadSpec
+from resserve.serve.bench.clients import Credentials, Level, LoadResult, LoadSpec
 
 PROTOCOLS = {"kserve": ("-i", "grpc"), "kserve-stream": ("-i", "grpc", "--streaming"), "rest": ("-i", "http")}
 WINDOWS = 3  # perf_analyzer reports once this many consecutive windows agree
@@ -48,10 +48,46 @@ def command(spec: LoadSpec, level: Level, export: Path) -> list[str]:
     state (which may take up to ten windows)."""
     load = (("--concurrency-range", str(level.concurrency)) if level.concurrency
             else ("--request-rate-range", f"{level.rate:g}", "--request-distribution", "poisson", "--async"))
-    return [executable(), "-m", spec.model, "-u", spec.http_target if spec.api == "rest" else spec.target,
-            *PROTOCOLS[spec.api], "-b", str(spec.batch), "--input-data", "zero", *load,
+    return [executable(), "-m", spec.model, "-u", _url(spec), *PROTOCOLS[spec.api], *_secured(spec),
+            "-b", str(spec.batch), "--input-data", "zero", *load,
             "--measurement-mode", "time_windows", "--measurement-interval", str(round(_window_seconds(spec) * 1000)),
             "--stability-percentage", "100", "--max-trials", str(MAX_WINDOWS), "--profile-export-file", str(export)]
+
+
+def check_credentials(apis: list[str], credentials: Credentials) -> None:
+    """A one-line error for what perf_analyzer cannot show a server: a token over gRPC (its
+    headers, -H, go over HTTP only)."""
+    grpc_apis = [api for api in apis if api != "rest"]
+    if credentials.token and grpc_apis:
+        raise ResserveError(f"perf_analyzer sends no token over gRPC (its -H headers are HTTP only): measure --api "
+                            f"{','.join(grpc_apis)} with --client tritonclient or resserve, or perf_analyzer with "
+                            "--api rest")
+
+
+def _url(spec: LoadSpec) -> str:
+    """The server's address as perf_analyzer takes it: HTTPS named by its scheme."""
+    if spec.api != "rest":
+        return spec.target
+    return f"https://{spec.http_target}" if spec.credentials.tls_ca else spec.http_target
+
+
+def _secured(spec: LoadSpec) -> list[str]:
+    """perf_analyzer's options for the server's TLS, and for the token (over HTTP; shown in the
+    process list, as perf_analyzer takes it on its command line only)."""
+    tls, options = spec.credentials, []
+    if spec.api != "rest":
+        if tls.tls_ca:
+            options += ["--ssl-grpc-use-ssl", "true", "--ssl-grpc-root-certifications-file", str(tls.tls_ca)]
+        if tls.tls_cert and tls.tls_key:
+            options += ["--ssl-grpc-certificate-chain-file", str(tls.tls_cert),
+                        "--ssl-grpc-private-key-file", str(tls.tls_key)]
+        return options
+    if tls.tls_ca:
+        options += ["--ssl-https-ca-certificates-file", str(tls.tls_ca)]
+    if tls.tls_cert and tls.tls_key:
+        options += ["--ssl-https-client-certificate-file", str(tls.tls_cert),
+                    "--ssl-https-private-key-file", str(tls.tls_key)]
+    return options + (["-H", f"Authorization:Bearer {tls.token}"] if tls.token else [])
 
 
 def _window_seconds(spec: LoadSpec) -> float:

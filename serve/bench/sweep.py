@@ -23,14 +23,13 @@ from typing import Callable, Iterator
 import grpc
 
 from resserve.serve.bench import perf_analyzer
-from resserve.serve.bench.clients import Level, LoadSpec, triton_client_module
+from resserve.serve.bench.clients import Credentials, Level, LoadSpec, triton_client_module
 from resserve.serve.bench.limits import in_process_limit, machine_description
 from resserve.serve.bench.load import measure_level
 from resserve.serve.bench.report import InProcessResult, LevelResult, ServeReport, ServerSummary, summarize
+from resserve.serve.client import ClientError, DigitClient
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import load_package
-from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
-from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 
 LOAD_BOUND_CORES = 0.9  # a load process using this much of a core is the likely bottleneck
 
@@ -64,25 +63,27 @@ def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str
         process.wait(timeout=60)
 
 
-def _check_http(http_target: str) -> None:
+def _check_http(http_target: str, credentials: Credentials) -> None:
     """A one-line error now, rather than every request failing, when --api rest cannot reach the server."""
     try:
-        urllib.request.urlopen(f"http://{http_target}/v2/health/live", timeout=10).close()
+        urllib.request.urlopen(f"{credentials.scheme}://{http_target}/v2/health/live", timeout=10,
+                               context=credentials.ssl_context()).close()
     except OSError as exc:
         reason = getattr(exc, "reason", exc)
         raise ResserveError(f"{http_target}: cannot reach the server's HTTP port ({reason}); "
                             "--http-target names it") from None
 
 
-def _server_runtime(target: str, model: str) -> str:
+def _server_runtime(target: str, model: str, credentials: Credentials) -> str:
     """"backend precision" as the server reports it in the model's config."""
-    with grpc.insecure_channel(target) as channel:
+    with DigitClient(target, credentials.tls_ca, credentials.token, timeout=10, tls_cert=credentials.tls_cert,
+                     tls_key=credentials.tls_key, option="--target") as client:
         try:
-            config = kserve_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
-                kserve_pb2.ModelConfigRequest(name=model), timeout=10).config
-        except grpc.RpcError as exc:
-            hint = " (--model and --package name the model to measure)" if exc.code() == grpc.StatusCode.NOT_FOUND else ""
-            raise ResserveError(f"{target}: {exc.code().name}: {exc.details()}{hint}") from None
+            config = client.model_config(model)
+        except ClientError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise ResserveError(f"{exc} (--model and --package name the model to measure)") from None
     return f"{config.parameters['backend'].string_value} {config.parameters['precision'].string_value}"
 
 
@@ -118,7 +119,7 @@ def _named(configuration: str, api: str, apis: list[str]) -> str:
 def run_benchmark(package_path: Path | None, target: str | None, http_target: str | None, model: str,
                   apis: list[str], levels: list[Level], batch: int, duration: float, warmup: float,
                   metrics_url: str | None, backends: list[str], workers: list[int], load_processes: int,
-                  client: str = "resserve", log=print) -> ServeReport:
+                  client: str = "resserve", credentials: Credentials = Credentials(), log=print) -> ServeReport:
     """The whole sweep: the server(s) over each API, then the in-process limit; returns the report."""
     package = load_package(package_path)
     model = model or package.name
@@ -127,19 +128,20 @@ def run_benchmark(package_path: Path | None, target: str | None, http_target: st
             triton_client_module(api)
     if client == "perf_analyzer":
         perf_analyzer.executable()  # before any server starts
+        perf_analyzer.check_credentials(apis, credentials)
     servers: dict[str, list[LevelResult]] = {}
     runtimes: dict[str, str] = {}
     configurations = _configurations(backends, workers) if target is None else [(f"server at {target}", None)]
     for configuration, flags in configurations:
         with (started_server(package_path, *flags) if flags is not None
               else nullcontext((target, http_target or "", metrics_url or "", None))) as (address, http, metrics, pid):
-            runtime = _server_runtime(address, model)
+            runtime = _server_runtime(address, model, credentials)
             if "rest" in apis:
-                _check_http(http)
+                _check_http(http, credentials)
             for api in apis:
                 name = _named(configuration, api, apis)
                 runtimes[name] = runtime
-                spec = LoadSpec(address, http, model, api, batch, duration, warmup, client)
+                spec = LoadSpec(address, http, model, api, batch, duration, warmup, client, credentials)
                 servers[name] = [_measured(name, runtime, spec, level, metrics, pid, load_processes, log)
                                  for level in levels]
     limits: dict[str, list[InProcessResult]] = {}
@@ -180,5 +182,5 @@ def _summaries(servers: dict[str, list[LevelResult]], runtimes: dict[str, str],
             summaries[name] = summarize(
                 servers[name], limits[runtimes[name]], batch, baseline=servers.get(_named(baseline, api, apis)),
                 unbatched=servers.get(_named(UNBATCHED, api, apis)) if configuration == baseline else None,
-                grpc=servers.get(_named(configuration, "kserve", apis)) if api == "rest" else None)
+                grpc=servers.get(_named(configuration, "kserve", apis)) if api == "rest" and "kserve" in apis else None)
     return summaries
