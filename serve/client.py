@@ -42,7 +42,8 @@ CLOSED_HINTS = {
                   "--tls-client-ca?",
 }
 CLOSED_AT_LIMIT = "; or it holds all the connections it may (its --max-connections): retry later"
-CLIENT_CERT_NEEDS_CA = "--tls-cert and --tls-key (mutual TLS) need --tls-ca: the CA that signed the server's certificate"
+CLIENT_CERT_NEEDS_CA = ("--tls-cert and --tls-key (mutual TLS) need --tls-ca: the CA that signed the server's "
+                        "certificate")
 
 
 class ClientError(ResserveError):

@@ -34,8 +34,8 @@ def pki(tmp_path_factory):
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         cert = builder.sign(issuer_key or key, hashes.SHA256())
-        (root / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
+        (root / f"{name}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         (root / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return key, subject
 

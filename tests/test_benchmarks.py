@@ -220,8 +220,9 @@ def secured_server(pki, tmp_path_factory):
 
 
 def _secured_options(pki, tokens) -> tuple[str, ...]:
-    return ("--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"), "--tls-key", str(pki / "client.key"),
-            "--token-file", str(tokens), "--concurrency", "1", "--duration", "0.3")
+    """The client's certificate and the token, and a short closed-loop run."""
+    return ("--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"),
+            "--tls-key", str(pki / "client.key"), "--token-file", str(tokens), "--concurrency", "1", "--duration", "0.3")
 
 
 @pytest.mark.parametrize("client", ["resserve", "tritonclient"])
