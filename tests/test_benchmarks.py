@@ -260,7 +260,7 @@ def test_bench_serve_at_a_tls_server_without_its_ca_says_which_option_is_missing
         "(a TLS server closes plaintext connections: --tls-ca names the CA that signed its certificate; "
         "or it holds all the connections it may (its --max-connections): retry later)")
     nobody = run_cli("bench", "serve", "--target", "127.0.0.1:1", "--duration", "0.3")
-    assert nobody.stderr.strip().splitlines()[-1].endswith(
+    assert nobody.returncode == 1 and nobody.stderr.strip().splitlines()[-1].endswith(
         "(is a server running there? `resserve serve` starts one; --target names another)")
 
 
