@@ -66,11 +66,16 @@ def save_checkpoint(path: Path, model: nn.Module, config: ModelConfig, metrics: 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "state_dict": cpu_state(model),
         "metrics": metrics.to_dict() if metrics else None,
     }
     write_tensors(path, payload)
     return Path(path)
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as a file keeps them: on the CPU, detached, contiguous."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def write_tensors(path: Path, payload: dict) -> None:

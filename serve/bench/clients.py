@@ -299,7 +299,7 @@ def _triton_client(spec: LoadSpec, http_connections: int = 1):
 
 
 @asynccontextmanager
-async def _tritonclient_sender(spec: LoadSpec, http_connections: int):
+async def _tritonclient_sender(spec: LoadSpec, http_connections: int = 1):
     """As ``_grpc_sender``/``_rest_sender``, with Triton's own asyncio clients (tritonclient.grpc.aio
     or tritonclient.http.aio), as a Triton user would load the server."""
     from tritonclient.utils import InferenceServerException
@@ -366,4 +366,4 @@ def sender(spec: LoadSpec, http_connections: int = 1):
                 else _rest_sender(spec, http_connections))
     if spec.api == "kserve-stream":
         return _tritonclient_stream_sender(spec) if spec.client == "tritonclient" else _grpc_stream_sender(spec)
-    return _tritonclient_sender(spec, 1) if spec.client == "tritonclient" else _grpc_sender(spec)
+    return _tritonclient_sender(spec) if spec.client == "tritonclient" else _grpc_sender(spec)

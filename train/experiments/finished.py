@@ -18,7 +18,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from resserve.train.checkpoint import read_format, write_tensors
+from resserve.train.checkpoint import cpu_state, read_format, write_tensors
 from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.experiments.settings import Budget
 from resserve.train.files import CheckpointError
@@ -68,9 +68,8 @@ class FinishedNetworks:
              run: dict) -> None:
         """Write the network just finished; a write that fails (a full disk) is said once and the
         experiment goes on: it can still finish, and only resuming is lost."""
-        state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
         payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                   "options": _options(config, recipe, budget), "state": state, "run": run}
+                   "options": _options(config, recipe, budget), "state": cpu_state(model), "run": run}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             write_tensors(self.folder / f"{name}.pt", payload)
