@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from resserve.serve.errors import InvalidInput
+from resserve.serve.ruled import without_ruled_lines
 
 # The formats a client's image is read in: what cameras, phones, scanners, browsers and drawing
 # tools write. Pillow reads many more, and hands some to other programs (EPS to Ghostscript,
@@ -204,7 +205,9 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     peak = gray.max()
     if peak <= 0:
         return np.zeros((28, 28), dtype=np.float32)  # a blank image stays blank
-    gray = _without_specks(gray / peak)
+    gray = _without_specks(without_ruled_lines(gray / peak))
+    if not gray.any():
+        return np.zeros((28, 28), dtype=np.float32)  # nothing but the lines of the paper
     rows, cols = np.nonzero(gray > INK_THRESHOLD)
     crop = gray[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     scale = 20.0 / max(crop.shape)

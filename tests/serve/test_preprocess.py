@@ -243,13 +243,27 @@ def test_a_digit_in_strokes_apart_keeps_every_stroke():
     assert ys.max() - ys.min() + 1 == 20 and xs.max() - xs.min() + 1 >= 4  # the stem alone: 2 px wide
 
 
-def _photographed(digit: np.ndarray, light: np.ndarray, seed: int, specks: int = 0) -> bytes:
-    """``digit`` (MNIST) written in dark ink on a page, 6x its size, off-centre, under ``light``
-    (a factor per pixel), with ``specks`` dots of ink (radius 2-4 px) around it, with sensor
-    noise, as a phone's JPEG."""
+def _ruled(shape: tuple[int, int], spacing: int, tone: int, columns: bool = False, tilt: float = 0.0) -> np.ndarray:
+    """A page of tone 230 ruled every ``spacing`` px with lines 2 px thick of ``tone``, falling by
+    ``tilt`` px a px (photographed not quite square), and down it too with ``columns`` (squared paper)."""
+    height, width = shape
+    page = Image.new("L", (width, height), 230)
+    draw = ImageDraw.Draw(page)
+    for start in range(-spacing * 4 + spacing // 3, max(shape) + spacing * 4, spacing):
+        draw.line([(0, start), (width, start + tilt * width)], fill=tone, width=2)
+        if columns:
+            draw.line([(start, 0), (start - tilt * height, height)], fill=tone, width=2)
+    return np.asarray(page, dtype=np.float64)
+
+
+def _photographed(digit: np.ndarray, light: np.ndarray, seed: int, specks: int = 0,
+                  paper: np.ndarray | None = None) -> bytes:
+    """``digit`` (MNIST) written in dark ink on ``paper`` (plain by default), 6x its size,
+    off-centre, under ``light`` (a factor per pixel), with ``specks`` dots of ink (radius 2-4 px)
+    around it, with sensor noise, as a phone's JPEG."""
     rng = np.random.default_rng(seed)
     ink = np.asarray(Image.fromarray(digit).resize((168, 168), Image.BILINEAR), dtype=np.float32) / 255
-    page = np.full(light.shape, 230.0)
+    page = np.full(light.shape, 230.0) if paper is None else paper.copy()
     top, left = 56 + rng.integers(-20, 21, size=2)
     page[top:top + 168, left:left + 168] = page[top:top + 168, left:left + 168] * (1 - ink) + 50 * ink
     ys, xs = np.indices(light.shape)
@@ -283,3 +297,47 @@ def test_a_photo_of_a_digit_under_uneven_light_is_read_as_under_even_light(mnist
         inputs = np.stack([encoded_to_input(_photographed(mnist.test.images[i], light, seed=i)) for i in range(count)])
         right = (backend.infer(inputs)["logits"].argmax(axis=1) == mnist.test.labels[:count]).sum()
         assert right >= count - 1, f"{name}: {right} of {count}"
+
+
+@pytest.mark.parametrize("paper", ["faint ruled", "dark ruled, 2 degrees off square", "squared, 3 degrees off"])
+def test_a_photo_of_a_digit_on_ruled_paper_is_read_as_on_plain_paper(mnist, paper):
+    """Each line reaches both edges of the photo, so the digit's box was the whole photo and the
+    digit a speck in it: on faint ruled lines 87 of 200 were read right, 199 on plain paper."""
+    page = {"faint ruled": _ruled((280, 280), 40, 170),
+            "dark ruled, 2 degrees off square": _ruled((280, 280), 30, 100, tilt=-0.035),
+            "squared, 3 degrees off": _ruled((280, 280), 28, 150, columns=True, tilt=0.052)}[paper]
+    count = 40
+    inputs = np.stack([encoded_to_input(_photographed(mnist.test.images[i], np.ones((280, 280)), seed=i, paper=page))
+                       for i in range(count)])
+    right = (_shipped_model().infer(inputs)["logits"].argmax(axis=1) == mnist.test.labels[:count]).sum()
+    assert right >= count - 1, f"{right} of {count}"
+
+
+def test_a_stroke_across_a_ruled_line_is_kept_whole_and_a_thick_bar_edge_to_edge_is_not_a_line():
+    page = _ruled((300, 300), 40, 120).astype(np.uint8)
+    page[60:240, 140:160] = 0  # a stem across four lines
+    image = to_mnist(decode(_png(page)))
+    stem = image[:, image.sum(axis=0).argmax()]
+    assert (stem > 0.5).sum() == 20 and np.count_nonzero(image > 0.5) <= 20 * 3  # whole, and nothing else
+
+    bar = np.full((300, 300), 255, dtype=np.uint8)
+    bar[50:70, :] = 0  # a 7's top, cropped close: thicker than a line
+    bar[70:250, 200:220] = 0
+    image = to_mnist(decode(_png(bar)))
+    assert (image > 0.5).sum(axis=1).max() == 20 and (image > 0.5).sum(axis=0).max() >= 12  # bar and stem
+
+
+def test_a_ruled_page_with_nothing_written_on_it_is_blank():
+    with pytest.raises(InvalidInput, match="blank"):
+        encoded_to_input(_png(_ruled((200, 300), 30, 120, columns=True).astype(np.uint8)))
+
+
+@pytest.mark.parametrize("height", [1, 2, 5, 17])
+@pytest.mark.parametrize("width", [1, 3, 40])
+def test_images_of_any_small_size_ruled_or_not_come_out_in_range(height, width):
+    pages = [np.random.default_rng(0).random((height, width)), np.zeros((height, width)), np.zeros((height, width))]
+    pages[1][::3] = pages[1][:, ::4] = 1.0  # squared: every row and column of some images a line
+    pages[2][height // 2] = 1.0
+    for page in pages:
+        image = to_mnist(page.astype(np.float32))
+        assert image.shape == (28, 28) and 0.0 <= image.min() and image.max() <= 1.0
