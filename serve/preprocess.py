@@ -5,14 +5,8 @@ ratio, and centred by centre of mass in a 28x28 field. ``decode`` reads a photo 
 upright (by its EXIF orientation) and grayscale; ``to_mnist`` does what MNIST did: invert when
 the background is light; take the background away; leave out specks apart from the digit;
 crop to the ink's bounding box; scale the longer side to 20 px; paste so the ink's centre of
-mass lands at the centre.
-
-A photo of a digit on paper is rarely lit evenly: a shadow across the page, or corners darker
-than the centre, leave paper in one place darker than ink in another, so no single level tells
-them apart (with 40% of the light gone on one side of the page, the shipped model read 9 of 40
-photographed digits right, against 39 under even light). Where the border is not one even
-tone, the paper's brightness is estimated at every pixel (``_paper``) and taken away before the
-ink is looked for; an even one (a drawing, a scan, MNIST itself) is taken away whole, as before.
+mass lands at the centre. What a photo shows besides the digit (a desk around the sheet, uneven
+light, the lines of ruled paper, specks) is taken away first, by serve/paper.py and serve/ruled.py.
 
 Transparency is ink too: a canvas drawing exported as PNG is ink on a transparent background,
 so transparent pixels become a background that contrasts with the ink before anything else.
@@ -30,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from resserve.serve.errors import InvalidInput
+from resserve.serve.paper import INK_THRESHOLD, border, on_the_sheet, paper_light, without_specks
 from resserve.serve.ruled import without_ruled_lines
 
 # The formats a client's image is read in: what cameras, phones, scanners, browsers and drawing
@@ -56,13 +51,7 @@ HEIF_REFUSED = ("a HEIC photo, which this server does not read: send it as JPEG 
 # towards refusing.
 MAX_JPEG_SCANS = 100
 JPEG_START_OF_SCAN = b"\xff\xda"
-INK_THRESHOLD = 0.25  # fraction of the darkest-to-brightest range that counts as ink
 EVEN_BORDER = 0.05  # a border whose tones span less than this is one even background (drawings, scans, MNIST)
-PAPER_SIDE = 32  # the paper is estimated at this resolution: light varies slowly across a page
-PAPER_WINDOW = 13  # pixels of it (40% of the side) that are wider than any stroke, so no ink is taken for paper
-MARK_GRID = 32  # separate marks are told apart on a grid of at most this many cells a side,
-MARK_CELL = 2  # each cell at least this many pixels a side (a 28x28 digit: 14x14 cells)
-MARK_SHARE = 0.05  # a band of ink with less than this share of the inkiest band's is specks, not the digit
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 UNBOUNDED_MODES = frozenset({"I", "F"})  # 32-bit integers and floats: no range the format fixes
 
@@ -197,15 +186,16 @@ class BlankImage(InvalidInput):
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:
     """Grayscale [H,W] in [0,1] -> float32 [28,28] in [0,1], white ink on black, centred."""
-    if _border(gray).mean() > 0.5:  # light background: make the ink white
+    gray = on_the_sheet(gray)
+    if border(gray).mean() > 0.5:  # light background: make the ink white
         gray = 1.0 - gray
-    if np.ptp(_border(gray)) > EVEN_BORDER:  # uneven light (or a noisy photo): the paper, pixel by pixel
-        gray = np.clip(gray - _paper(gray), 0.0, None)
-    gray = np.clip(gray - np.median(_border(gray)), 0.0, None)  # background to 0
+    if np.ptp(border(gray)) > EVEN_BORDER:  # uneven light (or a noisy photo): the paper, pixel by pixel
+        gray = np.clip(gray - paper_light(gray), 0.0, None)
+    gray = np.clip(gray - np.median(border(gray)), 0.0, None)  # background to 0
     peak = gray.max()
     if peak <= 0:
         return np.zeros((28, 28), dtype=np.float32)  # a blank image stays blank
-    gray = _without_specks(without_ruled_lines(gray / peak))
+    gray = without_specks(without_ruled_lines(gray / peak))
     if not gray.any():
         return np.zeros((28, 28), dtype=np.float32)  # nothing but the lines of the paper
     rows, cols = np.nonzero(gray > INK_THRESHOLD)
@@ -215,71 +205,6 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     small = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize(size, Image.LANCZOS),
                        dtype=np.float32) / 255.0
     return _paste_centred(small)
-
-
-def _border(gray: np.ndarray) -> np.ndarray:
-    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-
-
-def _paper(gray: np.ndarray) -> np.ndarray:
-    """The background's brightness at each pixel of ``gray`` (white ink on a darker background):
-    a grey-level opening (the lowest value in a window, then the highest of those), which takes
-    away every stroke narrower than the window and keeps the slow variations of light, on a
-    ``PAPER_SIDE`` square copy, then brought back to full size smoothly."""
-    small = np.asarray(Image.fromarray(gray.astype(np.float32), mode="F").resize((PAPER_SIDE,) * 2, Image.BOX))
-    opened = _window(_window(small, np.min), np.max)
-    return np.asarray(Image.fromarray(opened, mode="F").resize(gray.shape[::-1], Image.BILINEAR))
-
-
-def _window(image: np.ndarray, reduce) -> np.ndarray:
-    """``reduce`` (np.min, np.max) over a ``PAPER_WINDOW`` square around each pixel, one axis at a time."""
-    padded = np.pad(image, PAPER_WINDOW // 2, mode="edge")
-    rows = reduce(np.lib.stride_tricks.sliding_window_view(padded, PAPER_WINDOW, axis=0), axis=-1)
-    return reduce(np.lib.stride_tricks.sliding_window_view(rows, PAPER_WINDOW, axis=1), axis=-1)
-
-
-def _without_specks(gray: np.ndarray) -> np.ndarray:
-    """``gray`` (ink at most 1) without the marks apart from the digit that hold little ink (dust,
-    a fleck of the pen, a crumb on the page): each would stretch the digit's bounding box to reach
-    it, and the digit would shrink (three specks the size of a pen's dot around a photographed
-    digit: 141 of 200 read right, against 199 without them).
-
-    A mark that stretches the box lies beyond the digit's rows or beyond its columns, so it is
-    found as documents' layouts are, by an XY cut: on a coarse grid of the ink, the rows (then
-    the columns, and again until nothing changes) fall into bands of ink between empty ones; a
-    band with less than MARK_SHARE of the inkiest band's ink is dropped. A gap of one cell does not
-    part bands, so that the strokes of one digit, broken ones too, stay together."""
-    cell = max(MARK_CELL, -(-max(gray.shape) // MARK_GRID))
-    ink = _ink_per_cell(gray > INK_THRESHOLD, cell)
-    rows, cols = np.ones(ink.shape[0], dtype=bool), np.ones(ink.shape[1], dtype=bool)
-    while True:
-        kept_rows = rows & _inky_bands((ink * rows[:, None] * cols).sum(axis=1))
-        kept_cols = cols & _inky_bands((ink * kept_rows[:, None] * cols).sum(axis=0))
-        if (kept_rows == rows).all() and (kept_cols == cols).all():
-            break
-        rows, cols = kept_rows, kept_cols
-    if rows.all() and cols.all():
-        return gray
-    keep = np.repeat(np.repeat(rows[:, None] & cols, cell, axis=0), cell, axis=1)
-    gray = gray * keep[:gray.shape[0], :gray.shape[1]]
-    return gray / gray.max()
-
-
-def _inky_bands(profile: np.ndarray) -> np.ndarray:
-    """Which cells of ``profile`` (ink per row or column of cells) belong to a band holding at least
-    MARK_SHARE of the inkiest band's ink; bands are parted by two or more empty cells."""
-    inked = profile > 0
-    inked[1:-1] |= inked[:-2] & inked[2:]  # a gap of one cell is bridged
-    band = np.cumsum(np.diff(inked.astype(np.int8), prepend=0) == 1) * inked  # 1, 2, ... per band; 0 between
-    band_ink = np.bincount(band, weights=profile)
-    band_ink[0] = 0.0
-    return band_ink[band] >= MARK_SHARE * band_ink.max()
-
-
-def _ink_per_cell(ink: np.ndarray, cell: int) -> np.ndarray:
-    """How many pixels of ``ink`` each ``cell``-pixel square holds (those at the edges may be smaller)."""
-    per_row = np.add.reduceat(ink, np.arange(0, ink.shape[0], cell), axis=0, dtype=np.int32)
-    return np.add.reduceat(per_row, np.arange(0, ink.shape[1], cell), axis=1)
 
 
 def _paste_centred(digit: np.ndarray) -> np.ndarray:

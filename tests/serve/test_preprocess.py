@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from helpers import HEIC_PHOTO, MALFORMED_TIFF
 from resserve.serve.errors import InvalidInput
+from resserve.serve.paper import on_the_sheet
 from resserve.serve.preprocess import (HEIF_REFUSED, MAX_PIXELS, decode, encoded_to_input, is_heif, pixels_of,
                                       raw_to_input, to_mnist)
 
@@ -341,3 +342,33 @@ def test_images_of_any_small_size_ruled_or_not_come_out_in_range(height, width):
     for page in pages:
         image = to_mnist(page.astype(np.float32))
         assert image.shape == (28, 28) and 0.0 <= image.min() and image.max() <= 1.0
+
+
+def _on_a_desk(photo: bytes, seed: int, tilt: float) -> bytes:
+    """``photo`` of a page, the page lying on a dark, grainy desk that shows around it (the page
+    70% of the photo's side), turned by ``tilt`` degrees, as a phone's JPEG."""
+    page = Image.open(io.BytesIO(photo)).convert("L")
+    side = page.size[0] * 10 // 7
+    desk = Image.fromarray(np.clip(np.random.default_rng(seed).normal(90, 8, (side, side)), 0, 255).astype(np.uint8))
+    turned = page.rotate(tilt, Image.BILINEAR, expand=True)
+    where = ((side - turned.size[0]) // 2, (side - turned.size[1]) // 2)
+    desk.paste(turned, where, Image.new("L", page.size, 255).rotate(tilt, expand=True))
+    return _png(np.asarray(desk), "JPEG")
+
+
+@pytest.mark.parametrize("tilt, ruled", [(0, False), (4, False), (3, True)])
+def test_a_photo_of_a_page_on_a_desk_is_read_as_the_page_alone(mnist, tilt, ruled):
+    """The desk is the photo's border, so the page was taken for ink: 8 of 100 digits were read right."""
+    count = 40
+    paper = _ruled((280, 280), 30, 100) if ruled else None
+    photos = [_photographed(mnist.test.images[i], np.ones((280, 280)), seed=i, paper=paper) for i in range(count)]
+    inputs = np.stack([encoded_to_input(_on_a_desk(photo, seed=i, tilt=tilt)) for i, photo in enumerate(photos)])
+    right = (_shipped_model().infer(inputs)["logits"].argmax(axis=1) == mnist.test.labels[:count]).sum()
+    assert right >= count - 1, f"{right} of {count}"
+
+
+def test_no_mnist_digit_is_taken_for_a_sheet_on_a_desk(mnist):
+    """A digit with a bold stroke is a bright region wider than a stroke on a dark border, as a
+    sheet is; MNIST's border has one tone (a photo's is grainy), but where a stroke reaches it."""
+    digits = mnist.test.images.astype(np.float32) / 255
+    assert not [i for i, digit in enumerate(digits) if on_the_sheet(digit) is not digit]

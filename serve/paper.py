@@ -1,0 +1,166 @@
+"""The paper a digit is written on, taken away from a photo of it so that the digit is left:
+the desk around a sheet, uneven light across it, and specks apart from the digit (the lines of
+ruled paper: serve/ruled.py). Each step leaves a drawing, a scan or an MNIST digit as it is.
+
+A photo of a digit on paper is rarely lit evenly: a shadow across the page, or corners darker
+than the centre, leave paper in one place darker than ink in another, so no single level tells
+them apart (with 40% of the light gone on one side of the page, the shipped model read 9 of 40
+photographed digits right, against 39 under even light). Where the border is not one even
+tone, the paper's brightness is estimated at every pixel (``paper_light``) and taken away before
+the ink is looked for; an even one (a drawing, a scan, MNIST itself) is taken away whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+INK_THRESHOLD = 0.25  # fraction of the darkest-to-brightest range that counts as ink
+PAPER_SIDE = 32  # the paper is estimated at this resolution: light varies slowly across a page
+PAPER_WINDOW = 13  # pixels of it (40% of the side) that are wider than any stroke, so no ink is taken for paper
+SHEET_WINDOW = 3  # pixels of it (10% of the side): wider than a stroke, narrower than a sheet of paper in a photo
+SHEET_CONTRAST = 0.3  # a sheet is at least this much brighter than the desk around it (shadows fade more slowly)
+SHEET_SHARE = 0.1  # and covers at least this share of the photo
+SHEET_GRAIN = 1 / 255  # a photo's border: a desk's grain and the sensor's noise spread its quartiles this far
+MARK_GRID = 32  # separate marks are told apart on a grid of at most this many cells a side,
+MARK_CELL = 2  # each cell at least this many pixels a side (a 28x28 digit: 14x14 cells)
+MARK_SHARE = 0.05  # a band of ink with less than this share of the inkiest band's is specks, not the digit
+
+
+def border(gray: np.ndarray) -> np.ndarray:
+    """The pixels along the image's four edges."""
+    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+
+
+def _coarse(gray: np.ndarray) -> np.ndarray:
+    """``gray`` box-reduced to ``PAPER_SIDE`` square."""
+    return np.asarray(Image.fromarray(gray.astype(np.float32), mode="F").resize((PAPER_SIDE,) * 2, Image.BOX))
+
+
+def on_the_sheet(gray: np.ndarray) -> np.ndarray:
+    """The part of ``gray`` on the sheet of paper, where it is a photo of a sheet lying on a darker
+    desk (or table, or floor); ``gray`` itself otherwise.
+
+    The desk is the photo's border, so the sheet was taken for ink (a dark desk around a sheet
+    filling 70% of the photo's side: 8 of 100 digits read right). A sheet is looked for in photos
+    only (a grainy border; drawings and MNIST have one tone there, but where a stroke reaches it):
+    a region much brighter than the border, wider than any stroke (an opening on the coarse grid
+    keeps it and takes strokes away), that covers SHEET_SHARE of the photo and does not reach its
+    border (a shadow's edge does). The part kept is a box a cell inside the sheet's edges, with no
+    corner of the desk in it when the sheet lies at a slant, and the lines of ruled paper reach
+    its sides."""
+    tones = np.sort(border(gray))
+    low, middle, high = tones[[len(tones) // 4, len(tones) // 2, len(tones) * 3 // 4]]  # quartiles, and quick
+    if high - low < SHEET_GRAIN or middle > 1 - SHEET_CONTRAST:
+        return gray  # no grain, or no desk dark enough: nearly every image, at the cost of a look at its border
+    small = _coarse(gray)
+    desk, paper = np.median(border(small)), np.quantile(small, 1 - SHEET_SHARE / 2)
+    if paper - desk < SHEET_CONTRAST:
+        return gray
+    sheet = _enclosed(_opened((small > (desk + paper) / 2).astype(np.float32), SHEET_WINDOW) > 0)
+    if sheet.mean() < SHEET_SHARE or border(sheet).any():
+        return gray
+    box = _box_within(_window(sheet, np.min, 3))
+    if box is None:
+        return gray
+    top, bottom, left, right = box
+    cell_height, cell_width = gray.shape[0] / PAPER_SIDE, gray.shape[1] / PAPER_SIDE
+    rows = slice(round(top * cell_height), round(bottom * cell_height))
+    return gray[rows, round(left * cell_width):round(right * cell_width)]
+
+
+def _box_within(region: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Top, bottom, left and right (exclusive) of a box that lies within ``region``: its bounding
+    box, cut from the side with the most cells outside it until none is; None if none is found."""
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if not len(rows):
+        return None
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    while top < bottom and left < right:
+        box = ~region[top:bottom, left:right]
+        outside = [box[0].sum(), box[-1].sum(), box[:, 0].sum(), box[:, -1].sum()]
+        side = int(np.argmax(outside))
+        if outside[side] == 0:
+            return top, bottom, left, right
+        top, bottom, left, right = (top + (side == 0), bottom - (side == 1), left + (side == 2), right - (side == 3))
+    return None
+
+
+def _enclosed(region: np.ndarray) -> np.ndarray:
+    """``region`` with what lies between its ends across or down: a sheet with the ink on it, which
+    the opening may have joined to its edge (a convex region, as a sheet is, gains nothing else)."""
+    outside = ~region
+    beyond_across = np.logical_and.accumulate(outside, axis=1) | _from_the_end(outside, axis=1)
+    beyond_down = np.logical_and.accumulate(outside, axis=0) | _from_the_end(outside, axis=0)
+    return ~(beyond_across & beyond_down)
+
+
+def _from_the_end(outside: np.ndarray, axis: int) -> np.ndarray:
+    """Whether everything from each cell to the last along ``axis`` is ``outside``."""
+    return np.flip(np.logical_and.accumulate(np.flip(outside, axis), axis=axis), axis)
+
+
+def paper_light(gray: np.ndarray) -> np.ndarray:
+    """The background's brightness at each pixel of ``gray`` (white ink on a darker background):
+    a grey-level opening (the lowest value in a window, then the highest of those), which takes
+    away every stroke narrower than the window and keeps the slow variations of light, on a
+    ``PAPER_SIDE`` square copy, then brought back to full size smoothly."""
+    opened = _opened(_coarse(gray), PAPER_WINDOW)
+    return np.asarray(Image.fromarray(opened, mode="F").resize(gray.shape[::-1], Image.BILINEAR))
+
+
+def _opened(image: np.ndarray, window: int) -> np.ndarray:
+    """A grey-level opening: the lowest value in a ``window`` square around each pixel, then the
+    highest of those, which takes away everything bright narrower than the window."""
+    return _window(_window(image, np.min, window), np.max, window)
+
+
+def _window(image: np.ndarray, reduce, window: int) -> np.ndarray:
+    """``reduce`` (np.min, np.max) over a ``window`` square around each pixel, one axis at a time."""
+    padded = np.pad(image, window // 2, mode="edge")
+    rows = reduce(np.lib.stride_tricks.sliding_window_view(padded, window, axis=0), axis=-1)
+    return reduce(np.lib.stride_tricks.sliding_window_view(rows, window, axis=1), axis=-1)
+
+
+def without_specks(gray: np.ndarray) -> np.ndarray:
+    """``gray`` (ink at most 1) without the marks apart from the digit that hold little ink (dust,
+    a fleck of the pen, a crumb on the page): each would stretch the digit's bounding box to reach
+    it, and the digit would shrink (three specks the size of a pen's dot around a photographed
+    digit: 141 of 200 read right, against 199 without them).
+
+    A mark that stretches the box lies beyond the digit's rows or beyond its columns, so it is
+    found as documents' layouts are, by an XY cut: on a coarse grid of the ink, the rows (then
+    the columns, and again until nothing changes) fall into bands of ink between empty ones; a
+    band with less than MARK_SHARE of the inkiest band's ink is dropped. A gap of one cell does not
+    part bands, so that the strokes of one digit, broken ones too, stay together."""
+    cell = max(MARK_CELL, -(-max(gray.shape) // MARK_GRID))
+    ink = _ink_per_cell(gray > INK_THRESHOLD, cell)
+    rows, cols = np.ones(ink.shape[0], dtype=bool), np.ones(ink.shape[1], dtype=bool)
+    while True:
+        kept_rows = rows & _inky_bands((ink * rows[:, None] * cols).sum(axis=1))
+        kept_cols = cols & _inky_bands((ink * kept_rows[:, None] * cols).sum(axis=0))
+        if (kept_rows == rows).all() and (kept_cols == cols).all():
+            break
+        rows, cols = kept_rows, kept_cols
+    if rows.all() and cols.all():
+        return gray
+    keep = np.repeat(np.repeat(rows[:, None] & cols, cell, axis=0), cell, axis=1)
+    gray = gray * keep[:gray.shape[0], :gray.shape[1]]
+    return gray / gray.max()
+
+
+def _inky_bands(profile: np.ndarray) -> np.ndarray:
+    """Which cells of ``profile`` (ink per row or column of cells) belong to a band holding at least
+    MARK_SHARE of the inkiest band's ink; bands are parted by two or more empty cells."""
+    inked = profile > 0
+    inked[1:-1] |= inked[:-2] & inked[2:]  # a gap of one cell is bridged
+    band = np.cumsum(np.diff(inked.astype(np.int8), prepend=0) == 1) * inked  # 1, 2, ... per band; 0 between
+    band_ink = np.bincount(band, weights=profile)
+    band_ink[0] = 0.0
+    return band_ink[band] >= MARK_SHARE * band_ink.max()
+
+
+def _ink_per_cell(ink: np.ndarray, cell: int) -> np.ndarray:
+    """How many pixels of ``ink`` each ``cell``-pixel square holds (those at the edges may be smaller)."""
+    per_row = np.add.reduceat(ink, np.arange(0, ink.shape[0], cell), axis=0, dtype=np.int32)
+    return np.add.reduceat(per_row, np.arange(0, ink.shape[1], cell), axis=1)
