@@ -1,6 +1,6 @@
 """How many MNIST test digits the shipped model reads right as the synthetic phone photos that
-test_preprocess.py makes (plain, ruled and squared paper, a sheet on a desk), 200 of each by
-default: the figures in docs/serving.md. The tests check 40 of each.
+test_preprocess.py makes (plain, ruled and squared paper, a sheet on a desk, chalk on a board),
+200 of each by default: the figures in docs/serving.md. The tests check 40 of each.
 
     python tests/serve/photo_accuracy.py [COUNT]
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
-from test_preprocess import _on_a_desk, _photographed, _ruled, _shipped_model  # noqa: E402
+from test_preprocess import _chalked, _on_a_desk, _photographed, _ruled, _shipped_model  # noqa: E402
 
 from resserve.serve.preprocess import encoded_to_input  # noqa: E402
 from resserve.train.data import load_mnist  # noqa: E402
@@ -35,6 +35,7 @@ def main(count: int) -> None:
     cases = {paper: (lambda i, paper=paper: photo(i, paper)) for paper in PAPERS}
     cases |= {name: (lambda i, paper=paper, tilt=tilt: _on_a_desk(photo(i, paper), seed=i, tilt=tilt))
               for name, (paper, tilt) in DESKS.items()}
+    cases["a bold white digit on a dark board"] = lambda i: _chalked(mnist.test.images[i], seed=i)
     for name, make in cases.items():
         inputs = np.stack([encoded_to_input(make(i)) for i in range(count)])
         right = (model.infer(inputs)["logits"].argmax(axis=1) == mnist.test.labels[:count]).sum()
