@@ -22,6 +22,9 @@ LINE_STRIPS = 16  # strips across the image: in each, a line tilted by MAX_TILT 
 STRIP_CROSSED = 1 / 3  # a strip's row that is at least this share tinted: a tilted thin line, in part
 LINE_COVER = 0.75  # a line crosses at least this share of the strips, and both end strips
 LINE_THICKNESS = 0.03  # and is at most this share of the image thick: a pen's stroke is thicker
+# Ruled paper shows two lines or more in a photo of a digit on it; one line alone from edge to
+# edge may be the digit's own stroke (a 1 from the top of a tight scan to its bottom).
+MIN_LINES = 2
 # A photo is taken at most 5 degrees from square to the page. The tilt is searched for by whole
 # degrees, then by quarters around the best (16 tilts looked at, not 41): lines half a degree off
 # still line up well enough across the strips to tell the nearest whole degree. Ties go to the
@@ -33,29 +36,33 @@ MAX_TILT = np.tan(np.radians(COARSE_DEGREES.max() + FINE_DEGREES.max()))  # rows
 
 def without_ruled_lines(gray: np.ndarray) -> np.ndarray:
     """``gray`` (white ink at most 1 on a black page) without the lines across and down it, scaled
-    back to a brightest ink of 1; ``gray`` itself where it has none."""
-    across = _without_lines_across(gray)
-    turned = across.T
-    down = _without_lines_across(turned)
-    if across is gray and down is turned:
+    back to a brightest ink of 1; ``gray`` itself where it has fewer than MIN_LINES."""
+    across, lines_across = _lines_across(gray)
+    down, lines_down = _lines_across(gray.T)
+    if lines_across + lines_down < MIN_LINES:
         return gray
-    return down.T / max(down.max(), np.finfo(np.float32).tiny)  # a ruled page with nothing on it: all 0
+    if across is not None:
+        gray = _bridged(gray, across)
+    if down is not None:
+        gray = _bridged(gray.T, down).T
+    return gray / max(gray.max(), np.finfo(np.float32).tiny)  # a ruled page with nothing on it: all 0
 
 
-def _without_lines_across(gray: np.ndarray) -> np.ndarray:
-    """``gray`` without its lines across (at most MAX_TILT from level); ``gray`` itself where it has none."""
+def _lines_across(gray: np.ndarray) -> tuple[np.ndarray | None, int]:
+    """Where ``gray``'s lines across (at most MAX_TILT from level) are, [row, column], and how many
+    there are; None and 0 where there is none."""
     height, width = gray.shape
     strips = np.linspace(0, width, min(LINE_STRIPS, width) + 1).astype(int)
     if not _reaches_both_sides(gray, strips):
-        return gray  # a drawing, a scan, MNIST, a digit on plain paper: no line
+        return None, 0  # a drawing, a scan, MNIST, a digit on plain paper: no line
     crossed = _crossed(gray > LINE_LEVEL, strips)
     margin = int(np.ceil(MAX_TILT * width / 2)) + 1  # a tilted line may be beyond the image at its middle
     tilt, shifts = _tilt(crossed, strips, margin)
-    lines = _thin_runs(_lines(crossed, shifts, margin), LINE_THICKNESS * height + 2)  # + the rows _lines adds
-    if not lines.any():
-        return gray
+    lines, count = _thin_runs(_lines(crossed, shifts, margin), LINE_THICKNESS * height + 2)  # + the rows _lines adds
+    if not count:
+        return None, 0
     column_shifts = np.rint(tilt * (np.arange(width) + 0.5 - width / 2)).astype(int)
-    return _bridged(gray, lines[np.arange(height)[:, None] - column_shifts + margin])  # [row, column]
+    return lines[np.arange(height)[:, None] - column_shifts + margin], count
 
 
 def _reaches_both_sides(gray: np.ndarray, strips: np.ndarray) -> bool:
@@ -113,15 +120,18 @@ def _gathered(rows: np.ndarray, shifts: np.ndarray, margin: int) -> np.ndarray:
     return padded[np.arange(rows.shape[0])[:, None], index]
 
 
-def _thin_runs(rows: np.ndarray, thickest: float) -> np.ndarray:
+def _thin_runs(rows: np.ndarray, thickest: float) -> tuple[np.ndarray, int]:
     """``rows`` with only the runs of True at most ``thickest`` long (at least 1), each widened by a
-    row either side: a line's edges, blurred by the lens and the JPEG, are fainter than it."""
+    row either side (a line's edges, blurred by the lens and the JPEG, are fainter than it), and
+    how many runs those are."""
     edges = np.diff(rows.astype(np.int8), prepend=0, append=0)
     thin = np.zeros_like(rows)
+    count = 0
     for start, end in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
         if end - start <= max(1.0, thickest):
             thin[max(0, start - 1):end + 1] = True
-    return thin
+            count += 1
+    return thin, count
 
 
 def _bridged(gray: np.ndarray, line: np.ndarray) -> np.ndarray:

@@ -328,6 +328,15 @@ def test_a_stroke_across_a_ruled_line_is_kept_whole_and_a_thick_bar_edge_to_edge
     assert (image > 0.5).sum(axis=1).max() == 20 and (image > 0.5).sum(axis=0).max() >= 12  # bar and stem
 
 
+@pytest.mark.parametrize("slant", [0, 10])
+def test_a_thin_one_from_the_top_of_a_scan_to_its_bottom_is_not_a_ruled_line(slant):
+    """A line of ruled paper reaches both edges too, but ruled paper shows two or more."""
+    page = Image.new("L", (200, 280), 255)
+    ImageDraw.Draw(page).line([(100 - slant, 0), (100 + slant, 280)], fill=0, width=4)
+    image = to_mnist(decode(_png(np.asarray(page))))
+    assert (image > 0.1).any(axis=1).sum() >= 18  # the stroke (faint: 4 px of 280, scaled to 20), top to bottom
+
+
 def test_a_ruled_page_with_nothing_written_on_it_is_blank():
     with pytest.raises(InvalidInput, match="blank"):
         encoded_to_input(_png(_ruled((200, 300), 30, 120, columns=True).astype(np.uint8)))
