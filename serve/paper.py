@@ -53,27 +53,37 @@ def on_the_sheet(gray: np.ndarray) -> np.ndarray:
     its sides; it must be SHEET_SIDE of the photo across and down and SHEET_PAPER bright, which a
     bold white digit on a dark board is not (its strokes, or the ring of a 0 with its hole, passed
     the rest: 151 of 200 such digits read right without these two checks, 199 with them)."""
-    tones = np.sort(border(gray))
-    low, middle, high = tones[[len(tones) // 4, len(tones) // 2, len(tones) * 3 // 4]]  # quartiles, and quick
-    if high - low < SHEET_GRAIN or middle > 1 - SHEET_CONTRAST:
-        return gray  # no grain, or no desk dark enough: nearly every image, at the cost of a look at its border
-    small = _coarse(gray)
-    desk, paper = np.median(border(small)), np.quantile(small, 1 - SHEET_SHARE / 2)
-    if paper - desk < SHEET_CONTRAST:
-        return gray
-    bright = small > (desk + paper) / 2
-    sheet = _enclosed(_opened(bright.astype(np.float32), SHEET_WINDOW) > 0)
-    if sheet.mean() < SHEET_SHARE or border(sheet).any():
-        return gray
-    box = _box_within(_window(sheet, np.min, 3))
+    box = _sheet(gray)
     if box is None:
         return gray
     top, bottom, left, right = box
-    if min(bottom - top, right - left) < SHEET_SIDE * PAPER_SIDE or bright[top:bottom, left:right].mean() < SHEET_PAPER:
-        return gray  # a bold white stroke, or a ring of one: too thin, or not mostly bright inside
     cell_height, cell_width = gray.shape[0] / PAPER_SIDE, gray.shape[1] / PAPER_SIDE
     rows = slice(round(top * cell_height), round(bottom * cell_height))
     return gray[rows, round(left * cell_width):round(right * cell_width)]
+
+
+def _sheet(gray: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Top, bottom, left and right (exclusive) on the ``PAPER_SIDE`` grid of the box on the sheet
+    ``gray`` shows, if it shows one (see ``on_the_sheet``); None otherwise."""
+    tones = np.sort(border(gray))
+    low, middle, high = tones[[len(tones) // 4, len(tones) // 2, len(tones) * 3 // 4]]  # np.percentile is slower
+    if high - low < SHEET_GRAIN or middle > 1 - SHEET_CONTRAST:
+        return None  # no grain, or no desk dark enough: nearly every image, at the cost of a look at its border
+    small = _coarse(gray)
+    desk, paper = np.median(border(small)), np.quantile(small, 1 - SHEET_SHARE / 2)
+    if paper - desk < SHEET_CONTRAST:
+        return None
+    bright = small > (desk + paper) / 2
+    sheet = _enclosed(_opened(bright.astype(np.float32), SHEET_WINDOW) > 0)
+    if sheet.mean() < SHEET_SHARE or border(sheet).any():
+        return None
+    box = _box_within(_window(sheet, np.min, 3))
+    if box is None:
+        return None
+    top, bottom, left, right = box
+    if min(bottom - top, right - left) < SHEET_SIDE * PAPER_SIDE or bright[top:bottom, left:right].mean() < SHEET_PAPER:
+        return None  # a bold white stroke, or a ring of one: too thin, or not mostly bright inside
+    return box
 
 
 def _box_within(region: np.ndarray) -> tuple[int, int, int, int] | None:
