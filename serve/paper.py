@@ -44,7 +44,7 @@ def on_the_sheet(gray: np.ndarray) -> np.ndarray:
     desk (or table, or floor); ``gray`` itself otherwise.
 
     The desk is the photo's border, so the sheet was taken for ink (a dark desk around a sheet
-    filling 70% of the photo's side: 8 of 100 digits read right). A sheet is looked for in photos
+    filling 70% of the photo's side: 18 of 200 digits read right). A sheet is looked for in photos
     only (a grainy border; drawings and MNIST have one tone there, but where a stroke reaches it):
     a region much brighter than the border, wider than any stroke (an opening on the coarse grid
     keeps it and takes strokes away), that covers SHEET_SHARE of the photo and does not reach its
