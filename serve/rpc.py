@@ -40,9 +40,10 @@ class Outcome:
     message: str = ""
 
 
-async def answer(state: ServerState, api: str, model: str, work: Callable[[], Awaitable[T]]) -> tuple[T | None, Outcome]:
-    """Admit a request (refused once the server stops accepting), run ``work``, and count the
-    request out with its outcome. An error is not raised: it becomes the outcome's code and
+async def answer(state: ServerState, api: str, model: str, peer: str,
+                 work: Callable[[], Awaitable[T]]) -> tuple[T | None, Outcome]:
+    """Admit a request from ``peer`` (refused once the server stops accepting), run ``work``, and
+    count the request out with its outcome. An error is not raised: it becomes the outcome's code and
     message, for the caller to answer with; a cancellation (the client went away) propagates."""
     outcome = Outcome()
     started = state.admit()
@@ -56,7 +57,7 @@ async def answer(state: ServerState, api: str, model: str, work: Callable[[], Aw
         outcome.code, outcome.message = to_status(exc)
         return None, outcome
     finally:
-        state.finish("grpc", api, model, outcome.code.name, started)
+        state.finish("grpc", api, model, outcome.code.name, started, peer, outcome.message)
 
 
 def rpc(api: str, model_of: Callable[[object], str]):
@@ -66,7 +67,7 @@ def rpc(api: str, model_of: Callable[[object], str]):
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             state = self.plane.state
-            response, outcome = await answer(state, api, state.model_label(model_of(request)),
+            response, outcome = await answer(state, api, state.model_label(model_of(request)), context.peer(),
                                              lambda: method(self, request, context))
             if outcome.code != grpc.StatusCode.OK:
                 await context.abort(outcome.code, outcome.message)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Awaitable, Callable, Literal, Protocol, TypeVar
 
 from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, ShuttingDown
@@ -90,9 +90,10 @@ class ServerState:
         if not self.accepting:
             raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
 
-    def finish(self, protocol: str, api: str, model: str, code: str, started: float) -> None:
-        """Count a request out with the status ``code`` it was answered with (and, at --log-level
-        debug, log it: an access log)."""
+    def finish(self, protocol: str, api: str, model: str, code: str, started: float, peer: str,
+               message: str = "") -> None:
+        """Count a request out with the status ``code`` it was answered with (and, at verbose level
+        1, log it with the client's address and the error ``message`` it was told: an access log)."""
         seconds = time.monotonic() - started
         self.in_flight -= 1
         if not self.in_flight:
@@ -100,4 +101,24 @@ class ServerState:
         self.answered[code] += 1
         self.metrics.requests.labels(protocol, api, model, code).inc()
         self.metrics.latency.labels(protocol, api, model).observe(seconds)
-        log.debug("%s %s %s: %s in %.2f ms", protocol, api, model, code, seconds * 1e3)
+        if log.isEnabledFor(logging.DEBUG):
+            _log_access(AccessRecord(protocol, api, model, code, round(seconds * 1e3, 3), peer, message))
+
+
+@dataclass(frozen=True)
+class AccessRecord:
+    """One request answered, as the access log has it (and, in JSON logs, as its fields)."""
+
+    protocol: str
+    api: str
+    model: str
+    status: str
+    ms: float
+    peer: str  # the client's address as its front door knows it: ipv4:ADDRESS:PORT over gRPC, ADDRESS over HTTP
+    error: str  # the message the client was given with a status other than OK/200; empty otherwise
+
+
+def _log_access(record: AccessRecord) -> None:
+    error = f": {record.error}" if record.error else ""
+    log.debug("%s %s %s: %s in %.2f ms, from %s%s", record.protocol, record.api, record.model, record.status,
+              record.ms, record.peer or "an unknown address", error, extra=asdict(record))

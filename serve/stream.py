@@ -102,7 +102,8 @@ class InferStream:
 
     async def _response(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         model = self.state.model_label(request.model_name)
-        response, outcome = await answer(self.state, "kserve_stream", model, lambda: self.infer(request))
+        response, outcome = await answer(self.state, "kserve_stream", model, self.context.peer(),
+                                         lambda: self.infer(request))
         if response is not None:
             return pb.ModelStreamInferResponse(infer_response=response)
         return pb.ModelStreamInferResponse(

@@ -169,7 +169,7 @@ def endpoint(api: str) -> Callable[[Handler], Handler]:
             state = door.plane.state
             model = state.model_label(request.match_info.get("name") or request.query.get("model", ""))
             started = state.admit()
-            status = 500
+            status, message = 500, ""
             try:
                 state.check_accepting()
                 door.check_announced(request)
@@ -185,7 +185,7 @@ def endpoint(api: str) -> Callable[[Handler], Handler]:
                 return error_response(status, message)
             finally:
                 door.release(request)
-                state.finish("http", api, model, str(status), started)
+                state.finish("http", api, model, str(status), started, request.remote or "", message)
 
         return wrapped
 

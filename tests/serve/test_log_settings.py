@@ -56,6 +56,33 @@ def test_verbose_logging_turns_the_access_log_on_and_off_while_serving(server):
     assert not [line for line in server.lines[lines:] if " DEBUG " in line or "log settings changed" in line]
 
 
+def test_the_access_log_says_who_asked_and_what_they_were_told(server):
+    """A client's failure can be told from the server's log: its address and the message it got."""
+    http = triton_http.InferenceServerClient(server.http_target)
+    http.update_log_settings({"log_verbose_level": 1})
+    try:
+        lines = len(server.lines)
+        for client in (triton_grpc.InferenceServerClient(server.target), http):
+            with pytest.raises(InferenceServerException, match="shape"):
+                triton_infer(client, np.zeros((1, 1, 28, 27), np.float32))
+        told = "input has shape [1, 1, 28, 27]; expected [N, 1, 28, 28]"
+        grpc_line = server.wait_for_line("grpc kserve resnet-mnist: INVALID_ARGUMENT in ", lines)
+        assert ", from ipv4:127.0.0.1:" in grpc_line and grpc_line.rstrip().endswith(told)
+        http_line = server.wait_for_line("http kserve resnet-mnist: 400 in ", lines)
+        assert ", from 127.0.0.1: " in http_line and http_line.rstrip().endswith(told)
+
+        http.update_log_settings({"log_format": "json"})
+        lines = len(server.lines)
+        triton_infer(http, np.zeros((1, 1, 28, 28), np.float32))
+        record = json.loads(server.wait_for_line('"message": "http kserve resnet-mnist: 200 in ', lines))
+        assert {key: record[key] for key in ("protocol", "api", "model", "status", "peer", "error")} == {
+            "protocol": "http", "api": "kserve", "model": "resnet-mnist", "status": "200", "peer": "127.0.0.1",
+            "error": ""}
+        assert 0 < record["ms"] < 10_000
+    finally:
+        http.update_log_settings({"log_verbose_level": 0, "log_format": "text"})
+
+
 def test_turning_info_off_keeps_info_lines_out_until_it_is_on_again(server):
     http = triton_http.InferenceServerClient(server.http_target)
     assert http.update_log_settings({"log_info": False})["log_info"] is False
