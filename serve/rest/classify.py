@@ -87,10 +87,11 @@ async def classify(request: web.Request) -> web.Response:
         answers.append({**({"file": image.name} if image.name is not None else {}), "digit": digit,
                         "confidence": probabilities[digit], "probabilities": probabilities,
                         "input_png": base64.b64encode(to_png(seen)).decode()})
-    return compressed_where_asked(json_response({
+    answer = json_response({
         "model": result.model.name, "model_version": result.model.version, "backend": backend.name,
         "precision": backend.precision, "device": backend.device, "server_ms": (time.perf_counter() - started) * 1e3,
-        "results": answers}))
+        "results": answers})
+    return compressed_where_asked(answer, request.headers.get(hdrs.ACCEPT_ENCODING))
 
 
 @routes.get("/")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -326,4 +326,5 @@ async def update_log_settings(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     body = await read_body(request)
     decoded, as_binary = decode_infer(body, request.headers.get(HEADER_LENGTH), *_route_model(request))
-    return compressed_where_asked(encode_infer(await plane_of(request).infer(decoded), as_binary))
+    answer = encode_infer(await plane_of(request).infer(decoded), as_binary)
+    return compressed_where_asked(answer, request.headers.get(hdrs.ACCEPT_ENCODING))

@@ -338,6 +338,20 @@ def test_an_inference_answer_is_compressed_where_the_client_asks_and_no_other_an
     assert (status, headers.get("Content-Encoding")) == (200, None) and len(statistics) > 1024  # inference answers only
 
 
+def test_an_answer_is_compressed_as_the_q_values_of_accept_encoding_rank_the_codings(server, mnist):
+    """A coding with q=0 is refused by the client: an answer in it would be unreadable there."""
+    body = json_infer(mnist.test.images[:64, None].astype(np.float32) / 255)
+    answered = {}
+    for accept in ("gzip;q=0", "gzip;q=0, deflate", "deflate;q=0.5, gzip;q=0.4", "gzip;q=0.5, identity", "*;q=0",
+                   "*", "x-gzip", "br", "GZIP; Q=1.0"):
+        status, headers, payload = call(server, "POST", INFER, body, {"Accept-Encoding": accept})
+        assert status == 200
+        answered[accept] = headers.get("Content-Encoding")
+    assert answered == {"gzip;q=0": None, "gzip;q=0, deflate": "deflate", "deflate;q=0.5, gzip;q=0.4": "deflate",
+                        "gzip;q=0.5, identity": None, "*;q=0": None, "*": "gzip", "x-gzip": "gzip", "br": None,
+                        "GZIP; Q=1.0": "gzip"}
+
+
 def test_tritonclient_http_aio_reads_every_answer_though_its_session_asks_for_gzip(server, mnist):
     """Its aiohttp session sends Accept-Encoding: gzip on every request and inflates inference
     answers only: a compressed config or metadata answer would reach it as gzip bytes."""
