@@ -159,14 +159,25 @@ def paper_light(gray: np.ndarray) -> np.ndarray:
 
 def _opened(image: np.ndarray, window: int) -> np.ndarray:
     """A grey-level opening: the lowest value in a ``window`` square around each pixel, then the
-    highest of those, which takes away everything bright narrower than the window."""
-    return _window(_window(image, np.min, window), np.max, window)
+    highest of those, which takes away everything bright narrower than the window. Both are taken
+    over the image extended by its edge values, so that light still changing at an edge (a shadow
+    deepening off the page) is followed up to it; the highest of lowest values cut off at the
+    edge stopped half a window short, and the paper there read as ink (a soft shadow with 70% of
+    the light gone at one side: 121 of 200 digits read right, against 199 under even light)."""
+    eroded = _window(np.pad(image, window // 2, mode="edge"), np.min, window)
+    return _reduced(eroded, np.max, window)
 
 
 def _window(image: np.ndarray, reduce, window: int) -> np.ndarray:
-    """``reduce`` (np.min, np.max) over a ``window`` square around each pixel, one axis at a time."""
-    padded = np.pad(image, window // 2, mode="edge")
-    rows = reduce(np.lib.stride_tricks.sliding_window_view(padded, window, axis=0), axis=-1)
+    """``reduce`` (np.min, np.max) over a ``window`` square around each pixel, the image extended by
+    its edge values."""
+    return _reduced(np.pad(image, window // 2, mode="edge"), reduce, window)
+
+
+def _reduced(image: np.ndarray, reduce, window: int) -> np.ndarray:
+    """``reduce`` over each whole ``window`` square in ``image``, one axis at a time: ``window - 1``
+    fewer rows and columns."""
+    rows = reduce(np.lib.stride_tricks.sliding_window_view(image, window, axis=0), axis=-1)
     return reduce(np.lib.stride_tricks.sliding_window_view(rows, window, axis=1), axis=-1)
 
 
