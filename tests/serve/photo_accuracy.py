@@ -30,7 +30,8 @@ DESKS = {"plain paper on a desk": ("plain paper", 0, ()), "plain paper on a desk
          "dark ruled paper running out at a corner": ("dark ruled paper", 2, ("right", "bottom")),
          "plain paper running out on three sides": ("plain paper", 2, ("left", "right", "bottom"))}
 SHADOWS = {"a sharp shadow past the digit": _shadowed(edge=0.85), "a sharp shadow over the digit": _shadowed(edge=0.6),
-           "a soft shadow, 70% of the light gone": _shadowed(fading=0.7)}
+           "a soft shadow, 70% of the light gone": _shadowed(fading=0.7),
+           "a sharp shadow on three sides": _shadowed(lit=0.5)}
 
 
 def main(count: int) -> None:

@@ -289,11 +289,13 @@ def test_a_photo_of_a_digit_under_uneven_light_is_read_as_under_even_light(mnist
     """A shadow over one side of the page, or corners darker than the centre: paper in one place
     is darker than ink in another, and the server took shadow for ink (40% of the light gone on
     one side: 9 digits of 40 right; with 70%, 121 of 200 while the paper's light was estimated only
-    up to half a window short of the photo's edge)."""
+    up to half a window short of the photo's edge; a sharp shadow's edge across the digit, 80 of
+    200 while the light was brought to full size smoothly, which left a line of ink along it)."""
     backend = _shipped_model()
     ys, xs = np.indices((280, 280)) / 280
     lights = {"even": np.ones((280, 280)), "a shadow on the right": 1 - 0.4 * xs,
-              "a deep shadow on the right": 1 - 0.7 * xs, "dark corners": 1 - 0.8 * ((xs - 0.5) ** 2 + (ys - 0.5) ** 2)}
+              "a deep shadow on the right": 1 - 0.7 * xs, "dark corners": 1 - 0.8 * ((xs - 0.5) ** 2 + (ys - 0.5) ** 2),
+              "a sharp shadow across the digit": _shadowed(edge=0.6)}
     count = 40
     for name, light in lights.items():
         inputs = np.stack([encoded_to_input(_photographed(mnist.test.images[i], light, seed=i)) for i in range(count)])
@@ -386,22 +388,28 @@ def test_a_photo_of_a_page_on_a_desk_is_read_as_the_page_alone(mnist, tilt, rule
     assert right >= count - 1, f"{right} of {count}"
 
 
-def _shadowed(edge: float | None = None, fading: float | None = None) -> np.ndarray:
+def _shadowed(edge: float | None = None, fading: float | None = None, lit: float | None = None) -> np.ndarray:
     """The light across a photographed page: 45% of it gone beyond a sharp edge slanting down from
-    ``edge`` of the way across (a phone's shadow under one lamp), or gone evenly from none on the
-    left to ``fading`` on the right (a soft shadow)."""
+    ``edge`` of the way across (a phone's shadow under one lamp); gone evenly from none on the left
+    to ``fading`` on the right (a soft shadow); or 45% gone but in the middle ``lit`` of the page's
+    width from a quarter of the way down (a shadow on three sides, over the digit's edges)."""
     ys, xs = np.indices((280, 280)) / 280
-    return np.where(xs + 0.2 * ys > edge, 0.55, 1.0) if edge is not None else 1 - fading * xs
+    if edge is not None:
+        return np.where(xs + 0.2 * ys > edge, 0.55, 1.0)
+    if fading is not None:
+        return 1 - fading * xs
+    return np.where((abs(xs - 0.5) < lit / 2) & (ys > 0.25), 1.0, 0.55)
 
 
-@pytest.mark.parametrize("light", [_shadowed(edge=0.6), _shadowed(fading=0.7)], ids=["sharp", "soft"])
-def test_a_shadow_across_the_digit_is_not_taken_for_a_desk(mnist, light):
-    """A sheet runs out of a photo on the side of a shadow, as past the edge of a desk, but ink
-    goes on under a shadow, and a shadow's own edge may fade: without those two checks, the sharp
-    shadow's side was cut off across the digits (14 of 100 read right, against 33 with it kept),
-    and 13 of 60 photos under the soft one were cut."""
-    photos = [decode(_photographed(mnist.test.images[i], light, seed=i)) for i in range(40)]
-    assert not [i for i, photo in enumerate(photos) if on_the_sheet(photo) is not photo]
+def test_a_shadow_with_ink_under_it_is_not_taken_for_a_desk(mnist):
+    """A sharp shadow on three sides of the page is most of the photo's border, as a desk is, but
+    ink goes on under it: cut off as a desk, 185 of 200 digits read right, 197 left to the step
+    that evens out the light."""
+    count = 40
+    inputs = np.stack([encoded_to_input(_photographed(mnist.test.images[i], _shadowed(lit=0.5), seed=i))
+                       for i in range(count)])
+    right = (_shipped_model().infer(inputs)["logits"].argmax(axis=1) == mnist.test.labels[:count]).sum()
+    assert right >= count - 1, f"{right} of {count}"
 
 
 def test_no_mnist_digit_is_taken_for_a_sheet_on_a_desk(mnist):
