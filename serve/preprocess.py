@@ -184,10 +184,18 @@ class BlankImage(InvalidInput):
     """An image with no ink in it: there is no digit to classify."""
 
 
+def _light_background(gray: np.ndarray) -> bool:
+    """Whether the background of ``gray`` (its border) is lighter than its ink: nearer the brightest
+    value than the darkest. It was once compared with mid-grey, which a camera metering a white
+    page may well make it: with the paper at half its brightness, 42 of 100 photographed digits
+    read right, against 99 at 60%."""
+    return bool(border(gray).mean() > (gray.min() + gray.max()) / 2)
+
+
 def to_mnist(gray: np.ndarray) -> np.ndarray:
     """Grayscale [H,W] in [0,1] -> float32 [28,28] in [0,1], white ink on black, centred."""
     gray = on_the_sheet(gray)
-    if border(gray).mean() > 0.5:  # light background: make the ink white
+    if _light_background(gray):  # make the ink white
         gray = 1.0 - gray
     if np.ptp(border(gray)) > EVEN_BORDER:  # uneven light (or a noisy photo): the paper, pixel by pixel
         gray = np.clip(gray - paper_light(gray), 0.0, None)

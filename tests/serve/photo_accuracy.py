@@ -29,9 +29,10 @@ DESKS = {"plain paper on a desk": ("plain paper", 0, ()), "plain paper on a desk
          "plain paper running out at the bottom": ("plain paper", 2, ("bottom",)),
          "dark ruled paper running out at a corner": ("dark ruled paper", 2, ("right", "bottom")),
          "plain paper running out on three sides": ("plain paper", 2, ("left", "right", "bottom"))}
-SHADOWS = {"a sharp shadow past the digit": _shadowed(edge=0.85), "a sharp shadow over the digit": _shadowed(edge=0.6),
-           "a soft shadow, 70% of the light gone": _shadowed(fading=0.7),
-           "a sharp shadow on three sides": _shadowed(lit=0.5)}
+LIGHTS = {"a dim photo, the paper at 40% bright": np.full((SIDE, SIDE), 0.4),
+          "a sharp shadow past the digit": _shadowed(edge=0.85), "a sharp shadow over the digit": _shadowed(edge=0.6),
+          "a soft shadow, 70% of the light gone": _shadowed(fading=0.7),
+          "a sharp shadow on three sides": _shadowed(lit=0.5)}
 
 
 def main(count: int) -> None:
@@ -45,7 +46,7 @@ def main(count: int) -> None:
     cases |= {name: (lambda i, paper=paper, tilt=tilt, out=out: _on_a_desk(photo(i, paper), i, tilt, runs_out=out))
               for name, (paper, tilt, out) in DESKS.items()}
     cases |= {name: (lambda i, light=light: _photographed(mnist.test.images[i], light, seed=i))
-              for name, light in SHADOWS.items()}
+              for name, light in LIGHTS.items()}
     cases["a bold white digit on a dark board"] = lambda i: _chalked(mnist.test.images[i], seed=i)
     print(f"{'photo':40s} {'right':>13s} {'ms/image':>9s}")
     for name, make in cases.items():

@@ -285,6 +285,18 @@ def test_a_photo_of_a_digit_with_specks_around_it_is_read_as_without(mnist):
     assert right >= count - 1, f"{right} of {count}"
 
 
+@pytest.mark.parametrize("exposure", [0.5, 0.4, 0.25])
+def test_a_dim_photo_is_read_as_a_bright_one(mnist, exposure):
+    """A camera metering a white page may make it mid-grey or darker; the background was taken to
+    be light only when brighter than mid-grey: with the paper at half its brightness, 42 of 100
+    digits read right, at 40% 37, at 25% 4."""
+    count = 40
+    inputs = np.stack([encoded_to_input(_photographed(mnist.test.images[i], np.full((280, 280), exposure), seed=i))
+                       for i in range(count)])
+    right = (_shipped_model().infer(inputs)["logits"].argmax(axis=1) == mnist.test.labels[:count]).sum()
+    assert right >= count * (0.95 if exposure > 0.3 else 0.75), f"{right} of {count}"
+
+
 def test_a_photo_of_a_digit_under_uneven_light_is_read_as_under_even_light(mnist):
     """A shadow over one side of the page, or corners darker than the centre: paper in one place
     is darker than ink in another, and the server took shadow for ink (40% of the light gone on
@@ -391,19 +403,19 @@ def test_a_photo_of_a_page_on_a_desk_is_read_as_the_page_alone(mnist, tilt, rule
 def _shadowed(edge: float | None = None, fading: float | None = None, lit: float | None = None) -> np.ndarray:
     """The light across a photographed page: 45% of it gone beyond a sharp edge slanting down from
     ``edge`` of the way across (a phone's shadow under one lamp); gone evenly from none on the left
-    to ``fading`` on the right (a soft shadow); or 45% gone but in the middle ``lit`` of the page's
+    to ``fading`` on the right (a soft shadow); or 40% gone but in the middle ``lit`` of the page's
     width from a quarter of the way down (a shadow on three sides, over the digit's edges)."""
     ys, xs = np.indices((280, 280)) / 280
     if edge is not None:
         return np.where(xs + 0.2 * ys > edge, 0.55, 1.0)
     if fading is not None:
         return 1 - fading * xs
-    return np.where((abs(xs - 0.5) < lit / 2) & (ys > 0.25), 1.0, 0.55)
+    return np.where((abs(xs - 0.5) < lit / 2) & (ys > 0.25), 1.0, 0.6)
 
 
 def test_a_shadow_with_ink_under_it_is_not_taken_for_a_desk(mnist):
     """A sharp shadow on three sides of the page is most of the photo's border, as a desk is, but
-    ink goes on under it: cut off as a desk, 185 of 200 digits read right, 197 left to the step
+    ink goes on under it: cut off as a desk, 183 of 200 digits read right, 196 left to the step
     that evens out the light."""
     count = 40
     inputs = np.stack([encoded_to_input(_photographed(mnist.test.images[i], _shadowed(lit=0.5), seed=i))
