@@ -458,8 +458,9 @@ def test_log_level_debug_logs_each_request_answered(digits):
             assert time.monotonic() < deadline, "".join(server.lines)
             time.sleep(0.1)
     answered = [line.split(": ", 1)[1] for line in server.lines if " DEBUG resserve.serve: grpc kserve " in line]
-    assert [re.sub(r"[\d.]+ ms", "N ms", line.strip()) for line in answered] == [
-        "grpc kserve resnet-mnist: OK in N ms", "grpc kserve unknown: NOT_FOUND in N ms"]
+    assert [re.sub(r"[\d.]+ ms, from ipv4:127.0.0.1:\d+", "N ms, from ADDRESS", line.strip()) for line in answered] == [
+        "grpc kserve resnet-mnist: OK in N ms, from ADDRESS",
+        "grpc kserve unknown: NOT_FOUND in N ms, from ADDRESS: unknown model 'nope'; this server has resnet-mnist"]
 
 
 def test_a_missing_package_is_one_line_before_anything_listens():
