@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from resserve.serve.errors import InvalidInput
-from resserve.serve.paper import INK_THRESHOLD, border, on_the_sheet, paper_light, without_specks
+from resserve.serve.paper import INK_THRESHOLD, border, dark_ink, on_the_sheet, paper_light, without_specks
 from resserve.serve.ruled import without_ruled_lines
 
 # The formats a client's image is read in: what cameras, phones, scanners, browsers and drawing
@@ -185,11 +185,15 @@ class BlankImage(InvalidInput):
 
 
 def _light_background(gray: np.ndarray) -> bool:
-    """Whether the background of ``gray`` (its border) is lighter than its ink: nearer the brightest
-    value than the darkest. It was once compared with mid-grey, which a camera metering a white
-    page may well make it: with the paper at half its brightness, 42 of 100 photographed digits
-    read right, against 99 at 60%."""
-    return bool(border(gray).mean() > (gray.min() + gray.max()) / 2)
+    """Whether the background of ``gray`` is lighter than its ink. Where the border is one even
+    tone (drawings, scans, MNIST), it is the background: lighter when nearer the brightest value
+    than the darkest. A photo's paper may be any tone, and more than one (``dark_ink``). The border
+    was once compared with mid-grey, which a camera metering a white page may well make it: with
+    the paper at half its brightness, 42 of 100 photographed digits read right, against 99 at 60%."""
+    edge = border(gray)
+    if np.ptp(edge) <= EVEN_BORDER:
+        return bool(edge.mean() > (gray.min() + gray.max()) / 2)
+    return dark_ink(gray)
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:

@@ -32,7 +32,9 @@ DESKS = {"plain paper on a desk": ("plain paper", 0, ()), "plain paper on a desk
 LIGHTS = {"a dim photo, the paper at 40% bright": np.full((SIDE, SIDE), 0.4),
           "a sharp shadow past the digit": _shadowed(edge=0.85), "a sharp shadow over the digit": _shadowed(edge=0.6),
           "a soft shadow, 70% of the light gone": _shadowed(fading=0.7),
-          "a sharp shadow on three sides": _shadowed(lit=0.5)}
+          "a sharp shadow on three sides": _shadowed(lit=0.5),
+          "a flash's light, corners near black": np.clip(1 - 1.5 * ((np.indices((SIDE, SIDE)) / SIDE - 0.5) ** 2).sum(0),
+                                                         0.1, 1)}
 
 
 def main(count: int) -> None:
