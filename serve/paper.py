@@ -7,7 +7,9 @@ than the centre, leave paper in one place darker than ink in another, so no sing
 them apart (with 40% of the light gone on one side of the page, the shipped model read 9 of 40
 photographed digits right, against 39 under even light). Where the border is not one even
 tone, the paper's brightness is estimated at every pixel (``paper_light``) and taken away before
-the ink is looked for; an even one (a drawing, a scan, MNIST itself) is taken away whole.
+the ink is looked for; an even one (a drawing, a scan, MNIST itself) is taken away whole. For the
+same reason, whether a photo's ink is darker than its paper is told against the paper around each
+part of it (``dark_ink``), not against one level.
 """
 
 from __future__ import annotations
