@@ -184,24 +184,24 @@ class BlankImage(InvalidInput):
     """An image with no ink in it: there is no digit to classify."""
 
 
-def _light_background(gray: np.ndarray) -> bool:
-    """Whether the background of ``gray`` is lighter than its ink. Where the border is one even
+def _light_background(gray: np.ndarray, even: bool) -> bool:
+    """Whether the background of ``gray`` is lighter than its ink. Where the border is one ``even``
     tone (drawings, scans, MNIST), it is the background: lighter when nearer the brightest value
     than the darkest. A photo's paper may be any tone, and more than one (``dark_ink``). The border
     was once compared with mid-grey, which a camera metering a white page may well make it: with
     the paper at half its brightness, 42 of 100 photographed digits read right, against 99 at 60%."""
-    edge = border(gray)
-    if np.ptp(edge) <= EVEN_BORDER:
-        return bool(edge.mean() > (gray.min() + gray.max()) / 2)
+    if even:
+        return bool(border(gray).mean() > (gray.min() + gray.max()) / 2)
     return dark_ink(gray)
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:
     """Grayscale [H,W] in [0,1] -> float32 [28,28] in [0,1], white ink on black, centred."""
     gray = on_the_sheet(gray)
-    if _light_background(gray):  # make the ink white
+    even = np.ptp(border(gray)) <= EVEN_BORDER  # one background tone; else uneven light, or a noisy photo
+    if _light_background(gray, even):  # make the ink white
         gray = 1.0 - gray
-    if np.ptp(border(gray)) > EVEN_BORDER:  # uneven light (or a noisy photo): the paper, pixel by pixel
+    if not even:  # the paper, pixel by pixel
         gray = np.clip(gray - paper_light(gray), 0.0, None)
     gray = np.clip(gray - np.median(border(gray)), 0.0, None)  # background to 0
     peak = gray.max()
