@@ -40,9 +40,9 @@ class Outcome:
     message: str = ""
 
 
-async def answer(state: ServerState, api: str, model: str, peer: str,
+async def answer(state: ServerState, api: str, model: str, peer: Callable[[], str],
                  work: Callable[[], Awaitable[T]]) -> tuple[T | None, Outcome]:
-    """Admit a request from ``peer`` (refused once the server stops accepting), run ``work``, and
+    """Admit a request from ``peer()`` (refused once the server stops accepting), run ``work``, and
     count the request out with its outcome. An error is not raised: it becomes the outcome's code and
     message, for the caller to answer with; a cancellation (the client went away) propagates."""
     outcome = Outcome()
@@ -67,7 +67,7 @@ def rpc(api: str, model_of: Callable[[object], str]):
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             state = self.plane.state
-            response, outcome = await answer(state, api, state.model_label(model_of(request)), context.peer(),
+            response, outcome = await answer(state, api, state.model_label(model_of(request)), context.peer,
                                              lambda: method(self, request, context))
             if outcome.code != grpc.StatusCode.OK:
                 await context.abort(outcome.code, outcome.message)

@@ -90,10 +90,11 @@ class ServerState:
         if not self.accepting:
             raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
 
-    def finish(self, protocol: str, api: str, model: str, code: str, started: float, peer: str,
+    def finish(self, protocol: str, api: str, model: str, code: str, started: float, peer: Callable[[], str],
                message: str = "") -> None:
         """Count a request out with the status ``code`` it was answered with (and, at verbose level
-        1, log it with the client's address and the error ``message`` it was told: an access log)."""
+        1, log it with the client's address, asked of ``peer`` then only, and the error ``message``
+        it was told: an access log)."""
         seconds = time.monotonic() - started
         self.in_flight -= 1
         if not self.in_flight:
@@ -102,7 +103,7 @@ class ServerState:
         self.metrics.requests.labels(protocol, api, model, code).inc()
         self.metrics.latency.labels(protocol, api, model).observe(seconds)
         if log.isEnabledFor(logging.DEBUG):
-            _log_access(AccessRecord(protocol, api, model, code, round(seconds * 1e3, 3), peer, message))
+            _log_access(AccessRecord(protocol, api, model, code, round(seconds * 1e3, 3), peer(), message))
 
 
 @dataclass(frozen=True)

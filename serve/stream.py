@@ -102,7 +102,7 @@ class InferStream:
 
     async def _response(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         model = self.state.model_label(request.model_name)
-        response, outcome = await answer(self.state, "kserve_stream", model, self.context.peer(),
+        response, outcome = await answer(self.state, "kserve_stream", model, self.context.peer,
                                          lambda: self.infer(request))
         if response is not None:
             return pb.ModelStreamInferResponse(infer_response=response)

@@ -185,7 +185,7 @@ def endpoint(api: str) -> Callable[[Handler], Handler]:
                 return error_response(status, message)
             finally:
                 door.release(request)
-                state.finish("http", api, model, str(status), started, request.remote or "", message)
+                state.finish("http", api, model, str(status), started, lambda: request.remote or "", message)
 
         return wrapped
 

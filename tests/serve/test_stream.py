@@ -203,7 +203,7 @@ def test_a_request_the_server_no_longer_accepts_is_answered_unavailable_and_coun
     async def never() -> None:
         raise AssertionError("a refused request must not run")
 
-    response, outcome = asyncio.run(answer(state, "kserve_stream", "unknown", "ipv4:127.0.0.1:5", never))
+    response, outcome = asyncio.run(answer(state, "kserve_stream", "unknown", lambda: "ipv4:127.0.0.1:5", never))
     assert response is None and outcome == Outcome(grpc.StatusCode.UNAVAILABLE,
                                                    "the server is shutting down; retry on another replica")
     assert state.answered == {"UNAVAILABLE": 1} and state.in_flight == 0 and state.idle.is_set()
