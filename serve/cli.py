@@ -121,6 +121,12 @@ def serve(
     admin_token_file: Annotated[Optional[Path], typer.Option(envvar=_env("ADMIN_TOKEN_FILE"),
         help="Bearer tokens, one per line, that loading and unloading models and changing log settings take "
         "(no other token does); good for every other API too.")] = None,
+    allow_client_shm: Annotated[bool, typer.Option("--allow-client-shm/--no-allow-client-shm",
+        envvar=_env("ALLOW_CLIENT_SHM"),
+        help="Let clients on this host pass tensors in system shared memory (Triton's extension: "
+        "tritonclient.utils.shared_memory, perf_analyzer --shared-memory system). Only clients connected over "
+        "loopback may register a region, which lets them have the server read and write a /dev/shm object they "
+        "name.")] = ServerSettings.allow_client_shm,
     workers: Annotated[str, typer.Option(envvar=_env("WORKERS"),
         help="Server processes on the same ports, each with its own models and a share of the CPUs "
         f"(Linux). auto: one per {CPUS_PER_WORKER} CPUs (--cpus), at least one.")] = "auto",
@@ -164,7 +170,7 @@ def serve(
         http_idle_seconds=http_idle_seconds,
         max_connections=parse_auto(max_connections, "--max-connections", "connections"),
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, token_file=token_file,
-        admin_token_file=admin_token_file,
+        admin_token_file=admin_token_file, allow_client_shm=allow_client_shm,
         log_level=log_level, log_format=log_format)
     if settings.workers > 1:
         supervise(settings)

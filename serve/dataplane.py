@@ -27,6 +27,7 @@ from resserve.serve.logs import LogSettings, SettingValue, apply_log_settings, c
 from resserve.serve.manifest import INPUT_SHAPE, TensorSpec
 from resserve.serve.preprocess import MAX_REQUEST_PIXELS, encoded_to_input, pixels_of, raw_to_input
 from resserve.serve.repository import ServedModel
+from resserve.serve.sharedmemory import Placement, Region, check_client
 from resserve.serve.state import ServerState
 
 SERVER_NAME = "resserve"
@@ -95,16 +96,27 @@ def tensor_bytes(tensor: Tensor) -> bytes:
 
 
 @dataclass(frozen=True)
+class SharedTensor:
+    """An input a client left in shared memory (serve/sharedmemory.py): read once it is checked."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    place: Placement
+
+
+@dataclass(frozen=True)
 class RequestedOutput:
     name: str
     classification: int = 0  # > 0: the top k classes as "score:index:label" strings (Triton's extension)
+    place: Placement | None = None  # written to shared memory, not sent back
 
 
 @dataclass(frozen=True)
 class InferenceRequest:
     model_name: str  # "" for the server's default model
     model_version: str  # "" for the latest version
-    inputs: tuple[Tensor, ...]
+    inputs: tuple[Tensor | SharedTensor, ...]
     outputs: tuple[RequestedOutput, ...] = ()  # empty: all of the model's
     id: str = ""
     deadline: float | None = None  # time.monotonic() value
@@ -166,6 +178,8 @@ def validate_requested_outputs(requested: tuple[RequestedOutput, ...],
             raise InvalidInput(f"unknown output {output.name!r}; the model has {', '.join(known)}")
         if output.name in seen:
             raise InvalidInput(f"output {output.name!r} is requested more than once")
+        if output.classification and output.place:
+            raise InvalidInput(f"output {output.name!r} cannot be both classified and written to shared memory")
         if output.classification < 0 or (output.classification and (len(spec.shape) != 2 or spec.datatype != "FP32")):
             raise InvalidInput(f"output {output.name!r} cannot be classified: classification needs k >= 1 "
                                f"on an FP32 vector of class scores, got k={output.classification} on "
@@ -183,13 +197,8 @@ def top_classes(name: str, scores: np.ndarray, k: int, labels: tuple[str, ...]) 
     return Tensor(name, "BYTES", (len(rows), k), np.array([[s.encode() for s in row] for row in rows], dtype=object))
 
 
-def model_input(tensor: Tensor, spec: TensorSpec, max_images: int, value_range: tuple[float, float]) -> np.ndarray:
-    """The request's image tensor as the graph's float32 [N,1,28,28] in [0,1], or a precise InvalidInput.
-
-    ``value_range`` is what the package's FP32 input takes (the manifest's preprocessing range):
-    [0, 1], or [0, 255] for clients that send pixel values as floats (Triton's image clients).
-    UINT8 inputs are pixel values in every package.
-    """
+def check_image_tensor(tensor: Tensor | SharedTensor, spec: TensorSpec, max_images: int) -> int:
+    """That the request's image tensor is named, typed and shaped as the model's input; its image count."""
     if tensor.name != spec.name:
         raise InvalidInput(f"unknown input {tensor.name!r}; the model's input is {spec.name!r}")
     if tensor.datatype not in INPUT_DTYPES:
@@ -201,6 +210,17 @@ def model_input(tensor: Tensor, spec: TensorSpec, max_images: int, value_range: 
         raise InvalidInput("empty batch: the input holds no image")
     if count > max_images:
         raise InvalidInput(f"{count} images in one request; the limit is {max_images}")
+    return count
+
+
+def model_input(tensor: Tensor, spec: TensorSpec, max_images: int, value_range: tuple[float, float]) -> np.ndarray:
+    """The request's image tensor as the graph's float32 [N,1,28,28] in [0,1], or a precise InvalidInput.
+
+    ``value_range`` is what the package's FP32 input takes (the manifest's preprocessing range):
+    [0, 1], or [0, 255] for clients that send pixel values as floats (Triton's image clients).
+    UINT8 inputs are pixel values in every package.
+    """
+    count = check_image_tensor(tensor, spec, max_images)
     array = tensor.data.reshape(count, *IMAGE_SHAPE)
     if tensor.datatype == "UINT8":
         return array.astype(np.float32) / 255.0
@@ -316,6 +336,27 @@ class DataPlane:
             log.info("log settings changed through the API: %s", settings.as_triton())
         return settings
 
+    # Triton's system shared memory extension (serve/sharedmemory.py) ------------------------------
+
+    def register_region(self, region: Region, client_host: str | None) -> None:
+        """A region of a shared memory object, registered by a client on this host, in every worker."""
+        self.state.shared_memory.check_allowed()
+        check_client(client_host)
+        self.state.shared_memory.register(region)
+        self.state.peers.share_region_registered(region)
+        log.info("shared memory region %s registered: %d bytes from offset %d of %s", region.name[:128],
+                 region.byte_size, region.offset, region.key)
+
+    def unregister_region(self, name: str) -> None:
+        """The region called ``name`` ("": every region) no longer used, in every worker."""
+        self.state.shared_memory.unregister(name)
+        self.state.peers.share_region_unregistered(name)
+        log.info("%s unregistered", f"shared memory region {name[:128]}" if name else "every shared memory region")
+
+    def region_status(self, name: str) -> list[Region]:
+        """The region called ``name``, or every region ("": none while client shared memory is off)."""
+        return self.state.shared_memory.status(name)
+
     def check_image_count(self, count: int) -> None:
         limit = self.state.settings.max_images_per_request
         if count == 0:
@@ -326,6 +367,7 @@ class DataPlane:
     # inference --------------------------------------------------------------------------------
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """Outputs asked for in shared memory are written there, and answered without their data."""
         model = self.model(request.model_name, request.model_version)
         with model.statistics.request():
             manifest = model.package.manifest
@@ -333,13 +375,44 @@ class DataPlane:
             if len(request.inputs) != len(manifest.inputs):
                 raise InvalidInput(f"expected {len(manifest.inputs)} input tensor named "
                                    f"{manifest.inputs[0].name!r}, got {len(request.inputs)}")
-            batch = model_input(request.inputs[0], manifest.inputs[0], self.state.settings.max_images_per_request,
+            tensor = self._in_memory(request.inputs[0], manifest.inputs[0])
+            batch = model_input(tensor, manifest.inputs[0], self.state.settings.max_images_per_request,
                                 manifest.preprocessing.range)
+            self._check_output_room(wanted, manifest.outputs, len(batch))
             outputs = await model.batcher.submit(batch, request.deadline)
-        answers = tuple(
-            top_classes(o.name, outputs[o.name], o.classification, manifest.labels) if o.classification
-            else Tensor(o.name, "FP32", outputs[o.name].shape, outputs[o.name]) for o in wanted)
+            answers = tuple(
+                top_classes(o.name, outputs[o.name], o.classification, manifest.labels) if o.classification
+                else Tensor(o.name, "FP32", outputs[o.name].shape, outputs[o.name]) for o in wanted)
+            for output, answer in zip(wanted, answers):
+                if output.place:
+                    self.state.shared_memory.write(output.place, tensor_bytes(answer))
         return InferenceResponse(model_name=model.name, model_version=model.version, id=request.id, outputs=answers)
+
+    def _in_memory(self, tensor: Tensor | SharedTensor, spec: TensorSpec) -> Tensor:
+        """An input from shared memory, read once its name, type and shape are checked (so at most
+        a request's worth of bytes is read, whatever the region's size)."""
+        if isinstance(tensor, Tensor):
+            return tensor
+        check_image_tensor(tensor, spec, self.state.settings.max_images_per_request)
+        needed = _element_count(tensor.shape) * _input_dtype(tensor.datatype).itemsize
+        if tensor.place.byte_size != needed:
+            raise InvalidInput(f"input {tensor.name!r}: shared_memory_byte_size is {tensor.place.byte_size}; shape "
+                               f"{list(tensor.shape)} of {tensor.datatype} needs {needed}")
+        return tensor_from_bytes(tensor.name, tensor.datatype, tensor.shape,
+                                 self.state.shared_memory.read(tensor.place),
+                                 f"shared memory region {tensor.place.region[:128]!r}")
+
+    def _check_output_room(self, wanted: list[RequestedOutput], specs: tuple[TensorSpec, ...], images: int) -> None:
+        """Outputs asked for in shared memory fit where they are to go: checked before the work is done."""
+        shapes = {spec.name: spec.shape for spec in specs}
+        for output in wanted:
+            if output.place is None:
+                continue
+            self.state.shared_memory.check(output.place)
+            needed = images * math.prod(shapes[output.name][1:]) * INPUT_DTYPES["FP32"].itemsize
+            if output.place.byte_size < needed:
+                raise InvalidInput(f"output {output.name!r} needs {needed} bytes; shared_memory_byte_size gives "
+                                   f"{output.place.byte_size}")
 
     async def classify(self, images: list[Image], model_name: str = "", model_version: str = "",
                        deadline: float | None = None) -> Classification:

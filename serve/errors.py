@@ -36,13 +36,30 @@ class UnsupportedEncoding(InvalidInput):
 
 
 class Unsupported(ResserveError):
-    """A part of the KServe v2 / Triton protocol this server leaves out (shared memory, tracing)."""
+    """A part of the KServe v2 / Triton protocol this server leaves out (CUDA shared memory, tracing),
+    or one it serves only when started so (client shared memory)."""
 
     status = grpc.StatusCode.UNIMPLEMENTED
 
 
 class ModelNotFound(ResserveError):
     status = grpc.StatusCode.NOT_FOUND
+
+
+class RegionNotFound(ResserveError):
+    """A shared memory region no client registered (serve/sharedmemory.py)."""
+
+    status = grpc.StatusCode.NOT_FOUND
+
+
+class RegionExists(ResserveError):
+    status = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Forbidden(ResserveError):
+    """Not for this client, whatever its token (a remote client registering shared memory)."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
 
 
 class QueueFull(ResserveError):
@@ -117,6 +134,7 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.CANCELLED: 499,  # the client closed the request (nginx's convention)
     grpc.StatusCode.INTERNAL: 500,

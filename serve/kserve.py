@@ -9,13 +9,14 @@ sends input tensors as bytes in ``raw_input_contents`` and decodes outputs only 
 from __future__ import annotations
 
 from resserve.serve.batcher import BatchingConfig
-from resserve.serve.dataplane import (SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, Tensor,
+from resserve.serve.dataplane import (SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, SharedTensor, Tensor,
                                      deadline_within, tensor_bytes, tensor_from_bytes, tensor_from_values)
 from resserve.serve.errors import InvalidInput, Unsupported, to_status
 from resserve.serve.logs import LogSettings, SettingValue
 from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.repository import ServedModel
-from resserve.serve.rpc import deadline_of, rpc
+from resserve.serve.rpc import deadline_of, peer_host, rpc
+from resserve.serve.sharedmemory import Region, no_cuda_region, placement
 from resserve.serve.statistics import Compute, Duration, ModelStatistics
 from resserve.serve.stream import InferStream
 from resserve.serve.stubs import grpc_service_pb2 as pb
@@ -23,31 +24,53 @@ from resserve.serve.stubs import grpc_service_pb2_grpc as pb_grpc
 from resserve.serve.stubs import model_config_pb2 as config_pb
 
 # Exactly what is served (binary_tensor_data: on HTTP, serve/rest/kserve.py; model_repository: the
-# index, and loading and unloading the models given at start, serve/control.py)
+# index, and loading and unloading the models given at start, serve/control.py), and
+# system_shared_memory where the server allows it (served_extensions)
 EXTENSIONS = ["binary_tensor_data", "classification", "logging", "model_configuration", "model_repository",
               "statistics"]
 TYPED_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 LABELS_FILE = "labels.txt"  # as in a Triton repository (train/triton.py writes it); the labels are the manifest's
 
 
-def _tensor(request: pb.ModelInferRequest, index: int, tensor) -> Tensor:
-    """Input ``index``, from raw bytes or typed contents (one of them, as Triton requires)."""
+def served_extensions(plane: DataPlane) -> list[str]:
+    """What the server metadata lists (both protocols)."""
+    allowed = plane.state.shared_memory.allowed
+    return sorted([*EXTENSIONS, *(["system_shared_memory"] if allowed else [])])
+
+
+def _parameters(parameters) -> dict[str, object]:
+    """A protobuf map of InferParameter as Python values."""
+    return {name: getattr(value, kind) if (kind := value.WhichOneof("parameter_choice")) else None
+            for name, value in parameters.items()}
+
+
+def _tensor(tensor, raw: bytes | None) -> Tensor | SharedTensor:
+    """An input from shared memory, from its raw bytes or from typed contents (one of them, as Triton requires)."""
     shape = tuple(tensor.shape)
-    if not request.raw_input_contents:
+    place = placement(_parameters(tensor.parameters), f"input {tensor.name!r}")
+    if place is not None:
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"input {tensor.name!r} is in shared memory and has typed contents; send one")
+        return SharedTensor(tensor.name, tensor.datatype, shape, place)
+    if raw is None:
         field = TYPED_FIELDS.get(tensor.datatype, "fp32_contents")
         return tensor_from_values(tensor.name, tensor.datatype, shape, getattr(tensor.contents, field),
                                   f"contents.{field}")
     if tensor.HasField("contents"):
         raise InvalidInput(f"input {tensor.name!r} has both raw_input_contents and typed contents; send one")
-    if len(request.raw_input_contents) != len(request.inputs):
-        raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} input")
-    return tensor_from_bytes(tensor.name, tensor.datatype, shape, request.raw_input_contents[index],
-                             "raw_input_contents")
+    return tensor_from_bytes(tensor.name, tensor.datatype, shape, raw, "raw_input_contents")
 
 
 def decode_request(request: pb.ModelInferRequest, deadline: float | None) -> InferenceRequest:
-    """``deadline``: the call's; Triton's ``timeout`` parameter (tritonclient's ``timeout=``) may end it sooner."""
-    inputs = tuple(_tensor(request, index, tensor) for index, tensor in enumerate(request.inputs))
+    """``deadline``: the call's; Triton's ``timeout`` parameter (tritonclient's ``timeout=``) may end it
+    sooner. ``raw_input_contents`` holds the bytes of each input not in shared memory, in order."""
+    shared = ["shared_memory_region" in t.parameters for t in request.inputs]
+    raw = request.raw_input_contents
+    if raw and len(raw) != shared.count(False):
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {shared.count(False)} input sent")
+    raws = iter(raw)
+    inputs = tuple(_tensor(t, None if in_shared_memory or not raw else next(raws))
+                   for t, in_shared_memory in zip(request.inputs, shared))
     return InferenceRequest(request.model_name, request.model_version, inputs,
                             tuple(_requested(o) for o in request.outputs), request.id,
                             deadline_within(_timeout_us(request), deadline))
@@ -64,12 +87,11 @@ def _timeout_us(request: pb.ModelInferRequest) -> int | None:
 
 
 def _requested(output) -> RequestedOutput:
-    classification = output.parameters.get("classification")
-    if classification is None:
-        return RequestedOutput(output.name)
-    if classification.WhichOneof("parameter_choice") != "int64_param":
+    parameters = _parameters(output.parameters)
+    classification = parameters.get("classification", 0)
+    if type(classification) is not int:
         raise InvalidInput(f"output {output.name!r}: the classification parameter must be an int64")
-    return RequestedOutput(output.name, classification.int64_param)
+    return RequestedOutput(output.name, classification, placement(parameters, f"output {output.name!r}"))
 
 
 def _duration(duration: Duration) -> pb.StatisticDuration:
@@ -143,8 +165,7 @@ def _output_config(spec: TensorSpec, labels: tuple[str, ...]) -> config_pb.Model
 
 def log_setting_changes(request: pb.LogSettingsRequest) -> dict[str, SettingValue | None]:
     """A LogSettings request's settings by name (None: one sent without a value)."""
-    return {name: getattr(value, kind) if (kind := value.WhichOneof("parameter_choice")) else None
-            for name, value in request.settings.items()}
+    return _parameters(request.settings)
 
 
 def log_settings_response(settings: LogSettings) -> pb.LogSettingsResponse:
@@ -182,7 +203,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         from resserve.serve import __version__
 
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
+                                         extensions=served_extensions(self.plane))
 
     @rpc("kserve", model_of=lambda r: r.name)
     async def ModelMetadata(self, request, context):
@@ -218,6 +240,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def LogSettings(self, request, context):
         return log_settings_response(self.plane.log_settings(log_setting_changes(request)))
 
+    @rpc("kserve", model_of=lambda r: "")
+    async def SystemSharedMemoryStatus(self, request, context):
+        status = pb.SystemSharedMemoryStatusResponse
+        return status(regions={r.name: status.RegionStatus(name=r.name, key=r.key, offset=r.offset,
+                                                            byte_size=r.byte_size)
+                               for r in self.plane.region_status(request.name)})
+
+    @rpc("kserve", model_of=lambda r: "")
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.plane.register_region(Region(request.name, request.key, request.offset, request.byte_size),
+                                   peer_host(context.peer()))
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc("kserve", model_of=lambda r: "")
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.plane.unregister_region(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @rpc("kserve", model_of=lambda r: "")
+    async def CudaSharedMemoryStatus(self, request, context):
+        no_cuda_region(request.name)  # none is ever registered
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @rpc("kserve", model_of=lambda r: "")
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return pb.CudaSharedMemoryUnregisterResponse()
+
     @rpc("kserve", model_of=lambda r: r.model_name)
     async def ModelInfer(self, request, context):
         return await self._infer(request, deadline_of(context))
@@ -229,12 +278,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await InferStream(self.plane.state, context, lambda request: self._infer(request, deadline)).run()
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        answer = await self.plane.infer(decode_request(request, deadline))
+        decoded = decode_request(request, deadline)
+        answer = await self.plane.infer(decoded)
         response = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version,
                                          id=answer.id)
+        in_shared_memory = {o.name for o in decoded.outputs if o.place}
         for tensor in answer.outputs:
             response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
-            response.raw_output_contents.append(tensor_bytes(tensor))
+            # as Triton: an output written to shared memory has empty contents, so each output keeps its index
+            response.raw_output_contents.append(b"" if tensor.name in in_shared_memory else tensor_bytes(tensor))
         return response
 
 

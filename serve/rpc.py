@@ -14,6 +14,7 @@ import asyncio
 import functools
 import inspect
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
@@ -30,6 +31,17 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The client's deadline on the time.monotonic() clock, or None when it set none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def peer_host(peer: str) -> str | None:
+    """The client's IP address in gRPC's ``context.peer()`` ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000",
+    which newer gRPC writes "ipv6:%5B::1%5D:5000"); None for other transports."""
+    kind, _, address = urllib.parse.unquote(peer).partition(":")
+    if kind == "ipv4":
+        return address.rpartition(":")[0]
+    if kind == "ipv6":
+        return address.rpartition(":")[0].strip("[]")
+    return None
 
 
 @dataclass

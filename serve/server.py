@@ -44,6 +44,7 @@ from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
 from resserve.serve.rest.server import HttpServer
 from resserve.serve.rpc import Registrar
+from resserve.serve.sharedmemory import SharedMemory
 from resserve.serve.state import ModelAction, Peers, ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port, page_note
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
@@ -160,7 +161,7 @@ class Server:
         else:
             self.state.peers = coordinator
             await self._load(packages, coordinator.unloaded)
-            await coordinator.loaded(self.control.follow)
+            await coordinator.loaded(self.control.follow, self.state.shared_memory)
             await self._listen()
         self.state.ready = True
         await self._set_health(READINESS_NAMES, serving=True)
@@ -294,9 +295,10 @@ class Coordinator(Peers, Protocol):
 
     unloaded: frozenset[str]  # models unloaded through the API before this worker started: not to load
 
-    async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]]) -> None:
+    async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]], shared_memory: SharedMemory) -> None:
         """Models loaded and warmed; returns when every worker has loaded (time to listen). From
-        then on, ``follow(action, name)`` makes the model changes made through other workers."""
+        then on, ``follow(action, name)`` makes the model changes made through other workers, and
+        the shared memory regions registered through them are registered in ``shared_memory``."""
 
     def ready(self) -> None:
         """Listening and ready."""

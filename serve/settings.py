@@ -184,6 +184,10 @@ class ServerSettings:
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a cert signed by this CA
     token_file: Path | None = None  # bearer tokens accepted, one a line; None: no authentication (serve/auth.py)
     admin_token_file: Path | None = None  # tokens for loading and unloading models and log settings
+    # Triton's system shared memory extension, for clients on this host (serve/sharedmemory.py):
+    # off by default, as Triton's, since a region lets a client have the server read and write a
+    # shared memory object it names
+    allow_client_shm: bool = False
     workers: int = 1  # server processes on the same ports (serve/workers/); see auto_workers
     reuse_port: bool = False  # set by the supervisor for its workers: they listen on shared ports
     log_level: LogLevel = LogLevel.INFO

@@ -18,6 +18,7 @@ from resserve.serve.logs import LogSettings
 from resserve.serve.metrics import Metrics
 from resserve.serve.repository import ModelRepository
 from resserve.serve.settings import ServerSettings
+from resserve.serve.sharedmemory import Region, SharedMemory
 
 log = logging.getLogger("resserve.serve")
 
@@ -33,6 +34,12 @@ class Peers(Protocol):
     def share_log_settings(self, settings: LogSettings) -> None:
         """The log settings changed: every worker is to log so."""
 
+    def share_region_registered(self, region: Region) -> None:
+        """A shared memory region was registered here: every worker is to know it."""
+
+    def share_region_unregistered(self, name: str) -> None:
+        """The shared memory region ``name`` ("": every region) was unregistered here: everywhere too."""
+
     async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
         """Load or unload the model called ``name`` through this worker's API: ``make()`` makes the
         change here, in turn with the changes made through other workers, so that every worker
@@ -44,6 +51,12 @@ class _Alone:
     """A server of one process: no one to tell, no one to wait for."""
 
     def share_log_settings(self, settings: LogSettings) -> None:
+        pass
+
+    def share_region_registered(self, region: Region) -> None:
+        pass
+
+    def share_region_unregistered(self, name: str) -> None:
         pass
 
     async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
@@ -64,9 +77,11 @@ class ServerState:
     answered: Counter = field(default_factory=Counter)  # status code name -> requests answered
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is in flight
     peers: Peers = ALONE  # the other workers under --workers
+    shared_memory: SharedMemory = field(init=False)  # the regions clients registered (--allow-client-shm)
 
     def __post_init__(self) -> None:
         self.idle.set()
+        self.shared_memory = SharedMemory(self.settings.allow_client_shm)
 
     def model_label(self, requested: str) -> str:
         """The metrics label for a requested model name: bounded, so clients cannot mint labels."""

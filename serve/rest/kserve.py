@@ -10,7 +10,7 @@ way. Errors are ``{"error": "..."}`` (serve/rest/server.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from aiohttp import hdrs, web
@@ -19,21 +19,24 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from resserve.serve.dataplane import (SERVER_NAME, InferenceRequest, InferenceResponse, RequestedOutput, Tensor,
-                                      deadline_within, tensor_bytes, tensor_from_bytes, tensor_from_values)
+from resserve.serve.dataplane import (SERVER_NAME, InferenceRequest, InferenceResponse, RequestedOutput,
+                                      SharedTensor, Tensor, deadline_within, tensor_bytes, tensor_from_bytes,
+                                      tensor_from_values)
 from resserve.serve.errors import InvalidInput, describe_validation_error
-from resserve.serve.kserve import EXTENSIONS, served_model_config, unsupported
+from resserve.serve.kserve import served_extensions, served_model_config, unsupported
 from resserve.serve.kserve import model_metadata as metadata_of
 from resserve.serve.kserve import model_statistics as statistics_of
 from resserve.serve.repository import ServedModel
 from resserve.serve.rest.encoding import compressed_where_asked
 from resserve.serve.rest.server import endpoint, json_response, plane_of, read_body
+from resserve.serve.sharedmemory import Region, no_cuda_region, placement
 from resserve.serve.stubs import grpc_service_pb2 as pb
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
                FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 routes = web.RouteTableDef()
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Message(BaseModel):
@@ -51,6 +54,14 @@ class RestInput(_Message):
 class RestOutput(_Message):
     name: str
     parameters: dict[str, Any] = {}
+
+
+class RestRegionRequest(_Message):
+    """A system shared memory region to register (Triton's shared memory extension)."""
+
+    key: str
+    offset: Annotated[int, Field(ge=0)] = 0
+    byte_size: Annotated[int, Field(ge=0)]
 
 
 class RestInferRequest(_Message):
@@ -82,21 +93,27 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     return bytes(view[:length]), view[length:]
 
 
-def _parse(header: bytes) -> RestInferRequest:
+def _parse(header: bytes, kind: type[M]) -> M:
+    """A request's JSON as ``kind``, or one InvalidInput naming what is wrong."""
     try:
-        return RestInferRequest.model_validate(orjson.loads(header))
+        return kind.model_validate(orjson.loads(header))
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"the request is not valid JSON: {exc}") from None
     except ValidationError as exc:
         raise InvalidInput(f"the request's {describe_validation_error(exc)}") from None
 
 
-def _inputs(request: RestInferRequest, binary: memoryview) -> tuple[Tensor, ...]:
+def _inputs(request: RestInferRequest, binary: memoryview) -> tuple[Tensor | SharedTensor, ...]:
     tensors, offset = [], 0
     for tensor in request.inputs:
         where = f"input {tensor.name!r}"
         size = _parameter(tensor.parameters, "binary_data_size", int, where)
         shape = tuple(tensor.shape)
+        if (place := placement(tensor.parameters, where)) is not None:
+            if tensor.data is not None or size is not None:
+                raise InvalidInput(f"{where} is in shared memory and has data too; send one")
+            tensors.append(SharedTensor(tensor.name, tensor.datatype, shape, place))
+            continue
         if size is None:
             if tensor.data is None:
                 raise InvalidInput(f"{where} has neither data nor parameters.binary_data_size")
@@ -113,22 +130,27 @@ def _inputs(request: RestInferRequest, binary: memoryview) -> tuple[Tensor, ...]
 
 
 def _requested(output: RestOutput) -> RequestedOutput:
-    classification = _parameter(output.parameters, "classification", int, f"output {output.name!r}")
-    return RequestedOutput(output.name, classification or 0)
+    where = f"output {output.name!r}"
+    place = placement(output.parameters, where)
+    if place is not None and output.parameters.get("binary_data"):
+        raise InvalidInput(f"{where} cannot be both binary data and in shared memory")
+    return RequestedOutput(output.name, _parameter(output.parameters, "classification", int, where) or 0, place)
 
 
 def decode_infer(body: bytes, header_length: str | None, name: str, version: str) -> tuple[InferenceRequest, dict]:
     """The data plane's request, and for each output name whether it goes back as binary data
-    (the key ``""`` for outputs not asked for by name)."""
+    (the key ``""`` for outputs not asked for by name), or None: written to shared memory."""
     header, binary = _split(body, header_length)
-    request = _parse(header)
+    request = _parse(header, RestInferRequest)
     binary_default = bool(_parameter(request.parameters, "binary_data_output", bool, "request"))
     as_binary = {"": binary_default}
     for output in request.outputs:
         wanted = _parameter(output.parameters, "binary_data", bool, f"output {output.name!r}")
         as_binary[output.name] = binary_default if wanted is None else wanted
-    decoded = InferenceRequest(name, version, _inputs(request, binary), tuple(_requested(o) for o in request.outputs),
-                               request.id, deadline_within(_parameter(request.parameters, "timeout", int, "request")))
+    outputs = tuple(_requested(o) for o in request.outputs)
+    as_binary.update({o.name: None for o in outputs if o.place})
+    decoded = InferenceRequest(name, version, _inputs(request, binary), outputs, request.id,
+                               deadline_within(_parameter(request.parameters, "timeout", int, "request")))
     return decoded, as_binary
 
 
@@ -136,7 +158,10 @@ def encode_infer(answer: InferenceResponse, as_binary: dict) -> web.Response:
     outputs, blobs = [], []
     for tensor in answer.outputs:
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        if as_binary.get(tensor.name, as_binary[""]):
+        binary = as_binary.get(tensor.name, as_binary[""])
+        if binary is None:  # written to shared memory: no data, as Triton answers it
+            pass
+        elif binary:
             blobs.append(tensor_bytes(tensor))
             entry["parameters"] = {"binary_data_size": len(blobs[-1])}
         elif tensor.datatype == "BYTES":
@@ -208,7 +233,8 @@ async def ready(request: web.Request) -> web.Response:
 async def server_metadata(request: web.Request) -> web.Response:
     from resserve.serve import __version__
 
-    return json_response({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+    return json_response({"name": SERVER_NAME, "version": __version__,
+                          "extensions": served_extensions(plane_of(request))})
 
 
 @routes.get("/v2/models/stats")
@@ -245,13 +271,56 @@ async def model_statistics(request: web.Request) -> web.Response:
     return _statistics(plane_of(request).models(*_route_model(request)))
 
 
+# system shared memory (Triton's extension; serve/sharedmemory.py) --------------------------------
+
+
+@routes.get("/v2/systemsharedmemory/status")
+@routes.get("/v2/systemsharedmemory/region/{region}/status")
+@endpoint("kserve")
+async def region_status(request: web.Request) -> web.Response:
+    regions = plane_of(request).region_status(request.match_info.get("region", ""))
+    return json_response([{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+                          for r in regions])
+
+
+@routes.post("/v2/systemsharedmemory/region/{region}/register")
+@endpoint("kserve")
+async def register_region(request: web.Request) -> web.Response:
+    body = _parse(await read_body(request), RestRegionRequest)
+    plane_of(request).register_region(Region(request.match_info["region"], body.key, body.offset, body.byte_size),
+                                      request.remote)
+    return json_response({})
+
+
+@routes.post("/v2/systemsharedmemory/unregister")
+@routes.post("/v2/systemsharedmemory/region/{region}/unregister")
+@endpoint("kserve")
+async def unregister_region(request: web.Request) -> web.Response:
+    plane_of(request).unregister_region(request.match_info.get("region", ""))
+    return json_response({})
+
+
+@routes.get("/v2/cudasharedmemory/status")
+@routes.get("/v2/cudasharedmemory/region/{region}/status")
+@endpoint("kserve")
+async def cuda_region_status(request: web.Request) -> web.Response:
+    return json_response(no_cuda_region(request.match_info.get("region", "")))
+
+
+@routes.post("/v2/cudasharedmemory/unregister")
+@routes.post("/v2/cudasharedmemory/region/{region}/unregister")
+@endpoint("kserve")
+async def unregister_cuda_region(request: web.Request) -> web.Response:
+    return json_response({})
+
+
 # Triton's HTTP extensions left out: what is supported, rather than "no such endpoint" (perf_analyzer
-# --shared-memory asks for the first), as over gRPC
-LEFT_OUT = {"systemsharedmemory": "system shared memory", "cudasharedmemory": "CUDA shared memory",
-            "trace": "trace", "generate": "generate", "generate_stream": "generate"}
+# --shared-memory cuda asks for the first), as over gRPC
+LEFT_OUT = {"cudasharedmemory": "CUDA shared memory", "trace": "trace", "generate": "generate",
+            "generate_stream": "generate"}
 
 
-@routes.route("*", "/v2/{extension:systemsharedmemory|cudasharedmemory|trace}{rest:(/.*)?}")
+@routes.route("*", "/v2/{extension:cudasharedmemory|trace}{rest:(/.*)?}")
 @routes.route("*", "/v2/models/{name}{version:(/versions/[^/]+)?}/{extension:trace|generate|generate_stream}"
                    "{rest:(/.*)?}")
 @endpoint("kserve")

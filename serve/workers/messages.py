@@ -1,8 +1,9 @@
 """What the supervisor and a worker say to each other over the worker's pipe.
 
 Worker to supervisor: ``Loaded``, ``Ready``, ``Failed``, ``Stopped``, ``LogSettingsChanged``,
-``TurnWanted``, ``TurnOver``. Supervisor to worker: ``Listen``, ``LogSettingsChanged``,
-``ModelChange`` (made through another worker), ``Turn``. Each is pickled by the pipe, so both
+``TurnWanted``, ``TurnOver``, ``RegionRegistered``, ``RegionUnregistered``. Supervisor to worker:
+``Listen``, ``LogSettingsChanged``, ``ModelChange`` (made through another worker), ``Turn``, and
+the regions registered or unregistered through another worker. Each is pickled by the pipe, so both
 sides read the same types, never a tuple of strings.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from resserve.serve.logs import LogSettings
+from resserve.serve.sharedmemory import Region
 from resserve.serve.state import ModelAction
 
 
@@ -75,5 +77,20 @@ class TurnOver:
     made: ModelChange | None
 
 
-ToSupervisor = Loaded | Ready | Failed | Stopped | LogSettingsChanged | TurnWanted | TurnOver
-ToWorker = Listen | LogSettingsChanged | ModelChange | Turn
+@dataclass(frozen=True)
+class RegionRegistered:
+    """A client registered a shared memory region through a worker's API: every worker opens it."""
+
+    region: Region
+
+
+@dataclass(frozen=True)
+class RegionUnregistered:
+    """A client unregistered the shared memory region ``name`` ("": every region) through a worker's API."""
+
+    name: str
+
+
+ToSupervisor = (Loaded | Ready | Failed | Stopped | LogSettingsChanged | TurnWanted | TurnOver | RegionRegistered
+                | RegionUnregistered)
+ToWorker = Listen | LogSettingsChanged | ModelChange | Turn | RegionRegistered | RegionUnregistered

@@ -29,9 +29,11 @@ from resserve.serve.logs import LogSettings, apply_log_settings, configure_loggi
 from resserve.serve.repository import read_packages
 from resserve.serve.server import answer_counts, check_port_free, serve_metrics
 from resserve.serve.settings import ServerSettings, page_note
+from resserve.serve.sharedmemory import Region
 from resserve.serve.tls import ssl_context, tls_files
 from resserve.serve.workers.messages import (Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
-                                             Stopped, ToSupervisor, ToWorker, Turn, TurnOver, TurnWanted)
+                                             RegionRegistered, RegionUnregistered, Stopped, ToSupervisor, ToWorker,
+                                             Turn, TurnOver, TurnWanted)
 from resserve.serve.workers.worker import worker_main
 
 log = logging.getLogger("resserve.serve")
@@ -90,6 +92,7 @@ class Supervisor:
         self.metrics = SupervisorMetrics(self.registry)
         self.logs = LogSettings.of(settings)  # as the workers are to log
         self.unloaded: frozenset[str] = frozenset()  # models the workers are not to load
+        self.regions: dict[str, Region] = {}  # shared memory regions registered through the API
         self.turn: Worker | None = None  # the worker changing models now
         self.waiting_turns: deque[Worker] = deque()  # workers waiting for their turn to change models
 
@@ -117,7 +120,8 @@ class Supervisor:
     def _start(self, index: int) -> None:
         parent_end, child_end = self.context.Pipe()
         process = self.context.Process(target=worker_main,
-                                       args=(self.worker_settings, index, child_end, self.logs, self.unloaded),
+                                       args=(self.worker_settings, index, child_end, self.logs, self.unloaded,
+                                             tuple(self.regions.values())),
                                        name=f"resserve-worker-{index}", daemon=False)
         process.start()
         child_end.close()
@@ -227,6 +231,12 @@ class Supervisor:
                 self._give_turn()
             case TurnOver(made):
                 self._model_changed(worker, made)
+            case RegionRegistered(region):
+                self.regions[region.name] = region
+                self._tell([w for w in self.workers.values() if w is not worker], message)
+            case RegionUnregistered(name):
+                self.regions = {n: r for n, r in self.regions.items() if name and n != name}
+                self._tell([w for w in self.workers.values() if w is not worker], message)
 
     def _share_log_settings(self, settings: LogSettings) -> None:
         """Log settings changed through one worker's API (which logged it): every worker takes

@@ -17,9 +17,11 @@ from resserve.serve.errors import ResserveError, ShuttingDown
 from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
 from resserve.serve.server import answer_counts, serve
 from resserve.serve.settings import ServerSettings
+from resserve.serve.sharedmemory import Region, SharedMemory
 from resserve.serve.state import ModelAction, T
 from resserve.serve.workers.messages import (Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
-                                             Stopped, ToSupervisor, ToWorker, Turn, TurnOver, TurnWanted)
+                                             RegionRegistered, RegionUnregistered, Stopped, ToSupervisor, ToWorker,
+                                             Turn, TurnOver, TurnWanted)
 
 log = logging.getLogger("resserve.serve")
 
@@ -29,15 +31,19 @@ PR_SET_PDEATHSIG = 1
 class PipeCoordinator:
     """A worker's side of the supervisor's pipe."""
 
-    def __init__(self, pipe: Connection, unloaded: frozenset[str]) -> None:
+    def __init__(self, pipe: Connection, unloaded: frozenset[str], regions: tuple[Region, ...]) -> None:
         self.pipe = pipe
         self.unloaded = unloaded
+        self._regions = regions  # registered through the API before this worker started
         self._follow: Callable[[ModelAction, str], Awaitable[None]] | None = None
+        self._shared_memory: SharedMemory | None = None
         self._following: set[asyncio.Task] = set()  # model changes under way (a reference keeps each alive)
         self._turns: deque[asyncio.Future] = deque()  # model changes through this worker's API, awaiting their turn
 
-    async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]]) -> None:
-        self._follow = follow
+    async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]], shared_memory: SharedMemory) -> None:
+        self._follow, self._shared_memory = follow, shared_memory
+        for region in self._regions:
+            self._register(region)
         try:
             self.pipe.send(Loaded())
             while not isinstance(message := await asyncio.to_thread(self.pipe.recv), Listen):  # every worker has loaded
@@ -65,9 +71,26 @@ class PipeCoordinator:
                 task.add_done_callback(self._following.discard)
             case Turn():
                 self._turns.popleft().set_result(None)
+            case RegionRegistered(region):
+                self._register(region)
+            case RegionUnregistered(name):
+                self._shared_memory.unregister(name)
+
+    def _register(self, region: Region) -> None:
+        try:
+            self._shared_memory.register(region)
+        except ResserveError as exc:  # the client was answered by the other worker
+            log.error("shared memory region %s, registered through another worker, is not here: %s",
+                      region.name[:128], exc)
 
     def share_log_settings(self, settings: LogSettings) -> None:
         self._send(LogSettingsChanged(settings))
+
+    def share_region_registered(self, region: Region) -> None:
+        self._send(RegionRegistered(region))
+
+    def share_region_unregistered(self, name: str) -> None:
+        self._send(RegionUnregistered(name))
 
     async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
         """One worker changes models at a time: the supervisor gives the turns, and passes each
@@ -115,14 +138,14 @@ def _follow_the_supervisor() -> None:
 
 
 def worker_main(settings: ServerSettings, index: int, pipe: Connection, logs: LogSettings,
-                unloaded: frozenset[str]) -> None:
+                unloaded: frozenset[str], regions: tuple[Region, ...]) -> None:
     """A worker process: a whole server on the shared ports, coordinated over ``pipe``, logging
-    as ``logs`` say and without the models ``unloaded`` (the state of the moment: either may have
-    changed through the API since the server started)."""
+    as ``logs`` say, without the models ``unloaded`` and with the shared memory ``regions`` (the
+    state of the moment: each may have changed through the API since the server started)."""
     _follow_the_supervisor()
     configure_logging(logs, worker=index)
     try:
-        asyncio.run(serve(settings, PipeCoordinator(pipe, unloaded)))
+        asyncio.run(serve(settings, PipeCoordinator(pipe, unloaded, regions)))
     except ResserveError as exc:  # the supervisor says it, once, for the first worker that fails to start
         pipe.send(Failed(str(exc)))
         sys.exit(exc.exit_code)

@@ -1,5 +1,6 @@
 """Triton's perf_analyzer (C++) against a real server: the tool Triton's users measure servers
-with must run against ours unchanged, over gRPC (a call per request, and streaming) and HTTP.
+with must run against ours unchanged, over gRPC (a call per request, and streaming) and HTTP, with
+the tensors in the request or in system shared memory.
 
 perf_analyzer reads the model's config, sends real test digits, and reads the server's
 statistics extension after each window; it aborts when any of that does not hold together (it
@@ -9,14 +10,23 @@ in the virtualenv; .ci/run does.
 
 import csv
 import json
+import re
 import subprocess
 
 import pytest
 
-from helpers import PERF_ANALYZER, needs_perf_analyzer
+from helpers import PERF_ANALYZER, ServerProcess, needs_perf_analyzer
 
 MODEL = "resnet-mnist"
+SHARED_MEMORY = ("--shared-memory", "system", "--output-shared-memory-size", "40")  # 10 FP32 scores an image
 pytestmark = needs_perf_analyzer
+
+
+@pytest.fixture(scope="module")
+def server():
+    """Default settings, and client shared memory allowed (perf_analyzer --shared-memory system)."""
+    with ServerProcess("--allow-client-shm") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +54,14 @@ def perf_analyzer(server, digits, tmp_path, *protocol: str, batch: int = 1) -> d
     return {key: float(value) for key, value in row.items()}
 
 
-@pytest.mark.parametrize("protocol", [("-i", "grpc"), ("-i", "grpc", "--streaming"), ("-i", "http")],
-                         ids=["grpc", "grpc-streaming", "http"])
+@pytest.mark.parametrize("protocol", [("-i", "grpc"), ("-i", "grpc", "--streaming"), ("-i", "http"),
+                                      ("-i", "grpc", *SHARED_MEMORY), ("-i", "http", *SHARED_MEMORY)],
+                         ids=["grpc", "grpc-streaming", "http", "grpc-shared-memory", "http-shared-memory"])
 def test_perf_analyzer_measures_the_server(server, digits, tmp_path, protocol):
+    said = len(server.lines)
     row = perf_analyzer(server, digits, tmp_path, *protocol)
+    if "--shared-memory" in protocol:  # its tensors went through the regions it registered
+        assert any(re.search(r"shared memory region \w+ registered", line) for line in server.lines[said:])
     assert row["Inferences/Second"] > 0 and 0 < row["p50 latency"] <= row["p99 latency"]
     # from the server's statistics extension, which perf_analyzer checks for consistency
     assert row["Server Compute Infer"] > 0 and row["Server Queue"] >= 0

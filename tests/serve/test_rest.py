@@ -164,14 +164,12 @@ def test_statistics_and_repository_index_over_rest(client, server, mnist):
 
 
 @pytest.mark.parametrize("ask, extension", [
-    (lambda client: client.get_system_shared_memory_status(), "system shared memory"),
-    (lambda client: client.register_system_shared_memory("input", "/resserve-shm", 3136), "system shared memory"),
-    (lambda client: client.get_cuda_shared_memory_status(), "CUDA shared memory"),
+    (lambda client: client.register_cuda_shared_memory("input", b"handle", 0, 3136), "CUDA shared memory"),
     (lambda client: client.get_trace_settings(MODEL), "trace"),
     (lambda client: client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}), "trace"),
 ])
 def test_the_extensions_left_out_say_so_and_name_those_served(client, ask, extension):
-    """They were "no such endpoint" over HTTP (perf_analyzer --shared-memory system), as over gRPC now."""
+    """They were "no such endpoint" over HTTP (perf_analyzer --shared-memory cuda), as over gRPC now."""
     with pytest.raises(InferenceServerException) as refused:
         ask(client)
     assert refused.value.status() == "501"

@@ -22,6 +22,7 @@ from resserve.serve.package import load_package
 from resserve.serve.preprocess import HEIF_REFUSED, UNREADABLE
 from resserve.serve.runtime import MAX_BF16_LOSS
 from resserve.serve.settings import ServerSettings, page_note
+from resserve.serve.sharedmemory import OFF_MESSAGE
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 
@@ -479,6 +480,28 @@ def test_tritonclient_statistics_count_the_requests_sent(server, mnist):
     for batch in stats.batch_stats:
         assert batch.compute_input.count == batch.compute_infer.count == batch.compute_output.count > 0
     assert "statistics" in client.get_server_metadata().extensions
+
+
+def test_client_shared_memory_is_off_unless_the_server_is_started_with_it(server, tmp_path):
+    """Off by default, as Triton's: a region lets a client have the server read and write a
+    shared memory object it names (tests/serve/test_shared_memory.py turns it on)."""
+    import tritonclient.http as triton_http
+
+    for client in (triton.InferenceServerClient(server.target), triton_http.InferenceServerClient(server.http_target)):
+        grpc_client = isinstance(client, triton.InferenceServerClient)
+        metadata = client.get_server_metadata()
+        assert "system_shared_memory" not in (metadata.extensions if grpc_client else metadata["extensions"])
+        assert not (client.get_system_shared_memory_status().regions if grpc_client
+                    else client.get_system_shared_memory_status())
+        tensor = (triton if grpc_client else triton_http).InferInput("input", [1, 1, 28, 28], "FP32")
+        tensor.set_shared_memory("input", 3136)
+        for refused in (lambda: client.register_system_shared_memory("input", "/resserve-shm", 3136),
+                        lambda: client.unregister_system_shared_memory(),
+                        lambda: client.infer(MODEL, [tensor])):
+            with pytest.raises(triton.InferenceServerException) as info:
+                refused()
+            assert info.value.status() in ("StatusCode.UNIMPLEMENTED", "501")
+            assert info.value.message() == OFF_MESSAGE
 
 
 def test_tritonclient_repository_index_lists_the_loaded_models(server):

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
+import tritonclient.utils.shared_memory as shared_memory
 from tritonclient.utils import InferenceServerException
 
 from helpers import ServerProcess, free_port, metric_value, run_cli, write_hanging_package
@@ -33,11 +34,15 @@ INFER_BODY = (b'{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32"
               b",".join([b"0"] * 784) + b"]}]}")
 
 
-def http_status(server) -> int:
+SHARED_INFER_BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "parameters": {
+    "shared_memory_region": "digit", "shared_memory_byte_size": 3136}}]}).encode()  # the input in shared memory
+
+
+def http_status(server, body: bytes = INFER_BODY) -> int:
     """One inference over a connection of its own: the kernel picks the worker."""
     connection = HTTPConnection(server.http_target, timeout=30)
     try:
-        connection.request("POST", f"/v2/models/{MODEL}/infer", body=INFER_BODY)
+        connection.request("POST", f"/v2/models/{MODEL}/infer", body=body)
         response = connection.getresponse()
         response.read()
         return response.status
@@ -45,9 +50,9 @@ def http_status(server) -> int:
         connection.close()
 
 
-def statuses(server, count: int = 16) -> set[int]:
+def statuses(server, count: int = 16, body: bytes = INFER_BODY) -> set[int]:
     """Over a connection each: the kernel spreads them over the workers."""
-    return {http_status(server) for _ in range(count)}
+    return {http_status(server, body) for _ in range(count)}
 
 
 def worker_pids(server) -> dict[int, int]:
@@ -386,3 +391,28 @@ def test_a_worker_that_dies_in_its_turn_to_change_models_hands_it_on(supervisor_
     first.process.join()
     supervisor._died(first)
     assert received(ends[2]) == [Turn()] and received(ends[3]) == []
+
+
+def test_a_shared_memory_region_registered_through_one_worker_is_in_every_worker_and_a_restarted_one():
+    handle = shared_memory.create_shared_memory_region("digit", "/resserve-test-workers", 3136)
+    try:
+        with ServerProcess("--workers", "2", "--allow-client-shm") as server:
+            client = triton_http.InferenceServerClient(server.http_target)  # one connection: one worker
+            client.register_system_shared_memory("digit", "/resserve-test-workers", 3136)
+            deadline = time.monotonic() + 10
+            while statuses(server, body=SHARED_INFER_BODY) != {200}:  # the other once the supervisor passed it on
+                assert time.monotonic() < deadline, "".join(server.lines)
+            first = worker_pids(server)
+            os.kill(first[2], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while worker_pids(server)[2] == first[2] or metric_value(server.metrics(), "resserve_workers_ready") < 2:
+                assert time.monotonic() < deadline, "".join(server.lines)
+                time.sleep(0.2)
+            assert statuses(server, body=SHARED_INFER_BODY) == {200}  # the restarted worker started with it
+            triton_http.InferenceServerClient(server.http_target).unregister_system_shared_memory()
+            deadline = time.monotonic() + 10
+            while statuses(server, body=SHARED_INFER_BODY) != {404}:
+                assert time.monotonic() < deadline, "".join(server.lines)
+            assert server.stop() == 0
+    finally:
+        shared_memory.destroy_shared_memory_region(handle)
