@@ -142,11 +142,6 @@ class SharedMemory:
                                "shrunk since it was registered")
         os.pwrite(descriptor, data, region.offset + place.offset)
 
-    def close(self) -> None:
-        for _, descriptor in self._regions.values():
-            os.close(descriptor)
-        self._regions.clear()
-
     def _within(self, place: Placement) -> tuple[Region, int]:
         region, descriptor = self._region(place.region)
         if place.offset + place.byte_size > region.byte_size:
