@@ -120,6 +120,7 @@ class InferenceRequest:
     outputs: tuple[RequestedOutput, ...] = ()  # empty: all of the model's
     id: str = ""
     deadline: float | None = None  # time.monotonic() value
+    client: str | None = None  # its IP address, where the transport says: shared memory is for loopback's
 
 
 def deadline_within(timeout_us: int | None, deadline: float | None = None) -> float | None:
@@ -375,6 +376,9 @@ class DataPlane:
             if len(request.inputs) != len(manifest.inputs):
                 raise InvalidInput(f"expected {len(manifest.inputs)} input tensor named "
                                    f"{manifest.inputs[0].name!r}, got {len(request.inputs)}")
+            if any(isinstance(t, SharedTensor) for t in request.inputs) or any(o.place for o in wanted):
+                self.state.shared_memory.check_allowed()
+                check_client(request.client)
             tensor = self._in_memory(request.inputs[0], manifest.inputs[0])
             batch = model_input(tensor, manifest.inputs[0], self.state.settings.max_images_per_request,
                                 manifest.preprocessing.range)

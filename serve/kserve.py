@@ -61,9 +61,10 @@ def _tensor(tensor, raw: bytes | None) -> Tensor | SharedTensor:
     return tensor_from_bytes(tensor.name, tensor.datatype, shape, raw, "raw_input_contents")
 
 
-def decode_request(request: pb.ModelInferRequest, deadline: float | None) -> InferenceRequest:
+def decode_request(request: pb.ModelInferRequest, deadline: float | None, client: str | None) -> InferenceRequest:
     """``deadline``: the call's; Triton's ``timeout`` parameter (tritonclient's ``timeout=``) may end it
-    sooner. ``raw_input_contents`` holds the bytes of each input not in shared memory, in order."""
+    sooner. ``raw_input_contents`` holds the bytes of each input not in shared memory, in order.
+    ``client``: the client's IP address."""
     shared = ["shared_memory_region" in t.parameters for t in request.inputs]
     raw = request.raw_input_contents
     if raw and len(raw) != shared.count(False):
@@ -73,7 +74,7 @@ def decode_request(request: pb.ModelInferRequest, deadline: float | None) -> Inf
                    for t, in_shared_memory in zip(request.inputs, shared))
     return InferenceRequest(request.model_name, request.model_version, inputs,
                             tuple(_requested(o) for o in request.outputs), request.id,
-                            deadline_within(_timeout_us(request), deadline))
+                            deadline_within(_timeout_us(request), deadline), client)
 
 
 def _timeout_us(request: pb.ModelInferRequest) -> int | None:
@@ -269,16 +270,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("kserve", model_of=lambda r: r.model_name)
     async def ModelInfer(self, request, context):
-        return await self._infer(request, deadline_of(context))
+        return await self._infer(request, deadline_of(context), peer_host(context.peer()))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Many requests on one call, each answered on it (serve/stream.py); the call's deadline
         is every request's."""
-        deadline = deadline_of(context)
-        await InferStream(self.plane.state, context, lambda request: self._infer(request, deadline)).run()
+        deadline, client = deadline_of(context), peer_host(context.peer())
+        await InferStream(self.plane.state, context, lambda request: self._infer(request, deadline, client)).run()
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        decoded = decode_request(request, deadline)
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None,
+                     client: str | None) -> pb.ModelInferResponse:
+        decoded = decode_request(request, deadline, client)
         answer = await self.plane.infer(decoded)
         response = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version,
                                          id=answer.id)

@@ -11,7 +11,8 @@ where reading a mapping past the object's end would kill the server (SIGBUS).
 
 Off unless the server is started with ``--allow-client-shm`` (as Triton since 24.05): a region
 lets a client have the server read and write a shared memory object it names. Even then only a
-client connected over loopback may register one: another host's client has no memory here.
+client connected over loopback may register or name one: another host's client has no memory
+here.
 """
 
 from __future__ import annotations
@@ -153,8 +154,7 @@ class SharedMemory:
         self.check_allowed()
         entry = self._regions.get(name)
         if entry is None:
-            raise RegionNotFound(f"no shared memory region {name[:128]!r} is registered"
-                                 + (f"; registered: {', '.join(sorted(self._regions))[:200]}" if self._regions else ""))
+            raise RegionNotFound(f"no shared memory region {name[:128]!r} is registered")
         return entry
 
     def check_allowed(self) -> None:
@@ -173,9 +173,10 @@ def no_cuda_region(name: str) -> list[Region]:
 
 
 def check_client(host: str | None) -> None:
-    """Only a client on this host may register shared memory: refused in one line otherwise."""
+    """Only a client on this host may register or name shared memory: refused in one line otherwise
+    (another host's client has no memory here, and would reach the regions of the host's clients)."""
     if not is_loopback(host):
-        raise Forbidden(f"only a client on the server's host, connected over loopback, may register system shared "
+        raise Forbidden(f"only a client on the server's host, connected over loopback, may use system shared "
                         f"memory; this one connected from {(host or 'an unknown address')[:64]}")
 
 

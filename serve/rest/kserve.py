@@ -137,8 +137,9 @@ def _requested(output: RestOutput) -> RequestedOutput:
     return RequestedOutput(output.name, _parameter(output.parameters, "classification", int, where) or 0, place)
 
 
-def decode_infer(body: bytes, header_length: str | None, name: str, version: str) -> tuple[InferenceRequest, dict]:
-    """The data plane's request, and for each output name whether it goes back as binary data
+def decode_infer(body: bytes, header_length: str | None, name: str, version: str,
+                 client: str | None) -> tuple[InferenceRequest, dict]:
+    """The data plane's request from ``client`` (its IP address), and for each output name whether it goes back as binary data
     (the key ``""`` for outputs not asked for by name), or None: written to shared memory."""
     header, binary = _split(body, header_length)
     request = _parse(header, RestInferRequest)
@@ -150,7 +151,7 @@ def decode_infer(body: bytes, header_length: str | None, name: str, version: str
     outputs = tuple(_requested(o) for o in request.outputs)
     as_binary.update({o.name: None for o in outputs if o.place})
     decoded = InferenceRequest(name, version, _inputs(request, binary), outputs, request.id,
-                               deadline_within(_parameter(request.parameters, "timeout", int, "request")))
+                               deadline_within(_parameter(request.parameters, "timeout", int, "request")), client)
     return decoded, as_binary
 
 
@@ -394,6 +395,7 @@ async def update_log_settings(request: web.Request) -> web.Response:
 @endpoint("kserve")
 async def infer(request: web.Request) -> web.Response:
     body = await read_body(request)
-    decoded, as_binary = decode_infer(body, request.headers.get(HEADER_LENGTH), *_route_model(request))
+    decoded, as_binary = decode_infer(body, request.headers.get(HEADER_LENGTH), *_route_model(request),
+                                      request.remote)
     answer = encode_infer(await plane_of(request).infer(decoded), as_binary)
     return compressed_where_asked(answer, request.headers.get(hdrs.ACCEPT_ENCODING))

@@ -55,8 +55,10 @@ def perf_analyzer(server, digits, tmp_path, *protocol: str, batch: int = 1) -> d
 
 
 @pytest.mark.parametrize("protocol", [("-i", "grpc"), ("-i", "grpc", "--streaming"), ("-i", "http"),
-                                      ("-i", "grpc", *SHARED_MEMORY), ("-i", "http", *SHARED_MEMORY)],
-                         ids=["grpc", "grpc-streaming", "http", "grpc-shared-memory", "http-shared-memory"])
+                                      ("-i", "grpc", *SHARED_MEMORY), ("-i", "grpc", "--streaming", *SHARED_MEMORY),
+                                      ("-i", "http", *SHARED_MEMORY)],
+                         ids=["grpc", "grpc-streaming", "http", "grpc-shared-memory", "grpc-streaming-shared-memory",
+                              "http-shared-memory"])
 def test_perf_analyzer_measures_the_server(server, digits, tmp_path, protocol):
     said = len(server.lines)
     row = perf_analyzer(server, digits, tmp_path, *protocol)

@@ -198,13 +198,24 @@ def non_loopback_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-def test_only_a_client_on_loopback_may_register_a_region(server):
+def test_only_a_client_on_loopback_may_register_or_name_a_region(server):
+    """A client elsewhere has no memory on the server's host, and naming a local client's region
+    would read its inputs through the model and overwrite its outputs."""
     address = non_loopback_address()
     if address is None:
         pytest.skip("this machine has no address but loopback")
-    with shm_object("/resserve-test-remote", 64):
-        for client in (triton_grpc.InferenceServerClient(f"{address}:{server.port}"),
-                       triton_http.InferenceServerClient(f"{address}:{server.http_port}")):
-            error = refusal(lambda: client.register_system_shared_memory("r", "/resserve-test-remote", 64))
-            assert status_of(error) in ("PERMISSION_DENIED", "403") and address in error.message()
-        assert client_of(server, "http").get_system_shared_memory_status() == []
+    local = client_of(server, "http")
+    with shm_object("/resserve-test-remote", 3136):
+        local.register_system_shared_memory("local", "/resserve-test-remote", 3136)
+        try:
+            for module, port in ((triton_grpc, server.port), (triton_http, server.http_port)):
+                remote = module.InferenceServerClient(f"{address}:{port}")
+                tensor = module.InferInput("input", [1, 1, 28, 28], "FP32")
+                tensor.set_shared_memory("local", 3136)
+                for call in (lambda: remote.register_system_shared_memory("r", "/resserve-test-remote", 64),
+                             lambda: remote.infer(MODEL, [tensor])):
+                    error = refusal(call)
+                    assert status_of(error) in ("PERMISSION_DENIED", "403") and address in error.message()
+            assert [r["name"] for r in local.get_system_shared_memory_status()] == ["local"]
+        finally:
+            local.unregister_system_shared_memory()
