@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -131,8 +132,26 @@ class CappedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        self._server = await asyncio.get_running_loop().create_server(
-            self._accept, self._host, self._port, backlog=self._backlog, reuse_port=self._reuse_port)
+        if self._host != "::":
+            where = {"host": self._host, "port": self._port, "reuse_port": self._reuse_port}
+        else:
+            where = {"sock": self._every_interface()}
+        self._server = await asyncio.get_running_loop().create_server(self._accept, backlog=self._backlog, **where)
+
+    def _every_interface(self) -> socket.socket:
+        """For ``::``, one socket for IPv6 and IPv4 alike, as gRPC listens there (asyncio's own
+        would take IPv6 only: IPv4 clients reached gRPC on a port and not HTTP on the next)."""
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self._reuse_port:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind(("::", self._port))
+        except OSError:
+            listener.close()
+            raise
+        return listener
 
     def _accept(self) -> asyncio.BaseProtocol:
         server = self._runner.server

@@ -487,6 +487,16 @@ def test_an_ipv6_host_serves_grpc_and_http():
     assert any(f"listening on [::1]:{server.port}" in line for line in server.lines)
 
 
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_every_interface_of_both_families_is_served_on_the_ipv6_wildcard():
+    """``--host ::`` took IPv4 clients over gRPC and refused them over HTTP (asyncio listened on IPv6 only)."""
+    with ServerProcess("--host", "::") as server:
+        for host in ("127.0.0.1", "[::1]"):
+            assert health_status(f"{host}:{server.port}", "resserve.readiness") == health_pb2.HealthCheckResponse.SERVING
+            with urllib.request.urlopen(f"http://{host}:{server.http_port}/v2/health/ready", timeout=5) as response:
+                assert response.status == 200
+
+
 def test_a_hung_backend_ends_the_process_so_it_is_started_again(tmp_path):
     """A batch that never finished left a server that passed every health check while each
     request waited out its deadline. Now the process exits with status 3 past --batch-timeout."""

@@ -18,6 +18,8 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from helpers import ServerProcess, triton_infer
+from resserve.serve.rpc import peer_host
+from resserve.serve.sharedmemory import is_loopback
 
 MODEL = "resnet-mnist"
 PROTOCOLS = {"grpc": triton_grpc, "http": triton_http}
@@ -219,3 +221,11 @@ def test_only_a_client_on_loopback_may_register_or_name_a_region(server):
             assert [r["name"] for r in local.get_system_shared_memory_status()] == ["local"]
         finally:
             local.unregister_system_shared_memory()
+
+
+@pytest.mark.parametrize("peer, local", [
+    ("ipv4:127.0.0.1:5000", True), ("ipv6:[::1]:5000", True), ("ipv6:%5B::1%5D:5000", True),
+    ("ipv6:%5B::ffff:127.0.0.1%5D:5000", True),  # IPv4 on a dual-stack socket (--host ::)
+    ("ipv4:10.1.2.3:5000", False), ("ipv6:%5B::ffff:10.1.2.3%5D:5000", False), ("unix:/tmp/socket", False)])
+def test_which_grpc_peers_are_on_loopback(peer, local):
+    assert is_loopback(peer_host(peer)) is local
