@@ -139,8 +139,9 @@ def _requested(output: RestOutput) -> RequestedOutput:
 
 def decode_infer(body: bytes, header_length: str | None, name: str, version: str,
                  client: str | None) -> tuple[InferenceRequest, dict]:
-    """The data plane's request from ``client`` (its IP address), and for each output name whether it goes back as binary data
-    (the key ``""`` for outputs not asked for by name), or None: written to shared memory."""
+    """The data plane's request from ``client`` (its IP address), and for each output name whether
+    it goes back as binary data (the key ``""`` for outputs not asked for by name), or None: it is
+    written to shared memory."""
     header, binary = _split(body, header_length)
     request = _parse(header, RestInferRequest)
     binary_default = bool(_parameter(request.parameters, "binary_data_output", bool, "request"))
@@ -160,8 +161,8 @@ def encode_infer(answer: InferenceResponse, as_binary: dict) -> web.Response:
     for tensor in answer.outputs:
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
         binary = as_binary.get(tensor.name, as_binary[""])
-        if binary is None:  # written to shared memory: no data, as Triton answers it
-            pass
+        if binary is None:
+            pass  # written to shared memory: answered without data, as Triton does
         elif binary:
             blobs.append(tensor_bytes(tensor))
             entry["parameters"] = {"binary_data_size": len(blobs[-1])}

@@ -492,7 +492,8 @@ def test_every_interface_of_both_families_is_served_on_the_ipv6_wildcard():
     """``--host ::`` took IPv4 clients over gRPC and refused them over HTTP (asyncio listened on IPv6 only)."""
     with ServerProcess("--host", "::") as server:
         for host in ("127.0.0.1", "[::1]"):
-            assert health_status(f"{host}:{server.port}", "resserve.readiness") == health_pb2.HealthCheckResponse.SERVING
+            serving = health_status(f"{host}:{server.port}", "resserve.readiness")
+            assert serving == health_pb2.HealthCheckResponse.SERVING
             with urllib.request.urlopen(f"http://{host}:{server.http_port}/v2/health/ready", timeout=5) as response:
                 assert response.status == 200
 

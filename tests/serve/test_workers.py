@@ -34,8 +34,9 @@ INFER_BODY = (b'{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32"
               b",".join([b"0"] * 784) + b"]}]}")
 
 
-SHARED_INFER_BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "parameters": {
-    "shared_memory_region": "digit", "shared_memory_byte_size": 3136}}]}).encode()  # the input in shared memory
+SHARED_INFER_BODY = json.dumps({"inputs": [{  # the input in shared memory
+    "name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+    "parameters": {"shared_memory_region": "digit", "shared_memory_byte_size": 3136}}]}).encode()
 
 
 def http_status(server, body: bytes = INFER_BODY) -> int:
@@ -53,6 +54,24 @@ def http_status(server, body: bytes = INFER_BODY) -> int:
 def statuses(server, count: int = 16, body: bytes = INFER_BODY) -> set[int]:
     """Over a connection each: the kernel spreads them over the workers."""
     return {http_status(server, body) for _ in range(count)}
+
+
+def until_statuses(server, expected: set[int], seconds: float, body: bytes = INFER_BODY) -> None:
+    """Until every worker answers ``expected``: a change made through one worker reaches the others
+    once the supervisor has passed it on."""
+    deadline = time.monotonic() + seconds
+    while statuses(server, body=body) != expected:
+        assert time.monotonic() < deadline, "".join(server.lines)
+
+
+def kill_and_await_restart(server, index: int) -> None:
+    """SIGKILL worker ``index`` and wait until the one started in its place is ready."""
+    killed = worker_pids(server)[index]
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while worker_pids(server)[index] == killed or metric_value(server.metrics(), "resserve_workers_ready") < 2:
+        assert time.monotonic() < deadline, "".join(server.lines)
+        time.sleep(0.2)
 
 
 def worker_pids(server) -> dict[int, int]:
@@ -118,11 +137,7 @@ def test_a_killed_worker_comes_back_while_the_other_keeps_answering():
         thread = threading.Thread(target=client)
         thread.start()
         time.sleep(0.5)
-        os.kill(first[1], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while worker_pids(server)[1] == first[1] or metric_value(server.metrics(), "resserve_workers_ready") < 2:
-            assert time.monotonic() < deadline, "".join(server.lines)
-            time.sleep(0.2)
+        kill_and_await_restart(server, 1)
         time.sleep(0.5)
         stop.set()
         thread.join()
@@ -276,13 +291,8 @@ def test_log_settings_changed_through_one_worker_reach_every_worker_and_a_restar
             {"log_verbose_level": 1, "log_format": "json"})  # through one connection: one worker
         assert changed["log_verbose_level"] == 1 and changed["log_format"] == "json"
         until_logged_by({1, 2}, since=0)
-        first = worker_pids(server)
         restart = len(server.lines)
-        os.kill(first[2], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while worker_pids(server)[2] == first[2] or metric_value(server.metrics(), "resserve_workers_ready") < 2:
-            assert time.monotonic() < deadline, "".join(server.lines)
-            time.sleep(0.2)
+        kill_and_await_restart(server, 2)
         until_logged_by({1, 2}, since=restart)
         assert server.stop() == 0
     assert all(line.startswith("{") for line in server.lines[restart:])  # the new worker's start too
@@ -293,20 +303,11 @@ def test_a_model_unloaded_through_one_worker_is_unloaded_in_every_worker_and_a_r
     shutil.copytree(SHIPPED_PACKAGE, package)
     with ServerProcess(str(package), "--workers", "2") as server:
         triton_http.InferenceServerClient(server.http_target).unload_model(MODEL)  # one connection: one worker
-        deadline = time.monotonic() + 10
-        while statuses(server) != {404}:  # the other worker unloads once the supervisor has passed it on
-            assert time.monotonic() < deadline, "".join(server.lines)
-        first = worker_pids(server)
-        os.kill(first[1], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while worker_pids(server)[1] == first[1] or metric_value(server.metrics(), "resserve_workers_ready") < 2:
-            assert time.monotonic() < deadline, "".join(server.lines)
-            time.sleep(0.2)
+        until_statuses(server, {404}, 10)  # the other worker unloads once the supervisor has passed it on
+        kill_and_await_restart(server, 1)
         assert statuses(server) == {404}  # the restarted worker started without it
         triton_http.InferenceServerClient(server.http_target).load_model(MODEL)
-        deadline = time.monotonic() + 30
-        while statuses(server) != {200}:
-            assert time.monotonic() < deadline, "".join(server.lines)
+        until_statuses(server, {200}, 30)
         assert server.stop() == 0
 
 
@@ -337,9 +338,7 @@ def test_opposite_model_changes_made_at_once_through_both_workers_leave_them_ali
             change("load")
         artifact.write_bytes(intact)
         change("unload")
-        deadline = time.monotonic() + 20
-        while statuses(server) != {404}:
-            assert time.monotonic() < deadline, "".join(server.lines)
+        until_statuses(server, {404}, 20)
         assert server.stop() == 0
 
 
@@ -399,20 +398,11 @@ def test_a_shared_memory_region_registered_through_one_worker_is_in_every_worker
         with ServerProcess("--workers", "2", "--allow-client-shm") as server:
             client = triton_http.InferenceServerClient(server.http_target)  # one connection: one worker
             client.register_system_shared_memory("digit", "/resserve-test-workers", 3136)
-            deadline = time.monotonic() + 10
-            while statuses(server, body=SHARED_INFER_BODY) != {200}:  # the other once the supervisor passed it on
-                assert time.monotonic() < deadline, "".join(server.lines)
-            first = worker_pids(server)
-            os.kill(first[2], signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while worker_pids(server)[2] == first[2] or metric_value(server.metrics(), "resserve_workers_ready") < 2:
-                assert time.monotonic() < deadline, "".join(server.lines)
-                time.sleep(0.2)
+            until_statuses(server, {200}, 10, body=SHARED_INFER_BODY)  # the other once the supervisor passed it on
+            kill_and_await_restart(server, 2)
             assert statuses(server, body=SHARED_INFER_BODY) == {200}  # the restarted worker started with it
             triton_http.InferenceServerClient(server.http_target).unregister_system_shared_memory()
-            deadline = time.monotonic() + 10
-            while statuses(server, body=SHARED_INFER_BODY) != {404}:
-                assert time.monotonic() < deadline, "".join(server.lines)
+            until_statuses(server, {404}, 10, body=SHARED_INFER_BODY)
             assert server.stop() == 0
     finally:
         shared_memory.destroy_shared_memory_region(handle)
