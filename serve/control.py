@@ -97,4 +97,4 @@ class ModelControl:
             await model.batcher.close()  # what is queued still runs
             if model.info_labels not in current:
                 self.state.metrics.model_info.labels(*model.info_labels).set(0)
-                self.state.metrics.queue_depth.labels(model.name, model.version).set(0)
+                self.state.metrics.set_queue_depth(model.name, model.version, 0)

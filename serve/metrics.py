@@ -6,7 +6,11 @@ supervisor serves their sum (serve/workers/); gauges say how workers' values com
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from resserve.serve.batcher import BatchStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -48,3 +52,82 @@ class Metrics:
         self.model_info = Gauge("resserve_model_info", "Loaded models and how they run (value 1).",
                                 ["model", "version", "backend", "device", "precision"], registry=r,
                                 multiprocess_mode="livemax")
+        self.triton = TritonMetrics(r)
+
+    def set_queue_depth(self, model: str, version: str, depth: int) -> None:
+        """Requests waiting for their batch, under resserve's name and Triton's."""
+        self.queue_depth.labels(model, version).set(depth)
+        self.triton.pending.labels(model, version).set(depth)
+
+
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")  # Triton's, for nv_inference_request_failure
+
+
+class TritonMetrics:
+    """Triton's per-model inference metrics under Triton's names and labels (``model``,
+    ``version``), so that dashboards, alerts and autoscalers written for Triton read a resserve
+    server unchanged. They count what Triton's statistics extension counts (serve/statistics.py).
+
+    Triton exposes its counters without the ``_total`` suffix prometheus-client gives every
+    Counter, so these are gauges that only go up (under --workers, summed over every worker that
+    ever ran, as a counter would be): rate() and increase() read them as they read Triton's.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def total(name: str, what: str, labels: tuple[str, ...] = ("model", "version")) -> Gauge:
+            return Gauge(name, what, labels, registry=registry, multiprocess_mode="sum")
+
+        self.success = total("nv_inference_request_success", "Successful inference requests (Triton's name).")
+        self.failure = total("nv_inference_request_failure", "Failed inference requests, by Triton's reason: "
+                             "REJECTED (queue full, deadline, shutting down), CANCELED (the client went away), "
+                             "BACKEND (the model failed), OTHER (the request was refused).",
+                             ("model", "version", "reason"))
+        self.inferences = total("nv_inference_count", "Images inferred (Triton's inference count).")
+        self.executions = total("nv_inference_exec_count", "Batches run (Triton's execution count).")
+        self.request_us = total("nv_inference_request_duration_us", "Cumulative request time, microseconds.")
+        self.queue_us = total("nv_inference_queue_duration_us", "Cumulative time requests waited for their "
+                              "batch, microseconds.")
+        self.compute_us = {phase: total(f"nv_inference_compute_{phase}_duration_us", f"Cumulative {what} time of "
+                                        "requests (their batch's), microseconds.")
+                           for phase, what in (("input", "compute-input (gathering a batch's inputs)"),
+                                               ("infer", "inference"),
+                                               ("output", "compute-output (splitting a batch's outputs)"))}
+        self.pending = Gauge("nv_inference_pending_request_count", "Requests waiting for their batch (Triton's "
+                             "name; all workers).", ["model", "version"], registry=registry,
+                             multiprocess_mode="livesum")
+
+    def of(self, model: str, version: str) -> ModelMetrics:
+        """The metrics of one model version, their label values bound once."""
+        labels = (model, version)
+        return ModelMetrics(
+            self.success.labels(*labels), {r: self.failure.labels(*labels, r) for r in FAILURE_REASONS},
+            self.inferences.labels(*labels), self.executions.labels(*labels), self.request_us.labels(*labels),
+            self.queue_us.labels(*labels), {p: g.labels(*labels) for p, g in self.compute_us.items()})
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One model version's Triton metrics (TritonMetrics.of)."""
+
+    success: Gauge
+    failure: dict[str, Gauge]
+    inferences: Gauge
+    executions: Gauge
+    request_us: Gauge
+    queue_us: Gauge
+    compute_us: dict[str, Gauge]
+
+    def request(self, seconds: float, failure: str | None) -> None:
+        """A request answered: ``failure`` is Triton's reason, None for a success."""
+        (self.success if failure is None else self.failure[failure]).inc()
+        self.request_us.inc(seconds * 1e6)
+
+    def batch(self, stats: BatchStats) -> None:
+        """A batch run: each of its requests' compute times is the batch's, as in Triton's statistics."""
+        requests = len(stats.queue_seconds)
+        self.inferences.inc(stats.size)
+        self.executions.inc()
+        self.queue_us.inc(sum(stats.queue_seconds) * 1e6)
+        for phase, seconds in (("input", stats.input_seconds), ("infer", stats.infer_seconds),
+                               ("output", stats.output_seconds)):
+            self.compute_us[phase].inc(seconds * 1e6 * requests)

@@ -139,15 +139,18 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
     warm = np.zeros((batching.max_batch_size, 1, 28, 28), dtype=np.float32)
     for size in batching.shapes():  # with buckets, every shape a batch can take: nothing compiles after ready
         backend.infer(warm[:size])
-    name, version, statistics = package.name, package.version, ModelStatistics()
+    name, version = package.name, package.version
+    triton = metrics.triton.of(name, version)
+    statistics = ModelStatistics(on_request=triton.request)
 
     def record(stats: BatchStats) -> None:
         statistics.record_batch(stats)
+        triton.batch(stats)
         metrics.batch_size.labels(name, version).observe(stats.size)
         metrics.inference_time.labels(name, version).observe(stats.infer_seconds)
         for seconds in stats.queue_seconds:
             metrics.queue_time.labels(name, version).observe(seconds)
-        metrics.queue_depth.labels(name, version).set(batcher.queue_depth)  # a value, not a function: workers share it
+        metrics.set_queue_depth(name, version, batcher.queue_depth)  # a value, not a function: workers share it
 
     batcher = DynamicBatcher(backend.infer, batching, executor, on_batch=record)
     model = ServedModel(package, backend, batcher, statistics)

@@ -11,12 +11,14 @@ statistics where they differ.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from resserve.serve.batcher import BatchStats
+from resserve.serve.errors import DeadlineExpired, QueueFull, ResserveError, ShuttingDown
 
 
 @dataclass
@@ -55,6 +57,9 @@ class ModelStatistics:
     last_inference_ms: int = 0  # milliseconds since the epoch, 0 before the first
     batches: dict[int, Compute] = field(default_factory=dict)  # batch size -> per batch
     in_flight: int = 0  # requests inside ``request``
+    # each request answered: its seconds and Triton's reason for a failure (None: a success), for
+    # Triton's metrics (serve/metrics.py)
+    on_request: Callable[[float, str | None], None] = lambda seconds, failure: None
 
     def record_batch(self, stats: BatchStats) -> None:
         self.inference_count += stats.size
@@ -69,11 +74,24 @@ class ModelStatistics:
     def request(self) -> Iterator[None]:
         """Time one inference request: a success, or a failure if it raises (or is cancelled); and
         count it in flight meanwhile (a model being replaced finishes what it has taken)."""
-        started, ok = time.monotonic(), False
+        started, failure = time.monotonic(), None
         self.in_flight += 1
         try:
             yield
-            ok = True
+        except BaseException as exc:
+            failure = failure_reason(exc)
+            raise
         finally:
             self.in_flight -= 1
-            (self.success if ok else self.fail).add(time.monotonic() - started)
+            seconds = time.monotonic() - started
+            (self.success if failure is None else self.fail).add(seconds)
+            self.on_request(seconds, failure)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Triton's reason for a failed request (its metrics' ``reason`` label)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELED"
+    if isinstance(exc, (QueueFull, DeadlineExpired, ShuttingDown)):
+        return "REJECTED"
+    return "OTHER" if isinstance(exc, ResserveError) else "BACKEND"

@@ -463,15 +463,34 @@ def _model_stats(client) -> dict:
                           if int(b["batch_size"]) == 3)}
 
 
-def test_tritonclient_statistics_count_the_requests_sent(server, mnist):
+TRITON_METRICS = {"success": ("nv_inference_request_success", {}),
+                  "fail": ("nv_inference_request_failure", {"reason": "OTHER"}),
+                  "images": ("nv_inference_count", {}), "batches": ("nv_inference_exec_count", {})}
+
+
+def _triton_metrics(server) -> dict[str, float]:
+    """Triton's metrics of the model, under Triton's names, as its dashboards read them."""
+    text = server.metrics()
+    counts = {key: metric_value(text, name, model=MODEL, version="1", **labels)
+              for key, (name, labels) in TRITON_METRICS.items()}
+    for phase in ("request", "queue", "compute_input", "compute_infer", "compute_output"):
+        counts[phase] = metric_value(text, f"nv_inference_{phase}_duration_us", model=MODEL, version="1")
+    return counts
+
+
+def test_tritonclient_statistics_and_tritons_metrics_count_the_requests_sent(server, mnist):
     client = triton.InferenceServerClient(server.target)
-    before = _model_stats(client)
+    before, metrics_before = _model_stats(client), _triton_metrics(server)
     for start in range(0, 15, 3):  # five 3-image requests, one at a time: five batches of 3
         infer(client, as_input(mnist.test.images[start:start + 3]))
     with pytest.raises(triton.InferenceServerException):
         infer(client, np.full((1, 1, 28, 28), 2.0, dtype=np.float32))  # out of range: a failure
-    after = _model_stats(client)
+    after, metrics_after = _model_stats(client), _triton_metrics(server)
     assert {k: after[k] - before[k] for k in after} == {"success": 5, "fail": 1, "images": 15, "batches": 5, "batch3": 5}
+    grown = {k: metrics_after[k] - metrics_before[k] for k in metrics_after}
+    assert {k: grown[k] for k in TRITON_METRICS} == {"success": 5, "fail": 1, "images": 15, "batches": 5}
+    assert all(grown[phase] > 0 for phase in ("request", "queue", "compute_input", "compute_infer", "compute_output"))
+    assert grown["compute_infer"] < grown["request"]
     stats = client.get_inference_statistics(MODEL).model_stats[0]
     inference = stats.inference_stats
     assert stats.last_inference > 0 and inference.queue.ns > 0 and inference.compute_infer.ns > 0

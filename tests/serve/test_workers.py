@@ -111,6 +111,7 @@ def test_two_workers_share_one_port_and_metrics_add_up(tmp_path):
         assert metric_value(metrics, "resserve_workers_ready") == 2
         assert metric_value(metrics, "resserve_requests_total", protocol="http", code="200") == 60
         assert metric_value(metrics, "resserve_batch_size_count") == 60  # each worker's batches, summed
+        assert metric_value(metrics, "nv_inference_request_success", model=MODEL) == 60  # Triton's names too
         stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
         assert stub.ServerReady(kserve_pb2.ServerReadyRequest(), timeout=10).ready
         assert server.stop() == 0
@@ -147,6 +148,8 @@ def test_a_killed_worker_comes_back_while_the_other_keeps_answering():
         assert alive(first[2]) and worker_pids(server)[2] == first[2]  # the other was never touched
         assert statuses[200] > 20 and statuses["reset"] <= 2, statuses
         assert set(statuses) <= {200, "reset"}, statuses
+        # Triton's counters keep what the killed worker counted, as counters must (rate() reads a drop as a reset)
+        assert metric_value(server.metrics(), "nv_inference_request_success") == statuses[200]
 
 
 def test_a_worker_whose_backend_hung_is_started_again_and_the_other_keeps_answering(tmp_path):
