@@ -56,12 +56,13 @@ class ConnectionLimits:
     backlog: int
 
     @classmethod
-    def of(cls, max_connections: int | None) -> "ConnectionLimits":
+    def of(cls, max_connections: int | None, other_files: int = 0) -> "ConnectionLimits":
         """``--max-connections``, or (None: auto) what the open-file limit leaves for the gRPC and
-        HTTP ports after FD_RESERVE and the backlog, up to MAX_AUTO_CONNECTIONS."""
+        HTTP ports after FD_RESERVE, ``other_files`` (clients' shared memory regions) and the
+        backlog, up to MAX_AUTO_CONNECTIONS."""
         open_files = raise_open_file_limit()
         backlog = min(MAX_BACKLOG, max(16, open_files // 8))
-        fitting = max(1, (open_files - FD_RESERVE - backlog) // 2)
+        fitting = max(1, (open_files - FD_RESERVE - other_files - backlog) // 2)
         if max_connections is None:
             return cls(min(MAX_AUTO_CONNECTIONS, fitting), backlog)
         if max_connections > fitting:

@@ -44,7 +44,7 @@ from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
 from resserve.serve.rest.server import HttpServer
 from resserve.serve.rpc import Registrar
-from resserve.serve.sharedmemory import SharedMemory
+from resserve.serve.sharedmemory import MAX_REGIONS, SharedMemory
 from resserve.serve.state import ModelAction, Peers, ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port, page_note
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
@@ -133,7 +133,9 @@ class Server:
         self.plane = DataPlane(self.state, self.preprocess_pool, self.control)
         self.tokens = TokenRotation.of(settings, self.state.metrics.token_reloads)  # a bad file: refused here
         interceptors = [BearerTokenInterceptor(self.tokens)] if self.tokens else []
-        self.connections = ConnectionLimits.of(settings.max_connections)
+        # a region registered holds a descriptor: room for as many as may be, where clients may register them
+        self.connections = ConnectionLimits.of(settings.max_connections,
+                                               MAX_REGIONS if settings.allow_client_shm else 0)
         self.grpc = grpc.aio.server(options=_grpc_options(settings, self.connections), interceptors=interceptors,
                                     maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
         self.http = (HttpServer(self.plane, [*rest_kserve.routes, *rest_classify.routes], self.tokens)

@@ -29,7 +29,7 @@ from resserve.serve.errors import Forbidden, InvalidInput, RegionExists, RegionN
 
 SHM_DIR = Path("/dev/shm")  # where Linux keeps shm_open's objects
 KEY = re.compile(r"/[^/\x00]{1,254}")  # what shm_open takes: a slash, then a name without one
-MAX_REGIONS = 1024  # each holds a file descriptor
+MAX_REGIONS = 256  # each holds a file descriptor, kept from those for connections (serve/connections.py)
 MAX_NAME_CHARS = 256
 OFF_MESSAGE = ("client shared memory is off: start the server with --allow-client-shm (RESSERVE_ALLOW_CLIENT_SHM"
                "=true) to let clients on its host pass tensors in system shared memory")
