@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from helpers import ServerProcess, triton_infer
 from resserve.serve.rpc import peer_host
-from resserve.serve.sharedmemory import is_loopback
+from resserve.serve.sharedmemory import MAX_REGIONS, is_loopback
 
 MODEL = "resnet-mnist"
 PROTOCOLS = {"grpc": triton_grpc, "http": triton_http}
@@ -229,3 +229,17 @@ def test_only_a_client_on_loopback_may_register_or_name_a_region(server):
     ("ipv4:10.1.2.3:5000", False), ("ipv6:%5B::ffff:10.1.2.3%5D:5000", False), ("unix:/tmp/socket", False)])
 def test_which_grpc_peers_are_on_loopback(peer, local):
     assert is_loopback(peer_host(peer)) is local
+
+
+def test_regions_are_bounded(server):
+    """Each region holds a file descriptor: past MAX_REGIONS a client is told so, not the server's limit."""
+    client = client_of(server, "grpc")
+    with shm_object("/resserve-test-many", 64):
+        try:
+            for index in range(MAX_REGIONS):
+                client.register_system_shared_memory(f"r{index}", "/resserve-test-many", 64)
+            error = refusal(lambda: client.register_system_shared_memory("one-more", "/resserve-test-many", 64))
+            assert status_of(error) == "INVALID_ARGUMENT" and f"{MAX_REGIONS} shared memory regions" in error.message()
+        finally:
+            client.unregister_system_shared_memory()
+    assert regions_of(client) == []
