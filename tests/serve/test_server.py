@@ -465,6 +465,7 @@ def _model_stats(client) -> dict:
 
 TRITON_METRICS = {"success": ("nv_inference_request_success", {}),
                   "fail": ("nv_inference_request_failure", {"reason": "OTHER"}),
+                  "late": ("nv_inference_request_failure", {"reason": "REJECTED"}),
                   "images": ("nv_inference_count", {}), "batches": ("nv_inference_exec_count", {})}
 
 
@@ -485,10 +486,12 @@ def test_tritonclient_statistics_and_tritons_metrics_count_the_requests_sent(ser
         infer(client, as_input(mnist.test.images[start:start + 3]))
     with pytest.raises(triton.InferenceServerException):
         infer(client, np.full((1, 1, 28, 28), 2.0, dtype=np.float32))  # out of range: a failure
+    with pytest.raises(triton.InferenceServerException, match="deadline exceeded"):
+        infer(client, as_input(mnist.test.images[:1]), timeout=1)  # one microsecond: rejected, not computed
     after, metrics_after = _model_stats(client), _triton_metrics(server)
-    assert {k: after[k] - before[k] for k in after} == {"success": 5, "fail": 1, "images": 15, "batches": 5, "batch3": 5}
+    assert {k: after[k] - before[k] for k in after} == {"success": 5, "fail": 2, "images": 15, "batches": 5, "batch3": 5}
     grown = {k: metrics_after[k] - metrics_before[k] for k in metrics_after}
-    assert {k: grown[k] for k in TRITON_METRICS} == {"success": 5, "fail": 1, "images": 15, "batches": 5}
+    assert {k: grown[k] for k in TRITON_METRICS} == {"success": 5, "fail": 1, "late": 1, "images": 15, "batches": 5}
     assert all(grown[phase] > 0 for phase in ("request", "queue", "compute_input", "compute_infer", "compute_output"))
     assert grown["compute_infer"] < grown["request"]
     stats = client.get_inference_statistics(MODEL).model_stats[0]
