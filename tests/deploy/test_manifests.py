@@ -148,6 +148,10 @@ def test_kserve_inference_service_uses_standard_mode_and_one_http_port():
     assert LogFormat(container["args"][container["args"].index("--log-format") + 1]) is LogFormat.JSON
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": DEFAULT_HTTP_PORT}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": DEFAULT_HTTP_PORT}
+    annotations = service["metadata"]["annotations"]  # KServe's scrape annotations name the metrics port
+    assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert annotations["prometheus.kserve.io/port"] == container["args"][container["args"].index("--metrics-port") + 1]
+    assert annotations["prometheus.kserve.io/path"] == "/metrics"
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
