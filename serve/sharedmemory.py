@@ -9,7 +9,7 @@ The server reads and writes a region with pread and pwrite on a descriptor opene
 registered, never through a mapping: a client that shrinks its object afterwards gets an error,
 where reading a mapping past the object's end would kill the server (SIGBUS).
 
-Off unless the server is started with ``--allow-client-shm`` (as Triton since 24.05): a region
+Off unless the server is started with ``--allow-client-shm`` (as Triton since 2.69): a region
 lets a client have the server read and write a shared memory object it names. Even then only a
 client connected over loopback may register or name one: another host's client has no memory
 here.
