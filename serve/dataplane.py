@@ -339,19 +339,28 @@ class DataPlane:
 
     # Triton's system shared memory extension (serve/sharedmemory.py) ------------------------------
 
-    def register_region(self, region: Region, client_host: str | None) -> None:
-        """A region of a shared memory object, registered by a client on this host, in every worker."""
-        self.state.shared_memory.check_allowed()
+    async def register_region(self, region: Region, client_host: str | None) -> None:
+        """A region of a shared memory object, registered by a client on this host, in every worker
+        (in turn with the changes made through other workers, so all make them in one order)."""
+        memory = self.state.shared_memory
+        memory.check_allowed()
         check_client(client_host)
-        self.state.shared_memory.register(region)
-        self.state.peers.share_region_registered(region)
+
+        async def here() -> None:
+            memory.register(region)
+
+        await asyncio.shield(self.state.peers.register_region(region, here))  # a turn taken is handed back
         log.info("shared memory region %s registered: %d bytes from offset %d of %s", region.name[:128],
                  region.byte_size, region.offset, region.key)
 
-    def unregister_region(self, name: str) -> None:
+    async def unregister_region(self, name: str) -> None:
         """The region called ``name`` ("": every region) no longer used, in every worker."""
-        self.state.shared_memory.unregister(name)
-        self.state.peers.share_region_unregistered(name)
+        memory = self.state.shared_memory
+
+        async def here() -> None:
+            memory.unregister(name)
+
+        await asyncio.shield(self.state.peers.unregister_region(name, here))
         log.info("%s unregistered", f"shared memory region {name[:128]}" if name else "every shared memory region")
 
     def region_status(self, name: str) -> list[Region]:

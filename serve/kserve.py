@@ -250,13 +250,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("kserve", model_of=lambda r: "")
     async def SystemSharedMemoryRegister(self, request, context):
-        self.plane.register_region(Region(request.name, request.key, request.offset, request.byte_size),
-                                   peer_host(context.peer()))
+        region = Region(request.name, request.key, request.offset, request.byte_size)
+        await self.plane.register_region(region, peer_host(context.peer()))
         return pb.SystemSharedMemoryRegisterResponse()
 
     @rpc("kserve", model_of=lambda r: "")
     async def SystemSharedMemoryUnregister(self, request, context):
-        self.plane.unregister_region(request.name)
+        await self.plane.unregister_region(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc("kserve", model_of=lambda r: "")

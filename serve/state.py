@@ -34,17 +34,17 @@ class Peers(Protocol):
     def share_log_settings(self, settings: LogSettings) -> None:
         """The log settings changed: every worker is to log so."""
 
-    def share_region_registered(self, region: Region) -> None:
-        """A shared memory region was registered here: every worker is to know it."""
-
-    def share_region_unregistered(self, name: str) -> None:
-        """The shared memory region ``name`` ("": every region) was unregistered here: everywhere too."""
-
     async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
         """Load or unload the model called ``name`` through this worker's API: ``make()`` makes the
         change here, in turn with the changes made through other workers, so that every worker
         makes them all in one order; the others then make it too if it was made here. Returns
         what ``make`` returned."""
+
+    async def register_region(self, region: Region, make: Callable[[], Awaitable[None]]) -> None:
+        """Register a shared memory region through this worker's API, in turn as change_model."""
+
+    async def unregister_region(self, name: str, make: Callable[[], Awaitable[None]]) -> None:
+        """Unregister the shared memory region ``name`` ("": every region), in turn as change_model."""
 
 
 class _Alone:
@@ -53,14 +53,14 @@ class _Alone:
     def share_log_settings(self, settings: LogSettings) -> None:
         pass
 
-    def share_region_registered(self, region: Region) -> None:
-        pass
-
-    def share_region_unregistered(self, name: str) -> None:
-        pass
-
     async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
         return await make()
+
+    async def register_region(self, region: Region, make: Callable[[], Awaitable[None]]) -> None:
+        await make()
+
+    async def unregister_region(self, name: str, make: Callable[[], Awaitable[None]]) -> None:
+        await make()
 
 
 ALONE = _Alone()

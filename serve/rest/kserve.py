@@ -289,8 +289,8 @@ async def region_status(request: web.Request) -> web.Response:
 @endpoint("kserve")
 async def register_region(request: web.Request) -> web.Response:
     body = _parse(await read_body(request), RestRegionRequest)
-    plane_of(request).register_region(Region(request.match_info["region"], body.key, body.offset, body.byte_size),
-                                      request.remote)
+    region = Region(request.match_info["region"], body.key, body.offset, body.byte_size)
+    await plane_of(request).register_region(region, request.remote)
     return json_response({})
 
 
@@ -298,7 +298,7 @@ async def register_region(request: web.Request) -> web.Response:
 @routes.post("/v2/systemsharedmemory/region/{region}/unregister")
 @endpoint("kserve")
 async def unregister_region(request: web.Request) -> web.Response:
-    plane_of(request).unregister_region(request.match_info.get("region", ""))
+    await plane_of(request).unregister_region(request.match_info.get("region", ""))
     return json_response({})
 
 

@@ -19,10 +19,11 @@ supervisor (supervisor.py; no event loop, no gRPC):
   all of them;
 - serves one Prometheus endpoint for all workers (prometheus-client's multiprocess mode):
   counters and histograms add up, queue depth is summed over live workers;
-- passes on log settings changed and models loaded or unloaded through one worker's API
-  (Triton's logging and model repository extensions) to every worker, and starts a restarted one
-  with them. Models change through one worker at a time, in turns the supervisor gives, so
-  every worker makes the same changes in the same order and they end alike.
+- passes on log settings changed, models loaded or unloaded and shared memory regions registered
+  or unregistered through one worker's API (Triton's logging, model repository and shared memory
+  extensions) to every worker, and starts a restarted one with them. Models and regions change
+  through one worker at a time, in turns the supervisor gives, so every worker makes the same
+  changes in the same order and they end alike.
 
 A worker (worker.py) reports to the supervisor and hears from it over a pipe, in the typed
 messages of messages.py.

@@ -1,9 +1,9 @@
 """What the supervisor and a worker say to each other over the worker's pipe.
 
 Worker to supervisor: ``Loaded``, ``Ready``, ``Failed``, ``Stopped``, ``LogSettingsChanged``,
-``TurnWanted``, ``TurnOver``, ``RegionRegistered``, ``RegionUnregistered``. Supervisor to worker:
-``Listen``, ``LogSettingsChanged``, ``ModelChange`` (made through another worker), ``Turn``, and
-the regions registered or unregistered through another worker. Each is pickled by the pipe, so both
+``TurnWanted``, ``TurnOver`` (with the change made in the turn). Supervisor to worker: ``Listen``,
+``LogSettingsChanged``, ``Turn``, and each ``Change`` made through another worker: a
+``ModelChange``, ``RegionRegistered`` or ``RegionUnregistered``. Each is pickled by the pipe, so both
 sides read the same types, never a tuple of strings.
 """
 
@@ -61,36 +61,39 @@ class ModelChange:
 
 
 @dataclass(frozen=True)
-class TurnWanted:
-    """The worker asks for a turn to change models (one worker at a time)."""
-
-
-@dataclass(frozen=True)
-class Turn:
-    """The worker's turn to change models, given by the supervisor."""
-
-
-@dataclass(frozen=True)
-class TurnOver:
-    """The worker's turn is over: ``made`` is the change it made, None when it failed there."""
-
-    made: ModelChange | None
-
-
-@dataclass(frozen=True)
 class RegionRegistered:
-    """A client registered a shared memory region through a worker's API: every worker opens it."""
+    """A client registered a shared memory region through another worker's API: open it here too."""
 
     region: Region
 
 
 @dataclass(frozen=True)
 class RegionUnregistered:
-    """A client unregistered the shared memory region ``name`` ("": every region) through a worker's API."""
+    """A client unregistered the shared memory region ``name`` ("": every region) through another
+    worker's API."""
 
     name: str
 
 
-ToSupervisor = (Loaded | Ready | Failed | Stopped | LogSettingsChanged | TurnWanted | TurnOver | RegionRegistered
-                | RegionUnregistered)
-ToWorker = Listen | LogSettingsChanged | ModelChange | Turn | RegionRegistered | RegionUnregistered
+Change = ModelChange | RegionRegistered | RegionUnregistered  # what workers make in turns, one at a time
+
+
+@dataclass(frozen=True)
+class TurnWanted:
+    """The worker asks for a turn to make a change (one worker at a time)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The worker's turn to make a change, given by the supervisor."""
+
+
+@dataclass(frozen=True)
+class TurnOver:
+    """The worker's turn is over: ``made`` is the change it made, None when it failed there."""
+
+    made: Change | None
+
+
+ToSupervisor = Loaded | Ready | Failed | Stopped | LogSettingsChanged | TurnWanted | TurnOver
+ToWorker = Listen | LogSettingsChanged | Change | Turn

@@ -31,7 +31,7 @@ from resserve.serve.server import answer_counts, check_port_free, serve_metrics
 from resserve.serve.settings import ServerSettings, page_note
 from resserve.serve.sharedmemory import Region
 from resserve.serve.tls import ssl_context, tls_files
-from resserve.serve.workers.messages import (Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
+from resserve.serve.workers.messages import (Change, Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
                                              RegionRegistered, RegionUnregistered, Stopped, ToSupervisor, ToWorker,
                                              Turn, TurnOver, TurnWanted)
 from resserve.serve.workers.worker import worker_main
@@ -93,8 +93,8 @@ class Supervisor:
         self.logs = LogSettings.of(settings)  # as the workers are to log
         self.unloaded: frozenset[str] = frozenset()  # models the workers are not to load
         self.regions: dict[str, Region] = {}  # shared memory regions registered through the API
-        self.turn: Worker | None = None  # the worker changing models now
-        self.waiting_turns: deque[Worker] = deque()  # workers waiting for their turn to change models
+        self.turn: Worker | None = None  # the worker making a change now (models, shared memory regions)
+        self.waiting_turns: deque[Worker] = deque()  # workers waiting for their turn to make one
 
     # startup ----------------------------------------------------------------------------------
 
@@ -230,13 +230,7 @@ class Supervisor:
                 self.waiting_turns.append(worker)
                 self._give_turn()
             case TurnOver(made):
-                self._model_changed(worker, made)
-            case RegionRegistered(region):
-                self.regions[region.name] = region
-                self._tell([w for w in self.workers.values() if w is not worker], message)
-            case RegionUnregistered(name):
-                self.regions = {n: r for n, r in self.regions.items() if name and n != name}
-                self._tell([w for w in self.workers.values() if w is not worker], message)
+                self._changed(worker, made)
 
     def _share_log_settings(self, settings: LogSettings) -> None:
         """Log settings changed through one worker's API (which logged it): every worker takes
@@ -246,21 +240,27 @@ class Supervisor:
         apply_log_settings(settings)
         self._tell(self.workers.values(), LogSettingsChanged(settings))
 
-    def _model_changed(self, worker: Worker, made: ModelChange | None) -> None:
-        """``worker``'s turn to change models is over, with a model loaded or unloaded through its
-        API (which has made it), or nothing made (it failed there). Every other worker makes the
-        change too, before the next turn is given, and the workers started from now on start
-        without the models unloaded."""
+    def _changed(self, worker: Worker, made: Change | None) -> None:
+        """``worker``'s turn is over, with a model loaded or unloaded or a shared memory region
+        registered or unregistered through its API (which has made the change), or nothing made (it
+        failed there). Every other worker makes the change too, before the next turn is given, and
+        the workers started from now on start with it (without the models unloaded, with the
+        regions registered)."""
         if self.turn is worker:
             self.turn = None
+        match made:
+            case ModelChange(action, name):
+                self.unloaded = self.unloaded - {name} if action == "load" else self.unloaded | {name}
+            case RegionRegistered(region):
+                self.regions[region.name] = region
+            case RegionUnregistered(name):
+                self.regions = {n: r for n, r in self.regions.items() if name and n != name}
         if made is not None:
-            name = made.name
-            self.unloaded = self.unloaded - {name} if made.action == "load" else self.unloaded | {name}
             self._tell([w for w in self.workers.values() if w is not worker], made)
         self._give_turn()
 
     def _give_turn(self) -> None:
-        """The next worker waiting to change models gets its turn, once no one has it."""
+        """The next worker waiting to make a change gets its turn, once no one has it."""
         while self.turn is None and self.waiting_turns:
             worker = self.waiting_turns.popleft()
             if worker.process.is_alive():

@@ -19,7 +19,7 @@ from resserve.serve.server import answer_counts, serve
 from resserve.serve.settings import ServerSettings
 from resserve.serve.sharedmemory import Region, SharedMemory
 from resserve.serve.state import ModelAction, T
-from resserve.serve.workers.messages import (Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
+from resserve.serve.workers.messages import (Change, Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
                                              RegionRegistered, RegionUnregistered, Stopped, ToSupervisor, ToWorker,
                                              Turn, TurnOver, TurnWanted)
 
@@ -86,17 +86,21 @@ class PipeCoordinator:
     def share_log_settings(self, settings: LogSettings) -> None:
         self._send(LogSettingsChanged(settings))
 
-    def share_region_registered(self, region: Region) -> None:
-        self._send(RegionRegistered(region))
-
-    def share_region_unregistered(self, name: str) -> None:
-        self._send(RegionUnregistered(name))
-
     async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
-        """One worker changes models at a time: the supervisor gives the turns, and passes each
-        change made on to the other workers before it gives the next turn. So a change made through
-        another worker has reached this one (and is queued before ``make`` in ModelControl) when
-        its turn comes, and every worker makes every change in the order of the turns."""
+        return await self._in_turn(ModelChange(action, name), make)
+
+    async def register_region(self, region: Region, make: Callable[[], Awaitable[None]]) -> None:
+        await self._in_turn(RegionRegistered(region), make)
+
+    async def unregister_region(self, name: str, make: Callable[[], Awaitable[None]]) -> None:
+        await self._in_turn(RegionUnregistered(name), make)
+
+    async def _in_turn(self, change: Change, make: Callable[[], Awaitable[T]]) -> T:
+        """One worker changes models or shared memory regions at a time: the supervisor gives the
+        turns, and passes each change made on to the other workers before it gives the next turn.
+        So a change made through another worker has reached this one (a model's is queued before
+        ``make`` in ModelControl; a region's is made when it arrives) when its turn comes, and every
+        worker makes every change in the order of the turns."""
         turn = asyncio.get_running_loop().create_future()
         self._turns.append(turn)
         if not self._send(TurnWanted()):
@@ -106,7 +110,7 @@ class PipeCoordinator:
         made = None
         try:
             result = await make()
-            made = ModelChange(action, name)
+            made = change
             return result
         finally:
             self._send(TurnOver(made))

@@ -26,7 +26,9 @@ from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.settings import ServerSettings, auto_workers
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
-from resserve.serve.workers.messages import ModelChange, ToWorker, Turn, TurnOver, TurnWanted
+from resserve.serve.sharedmemory import Region
+from resserve.serve.workers.messages import (ModelChange, RegionRegistered, RegionUnregistered, ToWorker, Turn,
+                                             TurnOver, TurnWanted)
 from resserve.serve.workers.supervisor import Supervisor, Worker
 
 MODEL = "resnet-mnist"
@@ -381,6 +383,22 @@ def test_a_change_reaches_every_other_worker_before_the_next_turn_to_change_mode
     assert supervisor.unloaded == {MODEL}  # a worker started from now on starts without it
     supervisor._message(second, TurnOver(None))  # failed where it was asked: nothing passed on
     assert received(ends[1]) == received(ends[3]) == [] and supervisor.unloaded == {MODEL}
+
+
+def test_shared_memory_regions_change_in_turns_as_models_do(supervisor_of_three):
+    """A region registered through one worker while every region is unregistered through another:
+    made in one order in every worker, so the workers end alike (each made its own at once before)."""
+    supervisor, ends = supervisor_of_three
+    first, second, _ = supervisor.workers.values()
+    region = Region("in", "/input0", 0, 3136)
+    supervisor._message(first, TurnWanted())
+    supervisor._message(second, TurnWanted())
+    assert received(ends[1]) == [Turn()] and received(ends[2]) == []
+    supervisor._message(first, TurnOver(RegionRegistered(region)))
+    assert received(ends[2]) == [RegionRegistered(region), Turn()] and received(ends[3]) == [RegionRegistered(region)]
+    assert supervisor.regions == {"in": region}  # a worker started from now on starts with it
+    supervisor._message(second, TurnOver(RegionUnregistered("")))
+    assert received(ends[1]) == received(ends[3]) == [RegionUnregistered("")] and supervisor.regions == {}
 
 
 def test_a_worker_that_dies_in_its_turn_to_change_models_hands_it_on(supervisor_of_three):
