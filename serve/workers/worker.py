@@ -38,7 +38,7 @@ class PipeCoordinator:
         self._follow: Callable[[ModelAction, str], Awaitable[None]] | None = None
         self._shared_memory: SharedMemory | None = None
         self._following: set[asyncio.Task] = set()  # model changes under way (a reference keeps each alive)
-        self._turns: deque[asyncio.Future] = deque()  # model changes through this worker's API, awaiting their turn
+        self._turns: deque[asyncio.Future] = deque()  # changes through this worker's API, awaiting their turn
 
     async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]], shared_memory: SharedMemory) -> None:
         self._follow, self._shared_memory = follow, shared_memory
