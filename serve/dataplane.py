@@ -385,9 +385,7 @@ class DataPlane:
             if len(request.inputs) != len(manifest.inputs):
                 raise InvalidInput(f"expected {len(manifest.inputs)} input tensor named "
                                    f"{manifest.inputs[0].name!r}, got {len(request.inputs)}")
-            if any(isinstance(t, SharedTensor) for t in request.inputs) or any(o.place for o in wanted):
-                self.state.shared_memory.check_allowed()
-                check_client(request.client)
+            self._check_shared_memory_use(request, wanted)
             tensor = self._in_memory(request.inputs[0], manifest.inputs[0])
             batch = model_input(tensor, manifest.inputs[0], self.state.settings.max_images_per_request,
                                 manifest.preprocessing.range)
@@ -396,10 +394,19 @@ class DataPlane:
             answers = tuple(
                 top_classes(o.name, outputs[o.name], o.classification, manifest.labels) if o.classification
                 else Tensor(o.name, "FP32", outputs[o.name].shape, outputs[o.name]) for o in wanted)
-            for output, answer in zip(wanted, answers):
-                if output.place:
-                    self.state.shared_memory.write(output.place, tensor_bytes(answer))
+            self._write_to_shared_memory(wanted, answers)
         return InferenceResponse(model_name=model.name, model_version=model.version, id=request.id, outputs=answers)
+
+    def _check_shared_memory_use(self, request: InferenceRequest, wanted: list[RequestedOutput]) -> None:
+        """A request that names shared memory: on a server that allows it, from a client on its host."""
+        if any(isinstance(t, SharedTensor) for t in request.inputs) or any(o.place for o in wanted):
+            self.state.shared_memory.check_allowed()
+            check_client(request.client)
+
+    def _write_to_shared_memory(self, wanted: list[RequestedOutput], answers: tuple[Tensor, ...]) -> None:
+        for output, answer in zip(wanted, answers):
+            if output.place:
+                self.state.shared_memory.write(output.place, tensor_bytes(answer))
 
     def _in_memory(self, tensor: Tensor | SharedTensor, spec: TensorSpec) -> Tensor:
         """An input from shared memory, read once its name, type and shape are checked (so at most
