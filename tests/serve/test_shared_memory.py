@@ -141,7 +141,7 @@ def test_misused_regions_get_precise_errors_and_the_server_serves_on(server, dig
             cases.append((lambda: register("a", "/resserve-test-link", 64), "INVALID_ARGUMENT", "symbolic link"))
             for call, code, words in cases:
                 error = refusal(call)
-                assert (status_of(error), words) == (code, words) and words in error.message(), error.message()
+                assert status_of(error) == code and words in error.message(), (code, words, error.message())
         finally:
             os.remove(link)
 
