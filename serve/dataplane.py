@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -120,7 +120,9 @@ class InferenceRequest:
     outputs: tuple[RequestedOutput, ...] = ()  # empty: all of the model's
     id: str = ""
     deadline: float | None = None  # time.monotonic() value
-    client: str | None = None  # its IP address, where the transport says: shared memory is for loopback's
+    # its IP address, where the transport says, asked only of a request that names shared memory
+    # (which is for loopback's clients): not on every request's path
+    client: Callable[[], str | None] = lambda: None
 
 
 def deadline_within(timeout_us: int | None, deadline: float | None = None) -> float | None:
@@ -401,7 +403,7 @@ class DataPlane:
         """A request that names shared memory: on a server that allows it, from a client on its host."""
         if any(isinstance(t, SharedTensor) for t in request.inputs) or any(o.place for o in wanted):
             self.state.shared_memory.check_allowed()
-            check_client(request.client)
+            check_client(request.client())
 
     def _write_to_shared_memory(self, wanted: list[RequestedOutput], answers: tuple[Tensor, ...]) -> None:
         for output, answer in zip(wanted, answers):

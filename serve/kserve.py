@@ -8,6 +8,8 @@ sends input tensors as bytes in ``raw_input_contents`` and decodes outputs only 
 
 from __future__ import annotations
 
+from typing import Callable
+
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.dataplane import (SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, SharedTensor, Tensor,
                                      deadline_within, tensor_bytes, tensor_from_bytes, tensor_from_values)
@@ -61,10 +63,11 @@ def _tensor(tensor, raw: bytes | None) -> Tensor | SharedTensor:
     return tensor_from_bytes(tensor.name, tensor.datatype, shape, raw, "raw_input_contents")
 
 
-def decode_request(request: pb.ModelInferRequest, deadline: float | None, client: str | None) -> InferenceRequest:
+def decode_request(request: pb.ModelInferRequest, deadline: float | None,
+                   client: Callable[[], str | None]) -> InferenceRequest:
     """``deadline``: the call's; Triton's ``timeout`` parameter (tritonclient's ``timeout=``) may end it
     sooner. ``raw_input_contents`` holds the bytes of each input not in shared memory, in order.
-    ``client``: the client's IP address."""
+    ``client()``: the client's IP address."""
     shared = ["shared_memory_region" in t.parameters for t in request.inputs]
     raw = request.raw_input_contents
     if raw and len(raw) != shared.count(False):
@@ -270,16 +273,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("kserve", model_of=lambda r: r.model_name)
     async def ModelInfer(self, request, context):
-        return await self._infer(request, deadline_of(context), peer_host(context.peer()))
+        return await self._infer(request, deadline_of(context), lambda: peer_host(context.peer()))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Many requests on one call, each answered on it (serve/stream.py); the call's deadline
         is every request's."""
-        deadline, client = deadline_of(context), peer_host(context.peer())
+        deadline, client = deadline_of(context), lambda: peer_host(context.peer())
         await InferStream(self.plane.state, context, lambda request: self._infer(request, deadline, client)).run()
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None,
-                     client: str | None) -> pb.ModelInferResponse:
+                     client: Callable[[], str | None]) -> pb.ModelInferResponse:
         decoded = decode_request(request, deadline, client)
         answer = await self.plane.infer(decoded)
         response = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version,

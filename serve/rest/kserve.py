@@ -10,7 +10,7 @@ way. Errors are ``{"error": "..."}`` (serve/rest/server.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Callable, TypeVar
 
 import orjson
 from aiohttp import hdrs, web
@@ -138,8 +138,8 @@ def _requested(output: RestOutput) -> RequestedOutput:
 
 
 def decode_infer(body: bytes, header_length: str | None, name: str, version: str,
-                 client: str | None) -> tuple[InferenceRequest, dict]:
-    """The data plane's request from ``client`` (its IP address), and for each output name whether
+                 client: Callable[[], str | None]) -> tuple[InferenceRequest, dict]:
+    """The data plane's request from ``client()`` (its IP address), and for each output name whether
     it goes back as binary data (the key ``""`` for outputs not asked for by name), or None: it is
     written to shared memory."""
     header, binary = _split(body, header_length)
@@ -397,6 +397,6 @@ async def update_log_settings(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     body = await read_body(request)
     decoded, as_binary = decode_infer(body, request.headers.get(HEADER_LENGTH), *_route_model(request),
-                                      request.remote)
+                                      lambda: request.remote)
     answer = encode_infer(await plane_of(request).infer(decoded), as_binary)
     return compressed_where_asked(answer, request.headers.get(hdrs.ACCEPT_ENCODING))
