@@ -17,7 +17,7 @@ from resserve.serve.errors import InvalidInput, Unsupported, to_status
 from resserve.serve.logs import LogSettings, SettingValue
 from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.repository import ServedModel
-from resserve.serve.rpc import deadline_of, peer_host, rpc
+from resserve.serve.rpc import abort, deadline_of, peer_host, rpc
 from resserve.serve.sharedmemory import Region, no_cuda_region, placement
 from resserve.serve.statistics import Compute, Duration, ModelStatistics
 from resserve.serve.stream import InferStream
@@ -302,7 +302,7 @@ def unsupported(what: str) -> Unsupported:
 
 def _unsupported(name: str):
     async def answer(self, request, context):
-        await context.abort(*to_status(unsupported(name)))
+        await abort(context, *to_status(unsupported(name)))
 
     answer.__name__ = name
     return answer

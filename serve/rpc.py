@@ -16,12 +16,12 @@ import inspect
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from resserve.serve.errors import to_status
+from resserve.serve.errors import log, to_status
 from resserve.serve.state import ServerState
 
 T = TypeVar("T")
@@ -42,6 +42,21 @@ def peer_host(peer: str) -> str | None:
     if kind == "ipv6":
         return address.rpartition(":")[0].strip("[]")
     return None
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with ``code`` and ``message`` (``context.abort``), also when gRPC core has just
+    ended it: a deadline that passes as the server answers, the server's own deadline check most
+    often, makes sending the status fail, and grpc.aio, when its notice of the end comes later,
+    logs that failure (ExecuteBatchError) with a traceback. The client has its DEADLINE_EXCEEDED
+    or is gone, so the handler ends as one whose client went away: cancelled, without a word."""
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except grpc.aio.InternalError as exc:  # ExecuteBatchError: core refused the status
+        log.debug("the call ended before its status (%s) could be sent: %s", code.name, exc)
+        raise asyncio.CancelledError from exc
 
 
 @dataclass
@@ -82,7 +97,7 @@ def rpc(api: str, model_of: Callable[[object], str]):
             response, outcome = await answer(state, api, state.model_label(model_of(request)), context.peer,
                                              lambda: method(self, request, context))
             if outcome.code != grpc.StatusCode.OK:
-                await context.abort(outcome.code, outcome.message)
+                await abort(context, outcome.code, outcome.message)
             return response
 
         return handler
@@ -112,7 +127,7 @@ def _refusing_malformed(behavior):
 
     async def handle(request, context: grpc.aio.ServicerContext):
         if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         return await behavior(request, context)
 
     return handle
@@ -127,7 +142,7 @@ def _ending_at_malformed(behavior):
     async def parsed(requests, context: grpc.aio.ServicerContext):
         async for request in requests:
             if isinstance(request, Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             yield request
 
     async def handle(requests, context: grpc.aio.ServicerContext):

@@ -43,7 +43,7 @@ from resserve.serve.repository import load_repository, read_packages
 from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
 from resserve.serve.rest.server import HttpServer
-from resserve.serve.rpc import Registrar
+from resserve.serve.rpc import Registrar, abort
 from resserve.serve.sharedmemory import MAX_REGIONS, SharedMemory
 from resserve.serve.state import ModelAction, Peers, ServerState
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port, page_note
@@ -84,7 +84,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
 
         async def deny(request_or_stream, context):
-            await context.abort(verdict.code, verdict.message)
+            await abort(context, verdict.code, verdict.message)
 
         handler = await continuation(details)
         if handler is not None and handler.request_streaming:  # refused at once, before any message

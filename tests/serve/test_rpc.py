@@ -1,0 +1,93 @@
+"""serve/rpc.py on a real grpc.aio server (its own event loop, in a thread of this process)."""
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from types import SimpleNamespace
+
+import grpc
+
+from resserve.serve.errors import DeadlineExpired
+from resserve.serve.rpc import rpc
+from resserve.serve.settings import ServerSettings
+from resserve.serve.state import ServerState
+
+SERVICE, METHOD = "test.Deadlines", "Answer"
+CALLS, AT_ONCE = 400, 4
+
+
+class AtTheDeadline:
+    """A servicer that works until its client's deadline, give or take a millisecond, and then
+    finds it passed, as the server's own deadline checks do."""
+
+    plane = SimpleNamespace(state=ServerState(ServerSettings()))
+
+    @rpc("test", model_of=lambda request: "")
+    async def answer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await asyncio.to_thread(time.sleep, context.time_remaining() + random.uniform(-0.001, 0.001))
+        raise DeadlineExpired("the deadline passed")
+
+
+class ServerThread(threading.Thread):
+    """A grpc.aio server on a loopback port until ``stop``; ``ended`` counts how its handler ended."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.port = 0
+        self.ended: Counter = Counter()
+        self.started = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.stopping: asyncio.Future | None = None
+
+    def run(self) -> None:
+        self.loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(self._counted(AtTheDeadline().answer))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+        self.port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        self.stopping = self.loop.create_future()
+        self.started.set()
+        await self.stopping
+        await server.stop(None)
+
+    def _counted(self, method):
+        async def handle(request, context):
+            try:
+                return await method(request, context)
+            except BaseException as exc:
+                self.ended[type(exc).__name__] += 1
+                raise
+
+        return handle
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stopping.set_result, None)
+        self.join(timeout=10)
+
+
+def test_a_call_answered_as_its_deadline_passes_ends_quietly(caplog):
+    """gRPC core may end a call at its deadline while the server sends its status (a few calls in
+    a hundred here). The handler must then end as grpc.aio takes quietly (aborted, or cancelled
+    as if the client had gone): grpc.aio logs the send's ExecuteBatchError with a traceback
+    otherwise."""
+    server = ServerThread()
+    server.start()
+    server.started.wait(timeout=10)
+    with caplog.at_level(logging.DEBUG, logger="grpc"), grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.unary_unary(f"/{SERVICE}/{METHOD}")
+        codes = Counter()
+        for _ in range(CALLS // AT_ONCE):
+            for future in [call.future(b"", timeout=0.03) for _ in range(AT_ONCE)]:
+                codes[future.code()] += 1
+        time.sleep(0.1)  # the server's last answers
+        server.stop()
+    assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED: CALLS}
+    assert set(server.ended) <= {"AbortError", "CancelledError"}, server.ended
+    assert sum(server.ended.values()) == CALLS
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
