@@ -113,7 +113,8 @@ class _AnswersAfterTheEnd(logging.Filter):
         message = record.getMessage()
         if not message.startswith(ANSWER_NOT_SENT):
             return True
-        log.debug("the call ended as its answer went out (%s)", message.removeprefix(ANSWER_NOT_SENT).strip())
+        log.debug("the call ended (deadline, or the client went away) before its answer could be sent: %s",
+                  message.removeprefix(ANSWER_NOT_SENT).strip())
         return False
 
 

@@ -55,7 +55,8 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     except grpc.aio.AbortError:
         raise
     except grpc.aio.InternalError as exc:  # ExecuteBatchError: core refused the status
-        log.debug("the call ended before its status (%s) could be sent: %s", code.name, exc)
+        log.debug("the call ended (deadline, or the client went away) before its status %s could be sent",
+                  code.name)
         raise asyncio.CancelledError from exc
 
 

@@ -123,4 +123,5 @@ def test_an_answer_grpc_could_not_send_as_its_call_ended_is_a_debug_line_not_an_
     quiet = logged(verbose_level=0)
     assert "ExecuteBatchError" not in quiet
     assert quiet.count("Traceback") == 1 and "ERROR grpc._cython.cygrpc: Unexpected [RuntimeError]" in quiet
-    assert "DEBUG resserve.serve: the call ended as its answer went out ([/test.Deadlines/Answer])" in logged(1)
+    assert ("DEBUG resserve.serve: the call ended (deadline, or the client went away) before its answer could be "
+            "sent: [/test.Deadlines/Answer]") in logged(1)
