@@ -13,11 +13,11 @@ from typing import Callable
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.dataplane import (SERVER_NAME, DataPlane, InferenceRequest, RequestedOutput, SharedTensor, Tensor,
                                      deadline_within, tensor_bytes, tensor_from_bytes, tensor_from_values)
-from resserve.serve.errors import InvalidInput, Unsupported, to_status
+from resserve.serve.errors import InvalidInput, Unsupported
 from resserve.serve.logs import LogSettings, SettingValue
 from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.repository import ServedModel
-from resserve.serve.rpc import abort, deadline_of, peer_host, rpc
+from resserve.serve.rpc import deadline_of, peer_host, rpc
 from resserve.serve.sharedmemory import Region, no_cuda_region, placement
 from resserve.serve.statistics import Compute, Duration, ModelStatistics
 from resserve.serve.stream import InferStream
@@ -210,64 +210,65 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
                                          extensions=served_extensions(self.plane))
 
-    @rpc("kserve", model_of=lambda r: r.name)
+    @rpc("kserve_metadata", model_of=lambda r: r.name)
     async def ModelMetadata(self, request, context):
         return model_metadata(self.plane, request.name, request.version)
 
-    @rpc("kserve", model_of=lambda r: r.name)
+    @rpc("kserve_config", model_of=lambda r: r.name)
     async def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(config=served_model_config(self.plane, request.name, request.version))
 
-    @rpc("kserve", model_of=lambda r: r.name)
+    @rpc("kserve_statistics", model_of=lambda r: r.name)
     async def ModelStatistics(self, request, context):
         return pb.ModelStatisticsResponse(model_stats=[
             model_statistics(m) for m in self.plane.models(request.name, request.version)])
 
+    @rpc("kserve_repository", model_of=lambda r: "")
     async def RepositoryIndex(self, request, context):
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
             for e in self.plane.repository_index(request.ready)])
 
-    @rpc("kserve", model_of=lambda r: r.model_name)
+    @rpc("kserve_repository", model_of=lambda r: r.model_name)
     async def RepositoryModelLoad(self, request, context):
         _one_repository(request.repository_name)
         await self.plane.load_model(request.model_name, dict(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
-    @rpc("kserve", model_of=lambda r: r.model_name)
+    @rpc("kserve_repository", model_of=lambda r: r.model_name)
     async def RepositoryModelUnload(self, request, context):
         _one_repository(request.repository_name)
         await self.plane.unload_model(request.model_name, dict(request.parameters))
         return pb.RepositoryModelUnloadResponse()
 
-    @rpc("kserve", model_of=lambda r: "")
+    @rpc("kserve_logging", model_of=lambda r: "")
     async def LogSettings(self, request, context):
         return log_settings_response(self.plane.log_settings(log_setting_changes(request)))
 
-    @rpc("kserve", model_of=lambda r: "")
+    @rpc("kserve_shared_memory", model_of=lambda r: "")
     async def SystemSharedMemoryStatus(self, request, context):
         status = pb.SystemSharedMemoryStatusResponse
         return status(regions={r.name: status.RegionStatus(name=r.name, key=r.key, offset=r.offset,
                                                             byte_size=r.byte_size)
                                for r in self.plane.region_status(request.name)})
 
-    @rpc("kserve", model_of=lambda r: "")
+    @rpc("kserve_shared_memory", model_of=lambda r: "")
     async def SystemSharedMemoryRegister(self, request, context):
         region = Region(request.name, request.key, request.offset, request.byte_size)
         await self.plane.register_region(region, peer_host(context.peer()))
         return pb.SystemSharedMemoryRegisterResponse()
 
-    @rpc("kserve", model_of=lambda r: "")
+    @rpc("kserve_shared_memory", model_of=lambda r: "")
     async def SystemSharedMemoryUnregister(self, request, context):
         await self.plane.unregister_region(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    @rpc("kserve", model_of=lambda r: "")
+    @rpc("kserve_shared_memory", model_of=lambda r: "")
     async def CudaSharedMemoryStatus(self, request, context):
         no_cuda_region(request.name)  # none is ever registered
         return pb.CudaSharedMemoryStatusResponse()
 
-    @rpc("kserve", model_of=lambda r: "")
+    @rpc("kserve_shared_memory", model_of=lambda r: "")
     async def CudaSharedMemoryUnregister(self, request, context):
         return pb.CudaSharedMemoryUnregisterResponse()
 
@@ -301,8 +302,9 @@ def unsupported(what: str) -> Unsupported:
 
 
 def _unsupported(name: str):
+    @rpc("kserve_left_out", model_of=lambda r: "")
     async def answer(self, request, context):
-        await abort(context, *to_status(unsupported(name)))
+        raise unsupported(name)
 
     answer.__name__ = name
     return answer

@@ -95,7 +95,7 @@ def rpc(api: str, model_of: Callable[[object], str]):
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             state = self.plane.state
-            response, outcome = await answer(state, api, state.model_label(model_of(request)), context.peer,
+            response, outcome = await answer(state, api, state.model_label(api, model_of(request)), context.peer,
                                              lambda: method(self, request, context))
             if outcome.code != grpc.StatusCode.OK:
                 await abort(context, outcome.code, outcome.message)

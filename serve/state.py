@@ -21,7 +21,13 @@ from resserve.serve.settings import ServerSettings
 from resserve.serve.sharedmemory import Region, SharedMemory
 
 log = logging.getLogger("resserve.serve")
-
+# The ``api`` label of each request's metrics and access-log line says which call it was, so
+# that inference rates and latencies are not those of metadata, statistics or model loads:
+# these infer (KServe v2 inference, each request on a stream, our Classify) ...
+INFERENCE_APIS = frozenset({"kserve", "kserve_stream", "classify"})
+# ... and these read or change the server: ``kserve_metadata``, ``kserve_config``,
+# ``kserve_statistics``, ``kserve_repository``, ``kserve_logging``, ``kserve_shared_memory``,
+# ``kserve_left_out`` (the parts of the protocol answered 501)
 
 ModelAction = Literal["load", "unload"]
 T = TypeVar("T")
@@ -83,10 +89,14 @@ class ServerState:
         self.idle.set()
         self.shared_memory = SharedMemory(self.settings.allow_client_shm)
 
-    def model_label(self, requested: str) -> str:
-        """The metrics label for a requested model name: bounded, so clients cannot mint labels."""
+    def model_label(self, api: str, requested: str) -> str:
+        """The metrics label for the model a request to ``api`` names: bounded, so clients cannot
+        mint labels. A request to infer that names none is the default model's; any other that
+        names none (log settings, every model's statistics) is no model's: ""."""
         if self.repository is None:
             return "unknown"
+        if not requested and api not in INFERENCE_APIS:
+            return ""
         name = requested or self.repository.default
         return name if name in self.repository else "unknown"
 
@@ -135,6 +145,7 @@ class AccessRecord:
 
 
 def _log_access(record: AccessRecord) -> None:
+    call = " ".join(part for part in (record.protocol, record.api, record.model) if part)  # model "": none named
     error = f": {record.error}" if record.error else ""
-    log.debug("%s %s %s: %s in %.2f ms, from %s%s", record.protocol, record.api, record.model, record.status,
-              record.ms, record.peer or "an unknown address", error, extra=asdict(record))
+    log.debug("%s: %s in %.2f ms, from %s%s", call, record.status, record.ms, record.peer or "an unknown address",
+              error, extra=asdict(record))

@@ -101,7 +101,7 @@ class InferStream:
             await self.window.release(size)
 
     async def _response(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-        model = self.state.model_label(request.model_name)
+        model = self.state.model_label("kserve_stream", request.model_name)
         response, outcome = await answer(self.state, "kserve_stream", model, self.context.peer,
                                          lambda: self.infer(request))
         if response is not None:

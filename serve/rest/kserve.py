@@ -240,14 +240,14 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 @routes.get("/v2/models/stats")
-@endpoint("kserve")
+@endpoint("kserve_statistics")
 async def all_statistics(request: web.Request) -> web.Response:
     return _statistics(plane_of(request).models())
 
 
 @routes.get("/v2/models/{name}")
 @routes.get("/v2/models/{name}/versions/{version}")
-@endpoint("kserve")
+@endpoint("kserve_metadata")
 async def model_metadata(request: web.Request) -> web.Response:
     return json_response(_triton_json(metadata_of(plane_of(request), *_route_model(request))))
 
@@ -261,14 +261,14 @@ async def model_ready(request: web.Request) -> web.Response:
 
 @routes.get("/v2/models/{name}/config")
 @routes.get("/v2/models/{name}/versions/{version}/config")
-@endpoint("kserve")
+@endpoint("kserve_config")
 async def model_config(request: web.Request) -> web.Response:
     return json_response(_triton_json(served_model_config(plane_of(request), *_route_model(request))))
 
 
 @routes.get("/v2/models/{name}/stats")
 @routes.get("/v2/models/{name}/versions/{version}/stats")
-@endpoint("kserve")
+@endpoint("kserve_statistics")
 async def model_statistics(request: web.Request) -> web.Response:
     return _statistics(plane_of(request).models(*_route_model(request)))
 
@@ -278,7 +278,7 @@ async def model_statistics(request: web.Request) -> web.Response:
 
 @routes.get("/v2/systemsharedmemory/status")
 @routes.get("/v2/systemsharedmemory/region/{region}/status")
-@endpoint("kserve")
+@endpoint("kserve_shared_memory")
 async def region_status(request: web.Request) -> web.Response:
     regions = plane_of(request).region_status(request.match_info.get("region", ""))
     return json_response([{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
@@ -286,7 +286,7 @@ async def region_status(request: web.Request) -> web.Response:
 
 
 @routes.post("/v2/systemsharedmemory/region/{region}/register")
-@endpoint("kserve")
+@endpoint("kserve_shared_memory")
 async def register_region(request: web.Request) -> web.Response:
     body = _parse(await read_body(request), RestRegionRequest)
     region = Region(request.match_info["region"], body.key, body.offset, body.byte_size)
@@ -296,7 +296,7 @@ async def register_region(request: web.Request) -> web.Response:
 
 @routes.post("/v2/systemsharedmemory/unregister")
 @routes.post("/v2/systemsharedmemory/region/{region}/unregister")
-@endpoint("kserve")
+@endpoint("kserve_shared_memory")
 async def unregister_region(request: web.Request) -> web.Response:
     await plane_of(request).unregister_region(request.match_info.get("region", ""))
     return json_response({})
@@ -304,14 +304,14 @@ async def unregister_region(request: web.Request) -> web.Response:
 
 @routes.get("/v2/cudasharedmemory/status")
 @routes.get("/v2/cudasharedmemory/region/{region}/status")
-@endpoint("kserve")
+@endpoint("kserve_shared_memory")
 async def cuda_region_status(request: web.Request) -> web.Response:
     return json_response(no_cuda_region(request.match_info.get("region", "")))
 
 
 @routes.post("/v2/cudasharedmemory/unregister")
 @routes.post("/v2/cudasharedmemory/region/{region}/unregister")
-@endpoint("kserve")
+@endpoint("kserve_shared_memory")
 async def unregister_cuda_region(request: web.Request) -> web.Response:
     return json_response({})
 
@@ -325,13 +325,13 @@ LEFT_OUT = {"cudasharedmemory": "CUDA shared memory", "trace": "trace", "generat
 @routes.route("*", "/v2/{extension:cudasharedmemory|trace}{rest:(/.*)?}")
 @routes.route("*", "/v2/models/{name}{version:(/versions/[^/]+)?}/{extension:trace|generate|generate_stream}"
                    "{rest:(/.*)?}")
-@endpoint("kserve")
+@endpoint("kserve_left_out")
 async def left_out(request: web.Request) -> web.Response:
     raise unsupported(f"Triton's {LEFT_OUT[request.match_info['extension']]} extension")
 
 
 @routes.post("/v2/repository/index")
-@endpoint("kserve")
+@endpoint("kserve_repository")
 async def repository_index(request: web.Request) -> web.Response:
     body = await read_body(request)
     try:
@@ -345,14 +345,14 @@ async def repository_index(request: web.Request) -> web.Response:
 
 
 @routes.post("/v2/repository/models/{name}/load")
-@endpoint("kserve")
+@endpoint("kserve_repository")
 async def load_model(request: web.Request) -> web.Response:
     await plane_of(request).load_model(request.match_info["name"], await _control_parameters(request))
     return json_response({})
 
 
 @routes.post("/v2/repository/models/{name}/unload")
-@endpoint("kserve")
+@endpoint("kserve_repository")
 async def unload_model(request: web.Request) -> web.Response:
     await plane_of(request).unload_model(request.match_info["name"], await _control_parameters(request))
     return json_response({})
@@ -371,13 +371,13 @@ async def _control_parameters(request: web.Request) -> dict:
 
 
 @routes.get("/v2/logging")
-@endpoint("kserve")
+@endpoint("kserve_logging")
 async def log_settings(request: web.Request) -> web.Response:
     return json_response(plane_of(request).log_settings({}).as_triton())
 
 
 @routes.post("/v2/logging")
-@endpoint("kserve")
+@endpoint("kserve_logging")
 async def update_log_settings(request: web.Request) -> web.Response:
     try:
         changes = orjson.loads(await read_body(request))

@@ -167,7 +167,7 @@ def endpoint(api: str) -> Callable[[Handler], Handler]:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             door = request.app[FRONT_DOOR]
             state = door.plane.state
-            model = state.model_label(request.match_info.get("name") or request.query.get("model", ""))
+            model = state.model_label(api, request.match_info.get("name") or request.query.get("model", ""))
             started = state.admit()
             status, message = 500, ""
             try:

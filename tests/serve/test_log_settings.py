@@ -70,6 +70,9 @@ def test_the_access_log_says_who_asked_and_what_they_were_told(server):
         assert ", from ipv4:127.0.0.1:" in grpc_line and grpc_line.rstrip().endswith(told)
         http_line = server.wait_for_line("http kserve resnet-mnist: 400 in ", lines)
         assert ", from 127.0.0.1: " in http_line and http_line.rstrip().endswith(told)
+        lines = len(server.lines)
+        http.get_log_settings()  # about no model
+        assert server.wait_for_line("http kserve_logging: 200 in ", lines).rstrip().endswith(", from 127.0.0.1")
 
         http.update_log_settings({"log_format": "json"})
         lines = len(server.lines)

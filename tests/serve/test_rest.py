@@ -427,15 +427,25 @@ def test_a_body_over_the_size_cap_is_413_announced_or_streamed(mnist):
         assert call(server, "POST", INFER, json_infer(mnist.test.images[:1, None].astype(np.float32) / 255))[0] == 200
 
 
-def test_metrics_count_http_requests_by_protocol_api_and_status(server):
+def test_metrics_count_http_requests_by_protocol_api_and_status(server, mnist):
+    """Each call under its own api, so that a model's inference rate and latency are inference's
+    alone (metadata, statistics and log settings counted there made 9 "requests" of 0 inferences);
+    a call about no model (log settings) is no model's."""
     before = server.metrics()
     call(server, "GET", f"/v2/models/{MODEL}")
     call(server, "GET", "/v2/models/no-such-model")
+    call(server, "GET", f"/v2/models/{MODEL}/stats")
+    call(server, "GET", "/v2/logging")
+    call(server, "POST", INFER, json_infer(mnist.test.images[:1, None].astype(np.float32) / 255))
     after = server.metrics()
-    for code, model in (("200", MODEL), ("404", "unknown")):
-        counted = [metric_value(text, "resserve_requests_total", protocol="http", api="kserve", code=code, model=model)
+    for api, code, model in (("kserve_metadata", "200", MODEL), ("kserve_metadata", "404", "unknown"),
+                             ("kserve_statistics", "200", MODEL), ("kserve_logging", "200", ""), ("kserve", "200", MODEL)):
+        counted = [metric_value(text, "resserve_requests_total", protocol="http", api=api, code=code, model=model)
                    for text in (before, after)]
-        assert counted[1] - counted[0] == 1
+        assert counted[1] - counted[0] == 1, (api, code, model)
+    inferences = [metric_value(text, "resserve_request_latency_seconds_count", protocol="http", api="kserve")
+                  for text in (before, after)]
+    assert inferences[1] - inferences[0] == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
@@ -502,6 +503,24 @@ def test_tritonclient_statistics_and_tritons_metrics_count_the_requests_sent(ser
     for batch in stats.batch_stats:
         assert batch.compute_input.count == batch.compute_infer.count == batch.compute_output.count > 0
     assert "statistics" in client.get_server_metadata().extensions
+
+
+def test_grpc_calls_are_counted_by_api_with_inference_apart(server, mnist):
+    """As over HTTP: metadata, the repository and the parts of the protocol left out are not
+    counted as inference; calls about no model are no model's."""
+    client = triton.InferenceServerClient(server.target)
+    before = server.metrics()
+    client.get_model_metadata(MODEL)
+    client.get_model_repository_index()
+    with pytest.raises(InferenceServerException, match="UNIMPLEMENTED"):
+        client.get_trace_settings()
+    infer(client, as_input(mnist.test.images[:1]))
+    after = server.metrics()
+    for api, code, model in (("kserve_metadata", "OK", MODEL), ("kserve_repository", "OK", ""),
+                             ("kserve_left_out", "UNIMPLEMENTED", ""), ("kserve", "OK", MODEL)):
+        counted = [metric_value(text, "resserve_requests_total", protocol="grpc", api=api, code=code, model=model)
+                   for text in (before, after)]
+        assert counted[1] - counted[0] == 1, (api, code, model)
 
 
 def test_client_shared_memory_is_off_unless_the_server_is_started_with_it(server, tmp_path):
