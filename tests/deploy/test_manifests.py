@@ -6,13 +6,19 @@ import subprocess
 from pathlib import Path
 
 import kubernetes_validate
+import promql_parser
 import pytest
 import typer.main
 import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 
 from resserve.serve.app import build_app
+from resserve.serve.metrics import Metrics
 from resserve.serve.settings import (DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LIVENESS_SERVICE,
                                      READINESS_SERVICE, LogFormat)
+from resserve.serve.state import INFERENCE_APIS
+from resserve.serve.workers.supervisor import SupervisorMetrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_VERSION = "1.31"  # pinned schema version (>= 1.27)
@@ -21,11 +27,14 @@ OVERLAYS = ["cpu", "gpu"]
 
 def render(overlay: str) -> list[dict]:
     """`kubectl kustomize` (kustomize ships inside kubectl) of an overlay."""
+    return kustomize(DEPLOY / "k8s" / "overlays" / overlay)
+
+
+def kustomize(directory: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed")
-    result = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=True)
     return list(yaml.safe_load_all(result.stdout))
 
 
@@ -164,3 +173,74 @@ def test_dockerfiles_run_resserve_serve_as_non_root_with_known_flags(dockerfile)
     assert re.search(r"^USER 10001$", text, re.M)
     assert f"EXPOSE {DEFAULT_HTTP_PORT} {DEFAULT_PORT} {DEFAULT_METRICS_PORT}" in text
     assert "install-serving.sh" in text  # the same install step as the smoke test
+
+
+# deploy/k8s/monitoring: the Prometheus Operator's PodMonitor and alerts ------------------------
+
+MONITORING = DEPLOY / "k8s" / "monitoring"
+SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+
+
+def exported_samples() -> dict[str, set[str]]:
+    """Each sample name a server exports (its workers' metrics and the supervisor's) -> its labels."""
+    collectors = [*vars(Metrics()).values(), *vars(SupervisorMetrics(CollectorRegistry())).values()]
+    samples = {}
+    for collector in (c for c in collectors if isinstance(c, MetricWrapperBase)):
+        labels = set(collector._labelnames)  # prometheus-client has no public accessor for them
+        for family in collector.describe():
+            for suffix in SAMPLE_SUFFIXES[family.type]:
+                samples[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return samples
+
+
+def alert_rules() -> list[dict]:
+    rule = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+def selectors(expr: str) -> list[promql_parser.VectorSelector]:
+    """The series an expression reads (it must parse as PromQL)."""
+    found = []
+    promql_parser.walk(promql_parser.parse(expr),
+                       lambda node: found.append(node) if isinstance(node, promql_parser.VectorSelector) else None)
+    return found
+
+
+def test_each_alert_reads_metrics_and_labels_the_server_exports():
+    samples, rules = exported_samples(), alert_rules()
+    assert len({r["alert"] for r in rules}) == len(rules) > 0
+    for rule in rules:
+        read = selectors(rule["expr"])
+        assert read, rule["alert"]
+        for selector in read:
+            assert selector.name in samples, (rule["alert"], selector.name)
+            assert {m.name for m in selector.matchers.matchers} <= samples[selector.name], rule["alert"]
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_the_check_catches_a_metric_the_server_does_not_export():
+    assert "resserve_request_total" not in exported_samples()  # a counter without its _total
+    assert [s.name for s in selectors('rate(resserve_request_total{api="kserve"}[5m])')] == ["resserve_request_total"]
+    with pytest.raises(ValueError):
+        promql_parser.parse("sum(rate(resserve_requests_total[5m])")
+
+
+def test_alerts_on_inference_read_exactly_the_inference_apis():
+    """An alert on inference failures or latency would otherwise count metadata, statistics and
+    model loads, or miss an inference API."""
+    for rule in alert_rules():
+        for selector in selectors(rule["expr"]):
+            for matcher in (m for m in selector.matchers.matchers if m.name == "api"):
+                assert set(matcher.value.split("|")) == INFERENCE_APIS, rule["alert"]
+
+
+def test_the_pod_monitor_scrapes_the_metrics_port_of_the_deployments_pods():
+    documents = kustomize(MONITORING)
+    assert {d["kind"] for d in documents} == {"PodMonitor", "PrometheusRule"}
+    monitor = by_kind(documents, "PodMonitor")
+    template = by_kind(base_documents(), "Deployment")["spec"]["template"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (ports[endpoint["port"]], endpoint["path"]) == (DEFAULT_METRICS_PORT, "/metrics")
