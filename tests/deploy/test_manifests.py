@@ -235,6 +235,36 @@ def test_alerts_on_inference_read_exactly_the_inference_apis():
                 assert set(matcher.value.split("|")) == INFERENCE_APIS, rule["alert"]
 
 
+PROMTOOL_CASES = Path(__file__).with_name("alerts.promtool.yaml")
+
+
+def promtool(*args: str, cwd: Path) -> str:
+    """Prometheus's own rule checker; the failure's output, or ""."""
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.skip("promtool (Debian's prometheus) is not installed")
+    result = subprocess.run([tool, *args], capture_output=True, text=True, cwd=cwd)
+    return "" if result.returncode == 0 else result.stdout + result.stderr
+
+
+def test_the_alerts_fire_when_they_should_and_only_then(tmp_path):
+    """promtool checks the rules, their templates included, and runs the cases of
+    tests/deploy/alerts.promtool.yaml on them: every alert fires on what it is about, with the
+    labels that say where, and not on what it is not (metadata failures, clients' mistakes,
+    model loads' latency, a worker back within minutes, reloads that succeeded)."""
+    groups = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())["spec"]
+    (tmp_path / "checked.yaml").write_text(yaml.safe_dump(groups))
+    assert promtool("check", "rules", "checked.yaml", cwd=tmp_path) == ""
+    for rule in (r for group in groups["groups"] for r in group["rules"]):
+        del rule["annotations"]  # the cases are about when an alert fires, not its words
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(groups))
+    shutil.copy(PROMTOOL_CASES, tmp_path)
+    assert promtool("test", "rules", PROMTOOL_CASES.name, cwd=tmp_path) == ""
+    cases = yaml.safe_load(PROMTOOL_CASES.read_text())["tests"]
+    tested = {case["alertname"] for test in cases for case in test["alert_rule_test"] if case["exp_alerts"]}
+    assert tested == {r["alert"] for r in alert_rules()}  # every alert is seen to fire
+
+
 def test_the_pod_monitor_scrapes_the_metrics_port_of_the_deployments_pods():
     documents = kustomize(MONITORING)
     assert {d["kind"] for d in documents} == {"PodMonitor", "PrometheusRule"}
