@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from resserve.serve.errors import log, to_status
-from resserve.serve.state import ServerState
+from resserve.serve.state import ServerState, check_api_label
 
 T = TypeVar("T")
 
@@ -90,6 +90,7 @@ async def answer(state: ServerState, api: str, model: str, peer: Callable[[], st
 
 def rpc(api: str, model_of: Callable[[object], str]):
     """Wrap a unary servicer method of a class with a ``plane`` (DataPlane) attribute."""
+    check_api_label(api)
 
     def decorate(method):
         @functools.wraps(method)

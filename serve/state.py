@@ -25,9 +25,16 @@ log = logging.getLogger("resserve.serve")
 # that inference rates and latencies are not those of metadata, statistics or model loads:
 # these infer (KServe v2 inference, each request on a stream, our Classify) ...
 INFERENCE_APIS = frozenset({"kserve", "kserve_stream", "classify"})
-# ... and these read or change the server: ``kserve_metadata``, ``kserve_config``,
-# ``kserve_statistics``, ``kserve_repository``, ``kserve_logging``, ``kserve_shared_memory``,
-# ``kserve_left_out`` (the parts of the protocol answered 501)
+# ... and the others read or change the server (kserve_left_out: the parts of the protocol answered 501)
+API_LABELS = INFERENCE_APIS | {"kserve_metadata", "kserve_config", "kserve_statistics", "kserve_repository",
+                               "kserve_logging", "kserve_shared_memory", "kserve_left_out"}
+
+
+def check_api_label(api: str) -> str:
+    """``api``, if it is one of API_LABELS (docs/serving.md lists them): a new one goes there first."""
+    if api not in API_LABELS:
+        raise ValueError(f"{api!r} is not an api label; add it to API_LABELS (and docs/serving.md, Metrics)")
+    return api
 
 ModelAction = Literal["load", "unload"]
 T = TypeVar("T")

@@ -28,6 +28,7 @@ from resserve.serve.errors import BodyTimeout, Busy, ResserveError, TooLarge, to
 from resserve.serve.logs import RepeatedWarning
 from resserve.serve.rest.encoding import IDENTITY, decompress, encoding_of
 from resserve.serve.settings import host_port
+from resserve.serve.state import check_api_label
 
 log = logging.getLogger("resserve.serve")
 
@@ -161,6 +162,7 @@ def _time_out(body: StreamReader, idle_seconds: float) -> None:
 def endpoint(api: str) -> Callable[[Handler], Handler]:
     """Wrap an API handler: admitted and counted like every request; errors become JSON; the
     model label is the route's ``{name}`` (bounded by ``ServerState.model_label``)."""
+    check_api_label(api)
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)

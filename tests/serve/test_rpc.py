@@ -1,5 +1,6 @@
-"""How a call is answered as its deadline passes: serve/rpc.py on a real grpc.aio server (its own
-event loop, in a thread of this process), and the server's log (serve/logs.py)."""
+"""serve/rpc.py: how a call is answered as its deadline passes, on a real grpc.aio server (its own
+event loop, in a thread of this process), and in the server's log (serve/logs.py); the api
+label every call is counted under."""
 
 import asyncio
 import logging
@@ -10,14 +11,16 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
+import pytest
 
 from resserve.serve.errors import DeadlineExpired
 from resserve.serve.rpc import rpc
 from resserve.serve.settings import ServerSettings
-from resserve.serve.state import ServerState
+from resserve.serve.state import API_LABELS, ServerState
 
 SERVICE, METHOD = "test.Deadlines", "Answer"
 CALLS, AT_ONCE = 400, 4
@@ -29,7 +32,7 @@ class AtTheDeadline:
 
     plane = SimpleNamespace(state=ServerState(ServerSettings()))
 
-    @rpc("test", model_of=lambda request: "")
+    @rpc("classify", model_of=lambda request: "")
     async def answer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await asyncio.to_thread(time.sleep, max(0.0, context.time_remaining() + random.uniform(-0.001, 0.001)))
         raise DeadlineExpired("the deadline passed")
@@ -125,3 +128,12 @@ def test_an_answer_grpc_could_not_send_as_its_call_ended_is_a_debug_line_not_an_
     assert quiet.count("Traceback") == 1 and "ERROR grpc._cython.cygrpc: Unexpected [RuntimeError]" in quiet
     assert ("DEBUG resserve.serve: the call ended (deadline, or the client went away) before its answer could be "
             "sent: [/test.Deadlines/Answer]") in logged(1)
+
+
+def test_every_api_label_is_documented_and_another_is_refused():
+    """A call counted under a label no dashboard knows of would drop out of its panels unseen."""
+    serving = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    metrics = serving.split("\n## Metrics")[1].split("\n## ")[0]
+    assert [api for api in sorted(API_LABELS) if f"`{api}`" not in metrics] == []
+    with pytest.raises(ValueError, match="'kserve_metdata' is not an api label"):
+        rpc("kserve_metdata", model_of=lambda request: "")
