@@ -49,7 +49,7 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     ended it: a deadline that passes as the server answers, the server's own deadline check most
     often, makes sending the status fail, and grpc.aio, when its notice of the end comes later,
     logs that failure (ExecuteBatchError) with a traceback. The client has its DEADLINE_EXCEEDED
-    or is gone, so the handler ends as one whose client went away: cancelled, without a word."""
+    or is gone, so the handler ends as one whose client went away: cancelled, with a debug line."""
     try:
         await context.abort(code, message)
     except grpc.aio.AbortError:

@@ -30,11 +30,11 @@ API_LABELS = INFERENCE_APIS | {"kserve_metadata", "kserve_config", "kserve_stati
                                "kserve_logging", "kserve_shared_memory", "kserve_left_out"}
 
 
-def check_api_label(api: str) -> str:
-    """``api``, if it is one of API_LABELS (docs/serving.md lists them): a new one goes there first."""
+def check_api_label(api: str) -> None:
+    """Refuse an ``api`` label not in API_LABELS (docs/serving.md lists them): a new one goes there first."""
     if api not in API_LABELS:
         raise ValueError(f"{api!r} is not an api label; add it to API_LABELS (and docs/serving.md, Metrics)")
-    return api
+
 
 ModelAction = Literal["load", "unload"]
 T = TypeVar("T")

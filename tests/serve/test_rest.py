@@ -439,7 +439,8 @@ def test_metrics_count_http_requests_by_protocol_api_and_status(server, mnist):
     call(server, "POST", INFER, json_infer(mnist.test.images[:1, None].astype(np.float32) / 255))
     after = server.metrics()
     for api, code, model in (("kserve_metadata", "200", MODEL), ("kserve_metadata", "404", "unknown"),
-                             ("kserve_statistics", "200", MODEL), ("kserve_logging", "200", ""), ("kserve", "200", MODEL)):
+                             ("kserve_statistics", "200", MODEL), ("kserve_logging", "200", ""),
+                             ("kserve", "200", MODEL)):
         counted = [metric_value(text, "resserve_requests_total", protocol="http", api=api, code=code, model=model)
                    for text in (before, after)]
         assert counted[1] - counted[0] == 1, (api, code, model)
