@@ -2,7 +2,7 @@
 
 Two kinds: tokens for every API (``--token-file``), and admin tokens (``--admin-token-file``)
 for the APIs that change what the server does rather than ask it something: loading and
-unloading models, and log settings (Triton restricts the same groups with
+unloading models, and log and trace settings (Triton restricts the same groups with
 ``--grpc-restricted-protocol``). With admin tokens, those APIs take an admin token only; an admin
 token is good for every other API too. Health (and the page's static files) take none.
 
@@ -32,9 +32,10 @@ log = logging.getLogger("resserve.serve")
 UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token"
 # the admin APIs over gRPC (serve/rest/server.py has their HTTP paths)
 ADMIN_GRPC_METHODS = frozenset(f"/inference.GRPCInferenceService/{name}"
-                               for name in ("RepositoryModelLoad", "RepositoryModelUnload", "LogSettings"))
-ADMIN_ONLY_MESSAGE = ("loading and unloading models and log settings take an admin token (the server's "
-                      "--admin-token-file); this token is not one")
+                               for name in ("RepositoryModelLoad", "RepositoryModelUnload", "LogSettings",
+                                            "TraceSetting"))
+ADMIN_ONLY_MESSAGE = ("loading and unloading models, log settings and trace settings take an admin token (the "
+                      "server's --admin-token-file); this token is not one")
 TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what HTTP headers and gRPC metadata carry
 
 
@@ -163,7 +164,7 @@ def warn_of_open_admin_apis(host: str, tokens: bool, admin_tokens: bool) -> None
     if admin_tokens or _loopback(host):
         return
     who = "every client with a token (--token-file)" if tokens else "every client that reaches the server"
-    log.warning("loading and unloading models and changing log settings are open to %s on %s: give "
+    log.warning("loading and unloading models and changing log and trace settings are open to %s on %s: give "
                 "--admin-token-file where others share the network (docs/serving.md, Security)", who, host)
 
 

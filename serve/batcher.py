@@ -32,6 +32,7 @@ import numpy as np
 from resserve.serve.aio import set_within
 from resserve.serve.backends.base import Outputs, infer_in_chunks
 from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, DeadlineExpired, QueueFull, ShuttingDown
+from resserve.serve.tracing import Trace
 
 
 @dataclass
@@ -51,6 +52,7 @@ class _Pending:
     inputs: np.ndarray  # float32 [n,1,28,28]
     future: asyncio.Future
     deadline: float | None  # time.monotonic() value, or None for no deadline
+    trace: Trace | None = None  # told its batch's times, if the request is traced
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -134,13 +136,13 @@ class DynamicBatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
 
-    async def submit(self, inputs: np.ndarray, deadline: float | None = None) -> Outputs:
+    async def submit(self, inputs: np.ndarray, deadline: float | None = None, trace: Trace | None = None) -> Outputs:
         """Queue ``inputs`` [n,1,28,28] and wait for their outputs ({name: [n,...]})."""
         if self._closed:
             raise ShuttingDown("the server is shutting down")
         if len(self._queue) >= self.config.max_queue_size:
             raise QueueFull(f"queue full ({self.config.max_queue_size} requests waiting); retry later")
-        pending = _Pending(inputs, asyncio.get_running_loop().create_future(), deadline)
+        pending = _Pending(inputs, asyncio.get_running_loop().create_future(), deadline, trace)
         self._queue.append(pending)
         self._arrived.set()
         return await pending.future  # cancelling the caller cancels the future: _take skips it
@@ -224,5 +226,9 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_result({k: v[offset:offset + pending.size] for k, v in outputs.items()})
             offset += pending.size
+        ended = time.monotonic()
+        for pending in batch:
+            if pending.trace:
+                pending.trace.computed(pending.enqueued, started, gathered, inferred, ended)
         self._on_batch(BatchStats(len(inputs), [started - p.enqueued for p in batch], inferred - gathered,
-                                  gathered - started, time.monotonic() - inferred))
+                                  gathered - started, ended - inferred))

@@ -119,8 +119,8 @@ def serve(
         help="Bearer tokens, one per line; clients must send one (health is exempt). Read again when the file "
         "changes: a token taken out is refused from then on.")] = None,
     admin_token_file: Annotated[Optional[Path], typer.Option(envvar=_env("ADMIN_TOKEN_FILE"),
-        help="Bearer tokens, one per line, that loading and unloading models and changing log settings take "
-        "(no other token does); good for every other API too.")] = None,
+        help="Bearer tokens, one per line, that loading and unloading models and changing log and trace settings "
+        "take (no other token does); good for every other API too.")] = None,
     allow_client_shm: Annotated[bool, typer.Option("--allow-client-shm/--no-allow-client-shm",
         envvar=_env("ALLOW_CLIENT_SHM"),
         help="Let clients on this host pass tensors in system shared memory (Triton's extension: "

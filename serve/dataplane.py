@@ -16,19 +16,21 @@ import struct
 import threading
 import time
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
 from resserve.serve.control import ModelControl
 from resserve.serve.errors import DeadlineExpired, InvalidInput, QueueFull
-from resserve.serve.logs import LogSettings, SettingValue, apply_log_settings, current_log_settings
+from resserve.serve.logs import LogSettings, SettingValue, current_log_settings
 from resserve.serve.manifest import INPUT_SHAPE, TensorSpec
 from resserve.serve.preprocess import MAX_REQUEST_PIXELS, encoded_to_input, pixels_of, raw_to_input
 from resserve.serve.repository import ServedModel
 from resserve.serve.sharedmemory import Placement, Region, check_client
 from resserve.serve.state import ServerState
+from resserve.serve.tracing import Trace, TraceSetting, TraceValue, tracer
 
 SERVER_NAME = "resserve"
 IMAGE_SHAPE = INPUT_SHAPE[1:]  # one image
@@ -266,6 +268,24 @@ def _for_image(label: str, work, data: bytes):
         raise type(exc)(f"{label}: {exc}") from None
 
 
+@contextmanager
+def traced(model: ServedModel, request_id: str = "") -> Iterator[Trace | None]:
+    """A trace of one request to ``model``, if it is one to trace (serve/tracing.py), logged when
+    it ends, with the error that ended it if one did."""
+    trace = tracer.start(model.name, model.version, request_id)
+    if trace is None:
+        yield None
+        return
+    error = ""
+    try:
+        yield trace
+    except BaseException as exc:
+        error = str(exc) or type(exc).__name__
+        raise
+    finally:
+        trace.end(error)
+
+
 class DataPlane:
     """What the server can do, in terms no protocol owns."""
 
@@ -334,10 +354,23 @@ class DataPlane:
         current = current_log_settings()
         settings = current.updated(changes)
         if settings != current:
-            apply_log_settings(settings)
-            self.state.peers.share_log_settings(settings)
+            settings.apply()
+            self.state.peers.share_settings(settings)
             log.info("log settings changed through the API: %s", settings.as_triton())
         return settings
+
+    def trace_settings(self, model: str, changes: Mapping[str, TraceValue | None]) -> TraceSetting:
+        """Triton's trace extension: the trace settings of ``model`` ("": the server's) after
+        ``changes`` (none: as they are), here and, under --workers, in every worker."""
+        if model:
+            self.model(model)  # one the server has: ModelNotFound otherwise
+        if changes:
+            settings = tracer.settings.updated(model, changes)
+            settings.apply()
+            self.state.peers.share_settings(settings)
+            log.info("trace settings of %s set through the API: %s", f"model {model}" if model else "the server",
+                     settings.of(model).as_triton())
+        return tracer.current(model)
 
     # Triton's system shared memory extension (serve/sharedmemory.py) ------------------------------
 
@@ -381,7 +414,7 @@ class DataPlane:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Outputs asked for in shared memory are written there, and answered without their data."""
         model = self.model(request.model_name, request.model_version)
-        with model.statistics.request():
+        with model.statistics.request(), traced(model, request.id) as trace:
             manifest = model.package.manifest
             wanted = validate_requested_outputs(request.outputs, manifest.outputs)
             if len(request.inputs) != len(manifest.inputs):
@@ -392,7 +425,7 @@ class DataPlane:
             batch = model_input(tensor, manifest.inputs[0], self.state.settings.max_images_per_request,
                                 manifest.preprocessing.range)
             self._check_output_room(wanted, manifest.outputs, len(batch))
-            outputs = await model.batcher.submit(batch, request.deadline)
+            outputs = await model.batcher.submit(batch, request.deadline, trace)
             answers = tuple(
                 top_classes(o.name, outputs[o.name], o.classification, manifest.labels) if o.classification
                 else Tensor(o.name, "FP32", outputs[o.name].shape, outputs[o.name]) for o in wanted)
@@ -440,10 +473,10 @@ class DataPlane:
                        deadline: float | None = None) -> Classification:
         """Preprocess images the way MNIST was made, then run them as one batch."""
         model = self.model(model_name, model_version)
-        with model.statistics.request():
+        with model.statistics.request(), traced(model) as trace:
             self.check_image_count(len(images))
             batch = await self._preprocess(images, deadline)
-            outputs = await model.batcher.submit(batch, deadline)
+            outputs = await model.batcher.submit(batch, deadline, trace)
         return Classification(model, outputs["probabilities"], batch)
 
     async def _preprocess(self, images: list[Image], deadline: float | None) -> np.ndarray:

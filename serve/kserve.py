@@ -24,12 +24,13 @@ from resserve.serve.stream import InferStream
 from resserve.serve.stubs import grpc_service_pb2 as pb
 from resserve.serve.stubs import grpc_service_pb2_grpc as pb_grpc
 from resserve.serve.stubs import model_config_pb2 as config_pb
+from resserve.serve.tracing import TraceSetting
 
 # Exactly what is served (binary_tensor_data: on HTTP, serve/rest/kserve.py; model_repository: the
 # index, and loading and unloading the models given at start, serve/control.py), and
 # system_shared_memory where the server allows it (served_extensions)
 EXTENSIONS = ["binary_tensor_data", "classification", "logging", "model_configuration", "model_repository",
-              "statistics"]
+              "statistics", "trace"]
 TYPED_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 LABELS_FILE = "labels.txt"  # as in a Triton repository (train/triton.py writes it); the labels are the manifest's
 
@@ -185,6 +186,18 @@ def log_settings_response(settings: LogSettings) -> pb.LogSettingsResponse:
     return response
 
 
+def trace_setting_changes(request: pb.TraceSettingRequest) -> dict[str, list[str] | None]:
+    """A TraceSetting request's settings by name (None: one sent without a value, to clear it)."""
+    return {name: list(setting.value) or None for name, setting in request.settings.items()}
+
+
+def trace_settings_response(setting: TraceSetting) -> pb.TraceSettingResponse:
+    response = pb.TraceSettingResponse()
+    for name, value in setting.as_triton().items():
+        response.settings[name].value.extend(value if isinstance(value, list) else [value])
+    return response
+
+
 def _one_repository(name: str) -> None:
     if name:
         raise InvalidInput(f"resserve has one model repository, the packages it was started with; "
@@ -244,6 +257,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("kserve_logging", model_of=lambda r: "")
     async def LogSettings(self, request, context):
         return log_settings_response(self.plane.log_settings(log_setting_changes(request)))
+
+    @rpc("kserve_trace", model_of=lambda r: r.model_name)
+    async def TraceSetting(self, request, context):
+        return trace_settings_response(self.plane.trace_settings(request.model_name, trace_setting_changes(request)))
 
     @rpc("kserve_shared_memory", model_of=lambda r: "")
     async def SystemSharedMemoryStatus(self, request, context):

@@ -73,6 +73,10 @@ class LogSettings:
                 raise InvalidInput(f"unknown log setting {name[:64]!r}; resserve's: {', '.join(self.as_triton())}")
         return replace(self, **fields)
 
+    def apply(self) -> None:
+        """Log as these settings say from now on (this process)."""
+        apply_log_settings(self)
+
 
 SEVERITIES = {"log_info": "info", "log_warning": "warning", "log_error": "error"}
 

@@ -19,6 +19,7 @@ from resserve.serve.metrics import Metrics
 from resserve.serve.repository import ModelRepository
 from resserve.serve.settings import ServerSettings
 from resserve.serve.sharedmemory import Region, SharedMemory
+from resserve.serve.tracing import TraceSettings
 
 log = logging.getLogger("resserve.serve")
 # The ``api`` label of each request's metrics and access-log line says which call it was, so
@@ -27,7 +28,7 @@ log = logging.getLogger("resserve.serve")
 INFERENCE_APIS = frozenset({"kserve", "kserve_stream", "classify"})
 # ... and the others read or change the server (kserve_left_out: the parts of the protocol answered 501)
 API_LABELS = INFERENCE_APIS | {"kserve_metadata", "kserve_config", "kserve_statistics", "kserve_repository",
-                               "kserve_logging", "kserve_shared_memory", "kserve_left_out"}
+                               "kserve_logging", "kserve_trace", "kserve_shared_memory", "kserve_left_out"}
 
 
 def check_api_label(api: str) -> None:
@@ -37,6 +38,7 @@ def check_api_label(api: str) -> None:
 
 
 ModelAction = Literal["load", "unload"]
+SharedSettings = LogSettings | TraceSettings  # what every worker of a server takes on: each has apply()
 T = TypeVar("T")
 
 
@@ -44,8 +46,8 @@ class Peers(Protocol):
     """The other workers of a server run with --workers (serve/workers/), which make the changes
     made through this one's API too."""
 
-    def share_log_settings(self, settings: LogSettings) -> None:
-        """The log settings changed: every worker is to log so."""
+    def share_settings(self, settings: SharedSettings) -> None:
+        """The log or trace settings changed: every worker is to log or trace so."""
 
     async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
         """Load or unload the model called ``name`` through this worker's API: ``make()`` makes the
@@ -63,7 +65,7 @@ class Peers(Protocol):
 class _Alone:
     """A server of one process: no one to tell, no one to wait for."""
 
-    def share_log_settings(self, settings: LogSettings) -> None:
+    def share_settings(self, settings: SharedSettings) -> None:
         pass
 
     async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:

@@ -318,13 +318,11 @@ async def unregister_cuda_region(request: web.Request) -> web.Response:
 
 # Triton's HTTP extensions left out: what is supported, rather than "no such endpoint" (perf_analyzer
 # --shared-memory cuda asks for the first), as over gRPC
-LEFT_OUT = {"cudasharedmemory": "CUDA shared memory", "trace": "trace", "generate": "generate",
-            "generate_stream": "generate"}
+LEFT_OUT = {"cudasharedmemory": "CUDA shared memory", "generate": "generate", "generate_stream": "generate"}
 
 
-@routes.route("*", "/v2/{extension:cudasharedmemory|trace}{rest:(/.*)?}")
-@routes.route("*", "/v2/models/{name}{version:(/versions/[^/]+)?}/{extension:trace|generate|generate_stream}"
-                   "{rest:(/.*)?}")
+@routes.route("*", "/v2/{extension:cudasharedmemory}{rest:(/.*)?}")
+@routes.route("*", "/v2/models/{name}{version:(/versions/[^/]+)?}/{extension:generate|generate_stream}{rest:(/.*)?}")
 @endpoint("kserve_left_out")
 async def left_out(request: web.Request) -> web.Response:
     raise unsupported(f"Triton's {LEFT_OUT[request.match_info['extension']]} extension")
@@ -379,13 +377,33 @@ async def log_settings(request: web.Request) -> web.Response:
 @routes.post("/v2/logging")
 @endpoint("kserve_logging")
 async def update_log_settings(request: web.Request) -> web.Response:
-    try:
-        changes = orjson.loads(await read_body(request))
-    except orjson.JSONDecodeError:
-        changes = None
-    if not isinstance(changes, dict):
-        raise InvalidInput('the request must be a JSON object of log settings, such as {"log_verbose_level": 1}')
+    changes = _json_object(await read_body(request), 'a JSON object of log settings, such as {"log_verbose_level": 1}')
     return json_response(plane_of(request).log_settings(changes).as_triton())
+
+
+@routes.get("/v2/trace/setting")
+@routes.get("/v2/models/{name}/trace/setting")
+@endpoint("kserve_trace")
+async def trace_settings(request: web.Request) -> web.Response:
+    return json_response(plane_of(request).trace_settings(request.match_info.get("name", ""), {}).as_triton())
+
+
+@routes.post("/v2/trace/setting")
+@routes.post("/v2/models/{name}/trace/setting")
+@endpoint("kserve_trace")
+async def update_trace_settings(request: web.Request) -> web.Response:
+    changes = _json_object(await read_body(request), 'a JSON object of trace settings, such as {"trace_rate": "1"}')
+    return json_response(plane_of(request).trace_settings(request.match_info.get("name", ""), changes).as_triton())
+
+
+def _json_object(body: bytes, what: str) -> dict:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise InvalidInput(f"the request must be {what}")
+    return payload
 
 
 # inference ------------------------------------------------------------------------------------

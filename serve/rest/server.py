@@ -35,7 +35,8 @@ log = logging.getLogger("resserve.serve")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PREFIXES = ("/v2/health/", "/page/")  # and "/" itself: no data, so no token
 # the admin APIs (serve/auth.py), by their routes' patterns: decoded paths are not matched by hand
-ADMIN_ROUTES = frozenset({"/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload", "/v2/logging"})
+ADMIN_ROUTES = frozenset({"/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload", "/v2/logging",
+                          "/v2/trace/setting", "/v2/models/{name}/trace/setting"})
 MAX_PATH_CHARS = 200  # of a client's path quoted in an error
 
 

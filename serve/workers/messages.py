@@ -1,8 +1,8 @@
 """What the supervisor and a worker say to each other over the worker's pipe.
 
-Worker to supervisor: ``Loaded``, ``Ready``, ``Failed``, ``Stopped``, ``LogSettingsChanged``,
+Worker to supervisor: ``Loaded``, ``Ready``, ``Failed``, ``Stopped``, ``SettingsChanged``,
 ``TurnWanted``, ``TurnOver`` (with the change made in the turn). Supervisor to worker: ``Listen``,
-``LogSettingsChanged``, ``Turn``, and each ``Change`` made through another worker: a
+``SettingsChanged``, ``Turn``, and each ``Change`` made through another worker: a
 ``ModelChange``, ``RegionRegistered`` or ``RegionUnregistered``. Each is pickled by the pipe, so both
 sides read the same types, never a tuple of strings.
 """
@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from resserve.serve.logs import LogSettings
 from resserve.serve.sharedmemory import Region
-from resserve.serve.state import ModelAction
+from resserve.serve.state import ModelAction, SharedSettings
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,11 @@ class Stopped:
 
 
 @dataclass(frozen=True)
-class LogSettingsChanged:
-    """Through a worker's API (worker to supervisor), or to take on (supervisor to every worker)."""
+class SettingsChanged:
+    """Log or trace settings changed through a worker's API (worker to supervisor), or to take on
+    (supervisor to every worker)."""
 
-    settings: LogSettings
+    settings: SharedSettings
 
 
 @dataclass(frozen=True)
@@ -95,5 +95,5 @@ class TurnOver:
     made: Change | None
 
 
-ToSupervisor = Loaded | Ready | Failed | Stopped | LogSettingsChanged | TurnWanted | TurnOver
-ToWorker = Listen | LogSettingsChanged | Change | Turn
+ToSupervisor = Loaded | Ready | Failed | Stopped | SettingsChanged | TurnWanted | TurnOver
+ToWorker = Listen | SettingsChanged | Change | Turn

@@ -25,14 +25,16 @@ from prometheus_client import multiprocess
 
 from resserve.serve.auth import Access, warn_of_open_admin_apis
 from resserve.serve.errors import ResserveError
-from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
+from resserve.serve.logs import LogSettings, configure_logging
 from resserve.serve.repository import read_packages
 from resserve.serve.server import answer_counts, check_port_free, serve_metrics
 from resserve.serve.settings import ServerSettings, page_note
 from resserve.serve.sharedmemory import Region
+from resserve.serve.state import SharedSettings
 from resserve.serve.tls import ssl_context, tls_files
-from resserve.serve.workers.messages import (Change, Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
-                                             RegionRegistered, RegionUnregistered, Stopped, ToSupervisor, ToWorker,
+from resserve.serve.tracing import TraceSettings
+from resserve.serve.workers.messages import (Change, Failed, Listen, Loaded, ModelChange, Ready, RegionRegistered,
+                                             RegionUnregistered, SettingsChanged, Stopped, ToSupervisor, ToWorker,
                                              Turn, TurnOver, TurnWanted)
 from resserve.serve.workers.worker import worker_main
 
@@ -90,7 +92,8 @@ class Supervisor:
         self.metrics_dir = ""  # the workers' Prometheus files: made in run(), removed when it ends
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry)
-        self.logs = LogSettings.of(settings)  # as the workers are to log
+        self.logs = LogSettings.of(settings)  # as the workers are to log ...
+        self.traces = TraceSettings()  # ... and trace
         self.unloaded: frozenset[str] = frozenset()  # models the workers are not to load
         self.regions: dict[str, Region] = {}  # shared memory regions registered through the API
         self.turn: Worker | None = None  # the worker making a change now (models, shared memory regions)
@@ -120,7 +123,7 @@ class Supervisor:
     def _start(self, index: int) -> None:
         parent_end, child_end = self.context.Pipe()
         process = self.context.Process(target=worker_main,
-                                       args=(self.worker_settings, index, child_end, self.logs, self.unloaded,
+                                       args=(self.worker_settings, index, child_end, self.logs, self.traces, self.unloaded,
                                              tuple(self.regions.values())),
                                        name=f"resserve-worker-{index}", daemon=False)
         process.start()
@@ -224,21 +227,24 @@ class Supervisor:
             case Stopped(answered):
                 worker.state = WorkerState.STOPPED
                 worker.answered.update(answered)
-            case LogSettingsChanged(settings):
-                self._share_log_settings(settings)
+            case SettingsChanged(settings):
+                self._share_settings(settings)
             case TurnWanted():
                 self.waiting_turns.append(worker)
                 self._give_turn()
             case TurnOver(made):
                 self._changed(worker, made)
 
-    def _share_log_settings(self, settings: LogSettings) -> None:
-        """Log settings changed through one worker's API (which logged it): every worker takes
-        them, the one they came through too (so when two change at once, all end with the
+    def _share_settings(self, settings: SharedSettings) -> None:
+        """Log or trace settings changed through one worker's API (which logged it): every worker
+        takes them, the one they came through too (so when two change at once, all end with the
         later), this process, and the workers started from now on."""
-        self.logs = settings
-        apply_log_settings(settings)
-        self._tell(self.workers.values(), LogSettingsChanged(settings))
+        if isinstance(settings, LogSettings):
+            self.logs = settings
+        else:
+            self.traces = settings
+        settings.apply()
+        self._tell(self.workers.values(), SettingsChanged(settings))
 
     def _changed(self, worker: Worker, made: Change | None) -> None:
         """``worker``'s turn is over, with a model loaded or unloaded or a shared memory region

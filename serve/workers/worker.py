@@ -14,13 +14,14 @@ from multiprocessing.connection import Connection
 from typing import Awaitable, Callable
 
 from resserve.serve.errors import ResserveError, ShuttingDown
-from resserve.serve.logs import LogSettings, apply_log_settings, configure_logging
+from resserve.serve.logs import LogSettings, configure_logging
 from resserve.serve.server import answer_counts, serve
 from resserve.serve.settings import ServerSettings
 from resserve.serve.sharedmemory import Region, SharedMemory
-from resserve.serve.state import ModelAction, T
-from resserve.serve.workers.messages import (Change, Failed, Listen, Loaded, LogSettingsChanged, ModelChange, Ready,
-                                             RegionRegistered, RegionUnregistered, Stopped, ToSupervisor, ToWorker,
+from resserve.serve.state import ModelAction, SharedSettings, T
+from resserve.serve.tracing import TraceSettings
+from resserve.serve.workers.messages import (Change, Failed, Listen, Loaded, ModelChange, Ready, RegionRegistered,
+                                             RegionUnregistered, SettingsChanged, Stopped, ToSupervisor, ToWorker,
                                              Turn, TurnOver, TurnWanted)
 
 log = logging.getLogger("resserve.serve")
@@ -63,8 +64,8 @@ class PipeCoordinator:
         """A change made through another worker (or, for log settings, through this one too), or
         this worker's turn to change models."""
         match message:
-            case LogSettingsChanged(settings):
-                apply_log_settings(settings)
+            case SettingsChanged(settings):
+                settings.apply()
             case ModelChange(action, name):
                 task = asyncio.get_running_loop().create_task(self._follow(action, name))
                 self._following.add(task)
@@ -83,8 +84,8 @@ class PipeCoordinator:
             log.error("shared memory region %s, registered through another worker, is not here: %s",
                       region.name[:128], exc)
 
-    def share_log_settings(self, settings: LogSettings) -> None:
-        self._send(LogSettingsChanged(settings))
+    def share_settings(self, settings: SharedSettings) -> None:
+        self._send(SettingsChanged(settings))
 
     async def change_model(self, action: ModelAction, name: str, make: Callable[[], Awaitable[T]]) -> T:
         return await self._in_turn(ModelChange(action, name), make)
@@ -141,13 +142,14 @@ def _follow_the_supervisor() -> None:
         pass
 
 
-def worker_main(settings: ServerSettings, index: int, pipe: Connection, logs: LogSettings,
+def worker_main(settings: ServerSettings, index: int, pipe: Connection, logs: LogSettings, traces: TraceSettings,
                 unloaded: frozenset[str], regions: tuple[Region, ...]) -> None:
     """A worker process: a whole server on the shared ports, coordinated over ``pipe``, logging
     as ``logs`` say, without the models ``unloaded`` and with the shared memory ``regions`` (the
     state of the moment: each may have changed through the API since the server started)."""
     _follow_the_supervisor()
     configure_logging(logs, worker=index)
+    traces.apply()
     try:
         asyncio.run(serve(settings, PipeCoordinator(pipe, unloaded, regions)))
     except ResserveError as exc:  # the supervisor says it, once, for the first worker that fails to start

@@ -507,9 +507,9 @@ def test_bytes_that_are_no_request_message_are_invalid_argument_without_a_traceb
 def test_unimplemented_rpcs_say_so_without_a_traceback_in_the_log(server):
     client = triton.InferenceServerClient(server.target)
     with pytest.raises(triton.InferenceServerException) as info:
-        client.get_trace_settings()
+        client.register_cuda_shared_memory("input", b"handle", 0, 3136)
     assert info.value.status() == "StatusCode.UNIMPLEMENTED"
-    assert info.value.message().startswith("TraceSetting is not supported by resserve (supported "
+    assert info.value.message().startswith("CudaSharedMemoryRegister is not supported by resserve (supported "
                                            "extensions: binary_tensor_data, ")
     time.sleep(0.2)
     assert "Traceback" not in "".join(server.lines)

@@ -223,7 +223,7 @@ def test_resserve_models_lists_loads_and_unloads(server):
 
 
 def test_with_admin_tokens_only_an_admin_token_changes_models_or_log_settings(tmp_path):
-    """--admin-token-file: loading, unloading and log settings take an admin token; the inference
+    """--admin-token-file: loading, unloading, log and trace settings take an admin token; the inference
     token is PERMISSION_DENIED (HTTP 403) there and good everywhere else, as the admin token is."""
     (tmp_path / "tokens").write_text("user-s3cret\n")
     (tmp_path / "admin").write_text("admin-s3cret\n")
@@ -234,7 +234,9 @@ def test_with_admin_tokens_only_an_admin_token_changes_models_or_log_settings(tm
         changes = [lambda client, headers: client.unload_model(MODEL, headers=headers),
                    lambda client, headers: client.load_model(MODEL, headers=headers),
                    lambda client, headers: client.update_log_settings({"log_verbose_level": 1}, headers=headers),
-                   lambda client, headers: client.get_log_settings(headers=headers)]
+                   lambda client, headers: client.get_log_settings(headers=headers),
+                   lambda client, headers: client.update_trace_settings(settings={"trace_rate": "1"}, headers=headers),
+                   lambda client, headers: client.get_trace_settings(MODEL, headers=headers)]
         for client, denied, unauthenticated in ((over_grpc, "StatusCode.PERMISSION_DENIED", "StatusCode.UNAUTHENTICATED"),
                                                 (over_http, "403", "401")):
             for change in changes:
@@ -247,6 +249,7 @@ def test_with_admin_tokens_only_an_admin_token_changes_models_or_log_settings(tm
             for headers in (user, admin):  # either token for everything else
                 assert client.get_model_metadata(MODEL, headers=headers)
         assert over_http.get_log_settings(headers=admin)["log_verbose_level"] == 0  # no refused change was made
+        assert over_grpc.get_trace_settings(headers=admin, as_json=True)["settings"]["trace_rate"] == {"value": ["1000"]}
         cli = ("models", "--server", server.target, "--unload", MODEL, "--token")
         refused = run_cli(*cli, "user-s3cret")
         assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr

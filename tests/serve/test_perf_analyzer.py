@@ -14,6 +14,7 @@ import re
 import subprocess
 
 import pytest
+import tritonclient.http as triton_http
 
 from helpers import PERF_ANALYZER, ServerProcess, needs_perf_analyzer
 
@@ -72,3 +73,24 @@ def test_perf_analyzer_measures_the_server(server, digits, tmp_path, protocol):
 def test_perf_analyzer_batches_of_eight(server, digits, tmp_path):
     row = perf_analyzer(server, digits, tmp_path, "-i", "grpc", batch=8)
     assert row["Inferences/Second"] > 0 and row["Server Compute Infer"] > 0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_sets_the_trace_settings_and_the_server_traces_as_they_say(server, digits, tmp_path, protocol):
+    """perf_analyzer's --trace-* options failed at start (UNIMPLEMENTED, 501) before the trace extension."""
+    said = len(server.lines)
+    try:
+        row = perf_analyzer(server, digits, tmp_path, "-i", protocol, "--trace-level", "TIMESTAMPS",
+                            "--trace-rate", "10", "--trace-count", "5")
+    finally:
+        triton_http.InferenceServerClient(server.http_target).update_trace_settings(
+            settings={"trace_level": None, "trace_rate": None, "trace_count": None})
+    assert row["Inferences/Second"] > 0
+    server.wait_for_line("'trace_level': ['OFF']", since=said)  # logged after every trace
+    traces = [json.loads(line.split(" resserve.trace: ", 1)[1]) for line in server.lines[said:]
+              if " resserve.trace: " in line]
+    # perf_analyzer sends its settings three or four times, and may start its requests before the
+    # last is answered; that one starts the count anew (as each update does), so one more may be taken
+    assert 5 <= len(traces) <= 6, "".join(server.lines[said:])[-6000:]
+    assert all(trace["timestamps"][-2]["name"] == "COMPUTE_END" for trace in traces)
+

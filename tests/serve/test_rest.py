@@ -165,8 +165,6 @@ def test_statistics_and_repository_index_over_rest(client, server, mnist):
 
 @pytest.mark.parametrize("ask, extension", [
     (lambda client: client.register_cuda_shared_memory("input", b"handle", 0, 3136), "CUDA shared memory"),
-    (lambda client: client.get_trace_settings(MODEL), "trace"),
-    (lambda client: client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}), "trace"),
 ])
 def test_the_extensions_left_out_say_so_and_name_those_served(client, ask, extension):
     """They were "no such endpoint" over HTTP (perf_analyzer --shared-memory cuda), as over gRPC now."""
@@ -175,7 +173,7 @@ def test_the_extensions_left_out_say_so_and_name_those_served(client, ask, exten
     assert refused.value.status() == "501"
     assert refused.value.message() == (f"Triton's {extension} extension is not supported by resserve (supported "
                                        "extensions: binary_tensor_data, classification, logging, model_configuration, "
-                                       "model_repository, statistics)")
+                                       "model_repository, statistics, trace)")
 
 
 # ----------------------------------------------------------------------------------------------

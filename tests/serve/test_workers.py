@@ -280,11 +280,13 @@ def test_json_logs_are_one_object_a_line_and_name_the_worker():
     assert records[-1]["message"].startswith("stopped; requests answered: 200 1 ")
 
 
-def test_log_settings_changed_through_one_worker_reach_every_worker_and_a_restarted_one():
+def test_log_and_trace_settings_changed_through_one_worker_reach_every_worker_and_a_restarted_one():
     def access_logged_by(lines: list[str]) -> set[int]:
-        """The workers that logged a request answered, as JSON."""
+        """The workers that logged a request answered, and traced one, as JSON."""
         records = [json.loads(line) for line in lines if line.startswith("{")]
-        return {r["worker"] for r in records if r["level"] == "DEBUG" and r["message"].startswith("http kserve ")}
+        answered = {r["worker"] for r in records if r["level"] == "DEBUG" and r["message"].startswith("http kserve ")}
+        traced = {r["worker"] for r in records if r["name"] == "resserve.trace" and "COMPUTE_END" in r["message"]}
+        return answered & traced
 
     def until_logged_by(workers: set[int], since: int) -> None:
         deadline = time.monotonic() + 30
@@ -295,6 +297,9 @@ def test_log_settings_changed_through_one_worker_reach_every_worker_and_a_restar
         changed = triton_http.InferenceServerClient(server.http_target).update_log_settings(
             {"log_verbose_level": 1, "log_format": "json"})  # through one connection: one worker
         assert changed["log_verbose_level"] == 1 and changed["log_format"] == "json"
+        traced = triton_http.InferenceServerClient(server.http_target).update_trace_settings(
+            settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})  # perhaps through the other
+        assert traced["trace_level"] == ["TIMESTAMPS"] and traced["trace_rate"] == "1"
         until_logged_by({1, 2}, since=0)
         restart = len(server.lines)
         kill_and_await_restart(server, 2)

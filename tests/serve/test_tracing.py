@@ -1,0 +1,198 @@
+"""Triton's trace extension: the settings, from both tritonclients on a real server, and the
+traces it logs (one request in trace_rate, at most trace_count, Triton's timestamps in order);
+bad settings refused, nothing changed. The settings' rules alone, without a server, first."""
+
+import json
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from helpers import ServerProcess, triton_infer
+from resserve.serve.errors import InvalidInput
+from resserve.serve.tracing import TraceLevel, Tracer, TraceSetting, TraceSettings
+
+MODEL = "resnet-mnist"
+DEFAULTS = {"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1", "log_frequency": "0",
+            "trace_file": "", "trace_mode": "triton"}
+# Triton's order: the batcher's five between the request's start and end
+TIMESTAMPS = ["REQUEST_START", "QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START",
+              "COMPUTE_END", "REQUEST_END"]
+
+
+# the settings' rules ------------------------------------------------------------------------------
+
+
+def test_a_model_follows_the_server_in_each_setting_it_has_not_set():
+    settings = TraceSettings().updated("", {"trace_level": ["TIMESTAMPS"], "trace_rate": "10"})
+    settings = settings.updated(MODEL, {"trace_rate": ["1"]})  # gRPC's form: a list of strings
+    assert settings.of(MODEL) == TraceSetting(TraceLevel.TIMESTAMPS, rate=1, count=-1)
+    assert settings.of("other") == settings.of("") == TraceSetting(TraceLevel.TIMESTAMPS, rate=10, count=-1)
+    later = settings.updated("", {"trace_level": "OFF"})
+    assert later.of(MODEL).level is TraceLevel.OFF  # still following the server's level
+    cleared = later.updated(MODEL, {"trace_rate": None})
+    assert cleared.models == {} and cleared.of(MODEL) == cleared.of("")
+    assert cleared.updated("", {"trace_rate": None, "trace_level": None}).server == TraceSetting()  # the defaults
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"trace_level": ["TENSORS"]}, "trace_level takes OFF or TIMESTAMPS (resserve traces no tensors)"),
+    ({"trace_level": []}, "trace_level takes OFF or TIMESTAMPS"),
+    ({"trace_rate": "0"}, "trace_rate takes a whole number >= 1, got '0'"),
+    ({"trace_rate": "1.5"}, "trace_rate takes a whole number >= 1"),
+    ({"trace_count": "-2"}, "trace_count takes a whole number >= -1, got '-2'"),
+    ({"trace_count": ["1", "2"]}, "trace_count takes one value, got ['1', '2']"),
+    ({"trace_count": True}, "trace_count takes one value, got True"),
+    ({"trace_rate": "99999999999"}, "trace_rate takes a whole number >= 1"),
+    ({"trace_file": "/etc/passwd"}, "trace_file takes '' only: traces go to the server's log"),
+    ({"log_frequency": "100"}, "log_frequency takes '0' only: each trace is logged as it ends"),
+    ({"trace_mode": "opentelemetry"}, "trace_mode takes 'triton' only"),
+    ({"trace_rate": "1", "trace_sampler": "x"}, "unknown trace setting 'trace_sampler'; resserve's: trace_level, "),
+])
+def test_a_setting_resserve_does_not_take_is_refused_whole(changes, message):
+    with pytest.raises(InvalidInput) as refused:
+        TraceSettings().updated("", changes)
+    assert str(refused.value).startswith(message)
+
+
+def test_one_request_in_rate_is_traced_until_the_count_is_spent_and_each_update_counts_anew():
+    tracer = Tracer()
+    tracer.apply(TraceSettings().updated("", {"trace_level": "TIMESTAMPS", "trace_rate": "3", "trace_count": "2"}))
+    traced = [tracer.start(MODEL, "1", "") is not None for _ in range(9)]
+    assert traced == [True, False, False, True, False, False, False, False, False]
+    assert tracer.current(MODEL).count == 0 and tracer.settings.of(MODEL).count == 2
+    tracer.apply(tracer.settings.updated("", {"trace_count": "2"}))  # the same values again: counted anew
+    assert tracer.current("").count == 2 and tracer.start(MODEL, "1", "") is not None
+    tracer.apply(tracer.settings.updated(MODEL, {"trace_rate": "1", "trace_count": "-1"}))  # a model of its own
+    assert all(tracer.start(MODEL, "1", "") for _ in range(5))
+    assert tracer.start("other", "1", "") is not None and tracer.current("other").count == 1
+
+
+# on a real server ----------------------------------------------------------------------------------
+
+
+def traces(lines: list[str]) -> list[dict]:
+    """The trace records among a text log's lines."""
+    return [json.loads(line.split(" resserve.trace: ", 1)[1]) for line in lines if " resserve.trace: " in line]
+
+
+def logged_since(server, said: int) -> list[dict]:
+    """The traces logged since line ``said``, once every answer given has been logged: the log
+    line of a settings change made now comes after them."""
+    changes = sum("trace settings of the server set" in line for line in server.lines[said:])
+    triton_http.InferenceServerClient(server.http_target).update_trace_settings(settings={"trace_level": ["OFF"]})
+    server.wait_for_line("trace settings of the server set", since=said, count=changes + 1)
+    return traces(server.lines[said:])
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess() as running:
+        yield running
+
+
+@pytest.fixture
+def grpc_client(server):
+    client = triton_grpc.InferenceServerClient(server.target)
+    yield client
+    client.update_trace_settings(MODEL, {"trace_level": None, "trace_rate": None, "trace_count": None})
+    client.update_trace_settings(settings={"trace_level": None, "trace_rate": None, "trace_count": None})
+
+
+def grpc_settings(response: dict) -> dict:
+    """tritonclient.grpc's JSON answer, as the HTTP one has it."""
+    return {name: value["value"] if name == "trace_level" else value["value"][0]
+            for name, value in response["settings"].items()}
+
+
+def test_both_clients_read_the_settings_triton_reports(server, grpc_client):
+    assert grpc_settings(grpc_client.get_trace_settings(as_json=True)) == DEFAULTS
+    assert triton_http.InferenceServerClient(server.http_target).get_trace_settings(MODEL) == DEFAULTS
+    assert "trace" in grpc_client.get_server_metadata().extensions
+
+
+def test_traced_requests_are_logged_with_their_timestamps_in_order_until_the_count_is_spent(server, grpc_client,
+                                                                                             mnist):
+    said = len(server.lines)
+    set_to = grpc_client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "2",
+                                                         "trace_count": "2"}, as_json=True)
+    assert grpc_settings(set_to) == {**DEFAULTS, "trace_level": ["TIMESTAMPS"], "trace_rate": "2", "trace_count": "2"}
+    images = (mnist.test.images[:2, None] / 255.0).astype(np.float32)
+    for number in range(6):
+        triton_infer(grpc_client, images)
+    server.wait_for_line("resserve.trace", since=said, count=2)
+    http = triton_http.InferenceServerClient(server.http_target)
+    assert http.get_trace_settings()["trace_count"] == "0"  # spent: what is left, as Triton says
+    triton_infer(http, images)
+    logged = logged_since(server, said)
+    assert len(logged) == 2 and [t["id"] for t in logged] == sorted(t["id"] for t in logged)
+    for trace in logged:
+        assert (trace["model_name"], trace["model_version"]) == (MODEL, "1") and "error" not in trace
+        assert [stamp["name"] for stamp in trace["timestamps"]] == TIMESTAMPS
+        times = [stamp["ns"] for stamp in trace["timestamps"]]
+        assert times == sorted(times) and times[-1] - times[0] < 10e9
+
+
+def test_a_model_of_its_own_settings_is_traced_apart_and_follows_the_server_once_cleared(server, grpc_client, mnist):
+    http = triton_http.InferenceServerClient(server.http_target)
+    said = len(server.lines)
+    assert http.update_trace_settings(MODEL, {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})["trace_rate"] == "1"
+    assert http.get_trace_settings() == DEFAULTS  # the server's are as they were
+    images = (mnist.test.images[:1, None] / 255.0).astype(np.float32)
+    triton_infer(http, images)
+    triton_infer(grpc_client, images)
+    assert http.update_trace_settings(MODEL, {"trace_level": None, "trace_rate": None}) == DEFAULTS
+    triton_infer(http, images)
+    assert len(logged_since(server, said)) == 2
+
+
+def test_a_failed_request_is_traced_with_its_error(server, grpc_client):
+    said = len(server.lines)
+    grpc_client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
+    request = triton_grpc.InferInput("input", [1, 1, 28, 28], "UINT8")
+    request.set_data_from_numpy(np.full((1, 1, 28, 28), 7, np.uint8))
+    wrong = triton_grpc.InferRequestedOutput("no-such-output")
+    with pytest.raises(InferenceServerException, match="unknown output 'no-such-output'"):
+        grpc_client.infer(MODEL, [request], outputs=[wrong], request_id="bad-1")
+    (trace,) = traces([server.wait_for_line("resserve.trace", since=said)])
+    assert trace["request_id"] == "bad-1" and trace["error"].startswith("unknown output 'no-such-output'")
+    assert [stamp["name"] for stamp in trace["timestamps"]] == ["REQUEST_START", "REQUEST_END"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"trace_level": ["TENSORS"]}, "trace_level takes OFF or TIMESTAMPS"),
+    ({"trace_file": "/tmp/trace.json"}, "trace_file takes '' only"),
+    ({"trace_rate": "1", "log_frequency": "10"}, "log_frequency takes '0' only"),
+])
+def test_a_bad_setting_is_refused_and_changes_nothing(server, grpc_client, settings, message):
+    with pytest.raises(InferenceServerException) as refused:
+        grpc_client.update_trace_settings(settings=settings)
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and message in refused.value.message()
+    http = triton_http.InferenceServerClient(server.http_target)
+    with pytest.raises(InferenceServerException) as refused:
+        http.update_trace_settings(settings=settings)
+    assert refused.value.status() == "400" and message in refused.value.message()
+    assert http.get_trace_settings() == DEFAULTS
+
+
+def test_a_model_the_server_does_not_have_is_not_found(server, grpc_client):
+    with pytest.raises(InferenceServerException) as refused:
+        grpc_client.update_trace_settings("no-such-model", {"trace_rate": "1"})
+    assert refused.value.status() == "StatusCode.NOT_FOUND" and "no-such-model" in refused.value.message()
+    with pytest.raises(InferenceServerException) as refused:
+        triton_http.InferenceServerClient(server.http_target).get_trace_settings("no-such-model")
+    assert refused.value.status() == "404"
+
+
+def test_a_malformed_http_body_is_400(server):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{server.url}/v2/trace/setting", data=b"[1, 2]", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 400
+    assert json.loads(refused.value.read()) == {
+        "error": 'the request must be a JSON object of trace settings, such as {"trace_rate": "1"}'}
