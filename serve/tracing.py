@@ -3,9 +3,9 @@
 tritonclient's ``update_trace_settings`` change while the server runs.
 
 One request in ``trace_rate`` (the first after an update, then every rate-th), at most
-``trace_count`` of them (-1: no limit; each update starts the count anew), is traced at level TIMESTAMPS: when it started, was
-queued, computed (Triton's three compute phases: gathering its batch's inputs, inference,
-splitting the outputs) and ended. Each trace is one line of the server's log (logger
+``trace_count`` of them (-1: no limit; each update starts the count anew), is traced at level
+TIMESTAMPS: when it started, was queued, computed (Triton's three compute phases: gathering its
+batch's inputs, inference, splitting the outputs) and ended. Each trace is one line of the server's log (logger
 ``resserve.trace``, at INFO) holding Triton's trace record as JSON, and, in JSON logs, a
 ``trace`` field: like the logs, traces go to stderr only, never to a file a client names.
 
@@ -182,7 +182,9 @@ class Tracer:
         self._samplers: dict[str, _Sampler] = {}
 
     def apply(self, settings: TraceSettings) -> None:
-        """Trace as ``settings`` say from now on, every scope counting its requests and traces anew."""
+        """Trace as ``settings`` say from now on, every scope counting its requests and traces anew;
+        unless they are those in use (under --workers, the worker an update came through hears it
+        back from the supervisor: it has started counting already)."""
         if settings != self.settings:
             self._samplers.clear()
         self.settings = settings

@@ -507,7 +507,7 @@ def test_bytes_that_are_no_request_message_are_invalid_argument_without_a_traceb
 def test_unimplemented_rpcs_say_so_without_a_traceback_in_the_log(server):
     client = triton.InferenceServerClient(server.target)
     with pytest.raises(triton.InferenceServerException) as info:
-        client.register_cuda_shared_memory("input", b"handle", 0, 3136)
+        client.register_cuda_shared_memory("input", b"aGFuZGxl", 0, 3136)
     assert info.value.status() == "StatusCode.UNIMPLEMENTED"
     assert info.value.message().startswith("CudaSharedMemoryRegister is not supported by resserve (supported "
                                            "extensions: binary_tensor_data, ")

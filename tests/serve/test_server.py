@@ -513,7 +513,7 @@ def test_grpc_calls_are_counted_by_api_with_inference_apart(server, mnist):
     client.get_model_metadata(MODEL)
     client.get_model_repository_index()
     with pytest.raises(InferenceServerException, match="UNIMPLEMENTED"):
-        client.register_cuda_shared_memory("input", b"handle", 0, 3136)
+        client.register_cuda_shared_memory("input", b"aGFuZGxl", 0, 3136)
     infer(client, as_input(mnist.test.images[:1]))
     after = server.metrics()
     for api, code, model in (("kserve_metadata", "OK", MODEL), ("kserve_repository", "OK", ""),

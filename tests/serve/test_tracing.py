@@ -2,12 +2,16 @@
 traces it logs (one request in trace_rate, at most trace_count, Triton's timestamps in order);
 bad settings refused, nothing changed. The settings' rules alone, without a server, first."""
 
+import io
 import json
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from helpers import ServerProcess, triton_infer
@@ -148,6 +152,19 @@ def test_a_model_of_its_own_settings_is_traced_apart_and_follows_the_server_once
     assert len(logged_since(server, said)) == 2
 
 
+def test_the_classify_api_is_traced_too(server, grpc_client, mnist):
+    said = len(server.lines)
+    grpc_client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
+    png = io.BytesIO()
+    Image.fromarray(255 - mnist.test.images[0]).save(png, format="PNG")  # dark ink on white paper
+    request = urllib.request.Request(f"{server.url}/v1/classify", data=png.getvalue(),
+                                     headers={"Content-Type": "image/png"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+    (trace,) = logged_since(server, said)
+    assert trace["model_name"] == MODEL and [stamp["name"] for stamp in trace["timestamps"]] == TIMESTAMPS
+
+
 def test_a_failed_request_is_traced_with_its_error(server, grpc_client):
     said = len(server.lines)
     grpc_client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
@@ -187,9 +204,6 @@ def test_a_model_the_server_does_not_have_is_not_found(server, grpc_client):
 
 
 def test_a_malformed_http_body_is_400(server):
-    import urllib.error
-    import urllib.request
-
     request = urllib.request.Request(f"{server.url}/v2/trace/setting", data=b"[1, 2]", method="POST")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
