@@ -285,7 +285,8 @@ def test_log_and_trace_settings_changed_through_one_worker_reach_every_worker_an
         """The workers that logged a request answered, and traced one, as JSON."""
         records = [json.loads(line) for line in lines if line.startswith("{")]
         answered = {r["worker"] for r in records if r["level"] == "DEBUG" and r["message"].startswith("http kserve ")}
-        traced = {r["worker"] for r in records if r["name"] == "resserve.trace" and "COMPUTE_END" in r["message"]}
+        traced = {r["worker"] for r in records  # a trace's record is a field of its JSON line too
+                  if r["name"] == "resserve.trace" and r["trace"]["timestamps"][-2]["name"] == "COMPUTE_END"}
         return answered & traced
 
     def until_logged_by(workers: set[int], since: int) -> None:
