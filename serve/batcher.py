@@ -25,14 +25,13 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
 from resserve.serve.aio import set_within
 from resserve.serve.backends.base import Outputs, infer_in_chunks
 from resserve.serve.errors import SHUTTING_DOWN_MESSAGE, DeadlineExpired, QueueFull, ShuttingDown
-from resserve.serve.tracing import Trace
 
 
 @dataclass
@@ -47,12 +46,18 @@ class BatchStats:
     output_seconds: float
 
 
+class BatchTimes(Protocol):
+    """What is told the times of a request's batch (a trace of it: serve/tracing.py)."""
+
+    def computed(self, queued: float, started: float, gathered: float, inferred: float, ended: float) -> None: ...
+
+
 @dataclass
 class _Pending:
     inputs: np.ndarray  # float32 [n,1,28,28]
     future: asyncio.Future
     deadline: float | None  # time.monotonic() value, or None for no deadline
-    trace: Trace | None = None  # told its batch's times, if the request is traced
+    trace: BatchTimes | None = None  # told its batch's times, if the request is traced
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -136,7 +141,7 @@ class DynamicBatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
 
-    async def submit(self, inputs: np.ndarray, deadline: float | None = None, trace: Trace | None = None) -> Outputs:
+    async def submit(self, inputs: np.ndarray, deadline: float | None = None, trace: BatchTimes | None = None) -> Outputs:
         """Queue ``inputs`` [n,1,28,28] and wait for their outputs ({name: [n,...]})."""
         if self._closed:
             raise ShuttingDown("the server is shutting down")

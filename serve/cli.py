@@ -17,8 +17,8 @@ from resserve.serve.batcher import DEFAULT_MAX_BATCH_SIZE, BatchingConfig
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable
 from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice,
-                                     ConvSearch, Device, LogFormat, LogLevel, Precision, ServerSettings, parse_auto,
-                                     parse_buckets, parse_max_batch_size, parse_workers)
+                                     ConvSearch, Device, LogFormat, LogLevel, Precision, ServerSettings, TraceLevel,
+                                     parse_auto, parse_buckets, parse_max_batch_size, parse_workers)
 
 if TYPE_CHECKING:
     from resserve.serve.bench.clients import Level
@@ -139,6 +139,14 @@ def serve(
     log_format: Annotated[str, typer.Option(envvar=_env("LOG_FORMAT"),
         help=f"{LogFormat.listing()}. json: one JSON object a line (level, name, message, timestamp; worker under "
         "--workers), for log collectors.")] = ServerSettings.log_format.value,
+    trace_level: Annotated[str, typer.Option(envvar=_env("TRACE_LEVEL"),
+        help=f"{TraceLevel.listing()}: Triton's request traces; TIMESTAMPS logs the requests sampled (--trace-rate) "
+        "with when each was queued and computed, one line each. Clients may change it while the server runs "
+        "(Triton's trace extension).")] = ServerSettings.trace_level.value,
+    trace_rate: Annotated[int, typer.Option(envvar=_env("TRACE_RATE"),
+        help="With --trace-level TIMESTAMPS, one request in this many is traced.")] = ServerSettings.trace_rate,
+    trace_count: Annotated[int, typer.Option(envvar=_env("TRACE_COUNT"),
+        help="Traces to take at most; -1: no limit.")] = ServerSettings.trace_count,
 ) -> None:
     """Serve digit classification over gRPC and HTTP.
 
@@ -171,7 +179,8 @@ def serve(
         max_connections=parse_auto(max_connections, "--max-connections", "connections"),
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, token_file=token_file,
         admin_token_file=admin_token_file, allow_client_shm=allow_client_shm,
-        log_level=log_level, log_format=log_format)
+        log_level=log_level, log_format=log_format, trace_level=trace_level, trace_rate=trace_rate,
+        trace_count=trace_count)
     if settings.workers > 1:
         supervise(settings)
     else:

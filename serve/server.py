@@ -50,6 +50,7 @@ from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerS
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from resserve.serve.rotation import ROTATION_CHECK_SECONDS
 from resserve.serve.tls import CertificateRotation
+from resserve.serve.tracing import TraceSettings
 from resserve.serve.watchdog import WatchedInferenceThread
 
 log = logging.getLogger("resserve.serve")
@@ -344,4 +345,5 @@ async def serve(settings: ServerSettings, coordinator: Coordinator | None = None
 def run_server(settings: ServerSettings) -> None:
     """Serve until SIGTERM/SIGINT, then drain and exit 0."""
     configure_logging(LogSettings.of(settings))
+    TraceSettings.at_start(settings).apply()
     asyncio.run(serve(settings))

@@ -82,6 +82,13 @@ class LogLevel(Choice):
     ERROR = "error"
 
 
+class TraceLevel(Choice):
+    """Triton's trace levels that resserve has (serve/tracing.py): no TENSORS."""
+
+    OFF = "OFF"
+    TIMESTAMPS = "TIMESTAMPS"
+
+
 class LogFormat(Choice):
     TEXT = "text"  # for people: time, level, logger, message
     JSON = "json"  # one JSON object a line, for log collectors (serve/logs.py)
@@ -192,6 +199,10 @@ class ServerSettings:
     reuse_port: bool = False  # set by the supervisor for its workers: they listen on shared ports
     log_level: LogLevel = LogLevel.INFO
     log_format: LogFormat = LogFormat.TEXT
+    # Triton's trace settings at start (serve/tracing.py); clients may change them while it serves
+    trace_level: TraceLevel = TraceLevel.OFF
+    trace_rate: int = 1000  # one request in this many is traced
+    trace_count: int = -1  # traces to take at most; -1: no limit
 
     @property
     def inference_threads(self) -> int:
@@ -207,7 +218,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         """Choices given as strings become their enums, and every setting is checked: once, here."""
         for name, choice in (("device", Device), ("backend", BackendChoice), ("precision", Precision),
-                             ("cuda_conv_search", ConvSearch), ("log_level", LogLevel), ("log_format", LogFormat)):
+                             ("cuda_conv_search", ConvSearch), ("log_level", LogLevel), ("log_format", LogFormat),
+                             ("trace_level", TraceLevel)):
             object.__setattr__(self, name, choice.parse(getattr(self, name), f"--{name.replace('_', '-')}"))
         self._validate()
 
@@ -246,6 +258,8 @@ class ServerSettings:
              "--batch-timeout must be 0 (never) or at least 1 second (and finite)"),
             (1 <= self.workers <= MAX_WORKERS, f"--workers must be auto or 1-{MAX_WORKERS}"),
             (self.max_connections is None or self.max_connections >= 1, "--max-connections must be auto or >= 1"),
+            (1 <= self.trace_rate < 2**31, "--trace-rate must be >= 1 (one request in that many is traced)"),
+            (-1 <= self.trace_count < 2**31, "--trace-count must be -1 (no limit) or >= 0"),
             *self._runtime_checks(),
         ]
         for ok, message in checks:

@@ -23,18 +23,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, fields, replace
-from enum import StrEnum
 from typing import Mapping
 
 from resserve.serve.errors import InvalidInput
+from resserve.serve.settings import ServerSettings, TraceLevel
 
 TraceValue = str | int | list[str]  # as clients send a setting: strings (both protocols), a list for levels
 log = logging.getLogger("resserve.trace")
-
-
-class TraceLevel(StrEnum):
-    OFF = "OFF"
-    TIMESTAMPS = "TIMESTAMPS"
 
 
 @dataclass(frozen=True)
@@ -70,6 +65,13 @@ class TraceSettings:
     server: TraceSetting = TraceSetting()
     models: Mapping[str, TraceSetting] = field(default_factory=dict)  # model name -> the fields it sets
     updates: int = 0  # how many were made: each starts every count anew, the same values given again too
+    startup: TraceSetting = TraceSetting()  # the server's at start: what a setting cleared goes back to
+
+    @classmethod
+    def at_start(cls, settings: ServerSettings) -> TraceSettings:
+        """The settings ``--trace-level``, ``--trace-rate`` and ``--trace-count`` start a server with."""
+        server = TraceSetting(settings.trace_level, settings.trace_rate, settings.trace_count)
+        return cls(server=server, startup=server)
 
     def of(self, model: str) -> TraceSetting:
         """The settings ``model`` ("": the server) traces by."""
@@ -77,10 +79,10 @@ class TraceSettings:
 
     def updated(self, model: str, changes: Mapping[str, TraceValue | None]) -> TraceSettings:
         """These settings with ``changes`` made to ``model``'s ("": the server's); a change to
-        None clears the setting (a model's then follows the server's; the server's is the
-        default again). InvalidInput for a name or value resserve does not take, before anything changes."""
+        None clears the setting (a model's then follows the server's; the server's is as the
+        server started). InvalidInput for a name or value resserve does not take, before anything changes."""
         scope = self.models.get(model, MODEL_DEFAULTS) if model else self.server
-        defaults = MODEL_DEFAULTS if model else TraceSetting()
+        defaults = MODEL_DEFAULTS if model else self.startup
         scope = replace(scope, **{FIELDS[name]: _parsed(name, value) if value is not None
                                   else getattr(defaults, FIELDS[name]) for name, value in _known(changes).items()})
         if not model:
@@ -109,9 +111,9 @@ def _known(changes: Mapping[str, TraceValue | None]) -> dict[str, TraceValue | N
 def _parsed(name: str, value: TraceValue) -> TraceLevel | int:
     if name == "trace_level":
         levels = set(value) if isinstance(value, list) else {value}
-        if not levels or not levels <= set(TraceLevel):
+        if not levels or not levels <= {level.value for level in TraceLevel}:
             raise InvalidInput(f"trace_level takes OFF or TIMESTAMPS (resserve traces no tensors), got {value!r}"[:300])
-        return TraceLevel.TIMESTAMPS if TraceLevel.TIMESTAMPS in levels else TraceLevel.OFF
+        return TraceLevel.TIMESTAMPS if TraceLevel.TIMESTAMPS.value in levels else TraceLevel.OFF
     text = _one(name, value)
     lowest = 1 if name == "trace_rate" else -1
     if not text.lstrip("-").isdigit() or not lowest <= int(text) < 2**31:

@@ -92,6 +92,9 @@ def test_root_help_lists_the_commands():
      "export` makes one of a checkpoint"),
     (["serve", "--log-format", "yaml"], "--log-format must be one of text, json, got 'yaml'"),
     (["serve", "--log-level", "verbose"], "--log-level must be one of debug, info, warning, error, got 'verbose'"),
+    (["serve", "--trace-level", "TENSORS"], "--trace-level must be one of OFF, TIMESTAMPS, got 'TENSORS'"),
+    (["serve", "--trace-rate", "0"], "--trace-rate must be >= 1 (one request in that many is traced)"),
+    (["serve", "--trace-count", "-2"], "--trace-count must be -1 (no limit) or >= 0"),
     (["serve", "--max-batch-size", "32", "--batch-buckets", "1,64"], "--batch-buckets must be sizes >= 1 whose largest"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(args, message):

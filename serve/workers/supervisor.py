@@ -93,7 +93,7 @@ class Supervisor:
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry)
         self.logs = LogSettings.of(settings)  # as the workers are to log ...
-        self.traces = TraceSettings()  # ... and trace
+        self.traces = TraceSettings.at_start(settings)  # ... and trace
         self.unloaded: frozenset[str] = frozenset()  # models the workers are not to load
         self.regions: dict[str, Region] = {}  # shared memory regions registered through the API
         self.turn: Worker | None = None  # the worker making a change now (models, shared memory regions)

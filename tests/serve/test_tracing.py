@@ -203,6 +203,21 @@ def test_a_model_the_server_does_not_have_is_not_found(server, grpc_client):
     assert refused.value.status() == "404"
 
 
+def test_a_server_traces_from_its_start_as_its_flags_say_and_goes_back_to_them(mnist):
+    """--trace-level and --trace-rate (RESSERVE_TRACE_COUNT from the environment): a deployment's
+    pods trace without a call to each; a setting cleared through the API goes back to the flag's."""
+    with ServerProcess("--trace-level", "TIMESTAMPS", "--trace-rate", "2", env={"RESSERVE_TRACE_COUNT": "5"}) as traced:
+        http = triton_http.InferenceServerClient(traced.http_target)
+        started = {**DEFAULTS, "trace_level": ["TIMESTAMPS"], "trace_rate": "2", "trace_count": "5"}
+        assert http.get_trace_settings() == started
+        for _ in range(3):
+            triton_infer(http, (mnist.test.images[:1, None] / 255.0).astype(np.float32))
+        assert http.get_trace_settings()["trace_count"] == "3"  # the first and the third
+        assert http.update_trace_settings(settings={"trace_rate": "7"})["trace_rate"] == "7"
+        assert http.update_trace_settings(settings={"trace_rate": None, "trace_count": None}) == started
+        assert len(logged_since(traced, 0)) == 2
+
+
 def test_a_malformed_http_body_is_400(server):
     request = urllib.request.Request(f"{server.url}/v2/trace/setting", data=b"[1, 2]", method="POST")
     with pytest.raises(urllib.error.HTTPError) as refused:
