@@ -141,8 +141,10 @@ class DynamicBatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
 
-    async def submit(self, inputs: np.ndarray, deadline: float | None = None, trace: BatchTimes | None = None) -> Outputs:
-        """Queue ``inputs`` [n,1,28,28] and wait for their outputs ({name: [n,...]})."""
+    async def submit(self, inputs: np.ndarray, deadline: float | None = None,
+                     trace: BatchTimes | None = None) -> Outputs:
+        """Queue ``inputs`` [n,1,28,28] and wait for their outputs ({name: [n,...]}); ``trace``
+        is told their batch's times."""
         if self._closed:
             raise ShuttingDown("the server is shutting down")
         if len(self._queue) >= self.config.max_queue_size:

@@ -5,9 +5,10 @@ tritonclient's ``update_trace_settings`` change while the server runs.
 One request in ``trace_rate`` (the first after an update, then every rate-th), at most
 ``trace_count`` of them (-1: no limit; each update starts the count anew), is traced at level
 TIMESTAMPS: when it started, was queued, computed (Triton's three compute phases: gathering its
-batch's inputs, inference, splitting the outputs) and ended. Each trace is one line of the server's log (logger
-``resserve.trace``, at INFO) holding Triton's trace record as JSON, and, in JSON logs, a
-``trace`` field: like the logs, traces go to stderr only, never to a file a client names.
+batch's inputs, inference, splitting the outputs) and ended. Each trace is one line of the
+server's log (logger ``resserve.trace``, at INFO) holding Triton's trace record as JSON, and, in
+JSON logs, a ``trace`` field: like the logs, traces go to stderr only, never to a file a client
+names. The server starts with ``--trace-level``, ``--trace-rate`` and ``--trace-count``.
 
 The settings are the server's, and a model's own where set (a model follows the server's in
 each setting it has not set); a model with settings of its own counts its requests and traces

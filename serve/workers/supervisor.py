@@ -123,8 +123,8 @@ class Supervisor:
     def _start(self, index: int) -> None:
         parent_end, child_end = self.context.Pipe()
         process = self.context.Process(target=worker_main,
-                                       args=(self.worker_settings, index, child_end, self.logs, self.traces, self.unloaded,
-                                             tuple(self.regions.values())),
+                                       args=(self.worker_settings, index, child_end, self.logs, self.traces,
+                                             self.unloaded, tuple(self.regions.values())),
                                        name=f"resserve-worker-{index}", daemon=False)
         process.start()
         child_end.close()

@@ -249,7 +249,8 @@ def test_with_admin_tokens_only_an_admin_token_changes_models_or_log_settings(tm
             for headers in (user, admin):  # either token for everything else
                 assert client.get_model_metadata(MODEL, headers=headers)
         assert over_http.get_log_settings(headers=admin)["log_verbose_level"] == 0  # no refused change was made
-        assert over_grpc.get_trace_settings(headers=admin, as_json=True)["settings"]["trace_rate"] == {"value": ["1000"]}
+        trace_settings = over_grpc.get_trace_settings(headers=admin, as_json=True)["settings"]
+        assert trace_settings["trace_rate"] == {"value": ["1000"]}
         cli = ("models", "--server", server.target, "--unload", MODEL, "--token")
         refused = run_cli(*cli, "user-s3cret")
         assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr
