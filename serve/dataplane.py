@@ -279,6 +279,9 @@ def traced(model: ServedModel, request_id: str = "") -> Iterator[Trace | None]:
     error = ""
     try:
         yield trace
+    except asyncio.CancelledError:
+        error = "cancelled: the client went away, or its deadline passed"
+        raise
     except BaseException as exc:
         error = str(exc) or type(exc).__name__
         raise
