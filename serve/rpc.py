@@ -15,8 +15,9 @@ import functools
 import inspect
 import time
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Awaitable, Callable, NoReturn, TypeVar
+from typing import Awaitable, Callable, Iterator, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -44,20 +45,26 @@ def peer_host(peer: str) -> str | None:
     return None
 
 
+@contextmanager
+def unless_ended(what: str) -> Iterator[None]:
+    """Send ``what`` within: when gRPC core has just ended the call (its deadline passed, or the
+    client went away), the send fails (ExecuteBatchError, an InternalError), and grpc.aio, when its
+    notice of the end comes later, logs that failure with a traceback; a stream's answering task
+    ended with it, which no one awaited any more. The client has its status or is gone, so the
+    sender ends as one whose client went away: cancelled, with a debug line."""
+    try:
+        yield
+    except grpc.aio.InternalError as exc:
+        log.debug("the call ended (deadline, or the client went away) before %s could be sent", what)
+        raise asyncio.CancelledError from exc
+
+
 async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     """End the call with ``code`` and ``message`` (``context.abort``), also when gRPC core has just
-    ended it: a deadline that passes as the server answers, the server's own deadline check most
-    often, makes sending the status fail, and grpc.aio, when its notice of the end comes later,
-    logs that failure (ExecuteBatchError) with a traceback. The client has its DEADLINE_EXCEEDED
-    or is gone, so the handler ends as one whose client went away: cancelled, with a debug line."""
-    try:
+    ended it (a deadline that passes as the server answers, the server's own deadline check most
+    often): then as ``unless_ended`` says."""
+    with unless_ended(f"its status {code.name}"):
         await context.abort(code, message)
-    except grpc.aio.AbortError:
-        raise
-    except grpc.aio.InternalError as exc:  # ExecuteBatchError: core refused the status
-        log.debug("the call ended (deadline, or the client went away) before its status %s could be sent",
-                  code.name)
-        raise asyncio.CancelledError from exc
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from resserve.serve.rpc import Malformed, answer
+from resserve.serve.rpc import Malformed, answer, unless_ended
 from resserve.serve.state import ServerState
 from resserve.serve.stubs import grpc_service_pb2 as pb
 
@@ -79,8 +79,7 @@ class InferStream:
         try:
             while (request := await self.context.read()) is not grpc.aio.EOF:
                 if isinstance(request, Malformed):  # answered at once; the stream carries on
-                    async with self.writing:
-                        await self.context.write(pb.ModelStreamInferResponse(error_message=request.reason))
+                    await self._write(pb.ModelStreamInferResponse(error_message=request.reason))
                     continue
                 size = request.ByteSize()
                 await self.window.acquire(size)
@@ -94,11 +93,14 @@ class InferStream:
 
     async def _answer(self, request: pb.ModelInferRequest, size: int) -> None:
         try:
-            response = await self._response(request)
-            async with self.writing:
-                await self.context.write(response)
+            await self._write(await self._response(request))
         finally:
             await self.window.release(size)
+
+    async def _write(self, response: pb.ModelStreamInferResponse) -> None:
+        async with self.writing:
+            with unless_ended("a stream's answer"):
+                await self.context.write(response)
 
     async def _response(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         model = self.state.model_label("kserve_stream", request.model_name)
