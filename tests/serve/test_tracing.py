@@ -124,7 +124,7 @@ def test_traced_requests_are_logged_with_their_timestamps_in_order_until_the_cou
                                                          "trace_count": "2"}, as_json=True)
     assert grpc_settings(set_to) == {**DEFAULTS, "trace_level": ["TIMESTAMPS"], "trace_rate": "2", "trace_count": "2"}
     images = (mnist.test.images[:2, None] / 255.0).astype(np.float32)
-    for number in range(6):
+    for _ in range(6):
         triton_infer(grpc_client, images)
     server.wait_for_line("resserve.trace", since=said, count=2)
     http = triton_http.InferenceServerClient(server.http_target)
