@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import Executor
+from typing import Callable
 
 from resserve.serve.errors import ModelNotFound
 from resserve.serve.repository import ServedModel, load_repository, read_packages
@@ -42,12 +43,17 @@ class ModelControl:
         """Stop serving the model called ``name`` (every version), in every worker."""
         await asyncio.shield(self._change("unload", name))
 
-    async def follow(self, action: ModelAction, name: str) -> None:
-        """A change made through another worker, made here too; a failure is this worker's to log."""
+    async def follow(self, action: ModelAction, name: str, made: Callable[[], None]) -> None:
+        """A change made through another worker, made here too (a failure is this worker's to
+        log); ``made()`` once it serves so, before the versions replaced finish what they took."""
+        replaced: list[ServedModel] = []
         try:
-            await self._retire(await self._make(action, name))
-        except Exception as exc:  # noqa: BLE001 - the client was answered by the other worker
+            replaced = await self._make(action, name)
+        except Exception as exc:  # noqa: BLE001 - the other worker answers its client
             log.error("%s of model %s, made through another worker, failed here: %s", action, name, exc)
+        finally:
+            made()
+        await self._retire(replaced)
 
     async def _change(self, action: ModelAction, name: str) -> None:
         replaced = await self.state.peers.change_model(action, name, lambda: self._make(action, name))

@@ -293,15 +293,19 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str) -> None:
     log.info("metrics on http://%s/metrics", host_port(host, port))
 
 
+Follow = Callable[[ModelAction, str, Callable[[], None]], Awaitable[None]]  # ModelControl.follow
+
+
 class Coordinator(Peers, Protocol):
     """What a worker reports to the supervisor that runs it (serve/workers/worker.py), and hears from it."""
 
     unloaded: frozenset[str]  # models unloaded through the API before this worker started: not to load
 
-    async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]], shared_memory: SharedMemory) -> None:
+    async def loaded(self, follow: Follow, shared_memory: SharedMemory) -> None:
         """Models loaded and warmed; returns when every worker has loaded (time to listen). From
-        then on, ``follow(action, name)`` makes the model changes made through other workers, and
-        the shared memory regions registered through them are registered in ``shared_memory``."""
+        then on, ``follow(action, name, made)`` makes the model changes made through other workers
+        (calling ``made()`` once made), and the shared memory regions registered through them are
+        registered in ``shared_memory``."""
 
     def ready(self) -> None:
         """Listening and ready."""

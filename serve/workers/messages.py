@@ -1,9 +1,10 @@
 """What the supervisor and a worker say to each other over the worker's pipe.
 
 Worker to supervisor: ``Loaded``, ``Ready``, ``Failed``, ``Stopped``, ``SettingsChanged``,
-``TurnWanted``, ``TurnOver`` (with the change made in the turn). Supervisor to worker: ``Listen``,
-``SettingsChanged``, ``Turn``, and each ``Change`` made through another worker: a
-``ModelChange``, ``RegionRegistered`` or ``RegionUnregistered``. Each is pickled by the pipe, so both
+``TurnWanted``, ``TurnOver`` (with the change made in the turn), ``Followed`` (a change made
+through another worker made here too). Supervisor to worker: ``Listen``, ``SettingsChanged``,
+``Turn``, ``MadeEverywhere`` (the change of its turn), and each ``Change`` made through another
+worker: a ``ModelChange``, ``RegionRegistered`` or ``RegionUnregistered``. Each is pickled by the pipe, so both
 sides read the same types, never a tuple of strings.
 """
 
@@ -95,5 +96,17 @@ class TurnOver:
     made: Change | None
 
 
-ToSupervisor = Loaded | Ready | Failed | Stopped | SettingsChanged | TurnWanted | TurnOver
-ToWorker = Listen | SettingsChanged | Change | Turn
+@dataclass(frozen=True)
+class Followed:
+    """The ``change`` made through another worker is made here too (or failed here, and said so)."""
+
+    change: Change
+
+
+@dataclass(frozen=True)
+class MadeEverywhere:
+    """The change of this worker's turn is made in every worker that serves: its client may be answered."""
+
+
+ToSupervisor = Loaded | Ready | Failed | Stopped | SettingsChanged | TurnWanted | TurnOver | Followed
+ToWorker = Listen | SettingsChanged | Change | Turn | MadeEverywhere

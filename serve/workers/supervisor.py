@@ -33,9 +33,9 @@ from resserve.serve.sharedmemory import Region
 from resserve.serve.state import SharedSettings
 from resserve.serve.tls import ssl_context, tls_files
 from resserve.serve.tracing import TraceSettings
-from resserve.serve.workers.messages import (Change, Failed, Listen, Loaded, ModelChange, Ready, RegionRegistered,
-                                             RegionUnregistered, SettingsChanged, Stopped, ToSupervisor, ToWorker,
-                                             Turn, TurnOver, TurnWanted)
+from resserve.serve.workers.messages import (Change, Failed, Followed, Listen, Loaded, MadeEverywhere, ModelChange,
+                                             Ready, RegionRegistered, RegionUnregistered, SettingsChanged, Stopped,
+                                             ToSupervisor, ToWorker, Turn, TurnOver, TurnWanted)
 from resserve.serve.workers.worker import worker_main
 
 log = logging.getLogger("resserve.serve")
@@ -98,6 +98,8 @@ class Supervisor:
         self.regions: dict[str, Region] = {}  # shared memory regions registered through the API
         self.turn: Worker | None = None  # the worker making a change now (models, shared memory regions)
         self.waiting_turns: deque[Worker] = deque()  # workers waiting for their turn to make one
+        self.passing_on: Change | None = None  # the change of the turn, being made in the other workers
+        self.following: set[int] = set()  # the workers yet to make it
 
     # startup ----------------------------------------------------------------------------------
 
@@ -234,6 +236,9 @@ class Supervisor:
                 self._give_turn()
             case TurnOver(made):
                 self._changed(worker, made)
+            case Followed(change) if change == self.passing_on:
+                self.following.discard(worker.index)
+                self._made_when_followed()
 
     def _share_settings(self, settings: SharedSettings) -> None:
         """Log or trace settings changed through one worker's API (which logged it): every worker
@@ -249,11 +254,10 @@ class Supervisor:
     def _changed(self, worker: Worker, made: Change | None) -> None:
         """``worker``'s turn is over, with a model loaded or unloaded or a shared memory region
         registered or unregistered through its API (which has made the change), or nothing made (it
-        failed there). Every other worker makes the change too, before the next turn is given, and
-        the workers started from now on start with it (without the models unloaded, with the
-        regions registered)."""
-        if self.turn is worker:
-            self.turn = None
+        failed there). Every other worker makes the change too, before the next turn is given (those
+        still loading take it before they listen, and are not waited for), and the workers started
+        from now on start with it (without the models unloaded, with the regions registered)."""
+        self.turn = worker
         match made:
             case ModelChange(action, name):
                 self.unloaded = self.unloaded - {name} if action == "load" else self.unloaded | {name}
@@ -261,8 +265,22 @@ class Supervisor:
                 self.regions[region.name] = region
             case RegionUnregistered(name):
                 self.regions = {n: r for n, r in self.regions.items() if name and n != name}
-        if made is not None:
-            self._tell([w for w in self.workers.values() if w is not worker], made)
+        if made is None:
+            self.turn = None
+            self._give_turn()
+            return
+        others = [w for w in self.workers.values() if w is not worker and w.process.is_alive()]
+        self._tell(others, made)
+        self.passing_on, self.following = made, {w.index for w in others if w.state is not WorkerState.LOADING}
+        self._made_when_followed()
+
+    def _made_when_followed(self) -> None:
+        """Once every worker that serves has made the change passed on, the worker it came through
+        answers its client, and the next turn may go."""
+        if self.passing_on is None or self.following:
+            return
+        self._tell([self.turn], MadeEverywhere())  # gone, if it died meanwhile: nothing to tell
+        self.passing_on, self.turn = None, None
         self._give_turn()
 
     def _give_turn(self) -> None:
@@ -309,9 +327,11 @@ class Supervisor:
         self.backoff[worker.index] = delay
         worker.state = WorkerState.STOPPED
         self._count_ready()
-        if self.turn is worker:  # it died changing models: the next may go
+        if self.turn is worker and self.passing_on is None:  # it died changing models: the next may go
             self.turn = None
             self._give_turn()
+        self.following.discard(worker.index)  # a worker restarted starts with every change made
+        self._made_when_followed()
         self.restart_at[worker.index] = time.monotonic() + delay
         log.warning("worker %d (pid %d) exited with code %s; restarting it in %.1f s", worker.index,
                     worker.process.pid, code, delay)

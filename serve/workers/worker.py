@@ -15,14 +15,14 @@ from typing import Awaitable, Callable
 
 from resserve.serve.errors import ResserveError, ShuttingDown
 from resserve.serve.logs import LogSettings, configure_logging
-from resserve.serve.server import answer_counts, serve
+from resserve.serve.server import Follow, answer_counts, serve
 from resserve.serve.settings import ServerSettings
 from resserve.serve.sharedmemory import Region, SharedMemory
 from resserve.serve.state import ModelAction, SharedSettings, T
 from resserve.serve.tracing import TraceSettings
-from resserve.serve.workers.messages import (Change, Failed, Listen, Loaded, ModelChange, Ready, RegionRegistered,
-                                             RegionUnregistered, SettingsChanged, Stopped, ToSupervisor, ToWorker,
-                                             Turn, TurnOver, TurnWanted)
+from resserve.serve.workers.messages import (Change, Failed, Followed, Listen, Loaded, MadeEverywhere, ModelChange,
+                                             Ready, RegionRegistered, RegionUnregistered, SettingsChanged, Stopped,
+                                             ToSupervisor, ToWorker, Turn, TurnOver, TurnWanted)
 
 log = logging.getLogger("resserve.serve")
 
@@ -36,12 +36,13 @@ class PipeCoordinator:
         self.pipe = pipe
         self.unloaded = unloaded
         self._regions = regions  # registered through the API before this worker started
-        self._follow: Callable[[ModelAction, str], Awaitable[None]] | None = None
+        self._follow: Follow | None = None
         self._shared_memory: SharedMemory | None = None
         self._following: set[asyncio.Task] = set()  # model changes under way (a reference keeps each alive)
         self._turns: deque[asyncio.Future] = deque()  # changes through this worker's API, awaiting their turn
+        self._everywhere: asyncio.Future | None = None  # the change of this worker's turn, being made in the others
 
-    async def loaded(self, follow: Callable[[ModelAction, str], Awaitable[None]], shared_memory: SharedMemory) -> None:
+    async def loaded(self, follow: Follow, shared_memory: SharedMemory) -> None:
         self._follow, self._shared_memory = follow, shared_memory
         for region in self._regions:
             self._register(region)
@@ -59,6 +60,7 @@ class PipeCoordinator:
             self._take(self.pipe.recv())
         except (OSError, EOFError):  # the supervisor is gone: PR_SET_PDEATHSIG brings the SIGTERM
             asyncio.get_running_loop().remove_reader(self.pipe.fileno())
+            self._made_everywhere()  # no one is left to say so: the change is made here
 
     def _take(self, message: ToWorker) -> None:
         """A change made through another worker (or, for log settings, through this one too), or
@@ -67,15 +69,20 @@ class PipeCoordinator:
             case SettingsChanged(settings):
                 settings.apply()
             case ModelChange(action, name):
-                task = asyncio.get_running_loop().create_task(self._follow(action, name))
+                task = asyncio.get_running_loop().create_task(
+                    self._follow(action, name, lambda: self._send(Followed(message))))
                 self._following.add(task)
                 task.add_done_callback(self._following.discard)
             case Turn():
                 self._turns.popleft().set_result(None)
+            case MadeEverywhere():
+                self._made_everywhere()
             case RegionRegistered(region):
                 self._register(region)
+                self._send(Followed(message))
             case RegionUnregistered(name):
                 self._shared_memory.unregister(name)
+                self._send(Followed(message))
 
     def _register(self, region: Region) -> None:
         try:
@@ -98,10 +105,11 @@ class PipeCoordinator:
 
     async def _in_turn(self, change: Change, make: Callable[[], Awaitable[T]]) -> T:
         """One worker changes models or shared memory regions at a time: the supervisor gives the
-        turns, and passes each change made on to the other workers before it gives the next turn.
-        So a change made through another worker has reached this one (a model's is queued before
-        ``make`` in ModelControl; a region's is made when it arrives) when its turn comes, and every
-        worker makes every change in the order of the turns."""
+        turns, passes each change made on to the other workers, and once every worker that serves
+        has made it too, tells this one (whose client is answered then, so that what it does next,
+        through any connection, finds every worker alike) and gives the next turn. So a change made
+        through another worker is made here when this one's turn comes, and every worker makes
+        every change in the order of the turns."""
         turn = asyncio.get_running_loop().create_future()
         self._turns.append(turn)
         if not self._send(TurnWanted()):
@@ -112,9 +120,16 @@ class PipeCoordinator:
         try:
             result = await make()
             made = change
-            return result
         finally:
-            self._send(TurnOver(made))
+            self._everywhere = asyncio.get_running_loop().create_future()
+            if not self._send(TurnOver(made)) or made is None:
+                self._made_everywhere()
+        await self._everywhere  # the client is answered once every worker serves as this one does
+        return result
+
+    def _made_everywhere(self) -> None:
+        if self._everywhere is not None and not self._everywhere.done():
+            self._everywhere.set_result(None)
 
     def _send(self, message: ToSupervisor) -> bool:
         try:
