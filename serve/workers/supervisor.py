@@ -229,6 +229,7 @@ class Supervisor:
             case Stopped(answered):
                 worker.state = WorkerState.STOPPED
                 worker.answered.update(answered)
+                self._not_followed_by(worker)
             case SettingsChanged(settings):
                 self._share_settings(settings)
             case TurnWanted():
@@ -272,6 +273,11 @@ class Supervisor:
         others = [w for w in self.workers.values() if w is not worker and w.process.is_alive()]
         self._tell(others, made)
         self.passing_on, self.following = made, {w.index for w in others if w.state is not WorkerState.LOADING}
+        self._made_when_followed()
+
+    def _not_followed_by(self, worker: Worker) -> None:
+        """``worker`` stopped or died: the change passed on is not waited for there."""
+        self.following.discard(worker.index)
         self._made_when_followed()
 
     def _made_when_followed(self) -> None:
@@ -330,8 +336,7 @@ class Supervisor:
         if self.turn is worker and self.passing_on is None:  # it died changing models: the next may go
             self.turn = None
             self._give_turn()
-        self.following.discard(worker.index)  # a worker restarted starts with every change made
-        self._made_when_followed()
+        self._not_followed_by(worker)  # restarted, it starts with every change made
         self.restart_at[worker.index] = time.monotonic() + delay
         log.warning("worker %d (pid %d) exited with code %s; restarting it in %.1f s", worker.index,
                     worker.process.pid, code, delay)

@@ -28,7 +28,7 @@ from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 from resserve.serve.sharedmemory import Region
 from resserve.serve.workers.messages import (Followed, MadeEverywhere, ModelChange, RegionRegistered,
-                                             RegionUnregistered, ToWorker, Turn, TurnOver, TurnWanted)
+                                             RegionUnregistered, Stopped, ToWorker, Turn, TurnOver, TurnWanted)
 from resserve.serve.workers.supervisor import Supervisor, Worker, WorkerState
 
 MODEL = "resnet-mnist"
@@ -389,17 +389,18 @@ def test_a_change_is_made_in_every_other_worker_before_its_client_is_answered_an
     assert received(ends[1]) == received(ends[3]) == [] and supervisor.unloaded == {MODEL}
 
 
-def test_a_worker_that_dies_before_it_makes_a_change_is_not_waited_for(supervisor_of_three):
+def test_a_worker_that_stops_or_dies_before_it_makes_a_change_is_not_waited_for(supervisor_of_three):
     supervisor, ends = supervisor_of_three
     first, second, third = supervisor.workers.values()
     supervisor._message(first, TurnWanted())
     region = Region("in", "/input0", 0, 3136)
     supervisor._message(first, TurnOver(RegionRegistered(region)))
-    supervisor._message(second, Followed(RegionRegistered(region)))
+    supervisor._message(second, Stopped({}))  # drained (SIGTERM): it serves no more
+    assert received(ends[1]) == [Turn()]
     third.process.kill()
     third.process.join()
     supervisor._died(third)  # restarted, it starts with the region
-    assert received(ends[1]) == [Turn(), MadeEverywhere()]
+    assert received(ends[1]) == [MadeEverywhere()]
 
 
 def test_shared_memory_regions_change_in_turns_as_models_do(supervisor_of_three):
