@@ -4,8 +4,8 @@ Worker to supervisor: ``Loaded``, ``Ready``, ``Failed``, ``Stopped``, ``Settings
 ``TurnWanted``, ``TurnOver`` (with the change made in the turn), ``Followed`` (a change made
 through another worker made here too). Supervisor to worker: ``Listen``, ``SettingsChanged``,
 ``Turn``, ``MadeEverywhere`` (the change of its turn), and each ``Change`` made through another
-worker: a ``ModelChange``, ``RegionRegistered`` or ``RegionUnregistered``. Each is pickled by the pipe, so both
-sides read the same types, never a tuple of strings.
+worker: a ``ModelChange``, ``RegionRegistered`` or ``RegionUnregistered``. Each is pickled by the
+pipe, so both sides read the same types, never a tuple of strings.
 """
 
 from __future__ import annotations

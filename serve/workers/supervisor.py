@@ -229,7 +229,7 @@ class Supervisor:
             case Stopped(answered):
                 worker.state = WorkerState.STOPPED
                 worker.answered.update(answered)
-                self._not_followed_by(worker)
+                self._not_awaited(worker)
             case SettingsChanged(settings):
                 self._share_settings(settings)
             case TurnWanted():
@@ -238,8 +238,7 @@ class Supervisor:
             case TurnOver(made):
                 self._changed(worker, made)
             case Followed(change) if change == self.passing_on:
-                self.following.discard(worker.index)
-                self._made_when_followed()
+                self._not_awaited(worker)
 
     def _share_settings(self, settings: SharedSettings) -> None:
         """Log or trace settings changed through one worker's API (which logged it): every worker
@@ -275,8 +274,8 @@ class Supervisor:
         self.passing_on, self.following = made, {w.index for w in others if w.state is not WorkerState.LOADING}
         self._made_when_followed()
 
-    def _not_followed_by(self, worker: Worker) -> None:
-        """``worker`` stopped or died: the change passed on is not waited for there."""
+    def _not_awaited(self, worker: Worker) -> None:
+        """``worker`` has made the change passed on, or stopped, or died: it is not waited for."""
         self.following.discard(worker.index)
         self._made_when_followed()
 
@@ -336,7 +335,7 @@ class Supervisor:
         if self.turn is worker and self.passing_on is None:  # it died changing models: the next may go
             self.turn = None
             self._give_turn()
-        self._not_followed_by(worker)  # restarted, it starts with every change made
+        self._not_awaited(worker)  # restarted, it starts with every change made
         self.restart_at[worker.index] = time.monotonic() + delay
         log.warning("worker %d (pid %d) exited with code %s; restarting it in %.1f s", worker.index,
                     worker.process.pid, code, delay)
