@@ -194,18 +194,18 @@ class Tracer:
 
     def current(self, model: str) -> TraceSetting:
         """``model``'s settings ("": the server's) with the traces left to take."""
-        scope = model if model in self.settings.models else ""
-        sampler = self._samplers.get(scope)
-        setting = self.settings.of(model)
-        return replace(setting, count=sampler.setting.count) if sampler else setting
+        return replace(self.settings.of(model), count=self._sampler(model).setting.count)
 
     def start(self, model: str, version: str, request_id: str) -> Trace | None:
         """A trace of this request to ``model``, if it is one to trace."""
+        return Trace(model, version, request_id) if self._sampler(model).sample() else None
+
+    def _sampler(self, model: str) -> _Sampler:
+        """The sampler of ``model``'s requests: its own where it has settings of its own, else the server's."""
         scope = model if model in self.settings.models else ""
-        sampler = self._samplers.get(scope)
-        if sampler is None:
-            sampler = self._samplers[scope] = _Sampler(self.settings.of(model))
-        return Trace(model, version, request_id) if sampler.sample() else None
+        if scope not in self._samplers:
+            self._samplers[scope] = _Sampler(self.settings.of(model))
+        return self._samplers[scope]
 
 
 tracer = Tracer()  # this process's: like its logging, one per server process

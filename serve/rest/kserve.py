@@ -331,15 +331,10 @@ async def left_out(request: web.Request) -> web.Response:
 @routes.post("/v2/repository/index")
 @endpoint("kserve_repository")
 async def repository_index(request: web.Request) -> web.Response:
-    body = await read_body(request)
-    try:
-        payload = orjson.loads(body) if body.strip() else {}
-    except orjson.JSONDecodeError:
-        payload = None
-    if not isinstance(payload, dict) or not isinstance(only_ready := payload.get("ready", False), bool):
-        raise InvalidInput('the request must be empty or a JSON object such as {"ready": true}')
+    payload = _json_object(await read_body(request), 'empty or a JSON object such as {"ready": true}',
+                           may_be_empty=True, valid=lambda payload: isinstance(payload.get("ready", False), bool))
     return json_response([{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
-                          for e in plane_of(request).repository_index(only_ready)])
+                          for e in plane_of(request).repository_index(payload.get("ready", False))])
 
 
 @routes.post("/v2/repository/models/{name}/load")
@@ -358,13 +353,8 @@ async def unload_model(request: web.Request) -> web.Response:
 
 async def _control_parameters(request: web.Request) -> dict:
     """A load or unload request's ``parameters``: its body is empty, or {"parameters": {...}}."""
-    body = await read_body(request)
-    try:
-        payload = orjson.loads(body) if body.strip() else {}
-    except orjson.JSONDecodeError:
-        payload = None
-    if not isinstance(payload, dict) or not isinstance(payload.get("parameters", {}), dict):
-        raise InvalidInput('the request must be empty or a JSON object such as {"parameters": {}}')
+    payload = _json_object(await read_body(request), 'empty or a JSON object such as {"parameters": {}}',
+                           may_be_empty=True, valid=lambda payload: isinstance(payload.get("parameters", {}), dict))
     return payload.get("parameters", {})
 
 
@@ -396,12 +386,15 @@ async def update_trace_settings(request: web.Request) -> web.Response:
     return json_response(plane_of(request).trace_settings(request.match_info.get("name", ""), changes).as_triton())
 
 
-def _json_object(body: bytes, what: str) -> dict:
+def _json_object(body: bytes, what: str, may_be_empty: bool = False,
+                 valid: Callable[[dict], bool] = lambda payload: True) -> dict:
+    """The body of a request that sends a JSON object (``{}`` for an empty one, where it may be
+    empty), or one InvalidInput saying it must be ``what``: not an object, or not ``valid``."""
     try:
-        payload = orjson.loads(body)
+        payload = orjson.loads(body) if body.strip() or not may_be_empty else {}
     except orjson.JSONDecodeError:
         payload = None
-    if not isinstance(payload, dict):
+    if not isinstance(payload, dict) or not valid(payload):
         raise InvalidInput(f"the request must be {what}")
     return payload
 
