@@ -33,9 +33,11 @@ def _env(name: str) -> str:
 
 def serve(
     packages: Annotated[Optional[list[Path]], typer.Argument(
-        help="Model package directories (from `resserve export`) [default: the shipped model]. Packages of one "
-        "model name at versions 1, 2, ... (`export --version`) are served side by side; a request that names no "
-        "version gets the latest.",
+        help="Model package directories (from `resserve export`), or folders of them [default: the shipped "
+        "model]. Packages of one model name at versions 1, 2, ... (`export --version`) are served side by side; a "
+        "request that names no version gets the latest. A folder of packages is read again at each model load, so "
+        "one exported into it while the server runs (a new version, a new model) is served after `resserve models "
+        "--load NAME`.",
         show_default=False, envvar=_env("PACKAGES"))] = None,
     host: Annotated[str, typer.Option(envvar=_env("HOST"), help="Address to listen on.")] = ServerSettings.host,
     port: Annotated[int, typer.Option(envvar=_env("PORT"), help="gRPC port (Triton's default).")] = ServerSettings.port,

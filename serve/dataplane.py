@@ -27,7 +27,7 @@ from resserve.serve.errors import DeadlineExpired, InvalidInput, QueueFull
 from resserve.serve.logs import LogSettings, SettingValue, current_log_settings
 from resserve.serve.manifest import INPUT_SHAPE, TensorSpec
 from resserve.serve.preprocess import MAX_REQUEST_PIXELS, encoded_to_input, pixels_of, raw_to_input
-from resserve.serve.repository import ServedModel
+from resserve.serve.repository import ServedModel, packages_found
 from resserve.serve.sharedmemory import Placement, Region, check_client
 from resserve.serve.state import ServerState
 from resserve.serve.tracing import Trace, TraceSetting, TraceValue, tracer
@@ -323,8 +323,9 @@ class DataPlane:
         as Triton lists them."""
         return [m.version for m in reversed(self.state.models().versions(name))]
 
-    def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
-        """The models and their state: each version loaded, and each model unloaded through the API."""
+    async def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        """The models and their state: each version loaded, each model unloaded through the API, and
+        each package found (a folder of packages read anew) whose version a load would bring in."""
         repository = self.state.repository
         if repository is None:
             return []
@@ -332,8 +333,14 @@ class DataPlane:
         if ready_only and state != "READY":
             return []
         loaded = [RepositoryEntry(m.name, m.version, state, reason) for m in repository.models]
+        if ready_only:
+            return loaded
         unloaded = [RepositoryEntry(name, "", "UNAVAILABLE", "unloaded") for name in repository.unloaded]
-        return loaded + ([] if ready_only else unloaded)
+        known = {(m.name, m.version) for m in repository.models}
+        found = [RepositoryEntry(p.name, p.version, "UNAVAILABLE", "not loaded")
+                 for p in await asyncio.to_thread(packages_found, self.state.settings)
+                 if (p.name, p.version) not in known and p.name not in repository.unloaded]
+        return loaded + unloaded + found
 
     async def load_model(self, name: str, parameters: Mapping[str, object]) -> None:
         """Triton's RepositoryModelLoad: the model called ``name`` (re)loaded from the packages given

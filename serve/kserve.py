@@ -240,7 +240,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request, context):
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
-            for e in self.plane.repository_index(request.ready)])
+            for e in await self.plane.repository_index(request.ready)])
 
     @rpc("kserve_repository", model_of=lambda r: r.model_name)
     async def RepositoryModelLoad(self, request, context):

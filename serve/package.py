@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from resserve.serve.errors import ResserveError
 from resserve.serve.manifest import FILE_NAME as MANIFEST, Artifact, Manifest
@@ -65,6 +66,28 @@ class ModelPackage:
         if actual != artifact.sha256:
             raise PackageError(f"{path} has sha256 {actual}, the manifest says {artifact.sha256}: refusing to load it")
         return data
+
+
+def package_paths(paths: Iterable[Path]) -> list[Path]:
+    """The packages ``paths`` name: each path a package, or a folder of packages (a model
+    repository: its subfolders holding a manifest, by name; hidden ones, such as those `resserve
+    export` stages a package in, left out). Read anew at each call, so a package exported into the
+    folder while the server runs is found by the next load of its model."""
+    return [package for path in paths for package in _packages_at(Path(path))]
+
+
+def _packages_at(path: Path) -> list[Path]:
+    if not path.is_dir() or (path / MANIFEST).is_file():
+        return [path]  # a package, or what load_package says is wrong with it
+    try:
+        found = sorted(sub for sub in path.iterdir()
+                       if not sub.name.startswith(".") and sub.is_dir() and (sub / MANIFEST).is_file())
+    except OSError as exc:
+        raise PackageError(f"cannot read the folder {path}: {exc.strerror}") from exc
+    if not found:
+        raise PackageError(f"{path} is neither a model package (no {MANIFEST}) nor a folder of them (no subfolder "
+                           f"holds one); make one with `resserve export --out {path / 'NAME'}`")
+    return found
 
 
 def load_package(path: Path | str | None = None) -> ModelPackage:

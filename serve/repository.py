@@ -14,7 +14,7 @@ from resserve.serve.backends.openvino import openvino_cpu_capabilities
 from resserve.serve.batcher import BatchStats, DynamicBatcher
 from resserve.serve.errors import ModelNotFound, ResserveError
 from resserve.serve.metrics import Metrics
-from resserve.serve.package import ModelPackage, load_package
+from resserve.serve.package import ModelPackage, load_package, package_paths
 from resserve.serve.runtime import choose_runtime
 from resserve.serve.settings import BackendChoice, ServerSettings
 from resserve.serve.statistics import ModelStatistics
@@ -162,9 +162,10 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
 
 
 def read_packages(settings: ServerSettings) -> list[ModelPackage]:
-    """The packages to serve, their manifests read and checked (nothing loaded yet): one name may
-    come at several versions, whole numbers so that one of them is the latest."""
-    packages = [load_package(p) for p in settings.packages] or [load_package()]
+    """The packages to serve, those in folders of packages as they are now, their manifests read and
+    checked (nothing loaded yet): one name may come at several versions, whole numbers so that one
+    of them is the latest."""
+    packages = [load_package(p) for p in package_paths(settings.packages)] or [load_package()]
     keys = [(p.name, p.version) for p in packages]
     twice = sorted({f"{name} version {version}" for name, version in keys if keys.count((name, version)) > 1})
     if twice:
@@ -177,6 +178,22 @@ def read_packages(settings: ServerSettings) -> list[ModelPackage]:
                                 "must be distinct whole numbers (export --version 2), so the latest answers requests "
                                 "that name no version")
     return packages
+
+
+def packages_found(settings: ServerSettings) -> list[ModelPackage]:
+    """What the server's packages and folders of packages hold now, for the repository index: what
+    does not read as a package is left out here (a load of its model says why)."""
+    try:
+        paths = package_paths(settings.packages)
+    except ResserveError:
+        return []
+    found = []
+    for path in paths:
+        try:
+            found.append(load_package(path))
+        except ResserveError:
+            pass
+    return found
 
 
 def load_repository(packages: list[ModelPackage], settings: ServerSettings, executor: Executor,

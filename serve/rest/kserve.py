@@ -334,7 +334,7 @@ async def repository_index(request: web.Request) -> web.Response:
     payload = _json_object(await read_body(request), 'empty or a JSON object such as {"ready": true}',
                            may_be_empty=True, valid=lambda payload: isinstance(payload.get("ready", False), bool))
     return json_response([{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
-                          for e in plane_of(request).repository_index(payload.get("ready", False))])
+                          for e in await plane_of(request).repository_index(payload.get("ready", False))])
 
 
 @routes.post("/v2/repository/models/{name}/load")

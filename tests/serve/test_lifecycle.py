@@ -463,10 +463,14 @@ def test_log_level_debug_logs_each_request_answered(digits):
         "grpc kserve unknown: NOT_FOUND in N ms, from ADDRESS: unknown model 'nope'; this server has resnet-mnist"]
 
 
-def test_a_missing_package_is_one_line_before_anything_listens():
-    result = run_cli("serve", "/nonexistent/pkg", "--port", "0", "--http-port", "0", "--metrics-port", "0", timeout=60)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["error: model package /nonexistent/pkg does not exist"]
+def test_a_missing_package_is_one_line_before_anything_listens(tmp_path):
+    (tmp_path / "lost+found").mkdir()  # a volume's, no package in it
+    for path, error in (("/nonexistent/pkg", "model package /nonexistent/pkg does not exist"),
+                        (str(tmp_path), f"{tmp_path} is neither a model package (no manifest.json) nor a folder of "
+                                        f"them (no subfolder holds one); make one with `resserve export --out "
+                                        f"{tmp_path}/NAME`")):
+        result = run_cli("serve", path, "--port", "0", "--http-port", "0", "--metrics-port", "0", timeout=60)
+        assert (result.returncode, result.stderr.strip().splitlines()) == (1, [f"error: {error}"])
 
 
 def _has_ipv6_loopback() -> bool:

@@ -38,7 +38,7 @@ def package(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(package):
-    with ServerProcess(str(package)) as running:
+    with ServerProcess(str(package.parent)) as running:  # a folder of packages, the copy its one at start
         yield running
 
 
@@ -200,6 +200,41 @@ def test_a_package_renamed_in_place_is_loaded_by_its_new_name(server, package):
         "404", f"no package this server was started with holds model '{MODEL}'; it has {MODEL}, digits")
     assert [(e["name"], e["state"]) for e in client.get_model_repository_index()] == [
         (MODEL, "READY"), ("digits", "UNAVAILABLE")]
+
+
+def test_a_folder_of_packages_is_read_again_at_each_load(server, package):
+    """A version and a model exported into the folder are listed as not loaded, served after a load,
+    and gone after one once their packages are; a hidden subfolder (where `resserve export` stages
+    a package) is never read."""
+    folder, client = package.parent, triton_http.InferenceServerClient(server.http_target)
+    for subfolder, version, name in ((f"{MODEL}-2", "2", MODEL), ("tiny", "1", "tiny"), (".staging", "9", MODEL)):
+        shutil.copytree(package, folder / subfolder)
+        set_version(folder / subfolder, version, name)
+    blank = np.zeros((1, 1, 28, 28), np.float32)
+    try:
+        assert [(e["name"], e["version"], e["state"], e["reason"]) for e in client.get_model_repository_index()
+                if e["name"] in (MODEL, "tiny")] == [
+            (MODEL, "1", "READY", ""), (MODEL, "2", "UNAVAILABLE", "not loaded"),
+            ("tiny", "1", "UNAVAILABLE", "not loaded")]
+        assert client.get_model_metadata(MODEL)["versions"] == ["1"]  # nothing is served before a load
+        client.load_model(MODEL)
+        client.load_model("tiny")
+        assert client.get_model_metadata(MODEL)["versions"] == ["1", "2"]
+        assert infer(client) == "2" and triton_infer(client, blank, version="1").get_response()["model_version"] == "1"
+        assert triton_infer(client, blank, "tiny").get_response()["model_name"] == "tiny"
+        shutil.rmtree(folder / f"{MODEL}-2")
+        shutil.rmtree(folder / "tiny")
+        client.load_model(MODEL)
+        assert client.get_model_metadata(MODEL)["versions"] == ["1"] and infer(client) == "1"
+        with pytest.raises(InferenceServerException) as gone:
+            client.load_model("tiny")
+        assert gone.value.status() == "404"
+        client.unload_model("tiny")
+    finally:
+        for subfolder in (f"{MODEL}-2", "tiny", ".staging"):
+            shutil.rmtree(folder / subfolder, ignore_errors=True)
+    assert [(e["name"], e["version"], e["reason"]) for e in client.get_model_repository_index()
+            if e["name"] in (MODEL, "tiny")] == [(MODEL, "1", ""), ("tiny", "", "unloaded")]
 
 
 def test_resserve_models_lists_loads_and_unloads(server):
