@@ -42,7 +42,7 @@ from resserve.serve.package import ModelPackage
 from resserve.serve.repository import load_repository, read_packages
 from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
-from resserve.serve.rest.server import HttpServer
+from resserve.serve.rest.server import SERVER_NAME, HttpServer
 from resserve.serve.rpc import Registrar, abort
 from resserve.serve.sharedmemory import MAX_REGIONS, SharedMemory
 from resserve.serve.state import ModelAction, Peers, ServerState
@@ -281,16 +281,28 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str) -> None:
     prometheus-client's server gives each connection a thread that waits for the request as long
     as the client likes: connections that never send one piled up, a thread and a file
     descriptor each, until the process had none left for its other ports. Each connection now
-    has METRICS_SOCKET_SECONDS to send its request and take the answer."""
+    has METRICS_SOCKET_SECONDS to send its request and take the answer. Its answers name the
+    server as the HTTP port's do (wsgiref's named Python's version)."""
     try:
         server, _ = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise ResserveError(f"cannot serve metrics on {host_port(host, port)}: {exc.strerror or exc} "
                             "(choose another --metrics-port, or 0 to disable)") from None
-    # socketserver's documented hook: the handler class, here prometheus-client's with a socket timeout
+    # socketserver's documented hook: the handler class, here prometheus-client's with a socket
+    # timeout, and its own errors (a request line that does not parse) named as the rest
     server.RequestHandlerClass = type("TimedMetricsHandler", (server.RequestHandlerClass,),
-                                      {"timeout": METRICS_SOCKET_SECONDS})
+                                      {"timeout": METRICS_SOCKET_SECONDS, "version_string": lambda _: SERVER_NAME})
+    server.set_app(_named(server.get_app()))
     log.info("metrics on http://%s/metrics", host_port(host, port))
+
+
+def _named(app: Callable) -> Callable:
+    """A WSGI application whose answers carry ``Server: SERVER_NAME`` (wsgiref adds its own where one has none)."""
+    def named(environ, start_response):
+        return app(environ, lambda status, headers, exc_info=None: start_response(
+            status, [*headers, ("Server", SERVER_NAME)], exc_info))
+
+    return named
 
 
 Follow = Callable[[ModelAction, str, Callable[[], None]], Awaitable[None]]  # ModelControl.follow

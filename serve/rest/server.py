@@ -38,6 +38,9 @@ PUBLIC_PREFIXES = ("/v2/health/", "/page/")  # and "/" itself: no data, so no to
 ADMIN_ROUTES = frozenset({"/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload", "/v2/logging",
                           "/v2/trace/setting", "/v2/models/{name}/trace/setting"})
 MAX_PATH_CHARS = 200  # of a client's path quoted in an error
+# every answer's Server header: aiohttp's default names Python's and aiohttp's versions, which tell
+# a scanner which published flaws to try
+SERVER_NAME = "resserve"
 
 
 class _ClientFaults(logging.Filter):
@@ -250,6 +253,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer of the app (an expectation's 417 and the page's files too) as ``SERVER_NAME``."""
+    response.headers[hdrs.SERVER] = SERVER_NAME
+
+
 class HttpServer:
     """The aiohttp application and its listening socket."""
 
@@ -259,6 +267,7 @@ class HttpServer:
         self.app = web.Application(middlewares=[guard])  # bodies: read_body, within --max-message-bytes
         self.app[FRONT_DOOR] = HttpFrontDoor(plane, access)
         self.app.add_routes(deferring_continue(routes))
+        self.app.on_response_prepare.append(name_the_server)
         # a client that disconnects cancels its handler, and so its place in the batcher's queue,
         # as a cancelled gRPC call does: abandoned requests are not computed (aiohttp's default
         # since 3.9 lets them run on)

@@ -499,6 +499,20 @@ def test_100_continue_asks_for_the_body_only_of_requests_that_would_be_taken(tmp
             417, "Expect: 'a-miracle' cannot be met; only 100-continue is")
 
 
+def test_answers_name_the_server_without_versions(server, mnist):
+    """aiohttp's default header, "Python/3.11 aiohttp/3.x.y" (and wsgiref's on the metrics port), tells
+    scanners which flaws to try."""
+    body = json_infer(mnist.test.images[:1, None].astype(np.float32) / 255)
+    for method, path, body, headers, status in (
+            ("GET", "/", None, {}, 200), ("GET", "/page/page.js", None, {}, 200), ("GET", "/v2/health/ready", None, {}, 200),
+            ("POST", INFER, body, {}, 200), ("GET", "/v2/nowhere", None, {}, 404), ("DELETE", INFER, None, {}, 405),
+            ("POST", INFER, body, {"Expect": "a-miracle"}, 417)):
+        got, response_headers, _ = call(server, method, path, body, headers)
+        assert (got, response_headers["Server"]) == (status, "resserve"), path
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as metrics:
+        assert metrics.headers.get_all("Server") == ["resserve"]  # prometheus-client's port, on wsgiref
+
+
 def test_an_http_port_in_use_is_one_line():
     with ServerProcess() as first:
         result = run_cli("serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
