@@ -344,8 +344,9 @@ def health(
 def models(
     server: Server = "localhost:8001",
     load: Annotated[Optional[str], typer.Option(
-        help="Load this model (again) from the package the server was started with, in every worker, before "
-        "listing: a package re-exported in place is served from then on, without a restart.",
+        help="Load this model (again) from the packages the server was started with, and those in its folders "
+        "of packages now, in every worker, before listing: a package re-exported in place, or exported into such "
+        "a folder (a new version, a new model), is served from then on, without a restart.",
         show_default=False)] = None,
     unload: Annotated[Optional[str], typer.Option(
         help="Stop serving this model (every version) before listing; --load serves it again.",
@@ -357,7 +358,8 @@ def models(
     token_file: TokenFile = None,
     as_json: Annotated[bool, typer.Option("--json", help="A JSON list of {name, version, state, reason}.")] = False,
 ) -> None:
-    """The models a server has and their state; load or unload one while it serves.
+    """The models a server has and their state (and versions in its packages that a load would
+    bring in: not loaded); load or unload one while it serves.
 
     In scripts: `resserve export model.pt --out pkg/ && resserve models --load resnet-mnist`.
     """
