@@ -5,8 +5,10 @@ input, and the page must show the right digit each time. The screenshot is saved
 test's files (and into docs/ with RESSERVE_UPDATE_SCREENSHOTS=1).
 """
 
+import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from PIL import Image
 
 from helpers import ServerProcess
+from resserve.serve.package import SHIPPED_PACKAGE
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -41,8 +44,18 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page_server():
-    with ServerProcess() as server:
+def two_models(tmp_path_factory) -> list[str]:
+    """The shipped package, and a copy of it served as a second model, "digits"."""
+    copy = tmp_path_factory.mktemp("page") / "digits"
+    shutil.copytree(SHIPPED_PACKAGE, copy)
+    manifest = copy / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": "digits"}))
+    return [str(SHIPPED_PACKAGE), str(copy)]
+
+
+@pytest.fixture(scope="module")
+def page_server(two_models):
+    with ServerProcess(*two_models) as server:
         yield server
 
 
@@ -88,6 +101,19 @@ def test_drawing_a_digit_shows_that_digit_with_bars_and_the_model_input(browser,
     assert not errors
 
 
+def test_the_model_chosen_reads_the_digit_again(browser, page_server):
+    page = browser.new_page()
+    page.goto(page_server.url + "/")
+    page.wait_for_selector("#model-box", state="visible")  # two models served: a choice
+    assert page.locator("#model option").all_inner_texts() == ["resnet-mnist v1", "digits v1"]
+    draw(page, STROKES[7])
+    shows(page, 7)
+    assert page.inner_text("#about").startswith("resnet-mnist v1")  # the server's default, first
+    page.select_option("#model", label="digits v1")  # the same drawing, sent again to the model chosen
+    page.wait_for_function("document.getElementById('about').textContent.startsWith('digits v1')")
+    shows(page, 7)
+
+
 def test_choosing_a_photo_of_a_digit_classifies_it(browser, page_server, mnist, tmp_path):
     photo = tmp_path / "photo.jpg"  # dark ink on a light background, larger than MNIST, as a photo is
     Image.fromarray(255 - mnist.test.images[1]).resize((224, 224), Image.BICUBIC).save(photo, quality=90)
@@ -124,7 +150,7 @@ def test_an_html_answer_from_a_proxy_in_front_is_named_by_its_status(browser, pa
     Image.fromarray(mnist.test.images[0]).save(photo)
     page = browser.new_page()
     # as an ingress with a small body limit answers: HTML, not the server's JSON
-    page.route("**/v1/classify", lambda route: route.fulfill(
+    page.route(re.compile(r"/v1/classify(\?|$)"), lambda route: route.fulfill(
         status=413, content_type="text/html", body="<html><body>413 Request Entity Too Large</body></html>"))
     page.goto(page_server.url + "/")
     page.set_input_files("#file", str(photo))
@@ -132,10 +158,10 @@ def test_an_html_answer_from_a_proxy_in_front_is_named_by_its_status(browser, pa
     assert page.inner_text("#status").startswith("The server could not classify photo.png: HTTP 413")
 
 
-def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_path):
+def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_path, two_models):
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\n")
-    with ServerProcess("--token-file", str(tokens)) as server:
+    with ServerProcess("--token-file", str(tokens), *two_models) as server:
         page = browser.new_page()
         page.goto(server.url + "/")
         draw(page, STROKES[7])
@@ -155,6 +181,7 @@ def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_
         page.keyboard.press("Enter")
         shows(page, 7)  # the drawing is sent again with the token: no need to draw it again
         assert page.locator("#token-box").is_hidden()
+        page.wait_for_selector("#model-box", state="visible")  # the models, listed once the token is given
 
 
 def test_the_page_works_from_the_keyboard_and_fits_a_phone(browser, page_server):

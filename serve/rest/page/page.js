@@ -1,5 +1,6 @@
 // The draw-a-digit page: pointer drawing on a canvas (mouse, touch, pen), or a chosen or dropped
 // photo, sent to POST /v1/classify; the answer is drawn as a digit, ten bars and the 28x28 input.
+// Where the server serves several models or versions, a list picks the one that reads the digit.
 "use strict";
 
 const pad = document.getElementById("pad");
@@ -12,6 +13,8 @@ const bars = document.getElementById("bars");
 const about = document.getElementById("about");
 const tokenBox = document.getElementById("token-box");
 const tokenInput = document.getElementById("token");
+const modelBox = document.getElementById("model-box");
+const modelChoice = document.getElementById("model");
 
 const LIVE_INTERVAL_MS = 150; // while drawing: at most one request per interval
 // A photo over this many bytes (a phone's are 3-8 MB; the server takes 4 MiB by default) is sent
@@ -25,7 +28,7 @@ let last = null;
 let busy = false; // a request in flight: the next drawing waits for it
 let again = false; // the drawing changed while a request was in flight
 let lastSent = 0;
-let generation = 0; // bumped by every clear and every photo: older answers are not shown
+let generation = 0; // bumped by every clear, photo and choice of model: older answers are not shown
 let photo = null; // the photo on the pad, as sent ({blob, name}), if any: sent again once a token is given
 
 function clearPad() {
@@ -110,15 +113,45 @@ function sendDrawing() {
   pad.toBlob((blob) => classify(blob, "your drawing"), "image/png");
 }
 
+function withToken(headers) {
+  const token = sessionStorage.getItem("resserve-token");
+  if (token) headers.Authorization = `Bearer ${token}`;
+  return headers;
+}
+
+// The models the server serves (KServe's repository index): a choice only where there are several.
+// Each model's first entry is its latest version, which requests that name none get.
+async function listModels() {
+  try {
+    const response = await fetch("/v2/repository/index", {
+      method: "POST", body: '{"ready": true}', headers: withToken({ "Content-Type": "application/json" }) });
+    if (!response.ok) return; // a token is wanted first (asked again once one is given), or none is served
+    const served = await response.json();
+    if (served.length < 2) return;
+    const options = [];
+    for (const name of new Set(served.map((entry) => entry.name))) {
+      const versions = served.filter((entry) => entry.name === name).map((entry) => entry.version)
+        .sort((a, b) => Number(b) - Number(a));
+      options.push([versions.length > 1 ? `${name} (latest: v${versions[0]})` : `${name} v${versions[0]}`,
+        new URLSearchParams({ model: name })]);
+      if (versions.length > 1) {
+        for (const version of versions) options.push([`${name} v${version}`, new URLSearchParams({ model: name, version })]);
+      }
+    }
+    modelChoice.replaceChildren(...options.map(([label, query]) => new Option(label, query.toString())));
+    modelBox.hidden = false;
+  } catch { /* no list: the server's default model reads the digit */ }
+}
+
 async function classify(blob, what) {
   const started = performance.now();
   const asked = generation;
-  const headers = { "Content-Type": blob.type || "application/octet-stream" };
-  const token = sessionStorage.getItem("resserve-token");
-  if (token) headers.Authorization = `Bearer ${token}`;
+  const headers = withToken({ "Content-Type": blob.type || "application/octet-stream" });
+  const token = headers.Authorization;
+  const query = modelBox.hidden ? "" : `?${modelChoice.value}`;
   busy = true;
   try {
-    const response = await fetch("/v1/classify", { method: "POST", body: blob, headers });
+    const response = await fetch(`/v1/classify${query}`, { method: "POST", body: blob, headers });
     // a proxy in front of the server may answer in HTML (a 413 for a large photo, a 502): name its status
     const answer = await response.json()
       .catch(() => ({ error: `HTTP ${response.status} ${response.statusText}`.trim() }));
@@ -194,8 +227,18 @@ tokenBox.addEventListener("submit", (event) => { // the button or Enter
   sessionStorage.setItem("resserve-token", tokenInput.value.trim());
   tokenBox.hidden = true;
   setStatus("Token saved for this tab.");
-  if (drawn) sendDrawing(); // what was refused for want of a token, now with it
-  else if (photo) classify(photo.blob, photo.name);
+  if (modelBox.hidden) listModels();
+  resend(); // what was refused for want of a token, now with it
+});
+modelChoice.addEventListener("change", () => { // the same digit, read by the model chosen
+  generation++;
+  resend();
 });
 
+function resend() {
+  if (drawn) sendDrawing();
+  else if (photo) classify(photo.blob, photo.name);
+}
+
 clearPad();
+listModels();
