@@ -44,18 +44,21 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def two_models(tmp_path_factory) -> list[str]:
-    """The shipped package, and a copy of it served as a second model, "digits"."""
-    copy = tmp_path_factory.mktemp("page") / "digits"
-    shutil.copytree(SHIPPED_PACKAGE, copy)
-    manifest = copy / "manifest.json"
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": "digits"}))
-    return [str(SHIPPED_PACKAGE), str(copy)]
+def models(tmp_path_factory) -> list[str]:
+    """The shipped package, a copy of it as its version 2, and one as a second model, "digits"."""
+    packages = [str(SHIPPED_PACKAGE)]
+    for name, version in (("resnet-mnist", "2"), ("digits", "1")):
+        copy = tmp_path_factory.mktemp("page") / name
+        shutil.copytree(SHIPPED_PACKAGE, copy)
+        manifest = copy / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": name, "version": version}))
+        packages.append(str(copy))
+    return packages
 
 
 @pytest.fixture(scope="module")
-def page_server(two_models):
-    with ServerProcess(*two_models) as server:
+def page_server(models):
+    with ServerProcess(*models) as server:
         yield server
 
 
@@ -104,14 +107,16 @@ def test_drawing_a_digit_shows_that_digit_with_bars_and_the_model_input(browser,
 def test_the_model_chosen_reads_the_digit_again(browser, page_server):
     page = browser.new_page()
     page.goto(page_server.url + "/")
-    page.wait_for_selector("#model-box", state="visible")  # two models served: a choice
-    assert page.locator("#model option").all_inner_texts() == ["resnet-mnist v1", "digits v1"]
+    page.wait_for_selector("#model-box", state="visible")  # several models served: a choice
+    assert page.locator("#model option").all_inner_texts() == [
+        "resnet-mnist (latest: v2)", "resnet-mnist v2", "resnet-mnist v1", "digits v1"]
     draw(page, STROKES[7])
     shows(page, 7)
-    assert page.inner_text("#about").startswith("resnet-mnist v1")  # the server's default, first
-    page.select_option("#model", label="digits v1")  # the same drawing, sent again to the model chosen
-    page.wait_for_function("document.getElementById('about').textContent.startsWith('digits v1')")
-    shows(page, 7)
+    assert page.inner_text("#about").startswith("resnet-mnist v2")  # the server's default, first
+    for chosen in ("resnet-mnist v1", "digits v1"):  # the same drawing, sent again to the model chosen
+        page.select_option("#model", label=chosen)
+        page.wait_for_function("c => document.getElementById('about').textContent.startsWith(c)", arg=chosen)
+        shows(page, 7)
 
 
 def test_choosing_a_photo_of_a_digit_classifies_it(browser, page_server, mnist, tmp_path):
@@ -158,10 +163,10 @@ def test_an_html_answer_from_a_proxy_in_front_is_named_by_its_status(browser, pa
     assert page.inner_text("#status").startswith("The server could not classify photo.png: HTTP 413")
 
 
-def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_path, two_models):
+def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_path, models):
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\n")
-    with ServerProcess("--token-file", str(tokens), *two_models) as server:
+    with ServerProcess("--token-file", str(tokens), *models) as server:
         page = browser.new_page()
         page.goto(server.url + "/")
         draw(page, STROKES[7])
