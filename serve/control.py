@@ -68,13 +68,19 @@ class ModelControl:
         settings = self.state.settings
         packages = [p for p in await asyncio.to_thread(read_packages, settings) if p.name == name]
         if not packages:
-            raise ModelNotFound(f"no package this server was started with holds model {name!r}; it has "
-                                f"{', '.join(self.state.models().names)}")
+            raise ModelNotFound(self._no_package(name))
         loaded = await asyncio.to_thread(load_repository, packages, settings, self.executor, self.state.metrics)
         for model in loaded.models:
             model.batcher.start()
         log.info("loaded model %s through the API: version %s", name, ", ".join(m.version for m in loaded.models))
         return self._replace(name, list(loaded.models))
+
+    def _no_package(self, name: str) -> str:
+        repository, where = self.state.models(), "of the packages, and folders of them, this server was started with"
+        if name in repository:  # its package removed, or renamed: a failed load changes nothing
+            return (f"no package holds model {name!r} now ({where}); the versions served until now stay served: "
+                    "unload it to stop serving it")
+        return f"no package holds model {name!r} ({where}); it has {', '.join(repository.names)}"
 
     async def _unload(self, name: str) -> list[ServedModel]:
         repository = self.state.models()

@@ -197,7 +197,8 @@ def test_a_package_renamed_in_place_is_loaded_by_its_new_name(server, package):
     finally:
         set_version(package, "1")
     assert (gone.value.status(), gone.value.message()) == (
-        "404", f"no package this server was started with holds model '{MODEL}'; it has {MODEL}, digits")
+        "404", f"no package holds model '{MODEL}' now (of the packages, and folders of them, this server was "
+               "started with); the versions served until now stay served: unload it to stop serving it")
     assert [(e["name"], e["state"]) for e in client.get_model_repository_index()] == [
         (MODEL, "READY"), ("digits", "UNAVAILABLE")]
 
@@ -228,7 +229,9 @@ def test_a_folder_of_packages_is_read_again_at_each_load(server, package):
         assert client.get_model_metadata(MODEL)["versions"] == ["1"] and infer(client) == "1"
         with pytest.raises(InferenceServerException) as gone:
             client.load_model("tiny")
-        assert gone.value.status() == "404"
+        assert (gone.value.status(), "the versions served until now stay served" in gone.value.message()) == (
+            "404", True)
+        assert triton_infer(client, blank, "tiny").get_response()["model_name"] == "tiny"  # until unloaded
         client.unload_model("tiny")
     finally:
         for subfolder in (f"{MODEL}-2", "tiny", ".staging"):
@@ -250,8 +253,8 @@ def test_resserve_models_lists_loads_and_unloads(server):
     assert line_of(run_cli("models", "--server", server.target, "--load", MODEL)) == [f"{MODEL}\t1\tREADY"]
     unknown = run_cli("models", "--server", server.target, "--load", "no-such-model")
     assert unknown.returncode == 1 and unknown.stderr.startswith(
-        f"error: {server.target}: NOT_FOUND: no package this server was started with holds model 'no-such-model'; "
-        f"it has {MODEL}")
+        f"error: {server.target}: NOT_FOUND: no package holds model 'no-such-model' (of the packages, and folders "
+        f"of them, this server was started with); it has {MODEL}")
     assert len(unknown.stderr.strip().splitlines()) == 1
     both = run_cli("models", "--load", MODEL, "--unload", MODEL)
     assert (both.returncode, both.stderr.strip()) == (1, "error: give --load or --unload, not both")
