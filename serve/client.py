@@ -261,7 +261,8 @@ class DigitClient:
         return [ModelEntry(m.name, m.version, m.state, m.reason) for m in response.models]
 
     def load(self, name: str) -> None:
-        """Load the model called ``name`` (again) from the package the server was started with."""
+        """Load the model called ``name`` (again) from the packages the server was started with (a folder's
+        as they are now)."""
         self._call(self.inference.RepositoryModelLoad, kserve_pb2.RepositoryModelLoadRequest(model_name=name))
 
     def unload(self, name: str) -> None:

@@ -1,12 +1,13 @@
 """Loading and unloading models while the server serves (Triton's model repository extension,
-for the models given at start).
+for the models in the packages and folders of packages given at start).
 
 Unloading a model stops serving it: its requests are refused as unloaded, those already taken
-finish. Loading it reads its packages again from the paths given at start, verified as at start,
-and warms them before they take a request; the versions served until then keep serving and are
-retired once the new ones are in place, so a package re-exported in place is served without a
-restart and without a refused request. A client names a model, never a path: the server reads
-only the packages it was started with. Under --workers, a change made through one worker is
+finish. Loading it reads its packages again from the paths given at start (a folder's packages as
+they are now), verified as at start, and warms them before they take a request; the versions
+served until then keep serving and are retired once the new ones are in place, so a package
+re-exported in place, or exported into a folder, is served without a restart and without a
+refused request. A client names a model, never a path: the server reads only the packages and
+folders it was started with. Under --workers, a change made through one worker is
 made in every worker (the supervisor passes it on, serve/workers/).
 """
 

@@ -27,7 +27,7 @@ from resserve.serve.stubs import model_config_pb2 as config_pb
 from resserve.serve.tracing import TraceSetting
 
 # Exactly what is served (binary_tensor_data: on HTTP, serve/rest/kserve.py; model_repository: the
-# index, and loading and unloading the models given at start, serve/control.py), and
+# index, and loading and unloading the models of the packages given at start, serve/control.py), and
 # system_shared_memory where the server allows it (served_extensions)
 EXTENSIONS = ["binary_tensor_data", "classification", "logging", "model_configuration", "model_repository",
               "statistics", "trace"]
