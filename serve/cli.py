@@ -39,6 +39,11 @@ def serve(
         "one exported into it while the server runs (a new version, a new model) is served after `resserve models "
         "--load NAME`.",
         show_default=False, envvar=_env("PACKAGES"))] = None,
+    poll_seconds: Annotated[float, typer.Option(envvar=_env("POLL_SECONDS"),
+        help="Look at the packages (folders of them anew) this often, as Triton's --model-control-mode poll: "
+        "a model whose packages changed (a version added, re-exported or removed) is loaded again, one no package "
+        "holds any more is unloaded, each in every worker. 0: only a load through the API (resserve models "
+        "--load) reads them again.")] = ServerSettings.poll_seconds,
     host: Annotated[str, typer.Option(envvar=_env("HOST"), help="Address to listen on.")] = ServerSettings.host,
     port: Annotated[int, typer.Option(envvar=_env("PORT"), help="gRPC port (Triton's default).")] = ServerSettings.port,
     http_port: Annotated[int, typer.Option(envvar=_env("HTTP_PORT"),
@@ -167,7 +172,8 @@ def serve(
 
     largest_batch = parse_max_batch_size(max_batch_size)
     settings = ServerSettings(
-        packages=tuple(packages or ()), host=host, port=port, http_port=http_port, metrics_port=metrics_port,
+        packages=tuple(packages or ()), poll_seconds=poll_seconds, host=host, port=port, http_port=http_port,
+        metrics_port=metrics_port,
         batching=BatchingConfig(max_batch_size=largest_batch, max_queue_delay_us=max_queue_delay_us,
                                 max_queue_size=max_queue_size, buckets=parse_buckets(batch_buckets, largest_batch)),
         device=device, backend=backend, precision=precision, cuda_conv_search=cuda_conv_search,

@@ -73,7 +73,7 @@ class ModelControl:
         loaded = await asyncio.to_thread(load_repository, packages, settings, self.executor, self.state.metrics)
         for model in loaded.models:
             model.batcher.start()
-        log.info("loaded model %s through the API: version %s", name, ", ".join(m.version for m in loaded.models))
+        log.info("serving model %s at version %s from now on", name, ", ".join(m.version for m in loaded.models))
         return self._replace(name, list(loaded.models))
 
     def _no_package(self, name: str) -> str:
@@ -89,7 +89,7 @@ class ModelControl:
             raise ModelNotFound(f"unknown model {name!r}; this server has {', '.join(repository.names)}")
         replaced = self._replace(name, [])
         if replaced:
-            log.info("unloaded model %s through the API", name)
+            log.info("unloaded model %s", name)
         return replaced
 
     def _replace(self, name: str, models: list[ServedModel]) -> list[ServedModel]:

@@ -39,6 +39,7 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.kserve import InferenceServicer
 from resserve.serve.logs import LogSettings, configure_logging
 from resserve.serve.package import ModelPackage
+from resserve.serve.polling import follow_packages
 from resserve.serve.repository import load_repository, read_packages
 from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
@@ -168,6 +169,11 @@ class Server:
             await self._listen()
         self.state.ready = True
         await self._set_health(READINESS_NAMES, serving=True)
+        if self.settings.poll_seconds:  # under --workers, the first worker's alone (serve/workers/)
+            log.info("looking at the packages every %g s for changes to load (--poll-seconds)",
+                     self.settings.poll_seconds)
+            self.background.add(asyncio.get_running_loop().create_task(
+                follow_packages(self.control, self.state, self.settings.poll_seconds)))
         if coordinator is None:
             log.info("ready: %s%s", ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models)
                      or "no model loaded", page_note(self.settings, self.http_port))

@@ -145,6 +145,10 @@ def parse_workers(value: str, cpus: int) -> int:
 @dataclass(frozen=True)
 class ServerSettings:
     packages: tuple[Path, ...] = ()  # empty: the shipped package
+    # the packages (folders of them read anew) looked at this often, and a model whose packages
+    # changed loaded again, one no package holds any more unloaded (serve/polling.py); 0: only
+    # through the API
+    poll_seconds: float = 0.0
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     http_port: int = DEFAULT_HTTP_PORT  # KServe v2 REST, /v1/classify and the page; 0 disables
@@ -260,6 +264,8 @@ class ServerSettings:
             (self.max_connections is None or self.max_connections >= 1, "--max-connections must be auto or >= 1"),
             (1 <= self.trace_rate < 2**31, "--trace-rate must be >= 1 (one request in that many is traced)"),
             (-1 <= self.trace_count < 2**31, "--trace-count must be -1 (no limit) or >= 0"),
+            (self.poll_seconds == 0 or 0.1 <= self.poll_seconds < math.inf,
+             "--poll-seconds must be 0 (no polling) or at least 0.1 (and finite)"),
             *self._runtime_checks(),
         ]
         for ok, message in checks:

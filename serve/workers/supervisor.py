@@ -124,8 +124,11 @@ class Supervisor:
 
     def _start(self, index: int) -> None:
         parent_end, child_end = self.context.Pipe()
+        # the first worker alone looks at the packages (--poll-seconds): what it finds changed, it
+        # loads through its API, which makes the change in every worker
+        settings = self.worker_settings if index == 1 else dataclasses.replace(self.worker_settings, poll_seconds=0)
         process = self.context.Process(target=worker_main,
-                                       args=(self.worker_settings, index, child_end, self.logs, self.traces,
+                                       args=(settings, index, child_end, self.logs, self.traces,
                                              self.unloaded, tuple(self.regions.values())),
                                        name=f"resserve-worker-{index}", daemon=False)
         process.start()

@@ -240,6 +240,50 @@ def test_a_folder_of_packages_is_read_again_at_each_load(server, package):
             if e["name"] in (MODEL, "tiny")] == [(MODEL, "1", ""), ("tiny", "", "unloaded")]
 
 
+def put(package, folder, subfolder: str, version: str, name: str = MODEL) -> None:
+    """A copy of ``package`` at ``version`` into ``folder``, built under a hidden name and renamed
+    into place, as `resserve export` does."""
+    staging = folder / f".{subfolder}"
+    shutil.copytree(package, staging)
+    set_version(staging, version, name)
+    staging.rename(folder / subfolder)
+
+
+def test_with_poll_seconds_the_packages_are_followed_without_a_call(tmp_path):
+    """Versions and models added, removed and re-exported in place are served as the folder holds
+    them; a package that does not read holds every change back, with one warning."""
+    folder = tmp_path / "models"
+    shutil.copytree(SHIPPED_PACKAGE, folder / MODEL)
+    with ServerProcess(str(folder), "--poll-seconds", "0.2") as server:
+        client = triton_http.InferenceServerClient(server.http_target)
+
+        def versions(name: str = MODEL) -> list[str]:
+            return client.get_model_metadata(name)["versions"] if client.is_model_ready(name) else []
+
+        put(folder / MODEL, folder, f"{MODEL}-2", "2")
+        put(folder / MODEL, folder, "tiny", "1", "tiny")
+        wait_until(lambda: versions() == ["1", "2"] and versions("tiny") == ["1"])
+        assert infer(client) == "2"
+        (folder / "half").mkdir()
+        (folder / "half" / "manifest.json").write_text("{")  # copied in without a rename
+        server.wait_for_line("no model is loaded or unloaded until it reads")
+        shutil.rmtree(folder / f"{MODEL}-2")
+        time.sleep(1)  # five looks
+        assert versions() == ["1", "2"]  # held back
+        shutil.rmtree(folder / "half")
+        wait_until(lambda: versions() == ["1"])
+        shutil.rmtree(folder / "tiny")
+        wait_until(lambda: not client.is_model_ready("tiny"))
+        assert ("tiny", "", "unloaded") in [(e["name"], e["version"], e["reason"])
+                                           for e in client.get_model_repository_index()]
+        set_version(folder / MODEL, "3")  # re-exported in place
+        wait_until(lambda: versions() == ["3"])
+        changes = [line.split("resserve.serve: ")[1].strip() for line in server.lines if "the packages of model" in line]
+        assert sorted(changes) == sorted([f"the packages of model {MODEL} changed: loading it"] * 3 + [
+            "the packages of model tiny changed: loading it", "the packages of model tiny changed: unloading it"])
+        assert server.stop() == 0
+
+
 def test_resserve_models_lists_loads_and_unloads(server):
     def line_of(result) -> list[str]:
         assert result.returncode == 0, result.stderr

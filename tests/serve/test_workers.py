@@ -314,6 +314,27 @@ def test_a_model_unloaded_through_one_worker_is_unloaded_in_every_worker_and_a_r
         assert server.stop() == 0
 
 
+def test_with_poll_seconds_the_first_worker_looks_and_every_worker_follows(tmp_path):
+    folder = tmp_path / "models"
+    shutil.copytree(SHIPPED_PACKAGE, folder / MODEL)
+    with ServerProcess(str(folder), "--workers", "2", "--poll-seconds", "0.2") as server:
+        staging = folder / ".v2"  # built hidden, then renamed into place, as `resserve export` does
+        shutil.copytree(SHIPPED_PACKAGE, staging)
+        manifest = staging / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": "2"}))
+        staging.rename(folder / "v2")
+        server.wait_for_line(f"serving model {MODEL} at version 1, 2 from now on", count=2)  # in both workers
+        versions = set()
+        for _ in range(16):  # over a connection each: both workers
+            connection = HTTPConnection(server.http_target, timeout=30)
+            connection.request("GET", f"/v2/models/{MODEL}")
+            versions.add(tuple(json.loads(connection.getresponse().read())["versions"]))
+            connection.close()
+        assert versions == {("1", "2")}
+        assert sum(f"the packages of model {MODEL} changed" in line for line in server.lines) == 1  # one looked
+        assert server.stop() == 0
+
+
 def test_opposite_model_changes_made_at_once_through_both_workers_leave_them_alike(tmp_path):
     """Unloads and loads at the same moment, each over a connection of its own (so through either
     worker): every worker makes them all in one order, so both end serving, or both not. A change
