@@ -7,8 +7,9 @@ they are now), verified as at start, and warms them before they take a request; 
 served until then keep serving and are retired once the new ones are in place, so a package
 re-exported in place, or exported into a folder, is served without a restart and without a
 refused request. A client names a model, never a path: the server reads only the packages and
-folders it was started with. Under --workers, a change made through one worker is
-made in every worker (the supervisor passes it on, serve/workers/).
+folders it was started with. Under --workers, a change made through one worker is made in every
+worker (the supervisor passes it on, serve/workers/); --poll-seconds makes changes through here
+too (serve/polling.py).
 """
 
 from __future__ import annotations
