@@ -71,10 +71,11 @@ def _state(path: Path) -> PackageState:
     return str(path), tuple(files)
 
 
-async def follow_packages(control: ModelControl, state: ServerState, seconds: float) -> None:
-    """Look at the packages every ``seconds`` and make the model changes they call for, forever."""
+async def follow_packages(control: ModelControl, state: ServerState, seconds: float, seen: Listing) -> None:
+    """Look at the packages every ``seconds`` and make the model changes they call for, forever.
+    ``seen``: a look taken before the models served were read, so that what changed while they
+    loaded is found at the first look (a look taken after could take it for what was loaded)."""
     paths = state.settings.packages
-    seen = await asyncio.to_thread(look, paths)  # what the models served were loaded from
     held = seen.unreadable  # what held changes back at the last look, said once
     failed: set[str] = set()  # models whose last change failed: made again at the next change
     while True:

@@ -39,7 +39,7 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.kserve import InferenceServicer
 from resserve.serve.logs import LogSettings, configure_logging
 from resserve.serve.package import ModelPackage
-from resserve.serve.polling import follow_packages
+from resserve.serve.polling import follow_packages, look
 from resserve.serve.repository import load_repository, read_packages
 from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
@@ -155,6 +155,7 @@ class Server:
         """Listen and load. Alone: listen first (health says NOT_SERVING while models load), then
         load. As one of several workers (``coordinator``): load first, listen when every worker
         has loaded, so no connection ever reaches a worker that is not ready."""
+        seen = look(self.settings.packages) if self.settings.poll_seconds else None  # before they are read
         packages = read_packages(self.settings)  # a missing or malformed package: an error before listening
         await self._set_health([LIVENESS_SERVICE, *READINESS_NAMES], serving=False)
         if coordinator is None:
@@ -169,11 +170,11 @@ class Server:
             await self._listen()
         self.state.ready = True
         await self._set_health(READINESS_NAMES, serving=True)
-        if self.settings.poll_seconds:  # under --workers, the first worker's alone (serve/workers/)
+        if seen is not None:  # under --workers, the first worker's alone (serve/workers/)
             log.info("looking at the packages every %g s for changes to load (--poll-seconds)",
                      self.settings.poll_seconds)
             self.background.add(asyncio.get_running_loop().create_task(
-                follow_packages(self.control, self.state, self.settings.poll_seconds)))
+                follow_packages(self.control, self.state, self.settings.poll_seconds, seen)))
         if coordinator is None:
             log.info("ready: %s%s", ", ".join(f"{m.name} v{m.version}" for m in self.state.repository.models)
                      or "no model loaded", page_note(self.settings, self.http_port))
