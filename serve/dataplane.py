@@ -26,8 +26,9 @@ from resserve.serve.control import ModelControl
 from resserve.serve.errors import DeadlineExpired, InvalidInput, QueueFull
 from resserve.serve.logs import LogSettings, SettingValue, current_log_settings
 from resserve.serve.manifest import INPUT_SHAPE, TensorSpec
+from resserve.serve.package import readable_packages
 from resserve.serve.preprocess import MAX_REQUEST_PIXELS, encoded_to_input, pixels_of, raw_to_input
-from resserve.serve.repository import ServedModel, packages_found
+from resserve.serve.repository import ServedModel
 from resserve.serve.sharedmemory import Placement, Region, check_client
 from resserve.serve.state import ServerState
 from resserve.serve.tracing import Trace, TraceSetting, TraceValue, tracer
@@ -336,10 +337,10 @@ class DataPlane:
         if ready_only:
             return loaded
         unloaded = [RepositoryEntry(name, "", "UNAVAILABLE", "unloaded") for name in repository.unloaded]
-        known = {(m.name, m.version) for m in repository.models}
-        found = [RepositoryEntry(p.name, p.version, "UNAVAILABLE", "not loaded")
-                 for p in await asyncio.to_thread(packages_found, self.state.settings)
-                 if (p.name, p.version) not in known and p.name not in repository.unloaded]
+        served = {(m.name, m.version) for m in repository.models}
+        packages, _ = await asyncio.to_thread(readable_packages, self.state.settings.packages)
+        found = [RepositoryEntry(p.name, p.version, "UNAVAILABLE", "not loaded") for p in packages
+                 if (p.name, p.version) not in served and p.name not in repository.unloaded]
         return loaded + unloaded + found
 
     async def load_model(self, name: str, parameters: Mapping[str, object]) -> None:

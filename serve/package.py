@@ -90,6 +90,22 @@ def _packages_at(path: Path) -> list[Path]:
     return found
 
 
+def readable_packages(paths: Iterable[Path]) -> tuple[list[ModelPackage], list[str]]:
+    """The packages ``paths`` name now that read, and why each other one does not (a manifest
+    half copied in, a folder that holds none any more): for what looks at them without loading."""
+    try:
+        found = package_paths(paths)
+    except PackageError as exc:
+        return [], [str(exc)]
+    packages, unreadable = [], []
+    for path in found:
+        try:
+            packages.append(load_package(path))
+        except ResserveError as exc:
+            unreadable.append(str(exc))
+    return packages, unreadable
+
+
 def load_package(path: Path | str | None = None) -> ModelPackage:
     """Read and check ``path/manifest.json`` (default: the shipped package)."""
     path = Path(path) if path is not None else SHIPPED_PACKAGE

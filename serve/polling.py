@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resserve.serve.control import ModelControl
-from resserve.serve.errors import ResserveError
-from resserve.serve.package import load_package, package_paths
+from resserve.serve.package import readable_packages
 from resserve.serve.state import ServerState
 
 log = logging.getLogger("resserve.serve")
@@ -48,17 +47,13 @@ class Listing:
 
 def look(paths: tuple[Path, ...]) -> Listing:
     """The packages ``paths`` name now (blocking: file system calls)."""
-    try:
-        found = package_paths(paths)
-    except ResserveError as exc:  # a folder that holds no package any more
-        return Listing(unreadable=(str(exc),))
+    packages, unreadable = readable_packages(paths)
     models: dict[str, set[PackageState]] = {}
-    unreadable = []
-    for path in found:
+    for package in packages:
         try:
-            models.setdefault(load_package(path).name, set()).add(_state(path))
-        except (ResserveError, OSError) as exc:
-            unreadable.append(str(exc))
+            models.setdefault(package.name, set()).add(_state(package.path))
+        except OSError as exc:  # removed since its manifest was read
+            unreadable.append(f"cannot read {package.path}: {exc.strerror}")
     return Listing({name: frozenset(states) for name, states in models.items()}, tuple(unreadable))
 
 

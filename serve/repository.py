@@ -180,22 +180,6 @@ def read_packages(settings: ServerSettings) -> list[ModelPackage]:
     return packages
 
 
-def packages_found(settings: ServerSettings) -> list[ModelPackage]:
-    """What the server's packages and folders of packages hold now, for the repository index: what
-    does not read as a package is left out here (a load of its model says why)."""
-    try:
-        paths = package_paths(settings.packages)
-    except ResserveError:
-        return []
-    found = []
-    for path in paths:
-        try:
-            found.append(load_package(path))
-        except ResserveError:
-            pass
-    return found
-
-
 def load_repository(packages: list[ModelPackage], settings: ServerSettings, executor: Executor,
                     metrics: Metrics, unloaded: frozenset[str] = frozenset()) -> ModelRepository:
     """Verify, load and warm every package's artifact, but those of the models ``unloaded``
