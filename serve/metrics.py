@@ -39,6 +39,10 @@ class Metrics:
                                      "worker: checked against from then on (result ok), or left for the tokens read "
                                      "before (refused: a file missing or empty, or a token in both files).",
                                      ["result"], registry=r)
+        self.poll_changes = Counter("resserve_poll_changes", "Model changes --poll-seconds found the packages to call "
+                                    "for: made (result ok), failed with what was served left serving (failed), or "
+                                    "held back by a package that does not read (held, once for each such look).",
+                                    ["result"], registry=r)
         self.latency = Histogram("resserve_request_latency_seconds", "Time from request to response.",
                                  ["protocol", "api", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("resserve_queue_seconds", "Time a request waited for its batch.",

@@ -80,6 +80,7 @@ async def follow_packages(control: ModelControl, state: ServerState, seconds: fl
             if now.unreadable != held:
                 log.warning("the packages changed, but %s: no model is loaded or unloaded until it reads",
                             "; ".join(now.unreadable))
+                state.metrics.poll_changes.labels("held").inc()
             held = now.unreadable
             continue
         held = ()
@@ -94,9 +95,12 @@ async def _make(control: ModelControl, state: ServerState, now: Listing, name: s
     if action == "unload" and name not in state.models():
         return True  # its packages went before it was ever loaded, or after it was unloaded
     log.info("the packages of model %s changed: %sing it", name, action)
+    counted = state.metrics.poll_changes
     try:
         await (control.load if action == "load" else control.unload)(name)
     except Exception as exc:  # noqa: BLE001 - logged; what was served stays served
         log.error("the packages of model %s changed, but it could not be %sed: %s", name, action, exc)
+        counted.labels("failed").inc()
         return False
+    counted.labels("ok").inc()
     return True

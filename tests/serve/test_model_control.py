@@ -278,8 +278,19 @@ def test_with_poll_seconds_the_packages_are_followed_without_a_call(tmp_path):
                                            for e in client.get_model_repository_index()]
         set_version(folder / MODEL, "3")  # re-exported in place
         wait_until(lambda: versions() == ["3"])
-        changes = [line.split("resserve.serve: ")[1].strip() for line in server.lines if "the packages of model" in line]
-        assert sorted(changes) == sorted([f"the packages of model {MODEL} changed: loading it"] * 3 + [
+        staging = folder / ".4"  # a version 4 that does not verify: version 3 stays served
+        shutil.copytree(folder / MODEL, staging)
+        set_version(staging, "4")
+        (staging / "model.onnx").write_bytes(b"not the model")
+        staging.rename(folder / "4")
+        server.wait_for_line("could not be loaded: ")
+        assert versions() == ["3"]
+        shutil.rmtree(folder / "4")
+        wait_until(lambda: metric_value(server.metrics(), "resserve_poll_changes_total", result="ok") == 6)
+        assert [metric_value(server.metrics(), "resserve_poll_changes_total", result=result)
+                for result in ("failed", "held")] == [1, 1]
+        changes = [line.split("resserve.serve: ")[1].strip() for line in server.lines if "changed: " in line]
+        assert sorted(changes) == sorted([f"the packages of model {MODEL} changed: loading it"] * 5 + [
             "the packages of model tiny changed: loading it", "the packages of model tiny changed: unloading it"])
         assert server.stop() == 0
 
