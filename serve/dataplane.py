@@ -344,11 +344,11 @@ class DataPlane:
         return loaded + unloaded + found
 
     async def load_model(self, name: str, parameters: Mapping[str, object]) -> None:
-        """Triton's RepositoryModelLoad: the model called ``name`` (re)loaded from the packages given
-        at start, in every worker (serve/control.py)."""
+        """Triton's RepositoryModelLoad: the model called ``name`` (re)loaded from the packages, and
+        folders of them, given at start, in every worker (serve/control.py)."""
         if parameters:
-            raise InvalidInput(f"resserve loads a model only from the package it was started with; load parameters "
-                               f"({', '.join(sorted(parameters))[:200]}) are not taken")
+            raise InvalidInput(f"resserve loads a model only from the packages, and folders of them, it was started "
+                               f"with; load parameters ({', '.join(sorted(parameters))[:200]}) are not taken")
         await self.control.load(name)
 
     async def unload_model(self, name: str, parameters: Mapping[str, object]) -> None:

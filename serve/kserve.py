@@ -200,8 +200,8 @@ def trace_settings_response(setting: TraceSetting) -> pb.TraceSettingResponse:
 
 def _one_repository(name: str) -> None:
     if name:
-        raise InvalidInput(f"resserve has one model repository, the packages it was started with; "
-                           f"repository_name must be empty, got {name[:128]!r}")
+        raise InvalidInput(f"resserve has one model repository, the packages (and folders of them) it was started "
+                           f"with; repository_name must be empty, got {name[:128]!r}")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

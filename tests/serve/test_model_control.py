@@ -149,13 +149,13 @@ def test_only_the_models_given_at_start_are_loaded_and_only_as_given(server):
     with pytest.raises(InferenceServerException) as info:
         triton_http.InferenceServerClient(server.http_target).load_model(MODEL, config='{"max_batch_size": 8}')
     assert (info.value.status(), info.value.message()) == (
-        "400", "resserve loads a model only from the package it was started with; load parameters (config) "
-               "are not taken")
+        "400", "resserve loads a model only from the packages, and folders of them, it was started with; "
+               "load parameters (config) are not taken")
     stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
     for request, message in (
             (kserve_pb2.RepositoryModelLoadRequest(repository_name="/models", model_name=MODEL),
-             "resserve has one model repository, the packages it was started with; repository_name must be "
-             "empty, got '/models'"),
+             "resserve has one model repository, the packages (and folders of them) it was started with; "
+             "repository_name must be empty, got '/models'"),
             (kserve_pb2.RepositoryModelUnloadRequest(
                 model_name=MODEL, parameters={"force": kserve_pb2.ModelRepositoryParameter(bool_param=True)}),
              "unload takes the parameter unload_dependents only, got force")):
