@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.http as triton_http
 from PIL import Image
 
 from helpers import ServerProcess
@@ -117,6 +118,34 @@ def test_the_model_chosen_reads_the_digit_again(browser, page_server):
         page.select_option("#model", label=chosen)
         page.wait_for_function("c => document.getElementById('about').textContent.startsWith(c)", arg=chosen)
         shows(page, 7)
+
+
+def test_a_model_unloaded_or_loaded_since_the_page_opened_is_taken_off_or_put_on_its_list(browser, page_server):
+    """"digits" chosen, then unloaded: the next drawing is read by the server's default and the list
+    loses it; loaded again, it is back on the list once the tab is shown again."""
+    client = triton_http.InferenceServerClient(page_server.http_target)
+    page = browser.new_page()
+    page.goto(page_server.url + "/")
+    page.wait_for_selector("#model-box", state="visible")
+    page.select_option("#model", label="digits v1")
+    draw(page, STROKES[1])
+    shows(page, 1)
+    assert page.inner_text("#about").startswith("digits v1")
+    client.unload_model("digits")
+    try:
+        page.click("#clear")
+        draw(page, STROKES[7])
+        page.wait_for_function("() => document.getElementById('about').textContent.startsWith('resnet-mnist v2')")
+        shows(page, 7)
+        assert page.locator("#model option").all_inner_texts() == [
+            "resnet-mnist (latest: v2)", "resnet-mnist v2", "resnet-mnist v1"]
+        assert page.locator("#model option:checked").inner_text() == "resnet-mnist (latest: v2)"
+    finally:
+        client.load_model("digits")
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # the tab shown again
+    page.wait_for_function("() => document.querySelectorAll('#model option').length === 4")
+    assert page.locator("#model option").all_inner_texts()[-1] == "digits v1"
+    assert page.locator("#model option:checked").inner_text() == "resnet-mnist (latest: v2)"  # kept
 
 
 def test_choosing_a_photo_of_a_digit_classifies_it(browser, page_server, mnist, tmp_path):

@@ -120,27 +120,46 @@ function withToken(headers) {
 }
 
 // The models the server serves (KServe's repository index): a choice only where there are several.
-// Each model's first entry is its latest version, which requests that name none get.
+// Each model's first entry is its latest version, which requests that name none get. Listed again
+// when the tab is shown again and when the model chosen is no longer served (unloaded, or its
+// package removed from a folder the server polls); resolves to whether the choice changed.
 async function listModels() {
+  const before = chosenModel();
   try {
     const response = await fetch("/v2/repository/index", {
       method: "POST", body: '{"ready": true}', headers: withToken({ "Content-Type": "application/json" }) });
-    if (!response.ok) return; // a token is wanted first (asked again once one is given), or none is served
+    if (!response.ok) return false; // a token is wanted first (asked again once one is given)
     const served = await response.json();
-    if (served.length < 2) return;
     const options = [];
     for (const name of new Set(served.map((entry) => entry.name))) {
       const versions = served.filter((entry) => entry.name === name).map((entry) => entry.version)
         .sort((a, b) => Number(b) - Number(a));
       options.push([versions.length > 1 ? `${name} (latest: v${versions[0]})` : `${name} v${versions[0]}`,
-        new URLSearchParams({ model: name })]);
+        new URLSearchParams({ model: name }).toString()]);
       if (versions.length > 1) {
-        for (const version of versions) options.push([`${name} v${version}`, new URLSearchParams({ model: name, version })]);
+        for (const version of versions) {
+          options.push([`${name} v${version}`, new URLSearchParams({ model: name, version }).toString()]);
+        }
       }
     }
-    modelChoice.replaceChildren(...options.map(([label, query]) => new Option(label, query.toString())));
-    modelBox.hidden = false;
+    modelChoice.replaceChildren(...options.map(([label, query]) => new Option(label, query)));
+    if (options.some(([, query]) => query === before)) modelChoice.value = before;
+    modelBox.hidden = served.length < 2;
   } catch { /* no list: the server's default model reads the digit */ }
+  return chosenModel() !== before;
+}
+
+// The query that names the model chosen ("": the server's default)
+function chosenModel() {
+  return modelBox.hidden ? "" : modelChoice.value;
+}
+
+// The list read again; where the model chosen is gone, the digit is read again by the one now chosen.
+async function refreshModels() {
+  if (await listModels()) {
+    generation++;
+    resend();
+  }
 }
 
 async function classify(blob, what) {
@@ -148,10 +167,11 @@ async function classify(blob, what) {
   const asked = generation;
   const headers = withToken({ "Content-Type": blob.type || "application/octet-stream" });
   const token = headers.Authorization;
-  const query = modelBox.hidden ? "" : `?${modelChoice.value}`;
+  const chosen = chosenModel();
+  let gone = false; // the model chosen is not served (any more)
   busy = true;
   try {
-    const response = await fetch(`/v1/classify${query}`, { method: "POST", body: blob, headers });
+    const response = await fetch(`/v1/classify${chosen && "?"}${chosen}`, { method: "POST", body: blob, headers });
     // a proxy in front of the server may answer in HTML (a 413 for a large photo, a 502): name its status
     const answer = await response.json()
       .catch(() => ({ error: `HTTP ${response.status} ${response.statusText}`.trim() }));
@@ -163,6 +183,7 @@ async function classify(blob, what) {
       setStatus(token ? "The server refused this token: enter another below."
         : "This server needs a bearer token: enter it below.", true);
     } else if (!response.ok) {
+      gone = response.status === 404 && chosen !== "";
       setStatus(`The server could not classify ${what}: ${answer.error}`, true);
     } else {
       tokenBox.hidden = true; // answered: a refusal of an earlier request is over
@@ -172,6 +193,7 @@ async function classify(blob, what) {
     setStatus(`No answer from the server: ${error.message}`, true);
   } finally {
     busy = false;
+    if (gone) await refreshModels();
     if (again) { again = false; sendDrawing(); }
   }
 }
@@ -227,12 +249,16 @@ tokenBox.addEventListener("submit", (event) => { // the button or Enter
   sessionStorage.setItem("resserve-token", tokenInput.value.trim());
   tokenBox.hidden = true;
   setStatus("Token saved for this tab.");
-  if (modelBox.hidden) listModels();
+  listModels();
   resend(); // what was refused for want of a token, now with it
 });
 modelChoice.addEventListener("change", () => { // the same digit, read by the model chosen
   generation++;
   resend();
+});
+
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible") refreshModels(); // models loaded or unloaded meanwhile
 });
 
 function resend() {
