@@ -367,7 +367,7 @@ def models(
     """The models a server has and their state (and versions in its packages that a load would
     bring in: not loaded); load or unload one while it serves.
 
-    In scripts: `resserve export model.pt --out pkg/ && resserve models --load resnet-mnist`.
+    In scripts: `resserve export model.pt --name resnet-mnist --out pkg/ && resserve models --load resnet-mnist`.
     """
     from resserve.serve.client import DigitClient
 
