@@ -5,6 +5,7 @@ input, and the page must show the right digit each time. The screenshot is saved
 test's files (and into docs/ with RESSERVE_UPDATE_SCREENSHOTS=1).
 """
 
+import io
 import json
 import math
 import os
@@ -155,6 +156,22 @@ def test_choosing_a_photo_of_a_digit_classifies_it(browser, page_server, mnist, 
     page.goto(page_server.url + "/")
     page.set_input_files("#file", str(photo))
     shows(page, int(mnist.test.labels[1]))
+
+
+def test_an_image_pasted_on_the_page_is_classified_and_text_is_not_taken_for_one(browser, page_server, mnist):
+    page = browser.new_page()
+    page.goto(page_server.url + "/")
+    paste = """([bytes, type]) => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], "pasted", { type }));
+        return document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, cancelable: true }));
+    }"""
+    assert page.evaluate(paste, [list(b"7"), "text/plain"])  # not an image: left to the page as it is
+    assert page.inner_text("#status") == "Draw something to start."
+    png = io.BytesIO()
+    Image.fromarray(mnist.test.images[2]).save(png, format="PNG")
+    assert not page.evaluate(paste, [list(png.getvalue()), "image/png"])  # taken: not pasted anywhere else
+    shows(page, int(mnist.test.labels[2]))
 
 
 def test_a_phone_sized_photo_is_sent_scaled_down_within_the_servers_limit(browser, page_server, mnist, tmp_path):

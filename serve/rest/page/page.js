@@ -244,6 +244,12 @@ pad.addEventListener("drop", (event) => {
   pad.classList.remove("dragging");
   classifyFile(event.dataTransfer.files[0]);
 });
+document.addEventListener("paste", (event) => { // an image copied elsewhere (a screenshot, a browser's image)
+  const file = [...event.clipboardData.files].find((item) => item.type.startsWith("image/"));
+  if (!file) return; // text: pasted where it goes (the token box)
+  event.preventDefault();
+  classifyFile(file);
+});
 tokenBox.addEventListener("submit", (event) => { // the button or Enter
   event.preventDefault();
   sessionStorage.setItem("resserve-token", tokenInput.value.trim());
