@@ -133,7 +133,8 @@ class ModelEntry:
     name: str
     version: str
     state: str  # READY or UNAVAILABLE
-    reason: str  # why it is not READY: "unloaded", or the server loading or draining
+    # why it is not READY: "unloaded", "not loaded", "the last load failed: ..." or the server loading or draining
+    reason: str
 
 
 @dataclass(frozen=True)

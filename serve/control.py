@@ -36,6 +36,9 @@ class ModelControl:
         self.state = state
         self.executor = executor  # the inference thread the batchers run on
         self._one_at_a_time = asyncio.Lock()
+        # model -> why its last load failed here, until one succeeds or it is unloaded: one entry at
+        # most per model a package holds (a load of a name no package holds fails before it is kept)
+        self._failed_loads: dict[str, str] = {}
 
     async def load(self, name: str) -> None:
         """Load (again) every version of the model called ``name`` from its packages, in every worker."""
@@ -71,11 +74,22 @@ class ModelControl:
         packages = [p for p in await asyncio.to_thread(read_packages, settings) if p.name == name]
         if not packages:
             raise ModelNotFound(self._no_package(name))
-        loaded = await asyncio.to_thread(load_repository, packages, settings, self.executor, self.state.metrics)
+        try:
+            loaded = await asyncio.to_thread(load_repository, packages, settings, self.executor, self.state.metrics)
+        except Exception as exc:
+            self._failed_loads[name] = str(exc)
+            raise
         for model in loaded.models:
             model.batcher.start()
         log.info("serving model %s at version %s from now on", name, ", ".join(m.version for m in loaded.models))
         return self._replace(name, list(loaded.models))
+
+    def why_not_served(self, name: str, unloaded: bool) -> str:
+        """Why the model ``name`` (``unloaded`` through the API), or a version of it that a package
+        holds, is not served: the reason the repository index gives, naming the error of the last
+        load where it failed, as Triton's index does."""
+        failure = self._failed_loads.get(name)
+        return f"the last load failed: {failure}" if failure else "unloaded" if unloaded else "not loaded"
 
     def _no_package(self, name: str) -> str:
         repository, where = self.state.models(), "of the packages, and folders of them, this server was started with"
@@ -98,6 +112,7 @@ class ModelControl:
         repository = self.state.models()
         replaced = [m for m in repository.models if m.name == name]
         self.state.repository = repository.with_versions(name, models)
+        self._failed_loads.pop(name, None)
         return replaced
 
     async def _retire(self, models: list[ServedModel]) -> None:

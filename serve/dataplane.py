@@ -326,7 +326,8 @@ class DataPlane:
 
     async def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
         """The models and their state: each version loaded, each model unloaded through the API, and
-        each package found (a folder of packages read anew) whose version a load would bring in."""
+        each package found (a folder of packages read anew) whose version a load would bring in
+        (or failed to: the reason names the error)."""
         repository = self.state.repository
         if repository is None:
             return []
@@ -336,10 +337,11 @@ class DataPlane:
         loaded = [RepositoryEntry(m.name, m.version, state, reason) for m in repository.models]
         if ready_only:
             return loaded
-        unloaded = [RepositoryEntry(name, "", "UNAVAILABLE", "unloaded") for name in repository.unloaded]
+        why = self.control.why_not_served
+        unloaded = [RepositoryEntry(name, "", "UNAVAILABLE", why(name, unloaded=True)) for name in repository.unloaded]
         served = {(m.name, m.version) for m in repository.models}
         packages, _ = await asyncio.to_thread(readable_packages, self.state.settings.packages)
-        found = [RepositoryEntry(p.name, p.version, "UNAVAILABLE", "not loaded") for p in packages
+        found = [RepositoryEntry(p.name, p.version, "UNAVAILABLE", why(p.name, unloaded=False)) for p in packages
                  if (p.name, p.version) not in served and p.name not in repository.unloaded]
         return loaded + unloaded + found
 

@@ -240,6 +240,13 @@ def test_a_folder_of_packages_is_read_again_at_each_load(server, package):
             if e["name"] in (MODEL, "tiny")] == [(MODEL, "1", ""), ("tiny", "", "unloaded")]
 
 
+def reason_of(client, version: str, name: str = MODEL) -> str:
+    """The repository index's reason for a version not served, where its last load failed."""
+    (entry,) = [e for e in client.get_model_repository_index() if (e["name"], e["version"]) == (name, version)]
+    assert entry["state"] == "UNAVAILABLE" and entry["reason"].startswith("the last load failed: "), entry
+    return entry["reason"]
+
+
 def put(package, folder, subfolder: str, version: str, name: str = MODEL) -> None:
     """A copy of ``package`` at ``version`` into ``folder``, built under a hidden name and renamed
     into place, as `resserve export` does."""
@@ -247,6 +254,24 @@ def put(package, folder, subfolder: str, version: str, name: str = MODEL) -> Non
     shutil.copytree(package, staging)
     set_version(staging, version, name)
     staging.rename(folder / subfolder)
+
+
+def test_the_index_names_why_a_load_failed_until_one_succeeds(server, package):
+    folder, client = package.parent, triton_http.InferenceServerClient(server.http_target)
+    put(package, folder, f"{MODEL}-2", "2")
+    (folder / f"{MODEL}-2" / "model.onnx").write_bytes(b"not the model")
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            client.load_model(MODEL)
+        assert info.value.status() == "400"
+        assert reason_of(client, "2") == f"the last load failed: {info.value.message()}"
+        shutil.rmtree(folder / f"{MODEL}-2")
+        client.load_model(MODEL)
+        put(package, folder, f"{MODEL}-2", "2")
+        assert [(e["version"], e["reason"]) for e in client.get_model_repository_index() if e["name"] == MODEL] == [
+            ("1", ""), ("2", "not loaded")]
+    finally:
+        shutil.rmtree(folder / f"{MODEL}-2", ignore_errors=True)
 
 
 def test_with_poll_seconds_the_packages_are_followed_without_a_call(tmp_path):
@@ -285,6 +310,7 @@ def test_with_poll_seconds_the_packages_are_followed_without_a_call(tmp_path):
         staging.rename(folder / "4")
         server.wait_for_line("could not be loaded: ")
         assert versions() == ["3"]
+        assert "sha256" in reason_of(client, "4")  # the index says why version 4 is not served
         shutil.rmtree(folder / "4")
         wait_until(lambda: metric_value(server.metrics(), "resserve_poll_changes_total", result="ok") == 6)
         assert [metric_value(server.metrics(), "resserve_poll_changes_total", result=result)
