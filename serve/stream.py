@@ -8,6 +8,7 @@ as it is computed (so not necessarily in the order sent: a client matches them b
 with Triton), and the requests of one stream run concurrently, so they batch with each other and
 with everyone else's. A request's error is its response's ``error_message`` and the stream
 carries on; the stream itself ends OK when the client closes its side and every response is out.
+Each response says it is its request's last (``triton_final_response``), as Triton's do.
 
 A stream has at most ``--max-batch-size`` requests and ``--max-message-bytes`` of them in
 flight (enough to fill a batch on its own), plus the one it has just read, which waits for room;
@@ -27,6 +28,12 @@ from resserve.serve.state import ServerState
 from resserve.serve.stubs import grpc_service_pb2 as pb
 
 Infer = Callable[[pb.ModelInferRequest], Awaitable[pb.ModelInferResponse]]
+
+# Set on every response, as Triton sets it on each of a stream's responses (true on the last of a
+# request's, and a request here gets one): Triton's streaming clients, written for models that
+# answer a request with several responses, read until it is true (with or without
+# enable_empty_final_response), and would wait for ever, or fail on its absence, without it.
+FINAL_RESPONSE = "triton_final_response"
 
 
 class Window:
@@ -106,9 +113,9 @@ class InferStream:
         model = self.state.model_label("kserve_stream", request.model_name)
         response, outcome = await answer(self.state, "kserve_stream", model, self.context.peer,
                                          lambda: self.infer(request))
-        if response is not None:
-            return pb.ModelStreamInferResponse(infer_response=response)
-        return pb.ModelStreamInferResponse(
-            error_message=outcome.message,
-            infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                 model_version=request.model_version, id=request.id))
+        error = "" if response is not None else outcome.message
+        if response is None:
+            response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                             id=request.id)
+        response.parameters[FINAL_RESPONSE].bool_param = True
+        return pb.ModelStreamInferResponse(error_message=error, infer_response=response)

@@ -62,6 +62,29 @@ def test_tritonclient_streams_the_mnist_test_set_pipelined_and_gets_the_exported
     assert accuracy == expected
 
 
+def test_each_answer_on_a_stream_says_it_is_the_last_as_tritons_streaming_clients_read_until(server, mnist):
+    """Triton's clients for models that answer with several responses read until
+    ``triton_final_response``, asking for an empty last response where a model sends none; a
+    request here gets one response, which is its last, and no empty one after it."""
+    client = triton.InferenceServerClient(server.target)
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    tensor = triton.InferInput("input", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(mnist.test.images[:1, None].astype(np.float32) / 255)
+    for request_id in ("a", "b"):
+        client.async_stream_infer(MODEL, [tensor], request_id=request_id, enable_empty_final_response=True)
+    received = []
+    while len(received) < 2:  # as such a client reads: until each request's final response
+        result, error = answers.get(timeout=30)
+        assert error is None, error
+        response = result.get_response()
+        assert response.parameters["triton_final_response"].bool_param
+        assert result.as_numpy("logits").argmax() == mnist.test.labels[0]
+        received.append(response.id)
+    client.stop_stream()  # waits for the stream to end: an empty response would be in the queue by then
+    assert sorted(received) == ["a", "b"] and answers.empty()
+
+
 def test_a_bad_request_on_a_stream_gets_its_error_and_the_stream_carries_on(server, mnist):
     good = mnist.test.images[:2, None] / 255
     requests = [request_of(good, "a"), request_of(good * 5, "b"), request_of(good, "c", model="no-such-model"),
@@ -73,6 +96,7 @@ def test_a_bad_request_on_a_stream_gets_its_error_and_the_stream_carries_on(serv
     for request_id in "ad":
         assert responses[request_id].error_message == ""
         assert np.frombuffer(responses[request_id].infer_response.raw_output_contents[0], "<f4").shape == (20,)
+    assert all(r.infer_response.parameters["triton_final_response"].bool_param for r in responses.values())
     assert responses["b"].error_message.startswith("input values must be in [0, 1]")
     assert responses["c"].error_message.startswith("unknown model 'no-such-model'")
     assert stream_count(server, "INVALID_ARGUMENT") == invalid_before + 1
