@@ -1,18 +1,27 @@
 """deploy/ checked without a cluster: schemas, and consistency with the server it deploys."""
 
+import json
+import os
 import re
 import shutil
 import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import kubernetes_validate
+import numpy as np
 import promql_parser
 import pytest
+import tritonclient.grpc as triton_grpc
 import typer.main
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from helpers import ServerProcess, free_port, triton_infer
 from resserve.serve.app import build_app
 from resserve.serve.metrics import Metrics
 from resserve.serve.settings import (DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LIVENESS_SERVICE,
@@ -238,12 +247,19 @@ def test_alerts_on_inference_read_exactly_the_inference_apis():
 PROMTOOL_CASES = Path(__file__).with_name("alerts.promtool.yaml")
 
 
+def prometheus_tool(name: str) -> str:
+    """The path of ``name`` from Debian's prometheus: skipped where it is not installed, but for CI
+    (.ci/run installs it)."""
+    tool = shutil.which(name)
+    if tool is None and not os.environ.get("CI"):
+        pytest.skip(f"{name} (Debian's prometheus) is not installed; .ci/run installs it")
+    assert tool, f"{name} (Debian's prometheus) is missing in CI"
+    return tool
+
+
 def promtool(*args: str, cwd: Path) -> str:
     """Prometheus's own rule checker; the failure's output, or ""."""
-    tool = shutil.which("promtool")
-    if tool is None:
-        pytest.skip("promtool (Debian's prometheus) is not installed")
-    result = subprocess.run([tool, *args], capture_output=True, text=True, cwd=cwd)
+    result = subprocess.run([prometheus_tool("promtool"), *args], capture_output=True, text=True, cwd=cwd)
     return "" if result.returncode == 0 else result.stdout + result.stderr
 
 
@@ -267,10 +283,109 @@ def test_the_alerts_fire_when_they_should_and_only_then(tmp_path):
 
 def test_the_pod_monitor_scrapes_the_metrics_port_of_the_deployments_pods():
     documents = kustomize(MONITORING)
-    assert {d["kind"] for d in documents} == {"PodMonitor", "PrometheusRule"}
+    assert {d["kind"] for d in documents} == {"ConfigMap", "PodMonitor", "PrometheusRule"}
     monitor = by_kind(documents, "PodMonitor")
     template = by_kind(base_documents(), "Deployment")["spec"]["template"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert (ports[endpoint["port"]], endpoint["path"]) == (DEFAULT_METRICS_PORT, "/metrics")
+
+
+# deploy/k8s/monitoring/dashboard.json: the Grafana dashboard ------------------------------------
+
+DASHBOARD = MONITORING / "dashboard.json"
+SCRAPE_LABELS = {"namespace", "pod"}  # what Prometheus adds to each series it scrapes from a pod
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_queries(namespace: str = "default", pods: str = ".*", rate_interval: str = "1m") -> dict[str, str]:
+    """Each query of the dashboard (its panel's title and the query's legend -> PromQL), with the
+    variables filled in as Grafana does (``pods``: the regex of "All")."""
+    queries = {}
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", rate_interval)
+            queries[f"{panel['title']}: {target['legendFormat']}"] = expr.replace("$namespace", namespace).replace(
+                "$pod", pods)
+    return queries
+
+
+def test_each_dashboard_query_reads_metrics_and_labels_the_server_exports():
+    samples = exported_samples()
+    panels = [p for p in dashboard()["panels"] if p["type"] != "row"]
+    assert len({p["title"] for p in panels}) == len(panels) > 0
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}" and panel["description"] and panel["targets"]
+    for name, expr in dashboard_queries().items():
+        read = selectors(expr)
+        assert read, name
+        for selector in read:
+            assert selector.name in samples, (name, selector.name)
+            assert {m.name for m in selector.matchers.matchers} <= samples[selector.name] | SCRAPE_LABELS, name
+            for matcher in (m for m in selector.matchers.matchers if m.name == "api"):
+                assert set(matcher.value.split("|")) == INFERENCE_APIS, name
+    for variable in (v for v in dashboard()["templating"]["list"] if v["type"] == "query"):
+        (metric,) = re.findall(r"label_values\((\w+)", variable["definition"])
+        assert metric in samples, variable["name"]
+
+
+def test_dashboard_panels_do_not_overlap():
+    taken = set()
+    for panel in dashboard()["panels"]:
+        box = panel["gridPos"]
+        cells = {(x, y) for x in range(box["x"], box["x"] + box["w"]) for y in range(box["y"], box["y"] + box["h"])}
+        assert box["x"] + box["w"] <= 24 and not cells & taken, panel["title"]
+        taken |= cells
+
+
+def test_the_dashboard_shows_a_real_server_as_prometheus_scrapes_it(tmp_path):
+    """Prometheus itself (Debian's, the package promtool comes in) scrapes a server with two
+    workers under load, and every query of the dashboard answers with numbers."""
+    prometheus = prometheus_tool("prometheus")
+    with ServerProcess("--workers", "2") as server:
+        config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [{"job_name": "resserve", "static_configs": [
+            {"targets": [f"127.0.0.1:{server.metrics_port}"], "labels": {"namespace": "default", "pod": "resserve-0"}}]}]}
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port, stop = free_port(), threading.Event()
+
+        def load() -> None:
+            client = triton_grpc.InferenceServerClient(server.target)
+            while not stop.is_set():
+                triton_infer(client, np.zeros((1, 1, 28, 28), np.float32))
+
+        sender = threading.Thread(target=load)
+        with (tmp_path / "prometheus.log").open("w") as log:
+            scraper = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                        f"--storage.tsdb.path={tmp_path / 'data'}",
+                                        f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
+        sender.start()
+        try:
+            empty = answer_each(f"http://127.0.0.1:{port}", dashboard_queries(rate_interval="5s"), seconds=60)
+        finally:
+            stop.set()
+            sender.join()
+            scraper.terminate()
+            scraper.wait(10)
+    assert not empty, f"no numbers from: {empty}\n" + (tmp_path / "prometheus.log").read_text()[-2000:]
+
+
+def answer_each(prometheus: str, queries: dict[str, str], seconds: float) -> list[str]:
+    """Asks ``prometheus`` each query until every one answers with a number (not NaN, as a quantile
+    of no requests is), or ``seconds`` pass; the names of those that did not."""
+    deadline, waiting = time.monotonic() + seconds, dict(queries)
+    while waiting and time.monotonic() < deadline:
+        for name, expr in list(waiting.items()):
+            try:
+                with urllib.request.urlopen(f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}",
+                                            timeout=5) as response:
+                    results = json.load(response)["data"]["result"]
+            except OSError:  # Prometheus is still starting
+                continue
+            if results and all(result["value"][1] != "NaN" for result in results):
+                del waiting[name]
+        time.sleep(0.5)
+    return list(waiting)
