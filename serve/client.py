@@ -42,6 +42,9 @@ CLOSED_HINTS = {
                   "--tls-client-ca?",
 }
 CLOSED_AT_LIMIT = "; or it holds all the connections it may (its --max-connections): retry later"
+# A URL given where gRPC wants host:port: gRPC reads "http://host:8000" as a host name that does
+# not resolve ("Misformatted domain name"); its own schemes (dns:///, unix:, ipv4:) stay valid
+URL_SCHEMES = ("http", "https", "grpc", "grpcs")
 CLIENT_CERT_NEEDS_CA = ("--tls-cert and --tls-key (mutual TLS) need --tls-ca: the CA that signed the server's "
                         "certificate")
 
@@ -153,6 +156,11 @@ class DigitClient:
                  timeout: float = 30.0, tls_cert: Path | None = None, tls_key: Path | None = None,
                  option: str = SERVER_OPTION) -> None:
         """``option``: how the user named ``target``, for the hints of a connection that fails."""
+        scheme, _, address = target.partition("://")
+        if address and scheme.lower() in URL_SCHEMES:
+            raise ResserveError(f"{option} takes the host:port of a server's gRPC port (such as localhost:8001), "
+                                f"not a URL: got {target[:200]!r}"
+                                + ("; for TLS, give --tls-ca" if scheme.lower().endswith("s") else ""))
         if tls_ca is not None:
             self.channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key))
         elif tls_cert or tls_key:

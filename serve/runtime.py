@@ -44,8 +44,8 @@ class RuntimeChoice:
 def accuracy_change(precision: str, loss: float) -> str:
     """What ``precision`` costs in accuracy, as a log line says it ("gains" where export measured it
     above fp32, as bf16's rounding sometimes is on one or two of the 10,000 test images)."""
-    verb = "gains" if loss < 0 else "loses"
-    return f"{precision} {verb} {abs(loss) * 100:.2f} accuracy points on MNIST test"
+    points = round(loss * 100, 2)  # a difference of float accuracies can be -1e-17: "loses 0.00"
+    return f"{precision} {'gains' if points < 0 else 'loses'} {abs(points):.2f} accuracy points on MNIST test"
 
 
 def bf16_guard(manifest: Manifest) -> tuple[bool, str]:

@@ -64,6 +64,10 @@ def test_root_help_lists_the_commands():
      "cannot write /proc/no-such/serve.json"),
     (["classify", __file__, "--server", "127.0.0.1:1"], "127.0.0.1:1: UNAVAILABLE: failed to connect"),
     (["health", "--server", "127.0.0.1:1"], "(is a server running there? `resserve serve` starts one; --server or"),
+    (["classify", __file__, "--server", "http://localhost:8000"], "--server or RESSERVE_SERVER takes the host:port "
+     "of a server's gRPC port (such as localhost:8001), not a URL: got 'http://localhost:8000'"),
+    (["models", "--server", "HTTPS://resserve.example.com"], "not a URL: got 'HTTPS://resserve.example.com'; for "
+     "TLS, give --tls-ca"),
     (["health", "--tls-ca", "/nonexistent/ca.crt"], "cannot read --tls-ca /nonexistent/ca.crt: No such file or directory"),
     (["health", "--tls-ca", str(SHIPPED_PACKAGE / "manifest.json")],
      f"--tls-ca {SHIPPED_PACKAGE / 'manifest.json'} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
