@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from resserve.serve.control import ModelControl
-from resserve.serve.errors import DeadlineExpired, InvalidInput, QueueFull
+from resserve.serve.errors import DeadlineExpired, InvalidInput, ModelNotFound, QueueFull, ResserveError
 from resserve.serve.logs import LogSettings, SettingValue, current_log_settings
 from resserve.serve.manifest import INPUT_SHAPE, TensorSpec
 from resserve.serve.package import readable_packages
@@ -351,7 +351,14 @@ class DataPlane:
         if parameters:
             raise InvalidInput(f"resserve loads a model only from the packages, and folders of them, it was started "
                                f"with; load parameters ({', '.join(sorted(parameters))[:200]}) are not taken")
-        await self.control.load(name)
+        try:
+            await self.control.load(name)
+        except ModelNotFound:
+            raise  # a name no package holds: the client's to hear, as any unknown model
+        except ResserveError as exc:  # a package that does not read or verify: the operator's to see
+            log.error("model %s could not be loaded through the API: %s; the versions served until now stay "
+                      "served", name, exc)
+            raise
 
     async def unload_model(self, name: str, parameters: Mapping[str, object]) -> None:
         """Triton's RepositoryModelUnload: the model called ``name`` no longer served, in every worker.

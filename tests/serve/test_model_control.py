@@ -256,15 +256,18 @@ def put(package, folder, subfolder: str, version: str, name: str = MODEL) -> Non
     staging.rename(folder / subfolder)
 
 
-def test_the_index_names_why_a_load_failed_until_one_succeeds(server, package):
+def test_a_failed_load_is_logged_and_the_index_names_why_until_a_load_succeeds(server, package):
     folder, client = package.parent, triton_http.InferenceServerClient(server.http_target)
     put(package, folder, f"{MODEL}-2", "2")
     (folder / f"{MODEL}-2" / "model.onnx").write_bytes(b"not the model")
+    logged = len(server.lines)
     try:
         with pytest.raises(InferenceServerException) as info:
             client.load_model(MODEL)
         assert info.value.status() == "400"
         assert reason_of(client, "2") == f"the last load failed: {info.value.message()}"
+        line = server.wait_for_line("could not be loaded through the API: ", since=logged)  # for the operator
+        assert f" ERROR resserve.serve: model {MODEL} could not be loaded through the API: {info.value.message()}; " in line
         shutil.rmtree(folder / f"{MODEL}-2")
         client.load_model(MODEL)
         put(package, folder, f"{MODEL}-2", "2")
