@@ -347,8 +347,9 @@ def test_the_dashboard_shows_a_real_server_as_prometheus_scrapes_it(tmp_path):
     workers under load, and every query of the dashboard answers with numbers."""
     prometheus = prometheus_tool("prometheus")
     with ServerProcess("--workers", "2") as server:
-        config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [{"job_name": "resserve", "static_configs": [
-            {"targets": [f"127.0.0.1:{server.metrics_port}"], "labels": {"namespace": "default", "pod": "resserve-0"}}]}]}
+        pod = {"targets": [f"127.0.0.1:{server.metrics_port}"], "labels": {"namespace": "default", "pod": "resserve-0"}}
+        config = {"global": {"scrape_interval": "1s"},
+                  "scrape_configs": [{"job_name": "resserve", "static_configs": [pod]}]}
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port, stop = free_port(), threading.Event()
 
