@@ -267,7 +267,8 @@ def test_a_failed_load_is_logged_and_the_index_names_why_until_a_load_succeeds(s
         assert info.value.status() == "400"
         assert reason_of(client, "2") == f"the last load failed: {info.value.message()}"
         line = server.wait_for_line("could not be loaded through the API: ", since=logged)  # for the operator
-        assert f" ERROR resserve.serve: model {MODEL} could not be loaded through the API: {info.value.message()}" in line
+        assert f" ERROR resserve.serve: model {MODEL} could not be loaded through the API: {info.value.message()}" \
+            in line
         shutil.rmtree(folder / f"{MODEL}-2")
         client.load_model(MODEL)
         put(package, folder, f"{MODEL}-2", "2")
