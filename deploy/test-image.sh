@@ -71,6 +71,9 @@ log "image size: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{pr
 # Run: non-root, serves, classifies, drains on SIGTERM ------------------------------------------
 user=$(docker run --rm --entrypoint id "$IMAGE" -u)
 [ "$user" = 10001 ] || { log "runs as uid $user, not 10001"; exit 1; }
+# the otel extra is in the image: --trace-mode opentelemetry works there
+docker run --rm --entrypoint python "$IMAGE" -c \
+  "from resserve.serve.settings import otel_installed; assert otel_installed(), 'no otel extra in the image'"
 # as deploy/k8s runs it: a read-only root filesystem with a small /tmp (the workers' metrics files)
 docker run -d --name resserve-image-test --network host --read-only --tmpfs /tmp:size=64m "$IMAGE" \
   --host 127.0.0.1 --port "$PORT" --metrics-port "$METRICS_PORT" --http-port "$HTTP_PORT" --drain-seconds 1 \
@@ -113,4 +116,4 @@ docker stop -t 30 resserve-image-test >/dev/null
 code=$(docker inspect resserve-image-test --format '{{.State.ExitCode}}')
 docker logs resserve-image-test 2>&1 | grep -q "stopped; requests answered" || { docker logs resserve-image-test >&2; exit 1; }
 [ "$code" = 0 ] || { log "exit code $code after SIGTERM"; exit 1; }
-log "ok: built, runs as uid 10001 on a read-only filesystem with 2 workers, classified a photo of a 0 over gRPC and HTTP, served the page and its metrics, drained and exited 0 on SIGTERM"
+log "ok: built with the otel extra, runs as uid 10001 on a read-only filesystem with 2 workers, classified a photo of a 0 over gRPC and HTTP, served the page and its metrics, drained and exited 0 on SIGTERM"

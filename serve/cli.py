@@ -18,7 +18,7 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable
 from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice,
                                      ConvSearch, Device, LogFormat, LogLevel, Precision, ServerSettings, TraceLevel,
-                                     parse_auto, parse_buckets, parse_max_batch_size, parse_workers)
+                                     TraceMode, parse_auto, parse_buckets, parse_max_batch_size, parse_workers)
 
 if TYPE_CHECKING:
     from resserve.serve.bench.clients import Level
@@ -154,6 +154,11 @@ def serve(
         help="With --trace-level TIMESTAMPS, one request in this many is traced.")] = ServerSettings.trace_rate,
     trace_count: Annotated[int, typer.Option(envvar=_env("TRACE_COUNT"),
         help="Traces to take at most; -1: no limit.")] = ServerSettings.trace_count,
+    trace_mode: Annotated[str, typer.Option(envvar=_env("TRACE_MODE"),
+        help=f"{TraceMode.listing()}: where traces go. triton: a log line each (Triton's trace record); "
+        "opentelemetry: OpenTelemetry spans over OTLP/HTTP to OTEL_EXPORTER_OTLP_TRACES_ENDPOINT "
+        "(default http://localhost:4318/v1/traces), a request's W3C traceparent their parent, and a request "
+        "that carries one traced whatever the rate (needs the otel extra).")] = ServerSettings.trace_mode.value,
 ) -> None:
     """Serve digit classification over gRPC and HTTP.
 
@@ -188,7 +193,7 @@ def serve(
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, token_file=token_file,
         admin_token_file=admin_token_file, allow_client_shm=allow_client_shm,
         log_level=log_level, log_format=log_format, trace_level=trace_level, trace_rate=trace_rate,
-        trace_count=trace_count)
+        trace_count=trace_count, trace_mode=trace_mode)
     if settings.workers > 1:
         supervise(settings)
     else:

@@ -31,7 +31,7 @@ from resserve.serve.preprocess import MAX_REQUEST_PIXELS, encoded_to_input, pixe
 from resserve.serve.repository import ServedModel
 from resserve.serve.sharedmemory import Placement, Region, check_client
 from resserve.serve.state import ServerState
-from resserve.serve.tracing import Trace, TraceSetting, TraceValue, tracer
+from resserve.serve.tracing import Headers, Trace, TraceSetting, TraceValue, tracer
 
 SERVER_NAME = "resserve"
 IMAGE_SHAPE = INPUT_SHAPE[1:]  # one image
@@ -126,6 +126,7 @@ class InferenceRequest:
     # its IP address, where the transport says, asked only of a request that names shared memory
     # (which is for loopback's clients): not on every request's path
     client: Callable[[], str | None] = lambda: None
+    headers: Headers = dict  # its headers (gRPC metadata), asked only where a trace may continue a caller's
 
 
 def deadline_within(timeout_us: int | None, deadline: float | None = None) -> float | None:
@@ -270,10 +271,10 @@ def _for_image(label: str, work, data: bytes):
 
 
 @contextmanager
-def traced(model: ServedModel, request_id: str = "") -> Iterator[Trace | None]:
+def traced(model: ServedModel, request_id: str = "", headers: Headers = dict) -> Iterator[Trace | None]:
     """A trace of one request to ``model``, if it is one to trace (serve/tracing.py), logged when
     it ends, with the error that ended it if one did."""
-    trace = tracer.start(model.name, model.version, request_id)
+    trace = tracer.start(model.name, model.version, request_id, headers)
     if trace is None:
         yield None
         return
@@ -434,7 +435,7 @@ class DataPlane:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Outputs asked for in shared memory are written there, and answered without their data."""
         model = self.model(request.model_name, request.model_version)
-        with model.statistics.request(), traced(model, request.id) as trace:
+        with model.statistics.request(), traced(model, request.id, request.headers) as trace:
             manifest = model.package.manifest
             wanted = validate_requested_outputs(request.outputs, manifest.outputs)
             if len(request.inputs) != len(manifest.inputs):
@@ -490,10 +491,10 @@ class DataPlane:
                                    f"{output.place.byte_size}")
 
     async def classify(self, images: list[Image], model_name: str = "", model_version: str = "",
-                       deadline: float | None = None) -> Classification:
+                       deadline: float | None = None, headers: Headers = dict) -> Classification:
         """Preprocess images the way MNIST was made, then run them as one batch."""
         model = self.model(model_name, model_version)
-        with model.statistics.request(), traced(model) as trace:
+        with model.statistics.request(), traced(model, headers=headers) as trace:
             self.check_image_count(len(images))
             batch = await self._preprocess(images, deadline)
             outputs = await model.batcher.submit(batch, deadline, trace)

@@ -6,7 +6,7 @@ import numpy as np
 
 from resserve.serve.dataplane import DataPlane, Image
 from resserve.serve.errors import InvalidInput
-from resserve.serve.rpc import deadline_of, rpc
+from resserve.serve.rpc import deadline_of, metadata_of, rpc
 from resserve.serve.stubs import digits_pb2 as pb
 from resserve.serve.stubs import digits_pb2_grpc as pb_grpc
 
@@ -34,7 +34,8 @@ class DigitClassifierServicer(pb_grpc.DigitClassifierServicer):
     async def Classify(self, request, context):
         self.plane.check_image_count(len(request.images))  # before any per-image work
         images = [_image(i, image) for i, image in enumerate(request.images)]
-        result = await self.plane.classify(images, request.model, request.model_version, deadline_of(context))
+        result = await self.plane.classify(images, request.model, request.model_version, deadline_of(context),
+                                           metadata_of(context))
         return pb.ClassifyResponse(
             results=[_classification(p, request.top_k) for p in result.probabilities],
             model=result.model.name, model_version=result.model.version)

@@ -17,14 +17,14 @@ from resserve.serve.errors import InvalidInput, Unsupported
 from resserve.serve.logs import LogSettings, SettingValue
 from resserve.serve.manifest import Manifest, TensorSpec
 from resserve.serve.repository import ServedModel
-from resserve.serve.rpc import deadline_of, peer_host, rpc
+from resserve.serve.rpc import deadline_of, metadata_of, peer_host, rpc
 from resserve.serve.sharedmemory import Region, no_cuda_region, placement
 from resserve.serve.statistics import Compute, Duration, ModelStatistics
 from resserve.serve.stream import InferStream
 from resserve.serve.stubs import grpc_service_pb2 as pb
 from resserve.serve.stubs import grpc_service_pb2_grpc as pb_grpc
 from resserve.serve.stubs import model_config_pb2 as config_pb
-from resserve.serve.tracing import TraceSetting
+from resserve.serve.tracing import Headers, TraceSetting
 
 # Exactly what is served (binary_tensor_data: on HTTP, serve/rest/kserve.py; model_repository: the
 # index, and loading and unloading the models of the packages given at start, serve/control.py), and
@@ -65,10 +65,10 @@ def _tensor(tensor, raw: bytes | None) -> Tensor | SharedTensor:
 
 
 def decode_request(request: pb.ModelInferRequest, deadline: float | None,
-                   client: Callable[[], str | None]) -> InferenceRequest:
+                   client: Callable[[], str | None], headers: Headers = dict) -> InferenceRequest:
     """``deadline``: the call's; Triton's ``timeout`` parameter (tritonclient's ``timeout=``) may end it
     sooner. ``raw_input_contents`` holds the bytes of each input not in shared memory, in order.
-    ``client()``: the client's IP address."""
+    ``client()``: the client's IP address; ``headers()``: the call's metadata."""
     shared = ["shared_memory_region" in t.parameters for t in request.inputs]
     raw = request.raw_input_contents
     if raw and len(raw) != shared.count(False):
@@ -78,7 +78,7 @@ def decode_request(request: pb.ModelInferRequest, deadline: float | None,
                    for t, in_shared_memory in zip(request.inputs, shared))
     return InferenceRequest(request.model_name, request.model_version, inputs,
                             tuple(_requested(o) for o in request.outputs), request.id,
-                            deadline_within(_timeout_us(request), deadline), client)
+                            deadline_within(_timeout_us(request), deadline), client, headers)
 
 
 def _timeout_us(request: pb.ModelInferRequest) -> int | None:
@@ -291,17 +291,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("kserve", model_of=lambda r: r.model_name)
     async def ModelInfer(self, request, context):
-        return await self._infer(request, deadline_of(context), lambda: peer_host(context.peer()))
+        return await self._infer(request, deadline_of(context), lambda: peer_host(context.peer()),
+                                 metadata_of(context))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Many requests on one call, each answered on it (serve/stream.py); the call's deadline
-        is every request's."""
-        deadline, client = deadline_of(context), lambda: peer_host(context.peer())
-        await InferStream(self.plane.state, context, lambda request: self._infer(request, deadline, client)).run()
+        and metadata are every request's."""
+        deadline, client, headers = deadline_of(context), lambda: peer_host(context.peer()), metadata_of(context)
+        await InferStream(self.plane.state, context,
+                          lambda request: self._infer(request, deadline, client, headers)).run()
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None,
-                     client: Callable[[], str | None]) -> pb.ModelInferResponse:
-        decoded = decode_request(request, deadline, client)
+                     client: Callable[[], str | None], headers: Headers) -> pb.ModelInferResponse:
+        decoded = decode_request(request, deadline, client, headers)
         answer = await self.plane.infer(decoded)
         response = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version,
                                          id=answer.id)

@@ -34,6 +34,12 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def metadata_of(context: grpc.aio.ServicerContext) -> Callable[[], dict[str, str]]:
+    """The call's metadata (its text entries), read only when asked: by a trace that may continue
+    its caller's (serve/tracing.py)."""
+    return lambda: {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+
+
 def peer_host(peer: str) -> str | None:
     """The client's IP address in gRPC's ``context.peer()`` ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000",
     which newer gRPC writes "ipv6:%5B::1%5D:5000"); None for other transports."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import socket
 from dataclasses import dataclass, field
@@ -87,6 +88,13 @@ class TraceLevel(Choice):
 
     OFF = "OFF"
     TIMESTAMPS = "TIMESTAMPS"
+
+
+class TraceMode(Choice):
+    """Where traces go (serve/tracing.py), as Triton's ``mode`` trace setting."""
+
+    TRITON = "triton"  # Triton's trace records, one log line each
+    OPENTELEMETRY = "opentelemetry"  # OpenTelemetry spans, exported over OTLP/HTTP (serve/otel.py)
 
 
 class LogFormat(Choice):
@@ -207,6 +215,7 @@ class ServerSettings:
     trace_level: TraceLevel = TraceLevel.OFF
     trace_rate: int = 1000  # one request in this many is traced
     trace_count: int = -1  # traces to take at most; -1: no limit
+    trace_mode: TraceMode = TraceMode.TRITON
 
     @property
     def inference_threads(self) -> int:
@@ -223,7 +232,7 @@ class ServerSettings:
         """Choices given as strings become their enums, and every setting is checked: once, here."""
         for name, choice in (("device", Device), ("backend", BackendChoice), ("precision", Precision),
                              ("cuda_conv_search", ConvSearch), ("log_level", LogLevel), ("log_format", LogFormat),
-                             ("trace_level", TraceLevel)):
+                             ("trace_level", TraceLevel), ("trace_mode", TraceMode)):
             object.__setattr__(self, name, choice.parse(getattr(self, name), f"--{name.replace('_', '-')}"))
         self._validate()
 
@@ -266,6 +275,9 @@ class ServerSettings:
             (-1 <= self.trace_count < 2**31, "--trace-count must be -1 (no limit) or >= 0"),
             (self.poll_seconds == 0 or 0.1 <= self.poll_seconds < math.inf,
              "--poll-seconds must be 0 (no polling) or at least 0.1 (and finite)"),
+            (self.trace_mode != TraceMode.OPENTELEMETRY or otel_installed(),
+             "--trace-mode opentelemetry needs the OpenTelemetry SDK and its OTLP exporter: "
+             "pip install 'resserve[otel]'"),
             *self._runtime_checks(),
         ]
         for ok, message in checks:
@@ -290,6 +302,11 @@ class ServerSettings:
     def address(self) -> str:
         """Where gRPC listens, as gRPC and the logs write it."""
         return host_port(self.host, self.port)
+
+
+def otel_installed() -> bool:
+    """Whether the ``otel`` extra is installed (serve/otel.py imports it only when traces export)."""
+    return all(importlib.util.find_spec(name) for name in ("opentelemetry.sdk", "opentelemetry.exporter.otlp"))
 
 
 def host_port(host: str, port: int) -> str:

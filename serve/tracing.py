@@ -8,7 +8,10 @@ TIMESTAMPS: when it started, was queued, computed (Triton's three compute phases
 batch's inputs, inference, splitting the outputs) and ended. Each trace is one line of the
 server's log (logger ``resserve.trace``, at INFO) holding Triton's trace record as JSON, and, in
 JSON logs, a ``trace`` field: like the logs, traces go to stderr only, never to a file a client
-names. The server starts with ``--trace-level``, ``--trace-rate`` and ``--trace-count``.
+names. With ``--trace-mode opentelemetry`` they are OpenTelemetry spans instead (serve/otel.py),
+and a request that carries a W3C ``traceparent`` is traced whatever the rate and count, as a
+child of its caller's span. The server starts with ``--trace-level``, ``--trace-rate``,
+``--trace-count`` and ``--trace-mode`` (which clients may read but not change, as with Triton).
 
 The settings are the server's, and a model's own where set (a model follows the server's in
 each setting it has not set); a model with settings of its own counts its requests and traces
@@ -24,10 +27,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from resserve.serve.errors import InvalidInput
-from resserve.serve.settings import ServerSettings, TraceLevel
+from resserve.serve.settings import ServerSettings, TraceLevel, TraceMode
+
+if TYPE_CHECKING:
+    from resserve.serve.otel import SpanExport
 
 TraceValue = str | int | list[str]  # as clients send a setting: strings (both protocols), a list for levels
 log = logging.getLogger("resserve.trace")
@@ -40,6 +46,7 @@ class TraceSetting:
     level: TraceLevel | None = TraceLevel.OFF
     rate: int | None = 1000  # one request in ``rate`` is traced
     count: int | None = -1  # traces left to take; -1: no limit
+    mode: TraceMode | None = TraceMode.TRITON  # the server's, from its start: a model's follows it
 
     def over(self, base: TraceSetting) -> TraceSetting:
         """``base`` with the fields set here."""
@@ -48,15 +55,15 @@ class TraceSetting:
     def as_triton(self) -> dict[str, list[str] | str]:
         """By Triton's names and in its form (strings; a list for the level), every setting Triton reports."""
         return {"trace_level": [str(self.level)], "trace_rate": str(self.rate), "trace_count": str(self.count),
-                "log_frequency": "0", "trace_file": "", "trace_mode": "triton"}
+                "log_frequency": "0", "trace_file": "", "trace_mode": str(self.mode)}
 
 
-MODEL_DEFAULTS = TraceSetting(level=None, rate=None, count=None)  # a model following the server's in everything
+# a model following the server's in everything
+MODEL_DEFAULTS = TraceSetting(level=None, rate=None, count=None, mode=None)
 FIELDS = {"trace_level": "level", "trace_rate": "rate", "trace_count": "count"}
 # Triton's settings resserve takes with one value only: where its traces go and how
 FIXED = {"log_frequency": ("0", "each trace is logged as it ends"),
-         "trace_file": ("", "traces go to the server's log (stderr), a client may not choose a file the server writes"),
-         "trace_mode": ("triton", "resserve writes Triton's trace records")}
+         "trace_file": ("", "traces go to the server's log (stderr), a client may not choose a file the server writes")}
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class TraceSettings:
     @classmethod
     def at_start(cls, settings: ServerSettings) -> TraceSettings:
         """The settings ``--trace-level``, ``--trace-rate`` and ``--trace-count`` start a server with."""
-        server = TraceSetting(settings.trace_level, settings.trace_rate, settings.trace_count)
+        server = TraceSetting(settings.trace_level, settings.trace_rate, settings.trace_count, settings.trace_mode)
         return cls(server=server, startup=server)
 
     def of(self, model: str) -> TraceSetting:
@@ -84,8 +91,8 @@ class TraceSettings:
         server started). InvalidInput for a name or value resserve does not take, before anything changes."""
         scope = self.models.get(model, MODEL_DEFAULTS) if model else self.server
         defaults = MODEL_DEFAULTS if model else self.startup
-        scope = replace(scope, **{FIELDS[name]: _parsed(name, value) if value is not None
-                                  else getattr(defaults, FIELDS[name]) for name, value in _known(changes).items()})
+        scope = replace(scope, **{FIELDS[name]: _parsed(name, value) if value is not None else getattr(
+            defaults, FIELDS[name]) for name, value in _known(changes, self.server.mode).items()})
         if not model:
             return replace(self, server=scope, updates=self.updates + 1)
         models = {name: setting for name, setting in self.models.items() if name != model}
@@ -97,13 +104,15 @@ class TraceSettings:
         tracer.apply(self)
 
 
-def _known(changes: Mapping[str, TraceValue | None]) -> dict[str, TraceValue | None]:
-    """The changes to the settings resserve changes; the fixed ones checked and dropped."""
+def _known(changes: Mapping[str, TraceValue | None], mode: TraceMode) -> dict[str, TraceValue | None]:
+    """The changes to the settings resserve changes; the fixed ones (and the mode the server
+    started with) checked and dropped."""
+    fixed = {**FIXED, "trace_mode": (str(mode), "the server's --trace-mode, set at its start")}
     for name, value in changes.items():
-        if name in FIXED and value is not None and _one(name, value) != FIXED[name][0]:
-            only, why = FIXED[name]
+        if name in fixed and value is not None and _one(name, value) != fixed[name][0]:
+            only, why = fixed[name]
             raise InvalidInput(f"{name} takes {only!r} only: {why}; got {value!r}"[:300])
-        if name not in FIELDS and name not in FIXED:
+        if name not in FIELDS and name not in fixed:
             raise InvalidInput(f"unknown trace setting {name[:64]!r}; resserve's: "
                                f"{', '.join(TraceSetting().as_triton())}")
     return {name: value for name, value in changes.items() if name in FIELDS}
@@ -149,16 +158,23 @@ class _Sampler:
         return True
 
 
+Headers = Callable[[], Mapping[str, str]]  # a request's headers or gRPC metadata, read only where needed
+
+
 class Trace:
-    """One traced request's timestamps, logged when it ends."""
+    """One traced request's timestamps, logged (or exported as spans) when it ends."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, model: str, version: str, request_id: str) -> None:
+    def __init__(self, model: str, version: str, request_id: str, spans: SpanExport | None = None,
+                 parent: object = None) -> None:
+        """``spans``: where it goes in OpenTelemetry mode (None: the log); ``parent``: the
+        caller's span context, from its ``traceparent``."""
         self.record: dict[str, object] = {"id": next(self._ids), "model_name": model, "model_version": version}
         if request_id:
             self.record["request_id"] = request_id
         self.timestamps: list[dict[str, object]] = []
+        self.spans, self.parent = spans, parent
         self.stamp("REQUEST_START")
 
     def stamp(self, name: str, at: float | None = None) -> None:
@@ -174,7 +190,10 @@ class Trace:
     def end(self, error: str = "") -> None:
         self.stamp("REQUEST_END")
         record = {**self.record, **({"error": error} if error else {}), "timestamps": self.timestamps}
-        log.info("%s", json.dumps(record), extra={"trace": record})
+        if self.spans is not None:
+            self.spans.export(record, self.parent)
+        else:
+            log.info("%s", json.dumps(record), extra={"trace": record})
 
 
 class Tracer:
@@ -183,6 +202,7 @@ class Tracer:
     def __init__(self, settings: TraceSettings = TraceSettings()) -> None:
         self.settings = settings
         self._samplers: dict[str, _Sampler] = {}
+        self._spans: SpanExport | None = None  # made at the first span in OpenTelemetry mode, in this process
 
     def apply(self, settings: TraceSettings) -> None:
         """Trace as ``settings`` say from now on, every scope counting its requests and traces anew;
@@ -196,9 +216,25 @@ class Tracer:
         """``model``'s settings ("": the server's) with the traces left to take."""
         return replace(self.settings.of(model), count=self._sampler(model).setting.count)
 
-    def start(self, model: str, version: str, request_id: str) -> Trace | None:
-        """A trace of this request to ``model``, if it is one to trace."""
-        return Trace(model, version, request_id) if self._sampler(model).sample() else None
+    def start(self, model: str, version: str, request_id: str, headers: Headers = dict) -> Trace | None:
+        """A trace of this request to ``model``, if it is one to trace: one in the rate, or in
+        OpenTelemetry mode one whose ``headers`` carry its caller's span (as with Triton)."""
+        sampler = self._sampler(model)
+        if sampler.setting.mode != TraceMode.OPENTELEMETRY:
+            return Trace(model, version, request_id) if sampler.sample() else None
+        if sampler.setting.level is TraceLevel.OFF:
+            return None
+        spans = self._span_export()
+        parent = spans.parent_of(headers())
+        if parent is None and not sampler.sample():
+            return None
+        return Trace(model, version, request_id, spans, parent)
+
+    def _span_export(self) -> SpanExport:
+        if self._spans is None:
+            from resserve.serve.otel import SpanExport  # the otel extra, imported in this mode only
+            self._spans = SpanExport()
+        return self._spans
 
     def _sampler(self, model: str) -> _Sampler:
         """The sampler of ``model``'s requests: its own where it has settings of its own, else the server's."""

@@ -99,6 +99,7 @@ def test_root_help_lists_the_commands():
     (["serve", "--trace-level", "TENSORS"], "--trace-level must be one of OFF, TIMESTAMPS, got 'TENSORS'"),
     (["serve", "--trace-rate", "0"], "--trace-rate must be >= 1 (one request in that many is traced)"),
     (["serve", "--trace-count", "-2"], "--trace-count must be -1 (no limit) or >= 0"),
+    (["serve", "--trace-mode", "jaeger"], "--trace-mode must be one of triton, opentelemetry, got 'jaeger'"),
     (["serve", "--poll-seconds", "0.01"], "--poll-seconds must be 0 (no polling) or at least 0.1 (and finite)"),
     (["serve", "--poll-seconds", "inf"], "--poll-seconds must be 0 (no polling) or at least 0.1 (and finite)"),
     (["serve", "--max-batch-size", "32", "--batch-buckets", "1,64"], "--batch-buckets must be sizes >= 1 whose largest"),

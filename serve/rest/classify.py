@@ -79,7 +79,8 @@ async def classify(request: web.Request) -> web.Response:
     started = time.perf_counter()
     plane = plane_of(request)
     images = await _images(request)
-    result = await plane.classify(images, request.query.get("model", ""), request.query.get("version", ""))
+    result = await plane.classify(images, request.query.get("model", ""), request.query.get("version", ""),
+                                  headers=lambda: request.headers)
     backend = result.model.backend
     answers = []
     for image, probabilities, seen in zip(images, result.probabilities, result.inputs):

@@ -31,6 +31,7 @@ from resserve.serve.rest.encoding import compressed_where_asked
 from resserve.serve.rest.server import endpoint, json_response, plane_of, read_body
 from resserve.serve.sharedmemory import Region, no_cuda_region, placement
 from resserve.serve.stubs import grpc_service_pb2 as pb
+from resserve.serve.tracing import Headers
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
@@ -138,7 +139,7 @@ def _requested(output: RestOutput) -> RequestedOutput:
 
 
 def decode_infer(body: bytes, header_length: str | None, name: str, version: str,
-                 client: Callable[[], str | None]) -> tuple[InferenceRequest, dict]:
+                 client: Callable[[], str | None], headers: Headers = dict) -> tuple[InferenceRequest, dict]:
     """The data plane's request from ``client()`` (its IP address), and for each output name whether
     it goes back as binary data (the key ``""`` for outputs not asked for by name), or None: it is
     written to shared memory."""
@@ -152,7 +153,8 @@ def decode_infer(body: bytes, header_length: str | None, name: str, version: str
     outputs = tuple(_requested(o) for o in request.outputs)
     as_binary.update({o.name: None for o in outputs if o.place})
     decoded = InferenceRequest(name, version, _inputs(request, binary), outputs, request.id,
-                               deadline_within(_parameter(request.parameters, "timeout", int, "request")), client)
+                               deadline_within(_parameter(request.parameters, "timeout", int, "request")), client,
+                               headers)
     return decoded, as_binary
 
 
@@ -408,6 +410,6 @@ def _json_object(body: bytes, what: str, may_be_empty: bool = False,
 async def infer(request: web.Request) -> web.Response:
     body = await read_body(request)
     decoded, as_binary = decode_infer(body, request.headers.get(HEADER_LENGTH), *_route_model(request),
-                                      lambda: request.remote)
+                                      lambda: request.remote, lambda: request.headers)
     answer = encode_infer(await plane_of(request).infer(decoded), as_binary)
     return compressed_where_asked(answer, request.headers.get(hdrs.ACCEPT_ENCODING))

@@ -33,7 +33,7 @@ def gpu_extra_pin() -> str:
 
 def test_the_cuda_image_installs_the_onnxruntime_gpu_of_the_gpu_extra():
     assert re.search(r"^ARG ONNXRUNTIME_GPU=(\S+)$", DOCKERFILE, re.M).group(1) == gpu_extra_pin()
-    assert 'install-serving.sh /wheels/*.whl "onnxruntime-gpu==${ONNXRUNTIME_GPU}"' in DOCKERFILE  # the pin is what is installed
+    assert '[otel]" "onnxruntime-gpu==${ONNXRUNTIME_GPU}"' in DOCKERFILE  # the pin is what is installed
 
 
 @pytest.mark.slow

@@ -2,8 +2,11 @@
 traces it logs (one request in trace_rate, at most trace_count, Triton's timestamps in order);
 bad settings refused, nothing changed. The settings' rules alone, without a server, first."""
 
+import http.server
 import io
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -225,3 +228,113 @@ def test_a_malformed_http_body_is_400(server):
     assert refused.value.code == 400
     assert json.loads(refused.value.read()) == {
         "error": 'the request must be a JSON object of trace settings, such as {"trace_rate": "1"}'}
+
+
+# --trace-mode opentelemetry ---------------------------------------------------------------------
+
+
+class OtlpCollector:
+    """A stand-in for an OpenTelemetry collector: OTLP/HTTP's trace endpoint on loopback, keeping
+    the spans sent to it, read with OpenTelemetry's own protobuf messages."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        spans, resources = self.spans, self.resources = [], []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                export = trace_service_pb2.ExportTraceServiceRequest.FromString(
+                    self.rfile.read(int(self.headers["Content-Length"])))
+                for batch in export.resource_spans:
+                    resources.append({a.key: a.value.string_value for a in batch.resource.attributes})
+                    spans.extend(span for scope in batch.scope_spans for span in scope.spans)
+                answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count: int, seconds: float = 15) -> list:
+        deadline = time.monotonic() + seconds
+        while len(self.spans) < count:
+            assert time.monotonic() < deadline, f"{len(self.spans)} spans of {count}"
+            time.sleep(0.05)
+        return list(self.spans)
+
+
+def test_opentelemetry_mode_exports_spans_that_continue_the_callers_trace(mnist):
+    """Each traced request is Triton's three spans (the request's, its model's, its compute), sent
+    over OTLP/HTTP; a request carrying a W3C traceparent (gRPC metadata, HTTP header, Classify too)
+    is traced whatever the rate, as a child of its caller's span; the others one in trace_rate."""
+    pytest.importorskip("opentelemetry.sdk")  # the otel extra, which [dev] brings
+    collector = OtlpCollector()
+    caller_trace, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    carried = {"traceparent": f"00-{caller_trace}-{caller_span}-01"}
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    images = (mnist.test.images[:2, None] / 255.0).astype(np.float32)
+    try:
+        with ServerProcess("--trace-mode", "opentelemetry", "--trace-level", "TIMESTAMPS", env=env) as server:
+            grpc_client = triton_grpc.InferenceServerClient(server.target)
+            http_client = triton_http.InferenceServerClient(server.http_target)
+            assert http_client.get_trace_settings()["trace_mode"] == "opentelemetry"
+            with pytest.raises(InferenceServerException, match="trace_mode takes 'opentelemetry' only"):
+                http_client.update_trace_settings(settings={"trace_mode": "triton"})
+            triton_infer(grpc_client, images)  # the first of 1,000: traced, its own trace
+            triton_infer(grpc_client, images)  # not in the rate: not traced
+            grpc_client.infer(MODEL, [_tensor(triton_grpc, images)], headers=carried, request_id="r1")
+            http_client.infer(MODEL, [_tensor(triton_http, images)], headers=carried)
+            png = io.BytesIO()
+            Image.fromarray(mnist.test.images[0]).save(png, format="PNG")
+            urllib.request.urlopen(urllib.request.Request(f"{server.url}/v1/classify", data=png.getvalue(),
+                                                          headers=carried), timeout=10).read()
+            spans = collector.wait_for(4 * 3)
+            assert not traces(server.lines)  # spans, not log lines
+    finally:
+        collector.server.shutdown()
+    time.sleep(0.2)
+    assert len(collector.spans) == 12 and all(r["service.name"] == "resserve" for r in collector.resources)
+    by_id = {span.span_id: span for span in spans}
+    requests = [span for span in spans if span.name == "InferRequest"]
+    continued = [span for span in requests if span.trace_id.hex() == caller_trace]
+    assert len(requests) == 4 and len(continued) == 3
+    assert all(span.parent_span_id.hex() == caller_span for span in continued)
+    (own,) = [span for span in requests if span not in continued]
+    assert not own.parent_span_id
+    request_ids = []
+    for request in requests:
+        (model,) = [span for span in spans if span.parent_span_id == request.span_id]
+        (compute,) = [span for span in spans if span.parent_span_id == model.span_id]
+        assert (model.name, compute.name) == (MODEL, "compute") and by_id[model.parent_span_id] is request
+        attributes = {a.key: a.value.string_value or a.value.int_value for a in model.attributes}
+        assert attributes["triton.model_name"] == MODEL and attributes["triton.model_version"] == "1"
+        request_ids.append(attributes.get("triton.request_id"))
+        assert [e.name for e in model.events] == ["QUEUE_START"]
+        assert [e.name for e in compute.events] == ["COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START"]
+        times = [request.start_time_unix_nano, model.events[0].time_unix_nano, compute.start_time_unix_nano,
+                 *(e.time_unix_nano for e in compute.events), compute.end_time_unix_nano, request.end_time_unix_nano]
+        assert times == sorted(times) and abs(request.start_time_unix_nano / 1e9 - time.time()) < 60
+    assert sorted(request_ids, key=str) == [None, None, None, "r1"]
+
+
+def _tensor(module, images: np.ndarray):
+    tensor = module.InferInput("input", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    return tensor
+
+
+def test_opentelemetry_mode_without_the_otel_extra_is_one_line(monkeypatch):
+    import resserve.serve.settings as settings
+
+    monkeypatch.setattr(settings, "otel_installed", lambda: False)
+    with pytest.raises(settings.ResserveError, match=r"--trace-mode opentelemetry needs the OpenTelemetry SDK and "
+                       r"its OTLP exporter: pip install 'resserve\[otel\]'"):
+        settings.ServerSettings(trace_mode="opentelemetry")
