@@ -306,7 +306,11 @@ class ServerSettings:
 
 def otel_installed() -> bool:
     """Whether the ``otel`` extra is installed (serve/otel.py imports it only when traces export)."""
-    return all(importlib.util.find_spec(name) for name in ("opentelemetry.sdk", "opentelemetry.exporter.otlp"))
+    try:  # a submodule's spec imports its parents, which raises where they are missing
+        return all(importlib.util.find_spec(name) for name in ("opentelemetry.sdk",
+                                                               "opentelemetry.exporter.otlp.proto.http"))
+    except ModuleNotFoundError:
+        return False
 
 
 def host_port(host: str, port: int) -> str:

@@ -57,6 +57,11 @@ def test_a_serving_only_install_serves_the_packaged_model(tmp_path, mnist):
     train = subprocess.run([str(resserve), "train"], env=env, capture_output=True, text=True)
     assert (train.returncode, train.stderr.strip()) == (
         1, "error: this command needs the training extra: pip install 'resserve[train]'")
+    traces = subprocess.run([str(resserve), "serve", "--trace-mode", "opentelemetry"], env=env, capture_output=True,
+                            text=True)  # without the otel extra: one line, before anything starts
+    assert (traces.returncode, traces.stderr.strip()) == (1, "error: --trace-mode opentelemetry needs the "
+                                                          "OpenTelemetry SDK and its OTLP exporter: pip install "
+                                                          "'resserve[otel]'")
 
     buffer = io.BytesIO()
     Image.fromarray(255 - mnist.test.images[0]).save(buffer, format="PNG")  # dark ink on white
