@@ -14,12 +14,14 @@ OpenTelemetry's SDK does the rest, configured by its standard variables: the exp
 http://localhost:4318/v1/traces), headers and certificates; the batch span processor's
 ``OTEL_BSP_*`` (spans are sent from its thread, in batches, never on a request's path); the
 resource's ``OTEL_SERVICE_NAME`` (default ``resserve``) and ``OTEL_RESOURCE_ATTRIBUTES``. Spans
-still queued are sent when the process exits. The SDK comes with the ``otel`` extra and is
-imported only in this mode.
+still queued when the server stops are sent after its drain, for at most ``FLUSH_SECONDS`` (an
+unreachable collector must not hold a pod past its grace period). The SDK comes with the
+``otel`` extra and is imported only in this mode.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Mapping
 
@@ -33,6 +35,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 DEFAULT_SERVICE_NAME = "resserve"
+FLUSH_SECONDS = 2.0  # for the spans still queued when the server stops
 # the monotonic clock's timestamps (the traces') on the wall clock (the spans'), for this process
 WALL_CLOCK_OFFSET_NS = time.time_ns() - time.monotonic_ns()
 
@@ -79,3 +82,12 @@ class SpanExport:
                 span.set_status(Status(StatusCode.ERROR, str(error)))
         model.end(end_time=at["REQUEST_END"])
         request.end(end_time=at["REQUEST_END"])
+
+    def flush(self) -> None:
+        """Send the spans still queued, for at most FLUSH_SECONDS: the server is stopping, and
+        exits without the SDK's own shutdown (serve/server.py). The SDK's own timeout does not
+        bound a flush that retries an unreachable collector (8 s here), so the flush runs in a
+        thread the exit leaves behind."""
+        flushing = threading.Thread(target=self.provider.force_flush, name="span-flush", daemon=True)
+        flushing.start()
+        flushing.join(FLUSH_SECONDS)

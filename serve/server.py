@@ -51,7 +51,7 @@ from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerS
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from resserve.serve.rotation import ROTATION_CHECK_SECONDS
 from resserve.serve.tls import CertificateRotation
-from resserve.serve.tracing import TraceSettings
+from resserve.serve.tracing import TraceSettings, tracer
 from resserve.serve.watchdog import WatchedInferenceThread
 
 log = logging.getLogger("resserve.serve")
@@ -361,6 +361,7 @@ async def serve(settings: ServerSettings, coordinator: Coordinator | None = None
         log.info("stopped; requests answered: %s", answer_counts(server.state.answered))
     else:  # the supervisor logs the answers of all its workers
         coordinator.stopped(server.state.answered)
+    tracer.flush()
     logging.shutdown()
     os._exit(0)
 

@@ -230,6 +230,11 @@ class Tracer:
             return None
         return Trace(model, version, request_id, spans, parent)
 
+    def flush(self) -> None:
+        """The spans still queued in OpenTelemetry mode, sent before this process exits."""
+        if self._spans is not None:
+            self._spans.flush()
+
     def _span_export(self) -> SpanExport:
         if self._spans is None:
             from resserve.serve.otel import SpanExport  # the otel extra, imported in this mode only

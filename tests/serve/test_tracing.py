@@ -279,7 +279,8 @@ def test_opentelemetry_mode_exports_spans_that_continue_the_callers_trace(mnist)
     collector = OtlpCollector()
     caller_trace, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     carried = {"traceparent": f"00-{caller_trace}-{caller_span}-01"}
-    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    # spans sent in batches a minute apart: these are all sent when the server stops, after its drain
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "60000"}
     images = (mnist.test.images[:2, None] / 255.0).astype(np.float32)
     try:
         with ServerProcess("--trace-mode", "opentelemetry", "--trace-level", "TIMESTAMPS", env=env) as server:
@@ -296,8 +297,9 @@ def test_opentelemetry_mode_exports_spans_that_continue_the_callers_trace(mnist)
             Image.fromarray(mnist.test.images[0]).save(png, format="PNG")
             urllib.request.urlopen(urllib.request.Request(f"{server.url}/v1/classify", data=png.getvalue(),
                                                           headers=carried), timeout=10).read()
-            spans = collector.wait_for(4 * 3)
             assert not traces(server.lines)  # spans, not log lines
+            assert not collector.spans and server.stop() == 0
+        spans = collector.wait_for(4 * 3)
     finally:
         collector.server.shutdown()
     time.sleep(0.2)
