@@ -343,6 +343,7 @@ async def serve(settings: ServerSettings, coordinator: Coordinator | None = None
     while every admitted request has been answered by then (``Server.drain``).
     """
     server = Server(settings)
+    tracer.prepare()
     stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
