@@ -202,7 +202,7 @@ class Tracer:
     def __init__(self, settings: TraceSettings = TraceSettings()) -> None:
         self.settings = settings
         self._samplers: dict[str, _Sampler] = {}
-        self._spans: SpanExport | None = None  # made at the first span in OpenTelemetry mode, in this process
+        self._spans: SpanExport | None = None  # in OpenTelemetry mode: made in this process as it starts
 
     def apply(self, settings: TraceSettings) -> None:
         """Trace as ``settings`` say from now on, every scope counting its requests and traces anew;
