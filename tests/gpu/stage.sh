@@ -14,6 +14,9 @@ root=$(git rev-parse --show-toplevel)
 cd "$root"
 shared=${RESSERVE_SHARED_GPU:-$root/../shared/gpu}
 PRESENT="numpy pillow typer prometheus-client"  # on the GPU machine already; numpy alone is 16 MB
+# One command takes at most 64 MiB, the checkout (~5 MiB) included: base/ (~30 MiB with these
+# wheels and MNIST) leaves part 0 about 25 MB, and the other parts 60 MB each (checked below).
+export FIRST_BYTES=${FIRST_BYTES:-25000000} PART_BYTES=${PART_BYTES:-60000000}
 "$shared/stage.sh"
 
 requirements=$(python3 - "$PRESENT" <<'PY'
@@ -46,3 +49,15 @@ for library in libb64.so.0d libssl.so.3 libcrypto.so.3; do
 done
 echo "tests/gpu/stage.sh: perf_analyzer in .gpu/perf-analyzer ($(du -sh .gpu/perf-analyzer | cut -f1)); the check, carrying it:"
 echo "  run: source /tmp/gpu-stage/base/on-gpu.sh && export PATH=\$PWD/.gpu/perf-analyzer/bin:\$PATH && python3 tests/gpu/check.py --out \"\$OUT/gpu-check.json\""
+
+# what travels with each command: the checkout (tracked and untracked files git does not ignore)
+# and the paths it carries, at most 64 MiB
+tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)
+for carried in ".gpu/base .gpu/p0" .gpu/p[1-9]* .gpu/perf-analyzer; do
+  bytes=$(( tree + $(du -cb $carried | tail -1 | cut -f1) ))  # word splitting: the first holds two paths
+  if (( bytes > 64 * 1024 * 1024 )); then
+    echo "tests/gpu/stage.sh: the checkout with $carried is $((bytes >> 20)) MiB, over the 64 MiB one command takes:" \
+         "lower FIRST_BYTES or PART_BYTES" >&2
+    exit 1
+  fi
+done

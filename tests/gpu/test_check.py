@@ -74,3 +74,15 @@ def test_the_workers_verdict_is_on_a_call_per_request_from_either_client():
     four["batch1_perf_analyzer"] = [level(64, 7950, 8, 15, 60)]  # streams alone reach 9,000
     verdict = {t["target"]: t for t in targets(figures)}["cuda, 1-image requests, C=64: >= 8,000 images/s"]
     assert not verdict["met"]
+
+
+def test_a_server_that_did_not_start_leaves_the_other_runs_judged():
+    figures = results()
+    figures["workers"].insert(0, {"device": "cuda", "workers": 8, "failed": "the server on cuda with 8 workers did not start"})
+    del figures["cpu_in_process"]  # that part failed: the CPU's ratio has nothing to stand on
+    figures["in_process_failed"] = "RuntimeError: no CUDA"
+    del figures["in_process"]
+    verdicts = {t["target"]: t for t in targets(figures)}
+    assert list(verdicts) == ["outputs within 1e-3 of the CPU's (logits), identical accuracy",
+                              "cuda, 1-image requests, C=64: >= 8,000 images/s"]
+    assert verdicts["cuda, 1-image requests, C=64: >= 8,000 images/s"]["measured"].startswith("1 worker 2,500, 4 workers")
