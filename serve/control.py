@@ -21,6 +21,7 @@ from concurrent.futures import Executor
 from typing import Callable
 
 from resserve.serve.errors import ModelNotFound
+from resserve.serve.heap import freeze_long_lived
 from resserve.serve.repository import ServedModel, load_repository, read_packages
 from resserve.serve.state import ModelAction, ServerState
 
@@ -127,3 +128,5 @@ class ModelControl:
             if model.info_labels not in current:
                 self.state.metrics.model_info.labels(*model.info_labels).set(0)
                 self.state.metrics.set_queue_depth(model.name, model.version, 0)
+        # once this change's frames are gone, so that what it replaced can be collected
+        asyncio.get_running_loop().call_soon(freeze_long_lived)

@@ -36,6 +36,7 @@ from resserve.serve.control import ModelControl
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.digits import DigitClassifierServicer
 from resserve.serve.errors import ResserveError
+from resserve.serve.heap import freeze_long_lived
 from resserve.serve.kserve import InferenceServicer
 from resserve.serve.logs import LogSettings, configure_logging
 from resserve.serve.package import ModelPackage
@@ -67,6 +68,8 @@ FLUSH_SECONDS = 0.1  # after the last answer, before the process exits
 PENDING_CALLS = 20_000
 KEEPALIVE_TIMEOUT_SECONDS = 20.0  # for the answer to a keepalive ping (gRPC's default)
 METRICS_SOCKET_SECONDS = 10.0  # for a scrape's request and its answer (Prometheus's own scrape timeout is 10 s)
+
+
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -168,6 +171,7 @@ class Server:
             await self._load(packages, coordinator.unloaded)
             await coordinator.loaded(self.control.follow, self.state.shared_memory)
             await self._listen()
+        freeze_long_lived()  # what the start loaded lives as long as the server
         self.state.ready = True
         await self._set_health(READINESS_NAMES, serving=True)
         if seen is not None:  # under --workers, the first worker's alone (serve/workers/)

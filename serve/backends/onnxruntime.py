@@ -86,6 +86,9 @@ def _preload_cuda_libraries() -> None:
 # DEFAULT 34-69 ms with 2-3x slower steady state): with shape buckets warmed before ready
 # (serve/batcher.py) it is paid at startup, so the server keeps the fastest kernels
 # (--cuda-conv-search, serve/settings.py ConvSearch).
+# TF32 off: the CUDA provider's default rounds fp32 convolutions' inputs to TF32 on Ampere and
+# later, which moved logits by up to 1.7e-2 from the CPU's on an H200 (the GPU check's parity):
+# an artifact reported as fp32 runs in fp32.
 
 
 def providers_for(device: str, conv_search: str = "EXHAUSTIVE") -> list:
@@ -99,7 +102,8 @@ def providers_for(device: str, conv_search: str = "EXHAUSTIVE") -> list:
             raise BackendError(f"--device cuda: {cuda_unavailable_reason()}")
         return ["CPUExecutionProvider"]
     _preload_cuda_libraries()
-    return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": conv_search}), "CPUExecutionProvider"]
+    cuda_options = {"cudnn_conv_algo_search": conv_search, "use_tf32": "0"}
+    return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
 
 
 class StaticShapeSession:

@@ -56,6 +56,7 @@ LOAD_PROCESSES = 4  # the load generator's processes: 16 CPUs on the GPU machine
 WORKERS = {"cuda": (1, 4, 8), "cpu": (1, 4, 8)}
 QUICK_WORKERS = {"cuda": (1, 2), "cpu": (1, 2)}
 # the key a load's rows go under: batch{N}, then these for its API and client
+PARTS = ("parity", "in_process", "cpu_in_process", "served", "workers")
 SUFFIXES = {"kserve": "", "kserve-stream": "_stream", "resserve": "", "perf_analyzer": "_perf_analyzer"}
 
 
@@ -85,17 +86,19 @@ def in_process(device: str, onnx: bytes, images: np.ndarray, seconds: float) -> 
     return [dataclasses.asdict(row) for row in measure_runners(runners, images[:512], IN_PROCESS_SIZES, seconds)]
 
 
-def start_server(device: str, port: int, metrics_port: int, workers: int) -> subprocess.Popen:
+def start_server(device: str, port: int, metrics_port: int, workers: int | None) -> subprocess.Popen:
+    """A server on ``device`` with ``workers`` (None: its default, --workers auto) and the device's
+    batch size and buckets."""
     command = [sys.executable, "-c", SERVER, "--host", "127.0.0.1", "--port", str(port), "--http-port", "0",
                "--metrics-port", str(metrics_port), "--backend", "onnxruntime", "--device", device,
-               "--drain-seconds", "0", "--workers", str(workers)]  # the device's batch size and buckets
+               "--drain-seconds", "0", *(["--workers", str(workers)] if workers else [])]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         print(line, end="", file=sys.stderr)
         if " ready: " in line:
             threading.Thread(target=process.stderr.read, daemon=True).start()
             return process
-    raise RuntimeError(f"the server on {device} with {_workers(workers)} did not start (exit {process.wait()})")
+    raise RuntimeError(f"the server on {device} ({workers or 'auto'} workers) did not start (exit {process.wait()})")
 
 
 def first_requests(target: str, images: np.ndarray, count: int) -> dict:
@@ -118,14 +121,16 @@ def first_requests(target: str, images: np.ndarray, count: int) -> dict:
             stub.ModelInfer(request, timeout=60)
             latencies.append(time.perf_counter() - started)
         median = statistics.median(latencies)
-        result[size] = {"median_ms": median * 1e3, "max_ms": max(latencies) * 1e3, "max_over_median": max(latencies) / median}
+        slowest = sorted(range(count), key=latencies.__getitem__, reverse=True)[:3]  # 0 first: the shape's cost
+        result[size] = {"median_ms": median * 1e3, "max_ms": max(latencies) * 1e3, "max_over_median": max(latencies) / median,
+                        "slowest": [{"request": i, "ms": latencies[i] * 1e3} for i in slowest]}
     return result
 
 
-def served(device: str, images: np.ndarray, duration: float, workers: int = 1,
+def served(device: str, images: np.ndarray, duration: float, workers: int | None = None,
            sweep: tuple[tuple[int, tuple[int, ...]], ...] = ((1, (1, 16, 64)), (64, (16,))),
            first: int = 200, apis: tuple[str, ...] = ("kserve",), clients: tuple[str, ...] = ("resserve",)) -> dict:
-    """A server on ``device`` with ``workers`` under load: (images per request, concurrencies)
+    """A server on ``device`` with ``workers`` (None: the default) under load: (images per request, concurrencies)
     for each of ``sweep``, after timing the ``first`` requests of each size (0: none), over each
     of ``apis`` from each of ``clients`` (the rows of kserve-stream under ``batch{N}_stream``, of
     perf_analyzer under ``batch{N}..._perf_analyzer``)."""
@@ -133,7 +138,7 @@ def served(device: str, images: np.ndarray, duration: float, workers: int = 1,
     process = start_server(device, port, metrics_port, workers)
     target, metrics = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     try:
-        report: dict = {"device": device, "workers": workers}
+        report: dict = {"device": device, "workers": workers or "auto"}
         if first:
             report["first_requests"] = first_requests(target, images, first)
         for (batch, levels), api, client in itertools.product(sweep, apis, clients):
@@ -312,6 +317,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="short timings: a dry run")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {','.join(PARTS)} to run (all)")
     args = parser.parse_args()
     seconds = 0.5 if args.quick else 3.0
     package = load_package()
@@ -324,6 +330,8 @@ def main() -> None:
                       ("served", lambda: served(args.device, images, seconds * 2, first=20 if args.quick else 200)),
                       ("workers", lambda: worker_sweep(args.device, images, seconds * 2,
                                                        QUICK_WORKERS if args.quick else WORKERS))):
+        if name not in args.parts.split(","):
+            continue
         print(f"gpu check: {name} ...", file=sys.stderr)
         try:
             results[name] = run()
