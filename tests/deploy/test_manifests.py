@@ -25,7 +25,7 @@ from helpers import ServerProcess, free_port, triton_infer
 from resserve.serve.app import build_app
 from resserve.serve.metrics import Metrics
 from resserve.serve.settings import (DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LIVENESS_SERVICE,
-                                     READINESS_SERVICE, LogFormat)
+                                     READINESS_SERVICE, LogFormat, auto_workers)
 from resserve.serve.state import INFERENCE_APIS
 from resserve.serve.workers.supervisor import SupervisorMetrics
 
@@ -152,6 +152,8 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image_says_cuda_once():
     assert container["image"].endswith(":cuda")
     entrypoint = yaml.safe_load(re.search(r"^ENTRYPOINT (.+)$", (DEPLOY / "Dockerfile.cuda").read_text(), re.M).group(1))
     assert entrypoint[-2:] == ["--device", "cuda"] and "--device" not in container.get("args", [])  # said once, by the image
+    # the CPU limit feeds --workers auto (RESSERVE_CPUS): four processes share the GPU, as measured best on an H200
+    assert auto_workers(int(container["resources"]["limits"]["cpu"])) == 4
 
 
 def test_kserve_inference_service_uses_standard_mode_and_one_http_port():
