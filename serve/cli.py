@@ -16,9 +16,10 @@ import typer
 from resserve.serve.batcher import DEFAULT_MAX_BATCH_SIZE, BatchingConfig
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable
-from resserve.serve.settings import (CPUS_PER_WORKER, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, BackendChoice,
-                                     ConvSearch, Device, LogFormat, LogLevel, Precision, ServerSettings, TraceLevel,
-                                     TraceMode, parse_auto, parse_buckets, parse_max_batch_size, parse_workers)
+from resserve.serve.settings import (CPUS_PER_WORKER, CUDA_WORKERS, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT,
+                                     BackendChoice, ConvSearch, Device, LogFormat, LogLevel, Precision,
+                                     ServerSettings, TraceLevel, TraceMode, parse_auto, parse_buckets,
+                                     parse_max_batch_size, parse_workers)
 
 if TYPE_CHECKING:
     from resserve.serve.bench.clients import Level
@@ -136,7 +137,8 @@ def serve(
         "name.")] = ServerSettings.allow_client_shm,
     workers: Annotated[str, typer.Option(envvar=_env("WORKERS"),
         help="Server processes on the same ports, each with its own models and a share of the CPUs "
-        f"(Linux). auto: one per {CPUS_PER_WORKER} CPUs (--cpus), at least one.")] = "auto",
+        f"(Linux). auto: one per {CPUS_PER_WORKER} CPUs (--cpus), at least one; with --device cuda at most "
+        f"{CUDA_WORKERS}, which share the GPU.")] = "auto",
     cpus: Annotated[Optional[int], typer.Option(envvar=_env("CPUS"),
         help="CPUs the server may use, shared by its workers (Kubernetes: the CPU limit, from the downward API) "
         "[default: the affinity mask, capped by a cgroup v2 quota].", show_default=False)] = None,
@@ -183,7 +185,7 @@ def serve(
                                 max_queue_size=max_queue_size, buckets=parse_buckets(batch_buckets, largest_batch)),
         device=device, backend=backend, precision=precision, cuda_conv_search=cuda_conv_search,
         cuda_graphs=cuda_graphs, threads=threads, thread_spinning=thread_spinning,
-        cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus()),
+        cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus(), device),
         max_images_per_request=max_images_per_request, max_message_bytes=max_message_bytes,
         max_inflight_bytes=max_inflight_bytes, batch_timeout_seconds=batch_timeout, drain_seconds=drain_seconds,
         grace_seconds=grace_seconds,

@@ -25,6 +25,7 @@ MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # gRPC's channel arguments are C ints
 CONTROL_RPCS = 8
 MAX_WORKERS = 64
 CPUS_PER_WORKER = 4  # --workers auto: one worker per this many usable CPUs (docs/serving.md "Workers")
+CUDA_WORKERS = 4  # --workers auto on --device cuda: at most this many processes share the GPU
 LIVENESS_SERVICE = "resserve.liveness"
 READINESS_SERVICE = "resserve.readiness"
 
@@ -102,14 +103,19 @@ class LogFormat(Choice):
     JSON = "json"  # one JSON object a line, for log collectors (serve/logs.py)
 
 
-def auto_workers(cpus: int) -> int:
-    """``--workers auto``: one server process per CPUS_PER_WORKER usable CPUs, at least one.
+def auto_workers(cpus: int, device: str = "cpu") -> int:
+    """``--workers auto``: one server process per CPUS_PER_WORKER usable CPUs, at least one; on
+    ``--device cuda`` at most CUDA_WORKERS.
 
     Each worker needs CPUs for its inference threads as well as for its Python front end; on 2
     CPUs a second worker measured no faster than one (docs/benchmarks.md "Workers"), while one
     process on 16 CPUs served 0.37x its in-process limit (the front end, not the model, bound).
+    Workers on CUDA share the GPU, each with its own CUDA context, and the contexts take turns:
+    on an H200 with 16 CPUs four served 1-image requests at 2.4x one's rate and eight at 0.75x
+    four's (docs/benchmarks.md "GPU").
     """
-    return max(1, min(MAX_WORKERS, cpus // CPUS_PER_WORKER))
+    count = max(1, min(MAX_WORKERS, cpus // CPUS_PER_WORKER))
+    return min(count, CUDA_WORKERS) if device == "cuda" else count
 
 
 def parse_auto(value: str, option: str, unit: str) -> int | None:
@@ -144,10 +150,10 @@ def parse_buckets(value: str, max_batch_size: int | None) -> tuple[int, ...] | N
     return tuple(sizes)
 
 
-def parse_workers(value: str, cpus: int) -> int:
-    """``--workers``: "auto" or a count, as an int (a bad value is one line)."""
+def parse_workers(value: str, cpus: int, device: str = "cpu") -> int:
+    """``--workers``: "auto" (for ``device``) or a count, as an int (a bad value is one line)."""
     count = parse_auto(value, "--workers", "processes")
-    return auto_workers(cpus) if count is None else count
+    return auto_workers(cpus, device) if count is None else count
 
 
 @dataclass(frozen=True)

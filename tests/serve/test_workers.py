@@ -96,6 +96,10 @@ def test_auto_workers_is_one_per_four_cpus_and_at_least_one():
     assert [auto_workers(n) for n in (1, 2, 3, 4, 8, 16, 1000)] == [1, 1, 1, 1, 2, 4, 64]
 
 
+def test_auto_workers_on_cuda_is_at_most_four_sharing_the_gpu():
+    assert [auto_workers(n, "cuda") for n in (2, 8, 16, 64, 1000)] == [1, 2, 4, 4, 4]
+
+
 def test_two_workers_share_one_port_and_metrics_add_up(tmp_path):
     with ServerProcess("--workers", "2", env={"TMPDIR": str(tmp_path)}) as server:
         assert "ready: resnet-mnist v1 (2 workers)" in "".join(server.lines)
