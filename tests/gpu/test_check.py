@@ -54,10 +54,20 @@ def test_each_target_is_judged_on_its_own_figures():
     }
     assert verdicts["1-image requests, C=64: p99 <= 25 ms, 0 errors"]["measured"] == "p99 30.0 ms, 2 errors"
     assert verdicts["first 200 requests of each size: slowest <= 3x the median"]["measured"] == "worst 3.50x (batch 64)"
+    assert verdicts["C=1: p50 <= in-process batch-1 latency + 1.0 ms"]["measured"] == "+0.94 ms (p50 1.50) against 0.56 ms"
     assert verdicts["CPU, 1-image requests, C=64: >= 0.7x in process at the batch formed"]["measured"] == \
         "1 worker 0.37x, 4 workers 0.80x (streams 0.91x)"
     assert verdicts["cuda, 1-image requests, C=64: >= 8,000 images/s"]["measured"] == \
         "1 worker 2,500, 4 workers 7,900 (perf_analyzer 8,100, perf_analyzer streams 9,000)"
+
+
+def test_the_latency_at_one_client_is_judged_on_the_better_client():
+    figures = results()
+    figures["served"]["batch1"][0]["p50_ms"] = 1.9  # our Python client: +1.34 ms
+    figures["served"]["batch1_perf_analyzer"] = [level(1, 700, 1.5, 2.0, 1), level(16, 9000, 1.8, 12.0, 16)]
+    verdict = {t["target"]: t for t in targets(figures)}["C=1: p50 <= in-process batch-1 latency + 1.0 ms"]
+    assert verdict["met"]
+    assert verdict["measured"] == "+1.34 ms (p50 1.90), perf_analyzer +0.94 ms (p50 1.50) against 0.56 ms"
 
 
 def test_a_run_cut_short_is_judged_on_what_finished():
