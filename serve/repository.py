@@ -129,8 +129,7 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
     model_bytes = package.read_verified(artifact)  # a sha256 mismatch refuses to start
     started, device = time.monotonic(), choice.device(settings.device)
     backend = open_backend(model_bytes, artifact.format, choice.backend, device, choice.precision,
-                           settings.inference_threads, settings.cuda_conv_search.value, settings.cuda_graphs,
-                           settings.thread_spinning)
+                           settings.inference_threads, settings.cuda, settings.thread_spinning)
     log.info("model %s runs on %s in %s: %s", package.name, choice.backend, choice.precision, choice.reason)
     if device == "auto" and backend.device == "cpu":
         log.info("--device auto: no CUDA available to %s, running %s on the CPU", backend.name, package.name)

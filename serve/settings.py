@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from resserve.serve.backends.base import usable_cpus
+from resserve.serve.backends.base import CudaOptions, usable_cpus
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
 
@@ -173,6 +173,7 @@ class ServerSettings:
     precision: Precision = Precision.AUTO
     cuda_conv_search: ConvSearch = ConvSearch.EXHAUSTIVE  # paid before ready, for every shape bucket
     cuda_graphs: bool = True  # ONNX Runtime on CUDA: one captured CUDA graph per shape bucket
+    cuda_tf32: bool = False  # ONNX Runtime on CUDA: TF32 for fp32 (faster at large batches, not fp32's logits)
     threads: int | None = None  # inference threads per worker; default: the CPUs divided among the workers
     # ONNX Runtime and TorchScript on the CPU: idle inference threads spin, waiting for the next
     # batch, instead of sleeping (OpenVINO's sleep either way). Faster to answer, but CPU use then
@@ -227,6 +228,11 @@ class ServerSettings:
     def inference_threads(self) -> int:
         """Each worker's inference threads: --threads, or its share of the CPUs."""
         return self.threads or max(1, (self.cpus or usable_cpus()) // self.workers)
+
+    @property
+    def cuda(self) -> CudaOptions:
+        """How ONNX Runtime runs on CUDA: --cuda-conv-search, --cuda-graphs, --cuda-tf32."""
+        return CudaOptions(self.cuda_conv_search.value, self.cuda_graphs, self.cuda_tf32)
 
     @property
     def max_concurrent_rpcs(self) -> int:

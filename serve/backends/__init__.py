@@ -3,16 +3,15 @@ line in ``open_backend``; the runtime choice (serve/runtime.py) decides when it 
 
 from __future__ import annotations
 
-from resserve.serve.backends.base import Backend, BackendError, ModelSource
+from resserve.serve.backends.base import Backend, BackendError, CudaOptions, ModelSource
 
 
 def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", device: str = "cpu",
-                 precision: str = "fp32", threads: int | None = None, cuda_conv_search: str = "EXHAUSTIVE",
-                 cuda_graphs: bool = True, thread_spinning: bool = True) -> Backend:
+                 precision: str = "fp32", threads: int | None = None, cuda: CudaOptions = CudaOptions(),
+                 thread_spinning: bool = True) -> Backend:
     """The backend for an artifact of ``format`` (onnx | torchscript); ONNX runs on ``runtime``
-    (``cuda_conv_search``: ONNX Runtime's cuDNN algorithm search on CUDA; ``cuda_graphs``: one
-    captured CUDA graph per shape bucket; ``thread_spinning``: idle inference threads spin, in ONNX
-    Runtime and TorchScript; OpenVINO's sleep between batches either way).
+    (``cuda``: how ONNX Runtime runs on CUDA; ``thread_spinning``: idle inference threads spin, in
+    ONNX Runtime and TorchScript; OpenVINO's sleep between batches either way).
 
     Each backend module is imported only when chosen, so a server never loads a runtime it does
     not use (torch above all)."""
@@ -23,7 +22,7 @@ def open_backend(model: ModelSource, format: str, runtime: str = "onnxruntime", 
     if format == "onnx":
         from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(model, device, threads, cuda_conv_search, cuda_graphs, thread_spinning, precision)
+        return OnnxRuntimeBackend(model, device, threads, cuda, thread_spinning, precision)
     if format == "torchscript":
         from resserve.serve.backends.torchscript import TorchScriptBackend
 

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import numpy as np
 
-from resserve.serve.backends.base import BackendError, ModelSource, Outputs, describe, usable_cpus
+from resserve.serve.backends.base import BackendError, CudaOptions, ModelSource, Outputs, describe, usable_cpus
 
 log = logging.getLogger("resserve.serve")
 
@@ -86,14 +86,14 @@ def _preload_cuda_libraries() -> None:
 # DEFAULT 34-69 ms with 2-3x slower steady state): with shape buckets warmed before ready
 # (serve/batcher.py) it is paid at startup, so the server keeps the fastest kernels
 # (--cuda-conv-search, serve/settings.py ConvSearch).
-# TF32 off: the CUDA provider's default rounds fp32 convolutions' inputs to TF32 on Ampere and
-# later, which moved logits by up to 1.7e-2 from the CPU's on an H200 (the GPU check's parity):
-# an artifact reported as fp32 runs in fp32.
+# TF32 off unless asked for (--cuda-tf32): the CUDA provider's default rounds fp32 convolutions'
+# inputs to TF32 on Ampere and later, which moved logits by up to 1.7e-2 from the CPU's on an H200
+# (the GPU check's parity): an artifact reported as fp32 runs in fp32.
 
 
-def providers_for(device: str, conv_search: str = "EXHAUSTIVE") -> list:
+def providers_for(device: str, cuda: CudaOptions = CudaOptions()) -> list:
     """Execution providers for ``device`` (cpu | cuda | auto: CUDA where this ONNX Runtime has
-    it), CUDA with ``conv_search`` as its cuDNN algorithm search."""
+    it), CUDA with ``cuda``'s algorithm search and TF32 choice."""
     ort = import_onnxruntime()
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -102,8 +102,8 @@ def providers_for(device: str, conv_search: str = "EXHAUSTIVE") -> list:
             raise BackendError(f"--device cuda: {cuda_unavailable_reason()}")
         return ["CPUExecutionProvider"]
     _preload_cuda_libraries()
-    cuda_options = {"cudnn_conv_algo_search": conv_search, "use_tf32": "0"}
-    return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+    options = {"cudnn_conv_algo_search": cuda.conv_search, "use_tf32": "1" if cuda.tf32 else "0"}
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
 class StaticShapeSession:
@@ -141,24 +141,22 @@ class StaticShapeSession:
 
 
 class OnnxRuntimeBackend:
-    """An ONNX Runtime session on ``device`` (cpu | cuda | auto); on CUDA, once the batch sizes are
-    fixed (``specialize``), one captured CUDA graph per size (``cuda_graphs``).
+    """An ONNX Runtime session on ``device`` (cpu | cuda | auto); on CUDA, as ``cuda`` says, and
+    once the batch sizes are fixed (``specialize``), one captured CUDA graph per size.
 
     ``thread_spinning``: ONNX Runtime's intra-op threads spin while idle (its default), so the next
     batch starts without waking them; off, they sleep, and CPU use follows load. ``precision``: what
-    the artifact is (fp32, or int8 for export's quantized one), as reported; it runs as it is."""
+    the artifact is (fp32, or int8 for export's quantized one), as reported; it runs as it is, but
+    for fp32 on CUDA with TF32, reported as tf32."""
 
     name = "onnxruntime"
 
     def __init__(self, model: ModelSource, device: str = "cpu", threads: int | None = None,
-                 conv_search: str = "EXHAUSTIVE", cuda_graphs: bool = True, thread_spinning: bool = True,
-                 precision: str = "fp32") -> None:
+                 cuda: CudaOptions = CudaOptions(), thread_spinning: bool = True, precision: str = "fp32") -> None:
         self.ort = import_onnxruntime()
-        self.precision = precision
         self.model = model if isinstance(model, bytes) else str(model)
-        self.threads, self.conv_search, self.cuda_graphs = threads, conv_search, cuda_graphs
-        self.thread_spinning = thread_spinning
-        providers = providers_for(device, conv_search)
+        self.threads, self.cuda, self.thread_spinning = threads, cuda, thread_spinning
+        providers = providers_for(device, cuda)
         try:
             self.session = self.ort.InferenceSession(self.model, self.session_options(), providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
@@ -168,6 +166,7 @@ class OnnxRuntimeBackend:
             raise BackendError(f"--device cuda: ONNX Runtime could not start CUDA for {describe(model)} "
                                f"(active: {active}; it needs an NVIDIA driver for CUDA 13)")
         self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
+        self.precision = "tf32" if self.device == "cuda" and cuda.tf32 and precision == "fp32" else precision
         self.input_name = self.session.get_inputs()[0].name
         self.batch_dimension = self.session.get_inputs()[0].shape[0]  # its symbolic name ("batch")
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -183,12 +182,12 @@ class OnnxRuntimeBackend:
         return options
 
     def specialize(self, batch_sizes: tuple[int, ...]) -> None:
-        """On CUDA with ``cuda_graphs``: a captured-graph session for each of ``batch_sizes`` (the
+        """On CUDA with ``cuda.graphs``: a captured-graph session for each of ``batch_sizes`` (the
         batcher's shape buckets); other sizes keep running on the dynamic session. A size whose
         graph cannot be captured runs without one, and the log says why."""
-        if self.device != "cuda" or not self.cuda_graphs:
+        if self.device != "cuda" or not self.cuda.graphs:
             return
-        cuda, options = providers_for("cuda", self.conv_search)[0]
+        cuda, options = providers_for("cuda", self.cuda)[0]
         providers = [(cuda, {**options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
         for size in batch_sizes:
             try:

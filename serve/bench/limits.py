@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from resserve.serve.backends import open_backend
-from resserve.serve.backends.base import usable_cpus
+from resserve.serve.backends.base import CudaOptions, usable_cpus
 from resserve.serve.bench.clients import stand_in_images
 from resserve.serve.bench.report import InProcessResult
 from resserve.serve.package import ModelPackage
@@ -49,11 +49,15 @@ def measure_runners(runners: dict[str, Runner], images: np.ndarray, batch_sizes:
 
 def cuda_runners(onnx: bytes, batch_sizes: tuple[int, ...]) -> dict[str, Runner]:
     """ONNX Runtime's CUDA provider on the fp32 artifact: plain, and with a captured CUDA graph at
-    batch 1 and each of ``batch_sizes`` (as a server captures one per shape bucket)."""
-    plain = open_backend(onnx, "onnx", "onnxruntime", "cuda", cuda_graphs=False)
-    graphs = open_backend(onnx, "onnx", "onnxruntime", "cuda")
-    graphs.specialize((1, *batch_sizes))
-    return {"ONNX Runtime fp32, CUDA": plain.infer, "ONNX Runtime fp32, CUDA graphs": graphs.infer}
+    batch 1 and each of ``batch_sizes`` (as a server captures one per shape bucket), in fp32 and
+    with TF32 (--cuda-tf32)."""
+    plain = open_backend(onnx, "onnx", "onnxruntime", "cuda", cuda=CudaOptions(graphs=False))
+    runners = {"ONNX Runtime fp32, CUDA": plain.infer}
+    for precision, options in (("fp32", CudaOptions()), ("tf32", CudaOptions(tf32=True))):
+        graphs = open_backend(onnx, "onnx", "onnxruntime", "cuda", cuda=options)
+        graphs.specialize((1, *batch_sizes))
+        runners[f"ONNX Runtime {precision}, CUDA graphs"] = graphs.infer
+    return runners
 
 
 def in_process_limit(package: ModelPackage, batch_sizes: list[int], runtime: str = "onnxruntime fp32",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import run_cli
-from resserve.serve.backends.base import infer_in_chunks
+from resserve.serve.backends.base import CudaOptions, infer_in_chunks
 from resserve.serve.backends.onnxruntime import OnnxRuntimeBackend, StaticShapeSession
 from resserve.serve.backends.openvino import OpenVinoBackend, openvino_cpu_capabilities
 from resserve.serve.errors import ResserveError
@@ -171,6 +171,14 @@ def test_only_cuda_specializes_per_batch_size(shipped_onnx):
     backend = OnnxRuntimeBackend(shipped_onnx, "auto")  # no CUDA here: the CPU
     backend.specialize((1, 8, 64))
     assert backend.device == "cpu" and backend.static == {}
+
+
+def test_tf32_is_for_cuda_alone_on_the_cpu_the_model_runs_and_is_reported_as_fp32(shipped_onnx):
+    assert ServerSettings(cuda_tf32=True).cuda == CudaOptions(tf32=True)  # --cuda-tf32 reaches the backend so
+    backend = OnnxRuntimeBackend(shipped_onnx, "auto", cuda=CudaOptions(tf32=True))  # no CUDA here: the CPU
+    images = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    assert backend.device == "cpu" and backend.precision == "fp32"
+    assert np.array_equal(backend.infer(images)["logits"], OnnxRuntimeBackend(shipped_onnx).infer(images)["logits"])
 
 
 def test_onnxruntime_threads_that_do_not_spin_take_no_cpu_between_batches(shipped_onnx):
