@@ -70,8 +70,6 @@ KEEPALIVE_TIMEOUT_SECONDS = 20.0  # for the answer to a keepalive ping (gRPC's d
 METRICS_SOCKET_SECONDS = 10.0  # for a scrape's request and its answer (Prometheus's own scrape timeout is 10 s)
 
 
-
-
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` on every RPC except health and reflection, an
     admin token on the admin RPCs where the server has them (serve/auth.py)."""

@@ -11,7 +11,7 @@ Four parts, each written to the JSON as soon as it is done (a timeout keeps what
 1. parity: the shipped ONNX artifact on ``--device`` against the CPU fp32 run, on the 10,000
    MNIST test images: max |logit difference| and both accuracies;
 2. in process: batch-1 latency and batch 64/256/1024 throughput on the CPU, and on CUDA without
-   and with CUDA graphs (`resserve bench model --device cuda`'s rows);
+   and with CUDA graphs, and with graphs and TF32 (`resserve bench model --device cuda`'s rows);
 3. served: a server on ``--device`` with its defaults (on CUDA: batches up to 256, shape
    buckets, CUDA graphs, --workers auto), loaded with 1-image requests at C=1, 16, 64 and
    64-image requests at C=16 (our closed-loop load generator, and Triton's perf_analyzer where it
@@ -56,8 +56,8 @@ IN_PROCESS_SIZES = (64, 256, 1024)
 LOAD_PROCESSES = 4  # the load generator's processes: 16 CPUs on the GPU machine
 WORKERS = {"cuda": (1, 4, 8), "cpu": (1, 4, 8)}
 QUICK_WORKERS = {"cuda": (1, 2), "cpu": (1, 2)}
+PARTS = ("parity", "in_process", "cpu_in_process", "served", "workers")  # --parts: all by default
 # the key a load's rows go under: batch{N}, then these for its API and client
-PARTS = ("parity", "in_process", "cpu_in_process", "served", "workers")
 SUFFIXES = {"kserve": "", "kserve-stream": "_stream", "resserve": "", "perf_analyzer": "_perf_analyzer"}
 
 
@@ -131,10 +131,10 @@ def first_requests(target: str, images: np.ndarray, count: int) -> dict:
 def served(device: str, images: np.ndarray, duration: float, workers: int | None = None,
            sweep: tuple[tuple[int, tuple[int, ...]], ...] = ((1, (1, 16, 64)), (64, (16,))),
            first: int = 200, apis: tuple[str, ...] = ("kserve",), clients: tuple[str, ...] = ("resserve",)) -> dict:
-    """A server on ``device`` with ``workers`` (None: the default) under load: (images per request, concurrencies)
-    for each of ``sweep``, after timing the ``first`` requests of each size (0: none), over each
-    of ``apis`` from each of ``clients`` (the rows of kserve-stream under ``batch{N}_stream``, of
-    perf_analyzer under ``batch{N}..._perf_analyzer``)."""
+    """A server on ``device`` with ``workers`` (None: the default) under load: (images per
+    request, concurrencies) for each of ``sweep``, after timing the ``first`` requests of each size
+    (0: none), over each of ``apis`` from each of ``clients`` (the rows of kserve-stream under
+    ``batch{N}_stream``, of perf_analyzer under ``batch{N}..._perf_analyzer``)."""
     port, metrics_port = 18901, 18902
     process = start_server(device, port, metrics_port, workers)
     target, metrics = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
