@@ -96,7 +96,7 @@ def serve(
         help="Largest request; bigger ones get RESOURCE_EXHAUSTED.")] = ServerSettings.max_message_bytes,
     max_inflight_bytes: Annotated[int, typer.Option(envvar=_env("MAX_INFLIGHT_BYTES"),
         help="Memory budget for requests: the server handles this / --max-message-bytes RPCs at once "
-        "(64 by default), and 8 more for health probes and metadata calls; more get RESOURCE_EXHAUSTED. "
+        "(64 by default), and 8 more for health checks and metadata calls; more get RESOURCE_EXHAUSTED. "
         "Lower --max-message-bytes for more, smaller RPCs.")
     ] = ServerSettings.max_inflight_bytes,
     batch_timeout: Annotated[float, typer.Option(envvar=_env("BATCH_TIMEOUT"),

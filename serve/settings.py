@@ -17,11 +17,12 @@ DEFAULT_PORT = 8001  # as Triton: HTTP 8000, gRPC 8001, metrics 8002
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # gRPC's channel arguments are C ints
-# RPCs the server takes beyond its in-flight budget's count (max_concurrent_rpcs): health probes
+# RPCs the server takes beyond its in-flight budget's count (max_concurrent_rpcs): health checks
 # and metadata calls share gRPC's one limit with inference, so clients using the whole budget
 # (64 of them by default, each with a call in flight; Triton's perf_analyzer at concurrency 64
-# reads statistics besides) must not starve a Kubernetes probe into restarting the pod. Any RPC
-# may be as large as the largest message: the memory bound counts these too.
+# reads statistics besides) must not starve them. More clients take these places too, which is
+# why Kubernetes probes over HTTP (deploy/k8s). Any RPC may be as large as the largest message:
+# the memory bound counts these too.
 CONTROL_RPCS = 8
 MAX_WORKERS = 64
 CPUS_PER_WORKER = 4  # --workers auto: one worker per this many usable CPUs (docs/serving.md "Workers")

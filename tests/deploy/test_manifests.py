@@ -24,8 +24,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from helpers import ServerProcess, free_port, triton_infer
 from resserve.serve.app import build_app
 from resserve.serve.metrics import Metrics
-from resserve.serve.settings import (DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LIVENESS_SERVICE,
-                                     READINESS_SERVICE, LogFormat, auto_workers)
+from resserve.serve.settings import DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LogFormat, auto_workers
 from resserve.serve.state import INFERENCE_APIS
 from resserve.serve.workers.supervisor import SupervisorMetrics
 
@@ -90,9 +89,11 @@ def test_probes_ports_and_settings_match_the_server(overlay):
     container = pod["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": DEFAULT_HTTP_PORT, "grpc": DEFAULT_PORT, "metrics": DEFAULT_METRICS_PORT}
-    for probe, service in (("startupProbe", READINESS_SERVICE), ("readinessProbe", READINESS_SERVICE),
-                           ("livenessProbe", LIVENESS_SERVICE)):
-        assert container[probe]["grpc"] == {"port": DEFAULT_PORT, "service": service}
+    # over HTTP, whose health endpoints no gRPC load can starve (tests/serve/test_adversarial.py)
+    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
+                        ("livenessProbe", "/v2/health/live")):
+        assert ports[container[probe]["httpGet"]["port"]] == DEFAULT_HTTP_PORT
+        assert container[probe]["httpGet"]["path"] == path
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(DEFAULT_METRICS_PORT)
 
     flags, envvars = serve_options()
