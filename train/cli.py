@@ -242,6 +242,7 @@ def export(
     from resserve.train.export import export_package
     from resserve.train.progress import progress_bar, stages_of
 
+    _refuse_what_is_no_checkpoint(path)
     mnist = load_mnist(data_dir, log=_log)
     with progress_bar(not as_json, "images") as progress:
         manifest = export_package(path, destination, options, mnist, log=_log, stages=stages_of(progress))
@@ -287,6 +288,8 @@ def bench_model(
     from resserve.train.export import as_input, export_package
     from resserve.train.progress import progress_bar
 
+    if model is not None and not model.is_dir():
+        _refuse_what_is_no_checkpoint(resolve_model_path(model))
     mnist = load_mnist(data_dir, log=_log)
     with tempfile.TemporaryDirectory(prefix="resserve-bench-") as tmp:
         if model is not None and model.is_dir():
@@ -312,6 +315,14 @@ def bench_model(
     print_model_benchmark(results)
     if json_out:
         json_out.write_text(report_json(results))
+
+
+def _refuse_what_is_no_checkpoint(path: Path) -> None:
+    """Read ``path`` as a checkpoint only to refuse it, in one line, before MNIST is read, which on a
+    new machine is a download: export reads it again where it needs it."""
+    from resserve.train.checkpoint import load_checkpoint
+
+    load_checkpoint(path)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
