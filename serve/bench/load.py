@@ -39,7 +39,8 @@ from resserve.serve.bench.report import LevelResult
 from resserve.serve.connections import raise_open_file_limit
 from resserve.serve.errors import ResserveError
 
-LOAD_PROCESS_START_SECONDS = 3.0
+LOAD_PROCESS_WAIT_SECONDS = 120.0  # the longest a ready load process waits for the others and the start
+LOAD_START_MARGIN_SECONDS = 0.1  # from the last load process ready to the common start
 OPEN_LOOP_CONNECTIONS = 8  # per load process: open-loop requests take turns over these clients
 OPEN_LOOP_MAX_OUTSTANDING = 1024  # per load process: arrivals beyond this many unanswered are not sent, but counted
 # per open-loop client over REST (HTTP/1.1: a connection per request in flight), so that all of
@@ -181,8 +182,12 @@ def _run_share(spec: LoadSpec, level: Level, start_at: float, seed: int = 0) -> 
     return LoadResult(latencies, errors, window, window + spec.warmup, time.process_time() - cpu, 1)
 
 
-def _load_process(spec: LoadSpec, level: Level, start_at: float, seed: int, results) -> None:
-    results.put(_run_share(spec, level, start_at, seed))
+def _load_process(spec: LoadSpec, level: Level, seed: int, ready, go, start_at, results) -> None:
+    """One load process: says it is ready once started (Python and this module imported), then runs
+    its share from the start time every process is given, so that their loads overlap."""
+    ready.put(seed)
+    if go.wait(LOAD_PROCESS_WAIT_SECONDS):  # not set: the benchmark stopped before the start
+        results.put(_run_share(spec, level, start_at.value, seed))
 
 
 def _merged(parts: list[LoadResult], warmup: float) -> LoadResult:
@@ -198,20 +203,16 @@ def _generate_load(spec: LoadSpec, level: Level, processes: int) -> LoadResult:
     if len(shares) == 1:
         return _run_share(spec, level, time.time())
     context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    start_at = time.time() + LOAD_PROCESS_START_SECONDS  # every process started and imported by then
-    workers = [context.Process(target=_load_process, args=(spec, share, start_at, seed, results))
+    ready, go, start_at, results = context.Queue(), context.Event(), context.Value("d", 0.0), context.Queue()
+    workers = [context.Process(target=_load_process, args=(spec, share, seed, ready, go, start_at, results))
                for seed, share in enumerate(shares)]
     for worker in workers:
         worker.start()
-    parts = []
     try:
-        while len(parts) < len(workers):
-            try:
-                parts.append(results.get(timeout=1.0))
-            except queue.Empty:
-                if any(worker.exitcode not in (None, 0) for worker in workers):  # died without its results
-                    raise ResserveError("a load process failed (its error is above)") from None
+        _gather(ready, workers)
+        start_at.value = time.time() + LOAD_START_MARGIN_SECONDS
+        go.set()
+        parts = _gather(results, workers)
     except BaseException:  # that, or Ctrl-C, or SIGTERM: the other load processes stop too
         for worker in workers:
             worker.terminate()
@@ -219,6 +220,19 @@ def _generate_load(spec: LoadSpec, level: Level, processes: int) -> LoadResult:
     for worker in workers:
         worker.join()
     return _merged(parts, spec.warmup)
+
+
+def _gather(messages, workers: list) -> list:
+    """A message from each of the load processes ``workers``, or ResserveError when one of them
+    dies before it sent its message."""
+    gathered = []
+    while len(gathered) < len(workers):
+        try:
+            gathered.append(messages.get(timeout=1.0))
+        except queue.Empty:
+            if any(worker.exitcode not in (None, 0) for worker in workers):
+                raise ResserveError("a load process failed (its error is above)") from None
+    return gathered
 
 
 def measure_level(spec: LoadSpec, level: Level, metrics_url: str, server_pid: int | None,
