@@ -377,7 +377,7 @@ def test_health_is_answered_beside_clients_that_hold_the_whole_budget_and_over_h
     """gRPC has one limit on concurrent RPCs: past the budget's count its 8 more places go to any
     call, health checks included. HTTP's health endpoints are outside it, and so are the
     Deployment's probes (deploy/k8s): with 150 clients, 15% of gRPC health checks were refused."""
-    # a budget of 2 largest messages: 2 RPCs at once, and 8 more for probes and metadata calls
+    # a budget of 2 largest messages: 2 RPCs at once, and 8 more for health checks and metadata calls
     with ServerProcess("--max-message-bytes", "1048576", "--max-inflight-bytes", "2097152") as small:
         channel = grpc.insecure_channel(small.target)
         stub = kserve_grpc.GRPCInferenceServiceStub(channel)
