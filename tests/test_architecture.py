@@ -1,10 +1,12 @@
 """The import graph: serve/ never imports train/, and no module imports itself back through others.
+And the map a newcomer reads (docs/architecture.md) names every module.
 
 Read from the source with ``ast`` (imports at any depth, including those inside functions), so
 the rules hold for code paths the other tests do not run.
 """
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +71,20 @@ def test_the_graph_is_read_at_all():
     """Guards the two tests above against passing on an empty graph."""
     edges = graph()
     assert "resserve.train.export" in edges and "resserve.serve.manifest" in edges["resserve.train.export"]
+
+
+def documented_files() -> set[str]:
+    """The files docs/architecture.md names in backquotes (``{a,b}.py`` spelled out), and those a
+    folder's row (``| `serve/backends/` | ...``) names by file name."""
+    text, named = (ROOT / "docs" / "architecture.md").read_text(), set()
+    for quoted in re.findall(r"`((?:serve|train)/[^`]*\.py)`", text):
+        choices = re.fullmatch(r"(.*)\{(.*)\}(.*)", quoted)
+        named.update(f"{choices[1]}{name}{choices[3]}" for name in choices[2].split(",")) if choices else named.add(quoted)
+    for folder, row in re.findall(r"^\| `((?:serve|train)/[^`]*/)` \|(.*)$", text, flags=re.MULTILINE):
+        named.update(folder + name for name in re.findall(r"[\w.]+\.py", row))
+    return named
+
+
+def test_the_architecture_map_names_every_module():
+    files = {str(path.relative_to(ROOT)) for path in modules().values() if path.name not in ("__init__.py", "__main__.py")}
+    assert sorted(files - documented_files()) == []
