@@ -79,12 +79,16 @@ def documented_files() -> set[str]:
     text, named = (ROOT / "docs" / "architecture.md").read_text(), set()
     for quoted in re.findall(r"`((?:serve|train)/[^`]*\.py)`", text):
         choices = re.fullmatch(r"(.*)\{(.*)\}(.*)", quoted)
-        named.update(f"{choices[1]}{name}{choices[3]}" for name in choices[2].split(",")) if choices else named.add(quoted)
+        if choices:
+            named.update(f"{choices[1]}{name}{choices[3]}" for name in choices[2].split(","))
+        else:
+            named.add(quoted)
     for folder, row in re.findall(r"^\| `((?:serve|train)/[^`]*/)` \|(.*)$", text, flags=re.MULTILINE):
         named.update(folder + name for name in re.findall(r"[\w.]+\.py", row))
     return named
 
 
 def test_the_architecture_map_names_every_module():
-    files = {str(path.relative_to(ROOT)) for path in modules().values() if path.name not in ("__init__.py", "__main__.py")}
+    files = {str(path.relative_to(ROOT)) for path in modules().values()
+             if path.name not in ("__init__.py", "__main__.py")}
     assert sorted(files - documented_files()) == []
