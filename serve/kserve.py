@@ -72,7 +72,9 @@ def decode_request(request: pb.ModelInferRequest, deadline: float | None,
     shared = ["shared_memory_region" in t.parameters for t in request.inputs]
     raw = request.raw_input_contents
     if raw and len(raw) != shared.count(False):
-        raise InvalidInput(f"{len(raw)} raw_input_contents for {shared.count(False)} input sent")
+        expected = shared.count(False)
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {expected} {'input' if expected == 1 else 'inputs'}: "
+                           "send one for each input, in order (none for an input in shared memory)")
     raws = iter(raw)
     inputs = tuple(_tensor(t, None if in_shared_memory or not raw else next(raws))
                    for t, in_shared_memory in zip(request.inputs, shared))

@@ -64,6 +64,8 @@ def placement(parameters: dict[str, object], where: str) -> Placement | None:
     if not isinstance(region, str) or not region:
         raise InvalidInput(f"{where}: shared_memory_region must name a registered region")
     for name, value in (("shared_memory_byte_size", byte_size), ("shared_memory_offset", offset)):
+        if value is None:
+            raise InvalidInput(f"{where}: {name} is missing; shared memory needs the region and its byte size")
         if type(value) is not int or value < 0:
             raise InvalidInput(f"{where}: {name} must be an integer >= 0, got {value!r}"[:200])
     return Placement(region, byte_size, offset)

@@ -328,14 +328,14 @@ def test_concurrent_load_forms_batches(mnist):
 # Bad input: the right code, a precise message, and the server keeps serving
 
 def _raw_request(datatype="FP32", shape=(1, 1, 28, 28), data: bytes | None = None, name="input", model=MODEL,
-                 timeout_text: str | None = None):
+                 timeout_text: str | None = None, contents: int = 1):
     request = kserve_pb2.ModelInferRequest(model_name=model)
     if timeout_text is not None:
         request.parameters["timeout"].string_param = timeout_text
     request.inputs.add(name=name, datatype=datatype, shape=list(shape))
     if data is None:
         data = np.zeros(shape, dtype=np.float32).tobytes()
-    request.raw_input_contents.append(data)
+    request.raw_input_contents.extend([data] * contents)
     return request
 
 
@@ -343,6 +343,8 @@ BAD_INPUTS = {
     "datatype": (_raw_request(datatype="FP64"), grpc.StatusCode.INVALID_ARGUMENT, "datatype FP64"),
     "shape": (_raw_request(shape=(1, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT, "expected [N, 1, 28, 28]"),
     "size": (_raw_request(data=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 100 bytes"),
+    "contents": (_raw_request(contents=2), grpc.StatusCode.INVALID_ARGUMENT,
+                 "2 raw_input_contents for 1 input: send one for each input, in order"),
     "nan": (_raw_request(data=np.full((1, 1, 28, 28), np.nan, np.float32).tobytes()),
             grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinity"),
     "range": (_raw_request(data=np.full((1, 1, 28, 28), 255, np.float32).tobytes()),

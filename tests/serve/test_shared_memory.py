@@ -178,6 +178,13 @@ def test_misused_regions_get_precise_errors_and_the_server_serves_on(server, dig
             with pytest.raises(urllib.error.HTTPError) as answer:
                 urllib.request.urlopen(post, timeout=30)
             assert answer.value.code == 400 and "both classified and written" in json.load(answer.value)["error"]
+            unsized = {"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
+                                   "parameters": {"shared_memory_region": "in"}}]}  # no byte size
+            post = urllib.request.Request(f"{server.url}/v2/models/{MODEL}/infer", json.dumps(unsized).encode())
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(post, timeout=30)
+            assert answer.value.code == 400 and json.load(answer.value)["error"] == (
+                "input 'input': shared_memory_byte_size is missing; shared memory needs the region and its byte size")
 
             os.truncate("/dev/shm/resserve-test-misuse", 100)  # the client shrinks its object: no SIGBUS here
             error = refusal(infer)
