@@ -10,6 +10,7 @@ way. Errors are ``{"error": "..."}`` (serve/rest/server.py).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Callable, TypeVar
 
 import orjson
@@ -94,6 +95,18 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     return bytes(view[:length]), view[length:]
 
 
+def _json_length(body: bytes) -> int | None:
+    """The length in bytes of the JSON document ``body`` starts with, where bytes follow it; else
+    None. For the error of a client that sent binary tensor data without the header that says
+    where the JSON ends: only on that error's path, as it parses the JSON again."""
+    text = body.decode("utf-8", "surrogateescape")  # the binary data after the JSON need not be UTF-8
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    return len(text[:end].encode("utf-8", "surrogateescape")) if end < len(text) else None
+
+
 def _parse(header: bytes, kind: type[M]) -> M:
     """A request's JSON as ``kind``, or one InvalidInput naming what is wrong."""
     try:
@@ -144,7 +157,14 @@ def decode_infer(body: bytes, header_length: str | None, name: str, version: str
     it goes back as binary data (the key ``""`` for outputs not asked for by name), or None: it is
     written to shared memory."""
     header, binary = _split(body, header_length)
-    request = _parse(header, RestInferRequest)
+    try:
+        request = _parse(header, RestInferRequest)
+    except InvalidInput:
+        length = None if header_length is not None else _json_length(body)
+        if length is None:
+            raise
+        raise InvalidInput(f"{len(body) - length} bytes follow the request's JSON: binary tensor data needs the "
+                           f"{HEADER_LENGTH} header, the JSON's length ({length} bytes here)") from None
     binary_default = bool(_parameter(request.parameters, "binary_data_output", bool, "request"))
     as_binary = {"": binary_default}
     for output in request.outputs:
