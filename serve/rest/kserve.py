@@ -133,7 +133,9 @@ def _inputs(request: RestInferRequest, binary: memoryview) -> tuple[Tensor | Sha
                 raise InvalidInput(f"{where} has neither data nor parameters.binary_data_size")
             tensors.append(tensor_from_values(tensor.name, tensor.datatype, shape, tensor.data, f"{where} data"))
             continue
-        if size < 0 or offset + size > len(binary):
+        if size < 0:
+            raise InvalidInput(f"{where}: binary_data_size must be >= 0, got {size}")
+        if offset + size > len(binary):
             raise InvalidInput(f"{where}: binary_data_size {size} runs past the {len(binary)} bytes of binary data")
         tensors.append(tensor_from_bytes(tensor.name, tensor.datatype, shape, binary[offset:offset + size],
                                          f"{where} binary data"))

@@ -277,6 +277,8 @@ def test_bad_requests_get_one_json_error_each_and_the_server_carries_on(server, 
         (binary_header + b"\0" * 4000, {"Inference-Header-Content-Length": str(len(binary_header))}, 400,
          "bytes of binary data after"),
         (json_infer(image), {"Inference-Header-Content-Length": "x"}, 400, "must be an integer"),
+        (binary_header.replace(b"3136", b"-1"), {"Inference-Header-Content-Length": str(len(binary_header) - 2)}, 400,
+         "input 'input': binary_data_size must be >= 0, got -1"),
         (binary_header + b"\0" * 3136, {}, 400, f"3136 bytes follow the request's JSON: binary tensor data needs the "
          f"Inference-Header-Content-Length header, the JSON's length ({len(binary_header)} bytes here)"),
         (json_infer(image + 2), {}, 400, "input values must be in [0, 1]"),
