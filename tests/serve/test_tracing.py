@@ -47,6 +47,8 @@ def test_a_model_follows_the_server_in_each_setting_it_has_not_set():
 @pytest.mark.parametrize("changes, message", [
     ({"trace_level": ["TENSORS"]}, "trace_level takes OFF or TIMESTAMPS (resserve traces no tensors)"),
     ({"trace_level": []}, "trace_level takes OFF or TIMESTAMPS"),
+    ({"trace_level": {"a": []}}, "trace_level takes OFF or TIMESTAMPS (resserve traces no tensors), got {'a': []}"),
+    ({"trace_level": [["TIMESTAMPS"]]}, "trace_level takes OFF or TIMESTAMPS"),
     ({"trace_rate": "0"}, "trace_rate takes a whole number >= 1, got '0'"),
     ({"trace_rate": "1.5"}, "trace_rate takes a whole number >= 1"),
     ({"trace_count": "-2"}, "trace_count takes a whole number >= -1, got '-2'"),
