@@ -6,6 +6,7 @@ import collections
 import collections.abc
 import io
 import json
+import random
 import re
 import resource
 import socket
@@ -20,6 +21,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
 
@@ -535,6 +538,53 @@ def test_http_requests_that_do_not_parse_are_400_with_one_warning_not_a_tracebac
     assert "WARNING resserve.serve: answering HTTP requests that do not parse with 400, such as BadHttpMessage: " \
            "Invalid header value char (1 so far)" in server.lines[said]
     assert metric_value(server.metrics(), "resserve_http_refused_total", reason="unparsable") == counted + 300
+
+
+JSON_VALUES = (None, True, -1, 1.5, 2**70, "", "x", "OFF", [], [[1]], {}, {"a": []})  # "OFF": no setting changes
+
+
+def mutated(value, rng: random.Random):
+    """``value`` (JSON) with one node, picked at random, replaced by one of JSON_VALUES."""
+    if isinstance(value, (dict, list)) and value and rng.random() < 0.75:
+        copy = dict(value) if isinstance(value, dict) else list(value)
+        key = rng.choice(list(copy) if isinstance(copy, dict) else range(len(copy)))
+        copy[key] = mutated(copy[key], rng)
+        return copy
+    return rng.choice(JSON_VALUES)
+
+
+def test_requests_mutated_at_random_get_client_errors_never_server_errors_and_change_nothing(server):
+    """Each of the 1,200 valid requests below with one field or value replaced (a JSON object where
+    a trace level goes was a 500); over both protocols, the answer is the client's error or a result."""
+    rng = random.Random(0)
+    infer = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.5] * 784}],
+             "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}],
+             "parameters": {"timeout": 10**7}}
+    bodies = {f"/v2/models/{MODEL}/infer": infer, "/v2/logging": {"log_verbose_level": 0, "log_info": True},
+              "/v2/trace/setting": {"trace_level": ["OFF"], "trace_rate": "1000"},
+              f"/v2/models/{MODEL}/trace/setting": {"trace_count": "-1"}, "/v2/repository/index": {"ready": True}}
+    statuses = collections.Counter()
+    for _ in range(800):
+        path = rng.choice(list(bodies))
+        connection = HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+        connection.request("POST", path, json.dumps(mutated(bodies[path], rng)))
+        statuses[connection.getresponse().status] += 1
+        connection.close()
+    assert statuses[200] > 0 and max(statuses) < 500, statuses
+
+    kserve = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+    valid = json_format.MessageToDict(request_of(np.full((2, 1, 28, 28), 0.5, np.float32), ["logits"]))
+    codes = collections.Counter()
+    while sum(codes.values()) < 400:
+        try:  # a mutation that protobuf's types cannot hold is not sent: no client could send it
+            request = json_format.ParseDict(mutated(valid, rng), kserve_pb2.ModelInferRequest())
+        except (json_format.ParseError, TypeError, ValueError, AttributeError):
+            continue
+        codes[code_of(lambda: kserve.ModelInfer(request, timeout=30)).name] += 1
+    assert codes["OK"] > 0 and set(codes) <= {"OK", "INVALID_ARGUMENT", "NOT_FOUND"}, codes
+    assert "Traceback" not in "".join(server.lines)
+    http = triton_http.InferenceServerClient(server.http_target)
+    assert (http.get_log_settings()["log_verbose_level"], http.get_trace_settings()["trace_level"]) == (0, ["OFF"])
 
 
 # 10. secrets on the command line --------------------------------------------------------------
