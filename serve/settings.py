@@ -252,12 +252,14 @@ class ServerSettings:
     def _validate(self) -> None:
         """One-line errors for settings that cannot work, before anything starts."""
         b, cpus = self.batching, self.cpus or usable_cpus()
+        ports = [port for port in (self.port, self.http_port, self.metrics_port) if port]  # 0: none, or any free one
         checks = [
             *((0 <= port < 65536, f"--{option} must be in 0-65535, got {port}")
               for option, port in (("port", self.port), ("http-port", self.http_port),
                                    ("metrics-port", self.metrics_port))),
-            (not self.http_port or self.http_port not in (self.port, self.metrics_port),
-             f"--http-port {self.http_port} is also the gRPC or metrics port; give each its own"),
+            (len(set(ports)) == len(ports),
+             f"--port, --http-port and --metrics-port must be different ports (or 0), got {self.port}, "
+             f"{self.http_port} and {self.metrics_port}"),
             (b.max_batch_size is None or b.max_batch_size >= 1, "--max-batch-size must be >= 1"),
             (b.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0"),
             (b.max_queue_size >= 1, "--max-queue-size must be >= 1"),

@@ -92,6 +92,9 @@ def test_root_help_lists_the_commands():
     (["health", "--wait", "inf"], "--wait must be finite and >= 0, got inf"),
     (["serve", "--precision", "int8", "--backend", "openvino"], "--precision int8 runs on ONNX Runtime"),
     (["serve", "--metrics-port", "70000"], "--metrics-port must be in 0-65535, got 70000"),
+    (["serve", "--metrics-port", "8001"], "--port, --http-port and --metrics-port must be different ports (or 0), "
+     "got 8001, 8000 and 8001"),  # was: gRPC listening, then the metrics port "already in use"
+    (["serve", "--http-port", "9000", "--port", "9000", "--metrics-port", "0"], "got 9000, 9000 and 0"),
     (["serve", __file__], f"{__file__} is a file, not a model package (a folder with manifest.json); `resserve "
      "export` makes one of a checkpoint"),
     (["serve", "--log-format", "yaml"], "--log-format must be one of text, json, got 'yaml'"),
