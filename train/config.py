@@ -186,6 +186,8 @@ class ExportOptions:
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise ExportError(f"unknown format {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}")
+        if len(set(self.formats)) < len(self.formats):
+            raise ExportError(f"--format names a format twice: {','.join(self.formats)}")
         if self.quantize not in (None, "int8"):
             raise ExportError(f"--quantize supports int8 only, got {self.quantize!r}")
         if self.quantize and "onnx" not in self.formats:

@@ -242,6 +242,7 @@ def test_an_export_stopped_by_sigterm_says_so_and_leaves_nothing_behind(exported
 @pytest.mark.parametrize("args, message", [
     (["export", "/nonexistent.pt"], "error: no checkpoint at /nonexistent.pt"),
     (["export", "--format", "tflite"], "error: unknown format tflite; choose from onnx, torchscript"),
+    (["export", "--format", "onnx,onnx"], "error: --format names a format twice: onnx,onnx"),  # was a traceback
     (["export", "--quantize", "int4"], "error: --quantize supports int8 only, got 'int4'"),
     (["export", "--drop-blocks", "26"], "error: --drop-blocks 26 is more than the 25 droppable blocks"),
     (["export", "--name", ""], "error: model name '' must be 1-128 letters"),
