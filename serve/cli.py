@@ -9,7 +9,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, BinaryIO, Optional
 
 import typer
 
@@ -267,6 +267,10 @@ def classify(
 
 
 STDIN = Path("-")  # the file name that stands for standard input, as in curl and tar
+# What classify reads of one file at most: more than any image the server decodes (16 million
+# pixels of 16-bit RGBA is 128 MB), so a device or a stream that never ends is refused, not read
+# until memory runs out.
+MAX_IMAGE_FILE_BYTES = 256 * 2**20
 
 
 def _image_files(paths: list[Path]) -> list[Path]:
@@ -299,10 +303,26 @@ def _image_extensions() -> set[str]:
     return readable | {".heic", ".heif"}
 
 
+def _bounded(stream: BinaryIO) -> bytes | str:
+    """A file's bytes, or why they are not sent."""
+    data = stream.read(MAX_IMAGE_FILE_BYTES + 1)
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        return f"more than {MAX_IMAGE_FILE_BYTES // 2**20} MiB, larger than any image the server reads"
+    return data
+
+
 @functools.cache
-def _stdin_bytes() -> bytes:
+def _stdin_bytes() -> bytes | str:
     """What was piped in, for the file name ``-``: read once, however often ``-`` is given."""
-    return sys.stdin.buffer.read()
+    return _bounded(sys.stdin.buffer)
+
+
+def _file_bytes(path: Path) -> bytes | str:
+    try:
+        with path.open("rb") as file:
+            return _bounded(file)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror}"
 
 
 def _size_of(path: Path) -> int:
@@ -316,12 +336,7 @@ def _size_of(path: Path) -> int:
 def _classify_files(client: "DigitClient", paths: list[Path], model: str, version: str) -> list[dict]:
     """One request's files as ``classify``'s output rows; a file that cannot be read is a row with
     its reason, and is not sent."""
-    blobs: list[bytes | str] = []
-    for path in paths:
-        try:
-            blobs.append(_stdin_bytes() if path == STDIN else path.read_bytes())
-        except OSError as exc:
-            blobs.append(f"cannot read it: {exc.strerror}")
+    blobs = [_stdin_bytes() if path == STDIN else _file_bytes(path) for path in paths]
     outcomes = iter(client.classify_each([b for b in blobs if isinstance(b, bytes)], model, version))
     return [_row(path, blob if isinstance(blob, str) else next(outcomes)) for path, blob in zip(paths, blobs)]
 

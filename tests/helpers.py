@@ -106,11 +106,17 @@ def write_hanging_package(out: Path, name: str = "hangs", on_warm_up: bool = Fal
     return out
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600, stdin=None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, stdin=None,
+            memory_gib: float | None = None) -> subprocess.CompletedProcess:
     """Run the installed console script as a user would (``stdin``: an open file piped in); returns
-    the finished process."""
+    the finished process. ``memory_gib``: the address space it may take, so that a command that
+    should stop reading fails the test, not the machine, where it does not."""
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (int(memory_gib * 2**30),) * 2)
+
     return subprocess.run([str(RESSERVE), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, stdin=stdin)
+                          env={**os.environ, **(env or {})}, stdin=stdin,
+                          preexec_fn=limit_memory if memory_gib else None)
 
 
 def free_port() -> int:

@@ -170,6 +170,16 @@ def test_one_bad_file_does_not_sink_a_classify_call_and_is_named(server, mnist, 
     assert [("error" in row, row["file"]) for row in as_json] == [(f in (text, blank), str(f)) for f in files]
 
 
+def test_classify_refuses_a_file_that_does_not_end_and_classifies_the_others(server, mnist, tmp_path):
+    """/dev/zero was read until memory ran out (a MemoryError traceback under a memory limit)."""
+    digit = tmp_path / "digit.png"
+    digit.write_bytes(encode(photo_like(mnist.test.images[0]), "PNG"))
+    result = run_cli("classify", "/dev/zero", str(digit), "--server", server.target, memory_gib=4)
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{digit}: {mnist.test.labels[0]} (")
+    assert result.stderr.strip() == "/dev/zero: error: more than 256 MiB, larger than any image the server reads"
+
+
 def test_classify_a_folder_classifies_the_images_in_it_by_name(server, mnist, tmp_path):
     folder = tmp_path / "scans"
     (folder / "older").mkdir(parents=True)  # subfolders are not read
