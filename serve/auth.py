@@ -24,7 +24,7 @@ import grpc
 from prometheus_client import Counter
 
 from resserve.serve.errors import ResserveError
-from resserve.serve.rotation import WatchedFiles
+from resserve.serve.rotation import WatchedFiles, read_secret_file
 from resserve.serve.settings import ServerSettings
 
 log = logging.getLogger("resserve.serve")
@@ -51,10 +51,7 @@ def check_token(token: str, where: str) -> str:
 
 def read_tokens(path: Path) -> tuple[str, ...]:
     """The tokens of a token file, one a line (blank lines and surrounding spaces ignored)."""
-    try:
-        lines = Path(path).read_text(errors="replace").splitlines()  # bytes that are not text fail check_token
-    except OSError as exc:
-        raise ResserveError(f"cannot read token file {path}: {exc.strerror}") from exc
+    lines = read_secret_file(path, "token file").decode(errors="replace").splitlines()  # not text: check_token fails
     tokens = tuple(check_token(line.strip(), f"token file {path}, line {number}")
                    for number, line in enumerate(lines, 1) if line.strip())
     if not tokens:

@@ -25,8 +25,25 @@ log = logging.getLogger("resserve.serve")
 
 # how often the files are looked at (Kubernetes updates a mounted Secret's in a minute or so)
 ROTATION_CHECK_SECONDS = 10.0
+# the most of a TLS or token file that is read: a certificate chain is a few KB, a thousand tokens 50 KB
+MAX_SECRET_FILE_BYTES = 2**20
 
 Read = TypeVar("Read")
+
+
+def read_secret_file(path: Path, what: str) -> bytes:
+    """A TLS or token file's bytes, refused in one line (naming it as ``what``) where it cannot be
+    read or is larger than any such file: a path to /dev/zero or to a big file by mistake was read
+    until memory ran out."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ResserveError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ResserveError(f"{what} {path} is over {MAX_SECRET_FILE_BYTES // 2**20} MiB: no certificate, key or "
+                            "token file is that large")
+    return data
 
 
 def _stamp(paths: tuple[Path | None, ...]) -> tuple:

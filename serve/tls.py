@@ -20,7 +20,7 @@ from cryptography import x509
 from prometheus_client import Counter, Gauge
 
 from resserve.serve.errors import ResserveError
-from resserve.serve.rotation import WatchedFiles
+from resserve.serve.rotation import WatchedFiles, read_secret_file
 from resserve.serve.settings import ServerSettings
 
 
@@ -74,10 +74,7 @@ def _utc(moment: datetime) -> str:
 def read_pem(path: Path, option: str, kind: str) -> bytes:
     """The PEM file ``option`` names, refused in one line when it cannot be read or holds no
     ``kind`` (CERTIFICATE, PRIVATE KEY): gRPC would only fail later, and vaguely."""
-    try:
-        pem = Path(path).read_bytes()
-    except OSError as exc:
-        raise ResserveError(f"cannot read {option} {path}: {exc.strerror}") from None
+    pem = read_secret_file(path, option)
     if f"{kind}-----".encode() not in pem:
         raise ResserveError(f"{option} {path} holds no PEM {kind.lower()} (-----BEGIN {kind}-----)")
     return pem

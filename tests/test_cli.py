@@ -116,6 +116,18 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["serve", "--token-file", "/dev/zero"], "token file /dev/zero is over 1 MiB: no certificate, key or token file is "
+     "that large"),
+    (["health", "--tls-ca", "/dev/zero"], "--tls-ca /dev/zero is over 1 MiB"),
+    (["classify", __file__, "--token-file", "/dev/zero"], "token file /dev/zero is over 1 MiB"),
+])
+def test_a_secret_file_that_does_not_end_is_one_line_not_read_until_memory_runs_out(args, message):
+    result = run_cli(*args, memory_gib=4)
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {message}"), result.stderr[-500:]
+    assert len(result.stderr.splitlines()) == 1
+
+
 @pytest.mark.parametrize("command", [["eval"], ["export"], ["bench", "model"]])
 def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_line_before_mnist_is_fetched(tmp_path, command):
     junk, data = tmp_path / "junk.pt", tmp_path / "mnist"
