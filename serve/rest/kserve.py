@@ -99,12 +99,12 @@ def _json_length(body: bytes) -> int | None:
     """The length in bytes of the JSON document ``body`` starts with, where bytes follow it; else
     None. For the error of a client that sent binary tensor data without the header that says
     where the JSON ends: only on that error's path, as it parses the JSON again."""
-    text = body.decode("utf-8", "surrogateescape")  # the binary data after the JSON need not be UTF-8
+    text = body.decode("latin-1")  # a character per byte: the binary data after the JSON need not be UTF-8
     try:
         _, end = json.JSONDecoder().raw_decode(text)
     except ValueError:
         return None
-    return len(text[:end].encode("utf-8", "surrogateescape")) if end < len(text) else None
+    return end if end < len(text) else None
 
 
 def _parse(header: bytes, kind: type[M]) -> M:
