@@ -247,9 +247,11 @@ def _worker_targets(results: dict) -> list[dict]:
         if not runs:
             continue
         if name == "cpu" and "cpu_in_process" in results:
-            ratio = lambda row: row["images_per_second"] / _nearest(results["cpu_in_process"], row["mean_batch_size"])["images_per_second"]
-            figures = [(run["workers"], _figures(run, ratio)) for run in runs]
-            targets.append(_target(15, "CPU, 1-image requests, C=64: >= 0.7x in process at the batch formed",
+            # against the CPU's best in process, not the batch one worker formed: N workers run N
+            # sessions at once, and 8 workers' batches of 3 are no 16-thread session's batch of 1
+            best = max(row["images_per_second"] for row in results["cpu_in_process"])
+            figures = [(run["workers"], _figures(run, lambda row: row["images_per_second"] / best)) for run in runs]
+            targets.append(_target(15, "CPU, 1-image requests, C=64: >= 0.7x in process at its best batch",
                                    _listed(figures, "{:.2f}x"), _best_call(figures) >= 0.7))
         elif name != "cpu":
             figures = [(run["workers"], _figures(run, lambda row: row["images_per_second"])) for run in runs]
@@ -321,10 +323,15 @@ def environment() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="where the results go, as JSON (needed to run the check)")
     parser.add_argument("--quick", action="store_true", help="short timings: a dry run")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {','.join(PARTS)} to run (all)")
+    parser.add_argument("--judge", type=Path, help="judge a run's JSON again (docs/gpu/), measuring nothing")
     args = parser.parse_args()
+    if args.judge:
+        return report(targets(json.loads(args.judge.read_text(), object_hook=_sizes_as_numbers)))
+    if not args.out:
+        parser.error("--out is needed to run the check (or --judge, to judge a run's JSON)")
     seconds = 0.5 if args.quick else 3.0
     package = load_package()
     onnx = package.read_verified(package.find("onnx"))
@@ -347,9 +354,18 @@ def main() -> None:
             print(f"gpu check: {name} failed: {exc}", file=sys.stderr)
         results["targets"] = targets(results)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    for target in results["targets"]:
+    report(results["targets"])
+
+
+def report(found: list[dict]) -> None:
+    for target in found:
         print(f"issue {target['issue']}: {'met   ' if target['met'] else 'MISSED'} {target['target']}: "
               f"{target['measured']}", file=sys.stderr)
+
+
+def _sizes_as_numbers(mapping: dict) -> dict:
+    """JSON's keys are strings: the batch sizes keyed in the results are numbers again."""
+    return {int(key) if key.isdigit() else key: value for key, value in mapping.items()}
 
 
 if __name__ == "__main__":

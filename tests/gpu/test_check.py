@@ -52,13 +52,13 @@ def test_each_target_is_judged_on_its_own_figures():
         "1-image requests, C=16: p99 <= 25 ms, 0 errors",
         "64-image requests: served >= 0.8x in process at the batch formed",  # 50,000 against 59,000 at 256
         "C=1: p50 <= in-process batch-1 latency + 1.0 ms",  # 1.5 against the graphs' 0.56 ms
-        "CPU, 1-image requests, C=64: >= 0.7x in process at the batch formed",  # 4 workers: 2,800 / 3,500
+        "CPU, 1-image requests, C=64: >= 0.7x in process at its best batch",  # 4 workers: 2,800 / 3,500
         "cuda, 1-image requests, C=64: >= 8,000 images/s",
     }
     assert verdicts["1-image requests, C=64: p99 <= 25 ms, 0 errors"]["measured"] == "p99 30.0 ms, 2 errors"
     assert verdicts["first 200 requests of each size: slowest <= 3x the median"]["measured"] == "worst 3.50x (batch 64)"
     assert verdicts["C=1: p50 <= in-process batch-1 latency + 1.0 ms"]["measured"] == "+0.94 ms (p50 1.50) against 0.56 ms"
-    assert verdicts["CPU, 1-image requests, C=64: >= 0.7x in process at the batch formed"]["measured"] == \
+    assert verdicts["CPU, 1-image requests, C=64: >= 0.7x in process at its best batch"]["measured"] == \
         "1 worker 0.37x, 4 workers 0.80x (streams 0.91x)"
     assert verdicts["cuda, 1-image requests, C=64: >= 8,000 images/s"]["measured"] == \
         "1 worker 2,500, 4 workers 7,900 (perf_analyzer 8,100, perf_analyzer streams 9,000)"
@@ -71,6 +71,16 @@ def test_the_latency_at_one_client_is_judged_on_the_better_client():
     verdict = {t["target"]: t for t in targets(figures)}["C=1: p50 <= in-process batch-1 latency + 1.0 ms"]
     assert verdict["met"]
     assert verdict["measured"] == "+1.34 ms (p50 1.90), perf_analyzer +0.94 ms (p50 1.50) against 0.56 ms"
+
+
+def test_several_cpu_workers_are_judged_against_the_cpus_best_batch():
+    figures = results()  # eight workers each forming batches of 2: one session's batch 1 is no measure of that
+    figures["workers"].append({"device": "cpu", "workers": 8, "batch1": [level(64, 2400, 25, 40, 2)]})
+    verdict = {t["target"]: t for t in targets(figures)}["CPU, 1-image requests, C=64: >= 0.7x in process at its best batch"]
+    assert verdict["measured"] == "1 worker 0.37x, 4 workers 0.80x (streams 0.91x), 8 workers 0.69x"  # 2,400 / 3,500
+    (four,) = [run for run in figures["workers"] if run["device"] == "cpu" and run["workers"] == 4]
+    four["batch1"][0]["images_per_second"] = 2400
+    assert not {t["target"]: t for t in targets(figures)}["CPU, 1-image requests, C=64: >= 0.7x in process at its best batch"]["met"]
 
 
 def test_a_run_cut_short_is_judged_on_what_finished():
