@@ -231,12 +231,12 @@ def model_input(tensor: Tensor, spec: TensorSpec, max_images: int, value_range: 
     array = tensor.data.reshape(count, *IMAGE_SHAPE)
     if tensor.datatype == "UINT8":
         return array.astype(np.float32) / 255.0
-    if not np.isfinite(array).all():
-        raise InvalidInput("input holds NaN or infinity")
     low, high = value_range
-    if array.min() < low or array.max() > high:
-        raise InvalidInput(f"input values must be in [{low:g}, {high:g}] (pixel intensities); "
-                           f"got [{array.min():g}, {array.max():g}]")
+    least, most = array.min(), array.max()  # two passes check all: NaN propagates, and fails both comparisons
+    if not (low <= least and most <= high):
+        if not (np.isfinite(least) and np.isfinite(most)):
+            raise InvalidInput("input holds NaN or infinity")
+        raise InvalidInput(f"input values must be in [{low:g}, {high:g}] (pixel intensities); got [{least:g}, {most:g}]")
     return array if (low, high) == (0.0, 1.0) else (array - np.float32(low)) / np.float32(high - low)
 
 
