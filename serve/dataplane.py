@@ -236,7 +236,8 @@ def model_input(tensor: Tensor, spec: TensorSpec, max_images: int, value_range: 
     if not (low <= least and most <= high):
         if not (np.isfinite(least) and np.isfinite(most)):
             raise InvalidInput("input holds NaN or infinity")
-        raise InvalidInput(f"input values must be in [{low:g}, {high:g}] (pixel intensities); got [{least:g}, {most:g}]")
+        raise InvalidInput(f"input values must be in [{low:g}, {high:g}] (pixel intensities); "
+                           f"got [{least:g}, {most:g}]")
     return array if (low, high) == (0.0, 1.0) else (array - np.float32(low)) / np.float32(high - low)
 
 

@@ -17,9 +17,11 @@ Four parts, each written to the JSON as soon as it is done (a timeout keeps what
    64-image requests at C=16 (our closed-loop load generator, and Triton's perf_analyzer where it
    runs), and the first 200 requests at each of several batch sizes (the slowest against the
    median: no shape-dependent compile after ready);
-4. workers (issue 15): 1-image requests at C=64 against 1, 4 and 8 workers on ``--device`` and on
-   the CPU, beside the CPU's in-process limit at batch 1, 8, 16 and 64; on ``--device`` also
-   from Triton's perf_analyzer where it runs.
+4. workers (issue 15): 1-image requests at C=64 against 1, 4 and 6 workers on ``--device`` and 4
+   and 8 on the CPU, beside the CPU's in-process limit at batch 1, 8, 16 and 64; on ``--device``
+   also from Triton's perf_analyzer where it runs; on the CPU also one client and 64-image
+   requests, which say whether more workers than ``--workers auto``'s one per 4 CPUs should be
+   the default there (8 served 1.30-1.46x 4's images/s at C=64 in runs 1 and 4).
 
 After each part, ``targets`` in the JSON judges every acceptance target of the two issues that
 the finished parts can judge (figure, and met or not); the end of the run prints them.
@@ -54,8 +56,10 @@ SERVER = "import typer; from resserve.serve.cli import serve; typer.run(serve)"
 FIRST_REQUEST_SIZES = (1, 2, 3, 5, 8, 13, 21, 34, 64, 100, 256)  # every CUDA bucket, 1 to 256
 IN_PROCESS_SIZES = (64, 256, 1024)
 LOAD_PROCESSES = 4  # the load generator's processes: 16 CPUs on the GPU machine
-WORKERS = {"cuda": (1, 4, 8), "cpu": (1, 4, 8)}
+# known since runs 1 and 4: 8 CUDA workers serve less than 4, and one CPU worker 0.2x in process
+WORKERS = {"cuda": (1, 4, 6), "cpu": (4, 8)}
 QUICK_WORKERS = {"cuda": (1, 2), "cpu": (1, 2)}
+CPU_WORKER_SWEEP = ((1, (1, 64)), (64, (16,)))  # (images per request, concurrencies)
 PARTS = ("parity", "in_process", "cpu_in_process", "served", "workers")  # --parts: all by default
 # the key a load's rows go under: batch{N}, then these for its API and client
 SUFFIXES = {"kserve": "", "kserve-stream": "_stream", "resserve": "", "perf_analyzer": "_perf_analyzer"}
@@ -170,7 +174,7 @@ def worker_sweep(device: str, images: np.ndarray, duration: float, counts: dict[
     ``device`` and on the CPU (whose in-process limit is the ``cpu_in_process`` part), a call per
     request and on streams (Triton's ModelStreamInfer, one per client); on ``device`` also from
     perf_analyzer where it runs, so that thousands of requests a second are not bounded by a
-    Python load generator."""
+    Python load generator; on the CPU also at C=1 and with 64-image requests (CPU_WORKER_SWEEP)."""
     extra = ("perf_analyzer",) if perf_analyzer_runs() else ()
     if not extra:
         print("gpu check: no perf_analyzer here: the workers sweep loads from Python only", file=sys.stderr)
@@ -178,7 +182,8 @@ def worker_sweep(device: str, images: np.ndarray, duration: float, counts: dict[
     for name in dict.fromkeys((device, "cpu")):
         for workers in counts[name]:
             try:
-                runs.append(served(name, images, duration, workers, ((1, (64,)),), first=0,
+                sweep = CPU_WORKER_SWEEP if name == "cpu" else ((1, (64,)),)
+                runs.append(served(name, images, duration, workers, sweep, first=0,
                                    apis=("kserve", "kserve-stream"),
                                    clients=("resserve", *extra) if name == device else ("resserve",)))
             except Exception as exc:  # one server that does not start leaves the others' figures
@@ -267,8 +272,9 @@ CALL_PER_REQUEST = ("", "perf_analyzer")
 
 
 def _figures(run: dict, figure) -> dict[str, float]:
-    """A worker run's figure under each load measured (see LOADS)."""
-    return {label: figure(run[key][0]) for key, label in LOADS.items() if key in run}
+    """A worker run's figure at C=64 under each load measured (see LOADS)."""
+    return {label: figure(next(row for row in run[key] if row["concurrency"] == 64))
+            for key, label in LOADS.items() if key in run}
 
 
 def _best_call(figures: list[tuple[int, dict[str, float]]]) -> float:

@@ -38,7 +38,7 @@ def results() -> dict:
                      "batch1_perf_analyzer": [level(64, 8100, 8, 15, 60)],  # the Python load held it back
                      "batch1_stream_perf_analyzer": [level(64, 9000, 7, 12, 60)]},
                     {"device": "cpu", "workers": 1, "batch1": [level(64, 1300, 50, 80, 60)]},
-                    {"device": "cpu", "workers": 4, "batch1": [level(64, 2800, 22, 40, 60)],
+                    {"device": "cpu", "workers": 4, "batch1": [level(1, 900, 1.1, 1.5, 1), level(64, 2800, 22, 40, 60)],
                      "batch1_stream": [level(64, 3200, 19, 30, 60)]}],
     }
 
@@ -76,11 +76,12 @@ def test_the_latency_at_one_client_is_judged_on_the_better_client():
 def test_several_cpu_workers_are_judged_against_the_cpus_best_batch():
     figures = results()  # eight workers each forming batches of 2: one session's batch 1 is no measure of that
     figures["workers"].append({"device": "cpu", "workers": 8, "batch1": [level(64, 2400, 25, 40, 2)]})
-    verdict = {t["target"]: t for t in targets(figures)}["CPU, 1-image requests, C=64: >= 0.7x in process at its best batch"]
+    name = "CPU, 1-image requests, C=64: >= 0.7x in process at its best batch"
+    verdict = {t["target"]: t for t in targets(figures)}[name]
     assert verdict["measured"] == "1 worker 0.37x, 4 workers 0.80x (streams 0.91x), 8 workers 0.69x"  # 2,400 / 3,500
     (four,) = [run for run in figures["workers"] if run["device"] == "cpu" and run["workers"] == 4]
-    four["batch1"][0]["images_per_second"] = 2400
-    assert not {t["target"]: t for t in targets(figures)}["CPU, 1-image requests, C=64: >= 0.7x in process at its best batch"]["met"]
+    four["batch1"][-1]["images_per_second"] = 2400  # its C=64 row; the C=1 row judges nothing here
+    assert not {t["target"]: t for t in targets(figures)}[name]["met"]
 
 
 def test_a_run_cut_short_is_judged_on_what_finished():
