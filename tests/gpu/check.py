@@ -335,7 +335,8 @@ def main() -> None:
     parser.add_argument("--judge", type=Path, help="judge a run's JSON again (docs/gpu/), measuring nothing")
     args = parser.parse_args()
     if args.judge:
-        return report(targets(json.loads(args.judge.read_text(), object_hook=_sizes_as_numbers)))
+        report(targets(json.loads(args.judge.read_text(), object_hook=_sizes_as_numbers)))
+        return
     if not args.out:
         parser.error("--out is needed to run the check (or --judge, to judge a run's JSON)")
     seconds = 0.5 if args.quick else 3.0
@@ -364,6 +365,7 @@ def main() -> None:
 
 
 def report(found: list[dict]) -> None:
+    """Each target judged, one line each: met or MISSED, the target, the figures."""
     for target in found:
         print(f"issue {target['issue']}: {'met   ' if target['met'] else 'MISSED'} {target['target']}: "
               f"{target['measured']}", file=sys.stderr)
