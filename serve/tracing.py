@@ -120,7 +120,8 @@ def _known(changes: Mapping[str, TraceValue | None], mode: TraceMode) -> dict[st
 
 def _parsed(name: str, value: TraceValue) -> TraceLevel | int:
     if name == "trace_level":
-        levels, known = value if isinstance(value, list) else [value], {level.value for level in TraceLevel}
+        levels = value if isinstance(value, list) else [value]
+        known = {level.value for level in TraceLevel}
         if not levels or not all(isinstance(level, str) and level in known for level in levels):  # a dict is no level
             raise InvalidInput(f"trace_level takes OFF or TIMESTAMPS (resserve traces no tensors), got {value!r}"[:300])
         return TraceLevel.TIMESTAMPS if TraceLevel.TIMESTAMPS.value in levels else TraceLevel.OFF
