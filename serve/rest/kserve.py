@@ -102,7 +102,7 @@ def _json_length(body: bytes) -> int | None:
     text = body.decode("latin-1")  # a character per byte: the binary data after the JSON need not be UTF-8
     try:
         _, end = json.JSONDecoder().raw_decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than the stack: orjson refused it already
         return None
     return end if end < len(text) else None
 

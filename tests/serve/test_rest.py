@@ -260,6 +260,7 @@ def test_bad_requests_get_one_json_error_each_and_the_server_carries_on(server, 
                                               "parameters": {"binary_data_size": 3136}}]})
     cases = [
         (b"{not json", {}, 400, "not valid JSON"),
+        (b"[" * 100_000, {}, 400, "not valid JSON: depth limit exceeded"),  # deeper than Python's stack
         (orjson.dumps({"inputs": "x"}), {}, 400, "field inputs"),
         (json_infer(np.zeros((1, 28, 28), np.float32)), {}, 400, "expected [N, 1, 28, 28]"),
         (orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP64", "data": [0] * 784}]}),
