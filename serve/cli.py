@@ -43,8 +43,9 @@ def serve(
     poll_seconds: Annotated[float, typer.Option(envvar=_env("POLL_SECONDS"),
         help="Look at the packages (folders of them anew) this often, as Triton's --model-control-mode poll: "
         "a model whose packages changed (a version added, re-exported or removed) is loaded again, one no package "
-        "holds any more is unloaded, each in every worker. 0: only a load through the API (resserve models "
-        "--load) reads them again.")] = ServerSettings.poll_seconds,
+        "holds any more is unloaded, each in every worker, once two looks in a row find the change (not half "
+        "copied or removed). 0: only a load through the API (resserve models --load) reads them "
+        "again.")] = ServerSettings.poll_seconds,
     host: Annotated[str, typer.Option(envvar=_env("HOST"), help="Address to listen on.")] = ServerSettings.host,
     port: Annotated[int, typer.Option(envvar=_env("PORT"), help="gRPC port (Triton's default).")] = ServerSettings.port,
     http_port: Annotated[int, typer.Option(envvar=_env("HTTP_PORT"),

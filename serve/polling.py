@@ -7,11 +7,13 @@ under --workers in every worker (the first worker alone looks). So a deployment'
 a volume of packages serve what is put there without a call to each.
 
 A package is seen as its path and its files' names, sizes and modification times: stat calls and
-the manifests, no artifact is read until a load verifies it. While a package does not read (its
-manifest half copied in), or a folder holds none (a volume being remounted), nothing is changed:
-a load would fail on it, and an unload would take away what is only briefly out of sight. A
-change that fails (a package that does not verify) is logged, and made again at the next change
-of what the packages hold.
+the manifests, no artifact is read until a load verifies it. What a look finds counts once the next
+look finds the same: a package being copied in or removed file by file (``cp -r``, ``rm -r``)
+changes between looks, and loading it half way would fail. While a package does not read (its
+manifest half copied in), or a folder holds none (a volume being remounted), nothing is changed: a
+load would fail on it, and an unload would take away what is only briefly out of sight. A change
+that fails (a package that does not verify) is logged, and made again at the next change of what
+the packages hold.
 """
 
 from __future__ import annotations
@@ -69,13 +71,17 @@ def _state(path: Path) -> PackageState:
 async def follow_packages(control: ModelControl, state: ServerState, seconds: float, seen: Listing) -> None:
     """Look at the packages every ``seconds`` and make the model changes they call for, forever.
     ``seen``: a look taken before the models served were read, so that what changed while they
-    loaded is found at the first look (a look taken after could take it for what was loaded)."""
+    loaded is found by the first looks (a look taken after could take it for what was loaded)."""
     paths = state.settings.packages
     held = seen.unreadable  # what held changes back at the last look, said once
     failed: set[str] = set()  # models whose last change failed: made again at the next change
+    last = seen  # the previous look: what a look finds counts once the next one finds the same
     while True:
         await asyncio.sleep(seconds)
         now = await asyncio.to_thread(look, paths)
+        if now != last:  # a package being copied in or removed, perhaps: what it holds is not final yet
+            last = now
+            continue
         if now.unreadable:
             if now.unreadable != held:
                 log.warning("the packages changed, but %s: no model is loaded or unloaded until it reads",

@@ -256,6 +256,18 @@ def put(package, folder, subfolder: str, version: str, name: str = MODEL) -> Non
     staging.rename(folder / subfolder)
 
 
+def remove_file_by_file(package) -> None:
+    """Remove ``package`` as `rm -r` may: its artifacts first, its manifest 0.18 s later, so that
+    one look (--poll-seconds 0.2) sees it half removed, and none after it. The removal starts 0.1 s
+    in, as the last change the test waited for set the looks' pace: the next comes 0.2 s after it."""
+    time.sleep(0.1)
+    for path in package.iterdir():
+        if path.name != "manifest.json":
+            path.unlink()
+    time.sleep(0.18)
+    shutil.rmtree(package)
+
+
 def test_a_failed_load_is_logged_and_the_index_names_why_until_a_load_succeeds(server, package):
     folder, client = package.parent, triton_http.InferenceServerClient(server.http_target)
     put(package, folder, f"{MODEL}-2", "2")
@@ -280,7 +292,8 @@ def test_a_failed_load_is_logged_and_the_index_names_why_until_a_load_succeeds(s
 
 def test_with_poll_seconds_the_packages_are_followed_without_a_call(tmp_path):
     """Versions and models added, removed and re-exported in place are served as the folder holds
-    them; a package that does not read holds every change back, with one warning."""
+    them; a package that does not read holds every change back, with one warning; one removed file
+    by file is not loaded half way."""
     folder = tmp_path / "models"
     shutil.copytree(SHIPPED_PACKAGE, folder / MODEL)
     with ServerProcess(str(folder), "--poll-seconds", "0.2") as server:
@@ -301,7 +314,7 @@ def test_with_poll_seconds_the_packages_are_followed_without_a_call(tmp_path):
         assert versions() == ["1", "2"]  # held back
         shutil.rmtree(folder / "half")
         wait_until(lambda: versions() == ["1"])
-        shutil.rmtree(folder / "tiny")
+        remove_file_by_file(folder / "tiny")
         wait_until(lambda: not client.is_model_ready("tiny"))
         assert ("tiny", "", "unloaded") in [(e["name"], e["version"], e["reason"])
                                            for e in client.get_model_repository_index()]
@@ -315,7 +328,7 @@ def test_with_poll_seconds_the_packages_are_followed_without_a_call(tmp_path):
         server.wait_for_line("could not be loaded: ")
         assert versions() == ["3"]
         assert "sha256" in reason_of(client, "4")  # the index says why version 4 is not served
-        shutil.rmtree(folder / "4")
+        remove_file_by_file(folder / "4")
         wait_until(lambda: metric_value(server.metrics(), "resserve_poll_changes_total", result="ok") == 6)
         assert [metric_value(server.metrics(), "resserve_poll_changes_total", result=result)
                 for result in ("failed", "held")] == [1, 1]
