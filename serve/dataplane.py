@@ -60,7 +60,7 @@ def _input_dtype(datatype: str) -> np.dtype:
 def _element_count(shape: tuple[int, ...]) -> int:
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input has shape {list(shape)}; dimensions must be >= 0")
-    return math.prod(shape) if shape else 0  # Python ints: no overflow
+    return math.prod(shape)  # Python ints: no overflow; a scalar (shape []) holds one
 
 
 def tensor_from_bytes(name: str, datatype: str, shape: tuple[int, ...], raw: bytes, source: str) -> Tensor:

@@ -352,6 +352,8 @@ def _raw_request(datatype="FP32", shape=(1, 1, 28, 28), data: bytes | None = Non
 BAD_INPUTS = {
     "datatype": (_raw_request(datatype="FP64"), grpc.StatusCode.INVALID_ARGUMENT, "datatype FP64"),
     "shape": (_raw_request(shape=(1, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT, "expected [N, 1, 28, 28]"),
+    "scalar": (_raw_request(shape=()), grpc.StatusCode.INVALID_ARGUMENT,  # one value, 4 bytes: sized right
+               "input has shape []; expected [N, 1, 28, 28]"),
     "size": (_raw_request(data=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 100 bytes"),
     "contents": (_raw_request(contents=2), grpc.StatusCode.INVALID_ARGUMENT,
                  "2 raw_input_contents for 1 input: send one for each input, in order"),
