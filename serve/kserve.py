@@ -57,6 +57,10 @@ def _tensor(tensor, raw: bytes | None) -> Tensor | SharedTensor:
         return SharedTensor(tensor.name, tensor.datatype, shape, place)
     if raw is None:
         field = TYPED_FIELDS.get(tensor.datatype, "fp32_contents")
+        misplaced = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+        if tensor.datatype in TYPED_FIELDS and misplaced:
+            raise InvalidInput(f"input {tensor.name!r} is {tensor.datatype}: its values go in contents.{field}, "
+                               f"not contents.{misplaced[0]}")
         return tensor_from_values(tensor.name, tensor.datatype, shape, getattr(tensor.contents, field),
                                   f"contents.{field}")
     if tensor.HasField("contents"):

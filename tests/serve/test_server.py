@@ -349,12 +349,21 @@ def _raw_request(datatype="FP32", shape=(1, 1, 28, 28), data: bytes | None = Non
     return request
 
 
+def _typed_request(field: str, datatype="FP32"):
+    """A request with its 784 values in typed contents, in ``field``."""
+    request = kserve_pb2.ModelInferRequest(model_name=MODEL)
+    getattr(request.inputs.add(name="input", datatype=datatype, shape=[1, 1, 28, 28]).contents, field).extend([0] * 784)
+    return request
+
+
 BAD_INPUTS = {
     "datatype": (_raw_request(datatype="FP64"), grpc.StatusCode.INVALID_ARGUMENT, "datatype FP64"),
     "shape": (_raw_request(shape=(1, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT, "expected [N, 1, 28, 28]"),
     "scalar": (_raw_request(shape=()), grpc.StatusCode.INVALID_ARGUMENT,  # one value, 4 bytes: sized right
                "input has shape []; expected [N, 1, 28, 28]"),
     "size": (_raw_request(data=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 100 bytes"),
+    "typed contents": (_typed_request("int_contents"), grpc.StatusCode.INVALID_ARGUMENT,
+                       "input 'input' is FP32: its values go in contents.fp32_contents, not contents.int_contents"),
     "contents": (_raw_request(contents=2), grpc.StatusCode.INVALID_ARGUMENT,
                  "2 raw_input_contents for 1 input: send one for each input, in order"),
     "nan": (_raw_request(data=np.full((1, 1, 28, 28), np.nan, np.float32).tobytes()),
