@@ -38,6 +38,7 @@ Image.init()
 READ_FORMATS = tuple(name for name in FORMAT_NAMES if name in Image.OPEN)
 _KNOWN_AS = [FORMAT_NAMES[name] for name in READ_FORMATS]
 UNREADABLE = f"bytes are not an image in a format this server reads ({', '.join(_KNOWN_AS[:-1])} or {_KNOWN_AS[-1]})"
+TRUNCATED = "the image is truncated: its bytes end before its pixels do"
 MAX_PIXELS = 16_000_000  # decompression-bomb cap: about a 4000x4000 photo
 MAX_REQUEST_PIXELS = 64_000_000  # all images of one request, by their headers, before any decoding
 WORKING_SIDE = 512  # larger images are box-reduced to this before any float work: the digit ends up 20 px
@@ -96,6 +97,8 @@ def _readable(data: bytes, work):
             raise InvalidInput(HEIF_REFUSED) from None
         if isinstance(exc, UnidentifiedImageError):
             raise InvalidInput(UNREADABLE) from None
+        if isinstance(exc, OSError) and str(exc).startswith("image file is truncated"):  # an upload cut short
+            raise InvalidInput(TRUNCATED) from None
         raise InvalidInput(f"bytes are not an image Pillow can read ({type(exc).__name__})") from None
 
 

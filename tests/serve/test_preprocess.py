@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 from helpers import HEIC_PHOTO, MALFORMED_TIFF
 from resserve.serve.errors import InvalidInput
 from resserve.serve.paper import on_the_sheet
-from resserve.serve.preprocess import (HEIF_REFUSED, MAX_PIXELS, decode, encoded_to_input, is_heif, pixels_of,
-                                      raw_to_input, to_mnist)
+from resserve.serve.preprocess import (HEIF_REFUSED, MAX_PIXELS, TRUNCATED, decode, encoded_to_input, is_heif,
+                                      pixels_of, raw_to_input, to_mnist)
 
 
 def _png(array: np.ndarray, format: str = "PNG") -> bytes:
@@ -153,6 +153,14 @@ def test_non_images_are_refused(data, message):
 def test_a_file_that_makes_pillow_raise_anything_is_an_unreadable_image():
     with pytest.raises(InvalidInput, match=r"not an image Pillow can read \(\w+\)"):
         decode(MALFORMED_TIFF)
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "PPM"])
+def test_an_image_cut_short_is_refused_as_truncated(format):
+    noise = np.random.default_rng(0).integers(0, 256, (50, 50), np.uint8)  # so that each file is over 100 bytes
+    with pytest.raises(InvalidInput) as refused:
+        decode(_png(noise, format)[:-100])
+    assert str(refused.value) == TRUNCATED
 
 
 def test_a_heic_photo_is_refused_with_how_to_send_it():
