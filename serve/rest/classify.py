@@ -73,14 +73,25 @@ def _text(file_name: str) -> str:
     return file_name.encode("utf-8", "replace").decode("utf-8")
 
 
+def _model_asked(request: web.Request) -> tuple[str, str]:
+    """The model and the version the query names ("": the default). A query that says anything
+    else is refused, so that a misspelt ``?modle=b`` is not answered by the default model."""
+    for key in request.query:
+        if key not in ("model", "version"):
+            raise InvalidInput(f"unknown query parameter {key[:100]!r}; /v1/classify takes model and version")
+        if len(request.query.getall(key)) > 1:
+            raise InvalidInput(f"the query gives {key} more than once")
+    return request.query.get("model", ""), request.query.get("version", "")
+
+
 @routes.post("/v1/classify")
 @endpoint("classify")
 async def classify(request: web.Request) -> web.Response:
     started = time.perf_counter()
     plane = plane_of(request)
+    model, version = _model_asked(request)
     images = await _images(request)
-    result = await plane.classify(images, request.query.get("model", ""), request.query.get("version", ""),
-                                  headers=lambda: request.headers)
+    result = await plane.classify(images, model, version, headers=lambda: request.headers)
     backend = result.model.backend
     answers = []
     for image, probabilities, seen in zip(images, result.probabilities, result.inputs):

@@ -292,6 +292,11 @@ def test_bad_requests_get_one_json_error_each_and_the_server_carries_on(server, 
         404, f"unknown model 'no-such-model'; this server has {MODEL}")
     assert error_of(server, "GET", "/v2/nowhere") == (404, "no such endpoint: /v2/nowhere")
     assert error_of(server, "DELETE", INFER)[0] == 405
+    digit = png_of(mnist.test.images[0])
+    assert error_of(server, "POST", "/v1/classify?modle=other", digit) == (
+        400, "unknown query parameter 'modle'; /v1/classify takes model and version")
+    assert error_of(server, "POST", f"/v1/classify?model={MODEL}&model=other", digit) == (
+        400, "the query gives model more than once")
     status, error = error_of(server, "POST", "/v1/classify", b"%PDF-1.4 not an image")
     assert status == 400 and error.startswith("image 0: bytes are not an image")
     status, error = error_of(server, "POST", "/v1/classify", b"")
