@@ -31,6 +31,8 @@ CONNECT_HINTS = (
     ("WRONG_VERSION_NUMBER", " (the server there does not speak TLS: leave out --tls-ca)"),
     ("CERTIFICATE_VERIFY_FAILED", " (the server's certificate is not signed by the CA in --tls-ca)"),
     ("Hostname Verification Check failed", " (the server's certificate does not name the host in {option})"),
+    ("Failed parsing HTTP/2", " (what answers there does not speak gRPC, as the server's HTTP and metrics ports do "
+                              "not: {option} takes its gRPC port, 8001 by default)"),
 )
 SERVER_OPTION = "--server or RESSERVE_SERVER"
 # A server that closes the connection in the handshake: what it refused, by how this client

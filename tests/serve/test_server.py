@@ -319,6 +319,11 @@ def test_health_and_reflection(server):
     names = {s.name for s in next(responses).list_services_response.service}
     assert {"inference.GRPCInferenceService", "resserve.v1.DigitClassifier", "grpc.health.v1.Health"} <= names
     assert run_cli("health", "--server", server.target).stdout.strip() == "SERVING"
+    for port in (server.http_port, server.metrics_port):  # a port of the server's that is not its gRPC port
+        refused = run_cli("health", "--server", f"127.0.0.1:{port}")
+        assert refused.returncode == 1 and refused.stderr.strip().endswith(
+            "(what answers there does not speak gRPC, as the server's HTTP and metrics ports do not: --server or "
+            "RESSERVE_SERVER takes its gRPC port, 8001 by default)"), refused.stderr
 
 
 def test_concurrent_load_forms_batches(mnist):
