@@ -6,6 +6,7 @@
     export PATH=$PWD/.gpu/perf-analyzer/bin:$PATH  # carried with this command
     python3 tests/gpu/check.py --out "$OUT/gpu-check.json"
     python3 tests/gpu/check.py --device cpu --quick --out /tmp/cpu-dry-run.json   # the same, on a CPU first
+    python3 tests/gpu/check.py --parts cpu_cost --out "$OUT/gpu-cost.json"        # in a call of its own
 
 Four parts, each written to the JSON as soon as it is done (a timeout keeps what finished):
 1. parity: the shipped ONNX artifact on ``--device`` against the CPU fp32 run, on the 10,000
@@ -22,6 +23,11 @@ Four parts, each written to the JSON as soon as it is done (a timeout keeps what
    also from Triton's perf_analyzer where it runs; on the CPU also one client and 64-image
    requests, which say whether more workers than ``--workers auto``'s one per 4 CPUs should be
    the default there (8 served 1.30-1.46x 4's images/s at C=64 in runs 1 and 4).
+
+And ``--parts cpu_cost``, in a device call of its own (the four parts fill one): the server's CPU
+per 1-image request at C=1 and C=64, with its defaults, its inference threads not spinning, one
+inference thread, and 4 workers with and without one thread each (COST_VARIANTS): whether the
+CPU a GPU server burns beside the GPU can go to its front ends.
 
 After each part, ``targets`` in the JSON judges every acceptance target of the two issues that
 the finished parts can judge (figure, and met or not); the end of the run prints them.
@@ -60,7 +66,13 @@ LOAD_PROCESSES = 4  # the load generator's processes: 16 CPUs on the GPU machine
 WORKERS = {"cuda": (1, 4, 6), "cpu": (4, 8)}
 QUICK_WORKERS = {"cuda": (1, 2), "cpu": (1, 2)}
 CPU_WORKER_SWEEP = ((1, (1, 64)), (64, (16,)))  # (images per request, concurrencies)
-PARTS = ("parity", "in_process", "cpu_in_process", "served", "workers")  # --parts: all by default
+# the cpu_cost part's servers, 1-image requests at C=1 and C=64: (workers, server options); the
+# defaults first. On a GPU the server spent 1.7 ms of CPU per C=1 request in run 4 (ONNX Runtime's
+# intra-op threads beside a session they have no work in, or the CUDA runtime's spin-wait?), and
+# CPU is what bounds 4-6 workers short of 8,000 images/s: freed, it goes to the front ends
+COST_VARIANTS = ((1, ()), (1, ("--no-thread-spinning",)), (1, ("--threads", "1")), (4, ()), (4, ("--threads", "1")))
+PARTS = ("parity", "in_process", "cpu_in_process", "served", "workers", "cpu_cost")
+DEFAULT_PARTS = tuple(part for part in PARTS if part != "cpu_cost")  # the whole check fits one device call
 # the key a load's rows go under: batch{N}, then these for its API and client
 SUFFIXES = {"kserve": "", "kserve-stream": "_stream", "resserve": "", "perf_analyzer": "_perf_analyzer"}
 
@@ -91,12 +103,13 @@ def in_process(device: str, onnx: bytes, images: np.ndarray, seconds: float) -> 
     return [dataclasses.asdict(row) for row in measure_runners(runners, images[:512], IN_PROCESS_SIZES, seconds)]
 
 
-def start_server(device: str, port: int, metrics_port: int, workers: int | None) -> subprocess.Popen:
-    """A server on ``device`` with ``workers`` (None: its default, --workers auto) and the device's
-    batch size and buckets."""
+def start_server(device: str, port: int, metrics_port: int, workers: int | None,
+                 options: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A server on ``device`` with ``workers`` (None: its default, --workers auto), the device's
+    batch size and buckets, and ``options`` besides."""
     command = [sys.executable, "-c", SERVER, "--host", "127.0.0.1", "--port", str(port), "--http-port", "0",
                "--metrics-port", str(metrics_port), "--backend", "onnxruntime", "--device", device,
-               "--drain-seconds", "0", *(["--workers", str(workers)] if workers else [])]
+               "--drain-seconds", "0", *(["--workers", str(workers)] if workers else []), *options]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         print(line, end="", file=sys.stderr)
@@ -134,16 +147,17 @@ def first_requests(target: str, images: np.ndarray, count: int) -> dict:
 
 def served(device: str, images: np.ndarray, duration: float, workers: int | None = None,
            sweep: tuple[tuple[int, tuple[int, ...]], ...] = ((1, (1, 16, 64)), (64, (16,))),
-           first: int = 200, apis: tuple[str, ...] = ("kserve",), clients: tuple[str, ...] = ("resserve",)) -> dict:
-    """A server on ``device`` with ``workers`` (None: the default) under load: (images per
-    request, concurrencies) for each of ``sweep``, after timing the ``first`` requests of each size
-    (0: none), over each of ``apis`` from each of ``clients`` (the rows of kserve-stream under
-    ``batch{N}_stream``, of perf_analyzer under ``batch{N}..._perf_analyzer``)."""
+           first: int = 200, apis: tuple[str, ...] = ("kserve",), clients: tuple[str, ...] = ("resserve",),
+           options: tuple[str, ...] = ()) -> dict:
+    """A server on ``device`` with ``workers`` (None: the default) and ``options`` under load:
+    (images per request, concurrencies) for each of ``sweep``, after timing the ``first`` requests
+    of each size (0: none), over each of ``apis`` from each of ``clients`` (the rows of
+    kserve-stream under ``batch{N}_stream``, of perf_analyzer under ``batch{N}..._perf_analyzer``)."""
     port, metrics_port = 18901, 18902
-    process = start_server(device, port, metrics_port, workers)
+    process = start_server(device, port, metrics_port, workers, options)
     target, metrics = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     try:
-        report: dict = {"device": device, "workers": workers or "auto"}
+        report: dict = {"device": device, "workers": workers or "auto", "options": list(options)}
         if first:
             report["first_requests"] = first_requests(target, images, first)
         for (batch, levels), api, client in itertools.product(sweep, apis, clients):
@@ -189,6 +203,24 @@ def worker_sweep(device: str, images: np.ndarray, duration: float, counts: dict[
             except Exception as exc:  # one server that does not start leaves the others' figures
                 runs.append({"device": name, "workers": workers, "failed": str(exc)})
                 print(f"gpu check: {name}, {_workers(workers)}: {exc}", file=sys.stderr)
+    return runs
+
+
+def cpu_cost(device: str, images: np.ndarray, duration: float) -> list[dict]:
+    """What a 1-image request costs the server in CPU, and what freeing it buys: each of
+    COST_VARIANTS at C=1 and C=64 (server CPU ms per request beside images/s and p50)."""
+    runs = []
+    for workers, options in COST_VARIANTS:
+        try:
+            runs.append(served(device, images, duration, workers, ((1, (1, 64)),), first=0, options=options))
+        except Exception as exc:  # an option this device refuses leaves the other variants' figures
+            runs.append({"device": device, "workers": workers, "options": list(options), "failed": str(exc)})
+            print(f"gpu check: cpu_cost, {_workers(workers)} {' '.join(options)}: {exc}", file=sys.stderr)
+    for run in runs:
+        for row in run.get("batch1", []):
+            print(f"gpu check: cpu_cost: {_workers(run['workers'])} {' '.join(run['options']) or '(defaults)'}, "
+                  f"C={row['concurrency']}: {row['images_per_second']:,.0f} images/s, p50 {row['p50_ms']:.2f} ms, "
+                  f"server CPU {row['server_cpu_ms_per_request'] or 0:.2f} ms/request", file=sys.stderr)
     return runs
 
 
@@ -331,7 +363,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, help="where the results go, as JSON (needed to run the check)")
     parser.add_argument("--quick", action="store_true", help="short timings: a dry run")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {','.join(PARTS)} to run (all)")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help=f"which of {','.join(PARTS)} to run (all but cpu_cost, which takes its own call)")
     parser.add_argument("--judge", type=Path, help="judge a run's JSON again (docs/gpu/), measuring nothing")
     args = parser.parse_args()
     if args.judge:
@@ -350,7 +383,8 @@ def main() -> None:
                       ("served", lambda: served(args.device, images, seconds * 2, first=20 if args.quick else 200,
                                                 clients=("resserve", *(("perf_analyzer",) if perf_analyzer_runs() else ())))),
                       ("workers", lambda: worker_sweep(args.device, images, seconds * 2,
-                                                       QUICK_WORKERS if args.quick else WORKERS))):
+                                                       QUICK_WORKERS if args.quick else WORKERS)),
+                      ("cpu_cost", lambda: cpu_cost(args.device, images, seconds * 2))):
         if name not in args.parts.split(","):
             continue
         print(f"gpu check: {name} ...", file=sys.stderr)
