@@ -179,12 +179,15 @@ def read_packages(settings: ServerSettings) -> list[ModelPackage]:
     checked (nothing loaded yet): one name may come at several versions, whole numbers so that one
     of them is the latest."""
     packages = [load_package(p) for p in package_paths(settings.packages)] or [load_package()]
-    keys = [(p.name, p.version) for p in packages]
-    twice = sorted({f"{name} version {version}" for name, version in keys if keys.count((name, version)) > 1})
+    paths: dict[tuple[str, str], list[str]] = {}  # (name, version) -> the packages that are it
+    for package in packages:
+        paths.setdefault((package.name, package.version), []).append(str(package.path))
+    twice = [f"{name} version {version} ({' and '.join(where)})" for (name, version), where in sorted(paths.items())
+             if len(where) > 1]
     if twice:
-        raise ResserveError(f"two packages are {', '.join(twice)}; export one with another --name or --version")
+        raise ResserveError(f"two packages are {'; '.join(twice)}: export one with another --name or --version")
     for name in dict.fromkeys(p.name for p in packages):
-        versions = [version for named, version in keys if named == name]
+        versions = [version for named, version in paths if named == name]
         numbered = all(v.isdecimal() for v in versions) and len({int(v) for v in versions}) == len(versions)
         if len(versions) > 1 and not numbered:
             raise ResserveError(f"model {name} comes at versions {', '.join(versions)}: versions served side by side "

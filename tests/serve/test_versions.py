@@ -103,8 +103,8 @@ def test_statistics_and_metrics_count_each_version_apart(server, mnist):
 def test_a_version_served_twice_or_versions_without_numbers_are_one_line(tmp_path, version_2):
     result = run_cli("serve", str(SHIPPED_PACKAGE), str(SHIPPED_PACKAGE), "--port", "0")
     assert result.returncode == 1
-    assert result.stderr.strip() == ("error: two packages are resnet-mnist version 1; "
-                                     "export one with another --name or --version")
+    assert result.stderr.strip() == (f"error: two packages are resnet-mnist version 1 ({SHIPPED_PACKAGE} and "
+                                     f"{SHIPPED_PACKAGE}): export one with another --name or --version")
     named = tmp_path / "named"
     shutil.copytree(version_2, named)
     manifest = json.loads((named / "manifest.json").read_text())
