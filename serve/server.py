@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from resserve.serve.aio import done_before, set_within
 from resserve.serve.auth import ADMIN_GRPC_METHODS, TokenRotation, Verdict, warn_of_open_admin_apis
@@ -291,7 +291,12 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str) -> None:
     as the client likes: connections that never send one piled up, a thread and a file
     descriptor each, until the process had none left for its other ports. Each connection now
     has METRICS_SOCKET_SECONDS to send its request and take the answer. Its answers name the
-    server as the HTTP port's do (wsgiref's named Python's version)."""
+    server as the HTTP port's do (wsgiref's named Python's version).
+
+    Counters come without their ``_created`` series, which prometheus-client's multiprocess mode
+    leaves out: so one worker and many serve the same series (one process gave a ``_created``
+    gauge per labelled counter, more series for the scraper and none a dashboard reads)."""
+    disable_created_metrics()
     try:
         server, _ = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

@@ -455,6 +455,7 @@ def test_metrics_count_http_requests_by_protocol_api_and_status(server, mnist):
     inferences = [metric_value(text, "resserve_request_latency_seconds_count", protocol="http", api="kserve")
                   for text in (before, after)]
     assert inferences[1] - inferences[0] == 1
+    assert "_created" not in after  # as under --workers, where prometheus-client's multiprocess mode has none
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ def test_two_workers_share_one_port_and_metrics_add_up(tmp_path):
         assert metric_value(metrics, "resserve_requests_total", protocol="http", code="200") == 60
         assert metric_value(metrics, "resserve_batch_size_count") == 60  # each worker's batches, summed
         assert metric_value(metrics, "nv_inference_request_success", model=MODEL) == 60  # Triton's names too
+        assert "_created" not in metrics  # the supervisor's own counters as one worker's: the same series
         stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
         assert stub.ServerReady(kserve_pb2.ServerReadyRequest(), timeout=10).ready
         assert server.stop() == 0
