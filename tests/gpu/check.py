@@ -192,30 +192,29 @@ def worker_sweep(device: str, images: np.ndarray, duration: float, counts: dict[
     extra = ("perf_analyzer",) if perf_analyzer_runs() else ()
     if not extra:
         print("gpu check: no perf_analyzer here: the workers sweep loads from Python only", file=sys.stderr)
-    runs = []
-    for name in dict.fromkeys((device, "cpu")):
-        for workers in counts[name]:
-            try:
-                sweep = CPU_WORKER_SWEEP if name == "cpu" else ((1, (64,)),)
-                runs.append(served(name, images, duration, workers, sweep, first=0,
-                                   apis=("kserve", "kserve-stream"),
-                                   clients=("resserve", *extra) if name == device else ("resserve",)))
-            except Exception as exc:  # one server that does not start leaves the others' figures
-                runs.append({"device": name, "workers": workers, "failed": str(exc)})
-                print(f"gpu check: {name}, {_workers(workers)}: {exc}", file=sys.stderr)
-    return runs
+    return [_served_or_failed(name, images, duration, workers,
+                              sweep=CPU_WORKER_SWEEP if name == "cpu" else ((1, (64,)),),
+                              apis=("kserve", "kserve-stream"),
+                              clients=("resserve", *extra) if name == device else ("resserve",))
+            for name in dict.fromkeys((device, "cpu")) for workers in counts[name]]
+
+
+def _served_or_failed(device: str, images: np.ndarray, duration: float, workers: int,
+                      options: tuple[str, ...] = (), **load) -> dict:
+    """``served``'s report without timing first requests, or what failed: one server that does not
+    start (or refuses an option) leaves the others' figures."""
+    try:
+        return served(device, images, duration, workers, first=0, options=options, **load)
+    except Exception as exc:  # noqa: BLE001 - whatever stopped it is the run's figure
+        print(f"gpu check: {device}, {' '.join((_workers(workers), *options))}: {exc}", file=sys.stderr)
+        return {"device": device, "workers": workers, "options": list(options), "failed": str(exc)}
 
 
 def cpu_cost(device: str, images: np.ndarray, duration: float) -> list[dict]:
     """What a 1-image request costs the server in CPU, and what freeing it buys: each of
     COST_VARIANTS at C=1 and C=64 (server CPU ms per request beside images/s and p50)."""
-    runs = []
-    for workers, options in COST_VARIANTS:
-        try:
-            runs.append(served(device, images, duration, workers, ((1, (1, 64)),), first=0, options=options))
-        except Exception as exc:  # an option this device refuses leaves the other variants' figures
-            runs.append({"device": device, "workers": workers, "options": list(options), "failed": str(exc)})
-            print(f"gpu check: cpu_cost, {_workers(workers)} {' '.join(options)}: {exc}", file=sys.stderr)
+    runs = [_served_or_failed(device, images, duration, workers, options, sweep=((1, (1, 64)),))
+            for workers, options in COST_VARIANTS]
     for run in runs:
         for row in run.get("batch1", []):
             print(f"gpu check: cpu_cost: {_workers(run['workers'])} {' '.join(run['options']) or '(defaults)'}, "
