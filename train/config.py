@@ -217,12 +217,15 @@ class ExportOptions:
         return stem
 
 
-def parse_ints(text: str, option: str) -> tuple[int, ...]:
-    """'16,32,64' -> (16, 32, 64): positive integers, as the CLI's list options take them."""
+def parse_ints(text: str, option: str, example: str = "16,32,64", distinct: bool = False) -> tuple[int, ...]:
+    """'16,32,64' -> (16, 32, 64): positive integers, as the CLI's list options take them;
+    ``distinct``: each once (a list of networks to train, where a repeat is a typo, not a wish)."""
     try:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
         values = ()
     if not values or any(v < 1 for v in values):
-        raise ResserveError(f"{option} takes comma-separated positive integers like 16,32,64, got {text!r}")
+        raise ResserveError(f"{option} takes comma-separated positive integers like {example}, got {text!r}")
+    if distinct and len(set(values)) < len(values):
+        raise ResserveError(f"{option} names a value more than once: {text}")
     return values

@@ -153,7 +153,11 @@ def test_a_lesion_may_remove_plain_blocks_but_export_may_not_drop_them():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["depth", "--depths", "4,0"], "--depths takes comma-separated positive integers"),
+    (["depth", "--depths", "4,0"], "--depths takes comma-separated positive integers like 4,12,25"),
+    (["depth", "--depths", "4,12,4"], "--depths names a value more than once: 4,12,4"),
+    (["shattered", "--depths", "8,8"], "--depths names a value more than once: 8,8"),
+    pytest.param(["gates", "--device", "cuda"], "--device cuda asked for, but torch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     (["gates", "--survival-prob", "0"], "survival probability must be in (0, 1]"),
     (["depth", "--device", "tpu"], "device must be auto, cpu or cuda"),
     (["lesion", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),

@@ -40,6 +40,11 @@ Resume = Annotated[bool, typer.Option(
 DEFAULT_OUT = Path("experiments")
 
 
+def _depths(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """--depths: blocks per network, each depth once (None: the experiment's own)."""
+    return parse_ints(text, "--depths", example="4,12,25", distinct=True) if text else None
+
+
 def _sized(settings: Any, **overrides: Any) -> Any:
     """``settings`` with the options the user gave (None: keep the default or quick size)."""
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -56,7 +61,9 @@ class _Run:
         require_train_extra()
         from resserve.train.data import load_mnist
         from resserve.train.experiments.report import pyplot
+        from resserve.train.training import resolve_device
 
+        resolve_device(device)  # --device cuda where there is none: one line now, before the data is loaded
         pyplot()  # fail now, not after 15 minutes, if matplotlib is missing
         self.name, self.settings, self.quick, self.started = name, settings, quick, time.monotonic()
         self.show_progress = not quiet
@@ -118,7 +125,7 @@ def depth(
     (degradation), deeper residual networks do not.
     """
     settings = _sized(DepthSettings.quick() if quick else DepthSettings(),
-                      depths=parse_ints(depths, "--depths") if depths else None, train_images=train_images)
+                      depths=_depths(depths), train_images=train_images)
     run = _Run("depth", settings, out, quick, seed, device, data_dir, quiet, resume)
     from resserve.train.experiments import depth as experiment
 
@@ -188,7 +195,7 @@ def shattered(
     constant for looks-linear CReLU networks (linear at initialization).
     """
     settings = _sized(ShatteredSettings.quick() if quick else ShatteredSettings(),
-                      depths=parse_ints(depths, "--depths") if depths else None, lines=lines, seed=seed)
+                      depths=_depths(depths), lines=lines, seed=seed)
     run = _Run("shattered", settings, out, quick, seed, "cpu", data_dir, quiet)
     from resserve.train.experiments import shattered as experiment
 
