@@ -17,6 +17,9 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.manifest import FILE_NAME as MANIFEST, Artifact, Manifest
 
 SHIPPED_PACKAGE = Path(__file__).parent / "models" / "resnet-mnist"
+# A manifest is a few KB (the shipped one 3.5): a file past this is not one, and is refused
+# before it is read whole, at every look at a folder of packages
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 class PackageError(ResserveError):
@@ -119,7 +122,11 @@ def load_package(path: Path | str | None = None) -> ModelPackage:
     if not manifest_path.is_file():
         raise PackageError(f"{path} is not a model package (no {MANIFEST}); make one with `resserve export`")
     try:
-        text = manifest_path.read_bytes()
+        with manifest_path.open("rb") as manifest:
+            text = manifest.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise PackageError(f"cannot read {manifest_path}: {exc.strerror}") from exc
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise PackageError(f"{manifest_path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest `resserve "
+                           "export` wrote (those are a few KB)")
     return ModelPackage(path, Manifest.from_json(text, source=str(manifest_path)))

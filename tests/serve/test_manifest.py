@@ -68,6 +68,17 @@ def test_json_nested_too_deeply_is_one_line_not_a_recursion_error():
     assert str(error.value) == "manifest.json is not a manifest: its JSON is nested too deeply"
 
 
+def test_a_manifest_file_past_a_mebibyte_is_refused_unread(tmp_path):
+    """A 300 MB file named manifest.json took 1 GB to refuse, at every look at its folder."""
+    package = tmp_path / "pkg"
+    shutil.copytree(SHIPPED_PACKAGE, package)
+    manifest = package / "manifest.json"
+    manifest.write_text(manifest.read_text() + " " * (1 << 20))  # valid JSON still, but no manifest export writes
+    with pytest.raises(PackageError) as error:
+        load_package(package)
+    assert str(error.value) == f"{manifest} is over 1 MiB: not a manifest `resserve export` wrote (those are a few KB)"
+
+
 def test_an_artifact_that_is_a_symlink_out_of_the_package_is_refused(tmp_path):
     package = tmp_path / "pkg"
     shutil.copytree(SHIPPED_PACKAGE, package)
