@@ -29,8 +29,8 @@ class InvalidInput(ResserveError):
     status = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class UnsupportedEncoding(InvalidInput):
-    """A request body in a Content-Encoding the server does not decode (RFC 9110's 415)."""
+class UnsupportedMediaType(InvalidInput):
+    """A request body in a Content-Type or Content-Encoding the endpoint does not read (RFC 9110's 415)."""
 
     http_status = 415
 

@@ -1,7 +1,7 @@
 """``POST /v1/classify`` for people and scripts, and the draw-a-digit page at ``/`` that uses it.
 
-The body is one image (raw bytes, any Content-Type but multipart) or a multipart form with one
-or several files. The answer, per image: the digit, its confidence, the ten probabilities and
+The body is one image (raw bytes, any Content-Type but multipart or JSON) or a multipart form
+with one or several files. The answer, per image: the digit, its confidence, the ten probabilities and
 the 28x28 input the model saw (PNG, base64); with the model, how it runs, and the milliseconds
 the server spent. Same preprocessing and limits as the gRPC Classify (``DataPlane.classify``).
 """
@@ -18,7 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 
 from resserve.serve.dataplane import Image
-from resserve.serve.errors import InvalidInput, UnsupportedEncoding
+from resserve.serve.errors import InvalidInput, UnsupportedMediaType
 from resserve.serve.preprocess import to_png
 from resserve.serve.rest.encoding import IDENTITY, compressed_where_asked, encoding_of
 from resserve.serve.rest.server import FRONT_DOOR, endpoint, json_response, next_chunk, plane_of, read_body
@@ -33,10 +33,17 @@ warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
 async def _images(request: web.Request) -> list[Image]:
     """The request's images, named by their file names where a form gave them."""
+    if request.content_type == "application/json":  # an image as base64 in JSON, as other APIs take it
+        raise UnsupportedMediaType("/v1/classify takes an image's own bytes, or files in a multipart form, not "
+                                   "JSON; tensors in JSON go to /v2/models/NAME/infer (KServe v2)")
     if request.content_type != "multipart/form-data":
-        return [Image(await read_body(request))]
+        body = await read_body(request)
+        if not body:  # `curl -X POST` without --data-binary: a body forgotten, not an image found empty
+            raise InvalidInput("the request has no body: POST an image's bytes (curl --data-binary @digit.png) or "
+                               "files in a multipart form (curl -F file=@digit.png)")
+        return [Image(body)]
     if encoding_of(request.headers.get(hdrs.CONTENT_ENCODING)) != IDENTITY:  # browsers never compress a form
-        raise UnsupportedEncoding("a compressed multipart form is not read; send the form uncompressed")
+        raise UnsupportedMediaType("a compressed multipart form is not read; send the form uncompressed")
     try:
         return await _form_images(request)
     except (ValueError, AssertionError, HttpProcessingError, ClientPayloadError) as exc:  # aiohttp's parser, bad form

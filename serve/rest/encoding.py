@@ -17,7 +17,7 @@ from urllib.request import parse_http_list
 from aiohttp import web
 from aiohttp.web import ContentCoding
 
-from resserve.serve.errors import InvalidInput, TooLarge, UnsupportedEncoding
+from resserve.serve.errors import InvalidInput, TooLarge, UnsupportedMediaType
 
 IDENTITY = "identity"
 # Answers from this size on are compressed: the JSON answer for 64 images shrinks by half or more;
@@ -37,7 +37,7 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding == IDENTITY:
         return body
     if encoding not in WINDOW_BITS:
-        raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
     bits = WINDOW_BITS[encoding]
     if encoding == "deflate" and body and body[0] & 0x0F != 8:
         bits = -zlib.MAX_WBITS  # raw deflate without the zlib header, as some clients send it

@@ -299,8 +299,13 @@ def test_bad_requests_get_one_json_error_each_and_the_server_carries_on(server, 
         400, "the query gives model more than once")
     status, error = error_of(server, "POST", "/v1/classify", b"%PDF-1.4 not an image")
     assert status == 400 and error.startswith("image 0: bytes are not an image")
-    status, error = error_of(server, "POST", "/v1/classify", b"")
-    assert status == 400 and "empty image" in error
+    assert error_of(server, "POST", "/v1/classify", b"") == (400, (
+        "the request has no body: POST an image's bytes (curl --data-binary @digit.png) or files in a multipart "
+        "form (curl -F file=@digit.png)"))
+    encoded = orjson.dumps({"image": base64.b64encode(digit).decode()})  # as APIs that take base64 in JSON
+    assert error_of(server, "POST", "/v1/classify", encoded, {"Content-Type": "application/json"}) == (
+        415, "/v1/classify takes an image's own bytes, or files in a multipart form, not JSON; tensors in JSON go "
+        "to /v2/models/NAME/infer (KServe v2)")
     status, error = error_of(server, "POST", "/v1/classify", b"--x\r\nno headers, no end",
                              {"Content-Type": "multipart/form-data; boundary=x"})
     assert status == 400 and error.startswith("malformed multipart form"), error
