@@ -455,7 +455,8 @@ def bench_serve(
         "perf_analyzer is always one process.",
         show_default=False)] = "auto",
     metrics: Annotated[Optional[str], typer.Option(
-        help="The target's metrics URL [default: http://HOST:8002/metrics].", show_default=False)] = None,
+        help="The target's metrics URL, where its batch sizes, queue times and CPU time are read "
+        "[default: http://HOST:8002/metrics].", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: latency percentiles against throughput.")] = None,
     tls_ca: TlsCa = None,

@@ -6,11 +6,17 @@ supervisor serves their sum (serve/workers/); gauges say how workers' values com
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from resserve.serve.batcher import BatchStats
+from resserve.serve.processes import tree_usage
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -135,3 +141,38 @@ class ModelMetrics:
         for phase, seconds in (("input", stats.input_seconds), ("infer", stats.infer_seconds),
                                ("output", stats.output_seconds)):
             self.compute_us[phase].inc(seconds * 1e6 * requests)
+
+
+class ServerProcessCollector(Collector):
+    """The server's CPU, memory and open files under prometheus-client's ``process_*`` names, for
+    the whole server: this process and its descendants, which under --workers are the workers
+    (prometheus-client's own ProcessCollector sees one process, and its multiprocess mode none).
+    So one worker and many serve the same series, and `resserve bench serve --target` reads a
+    server's CPU per request from them wherever it runs.
+
+    ``process_cpu_seconds_total`` includes workers that ended (restarted ones) and never goes
+    down, so ``rate()`` reads no reset when a worker is restarted."""
+
+    OWN = ("process_start_time_seconds", "process_max_fds")  # this process's, from prometheus-client
+
+    def __init__(self) -> None:
+        self._cpu_seconds = 0.0  # the most reported
+        self._lock = threading.Lock()  # scrapes may come at once
+        self._own = ProcessCollector(registry=None)
+
+    def collect(self) -> Iterator[Metric]:
+        usage = tree_usage(os.getpid())
+        if usage is None:  # no /proc (not Linux)
+            return
+        with self._lock:  # a worker waited for while it was read is left out of one reading: not a reset
+            self._cpu_seconds = max(self._cpu_seconds, usage.cpu_seconds)
+            cpu_seconds = self._cpu_seconds
+        yield CounterMetricFamily("process_cpu_seconds", "CPU time (user and system) of the server and its "
+                                  "workers, those restarted included, in seconds.", value=cpu_seconds)
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the server and its workers, "
+                                "in bytes.", value=usage.resident_bytes)
+        yield GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory of the server and its workers, "
+                                "in bytes.", value=usage.virtual_bytes)
+        yield GaugeMetricFamily("process_open_fds", "Open file descriptors of the server or the worker that "
+                                "holds the most (each process may hold process_max_fds).", value=usage.most_open_fds)
+        yield from (family for family in self._own.collect() if family.name in self.OWN)

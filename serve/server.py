@@ -39,6 +39,7 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.heap import freeze_long_lived
 from resserve.serve.kserve import InferenceServicer
 from resserve.serve.logs import LogSettings, configure_logging
+from resserve.serve.metrics import ServerProcessCollector
 from resserve.serve.package import ModelPackage
 from resserve.serve.polling import follow_packages, look
 from resserve.serve.repository import load_repository, read_packages
@@ -295,8 +296,10 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str) -> None:
 
     Counters come without their ``_created`` series, which prometheus-client's multiprocess mode
     leaves out: so one worker and many serve the same series (one process gave a ``_created``
-    gauge per labelled counter, more series for the scraper and none a dashboard reads)."""
+    gauge per labelled counter, more series for the scraper and none a dashboard reads). The
+    server's CPU and memory come with them, its workers' included (ServerProcessCollector)."""
     disable_created_metrics()
+    registry.register(ServerProcessCollector())
     try:
         server, _ = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

@@ -259,6 +259,29 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name, read here apart from serve/processes.py so that tests
+    check the server's numbers against the kernel's: state is [0], utime and stime [11] and [12]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """User and system time of ``pid`` alone (its threads; not its children), as /proc/PID/stat says."""
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def resident_bytes(pid: int) -> int:
+    """VmRSS of ``pid``, as /proc/PID/status says."""
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())[1]) * 1024
+
+
+def tree_resident_bytes(pid: int) -> int:
+    """VmRSS of ``pid`` and every live process below it."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return resident_bytes(pid) + sum(map(tree_resident_bytes, children))
+
+
 def triton_infer(client, images, model: str = "resnet-mnist", version: str = ""):
     """One request of FP32 ``images`` [N,1,28,28] from either tritonclient (gRPC or HTTP): its result."""
     import tritonclient.http as triton_http

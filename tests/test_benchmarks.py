@@ -234,6 +234,8 @@ def test_bench_serve_loads_a_server_with_mutual_tls_and_tokens_over_every_api(tm
     for rows in report["servers"].values():
         (row,) = rows
         assert row["ok"] > 0 and row["errors"] == {}
+        # a --target's CPU, from its metrics (process_cpu_seconds_total): per request, what its path costs
+        assert row["server_cpu_cores"] > 0 and row["server_cpu_ms_per_request"] > 0
 
 
 @needs_perf_analyzer

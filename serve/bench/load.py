@@ -21,14 +21,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing
-import os
 import queue
 import time
 import urllib.request
 from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,6 +36,7 @@ from resserve.serve.bench.clients import Level, LoadResult, LoadSpec, sender
 from resserve.serve.bench.report import LevelResult
 from resserve.serve.connections import raise_open_file_limit
 from resserve.serve.errors import ResserveError
+from resserve.serve.processes import tree_usage
 
 LOAD_PROCESS_WAIT_SECONDS = 120.0  # the longest a ready load process waits for the others and the start
 LOAD_START_MARGIN_SECONDS = 0.1  # from the last load process ready to the common start
@@ -46,9 +45,10 @@ OPEN_LOOP_MAX_OUTSTANDING = 1024  # per load process: arrivals beyond this many 
 # per open-loop client over REST (HTTP/1.1: a connection per request in flight), so that all of
 # OPEN_LOOP_MAX_OUTSTANDING can be in flight: fewer would queue requests in the client, unsent
 OPEN_LOOP_HTTP_CONNECTIONS = OPEN_LOOP_MAX_OUTSTANDING // OPEN_LOOP_CONNECTIONS
-# the samples of the server's batch histograms a level reads (BatchTotals' fields, in order)
+# the samples of the server's batch histograms a level reads (ServerTotals' fields, in order)
 BATCH_SAMPLES = ("resserve_batch_size_sum", "resserve_batch_size_count", "resserve_queue_seconds_sum",
                  "resserve_queue_seconds_count")
+CPU_SAMPLE = "process_cpu_seconds_total"  # the server's and its workers' (serve/metrics.py)
 
 
 @dataclass
@@ -122,57 +122,45 @@ async def _load(spec: LoadSpec, level: Level, start_at: float, seed: int = 0) ->
 
 
 @dataclass(frozen=True)
-class BatchTotals:
-    """The server's batch histograms, summed over models, versions and workers."""
+class ServerTotals:
+    """What the server's /metrics count so far: its batch histograms, summed over models, versions
+    and workers, and its CPU time (its workers' included)."""
 
     images: float = 0.0  # resserve_batch_size_sum
     batches: float = 0.0  # resserve_batch_size_count
     queue_seconds: float = 0.0  # resserve_queue_seconds_sum
     queued: float = 0.0  # resserve_queue_seconds_count: requests
+    cpu_seconds: float | None = None  # process_cpu_seconds_total; None from a server without it
 
-    def __sub__(self, earlier: BatchTotals) -> BatchTotals:
-        return BatchTotals(self.images - earlier.images, self.batches - earlier.batches,
-                           self.queue_seconds - earlier.queue_seconds, self.queued - earlier.queued)
+    def __sub__(self, earlier: ServerTotals) -> ServerTotals:
+        known = self.cpu_seconds is not None and earlier.cpu_seconds is not None
+        cpu = self.cpu_seconds - earlier.cpu_seconds if known else None
+        return ServerTotals(self.images - earlier.images, self.batches - earlier.batches,
+                            self.queue_seconds - earlier.queue_seconds, self.queued - earlier.queued, cpu)
 
 
-def scrape(metrics_url: str) -> BatchTotals | None:
-    """The batch totals in the server's /metrics; None when they cannot be read."""
+def scrape(metrics_url: str) -> ServerTotals | None:
+    """The totals in the server's /metrics; None when they cannot be read."""
     try:
         with urllib.request.urlopen(metrics_url, timeout=5) as response:
             text = response.read().decode()
     except OSError:
         return None
     sums = dict.fromkeys(BATCH_SAMPLES, 0.0)
+    cpu_seconds = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in BATCH_SAMPLES:
                 sums[sample.name] += sample.value
-    return BatchTotals(*(sums[name] for name in BATCH_SAMPLES))
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
+            elif sample.name == CPU_SAMPLE:
+                cpu_seconds = sample.value
+    return ServerTotals(*(sums[name] for name in BATCH_SAMPLES), cpu_seconds)
 
 
 def tree_cpu_seconds(pid: int | None) -> float | None:
-    """CPU time (user and system, every thread) of a process and its descendants, as /proc says:
-    a server and its workers; None when there is no such process."""
-    if pid is None or _stat_fields(pid) is None:
-        return None
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))):
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    total, stack = 0.0, [pid]
-    while stack:
-        current = stack.pop()
-        if fields := _stat_fields(current):
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        stack.extend(children.get(current, []))
-    return total
+    """CPU time of a server this machine runs and its workers; None when there is no such process."""
+    usage = tree_usage(pid) if pid is not None else None
+    return usage.cpu_seconds if usage else None
 
 
 def _run_share(spec: LoadSpec, level: Level, start_at: float, seed: int = 0) -> LoadResult:
@@ -237,27 +225,28 @@ def _gather(messages, workers: list) -> list:
 
 def measure_level(spec: LoadSpec, level: Level, metrics_url: str, server_pid: int | None,
                   load_processes: int = 1) -> LevelResult:
-    """One load level against a server: the load's side and the server's (``server_pid``: its CPU
-    time, where it runs on this machine)."""
-    before, server_cpu0 = scrape(metrics_url), tree_cpu_seconds(server_pid)
+    """One load level against a server: the load's side and the server's. Its CPU time is read
+    from /proc where this machine runs it (``server_pid``), else from its metrics."""
+    before, cpu_before = scrape(metrics_url), tree_cpu_seconds(server_pid)
     if spec.client == "perf_analyzer":
         load = perf_analyzer.generate_load(spec, level)
     else:
         load = _generate_load(spec, level, load_processes)
-    after, server_cpu1 = scrape(metrics_url), tree_cpu_seconds(server_pid)
-    batches = after - before if after is not None and before is not None else BatchTotals()
+    after, cpu_after = scrape(metrics_url), tree_cpu_seconds(server_pid)
+    totals = after - before if after is not None and before is not None else ServerTotals()
+    server_cpu = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else totals.cpu_seconds
     latencies, window = np.asarray(load.latencies) * 1e3, load.window
     p50, p90, p95, p99, top = (np.percentile(latencies, (50, 90, 95, 99, 100)) if len(latencies)
                                else [float("nan")] * 5)
     requests_per_second = len(latencies) / window
-    server_cores = (server_cpu1 - server_cpu0) / load.elapsed if server_cpu1 is not None else None
+    server_cores = server_cpu / load.elapsed if server_cpu is not None else None
     return LevelResult(
         load=str(level), concurrency=level.concurrency or None, offered_rate=level.rate or None,
         requests_per_second=requests_per_second, images_per_second=requests_per_second * spec.batch,
         p50_ms=float(p50), p90_ms=float(p90), p95_ms=float(p95), p99_ms=float(p99), max_ms=float(top),
         ok=len(latencies), errors=dict(load.errors),
-        mean_batch_size=batches.images / batches.batches if batches.batches else None,
-        mean_queue_ms=batches.queue_seconds / batches.queued * 1e3 if batches.queued else None,
+        mean_batch_size=totals.images / totals.batches if totals.batches else None,
+        mean_queue_ms=totals.queue_seconds / totals.queued * 1e3 if totals.queued else None,
         load_processes=load.processes, client_cpu_cores=load.client_cpu / load.elapsed,
         server_cpu_cores=server_cores,
         server_cpu_ms_per_request=server_cores / requests_per_second * 1e3 if server_cores and latencies.size else None)

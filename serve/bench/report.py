@@ -36,7 +36,7 @@ class LevelResult:
     mean_queue_ms: float | None
     load_processes: int
     client_cpu_cores: float
-    server_cpu_cores: float | None  # None for a server this machine cannot see (--target elsewhere)
+    server_cpu_cores: float | None  # None where neither /proc here nor its metrics (process_cpu_seconds) tell
     # the server's CPU time per answered request: what the per-request path costs, model included
     server_cpu_ms_per_request: float | None
 

@@ -23,7 +23,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from helpers import ServerProcess, free_port, triton_infer
 from resserve.serve.app import build_app
-from resserve.serve.metrics import Metrics
+from resserve.serve.metrics import Metrics, ServerProcessCollector
 from resserve.serve.settings import DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LogFormat, auto_workers
 from resserve.serve.state import INFERENCE_APIS
 from resserve.serve.workers.supervisor import SupervisorMetrics
@@ -202,6 +202,8 @@ def exported_samples() -> dict[str, set[str]]:
         for family in collector.describe():
             for suffix in SAMPLE_SUFFIXES[family.type]:
                 samples[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    for family in ServerProcessCollector().collect():  # the server's CPU and memory: collected, not declared
+        samples |= {sample.name: set(sample.labels) for sample in family.samples}
     return samples
 
 

@@ -26,7 +26,8 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
 
-from helpers import ServerProcess, hold_connections, metric_value, room_for_sockets, run_cli
+from helpers import (ServerProcess, hold_connections, metric_value, resident_bytes, room_for_sockets, run_cli,
+                     stat_fields)
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -36,8 +37,7 @@ MODEL = "resnet-mnist"
 
 
 def rss_mb(pid: int) -> float:
-    status = open(f"/proc/{pid}/status").read()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+    return resident_bytes(pid) / 2**20
 
 
 def request_of(images: np.ndarray, outputs: list[str] = ()) -> kserve_pb2.ModelInferRequest:
@@ -273,8 +273,7 @@ def test_the_calls_of_a_client_that_stops_answering_free_their_places_in_the_rpc
 
 def process_state(pid: int) -> str:
     """R, S, T (stopped), ... from /proc (Linux)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0]
+    return stat_fields(pid)[0]
 
 
 def test_http_bodies_announced_and_never_sent_hold_none_of_the_budget():

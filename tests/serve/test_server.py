@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from helpers import HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, metric_value, run_cli
+from helpers import HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, metric_value, run_cli, tree_resident_bytes
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.client import requests_of
 from resserve.serve.package import load_package
@@ -535,6 +535,22 @@ def test_tritonclient_statistics_and_tritons_metrics_count_the_requests_sent(ser
     for batch in stats.batch_stats:
         assert batch.compute_input.count == batch.compute_infer.count == batch.compute_output.count > 0
     assert "statistics" in client.get_server_metadata().extensions
+
+
+def test_metrics_give_the_servers_cpu_and_memory_under_prometheus_process_names(server, mnist):
+    client = triton.InferenceServerClient(server.target)
+    before = metric_value(server.metrics(), "process_cpu_seconds_total")
+    for start in range(0, 64, 8):
+        infer(client, as_input(mnist.test.images[start:start + 8]))
+    cpu_from = tree_cpu_seconds(server.process.pid)
+    metrics = server.metrics()
+    cpu_to = tree_cpu_seconds(server.process.pid)
+    cpu = metric_value(metrics, "process_cpu_seconds_total")
+    assert before < cpu and cpu_from - 0.02 <= cpu <= cpu_to + 0.02  # what /proc says, ticks of 10 ms apart
+    assert metric_value(metrics, "process_resident_memory_bytes") == pytest.approx(
+        tree_resident_bytes(server.process.pid), rel=0.2)
+    assert 0 < metric_value(metrics, "process_open_fds") < metric_value(metrics, "process_max_fds")
+    assert time.time() - 3600 < metric_value(metrics, "process_start_time_seconds") < time.time()
 
 
 def test_grpc_calls_are_counted_by_api_with_inference_apart(server, mnist):
