@@ -23,8 +23,9 @@ from resserve.serve.errors import ResserveError
 
 log = logging.getLogger("resserve.serve")
 
-# how often the files are looked at (Kubernetes updates a mounted Secret's in a minute or so)
-ROTATION_CHECK_SECONDS = 10.0
+# how often the files are looked at: a stat of each, so often that a revoked token stops working
+# within seconds of the file changing (Kubernetes itself takes a minute or so to update a mounted Secret)
+ROTATION_CHECK_SECONDS = 2.0
 # the most of a TLS or token file that is read: a certificate chain is a few KB, a thousand tokens 50 KB
 MAX_SECRET_FILE_BYTES = 2**20
 
