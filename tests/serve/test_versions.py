@@ -27,8 +27,8 @@ MODEL = "resnet-mnist"
 
 @pytest.fixture(scope="module")
 def version_2(tmp_path_factory, mnist):
-    """Verified on the first 1,000 test images: what these tests need of it, in a fifth of the
-    time all 10,000 take (tests/test_shipped_model.py verifies a re-export on all of them)."""
+    """Verified on the first 1,000 test images: what these tests need of it, in a tenth of the
+    time all 10,000 take (the served tests check the shipped package on all of them)."""
     out = tmp_path_factory.mktemp("export") / "resnet-mnist-2"
     export_package(SHIPPED_MODEL, out, ExportOptions(formats=("onnx",), version="2", outputs=("probabilities",)),
                    dataclasses.replace(mnist, test=mnist.test.head(1000)), log=lambda _: None)
