@@ -41,7 +41,7 @@ def test_shipped_package_was_exported_from_the_shipped_checkpoint():
         package.read_verified(artifact)  # every sha256 matches
 
 
-VERIFIED_IMAGES = 2000  # of the 10,000 test images export verifies on (all: 44 s here, these: 19 s; served tests take all)
+VERIFIED_IMAGES = 2000  # of the 10,000 export verifies on (all: 44 s here, these: 19 s; served tests take all)
 
 
 @pytest.fixture(scope="module")
