@@ -397,6 +397,9 @@ def test_with_admin_tokens_only_an_admin_token_changes_models_or_log_settings(tm
         assert over_grpc.get_model_metadata(MODEL, headers=user).name == MODEL
 
 
+TO_THREAD_POOL_GROWTH = 2  # threads asyncio.to_thread's pool may add and keep (the test below)
+
+
 def threads_of(server) -> int:
     status = open(f"/proc/{server.process.pid}/status").read()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
@@ -406,12 +409,14 @@ def test_the_versions_a_load_replaces_are_released(server):
     """Each load replaces the served version's ONNX Runtime session, whose threads end only when
     the session is freed: loads one after another leave the count where one load leaves it
     (the startup objects the server keeps out of the collector's passes, serve/heap.py, included:
-    kept frozen, ten loads left 20 more threads and 76 MB)."""
+    kept frozen, ten loads left 20 more threads and 76 MB). Give or take the asyncio.to_thread
+    pool a load reads and loads on: it starts a second thread for a hand-off that comes before the
+    first thread has marked itself idle, and keeps it (seen once in a full run here: 14 to 15)."""
     client = triton_grpc.InferenceServerClient(server.target)
     client.load_model(MODEL)
     time.sleep(0.5)  # the replaced session's threads end as it is freed
     after_one = threads_of(server)
-    for _ in range(5):
+    for _ in range(10):
         client.load_model(MODEL)
-    wait_until(lambda: threads_of(server) <= after_one, seconds=10)
+    wait_until(lambda: threads_of(server) <= after_one + TO_THREAD_POOL_GROWTH, seconds=10)
     assert infer(client)  # the last load's version answers
