@@ -17,7 +17,7 @@ from resserve.serve.batcher import DEFAULT_MAX_BATCH_SIZE, BatchingConfig
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable
 from resserve.serve.settings import (CPUS_PER_WORKER, CUDA_WORKERS, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT,
-                                     BackendChoice, ConvSearch, Device, LogFormat, LogLevel, Precision,
+                                     MAX_BATCH_SIZE, BackendChoice, ConvSearch, Device, LogFormat, LogLevel, Precision,
                                      ServerSettings, TraceLevel, TraceMode, parse_auto, parse_buckets,
                                      parse_max_batch_size, parse_workers)
 
@@ -54,7 +54,8 @@ def serve(
     metrics_port: Annotated[int, typer.Option(envvar=_env("METRICS_PORT"),
                                               help="Prometheus /metrics port; 0 disables.")] = ServerSettings.metrics_port,
     max_batch_size: Annotated[str, typer.Option(envvar=_env("MAX_BATCH_SIZE"),
-        help=f"Most images the batcher runs at once. auto: {DEFAULT_MAX_BATCH_SIZE['cpu']} on the CPU, "
+        help=f"Most images the batcher runs at once (at most {MAX_BATCH_SIZE}: the largest batch is warmed before "
+        f"ready). auto: {DEFAULT_MAX_BATCH_SIZE['cpu']} on the CPU, "
         f"{DEFAULT_MAX_BATCH_SIZE['cuda']} on CUDA, or the largest --batch-buckets size.")] = "auto",
     max_queue_delay_us: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_DELAY_US"),
         help="Longest wait for batch-mates after the first queued request, microseconds.")] = BatchingConfig.max_queue_delay_us,

@@ -76,7 +76,11 @@ def test_root_help_lists_the_commands():
     (["models", "--tls-cert", __file__, "--tls-key", __file__], "--tls-cert and --tls-key (mutual TLS) need --tls-ca"),
     (["eval", "--device", "tpu"], "device must be auto, cpu or cuda, got 'tpu'"),
     (["serve", "--max-batch-size", "lots"], "--max-batch-size must be auto or a number of images, got 'lots'"),
-    (["serve", "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+    (["serve", "--max-batch-size", "0"], "--max-batch-size must be auto or 1-4096"),
+    (["serve", "--max-batch-size", "100000"], "--max-batch-size must be auto or 1-4096 (the largest batch is warmed "
+     "before ready: 4096 images take about 1 GB)"),  # was: 11 GB and minutes of warming
+    (["serve", "--batch-buckets", "8,100000"], "--batch-buckets must be sizes of at most 4096"),
+    (["serve", "--batch-buckets", "0,4"], "--batch-buckets must be sizes >= 1; got '0,4'"),  # was: "(None)"
     (["serve", "--host", "not..a.host"], "--host 'not..a.host' is not an address to listen on"),
     (["serve", "--drain-seconds", "inf"], "--drain-seconds and --grace-seconds must be finite and >= 0"),
     (["serve", "--max-connection-age", "0"], "--max-connection-age must be at least 1 second"),
@@ -105,7 +109,8 @@ def test_root_help_lists_the_commands():
     (["serve", "--trace-mode", "jaeger"], "--trace-mode must be one of triton, opentelemetry, got 'jaeger'"),
     (["serve", "--poll-seconds", "0.01"], "--poll-seconds must be 0 (no polling) or at least 0.1 (and finite)"),
     (["serve", "--poll-seconds", "inf"], "--poll-seconds must be 0 (no polling) or at least 0.1 (and finite)"),
-    (["serve", "--max-batch-size", "32", "--batch-buckets", "1,64"], "--batch-buckets must be sizes >= 1 whose largest"),
+    (["serve", "--max-batch-size", "32", "--batch-buckets", "1,64"], "--batch-buckets must be sizes whose largest is "
+     "--max-batch-size (32); got '1,64'"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(args, message):
     result = run_cli(*args)
