@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from resserve.serve.backends.base import CudaOptions, usable_cpus
+from resserve.serve.backends.base import CudaOptions, runnable_cpus, usable_cpus
 from resserve.serve.batcher import BatchingConfig
 from resserve.serve.errors import ResserveError
 
@@ -276,6 +276,9 @@ class ServerSettings:
             (b.max_queue_size >= 1, "--max-queue-size must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.cpus is None or self.cpus >= 1, "--cpus must be >= 1"),
+            (self.cpus is None or self.cpus <= runnable_cpus(),
+             f"--cpus {self.cpus} is more than the {runnable_cpus()} CPUs this machine lets the server run on "
+             "(its affinity mask): its workers and threads would take turns on them"),
             (self.threads is None or self.threads <= cpus,
              f"--threads {self.threads} is more than the {cpus} CPUs this server may use "
              "(spinning threads beyond them starve the rest; --cpus raises the count)"),

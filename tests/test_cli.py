@@ -93,6 +93,7 @@ def test_root_help_lists_the_commands():
     (["serve", "--max-connections", "0"], "--max-connections must be auto or >= 1"),
     (["serve", "--max-connections", "many"], "--max-connections must be auto or a number of connections, got 'many'"),
     (["serve", "--threads", "5000"], "--threads 5000 is more than the"),
+    (["serve", "--cpus", "100000"], "--cpus 100000 is more than the"),  # was: 64 workers of 1,562 threads each
     (["health", "--wait", "inf"], "--wait must be finite and >= 0, got inf"),
     (["serve", "--precision", "int8", "--backend", "openvino"], "--precision int8 runs on ONNX Runtime"),
     (["serve", "--metrics-port", "70000"], "--metrics-port must be in 0-65535, got 70000"),

@@ -60,12 +60,17 @@ def describe(model: ModelSource) -> str:
     return str(model) if isinstance(model, Path) else f"the verified artifact ({len(model):,} bytes)"
 
 
+def runnable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def usable_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
+    cpus = runnable_cpus()
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":
