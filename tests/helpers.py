@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -117,6 +117,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, stdin=Non
     return subprocess.run([str(RESSERVE), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, stdin=stdin,
                           preexec_fn=limit_memory if memory_gib else None)
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    """Return once ``condition()`` holds; fail the test when it still does not after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def free_port() -> int:

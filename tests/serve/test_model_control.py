@@ -20,7 +20,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from helpers import ServerProcess, metric_value, run_cli, triton_infer
+from helpers import ServerProcess, metric_value, run_cli, triton_infer, wait_until
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -71,13 +71,6 @@ def traffic(server, clients: int) -> Iterator[Counter]:
         stop.set()
         for sender in senders:
             sender.join()
-
-
-def wait_until(condition, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def set_version(package, version: str, name: str = MODEL) -> None:
