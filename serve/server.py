@@ -49,7 +49,8 @@ from resserve.serve.rest.server import SERVER_NAME, HttpServer
 from resserve.serve.rpc import Registrar, abort
 from resserve.serve.sharedmemory import MAX_REGIONS, SharedMemory
 from resserve.serve.state import ModelAction, Peers, ServerState
-from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE, ServerSettings, host_port, page_note
+from resserve.serve.settings import (LIVENESS_SERVICE, MAX_GRPC_SECONDS, READINESS_SERVICE, ServerSettings, host_port,
+                                     page_note)
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from resserve.serve.rotation import ROTATION_CHECK_SECONDS
 from resserve.serve.tls import CertificateRotation
@@ -118,7 +119,8 @@ def _grpc_options(settings: ServerSettings, connections: ConnectionLimits) -> li
     ]
     if settings.max_connection_age_seconds:
         options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
-                    ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000))]
+                    # a grace longer than gRPC counts (about 24 days) is as long as it counts
+                    ("grpc.max_connection_age_grace_ms", int(min(settings.grace_seconds, MAX_GRPC_SECONDS) * 1000))]
     return options
 
 

@@ -17,6 +17,7 @@ DEFAULT_PORT = 8001  # as Triton: HTTP 8000, gRPC 8001, metrics 8002
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # gRPC's channel arguments are C ints
+MAX_GRPC_SECONDS = MAX_GRPC_MESSAGE_BYTES // 1000  # and its durations C ints of milliseconds: about 24.8 days
 # RPCs the server takes beyond its in-flight budget's count (max_concurrent_rpcs): health checks
 # and metadata calls share gRPC's one limit with inference, so clients using the whole budget
 # (64 of them by default, each with a call in flight; Triton's perf_analyzer at concurrency 64
@@ -292,9 +293,10 @@ class ServerSettings:
              "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key; refusing to serve without TLS"),
             (all(0 <= seconds < math.inf for seconds in (self.drain_seconds, self.grace_seconds)),
              "--drain-seconds and --grace-seconds must be finite and >= 0"),
-            (self.max_connection_age_seconds is None or 1 <= self.max_connection_age_seconds < math.inf,
-             "--max-connection-age must be at least 1 second (and finite)"),
-            (1 <= self.keepalive_seconds < math.inf, "--keepalive-seconds must be at least 1 (and finite)"),
+            (self.max_connection_age_seconds is None or 1 <= self.max_connection_age_seconds <= MAX_GRPC_SECONDS,
+             f"--max-connection-age must be 1-{MAX_GRPC_SECONDS} seconds (gRPC's limit, about 24 days)"),
+            (1 <= self.keepalive_seconds <= MAX_GRPC_SECONDS,
+             f"--keepalive-seconds must be 1-{MAX_GRPC_SECONDS} (gRPC's limit, about 24 days)"),
             (1 <= self.http_idle_seconds < math.inf, "--http-idle-seconds must be at least 1 (and finite)"),
             (self.batch_timeout_seconds == 0 or 1 <= self.batch_timeout_seconds < math.inf,
              "--batch-timeout must be 0 (never) or at least 1 second (and finite)"),

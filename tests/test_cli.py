@@ -83,11 +83,13 @@ def test_root_help_lists_the_commands():
     (["serve", "--batch-buckets", "0,4"], "--batch-buckets must be sizes >= 1; got '0,4'"),  # was: "(None)"
     (["serve", "--host", "not..a.host"], "--host 'not..a.host' is not an address to listen on"),
     (["serve", "--drain-seconds", "inf"], "--drain-seconds and --grace-seconds must be finite and >= 0"),
-    (["serve", "--max-connection-age", "0"], "--max-connection-age must be at least 1 second"),
+    (["serve", "--max-connection-age", "0"], "--max-connection-age must be 1-2147483 seconds"),
     (["export", "--version", "v2", "--triton-repo", "triton"], "--triton-repo needs a version Triton reads, a whole "
      "number from 1 without leading zeros (Triton skips a version folder named 'v2'): give --version N"),
     (["export", "--version", "01", "--triton-repo", "triton"], "(Triton skips a version folder named '01')"),
-    (["serve", "--keepalive-seconds", "0.5"], "--keepalive-seconds must be at least 1 (and finite)"),
+    (["serve", "--keepalive-seconds", "0.5"], "--keepalive-seconds must be 1-2147483 (gRPC's limit, about 24 days)"),
+    (["serve", "--keepalive-seconds", "1e12"], "--keepalive-seconds must be 1-2147483"),  # was: gRPC's OverflowError
+    (["serve", "--max-connection-age", "3e6"], "--max-connection-age must be 1-2147483 seconds"),  # the same
     (["serve", "--http-idle-seconds", "inf"], "--http-idle-seconds must be at least 1 (and finite)"),
     (["serve", "--batch-timeout", "0.5"], "--batch-timeout must be 0 (never) or at least 1 second (and finite)"),
     (["serve", "--max-connections", "0"], "--max-connections must be auto or >= 1"),

@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers import (RESSERVE, ServerProcess, free_port, hold_connections, metric_value, room_for_sockets, run_cli,
-                     write_hanging_package)
+                     wait_until, write_hanging_package)
 from resserve.serve.client import CLOSED_AT_LIMIT, ClientError, DigitClient
 from resserve.serve.metrics import Metrics
 from resserve.serve.package import SHIPPED_PACKAGE
@@ -544,6 +544,24 @@ def test_a_second_signal_cuts_the_drain_short():
         assert server.process.wait(timeout=20) == 0
         assert time.monotonic() - signalled < 10  # not the 60 s drain
 
+
+def test_a_connection_past_its_max_age_is_ended_and_the_client_goes_on_over_a_new_one():
+    """--max-connection-age (the Deployment's 300 s, so clients re-resolve as pods come and go)
+    ends a connection that old with GOAWAY; the channel connects again and calls go on. A grace
+    longer than gRPC counts in milliseconds (about 24 days) is taken as the longest it counts: it
+    was an OverflowError at startup."""
+    with ServerProcess("--max-connection-age", "1", "--grace-seconds", "1e7") as server:
+        states, ages = [], []
+        with grpc.insecure_channel(server.target) as channel:
+            channel.subscribe(states.append)
+            stub = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="resserve.readiness")
+            for _ in range(2):
+                connected = time.monotonic()
+                assert stub.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+                wait_until(lambda: states[-1] == grpc.ChannelConnectivity.IDLE, seconds=5)  # the server said GOAWAY
+                ages.append(time.monotonic() - connected)
+        assert all(0.8 < age < 3 for age in ages), ages  # 1 s, and gRPC's +-10% jitter
 
 def test_shape_buckets_are_all_warmed_before_ready_and_padding_never_reaches_a_client(mnist):
     from resserve.serve.backends import open_backend
