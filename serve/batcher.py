@@ -191,7 +191,8 @@ class DynamicBatcher:
                 return []
             await self._wait_for_arrival(None)
         window_closes = self._queue[0].enqueued + self.config.max_queue_delay_us / 1e6
-        while sum(p.size for p in self._queue) < self.config.max_batch_size:
+        # no request joins once the batcher closes: what is queued runs then, the window not waited out
+        while not self._closed and sum(p.size for p in self._queue) < self.config.max_batch_size:
             remaining = window_closes - time.monotonic()
             if remaining <= 0 or not await self._wait_for_arrival(remaining):
                 break

@@ -128,6 +128,20 @@ def test_a_cancelled_request_does_not_disturb_its_batch_mates():
     assert not any(np.isclose(b, 0.2).any() for b in recorder.batches)
 
 
+def test_closing_runs_what_is_queued_at_once_without_waiting_out_the_batch_window():
+    """No request joins a batch once the batcher closes, so what is queued runs then: with an hour
+    of --max-queue-delay-us, closing waited the hour (a server's shutdown hung past its grace)."""
+    recorder = Recorder()
+
+    async def scenario(batcher):
+        queued = asyncio.ensure_future(batcher.submit(images(1)))
+        await asyncio.sleep(0.05)  # it waits for batch-mates
+        await asyncio.wait_for(batcher.close(), 5)
+        return await queued
+
+    assert run(scenario, recorder, max_batch_size=8, max_queue_delay_us=3_600_000_000)["sum"].tolist() == [784.0]
+
+
 # shape buckets -----------------------------------------------------------------------------------
 
 
