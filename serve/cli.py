@@ -17,9 +17,9 @@ from resserve.serve.batcher import DEFAULT_MAX_BATCH_SIZE, BatchingConfig
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable
 from resserve.serve.settings import (CPUS_PER_WORKER, CUDA_WORKERS, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT,
-                                     MAX_BATCH_SIZE, BackendChoice, ConvSearch, Device, LogFormat, LogLevel, Precision,
-                                     ServerSettings, TraceLevel, TraceMode, parse_auto, parse_buckets,
-                                     parse_max_batch_size, parse_workers)
+                                     MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, BackendChoice, ConvSearch, Device,
+                                     LogFormat, LogLevel, Precision, ServerSettings, TraceLevel, TraceMode, parse_auto,
+                                     parse_buckets, parse_max_batch_size, parse_workers)
 
 if TYPE_CHECKING:
     from resserve.serve.bench.clients import Level
@@ -58,7 +58,8 @@ def serve(
         f"ready). auto: {DEFAULT_MAX_BATCH_SIZE['cpu']} on the CPU, "
         f"{DEFAULT_MAX_BATCH_SIZE['cuda']} on CUDA, or the largest --batch-buckets size.")] = "auto",
     max_queue_delay_us: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_DELAY_US"),
-        help="Longest wait for batch-mates after the first queued request, microseconds.")] = BatchingConfig.max_queue_delay_us,
+        help=f"Longest wait for batch-mates after the first queued request, microseconds (at most "
+        f"{MAX_QUEUE_DELAY_US}: a second).")] = BatchingConfig.max_queue_delay_us,
     max_queue_size: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_SIZE"),
         help="Requests that may wait per model; beyond it: UNAVAILABLE (retryable).")] = BatchingConfig.max_queue_size,
     batch_buckets: Annotated[str, typer.Option(envvar=_env("BATCH_BUCKETS"),

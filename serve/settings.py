@@ -30,6 +30,9 @@ MAX_WORKERS = 64
 # the CPU 4,096 images took 1 GB and 12 s on 2 CPUs, where a slip of the finger (100000) took 11 GB
 # and minutes, more than a pod's memory limit
 MAX_BATCH_SIZE = 4096
+# the longest batching window: a request that comes alone waits this long for batch-mates, so a
+# value meant in milliseconds or nanoseconds (100000000: 100 s) would hold every lone request
+MAX_QUEUE_DELAY_US = 1_000_000
 CPUS_PER_WORKER = 4  # --workers auto: one worker per this many usable CPUs (docs/serving.md "Workers")
 CUDA_WORKERS = 4  # --workers auto on --device cuda: at most this many processes share the GPU
 LIVENESS_SERVICE = "resserve.liveness"
@@ -273,7 +276,9 @@ class ServerSettings:
             (not b.buckets or b.buckets[-1] <= MAX_BATCH_SIZE,
              f"--batch-buckets must be sizes of at most {MAX_BATCH_SIZE} (each is warmed before ready: "
              f"{MAX_BATCH_SIZE} images take about 1 GB)"),
-            (b.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0"),
+            (0 <= b.max_queue_delay_us <= MAX_QUEUE_DELAY_US,
+             f"--max-queue-delay-us must be 0-{MAX_QUEUE_DELAY_US} (at most a second: a request that comes alone "
+             "waits this long for batch-mates)"),
             (b.max_queue_size >= 1, "--max-queue-size must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.cpus is None or self.cpus >= 1, "--cpus must be >= 1"),

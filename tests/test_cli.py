@@ -80,6 +80,8 @@ def test_root_help_lists_the_commands():
     (["serve", "--max-batch-size", "100000"], "--max-batch-size must be auto or 1-4096 (the largest batch is warmed "
      "before ready: 4096 images take about 1 GB)"),  # was: 11 GB and minutes of warming
     (["serve", "--batch-buckets", "8,100000"], "--batch-buckets must be sizes of at most 4096"),
+    (["serve", "--max-queue-delay-us", "100000000"], "--max-queue-delay-us must be 0-1000000 (at most a second: a "
+     "request that comes alone waits this long for batch-mates)"),  # was: 100 s for each request that came alone
     (["serve", "--batch-buckets", "0,4"], "--batch-buckets must be sizes >= 1; got '0,4'"),  # was: "(None)"
     (["serve", "--host", "not..a.host"], "--host 'not..a.host' is not an address to listen on"),
     (["serve", "--drain-seconds", "inf"], "--drain-seconds and --grace-seconds must be finite and >= 0"),
