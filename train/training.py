@@ -32,6 +32,7 @@ from resserve.train.data import MNIST, Split
 from resserve.train.evaluation import Evaluation
 from resserve.train.files import CheckpointError
 from resserve.train.fold import fold_for_inference
+from resserve.train.memory import check_training_fits
 from resserve.train.model_card import card_path, render_model_card
 from resserve.train.models import build_model, count_parameters
 from resserve.train.progress import progress_bar
@@ -349,6 +350,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, mnist: MNIST, out: Path, 
     train_split, val_split = mnist.train_validation(cfg.validation_size)
     if cfg.train_limit is not None:
         train_split = train_split.head(cfg.train_limit)
+    check_training_fits(model_config, min(cfg.batch_size, len(train_split)), device)
 
     model = build_model(model_config).to(device).to(memory_format=torch.channels_last)
     steps_per_epoch = -(-len(train_split) // cfg.batch_size)

@@ -8,12 +8,30 @@ import resource
 import pytest
 import torch
 
+from helpers import run_cli
+
 from resserve.train.checkpoint import load_checkpoint
 from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.files import CheckpointError
+from resserve.train.memory import training_memory
 from resserve.train.models import build_model, count_parameters
 from resserve.train.record import TrainingRecord
 from resserve.train.training import TrainingInterrupted, evaluate, predict_logits, random_shift, train
+
+
+def test_what_training_needs_follows_from_the_network_and_a_run_that_cannot_fit_is_one_line(tmp_path):
+    """At least: the lecture ResNet's 117,802 parameters in three fp32 copies (weights, gradients,
+    momentum), and its 51 convolutions' 16x28x28 outputs an image, at bf16's 2 bytes. A network
+    that needs more than the machine has is refused before anything is allocated: --channels
+    100000 was a traceback from torch's allocator."""
+    need = training_memory(ModelConfig(), 128)
+    assert (need.weights, need.activations) == (3 * 4 * 117_802, 128 * 51 * 16 * 28 * 28 * 2)
+    result = run_cli("train", "--channels", "100000", "--out", str(tmp_path / "m.pt"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: training this network needs at least 55,023.8 GB (54,000.2 GB for its weights, their gradients and "
+        "momentum; 1,023.6 GB for a batch of 128 images), more than the ")
+    assert "Traceback" not in result.stderr and not (tmp_path / "m.pt").exists()
 
 
 def test_short_training_on_a_real_mnist_subset_lowers_the_loss_and_writes_its_metrics(mnist, tmp_path):
