@@ -68,14 +68,16 @@ def free_memory(device: torch.device) -> int | None:
     return free
 
 
-def check_training_fits(config: ModelConfig, batch_size: int, device: torch.device) -> None:
-    """One line, before anything is allocated, where training cannot fit in ``device``'s memory."""
+def check_training_fits(config: ModelConfig, batch_size: int, device: torch.device,
+                        remedy: str = "lower --batch-size or the network's size") -> None:
+    """One line, before anything is allocated, where training cannot fit in ``device``'s memory:
+    what it needs and what to change (``remedy``)."""
     need, free = training_memory(config, batch_size), free_memory(device)
     if free is not None and need.total > free:
         raise ResserveError(
             f"training this network needs at least {_size(need.total)} ({_size(need.weights)} for its weights, their "
             f"gradients and momentum; {_size(need.activations)} for a batch of {batch_size:,} images), more than the "
-            f"{_size(free)} free on {device.type}: lower --batch-size or the network's size")
+            f"{_size(free)} free on {device.type}: {remedy}")
 
 
 def _size(size: int) -> str:

@@ -22,6 +22,7 @@ from resserve.train.config import ModelConfig, TrainConfig
 from resserve.train.data import MNIST, Split
 from resserve.train.experiments.finished import FinishedNetworks
 from resserve.train.experiments.settings import Budget
+from resserve.train.memory import check_training_fits
 from resserve.train.models import ResNet, build_model, count_parameters
 from resserve.train.progress import progress_bar
 from resserve.train.training import Interval, evaluate, fit, resolve_device, resolve_precision
@@ -76,6 +77,8 @@ class Trainer:
 
     def build(self, config: ModelConfig) -> ResNet:
         """A freshly initialized network, seeded so every experiment run starts the same."""
+        check_training_fits(config, min(self.recipe.batch_size, self.budget.train_images), self.device,
+                            remedy="fewer blocks (--depths)")
         torch.manual_seed(self.recipe.seed)
         return self.place(build_model(config))
 
