@@ -563,6 +563,7 @@ def test_a_connection_past_its_max_age_is_ended_and_the_client_goes_on_over_a_ne
                 ages.append(time.monotonic() - connected)
         assert all(0.8 < age < 3 for age in ages), ages  # 1 s, and gRPC's +-10% jitter
 
+
 def test_shape_buckets_are_all_warmed_before_ready_and_padding_never_reaches_a_client(mnist):
     from resserve.serve.backends import open_backend
     from resserve.serve.package import load_package
