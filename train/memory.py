@@ -51,7 +51,8 @@ def training_memory(config: ModelConfig, batch_size: int) -> TrainingMemory:
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes ``device`` can still give: the GPU's free memory, or on the CPU the kernel's estimate
-    of what is available, capped by this cgroup's (a container's) limit; None where unknown."""
+    of what is available, capped by this cgroup's (a container's) limit less its anonymous memory
+    (its page cache can be reclaimed, so it is not counted as taken); None where unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -62,8 +63,9 @@ def free_memory(device: torch.device) -> int | None:
     try:
         limit = (CGROUP / "memory.max").read_text().strip()
         if limit != "max":
-            free = min(free, int(limit) - int((CGROUP / "memory.current").read_text()))
-    except (OSError, ValueError):
+            stat = dict(line.split() for line in (CGROUP / "memory.stat").read_text().splitlines())
+            free = min(free, int(limit) - int(stat["anon"]))
+    except (OSError, KeyError, ValueError):
         pass
     return free
 
