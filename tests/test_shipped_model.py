@@ -60,8 +60,9 @@ def test_reexporting_the_shipped_checkpoint_reproduces_the_shipped_package(image
     fresh = OnnxRuntimeBackend(out / "model.onnx")
     shipped = OnnxRuntimeBackend(shipped_package.read_verified(shipped_package.find("onnx")))
     subset = mnist.test.head(VERIFIED_IMAGES)
-    fresh_logits = infer_in_chunks(fresh.infer, as_input(subset), 1000)["logits"]
-    shipped_logits = infer_in_chunks(shipped.infer, as_input(subset), 1000)["logits"]
+    images = as_input(subset)
+    fresh_logits = infer_in_chunks(fresh.infer, images, 1000)["logits"]
+    shipped_logits = infer_in_chunks(shipped.infer, images, 1000)["logits"]
     assert np.abs(fresh_logits - shipped_logits).max() <= 1e-4
     assert np.array_equal(fresh_logits.argmax(1), shipped_logits.argmax(1))
     # what export measured, against the eager network, is what the shipped artifact scores there
