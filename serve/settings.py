@@ -16,8 +16,9 @@ from resserve.serve.errors import ResserveError
 DEFAULT_PORT = 8001  # as Triton: HTTP 8000, gRPC 8001, metrics 8002
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
-MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # gRPC's channel arguments are C ints
-MAX_GRPC_SECONDS = MAX_GRPC_MESSAGE_BYTES // 1000  # and its durations C ints of milliseconds: about 24.8 days
+GRPC_INT_MAX = 2**31 - 1  # gRPC's channel arguments are C ints
+MAX_GRPC_MESSAGE_BYTES = GRPC_INT_MAX
+MAX_GRPC_SECONDS = GRPC_INT_MAX // 1000  # its durations are milliseconds: about 24.8 days
 # RPCs the server takes beyond its in-flight budget's count (max_concurrent_rpcs): health checks
 # and metadata calls share gRPC's one limit with inference, so clients using the whole budget
 # (64 of them by default, each with a call in flight; Triton's perf_analyzer at concurrency 64
@@ -261,7 +262,7 @@ class ServerSettings:
 
     def _validate(self) -> None:
         """One-line errors for settings that cannot work, before anything starts."""
-        b, cpus = self.batching, self.cpus or usable_cpus()
+        b, cpus, runnable = self.batching, self.cpus or usable_cpus(), runnable_cpus()
         ports = [port for port in (self.port, self.http_port, self.metrics_port) if port]  # 0: none, or any free one
         checks = [
             *((0 <= port < 65536, f"--{option} must be in 0-65535, got {port}")
@@ -282,8 +283,8 @@ class ServerSettings:
             (b.max_queue_size >= 1, "--max-queue-size must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.cpus is None or self.cpus >= 1, "--cpus must be >= 1"),
-            (self.cpus is None or self.cpus <= runnable_cpus(),
-             f"--cpus {self.cpus} is more than the {runnable_cpus()} CPUs this machine lets the server run on "
+            (self.cpus is None or self.cpus <= runnable,
+             f"--cpus {self.cpus} is more than the {runnable} CPUs this machine lets the server run on "
              "(its affinity mask): its workers and threads would take turns on them"),
             (self.threads is None or self.threads <= cpus,
              f"--threads {self.threads} is more than the {cpus} CPUs this server may use "
