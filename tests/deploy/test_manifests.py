@@ -173,6 +173,11 @@ def test_kserve_inference_service_uses_standard_mode_and_one_http_port():
     assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
     assert annotations["prometheus.kserve.io/port"] == container["args"][container["args"].index("--metrics-port") + 1]
     assert annotations["prometheus.kserve.io/path"] == "/metrics"
+    # one worker per 4 CPUs of the limit, not of the node; the Deployment's memory for its in-flight budgets
+    cpus = {e["name"]: e["valueFrom"]["resourceFieldRef"] for e in container["env"]}["RESSERVE_CPUS"]
+    assert (cpus["containerName"], cpus["resource"]) == (container["name"], "limits.cpu")
+    deployment = by_kind(base_documents(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == deployment["resources"]
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
