@@ -21,7 +21,7 @@ HTTP_PORT=$((PORT + 2))
 WORK=$(mktemp -d)
 log() { echo "test-image: $*" >&2; }
 cleanup() {
-  docker rm -f resserve-image-test >/dev/null 2>&1 || true
+  docker rm -f resserve-image-test resserve-quota-test >/dev/null 2>&1 || true
   [ -n "${DOCKERD_PID:-}" ] && kill "$DOCKERD_PID" 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -71,6 +71,10 @@ log "image size: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{pr
 # Run: non-root, serves, classifies, drains on SIGTERM ------------------------------------------
 user=$(docker run --rm --entrypoint id "$IMAGE" -u)
 [ "$user" = 10001 ] || { log "runs as uid $user, not 10001"; exit 1; }
+# a CPU quota (docker run --cpus, a pod's CPU limit) is what the server counts, not the host's CPUs
+refusal=$(timeout 60 docker run --rm --name resserve-quota-test --cpus 1 "$IMAGE" --threads 2 2>&1 >/dev/null || true)
+[[ "$refusal" == *"--threads 2 is more than the 1 CPUs this server may use"* ]] \
+  || { log "with --cpus 1, --threads 2 was not refused: $refusal"; exit 1; }
 # the otel extra is in the image: --trace-mode opentelemetry works there
 docker run --rm --entrypoint python "$IMAGE" -c \
   "from resserve.serve.settings import otel_installed; assert otel_installed(), 'no otel extra in the image'"
@@ -116,4 +120,4 @@ docker stop -t 30 resserve-image-test >/dev/null
 code=$(docker inspect resserve-image-test --format '{{.State.ExitCode}}')
 docker logs resserve-image-test 2>&1 | grep -q "stopped; requests answered" || { docker logs resserve-image-test >&2; exit 1; }
 [ "$code" = 0 ] || { log "exit code $code after SIGTERM"; exit 1; }
-log "ok: built with the otel extra, runs as uid 10001 on a read-only filesystem with 2 workers, classified a photo of a 0 over gRPC and HTTP, served the page and its metrics, drained and exited 0 on SIGTERM"
+log "ok: built with the otel extra, runs as uid 10001, counts the CPUs of its CPU quota, on a read-only filesystem with 2 workers, classified a photo of a 0 over gRPC and HTTP, served the page and its metrics, drained and exited 0 on SIGTERM"

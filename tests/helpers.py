@@ -107,16 +107,66 @@ def write_hanging_package(out: Path, name: str = "hangs", on_warm_up: bool = Fal
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, stdin=None,
-            memory_gib: float | None = None) -> subprocess.CompletedProcess:
+            memory_gib: float | None = None, preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
     """Run the installed console script as a user would (``stdin``: an open file piped in); returns
     the finished process. ``memory_gib``: the address space it may take, so that a command that
-    should stop reading fails the test, not the machine, where it does not."""
+    should stop reading fails the test, not the machine, where it does not; ``preexec``: what the
+    child runs before the command (joining a cgroup: ``limited_cgroup``)."""
     def limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (int(memory_gib * 2**30),) * 2)
 
     return subprocess.run([str(RESSERVE), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, stdin=stdin,
-                          preexec_fn=limit_memory if memory_gib else None)
+                          preexec_fn=limit_memory if memory_gib else preexec)
+
+
+CGROUP_LIMITS = {  # controller -> (v2 file, v1 file, what each is given for the limit asked)
+    "cpu": ("cpu.max", "cpu.cfs_quota_us", lambda cpus: (f"{int(cpus * 100_000)} 100000", str(int(cpus * 100_000)))),
+    "memory": ("memory.max", "memory.limit_in_bytes", lambda size: (str(size), str(size))),
+}
+
+
+@contextlib.contextmanager
+def limited_cgroup(**limits: float) -> Iterator[Callable[[], None]]:
+    """A new cgroup below this process's, limited as a container is (``cpu=1.0``: a quota of one
+    CPU; ``memory=2**30``: bytes), on whichever cgroup version holds each controller; yields what
+    moves a child process into it (a ``preexec``). Skips the test where this process may not
+    make one (not root, a read-only /sys/fs/cgroup, a controller not delegated to it)."""
+    made: list[Path] = []
+    try:
+        try:
+            for controller, limit in limits.items():
+                _limit(controller, limit, made)
+        except OSError as exc:
+            pytest.skip(f"cannot make a cgroup with these limits here: {exc}")
+
+        def join() -> None:
+            for group in made:
+                (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        yield join
+    finally:
+        for group in reversed(made):
+            group.rmdir()
+
+
+def _limit(controller: str, limit: float, made: list[Path]) -> None:
+    """Make (once) this test's cgroup in ``controller``'s hierarchy, and set its limit there."""
+    from resserve.serve.cgroups import levels
+
+    found = levels(controller)
+    if not found:
+        pytest.skip(f"no cgroup hierarchy with the {controller} controller here")
+    v2_file, v1_file, values = CGROUP_LIMITS[controller]
+    parent = found[0]
+    group = parent / f"resserve-test-{os.getpid()}"
+    if group not in made:
+        group.mkdir()
+        made.append(group)
+    v2 = (parent / "cgroup.subtree_control").exists()
+    if v2:
+        (parent / "cgroup.subtree_control").write_text(f"+{controller}")
+    (group / (v2_file if v2 else v1_file)).write_text(values(limit)[0 if v2 else 1])
 
 
 def wait_until(condition: Callable[[], bool], seconds: float = 30) -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from resserve.serve.cgroups import memory_headroom
 from resserve.serve.errors import ResserveError
 from resserve.train.config import ModelConfig
 from resserve.train.models import build_model
 
 FP32_BYTES, BF16_BYTES = 4, 2
-CGROUP = Path("/sys/fs/cgroup")
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ def training_memory(config: ModelConfig, batch_size: int) -> TrainingMemory:
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes ``device`` can still give: the GPU's free memory, or on the CPU the kernel's estimate
-    of what is available, capped by this cgroup's (a container's) limit less its anonymous memory
-    (its page cache can be reclaimed, so it is not counted as taken); None where unknown."""
+    of what is available, capped by what the process's cgroups (a container's, a pod's) still
+    allow (serve/cgroups.py); None where unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -60,14 +60,8 @@ def free_memory(device: torch.device) -> int | None:
         free = int(meminfo["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
-    try:
-        limit = (CGROUP / "memory.max").read_text().strip()
-        if limit != "max":
-            stat = dict(line.split() for line in (CGROUP / "memory.stat").read_text().splitlines())
-            free = min(free, int(limit) - int(stat["anon"]))
-    except (OSError, KeyError, ValueError):
-        pass
-    return free
+    headroom = memory_headroom()
+    return free if headroom is None else min(free, headroom)
 
 
 def check_training_fits(config: ModelConfig, batch_size: int, device: torch.device,

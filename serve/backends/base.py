@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from resserve.serve.cgroups import cpu_quota
 from resserve.serve.errors import ResserveError
 
 Outputs = dict[str, np.ndarray]
@@ -69,15 +70,10 @@ def runnable_cpus() -> int:
 
 
 def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
-    cpus = runnable_cpus()
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (whole CPUs of it,
+    at least one: a thread per CPU of a 1.5-CPU quota would be throttled)."""
+    quota = cpu_quota()
+    return runnable_cpus() if quota is None else min(runnable_cpus(), max(1, int(quota)))
 
 
 def infer_in_chunks(infer: Callable[[np.ndarray], Outputs], images: np.ndarray, chunk: int) -> Outputs:

@@ -1,0 +1,34 @@
+"""Inside a container's limits: the server counts the CPUs of its CPU quota and training the
+memory of its memory limit, on cgroup v2 and v1 alike, in a real cgroup made for the test (as
+root; skipped where this process may not make one).
+
+Both are read at every level of the process's cgroup path: until 2026-12-05 only cgroup v2's
+file at the root of /sys/fs/cgroup was, which a host on cgroup v1 (as this project's own
+machines) or a systemd unit's quota never shows, so a 64-core node gave a 2-CPU container 16
+workers, and a 1 GB limit let training start a step that needed 1.3 GB.
+"""
+
+from helpers import limited_cgroup, run_cli
+
+
+def test_a_server_in_a_one_cpu_quota_counts_one_cpu():
+    with limited_cgroup(cpu=1.0) as join:
+        result = run_cli("serve", "--threads", "2", "--port", "0", "--http-port", "0", "--metrics-port", "0",
+                         preexec=join, timeout=60)  # not refused: it would serve until the timeout
+    assert result.returncode == 1, result.stderr[-500:]
+    assert result.stderr.strip() == ("error: --threads 2 is more than the 1 CPUs this server may use (spinning threads "
+                                     "beyond them starve the rest; --cpus raises the count)")
+
+
+def test_training_in_a_memory_limit_is_refused_what_the_limit_cannot_hold(tmp_path):
+    """A batch of 1,024 of the lecture ResNet holds at least 1.3 GB of activations: more than a 1 GiB
+    limit leaves (less the ~0.3 GB that torch and the data take), however much the machine has."""
+    with limited_cgroup(memory=2**30) as join:
+        result = run_cli("train", "--batch-size", "1024", "--epochs", "1", "--out", str(tmp_path / "m.pt"),
+                         preexec=join, timeout=300)
+    assert result.returncode == 1, result.stderr[-500:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training this network needs at least 1.3 GB (1 MB for its weights, their "
+                           "gradients and momentum; 1.3 GB for a batch of 1,024 images), more than the "), last
+    assert last.endswith(" MB free on cpu: lower --batch-size or the network's size"), last
+    assert not (tmp_path / "m.pt").exists()
