@@ -87,6 +87,8 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 docker logs resserve-image-test 2>&1 | grep -q " ready: " || { docker logs resserve-image-test >&2; exit 1; }
+# the log is the server's: no other library's info lines (OpenVINO's telemetry's, for a user with no home)
+if docker logs resserve-image-test 2>&1 | grep -v " resserve\." ; then log "log lines not from resserve (above)"; exit 1; fi
 
 python3 - "$WORK/digit.png" <<'PY'
 import sys

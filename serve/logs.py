@@ -140,8 +140,11 @@ def configure_logging(settings: LogSettings, worker: int | None = None) -> None:
     severities = _Severities(settings)
     handler = logging.StreamHandler()
     handler.addFilter(severities)
-    # verbose lines are resserve's own (one per request answered): grpc's and asyncio's would drown them
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    # info and verbose lines are resserve's own (apply_log_settings): grpc's and asyncio's debug lines
+    # would drown them, and other libraries' info is not the server's to say (OpenVINO's import logged
+    # "Failed to find location of the openvino_telemetry file." in every worker of the image, whose
+    # user has no home directory); their warnings and errors still show
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger(GRPC_CORE_LOGGER).addFilter(ANSWERS_AFTER_THE_END)
     _configured = _ProcessLogs(handler, severities, worker)
     apply_log_settings(settings)
