@@ -146,7 +146,7 @@ class Supervisor:
             ssl_context(tls)
         Access.read(self.settings)
         self.worker_settings = self._worker_settings()
-        self.metrics_dir = tempfile.mkdtemp(prefix="resserve-metrics-")
+        self.metrics_dir = _metrics_dir()
         try:
             self._serve_metrics()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -364,6 +364,18 @@ def _kill_group(process: multiprocessing.Process) -> None:
         except ProcessLookupError:  # not yet in a group of its own
             process.kill()
     process.join()
+
+
+def _metrics_dir() -> str:
+    """A new folder for the workers' metrics files (prometheus-client's multiprocess mode), in the
+    temporary directory: one line, not a traceback, where none can be written."""
+    try:
+        return tempfile.mkdtemp(prefix="resserve-metrics-")
+    except OSError as exc:
+        raise ResserveError(
+            f"the workers write their metrics to a temporary directory, and none can be written here ({exc.strerror}): "
+            "on a read-only root filesystem mount one at /tmp (docker run --tmpfs /tmp; in Kubernetes an emptyDir), "
+            "set TMPDIR to a writable folder, or serve with --workers 1") from None
 
 
 def supervise(settings: ServerSettings) -> None:
