@@ -79,6 +79,12 @@ refusal=$(timeout 60 docker run --rm --name resserve-quota-test --cpus 1 "$IMAGE
 refusal=$(timeout 60 docker run --rm --read-only "$IMAGE" --workers 2 2>&1 >/dev/null || true)
 [[ "$refusal" == "error: the workers write their metrics to a temporary directory, and none can"* ]] \
   || { log "--workers 2 on a read-only filesystem without /tmp: $refusal"; exit 1; }
+# a volume of packages that the image's user may not read in part: one line naming the file
+mkdir "$WORK/models" && cp -r serve/models/resnet-mnist "$WORK/models/" && chmod -R a+rX "$WORK/models"
+chmod 600 "$WORK/models/resnet-mnist/model.onnx"
+refusal=$(timeout 60 docker run --rm -v "$WORK/models:/models:ro" "$IMAGE" /models 2>&1 >/dev/null || true)
+[[ "$refusal" == *"error: cannot read /models/resnet-mnist/model.onnx: Permission denied" ]] \
+  || { log "a package with an unreadable model.onnx: $refusal"; exit 1; }
 # the otel extra is in the image: --trace-mode opentelemetry works there
 docker run --rm --entrypoint python "$IMAGE" -c \
   "from resserve.serve.settings import otel_installed; assert otel_installed(), 'no otel extra in the image'"
@@ -126,4 +132,4 @@ docker stop -t 30 resserve-image-test >/dev/null
 code=$(docker inspect resserve-image-test --format '{{.State.ExitCode}}')
 docker logs resserve-image-test 2>&1 | grep -q "stopped; requests answered" || { docker logs resserve-image-test >&2; exit 1; }
 [ "$code" = 0 ] || { log "exit code $code after SIGTERM"; exit 1; }
-log "ok: built with the otel extra, runs as uid 10001, counts the CPUs of its CPU quota, says in one line that workers need a writable /tmp, on a read-only filesystem with one and 2 workers, classified a photo of a 0 over gRPC and HTTP, served the page and its metrics, drained and exited 0 on SIGTERM"
+log "ok: built with the otel extra, runs as uid 10001, counts the CPUs of its CPU quota, says in one line that workers need a writable /tmp and which file it cannot read, on a read-only filesystem with one and 2 workers, classified a photo of a 0 over gRPC and HTTP, served the page and its metrics, drained and exited 0 on SIGTERM"

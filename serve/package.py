@@ -64,7 +64,10 @@ class ModelPackage:
         if path.is_symlink() or not path.is_file():
             what = "a symbolic link" if path.is_symlink() else "missing"
             raise PackageError(f"{path} is listed in the manifest but {what}; artifacts must be regular files")
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:  # the server's user may not read it (a volume's permissions)
+            raise PackageError(f"cannot read {path}: {exc.strerror}") from None
         actual = hashlib.sha256(data).hexdigest()
         if actual != artifact.sha256:
             raise PackageError(f"{path} has sha256 {actual}, the manifest says {artifact.sha256}: refusing to load it")
@@ -86,7 +89,7 @@ def _packages_at(path: Path) -> list[Path]:
         found = sorted(sub for sub in path.iterdir()
                        if not sub.name.startswith(".") and sub.is_dir() and (sub / MANIFEST).is_file())
     except OSError as exc:
-        raise PackageError(f"cannot read the folder {path}: {exc.strerror}") from exc
+        raise PackageError(f"cannot read {exc.filename or path}: {exc.strerror}") from exc
     if not found:
         raise PackageError(f"{path} is neither a model package (no {MANIFEST}) nor a folder of them (no subfolder "
                            f"holds one); make one with `resserve export --out {path / 'NAME'}`")
