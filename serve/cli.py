@@ -473,42 +473,29 @@ def bench_serve(
     --tls-key, --token or --token-file), for every client and API; the servers --start starts
     have neither, and those options are left unused."""
     from resserve.serve.backends.base import usable_cpus
-    from resserve.serve.bench.clients import APIS, CLIENTS, Credentials
+    from resserve.serve.bench.clients import Credentials
     from resserve.serve.bench.report import plot_report, print_report, report_json
-    from resserve.serve.bench.sweep import run_benchmark
+    from resserve.serve.bench.sweep import SweepPlan, run_benchmark
 
     if start == (target is not None):
         raise ResserveError("give exactly one of --start and --target HOST:PORT")
-    apis = [a.strip() for a in api.split(",") if a.strip()]
-    if not apis or not set(apis) <= set(APIS):
-        raise ResserveError(f"--api takes {', '.join(APIS)}, comma-separated; got {api!r}")
-    levels = _levels(concurrency, rate)
-    if batch < 1:
-        raise ResserveError(f"--batch must be >= 1 images, got {batch}")
-    if not (math.isfinite(duration) and duration > 0):
-        raise ResserveError(f"--duration must be a finite number of seconds > 0, got {duration:g}")
-    if not (math.isfinite(warmup) and warmup >= 0):
-        raise ResserveError(f"--warmup must be a finite number of seconds >= 0, got {warmup:g}")
-    if client not in CLIENTS:
-        raise ResserveError(f"--client takes {', '.join(CLIENTS)}; got {client!r}")
-    if client != "resserve" and "classify" in apis:
-        raise ResserveError(f"--api classify is resserve's own API, which {client} does not speak: use --client resserve")
     cpus = usable_cpus()
     counts = [parse_workers(w.strip(), cpus) for w in workers.split(",") if w.strip()]
-    processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")
     if not counts or min(counts) < 1:
         raise ResserveError(f"--workers takes auto or counts >= 1, comma-separated; got {workers!r}")
+    processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")
+    host = target.rsplit(":", 1)[0] if target else None
+    plan = SweepPlan(
+        apis=_names(api), levels=_levels(concurrency, rate), batch=batch, duration=duration, warmup=warmup,
+        client=client, load_processes=processes, package=package, model=model, target=target, backends=_names(backends), workers=counts,
+        http_target=http_target or (f"{host}:{DEFAULT_HTTP_PORT}" if target else None),
+        metrics_url=metrics or (f"http://{host}:{DEFAULT_METRICS_PORT}/metrics" if target else None),
+        credentials=Credentials(tls_ca, tls_cert, tls_key, client_token(token, token_file)) if target else Credentials())
+    plan.check()
     for output, example in ((json_out, "serve.json"), (plot, "serve.png")):
         if output:
             check_writable(output, example)
-    credentials = Credentials(tls_ca, tls_cert, tls_key, client_token(token, token_file)) if target else Credentials()
-    credentials.check()
-    host = target.rsplit(":", 1)[0] if target else None
-    metrics_url = metrics or (f"http://{host}:{DEFAULT_METRICS_PORT}/metrics" if target else None)
-    http_target = http_target or (f"{host}:{DEFAULT_HTTP_PORT}" if target else None)
-    report = run_benchmark(package, target, http_target, model, apis, levels, batch, duration, warmup, metrics_url,
-                           [b.strip() for b in backends.split(",") if b.strip()], counts, processes, client,
-                           credentials, log=lambda m: typer.echo(m, err=True))
+    report = run_benchmark(plan, log=lambda m: typer.echo(m, err=True))
     print_report(report)
     if json_out:
         json_out.write_text(report_json(report))
@@ -531,6 +518,11 @@ def _levels(concurrency: Optional[str], rate: Optional[str]) -> list["Level"]:
         kind = "requests per second > 0" if rate is not None else "client counts >= 1"
         raise ResserveError(f"{option} takes {kind}, comma-separated; got {values!r}")
     return [Level(rate=n) if rate is not None else Level(concurrency=n) for n in numbers]
+
+
+def _names(values: str) -> list[str]:
+    """A comma-separated option's values, blanks dropped."""
+    return [v.strip() for v in values.split(",") if v.strip()]
 
 
 def _positive(value: str, option: str) -> int:

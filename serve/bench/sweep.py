@@ -10,6 +10,7 @@ Runtime server with batching off (``--max-batch-size 1``).
 
 from __future__ import annotations
 
+import math
 import signal
 import socket
 import subprocess
@@ -17,13 +18,14 @@ import sys
 import threading
 import urllib.request
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import grpc
 
 from resserve.serve.bench import perf_analyzer
-from resserve.serve.bench.clients import Credentials, Level, LoadSpec, triton_client_module
+from resserve.serve.bench.clients import APIS, CLIENTS, Credentials, Level, LoadSpec, triton_client_module
 from resserve.serve.bench.limits import in_process_limit, machine_description
 from resserve.serve.bench.load import measure_level
 from resserve.serve.bench.report import InProcessResult, LevelResult, ServeReport, ServerSummary, summarize
@@ -32,6 +34,50 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.package import load_package
 
 LOAD_BOUND_CORES = 0.9  # a load process using this much of a core is the likely bottleneck
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """One ``resserve bench serve`` run: the load, its client, and the servers it measures (those
+    it starts, at each backend and worker count, or the one at ``target``)."""
+
+    apis: list[str]  # keys of APIS, each loaded against the same server(s)
+    levels: list[Level]
+    batch: int = 1  # images per request
+    duration: float = 10.0  # measured seconds per level
+    warmup: float = 2.0  # unmeasured seconds before each level
+    client: str = "resserve"  # one of CLIENTS
+    load_processes: int = 1  # the Python load generator's processes
+    package: Path | None = None  # served and run in process; None: the shipped model
+    model: str = ""  # the model's name; "": the package's
+    target: str | None = None  # a running server's gRPC host:port; None: start servers on loopback
+    http_target: str | None = None  # the target's HTTP host:port (--api rest)
+    metrics_url: str | None = None  # the target's /metrics
+    backends: list[str] = field(default_factory=lambda: ["onnxruntime"])  # the started servers': backend[:precision]
+    workers: list[int] = field(default_factory=lambda: [1])  # the started servers' worker counts
+    credentials: Credentials = Credentials()  # TLS and token for the target
+
+    def check(self) -> None:
+        """One line for a plan that cannot run, before any server starts or any file is read."""
+        if not self.apis or not set(self.apis) <= set(APIS):
+            raise ResserveError(f"--api takes {', '.join(APIS)}, comma-separated; got {','.join(self.apis)!r}")
+        if self.batch < 1:
+            raise ResserveError(f"--batch must be >= 1 images, got {self.batch}")
+        if not (math.isfinite(self.duration) and self.duration > 0):
+            raise ResserveError(f"--duration must be a finite number of seconds > 0, got {self.duration:g}")
+        if not (math.isfinite(self.warmup) and self.warmup >= 0):
+            raise ResserveError(f"--warmup must be a finite number of seconds >= 0, got {self.warmup:g}")
+        if self.client not in CLIENTS:
+            raise ResserveError(f"--client takes {', '.join(CLIENTS)}; got {self.client!r}")
+        if self.client != "resserve" and "classify" in self.apis:
+            raise ResserveError(f"--api classify is resserve's own API, which {self.client} does not speak: "
+                                "use --client resserve")
+        self.credentials.check()
+
+    def load(self, target: str, http_target: str, api: str) -> LoadSpec:
+        """What each load process sends to the server at ``target``, over ``api``."""
+        return LoadSpec(target, http_target, self.model, api, self.batch, self.duration, self.warmup, self.client,
+                        self.credentials)
 
 
 def _free_port() -> int:
@@ -116,46 +162,45 @@ def _named(configuration: str, api: str, apis: list[str]) -> str:
     return configuration if len(apis) == 1 else f"{configuration}, {api} API"
 
 
-def run_benchmark(package_path: Path | None, target: str | None, http_target: str | None, model: str,
-                  apis: list[str], levels: list[Level], batch: int, duration: float, warmup: float,
-                  metrics_url: str | None, backends: list[str], workers: list[int], load_processes: int,
-                  client: str = "resserve", credentials: Credentials = Credentials(), log=print) -> ServeReport:
+def run_benchmark(plan: SweepPlan, log: Callable[[str], None] = print) -> ServeReport:
     """The whole sweep: the server(s) over each API, then the in-process limit; returns the report."""
-    package = load_package(package_path)
-    model = model or package.name
-    if client == "tritonclient":
-        for api in apis:  # here, not in each load process
+    package = load_package(plan.package)
+    plan = replace(plan, model=plan.model or package.name)
+    if plan.client == "tritonclient":
+        for api in plan.apis:  # here, not in each load process
             triton_client_module(api)
-    if client == "perf_analyzer":
+    if plan.client == "perf_analyzer":
         perf_analyzer.executable()  # before any server starts
-        perf_analyzer.check_credentials(apis, credentials)
+        perf_analyzer.check_credentials(plan.apis, plan.credentials)
     servers: dict[str, list[LevelResult]] = {}
     runtimes: dict[str, str] = {}
-    configurations = _configurations(backends, workers) if target is None else [(f"server at {target}", None)]
+    configurations = (_configurations(plan.backends, plan.workers) if plan.target is None
+                      else [(f"server at {plan.target}", None)])
     for configuration, flags in configurations:
-        with (started_server(package_path, *flags) if flags is not None
-              else nullcontext((target, http_target or "", metrics_url or "", None))) as (address, http, metrics, pid):
-            runtime = _server_runtime(address, model, credentials)
-            if "rest" in apis:
-                _check_http(http, credentials)
-            for api in apis:
-                name = _named(configuration, api, apis)
+        with (started_server(plan.package, *flags) if flags is not None
+              else nullcontext((plan.target, plan.http_target or "", plan.metrics_url or "", None))) as started:
+            address, http, metrics, pid = started
+            runtime = _server_runtime(address, plan.model, plan.credentials)
+            if "rest" in plan.apis:
+                _check_http(http, plan.credentials)
+            for api in plan.apis:
+                name = _named(configuration, api, plan.apis)
                 runtimes[name] = runtime
-                spec = LoadSpec(address, http, model, api, batch, duration, warmup, client, credentials)
-                servers[name] = [_measured(name, runtime, spec, level, metrics, pid, load_processes, log)
-                                 for level in levels]
+                servers[name] = [_measured(name, runtime, plan.load(address, http, api), level, metrics, pid,
+                                           plan.load_processes, log) for level in plan.levels]
     limits: dict[str, list[InProcessResult]] = {}
     for runtime in dict.fromkeys(runtimes.values()):  # each runtime once, against the batches its servers formed
         formed = {max(1, round(row.mean_batch_size)) for name, rows in servers.items() if runtimes[name] == runtime
                   for row in rows if row.mean_batch_size}
         log(f"in-process {runtime} ...")
-        limits[runtime] = in_process_limit(package, [batch, *formed], runtime)
-    closed_loop = not levels[0].rate  # under open loop every server answered the same offered rates: no peak
-    baseline = _batched("onnxruntime", workers[0], workers)
-    summary = _summaries(servers, runtimes, limits, batch, apis, configurations, baseline) if closed_loop else {}
-    return ServeReport(model=model, api=",".join(apis), client=client, batch=batch, duration_s=duration,
-                       workers=workers, machine=machine_description(), runtimes=runtimes, servers=servers,
-                       in_process=limits, summary=summary)
+        limits[runtime] = in_process_limit(package, [plan.batch, *formed], runtime)
+    closed_loop = not plan.levels[0].rate  # under open loop every server answered the same offered rates: no peak
+    baseline = _batched("onnxruntime", plan.workers[0], plan.workers)
+    summary = (_summaries(servers, runtimes, limits, plan.batch, plan.apis, configurations, baseline) if closed_loop
+               else {})
+    return ServeReport(model=plan.model, api=",".join(plan.apis), client=plan.client, batch=plan.batch,
+                       duration_s=plan.duration, workers=plan.workers, machine=machine_description(),
+                       runtimes=runtimes, servers=servers, in_process=limits, summary=summary)
 
 
 def _measured(name: str, runtime: str, spec: LoadSpec, level: Level, metrics_url: str, pid: int | None,
