@@ -98,7 +98,9 @@ for _ in $(seq 120); do
 done
 docker logs resserve-image-test 2>&1 | grep -q " ready: " || { docker logs resserve-image-test >&2; exit 1; }
 # the log is the server's: no other library's info lines (OpenVINO's telemetry's, for a user with no home)
-if docker logs resserve-image-test 2>&1 | grep -v " resserve\." ; then log "log lines not from resserve (above)"; exit 1; fi
+if docker logs resserve-image-test 2>&1 | grep -v " resserve\."; then
+  log "log lines not from resserve (above)"; exit 1
+fi
 
 python3 - "$WORK/digit.png" <<'PY'
 import sys
@@ -132,4 +134,7 @@ docker stop -t 30 resserve-image-test >/dev/null
 code=$(docker inspect resserve-image-test --format '{{.State.ExitCode}}')
 docker logs resserve-image-test 2>&1 | grep -q "stopped; requests answered" || { docker logs resserve-image-test >&2; exit 1; }
 [ "$code" = 0 ] || { log "exit code $code after SIGTERM"; exit 1; }
-log "ok: built with the otel extra, runs as uid 10001, counts the CPUs of its CPU quota, says in one line that workers need a writable /tmp and which file it cannot read, on a read-only filesystem with one and 2 workers, classified a photo of a 0 over gRPC and HTTP, served the page and its metrics, drained and exited 0 on SIGTERM"
+log "ok: built with the otel extra, runs as uid 10001, counts the CPUs of its CPU quota, refuses in one line" \
+  "workers without a writable /tmp and a file it cannot read; on a read-only filesystem with 2 workers it" \
+  "classified a photo of a 0 over gRPC and HTTP, served the page and its metrics (and only its own log lines)," \
+  "drained and exited 0 on SIGTERM"

@@ -485,12 +485,14 @@ def bench_serve(
         raise ResserveError(f"--workers takes auto or counts >= 1, comma-separated; got {workers!r}")
     processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")
     host = target.rsplit(":", 1)[0] if target else None
+    credentials = Credentials(tls_ca, tls_cert, tls_key, client_token(token, token_file)) if target else Credentials()
     plan = SweepPlan(
         apis=_names(api), levels=_levels(concurrency, rate), batch=batch, duration=duration, warmup=warmup,
-        client=client, load_processes=processes, package=package, model=model, target=target, backends=_names(backends), workers=counts,
+        client=client, load_processes=processes, package=package, model=model, target=target,
+        backends=_names(backends), workers=counts,
         http_target=http_target or (f"{host}:{DEFAULT_HTTP_PORT}" if target else None),
         metrics_url=metrics or (f"http://{host}:{DEFAULT_METRICS_PORT}/metrics" if target else None),
-        credentials=Credentials(tls_ca, tls_cert, tls_key, client_token(token, token_file)) if target else Credentials())
+        credentials=credentials)
     plan.check()
     for output, example in ((json_out, "serve.json"), (plot, "serve.png")):
         if output:
