@@ -148,7 +148,8 @@ def serve(
         f"{CUDA_WORKERS}, which share the GPU.")] = "auto",
     cpus: Annotated[Optional[int], typer.Option(envvar=_env("CPUS"),
         help="CPUs the server may use, shared by its workers (Kubernetes: the CPU limit, from the downward API) "
-        "[default: the affinity mask, capped by a cgroup v2 quota].", show_default=False)] = None,
+        "[default: the affinity mask, capped by a cgroup CPU quota (a container's), v2 or v1].",
+        show_default=False)] = None,
     log_level: Annotated[str, typer.Option(envvar=_env("LOG_LEVEL"),
         help=f"{LogLevel.listing()}: the least severe log lines written. debug adds a line per request answered "
         "(an access log).")] = ServerSettings.log_level.value,
