@@ -1,5 +1,5 @@
-"""Inside a container's limits: the server counts the CPUs of its CPU quota and training the
-memory of its memory limit, on cgroup v2 and v1 alike, in a real cgroup made for the test (as
+"""Inside a container's limits: the server and torch count the CPUs of a CPU quota, and training
+the memory of a memory limit, on cgroup v2 and v1 alike, in a real cgroup made for the test (as
 root; skipped where this process may not make one).
 
 Both are read at every level of the process's cgroup path: until 2026-12-05 only cgroup v2's
@@ -7,6 +7,11 @@ file at the root of /sys/fs/cgroup was, which a host on cgroup v1 (as this proje
 machines) or a systemd unit's quota never shows, so a 64-core node gave a 2-CPU container 16
 workers, and a 1 GB limit let training start a step that needed 1.3 GB.
 """
+
+import json
+import os
+
+import pytest
 
 from helpers import limited_cgroup, run_cli
 
@@ -18,6 +23,17 @@ def test_a_server_in_a_one_cpu_quota_counts_one_cpu():
     assert result.returncode == 1, result.stderr[-500:]
     assert result.stderr.strip() == ("error: --threads 2 is more than the 1 CPUs this server may use (spinning threads "
                                      "beyond them starve the rest; --cpus raises the count)")
+
+
+def test_torch_runs_as_many_threads_as_a_cpu_quota_allows(tmp_path):
+    """Torch counts the affinity mask, not the quota: `bench train` reports the threads it ran."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU here: a quota of one changes nothing")
+    with limited_cgroup(cpu=1.0) as join:
+        result = run_cli("bench", "train", "--steps", "1", "--warmup", "1", "--batch-size", "8",
+                         "--json", str(tmp_path / "bench.json"), preexec=join, timeout=300)
+    assert result.returncode == 0, result.stderr[-500:]
+    assert json.loads((tmp_path / "bench.json").read_text())["threads"] == 1
 
 
 def test_training_in_a_memory_limit_is_refused_what_the_limit_cannot_hold(tmp_path):

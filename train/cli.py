@@ -19,7 +19,7 @@ from resserve.serve.cli import TlsCa, TlsCert, TlsKey, Token, TokenFile, client_
 from resserve.serve.client import DigitClient
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable, check_writable_folder
-from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
+from resserve.train.cli_shared import DataDir, log as _log, start_torch
 from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, check_device, parse_ints
 from resserve.train.evaluation import EvaluationReport, evaluate_served
 from resserve.train.experiments.cli import experiment_app
@@ -89,7 +89,7 @@ def train(
                                validation_size=validation_size, train_limit=train_limit)
     train_config.validate()
     check_writable(out)  # before the data is fetched, as well as before training
-    require_train_extra()  # after the checks of the input, which need no torch: those answer at once
+    start_torch()  # after the checks of the input, which need no torch: those answer at once
     from resserve.train.data import load_mnist
     from resserve.train.training import train as run_training
 
@@ -135,7 +135,7 @@ def _checkpoint_report(model: Optional[Path], device: str, data_dir: Optional[Pa
                        show_progress: bool) -> EvaluationReport:
     check_device(device)
     path = resolve_model_path(model)
-    require_train_extra()
+    start_torch()
     from resserve.train.checkpoint import load_checkpoint
     from resserve.train.data import load_mnist
     from resserve.train.models import count_parameters
@@ -177,7 +177,7 @@ def bench_train(
         raise ResserveError("--steps and --batch-size must be >= 1, --warmup >= 0")
     if json_out:
         check_writable(json_out, "train.json")
-    require_train_extra()
+    start_torch()
     from resserve.serve.bench.report import report_json
     from resserve.train.bench import benchmark_training, print_training_benchmark
     from resserve.train.data import load_mnist
@@ -235,7 +235,7 @@ def export(
     check_package_destination(destination)
     if triton_repo:
         check_writable_folder(triton_repo, "the Triton repository")
-    require_train_extra()  # after the checks of the input, which need no torch: those answer at once
+    start_torch()  # after the checks of the input, which need no torch: those answer at once
     import_onnxruntime()  # every artifact is verified through it: one line before any work if it is missing
     from resserve.serve.package import load_package
     from resserve.train.data import load_mnist
@@ -277,7 +277,7 @@ def bench_model(
         raise ResserveError(f"--seconds must be a finite number > 0, got {seconds:g}")
     if json_out:
         check_writable(json_out, "model.json")
-    require_train_extra()
+    start_torch()
     import tempfile
 
     from resserve.serve.package import SHIPPED_PACKAGE, load_package

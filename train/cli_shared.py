@@ -1,4 +1,4 @@
-"""What every training command shares: the check for the train extra, common options, logging.
+"""What every training command shares: starting torch (the train extra, its threads), common options, logging.
 
 Torch-free at import, like the command modules that use it (the root CLI loads them at start).
 """
@@ -19,13 +19,19 @@ DataDir = Annotated[Optional[Path], typer.Option(
     help="Where MNIST is kept and cached [default: ~/.cache/resserve/mnist].")]
 
 
-def require_train_extra() -> None:
-    """One line, not a traceback, when torch is missing."""
+def start_torch() -> None:
+    """Torch for a command that needs it: one line, not a traceback, when it is missing; and its
+    CPU threads no more than the CPUs the process may use. Torch counts the affinity mask only,
+    not a container's CPU quota: in a 2-CPU container of a 64-core host it would run a thread per
+    host core, in the CPU time of two (the quota throttles them all, at every step)."""
+    from resserve.serve.backends.base import usable_cpus
+
     try:
-        import torch  # noqa: F401
+        import torch
         import torchvision  # noqa: F401
     except ImportError as exc:
         raise ResserveError(TRAIN_EXTRA_HINT) from exc
+    torch.set_num_threads(min(torch.get_num_threads(), usable_cpus()))
 
 
 def log(message: str) -> None:

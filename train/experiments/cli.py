@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from resserve.serve.app import HELP_STYLE
-from resserve.train.cli_shared import DataDir, log as _log, require_train_extra
+from resserve.train.cli_shared import DataDir, log as _log, start_torch
 from resserve.train.config import ModelConfig, TrainConfig, parse_ints
 from resserve.train.experiments.settings import DepthSettings, GatesSettings, LesionSettings, ShatteredSettings
 from resserve.train.files import existing_checkpoint, prepare_output, resolve_model_path
@@ -58,7 +58,7 @@ class _Run:
         self.recipe = TrainConfig(seed=seed, device=device)
         self.recipe.validate()  # the input first: these checks need no torch, so they answer at once
         self.out = prepare_output(out)
-        require_train_extra()
+        start_torch()
         from resserve.train.data import load_mnist
         from resserve.train.experiments.report import pyplot
         from resserve.train.training import resolve_device
@@ -160,7 +160,7 @@ def lesion(
 
     residual_path = resolve_model_path(model)
     plain_path = existing_checkpoint(plain) if plain is not None else None
-    require_train_extra()
+    start_torch()
     from resserve.train.checkpoint import load_checkpoint
     from resserve.train.experiments import lesion as experiment
 
