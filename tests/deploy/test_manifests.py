@@ -164,6 +164,9 @@ def test_kserve_inference_service_uses_standard_mode_and_one_http_port():
     # KServe's CRD takes Kubernetes' own container: checked against its schema, as a pod's
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": {"containers": [container]}}
     kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] and not security["allowPrivilegeEscalation"]
+    assert security["capabilities"]["drop"] == ["ALL"]
     assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http1", DEFAULT_HTTP_PORT)]
     flags, _ = serve_options()
     assert {a for a in container["args"] if a.startswith("--")} <= flags
