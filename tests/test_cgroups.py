@@ -4,8 +4,8 @@ root; skipped where this process may not make one).
 
 Both are read at every level of the process's cgroup path: until 2026-12-05 only cgroup v2's
 file at the root of /sys/fs/cgroup was, which a host on cgroup v1 (as this project's own
-machines) or a systemd unit's quota never shows, so a 64-core node gave a 2-CPU container 16
-workers, and a 1 GB limit let training start a step that needed 1.3 GB.
+machines) or a systemd unit's quota never shows: each test below failed on that code (the server
+served, torch ran 2 threads, training started and was OOM-killed).
 """
 
 import json
