@@ -152,8 +152,11 @@ def _load_one(package: ModelPackage, settings: ServerSettings, capabilities: set
     batcher = DynamicBatcher(backend.infer, batching, executor, on_batch=record)
     model = ServedModel(package, backend, batcher, statistics)
     metrics.model_info.labels(*model.info_labels).set(1)
-    log.info("loaded model %s version %s: %s on %s (%s, %s), warmed up at batch %s in %.2f s", name,
-             version, artifact.file, backend.name, backend.device, backend.precision,
+    # on the CPU, the threads its share of the usable CPUs gave: what a container's CPU quota allowed
+    count = settings.inference_threads
+    threads = f", {count} thread{'s' * (count != 1)}" if backend.device == "cpu" else ""
+    log.info("loaded model %s version %s: %s on %s (%s, %s%s), warmed up at batch %s in %.2f s", name,
+             version, artifact.file, backend.name, backend.device, backend.precision, threads,
              ",".join(map(str, batching.shapes())), time.monotonic() - started)
     return model
 

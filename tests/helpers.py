@@ -211,9 +211,11 @@ class ServerProcess:
     """``with ServerProcess(args) as server: server.target`` -> "127.0.0.1:PORT"."""
 
     def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, drain_seconds: float = 0,
-                 executable: Path = RESSERVE, open_files: tuple[int, int] | None = None) -> None:
+                 executable: Path = RESSERVE, open_files: tuple[int, int] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.executable, self.extra_args, self.drain_seconds = executable, args, drain_seconds
         self.open_files = open_files  # the server's open-file limits (ulimit -Sn, -Hn)
+        self.preexec = preexec  # what else the server's process runs first (joining a cgroup: limited_cgroup)
         self.env = {**os.environ, **(env or {})}
         self.wait_ready = wait_ready
         self._prepare_start()
@@ -254,7 +256,7 @@ class ServerProcess:
         for attempts_left in (2, 1, 0):
             self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                             env=self.env,
-                                            preexec_fn=self._limit_open_files if self.open_files else None)
+                                            preexec_fn=self._before_exec)
             self._pump_thread = threading.Thread(target=self._pump, daemon=True)
             self._pump_thread.start()
             if not self.wait_ready or self._became_ready():
@@ -263,8 +265,11 @@ class ServerProcess:
                 raise RuntimeError("server did not become ready:\n" + "".join(self.lines))
             self._prepare_start()
 
-    def _limit_open_files(self) -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
+    def _before_exec(self) -> None:
+        if self.open_files:
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
+        if self.preexec:
+            self.preexec()
 
     def _became_ready(self, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout

@@ -5,15 +5,16 @@ root; skipped where this process may not make one).
 Both are read at every level of the process's cgroup path: until 2026-12-05 only cgroup v2's
 file at the root of /sys/fs/cgroup was, which a host on cgroup v1 (as this project's own
 machines) or a systemd unit's quota never shows: each test below failed on that code (the server
-served, torch ran 2 threads, training started and was OOM-killed).
+served, with 2 threads; torch ran 2 threads; training started and was OOM-killed).
 """
 
 import json
 import os
+import re
 
 import pytest
 
-from helpers import limited_cgroup, run_cli
+from helpers import ServerProcess, limited_cgroup, run_cli
 
 
 def test_a_server_in_a_one_cpu_quota_counts_one_cpu():
@@ -23,6 +24,11 @@ def test_a_server_in_a_one_cpu_quota_counts_one_cpu():
     assert result.returncode == 1, result.stderr[-500:]
     assert result.stderr.strip() == ("error: --threads 2 is more than the 1 CPUs this server may use (spinning threads "
                                      "beyond them starve the rest; --cpus raises the count)")
+
+
+def test_a_server_in_a_one_cpu_quota_runs_one_inference_thread():
+    with limited_cgroup(cpu=1.0) as join, ServerProcess(preexec=join) as server:
+        assert re.search(r"model\.onnx on \w+ \(cpu, \w+, 1 thread\)", "".join(server.lines)), "".join(server.lines)
 
 
 def test_torch_runs_as_many_threads_as_a_cpu_quota_allows(tmp_path):

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from helpers import HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, metric_value, run_cli, tree_resident_bytes
+from resserve.serve.backends.base import usable_cpus
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.client import requests_of
 from resserve.serve.package import load_package
@@ -448,7 +449,9 @@ def test_precision_int8_serves_the_int8_artifact_with_the_accuracy_export_measur
         client = triton.InferenceServerClient(server.target)
         parameters = client.get_model_config(MODEL).config.parameters
         assert [parameters[key].string_value for key in ("backend", "precision", "device")] == ["onnxruntime", "int8", "cpu"]
-        assert "model.int8.onnx on onnxruntime (cpu, int8)" in "".join(server.lines)
+        # the threads of a worker with every usable CPU (a container's CPU quota counted: tests/test_cgroups.py)
+        threads = f"{usable_cpus()} thread{'s' * (usable_cpus() != 1)}"
+        assert f"model.int8.onnx on onnxruntime (cpu, int8, {threads})" in "".join(server.lines)
         predictions = np.concatenate([infer(client, images[start:start + 500]).as_numpy("logits").argmax(1)
                                       for start in range(0, len(images), 500)])
     measured = load_package().manifest.find("onnx", "int8").test_accuracy
