@@ -481,16 +481,16 @@ def bench_serve(
     if start == (target is not None):
         raise ResserveError("give exactly one of --start and --target HOST:PORT")
     cpus = usable_cpus()
-    counts = [parse_workers(w.strip(), cpus) for w in workers.split(",") if w.strip()]
+    counts = [parse_workers(w, cpus) for w in comma_separated(workers)]
     if not counts or min(counts) < 1:
         raise ResserveError(f"--workers takes auto or counts >= 1, comma-separated; got {workers!r}")
     processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")
     host = target.rsplit(":", 1)[0] if target else None
     credentials = Credentials(tls_ca, tls_cert, tls_key, client_token(token, token_file)) if target else Credentials()
     plan = SweepPlan(
-        apis=_names(api), levels=_levels(concurrency, rate), batch=batch, duration=duration, warmup=warmup,
+        apis=comma_separated(api), levels=_levels(concurrency, rate), batch=batch, duration=duration, warmup=warmup,
         client=client, load_processes=processes, package=package, model=model, target=target,
-        backends=_names(backends), workers=counts,
+        backends=comma_separated(backends), workers=counts,
         http_target=http_target or (f"{host}:{DEFAULT_HTTP_PORT}" if target else None),
         metrics_url=metrics or (f"http://{host}:{DEFAULT_METRICS_PORT}/metrics" if target else None),
         credentials=credentials)
@@ -523,8 +523,8 @@ def _levels(concurrency: Optional[str], rate: Optional[str]) -> list["Level"]:
     return [Level(rate=n) if rate is not None else Level(concurrency=n) for n in numbers]
 
 
-def _names(values: str) -> list[str]:
-    """A comma-separated option's values, blanks dropped."""
+def comma_separated(values: str) -> list[str]:
+    """A comma-separated option's values, blanks dropped (the training commands' options too)."""
     return [v.strip() for v in values.split(",") if v.strip()]
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from resserve.serve.backends.onnxruntime import import_onnxruntime
-from resserve.serve.cli import TlsCa, TlsCert, TlsKey, Token, TokenFile, client_token
+from resserve.serve.cli import TlsCa, TlsCert, TlsKey, Token, TokenFile, client_token, comma_separated
 from resserve.serve.client import DigitClient
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable, check_writable_folder
@@ -218,9 +218,9 @@ def export(
     Every artifact is run on the 10,000 MNIST test images against the eager model: an fp32
     artifact must match within 1e-4 (logits) with identical accuracy, or nothing is written.
     """
-    options = ExportOptions(formats=tuple(f.strip() for f in format.split(",") if f.strip()), opset=opset,
+    options = ExportOptions(formats=tuple(comma_separated(format)), opset=opset,
                             drop_blocks=drop_blocks, quantize=quantize, name=name, version=version,
-                            outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()), input_range=input_range)
+                            outputs=tuple(comma_separated(outputs)), input_range=input_range)
     options.validate()
     if triton_repo and input_range != 1:
         raise ResserveError("--triton-repo serves the graph as it is, which takes [0,1]: leave --input-range at 1")

@@ -72,8 +72,8 @@ def runnable_cpus() -> int:
 def usable_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (whole CPUs of it,
     at least one: a thread per CPU of a 1.5-CPU quota would be throttled)."""
-    quota = cpu_quota()
-    return runnable_cpus() if quota is None else min(runnable_cpus(), max(1, int(quota)))
+    cpus, quota = runnable_cpus(), cpu_quota()
+    return cpus if quota is None else min(cpus, max(1, int(quota)))
 
 
 def infer_in_chunks(infer: Callable[[np.ndarray], Outputs], images: np.ndarray, chunk: int) -> Outputs:
