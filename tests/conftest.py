@@ -1,6 +1,14 @@
 """Shared fixtures: real MNIST (fetched once, then cached); certificates for TLS."""
 
 import ipaddress
+import os
+
+# As the resserve command does (serve/app.py), before any test imports grpc: this process starts
+# servers and CLIs while its gRPC clients run, and with gRPC's fork handlers on, a child forked for a
+# preexec_fn restarts gRPC's poller and may crash before it runs the command (about 1 fork in 60 here,
+# grpcio 1.85: "Epoll1Poller ... epoll_wait error: Bad file descriptor", then SIGSEGV; grpc/grpc#43055).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from datetime import datetime, timedelta, timezone
 
 import pytest

@@ -256,7 +256,7 @@ class ServerProcess:
         for attempts_left in (2, 1, 0):
             self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                             env=self.env,
-                                            preexec_fn=self._before_exec)
+                                            preexec_fn=self._before_exec if self.open_files or self.preexec else None)
             self._pump_thread = threading.Thread(target=self._pump, daemon=True)
             self._pump_thread.start()
             if not self.wait_ready or self._became_ready():
