@@ -262,9 +262,11 @@ class DigitClient:
                     return status
             time.sleep(HEALTH_POLL_SECONDS)
 
-    def model_config(self, name: str) -> model_config_pb2.ModelConfig:
-        """The model's configuration, as Triton gives it (its backend and precision among the parameters)."""
-        return self._call(self.inference.ModelConfig, kserve_pb2.ModelConfigRequest(name=name)).config
+    def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
+        """The model's configuration, as Triton gives it (its architecture, backend and precision
+        among the parameters)."""
+        request = kserve_pb2.ModelConfigRequest(name=name, version=version)
+        return self._call(self.inference.ModelConfig, request).config
 
     def models(self) -> list[ModelEntry]:
         """What the server has (its model repository index)."""

@@ -150,11 +150,14 @@ def triton_model_config(manifest: Manifest, platform: str, batching: BatchingCon
 
 
 def served_model_config(plane: DataPlane, name: str, version: str) -> config_pb.ModelConfig:
-    """A served model version's Triton config (both protocols), with how it runs (backend,
-    precision, device) as parameters; beside other versions of it, the version policy names them all."""
+    """A served model version's Triton config (both protocols), with what it is (its architecture
+    and trained parameter count, from the manifest) and how it runs (backend, precision, device) as
+    parameters; beside other versions of it, the version policy names them all."""
     model, versions = plane.model(name, version), plane.versions(name)
-    config = triton_model_config(model.package.manifest, model.platform, model.batcher.config)
-    for key, value in (("backend", model.backend.name), ("precision", model.backend.precision),
+    manifest = model.package.manifest
+    config = triton_model_config(manifest, model.platform, model.batcher.config)
+    for key, value in (("arch", manifest.model.arch), ("params", str(manifest.model.params)),
+                       ("backend", model.backend.name), ("precision", model.backend.precision),
                        ("device", model.backend.device)):
         config.parameters[key].string_value = value
     if len(versions) > 1:  # whole numbers: read_packages checks it

@@ -160,9 +160,12 @@ def _served_report(client: DigitClient, model: str, version: str, data_dir: Opti
     mnist = load_mnist(data_dir, log=_log)
     with progress_bar(show_progress, "images") as progress:
         task = progress.add_task("classifying", total=len(mnist.test))
-        result, answered = evaluate_served(client, mnist.test, model, version,
-                                           on_chunk=lambda n: progress.advance(task, n))
-    return EvaluationReport.of(f"{answered} at {client.target}", result, mnist.source)
+        result, (name, answered_version) = evaluate_served(client, mnist.test, model, version,
+                                                           on_chunk=lambda n: progress.advance(task, n))
+    parameters = client.model_config(name, answered_version).parameters
+    arch = parameters["arch"].string_value if "arch" in parameters else None
+    params = int(parameters["params"].string_value) if "params" in parameters else None
+    return EvaluationReport.of(f"{name} {answered_version} at {client.target}", result, mnist.source, arch, params)
 
 
 def bench_train(

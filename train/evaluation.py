@@ -34,15 +34,15 @@ class Evaluation:
 
 
 def evaluate_served(client: DigitClient, split: Split, model: str, version: str,
-                    on_chunk: Callable[[int], None] = lambda images: None) -> tuple[Evaluation, str]:
+                    on_chunk: Callable[[int], None] = lambda images: None) -> tuple[Evaluation, tuple[str, str]]:
     """``split`` classified by the server ``client`` talks to, as 28x28 pixels through its Classify
     API (what it serves end to end: batching, runtime, precision), ``REQUEST_IMAGES`` a request;
     also the model and version that answered."""
-    probabilities, answered = [], ""
+    probabilities, answered = [], ("", "")
     for start in range(0, len(split), REQUEST_IMAGES):
         results = client.classify_pixels(split.images[start:start + REQUEST_IMAGES], model, version)
         probabilities.extend(result.probabilities for result in results)
-        answered = f"{results[0].model} {results[0].model_version}"
+        answered = (results[0].model, results[0].model_version)
         on_chunk(len(results))
     p = np.asarray(probabilities, dtype=np.float64)
     truth = p[np.arange(len(split)), split.labels].clip(min=np.finfo(np.float32).tiny)  # fp32 probabilities
@@ -54,7 +54,7 @@ class EvaluationReport:
     """What ``resserve eval`` prints; ``--json`` writes these fields as one object."""
 
     model: str
-    arch: str | None  # a checkpoint's; None for a served model (the server does not say)
+    arch: str | None  # None for a served model whose server does not say (one older than ModelConfig's "arch")
     params: int | None
     test_accuracy: float
     test_loss: float

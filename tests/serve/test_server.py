@@ -623,7 +623,9 @@ def test_eval_measures_the_model_a_server_serves_on_the_mnist_test_set(server, m
     result = run_cli("eval", "--server", server.target, "--json", "--data-dir", str(mnist.path.parent))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["model"] == f"resnet-mnist 1 at {server.target}" and report["arch"] is None
+    # what the model is, from the config the server gives (ModelConfig's parameters, from the manifest)
+    assert (report["model"], report["arch"], report["params"]) == (f"resnet-mnist 1 at {server.target}", "resnet",
+                                                                   117_802)
     assert sum(map(sum, report["confusion_matrix"])) == 10_000 and len(report["per_class_accuracy"]) == 10
     exported = next(a for a in load_package().manifest.artifacts if a.file == "model.onnx").test_accuracy
     assert abs(report["test_accuracy"] - exported) <= MAX_BF16_LOSS and 0 < report["test_loss"] < 0.05
