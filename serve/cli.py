@@ -19,7 +19,7 @@ from resserve.serve.outputs import check_writable
 from resserve.serve.settings import (CPUS_PER_WORKER, CUDA_WORKERS, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT,
                                      MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, BackendChoice, ConvSearch, Device,
                                      LogFormat, LogLevel, Precision, ServerSettings, TraceLevel, TraceMode, parse_auto,
-                                     parse_buckets, parse_max_batch_size, parse_workers)
+                                     parse_buckets, parse_max_batch_size, parse_workers, worker_peak_memory)
 
 if TYPE_CHECKING:
     from resserve.serve.bench.clients import Level
@@ -145,7 +145,8 @@ def serve(
     workers: Annotated[str, typer.Option(envvar=_env("WORKERS"),
         help="Server processes on the same ports, each with its own models and a share of the CPUs "
         f"(Linux). auto: one per {CPUS_PER_WORKER} CPUs (--cpus), at least one; with --device cuda at most "
-        f"{CUDA_WORKERS}, which share the GPU.")] = "auto",
+        f"{CUDA_WORKERS}, which share the GPU; no more than a memory limit (a container's) holds at their "
+        "in-flight budgets' worst (--max-inflight-bytes).")] = "auto",
     cpus: Annotated[Optional[int], typer.Option(envvar=_env("CPUS"),
         help="CPUs the server may use, shared by its workers (Kubernetes: the CPU limit, from the downward API) "
         "[default: the affinity mask, capped by a cgroup CPU quota (a container's), v2 or v1].",
@@ -193,7 +194,8 @@ def serve(
                                 max_queue_size=max_queue_size, buckets=parse_buckets(batch_buckets, largest_batch)),
         device=device, backend=backend, precision=precision, cuda_conv_search=cuda_conv_search,
         cuda_graphs=cuda_graphs, cuda_tf32=cuda_tf32, threads=threads, thread_spinning=thread_spinning,
-        cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus(), device),
+        cpus=cpus, workers=parse_workers(workers, cpus or usable_cpus(), device,
+                                         worker_peak_memory(max_inflight_bytes, bool(http_port), backend)),
         max_images_per_request=max_images_per_request, max_message_bytes=max_message_bytes,
         max_inflight_bytes=max_inflight_bytes, batch_timeout_seconds=batch_timeout, drain_seconds=drain_seconds,
         grace_seconds=grace_seconds,
@@ -481,7 +483,8 @@ def bench_serve(
     if start == (target is not None):
         raise ResserveError("give exactly one of --start and --target HOST:PORT")
     cpus = usable_cpus()
-    counts = [parse_workers(w, cpus) for w in comma_separated(workers)]
+    each = worker_peak_memory(ServerSettings.max_inflight_bytes, http=True)  # the servers --start starts
+    counts = [parse_workers(w, cpus, "cpu", each) for w in comma_separated(workers)]
     if not counts or min(counts) < 1:
         raise ResserveError(f"--workers takes auto or counts >= 1, comma-separated; got {workers!r}")
     processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")

@@ -50,7 +50,7 @@ from resserve.serve.rpc import Registrar, abort
 from resserve.serve.sharedmemory import MAX_REGIONS, SharedMemory
 from resserve.serve.state import ModelAction, Peers, ServerState
 from resserve.serve.settings import (LIVENESS_SERVICE, MAX_GRPC_SECONDS, READINESS_SERVICE, ServerSettings, host_port,
-                                     page_note)
+                                     page_note, warn_of_memory_limit)
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from resserve.serve.rotation import ROTATION_CHECK_SECONDS
 from resserve.serve.tls import CertificateRotation
@@ -166,6 +166,7 @@ class Server:
             await self._listen()
             warn_of_open_admin_apis(self.settings.host, bool(self.settings.token_file),
                                     bool(self.settings.admin_token_file))
+            warn_of_memory_limit(self.settings)
             await self._load(packages)
         else:
             self.state.peers = coordinator

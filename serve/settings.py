@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import socket
 from dataclasses import dataclass, field
@@ -11,7 +12,10 @@ from pathlib import Path
 
 from resserve.serve.backends.base import CudaOptions, runnable_cpus, usable_cpus
 from resserve.serve.batcher import BatchingConfig
+from resserve.serve.cgroups import memory_headroom
 from resserve.serve.errors import ResserveError
+
+log = logging.getLogger("resserve.serve")
 
 DEFAULT_PORT = 8001  # as Triton: HTTP 8000, gRPC 8001, metrics 8002
 DEFAULT_HTTP_PORT = 8000
@@ -36,6 +40,16 @@ MAX_BATCH_SIZE = 4096
 MAX_QUEUE_DELAY_US = 1_000_000
 CPUS_PER_WORKER = 4  # --workers auto: one worker per this many usable CPUs (docs/serving.md "Workers")
 CUDA_WORKERS = 4  # --workers auto on --device cuda: at most this many processes share the GPU
+# One worker's memory at its worst: idle (runtime and models) and what each byte of its full
+# in-flight budgets adds (gRPC reads a request whole, then copies; freed buffers stay in malloc's
+# arenas). Measured with the defaults (docs/serving.md "Limits"): 145 MB idle, 1,022 MB with gRPC's
+# 256 MiB budget full, 1,409 MB with HTTP's full too; these round up. Idle, ONNX Runtime took 142 MB,
+# OpenVINO 181 MB and TorchScript (libtorch) 618 MB. --workers auto runs no more workers than a
+# memory limit holds at this, and the server warns where its workers exceed it.
+WORKER_IDLE_BYTES = 256 * 2**20
+TORCHSCRIPT_IDLE_BYTES = 640 * 2**20
+GRPC_BUDGET_GROWTH = 3.5  # bytes of memory per byte of --max-inflight-bytes, gRPC's budget full
+HTTP_BUDGET_GROWTH = 1.5  # ... and HTTP's
 LIVENESS_SERVICE = "resserve.liveness"
 READINESS_SERVICE = "resserve.readiness"
 
@@ -113,9 +127,10 @@ class LogFormat(Choice):
     JSON = "json"  # one JSON object a line, for log collectors (serve/logs.py)
 
 
-def auto_workers(cpus: int, device: str = "cpu") -> int:
+def auto_workers(cpus: int, device: str = "cpu", fitting: int | None = None) -> int:
     """``--workers auto``: one server process per CPUS_PER_WORKER usable CPUs, at least one; on
-    ``--device cuda`` at most CUDA_WORKERS.
+    ``--device cuda`` at most CUDA_WORKERS; no more than ``fitting``, the workers a memory limit
+    holds at their worst (None: no limit).
 
     Each worker needs CPUs for its inference threads as well as for its Python front end; on 2
     CPUs a second worker measured no faster than one (docs/benchmarks.md "Workers"), while one
@@ -124,8 +139,16 @@ def auto_workers(cpus: int, device: str = "cpu") -> int:
     on an H200 with 16 CPUs four served 1-image requests at 2.4x one's rate and eight at 0.75x
     four's (docs/benchmarks.md "GPU").
     """
-    count = max(1, min(MAX_WORKERS, cpus // CPUS_PER_WORKER))
-    return min(count, CUDA_WORKERS) if device == "cuda" else count
+    count = min(MAX_WORKERS, cpus // CPUS_PER_WORKER, CUDA_WORKERS if device == "cuda" else MAX_WORKERS)
+    return max(1, count if fitting is None else min(count, fitting))
+
+
+def worker_peak_memory(max_inflight_bytes: int, http: bool, backend: str = "auto") -> int:
+    """Bytes one worker may hold at its worst: idle (with ``backend``'s runtime), and its in-flight
+    budgets full (gRPC's, and HTTP's when it serves HTTP)."""
+    idle = TORCHSCRIPT_IDLE_BYTES if backend == "torchscript" else WORKER_IDLE_BYTES
+    growth = GRPC_BUDGET_GROWTH + (HTTP_BUDGET_GROWTH if http else 0)
+    return idle + int(growth * max_inflight_bytes)
 
 
 def parse_auto(value: str, option: str, unit: str) -> int | None:
@@ -162,10 +185,14 @@ def parse_buckets(value: str, max_batch_size: int | None) -> tuple[int, ...] | N
     return tuple(sizes)
 
 
-def parse_workers(value: str, cpus: int, device: str = "cpu") -> int:
-    """``--workers``: "auto" (for ``device``) or a count, as an int (a bad value is one line)."""
+def parse_workers(value: str, cpus: int, device: str, worker_memory: int) -> int:
+    """``--workers``: "auto" (for ``device``, ``cpus`` and the memory limit, each worker needing
+    ``worker_memory`` at its worst) or a count, as an int (a bad value is one line)."""
     count = parse_auto(value, "--workers", "processes")
-    return auto_workers(cpus, device) if count is None else count
+    if count is not None:
+        return count
+    room = memory_headroom()
+    return auto_workers(cpus, device, None if room is None else room // worker_memory)
 
 
 @dataclass(frozen=True)
@@ -245,6 +272,11 @@ class ServerSettings:
     def cuda(self) -> CudaOptions:
         """How ONNX Runtime runs on CUDA: --cuda-conv-search, --cuda-graphs, --cuda-tf32."""
         return CudaOptions(self.cuda_conv_search.value, self.cuda_graphs, self.cuda_tf32)
+
+    @property
+    def worker_peak_memory(self) -> int:
+        """Bytes each worker may hold at its worst (worker_peak_memory)."""
+        return worker_peak_memory(self.max_inflight_bytes, bool(self.http_port), self.backend)
 
     @property
     def max_concurrent_rpcs(self) -> int:
@@ -353,6 +385,20 @@ def otel_installed() -> bool:
 def host_port(host: str, port: int) -> str:
     """``host:port``, with an IPv6 address in brackets (``[::]:8001``), as gRPC and URLs need it."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def warn_of_memory_limit(settings: ServerSettings) -> None:
+    """Say at start, once, where the workers at their worst would take more memory than the
+    server's memory limit leaves it (an explicit --workers, or one worker with large budgets): the
+    kernel would kill one under load, and with it the requests it holds."""
+    room, each = memory_headroom(), settings.worker_peak_memory
+    if room is None or settings.workers * each <= room:
+        return
+    who = "1 worker" if settings.workers == 1 else f"{settings.workers} workers, each"
+    fixes = "--max-inflight-bytes" if settings.workers == 1 else "--workers or --max-inflight-bytes"
+    log.warning("%s may hold up to %.1f GB at its in-flight budgets' worst, more than the %.1f GB this server's "
+                "memory limit leaves: lower %s, or raise the limit (docs/serving.md \"Limits\")", who, each / 1e9,
+                room / 1e9, fixes)
 
 
 def page_note(settings: ServerSettings, http_port: int) -> str:

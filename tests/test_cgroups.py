@@ -1,11 +1,12 @@
-"""Inside a container's limits: the server and torch count the CPUs of a CPU quota, and training
-the memory of a memory limit, on cgroup v2 and v1 alike, in a real cgroup made for the test (as
-root; skipped where this process may not make one).
+"""Inside a container's limits: the server and torch count the CPUs of a CPU quota, the server and
+training the memory of a memory limit, on cgroup v2 and v1 alike, in a real cgroup made for the
+test (as root; skipped where this process may not make one).
 
 Both are read at every level of the process's cgroup path: until 2026-12-05 only cgroup v2's
 file at the root of /sys/fs/cgroup was, which a host on cgroup v1 (as this project's own
 machines) or a systemd unit's quota never shows: each test below failed on that code (the server
-served, with 2 threads; torch ran 2 threads; training started and was OOM-killed).
+served, with 2 threads and no word of its memory; torch ran 2 threads; training started and was
+OOM-killed).
 """
 
 import json
@@ -26,9 +27,14 @@ def test_a_server_in_a_one_cpu_quota_counts_one_cpu():
                                      "beyond them starve the rest; --cpus raises the count)")
 
 
-def test_a_server_in_a_one_cpu_quota_runs_one_inference_thread():
-    with limited_cgroup(cpu=1.0) as join, ServerProcess(preexec=join) as server:
-        assert re.search(r"model\.onnx on \w+ \(cpu, \w+, 1 thread\)", "".join(server.lines)), "".join(server.lines)
+def test_a_server_in_one_cpu_and_1_gib_runs_one_inference_thread_and_warns_of_its_budgets():
+    """The default in-flight budgets may take a worker to 1.6 GB (docs/serving.md "Limits"): more
+    than a 1 GiB limit holds, which the log says before the kernel kills the server under load."""
+    with limited_cgroup(cpu=1.0, memory=2**30) as join, ServerProcess(preexec=join) as server:
+        log = "".join(server.lines)
+    assert re.search(r"model\.onnx on \w+ \(cpu, \w+, 1 thread\)", log), log
+    assert re.search(r"1 worker may hold up to 1\.6 GB at its in-flight budgets' worst, more than the [01]\.\d GB this "
+                     r"server's memory limit leaves: lower --max-inflight-bytes, or raise the limit", log), log
 
 
 def test_torch_runs_as_many_threads_as_a_cpu_quota_allows(tmp_path):

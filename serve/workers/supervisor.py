@@ -28,7 +28,7 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.logs import LogSettings, configure_logging
 from resserve.serve.repository import read_packages
 from resserve.serve.server import answer_counts, check_port_free, serve_metrics
-from resserve.serve.settings import ServerSettings, page_note
+from resserve.serve.settings import ServerSettings, page_note, warn_of_memory_limit
 from resserve.serve.sharedmemory import Region
 from resserve.serve.state import SharedSettings
 from resserve.serve.tls import ssl_context, tls_files
@@ -155,6 +155,7 @@ class Supervisor:
                      self.settings.workers, self.worker_settings.threads)
             warn_of_open_admin_apis(self.settings.host, bool(self.settings.token_file),
                                     bool(self.settings.admin_token_file))
+            warn_of_memory_limit(self.settings)
             for index in range(1, self.settings.workers + 1):
                 self._start(index)
             self._loop()

@@ -24,7 +24,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from helpers import ServerProcess, free_port, triton_infer
 from resserve.serve.app import build_app
 from resserve.serve.metrics import Metrics, ServerProcessCollector
-from resserve.serve.settings import DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LogFormat, auto_workers
+from resserve.serve.settings import (DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LogFormat, ServerSettings,
+                                     auto_workers, worker_peak_memory)
 from resserve.serve.state import INFERENCE_APIS
 from resserve.serve.workers.supervisor import SupervisorMetrics
 
@@ -49,6 +50,11 @@ def kustomize(directory: Path) -> list[dict]:
 def base_documents() -> list[dict]:
     return [doc for path in sorted((DEPLOY / "k8s" / "base").glob("*.yaml")) if path.name != "kustomization.yaml"
             for doc in yaml.safe_load_all(path.read_text())]
+
+
+def quantity(text: str) -> int:
+    """A Kubernetes memory quantity in binary units ("2Gi", "512Mi") as bytes."""
+    return int(text[:-2]) * {"Mi": 2**20, "Gi": 2**30}[text[-2:]]
 
 
 def by_kind(documents: list[dict], kind: str, name: str | None = None) -> dict:
@@ -113,6 +119,14 @@ def test_probes_ports_and_settings_match_the_server(overlay):
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
     assert security["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
     assert container["env"][0]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+    # the memory limit holds the workers --workers auto runs for the CPU limit, at their worst
+    limits, budget = container["resources"]["limits"], int(config.get("RESSERVE_MAX_INFLIGHT_BYTES",
+                                                                            ServerSettings.max_inflight_bytes))
+    each, memory = worker_peak_memory(budget, http=True), quantity(limits["memory"])
+    cpus, device = int(limits["cpu"]), "cuda" if overlay == "gpu" else "cpu"
+    workers = auto_workers(cpus, device)
+    assert auto_workers(cpus, device, memory // each) == workers
+    assert workers * each <= memory
     # a Service named resserve would inject RESSERVE_PORT=tcp://...: service links are off
     assert pod["enableServiceLinks"] is False
 

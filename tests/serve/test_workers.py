@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 from helpers import (ServerProcess, free_port, metric_value, own_cpu_seconds, run_cli, stat_fields,
                      tree_resident_bytes, write_hanging_package)
 from resserve.serve.package import SHIPPED_PACKAGE
-from resserve.serve.settings import ServerSettings, auto_workers
+from resserve.serve.settings import ServerSettings, auto_workers, worker_peak_memory
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 from resserve.serve.sharedmemory import Region
@@ -98,6 +98,15 @@ def test_auto_workers_is_one_per_four_cpus_and_at_least_one():
 
 def test_auto_workers_on_cuda_is_at_most_four_sharing_the_gpu():
     assert [auto_workers(n, "cuda") for n in (2, 8, 16, 64, 1000)] == [1, 2, 4, 4, 4]
+
+
+def test_auto_workers_are_no_more_than_a_memory_limit_holds():
+    assert [auto_workers(16, fitting=n) for n in (8, 4, 2, 0)] == [4, 4, 2, 1]
+    assert auto_workers(64, "cuda", fitting=100) == 4
+    # a worker at its worst, as docs/serving.md "Limits" measured it with the default 256 MiB budgets:
+    # 1,022 MB with gRPC's full, 1,409 MB with HTTP's full too (rounded up, within a fifth)
+    assert 1.022e9 <= worker_peak_memory(256 * 2**20, http=False) <= 1.2 * 1.022e9
+    assert 1.409e9 <= worker_peak_memory(256 * 2**20, http=True) <= 1.2 * 1.409e9
 
 
 def test_two_workers_share_one_port_and_metrics_add_up(tmp_path):
