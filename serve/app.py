@@ -9,9 +9,12 @@ This module imports neither side: it starts without torch, and serve/ never impo
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import sys
+from importlib import metadata
 from importlib.metadata import entry_points
+from typing import Annotated
 
 # Before the first import of grpc, which reads it: resserve never forks a process that uses gRPC,
 # and without this gRPC core logs "skipping fork() handlers" whenever a library it loads forks.
@@ -25,6 +28,8 @@ import typer  # noqa: E402
 from resserve.serve.errors import ResserveError  # noqa: E402
 
 COMMAND_GROUPS = "resserve.commands"
+# what `resserve --version` reports beside resserve: the packages that decide how it serves and trains
+RUNTIME_PACKAGES = ("grpcio", "onnxruntime", "onnxruntime-gpu", "openvino", "torch", "aiohttp", "numpy")
 # Plain help (click's layout): typer's rich panels print flags as "--json <bool>", which reads as
 # an option that takes a value. Every command group uses this.
 HELP_STYLE = None
@@ -40,12 +45,38 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         rich_markup_mode=HELP_STYLE,
     )
+    app.callback()(_root_options)
     bench_app = typer.Typer(help="Benchmarks: print a table (and JSON) against a baseline measured in the same run.",
                             no_args_is_help=True, rich_markup_mode=HELP_STYLE)
     app.add_typer(bench_app, name="bench")
     for group in sorted(entry_points(group=COMMAND_GROUPS), key=lambda ep: ep.name):
         group.load()(app, bench_app)
     return app
+
+
+def _root_options(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_show_version,
+        help="Print the versions of resserve, Python and the runtimes installed (for a bug report), and exit.")] = False,
+                  ) -> None:
+    """The root command's own options (the app's help says what resserve is)."""
+
+
+def _show_version(asked: bool) -> None:
+    """--version: resserve's version, then what else decides how it runs: Python, the platform and
+    the runtimes installed (read from their packages' metadata, so nothing heavy is imported)."""
+    if not asked:
+        return
+    from resserve.serve import __version__
+
+    installed = []
+    for package in RUNTIME_PACKAGES:
+        try:
+            installed.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    typer.echo(f"resserve {__version__} (Python {platform.python_version()} on {platform.system()} "
+               f"{platform.machine()})\n{', '.join(installed)}")
+    raise typer.Exit()
 
 
 class Terminated(BaseException):

@@ -1,11 +1,13 @@
 """The `resserve` command as a user meets it: help everywhere, one-line errors, torch-free start."""
 
 import json
+import platform
 import re
 import resource
 import signal
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 import torch
@@ -33,6 +35,16 @@ def test_root_help_lists_the_commands():
     out = run_cli("--help").stdout
     for name in ("data", "train", "eval", "export", "serve", "classify", "health", "bench", "experiment"):
         assert name in out
+
+
+def test_version_names_resserve_python_and_the_runtimes_for_a_bug_report():
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    first, runtimes = result.stdout.splitlines()
+    assert first == (f"resserve {metadata.version('resserve')} (Python {platform.python_version()} on "
+                     f"{platform.system()} {platform.machine()})")
+    for package in ("grpcio", "onnxruntime", "torch"):
+        assert f"{package} {metadata.version(package)}" in runtimes.split(", ")
 
 
 @pytest.mark.parametrize("args, message", [
