@@ -89,7 +89,8 @@ refusal=$(timeout 60 docker run --rm -v "$WORK/models:/models:ro" "$IMAGE" /mode
 docker run --rm --entrypoint python "$IMAGE" -c \
   "from resserve.serve.settings import otel_installed; assert otel_installed(), 'no otel extra in the image'"
 # as deploy/k8s runs it: a read-only root filesystem with a small /tmp (the workers' metrics files)
-docker run -d --name resserve-image-test --network host --read-only --tmpfs /tmp:size=64m "$IMAGE" \
+# and a 2 GiB memory limit, which holds one worker at its in-flight budgets' worst, not these two
+docker run -d --name resserve-image-test --network host --read-only --tmpfs /tmp:size=64m --memory 2g "$IMAGE" \
   --host 127.0.0.1 --port "$PORT" --metrics-port "$METRICS_PORT" --http-port "$HTTP_PORT" --drain-seconds 1 \
   --workers 2 >/dev/null
 for _ in $(seq 120); do
@@ -97,6 +98,8 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 docker logs resserve-image-test 2>&1 | grep -q " ready: " || { docker logs resserve-image-test >&2; exit 1; }
+docker logs resserve-image-test 2>&1 | grep -q "WARNING resserve.serve: 2 workers, each may hold up to 1.6 GB" \
+  || { log "no warning that 2 workers may exceed the 2 GiB memory limit"; docker logs resserve-image-test >&2; exit 1; }
 # the log is the server's: no other library's info lines (OpenVINO's telemetry's, for a user with no home)
 if docker logs resserve-image-test 2>&1 | grep -v " resserve\."; then
   log "log lines not from resserve (above)"; exit 1
@@ -135,6 +138,7 @@ code=$(docker inspect resserve-image-test --format '{{.State.ExitCode}}')
 docker logs resserve-image-test 2>&1 | grep -q "stopped; requests answered" || { docker logs resserve-image-test >&2; exit 1; }
 [ "$code" = 0 ] || { log "exit code $code after SIGTERM"; exit 1; }
 log "ok: built with the otel extra, runs as uid 10001, counts the CPUs of its CPU quota, refuses in one line" \
-  "workers without a writable /tmp and a file it cannot read; on a read-only filesystem with 2 workers it" \
+  "workers without a writable /tmp and a file it cannot read; on a read-only filesystem with 2 workers (and a" \
+  "warning that they may outgrow its 2 GiB memory limit) it" \
   "classified a photo of a 0 over gRPC and HTTP, served the page and its metrics (and only its own log lines)," \
   "drained and exited 0 on SIGTERM"
