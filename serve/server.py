@@ -69,6 +69,7 @@ AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 FLUSH_SECONDS = 0.1  # after the last answer, before the process exits
 PENDING_CALLS = 20_000
 KEEPALIVE_TIMEOUT_SECONDS = 20.0  # for the answer to a keepalive ping (gRPC's default)
+CLIENT_PING_SECONDS = 5  # the shortest interval of clients' pings, as gRPC's keepalive example allows them
 METRICS_SOCKET_SECONDS = 10.0  # for a scrape's request and its answer (Prometheus's own scrape timeout is 10 s)
 
 
@@ -116,6 +117,11 @@ def _grpc_options(settings: ServerSettings, connections: ConnectionLimits) -> li
         ("grpc.http2.ping_timeout_ms", _keepalive_timeout_ms(settings)),  # what core's chttp2 waits for (60 s if unset)
         ("grpc.keepalive_permit_without_calls", 1),  # idle connections too: each holds a --max-connections place
         ("grpc.http2.max_pings_without_data", 0),  # core's default stops pinging after 2 while no data is sent
+        # clients' keepalive pings (tritonclient's KeepAliveOptions, for a load balancer's idle timeout)
+        # as often as every CLIENT_PING_SECONDS: core's default, 5 minutes, answers a client that pings
+        # more often while nothing else is sent (an idle stream, a quiet channel) with GOAWAY
+        # "too_many_pings" at its third such ping, which ends its open streams UNAVAILABLE
+        ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_SECONDS * 1000),
     ]
     if settings.max_connection_age_seconds:
         options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),

@@ -62,6 +62,30 @@ def test_tritonclient_streams_the_mnist_test_set_pipelined_and_gets_the_exported
     assert accuracy == expected
 
 
+def test_a_stream_of_a_client_that_pings_every_five_seconds_outlives_a_quiet_spell(server, mnist):
+    """A client behind a load balancer with an idle timeout keeps its connection open with keepalive
+    pings. gRPC core's server default allows one every 5 minutes while nothing else is sent: until
+    2026-12-05 its third ping (15 s) ended the idle stream with UNAVAILABLE "Too many pings"."""
+    pinging = triton.KeepAliveOptions(keepalive_time_ms=5_000, keepalive_permit_without_calls=True,
+                                      http2_max_pings_without_data=0)
+    client = triton.InferenceServerClient(server.target, keepalive_options=pinging)
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    tensor = triton.InferInput("input", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(mnist.test.images[:1, None].astype(np.float32) / 255)
+    for quiet in (0, 17):  # three pings of the client in the quiet spell
+        try:  # the stream stays open: nothing comes, no error either
+            ended = answers.get(timeout=quiet or 0.01)
+        except queue.Empty:
+            ended = None
+        assert ended is None, f"the quiet stream ended: {ended[1]}"
+        client.async_stream_infer(MODEL, [tensor])
+        result, error = answers.get(timeout=10)
+        assert error is None, error
+        assert result.as_numpy("logits").argmax() == mnist.test.labels[0]
+    client.stop_stream()
+
+
 def test_each_answer_on_a_stream_says_it_is_the_last_as_tritons_streaming_clients_read_until(server, mnist):
     """Triton's clients for models that answer with several responses read until
     ``triton_final_response``, asking for an empty last response where a model sends none; a
