@@ -54,13 +54,6 @@ def build_app() -> typer.Typer:
     return app
 
 
-def _root_options(version: Annotated[bool, typer.Option(
-        "--version", is_eager=True, callback=_show_version,
-        help="Print the versions of resserve, Python and the runtimes installed (for a bug report), and exit.")] = False,
-                  ) -> None:
-    """The root command's own options (the app's help says what resserve is)."""
-
-
 def _show_version(asked: bool) -> None:
     """--version: resserve's version, then what else decides how it runs: Python, the platform and
     the runtimes installed (read from their packages' metadata, so nothing heavy is imported)."""
@@ -77,6 +70,14 @@ def _show_version(asked: bool) -> None:
     typer.echo(f"resserve {__version__} (Python {platform.python_version()} on {platform.system()} "
                f"{platform.machine()})\n{', '.join(installed)}")
     raise typer.Exit()
+
+
+def _root_options(
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_show_version,
+        help="Print the versions of resserve, Python and the runtimes installed (for a bug report), and exit.")] = False,
+) -> None:
+    """The root command's own options (the app's help says what resserve is)."""
 
 
 class Terminated(BaseException):
