@@ -74,7 +74,7 @@ class GatesResults:
 
 def run(settings: GatesSettings, trainer: Trainer, test: Split) -> GatesResults:
     """Train a highway network and a ResNet with and without stochastic depth; measure each."""
-    gate_split = test.head(settings.gate_images)
+    gate_split, test = test.head(settings.gate_images), test.head(settings.test_images)
     highway_config = ModelConfig(arch="highway", blocks=settings.blocks)
     at_init = mean_transform_gates(trainer.build(highway_config), gate_split)
     highway = trainer.train(highway_config, f"highway-{settings.blocks}")

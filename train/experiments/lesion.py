@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,7 @@ from resserve.train.config import ModelConfig
 from resserve.train.data import Split
 from resserve.train.experiments.runs import Trainer
 from resserve.train.experiments.settings import LesionSettings
-from resserve.train.fold import remove_blocks, shape_preserving_blocks
+from resserve.train.fold import fold_for_inference, remove_blocks, shape_preserving_blocks
 from resserve.train.models import ResNet
 from resserve.train.progress import progress_bar
 
@@ -86,7 +87,8 @@ def run(settings: LesionSettings, trainer: Trainer, residual: ResNet, plain: Res
     networks = {}
     with progress_bar(trainer.show_progress, "evaluations") as progress:
         for name, model, origin in (("residual", residual, "given"), ("plain", plain, plain_origin)):
-            network = _lesion(model, origin, settings, trainer.accuracy, test, progress, name, trainer.recipe.seed)
+            network = _lesion(fold_for_inference(model), origin, settings, partial(trainer.accuracy, fold=False), test,
+                              progress, name, trainer.recipe.seed)  # folded once, not once per lesion
             trainer.log(f"{name} ({model.config.arch}-{model.config.blocks}): intact {network.intact:.4f}, "
                         f"one block deleted: mean {np.mean(network.single):.4f}, worst {min(network.single):.4f}")
             networks[name] = network

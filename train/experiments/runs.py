@@ -86,9 +86,10 @@ class Trainer:
         """``model`` on this trainer's device, in the memory format it trains and evaluates in."""
         return model.to(self.device).to(memory_format=torch.channels_last)
 
-    def accuracy(self, model: ResNet, split: Split) -> float:
-        """Top-1 accuracy, BN folded, in the training precision: fast enough for hundreds of evaluations."""
-        return evaluate(model, split, self.precision, folded=True).accuracy
+    def accuracy(self, model: ResNet, split: Split, fold: bool = True) -> float:
+        """Top-1 accuracy, BN folded, in the training precision: fast enough for hundreds of evaluations.
+        ``fold`` False takes ``model`` as folded already (fold_for_inference), as a lesion study's are."""
+        return evaluate(model, split, self.precision, folded=fold).accuracy
 
     def train(self, config: ModelConfig, name: str) -> TrainedNetwork:
         """Train one network for the budget, recording error curves on the way (or take it from

@@ -71,11 +71,12 @@ class GatesSettings:
     train_images: int = 40_000
     survival_prob: float = 0.5  # p_L, Huang et al.'s choice
     gate_images: int = 2_000  # test images behind each mean gate value
+    test_images: int = 10_000  # behind each network's test accuracy
     curve_points: int = 4
 
     @classmethod
     def quick(cls) -> "GatesSettings":
-        return cls(blocks=3, train_images=512, gate_images=128, curve_points=1)
+        return cls(blocks=3, train_images=512, gate_images=128, test_images=512, curve_points=1)
 
     @property
     def budget(self) -> Budget:
