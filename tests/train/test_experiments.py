@@ -145,6 +145,8 @@ def test_a_lesion_may_remove_plain_blocks_but_export_may_not_drop_them():
     assert shape_preserving_blocks(plain) == [0, 1, 2, 4, 5]  # block 3 downsamples to 16 channels
     lesioned = remove_blocks(plain, [1])
     assert isinstance(lesioned.resblocks[1], torch.nn.Identity)
+    assert not isinstance(plain.resblocks[1], torch.nn.Identity)  # the network lesioned is left whole
+    assert lesioned.resblocks[0] is plain.resblocks[0] and lesioned.conv0 is not plain.conv0  # kept blocks shared
     assert lesioned(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(DropBlocksError, match=r"blocks \[3\] change the tensor shape"):
         remove_blocks(plain, [3])
