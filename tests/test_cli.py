@@ -51,6 +51,9 @@ def test_version_names_resserve_python_and_the_runtimes_for_a_bug_report():
     (["train", "--kernel-size", "4"], "kernel size must be a positive odd number"),
     (["train", "--widths", "16,x"], "--widths takes comma-separated positive integers"),
     (["train", "--blocks", "-2"], "number of blocks must be >= 0"),
+    (["train", "--widths", "16,16", "--blocks", "501"], "a network has at most 1,000 residual blocks (He et al.'s "
+                                                        "deepest, 1,202 layers, had 600), got 1,002 (501 per stage x 2 "
+                                                        "stages)"),
     (["train", "--arch", "vgg"], "unknown architecture"),
     (["train", "--device", "tpu"], "device must be auto, cpu or cuda"),
     (["train", "--train-limit", "0"], "train limit must be >= 1 images, got 0"),

@@ -28,10 +28,21 @@ FORMATS = ("onnx", "torchscript")  # the artifacts an export writes
 OUTPUTS = ("logits", "probabilities")  # what every exported graph computes, in order
 INPUT_RANGES = (1, 255)  # the largest pixel value a package's served FP32 input takes
 DEFAULT_OPSET = 18
+# Residual blocks in one network at most. He et al.'s deepest network (1,202 layers) had 600; one of
+# 30,000 took minutes to build before anything could be said about it.
+MAX_DEPTH = 1_000
 
 
 class ConfigError(ResserveError):
     """A model configuration that cannot describe a network."""
+
+
+def check_depth(blocks: int, stages: int = 1) -> None:
+    """One line where ``stages`` stages of ``blocks`` blocks each are more than MAX_DEPTH blocks."""
+    if blocks * stages > MAX_DEPTH:
+        per_stage = f" ({blocks:,} per stage x {stages} stages)" if stages > 1 else ""
+        raise ConfigError(f"a network has at most {MAX_DEPTH:,} residual blocks (He et al.'s deepest, 1,202 layers, "
+                          f"had 600), got {blocks * stages:,}{per_stage}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,7 @@ class ModelConfig:
             raise ConfigError(f"widths must be positive channel counts, got {list(self.widths)}")
         if self.blocks < 0:
             raise ConfigError(f"the number of blocks must be >= 0, got {self.blocks}")
+        check_depth(self.blocks, len(self.widths))
         if len(self.widths) > 1 and self.blocks == 0:
             raise ConfigError("several stages need at least one block per stage to downsample")
         if self.shortcut not in ("A", "B"):

@@ -158,6 +158,8 @@ def test_a_lesion_may_remove_plain_blocks_but_export_may_not_drop_them():
     (["depth", "--depths", "4,0"], "--depths takes comma-separated positive integers like 4,12,25"),
     (["depth", "--depths", "4,12,4"], "--depths names a value more than once: 4,12,4"),
     (["shattered", "--depths", "8,8"], "--depths names a value more than once: 8,8"),
+    (["depth", "--depths", "4,30000"], "at most 1,000 residual blocks (He et al.'s deepest, 1,202 layers, had 600), "
+                                       "got 30,000"),  # before the first network trains, not minutes into it
     pytest.param(["gates", "--device", "cuda"], "--device cuda asked for, but torch sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     (["gates", "--survival-prob", "0"], "survival probability must be in (0, 1]"),

@@ -17,7 +17,7 @@ import typer
 
 from resserve.serve.app import HELP_STYLE
 from resserve.train.cli_shared import DataDir, log as _log, start_torch
-from resserve.train.config import ModelConfig, TrainConfig, parse_ints
+from resserve.train.config import ModelConfig, TrainConfig, check_depth, parse_ints
 from resserve.train.experiments.settings import DepthSettings, GatesSettings, LesionSettings, ShatteredSettings
 from resserve.train.files import existing_checkpoint, prepare_output, resolve_model_path
 
@@ -41,8 +41,14 @@ DEFAULT_OUT = Path("experiments")
 
 
 def _depths(text: Optional[str]) -> Optional[tuple[int, ...]]:
-    """--depths: blocks per network, each depth once (None: the experiment's own)."""
-    return parse_ints(text, "--depths", example="4,12,25", distinct=True) if text else None
+    """--depths: blocks per network, each depth once (None: the experiment's own); all checked
+    before the first network trains."""
+    if not text:
+        return None
+    depths = parse_ints(text, "--depths", example="4,12,25", distinct=True)
+    for blocks in depths:
+        check_depth(blocks)
+    return depths
 
 
 def _sized(settings: Any, **overrides: Any) -> Any:
