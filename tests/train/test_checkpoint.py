@@ -84,7 +84,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, small_checkpoi
 
 
 @pytest.mark.parametrize("config, problem", [
-    ({"blocks": 1_000_000}, "it has 2000000 blocks, the checkpoint 71 tensors"),
+    ({"blocks": 500}, "it has 1000 blocks, the checkpoint 71 tensors"),  # (more than 1,000: an invalid config)
     ({"kernel_size": 20_001}, "size mismatch for resblocks.0.conv1.weight"),
     ({"widths": [100_000, 16]}, "size mismatch for conv0.weight"),
     ({"num_classes": 1_000_000_000}, "size mismatch for fc.weight"),
@@ -95,6 +95,13 @@ def test_a_config_that_asks_for_a_huge_network_is_refused_before_any_memory_is_a
     with pytest.raises(CheckpointError, match=f"weights do not fit the preact config: {problem}") as refused:
         load_checkpoint(path).build()  # before the check: minutes and gigabytes, or a failed allocation
     assert "\n" not in str(refused.value)
+
+
+def test_a_config_deeper_than_any_network_is_refused_as_it_loads(tmp_path, small_checkpoint):
+    path = _altered(tmp_path, small_checkpoint, lambda payload: payload["config"].update({"blocks": 1_000_000}))
+    with pytest.raises(CheckpointError, match=r"invalid model config: a network has at most 1,000 residual blocks .*"
+                                              r"got 2,000,000 \(1,000,000 per stage x 2 stages\)$"):
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize("field, value, wanted", [
