@@ -1,6 +1,6 @@
 """The size of each experiment: plain dataclasses, no torch (the CLI reads its defaults here).
 
-The defaults fit in 15 minutes each on a 2-core CPU (measured: docs/experiments.md);
+The defaults fit in 15 minutes each on a 2-core CPU with bf16 (measured: docs/experiments.md);
 ``quick()`` sizes run in seconds and only check that everything works: their numbers mean
 nothing.
 """
