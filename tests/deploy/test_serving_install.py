@@ -21,8 +21,6 @@ TWO_CLIENTS = """
 import sys, numpy as np, tritonclient.grpc as triton
 from importlib.metadata import version
 from resserve.serve.client import DigitClient
-from resserve.serve.package import load_package
-from resserve.serve.runtime import MAX_BF16_LOSS
 target, png = sys.argv[1:]
 x = triton.InferInput("input", [2, 1, 28, 28], "FP32")
 x.set_data_from_numpy(np.zeros((2, 1, 28, 28), dtype=np.float32))
