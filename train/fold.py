@@ -103,7 +103,7 @@ def remove_blocks(model: ResNet, indices: list[int]) -> ResNet:
     """A copy with the given shape-preserving blocks replaced by the identity (a lesion).
 
     The blocks it keeps are ``model``'s own, shared rather than copied: a lesion study makes
-    hundreds of these, and copying every block's weights each time took as long as evaluating.
+    hundreds of these, and copying every block each time was a third of `experiment lesion --quick`.
     """
     allowed = set(shape_preserving_blocks(model))
     if not set(indices) <= allowed:
