@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from resserve.serve.backends.onnxruntime import import_onnxruntime
+from resserve.serve.backends.onnxruntime import import_onnxruntime, providers_for
 from resserve.serve.cli import TlsCa, TlsCert, TlsKey, Token, TokenFile, client_token, comma_separated
 from resserve.serve.client import DigitClient
 from resserve.serve.errors import ResserveError
@@ -278,6 +278,8 @@ def bench_model(
         raise ResserveError(f"--device must be cpu or cuda, got {device!r}")
     if not (math.isfinite(seconds) and seconds > 0):
         raise ResserveError(f"--seconds must be a finite number > 0, got {seconds:g}")
+    if device == "cuda":
+        providers_for("cuda")  # the CPU build of ONNX Runtime names the install to make, before torch loads
     if json_out:
         check_writable(json_out, "model.json")
     start_torch()
