@@ -6,7 +6,7 @@ blocks optionally dropped.
 - A BN that precedes a ReLU (the first of a pre-activation block, the final one) has no
   convolution to fold into and becomes ``ChannelAffine`` (x * scale + shift).
 - Stochastic depth uses inverted scaling in training (see models.py), so a branch's test-time
-  scale is 1: the ``StochasticDepth`` modules are replaced by ``nn.Identity`` and no random op
+  scale is 1: torchvision's ``StochasticDepth`` modules are replaced by ``nn.Identity`` and no random op
   remains.
 - Dropped blocks (Veit et al. 2016) become ``nn.Identity``; only blocks that keep the tensor
   shape qualify.
@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.ops import StochasticDepth
 
 from resserve.serve.errors import ResserveError
 from resserve.train.models import CReLUBlock, HighwayBlock, PreActBlock, ResBlock, ResNet
@@ -74,7 +73,7 @@ def fold_for_inference(model: ResNet) -> ResNet:
         for bn_name in UNFOLDABLE.get(type(block), []):
             setattr(block, bn_name, ChannelAffine(getattr(block, bn_name)))
         _fold_shortcut(block)
-        if isinstance(getattr(block, "drop", None), StochasticDepth):
+        if hasattr(block, "drop"):  # stochastic depth, or its identity where a block always survives
             block.drop = nn.Identity()  # inverted scaling: the test-time branch scale is 1
     if folded.final_bn is not None:
         folded.final_bn = ChannelAffine(folded.final_bn)

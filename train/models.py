@@ -15,7 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 from resserve.train.config import ModelConfig
 
@@ -69,6 +68,18 @@ def make_shortcut(in_channels: int, out_channels: int, stride: int, kind: str) -
     )
 
 
+def stochastic_depth(drop_prob: float) -> nn.Module:
+    """torchvision's ``StochasticDepth`` in row mode (each example keeps or drops the branch on its
+    own) where a block may be dropped, the identity where it never is. torchvision is imported only
+    then: its import takes 1.5 s (``torch._dynamo``, through its detection ops), which evaluating,
+    and refusing a bad checkpoint, would otherwise pay for nothing."""
+    if drop_prob == 0:
+        return nn.Identity()
+    from torchvision.ops import StochasticDepth
+
+    return StochasticDepth(drop_prob, mode="row")
+
+
 def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
     """k x k convolution with 'same' padding, as in the lecture (bias kept, as there)."""
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2)
@@ -89,7 +100,7 @@ class ResBlock(nn.Module):
         self.conv2 = conv(out_channels, out_channels, kernel_size)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut = make_shortcut(in_channels, out_channels, stride, shortcut) if skip else None
-        self.drop = StochasticDepth(drop_prob, mode="row")
+        self.drop = stochastic_depth(drop_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -113,7 +124,7 @@ class PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.conv2 = conv(out_channels, out_channels, kernel_size)
         self.shortcut = make_shortcut(in_channels, out_channels, stride, shortcut)
-        self.drop = StochasticDepth(drop_prob, mode="row")
+        self.drop = stochastic_depth(drop_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv1(F.relu(self.bn1(x)))
@@ -233,6 +244,8 @@ class ResNet(nn.Module):
         return (index + 1) / self.config.depth * (1.0 - self.config.survival_prob)
 
     def _init_weights(self) -> None:
+        if self.fc.weight.is_meta:  # built for its shapes only (Checkpoint.build): no values to set, and
+            return  # initializing meta tensors would import torch._dynamo, 1.3 s
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
