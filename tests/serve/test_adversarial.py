@@ -247,7 +247,7 @@ def test_the_calls_of_a_client_that_stops_answering_free_their_places_in_the_rpc
     """They held them for gRPC's default keepalive of two hours: past the limit, every call
     (Kubernetes' probes included) was RESOURCE_EXHAUSTED. Now a ping unanswered frees them."""
     with ServerProcess("--max-message-bytes", "1048576", "--max-inflight-bytes", "2097152",
-                       "--keepalive-seconds", "5") as small:  # 2 RPCs and 8 more: 10 places
+                       "--keepalive-seconds", "2") as small:  # 2 RPCs and 8 more: 10 places
         client = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, small.target])
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(small.target))
         check = health_pb2.HealthCheckRequest(service="resserve.readiness")
