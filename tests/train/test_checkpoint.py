@@ -1,6 +1,8 @@
 """Checkpoints round-trip, and anything that is not one is refused without running code."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,13 @@ def test_a_resume_state_that_is_not_one_is_refused_in_one_line_that_says_how_to_
         ResumeState.load(path)
     message = str(refused.value)
     assert message.startswith(f"{path} {said}") and message.endswith("; delete it to start afresh")
+
+
+def test_a_checkpoint_loads_and_evaluates_without_torchvision_and_torch_dynamo():
+    """Their imports take 1.5 s (torchvision's detection ops import torch._dynamo): eval and every
+    refusal of a checkpoint paid them at each start. torchvision comes in where a block may be dropped."""
+    code = ("import sys, torch; from resserve.train.checkpoint import load_checkpoint;"
+            "from resserve.train.files import SHIPPED_MODEL; model = load_checkpoint(SHIPPED_MODEL).build();"
+            "model(torch.zeros(1, 1, 28, 28)); print(sorted({'torchvision', 'torch._dynamo'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stderr[-2000:]
