@@ -6,8 +6,8 @@ blocks optionally dropped.
 - A BN that precedes a ReLU (the first of a pre-activation block, the final one) has no
   convolution to fold into and becomes ``ChannelAffine`` (x * scale + shift).
 - Stochastic depth uses inverted scaling in training (see models.py), so a branch's test-time
-  scale is 1: torchvision's ``StochasticDepth`` modules are replaced by ``nn.Identity`` and no random op
-  remains.
+  scale is 1: torchvision's ``StochasticDepth`` modules are replaced by ``nn.Identity`` and no
+  random op remains.
 - Dropped blocks (Veit et al. 2016) become ``nn.Identity``; only blocks that keep the tensor
   shape qualify.
 """
