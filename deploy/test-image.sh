@@ -20,6 +20,9 @@ METRICS_PORT=$((PORT + 1))
 HTTP_PORT=$((PORT + 2))
 WORK=$(mktemp -d)
 log() { echo "test-image: $*" >&2; }
+# whether the test container's log has the text $1: the log is read whole first (grep -q leaves at
+# its match, and the SIGPIPE docker logs then gets fails the pipeline under pipefail)
+logged() { grep -qF -- "$1" <<< "$(docker logs resserve-image-test 2>&1)"; }
 cleanup() {
   docker rm -f resserve-image-test resserve-quota-test >/dev/null 2>&1 || true
   [ -n "${DOCKERD_PID:-}" ] && kill "$DOCKERD_PID" 2>/dev/null || true
@@ -94,11 +97,11 @@ docker run -d --name resserve-image-test --network host --read-only --tmpfs /tmp
   --host 127.0.0.1 --port "$PORT" --metrics-port "$METRICS_PORT" --http-port "$HTTP_PORT" --drain-seconds 1 \
   --workers 2 >/dev/null
 for _ in $(seq 120); do
-  docker logs resserve-image-test 2>&1 | grep -q " ready: " && break
+  logged " ready: " && break
   sleep 0.5
 done
-docker logs resserve-image-test 2>&1 | grep -q " ready: " || { docker logs resserve-image-test >&2; exit 1; }
-docker logs resserve-image-test 2>&1 | grep -q "WARNING resserve.serve: 2 workers, each may hold up to 1.6 GB" \
+logged " ready: " || { docker logs resserve-image-test >&2; exit 1; }
+logged "WARNING resserve.serve: 2 workers, each may hold up to 1.6 GB" \
   || { log "no warning that 2 workers may exceed the 2 GiB memory limit"; docker logs resserve-image-test >&2; exit 1; }
 # the log is the server's: no other library's info lines (OpenVINO's telemetry's, for a user with no home)
 if docker logs resserve-image-test 2>&1 | grep -v " resserve\."; then
@@ -135,7 +138,7 @@ PY
 
 docker stop -t 30 resserve-image-test >/dev/null
 code=$(docker inspect resserve-image-test --format '{{.State.ExitCode}}')
-docker logs resserve-image-test 2>&1 | grep -q "stopped; requests answered" || { docker logs resserve-image-test >&2; exit 1; }
+logged "stopped; requests answered" || { docker logs resserve-image-test >&2; exit 1; }
 [ "$code" = 0 ] || { log "exit code $code after SIGTERM"; exit 1; }
 log "ok: built with the otel extra, runs as uid 10001, counts the CPUs of its CPU quota, refuses in one line" \
   "workers without a writable /tmp and a file it cannot read; on a read-only filesystem with 2 workers (and a" \
