@@ -47,6 +47,17 @@ def test_version_names_resserve_python_and_the_runtimes_for_a_bug_report():
         assert f"{package} {metadata.version(package)}" in runtimes.split(", ")
 
 
+@pytest.fixture(scope="module")
+def torch_unimportable(tmp_path_factory) -> dict[str, str]:
+    """The environment of a command in which ``import torch`` fails (a package of that name first
+    on the path that raises), so that a command that answers in it provably answered before
+    loading torch: at once, not after the 2-4 s torch takes to import."""
+    blocker = tmp_path_factory.mktemp("torch-blocked")
+    (blocker / "torch").mkdir()
+    (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked by this test')\n")
+    return {"PYTHONPATH": str(blocker)}
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--kernel-size", "4"], "kernel size must be a positive odd number"),
     (["train", "--widths", "16,x"], "--widths takes comma-separated positive integers"),
@@ -61,6 +72,9 @@ def test_version_names_resserve_python_and_the_runtimes_for_a_bug_report():
     (["train", "--batch-size", "0"], "batch size must be >= 1 images, got 0"),
     (["train", "--lr", "nan"], "learning rate must be a finite number > 0, got nan"),
     (["train", "--weight-decay", "-1"], "weight decay must be a finite number >= 0, got -1.0"),
+    (["experiment", "depth", "--out", __file__], f"--out {__file__} is a file; give a directory for the JSON and PNG"),
+    (["experiment", "lesion", "--out", __file__], f"--out {__file__} is a file"),  # was: after torch loaded
+    (["experiment", "lesion", "--device", "tpu"], "device must be auto, cpu or cuda, got 'tpu'"),  # the same
     (["eval", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),
     (["eval", str(SHIPPED_PACKAGE)], f"{SHIPPED_PACKAGE} is a model package (from resserve export); this takes the"),
     (["export", "/tmp"], "/tmp is a folder; give a checkpoint file in it, such as /tmp/model.pt"),
@@ -132,8 +146,8 @@ def test_version_names_resserve_python_and_the_runtimes_for_a_bug_report():
     (["serve", "--max-batch-size", "32", "--batch-buckets", "1,64"], "--batch-buckets must be sizes whose largest is "
      "--max-batch-size (32); got '1,64'"),
 ])
-def test_bad_input_is_one_line_and_a_nonzero_exit(args, message):
-    result = run_cli(*args)
+def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, torch_unimportable):
+    result = run_cli(*args, env=torch_unimportable)  # answered before torch loads (2-4 s): it is not needed
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert lines == [f"error: {message}" if message.startswith("no checkpoint") else lines[0]]

@@ -57,14 +57,20 @@ def _sized(settings: Any, **overrides: Any) -> Any:
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def _checked_options(out: Path, seed: int, device: str) -> tuple[TrainConfig, Path]:
+    """The recipe and the output directory (created), checked before torch loads (2-4 s), so that
+    a mistake in them answers at once."""
+    recipe = TrainConfig(seed=seed, device=device)
+    recipe.validate()
+    return recipe, prepare_output(out)
+
+
 class _Run:
     """Shared by every experiment: data, trainer, timing and the report at the end."""
 
     def __init__(self, name: str, settings: Any, out: Path, quick: bool, seed: int, device: str,
                  data_dir: Optional[Path], quiet: bool, resume: bool = False) -> None:
-        self.recipe = TrainConfig(seed=seed, device=device)
-        self.recipe.validate()  # the input first: these checks need no torch, so they answer at once
-        self.out = prepare_output(out)
+        self.recipe, self.out = _checked_options(out, seed, device)
         start_torch()
         from resserve.train.data import load_mnist
         from resserve.train.experiments.report import pyplot
@@ -167,6 +173,7 @@ def lesion(
 
     residual_path = resolve_model_path(model)
     plain_path = existing_checkpoint(plain) if plain is not None else None
+    _checked_options(out, seed, device)
     start_torch()
     from resserve.train.checkpoint import load_checkpoint
     from resserve.train.experiments import lesion as experiment
