@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import re
 import time
 from dataclasses import dataclass
@@ -151,6 +152,28 @@ class Result:
     model_version: str
 
 
+def _check_target(target: str, option: str) -> None:
+    """One line for the two ways of naming a server that gRPC answers with a resolver error: a URL,
+    and an IPv6 address without the brackets that set it apart from its port."""
+    scheme, _, address = target.partition("://")
+    if address and scheme.lower() in URL_SCHEMES:
+        raise ResserveError(f"{option} takes the host:port of a server's gRPC port (such as localhost:8001), "
+                            f"not a URL: got {target[:200]!r}"
+                            + ("; for TLS, give --tls-ca" if scheme.lower().endswith("s") else ""))
+    host, _, port = target.rpartition(":")  # "::1:8001" is an IPv6 address too: the port is meant
+    for address, port in ([(host, port)] if port.isdigit() else []) + [(target, "8001")]:
+        if _is_ipv6(address):
+            raise ResserveError(f"{option}: an IPv6 address takes brackets before its port, as in "
+                                f"[{address}]:{port}; got {target[:200]!r}")
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
+
+
 class DigitClient:
     """``with DigitClient("localhost:8001") as client: client.classify([png_bytes])``."""
 
@@ -158,11 +181,7 @@ class DigitClient:
                  timeout: float = 30.0, tls_cert: Path | None = None, tls_key: Path | None = None,
                  option: str = SERVER_OPTION) -> None:
         """``option``: how the user named ``target``, for the hints of a connection that fails."""
-        scheme, _, address = target.partition("://")
-        if address and scheme.lower() in URL_SCHEMES:
-            raise ResserveError(f"{option} takes the host:port of a server's gRPC port (such as localhost:8001), "
-                                f"not a URL: got {target[:200]!r}"
-                                + ("; for TLS, give --tls-ca" if scheme.lower().endswith("s") else ""))
+        _check_target(target, option)
         if tls_ca is not None:
             self.channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key))
         elif tls_cert or tls_key:

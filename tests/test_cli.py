@@ -95,6 +95,9 @@ def torch_unimportable(tmp_path_factory) -> dict[str, str]:
     (["health", "--server", "127.0.0.1:1"], "(is a server running there? `resserve serve` starts one; --server or"),
     (["classify", __file__, "--server", "http://localhost:8000"], "--server or RESSERVE_SERVER takes the host:port "
      "of a server's gRPC port (such as localhost:8001), not a URL: got 'http://localhost:8000'"),
+    (["health", "--server", "::1:8001"], "--server or RESSERVE_SERVER: an IPv6 address takes brackets before its "
+     "port, as in [::1]:8001; got '::1:8001'"),  # was: gRPC's "Misformatted domain name"
+    (["classify", __file__, "--server", "fe80::1%eth0"], "as in [fe80::1%eth0]:8001; got 'fe80::1%eth0'"),
     (["models", "--server", "HTTPS://resserve.example.com"], "not a URL: got 'HTTPS://resserve.example.com'; for "
      "TLS, give --tls-ca"),
     (["health", "--tls-ca", "/nonexistent/ca.crt"], "cannot read --tls-ca /nonexistent/ca.crt: No such file or directory"),
