@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from resserve.serve.errors import ResserveError
 from resserve.serve.preprocess import READ_FORMATS, eight_bit, has_alpha
-from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
+from resserve.serve.settings import DEFAULT_PORT, LIVENESS_SERVICE, READINESS_SERVICE, host_port
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -161,10 +161,11 @@ def _check_target(target: str, option: str) -> None:
                             f"not a URL: got {target[:200]!r}"
                             + ("; for TLS, give --tls-ca" if scheme.lower().endswith("s") else ""))
     host, _, port = target.rpartition(":")  # "::1:8001" is an IPv6 address too: the port is meant
-    for address, port in ([(host, port)] if port.isdigit() else []) + [(target, "8001")]:
-        if _is_ipv6(address):
+    readings = ([(host, int(port))] if port.isdigit() else []) + [(target, DEFAULT_PORT)]
+    for ip, meant_port in readings:
+        if _is_ipv6(ip):
             raise ResserveError(f"{option}: an IPv6 address takes brackets before its port, as in "
-                                f"[{address}]:{port}; got {target[:200]!r}")
+                                f"{host_port(ip, meant_port)}; got {target[:200]!r}")
 
 
 def _is_ipv6(text: str) -> bool:
