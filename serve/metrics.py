@@ -6,13 +6,15 @@ supervisor serves their sum (serve/workers/); gauges say how workers' values com
 
 from __future__ import annotations
 
+import glob
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from resserve.serve.batcher import BatchStats
@@ -141,6 +143,28 @@ class ModelMetrics:
         for phase, seconds in (("input", stats.input_seconds), ("infer", stats.infer_seconds),
                                ("output", stats.output_seconds)):
             self.compute_us[phase].inc(seconds * 1e6 * requests)
+
+
+class WorkerFilesCollector(MultiProcessCollector):
+    """The workers' samples, summed from their files (prometheus-client's multiprocess mode), less
+    the files of a worker that is starting: for an instant after it creates one the file is empty,
+    and prometheus-client fails the whole scrape on reading it (a 500, which Prometheus takes for
+    a server down). A file once sized is never empty again, so leaving out those empty when looked
+    at closes that window."""
+
+    def __init__(self, registry: CollectorRegistry, folder: str) -> None:
+        self.folder = folder
+        super().__init__(registry, path=folder)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.merge([file for file in glob.glob(os.path.join(self.folder, "*.db")) if _sized(file)])
+
+
+def _sized(file: str) -> bool:
+    try:
+        return os.path.getsize(file) > 0
+    except FileNotFoundError:  # a dead worker's live gauges, removed since the folder was listed
+        return False
 
 
 class ServerProcessCollector(Collector):

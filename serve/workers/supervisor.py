@@ -26,6 +26,7 @@ from prometheus_client import multiprocess
 from resserve.serve.auth import Access, warn_of_open_admin_apis
 from resserve.serve.errors import ResserveError
 from resserve.serve.logs import LogSettings, configure_logging
+from resserve.serve.metrics import WorkerFilesCollector
 from resserve.serve.repository import read_packages
 from resserve.serve.server import answer_counts, check_port_free, serve_metrics
 from resserve.serve.settings import ServerSettings, page_note, warn_of_memory_limit
@@ -172,9 +173,7 @@ class Supervisor:
         ``metrics_dir`` (prometheus-client's multiprocess mode), which this process reads and
         serves beside its own (workers ready, restarts)."""
         if self.settings.metrics_port:
-            from prometheus_client.multiprocess import MultiProcessCollector
-
-            MultiProcessCollector(self.registry, path=self.metrics_dir)
+            WorkerFilesCollector(self.registry, self.metrics_dir)
             serve_metrics(self.registry, self.settings.metrics_port, self.settings.host)
         self.metrics.configured.set(self.settings.workers)
         os.environ[METRICS_DIR_VARIABLE] = self.metrics_dir  # inherited by the workers only: imported here already
