@@ -354,3 +354,21 @@ def triton_infer(client, images, model: str = "resnet-mnist", version: str = "")
     tensor = module.InferInput("input", list(images.shape), "FP32")
     tensor.set_data_from_numpy(images)
     return client.infer(model, [tensor], model_version=version)
+
+
+@contextlib.contextmanager
+def running(*clients: Callable[[threading.Event], None]) -> Iterator[threading.Event]:
+    """Each of ``clients`` on a thread of its own, called with an event that is set when the block
+    ends, however it ends, and the threads then joined. A client loops until the event is set:
+    left looping after a failed assertion, against a server gone, one spun on its retries for the
+    rest of the session (slowing every test after it) and kept pytest from exiting."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=client, args=(stop,), daemon=True) for client in clients]
+    for thread in threads:
+        thread.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)

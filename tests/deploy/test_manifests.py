@@ -21,7 +21,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from helpers import ServerProcess, free_port, triton_infer
+from helpers import ServerProcess, free_port, running, triton_infer
 from resserve.serve.app import build_app
 from resserve.serve.metrics import Metrics, ServerProcessCollector
 from resserve.serve.settings import (DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT, LogFormat, ServerSettings,
@@ -381,24 +381,21 @@ def test_the_dashboard_shows_a_real_server_as_prometheus_scrapes_it(tmp_path):
         config = {"global": {"scrape_interval": "1s"},
                   "scrape_configs": [{"job_name": "resserve", "static_configs": [pod]}]}
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port, stop = free_port(), threading.Event()
+        port = free_port()
 
-        def load() -> None:
+        def load(stop: threading.Event) -> None:
             client = triton_grpc.InferenceServerClient(server.target)
             while not stop.is_set():
                 triton_infer(client, np.zeros((1, 1, 28, 28), np.float32))
 
-        sender = threading.Thread(target=load)
         with (tmp_path / "prometheus.log").open("w") as log:
             scraper = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
                                         f"--storage.tsdb.path={tmp_path / 'data'}",
                                         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
-        sender.start()
         try:
-            empty = answer_each(f"http://127.0.0.1:{port}", dashboard_queries(rate_interval="5s"), seconds=60)
+            with running(load):
+                empty = answer_each(f"http://127.0.0.1:{port}", dashboard_queries(rate_interval="5s"), seconds=60)
         finally:
-            stop.set()
-            sender.join()
             scraper.terminate()
             scraper.wait(10)
     assert not empty, f"no numbers from: {empty}\n" + (tmp_path / "prometheus.log").read_text()[-2000:]

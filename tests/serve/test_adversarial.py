@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
 
 from helpers import (ServerProcess, hold_connections, metric_value, resident_bytes, room_for_sockets, run_cli,
-                     stat_fields)
+                     running, stat_fields)
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -443,9 +443,9 @@ def test_sigterm_under_16_client_load_answers_only_ok_or_unavailable_five_times_
     request = request_of(np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32))
     for _ in range(5):
         with ServerProcess("--grace-seconds", "5", drain_seconds=0.5) as target:
-            codes, stop = collections.Counter(), threading.Event()
+            codes = collections.Counter()
 
-            def client() -> None:
+            def client(stop: threading.Event) -> None:
                 stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(target.target))
                 while not stop.is_set():
                     code = code_of(lambda: stub.ModelInfer(request, timeout=10))
@@ -453,16 +453,11 @@ def test_sigterm_under_16_client_load_answers_only_ok_or_unavailable_five_times_
                     if code != grpc.StatusCode.OK:
                         time.sleep(0.01)
 
-            threads = [threading.Thread(target=client) for _ in range(16)]
-            for thread in threads:
-                thread.start()
-            time.sleep(1.0)
-            target.process.send_signal(15)
-            exit_code = target.process.wait(timeout=60)
-            time.sleep(0.2)  # clients meet the closed port too
-            stop.set()
-            for thread in threads:
-                thread.join()
+            with running(*[client] * 16):
+                time.sleep(1.0)
+                target.process.send_signal(15)
+                exit_code = target.process.wait(timeout=60)
+                time.sleep(0.2)  # clients meet the closed port too
         assert exit_code == 0
         assert set(codes) == {"OK", "UNAVAILABLE"}, codes
         answered = dict(re.findall(r"(\w+) (\d+)", "".join(target.lines).split("requests answered: ")[1]))

@@ -1,6 +1,7 @@
 """Overload, deadlines, cancellation, SIGTERM, startup errors, TLS and tokens, each on its own server."""
 
 import datetime as dt
+import functools
 import re
 import shutil
 import signal
@@ -18,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers import (RESSERVE, ServerProcess, free_port, hold_connections, metric_value, room_for_sockets, run_cli,
-                     wait_until, write_hanging_package)
+                     running, wait_until, write_hanging_package)
 from resserve.serve.client import CLOSED_AT_LIMIT, ClientError, DigitClient
 from resserve.serve.metrics import Metrics
 from resserve.serve.package import SHIPPED_PACKAGE
@@ -103,9 +104,9 @@ def test_a_cancelled_request_does_not_disturb_its_batch_mates(digits):
 
 def test_sigterm_under_load_loses_no_accepted_request(digits):
     with ServerProcess("--grace-seconds", "20", drain_seconds=1.5) as server:
-        outcomes, stop = [], threading.Event()
+        outcomes = []
 
-        def client_loop(offset: int) -> None:
+        def client_loop(offset: int, stop: threading.Event) -> None:
             stub = kserve_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
             while not stop.is_set():
                 batch = digits[offset:offset + 16]
@@ -117,19 +118,14 @@ def test_sigterm_under_load_loses_no_accepted_request(digits):
                     outcomes.append((exc.code().name, time.monotonic()))
                     time.sleep(0.05)
 
-        threads = [threading.Thread(target=client_loop, args=(16 * i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        time.sleep(1.0)
-        signalled = time.monotonic()
-        server.process.send_signal(15)
-        time.sleep(0.5)  # draining: not ready, still alive, still answering
-        assert health_status(server.target, "resserve.readiness") == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert health_status(server.target, "resserve.liveness") == health_pb2.HealthCheckResponse.SERVING
-        assert server.process.wait(timeout=60) == 0
-        stop.set()
-        for thread in threads:
-            thread.join()
+        with running(*(functools.partial(client_loop, 16 * i) for i in range(8))):
+            time.sleep(1.0)
+            signalled = time.monotonic()
+            server.process.send_signal(15)
+            time.sleep(0.5)  # draining: not ready, still alive, still answering
+            assert health_status(server.target, "resserve.readiness") == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert health_status(server.target, "resserve.liveness") == health_pb2.HealthCheckResponse.SERVING
+            assert server.process.wait(timeout=60) == 0
     # Every request the server accepted was answered, and the clients got exactly those answers.
     # (A request racing the listener's close can still be refused by gRPC itself, UNAVAILABLE or
     # CANCELLED, before the server accepts it: that one was never accepted, and retrying is safe.)

@@ -20,7 +20,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from helpers import ServerProcess, metric_value, run_cli, triton_infer, wait_until
+from helpers import ServerProcess, metric_value, run_cli, running, triton_infer, wait_until
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -52,9 +52,9 @@ def infer(client) -> str:
 def traffic(server, clients: int) -> Iterator[Counter]:
     """``clients`` gRPC clients sending one request after another until the block ends: the
     outcomes, by the version that answered or the status of the error."""
-    outcomes, stop = Counter(), threading.Event()
+    outcomes = Counter()
 
-    def client() -> None:
+    def client(stop: threading.Event) -> None:
         connection = triton_grpc.InferenceServerClient(server.target)
         while not stop.is_set():
             try:
@@ -62,15 +62,8 @@ def traffic(server, clients: int) -> Iterator[Counter]:
             except InferenceServerException as exc:
                 outcomes[exc.status()] += 1
 
-    senders = [threading.Thread(target=client) for _ in range(clients)]
-    for sender in senders:
-        sender.start()
-    try:
+    with running(*[client] * clients):
         yield outcomes
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join()
 
 
 def set_version(package, version: str, name: str = MODEL) -> None:

@@ -23,7 +23,7 @@ import tritonclient.http.aio as triton_http_aio
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from helpers import HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, metric_value, run_cli
+from helpers import HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, metric_value, run_cli, running
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.package import load_package
 from resserve.serve.preprocess import HEIF_REFUSED
@@ -614,26 +614,21 @@ def test_after_the_grace_period_queued_requests_get_503_uncomputed_and_the_serve
 def test_sigterm_under_http_load_answers_only_200_or_503_and_ready_goes_false(mnist):
     body = json_infer(mnist.test.images[:1, None].astype(np.float32) / 255)
     with ServerProcess("--grace-seconds", "5", drain_seconds=1.0) as server:
-        statuses, ready, stop = collections.Counter(), [], threading.Event()
+        statuses, ready = collections.Counter(), []
 
-        def client() -> None:
+        def client(stop: threading.Event) -> None:
             while not stop.is_set():
                 try:
                     statuses[call(server, "POST", INFER, body)[0]] += 1
                 except OSError:  # the server has exited: refused, never accepted
                     time.sleep(0.01)
 
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        time.sleep(1.0)
-        server.process.send_signal(15)
-        time.sleep(0.5)
-        ready.append(call(server, "GET", "/v2/health/ready")[0])  # inside the drain window
-        assert server.process.wait(timeout=60) == 0
-        stop.set()
-        for thread in threads:
-            thread.join()
+        with running(*[client] * 8):
+            time.sleep(1.0)
+            server.process.send_signal(15)
+            time.sleep(0.5)
+            ready.append(call(server, "GET", "/v2/health/ready")[0])  # inside the drain window
+            assert server.process.wait(timeout=60) == 0
     assert ready == [503]
     assert set(statuses) <= {200, 503} and statuses[200] > 0, statuses
     answered = dict(re.findall(r"(\w+) (\d+)", "".join(server.lines).split("requests answered: ")[1]))

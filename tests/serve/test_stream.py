@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import tritonclient.grpc as triton
 
-from helpers import ServerProcess, metric_value
+from helpers import ServerProcess, metric_value, running
 from resserve.serve.package import load_package
 from resserve.serve.rpc import Outcome, answer
 from resserve.serve.settings import ServerSettings
@@ -180,9 +180,9 @@ def test_sigterm_under_stream_load_answers_every_request_it_read(mnist):
     server counted; a request still unread when the server exits fails with the stream."""
     images = mnist.test.images[:8, None] / 255
     with ServerProcess("--grace-seconds", "10", drain_seconds=1.0) as server:
-        received, stop = [], threading.Event()
+        received = []
 
-        def client() -> None:
+        def client(stop: threading.Event) -> None:
             while not stop.is_set():
                 pending = queue.Queue()
                 call = stream_stub(server).ModelStreamInfer(iter(pending.get, None), timeout=30)
@@ -198,15 +198,10 @@ def test_sigterm_under_stream_load_answers_every_request_it_read(mnist):
                 finally:
                     pending.put(None)
 
-        threads = [threading.Thread(target=client) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        time.sleep(1.0)
-        server.process.send_signal(15)
-        assert server.process.wait(timeout=30) == 0
-        stop.set()
-        for thread in threads:
-            thread.join()
+        with running(*[client] * 4):
+            time.sleep(1.0)
+            server.process.send_signal(15)
+            assert server.process.wait(timeout=30) == 0
     answered = dict((code, int(n)) for code, n in re.findall(r"(\w+) (\d+)", "".join(server.lines).split(
         "requests answered: ")[1]))
     assert set(answered) <= {"OK", "UNAVAILABLE"}, answered

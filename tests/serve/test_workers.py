@@ -21,7 +21,7 @@ import tritonclient.http as triton_http
 import tritonclient.utils.shared_memory as shared_memory
 from tritonclient.utils import InferenceServerException
 
-from helpers import (ServerProcess, free_port, metric_value, own_cpu_seconds, run_cli, stat_fields,
+from helpers import (ServerProcess, free_port, metric_value, own_cpu_seconds, run_cli, running, stat_fields,
                      tree_resident_bytes, write_hanging_package)
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.settings import ServerSettings, auto_workers, worker_peak_memory
@@ -120,6 +120,9 @@ def test_two_workers_share_one_port_and_metrics_add_up(tmp_path):
         assert metric_value(metrics, "resserve_batch_size_count") == 60  # each worker's batches, summed
         assert metric_value(metrics, "nv_inference_request_success", model=MODEL) == 60  # Triton's names too
         assert "_created" not in metrics  # the supervisor's own counters as one worker's: the same series
+        # a worker starting creates its file, then sizes it: a scrape in between answered 500
+        (next(tmp_path.iterdir()) / "counter_4194304.db").touch()
+        assert metric_value(server.metrics(), "resserve_requests_total", protocol="http", code="200") == 60
         # the server's memory is the supervisor's and its workers' (prometheus-client's own sees one process)
         assert metric_value(metrics, "process_resident_memory_bytes") == pytest.approx(
             tree_resident_bytes(server.process.pid), rel=0.2)
@@ -140,23 +143,20 @@ def test_two_workers_share_one_port_and_metrics_add_up(tmp_path):
 def test_a_killed_worker_comes_back_while_the_other_keeps_answering():
     with ServerProcess("--workers", "2") as server:
         first = worker_pids(server)
-        statuses, stop = collections.Counter(), threading.Event()
+        statuses = collections.Counter()
 
-        def client() -> None:
+        def client(stop: threading.Event) -> None:
             while not stop.is_set():
                 try:
                     statuses[http_status(server)] += 1
                 except OSError:  # a connection the dead worker had accepted
                     statuses["reset"] += 1
 
-        thread = threading.Thread(target=client)
-        thread.start()
-        time.sleep(0.5)
-        killed_cpu = own_cpu_seconds(first[1])
-        kill_and_await_restart(server, 1)
-        time.sleep(0.5)
-        stop.set()
-        thread.join()
+        with running(client):
+            time.sleep(0.5)
+            killed_cpu = own_cpu_seconds(first[1])
+            kill_and_await_restart(server, 1)
+            time.sleep(0.5)
         log = "".join(server.lines)
         assert f"worker 1 (pid {first[1]}) exited with code -9; restarting it in 1.0 s" in log
         assert metric_value(server.metrics(), "resserve_worker_restarts_total") == 1
@@ -208,9 +208,9 @@ def test_sigterm_under_load_drains_every_worker_and_answers_only_ok_or_unavailab
     request.raw_input_contents.append(np.zeros((1, 1, 28, 28), np.float32).tobytes())
     with ServerProcess("--workers", "2", "--grace-seconds", "5", drain_seconds=1.0) as server:
         pids = list(worker_pids(server).values())
-        codes, stop = collections.Counter(), threading.Event()
+        codes = collections.Counter()
 
-        def client() -> None:  # a connection of its own per client, so both workers get some
+        def client(stop: threading.Event) -> None:  # a connection of its own per client, so both workers get some
             channel = grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
             stub = kserve_grpc.GRPCInferenceServiceStub(channel)
             while not stop.is_set():
@@ -221,16 +221,11 @@ def test_sigterm_under_load_drains_every_worker_and_answers_only_ok_or_unavailab
                     codes[exc.code().name] += 1
                     time.sleep(0.01)
 
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        time.sleep(1.0)
-        server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(timeout=60) == 0
-        time.sleep(0.2)
-        stop.set()
-        for thread in threads:
-            thread.join()
+        with running(*[client] * 8):
+            time.sleep(1.0)
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=60) == 0
+            time.sleep(0.2)
     assert set(codes) <= {"OK", "UNAVAILABLE"} and codes["OK"] > 0, codes  # never CANCELLED
     total, _ = final_counts(server)
     assert set(total) <= {"OK", "UNAVAILABLE"} and total["OK"] == codes["OK"]  # every OK sent arrived
