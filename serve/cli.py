@@ -17,9 +17,10 @@ from resserve.serve.batcher import DEFAULT_MAX_BATCH_SIZE, BatchingConfig
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable
 from resserve.serve.settings import (CPUS_PER_WORKER, CUDA_WORKERS, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT,
-                                     MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, BackendChoice, ConvSearch, Device,
-                                     LogFormat, LogLevel, Precision, ServerSettings, TraceLevel, TraceMode, parse_auto,
-                                     parse_buckets, parse_max_batch_size, parse_workers, worker_peak_memory)
+                                     DEFAULT_PORT, MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, BackendChoice, ConvSearch,
+                                     Device, LogFormat, LogLevel, Precision, ServerSettings, TraceLevel, TraceMode,
+                                     parse_auto, parse_buckets, parse_max_batch_size, parse_workers, with_port,
+                                     worker_peak_memory)
 
 if TYPE_CHECKING:
     from resserve.serve.bench.clients import Level
@@ -221,7 +222,8 @@ def client_token(token: str | None, token_file: Path | None) -> str | None:
     return read_tokens(token_file)[0] if token_file else token and check_token(token, "--token")
 
 
-Server = Annotated[str, typer.Option("--server", envvar=_env("SERVER"), help="host:port of a resserve server.")]
+Server = Annotated[str, typer.Option("--server", envvar=_env("SERVER"),
+    help=f"host:port of a resserve server's gRPC port ({DEFAULT_PORT} where only a host is given).")]
 TlsCa = Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CA"), help="CA certificate: connect with TLS.")]
 TlsCert = Annotated[Optional[Path], typer.Option(envvar=_env("CLIENT_CERT"), show_envvar=True, show_default=False,
     help="This client's certificate (PEM), for a server with mutual TLS (--tls-client-ca); with --tls-key.")]
@@ -420,7 +422,8 @@ def models(
 
 
 def bench_serve(
-    target: Annotated[Optional[str], typer.Option(help="host:port of a running server (instead of --start).")] = None,
+    target: Annotated[Optional[str], typer.Option(help=f"host:port of a running server's gRPC port ({DEFAULT_PORT} "
+        "where only a host is given), instead of --start.")] = None,
     start: Annotated[bool, typer.Option("--start", help="Start the server(s) on loopback: batched and unbatched.")] = False,
     package: Annotated[Optional[Path], typer.Option(
         help="Model package to serve and to run in-process [default: the shipped model].", show_default=False)] = None,
@@ -488,6 +491,8 @@ def bench_serve(
     if not counts or min(counts) < 1:
         raise ResserveError(f"--workers takes auto or counts >= 1, comma-separated; got {workers!r}")
     processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")
+    target = target and with_port(target, DEFAULT_PORT)
+    http_target = http_target and with_port(http_target, DEFAULT_HTTP_PORT)
     host = target.rsplit(":", 1)[0] if target else None
     credentials = Credentials(tls_ca, tls_cert, tls_key, client_token(token, token_file)) if target else Credentials()
     plan = SweepPlan(

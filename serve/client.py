@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from resserve.serve.errors import ResserveError
 from resserve.serve.preprocess import READ_FORMATS, eight_bit, has_alpha
-from resserve.serve.settings import DEFAULT_PORT, LIVENESS_SERVICE, READINESS_SERVICE, host_port
+from resserve.serve.settings import DEFAULT_PORT, LIVENESS_SERVICE, READINESS_SERVICE, host_port, with_port
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
@@ -183,6 +183,7 @@ class DigitClient:
                  option: str = SERVER_OPTION) -> None:
         """``option``: how the user named ``target``, for the hints of a connection that fails."""
         _check_target(target, option)
+        target = with_port(target, DEFAULT_PORT)
         if tls_ca is not None:
             self.channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key))
         elif tls_cert or tls_key:

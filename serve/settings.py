@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import re
 import socket
 from dataclasses import dataclass, field
 from enum import Enum
@@ -385,6 +386,19 @@ def otel_installed() -> bool:
 def host_port(host: str, port: int) -> str:
     """``host:port``, with an IPv6 address in brackets (``[::]:8001``), as gRPC and URLs need it."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# A host alone: a name, an IPv4 address, or an IPv6 address in brackets (a bare one is refused
+# with a hint, serve/client.py); anything else (host:port, gRPC's dns:///, unix: and ipv4: targets)
+# says where to connect already
+_HOST_ALONE = re.compile(r"(\[[0-9A-Fa-f:.]+(%[\w.-]+)?\]|[\w.-]+)")
+
+
+def with_port(address: str, port: int) -> str:
+    """``address`` with ``:port`` where it names a host alone (``localhost``, ``10.0.0.5``,
+    ``[::1]``): a client sent there would otherwise connect to gRPC's default port, 443, not the
+    server's."""
+    return f"{address}:{port}" if _HOST_ALONE.fullmatch(address) else address
 
 
 def warn_of_memory_limit(settings: ServerSettings) -> None:

@@ -93,6 +93,7 @@ def torch_unimportable(tmp_path_factory) -> dict[str, str]:
      "cannot write /proc/no-such/serve.json"),
     (["classify", __file__, "--server", "127.0.0.1:1"], "127.0.0.1:1: UNAVAILABLE: failed to connect"),
     (["health", "--server", "127.0.0.1:1"], "(is a server running there? `resserve serve` starts one; --server or"),
+    (["health", "--server", "127.0.0.1"], "127.0.0.1:8001: UNAVAILABLE: failed to connect"),  # was: to port 443
     (["classify", __file__, "--server", "http://localhost:8000"], "--server or RESSERVE_SERVER takes the host:port "
      "of a server's gRPC port (such as localhost:8001), not a URL: got 'http://localhost:8000'"),
     (["health", "--server", "::1:8001"], "--server or RESSERVE_SERVER: an IPv6 address takes brackets before its "

@@ -19,7 +19,7 @@ from PIL import Image
 from helpers import HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, metric_value, run_cli, tree_resident_bytes
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.bench.load import tree_cpu_seconds
-from resserve.serve.client import requests_of
+from resserve.serve.client import DigitClient, requests_of
 from resserve.serve.package import load_package
 from resserve.serve.preprocess import HEIF_REFUSED, UNREADABLE
 from resserve.serve.settings import ServerSettings, page_note
@@ -324,6 +324,16 @@ def test_health_and_reflection(server):
         assert refused.returncode == 1 and refused.stderr.strip().endswith(
             "(what answers there does not speak gRPC, as the server's HTTP and metrics ports do not: --server or "
             "RESSERVE_SERVER takes its gRPC port, 8001 by default)"), refused.stderr
+
+
+@pytest.mark.parametrize("server_option, target", [
+    ("localhost", "localhost:8001"), ("10.0.0.5", "10.0.0.5:8001"), ("[::1]", "[::1]:8001"),  # was: port 443
+    ("resserve.example.com:443", "resserve.example.com:443"), ("dns:///localhost:9001", "dns:///localhost:9001"),
+    ("unix:/run/resserve.sock", "unix:/run/resserve.sock"),
+])
+def test_a_server_named_by_its_host_alone_is_reached_on_its_grpc_port(server_option, target):
+    with DigitClient(server_option) as client:
+        assert client.target == target
 
 
 def test_concurrent_load_forms_batches(mnist):
