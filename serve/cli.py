@@ -5,9 +5,11 @@ Registered into the root command (serve/app.py) by ``register``; torch-free.
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, BinaryIO, Optional
 
@@ -253,16 +255,20 @@ def classify(
 
     An image that cannot be read, or that the server refuses (not an image, blank, too large), is
     named with the reason on stderr; the others are still classified; the exit code is 1 if any
-    was refused. Many files go as several requests, each printed as it is answered. A folder
-    stands for the images in it, by name (files in a format the server reads, by their
-    extension; not its subfolders); - for an image piped in (`curl -s URL | resserve classify -`).
+    was refused. Many files go as several requests, four at a time (the server decodes each on a
+    CPU of its own), printed in order as they are answered. A folder stands for the images in it,
+    by name (files in a format the server reads, by their extension; not its subfolders); - for an
+    image piped in (`curl -s URL | resserve classify -`).
     """
     from resserve.serve.client import DigitClient, requests_of
 
     images, rows = _image_files(images), []
     with DigitClient(server, tls_ca, client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key) as client:
-        for request in requests_of([_size_of(path) for path in images]):
-            for row in _classify_files(client, images[request.start:request.stop], model, model_version):
+        def send(request: range) -> list[dict]:
+            return _classify_files(client, images[request.start:request.stop], model, model_version)
+
+        with closing(client.in_order(send, requests_of([_size_of(path) for path in images]))) as answers:
+            for row in itertools.chain.from_iterable(answers):
                 if "error" in row:
                     typer.echo(f"{row['file']}: error: {row['error']}", err=True)
                 elif not as_json:

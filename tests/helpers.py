@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
 import resource
@@ -354,6 +355,22 @@ def triton_infer(client, images, model: str = "resnet-mnist", version: str = "")
     tensor = module.InferInput("input", list(images.shape), "FP32")
     tensor.set_data_from_numpy(images)
     return client.infer(model, [tensor], model_version=version)
+
+
+def traces(lines: list[str]) -> list[dict]:
+    """The trace records among a server's text log lines."""
+    return [json.loads(line.split(" resserve.trace: ", 1)[1]) for line in lines if " resserve.trace: " in line]
+
+
+def logged_since(server: ServerProcess, said: int) -> list[dict]:
+    """The traces ``server`` logged since its line ``said``, once every answer given has been
+    logged (the log line of a settings change made now comes after them); traces are off after."""
+    import tritonclient.http as triton_http
+
+    changes = sum("trace settings of the server set" in line for line in server.lines[said:])
+    triton_http.InferenceServerClient(server.http_target).update_trace_settings(settings={"trace_level": ["OFF"]})
+    server.wait_for_line("trace settings of the server set", since=said, count=changes + 1)
+    return traces(server.lines[said:])
 
 
 @contextlib.contextmanager

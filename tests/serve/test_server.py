@@ -2,6 +2,7 @@
 stubs, `resserve classify` and `resserve health`."""
 
 import io
+import itertools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from helpers import HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, metric_value, run_cli, tree_resident_bytes
+from helpers import (HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, logged_since, metric_value, run_cli,
+                     tree_resident_bytes)
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.client import DigitClient, requests_of
@@ -228,6 +230,26 @@ def test_classify_sends_more_files_than_one_request_takes(server, mnist, tmp_pat
     assert result.returncode == 0, result.stderr
     digits = [row["digit"] for row in json.loads(result.stdout)]
     assert len(digits) == 1100 and np.mean(np.array(digits) == mnist.test.labels[:1100]) >= 0.99
+
+
+def test_classify_keeps_requests_in_flight_and_prints_their_answers_in_order(server, mnist, tmp_path):
+    """It sent one request at a time, each decoded on one server thread: the server's other CPUs idled."""
+    files = [tmp_path / f"{i:03d}.png" for i in range(96)]
+    for path, image in zip(files, mnist.test.images):
+        path.write_bytes(encode(photo_like(image), "PNG"))
+    said, settings = len(server.lines), triton.InferenceServerClient(server.target)
+    settings.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})  # every request
+    result = run_cli("classify", str(tmp_path), "--server", server.target)
+    requests = logged_since(server, said)
+    settings.update_trace_settings(settings={"trace_level": None, "trace_rate": None})
+    assert result.returncode == 0, result.stderr
+    answers = [line.split(": ") for line in result.stdout.splitlines()]
+    assert [file for file, _ in answers] == list(map(str, files))
+    assert np.mean([int(answer.split()[0]) for _, answer in answers] == mnist.test.labels[:len(files)]) > 0.95
+    times = sorted((stamp["ns"], +1 if stamp["name"] == "REQUEST_START" else -1) for trace in requests
+                   for stamp in trace["timestamps"] if stamp["name"] in ("REQUEST_START", "REQUEST_END"))
+    assert len(requests) == len(requests_of([path.stat().st_size for path in files])) > 1
+    assert max(itertools.accumulate(change for _, change in times)) >= 2  # answered at once
 
 
 def test_classify_fits_its_requests_to_a_servers_lower_limits(mnist, tmp_path):

@@ -17,7 +17,7 @@ import tritonclient.http as triton_http
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from helpers import ServerProcess, triton_infer
+from helpers import ServerProcess, logged_since, traces, triton_infer
 from resserve.serve.errors import InvalidInput
 from resserve.serve.tracing import TraceLevel, Tracer, TraceSetting, TraceSettings
 
@@ -80,20 +80,6 @@ def test_one_request_in_rate_is_traced_until_the_count_is_spent_and_each_update_
 
 
 # on a real server ----------------------------------------------------------------------------------
-
-
-def traces(lines: list[str]) -> list[dict]:
-    """The trace records among a text log's lines."""
-    return [json.loads(line.split(" resserve.trace: ", 1)[1]) for line in lines if " resserve.trace: " in line]
-
-
-def logged_since(server, said: int) -> list[dict]:
-    """The traces logged since line ``said``, once every answer given has been logged: the log
-    line of a settings change made now comes after them."""
-    changes = sum("trace settings of the server set" in line for line in server.lines[said:])
-    triton_http.InferenceServerClient(server.http_target).update_trace_settings(settings={"trace_level": ["OFF"]})
-    server.wait_for_line("trace settings of the server set", since=said, count=changes + 1)
-    return traces(server.lines[said:])
 
 
 @pytest.fixture(scope="module")
