@@ -103,10 +103,11 @@ PHOTO_SIDE = 1024
 HEALTH_POLL_SECONDS = 0.2
 # Requests a client keeps in flight where it has many to send (`resserve classify` on a folder): a
 # server decodes the images of one request on one thread, so requests sent one at a time left all
-# but one of its CPUs idle (300 photos of 2048x1536 pixels, a 2-CPU machine's own server: 7.9 s one
-# at a time, 5.3 s four at a time, 5.4 s eight at a time; docs/serving.md)
+# but one of its CPUs idle (300 photos, a 2-CPU machine's own server: 8.5-9.0 s one at a time,
+# 6.0-6.2 s four at a time, docs/serving.md; eight at a time were no faster there)
 IN_FLIGHT = 4
-Item, Answer = TypeVar("Item"), TypeVar("Answer")
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
 
 
 def requests_of(sizes: list[int], max_images: int = REQUEST_IMAGES, max_bytes: int = REQUEST_BYTES) -> list[range]:

@@ -396,8 +396,8 @@ _HOST_ALONE = re.compile(r"(\[[0-9A-Fa-f:.]+(%[\w.-]+)?\]|[\w.-]+)")
 
 def with_port(address: str, port: int) -> str:
     """``address`` with ``:port`` where it names a host alone (``localhost``, ``10.0.0.5``,
-    ``[::1]``): a client sent there would otherwise connect to gRPC's default port, 443, not the
-    server's."""
+    ``[::1]``): a client sent there would otherwise connect to its protocol's default port (gRPC's
+    is 443), not the server's."""
     return f"{address}:{port}" if _HOST_ALONE.fullmatch(address) else address
 
 
