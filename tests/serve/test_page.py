@@ -174,7 +174,20 @@ def test_an_image_pasted_on_the_page_is_classified_and_text_is_not_taken_for_one
     shows(page, int(mnist.test.labels[2]))
 
 
-def test_a_phone_sized_photo_is_sent_scaled_down_within_the_servers_limit(browser, page_server, mnist, tmp_path):
+def bodies_sent(page) -> list[bytes]:
+    """The bodies ``page`` sends to /v1/classify, each added as it goes to the server."""
+    sent = []
+
+    def on_the_way(route):
+        sent.append(route.request.post_data_buffer)
+        route.continue_()
+
+    page.route(re.compile(r"/v1/classify(\?|$)"), on_the_way)
+    return sent
+
+
+def test_a_phone_sized_photo_is_sent_scaled_down_within_the_servers_limit_as_jpeg(browser, page_server, mnist,
+                                                                                  tmp_path):
     photo = tmp_path / "phone.png"  # 3000x3000 with sensor noise: over the server's 4 MiB message limit
     ink = np.asarray(Image.fromarray(mnist.test.images[1]).resize((3000, 3000), Image.BICUBIC), dtype=np.float32)
     paper = 215 + np.random.default_rng(0).normal(0, 6, ink.shape)
@@ -182,8 +195,27 @@ def test_a_phone_sized_photo_is_sent_scaled_down_within_the_servers_limit(browse
     assert photo.stat().st_size > 4 * 2**20
     page = browser.new_page()
     page.goto(page_server.url + "/")
+    sent = bodies_sent(page)
     page.set_input_files("#file", str(photo))
     shows(page, int(mnist.test.labels[1]))
+    (body,) = sent
+    assert body[:3] == b"\xff\xd8\xff" and len(body) < 2**19  # JPEG: it was a PNG, of 1.2 MB
+    assert Image.open(io.BytesIO(body)).size == (1024, 1024)
+
+
+def test_a_large_drawing_with_transparency_is_sent_scaled_down_as_png(browser, page_server, mnist, tmp_path):
+    drawing = tmp_path / "drawing.png"  # dark noisy ink on nothing: JPEG would have made the nothing black
+    ink = np.asarray(Image.fromarray(mnist.test.images[4]).resize((2000, 2000), Image.BICUBIC)) > 80
+    noise = np.random.default_rng(0).integers(0, 60, (2000, 2000, 3), dtype=np.uint8)
+    Image.fromarray(np.dstack([noise, np.where(ink, 255, 0).astype(np.uint8)]), mode="RGBA").save(drawing)
+    assert drawing.stat().st_size > 2**20
+    page = browser.new_page()
+    page.goto(page_server.url + "/")
+    sent = bodies_sent(page)
+    page.set_input_files("#file", str(drawing))
+    shows(page, int(mnist.test.labels[4]))
+    (body,) = sent
+    assert body[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(body)).mode == "RGBA"
 
 
 def test_a_file_that_is_not_an_image_gets_the_servers_reason(browser, page_server, tmp_path):
