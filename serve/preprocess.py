@@ -126,8 +126,15 @@ def decode(data: bytes) -> np.ndarray:
 
 def _upright(image: Image.Image) -> Image.Image:
     """The image decoded (a JPEG at reduced scale when it is large) and turned upright, as the
-    camera was held (phones store photos sideways with an EXIF orientation)."""
-    image.draft("L", (WORKING_SIDE, WORKING_SIDE))
+    camera was held (phones store photos sideways with an EXIF orientation).
+
+    The scale asked of a JPEG keeps the photo's shape: Pillow decodes at the smallest scale that
+    leaves both sides at least the size asked, so asking for a square decoded a 1024x768 photo (what
+    resserve's clients and its page send of a larger one) whole, then reduced it: 2.2-2.3 ms here,
+    against 1.7 ms decoded at half scale."""
+    width, height = image.size
+    longer = max(width, height, 1)
+    image.draft("L", (max(1, width * WORKING_SIDE // longer), max(1, height * WORKING_SIDE // longer)))
     ImageOps.exif_transpose(image, in_place=True)  # decodes (at the draft's scale), then turns
     return image
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from helpers import HEIC_PHOTO, MALFORMED_TIFF
+from resserve.serve import preprocess
 from resserve.serve.errors import InvalidInput
 from resserve.serve.paper import on_the_sheet
 from resserve.serve.preprocess import (HEIF_REFUSED, MAX_PIXELS, TRUNCATED, decode, encoded_to_input, is_heif,
@@ -96,6 +97,13 @@ def test_jpeg_and_color_images_are_read():
     rgb = np.zeros((64, 64, 3), dtype=np.uint8)
     rgb[10:54, 30:34] = (255, 200, 0)
     assert encoded_to_input(_png(rgb, "JPEG")).shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("size, decoded", [((1024, 768), (512, 384)), ((768, 1024), (384, 512)),  # was: whole
+                                           ((4032, 3024), (1008, 756)), ((400, 300), (400, 300))])
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_its_working_size(size, decoded):
+    photo = _png(np.full(size[::-1], 200, dtype=np.uint8), "JPEG")
+    assert preprocess._upright(preprocess._open(photo)).size == decoded
 
 
 def test_a_progressive_jpeg_of_thousands_of_scans_is_refused_before_decoding():
