@@ -104,9 +104,9 @@ def evaluate(
     as_json: JsonFlag = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     server: Annotated[Optional[str], typer.Option(
-        help="host:port of a running resserve server: evaluate the model it serves instead of a checkpoint, the "
-        "test set sent as 28x28 pixels through its Classify API (its whole served path: batching, runtime, "
-        "precision). Needs no torch.", show_default=False)] = None,
+        help="host:port of a running resserve server's gRPC port (8001 where only a host is given): evaluate "
+        "the model it serves instead of a checkpoint, the test set sent as 28x28 pixels through its Classify "
+        "API (its whole served path: batching, runtime, precision). Needs no torch.", show_default=False)] = None,
     model_name: Annotated[str, typer.Option(help="With --server: the model [default: the server's default].")] = "",
     model_version: Annotated[str, typer.Option(help="With --server: the version [default: the latest].")] = "",
     tls_ca: TlsCa = None,
