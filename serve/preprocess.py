@@ -178,7 +178,7 @@ def has_alpha(image: Image.Image) -> bool:
 
 def _flatten(image: Image.Image) -> np.ndarray:
     """Grayscale float32 [H,W] in [0,1]; transparent pixels take the background opposite to the ink."""
-    if not has_alpha(image):
+    if not has_alpha(image) or _opaque(image):
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     gray_alpha = np.asarray(image.convert("LA"), dtype=np.float32) / 255.0
     gray, alpha = gray_alpha[..., 0], gray_alpha[..., 1]
@@ -188,6 +188,13 @@ def _flatten(image: Image.Image) -> np.ndarray:
     ink_is_dark = covered == 0 or (gray * alpha).sum() / covered < 0.5
     background = 1.0 if ink_is_dark else 0.0
     return gray * alpha + background * (1.0 - alpha)
+
+
+def _opaque(image: Image.Image) -> bool:
+    """Whether an image with an alpha band has no transparent pixel, as a canvas's PNG (the page's
+    drawings) has none: told from the band's extrema, not from floats of every pixel's grey and
+    alpha (1.4 ms for a 280x280 drawing, against 0.2 ms for its grey alone)."""
+    return image.mode in ("RGBA", "LA") and image.getchannel("A").getextrema()[0] == 255
 
 
 class BlankImage(InvalidInput):

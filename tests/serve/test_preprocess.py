@@ -99,6 +99,13 @@ def test_jpeg_and_color_images_are_read():
     assert encoded_to_input(_png(rgb, "JPEG")).shape == (1, 28, 28)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_an_opaque_image_with_an_alpha_band_reads_as_without_it(mnist, mode):
+    """A canvas's PNG (the page's drawings) has an alpha band and no transparent pixel."""
+    drawing = Image.fromarray(255 - mnist.test.images[0]).resize((280, 280)).convert("RGB")
+    assert np.array_equal(decode(_png(np.asarray(drawing.convert(mode)))), decode(_png(np.asarray(drawing))))
+
+
 @pytest.mark.parametrize("size, decoded", [((1024, 768), (512, 384)), ((768, 1024), (384, 512)),  # was: whole
                                            ((4032, 3024), (1008, 756)), ((400, 300), (400, 300))])
 def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_its_working_size(size, decoded):
