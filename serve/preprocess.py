@@ -227,8 +227,9 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     gray = without_specks(without_ruled_lines(gray / peak))
     if not gray.any():
         return np.zeros((28, 28), dtype=np.float32)  # nothing but the lines of the paper
-    rows, cols = np.nonzero(gray > INK_THRESHOLD)
-    crop = gray[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    ink = gray > INK_THRESHOLD
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))  # np.nonzero: 5x the time
+    crop = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     scale = 20.0 / max(crop.shape)
     size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
     small = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize(size, Image.LANCZOS),
