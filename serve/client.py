@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageOps
 
 from resserve.serve.errors import ResserveError
-from resserve.serve.preprocess import READ_FORMATS, eight_bit, has_alpha
+from resserve.serve.preprocess import READ_FORMATS, draft_within, eight_bit, has_alpha
 from resserve.serve.settings import DEFAULT_PORT, LIVENESS_SERVICE, READINESS_SERVICE, host_port, with_port
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -131,7 +131,7 @@ def fit_to_send(image: bytes) -> bytes:
         return image
     try:
         with Image.open(io.BytesIO(image), formats=READ_FORMATS) as opened:
-            opened.draft("RGB", (PHOTO_SIDE, PHOTO_SIDE))
+            draft_within(opened, "RGB", PHOTO_SIDE)
             photo = eight_bit(ImageOps.exif_transpose(opened))
         photo.thumbnail((PHOTO_SIDE, PHOTO_SIDE))
         transparent = has_alpha(photo)

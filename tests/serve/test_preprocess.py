@@ -9,11 +9,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from helpers import HEIC_PHOTO, MALFORMED_TIFF
-from resserve.serve import preprocess
 from resserve.serve.errors import InvalidInput
 from resserve.serve.paper import on_the_sheet
-from resserve.serve.preprocess import (HEIF_REFUSED, MAX_PIXELS, TRUNCATED, decode, encoded_to_input, is_heif,
-                                      pixels_of, raw_to_input, to_mnist)
+from resserve.serve.preprocess import (HEIF_REFUSED, MAX_PIXELS, TRUNCATED, decode, draft_within, encoded_to_input,
+                                      is_heif, pixels_of, raw_to_input, to_mnist)
 
 
 def _png(array: np.ndarray, format: str = "PNG") -> bytes:
@@ -106,11 +105,16 @@ def test_an_opaque_image_with_an_alpha_band_reads_as_without_it(mnist, mode):
     assert np.array_equal(decode(_png(np.asarray(drawing.convert(mode)))), decode(_png(np.asarray(drawing))))
 
 
-@pytest.mark.parametrize("size, decoded", [((1024, 768), (512, 384)), ((768, 1024), (384, 512)),  # was: whole
-                                           ((4032, 3024), (1008, 756)), ((400, 300), (400, 300))])
-def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_its_working_size(size, decoded):
-    photo = _png(np.full(size[::-1], 200, dtype=np.uint8), "JPEG")
-    assert preprocess._upright(preprocess._open(photo)).size == decoded
+@pytest.mark.parametrize("size, side, decoded", [
+    ((1024, 768), 512, (512, 384)), ((768, 1024), 512, (384, 512)),  # was: whole, as the server takes photos
+    ((4032, 3024), 512, (1008, 756)), ((400, 300), 512, (400, 300)),
+    ((4608, 3456), 1024, (1152, 864)),  # was: at half scale, as classify makes a phone photo small enough to send
+])
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_its_longer_side(size, side, decoded):
+    photo = Image.open(io.BytesIO(_png(np.full(size[::-1], 200, dtype=np.uint8), "JPEG")))
+    draft_within(photo, "L", side)
+    photo.load()
+    assert photo.size == decoded
 
 
 def test_a_progressive_jpeg_of_thousands_of_scans_is_refused_before_decoding():
