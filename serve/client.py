@@ -9,7 +9,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -268,7 +268,7 @@ class DigitClient:
         in their order, with up to ``in_flight`` sent at once, each from a thread of its own (gRPC's
         channels are thread-safe). Stopped early (an error, Ctrl-C, or closed), it closes the
         channel, which ends the calls still running at once rather than after their timeout."""
-        sent: deque = deque()
+        sent: deque[Future[Answer]] = deque()
         with ThreadPoolExecutor(in_flight, thread_name_prefix="request") as pool:
             try:
                 for item in items:

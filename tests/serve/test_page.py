@@ -174,16 +174,21 @@ def test_an_image_pasted_on_the_page_is_classified_and_text_is_not_taken_for_one
     shows(page, int(mnist.test.labels[2]))
 
 
-def bodies_sent(page) -> list[bytes]:
-    """The bodies ``page`` sends to /v1/classify, each added as it goes to the server."""
-    sent = []
+def sent_for(browser, server, picture: Path, digit: int) -> bytes:
+    """What a fresh page sends ``server`` for ``picture``, chosen with its file input, once it shows
+    ``digit`` (a Playwright route sees each request's body as it goes)."""
+    page, sent = browser.new_page(), []
 
     def on_the_way(route):
         sent.append(route.request.post_data_buffer)
         route.continue_()
 
     page.route(re.compile(r"/v1/classify(\?|$)"), on_the_way)
-    return sent
+    page.goto(server.url + "/")
+    page.set_input_files("#file", str(picture))
+    shows(page, digit)
+    (body,) = sent
+    return body
 
 
 def test_a_phone_sized_photo_is_sent_scaled_down_within_the_servers_limit_as_jpeg(browser, page_server, mnist,
@@ -193,12 +198,7 @@ def test_a_phone_sized_photo_is_sent_scaled_down_within_the_servers_limit_as_jpe
     paper = 215 + np.random.default_rng(0).normal(0, 6, ink.shape)
     Image.fromarray(np.clip(paper - ink * 0.8, 0, 255).astype(np.uint8)).save(photo)
     assert photo.stat().st_size > 4 * 2**20
-    page = browser.new_page()
-    page.goto(page_server.url + "/")
-    sent = bodies_sent(page)
-    page.set_input_files("#file", str(photo))
-    shows(page, int(mnist.test.labels[1]))
-    (body,) = sent
+    body = sent_for(browser, page_server, photo, int(mnist.test.labels[1]))
     assert body[:3] == b"\xff\xd8\xff" and len(body) < 2**19  # JPEG: it was a PNG, of 1.2 MB
     assert Image.open(io.BytesIO(body)).size == (1024, 1024)
 
@@ -209,12 +209,7 @@ def test_a_large_drawing_with_transparency_is_sent_scaled_down_as_png(browser, p
     noise = np.random.default_rng(0).integers(0, 60, (2000, 2000, 3), dtype=np.uint8)
     Image.fromarray(np.dstack([noise, np.where(ink, 255, 0).astype(np.uint8)]), mode="RGBA").save(drawing)
     assert drawing.stat().st_size > 2**20
-    page = browser.new_page()
-    page.goto(page_server.url + "/")
-    sent = bodies_sent(page)
-    page.set_input_files("#file", str(drawing))
-    shows(page, int(mnist.test.labels[4]))
-    (body,) = sent
+    body = sent_for(browser, page_server, drawing, int(mnist.test.labels[4]))
     assert body[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(body)).mode == "RGBA"
 
 
