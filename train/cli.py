@@ -19,6 +19,7 @@ from resserve.serve.cli import TlsCa, TlsCert, TlsKey, Token, TokenFile, client_
 from resserve.serve.client import DigitClient
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable, check_writable_folder
+from resserve.serve.settings import DEFAULT_PORT
 from resserve.train.cli_shared import DataDir, log as _log, start_torch
 from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, check_device, parse_ints
 from resserve.train.evaluation import EvaluationReport, evaluate_served
@@ -104,9 +105,10 @@ def evaluate(
     as_json: JsonFlag = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     server: Annotated[Optional[str], typer.Option(
-        help="host:port of a running resserve server's gRPC port (8001 where only a host is given): evaluate "
-        "the model it serves instead of a checkpoint, the test set sent as 28x28 pixels through its Classify "
-        "API (its whole served path: batching, runtime, precision). Needs no torch.", show_default=False)] = None,
+        help=f"host:port of a running resserve server's gRPC port ({DEFAULT_PORT} where only a host is given): "
+        "evaluate the model it serves instead of a checkpoint, the test set sent as 28x28 pixels through its "
+        "Classify API (its whole served path: batching, runtime, precision). Needs no torch.",
+        show_default=False)] = None,
     model_name: Annotated[str, typer.Option(help="With --server: the model [default: the server's default].")] = "",
     model_version: Annotated[str, typer.Option(help="With --server: the version [default: the latest].")] = "",
     tls_ca: TlsCa = None,
