@@ -92,3 +92,11 @@ def test_the_architecture_map_names_every_module():
     files = {str(path.relative_to(ROOT)) for path in modules().values()
              if path.name not in ("__init__.py", "__main__.py")}
     assert sorted(files - documented_files()) == []
+
+
+def test_the_readme_layout_names_every_module_of_the_packages_top_level():
+    """The README's Layout block lists each package's own files; a new one belongs in it too."""
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    top_level = {path.name for path in modules().values()
+                 if path.parent in PACKAGES.values() and path.name not in ("__init__.py", "__main__.py")}
+    assert len(top_level) > 50 and sorted(name for name in top_level if name not in layout) == []
