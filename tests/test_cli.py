@@ -286,6 +286,33 @@ def test_training_that_diverges_after_an_epoch_keeps_the_best_finished_one(mnist
     assert "3 epochs, stopped after" in out.with_suffix(".card.md").read_text()
 
 
+CTRL_C_WHILE_LOADING = """
+import signal, sys
+LOADING = sys.argv[1]
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == LOADING:
+            signal.raise_signal(signal.SIGINT)  # pressed while that module loads
+sys.meta_path.insert(0, CtrlC())
+from resserve.serve.app import main
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's own Ctrl-C is Python's
+sys.argv[1:] = ["models", "--help"]
+main()
+"""
+
+
+@pytest.mark.parametrize("loading, said, code", [
+    ("typer", "interrupted", 130),  # while the root command's modules load: was a traceback of the import
+    ("resserve.serve.cli", "interrupted", 130),  # while the commands are assembled (main)
+    ("a.module.never.loaded", "", 0),  # no Ctrl-C: the help, with Python's handler back in place
+])
+def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(loading, said, code):
+    result = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_LOADING, loading], capture_output=True, text=True,
+                            timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (result.stderr.strip(), result.returncode) == (said, code)
+    assert ("Usage: " in result.stdout) == (code == 0)
+
+
 def test_training_stopped_by_ctrl_c_keeps_the_best_finished_epoch(mnist, tmp_path):
     out = tmp_path / "stopped.pt"
     # as from a terminal: a command started in the background of a script ignores SIGINT (and
