@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import socket
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -41,6 +42,10 @@ MAX_BATCH_SIZE = 4096
 MAX_QUEUE_DELAY_US = 1_000_000
 CPUS_PER_WORKER = 4  # --workers auto: one worker per this many usable CPUs (docs/serving.md "Workers")
 CUDA_WORKERS = 4  # --workers auto on --device cuda: at most this many processes share the GPU
+# Workers listen on the same ports with SO_REUSEPORT, which spreads a port's connections over its
+# sockets on Linux only: macOS and the BSDs have the option but give every connection to one socket,
+# so a second worker there would hold its models and take no requests
+WORKERS_SHARE_PORTS = sys.platform.startswith("linux")
 # One worker's memory at its worst: idle (runtime and models) and what each byte of its full
 # in-flight budgets adds (gRPC reads a request whole, then copies; freed buffers stay in malloc's
 # arenas). Measured with the defaults (docs/serving.md "Limits"): 145 MB idle, 1,022 MB with gRPC's
@@ -131,7 +136,7 @@ class LogFormat(Choice):
 def auto_workers(cpus: int, device: str = "cpu", fitting: int | None = None) -> int:
     """``--workers auto``: one server process per CPUS_PER_WORKER usable CPUs, at least one; on
     ``--device cuda`` at most CUDA_WORKERS; no more than ``fitting``, the workers a memory limit
-    holds at their worst (None: no limit).
+    holds at their worst (None: no limit); one where workers cannot share ports (not Linux).
 
     Each worker needs CPUs for its inference threads as well as for its Python front end; on 2
     CPUs a second worker measured no faster than one (docs/benchmarks.md "Workers"), while one
@@ -140,6 +145,8 @@ def auto_workers(cpus: int, device: str = "cpu", fitting: int | None = None) -> 
     on an H200 with 16 CPUs four served 1-image requests at 2.4x one's rate and eight at 0.75x
     four's (docs/benchmarks.md "GPU").
     """
+    if not WORKERS_SHARE_PORTS:
+        return 1
     count = min(MAX_WORKERS, cpus // CPUS_PER_WORKER, CUDA_WORKERS if device == "cuda" else MAX_WORKERS)
     return max(1, count if fitting is None else min(count, fitting))
 

@@ -29,7 +29,7 @@ from resserve.serve.logs import LogSettings, configure_logging
 from resserve.serve.metrics import WorkerFilesCollector
 from resserve.serve.repository import read_packages
 from resserve.serve.server import answer_counts, check_port_free, serve_metrics
-from resserve.serve.settings import ServerSettings, page_note, warn_of_memory_limit
+from resserve.serve.settings import WORKERS_SHARE_PORTS, ServerSettings, page_note, warn_of_memory_limit
 from resserve.serve.sharedmemory import Region
 from resserve.serve.state import SharedSettings
 from resserve.serve.tls import ssl_context, tls_files
@@ -138,8 +138,9 @@ class Supervisor:
         log.info("worker %d started (pid %d)", index, process.pid)
 
     def run(self) -> None:
-        if not hasattr(socket, "SO_REUSEPORT"):
-            raise ResserveError("--workers above 1 needs SO_REUSEPORT (Linux); run one worker per container instead")
+        if not WORKERS_SHARE_PORTS:
+            raise ResserveError("--workers above 1 needs Linux, whose SO_REUSEPORT spreads a port's connections over "
+                                "the workers (here one would take them all): serve with --workers 1")
         packages = read_packages(self.settings)  # a missing or malformed package: one line before any worker starts
         self.model_names = ", ".join(f"{p.name} v{p.version}" for p in packages)
         tls = tls_files(self.settings)  # bad TLS or token files: one line before any worker starts, too

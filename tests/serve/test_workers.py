@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from helpers import (ServerProcess, free_port, metric_value, own_cpu_seconds, run_cli, running, stat_fields,
                      tree_resident_bytes, write_hanging_package)
+from resserve.serve.errors import ResserveError
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.settings import ServerSettings, auto_workers, worker_peak_memory
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -107,6 +108,17 @@ def test_auto_workers_are_no_more_than_a_memory_limit_holds():
     # 1,022 MB with gRPC's full, 1,409 MB with HTTP's full too (rounded up, within a fifth)
     assert 1.022e9 <= worker_peak_memory(256 * 2**20, http=False) <= 1.2 * 1.022e9
     assert 1.409e9 <= worker_peak_memory(256 * 2**20, http=True) <= 1.2 * 1.409e9
+
+
+def test_where_workers_cannot_share_ports_auto_is_one_and_more_are_refused(monkeypatch):
+    # macOS and the BSDs: SO_REUSEPORT exists there, but one socket of a port takes its every connection
+    for module in ("settings", "workers.supervisor"):
+        monkeypatch.setattr(f"resserve.serve.{module}.WORKERS_SHARE_PORTS", False)
+    assert [auto_workers(n) for n in (2, 16, 1000)] + [auto_workers(64, "cuda")] == [1, 1, 1, 1]
+    with pytest.raises(ResserveError) as refused:
+        Supervisor(ServerSettings(workers=2, port=0, http_port=0, metrics_port=0)).run()
+    assert str(refused.value) == ("--workers above 1 needs Linux, whose SO_REUSEPORT spreads a port's connections "
+                                  "over the workers (here one would take them all): serve with --workers 1")
 
 
 def test_two_workers_share_one_port_and_metrics_add_up(tmp_path):
