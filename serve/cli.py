@@ -145,6 +145,10 @@ def serve(
         "tritonclient.utils.shared_memory, perf_analyzer --shared-memory system). Only clients connected over "
         "loopback may register a region, which lets them have the server read and write a /dev/shm object they "
         "name.")] = ServerSettings.allow_client_shm,
+    cors_origins: Annotated[str, typer.Option(envvar=_env("CORS_ORIGINS"),
+        help="Web pages of these origins may call the HTTP API from a browser (CORS), comma-separated, as in "
+        "http://localhost:5173,https://app.example.com; * for any. [default: none: only the server's own page; "
+        "clients other than browsers need none]", show_default=False)] = "",
     workers: Annotated[str, typer.Option(envvar=_env("WORKERS"),
         help="Server processes on the same ports, each with its own models and a share of the CPUs "
         f"(Linux; elsewhere 1). auto: one per {CPUS_PER_WORKER} CPUs (--cpus), at least one; with --device cuda at most "
@@ -207,6 +211,7 @@ def serve(
         max_connections=parse_auto(max_connections, "--max-connections", "connections"),
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, token_file=token_file,
         admin_token_file=admin_token_file, allow_client_shm=allow_client_shm,
+        cors_origins=tuple(origin.strip() for origin in cors_origins.split(",") if origin.strip()),
         log_level=log_level, log_format=log_format, trace_level=trace_level, trace_rate=trace_rate,
         trace_count=trace_count, trace_mode=trace_mode)
     if settings.workers > 1:

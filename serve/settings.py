@@ -40,6 +40,8 @@ MAX_BATCH_SIZE = 4096
 # the longest batching window: a request that comes alone waits this long for batch-mates, so a
 # value meant in milliseconds or nanoseconds (100000000: 100 s) would hold every lone request
 MAX_QUEUE_DELAY_US = 1_000_000
+# an origin as a browser's Origin header gives it: scheme, host (lowercase) and port, nothing after
+ORIGIN = re.compile(r"https?://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::\d{1,5})?")
 CPUS_PER_WORKER = 4  # --workers auto: one worker per this many usable CPUs (docs/serving.md "Workers")
 CUDA_WORKERS = 4  # --workers auto on --device cuda: at most this many processes share the GPU
 # Workers listen on the same ports with SO_REUSEPORT, which spreads a port's connections over its
@@ -261,6 +263,8 @@ class ServerSettings:
     # off by default, as Triton's, since a region lets a client have the server read and write a
     # shared memory object it names
     allow_client_shm: bool = False
+    # web pages of these origins may call the HTTP API (serve/rest/cors.py); "*": any; none by default
+    cors_origins: tuple[str, ...] = ()
     workers: int = 1  # server processes on the same ports (serve/workers/); see auto_workers
     reuse_port: bool = False  # set by the supervisor for its workers: they listen on shared ports
     log_level: LogLevel = LogLevel.INFO
@@ -356,6 +360,9 @@ class ServerSettings:
              "--trace-mode opentelemetry needs the OpenTelemetry SDK and its OTLP exporter: "
              "pip install 'resserve[otel]'"),
             *self._runtime_checks(),
+            *((origin == "*" or bool(ORIGIN.fullmatch(origin)),
+               f"--cors-origins takes origins as browsers send them, scheme://host[:port] in lowercase (no path, no "
+               f"trailing slash: http://localhost:5173), or *; got {origin!r}") for origin in self.cors_origins),
         ]
         for ok, message in checks:
             if not ok:

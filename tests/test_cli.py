@@ -128,6 +128,10 @@ def torch_unimportable(tmp_path_factory) -> dict[str, str]:
     (["serve", "--http-idle-seconds", "inf"], "--http-idle-seconds must be at least 1 (and finite)"),
     (["serve", "--batch-timeout", "0.5"], "--batch-timeout must be 0 (never) or at least 1 second (and finite)"),
     (["serve", "--max-connections", "0"], "--max-connections must be auto or >= 1"),
+    (["serve", "--cors-origins", "http://localhost:5173,https://app.example.com/"], "--cors-origins takes origins "
+     "as browsers send them, scheme://host[:port] in lowercase (no path, no trailing slash: http://localhost:5173), "
+     "or *; got 'https://app.example.com/'"),  # a browser's Origin has no slash: it would match no page, silently
+    (["serve", "--cors-origins", "localhost:5173"], "got 'localhost:5173'"),
     (["serve", "--max-connections", "many"], "--max-connections must be auto or a number of connections, got 'many'"),
     (["serve", "--threads", "5000"], "--threads 5000 is more than the"),
     (["serve", "--cpus", "100000"], "--cpus 100000 is more than the"),  # was: 64 workers of 1,562 threads each

@@ -26,6 +26,7 @@ from resserve.serve.connections import CappedSite, ConnectionLimits
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.errors import BodyTimeout, Busy, ResserveError, TooLarge, to_http_status
 from resserve.serve.logs import RepeatedWarning
+from resserve.serve.rest.cors import allow_origins, is_preflight
 from resserve.serve.rest.encoding import IDENTITY, decompress, encoding_of
 from resserve.serve.settings import host_port
 from resserve.serve.state import check_api_label
@@ -231,9 +232,10 @@ def deferring_continue(routes: list[web.AbstractRouteDef]) -> list[web.AbstractR
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Tokens first; aiohttp's own errors as JSON; connections close while the server drains."""
+    """Tokens first (not on a browser's CORS preflight, which carries none: serve/rest/cors.py);
+    aiohttp's own errors as JSON; connections close while the server drains."""
     door = request.app[FRONT_DOOR]
-    public = request.path == "/" or request.path.startswith(PUBLIC_PREFIXES)
+    public = request.path == "/" or request.path.startswith(PUBLIC_PREFIXES) or is_preflight(request)
     if door.access and not public:
         resource = request.match_info.route.resource  # None where no route matched (404, 405)
         verdict = door.access.verdict(request.headers.getall("Authorization", []),
@@ -247,7 +249,9 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         path = request.path[:MAX_PATH_CHARS]
         message = {404: f"no such endpoint: {path}", 405: f"{request.method} is not allowed on {path}"}
-        response = error_response(exc.status, message.get(exc.status, exc.reason))
+        # a CORS preflight refused: aiohttp-cors says why (no origin, or one, a method or a header not allowed)
+        reason = exc.text if request.method == hdrs.METH_OPTIONS else exc.reason
+        response = error_response(exc.status, message.get(exc.status, reason))
     if not door.plane.state.ready:  # not ready or draining: let clients reconnect elsewhere
         response.force_close()
     return response
@@ -267,6 +271,8 @@ class HttpServer:
         self.app = web.Application(middlewares=[guard])  # bodies: read_body, within --max-message-bytes
         self.app[FRONT_DOOR] = HttpFrontDoor(plane, access)
         self.app.add_routes(deferring_continue(routes))
+        if plane.state.settings.cors_origins:
+            allow_origins(self.app, plane.state.settings.cors_origins)
         self.app.on_response_prepare.append(name_the_server)
         # a client that disconnects cancels its handler, and so its place in the batcher's queue,
         # as a cancelled gRPC call does: abandoned requests are not computed (aiohttp's default

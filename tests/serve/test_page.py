@@ -5,12 +5,14 @@ input, and the page must show the right digit each time. The screenshot is saved
 test's files (and into docs/ with RESSERVE_UPDATE_SCREENSHOTS=1).
 """
 
+import http.server
 import io
 import json
 import math
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +60,32 @@ def models(tmp_path_factory) -> list[str]:
     return packages
 
 
+class AppPage(http.server.BaseHTTPRequestHandler):
+    """A web app's page elsewhere (its own server, as a dev server on :5173 is), empty."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<!doctype html><title>app</title>")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
-def page_server(models):
-    with ServerProcess(*models) as server:
+def app_port():
+    """The port of a web app's server: the servers here let its pages, at http://localhost:PORT, call them.
+    (A real server on the loopback: Chromium lets a page call a loopback address only from one.)"""
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), AppPage) as app:
+        threading.Thread(target=app.serve_forever, daemon=True).start()
+        yield app.server_address[1]
+        app.shutdown()
+
+
+@pytest.fixture(scope="module")
+def page_server(models, app_port):
+    with ServerProcess("--cors-origins", f"http://localhost:{app_port}", *models) as server:
         yield server
 
 
@@ -73,6 +98,12 @@ def draw(page, strokes) -> None:
         for x, y in stroke[1:]:
             page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=4)
         page.mouse.up()
+
+
+def png_of(pixels: np.ndarray) -> bytes:
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    return png.getvalue()
 
 
 def shows(page, digit: int) -> None:
@@ -168,9 +199,7 @@ def test_an_image_pasted_on_the_page_is_classified_and_text_is_not_taken_for_one
     }"""
     assert page.evaluate(paste, [list(b"7"), "text/plain"])  # not an image: left to the page as it is
     assert page.inner_text("#status") == "Draw something to start."
-    png = io.BytesIO()
-    Image.fromarray(mnist.test.images[2]).save(png, format="PNG")
-    assert not page.evaluate(paste, [list(png.getvalue()), "image/png"])  # taken: not pasted anywhere else
+    assert not page.evaluate(paste, [list(png_of(mnist.test.images[2])), "image/png"])  # taken: not pasted elsewhere
     shows(page, int(mnist.test.labels[2]))
 
 
@@ -236,10 +265,11 @@ def test_an_html_answer_from_a_proxy_in_front_is_named_by_its_status(browser, pa
     assert page.inner_text("#status").startswith("The server could not classify photo.png: HTTP 413")
 
 
-def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_path, models):
+def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_path, models, app_port):
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\n")
-    with ServerProcess("--token-file", str(tokens), *models) as server:
+    app_origin = f"http://localhost:{app_port}"
+    with ServerProcess("--token-file", str(tokens), "--cors-origins", app_origin, *models) as server:
         page = browser.new_page()
         page.goto(server.url + "/")
         draw(page, STROKES[7])
@@ -260,6 +290,46 @@ def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_
         shows(page, 7)  # the drawing is sent again with the token: no need to draw it again
         assert page.locator("#token-box").is_hidden()
         page.wait_for_selector("#model-box", state="visible")  # the models, listed once the token is given
+
+        # a web app of an allowed origin sends the token too: the browser's preflight before it carries none
+        infer = f"{server.url}/v2/models/resnet-mnist/infer"
+        for token, status in (("s3cret", 200), ("wrong", 401)):
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+            assert fetched_from(browser, app_origin, infer, headers, BINARY_INFER)[0] == status
+
+
+def fetched_from(browser, origin: str, url: str, headers: dict[str, str], body: bytes) -> list:
+    """What a page of ``origin`` reads of a POST to ``url`` with fetch(): [status, its binary answer's
+    Inference-Header-Content-Length, bytes], or [the error] where the browser keeps the answer from it."""
+    page = browser.new_page()
+    page.goto(f"{origin}/")
+    return page.evaluate("""async ([url, headers, body]) => {
+        try {
+            const answer = await fetch(url, {method: "POST", headers, body: new Uint8Array(body)});
+            return [answer.status, answer.headers.get("Inference-Header-Content-Length"),
+                    (await answer.arrayBuffer()).byteLength];
+        } catch (error) {
+            return [String(error)];
+        }
+    }""", [url, headers, list(body)])
+
+
+BINARY_INFER = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                       "data": [0.0] * 784}],
+                           "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+
+
+def test_a_web_app_of_an_allowed_origin_calls_the_api_and_others_cannot_read_it(browser, page_server, app_port,
+                                                                                 mnist):
+    infer, photo = f"{page_server.url}/v2/models/resnet-mnist/infer", png_of(mnist.test.images[0])
+    allowed, other = f"http://localhost:{app_port}", f"http://127.0.0.1:{app_port}"
+    status, json_length, size = fetched_from(browser, allowed, infer, {"Content-Type": "application/json"},
+                                             BINARY_INFER)
+    assert status == 200 and size == int(json_length) + 10 * 4  # the binary probabilities' length, exposed
+    assert fetched_from(browser, allowed, page_server.url + "/v1/classify", {"Content-Type": "image/png"},
+                        photo)[0] == 200  # a type that is not a form's: the browser asked first (a preflight)
+    assert fetched_from(browser, other, page_server.url + "/v1/classify",
+                        {"Content-Type": "image/png"}, photo) == ["TypeError: Failed to fetch"]
 
 
 def test_the_page_works_from_the_keyboard_and_fits_a_phone(browser, page_server):
