@@ -151,8 +151,8 @@ def serve(
         "clients other than browsers need none]", show_default=False)] = "",
     workers: Annotated[str, typer.Option(envvar=_env("WORKERS"),
         help="Server processes on the same ports, each with its own models and a share of the CPUs "
-        f"(Linux; elsewhere 1). auto: one per {CPUS_PER_WORKER} CPUs (--cpus), at least one; with --device cuda at most "
-        f"{CUDA_WORKERS}, which share the GPU; no more than a memory limit (a container's) holds at their "
+        f"(Linux; elsewhere 1). auto: one per {CPUS_PER_WORKER} CPUs (--cpus), at least one; with --device cuda "
+        f"at most {CUDA_WORKERS}, which share the GPU; no more than a memory limit (a container's) holds at their "
         "in-flight budgets' worst (--max-inflight-bytes).")] = "auto",
     cpus: Annotated[Optional[int], typer.Option(envvar=_env("CPUS"),
         help="CPUs the server may use, shared by its workers (Kubernetes: the CPU limit, from the downward API) "
