@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import threading
+from http.client import HTTPConnection
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,17 @@ def test_a_web_app_of_an_allowed_origin_calls_the_api_and_others_cannot_read_it(
                         photo)[0] == 200  # a type that is not a form's: the browser asked first (a preflight)
     assert fetched_from(browser, other, page_server.url + "/v1/classify",
                         {"Content-Type": "image/png"}, photo) == ["TypeError: Failed to fetch"]
+    # what the browser saw: the answers name the origin they allow, which caches must keep apart, and a
+    # preflight refused says why
+    connection = HTTPConnection("127.0.0.1", page_server.http_port, timeout=10)
+    connection.request("GET", "/v2/models/resnet-mnist", headers={"Origin": allowed})
+    answer = connection.getresponse()
+    assert (answer.status, answer.headers["Access-Control-Allow-Origin"], answer.headers["Vary"]) == (
+        200, allowed, "Origin") and answer.read()
+    connection.request("OPTIONS", "/v1/classify", headers={"Origin": other, "Access-Control-Request-Method": "POST"})
+    answer = connection.getresponse()
+    assert (answer.status, json.loads(answer.read())) == (
+        403, {"error": f"CORS preflight request failed: origin '{other}' is not allowed"})
 
 
 def test_the_page_works_from_the_keyboard_and_fits_a_phone(browser, page_server):
