@@ -216,8 +216,10 @@ class Server:
             self.http_port = await self.http.start(self.settings.host, self.settings.http_port,
                                                    self.tls.http_context if self.tls else None, self.connections,
                                                    self.settings.reuse_port)
-            log.info("HTTP on %s://%s/ (KServe v2 REST, /v1/classify, the page)%s",
-                     "https" if self.tls else "http", host_port(self.settings.host, self.http_port), secure)
+            log.info("HTTP on %s://%s/ (KServe v2 REST, /v1/classify, the page)%s%s",
+                     "https" if self.tls else "http", host_port(self.settings.host, self.http_port), secure,
+                     f"; web pages of {', '.join(self.settings.cors_origins)} may call it (CORS)"
+                     if self.settings.cors_origins else "")
         if self.settings.metrics_port:
             serve_metrics(self.state.metrics.registry, self.settings.metrics_port, self.settings.host)
         if self.tls or self.tokens:

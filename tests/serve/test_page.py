@@ -324,6 +324,7 @@ def test_a_web_app_of_an_allowed_origin_calls_the_api_and_others_cannot_read_it(
                                                                                  mnist):
     infer, photo = f"{page_server.url}/v2/models/resnet-mnist/infer", png_of(mnist.test.images[0])
     allowed, other = f"http://localhost:{app_port}", f"http://127.0.0.1:{app_port}"
+    assert f"; web pages of {allowed} may call it (CORS)" in "".join(page_server.lines)  # the server says so
     status, json_length, size = fetched_from(browser, allowed, infer, {"Content-Type": "application/json"},
                                              BINARY_INFER)
     assert status == 200 and size == int(json_length) + 10 * 4  # the binary probabilities' length, exposed
