@@ -5,7 +5,9 @@ calling /v1/classify or KServe v2 REST on :8000) only when the server says that 
 before a POST with a JSON body or a token it first asks with a preflight OPTIONS request. The
 origins ``--cors-origins`` names get that (aiohttp-cors answers the preflights and adds the
 headers); with none, the default, no other site's page can read an answer, which is what the
-server's own page (same origin) and every client that is not a browser need.
+server's own page (same origin) and every client that is not a browser need. Whatever the setting,
+the admin APIs refuse what pages of origins not allowed send: without admin tokens, any site a
+developer visits could otherwise have their browser unload a local server's models.
 """
 
 from __future__ import annotations
@@ -44,3 +46,15 @@ def is_preflight(request: web.Request) -> bool:
     """A browser's question before a cross-origin request: it carries no token, so it is not asked for one."""
     return (request.method == hdrs.METH_OPTIONS and hdrs.ORIGIN in request.headers
             and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers)
+
+
+def foreign_origin(request: web.Request, allowed: tuple[str, ...]) -> str | None:
+    """The origin of the web page whose script sent ``request`` from a browser, unless ``allowed``
+    lets that origin call the API; None for clients that are not browsers (they send no Origin).
+
+    A browser sends some cross-origin requests without asking first (a POST with a text body), and
+    only keeps the answer from the page: the request itself still acts. The server's own page is
+    not told apart by the Host it names: it calls no admin API, and a page elsewhere whose name
+    was made to point at the server (DNS rebinding) names the same Host."""
+    origin = request.headers.get(hdrs.ORIGIN)
+    return None if origin is None or origin in allowed or "*" in allowed else origin

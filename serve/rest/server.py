@@ -26,7 +26,7 @@ from resserve.serve.connections import CappedSite, ConnectionLimits
 from resserve.serve.dataplane import DataPlane
 from resserve.serve.errors import BodyTimeout, Busy, ResserveError, TooLarge, to_http_status
 from resserve.serve.logs import RepeatedWarning
-from resserve.serve.rest.cors import allow_origins, is_preflight
+from resserve.serve.rest.cors import allow_origins, foreign_origin, is_preflight
 from resserve.serve.rest.encoding import IDENTITY, decompress, encoding_of
 from resserve.serve.settings import host_port
 from resserve.serve.state import check_api_label
@@ -74,6 +74,7 @@ class HttpFrontDoor:
         settings = plane.state.settings
         self.plane = plane
         self.access = access  # the same as gRPC's: one look at the files for both
+        self.cors_origins = settings.cors_origins
         self.max_body_bytes = settings.max_message_bytes
         self.budget_bytes = settings.max_inflight_bytes
         self.inflight_bytes = 0
@@ -232,16 +233,21 @@ def deferring_continue(routes: list[web.AbstractRouteDef]) -> list[web.AbstractR
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Tokens first (not on a browser's CORS preflight, which carries none: serve/rest/cors.py);
-    aiohttp's own errors as JSON; connections close while the server drains."""
+    """Tokens first (not on a browser's CORS preflight, which carries none: serve/rest/cors.py), and
+    no admin API for pages of other origins; aiohttp's own errors as JSON; connections close while
+    the server drains."""
     door = request.app[FRONT_DOOR]
     public = request.path == "/" or request.path.startswith(PUBLIC_PREFIXES) or is_preflight(request)
+    resource = request.match_info.route.resource  # None where no route matched (404, 405)
+    admin_api = resource is not None and resource.canonical in ADMIN_ROUTES
     if door.access and not public:
-        resource = request.match_info.route.resource  # None where no route matched (404, 405)
-        verdict = door.access.verdict(request.headers.getall("Authorization", []),
-                                      admin_api=resource is not None and resource.canonical in ADMIN_ROUTES)
+        verdict = door.access.verdict(request.headers.getall("Authorization", []), admin_api=admin_api)
         if verdict is not Verdict.ALLOWED:
             return error_response(verdict.http_status, verdict.message)
+    if admin_api and (origin := foreign_origin(request, door.cors_origins)):
+        return error_response(403, f"{request.method} {request.path[:MAX_PATH_CHARS]} from a web page of "
+                                   f"{origin[:MAX_PATH_CHARS]}: pages of other origins may not use the admin APIs "
+                                   "(models loaded and unloaded, log and trace settings); --cors-origins allows one")
     try:
         response = await handler(request)
     except web.HTTPException as exc:

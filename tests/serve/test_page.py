@@ -345,6 +345,25 @@ def test_a_web_app_of_an_allowed_origin_calls_the_api_and_others_cannot_read_it(
         403, {"error": f"CORS preflight request failed: origin '{other}' is not allowed"})
 
 
+def test_a_page_elsewhere_cannot_have_a_browser_change_the_servers_settings(browser, page_server, app_port):
+    """A POST with a text body is sent cross-origin without a preflight (only its answer is kept from
+    the page): a site a developer visits could so have their browser change a local server."""
+    connection = HTTPConnection("127.0.0.1", page_server.http_port, timeout=10)
+
+    def verbose_level_after_a_post_from(origin: str) -> int:
+        page = browser.new_page()
+        page.goto(f"{origin}/")
+        page.evaluate("""url => fetch(url, {method: "POST", mode: "no-cors", body: '{"log_verbose_level": 1}'})""",
+                      page_server.url + "/v2/logging")
+        connection.request("GET", "/v2/logging")
+        return json.loads(connection.getresponse().read())["log_verbose_level"]
+
+    assert verbose_level_after_a_post_from(f"http://127.0.0.1:{app_port}") == 0  # not allowed: was 1, it acted
+    assert verbose_level_after_a_post_from(f"http://localhost:{app_port}") == 1  # --cors-origins allows this one
+    connection.request("POST", "/v2/logging", body=b'{"log_verbose_level": 0}')  # as it was, for the other tests
+    assert json.loads(connection.getresponse().read())["log_verbose_level"] == 0
+
+
 def test_the_page_works_from_the_keyboard_and_fits_a_phone(browser, page_server):
     page = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True)
     page.goto(page_server.url + "/")
