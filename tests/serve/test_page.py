@@ -2,7 +2,9 @@
 
 The page is drawn on with pointer events as a person would, a photo is chosen with the file
 input, and the page must show the right digit each time. The screenshot is saved with the
-test's files (and into docs/ with RESSERVE_UPDATE_SCREENSHOTS=1).
+test's files (and into docs/ with RESSERVE_UPDATE_SCREENSHOTS=1). And pages of a web app served
+elsewhere (a small server of the test's on the loopback) call the HTTP API as far as
+``--cors-origins`` lets them, in the same browser.
 """
 
 import http.server
