@@ -45,6 +45,7 @@ from resserve.serve.polling import follow_packages, look
 from resserve.serve.repository import load_repository, read_packages
 from resserve.serve.rest import classify as rest_classify
 from resserve.serve.rest import kserve as rest_kserve
+from resserve.serve.rest import openapi as rest_openapi
 from resserve.serve.rest.server import SERVER_NAME, HttpServer
 from resserve.serve.rpc import Registrar, abort
 from resserve.serve.sharedmemory import MAX_REGIONS, SharedMemory
@@ -150,7 +151,8 @@ class Server:
                                                MAX_REGIONS if settings.allow_client_shm else 0)
         self.grpc = grpc.aio.server(options=_grpc_options(settings, self.connections), interceptors=interceptors,
                                     maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-        self.http = (HttpServer(self.plane, [*rest_kserve.routes, *rest_classify.routes], self.tokens)
+        self.http = (HttpServer(self.plane, [*rest_kserve.routes, *rest_classify.routes, *rest_openapi.routes],
+                                self.tokens)
                      if settings.http_port else None)
         self.tls: CertificateRotation | None = None
         self.port = self.http_port = 0  # as bound: a setting of 0 takes a free port

@@ -28,13 +28,16 @@ from resserve.serve.errors import BodyTimeout, Busy, ResserveError, TooLarge, to
 from resserve.serve.logs import RepeatedWarning
 from resserve.serve.rest.cors import allow_origins, foreign_origin, is_preflight
 from resserve.serve.rest.encoding import IDENTITY, decompress, encoding_of
+from resserve.serve.rest.openapi import PATH as OPENAPI_PATH
 from resserve.serve.settings import host_port
 from resserve.serve.state import check_api_label
 
 log = logging.getLogger("resserve.serve")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PREFIXES = ("/v2/health/", "/page/")  # and "/" itself: no data, so no token
+# what needs no token, as it holds no data: health, the page and its files, the API's description
+PUBLIC_PATHS = frozenset({"/", OPENAPI_PATH})
+PUBLIC_PREFIXES = ("/v2/health/", "/page/")
 # the admin APIs (serve/auth.py), by their routes' patterns: decoded paths are not matched by hand
 ADMIN_ROUTES = frozenset({"/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload", "/v2/logging",
                           "/v2/trace/setting", "/v2/models/{name}/trace/setting"})
@@ -237,7 +240,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     no admin API for pages of other origins; aiohttp's own errors as JSON; connections close while
     the server drains."""
     door = request.app[FRONT_DOOR]
-    public = request.path == "/" or request.path.startswith(PUBLIC_PREFIXES) or is_preflight(request)
+    public = request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES) or is_preflight(request)
     resource = request.match_info.route.resource  # None where no route matched (404, 405)
     admin_api = resource is not None and resource.canonical in ADMIN_ROUTES
     if door.access and not public:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 import venv
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def test_a_serving_only_install_serves_the_packaged_model(tmp_path, mnist):
         with DigitClient(server.target) as client:
             assert client.health("resserve.readiness") == "SERVING"
             assert client.classify([buffer.getvalue()])[0].digit == mnist.test.labels[0]
+        for path, shipped in (("/", "serve/rest/page/index.html"), ("/openapi.yaml", "serve/rest/openapi.yaml")):
+            with urllib.request.urlopen(f"http://{server.http_target}{path}", timeout=30) as answer:
+                assert answer.read() == (ROOT / shipped).read_bytes(), f"the wheel lacks {shipped}"
         # after a deployment, without torch: its accuracy through the whole served path is the number export
         # measured (within the 0.1 points a reduced precision may lose behind its guard)
         evaluated = subprocess.run([str(resserve), "eval", "--server", server.target, "--json", "--data-dir",

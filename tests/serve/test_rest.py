@@ -476,7 +476,7 @@ def test_tokens_guard_the_rest_apis_but_not_health_or_the_page(tmp_path, mnist):
             assert error_of(server, "POST", INFER, body, headers) == (401, "missing or invalid bearer token")
         assert error_of(server, "POST", "/v1/classify", png_of(mnist.test.images[0]))[0] == 401
         assert call(server, "POST", INFER, body, {"Authorization": "Bearer s3cret"})[0] == 200
-        for public in ("/v2/health/live", "/v2/health/ready", "/", "/page/page.js"):
+        for public in ("/v2/health/live", "/v2/health/ready", "/", "/page/page.js", "/openapi.yaml"):
             assert call(server, "GET", public)[0] == 200, public
         client = triton_http.InferenceServerClient(server.http_target)
         with pytest.raises(InferenceServerException, match="401"):
