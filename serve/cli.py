@@ -182,8 +182,9 @@ def serve(
 
     gRPC (--port): resserve.v1.DigitClassifier and KServe v2 / Triton. HTTP (--http-port):
     KServe v2 REST (tritonclient.http works unchanged), POST /v1/classify (images in, digits
-    out, JSON), and a page at / to draw a digit and see it classified. On many CPUs, one server
-    process (--workers) per 4 CPUs by default, all on the same ports.
+    out, JSON), and a page at / to draw a digit and see it classified; /openapi.yaml describes the
+    HTTP API. On many CPUs, one server process (--workers) per 4 CPUs by default, all on the
+    same ports.
 
     Health: grpc.health.v1 with service "resserve.liveness" (process up) and
     "resserve.readiness" (models loaded and not draining); over HTTP /v2/health/live and
