@@ -15,6 +15,7 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -207,7 +208,7 @@ class Server:
         metrics = self.state.metrics
         self.tls = CertificateRotation.of(self.settings, metrics.tls_reloads, metrics.tls_certificate_expiry)
         if self.http and not self.settings.reuse_port:
-            check_port_free(self.settings.host, self.settings.http_port)
+            check_port_free(self.settings.host, self.settings.http_port, "--http-port")
         self.port = self._bind()
         await self.grpc.start()
         await self._set_health([LIVENESS_SERVICE], serving=True)
@@ -246,7 +247,7 @@ class Server:
     def _bind(self) -> int:
         address = self.settings.address
         if not self.settings.reuse_port:
-            check_port_free(self.settings.host, self.settings.port)
+            check_port_free(self.settings.host, self.settings.port, "--port")
         credentials = self.tls.grpc_credentials() if self.tls else None
         try:  # the TLS files were checked already (CertificateRotation): what is left to fail is the address
             port = (self.grpc.add_secure_port(address, credentials) if credentials
@@ -254,7 +255,8 @@ class Server:
         except RuntimeError:
             port = 0
         if port == 0:
-            raise ResserveError(f"cannot listen on {address}: port in use or address unavailable")
+            raise ResserveError(f"cannot listen on {address}: port in use or address unavailable "
+                                f"({PORT_HINTS['--port']})")
         return port
 
     async def drain(self, hurry: asyncio.Event) -> None:
@@ -280,8 +282,13 @@ class Server:
         await asyncio.sleep(FLUSH_SECONDS)  # the last answers leave the process
 
 
-def check_port_free(host: str, port: int) -> None:
-    """A port in use is one line from us, before gRPC tries it (and logs its own error line)."""
+# what to do about a port that cannot be had, by the option that chose it
+PORT_HINTS = {"--port": "choose another --port", "--http-port": "choose another --http-port, or 0 to disable"}
+
+
+def check_port_free(host: str, port: int, option: str) -> None:
+    """A port in use is one line from us, before gRPC tries it (and logs its own error line),
+    which says which ``option`` picks another."""
     if port == 0:
         return
     for family, kind, _, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
@@ -290,7 +297,8 @@ def check_port_free(host: str, port: int) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise ResserveError(f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}") from None
+                hint = PORT_HINTS[option] if exc.errno == errno.EADDRINUSE else "--host takes an address of this machine"
+                raise ResserveError(f"cannot listen on {host_port(host, port)}: {exc.strerror or exc} ({hint})") from None
 
 
 def answer_counts(answered: Counter) -> str:

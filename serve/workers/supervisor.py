@@ -107,14 +107,14 @@ class Supervisor:
     def _worker_settings(self) -> ServerSettings:
         """The ports held for the workers (0 made concrete), the CPUs divided, metrics served here."""
         s = self.settings
-        port = self._hold(s.port)
-        http_port = self._hold(s.http_port) if s.http_port else 0
+        port = self._hold(s.port, "--port")
+        http_port = self._hold(s.http_port, "--http-port") if s.http_port else 0
         return dataclasses.replace(s, port=port, http_port=http_port, metrics_port=0, threads=s.inference_threads,
                                    workers=1, reuse_port=True)
 
-    def _hold(self, port: int) -> int:
-        """Check ``port`` is free (one line if not), then hold it for the workers."""
-        check_port_free(self.settings.host, port)
+    def _hold(self, port: int, option: str) -> int:
+        """Check ``port`` (of ``option``) is free (one line if not), then hold it for the workers."""
+        check_port_free(self.settings.host, port, option)
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
         held = socket.socket(family, socket.SOCK_STREAM)
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -145,7 +145,8 @@ def test_a_port_in_use_is_a_startup_error():
             assert second.process.wait(timeout=60) == 1
         time.sleep(0.2)  # the output pump reaches the end
         lines = "".join(second.lines).strip().splitlines()
-        assert lines == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]  # no gRPC log line
+        # and no log line of gRPC's own
+        assert lines == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use (choose another --port)"]
         assert "fork_posix" not in "".join(first.lines)  # gRPC's fork warning is not printed either
 
 

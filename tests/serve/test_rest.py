@@ -535,7 +535,8 @@ def test_an_http_port_in_use_is_one_line():
                          "--http-port", str(first.http_port), timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: cannot listen on 127.0.0.1:{first.http_port}: Address already in use"]
+        f"error: cannot listen on 127.0.0.1:{first.http_port}: Address already in use "
+        "(choose another --http-port, or 0 to disable)"]
 
 
 def test_http_port_zero_disables_http():

@@ -267,7 +267,8 @@ def test_a_port_in_use_is_one_line_before_any_worker_starts(tmp_path):
         result = run_cli("serve", "--host", "127.0.0.1", "--port", str(first.port), "--http-port", str(free_port()),
                          "--metrics-port", "0", "--workers", "2", env={"TMPDIR": str(tmp_path)}, timeout=60)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{first.port}: Address already in use"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{first.port}: Address already in use (choose another --port)"]
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
