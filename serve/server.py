@@ -297,8 +297,10 @@ def check_port_free(host: str, port: int, option: str) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                hint = PORT_HINTS[option] if exc.errno == errno.EADDRINUSE else "--host takes an address of this machine"
-                raise ResserveError(f"cannot listen on {host_port(host, port)}: {exc.strerror or exc} ({hint})") from None
+                in_use = exc.errno == errno.EADDRINUSE
+                hint = PORT_HINTS[option] if in_use else "--host takes an address of this machine"
+                raise ResserveError(f"cannot listen on {host_port(host, port)}: {exc.strerror or exc} "
+                                    f"({hint})") from None
 
 
 def answer_counts(answered: Counter) -> str:
