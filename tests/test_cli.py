@@ -117,8 +117,8 @@ def torch_unimportable(tmp_path_factory) -> dict[str, str]:
      "request that comes alone waits this long for batch-mates)"),  # was: 100 s for each request that came alone
     (["serve", "--batch-buckets", "0,4"], "--batch-buckets must be sizes >= 1; got '0,4'"),  # was: "(None)"
     (["serve", "--host", "not..a.host"], "--host 'not..a.host' is not an address to listen on"),
-    (["serve", "--host", "192.0.2.1", "--metrics-port", "0"], "cannot listen on 192.0.2.1:8000: Cannot assign requested "
-     "address (--host takes an address of this machine)"),  # an address of another machine (RFC 5737's)
+    (["serve", "--host", "192.0.2.1", "--metrics-port", "0"],  # an address of another machine (RFC 5737's)
+     "cannot listen on 192.0.2.1:8000: Cannot assign requested address (--host takes an address of this machine)"),
     (["serve", "--drain-seconds", "inf"], "--drain-seconds and --grace-seconds must be finite and >= 0"),
     (["serve", "--max-connection-age", "0"], "--max-connection-age must be 1-2147483 seconds"),
     (["export", "--version", "v2", "--triton-repo", "triton"], "--triton-repo needs a version Triton reads, a whole "
