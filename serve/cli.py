@@ -26,7 +26,7 @@ from resserve.serve.settings import (CPUS_PER_WORKER, CUDA_WORKERS, DEFAULT_HTTP
 
 if TYPE_CHECKING:
     from resserve.serve.bench.clients import Level
-    from resserve.serve.client import DigitClient, Result
+    from resserve.serve.client import Client, Result
 
 MODEL_CONTROL_SECONDS = 300.0  # a load reads, verifies and warms packages: seconds, more on a GPU with many buckets
 
@@ -231,7 +231,9 @@ def client_token(token: str | None, token_file: Path | None) -> str | None:
 
 
 Server = Annotated[str, typer.Option("--server", envvar=_env("SERVER"),
-    help=f"host:port of a resserve server's gRPC port ({DEFAULT_PORT} where only a host is given).")]
+    help=f"The server: host:port of its gRPC port ({DEFAULT_PORT} where only a host is given), or the http:// "
+    "or https:// URL of its HTTP port, or of what routes to it (an ingress, KServe; https:// trusts this machine's "
+    "CAs, or --tls-ca).")]
 TlsCa = Annotated[Optional[Path], typer.Option(envvar=_env("TLS_CA"), help="CA certificate: connect with TLS.")]
 TlsCert = Annotated[Optional[Path], typer.Option(envvar=_env("CLIENT_CERT"), show_envvar=True, show_default=False,
     help="This client's certificate (PEM), for a server with mutual TLS (--tls-client-ca); with --tls-key.")]
@@ -266,10 +268,10 @@ def classify(
     by name (files in a format the server reads, by their extension; not its subfolders); - for an
     image piped in (`curl -s URL | resserve classify -`).
     """
-    from resserve.serve.client import DigitClient, requests_of
+    from resserve.serve.client import connect, requests_of
 
     images, rows = _image_files(images), []
-    with DigitClient(server, tls_ca, client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key) as client:
+    with connect(server, tls_ca, client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key) as client:
         def send(request: range) -> list[dict]:
             return _classify_files(client, images[request.start:request.stop], model, model_version)
 
@@ -353,7 +355,7 @@ def _size_of(path: Path) -> int:
         return 0
 
 
-def _classify_files(client: "DigitClient", paths: list[Path], model: str, version: str) -> list[dict]:
+def _classify_files(client: "Client", paths: list[Path], model: str, version: str) -> list[dict]:
     """One request's files as ``classify``'s output rows; a file that cannot be read is a row with
     its reason, and is not sent."""
     blobs = [_stdin_bytes() if path == STDIN else _file_bytes(path) for path in paths]
@@ -378,15 +380,15 @@ def health(
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
 ) -> None:
-    """Ask a server's grpc.health.v1 service; exit 0 only when SERVING.
+    """Ask a server's grpc.health.v1 service (over HTTP: GET /v2/health/ready, or /live); exit 0 only when SERVING.
 
     In scripts: `resserve serve & resserve health --service resserve.readiness --wait 60 && ...`.
     """
-    from resserve.serve.client import DigitClient
+    from resserve.serve.client import connect
 
     if not 0 <= wait < math.inf:
         raise ResserveError(f"--wait must be finite and >= 0, got {wait}")
-    with DigitClient(server, tls_ca, timeout=5.0, tls_cert=tls_cert, tls_key=tls_key) as client:
+    with connect(server, tls_ca, timeout=5.0, tls_cert=tls_cert, tls_key=tls_key) as client:
         status = client.wait_until_serving(service, wait)
     typer.echo(status)
     if status != "SERVING":
@@ -415,12 +417,12 @@ def models(
 
     In scripts: `resserve export model.pt --name resnet-mnist --out pkg/ && resserve models --load resnet-mnist`.
     """
-    from resserve.serve.client import DigitClient
+    from resserve.serve.client import connect
 
     if load and unload:
         raise ResserveError("give --load or --unload, not both")
-    with DigitClient(server, tls_ca, client_token(token, token_file), timeout=MODEL_CONTROL_SECONDS, tls_cert=tls_cert,
-                     tls_key=tls_key) as client:
+    with connect(server, tls_ca, client_token(token, token_file), timeout=MODEL_CONTROL_SECONDS, tls_cert=tls_cert,
+                 tls_key=tls_key) as client:
         if load:
             client.load(load)
         if unload:

@@ -1,5 +1,11 @@
 """A small Python client for resserve: digit classification, health and the models served, behind
-`resserve classify`, `health` and `models`."""
+`resserve classify`, `health`, `models` and `eval --server`.
+
+``connect`` picks the transport by how the server is named: host:port for its gRPC port
+(``DigitClient``), an http:// or https:// URL for its HTTP port (``HttpDigitClient``,
+serve/http_client.py: what an ingress or KServe routes). What does not depend on the transport
+(splitting many images into requests, one refused image not sinking the others, waiting until
+ready, requests in flight) is ``Client``'s, once."""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import io
 import ipaddress
 import re
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,19 +57,24 @@ CLOSED_HINTS = {
 }
 CLOSED_AT_LIMIT = "; or it holds all the connections it may (its --max-connections): retry later"
 # A URL given where gRPC wants host:port: gRPC reads "http://host:8000" as a host name that does
-# not resolve ("Misformatted domain name"); its own schemes (dns:///, unix:, ipv4:) stay valid
+# not resolve ("Misformatted domain name"); its own schemes (dns:///, unix:, ipv4:) stay valid.
+# ``connect`` takes the HTTP ones to the server's HTTP port.
 URL_SCHEMES = ("http", "https", "grpc", "grpcs")
+HTTP_SCHEMES = ("http", "https")
 CLIENT_CERT_NEEDS_CA = ("--tls-cert and --tls-key (mutual TLS) need --tls-ca: the CA that signed the server's "
                         "certificate")
 
 
 class ClientError(ResserveError):
-    """The server answered with an error, or could not be reached."""
+    """The server answered with an error, or could not be reached: ``code`` as gRPC names it (over
+    HTTP, the code the server's HTTP status pairs with), ``status`` as the user is shown it, and
+    ``hint`` what to do, where there is something to say."""
 
-    def __init__(self, target: str, code: grpc.StatusCode, details: str, connection: str = "plaintext",
-                 option: str = SERVER_OPTION) -> None:
-        super().__init__(f"{target}: {code.name}: {details}{_connect_hint(code, details, connection, option)}")
+    def __init__(self, target: str, code: grpc.StatusCode, details: str, hint: str = "", status: str = "",
+                 too_large: bool = False) -> None:
+        super().__init__(f"{target}: {status or code.name}: {details}{hint}")
         self.code, self.details = code, details
+        self.too_large = too_large  # the request is larger than the server takes: send it in parts
 
 
 def _connect_hint(code: grpc.StatusCode, details: str, connection: str, option: str) -> str:
@@ -87,10 +99,11 @@ def channel_credentials(tls_ca: Path, tls_cert: Path | None, tls_key: Path | Non
                                         private_key=key, certificate_chain=certificate)
 
 
-# How the server names the image at fault in a Classify request, and a request with more images
-# than it takes (serve/dataplane.py)
-IMAGE_AT_FAULT = re.compile(r"image (\d+): (.+)", re.S)
-TOO_MANY_IMAGES = re.compile(r"\d+ images in one request; the limit is (\d+)")
+# How the server names the image at fault in a Classify request (with its file name, over HTTP),
+# and a request with more images than it takes (serve/dataplane.py; an HTTP form: serve/rest/classify.py)
+IMAGE_AT_FAULT = re.compile(r"image (\d+)(?: \('[^']*'\))?: (.+)", re.S)
+TOO_MANY_IMAGES = re.compile(r"\d+ images in one request; the limit is (\d+)"
+                             r"|the form holds more than \d+ images; one request may hold (\d+) .*", re.S)
 # gRPC's own answer to a message over the server's --max-message-bytes
 MESSAGE_TOO_LARGE = "larger than max"
 # What one Classify request carries at most: well inside the server's defaults (1024 images, 4 MiB),
@@ -186,8 +199,140 @@ def _is_ipv6(text: str) -> bool:
         return False
 
 
-class DigitClient:
-    """``with DigitClient("localhost:8001") as client: client.classify([png_bytes])``."""
+class Client(ABC):
+    """What every transport does alike; a transport gives the calls themselves."""
+
+    target: str  # the server, as errors name it
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @abstractmethod
+    def close(self) -> None:
+        """Ends the connections, and the calls still running on them at once."""
+
+    @abstractmethod
+    def classify(self, images: list[bytes], model: str = "", version: str = "") -> list[Result]:
+        """Encoded images (PNG, JPEG, ...) -> one result per image, in order ('' model: the server's
+        default; '' version: the latest)."""
+
+    @abstractmethod
+    def classify_pixels(self, images: np.ndarray, model: str = "", version: str = "") -> list[Result]:
+        """MNIST-style uint8 images [N,28,28] (white ink on black, centred) -> one result per image,
+        as ``classify``; the server takes them as they are, without preprocessing."""
+
+    @abstractmethod
+    def health(self, service: str = "") -> str:
+        """SERVING, NOT_SERVING, ... for ``service`` ('' for the whole server)."""
+
+    @abstractmethod
+    def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
+        """The model's configuration, as Triton gives it (its architecture, backend and precision
+        among the parameters)."""
+
+    @abstractmethod
+    def models(self) -> list[ModelEntry]:
+        """What the server has (its model repository index)."""
+
+    @abstractmethod
+    def load(self, name: str) -> None:
+        """Load the model called ``name`` (again) from the packages the server was started with (a folder's
+        as they are now)."""
+
+    @abstractmethod
+    def unload(self, name: str) -> None:
+        """Stop serving every version of the model called ``name``."""
+
+    def classify_each(self, images: list[bytes], model: str = "", version: str = "") -> list[Result | str]:
+        """Like ``classify``, but an image the server refuses does not sink the others: its entry is
+        the server's reason (a string), and the rest are classified. Images beyond what this server
+        takes in one request (its image count or message size) are sent in several, and large
+        photos smaller (``fit_to_send``)."""
+        images = [fit_to_send(image) for image in images]
+        return [outcome for request in requests_of([len(image) for image in images])
+                for outcome in self._classify_request(images[request.start:request.stop], model, version)]
+
+    def _classify_request(self, images: list[bytes], model: str, version: str) -> list[Result | str]:
+        """One request's worth; sent again without an image the server refuses, or in parts."""
+        try:
+            return self.classify(images, model, version)
+        except ClientError as exc:
+            if exc.too_large:
+                if len(images) == 1:
+                    return [f"{len(images[0]):,} bytes: more than the server takes in one request "
+                            f"(its --max-message-bytes): {exc.details}"]
+                return self._in_parts(images, (len(images) + 1) // 2, model, version)
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            limit = TOO_MANY_IMAGES.fullmatch(exc.details)
+            if limit and int(limit.group(1) or limit.group(2)) < len(images):
+                return self._in_parts(images, int(limit.group(1) or limit.group(2)), model, version)
+            fault = IMAGE_AT_FAULT.fullmatch(exc.details)
+            if fault is None or int(fault.group(1)) >= len(images):
+                raise
+            at = int(fault.group(1))
+            others = self._classify_request(images[:at] + images[at + 1:], model, version) if len(images) > 1 else []
+            return [*others[:at], fault.group(2), *others[at:]]
+
+    def _in_parts(self, images: list[bytes], size: int, model: str, version: str) -> list[Result | str]:
+        size = max(1, size)
+        return [outcome for start in range(0, len(images), size)
+                for outcome in self._classify_request(images[start:start + size], model, version)]
+
+    def in_order(self, send: Callable[[Item], Answer], items: Iterable[Item],
+                 in_flight: int = IN_FLIGHT) -> Iterator[Answer]:
+        """``send(item)`` for each of ``items`` (a request's worth of this client's calls), answered
+        in their order, with up to ``in_flight`` sent at once, each from a thread of its own (both
+        transports are thread-safe). Stopped early (an error, Ctrl-C, or closed), it closes the
+        client, which ends the calls still running at once rather than after their timeout."""
+        sent: deque[Future[Answer]] = deque()
+        with ThreadPoolExecutor(in_flight, thread_name_prefix="request") as pool:
+            try:
+                for item in items:
+                    sent.append(pool.submit(send, item))
+                    if len(sent) == in_flight:
+                        yield sent.popleft().result()
+                while sent:
+                    yield sent.popleft().result()
+            finally:
+                if sent:
+                    for future in sent:
+                        future.cancel()
+                    self.close()
+
+    def wait_until_serving(self, service: str = "", seconds: float = 0.0) -> str:
+        """Ask until ``service`` is SERVING, for up to ``seconds``, through a server that is not
+        listening yet or still loading; returns the last status, or raises the last error. An
+        unknown service name is not waited for."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                status = self.health(service)
+            except ClientError as exc:
+                if exc.code == grpc.StatusCode.NOT_FOUND or time.monotonic() >= deadline:
+                    raise
+            else:
+                if status == "SERVING" or time.monotonic() >= deadline:
+                    return status
+            time.sleep(HEALTH_POLL_SECONDS)
+
+
+def connect(server: str, tls_ca: Path | None = None, token: str | None = None, timeout: float = 30.0,
+            tls_cert: Path | None = None, tls_key: Path | None = None, option: str = SERVER_OPTION) -> Client:
+    """A client of the server named ``server``: over HTTP for an http:// or https:// URL (the
+    server's HTTP port, or what routes to it: an ingress, KServe), over gRPC for host:port."""
+    if server.partition("://")[0].lower() in HTTP_SCHEMES:
+        from resserve.serve.http_client import HttpDigitClient
+
+        return HttpDigitClient(server, tls_ca, token, timeout, tls_cert, tls_key, option)
+    return DigitClient(server, tls_ca, token, timeout, tls_cert, tls_key, option)
+
+
+class DigitClient(Client):
+    """Over gRPC: ``with DigitClient("localhost:8001") as client: client.classify([png_bytes])``."""
 
     def __init__(self, target: str = "localhost:8001", tls_ca: Path | None = None, token: str | None = None,
                  timeout: float = 30.0, tls_cert: Path | None = None, tls_key: Path | None = None,
@@ -209,20 +354,13 @@ class DigitClient:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.inference = kserve_grpc.GRPCInferenceServiceStub(self.channel)
 
-    def __enter__(self) -> "DigitClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self.channel.close()
 
     def classify(self, images: list[bytes], model: str = "", version: str = "") -> list[Result]:
-        """Encoded images (PNG, JPEG, ...) -> one result per image, in order ('' model: the server's
-        default; '' version: the latest)."""
         return self._classify([digits_pb2.Image(encoded=data) for data in images], model, version)
 
     def classify_pixels(self, images: np.ndarray, model: str = "", version: str = "") -> list[Result]:
-        """MNIST-style uint8 images [N,28,28] (white ink on black, centred) -> one result per image,
-        as ``classify``; the server takes them as they are, without preprocessing."""
         return self._classify([digits_pb2.Image(raw_28x28=image.tobytes()) for image in images], model, version)
 
     def _classify(self, images: list[digits_pb2.Image], model: str, version: str) -> list[Result]:
@@ -231,65 +369,7 @@ class DigitClient:
         return [Result(r.digit, r.probability, list(r.probabilities), response.model, response.model_version)
                 for r in response.results]
 
-    def classify_each(self, images: list[bytes], model: str = "", version: str = "") -> list[Result | str]:
-        """Like ``classify``, but an image the server refuses does not sink the others: its entry is
-        the server's reason (a string), and the rest are classified. Images beyond what this server
-        takes in one request (its image count or message size) are sent in several, and large
-        photos smaller (``fit_to_send``)."""
-        images = [fit_to_send(image) for image in images]
-        return [outcome for request in requests_of([len(image) for image in images])
-                for outcome in self._classify_request(images[request.start:request.stop], model, version)]
-
-    def _classify_request(self, images: list[bytes], model: str, version: str) -> list[Result | str]:
-        """One request's worth; sent again without an image the server refuses, or in parts."""
-        try:
-            return self.classify(images, model, version)
-        except ClientError as exc:
-            if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and MESSAGE_TOO_LARGE in exc.details:
-                if len(images) == 1:
-                    return [f"{len(images[0]):,} bytes: more than the server takes in one request "
-                            f"(its --max-message-bytes): {exc.details}"]
-                return self._in_parts(images, (len(images) + 1) // 2, model, version)
-            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
-                raise
-            limit = TOO_MANY_IMAGES.fullmatch(exc.details)
-            if limit and int(limit.group(1)) < len(images):
-                return self._in_parts(images, int(limit.group(1)), model, version)
-            fault = IMAGE_AT_FAULT.fullmatch(exc.details)
-            if fault is None or int(fault.group(1)) >= len(images):
-                raise
-            at = int(fault.group(1))
-            others = self._classify_request(images[:at] + images[at + 1:], model, version) if len(images) > 1 else []
-            return [*others[:at], fault.group(2), *others[at:]]
-
-    def in_order(self, send: Callable[[Item], Answer], items: Iterable[Item],
-                 in_flight: int = IN_FLIGHT) -> Iterator[Answer]:
-        """``send(item)`` for each of ``items`` (a request's worth of this client's calls), answered
-        in their order, with up to ``in_flight`` sent at once, each from a thread of its own (gRPC's
-        channels are thread-safe). Stopped early (an error, Ctrl-C, or closed), it closes the
-        channel, which ends the calls still running at once rather than after their timeout."""
-        sent: deque[Future[Answer]] = deque()
-        with ThreadPoolExecutor(in_flight, thread_name_prefix="request") as pool:
-            try:
-                for item in items:
-                    sent.append(pool.submit(send, item))
-                    if len(sent) == in_flight:
-                        yield sent.popleft().result()
-                while sent:
-                    yield sent.popleft().result()
-            finally:
-                if sent:
-                    for future in sent:
-                        future.cancel()
-                    self.channel.close()
-
-    def _in_parts(self, images: list[bytes], size: int, model: str, version: str) -> list[Result | str]:
-        size = max(1, size)
-        return [outcome for start in range(0, len(images), size)
-                for outcome in self._classify_request(images[start:start + size], model, version)]
-
     def health(self, service: str = "") -> str:
-        """SERVING, NOT_SERVING, ... for ``service`` ('' for the whole server)."""
         try:
             response = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
         except ClientError as exc:
@@ -299,36 +379,15 @@ class DigitClient:
                               f"server), {LIVENESS_SERVICE} and {READINESS_SERVICE}") from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def wait_until_serving(self, service: str = "", seconds: float = 0.0) -> str:
-        """Ask until ``service`` is SERVING, for up to ``seconds``, through a server that is not
-        listening yet or still loading; returns the last status, or raises the last error. An
-        unknown service name is not waited for."""
-        deadline = time.monotonic() + seconds
-        while True:
-            try:
-                status = self.health(service)
-            except ClientError as exc:
-                if exc.code == grpc.StatusCode.NOT_FOUND or time.monotonic() >= deadline:
-                    raise
-            else:
-                if status == "SERVING" or time.monotonic() >= deadline:
-                    return status
-            time.sleep(HEALTH_POLL_SECONDS)
-
     def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
-        """The model's configuration, as Triton gives it (its architecture, backend and precision
-        among the parameters)."""
         request = kserve_pb2.ModelConfigRequest(name=name, version=version)
         return self._call(self.inference.ModelConfig, request).config
 
     def models(self) -> list[ModelEntry]:
-        """What the server has (its model repository index)."""
         response = self._call(self.inference.RepositoryIndex, kserve_pb2.RepositoryIndexRequest())
         return [ModelEntry(m.name, m.version, m.state, m.reason) for m in response.models]
 
     def load(self, name: str) -> None:
-        """Load the model called ``name`` (again) from the packages the server was started with (a folder's
-        as they are now)."""
         self._call(self.inference.RepositoryModelLoad, kserve_pb2.RepositoryModelLoadRequest(model_name=name))
 
     def unload(self, name: str) -> None:
@@ -338,4 +397,7 @@ class DigitClient:
         try:
             return method(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
-            raise ClientError(self.target, exc.code(), exc.details(), self.connection, self.option) from None
+            code, details = exc.code(), exc.details()
+            raise ClientError(self.target, code, details, _connect_hint(code, details, self.connection, self.option),
+                              too_large=code == grpc.StatusCode.RESOURCE_EXHAUSTED and MESSAGE_TOO_LARGE in details
+                              ) from None

@@ -94,12 +94,24 @@ def torch_unimportable(tmp_path_factory) -> dict[str, str]:
     (["classify", __file__, "--server", "127.0.0.1:1"], "127.0.0.1:1: UNAVAILABLE: failed to connect"),
     (["health", "--server", "127.0.0.1:1"], "(is a server running there? `resserve serve` starts one; --server or"),
     (["health", "--server", "127.0.0.1"], "127.0.0.1:8001: UNAVAILABLE: failed to connect"),  # was: to port 443
-    (["classify", __file__, "--server", "http://localhost:8000"], "--server or RESSERVE_SERVER takes the host:port "
-     "of a server's gRPC port (such as localhost:8001), not a URL: got 'http://localhost:8000'"),
+    (["classify", __file__, "--server", "grpc://localhost:8001"], "--server or RESSERVE_SERVER takes the host:port "
+     "of a server's gRPC port (such as localhost:8001), not a URL: got 'grpc://localhost:8001'"),
+    (["bench", "serve", "--target", "http://localhost:8000"], "--target takes the host:port of a server's gRPC port "
+     "(such as localhost:8001), not a URL: got 'http://localhost:8000'"),
+    (["classify", __file__, "--server", "http://127.0.0.1:1"], "http://127.0.0.1:1: UNAVAILABLE: failed to connect: "),
+    (["health", "--server", "http://127.0.0.1:1/"], "(is a server running there? `resserve serve` starts one; "
+     "--server"),
+    (["models", "--server", "http://localhost:8000/?model=a"], "--server or RESSERVE_SERVER: a server's URL has no "
+     "user, query or fragment (a token goes in --token-file); got 'http://localhost:8000/?model=a'"),
+    (["eval", "--server", "https://"], "--server: a URL names a host, as in http://localhost:8000; got 'https://'"),
+    (["health", "--server", "http://127.0.0.1:1", "--tls-ca", __file__], "--tls-ca, --tls-cert and --tls-key are "
+     "for a server reached with TLS: give an https:// URL; --server or RESSERVE_SERVER is 'http://127.0.0.1:1'"),
+    (["health", "--server", "https://127.0.0.1:1", "--tls-ca", __file__], f"--tls-ca {__file__} holds no "
+     "certificate that TLS can use: NO_CERTIFICATE_OR_CRL_FOUND"),
     (["health", "--server", "::1:8001"], "--server or RESSERVE_SERVER: an IPv6 address takes brackets before its "
      "port, as in [::1]:8001; got '::1:8001'"),  # was: gRPC's "Misformatted domain name"
     (["classify", __file__, "--server", "fe80::1%eth0"], "as in [fe80::1%eth0]:8001; got 'fe80::1%eth0'"),
-    (["models", "--server", "HTTPS://resserve.example.com"], "not a URL: got 'HTTPS://resserve.example.com'; for "
+    (["models", "--server", "GRPCS://resserve.example.com"], "not a URL: got 'GRPCS://resserve.example.com'; for "
      "TLS, give --tls-ca"),
     (["health", "--tls-ca", "/nonexistent/ca.crt"], "cannot read --tls-ca /nonexistent/ca.crt: No such file or directory"),
     (["health", "--tls-ca", str(SHIPPED_PACKAGE / "manifest.json")],

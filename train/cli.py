@@ -16,7 +16,7 @@ import typer
 
 from resserve.serve.backends.onnxruntime import import_onnxruntime, providers_for
 from resserve.serve.cli import TlsCa, TlsCert, TlsKey, Token, TokenFile, client_token, comma_separated
-from resserve.serve.client import DigitClient
+from resserve.serve.client import Client, connect
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable, check_writable_folder
 from resserve.serve.settings import DEFAULT_PORT
@@ -105,9 +105,10 @@ def evaluate(
     as_json: JsonFlag = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     server: Annotated[Optional[str], typer.Option(
-        help=f"host:port of a running resserve server's gRPC port ({DEFAULT_PORT} where only a host is given): "
-        "evaluate the model it serves instead of a checkpoint, the test set sent as 28x28 pixels through its "
-        "Classify API (its whole served path: batching, runtime, precision). Needs no torch.",
+        help=f"host:port of a running resserve server's gRPC port ({DEFAULT_PORT} where only a host is given), or "
+        "the http:// or https:// URL of its HTTP port: evaluate the model it serves instead of a checkpoint, the test "
+        "set sent as 28x28 pixels through its Classify API (over HTTP, KServe v2 REST; its whole served path: "
+        "batching, runtime, precision). Needs no torch.",
         show_default=False)] = None,
     model_name: Annotated[str, typer.Option(help="With --server: the model [default: the server's default].")] = "",
     model_version: Annotated[str, typer.Option(help="With --server: the version [default: the latest].")] = "",
@@ -121,7 +122,8 @@ def evaluate(
     if server is not None:
         if model is not None:
             raise ResserveError("give a checkpoint or --server, not both")
-        with DigitClient(server, tls_ca, client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key) as client:
+        with connect(server, tls_ca, client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key,
+                     option="--server") as client:
             report = _served_report(client, model_name, model_version, data_dir, show_progress=not as_json)
     else:
         if model_name or model_version:
@@ -153,7 +155,7 @@ def _checkpoint_report(model: Optional[Path], device: str, data_dir: Optional[Pa
     return EvaluationReport.of(str(path), result, mnist.source, checkpoint.config.arch, count_parameters(network))
 
 
-def _served_report(client: DigitClient, model: str, version: str, data_dir: Optional[Path],
+def _served_report(client: Client, model: str, version: str, data_dir: Optional[Path],
                    show_progress: bool) -> EvaluationReport:
     """Torch-free: the serving install evaluates its deployments too."""
     from resserve.train.data import load_mnist

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from resserve.serve.client import REQUEST_IMAGES, DigitClient
+from resserve.serve.client import REQUEST_IMAGES, Client
 from resserve.train.data import Split
 
 
@@ -33,7 +33,7 @@ class Evaluation:
         return (np.diag(self.confusion) / self.confusion.sum(axis=1).clip(min=1)).tolist()
 
 
-def evaluate_served(client: DigitClient, split: Split, model: str, version: str,
+def evaluate_served(client: Client, split: Split, model: str, version: str,
                     on_chunk: Callable[[int], None] = lambda images: None) -> tuple[Evaluation, tuple[str, str]]:
     """``split`` classified by the server ``client`` talks to, as 28x28 pixels through its Classify
     API (what it serves end to end: batching, runtime, precision), ``REQUEST_IMAGES`` a request;

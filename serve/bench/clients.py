@@ -31,6 +31,7 @@ from resserve.serve.errors import ResserveError
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
 from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
+from resserve.serve.tls import client_ssl_context
 
 # gRPC KServe v2 (one call per request, or many requests on one ModelStreamInfer call per connection),
 # gRPC Classify, KServe v2 REST with binary tensors
@@ -98,12 +99,7 @@ class Credentials:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """HTTPS's, trusting the CA (and showing the client's certificate); None for plain HTTP."""
-        if self.tls_ca is None:
-            return None
-        context = ssl.create_default_context(cafile=self.tls_ca)
-        if self.tls_cert and self.tls_key:
-            context.load_cert_chain(self.tls_cert, self.tls_key)
-        return context
+        return client_ssl_context(self.tls_ca, self.tls_cert, self.tls_key) if self.tls_ca else None
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

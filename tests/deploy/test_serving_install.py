@@ -76,17 +76,22 @@ def test_a_serving_only_install_serves_the_packaged_model(tmp_path, mnist):
             with urllib.request.urlopen(f"http://{server.http_target}{path}", timeout=30) as answer:
                 assert answer.read() == (ROOT / shipped).read_bytes(), f"the wheel lacks {shipped}"
         # after a deployment, without torch: its accuracy through the whole served path is the number export
-        # measured (within the 0.1 points a reduced precision may lose behind its guard)
-        evaluated = subprocess.run([str(resserve), "eval", "--server", server.target, "--json", "--data-dir",
-                                    str(mnist.path.parent)], env=env, capture_output=True, text=True)
-        assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-        report = json.loads(evaluated.stdout)
-        # what the model is, from the config the server gives (ModelConfig's parameters, from the manifest)
-        assert (report["model"], report["arch"], report["params"]) == (f"resnet-mnist 1 at {server.target}", "resnet",
-                                                                       117_802)
+        # measured (within the 0.1 points a reduced precision may lose behind its guard), over gRPC, and over
+        # HTTP as an ingress or KServe routes it
+        reports = []
+        for address in (server.target, server.url):
+            evaluated = subprocess.run([str(resserve), "eval", "--server", address, "--json", "--data-dir",
+                                        str(mnist.path.parent)], env=env, capture_output=True, text=True)
+            assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+            reports.append(json.loads(evaluated.stdout))
+            # what the model is, from the config the server gives (ModelConfig's parameters, from the manifest)
+            assert (reports[-1]["model"], reports[-1]["arch"], reports[-1]["params"]) == (
+                f"resnet-mnist 1 at {address}", "resnet", 117_802)
+        report = reports[0]
         assert sum(map(sum, report["confusion_matrix"])) == 10_000 and len(report["per_class_accuracy"]) == 10
         exported = next(a for a in load_package().manifest.artifacts if a.file == "model.onnx").test_accuracy
         assert abs(report["test_accuracy"] - exported) <= MAX_BF16_LOSS and 0 < report["test_loss"] < 0.05
+        assert [{**r, "model": ""} for r in reports[1:]] == [{**report, "model": ""}]  # the same pixels, answers
 
         # a Triton user adds the newest tritonclient beside it: both import and work in one process
         newest = subprocess.run([str(python), "-m", "pip", "index", "versions", "tritonclient"], env=env,

@@ -206,6 +206,20 @@ def test_tls_accepts_clients_that_trust_the_ca_and_refuses_plaintext(pki, mnist,
             assert response.status == 200
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/ready", timeout=5)
+        # resserve's client commands over HTTPS, and what they say where the URL or the CA is wrong
+        https = f"https://127.0.0.1:{server.http_port}"
+        result = run_cli("classify", str(image), "--server", https, "--tls-ca", str(pki / "ca.crt"))
+        assert result.returncode == 0 and result.stdout.startswith(f"{image}: {mnist.test.labels[0]}")
+        for url, args, hint in (
+                (https, ("--tls-ca", str(pki / "client.crt")), "(the server's certificate is not signed by the CA in "
+                                                                "--tls-ca)"),
+                (https, (), "(the server's certificate is not signed by a CA this machine trusts: --tls-ca names the "
+                            "one that signed it)"),
+                (f"http://127.0.0.1:{server.http_port}", (), "(a TLS server closes plaintext connections: give an "
+                                                             f"https:// URL{CLOSED_AT_LIMIT})")):
+            refused = run_cli("health", "--server", url, *args)
+            assert refused.returncode == 1 and refused.stderr.strip().endswith(hint), refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_a_renewed_certificate_reaches_new_connections_without_a_restart(pki, tmp_path):
@@ -332,6 +346,16 @@ def test_mutual_tls_requires_a_client_certificate(pki):
             assert response.status == 200
         with pytest.raises(OSError):
             urllib.request.urlopen(url, context=ssl.create_default_context(cafile=pki / "ca.crt"), timeout=5).read()
+        # and resserve's client commands over HTTPS
+        trust = ("--server", f"https://127.0.0.1:{server.http_port}", "--tls-ca", str(pki / "ca.crt"))
+        assert run_cli("models", *trust, *mine).stdout.startswith("resnet-mnist\t1\tREADY")
+        for args, hint in (((), "(a server with mutual TLS closes connections without a client certificate: give "
+                                f"--tls-cert and --tls-key{CLOSED_AT_LIMIT})"),
+                           (("--tls-cert", str(pki / "stranger.crt"), "--tls-key", str(pki / "stranger.key")),
+                            "(the server did not accept the certificate in --tls-cert: is it signed by the server's "
+                            f"--tls-client-ca?{CLOSED_AT_LIMIT})")):
+            refused = run_cli("models", *trust, *args)
+            assert refused.returncode == 1 and refused.stderr.strip().endswith(hint), refused.stderr
 
 
 def test_connections_that_never_start_their_tls_handshake_are_held_to_the_limit(pki):

@@ -324,20 +324,23 @@ def test_with_poll_seconds_the_packages_are_followed_without_a_call(tmp_path):
         assert server.stop() == 0
 
 
-def test_resserve_models_lists_loads_and_unloads(server):
+@pytest.mark.parametrize("over", ["grpc", "http"])
+def test_resserve_models_lists_loads_and_unloads(server, over):
+    address, status = (server.target, "NOT_FOUND") if over == "grpc" else (server.url, "HTTP 404")
+
     def line_of(result) -> list[str]:
         assert result.returncode == 0, result.stderr
         return [line for line in result.stdout.splitlines() if line.startswith(f"{MODEL}\t")]
 
-    assert line_of(run_cli("models", "--server", server.target)) == [f"{MODEL}\t1\tREADY"]
-    unloaded = run_cli("models", "--server", server.target, "--unload", MODEL, "--json")
+    assert line_of(run_cli("models", "--server", address)) == [f"{MODEL}\t1\tREADY"]
+    unloaded = run_cli("models", "--server", address, "--unload", MODEL, "--json")
     assert [entry for entry in json.loads(unloaded.stdout) if entry["name"] == MODEL] == [
         {"name": MODEL, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
-    assert line_of(run_cli("models", "--server", server.target)) == [f"{MODEL}\t-\tUNAVAILABLE (unloaded)"]
-    assert line_of(run_cli("models", "--server", server.target, "--load", MODEL)) == [f"{MODEL}\t1\tREADY"]
-    unknown = run_cli("models", "--server", server.target, "--load", "no-such-model")
+    assert line_of(run_cli("models", "--server", address)) == [f"{MODEL}\t-\tUNAVAILABLE (unloaded)"]
+    assert line_of(run_cli("models", "--server", address, "--load", MODEL)) == [f"{MODEL}\t1\tREADY"]
+    unknown = run_cli("models", "--server", address, "--load", "no-such-model")
     assert unknown.returncode == 1 and unknown.stderr.startswith(
-        f"error: {server.target}: NOT_FOUND: no package holds model 'no-such-model' (of the packages, and folders "
+        f"error: {address}: {status}: no package holds model 'no-such-model' (of the packages, and folders "
         f"of them, this server was started with); it has {MODEL}")
     assert len(unknown.stderr.strip().splitlines()) == 1
     both = run_cli("models", "--load", MODEL, "--unload", MODEL)

@@ -32,6 +32,12 @@ from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 MODEL = "resnet-mnist"
 
 
+@pytest.fixture(params=["grpc", "http"])
+def address(request, server) -> str:
+    """How a client command names the module's server: by its gRPC port, or by its HTTP port's URL."""
+    return server.target if request.param == "grpc" else server.url
+
+
 def as_input(images: np.ndarray) -> np.ndarray:
     return images[:, None].astype(np.float32) / 255.0
 
@@ -136,24 +142,24 @@ def photo_like(digit: np.ndarray) -> np.ndarray:
     return np.clip(paper - big * 0.8, 0, 255).astype(np.uint8)
 
 
-def test_classify_png_and_jpeg_files_with_the_cli(server, mnist, tmp_path):
+def test_classify_png_and_jpeg_files_with_the_cli(address, mnist, tmp_path):
     files = []
     for i in range(10):
         path = tmp_path / f"digit{i}.{'png' if i % 2 else 'jpg'}"
         path.write_bytes(encode(photo_like(mnist.test.images[i]), "PNG" if i % 2 else "JPEG"))
         files.append(str(path))
-    result = run_cli("classify", *files, "--server", server.target, "--json")
+    result = run_cli("classify", *files, "--server", address, "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [row["file"] for row in rows] == files
     correct = sum(row["digit"] == label for row, label in zip(rows, mnist.test.labels[:10]))
     assert correct >= 9
     assert all(0.0 <= row["confidence"] <= 1.0 and (row["model"], row["model_version"]) == (MODEL, "1") for row in rows)
-    plain = run_cli("classify", files[0], "--server", server.target)
+    plain = run_cli("classify", files[0], "--server", address)
     assert plain.stdout.startswith(f"{files[0]}: {rows[0]['digit']} (")
 
 
-def test_one_bad_file_does_not_sink_a_classify_call_and_is_named(server, mnist, tmp_path):
+def test_one_bad_file_does_not_sink_a_classify_call_and_is_named(address, mnist, tmp_path):
     good = [tmp_path / f"digit{i}.png" for i in range(3)]
     for path, image in zip(good, mnist.test.images):
         path.write_bytes(encode(photo_like(image), "PNG"))
@@ -161,14 +167,14 @@ def test_one_bad_file_does_not_sink_a_classify_call_and_is_named(server, mnist, 
     text.write_text("not an image")
     blank.write_bytes(encode(np.full((40, 40), 255, dtype=np.uint8), "PNG"))
     files = [good[0], text, good[1], blank, good[2]]
-    result = run_cli("classify", *map(str, files), "--server", server.target)
+    result = run_cli("classify", *map(str, files), "--server", address)
     assert result.returncode == 1
     assert result.stdout.splitlines() == [f"{p}: {label} (" + line.split(" (")[1] for p, label, line in
                                           zip(good, mnist.test.labels[:3], result.stdout.splitlines())]
     assert result.stderr.splitlines() == [
         f"{text}: error: {UNREADABLE}",
         f"{blank}: error: the image is blank (no ink found): there is no digit to classify"]
-    as_json = json.loads(run_cli("classify", *map(str, files), "--server", server.target, "--json").stdout)
+    as_json = json.loads(run_cli("classify", *map(str, files), "--server", address, "--json").stdout)
     assert [("error" in row, row["file"]) for row in as_json] == [(f in (text, blank), str(f)) for f in files]
 
 
@@ -221,12 +227,12 @@ def test_classify_names_an_iphones_heic_photos_and_how_to_send_them(server, mnis
     assert result.stderr.strip() == f"{folder / 'IMG_0001.HEIC'}: error: {HEIF_REFUSED}"
 
 
-def test_classify_sends_more_files_than_one_request_takes(server, mnist, tmp_path):
+def test_classify_sends_more_files_than_one_request_takes(address, mnist, tmp_path):
     files = []
     for i in range(1100):  # more than the server's --max-images-per-request (1024)
         files.append(tmp_path / f"{i:04d}.png")
         files[-1].write_bytes(encode(mnist.test.images[i], "PNG"))
-    result = run_cli("classify", *map(str, files), "--server", server.target, "--json")
+    result = run_cli("classify", *map(str, files), "--server", address, "--json")
     assert result.returncode == 0, result.stderr
     digits = [row["digit"] for row in json.loads(result.stdout)]
     assert len(digits) == 1100 and np.mean(np.array(digits) == mnist.test.labels[:1100]) >= 0.99
@@ -252,7 +258,8 @@ def test_classify_keeps_requests_in_flight_and_prints_their_answers_in_order(ser
     assert max(itertools.accumulate(change for _, change in times)) >= 2  # answered at once
 
 
-def test_classify_fits_its_requests_to_a_servers_lower_limits(mnist, tmp_path):
+@pytest.mark.parametrize("over", ["target", "url"])
+def test_classify_fits_its_requests_to_a_servers_lower_limits(mnist, tmp_path, over):
     small = []
     for i in range(10):
         small.append(tmp_path / f"{i}.png")
@@ -261,7 +268,7 @@ def test_classify_fits_its_requests_to_a_servers_lower_limits(mnist, tmp_path):
     large.write_bytes(encode(photo_like(mnist.test.images[10]), "PNG"))  # over the 2,048-byte limit
     files = [*small[:5], large, tmp_path / "missing.png", *small[5:]]
     with ServerProcess("--max-images-per-request", "4", "--max-message-bytes", "2048") as server:
-        result = run_cli("classify", *map(str, files), "--server", server.target, "--json")
+        result = run_cli("classify", *map(str, files), "--server", getattr(server, over), "--json")
     assert result.returncode == 1
     rows = json.loads(result.stdout)
     assert [row["file"] for row in rows] == list(map(str, files))
@@ -271,7 +278,7 @@ def test_classify_fits_its_requests_to_a_servers_lower_limits(mnist, tmp_path):
     assert result.stderr.splitlines() == [f"{row['file']}: error: {row['error']}" for row in rows[5:7]]
 
 
-def test_classify_sends_a_phone_photo_over_the_servers_message_limit_smaller_and_upright(server, mnist, tmp_path):
+def test_classify_sends_a_phone_photo_over_the_servers_message_limit_smaller_and_upright(address, mnist, tmp_path):
     """A 12-megapixel portrait photo as phones store it: sideways, with an EXIF orientation."""
     ink = np.asarray(Image.fromarray(mnist.test.images[0]).resize((3000, 4000), Image.BICUBIC), dtype=np.float32)
     paper = 215 + np.random.default_rng(0).normal(0, 6, ink.shape)
@@ -281,7 +288,7 @@ def test_classify_sends_a_phone_photo_over_the_servers_message_limit_smaller_and
     photo = tmp_path / "IMG_0001.jpg"
     upright.transpose(Image.Transpose.ROTATE_90).save(photo, quality=97, exif=exif)
     assert photo.stat().st_size > 4 * 2**20  # over the server's --max-message-bytes
-    result = run_cli("classify", str(photo), "--server", server.target)
+    result = run_cli("classify", str(photo), "--server", address)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{photo}: {mnist.test.labels[0]} (")
 
@@ -346,6 +353,21 @@ def test_health_and_reflection(server):
         assert refused.returncode == 1 and refused.stderr.strip().endswith(
             "(what answers there does not speak gRPC, as the server's HTTP and metrics ports do not: --server or "
             "RESSERVE_SERVER takes its gRPC port, 8001 by default)"), refused.stderr
+
+
+def test_health_over_http(server):
+    for service in ("", "resserve.liveness", "resserve.readiness"):
+        assert run_cli("health", "--server", server.url, "--service", service).stdout.strip() == "SERVING"
+    unknown = run_cli("health", "--server", server.url, "--service", "inference.GRPCInferenceService", "--wait", "30")
+    assert unknown.returncode == 1 and unknown.stderr.strip() == (
+        f"error: {server.url}: NOT_FOUND: no health service 'inference.GRPCInferenceService' over HTTP; resserve's "
+        "are '' (the server: GET /v2/health/ready), resserve.readiness (the same) and resserve.liveness (GET "
+        "/v2/health/live)")  # at once: an unknown name is not waited for
+    for port in (server.port, server.metrics_port):  # a port of the server's that is not its HTTP port
+        refused = run_cli("health", "--server", f"http://127.0.0.1:{port}")
+        assert refused.returncode == 1 and refused.stderr.strip().endswith(
+            "(what answers there is not resserve's HTTP API, as the server's gRPC and metrics ports are not: --server "
+            "or RESSERVE_SERVER takes the URL of its HTTP port, 8000 by default)"), refused.stderr
 
 
 @pytest.mark.parametrize("server_option, target", [
@@ -648,10 +670,10 @@ def test_tritonclient_classification_returns_triton_formatted_top_k(server, mnis
     assert config.input[0].format == config.input[0].FORMAT_NCHW and config.output[1].label_filename == "labels.txt"
 
 
-def test_eval_of_a_server_refuses_an_unknown_model_and_a_checkpoint_beside_it(server):
+def test_eval_of_a_server_refuses_an_unknown_model_and_a_checkpoint_beside_it(address):
     """(The evaluation itself runs in the serving-only install: tests/deploy/test_serving_install.py.)"""
-    for args, message in ((["--model-name", "nope"], "NOT_FOUND: unknown model 'nope'; this server has resnet-mnist"),
+    for args, message in ((["--model-name", "nope"], ": unknown model 'nope'; this server has resnet-mnist"),
                           (["model.pt"], "give a checkpoint or --server, not both")):
-        refused = run_cli("eval", "--server", server.target, *args)
+        refused = run_cli("eval", "--server", address, *args)
         assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].endswith(message), refused.stderr
 
