@@ -268,7 +268,8 @@ def classify(
     by name (files in a format the server reads, by their extension; not its subfolders); - for an
     image piped in (`curl -s URL | resserve classify -`).
     """
-    from resserve.serve.client import connect, requests_of
+    from resserve.serve.client import connect
+    from resserve.serve.client.base import requests_of
 
     images, rows = _image_files(images), []
     with connect(server, tls_ca, client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key) as client:

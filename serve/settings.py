@@ -403,7 +403,7 @@ def host_port(host: str, port: int) -> str:
 
 
 # A host alone: a name, an IPv4 address, or an IPv6 address in brackets (a bare one is refused
-# with a hint, serve/client.py); anything else (host:port, gRPC's dns:///, unix: and ipv4: targets)
+# with a hint, serve/client/grpc.py); anything else (host:port, gRPC's dns:///, unix: and ipv4: targets)
 # says where to connect already
 _HOST_ALONE = re.compile(r"(\[[0-9A-Fa-f:.]+(%[\w.-]+)?\]|[\w.-]+)")
 

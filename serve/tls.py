@@ -1,6 +1,6 @@
 """TLS for every front door: the settings' PEM files read and checked once, then handed to gRPC
 (``grpc.ServerCredentials``) and to the HTTP server (``ssl.SSLContext``) alike; the same checks
-serve the client commands' files (serve/client.py, serve/http_client.py).
+serve the client commands' files (serve/client/).
 
 Settings that ask for security fail closed: an unreadable or non-PEM file, a key that does not
 match its certificate, or a certificate that has expired, stops the server before it listens, in
@@ -92,20 +92,26 @@ def check_key_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
     return pair
 
 
+def client_key_pair(tls_cert: Path | None, tls_key: Path | None) -> tuple[bytes, bytes] | None:
+    """A client's certificate and key (PEM), checked as a pair, for a server with mutual TLS; None
+    where neither is given."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ResserveError("a client certificate needs both --tls-cert and --tls-key")
+    return check_key_pair(tls_cert, tls_key) if tls_cert and tls_key else None
+
+
 def client_ssl_context(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> ssl.SSLContext:
     """HTTPS for a client: trusting the CA in ``tls_ca`` (this machine's CAs where None: a server
     behind an ingress with a public certificate), showing its own certificate and key where given
     (mutual TLS). The files are checked as the server's are, in one line that names the option."""
-    if (tls_cert is None) != (tls_key is None):
-        raise ResserveError("a client certificate needs both --tls-cert and --tls-key")
+    pair = client_key_pair(tls_cert, tls_key)
     if tls_ca is not None:
         read_pem(tls_ca, "--tls-ca", "CERTIFICATE")  # a file that cannot be read, or holds no PEM certificate
     try:
         context = ssl.create_default_context(cafile=tls_ca)
     except ssl.SSLError as exc:
         raise ResserveError(f"--tls-ca {tls_ca} holds no certificate that TLS can use: {exc.reason or exc}") from None
-    if tls_cert and tls_key:
-        check_key_pair(tls_cert, tls_key)
+    if pair:
         context.load_cert_chain(tls_cert, tls_key)
     return context
 

@@ -11,7 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from resserve.serve.client import REQUEST_IMAGES, Client
+from resserve.serve.client import Client
+from resserve.serve.client.base import REQUEST_IMAGES
 from resserve.train.data import Split
 
 

@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 import orjson
 
-from resserve.serve.client import CLIENT_CERT_NEEDS_CA, channel_credentials
+from resserve.serve.client.grpc import CLIENT_CERT_NEEDS_CA, channel_credentials
 from resserve.serve.errors import ResserveError
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2

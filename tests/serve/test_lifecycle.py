@@ -20,7 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers import (RESSERVE, ServerProcess, free_port, hold_connections, metric_value, room_for_sockets, run_cli,
                      running, wait_until, write_hanging_package)
-from resserve.serve.client import CLOSED_AT_LIMIT, ClientError, DigitClient
+from resserve.serve.client import ClientError, DigitClient
+from resserve.serve.client.base import CLOSED_AT_LIMIT
 from resserve.serve.metrics import Metrics
 from resserve.serve.package import SHIPPED_PACKAGE
 from resserve.serve.settings import ServerSettings
@@ -394,11 +395,12 @@ def test_bearer_tokens_guard_the_apis_but_not_health_and_are_read_again_when_the
         assert health_status(server.target, "") == health_pb2.HealthCheckResponse.SERVING
         with DigitClient(server.target, token="s3cret-one") as client:
             assert client.health() == "SERVING"
-        result = run_cli("classify", str(_png_of(mnist.test.images[0], tmp_path)), "--server", server.target)
-        assert result.returncode == 1 and "UNAUTHENTICATED" in result.stderr  # the CLI without --token
-        result = run_cli("classify", str(_png_of(mnist.test.images[0], tmp_path)), "--server", server.target,
-                         "--token", "s3cret-two")
-        assert result.returncode == 0 and f": {mnist.test.labels[0]} (" in result.stdout
+        for address, refusal in ((server.target, "UNAUTHENTICATED"), (server.url, "HTTP 401")):  # gRPC, HTTP
+            result = run_cli("classify", str(_png_of(mnist.test.images[0], tmp_path)), "--server", address)
+            assert result.returncode == 1 and refusal in result.stderr  # the CLI without --token
+            result = run_cli("classify", str(_png_of(mnist.test.images[0], tmp_path)), "--server", address,
+                             "--token", "s3cret-two")
+            assert result.returncode == 0 and f": {mnist.test.labels[0]} (" in result.stdout
 
         # a leaked token revoked by taking it out of the file (as an operator edits the Secret it is
         # mounted from): refused over both protocols within the server's next look, without a restart

@@ -21,7 +21,8 @@ from helpers import (HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, logged_since, me
                      tree_resident_bytes)
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.bench.load import tree_cpu_seconds
-from resserve.serve.client import DigitClient, requests_of
+from resserve.serve.client import DigitClient
+from resserve.serve.client.base import requests_of
 from resserve.serve.package import load_package
 from resserve.serve.preprocess import HEIF_REFUSED, UNREADABLE
 from resserve.serve.settings import ServerSettings, page_note

@@ -1,16 +1,11 @@
-"""A small Python client for resserve: digit classification, health and the models served, behind
-`resserve classify`, `health`, `models` and `eval --server`.
-
-``connect`` picks the transport by how the server is named: host:port for its gRPC port
-(``DigitClient``), an http:// or https:// URL for its HTTP port (``HttpDigitClient``,
-serve/http_client.py: what an ingress or KServe routes). What does not depend on the transport
-(splitting many images into requests, one refused image not sinking the others, waiting until
-ready, requests in flight) is ``Client``'s, once."""
+"""What resserve's clients share, whichever transport: the errors, the results, and ``Client``,
+which does once what does not depend on the transport (many images as requests a server takes,
+one refused image not sinking the others, requests in flight, waiting until ready); a transport
+(grpc.py, http.py) gives the calls themselves."""
 
 from __future__ import annotations
 
 import io
-import ipaddress
 import re
 import time
 from abc import ABC, abstractmethod
@@ -18,34 +13,19 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageOps
 
 from resserve.serve.errors import ResserveError
 from resserve.serve.preprocess import READ_FORMATS, draft_within, eight_bit, has_alpha
-from resserve.serve.settings import DEFAULT_PORT, LIVENESS_SERVICE, READINESS_SERVICE, host_port, with_port
-from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
-from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
-from resserve.serve.stubs import grpc_service_pb2_grpc as kserve_grpc
 from resserve.serve.stubs import model_config_pb2
-from resserve.serve.tls import check_key_pair, read_pem
 
 # Nothing listens there: the likeliest reason is a server not started, or another port (the
 # hints name the option that gave the server's address: ``{option}``)
 NO_SERVER_HINT = " (is a server running there? `resserve serve` starts one; {option} names another)"
-# Why a connection failed, by what gRPC core says, and what to do: the first marker found wins
-CONNECT_HINTS = (
-    ("WRONG_VERSION_NUMBER", " (the server there does not speak TLS: leave out --tls-ca)"),
-    ("CERTIFICATE_VERIFY_FAILED", " (the server's certificate is not signed by the CA in --tls-ca)"),
-    ("Hostname Verification Check failed", " (the server's certificate does not name the host in {option})"),
-    ("Failed parsing HTTP/2", " (what answers there does not speak gRPC, as the server's HTTP and metrics ports do "
-                              "not: {option} takes its gRPC port, 8001 by default)"),
-)
 SERVER_OPTION = "--server or RESSERVE_SERVER"
 # A server that closes the connection in the handshake: what it refused, by how this client
 # connected; or it held as many connections as it may (serve/connections.py)
@@ -56,13 +36,6 @@ CLOSED_HINTS = {
                   "--tls-client-ca?",
 }
 CLOSED_AT_LIMIT = "; or it holds all the connections it may (its --max-connections): retry later"
-# A URL given where gRPC wants host:port: gRPC reads "http://host:8000" as a host name that does
-# not resolve ("Misformatted domain name"); its own schemes (dns:///, unix:, ipv4:) stay valid.
-# ``connect`` takes the HTTP ones to the server's HTTP port.
-URL_SCHEMES = ("http", "https", "grpc", "grpcs")
-HTTP_SCHEMES = ("http", "https")
-CLIENT_CERT_NEEDS_CA = ("--tls-cert and --tls-key (mutual TLS) need --tls-ca: the CA that signed the server's "
-                        "certificate")
 
 
 class ClientError(ResserveError):
@@ -77,35 +50,11 @@ class ClientError(ResserveError):
         self.too_large = too_large  # the request is larger than the server takes: send it in parts
 
 
-def _connect_hint(code: grpc.StatusCode, details: str, connection: str, option: str) -> str:
-    """Why a call found no server to answer it, where gRPC's details say: ``connection`` is
-    plaintext, TLS or mutual TLS; ``option`` gave the server's address."""
-    if code != grpc.StatusCode.UNAVAILABLE:
-        return ""
-    hint = next((hint for marker, hint in CONNECT_HINTS if marker in details), "")
-    if not hint and "Socket closed" in details:
-        hint = f" ({CLOSED_HINTS[connection]}{CLOSED_AT_LIMIT})"
-    return (hint or (NO_SERVER_HINT if "failed to connect" in details else "")).format(option=option)
-
-
-def channel_credentials(tls_ca: Path, tls_cert: Path | None, tls_key: Path | None) -> grpc.ChannelCredentials:
-    """TLS trusting the CA in ``tls_ca``, with the client's own certificate and key for a server
-    that asks for one (mutual TLS). The files are checked here: gRPC would only fail at the first
-    call, with "Failed to create security handshaker"."""
-    if (tls_cert is None) != (tls_key is None):
-        raise ResserveError("a client certificate needs both --tls-cert and --tls-key")
-    certificate, key = check_key_pair(tls_cert, tls_key) if tls_cert and tls_key else (None, None)
-    return grpc.ssl_channel_credentials(root_certificates=read_pem(tls_ca, "--tls-ca", "CERTIFICATE"),
-                                        private_key=key, certificate_chain=certificate)
-
-
 # How the server names the image at fault in a Classify request (with its file name, over HTTP),
 # and a request with more images than it takes (serve/dataplane.py; an HTTP form: serve/rest/classify.py)
 IMAGE_AT_FAULT = re.compile(r"image (\d+)(?: \('[^']*'\))?: (.+)", re.S)
-TOO_MANY_IMAGES = re.compile(r"\d+ images in one request; the limit is (\d+)"
-                             r"|the form holds more than \d+ images; one request may hold (\d+) .*", re.S)
-# gRPC's own answer to a message over the server's --max-message-bytes
-MESSAGE_TOO_LARGE = "larger than max"
+TOO_MANY_IMAGES = re.compile(r"(?:\d+ images in one request; the limit is|the form holds more than \d+ images; "
+                             r"one request may hold) (\d+)\b.*", re.S)
 # What one Classify request carries at most: well inside the server's defaults (1024 images, 4 MiB),
 # so a folder of digits or of phone photos goes as several requests, not one the server refuses.
 REQUEST_IMAGES = 64
@@ -174,29 +123,6 @@ class Result:
     probabilities: list[float]
     model: str  # the model and version that answered
     model_version: str
-
-
-def _check_target(target: str, option: str) -> None:
-    """One line for the two ways of naming a server that gRPC answers with a resolver error: a URL,
-    and an IPv6 address without the brackets that set it apart from its port."""
-    scheme, _, address = target.partition("://")
-    if address and scheme.lower() in URL_SCHEMES:
-        raise ResserveError(f"{option} takes the host:port of a server's gRPC port (such as localhost:8001), "
-                            f"not a URL: got {target[:200]!r}"
-                            + ("; for TLS, give --tls-ca" if scheme.lower().endswith("s") else ""))
-    host, _, port = target.rpartition(":")  # "::1:8001" is an IPv6 address too: the port is meant
-    readings = ([(host, int(port))] if port.isdigit() else []) + [(target, DEFAULT_PORT)]
-    for ip, meant_port in readings:
-        if _is_ipv6(ip):
-            raise ResserveError(f"{option}: an IPv6 address takes brackets before its port, as in "
-                                f"{host_port(ip, meant_port)}; got {target[:200]!r}")
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        return ipaddress.ip_address(text).version == 6
-    except ValueError:
-        return False
 
 
 class Client(ABC):
@@ -268,8 +194,8 @@ class Client(ABC):
             if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
             limit = TOO_MANY_IMAGES.fullmatch(exc.details)
-            if limit and int(limit.group(1) or limit.group(2)) < len(images):
-                return self._in_parts(images, int(limit.group(1) or limit.group(2)), model, version)
+            if limit and int(limit.group(1)) < len(images):
+                return self._in_parts(images, int(limit.group(1)), model, version)
             fault = IMAGE_AT_FAULT.fullmatch(exc.details)
             if fault is None or int(fault.group(1)) >= len(images):
                 raise
@@ -318,86 +244,3 @@ class Client(ABC):
                 if status == "SERVING" or time.monotonic() >= deadline:
                     return status
             time.sleep(HEALTH_POLL_SECONDS)
-
-
-def connect(server: str, tls_ca: Path | None = None, token: str | None = None, timeout: float = 30.0,
-            tls_cert: Path | None = None, tls_key: Path | None = None, option: str = SERVER_OPTION) -> Client:
-    """A client of the server named ``server``: over HTTP for an http:// or https:// URL (the
-    server's HTTP port, or what routes to it: an ingress, KServe), over gRPC for host:port."""
-    if server.partition("://")[0].lower() in HTTP_SCHEMES:
-        from resserve.serve.http_client import HttpDigitClient
-
-        return HttpDigitClient(server, tls_ca, token, timeout, tls_cert, tls_key, option)
-    return DigitClient(server, tls_ca, token, timeout, tls_cert, tls_key, option)
-
-
-class DigitClient(Client):
-    """Over gRPC: ``with DigitClient("localhost:8001") as client: client.classify([png_bytes])``."""
-
-    def __init__(self, target: str = "localhost:8001", tls_ca: Path | None = None, token: str | None = None,
-                 timeout: float = 30.0, tls_cert: Path | None = None, tls_key: Path | None = None,
-                 option: str = SERVER_OPTION) -> None:
-        """``option``: how the user named ``target``, for the hints of a connection that fails."""
-        _check_target(target, option)
-        target = with_port(target, DEFAULT_PORT)
-        if tls_ca is not None:
-            self.channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key))
-        elif tls_cert or tls_key:
-            raise ResserveError(CLIENT_CERT_NEEDS_CA)
-        else:
-            self.channel = grpc.insecure_channel(target)
-        self.connection = "mutual TLS" if tls_cert else "TLS" if tls_ca else "plaintext"
-        self.target, self.option = target, option
-        self.timeout = timeout
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.classifier = digits_pb2_grpc.DigitClassifierStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.inference = kserve_grpc.GRPCInferenceServiceStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def classify(self, images: list[bytes], model: str = "", version: str = "") -> list[Result]:
-        return self._classify([digits_pb2.Image(encoded=data) for data in images], model, version)
-
-    def classify_pixels(self, images: np.ndarray, model: str = "", version: str = "") -> list[Result]:
-        return self._classify([digits_pb2.Image(raw_28x28=image.tobytes()) for image in images], model, version)
-
-    def _classify(self, images: list[digits_pb2.Image], model: str, version: str) -> list[Result]:
-        request = digits_pb2.ClassifyRequest(images=images, model=model, model_version=version)
-        response = self._call(self.classifier.Classify, request)
-        return [Result(r.digit, r.probability, list(r.probabilities), response.model, response.model_version)
-                for r in response.results]
-
-    def health(self, service: str = "") -> str:
-        try:
-            response = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
-        except ClientError as exc:
-            if exc.code != grpc.StatusCode.NOT_FOUND:
-                raise
-            raise ClientError(self.target, exc.code, f"no health service {service!r}; resserve's are '' (the "
-                              f"server), {LIVENESS_SERVICE} and {READINESS_SERVICE}") from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-
-    def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
-        request = kserve_pb2.ModelConfigRequest(name=name, version=version)
-        return self._call(self.inference.ModelConfig, request).config
-
-    def models(self) -> list[ModelEntry]:
-        response = self._call(self.inference.RepositoryIndex, kserve_pb2.RepositoryIndexRequest())
-        return [ModelEntry(m.name, m.version, m.state, m.reason) for m in response.models]
-
-    def load(self, name: str) -> None:
-        self._call(self.inference.RepositoryModelLoad, kserve_pb2.RepositoryModelLoadRequest(model_name=name))
-
-    def unload(self, name: str) -> None:
-        self._call(self.inference.RepositoryModelUnload, kserve_pb2.RepositoryModelUnloadRequest(model_name=name))
-
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details()
-            raise ClientError(self.target, code, details, _connect_hint(code, details, self.connection, self.option),
-                              too_large=code == grpc.StatusCode.RESOURCE_EXHAUSTED and MESSAGE_TOO_LARGE in details
-                              ) from None

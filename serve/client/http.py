@@ -2,7 +2,7 @@
 http://HOST:8000``, or ``https://HOST[/PREFIX]`` behind an ingress or KServe (which route one
 port, HTTP by default).
 
-The calls of the gRPC client (serve/client.py), on the server's HTTP API: ``/v1/classify`` for
+The calls of the gRPC client (grpc.py), on the server's HTTP API: ``/v1/classify`` for
 images (a multipart form, a part per image), KServe v2 REST for pixels, health, a model's
 configuration and the model repository. Errors keep the gRPC code the server's HTTP status pairs
 with (serve/errors.py), so that what the commands do with them does not depend on the transport.
@@ -27,8 +27,8 @@ from google.protobuf import json_format
 from PIL import Image
 from yarl import URL
 
-from resserve.serve.client import (CLOSED_AT_LIMIT, CLOSED_HINTS, NO_SERVER_HINT, SERVER_OPTION, Client, ClientError,
-                                   ModelEntry, Result)
+from resserve.serve.client.base import (CLOSED_AT_LIMIT, CLOSED_HINTS, NO_SERVER_HINT, SERVER_OPTION, Client,
+                                        ClientError, ModelEntry, Result)
 from resserve.serve.errors import HTTP_STATUS, ResserveError
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import model_config_pb2
