@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import threading
+import urllib.parse
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -266,6 +267,28 @@ def test_an_html_answer_from_a_proxy_in_front_is_named_by_its_status(browser, pa
     page.set_input_files("#file", str(photo))
     page.wait_for_function("document.getElementById('status').classList.contains('error')")
     assert page.inner_text("#status").startswith("The server could not classify photo.png: HTTP 413")
+
+
+def test_the_page_works_under_the_path_prefix_of_an_ingress_or_kubectl_proxy(browser, page_server):
+    """An ingress that routes /digits/ to the server (taking the prefix off), as `kubectl proxy`
+    gives a service's port a path of its own: the page asked for its script and style, and sent
+    its drawings, to the host's root, where nothing answers."""
+    page, outside = browser.new_page(), []
+
+    def ingress(route) -> None:
+        url = urllib.parse.urlsplit(route.request.url)
+        if not url.path.startswith("/digits/"):
+            outside.append(url.path)
+            route.fulfill(status=404, content_type="text/html", body="<html><body>404 Not Found</body></html>")
+            return
+        route.fulfill(response=route.fetch(url=url._replace(path=url.path.removeprefix("/digits")).geturl()))
+
+    page.route(f"{page_server.url}/**", ingress)
+    page.goto(page_server.url + "/digits/")
+    page.wait_for_selector("#model-box", state="visible")  # the models served, listed through the prefix
+    draw(page, STROKES[7])
+    shows(page, 7)
+    assert outside == []
 
 
 def test_a_server_that_wants_a_token_asks_for_one_and_then_answers(browser, tmp_path, models, app_port):

@@ -1,6 +1,8 @@
 // The draw-a-digit page: pointer drawing on a canvas (mouse, touch, pen), or a chosen or dropped
 // photo, sent to POST /v1/classify; the answer is drawn as a digit, ten bars and the 28x28 input.
 // Where the server serves several models or versions, a list picks the one that reads the digit.
+// Its URLs are relative to the page, so that it works where a path prefix leads to the server (an
+// ingress routing /digits/ to it, `kubectl proxy`'s URL of a service).
 "use strict";
 
 const pad = document.getElementById("pad");
@@ -128,7 +130,7 @@ function withToken(headers) {
 async function listModels() {
   const before = chosenModel();
   try {
-    const response = await fetch("/v2/repository/index", {
+    const response = await fetch("v2/repository/index", {
       method: "POST", body: '{"ready": true}', headers: withToken({ "Content-Type": "application/json" }) });
     if (!response.ok) return false; // a token is wanted first (asked again once one is given)
     const served = await response.json();
@@ -173,7 +175,7 @@ async function classify(blob, what) {
   let gone = false; // the model chosen is not served (any more)
   busy = true;
   try {
-    const response = await fetch(`/v1/classify${chosen && "?"}${chosen}`, { method: "POST", body: blob, headers });
+    const response = await fetch(`v1/classify${chosen && "?"}${chosen}`, { method: "POST", body: blob, headers });
     // a proxy in front of the server may answer in HTML (a 413 for a large photo, a 502): name its status
     const answer = await response.json()
       .catch(() => ({ error: `HTTP ${response.status} ${response.statusText}`.trim() }));
