@@ -42,7 +42,8 @@ GRPC_CODE = {**{status: code for code, status in reversed(HTTP_STATUS.items())},
 # What each gRPC health service name of resserve's asks over HTTP (KServe v2's health endpoints)
 HEALTH_PATHS = {"": "ready", READINESS_SERVICE: "ready", LIVENESS_SERVICE: "live"}
 OTHER_PORT_HINT = (" (what answers there is not resserve's HTTP API, as the server's gRPC and metrics ports are not: "
-                   "{option} takes the URL of its HTTP port, 8000 by default)")
+                   "{option} takes the URL of its HTTP port, 8000 by default, or of what routes to it, with the "
+                   "path prefix it routes)")
 TLS_FILES_NEED_HTTPS = "--tls-ca, --tls-cert and --tls-key are for a server reached with TLS: give an https:// URL"
 
 
