@@ -44,6 +44,9 @@ HEALTH_PATHS = {"": "ready", READINESS_SERVICE: "ready", LIVENESS_SERVICE: "live
 OTHER_PORT_HINT = (" (what answers there is not resserve's HTTP API, as the server's gRPC and metrics ports are not: "
                    "{option} takes the URL of its HTTP port, 8000 by default, or of what routes to it, with the "
                    "path prefix it routes)")
+# An answer is read whole, up to this: as gRPC's clients take 4 MiB at most by default (resserve's
+# largest, 64 images' classifications with the 28x28 inputs, is about 100 KB)
+MAX_ANSWER_BYTES = 4 * 2**20
 TLS_FILES_NEED_HTTPS = "--tls-ca, --tls-cert and --tls-key are for a server reached with TLS: give an https:// URL"
 
 
@@ -85,7 +88,8 @@ class HttpDigitClient(Client):
 
     @staticmethod
     async def _open(ssl: Any, timeout: float) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl),
+        # trust_env: HTTPS_PROXY, NO_PROXY and the like, as curl and gRPC read them
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl), trust_env=True,
                                      timeout=aiohttp.ClientTimeout(total=timeout), raise_for_status=False)
 
     def close(self) -> None:
@@ -212,7 +216,15 @@ class HttpDigitClient(Client):
 
     async def _fetch(self, method: str, url: URL, **request: Any) -> tuple[int, str, bytes]:
         async with self.session.request(method, url, **request) as response:
-            return response.status, response.reason or "", await response.read()
+            answer = bytearray()
+            while len(answer) <= MAX_ANSWER_BYTES and (chunk := await response.content.read(
+                    MAX_ANSWER_BYTES + 1 - len(answer))):
+                answer += chunk
+            if len(answer) > MAX_ANSWER_BYTES:
+                raise ClientError(self.target, grpc.StatusCode.RESOURCE_EXHAUSTED, f"the answer to {method} "
+                                  f"{url.path} is over {MAX_ANSWER_BYTES // 2**20} MiB, far more than resserve sends",
+                                  OTHER_PORT_HINT.format(option=self.option))
+            return response.status, response.reason or "", bytes(answer)
 
     def _check(self, status: int, reason: str, answer: bytes) -> None:
         """ClientError for an error status, with the server's message; from something else (another

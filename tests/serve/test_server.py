@@ -379,6 +379,25 @@ def test_health_over_http(server):
 
 
 @contextlib.contextmanager
+def http_app(route) -> Iterator[str]:
+    """An HTTP server on a loopback port whose every request ``route`` (an aiohttp handler) answers;
+    yields its URL."""
+    app, loop = web.Application(), asyncio.new_event_loop()
+    app.router.add_route("*", "/{path:.*}", route)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+
+
+@contextlib.contextmanager
 def ingress(upstream: str, prefix: str) -> Iterator[str]:
     """An ingress that routes ``prefix``/... to the server whose HTTP port is at ``upstream``, taking
     the prefix off, and answers 404 elsewhere; yields its URL, prefix included."""
@@ -392,19 +411,8 @@ def ingress(upstream: str, prefix: str) -> Iterator[str]:
             return web.Response(status=answer.status, body=await answer.read(),
                                 headers={"Content-Type": answer.headers.get("Content-Type", "text/plain")})
 
-    app, loop = web.Application(), asyncio.new_event_loop()
-    app.router.add_route("*", "/{path:.*}", route)
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}{prefix}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
+    with http_app(route) as url:
+        yield url + prefix
 
 
 def test_the_client_commands_reach_a_server_under_an_ingress_path_prefix(server, mnist, tmp_path):
@@ -420,6 +428,17 @@ def test_the_client_commands_reach_a_server_under_an_ingress_path_prefix(server,
             ": HTTP 404: Not Found (what answers there is not resserve's HTTP API, as the server's gRPC and metrics "
             "ports are not: --server or RESSERVE_SERVER takes the URL of its HTTP port, 8000 by default, or of what "
             "routes to it, with the path prefix it routes)")
+
+
+def test_an_answer_far_larger_than_resserve_sends_is_not_read_whole():
+    async def flood(request: web.Request) -> web.Response:  # something else at that URL, not a server of ours
+        return web.Response(body=b" " * (64 * 2**20), content_type="application/json")
+
+    with http_app(flood) as url:
+        refused = run_cli("health", "--server", url)
+    assert refused.returncode == 1 and refused.stderr.strip().startswith(
+        f"error: {url}: RESOURCE_EXHAUSTED: the answer to GET /v2/health/ready is over 4 MiB, far more than resserve "
+        "sends (what answers there is not resserve's HTTP API"), refused.stderr
 
 
 @pytest.mark.parametrize("server_option, target", [
