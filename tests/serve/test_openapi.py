@@ -5,6 +5,7 @@ request as well as the answer, error answers included."""
 
 import io
 import re
+import urllib.parse
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -56,6 +57,11 @@ def test_the_description_is_valid_openapi_and_served_as_written(server):
     answer = requests.get(f"http://{server.http_target}/openapi.yaml", timeout=30)
     assert answer.status_code == 200 and answer.headers["Content-Type"] == "application/yaml; charset=utf-8"
     assert answer.content == openapi.DESCRIPTION.read_bytes()
+    # the server URL is where the description came from, under the path prefix of an ingress too (a
+    # viewer resolves it against the description's URL: "/" sent "Try it out" to the host's root)
+    for fetched_from, server_url in (("http://localhost:8000/openapi.yaml", "http://localhost:8000/"),
+                                     ("https://example.com/digits/openapi.yaml", "https://example.com/digits/")):
+        assert [urllib.parse.urljoin(fetched_from, s["url"]) for s in DESCRIPTION["servers"]] == [server_url]
 
 
 def test_every_route_is_described_and_every_operation_described_is_a_route():
