@@ -124,7 +124,7 @@ class HttpDigitClient(Client):
                 for r in answer["results"]]
 
     def classify_pixels(self, images: np.ndarray, model: str = "", version: str = "") -> list[Result]:
-        model = model or self._default_model(images[0])
+        model = model or self._default_model()
         pixels = images.reshape(len(images), 1, 28, 28).astype(np.float32) / 255.0  # as Classify's raw_28x28
         request = {"inputs": [{"name": self._input_name(model), "shape": list(pixels.shape), "datatype": "FP32",
                                "data": pixels.ravel()}],
@@ -136,12 +136,13 @@ class HttpDigitClient(Client):
         return [Result(int(p.argmax()), float(p.max()), p.tolist(), answer["model_name"], answer["model_version"])
                 for p in probabilities]
 
-    def _default_model(self, image: np.ndarray) -> str:
+    def _default_model(self) -> str:
         """The model requests that name none get: KServe v2 REST names one in its path, so the server
-        is asked once, by classifying ``image`` (an MNIST one, never blank) through /v1/classify."""
+        is asked once, by classifying a stroke (a 1; any image with ink would do) through /v1/classify."""
         if not self.default_model:
-            png = io.BytesIO()
-            Image.fromarray(image).save(png, "PNG")
+            stroke, png = np.zeros((28, 28), dtype=np.uint8), io.BytesIO()
+            stroke[4:24, 13:15] = 255
+            Image.fromarray(stroke).save(png, "PNG")
             self.default_model = self.classify([png.getvalue()])[0].model
         return self.default_model
 
