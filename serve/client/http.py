@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import io
 import threading
 from pathlib import Path
@@ -247,17 +248,25 @@ class HttpDigitClient(Client):
             return (" (the server's certificate is not signed by the CA in --tls-ca)" if self.tls_ca else
                     " (the server's certificate is not signed by a CA this machine trusts: --tls-ca names the one "
                     "that signed it)")
-        if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        if "WRONG_VERSION_NUMBER" in str(exc):  # the TLS handshake was answered in plaintext
             return " (the server there does not speak TLS: give an http:// URL)"
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return NO_SERVER_HINT.format(option=self.option)
-        if isinstance(exc, aiohttp.ServerDisconnectedError):  # closed before it answered: what it refused
+        if _closed_before_answering(exc):  # what the server refused, by how this client connected
             closed = (CLOSED_HINTS["mutual TLS" if self.mutual_tls else "TLS"] if self.url.scheme == "https" else
                       "a TLS server closes plaintext connections: give an https:// URL")
             return f" ({closed}{CLOSED_AT_LIMIT})"
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return NO_SERVER_HINT.format(option=self.option)
         if isinstance(exc, aiohttp.ClientResponseError):
             return OTHER_PORT_HINT.format(option=self.option)
         return ""
+
+
+def _closed_before_answering(exc: aiohttp.ClientError) -> bool:
+    """The server closed the connection before it answered: in the TLS handshake or just after it (a
+    client certificate it refuses ends either way, by timing: an alert, a reset, or a disconnect), or
+    at its connection limit."""
+    return (isinstance(exc, aiohttp.ServerDisconnectedError) or "_ALERT_" in str(exc)
+            or (isinstance(exc, aiohttp.ClientOSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)))
 
 
 def _details(exc: aiohttp.ClientError) -> str:

@@ -6,6 +6,8 @@ import contextlib
 import io
 import itertools
 import json
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ from helpers import (HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, logged_since, me
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.bench.load import tree_cpu_seconds
 from resserve.serve.client import DigitClient
-from resserve.serve.client.base import requests_of
+from resserve.serve.client.base import CLOSED_AT_LIMIT, requests_of
 from resserve.serve.package import load_package
 from resserve.serve.preprocess import HEIF_REFUSED, UNREADABLE
 from resserve.serve.settings import ServerSettings, page_note
@@ -439,6 +441,31 @@ def test_an_answer_far_larger_than_resserve_sends_is_not_read_whole():
     assert refused.returncode == 1 and refused.stderr.strip().startswith(
         f"error: {url}: RESOURCE_EXHAUSTED: the answer to GET /v2/health/ready is over 4 MiB, far more than resserve "
         "sends (what answers there is not resserve's HTTP API"), refused.stderr
+
+
+def test_a_connection_reset_before_the_answer_is_said_as_a_refused_handshake():
+    """A server with mutual TLS that refuses a client's certificate ends the connection with an alert,
+    a disconnect or, by timing, a reset (TCP RST): each is the same refusal to the user."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def reset_each_connection() -> None:
+        with contextlib.suppress(OSError):  # until the listener closes
+            while True:
+                connection, _ = listener.accept()
+                connection.recv(1)
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+                connection.close()
+
+    threading.Thread(target=reset_each_connection, daemon=True).start()
+    port = listener.getsockname()[1]
+    with listener:
+        for url, hint in ((f"https://127.0.0.1:{port}", "a server with mutual TLS closes connections without a "
+                                                        "client certificate: give --tls-cert and --tls-key"),
+                          (f"http://127.0.0.1:{port}", "a TLS server closes plaintext connections: give an "
+                                                       "https:// URL")):
+            refused = run_cli("health", "--server", url)
+            assert refused.returncode == 1 and refused.stderr.strip().endswith(f"({hint}{CLOSED_AT_LIMIT})"), \
+                refused.stderr
 
 
 @pytest.mark.parametrize("server_option, target", [
