@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from resserve.serve.client.base import SERVER_OPTION, Client, ClientError, ModelEntry, Result
+from resserve.serve.client.base import HTTP_SCHEMES, SERVER_OPTION, Client, ClientError, ModelEntry, Result
 from resserve.serve.client.grpc import DigitClient
 
 __all__ = ["Client", "ClientError", "DigitClient", "ModelEntry", "Result", "connect"]
-HTTP_SCHEMES = ("http", "https")
 
 
 def connect(server: str, tls_ca: Path | None = None, token: str | None = None, timeout: float = 30.0,

@@ -27,6 +27,7 @@ from resserve.serve.stubs import model_config_pb2
 # hints name the option that gave the server's address: ``{option}``)
 NO_SERVER_HINT = " (is a server running there? `resserve serve` starts one; {option} names another)"
 SERVER_OPTION = "--server or RESSERVE_SERVER"
+HTTP_SCHEMES = ("http", "https")  # a server named by a URL of these is reached over HTTP (http.py)
 # A server that closes the connection in the handshake: what it refused, by how this client
 # connected; or it held as many connections as it may (serve/connections.py)
 CLOSED_HINTS = {

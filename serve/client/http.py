@@ -28,8 +28,8 @@ from google.protobuf import json_format
 from PIL import Image
 from yarl import URL
 
-from resserve.serve.client.base import (CLOSED_AT_LIMIT, CLOSED_HINTS, NO_SERVER_HINT, SERVER_OPTION, Client,
-                                        ClientError, ModelEntry, Result)
+from resserve.serve.client.base import (CLOSED_AT_LIMIT, CLOSED_HINTS, HTTP_SCHEMES, NO_SERVER_HINT, SERVER_OPTION,
+                                        Client, ClientError, ModelEntry, Result)
 from resserve.serve.errors import HTTP_STATUS, ResserveError
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import model_config_pb2
@@ -57,7 +57,7 @@ def base_url(url: str, option: str = SERVER_OPTION) -> URL:
         parsed = URL(url)
     except ValueError as exc:
         raise ResserveError(f"{option}: {url[:200]!r} is not a URL ({exc})") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
+    if parsed.scheme not in HTTP_SCHEMES or not parsed.host:
         raise ResserveError(f"{option}: a URL names a host, as in http://localhost:8000; got {url[:200]!r}")
     if parsed.user is not None or parsed.query_string or parsed.fragment:
         raise ResserveError(f"{option}: a server's URL has no user, query or fragment (a token goes in --token-file); "
