@@ -287,7 +287,7 @@ def test_classify_fits_its_requests_to_a_servers_lower_limits(mnist, tmp_path, o
     assert result.stderr.splitlines() == [f"{row['file']}: error: {row['error']}" for row in rows[5:7]]
 
 
-def test_classify_sends_a_phone_photo_over_the_servers_message_limit_smaller_and_upright(address, mnist, tmp_path):
+def test_classify_sends_a_phone_photo_over_the_servers_message_limit_smaller_and_upright(server, mnist, tmp_path):
     """A 12-megapixel portrait photo as phones store it: sideways, with an EXIF orientation."""
     ink = np.asarray(Image.fromarray(mnist.test.images[0]).resize((3000, 4000), Image.BICUBIC), dtype=np.float32)
     paper = 215 + np.random.default_rng(0).normal(0, 6, ink.shape)
@@ -297,7 +297,7 @@ def test_classify_sends_a_phone_photo_over_the_servers_message_limit_smaller_and
     photo = tmp_path / "IMG_0001.jpg"
     upright.transpose(Image.Transpose.ROTATE_90).save(photo, quality=97, exif=exif)
     assert photo.stat().st_size > 4 * 2**20  # over the server's --max-message-bytes
-    result = run_cli("classify", str(photo), "--server", address)
+    result = run_cli("classify", str(photo), "--server", server.target)  # (fit_to_send: the same over HTTP)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{photo}: {mnist.test.labels[0]} (")
 
