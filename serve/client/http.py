@@ -84,7 +84,7 @@ class HttpDigitClient(Client):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="http-client", daemon=True)
         self.thread.start()
-        self.closed = False
+        self.closing, self.closed = threading.Lock(), False  # once closed, nothing more reaches the loop
         self.session = self._on_loop(self._open(ssl, timeout))
 
     @staticmethod
@@ -95,10 +95,11 @@ class HttpDigitClient(Client):
 
     def close(self) -> None:
         """Closes the connections, ends the calls still running on them, and the loop's thread."""
-        if self.closed:
-            return
-        self.closed = True
-        self._on_loop(self._shut_down())
+        with self.closing:
+            if self.closed:
+                return
+            self.closed = True
+        asyncio.run_coroutine_threadsafe(self._shut_down(), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.loop.close()
@@ -111,7 +112,14 @@ class HttpDigitClient(Client):
         await asyncio.gather(*running, return_exceptions=True)
 
     def _on_loop(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        """``coroutine`` run on the client's loop, from any thread; refused once the client is closed
+        (a coroutine sent to a loop that has stopped would never finish, nor its caller)."""
+        with self.closing:
+            if self.closed:
+                coroutine.close()
+                raise ClientError(self.target, grpc.StatusCode.CANCELLED, "the client is closed")
+            running = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return running.result()
 
     # the calls -------------------------------------------------------------------------------
 
@@ -121,8 +129,9 @@ class HttpDigitClient(Client):
             form.add_field("image", image, filename=str(index), content_type="application/octet-stream")
         query = {key: value for key, value in (("model", model), ("version", version)) if value}
         answer = self._call("POST", "v1", "classify", params=query, data=form)
-        return [Result(r["digit"], r["confidence"], r["probabilities"], answer["model"], answer["model_version"])
-                for r in answer["results"]]
+        # float32 as the model gave them, as gRPC carries them (JSON writes their shortest decimals)
+        return [Result(r["digit"], float(np.float32(r["confidence"])), np.float32(r["probabilities"]).tolist(),
+                       answer["model"], answer["model_version"]) for r in answer["results"]]
 
     def classify_pixels(self, images: np.ndarray, model: str = "", version: str = "") -> list[Result]:
         model = model or self._default_model()
@@ -203,8 +212,6 @@ class HttpDigitClient(Client):
 
     def _exchange(self, method: str, *path: str, **request: Any) -> tuple[int, str, bytes]:
         """The answer's HTTP status, reason and body; ClientError where none came."""
-        if self.closed:
-            raise ClientError(self.target, grpc.StatusCode.CANCELLED, "the client is closed")
         try:
             return self._on_loop(self._fetch(method, self.url.joinpath(*path),
                                              headers={**self.headers, **request.pop("headers", {})}, **request))

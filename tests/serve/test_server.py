@@ -29,7 +29,7 @@ from helpers import (HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, logged_since, me
                      tree_resident_bytes)
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.bench.load import tree_cpu_seconds
-from resserve.serve.client import DigitClient
+from resserve.serve.client import DigitClient, connect
 from resserve.serve.client.base import CLOSED_AT_LIMIT, requests_of
 from resserve.serve.package import load_package
 from resserve.serve.preprocess import HEIF_REFUSED, UNREADABLE
@@ -362,6 +362,19 @@ def test_health_and_reflection(server):
         assert refused.returncode == 1 and refused.stderr.strip().endswith(
             "(what answers there does not speak gRPC, as the server's HTTP and metrics ports do not: --server or "
             "RESSERVE_SERVER takes its gRPC port, 8001 by default)"), refused.stderr
+
+
+def test_both_transports_give_the_same_answers_from_python(server, mnist):
+    images = mnist.test.images[:5]
+    encoded = [encode(photo_like(image), "PNG") for image in images]
+    answers = []
+    for address in (server.target, server.url):
+        with connect(address) as client:
+            config = client.model_config(MODEL)
+            answers.append((client.classify(encoded), client.classify_pixels(images, version="1"), client.models(),
+                            config.name, dict(config.parameters)))
+    assert answers[0] == answers[1]
+    assert [result.digit for result in answers[0][1]] == list(mnist.test.labels[:5])
 
 
 def test_health_over_http(server):
