@@ -410,6 +410,7 @@ def http_app(route) -> Iterator[str]:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
+        loop.close()
 
 
 @contextlib.contextmanager
