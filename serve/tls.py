@@ -105,10 +105,10 @@ def client_ssl_context(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path
     behind an ingress with a public certificate), showing its own certificate and key where given
     (mutual TLS). The files are checked as the server's are, in one line that names the option."""
     pair = client_key_pair(tls_cert, tls_key)
-    if tls_ca is not None:
-        read_pem(tls_ca, "--tls-ca", "CERTIFICATE")  # a file that cannot be read, or holds no PEM certificate
+    # a file that cannot be read, or holds no PEM certificate, is one line; what it holds is read once
+    trusted = read_pem(tls_ca, "--tls-ca", "CERTIFICATE").decode("ascii", "replace") if tls_ca else None
     try:
-        context = ssl.create_default_context(cafile=tls_ca)
+        context = ssl.create_default_context(cadata=trusted)
     except ssl.SSLError as exc:
         raise ResserveError(f"--tls-ca {tls_ca} holds no certificate that TLS can use: {exc.reason or exc}") from None
     if pair:
