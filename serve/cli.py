@@ -25,7 +25,7 @@ from resserve.serve.settings import (CPUS_PER_WORKER, CUDA_WORKERS, DEFAULT_HTTP
                                      worker_peak_memory)
 
 if TYPE_CHECKING:
-    from resserve.serve.bench.clients import Level
+    from resserve.serve.bench.clients import Credentials, Level
     from resserve.serve.client import Client, Result
 
 MODEL_CONTROL_SECONDS = 300.0  # a load reads, verifies and warms packages: seconds, more on a GPU with many buckets
@@ -438,22 +438,24 @@ def models(
 
 def bench_serve(
     target: Annotated[Optional[str], typer.Option(help=f"host:port of a running server's gRPC port ({DEFAULT_PORT} "
-        "where only a host is given), instead of --start.")] = None,
+        "where only a host is given), instead of --start; or the http:// or https:// URL of its HTTP port, or of "
+        "what routes to it (an ingress, KServe), for --api rest.")] = None,
     start: Annotated[bool, typer.Option("--start", help="Start the server(s) on loopback: batched and unbatched.")] = False,
     package: Annotated[Optional[Path], typer.Option(
         help="Model package to serve and to run in-process [default: the shipped model].", show_default=False)] = None,
     model: Annotated[str, typer.Option(help="Model name [default: the package's].")] = "",
-    api: Annotated[str, typer.Option(
+    api: Annotated[Optional[str], typer.Option(
         help="APIs to load, comma-separated, each against the same server(s): kserve (gRPC KServe v2, a call "
         "per request), kserve-stream (the same requests on one ModelStreamInfer call per client), classify "
-        "(gRPC DigitClassifier), rest (KServe v2 REST with binary tensors, as tritonclient.http).")] = "kserve",
+        "(gRPC DigitClassifier), rest (KServe v2 REST with binary tensors, as tritonclient.http) "
+        "[default: kserve; rest for a --target URL].", show_default=False)] = None,
     client: Annotated[str, typer.Option(
         help="The load's client: resserve (grpc.aio stubs, aiohttp), tritonclient (Triton's asyncio "
         "clients; needs tritonclient installed) or perf_analyzer (Triton's C++ load generator, one "
         "multi-threaded process, which takes the least CPU from a server it shares CPUs with; needs "
         "perf_analyzer on PATH). The Triton clients speak every API but classify.")] = "resserve",
     http_target: Annotated[Optional[str], typer.Option(
-        help="With --target and --api rest: the server's HTTP host:port [default: HOST:8000].",
+        help="With a --target HOST:PORT and --api rest: the server's HTTP host:port [default: HOST:8000].",
         show_default=False)] = None,
     concurrency: Annotated[Optional[str], typer.Option(
         help="Closed-loop load: concurrent clients, each sending its next request when the last returns, "
@@ -479,7 +481,7 @@ def bench_serve(
         show_default=False)] = "auto",
     metrics: Annotated[Optional[str], typer.Option(
         help="The target's metrics URL, where its batch sizes, queue times and CPU time are read "
-        "[default: http://HOST:8002/metrics].", show_default=False)] = None,
+        "[default: http://HOST:8002/metrics for a --target HOST:PORT; none for a URL].", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: latency percentiles against throughput.")] = None,
     tls_ca: TlsCa = None,
@@ -497,25 +499,23 @@ def bench_serve(
     from resserve.serve.bench.clients import Credentials
     from resserve.serve.bench.report import plot_report, print_report, report_json
     from resserve.serve.bench.sweep import SweepPlan, run_benchmark
+    from resserve.serve.client import is_url
 
     if start == (target is not None):
-        raise ResserveError("give exactly one of --start and --target HOST:PORT")
+        raise ResserveError("give exactly one of --start and --target (HOST:PORT or URL)")
     cpus = usable_cpus()
     each = worker_peak_memory(ServerSettings.max_inflight_bytes, http=True)  # the servers --start starts
     counts = [parse_workers(w, cpus, "cpu", each) for w in comma_separated(workers)]
     if not counts or min(counts) < 1:
         raise ResserveError(f"--workers takes auto or counts >= 1, comma-separated; got {workers!r}")
     processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")
-    target = target and with_port(target, DEFAULT_PORT)
-    http_target = http_target and with_port(http_target, DEFAULT_HTTP_PORT)
-    host = target.rsplit(":", 1)[0] if target else None
     credentials = Credentials(tls_ca, tls_cert, tls_key, client_token(token, token_file)) if target else Credentials()
+    api = api or ("rest" if target and is_url(target) else "kserve")  # a URL reaches the HTTP API alone
+    target, http_url, metrics_url = _bench_addresses(target, http_target, metrics, credentials)
     plan = SweepPlan(
         apis=comma_separated(api), levels=_levels(concurrency, rate), batch=batch, duration=duration, warmup=warmup,
         client=client, load_processes=processes, package=package, model=model, target=target,
-        backends=comma_separated(backends), workers=counts,
-        http_target=http_target or (f"{host}:{DEFAULT_HTTP_PORT}" if target else None),
-        metrics_url=metrics or (f"http://{host}:{DEFAULT_METRICS_PORT}/metrics" if target else None),
+        backends=comma_separated(backends), workers=counts, http_url=http_url, metrics_url=metrics_url,
         credentials=credentials)
     plan.check()
     for output, example in ((json_out, "serve.json"), (plot, "serve.png")):
@@ -527,6 +527,29 @@ def bench_serve(
         json_out.write_text(report_json(report))
     if plot:
         plot_report(report, plot)
+
+
+def _bench_addresses(target: Optional[str], http_target: Optional[str], metrics: Optional[str],
+                     credentials: "Credentials") -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """``bench serve --target``'s server: its gRPC host:port (or its URL), its HTTP URL and its
+    metrics URL; all None with --start. A URL names the HTTP port (or an ingress) alone: an ingress
+    routes no metrics port, so none is read unless --metrics names it."""
+    from resserve.serve.client import is_url
+    from resserve.serve.client.http import base_url
+
+    if target is None:
+        return None, None, None
+    if is_url(target):
+        if http_target:
+            raise ResserveError("--http-target goes with a --target HOST:PORT of a server's gRPC port; a --target URL "
+                                "names the HTTP port itself")
+        url = str(base_url(target, "--target"))
+        return url, url, metrics
+    target = with_port(target, DEFAULT_PORT)
+    host = target.rsplit(":", 1)[0]
+    http = with_port(http_target, DEFAULT_HTTP_PORT) if http_target else f"{host}:{DEFAULT_HTTP_PORT}"
+    scheme = "https" if credentials.tls_ca else "http"
+    return target, f"{scheme}://{http}", metrics or f"http://{host}:{DEFAULT_METRICS_PORT}/metrics"
 
 
 def _levels(concurrency: Optional[str], rate: Optional[str]) -> list["Level"]:

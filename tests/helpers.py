@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -19,7 +20,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 RESSERVE = Path(sys.executable).parent / "resserve"
 PERF_ANALYZER = shutil.which("perf_analyzer")  # Triton's, from tests/install-perf-analyzer.sh
@@ -389,3 +392,47 @@ def running(*clients: Callable[[threading.Event], None]) -> Iterator[threading.E
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
+
+
+@contextlib.contextmanager
+def http_app(route) -> Iterator[str]:
+    """An HTTP server on a loopback port whose every request ``route`` (an aiohttp handler) answers;
+    yields its URL."""
+    app, loop = web.Application(), asyncio.new_event_loop()
+    app.router.add_route("*", "/{path:.*}", route)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+@contextlib.contextmanager
+def ingress(upstream: str, prefix: str) -> Iterator[str]:
+    """An ingress that routes ``prefix``/... to the server whose HTTP port is at ``upstream``, taking
+    the prefix off, and answers 404 elsewhere; yields its URL, prefix included."""
+    async def route(request: web.Request) -> web.Response:
+        if not request.path.startswith(prefix + "/"):
+            return web.Response(status=404, text="<html><body>404 Not Found</body></html>", content_type="text/html")
+        async with aiohttp.ClientSession() as session, session.request(
+                request.method, upstream + request.path_qs.removeprefix(prefix), data=await request.read(),
+                headers=_end_to_end(request.headers)) as answer:
+            return web.Response(status=answer.status, body=await answer.read(), headers=_end_to_end(answer.headers))
+
+    with http_app(route) as url:
+        yield url + prefix
+
+
+def _end_to_end(headers) -> dict[str, str]:
+    """The headers a proxy passes on: not those of one connection, or of the body it frames anew."""
+    return {name: value for name, value in headers.items() if name.lower() not in HOP_BY_HOP}
+
+
+HOP_BY_HOP = {"host", "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "upgrade"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from rich.table import Table
 
-from helpers import ServerProcess, needs_perf_analyzer, run_cli
+from helpers import ServerProcess, ingress, needs_perf_analyzer, run_cli
 from resserve.serve.bench.clients import Level, LoadSpec
 from resserve.serve.bench.load import measure_level
 from resserve.serve.bench.report import print_unsqueezed
@@ -101,7 +101,7 @@ def test_bench_serve_starts_servers_and_writes_table_json_and_plot(tmp_path):
 def test_bench_serve_needs_exactly_one_target():
     result = run_cli("bench", "serve")
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: give exactly one of --start and --target HOST:PORT"
+    assert result.stderr.strip() == "error: give exactly one of --start and --target (HOST:PORT or URL)"
 
 
 def test_bench_serve_against_a_server_without_the_model_or_its_http_port_is_one_line(tmp_path):
@@ -119,7 +119,7 @@ def test_bench_serve_against_a_server_without_the_model_or_its_http_port_is_one_
         f"error: {server.target}: NOT_FOUND: unknown model 'no-such-model'; this server has resnet-mnist "
         "(--model and --package name the model to measure)"))
     assert (no_http.returncode, no_http.stderr.strip().splitlines()[-1]) == (1, (
-        "error: 127.0.0.1:1: cannot reach the server's HTTP port ([Errno 111] Connection refused); "
+        "error: http://127.0.0.1:1: cannot reach the server's HTTP port ([Errno 111] Connection refused); "
         "--http-target names it"))
     assert (no_triton.returncode, no_triton.stderr.strip()) == (
         1, 'error: --client tritonclient needs tritonclient: pip install "tritonclient[grpc,http]"')
@@ -174,10 +174,14 @@ def slow_server():
 
 def _bench_against(server: ServerProcess, tmp_path, *options: str) -> dict:
     """``bench serve`` against ``server`` on all its ports; its JSON report."""
+    return _bench(tmp_path, "--target", server.target, "--http-target", server.http_target,
+                  "--metrics", f"http://127.0.0.1:{server.metrics_port}/metrics", "--warmup", "0.3", *options)
+
+
+def _bench(tmp_path, *options: str) -> dict:
+    """``bench serve`` with ``options``: its JSON report."""
     out = tmp_path / "bench.json"
-    result = run_cli("bench", "serve", "--target", server.target, "--http-target", server.http_target,
-                     "--metrics", f"http://127.0.0.1:{server.metrics_port}/metrics", "--warmup", "0.3",
-                     *options, "--json", str(out))
+    result = run_cli("bench", "serve", *options, "--json", str(out))
     assert result.returncode == 0, result.stderr
     return json.loads(out.read_text())
 
@@ -198,6 +202,28 @@ def test_bench_serve_loads_with_perf_analyzer_closed_and_open_loop(tmp_path, slo
     # of 100/s from this server): its seeded schedule sends 89-96/s in this window, and about one
     # run in 40 one of its 4 threads sends nothing (68/s, a race in perf_analyzer itself)
     assert rows[0]["offered_rate"] == 100 and rows[0]["requests_per_second"] > 50
+
+
+@needs_perf_analyzer
+def test_bench_serve_loads_a_server_by_the_url_of_an_ingress_with_every_client(tmp_path):
+    with ServerProcess() as server, ingress(server.url, "/digits") as url:
+        reports = {client: _bench(tmp_path, "--target", url, "--client", client, "--concurrency", "2",
+                                  "--duration", "0.5", "--warmup", "0.2") for client in ("resserve", "tritonclient",
+                                                                                         "perf_analyzer")}
+        wrong_model = run_cli("bench", "serve", "--target", url, "--model", "nope", "--duration", "0.2")
+        no_prefix = run_cli("bench", "serve", "--target", url.removesuffix("/digits"), "--duration", "0.2")
+    for report in reports.values():  # KServe v2 REST through the prefix, the only API a URL reaches
+        ((name, (row,)),) = report["servers"].items()
+        assert report["api"] == "rest" and name == f"server at {url}"
+        assert row["ok"] > 0 and row["errors"] == {} and 0 < row["p50_ms"] <= row["max_ms"]
+        assert row["mean_batch_size"] is None and row["server_cpu_cores"] is None  # an ingress routes no metrics
+    assert wrong_model.returncode == 1 and wrong_model.stderr.strip().endswith(
+        ": HTTP 404: unknown model 'nope'; this server has resnet-mnist (--model and --package name the model to "
+        "measure)"), wrong_model.stderr
+    assert no_prefix.returncode == 1 and no_prefix.stderr.strip().endswith(
+        ": HTTP 404: Not Found (what answers there is not resserve's HTTP API, as the server's gRPC and metrics ports "
+        "are not: --target takes the URL of its HTTP port, 8000 by default, or of what routes to it, with the path "
+        "prefix it routes)"), no_prefix.stderr
 
 
 @needs_perf_analyzer

@@ -96,8 +96,13 @@ def torch_unimportable(tmp_path_factory) -> dict[str, str]:
     (["health", "--server", "127.0.0.1"], "127.0.0.1:8001: UNAVAILABLE: failed to connect"),  # was: to port 443
     (["classify", __file__, "--server", "grpc://localhost:8001"], "--server or RESSERVE_SERVER takes the host:port "
      "of a server's gRPC port (such as localhost:8001), not a URL: got 'grpc://localhost:8001'"),
-    (["bench", "serve", "--target", "http://localhost:8000"], "--target takes the host:port of a server's gRPC port "
-     "(such as localhost:8001), not a URL: got 'http://localhost:8000'"),
+    (["bench", "serve", "--target", "grpc://localhost:8001"], "--target takes the host:port of a server's gRPC port "
+     "(such as localhost:8001), not a URL: got 'grpc://localhost:8001'"),
+    (["bench", "serve", "--target", "http://localhost:8000", "--http-target", "localhost:8000"], "--http-target goes "
+     "with a --target HOST:PORT of a server's gRPC port; a --target URL names the HTTP port itself"),
+    (["bench", "serve", "--target", "https://resserve.example.com/digits", "--api", "rest,kserve"], "--target "
+     "https://resserve.example.com/digits: a URL reaches the server's HTTP API, which --api rest loads; the gRPC APIs "
+     "take the host:port of its gRPC port"),
     (["classify", __file__, "--server", "http://127.0.0.1:1"], "http://127.0.0.1:1: UNAVAILABLE: failed to connect: "),
     (["health", "--server", "http://127.0.0.1:1/"], "(is a server running there? `resserve serve` starts one; "
      "--server"),

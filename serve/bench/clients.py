@@ -89,16 +89,13 @@ class Credentials:
             raise ResserveError(CLIENT_CERT_NEEDS_CA)
         self.grpc()  # reads and checks the files
 
-    @property
-    def scheme(self) -> str:
-        return "https" if self.tls_ca else "http"
-
     def grpc(self) -> grpc.ChannelCredentials | None:
         """gRPC's TLS credentials; None for plaintext."""
         return channel_credentials(self.tls_ca, self.tls_cert, self.tls_key) if self.tls_ca else None
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        """HTTPS's, trusting the CA (and showing the client's certificate); None for plain HTTP."""
+        """HTTPS's, trusting the CA (and showing the client's certificate); None for plain HTTP, or
+        HTTPS trusting the machine's CAs."""
         return client_ssl_context(self.tls_ca, self.tls_cert, self.tls_key) if self.tls_ca else None
 
     @property
@@ -115,7 +112,7 @@ class Credentials:
 @dataclass(frozen=True)
 class LoadSpec:
     target: str  # host:port of gRPC
-    http_target: str  # host:port of HTTP
+    http_url: str  # the HTTP port's URL, or what routes to it: http(s)://host:port[/prefix]
     model: str
     api: str  # a key of APIS
     batch: int
@@ -255,7 +252,7 @@ async def _rest_sender(spec: LoadSpec, http_connections: int):
     body = header + images.tobytes()
     headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream",
                **spec.credentials.headers}
-    url = f"{spec.credentials.scheme}://{spec.http_target}/v2/models/{spec.model}/infer"
+    url = f"{spec.http_url}/v2/models/{spec.model}/infer"
     connector = aiohttp.TCPConnector(limit=http_connections, ssl=spec.credentials.ssl_context() or True)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -284,8 +281,9 @@ def _triton_client(spec: LoadSpec, http_connections: int = 1):
     triton = triton_client_module(spec.api)
     credentials = spec.credentials
     if spec.api == "rest":
-        client = triton.InferenceServerClient(spec.http_target, conn_limit=http_connections,
-                                              ssl=credentials.tls_ca is not None, ssl_context=credentials.ssl_context())
+        scheme, _, address = spec.http_url.partition("://")  # tritonclient takes the scheme as ssl
+        client = triton.InferenceServerClient(address, conn_limit=http_connections, ssl=scheme == "https",
+                                              ssl_context=credentials.ssl_context())
     else:
         client = triton.InferenceServerClient(spec.target, creds=credentials.grpc(), channel_args=OWN_CONNECTION)
     images = stand_in_images(spec.batch)

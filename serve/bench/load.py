@@ -139,8 +139,10 @@ class ServerTotals:
                             self.queue_seconds - earlier.queue_seconds, self.queued - earlier.queued, cpu)
 
 
-def scrape(metrics_url: str) -> ServerTotals | None:
-    """The totals in the server's /metrics; None when they cannot be read."""
+def scrape(metrics_url: str | None) -> ServerTotals | None:
+    """The totals in the server's /metrics; None when they cannot be read, or no URL names them."""
+    if not metrics_url:
+        return None
     try:
         with urllib.request.urlopen(metrics_url, timeout=5) as response:
             text = response.read().decode()
@@ -223,7 +225,7 @@ def _gather(messages, workers: list) -> list:
     return gathered
 
 
-def measure_level(spec: LoadSpec, level: Level, metrics_url: str, server_pid: int | None,
+def measure_level(spec: LoadSpec, level: Level, metrics_url: str | None, server_pid: int | None,
                   load_processes: int = 1) -> LevelResult:
     """One load level against a server: the load's side and the server's. Its CPU time is read
     from /proc where this machine runs it (``server_pid``), else from its metrics."""

@@ -65,10 +65,8 @@ def check_credentials(apis: list[str], credentials: Credentials) -> None:
 
 
 def _url(spec: LoadSpec) -> str:
-    """The server's address as perf_analyzer takes it: HTTPS named by its scheme."""
-    if spec.api != "rest":
-        return spec.target
-    return f"https://{spec.http_target}" if spec.credentials.tls_ca else spec.http_target
+    """The server's address as perf_analyzer takes it: HTTPS named by its scheme, HTTP by none."""
+    return spec.http_url.removeprefix("http://") if spec.api == "rest" else spec.target
 
 
 def _secured(spec: LoadSpec) -> list[str]:

@@ -29,7 +29,7 @@ from resserve.serve.bench.clients import APIS, CLIENTS, Credentials, Level, Load
 from resserve.serve.bench.limits import in_process_limit, machine_description
 from resserve.serve.bench.load import measure_level
 from resserve.serve.bench.report import InProcessResult, LevelResult, ServeReport, ServerSummary, summarize
-from resserve.serve.client import ClientError, DigitClient
+from resserve.serve.client import ClientError, connect, is_url
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import load_package
 
@@ -50,8 +50,8 @@ class SweepPlan:
     load_processes: int = 1  # the Python load generator's processes
     package: Path | None = None  # served and run in process; None: the shipped model
     model: str = ""  # the model's name; "": the package's
-    target: str | None = None  # a running server's gRPC host:port; None: start servers on loopback
-    http_target: str | None = None  # the target's HTTP host:port (--api rest)
+    target: str | None = None  # a running server's gRPC host:port, or HTTP URL; None: start servers on loopback
+    http_url: str | None = None  # the target's HTTP URL (--api rest)
     metrics_url: str | None = None  # the target's /metrics
     backends: list[str] = field(default_factory=lambda: ["onnxruntime"])  # the started servers': backend[:precision]
     workers: list[int] = field(default_factory=lambda: [1])  # the started servers' worker counts
@@ -72,11 +72,14 @@ class SweepPlan:
         if self.client != "resserve" and "classify" in self.apis:
             raise ResserveError(f"--api classify is resserve's own API, which {self.client} does not speak: "
                                 "use --client resserve")
+        if self.target and is_url(self.target) and self.apis != ["rest"]:
+            raise ResserveError(f"--target {self.target}: a URL reaches the server's HTTP API, which --api rest "
+                                "loads; the gRPC APIs take the host:port of its gRPC port")
         self.credentials.check()
 
-    def load(self, target: str, http_target: str, api: str) -> LoadSpec:
-        """What each load process sends to the server at ``target``, over ``api``."""
-        return LoadSpec(target, http_target, self.model, api, self.batch, self.duration, self.warmup, self.client,
+    def load(self, target: str, http_url: str, api: str) -> LoadSpec:
+        """What each load process sends to the server at ``target`` (gRPC) or ``http_url``, over ``api``."""
+        return LoadSpec(target, http_url, self.model, api, self.batch, self.duration, self.warmup, self.client,
                         self.credentials)
 
 
@@ -88,7 +91,7 @@ def _free_port() -> int:
 
 @contextmanager
 def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str, str, int]]:
-    """A `resserve serve` subprocess on loopback: yields (gRPC target, HTTP target, metrics URL, pid)."""
+    """A `resserve serve` subprocess on loopback: yields (gRPC target, HTTP URL, metrics URL, pid)."""
     port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
     command = [sys.executable, "-m", "resserve.serve", "serve", *([str(package)] if package else []),
                "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
@@ -103,31 +106,32 @@ def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str
         else:
             raise ResserveError("the benchmark's server exited before it was ready")
         threading.Thread(target=process.stderr.read, daemon=True).start()  # never block on a full pipe
-        yield f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics", process.pid
+        yield (f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics",
+               process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
 
 
-def _check_http(http_target: str, credentials: Credentials) -> None:
-    """A one-line error now, rather than every request failing, when --api rest cannot reach the server."""
+def _check_http(http_url: str, credentials: Credentials, option: str) -> None:
+    """A one-line error now, rather than every request failing, when --api rest cannot reach the
+    server (at the URL that ``option`` names)."""
     try:
-        urllib.request.urlopen(f"{credentials.scheme}://{http_target}/v2/health/live", timeout=10,
-                               context=credentials.ssl_context()).close()
+        urllib.request.urlopen(f"{http_url}/v2/health/live", timeout=10, context=credentials.ssl_context()).close()
     except OSError as exc:
         reason = getattr(exc, "reason", exc)
-        raise ResserveError(f"{http_target}: cannot reach the server's HTTP port ({reason}); "
-                            "--http-target names it") from None
+        raise ResserveError(f"{http_url}: cannot reach the server's HTTP port ({reason}); {option} names it") from None
 
 
 def _server_runtime(target: str, model: str, credentials: Credentials) -> str:
-    """"backend precision" as the server reports it in the model's config."""
-    with DigitClient(target, credentials.tls_ca, credentials.token, timeout=10, tls_cert=credentials.tls_cert,
-                     tls_key=credentials.tls_key, option="--target") as client:
+    """"backend precision" as the server reports it in the model's config, over gRPC or, for a
+    URL, HTTP."""
+    with connect(target, credentials.tls_ca, credentials.token, timeout=10, tls_cert=credentials.tls_cert,
+                 tls_key=credentials.tls_key, option="--target") as client:
         try:
             config = client.model_config(model)
         except ClientError as exc:
-            if exc.code != grpc.StatusCode.NOT_FOUND:
+            if exc.code != grpc.StatusCode.NOT_FOUND or exc.hint:  # not the server's "unknown model"
                 raise
             raise ResserveError(f"{exc} (--model and --package name the model to measure)") from None
     return f"{config.parameters['backend'].string_value} {config.parameters['precision'].string_value}"
@@ -178,11 +182,11 @@ def run_benchmark(plan: SweepPlan, log: Callable[[str], None] = print) -> ServeR
                       else [(f"server at {plan.target}", None)])
     for configuration, flags in configurations:
         with (started_server(plan.package, *flags) if flags is not None
-              else nullcontext((plan.target, plan.http_target or "", plan.metrics_url or "", None))) as started:
+              else nullcontext((plan.target, plan.http_url or "", plan.metrics_url, None))) as started:
             address, http, metrics, pid = started
             runtime = _server_runtime(address, plan.model, plan.credentials)
             if "rest" in plan.apis:
-                _check_http(http, plan.credentials)
+                _check_http(http, plan.credentials, "--target" if http == address else "--http-target")
             for api in plan.apis:
                 name = _named(configuration, api, plan.apis)
                 runtimes[name] = runtime
@@ -203,7 +207,7 @@ def run_benchmark(plan: SweepPlan, log: Callable[[str], None] = print) -> ServeR
                        runtimes=runtimes, servers=servers, in_process=limits, summary=summary)
 
 
-def _measured(name: str, runtime: str, spec: LoadSpec, level: Level, metrics_url: str, pid: int | None,
+def _measured(name: str, runtime: str, spec: LoadSpec, level: Level, metrics_url: str | None, pid: int | None,
               load_processes: int, log: Callable[[str], None]) -> LevelResult:
     """One level's row, saying so when the Python load generator may have been what bounded it."""
     log(f"{name} ({runtime}): {level} ...")

@@ -13,14 +13,20 @@ from pathlib import Path
 from resserve.serve.client.base import HTTP_SCHEMES, SERVER_OPTION, Client, ClientError, ModelEntry, Result
 from resserve.serve.client.grpc import DigitClient
 
-__all__ = ["Client", "ClientError", "DigitClient", "ModelEntry", "Result", "connect"]
+__all__ = ["Client", "ClientError", "DigitClient", "ModelEntry", "Result", "connect", "is_url"]
+
+
+def is_url(server: str) -> bool:
+    """Whether ``server`` names a server by an http:// or https:// URL (reached over HTTP) rather
+    than by the host:port of its gRPC port."""
+    return server.partition("://")[0].lower() in HTTP_SCHEMES
 
 
 def connect(server: str, tls_ca: Path | None = None, token: str | None = None, timeout: float = 30.0,
             tls_cert: Path | None = None, tls_key: Path | None = None, option: str = SERVER_OPTION) -> Client:
     """A client of the server named ``server``: over HTTP for an http:// or https:// URL (the
     server's HTTP port, or what routes to it: an ingress, KServe), over gRPC for host:port."""
-    if server.partition("://")[0].lower() in HTTP_SCHEMES:
+    if is_url(server):
         from resserve.serve.client.http import HttpDigitClient
 
         return HttpDigitClient(server, tls_ca, token, timeout, tls_cert, tls_key, option)

@@ -47,7 +47,7 @@ class ClientError(ResserveError):
     def __init__(self, target: str, code: grpc.StatusCode, details: str, hint: str = "", status: str = "",
                  too_large: bool = False) -> None:
         super().__init__(f"{target}: {status or code.name}: {details}{hint}")
-        self.code, self.details = code, details
+        self.code, self.details, self.hint = code, details, hint
         self.too_large = too_large  # the request is larger than the server takes: send it in parts
 
 

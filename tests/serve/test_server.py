@@ -1,7 +1,6 @@
 """A real `resserve serve` on a loopback port, spoken to by real clients: tritonclient, grpcio
 stubs, `resserve classify` and `resserve health`."""
 
-import asyncio
 import contextlib
 import io
 import itertools
@@ -10,11 +9,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import aiohttp
 import grpc
 import numpy as np
 import pytest
@@ -25,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from aiohttp import web
 from PIL import Image
 
-from helpers import (HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, logged_since, metric_value, run_cli,
+from helpers import (HEIC_PHOTO, MALFORMED_TIFF, ServerProcess, http_app, ingress, logged_since, metric_value, run_cli,
                      tree_resident_bytes)
 from resserve.serve.backends.base import usable_cpus
 from resserve.serve.bench.load import tree_cpu_seconds
@@ -391,44 +388,6 @@ def test_health_over_http(server):
             "(what answers there is not resserve's HTTP API, as the server's gRPC and metrics ports are not: --server "
             "or RESSERVE_SERVER takes the URL of its HTTP port, 8000 by default, or of what routes to it, with the "
             "path prefix it routes)"), refused.stderr
-
-
-@contextlib.contextmanager
-def http_app(route) -> Iterator[str]:
-    """An HTTP server on a loopback port whose every request ``route`` (an aiohttp handler) answers;
-    yields its URL."""
-    app, loop = web.Application(), asyncio.new_event_loop()
-    app.router.add_route("*", "/{path:.*}", route)
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
-
-
-@contextlib.contextmanager
-def ingress(upstream: str, prefix: str) -> Iterator[str]:
-    """An ingress that routes ``prefix``/... to the server whose HTTP port is at ``upstream``, taking
-    the prefix off, and answers 404 elsewhere; yields its URL, prefix included."""
-    async def route(request: web.Request) -> web.Response:
-        if not request.path.startswith(prefix + "/"):
-            return web.Response(status=404, text="<html><body>404 Not Found</body></html>", content_type="text/html")
-        headers = {name: value for name, value in request.headers.items() if name in ("Content-Type", "Authorization")}
-        async with aiohttp.ClientSession() as session, session.request(
-                request.method, upstream + request.path_qs.removeprefix(prefix), data=await request.read(),
-                headers=headers) as answer:
-            return web.Response(status=answer.status, body=await answer.read(),
-                                headers={"Content-Type": answer.headers.get("Content-Type", "text/plain")})
-
-    with http_app(route) as url:
-        yield url + prefix
 
 
 def test_the_client_commands_reach_a_server_under_an_ingress_path_prefix(server, mnist, tmp_path):
