@@ -24,9 +24,9 @@ from types import ModuleType
 import aiohttp
 import grpc
 import numpy as np
-import orjson
 
 from resserve.serve.client.grpc import CLIENT_CERT_NEEDS_CA, channel_credentials
+from resserve.serve.client.http import binary_infer_request
 from resserve.serve.errors import ResserveError
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -245,13 +245,8 @@ async def _grpc_stream_sender(spec: LoadSpec):
 @asynccontextmanager
 async def _rest_sender(spec: LoadSpec, http_connections: int):
     """As ``_grpc_sender``, over HTTP: Triton's binary tensor extension, as tritonclient.http sends it."""
-    images = stand_in_images(spec.batch)
-    header = orjson.dumps({"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
-                                       "parameters": {"binary_data_size": images.nbytes}}],
-                           "parameters": {"binary_data_output": True}})
-    body = header + images.tobytes()
-    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream",
-               **spec.credentials.headers}
+    body, headers = binary_infer_request("input", stand_in_images(spec.batch), parameters={"binary_data_output": True})
+    headers.update(spec.credentials.headers)
     url = f"{spec.http_url}/v2/models/{spec.model}/infer"
     connector = aiohttp.TCPConnector(limit=http_connections, ssl=spec.credentials.ssl_context() or True)
     async with aiohttp.ClientSession(connector=connector) as session:
