@@ -223,6 +223,18 @@ def test_tls_accepts_clients_that_trust_the_ca_and_refuses_plaintext(pki, mnist,
             assert len(refused.stderr.strip().splitlines()) == 1
 
 
+def test_a_certificate_that_does_not_name_the_host_connected_to_is_said_so_over_both_transports(pki):
+    # the renewed certificate names 127.0.0.1 alone: localhost reaches the same server, but is not a name of it
+    with ServerProcess("--tls-cert", str(pki / "renewed.crt"), "--tls-key", str(pki / "renewed.key")) as server:
+        trust = ("--tls-ca", str(pki / "ca2.crt"))
+        assert run_cli("health", "--server", f"https://127.0.0.1:{server.http_port}", *trust).stdout == "SERVING\n"
+        for address in (f"localhost:{server.port}", f"https://localhost:{server.http_port}"):
+            refused = run_cli("health", "--server", address, *trust)
+            assert refused.returncode == 1 and refused.stderr.strip().endswith(
+                "(the server's certificate does not name the host in --server or RESSERVE_SERVER)"), refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1
+
+
 def test_a_renewed_certificate_reaches_new_connections_without_a_restart(pki, tmp_path):
     """cert-manager renews a certificate in place, in the Secret's files: the server read them once
     and served the old certificate until it expired. Now it reads them again when they change,
