@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+from aiohttp.helpers import get_env_proxy_for_url
 import numpy as np
 import orjson
 from google.protobuf import json_format
@@ -62,6 +63,18 @@ def binary_infer_request(input_name: str, tensor: np.ndarray, **request: Any) ->
                                      "Content-Type": "application/octet-stream"}
 
 
+def environment_proxy(url: URL) -> tuple[URL | None, dict[str, str] | None]:
+    """The proxy that HTTPS_PROXY, HTTP_PROXY and NO_PROXY name for ``url`` (read as curl and gRPC
+    read them), and the header that signs in to it. aiohttp's ``trust_env`` reads the same per
+    request, and with it ~/.netrc for the server's host, whose credentials it refuses to send beside
+    a token's Authorization header: with a token, a ~/.netrc naming the host ended every request."""
+    try:
+        proxy, credentials = get_env_proxy_for_url(url)
+    except LookupError:  # none named, or NO_PROXY names the host
+        return None, None
+    return proxy, {"Proxy-Authorization": credentials.encode()} if credentials else None
+
+
 def base_url(url: str, option: str = SERVER_OPTION) -> URL:
     """The server's URL, checked: http or https, a host, and at most a path prefix (an ingress's)."""
     try:
@@ -89,6 +102,7 @@ class HttpDigitClient(Client):
         self.target, self.option, self.timeout, self.tls_ca = str(self.url), option, timeout, tls_ca
         self.mutual_tls = tls_cert is not None
         ssl = client_ssl_context(tls_ca, tls_cert, tls_key) if self.url.scheme == "https" else True
+        self.proxy, self.proxy_headers = environment_proxy(self.url)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.input_names: dict[str, str] = {}  # by model: the name of its input tensor
         self.default_model = ""  # the model the server answers requests that name none with, once asked
@@ -100,8 +114,7 @@ class HttpDigitClient(Client):
 
     @staticmethod
     async def _open(ssl: Any, timeout: float) -> aiohttp.ClientSession:
-        # trust_env: HTTPS_PROXY, NO_PROXY and the like, as curl and gRPC read them
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl), trust_env=True,
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl),
                                      timeout=aiohttp.ClientTimeout(total=timeout), raise_for_status=False)
 
     def close(self) -> None:
@@ -232,7 +245,8 @@ class HttpDigitClient(Client):
             raise ClientError(self.target, grpc.StatusCode.UNAVAILABLE, _details(exc), self._hint(exc)) from None
 
     async def _fetch(self, method: str, url: URL, **request: Any) -> tuple[int, str, bytes]:
-        async with self.session.request(method, url, **request) as response:
+        async with self.session.request(method, url, proxy=self.proxy, proxy_headers=self.proxy_headers,
+                                        **request) as response:
             answer = bytearray()
             while len(answer) <= MAX_ANSWER_BYTES and (chunk := await response.content.read(
                     MAX_ANSWER_BYTES + 1 - len(answer))):

@@ -405,6 +405,18 @@ def test_the_client_commands_reach_a_server_under_an_ingress_path_prefix(server,
             "routes to it, with the path prefix it routes)")
 
 
+def test_the_client_commands_go_through_the_proxy_the_environment_names_and_read_no_netrc(server, tmp_path):
+    netrc = tmp_path / "netrc"  # aiohttp's own reading of it sent nothing with a token: it ended every request
+    netrc.write_text("machine resserve.invalid login someone password theirs\n")
+    with ingress(server.url, "") as proxy:  # a proxy in front of the server: what it is asked for, it asks of it
+        named = {"HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": "", "NETRC": str(netrc)}
+        through = run_cli("models", "--server", "http://resserve.invalid", "--token", "t", env=named)
+        bypassed = run_cli("health", "--server", "http://resserve.invalid", env={**named, "NO_PROXY": "resserve.invalid",
+                                                                                "no_proxy": "resserve.invalid"})
+    assert through.stdout.startswith("resnet-mnist\t1\tREADY"), through.stderr  # a name only the proxy reaches
+    assert bypassed.returncode == 1 and "(is a server running there?" in bypassed.stderr, bypassed.stderr
+
+
 def test_an_answer_far_larger_than_resserve_sends_is_not_read_whole():
     async def flood(request: web.Request) -> web.Response:  # something else at that URL, not a server of ours
         return web.Response(body=b" " * (64 * 2**20), content_type="application/json")
