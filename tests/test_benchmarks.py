@@ -207,9 +207,9 @@ def test_bench_serve_loads_with_perf_analyzer_closed_and_open_loop(tmp_path, slo
 @needs_perf_analyzer
 def test_bench_serve_loads_a_server_by_the_url_of_an_ingress_with_every_client(tmp_path):
     with ServerProcess() as server, ingress(server.url, "/digits") as url:
-        reports = {client: _bench(tmp_path, "--target", url, "--client", client, "--concurrency", "2",
-                                  "--duration", "0.5", "--warmup", "0.2") for client in ("resserve", "tritonclient",
-                                                                                         "perf_analyzer")}
+        reports = {client: _bench(tmp_path, "--target", url, "--client", client, "--concurrency", "2", "--duration",
+                                  "0.5", "--warmup", "0.2")
+                   for client in ("resserve", "tritonclient", "perf_analyzer")}
         wrong_model = run_cli("bench", "serve", "--target", url, "--model", "nope", "--duration", "0.2")
         no_prefix = run_cli("bench", "serve", "--target", url.removesuffix("/digits"), "--duration", "0.2")
     for report in reports.values():  # KServe v2 REST through the prefix, the only API a URL reaches

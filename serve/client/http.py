@@ -22,9 +22,9 @@ from typing import Any
 
 import aiohttp
 import grpc
-from aiohttp.helpers import get_env_proxy_for_url
 import numpy as np
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
 from google.protobuf import json_format
 from PIL import Image
 from yarl import URL
