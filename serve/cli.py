@@ -191,8 +191,6 @@ def serve(
     /v2/health/ready. Stop with SIGTERM: not ready, drain, grace for in-flight requests, exit 0.
     """
     from resserve.serve.backends.base import usable_cpus
-    from resserve.serve.server import run_server
-    from resserve.serve.workers.supervisor import supervise
 
     largest_batch = parse_max_batch_size(max_batch_size)
     settings = ServerSettings(
@@ -215,9 +213,14 @@ def serve(
         cors_origins=tuple(origin.strip() for origin in cors_origins.split(",") if origin.strip()),
         log_level=log_level, log_format=log_format, trace_level=trace_level, trace_rate=trace_rate,
         trace_count=trace_count, trace_mode=trace_mode)
+    # the server's modules (a fifth of a second) once the settings are known to be good: a bad flag is answered sooner
     if settings.workers > 1:
+        from resserve.serve.workers.supervisor import supervise
+
         supervise(settings)
     else:
+        from resserve.serve.server import run_server
+
         run_server(settings)
 
 

@@ -10,21 +10,23 @@ import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from resserve.serve.backends.onnxruntime import import_onnxruntime, providers_for
 from resserve.serve.cli import TlsCa, TlsCert, TlsKey, Token, TokenFile, client_token, comma_separated
-from resserve.serve.client import Client, connect
 from resserve.serve.errors import ResserveError
 from resserve.serve.outputs import check_writable, check_writable_folder
 from resserve.serve.settings import DEFAULT_PORT
 from resserve.train.cli_shared import DataDir, log as _log, start_torch
 from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, check_device, parse_ints
-from resserve.train.evaluation import EvaluationReport, evaluate_served
 from resserve.train.experiments.cli import experiment_app
 from resserve.train.files import check_package_destination, resolve_model_path
+
+if TYPE_CHECKING:  # the client and the report's modules cost a tenth of a second: each command that needs them
+    from resserve.serve.client import Client
+    from resserve.train.evaluation import EvaluationReport
 
 ModelPath = Annotated[Optional[Path], typer.Argument(
     help="A checkpoint written by `resserve train` [default: the shipped lecture ResNet].",
@@ -122,6 +124,8 @@ def evaluate(
     if server is not None:
         if model is not None:
             raise ResserveError("give a checkpoint or --server, not both")
+        from resserve.serve.client import connect
+
         with connect(server, tls_ca, client_token(token, token_file), tls_cert=tls_cert, tls_key=tls_key,
                      option="--server") as client:
             report = _served_report(client, model_name, model_version, data_dir, show_progress=not as_json)
@@ -136,12 +140,13 @@ def evaluate(
 
 
 def _checkpoint_report(model: Optional[Path], device: str, data_dir: Optional[Path],
-                       show_progress: bool) -> EvaluationReport:
+                       show_progress: bool) -> "EvaluationReport":
     check_device(device)
     path = resolve_model_path(model)
     start_torch()
     from resserve.train.checkpoint import load_checkpoint
     from resserve.train.data import load_mnist
+    from resserve.train.evaluation import EvaluationReport
     from resserve.train.models import count_parameters
     from resserve.train.progress import progress_bar
     from resserve.train.training import evaluate as run_evaluation, resolve_device
@@ -155,10 +160,11 @@ def _checkpoint_report(model: Optional[Path], device: str, data_dir: Optional[Pa
     return EvaluationReport.of(str(path), result, mnist.source, checkpoint.config.arch, count_parameters(network))
 
 
-def _served_report(client: Client, model: str, version: str, data_dir: Optional[Path],
-                   show_progress: bool) -> EvaluationReport:
+def _served_report(client: "Client", model: str, version: str, data_dir: Optional[Path],
+                   show_progress: bool) -> "EvaluationReport":
     """Torch-free: the serving install evaluates its deployments too."""
     from resserve.train.data import load_mnist
+    from resserve.train.evaluation import EvaluationReport, evaluate_served
     from resserve.train.progress import progress_bar
 
     mnist = load_mnist(data_dir, log=_log)
