@@ -19,6 +19,7 @@ from resserve.serve.runtime import RuntimeChoice
 from resserve.serve.timing import images_per_second, median_seconds
 
 Runner = Callable[[np.ndarray], object]  # runs one batch of model inputs
+IN_PROCESS_SECONDS = 2.0  # each batch size's throughput in process, at most: as long as a level is measured, or this
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,10 @@ def cuda_runners(onnx: bytes, batch_sizes: tuple[int, ...]) -> dict[str, Runner]
 
 
 def in_process_limit(package: ModelPackage, batch_sizes: list[int], runtime: str = "onnxruntime fp32",
-                     threads: int | None = None) -> list[InProcessResult]:
+                     threads: int | None = None, seconds: float = IN_PROCESS_SECONDS) -> list[InProcessResult]:
     """``runtime`` ("backend precision", as a server reports it) on the same artifact in this
-    process, at each batch size: the ceiling a server on that runtime can approach."""
+    process, at each batch size, its throughput timed for ``seconds``: the ceiling a server on that
+    runtime can approach."""
     choice = RuntimeChoice(*runtime.split(), reason="what the server reported")
     artifact = package.find(choice.artifact_format, choice.artifact_precision)
     backend = open_backend(package.read_verified(artifact), artifact.format, choice.backend, "cpu", choice.precision,
@@ -72,7 +74,7 @@ def in_process_limit(package: ModelPackage, batch_sizes: list[int], runtime: str
     for size in sorted(set(batch_sizes)):
         batch = stand_in_images(size)
         rows.append(InProcessResult(size, median_seconds(lambda: backend.infer(batch), repeats=50) * 1e3,
-                                    images_per_second(lambda: backend.infer(batch), size, 2.0)))
+                                    images_per_second(lambda: backend.infer(batch), size, seconds)))
     return rows
 
 

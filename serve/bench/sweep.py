@@ -26,7 +26,7 @@ import grpc
 
 from resserve.serve.bench import perf_analyzer
 from resserve.serve.bench.clients import APIS, CLIENTS, Credentials, Level, LoadSpec, triton_client_module
-from resserve.serve.bench.limits import in_process_limit, machine_description
+from resserve.serve.bench.limits import IN_PROCESS_SECONDS, in_process_limit, machine_description
 from resserve.serve.bench.load import measure_level
 from resserve.serve.bench.report import InProcessResult, LevelResult, ServeReport, ServerSummary, summarize
 from resserve.serve.client import ClientError, connect, is_url
@@ -197,7 +197,8 @@ def run_benchmark(plan: SweepPlan, log: Callable[[str], None] = print) -> ServeR
         formed = {max(1, round(row.mean_batch_size)) for name, rows in servers.items() if runtimes[name] == runtime
                   for row in rows if row.mean_batch_size}
         log(f"in-process {runtime} ...")
-        limits[runtime] = in_process_limit(package, [plan.batch, *formed], runtime)
+        limits[runtime] = in_process_limit(package, [plan.batch, *formed], runtime,
+                                           seconds=min(plan.duration, IN_PROCESS_SECONDS))
     closed_loop = not plan.levels[0].rate  # under open loop every server answered the same offered rates: no peak
     baseline = _batched("onnxruntime", plan.workers[0], plan.workers)
     summary = (_summaries(servers, runtimes, limits, plan.batch, plan.apis, configurations, baseline) if closed_loop
