@@ -24,7 +24,7 @@ from resserve.train.config import ExportOptions, ModelConfig, TrainConfig, check
 from resserve.train.experiments.cli import experiment_app
 from resserve.train.files import check_package_destination, resolve_model_path
 
-if TYPE_CHECKING:  # the client and the report's modules cost a tenth of a second: each command that needs them
+if TYPE_CHECKING:  # imported by the commands that use them: at start-up they cost every command a tenth of a second
     from resserve.serve.client import Client
     from resserve.train.evaluation import EvaluationReport
 
