@@ -417,7 +417,8 @@ def http_app(route) -> Iterator[str]:
 @contextlib.contextmanager
 def ingress(upstream: str, prefix: str) -> Iterator[str]:
     """An ingress that routes ``prefix``/... to the server whose HTTP port is at ``upstream``, taking
-    the prefix off, and answers 404 elsewhere; yields its URL, prefix included."""
+    the prefix off, and answers 404 elsewhere; yields its URL, prefix included. With no prefix it
+    is also an HTTP proxy to that server, whatever host a request names."""
     async def route(request: web.Request) -> web.Response:
         if not request.path.startswith(prefix + "/"):
             return web.Response(status=404, text="<html><body>404 Not Found</body></html>", content_type="text/html")
