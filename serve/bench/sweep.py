@@ -113,14 +113,14 @@ def started_server(package: Path | None, *extra: str) -> Iterator[tuple[str, str
         process.wait(timeout=60)
 
 
-def _check_http(http_url: str, credentials: Credentials, option: str) -> None:
-    """A one-line error now, rather than every request failing, when --api rest cannot reach the
-    server (at the URL that ``option`` names)."""
+def _check_http(http_url: str, credentials: Credentials) -> None:
+    """A one-line error now, rather than every request failing, when --api rest cannot reach the server."""
     try:
         urllib.request.urlopen(f"{http_url}/v2/health/live", timeout=10, context=credentials.ssl_context()).close()
     except OSError as exc:
         reason = getattr(exc, "reason", exc)
-        raise ResserveError(f"{http_url}: cannot reach the server's HTTP port ({reason}); {option} names it") from None
+        raise ResserveError(f"{http_url}: cannot reach the server's HTTP port ({reason}); "
+                            "--http-target names it") from None
 
 
 def _server_runtime(target: str, model: str, credentials: Credentials) -> str:
@@ -185,8 +185,8 @@ def run_benchmark(plan: SweepPlan, log: Callable[[str], None] = print) -> ServeR
               else nullcontext((plan.target, plan.http_url or "", plan.metrics_url, None))) as started:
             address, http, metrics, pid = started
             runtime = _server_runtime(address, plan.model, plan.credentials)
-            if "rest" in plan.apis:
-                _check_http(http, plan.credentials, "--target" if http == address else "--http-target")
+            if "rest" in plan.apis and http != address:  # a URL target: its runtime was just read there
+                _check_http(http, plan.credentials)
             for api in plan.apis:
                 name = _named(configuration, api, plan.apis)
                 runtimes[name] = runtime
