@@ -25,7 +25,7 @@ from resserve.serve.settings import (CPUS_PER_WORKER, CUDA_WORKERS, DEFAULT_HTTP
                                      worker_peak_memory)
 
 if TYPE_CHECKING:
-    from resserve.serve.bench.clients import Credentials, Level
+    from resserve.serve.bench.clients import Level
     from resserve.serve.client import Client, Result
 
 MODEL_CONTROL_SECONDS = 300.0  # a load reads, verifies and warms packages: seconds, more on a GPU with many buckets
@@ -514,7 +514,7 @@ def bench_serve(
     processes = max(1, cpus // 2) if load_processes == "auto" else _positive(load_processes, "--load-processes")
     credentials = Credentials(tls_ca, tls_cert, tls_key, client_token(token, token_file)) if target else Credentials()
     api = api or ("rest" if target and is_url(target) else "kserve")  # a URL reaches the HTTP API alone
-    target, http_url, metrics_url = _bench_addresses(target, http_target, metrics, credentials)
+    target, http_url, metrics_url = _bench_addresses(target, http_target, metrics, https=bool(credentials.tls_ca))
     plan = SweepPlan(
         apis=comma_separated(api), levels=_levels(concurrency, rate), batch=batch, duration=duration, warmup=warmup,
         client=client, load_processes=processes, package=package, model=model, target=target,
@@ -533,10 +533,11 @@ def bench_serve(
 
 
 def _bench_addresses(target: Optional[str], http_target: Optional[str], metrics: Optional[str],
-                     credentials: "Credentials") -> tuple[Optional[str], Optional[str], Optional[str]]:
-    """``bench serve --target``'s server: its gRPC host:port (or its URL), its HTTP URL and its
-    metrics URL; all None with --start. A URL names the HTTP port (or an ingress) alone: an ingress
-    routes no metrics port, so none is read unless --metrics names it."""
+                     https: bool) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """``bench serve --target``'s server: its gRPC host:port (or its URL), its HTTP URL (https where
+    --tls-ca says the server has TLS) and its metrics URL; all None with --start. A URL names the
+    HTTP port (or an ingress) alone: an ingress routes no metrics port, so none is read unless
+    --metrics names it."""
     from resserve.serve.client import is_url
     from resserve.serve.client.http import base_url
 
@@ -551,7 +552,7 @@ def _bench_addresses(target: Optional[str], http_target: Optional[str], metrics:
     target = with_port(target, DEFAULT_PORT)
     host = target.rsplit(":", 1)[0]
     http = with_port(http_target, DEFAULT_HTTP_PORT) if http_target else f"{host}:{DEFAULT_HTTP_PORT}"
-    scheme = "https" if credentials.tls_ca else "http"
+    scheme = "https" if https else "http"
     return target, f"{scheme}://{http}", metrics or f"http://{host}:{DEFAULT_METRICS_PORT}/metrics"
 
 

@@ -24,9 +24,10 @@ from types import ModuleType
 import aiohttp
 import grpc
 import numpy as np
+from yarl import URL
 
 from resserve.serve.client.grpc import CLIENT_CERT_NEEDS_CA, channel_credentials
-from resserve.serve.client.http import binary_infer_request
+from resserve.serve.client.http import binary_infer_request, environment_proxy
 from resserve.serve.errors import ResserveError
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2
@@ -244,16 +245,19 @@ async def _grpc_stream_sender(spec: LoadSpec):
 
 @asynccontextmanager
 async def _rest_sender(spec: LoadSpec, http_connections: int):
-    """As ``_grpc_sender``, over HTTP: Triton's binary tensor extension, as tritonclient.http sends it."""
+    """As ``_grpc_sender``, over HTTP: Triton's binary tensor extension, as tritonclient.http sends it;
+    through the proxy the environment names, as the client commands go (serve/client/http.py)."""
     body, headers = binary_infer_request("input", stand_in_images(spec.batch), parameters={"binary_data_output": True})
     headers.update(spec.credentials.headers)
-    url = f"{spec.http_url}/v2/models/{spec.model}/infer"
+    url = URL(f"{spec.http_url}/v2/models/{spec.model}/infer")
+    proxy, proxy_headers = environment_proxy(url)
     connector = aiohttp.TCPConnector(limit=http_connections, ssl=spec.credentials.ssl_context() or True)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def send() -> str | None:
             try:
-                async with session.post(url, data=body, headers=headers) as response:
+                async with session.post(url, data=body, headers=headers, proxy=proxy,
+                                        proxy_headers=proxy_headers) as response:
                     await response.read()
                     return None if response.status == 200 else f"HTTP {response.status}"
             except aiohttp.ClientError as exc:

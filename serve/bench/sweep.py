@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import grpc
+from yarl import URL
 
 from resserve.serve.bench import perf_analyzer
 from resserve.serve.bench.clients import APIS, CLIENTS, Credentials, Level, LoadSpec, triton_client_module
@@ -30,6 +31,7 @@ from resserve.serve.bench.limits import IN_PROCESS_SECONDS, in_process_limit, ma
 from resserve.serve.bench.load import measure_level
 from resserve.serve.bench.report import InProcessResult, LevelResult, ServeReport, ServerSummary, summarize
 from resserve.serve.client import ClientError, connect, is_url
+from resserve.serve.client.http import environment_proxy
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import load_package
 
@@ -123,6 +125,14 @@ def _check_http(http_url: str, credentials: Credentials) -> None:
                             "--http-target names it") from None
 
 
+def _note_unfollowed_proxy(plan: SweepPlan, log: Callable[[str], None]) -> None:
+    """Say where tritonclient.http will not go as the other clients go: it connects directly,
+    whatever proxy the environment names for the target (the others follow it, as curl does)."""
+    if "rest" in plan.apis and plan.http_url and environment_proxy(URL(plan.http_url))[0]:
+        log(f"note: tritonclient.http connects to {plan.http_url} directly, not through the proxy that HTTPS_PROXY "
+            "or HTTP_PROXY names for it (--client resserve and perf_analyzer go through it)")
+
+
 def _server_runtime(target: str, model: str, credentials: Credentials) -> str:
     """"backend precision" as the server reports it in the model's config, over gRPC or, for a
     URL, HTTP."""
@@ -173,6 +183,7 @@ def run_benchmark(plan: SweepPlan, log: Callable[[str], None] = print) -> ServeR
     if plan.client == "tritonclient":
         for api in plan.apis:  # here, not in each load process
             triton_client_module(api)
+        _note_unfollowed_proxy(plan, log)
     if plan.client == "perf_analyzer":
         perf_analyzer.executable()  # before any server starts
         perf_analyzer.check_credentials(plan.apis, plan.credentials)

@@ -405,16 +405,27 @@ def test_the_client_commands_reach_a_server_under_an_ingress_path_prefix(server,
             "routes to it, with the path prefix it routes)")
 
 
-def test_the_client_commands_go_through_the_proxy_the_environment_names_and_read_no_netrc(server, tmp_path):
+def test_the_client_commands_and_bench_go_through_the_environments_proxy_and_read_no_netrc(server, tmp_path):
     netrc = tmp_path / "netrc"  # aiohttp's own reading of it sent nothing with a token: it ended every request
     netrc.write_text("machine resserve.invalid login someone password theirs\n")
+    short_bench = ("bench", "serve", "--concurrency", "1", "--duration", "0.3", "--warmup", "0.1", "--json")
     with ingress(server.url, "") as proxy:  # a proxy in front of the server: what it is asked for, it asks of it
         named = {"HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": "", "NETRC": str(netrc)}
         through = run_cli("models", "--server", "http://resserve.invalid", "--token", "t", env=named)
         bypassed = run_cli("health", "--server", "http://resserve.invalid", env={**named, "NO_PROXY": "resserve.invalid",
                                                                                 "no_proxy": "resserve.invalid"})
+        loaded = run_cli(*short_bench, str(tmp_path / "bench.json"), "--target", "http://resserve.invalid", env=named)
+        direct = run_cli(*short_bench, str(tmp_path / "triton.json"), "--target", server.url,
+                         "--client", "tritonclient", env=named)
     assert through.stdout.startswith("resnet-mnist\t1\tREADY"), through.stderr  # a name only the proxy reaches
     assert bypassed.returncode == 1 and "(is a server running there?" in bypassed.stderr, bypassed.stderr
+    for result, report in ((loaded, "bench.json"), (direct, "triton.json")):  # the load, not only its first look
+        assert result.returncode == 0, result.stderr
+        ((row,),) = json.loads((tmp_path / report).read_text())["servers"].values()
+        assert row["ok"] > 0 and row["errors"] == {}, row
+    assert "note: tritonclient.http connects to" not in loaded.stderr
+    assert (f"note: tritonclient.http connects to {server.url} directly, not through the proxy that HTTPS_PROXY or "
+            "HTTP_PROXY names for it (--client resserve and perf_analyzer go through it)") in direct.stderr
 
 
 def test_an_answer_far_larger_than_resserve_sends_is_not_read_whole():
