@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from resserve.serve.control import ModelControl
-from resserve.serve.errors import DeadlineExpired, InvalidInput, ModelNotFound, QueueFull, ResserveError
+from resserve.serve.errors import DeadlineExpired, InvalidInput, ModelNotFound, QueueFull, ResserveError, TooManyImages
 from resserve.serve.logs import LogSettings, SettingValue, current_log_settings
 from resserve.serve.manifest import INPUT_SHAPE, TensorSpec
 from resserve.serve.package import readable_packages
@@ -216,7 +216,7 @@ def check_image_tensor(tensor: Tensor | SharedTensor, spec: TensorSpec, max_imag
     if count < 1:
         raise InvalidInput("empty batch: the input holds no image")
     if count > max_images:
-        raise InvalidInput(f"{count} images in one request; the limit is {max_images}")
+        raise TooManyImages(max_images, count)
     return count
 
 
@@ -429,7 +429,7 @@ class DataPlane:
         if count == 0:
             raise InvalidInput("no images in the request")
         if count > limit:
-            raise InvalidInput(f"{count} images in one request; the limit is {limit}")
+            raise TooManyImages(limit, count)
 
     # inference --------------------------------------------------------------------------------
 

@@ -29,6 +29,15 @@ class InvalidInput(ResserveError):
     status = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class TooManyImages(InvalidInput):
+    """More images in one request than --max-images-per-request, said in one wording on every API:
+    the clients read the limit from it to send the request again in parts (serve/client/base.py)."""
+
+    def __init__(self, limit: int, count: int | None = None) -> None:
+        held = f"more than {limit}" if count is None else str(count)  # None: a form, refused before it is read whole
+        super().__init__(f"{held} images in one request; the limit is {limit}")
+
+
 class UnsupportedMediaType(InvalidInput):
     """A request body in a Content-Type or Content-Encoding the endpoint does not read (RFC 9110's 415)."""
 

@@ -52,10 +52,9 @@ class ClientError(ResserveError):
 
 
 # How the server names the image at fault in a Classify request (with its file name, over HTTP),
-# and a request with more images than it takes (serve/dataplane.py; an HTTP form: serve/rest/classify.py)
+# and a request with more images than it takes (serve/errors.py's TooManyImages, on every API)
 IMAGE_AT_FAULT = re.compile(r"image (\d+)(?: \('[^']*'\))?: (.+)", re.S)
-TOO_MANY_IMAGES = re.compile(r"(?:\d+ images in one request; the limit is|the form holds more than \d+ images; "
-                             r"one request may hold) (\d+)\b.*", re.S)
+TOO_MANY_IMAGES = re.compile(r"(?:more than )?\d+ images in one request; the limit is (\d+)")
 # What one Classify request carries at most: well inside the server's defaults (1024 images, 4 MiB),
 # so a folder of digits or of phone photos goes as several requests, not one the server refuses.
 REQUEST_IMAGES = 64

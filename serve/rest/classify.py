@@ -18,7 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 
 from resserve.serve.dataplane import Image
-from resserve.serve.errors import InvalidInput, UnsupportedMediaType
+from resserve.serve.errors import InvalidInput, TooManyImages, UnsupportedMediaType
 from resserve.serve.preprocess import to_png
 from resserve.serve.rest.encoding import IDENTITY, compressed_where_asked, encoding_of
 from resserve.serve.rest.server import FRONT_DOOR, endpoint, json_response, next_chunk, plane_of, read_body
@@ -61,8 +61,7 @@ async def _form_images(request: web.Request) -> list[Image]:
         name = part.filename  # parsed from its headers each time it is asked for
         is_file = name is not None  # else a text field: read (the cap counts it) and dropped
         if is_file and len(images) == limit:
-            raise InvalidInput(f"the form holds more than {limit} images; one request may hold {limit} "
-                               "(--max-images-per-request)")
+            raise TooManyImages(limit)
         data = bytearray()
         while chunk := await next_chunk(request, part.read_chunk):
             door.check_received(request)  # text fields count against the cap too

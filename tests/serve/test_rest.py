@@ -214,7 +214,7 @@ def test_classify_a_multipart_upload_of_several_files(server, mnist):
 def test_a_form_with_more_images_than_a_request_takes_is_refused(server, mnist):
     digit = png_of(mnist.test.images[0])
     assert error_of(server, "POST", "/v1/classify", *form_of({f"{i}.png": digit for i in range(1025)})) == (
-        400, "the form holds more than 1024 images; one request may hold 1024 (--max-images-per-request)")
+        400, "more than 1024 images in one request; the limit is 1024")
 
 
 def test_an_uploaded_file_that_is_refused_is_named(server, mnist):
