@@ -180,29 +180,10 @@ def run_benchmark(plan: SweepPlan, log: Callable[[str], None] = print) -> ServeR
     """The whole sweep: the server(s) over each API, then the in-process limit; returns the report."""
     package = load_package(plan.package)
     plan = replace(plan, model=plan.model or package.name)
-    if plan.client == "tritonclient":
-        for api in plan.apis:  # here, not in each load process
-            triton_client_module(api)
-        _note_unfollowed_proxy(plan, log)
-    if plan.client == "perf_analyzer":
-        perf_analyzer.executable()  # before any server starts
-        perf_analyzer.check_credentials(plan.apis, plan.credentials)
-    servers: dict[str, list[LevelResult]] = {}
-    runtimes: dict[str, str] = {}
+    _check_client(plan, log)
     configurations = (_configurations(plan.backends, plan.workers) if plan.target is None
                       else [(f"server at {plan.target}", None)])
-    for configuration, flags in configurations:
-        with (started_server(plan.package, *flags) if flags is not None
-              else nullcontext((plan.target, plan.http_url or "", plan.metrics_url, None))) as started:
-            address, http, metrics, pid = started
-            runtime = _server_runtime(address, plan.model, plan.credentials)
-            if "rest" in plan.apis and http != address:  # a URL target: its runtime was just read there
-                _check_http(http, plan.credentials)
-            for api in plan.apis:
-                name = _named(configuration, api, plan.apis)
-                runtimes[name] = runtime
-                servers[name] = [_measured(name, runtime, plan.load(address, http, api), level, metrics, pid,
-                                           plan.load_processes, log) for level in plan.levels]
+    servers, runtimes = _measure_servers(plan, configurations, log)
     limits: dict[str, list[InProcessResult]] = {}
     for runtime in dict.fromkeys(runtimes.values()):  # each runtime once, against the batches its servers formed
         formed = {max(1, round(row.mean_batch_size)) for name, rows in servers.items() if runtimes[name] == runtime
@@ -217,6 +198,38 @@ def run_benchmark(plan: SweepPlan, log: Callable[[str], None] = print) -> ServeR
     return ServeReport(model=plan.model, api=",".join(plan.apis), client=plan.client, batch=plan.batch,
                        duration_s=plan.duration, workers=plan.workers, machine=machine_description(),
                        runtimes=runtimes, servers=servers, in_process=limits, summary=summary)
+
+
+def _check_client(plan: SweepPlan, log: Callable[[str], None]) -> None:
+    """That the load's client is installed and can do what the plan asks, before any server starts."""
+    if plan.client == "tritonclient":
+        for api in plan.apis:  # here, not in each load process
+            triton_client_module(api)
+        _note_unfollowed_proxy(plan, log)
+    if plan.client == "perf_analyzer":
+        perf_analyzer.executable()
+        perf_analyzer.check_credentials(plan.apis, plan.credentials)
+
+
+def _measure_servers(plan: SweepPlan, configurations: list[tuple[str, tuple[str, ...] | None]],
+                     log: Callable[[str], None]) -> tuple[dict[str, list[LevelResult]], dict[str, str]]:
+    """Each server (one started per configuration, or the target) over each API at every level:
+    the rows by server name, and the runtime ("backend precision") each server reported."""
+    servers: dict[str, list[LevelResult]] = {}
+    runtimes: dict[str, str] = {}
+    for configuration, flags in configurations:
+        with (started_server(plan.package, *flags) if flags is not None
+              else nullcontext((plan.target, plan.http_url or "", plan.metrics_url, None))) as started:
+            address, http, metrics, pid = started
+            runtime = _server_runtime(address, plan.model, plan.credentials)
+            if "rest" in plan.apis and http != address:  # a URL target: its runtime was just read there
+                _check_http(http, plan.credentials)
+            for api in plan.apis:
+                name = _named(configuration, api, plan.apis)
+                runtimes[name] = runtime
+                servers[name] = [_measured(name, runtime, plan.load(address, http, api), level, metrics, pid,
+                                           plan.load_processes, log) for level in plan.levels]
+    return servers, runtimes
 
 
 def _measured(name: str, runtime: str, spec: LoadSpec, level: Level, metrics_url: str | None, pid: int | None,
