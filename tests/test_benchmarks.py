@@ -72,10 +72,17 @@ def test_bench_model_on_cuda_without_the_cuda_build_names_the_install(mnist):
         "pip uninstall -y onnxruntime && pip install 'resserve[gpu]'"))
 
 
+# A proxy named for every host, loopback included, as a machine behind a corporate proxy may name
+# one; the servers --start starts are reached directly all the same (nothing listens on the discard port)
+PROXY_ELSEWHERE = {**{name: "http://127.0.0.1:9" for name in ("grpc_proxy", "https_proxy", "http_proxy", "HTTP_PROXY")},
+                   **{name: "" for name in ("no_grpc_proxy", "no_proxy", "NO_PROXY")}}
+
+
 def test_bench_serve_starts_servers_and_writes_table_json_and_plot(tmp_path):
     out, plot = tmp_path / "serve.json", tmp_path / "serve.png"
     result = run_cli("bench", "serve", "--start", "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.2",
-                     "--backends", "onnxruntime,auto,openvino:fp32", "--json", str(out), "--plot", str(plot))
+                     "--backends", "onnxruntime,auto,openvino:fp32", "--json", str(out), "--plot", str(plot),
+                     env=PROXY_ELSEWHERE)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert set(report["servers"]) == {"onnxruntime, batched", "auto, batched", "openvino:fp32, batched",
@@ -129,7 +136,7 @@ def test_bench_serve_measures_worker_counts_with_tritonclient_from_several_load_
     out = tmp_path / "workers.json"
     result = run_cli("bench", "serve", "--start", "--backends", "onnxruntime", "--workers", "1,2", "--api", "kserve,kserve-stream,rest",
                      "--client", "tritonclient", "--load-processes", "2", "--concurrency", "2", "--duration", "0.5",
-                     "--warmup", "0.2", "--json", str(out))
+                     "--warmup", "0.2", "--json", str(out), env=PROXY_ELSEWHERE)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["workers"] == [1, 2] and report["client"] == "tritonclient"

@@ -27,7 +27,8 @@ import numpy as np
 from yarl import URL
 
 from resserve.serve.client.grpc import CLIENT_CERT_NEEDS_CA, channel_credentials
-from resserve.serve.client.http import binary_infer_request, environment_proxy
+from resserve.serve.client.http import binary_infer_request
+from resserve.serve.client.proxies import environment_proxy
 from resserve.serve.errors import ResserveError
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
 from resserve.serve.stubs import grpc_service_pb2 as kserve_pb2

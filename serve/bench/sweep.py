@@ -31,7 +31,7 @@ from resserve.serve.bench.limits import IN_PROCESS_SECONDS, in_process_limit, ma
 from resserve.serve.bench.load import measure_level
 from resserve.serve.bench.report import InProcessResult, LevelResult, ServeReport, ServerSummary, summarize
 from resserve.serve.client import ClientError, connect, is_url
-from resserve.serve.client.http import environment_proxy
+from resserve.serve.client.proxies import environment_proxy, without_proxies
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import load_package
 
@@ -183,7 +183,8 @@ def run_benchmark(plan: SweepPlan, log: Callable[[str], None] = print) -> ServeR
     _check_client(plan, log)
     configurations = (_configurations(plan.backends, plan.workers) if plan.target is None
                       else [(f"server at {plan.target}", None)])
-    servers, runtimes = _measure_servers(plan, configurations, log)
+    with nullcontext() if plan.target else without_proxies():  # the servers it starts: on loopback, where no proxy is
+        servers, runtimes = _measure_servers(plan, configurations, log)
     limits: dict[str, list[InProcessResult]] = {}
     for runtime in dict.fromkeys(runtimes.values()):  # each runtime once, against the batches its servers formed
         formed = {max(1, round(row.mean_batch_size)) for name, rows in servers.items() if runtimes[name] == runtime

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from resserve.serve.client.base import (CLOSED_AT_LIMIT, CLOSED_HINTS, NO_SERVER_HINT, SERVER_OPTION, Client,
                                         ClientError, ModelEntry, Result)
+from resserve.serve.client.proxies import grpc_proxy, proxy_hint
 from resserve.serve.errors import ResserveError
 from resserve.serve.settings import DEFAULT_PORT, LIVENESS_SERVICE, READINESS_SERVICE, host_port, with_port
 from resserve.serve.stubs import digits_pb2, digits_pb2_grpc
@@ -39,14 +40,17 @@ CLIENT_CERT_NEEDS_CA = ("--tls-cert and --tls-key (mutual TLS) need --tls-ca: th
 MESSAGE_TOO_LARGE = "larger than max"
 
 
-def _connect_hint(code: grpc.StatusCode, details: str, connection: str, option: str) -> str:
-    """Why a call found no server to answer it, where gRPC's details say: ``connection`` is
-    plaintext, TLS or mutual TLS; ``option`` gave the server's address."""
+def _connect_hint(code: grpc.StatusCode, details: str, target: str, connection: str, option: str) -> str:
+    """Why a call to ``target`` found no server to answer it, where gRPC's details say:
+    ``connection`` is plaintext, TLS or mutual TLS; ``option`` gave the server's address."""
     if code != grpc.StatusCode.UNAVAILABLE:
         return ""
     hint = next((hint for marker, hint in CONNECT_HINTS if marker in details), "")
     if not hint and "Socket closed" in details:
         hint = f" ({CLOSED_HINTS[connection]}{CLOSED_AT_LIMIT})"
+    if not hint and "failed to connect" in details and (proxy := grpc_proxy(target)):
+        named_by, address = proxy
+        return proxy_hint(address, named_by, "no_grpc_proxy or no_proxy")
     return (hint or (NO_SERVER_HINT if "failed to connect" in details else "")).format(option=option)
 
 
@@ -149,6 +153,7 @@ class DigitClient(Client):
             return method(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details()
-            raise ClientError(self.target, code, details, _connect_hint(code, details, self.connection, self.option),
+            hint = _connect_hint(code, details, self.target, self.connection, self.option)
+            raise ClientError(self.target, code, details, hint,
                               too_large=code == grpc.StatusCode.RESOURCE_EXHAUSTED and MESSAGE_TOO_LARGE in details
                               ) from None

@@ -24,13 +24,13 @@ import aiohttp
 import grpc
 import numpy as np
 import orjson
-from aiohttp.helpers import get_env_proxy_for_url
 from google.protobuf import json_format
 from PIL import Image
 from yarl import URL
 
 from resserve.serve.client.base import (CLOSED_AT_LIMIT, CLOSED_HINTS, HTTP_SCHEMES, NO_SERVER_HINT, SERVER_OPTION,
                                         Client, ClientError, ModelEntry, Result)
+from resserve.serve.client.proxies import environment_proxy, proxy_hint
 from resserve.serve.errors import HTTP_STATUS, ResserveError
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import model_config_pb2
@@ -61,18 +61,6 @@ def binary_infer_request(input_name: str, tensor: np.ndarray, **request: Any) ->
                                        "parameters": {"binary_data_size": data.nbytes}}], **request})
     return header + data.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
                                      "Content-Type": "application/octet-stream"}
-
-
-def environment_proxy(url: URL) -> tuple[URL | None, dict[str, str] | None]:
-    """The proxy that HTTPS_PROXY, HTTP_PROXY and NO_PROXY name for ``url`` (read as curl and gRPC
-    read them), and the header that signs in to it. aiohttp's ``trust_env`` reads the same per
-    request, and with it ~/.netrc for the server's host, whose credentials it refuses to send beside
-    a token's Authorization header: with a token, a ~/.netrc naming the host ended every request."""
-    try:
-        proxy, credentials = get_env_proxy_for_url(url)
-    except LookupError:  # none named, or NO_PROXY names the host
-        return None, None
-    return proxy, {"Proxy-Authorization": credentials.encode()} if credentials else None
 
 
 def base_url(url: str, option: str = SERVER_OPTION) -> URL:
@@ -265,9 +253,13 @@ class HttpDigitClient(Client):
         code = GRPC_CODE.get(status, grpc.StatusCode.UNAVAILABLE if status >= 500 else grpc.StatusCode.UNKNOWN)
         try:
             details, hint = str(orjson.loads(answer)["error"]), ""
-        except (orjson.JSONDecodeError, TypeError, KeyError):
-            details, hint = reason or "error", OTHER_PORT_HINT.format(option=self.option) if status < 500 else ""
+        except (orjson.JSONDecodeError, TypeError, KeyError):  # a 5xx through a proxy: likely the proxy's own
+            details, hint = reason or "error", (OTHER_PORT_HINT.format(option=self.option) if status < 500 else
+                                                self._proxy_hint() if self.proxy else "")
         raise ClientError(self.target, code, details, hint, status=f"HTTP {status}", too_large=status == 413)
+
+    def _proxy_hint(self) -> str:
+        return proxy_hint(self.proxy, "HTTPS_PROXY or HTTP_PROXY", "NO_PROXY")
 
     def _hint(self, exc: aiohttp.ClientError) -> str:
         """What to do about a request that found no server to answer it, where the error says."""
@@ -283,6 +275,8 @@ class HttpDigitClient(Client):
             closed = (CLOSED_HINTS["mutual TLS" if self.mutual_tls else "TLS"] if self.url.scheme == "https" else
                       "a TLS server closes plaintext connections: give an https:// URL")
             return f" ({closed}{CLOSED_AT_LIMIT})"
+        if isinstance(exc, (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError)):
+            return self._proxy_hint()
         if isinstance(exc, aiohttp.ClientConnectorError):
             return NO_SERVER_HINT.format(option=self.option)
         if isinstance(exc, aiohttp.ClientResponseError):

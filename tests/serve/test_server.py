@@ -428,6 +428,29 @@ def test_the_client_commands_and_bench_go_through_the_environments_proxy_and_rea
             "HTTP_PROXY names for it (--client resserve and perf_analyzer go through it)") in direct.stderr
 
 
+def test_a_connection_that_fails_through_a_proxy_names_the_proxy(server):
+    dead = "http://someone:secret@127.0.0.1:9"  # nothing listens on the discard port
+    unset = {"grpc_proxy": "", "no_grpc_proxy": "", "NO_PROXY": "", "no_proxy": ""}  # whatever this machine has
+    over_grpc = run_cli("health", "--server", server.target, env={**unset, "grpc_proxy": dead})
+    over_http = run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": dead, "http_proxy": dead})
+    with ingress("http://127.0.0.1:9", "") as proxy:  # a proxy that cannot reach the server: its own 500
+        unreached = run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": proxy, "http_proxy": proxy})
+    bypassed = run_cli("health", "--server", server.target, env={**unset, "http_proxy": dead,
+                                                                "no_proxy": "10.0.0.0/8,127.0.0.0/8"})
+    assert over_grpc.returncode == 1 and over_grpc.stderr.strip().endswith(
+        "(through the proxy 127.0.0.1:9 that grpc_proxy names: is it running, and does it reach the server? "
+        "no_grpc_proxy or no_proxy lists the hosts to connect to directly)"), over_grpc.stderr
+    http_hint = ("names: is it running, and does it reach the server? NO_PROXY lists the hosts to connect to "
+                 "directly)")
+    assert over_http.returncode == 1 and over_http.stderr.strip().endswith(
+        f"(through the proxy 127.0.0.1:9 that HTTPS_PROXY or HTTP_PROXY {http_hint}"), over_http.stderr
+    assert unreached.returncode == 1 and unreached.stderr.strip().endswith(
+        f": HTTP 500: Internal Server Error (through the proxy {proxy.removeprefix('http://')} that HTTPS_PROXY or "
+        f"HTTP_PROXY {http_hint}"), unreached.stderr
+    assert "secret" not in over_grpc.stderr + over_http.stderr
+    assert bypassed.stdout.strip() == "SERVING", bypassed.stderr  # no_proxy's network holds the host
+
+
 def test_an_answer_far_larger_than_resserve_sends_is_not_read_whole():
     async def flood(request: web.Request) -> web.Response:  # something else at that URL, not a server of ours
         return web.Response(body=b" " * (64 * 2**20), content_type="application/json")

@@ -1,0 +1,78 @@
+"""The proxy the environment names for a server, read as each transport reads it, so that a
+connection that fails through one says so rather than "is a server running there?".
+
+HTTP (aiohttp, as curl and Python's urllib): ``HTTPS_PROXY`` or ``HTTP_PROXY`` by the URL's
+scheme, in either case, unless ``NO_PROXY`` lists the host. gRPC core: the first of
+``grpc_proxy``, ``https_proxy`` and ``http_proxy`` that is set, in lowercase only, unless
+``no_grpc_proxy`` (else ``no_proxy``) lists the host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
+
+GRPC_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")  # gRPC core's order: the first set wins
+GRPC_NO_PROXY_VARIABLES = ("no_grpc_proxy", "no_proxy")
+# What any of this process's clients, or perf_analyzer's curl, may read a proxy from
+PROXY_VARIABLES = (*GRPC_PROXY_VARIABLES, "HTTPS_PROXY", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def environment_proxy(url: URL) -> tuple[URL | None, dict[str, str] | None]:
+    """The proxy that HTTPS_PROXY, HTTP_PROXY and NO_PROXY name for ``url``, and the header that
+    signs in to it. aiohttp's ``trust_env`` reads the same per request, and with it ~/.netrc for
+    the server's host, whose credentials it refuses to send beside a token's Authorization header:
+    with a token, a ~/.netrc naming the host ended every request."""
+    try:
+        proxy, credentials = get_env_proxy_for_url(url)
+    except LookupError:  # none named, or NO_PROXY names the host
+        return None, None
+    return proxy, {"Proxy-Authorization": credentials.encode()} if credentials else None
+
+
+def grpc_proxy(target: str) -> tuple[str, str] | None:
+    """The variable that names the proxy gRPC core connects to ``target`` (host:port) through, and
+    that proxy; None where none is named, or no_grpc_proxy (else no_proxy) lists the host: as the
+    host or a suffix of it, an IP network that holds it, or ``*``. As in gRPC, the first variable
+    set is read, even where it is set empty (``grpc_proxy=`` turns the proxy off)."""
+    name = next((name for name in GRPC_PROXY_VARIABLES if name in os.environ), None)
+    if name is None or not os.environ[name] or target.startswith("unix:"):
+        return None
+    host = target.removeprefix("dns:///").rpartition(":")[0].strip("[]").lower()
+    listed = next((os.environ[name] for name in GRPC_NO_PROXY_VARIABLES if name in os.environ), "")
+    if any(_bypasses(entry.strip().lower(), host) for entry in listed.split(",") if entry.strip()):
+        return None
+    return name, os.environ[name]
+
+
+def _bypasses(entry: str, host: str) -> bool:
+    if entry == "*" or host.endswith(entry):
+        return True
+    try:
+        return ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False)
+    except ValueError:  # a name, not an address; or an entry that is no network
+        return False
+
+
+def proxy_hint(proxy: str | URL, named_by: str, bypass: str) -> str:
+    """What to check about a connection that failed through ``proxy`` (shown without the user and
+    password it may hold)."""
+    shown = URL(str(proxy) if "://" in str(proxy) else f"http://{proxy}").with_user(None)
+    return (f" (through the proxy {shown.host}:{shown.port} that {named_by} names: is it running, and does it "
+            f"reach the server? {bypass} lists the hosts to connect to directly)")
+
+
+@contextmanager
+def without_proxies() -> Iterator[None]:
+    """No proxy for what this process (and the processes it starts) connects to until the block
+    ends: for servers it started on loopback, which a proxy elsewhere does not reach."""
+    saved = {name: os.environ.pop(name) for name in PROXY_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
