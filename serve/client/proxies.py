@@ -60,11 +60,14 @@ def _bypasses(entry: str, host: str) -> bool:
 
 
 def proxy_hint(proxy: str | URL, named_by: str, bypass: str) -> str:
-    """What to check about a connection that failed through ``proxy`` (shown without the user and
-    password it may hold)."""
-    shown = URL(str(proxy) if "://" in str(proxy) else f"http://{proxy}").with_user(None)
-    return (f" (through the proxy {shown.host}:{shown.port} that {named_by} names: is it running, and does it "
-            f"reach the server? {bypass} lists the hosts to connect to directly)")
+    """What to check about a connection that failed through ``proxy``, shown as its scheme, host
+    and port: never the user and password it may hold, nor a value that does not parse."""
+    try:
+        shown = f"the proxy {URL(str(proxy) if '://' in str(proxy) else f'http://{proxy}').origin()}"
+    except ValueError:
+        shown = "the proxy"
+    return (f" (through {shown} that {named_by} names: is it running, and does it reach the server? {bypass} lists "
+            "the hosts to connect to directly)")
 
 
 @contextmanager

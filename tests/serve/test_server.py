@@ -438,14 +438,14 @@ def test_a_connection_that_fails_through_a_proxy_names_the_proxy(server):
     bypassed = run_cli("health", "--server", server.target, env={**unset, "http_proxy": dead,
                                                                 "no_proxy": "10.0.0.0/8,127.0.0.0/8"})
     assert over_grpc.returncode == 1 and over_grpc.stderr.strip().endswith(
-        "(through the proxy 127.0.0.1:9 that grpc_proxy names: is it running, and does it reach the server? "
+        "(through the proxy http://127.0.0.1:9 that grpc_proxy names: is it running, and does it reach the server? "
         "no_grpc_proxy or no_proxy lists the hosts to connect to directly)"), over_grpc.stderr
     http_hint = ("names: is it running, and does it reach the server? NO_PROXY lists the hosts to connect to "
                  "directly)")
     assert over_http.returncode == 1 and over_http.stderr.strip().endswith(
-        f"(through the proxy 127.0.0.1:9 that HTTPS_PROXY or HTTP_PROXY {http_hint}"), over_http.stderr
+        f"(through the proxy http://127.0.0.1:9 that HTTPS_PROXY or HTTP_PROXY {http_hint}"), over_http.stderr
     assert unreached.returncode == 1 and unreached.stderr.strip().endswith(
-        f": HTTP 500: Internal Server Error (through the proxy {proxy.removeprefix('http://')} that HTTPS_PROXY or "
+        f": HTTP 500: Internal Server Error (through the proxy {proxy} that HTTPS_PROXY or "
         f"HTTP_PROXY {http_hint}"), unreached.stderr
     assert "secret" not in over_grpc.stderr + over_http.stderr
     assert bypassed.stdout.strip() == "SERVING", bypassed.stderr  # no_proxy's network holds the host
