@@ -35,9 +35,18 @@ if _QUIET_WHILE_LOADING:
 # Before the first import of grpc, which reads it: resserve never forks a process that uses gRPC,
 # and without this gRPC core logs "skipping fork() handlers" whenever a library it loads forks.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-# gRPC core's own log lines on stderr: errors only (not "I1202 ... Handshake failed" beside the
-# error a command prints for a TLS connection that failed, nor one per such client in a server's log)
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def _serves() -> bool:
+    """Whether this process is ``resserve serve`` (its workers inherit what it sets below), rather
+    than a command that is a client of servers, or none."""
+    return next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "") == "serve"
+
+
+# gRPC core's own log lines on stderr: in a server errors only (not "I1202 ... Handshake failed"
+# for each client whose TLS connection failed); in the other commands none, as their one line says
+# what failed (gRPC core wrote four lines of its own beside it for a proxy refusing the connection)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if _serves() else "NONE")
 
 import typer  # noqa: E402
 

@@ -110,6 +110,12 @@ def write_hanging_package(out: Path, name: str = "hangs", on_warm_up: bool = Fal
     return out
 
 
+def command_environment(env: dict | None = None) -> dict[str, str]:
+    """What a command the tests start sees: this process's environment and ``env``, less the gRPC
+    log level conftest.py sets for this process alone (each command chooses its own: serve/app.py)."""
+    return {**{name: value for name, value in os.environ.items() if name != "GRPC_VERBOSITY"}, **(env or {})}
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, stdin=None,
             memory_gib: float | None = None, preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
     """Run the installed console script as a user would (``stdin``: an open file piped in); returns
@@ -120,7 +126,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, stdin=Non
         resource.setrlimit(resource.RLIMIT_AS, (int(memory_gib * 2**30),) * 2)
 
     return subprocess.run([str(RESSERVE), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, stdin=stdin,
+                          env=command_environment(env), stdin=stdin,
                           preexec_fn=limit_memory if memory_gib else preexec)
 
 
@@ -220,7 +226,7 @@ class ServerProcess:
         self.executable, self.extra_args, self.drain_seconds = executable, args, drain_seconds
         self.open_files = open_files  # the server's open-file limits (ulimit -Sn, -Hn)
         self.preexec = preexec  # what else the server's process runs first (joining a cgroup: limited_cgroup)
-        self.env = {**os.environ, **(env or {})}
+        self.env = command_environment(env)
         self.wait_ready = wait_ready
         self._prepare_start()
 

@@ -435,6 +435,7 @@ def test_a_connection_that_fails_through_a_proxy_names_the_proxy(server):
     over_http = run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": dead, "http_proxy": dead})
     with ingress("http://127.0.0.1:9", "") as proxy:  # a proxy that cannot reach the server: its own 500
         unreached = run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": proxy, "http_proxy": proxy})
+        refused = run_cli("health", "--server", server.target, env={**unset, "grpc_proxy": proxy})  # CONNECT: 404
     bypassed = run_cli("health", "--server", server.target, env={**unset, "http_proxy": dead,
                                                                 "no_proxy": "10.0.0.0/8,127.0.0.0/8"})
     assert over_grpc.returncode == 1 and over_grpc.stderr.strip().endswith(
@@ -447,6 +448,10 @@ def test_a_connection_that_fails_through_a_proxy_names_the_proxy(server):
     assert unreached.returncode == 1 and unreached.stderr.strip().endswith(
         f": HTTP 500: Internal Server Error (through the proxy {proxy} that HTTPS_PROXY or "
         f"HTTP_PROXY {http_hint}"), unreached.stderr
+    assert refused.stderr.startswith("error: ") and refused.stderr.count("\n") == 1, refused.stderr  # no gRPC logs
+    assert refused.stderr.strip().endswith(f"HTTP proxy returned response code 404 (through the proxy {proxy} that "
+                                           "grpc_proxy names: is it running, and does it reach the server? "
+                                           "no_grpc_proxy or no_proxy lists the hosts to connect to directly)")
     assert "secret" not in over_grpc.stderr + over_http.stderr
     assert bypassed.stdout.strip() == "SERVING", bypassed.stderr  # no_proxy's network holds the host
 
