@@ -48,7 +48,8 @@ def _connect_hint(code: grpc.StatusCode, details: str, target: str, connection: 
     hint = next((hint for marker, hint in CONNECT_HINTS if marker in details), "")
     if not hint and "Socket closed" in details:
         hint = f" ({CLOSED_HINTS[connection]}{CLOSED_AT_LIMIT})"
-    if not hint and "failed to connect" in details and (proxy := grpc_proxy(target)):
+    if not hint and ("failed to connect" in details or "errors resolving" in details) and (
+            proxy := grpc_proxy(target)):  # through a proxy, what is resolved and connected to is the proxy
         named_by, address = proxy
         return proxy_hint(address, named_by, "no_grpc_proxy or no_proxy")
     return (hint or (NO_SERVER_HINT if "failed to connect" in details else "")).format(option=option)

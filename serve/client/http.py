@@ -275,10 +275,10 @@ class HttpDigitClient(Client):
             closed = (CLOSED_HINTS["mutual TLS" if self.mutual_tls else "TLS"] if self.url.scheme == "https" else
                       "a TLS server closes plaintext connections: give an https:// URL")
             return f" ({closed}{CLOSED_AT_LIMIT})"
-        if isinstance(exc, (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError)):
+        if isinstance(exc, aiohttp.ClientConnectorError):  # through a proxy, it is the proxy that is connected to
+            return self._proxy_hint() if self.proxy else NO_SERVER_HINT.format(option=self.option)
+        if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused to connect to the server
             return self._proxy_hint()
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return NO_SERVER_HINT.format(option=self.option)
         if isinstance(exc, aiohttp.ClientResponseError):
             return OTHER_PORT_HINT.format(option=self.option)
         return ""

@@ -3,8 +3,8 @@ connection that fails through one says so rather than "is a server running there
 
 HTTP (aiohttp, as curl and Python's urllib): ``HTTPS_PROXY`` or ``HTTP_PROXY`` by the URL's
 scheme, in either case, unless ``NO_PROXY`` lists the host. gRPC core: the first of
-``grpc_proxy``, ``https_proxy`` and ``http_proxy`` that is set, in lowercase only, unless
-``no_grpc_proxy`` (else ``no_proxy``) lists the host.
+``grpc_proxy``, ``https_proxy`` and ``http_proxy`` that is set, in lowercase only, where it is
+an http:// URL, unless ``no_grpc_proxy`` (else ``no_proxy``) lists the host.
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from aiohttp.helpers import get_env_proxy_for_url
+from urllib.request import getproxies, proxy_bypass
+
+from aiohttp import BasicAuth
 from yarl import URL
+
+from resserve.serve.errors import ResserveError
 
 GRPC_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")  # gRPC core's order: the first set wins
 GRPC_NO_PROXY_VARIABLES = ("no_grpc_proxy", "no_proxy")
@@ -24,15 +28,32 @@ PROXY_VARIABLES = (*GRPC_PROXY_VARIABLES, "HTTPS_PROXY", "HTTP_PROXY", "all_prox
 
 
 def environment_proxy(url: URL) -> tuple[URL | None, dict[str, str] | None]:
-    """The proxy that HTTPS_PROXY, HTTP_PROXY and NO_PROXY name for ``url``, and the header that
-    signs in to it. aiohttp's ``trust_env`` reads the same per request, and with it ~/.netrc for
-    the server's host, whose credentials it refuses to send beside a token's Authorization header:
-    with a token, a ~/.netrc naming the host ended every request."""
-    try:
-        proxy, credentials = get_env_proxy_for_url(url)
-    except LookupError:  # none named, or NO_PROXY names the host
+    """The proxy that HTTPS_PROXY, HTTP_PROXY and NO_PROXY name for ``url`` (Python's urllib reads
+    them, as aiohttp's ``trust_env`` does), without its user and password, and the header that
+    signs in to it with them. ``trust_env`` itself also reads ~/.netrc for the server's host, whose
+    credentials aiohttp refuses to send beside a token's Authorization header: with a token, a
+    ~/.netrc naming the host ended every request."""
+    if url.host is None or proxy_bypass(url.host):
         return None, None
-    return proxy, {"Proxy-Authorization": credentials.encode()} if credentials else None
+    value = getproxies().get(url.scheme)
+    if not value:
+        return None, None
+    proxy = _http_proxy(value, f"{url.scheme.upper()}_PROXY")
+    credentials = BasicAuth.from_url(proxy)
+    return proxy.with_user(None), {"Proxy-Authorization": credentials.encode()} if credentials else None
+
+
+def _http_proxy(value: str, name: str) -> URL:
+    """``value`` as the URL of an HTTP proxy (``host:port`` alone too, as curl takes it), or
+    one line naming the variable: never the value, which may hold a password."""
+    try:
+        proxy = URL(value if "://" in value else f"http://{value}")
+    except ValueError as exc:
+        raise ResserveError(f"{name} (or {name.lower()}) in the environment is not a proxy's URL ({exc})") from None
+    if proxy.scheme != "http" or not proxy.host:
+        raise ResserveError(f"{name} (or {name.lower()}) in the environment names a {proxy.scheme}:// proxy; "
+                            "resserve's HTTP client reaches HTTP proxies only, as http://HOST:PORT")
+    return proxy
 
 
 def grpc_proxy(target: str) -> tuple[str, str] | None:
@@ -41,8 +62,9 @@ def grpc_proxy(target: str) -> tuple[str, str] | None:
     host or a suffix of it, an IP network that holds it, or ``*``. As in gRPC, the first variable
     set is read, even where it is set empty (``grpc_proxy=`` turns the proxy off)."""
     name = next((name for name in GRPC_PROXY_VARIABLES if name in os.environ), None)
-    if name is None or not os.environ[name] or target.startswith("unix:"):
-        return None
+    scheme, _, address = os.environ[name].partition("://") if name else ("", "", "")
+    if scheme.lower() != "http" or not address or target.startswith("unix:"):
+        return None  # gRPC takes http:// proxies alone (and ignores any other value, with a log line)
     host = target.removeprefix("dns:///").rpartition(":")[0].strip("[]").lower()
     listed = next((os.environ[name] for name in GRPC_NO_PROXY_VARIABLES if name in os.environ), "")
     if any(_bypasses(entry.strip().lower(), host) for entry in listed.split(",") if entry.strip()):

@@ -432,7 +432,10 @@ def test_a_connection_that_fails_through_a_proxy_names_the_proxy(server):
     dead = "http://someone:secret@127.0.0.1:9"  # nothing listens on the discard port
     unset = {"grpc_proxy": "", "no_grpc_proxy": "", "NO_PROXY": "", "no_proxy": ""}  # whatever this machine has
     over_grpc = run_cli("health", "--server", server.target, env={**unset, "grpc_proxy": dead})
-    over_http = run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": dead, "http_proxy": dead})
+    bare = dead.removeprefix("http://")  # as curl takes it
+    over_http = run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": bare, "http_proxy": bare})
+    unusable = [run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": value, "http_proxy": value})
+                for value in ("http://[secret", "socks5://someone:secret@127.0.0.1:1080")]
     with ingress("http://127.0.0.1:9", "") as proxy:  # a proxy that cannot reach the server: its own 500
         unreached = run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": proxy, "http_proxy": proxy})
         refused = run_cli("health", "--server", server.target, env={**unset, "grpc_proxy": proxy})  # CONNECT: 404
@@ -452,6 +455,10 @@ def test_a_connection_that_fails_through_a_proxy_names_the_proxy(server):
     assert refused.stderr.strip().endswith(f"HTTP proxy returned response code 404 (through the proxy {proxy} that "
                                            "grpc_proxy names: is it running, and does it reach the server? "
                                            "no_grpc_proxy or no_proxy lists the hosts to connect to directly)")
+    assert [(result.returncode, result.stderr) for result in unusable] == [
+        (1, "error: HTTP_PROXY (or http_proxy) in the environment is not a proxy's URL (Invalid IPv6 URL)\n"),
+        (1, "error: HTTP_PROXY (or http_proxy) in the environment names a socks5:// proxy; resserve's HTTP client "
+            "reaches HTTP proxies only, as http://HOST:PORT\n")]
     assert "secret" not in over_grpc.stderr + over_http.stderr
     assert bypassed.stdout.strip() == "SERVING", bypassed.stderr  # no_proxy's network holds the host
 
