@@ -13,7 +13,6 @@ import ipaddress
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-
 from urllib.request import getproxies, proxy_bypass
 
 from aiohttp import BasicAuth
