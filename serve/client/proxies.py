@@ -58,8 +58,8 @@ def _http_proxy(value: str, name: str) -> URL:
 def grpc_proxy(target: str) -> tuple[str, str] | None:
     """The variable that names the proxy gRPC core connects to ``target`` (host:port) through, and
     that proxy; None where none is named, or no_grpc_proxy (else no_proxy) lists the host: as the
-    host or a suffix of it, an IP network that holds it, or ``*``. As in gRPC, the first variable
-    set is read, even where it is set empty (``grpc_proxy=`` turns the proxy off)."""
+    host or a suffix of it, or an IP network that holds it. As in gRPC, the first variable set is
+    read, even where it is set empty (``grpc_proxy=`` turns the proxy off)."""
     name = next((name for name in GRPC_PROXY_VARIABLES if name in os.environ), None)
     scheme, _, address = os.environ[name].partition("://") if name else ("", "", "")
     if scheme.lower() != "http" or not address or target.startswith("unix:"):
@@ -72,7 +72,7 @@ def grpc_proxy(target: str) -> tuple[str, str] | None:
 
 
 def _bypasses(entry: str, host: str) -> bool:
-    if entry == "*" or host.endswith(entry):
+    if host.endswith(entry):  # gRPC takes no "*" (curl does): with no_grpc_proxy=* it still uses the proxy
         return True
     try:
         return ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False)
