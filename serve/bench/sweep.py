@@ -31,7 +31,7 @@ from resserve.serve.bench.limits import IN_PROCESS_SECONDS, in_process_limit, ma
 from resserve.serve.bench.load import measure_level
 from resserve.serve.bench.report import InProcessResult, LevelResult, ServeReport, ServerSummary, summarize
 from resserve.serve.client import ClientError, connect, is_url
-from resserve.serve.client.proxies import environment_proxy, without_proxies
+from resserve.serve.client.proxies import environment_proxy, proxy_hint, without_proxies
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import load_package
 
@@ -78,6 +78,9 @@ class SweepPlan:
             raise ResserveError(f"--target {self.target}: a URL reaches the server's HTTP API, which --api rest "
                                 "loads; the gRPC APIs take the host:port of its gRPC port")
         self.credentials.check()
+        for url in (self.metrics_url, self.http_url if "rest" in self.apis else None):
+            if url:  # read through the proxy the environment names: one line now for one that cannot be used
+                environment_proxy(URL(url))
 
     def load(self, target: str, http_url: str, api: str) -> LoadSpec:
         """What each load process sends to the server at ``target`` (gRPC) or ``http_url``, over ``api``."""
@@ -120,9 +123,9 @@ def _check_http(http_url: str, credentials: Credentials) -> None:
     try:
         urllib.request.urlopen(f"{http_url}/v2/health/live", timeout=10, context=credentials.ssl_context()).close()
     except OSError as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ResserveError(f"{http_url}: cannot reach the server's HTTP port ({reason}); "
-                            "--http-target names it") from None
+        reason, (proxy, _) = getattr(exc, "reason", exc), environment_proxy(URL(http_url))
+        hint = proxy_hint(proxy, "HTTPS_PROXY or HTTP_PROXY", "NO_PROXY") if proxy else "; --http-target names it"
+        raise ResserveError(f"{http_url}: cannot reach the server's HTTP port ({reason}){hint}") from None
 
 
 def _note_unfollowed_proxy(plan: SweepPlan, log: Callable[[str], None]) -> None:

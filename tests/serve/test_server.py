@@ -437,6 +437,10 @@ def test_a_connection_that_fails_through_a_proxy_names_the_proxy(server):
     over_http = run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": bare, "http_proxy": bare})
     unusable = [run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": value, "http_proxy": value})
                 for value in ("http://[secret", "socks5://someone:secret@127.0.0.1:1080")]
+    bench = ("bench", "serve", "--target", server.target, "--http-target", server.url.removeprefix("http://"),
+             "--concurrency", "1", "--duration", "0.2")  # its gRPC calls go direct (grpc_proxy is set empty)
+    unusable.append(run_cli(*bench, env={**unset, "HTTP_PROXY": "http://[secret", "http_proxy": "http://[secret"}))
+    bench_over_http = run_cli(*bench, "--api", "rest", env={**unset, "HTTP_PROXY": dead, "http_proxy": dead})
     with ingress("http://127.0.0.1:9", "") as proxy:  # a proxy that cannot reach the server: its own 500
         unreached = run_cli("health", "--server", server.url, env={**unset, "HTTP_PROXY": proxy, "http_proxy": proxy})
         refused = run_cli("health", "--server", server.target, env={**unset, "grpc_proxy": proxy})  # CONNECT: a 4xx
@@ -458,10 +462,14 @@ def test_a_connection_that_fails_through_a_proxy_names_the_proxy(server):
     assert re.search(r"HTTP proxy returned response code 4\d\d \(through the proxy " + re.escape(
         f"{proxy} that grpc_proxy names: is it running, and does it reach the server? no_grpc_proxy or no_proxy "
         "lists the hosts to connect to directly)") + "$", refused.stderr.strip()), refused.stderr
+    assert bench_over_http.returncode == 1 and bench_over_http.stderr.strip().endswith(
+        f"(through the proxy http://127.0.0.1:9 that HTTPS_PROXY or HTTP_PROXY {http_hint}"), bench_over_http.stderr
+    unparsable = "error: HTTP_PROXY (or http_proxy) in the environment is not a proxy's URL (Invalid IPv6 URL)\n"
     assert [(result.returncode, result.stderr) for result in unusable] == [
-        (1, "error: HTTP_PROXY (or http_proxy) in the environment is not a proxy's URL (Invalid IPv6 URL)\n"),
+        (1, unparsable),
         (1, "error: HTTP_PROXY (or http_proxy) in the environment names a socks5:// proxy; resserve's HTTP client "
-            "reaches HTTP proxies only, as http://HOST:PORT\n")]
+            "reaches HTTP proxies only, as http://HOST:PORT\n"),
+        (1, unparsable)]  # bench reads the server's metrics through it
     assert "secret" not in over_grpc.stderr + over_http.stderr
     for result in bypassed:  # connected to directly, as no_grpc_proxy lists the host: no proxy to name
         assert result.returncode == 1 and "(is a server running there?" in result.stderr, result.stderr
