@@ -31,7 +31,7 @@ from resserve.serve.bench.limits import IN_PROCESS_SECONDS, in_process_limit, ma
 from resserve.serve.bench.load import measure_level
 from resserve.serve.bench.report import InProcessResult, LevelResult, ServeReport, ServerSummary, summarize
 from resserve.serve.client import ClientError, connect, is_url
-from resserve.serve.client.proxies import environment_proxy, proxy_hint, without_proxies
+from resserve.serve.client.proxies import environment_proxy, http_proxy_hint, without_proxies
 from resserve.serve.errors import ResserveError
 from resserve.serve.package import load_package
 
@@ -124,7 +124,7 @@ def _check_http(http_url: str, credentials: Credentials) -> None:
         urllib.request.urlopen(f"{http_url}/v2/health/live", timeout=10, context=credentials.ssl_context()).close()
     except OSError as exc:
         reason, (proxy, _) = getattr(exc, "reason", exc), environment_proxy(URL(http_url))
-        hint = proxy_hint(proxy, "HTTPS_PROXY or HTTP_PROXY", "NO_PROXY") if proxy else "; --http-target names it"
+        hint = http_proxy_hint(proxy) if proxy else "; --http-target names it"
         raise ResserveError(f"{http_url}: cannot reach the server's HTTP port ({reason}){hint}") from None
 
 

@@ -30,7 +30,7 @@ from yarl import URL
 
 from resserve.serve.client.base import (CLOSED_AT_LIMIT, CLOSED_HINTS, HTTP_SCHEMES, NO_SERVER_HINT, SERVER_OPTION,
                                         Client, ClientError, ModelEntry, Result)
-from resserve.serve.client.proxies import environment_proxy, proxy_hint
+from resserve.serve.client.proxies import environment_proxy, http_proxy_hint
 from resserve.serve.errors import HTTP_STATUS, ResserveError
 from resserve.serve.settings import LIVENESS_SERVICE, READINESS_SERVICE
 from resserve.serve.stubs import model_config_pb2
@@ -255,11 +255,8 @@ class HttpDigitClient(Client):
             details, hint = str(orjson.loads(answer)["error"]), ""
         except (orjson.JSONDecodeError, TypeError, KeyError):  # a 5xx through a proxy: likely the proxy's own
             details, hint = reason or "error", (OTHER_PORT_HINT.format(option=self.option) if status < 500 else
-                                                self._proxy_hint() if self.proxy else "")
+                                                http_proxy_hint(self.proxy) if self.proxy else "")
         raise ClientError(self.target, code, details, hint, status=f"HTTP {status}", too_large=status == 413)
-
-    def _proxy_hint(self) -> str:
-        return proxy_hint(self.proxy, "HTTPS_PROXY or HTTP_PROXY", "NO_PROXY")
 
     def _hint(self, exc: aiohttp.ClientError) -> str:
         """What to do about a request that found no server to answer it, where the error says."""
@@ -276,9 +273,9 @@ class HttpDigitClient(Client):
                       "a TLS server closes plaintext connections: give an https:// URL")
             return f" ({closed}{CLOSED_AT_LIMIT})"
         if isinstance(exc, aiohttp.ClientConnectorError):  # through a proxy, it is the proxy that is connected to
-            return self._proxy_hint() if self.proxy else NO_SERVER_HINT.format(option=self.option)
+            return http_proxy_hint(self.proxy) if self.proxy else NO_SERVER_HINT.format(option=self.option)
         if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused to connect to the server
-            return self._proxy_hint()
+            return http_proxy_hint(self.proxy)
         if isinstance(exc, aiohttp.ClientResponseError):
             return OTHER_PORT_HINT.format(option=self.option)
         return ""

@@ -91,6 +91,11 @@ def proxy_hint(proxy: str | URL, named_by: str, bypass: str) -> str:
             "the hosts to connect to directly)")
 
 
+def http_proxy_hint(proxy: URL) -> str:
+    """``proxy_hint`` for the proxy ``environment_proxy`` gave."""
+    return proxy_hint(proxy, "HTTPS_PROXY or HTTP_PROXY", "NO_PROXY")
+
+
 @contextmanager
 def without_proxies() -> Iterator[None]:
     """No proxy for what this process (and the processes it starts) connects to until the block
