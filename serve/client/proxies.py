@@ -81,10 +81,11 @@ def _bypasses(entry: str, host: str) -> bool:
 
 
 def proxy_hint(proxy: str | URL, named_by: str, bypass: str) -> str:
-    """What to check about a connection that failed through ``proxy``, shown as its scheme, host
-    and port: never the user and password it may hold, nor a value that does not parse."""
+    """What to check about a connection that failed through ``proxy`` (a URL: gRPC's and the HTTP
+    client's both have a scheme), shown as its scheme, host and port: never the user and password
+    it may hold, nor a value that does not parse."""
     try:
-        shown = f"the proxy {URL(str(proxy) if '://' in str(proxy) else f'http://{proxy}').origin()}"
+        shown = f"the proxy {URL(str(proxy)).origin()}"
     except ValueError:
         shown = "the proxy"
     return (f" (through {shown} that {named_by} names: is it running, and does it reach the server? {bypass} lists "
